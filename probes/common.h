@@ -1,0 +1,317 @@
+/* Shared record layout and helpers for every probe.
+ *
+ * Mirrored once in Python: qtap_devtools/capture/records.py.  Every record
+ * starts with struct rec_hdr; all integers are little-endian, naturally
+ * aligned, no implicit padding.
+ *
+ * Kernel rule (DESIGN §3): the running kernel's struct layouts do not match our
+ * headers, so probes read only helper results, tracepoint args (tracefs formats
+ * are read at compile time, so those are right) and user memory.
+ */
+#ifndef QTAP_COMMON_H
+#define QTAP_COMMON_H
+
+#ifndef MAX_CHUNK
+#define MAX_CHUNK 16384          /* bytes of payload per data record */
+#endif
+#ifndef MAX_SPLIT
+#define MAX_SPLIT 64             /* data records per call; beyond is lost */
+#endif
+#ifndef RING_PAGES
+#define RING_PAGES 8192          /* 32 MiB with 4 KiB pages */
+#endif
+#ifndef EXCLUDE_TGID
+#define EXCLUDE_TGID 0
+#endif
+#ifndef EXCLUDE_PORT
+#define EXCLUDE_PORT 0
+#endif
+
+#define AF_INET_ 2
+#define AF_INET6_ 10
+#define EINPROGRESS_ 115
+
+enum rec_kind {
+    REC_EXEC = 1,
+    REC_FORK = 2,
+    REC_EXIT = 3,
+    REC_CONNECT = 4,
+    REC_ACCEPT = 5,
+    REC_ADDRESS = 6,
+    REC_CLOSE = 7,
+    REC_DATA = 8,
+    REC_SNI = 9,
+};
+
+enum direction { DIR_EGRESS = 0, DIR_INGRESS = 1 };
+enum source { SRC_SOCKET = 0, SRC_OPENSSL = 1, SRC_GNUTLS = 2 };
+
+struct rec_hdr {               /* 24 bytes */
+    u32 kind;
+    u32 pid;                   /* tgid */
+    u32 tid;
+    s32 fd;                    /* -1 when unknown */
+    u64 ts_ns;                 /* bpf_ktime_get_ns(), CLOCK_MONOTONIC */
+};
+
+struct addr {                  /* 20 bytes; ip is IPv6 or v4-mapped IPv6 */
+    u16 family;                /* 0 unknown, AF_INET, AF_INET6 (as the socket saw it) */
+    u16 port;                  /* host byte order */
+    u8 ip[16];
+};
+
+struct exec_rec {
+    struct rec_hdr h;
+    char comm[16];
+    char filename[256];
+};
+
+struct fork_rec {
+    struct rec_hdr h;          /* pid = parent tgid */
+    u32 child_pid;
+    u32 _pad;
+};
+
+struct exit_rec {
+    struct rec_hdr h;
+    s32 exit_code;
+    u32 code_known;
+};
+
+struct connect_rec {
+    struct rec_hdr h;
+    struct addr remote;
+    s32 ret;
+};
+
+struct accept_rec {
+    struct rec_hdr h;
+    struct addr remote;
+    struct addr local;         /* family 0 when the join missed */
+};
+
+struct address_rec {
+    struct rec_hdr h;
+    struct addr local;
+    struct addr remote;
+};
+
+struct sni_rec {
+    struct rec_hdr h;
+    u64 tls_ref;               /* SSL* / gnutls_session_t */
+    u32 len;
+    u32 _pad;
+    char host[256];
+};
+
+struct data_rec {
+    struct rec_hdr h;
+    u64 offset;                /* of data[0] within its stream */
+    u32 len;                   /* bytes in data[] */
+    u8 direction;
+    u8 source;
+    u16 _pad;
+    u64 tls_ref;               /* SSL* / session, 0 for socket data */
+    u8 data[MAX_CHUNK];
+};
+#define DATA_HDR_SIZE 48
+
+/* ---- shared maps ---- */
+
+BPF_RINGBUF_OUTPUT(events, RING_PAGES);
+BPF_PERCPU_ARRAY(lost, u64, 1);
+/* Scratch for building a record; [0] is the record, busy guards against a
+ * preempted uprobe program (they run with migration, not preemption, off). */
+BPF_PERCPU_ARRAY(scratch, struct data_rec, 1);
+BPF_PERCPU_ARRAY(scratch_busy, u32, 1);
+
+/* (tgid, fd) -> SOCK_* flags.  Filled at connect/accept, seeded from Python,
+ * cleared at close. */
+struct sock_key { u32 tgid; s32 fd; };
+#define SOCK_KNOWN 1
+#define SOCK_TLS 2
+#define SOCK_EXCLUDED 4
+BPF_HASH(sock_fds, struct sock_key, u32, 65536);
+
+/* Stream offsets: (tgid, fd, tls_ref when fd unknown, direction, is_tls). */
+struct off_key { u32 tgid; s32 fd; u64 tls_ref; u32 direction; u32 is_tls; };
+BPF_LRU_HASH(offsets, struct off_key, u64, 65536);
+
+/* A TLS library call is running on this tid: nested socket syscalls tell
+ * us its fd and are not emitted as plaintext. */
+struct tls_active_v { u64 tls_ref; u32 source; u32 _pad; };
+BPF_HASH(tls_active, u32, struct tls_active_v, 16384);
+BPF_LRU_HASH(tls_fd, u64, s32, 65536);     /* SSL*/session -> fd */
+
+static __always_inline void count_lost(u64 n)
+{
+    int zero = 0;
+    u64 *v = lost.lookup(&zero);
+    if (v)
+        *v += n;
+}
+
+static __always_inline int excluded_self(u32 tgid)
+{
+    return EXCLUDE_TGID != 0 && tgid == EXCLUDE_TGID;
+}
+
+static __always_inline void fill_hdr(struct rec_hdr *h, u32 kind, s32 fd)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    h->kind = kind;
+    h->pid = id >> 32;
+    h->tid = (u32)id;
+    h->fd = fd;
+    h->ts_ns = bpf_ktime_get_ns();
+}
+
+/* Small fixed-size records go straight out of the stack. */
+static __always_inline void emit_small(void *ctx, void *rec, u32 size)
+{
+    if (events.ringbuf_output(rec, size, 0) != 0)
+        count_lost(1);
+}
+
+static __always_inline struct data_rec *scratch_get(void)
+{
+    int zero = 0;
+    u32 *busy = scratch_busy.lookup(&zero);
+    if (!busy)
+        return 0;
+    if (__sync_fetch_and_add(busy, 1) != 0) {
+        __sync_fetch_and_add(busy, -1);
+        return 0;
+    }
+    return scratch.lookup(&zero);
+}
+
+static __always_inline void scratch_put(void)
+{
+    int zero = 0;
+    u32 *busy = scratch_busy.lookup(&zero);
+    if (busy)
+        __sync_fetch_and_add(busy, -1);
+}
+
+/* sockaddr (user memory) -> struct addr.  Returns 0 when not AF_INET/6. */
+static __always_inline int read_sockaddr(struct addr *a, const void *uaddr)
+{
+    u16 family = 0;
+    if (!uaddr || bpf_probe_read_user(&family, sizeof(family), uaddr) != 0)
+        return 0;
+    __builtin_memset(a, 0, sizeof(*a));
+    if (family == AF_INET_) {
+        u8 sa[8];              /* family(2) port(2) addr(4) */
+        if (bpf_probe_read_user(sa, sizeof(sa), uaddr) != 0)
+            return 0;
+        a->family = AF_INET_;
+        a->port = ((u16)sa[2] << 8) | sa[3];
+        a->ip[10] = 0xff;
+        a->ip[11] = 0xff;
+        a->ip[12] = sa[4];
+        a->ip[13] = sa[5];
+        a->ip[14] = sa[6];
+        a->ip[15] = sa[7];
+        return 1;
+    }
+    if (family == AF_INET6_) {
+        u8 sa[24];             /* family(2) port(2) flowinfo(4) addr(16) */
+        if (bpf_probe_read_user(sa, sizeof(sa), uaddr) != 0)
+            return 0;
+        a->family = AF_INET6_;
+        a->port = ((u16)sa[2] << 8) | sa[3];
+        __builtin_memcpy(a->ip, &sa[8], 16);
+        return 1;
+    }
+    return 0;
+}
+
+/* Emit `total` bytes the process moved as data records, split at MAX_CHUNK.
+ * The bytes come from one user buffer (iov == 0) or an iovec array.  The
+ * stream offset advances by `total` even when records are lost, so user
+ * space sees the gap. */
+struct iovec_ { u64 base; u64 len; };
+
+static __always_inline void emit_data(void *ctx, s32 fd, u8 dir, u8 src,
+                                      u64 tls_ref, u64 buf, u64 iov,
+                                      u64 iovcnt, u64 total)
+{
+    if (total == 0)
+        return;
+    u64 id = bpf_get_current_pid_tgid();
+    struct off_key ok = {};
+    ok.tgid = id >> 32;
+    ok.fd = fd;
+    ok.tls_ref = fd < 0 ? tls_ref : 0;
+    ok.direction = dir;
+    ok.is_tls = src != SRC_SOCKET;
+    u64 base_off = 0;
+    u64 *offp = offsets.lookup(&ok);
+    if (offp)
+        base_off = *offp;
+    u64 next = base_off + total;
+    offsets.update(&ok, &next);
+
+    struct data_rec *r = scratch_get();
+    if (!r) {
+        count_lost(1);
+        return;
+    }
+    r->h.kind = REC_DATA;
+    r->h.pid = id >> 32;
+    r->h.tid = (u32)id;
+    r->h.fd = fd;
+    r->h.ts_ns = bpf_ktime_get_ns();
+    r->direction = dir;
+    r->source = src;
+    r->_pad = 0;
+    r->tls_ref = tls_ref;
+
+    u64 done = 0;          /* bytes of `total` handled */
+    u64 cur = buf;         /* current user pointer */
+    u64 cur_left = iov ? 0 : total;
+    u64 iov_i = 0;
+    u32 emitted = 0;
+#pragma clang loop unroll(disable)
+    for (int i = 0; i < MAX_SPLIT + 8; i++) {
+        if (done >= total || emitted >= MAX_SPLIT)
+            break;
+        if (cur_left == 0) {
+            if (!iov || iov_i >= iovcnt)
+                break;
+            struct iovec_ v = {};
+            if (bpf_probe_read_user(&v, sizeof(v), (void *)(iov + iov_i * sizeof(v))) != 0)
+                break;
+            iov_i++;
+            cur = v.base;
+            cur_left = v.len;
+            continue;
+        }
+        u64 n = total - done;
+        if (n > cur_left)
+            n = cur_left;
+        if (n > MAX_CHUNK)
+            n = MAX_CHUNK;
+        /* Keep the verifier's bounds: an unsigned value clamped in a form it
+         * tracks (see "R2 min value is negative" in the report). */
+        u32 n32 = n;
+        asm volatile("%[n] &= 0x7fffffff" : [n] "+r"(n32));
+        if (n32 > MAX_CHUNK)
+            n32 = MAX_CHUNK;
+        r->offset = base_off + done;
+        r->len = n32;
+        emitted++;
+        if (bpf_probe_read_user(r->data, n32, (void *)cur) != 0 ||
+            events.ringbuf_output(r, DATA_HDR_SIZE + n32, 0) != 0)
+            count_lost(1);
+        done += n32;
+        cur += n32;
+        cur_left -= n32;
+    }
+    if (done < total)
+        count_lost(1);     /* beyond MAX_SPLIT records: offset already skips it */
+    scratch_put();
+}
+
+#endif

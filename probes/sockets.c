@@ -1,0 +1,318 @@
+/* Sockets: connect/accept/close, 4-tuples from sock:inet_sock_set_state, and
+ * plaintext data from the read/write family of syscalls on known sockets. */
+#include "common.h"
+
+#define TCP_ESTABLISHED_ 1
+#define TCP_SYN_SENT_ 2
+#define TCP_SYN_RECV_ 3
+
+struct connect_args { s32 fd; u32 ok; struct addr remote; };
+BPF_HASH(connect_stash, u32, struct connect_args, 16384);   /* tid */
+struct accept_args { s32 fd; u32 _pad; u64 peer; };
+BPF_HASH(accept_stash, u32, struct accept_args, 16384);     /* tid */
+
+/* sk address seen at SYN_SENT inside connect() -> (tgid, fd). */
+BPF_LRU_HASH(sk_pending, u64, struct sock_key, 16384);
+
+/* Established server-side child sockets: peer (ip, port) -> local. */
+struct peer_key { u8 ip[16]; u16 port; u16 _pad; };
+BPF_LRU_HASH(accepted_local, struct peer_key, struct addr, 16384);
+
+struct data_args { s32 fd; u8 dir; u8 _p1; u16 _p2; u64 buf; u64 iov; u64 iovcnt; };
+BPF_HASH(data_stash, u32, struct data_args, 16384);         /* tid */
+
+static __always_inline int port_excluded(u16 port)
+{
+    return EXCLUDE_PORT != 0 && port == EXCLUDE_PORT;
+}
+
+static __always_inline void mark_socket(u32 tgid, s32 fd, u32 flags)
+{
+    struct sock_key k = { .tgid = tgid, .fd = fd };
+    sock_fds.update(&k, &flags);
+}
+
+/* ---- connect ---- */
+
+TRACEPOINT_PROBE(syscalls, sys_enter_connect)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    if (excluded_self(id >> 32))
+        return 0;
+    struct connect_args c = {};
+    c.fd = args->fd;
+    if (!read_sockaddr(&c.remote, args->uservaddr))
+        return 0;              /* AF_UNIX and friends: not ours */
+    u32 tid = id;
+    connect_stash.update(&tid, &c);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_connect)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tid = id;
+    struct connect_args *c = connect_stash.lookup(&tid);
+    if (!c)
+        return 0;
+    long ret = args->ret;
+    if (ret == 0 || ret == -EINPROGRESS_) {
+        u32 flags = SOCK_KNOWN;
+        if (port_excluded(c->remote.port))
+            flags |= SOCK_EXCLUDED;
+        mark_socket(id >> 32, c->fd, flags);
+        if (!(flags & SOCK_EXCLUDED)) {
+            struct connect_rec r = {};
+            fill_hdr(&r.h, REC_CONNECT, c->fd);
+            r.remote = c->remote;
+            r.ret = ret;
+            emit_small(args, &r, sizeof(r));
+        }
+    }
+    connect_stash.delete(&tid);
+    return 0;
+}
+
+/* ---- TCP state: the 4-tuple without touching struct sock ---- */
+
+static __always_inline void tp_addr(struct addr *a, u16 family, const u8 *v4,
+                                    const u8 *v6, u16 port)
+{
+    a->family = family;
+    a->port = port;
+    if (family == AF_INET_) {
+        __builtin_memset(a->ip, 0, 10);
+        a->ip[10] = 0xff;
+        a->ip[11] = 0xff;
+        a->ip[12] = v4[0];
+        a->ip[13] = v4[1];
+        a->ip[14] = v4[2];
+        a->ip[15] = v4[3];
+    } else {
+        __builtin_memcpy(a->ip, v6, 16);
+    }
+}
+
+TRACEPOINT_PROBE(sock, inet_sock_set_state)
+{
+    if (args->protocol != 6)
+        return 0;
+    u64 sk = (u64)args->skaddr;
+    if (args->newstate == TCP_SYN_SENT_) {
+        /* Process context: inside connect() of the thread that owns it. */
+        u64 id = bpf_get_current_pid_tgid();
+        u32 tid = id;
+        struct connect_args *c = connect_stash.lookup(&tid);
+        if (!c)
+            return 0;
+        struct sock_key k = { .tgid = id >> 32, .fd = c->fd };
+        sk_pending.update(&sk, &k);
+        return 0;
+    }
+    if (args->newstate != TCP_ESTABLISHED_)
+        return 0;
+    struct address_rec r = {};
+    tp_addr(&r.local, args->family, args->saddr, args->saddr_v6, args->sport);
+    tp_addr(&r.remote, args->family, args->daddr, args->daddr_v6, args->dport);
+    if (args->oldstate == TCP_SYN_RECV_) {
+        /* A server-side child: joined at accept() by its peer. */
+        struct peer_key pk = {};
+        __builtin_memcpy(pk.ip, r.remote.ip, 16);
+        pk.port = r.remote.port;
+        accepted_local.update(&pk, &r.local);
+        return 0;
+    }
+    struct sock_key *k = sk_pending.lookup(&sk);
+    if (!k)
+        return 0;
+    r.h.kind = REC_ADDRESS;
+    r.h.pid = k->tgid;
+    r.h.tid = 0;
+    r.h.fd = k->fd;
+    r.h.ts_ns = bpf_ktime_get_ns();
+    sk_pending.delete(&sk);
+    if (port_excluded(r.local.port) || port_excluded(r.remote.port))
+        return 0;
+    emit_small(args, &r, sizeof(r));
+    return 0;
+}
+
+/* ---- accept ---- */
+
+static __always_inline void accept_enter(s32 fd, u64 peer)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    if (excluded_self(id >> 32))
+        return;
+    struct accept_args a = { .fd = fd, .peer = peer };
+    u32 tid = id;
+    accept_stash.update(&tid, &a);
+}
+
+static __always_inline void accept_exit(void *ctx, long ret)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tid = id;
+    struct accept_args *a = accept_stash.lookup(&tid);
+    if (!a)
+        return;
+    u64 peer = a->peer;
+    accept_stash.delete(&tid);
+    if (ret < 0)
+        return;
+    struct accept_rec r = {};
+    fill_hdr(&r.h, REC_ACCEPT, ret);
+    if (peer) {
+        if (!read_sockaddr(&r.remote, (void *)peer))
+            return;            /* AF_UNIX peer */
+        struct peer_key pk = {};
+        __builtin_memcpy(pk.ip, r.remote.ip, 16);
+        pk.port = r.remote.port;
+        struct addr *local = accepted_local.lookup(&pk);
+        if (local) {
+            r.local = *local;
+            r.local.family = r.remote.family;
+            accepted_local.delete(&pk);
+        }
+    }
+    u32 flags = SOCK_KNOWN;
+    if (port_excluded(r.local.port))
+        flags |= SOCK_EXCLUDED;
+    mark_socket(id >> 32, ret, flags);
+    if (!(flags & SOCK_EXCLUDED))
+        emit_small(ctx, &r, sizeof(r));
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_accept)
+{
+    accept_enter(args->fd, (u64)args->upeer_sockaddr);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_accept)
+{
+    accept_exit(args, args->ret);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_accept4)
+{
+    accept_enter(args->fd, (u64)args->upeer_sockaddr);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_accept4)
+{
+    accept_exit(args, args->ret);
+    return 0;
+}
+
+/* ---- close ---- */
+
+TRACEPOINT_PROBE(syscalls, sys_enter_close)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    struct sock_key k = { .tgid = id >> 32, .fd = args->fd };
+    u32 *flags = sock_fds.lookup(&k);
+    if (!flags)
+        return 0;
+    u32 f = *flags;
+    sock_fds.delete(&k);
+    struct off_key ok = { .tgid = k.tgid, .fd = k.fd };
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        ok.direction = i & 1;
+        ok.is_tls = i >> 1;
+        offsets.delete(&ok);
+    }
+    if (f & SOCK_EXCLUDED)
+        return 0;
+    struct rec_hdr r = {};
+    fill_hdr(&r, REC_CLOSE, k.fd);
+    emit_small(args, &r, sizeof(r));
+    return 0;
+}
+
+/* ---- data ---- */
+
+/* Called at every data syscall entry.  Inside a TLS library call the fd is
+ * the TLS connection's: remember it and mark the socket TLS so its
+ * ciphertext is never reported as plaintext. */
+static __always_inline void data_enter(s32 fd, u8 dir, u64 buf, u64 iov, u64 iovcnt,
+                                       const void *msg)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tid = id;
+    struct sock_key k = { .tgid = id >> 32, .fd = fd };
+    struct tls_active_v *t = tls_active.lookup(&tid);
+    if (t) {
+        if (fd >= 0) {
+            tls_fd.update(&t->tls_ref, &fd);
+            u32 *flags = sock_fds.lookup(&k);
+            u32 f = (flags ? *flags : 0) | SOCK_KNOWN | SOCK_TLS;
+            sock_fds.update(&k, &f);
+        }
+        return;
+    }
+    u32 *flags = sock_fds.lookup(&k);
+    if (!flags || (*flags & (SOCK_TLS | SOCK_EXCLUDED)))
+        return;
+    if (excluded_self(k.tgid))
+        return;
+    if (msg) {
+        /* struct user_msghdr: msg_name, msg_namelen, msg_iov, msg_iovlen */
+        u64 hdr[4] = {};
+        if (bpf_probe_read_user(hdr, sizeof(hdr), msg) != 0)
+            return;
+        iov = hdr[2];
+        iovcnt = hdr[3];
+    }
+    struct data_args d = { .fd = fd, .dir = dir, .buf = buf, .iov = iov, .iovcnt = iovcnt };
+    data_stash.update(&tid, &d);
+}
+
+static __always_inline void data_exit(void *ctx, long ret)
+{
+    u32 tid = bpf_get_current_pid_tgid();
+    struct data_args *d = data_stash.lookup(&tid);
+    if (!d)
+        return;
+    struct data_args a = *d;
+    data_stash.delete(&tid);
+    if (ret <= 0)
+        return;
+    emit_data(ctx, a.fd, a.dir, SRC_SOCKET, 0, a.buf, a.iov, a.iovcnt, ret);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_read)
+{ data_enter(args->fd, DIR_INGRESS, (u64)args->buf, 0, 0, 0); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_exit_read)
+{ data_exit(args, args->ret); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_write)
+{ data_enter(args->fd, DIR_EGRESS, (u64)args->buf, 0, 0, 0); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_exit_write)
+{ data_exit(args, args->ret); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_recvfrom)
+{ data_enter(args->fd, DIR_INGRESS, (u64)args->ubuf, 0, 0, 0); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_exit_recvfrom)
+{ data_exit(args, args->ret); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendto)
+{ data_enter(args->fd, DIR_EGRESS, (u64)args->buff, 0, 0, 0); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_exit_sendto)
+{ data_exit(args, args->ret); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_readv)
+{ data_enter(args->fd, DIR_INGRESS, 0, (u64)args->vec, args->vlen, 0); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_exit_readv)
+{ data_exit(args, args->ret); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_writev)
+{ data_enter(args->fd, DIR_EGRESS, 0, (u64)args->vec, args->vlen, 0); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_exit_writev)
+{ data_exit(args, args->ret); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_recvmsg)
+{ data_enter(args->fd, DIR_INGRESS, 0, 0, 0, args->msg); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_exit_recvmsg)
+{ data_exit(args, args->ret); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg)
+{ data_enter(args->fd, DIR_EGRESS, 0, 0, 0, args->msg); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_exit_sendmsg)
+{ data_exit(args, args->ret); return 0; }

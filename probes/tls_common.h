@@ -1,0 +1,92 @@
+/* Shared by the TLS library probes: stash a call at entry, emit at return. */
+#ifndef QTAP_TLS_COMMON_H
+#define QTAP_TLS_COMMON_H
+#include "common.h"
+
+struct tls_call {
+    u64 tls_ref;               /* SSL* / gnutls_session_t */
+    u64 buf;
+    u64 len_ptr;               /* SSL_*_ex: size_t *written/readbytes; else 0 */
+    u8 dir;
+    u8 source;
+};
+BPF_HASH(tls_calls, u32, struct tls_call, 16384);  /* tid */
+
+static __always_inline void tls_enter(u64 ref, u64 buf, u64 len_ptr, u8 dir, u8 src)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    if (excluded_self(id >> 32))
+        return;
+    u32 tid = id;
+    struct tls_call c = { .tls_ref = ref, .buf = buf, .len_ptr = len_ptr, .dir = dir, .source = src };
+    tls_calls.update(&tid, &c);
+    struct tls_active_v a = { .tls_ref = ref, .source = src };
+    tls_active.update(&tid, &a);
+}
+
+/* `ret` is the byte count for SSL_read/SSL_write/gnutls_record_*, or the
+ * success flag for the _ex variants (count then read from *len_ptr). */
+static __always_inline void tls_exit(void *ctx, long ret)
+{
+    u32 tid = bpf_get_current_pid_tgid();
+    struct tls_call *cp = tls_calls.lookup(&tid);
+    if (!cp)
+        return;
+    struct tls_call c = *cp;
+    tls_calls.delete(&tid);
+    tls_active.delete(&tid);
+    u64 n = 0;
+    if (c.len_ptr) {
+        if (ret != 1)
+            return;
+        bpf_probe_read_user(&n, sizeof(n), (void *)c.len_ptr);
+    } else {
+        if (ret <= 0)
+            return;
+        n = ret;
+    }
+    s32 fd = -1;
+    s32 *fdp = tls_fd.lookup(&c.tls_ref);
+    if (fdp)
+        fd = *fdp;
+    emit_data(ctx, fd, c.dir, c.source, c.tls_ref, c.buf, 0, 0, n);
+}
+
+/* The TLS object is gone: forget its fd and any fd-less stream offsets. */
+static __always_inline void tls_forget(u64 ref)
+{
+    tls_fd.delete(&ref);
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct off_key ok = { .tgid = tgid, .fd = -1, .tls_ref = ref, .is_tls = 1 };
+    ok.direction = 0;
+    offsets.delete(&ok);
+    ok.direction = 1;
+    offsets.delete(&ok);
+}
+
+static __always_inline void emit_sni(void *ctx, u64 ref, const void *host, u32 maxlen)
+{
+    if (!host)
+        return;
+    struct data_rec *s = scratch_get();
+    if (!s) {
+        count_lost(1);
+        return;
+    }
+    struct sni_rec *r = (struct sni_rec *)s;
+    s32 fd = -1;
+    s32 *fdp = tls_fd.lookup(&ref);
+    if (fdp)
+        fd = *fdp;
+    fill_hdr(&r->h, REC_SNI, fd);
+    r->tls_ref = ref;
+    r->_pad = 0;
+    long n = bpf_probe_read_user_str(r->host, sizeof(r->host), host);
+    r->len = n > 0 ? n - 1 : 0;
+    if (maxlen && r->len > maxlen)
+        r->len = maxlen;
+    if (!excluded_self(r->h.pid))
+        emit_small(ctx, r, sizeof(*r));
+    scratch_put();
+}
+#endif

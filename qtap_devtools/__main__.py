@@ -1,0 +1,3 @@
+from qtap_devtools.cli import main
+
+raise SystemExit(main())

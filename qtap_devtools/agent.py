@@ -1,0 +1,231 @@
+"""The live agent: capture → pipeline → enrichment → broadcast → server.
+
+Capture runs in its own thread (the ring-buffer poller) and hands batches of
+records to the event loop; everything after that runs in the loop.  If capture
+cannot start, the server still runs: ``/readyz`` says why and the greeting
+carries the reason, so the one-line error is visible from every surface.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import platform
+import socket
+import time
+from collections import deque
+
+from qtap_devtools import __version__, kheaders
+from qtap_devtools.broadcast import Broadcaster
+from qtap_devtools.capfile import CaptureWriter
+from qtap_devtools.config import Config
+from qtap_devtools.enrich import Enricher
+from qtap_devtools.events import Event, ProcessStarted, SystemConnected
+from qtap_devtools.filters import EventFilter
+from qtap_devtools.pipeline import Pipeline
+from qtap_devtools.runner import serve
+from qtap_devtools.server import Runtime
+from qtap_devtools.store import Store
+
+log = logging.getLogger(__name__)
+
+TICK_SECONDS = 0.1
+MAX_PENDING_EVENTS = 100_000  # produced but not yet published (enrichment waits)
+ENRICH_WAIT_SECONDS = 0.05
+
+
+class Agent:
+    def __init__(self, config: Config, token: str | None = None) -> None:
+        self.config = config
+        self.broadcaster = Broadcaster(client_queue_size=config.client_queue_size, history_size=config.history_size)
+        self.store = Store(transactions=config.history_size)
+        self.broadcaster.add_listener(self.store.on_event)
+        self.writer = CaptureWriter(config.output) if config.output else None
+        if self.writer is not None:
+            self.broadcaster.add_listener(lambda env: self.writer.write(env.frame))
+        self.enricher = Enricher(
+            docker=config.docker, docker_url=config.docker_url, kube_api=config.kube_api, node_name=config.node_name
+        )
+        self.capture = None
+        self.capture_error: str | None = None
+        self.pending: deque[Event] = deque()
+        self.pending_dropped = 0
+        self._wake = asyncio.Event()
+        self.pipeline = Pipeline(config, self._emit, self.enricher.process)
+        self.runtime = Runtime(
+            config=config,
+            broadcaster=self.broadcaster,
+            store=self.store,
+            mode="live",
+            greeting=self._greeting,
+            capture_stats=self.capture_stats,
+            not_ready="capture is starting",
+            token=token,
+        )
+        self._tasks: list[asyncio.Task] = []
+
+    # ------------------------------------------------------------ events out
+
+    def _emit(self, event: Event) -> None:
+        if len(self.pending) >= MAX_PENDING_EVENTS:
+            self.pending_dropped += 1
+            return
+        # Render now: connection objects keep changing after the event.  Only an
+        # event still waiting for its container's metadata is rendered later.
+        info = _process_of(event)
+        waiting = info is not None and info.container_id and info.container is None
+        self.pending.append(event if waiting else event.envelope())
+        self._wake.set()
+
+    async def _publisher(self) -> None:
+        """Publish events in order; wait briefly for container metadata that is
+        on its way, so the first event of a new container carries its name."""
+        while True:
+            while not self.pending:
+                self._wake.clear()
+                await self._wake.wait()
+            item = self.pending.popleft()
+            try:
+                if isinstance(item, Event):
+                    info = _process_of(item)
+                    fresh = await self.enricher.process_enriched(info.pid, timeout=ENRICH_WAIT_SECONDS)
+                    if fresh is not None and fresh.container is not None:
+                        _set_process(item, fresh)
+                        self.pipeline.processes[fresh.pid] = fresh
+                    item = item.envelope()
+                self.broadcaster.publish(item)
+            except Exception:  # a bug in one event must not stop the stream
+                log.exception("could not publish an event")
+
+    def _greeting(self, flt: EventFilter):
+        return SystemConnected(
+            version=__version__,
+            hostname=socket.gethostname(),
+            kernel=platform.release(),
+            mode="live",
+            capture=self.capture_state(),
+            filters=flt.describe(),
+        ).envelope()
+
+    def capture_state(self) -> dict:
+        if self.capture is None:
+            return {"state": "failed" if self.capture_error else "starting", "error": self.capture_error}
+        return {"state": "running", **self.capture.describe()}
+
+    def capture_stats(self) -> dict:
+        out = {**self.pipeline.counters, "pending_events": len(self.pending),
+               "pending_dropped_total": self.pending_dropped}
+        if self.capture is not None:
+            out.update(self.capture.stats())
+        if self.writer is not None:
+            out["file_events_written"] = self.writer.written
+        out["enrich"] = self.enricher.stats()
+        return out
+
+    # ------------------------------------------------------------ lifecycle
+
+    def _start_capture(self, loop: asyncio.AbstractEventLoop) -> None:
+        from qtap_devtools.capture.loader import Capture, CaptureError
+
+        if os.geteuid() != 0:
+            self.capture_error = "not root: eBPF capture needs root; run: sudo qtap-devtools run"
+            return
+        headers = kheaders.apply(self.config.cache_dir)
+        if not headers.ok:
+            self.capture_error = headers.detail
+            return
+
+        def deliver(batch: list) -> None:
+            loop.call_soon_threadsafe(self.pipeline.on_records, batch)
+
+        try:
+            cap = Capture(
+                on_records=deliver,
+                ring_mib=self.config.ring_mib,
+                max_chunk=self.config.max_chunk_bytes,
+                exclude_pid=os.getpid(),
+                exclude_port=None if self.config.capture_own_port else self.config.listen.port,
+                attach_mode=self.config.attach_mode,
+            )
+            cap.start()
+        except CaptureError as exc:
+            self.capture_error = str(exc)
+            return
+        self.capture = cap
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_SECONDS)
+            self.pipeline.on_tick(time.clock_gettime_ns(time.CLOCK_MONOTONIC))
+
+    def _snapshot_processes(self) -> None:
+        """Announce what already runs, so new clients get a process snapshot."""
+        for pid in self.enricher.list_pids():
+            if pid == os.getpid():
+                continue
+            info = self.enricher.process(pid)
+            if info is not None:
+                self.pipeline.processes[pid] = info
+                self._emit(ProcessStarted(info, ts_ns=time.time_ns()))
+
+    async def on_started(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks.append(asyncio.create_task(self._publisher()))
+        self.enricher.start()
+        print("qtap-devtools: starting capture (compiling probes takes a few seconds)…", flush=True)
+        await loop.run_in_executor(None, self._start_capture, loop)
+        if self.capture is None:
+            log.error("capture not running: %s", self.capture_error)
+            print(f"qtap-devtools: capture not running: {self.capture_error}", flush=True)
+            self.runtime.not_ready = self.capture_error
+            return
+        self._snapshot_processes()
+        for line in self.capture.attach_summary():
+            print(f"qtap-devtools: {line}", flush=True)
+        self._tasks.append(asyncio.create_task(self._ticker()))
+        self.runtime.not_ready = None
+        print("qtap-devtools: capture running", flush=True)
+
+    async def on_stopping(self) -> None:
+        if self.capture is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.capture.stop)
+        self.pipeline.close_all()
+        # Let the publisher flush what the close produced, briefly.
+        for _ in range(20):
+            if not self.pending:
+                break
+            await asyncio.sleep(0.01)
+
+    async def run(self) -> int:
+        try:
+            return await serve(self.runtime, on_started=self.on_started, on_stopping=self.on_stopping)
+        finally:
+            for t in self._tasks:
+                t.cancel()
+            self.enricher.stop()
+            if self.writer is not None:
+                self.writer.close()
+
+
+def _process_of(event: Event):
+    proc = getattr(event, "process", None)
+    if proc is not None:
+        return proc
+    conn = getattr(event, "connection", None)
+    return conn.process if conn is not None else None
+
+
+def _set_process(event: Event, info) -> None:
+    if hasattr(event, "process"):
+        event.process = info
+    conn = getattr(event, "connection", None)
+    if conn is not None:
+        conn.process = info
+
+
+def main(config: Config, token: str | None = None) -> int:
+    async def go() -> int:
+        return await Agent(config, token).run()
+
+    return asyncio.run(go())

@@ -1,0 +1,156 @@
+"""Fan-out of events to any number of subscribers, each with a bounded queue.
+
+The producer (capture or replay) calls :meth:`Broadcaster.publish` and never
+waits: a subscriber that falls behind loses the newest events beyond its queue
+size, they are counted, and it is told how many with a ``system.dropped`` event
+as soon as its queue has room again.  Each event's SSE frame is encoded once
+(in :class:`~qtap_devtools.events.Envelope`) and shared by every subscriber.
+
+Every published event gets a sequence number, sent as the SSE ``id:``, so a
+client that reconnects with ``Last-Event-ID`` resumes from the recent history
+without losing what it had not received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from qtap_devtools.events import Envelope, SystemDisconnected, SystemDropped
+from qtap_devtools.filters import EventFilter
+
+log = logging.getLogger(__name__)
+
+_CLOSE = object()
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    seq: int
+    envelope: Envelope
+
+    @property
+    def frame(self) -> bytes:
+        # `id:` goes after `data:` so `grep EVENT -A1` still yields the data line.
+        return self.envelope.frame[:-1] + b"id: %d\n\n" % self.seq
+
+
+@dataclass(eq=False)
+class Subscriber:
+    filter: EventFilter
+    maxsize: int
+    queue: deque = field(default_factory=deque)
+    missed: int = 0  # since the last system.dropped sent to it
+    total_missed: int = 0
+    delivered: int = 0
+    _wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def offer(self, item: Published) -> None:
+        if len(self.queue) >= self.maxsize:
+            self.missed += 1
+            self.total_missed += 1
+            return
+        self.queue.append(item)
+        self._wakeup.set()
+
+    def close(self, final: Envelope | None) -> None:
+        # The goodbye may exceed maxsize by one: a client must learn why it ends.
+        if final is not None:
+            self.queue.append(Published(0, final))
+        self.queue.append(_CLOSE)
+        self._wakeup.set()
+
+    async def frames(self):
+        """Yield SSE frames until closed; reports drops in stream order."""
+        while True:
+            while not self.queue:
+                if self.missed:
+                    yield self._dropped_frame()
+                    continue
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            item = self.queue.popleft()
+            if item is _CLOSE:
+                return
+            if self.missed and len(self.queue) < self.maxsize // 2:
+                # Tell it about the gap once it has caught up enough to hear it.
+                yield self._dropped_frame()
+            self.delivered += 1
+            yield item.frame
+
+    def _dropped_frame(self) -> bytes:
+        missed, self.missed = self.missed, 0
+        return SystemDropped(missed=missed, total_missed=self.total_missed).envelope().frame
+
+
+class Broadcaster:
+    def __init__(self, *, client_queue_size: int = 4096, history_size: int = 10_000) -> None:
+        self.client_queue_size = client_queue_size
+        self.history: deque[Published] = deque(maxlen=history_size)
+        self.subscribers: set[Subscriber] = set()
+        self._seq = itertools.count(1)
+        self.published = 0
+        self.dropped_total = 0  # events lost by slow subscribers, summed over them
+        self.closed = False
+        self._listeners: list[Callable[[Envelope], None]] = []
+
+    def add_listener(self, fn: Callable[[Envelope], None]) -> None:
+        """A synchronous consumer of every event (state store, file writer)."""
+        self._listeners.append(fn)
+
+    def publish(self, envelope: Envelope) -> Published:
+        item = Published(next(self._seq), envelope)
+        self.published += 1
+        self.history.append(item)
+        for fn in self._listeners:
+            fn(envelope)
+        for sub in self.subscribers:
+            if sub.filter.matches(envelope):
+                before = sub.total_missed
+                sub.offer(item)
+                self.dropped_total += sub.total_missed - before
+        return item
+
+    def subscribe(
+        self,
+        event_filter: EventFilter,
+        first: Iterable[Envelope] = (),
+        resume_after: int | None = None,
+    ) -> Subscriber:
+        """A new subscriber whose queue starts with ``first`` (unbounded by the
+        queue size: the greeting and snapshot must arrive whole), then history
+        after ``resume_after`` when the client is resuming."""
+        sub = Subscriber(event_filter, self.client_queue_size)
+        for env in first:
+            sub.queue.append(Published(0, env))
+        if resume_after is not None:
+            for item in self.history:
+                if item.seq > resume_after and event_filter.matches(item.envelope):
+                    sub.offer(item)
+        if self.closed:
+            sub.close(None)
+        self.subscribers.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        self.subscribers.discard(sub)
+
+    def close(self, reason: str) -> None:
+        """Say goodbye to every subscriber and end their streams."""
+        self.closed = True
+        for sub in list(self.subscribers):
+            sub.close(SystemDisconnected(reason=reason).envelope())
+
+    def stats(self) -> dict:
+        return {
+            "published": self.published,
+            "subscribers": len(self.subscribers),
+            "subscriberDrops": self.dropped_total,
+            "history": len(self.history),
+            "historyLimit": self.history.maxlen,
+            "clientQueueSize": self.client_queue_size,
+        }

@@ -1,0 +1,378 @@
+"""Load the probes, attach them, read the ring buffer, deliver typed records.
+
+``Capture`` is the capture layer's one entry point::
+
+    cap = Capture(on_records=print_batch, exclude_port=10001)
+    cap.start()          # compile + load + attach; raises CaptureError (one line)
+    ...
+    cap.stop()
+
+Records arrive in batches (lists) on the polling thread, in ring order.  The
+callback must be quick; hand the batch to a queue if it is not.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from . import procnet
+from .attach import Attacher, Attachment, ExecWatcher
+from .records import (
+    DataChunk,
+    ProcessExec,
+    Record,
+    SocketAccept,
+    SocketAddress,
+    SocketClose,
+    SocketConnect,
+    parse,
+)
+
+log = logging.getLogger(__name__)
+
+TRACEFS = Path("/sys/kernel/tracing")
+PROBE_FILES = ("process.c", "sockets.c", "openssl.c", "gnutls.c")
+SOCK_KNOWN = 1  # common.h
+
+
+class CaptureError(RuntimeError):
+    """Capture cannot start; the message is one line saying what and how to fix it."""
+
+
+def probes_dir() -> Path:
+    here = Path(__file__).resolve()
+    for cand in (here.parents[2] / "probes", here.parents[1] / "probes"):
+        if (cand / "common.h").exists():
+            return cand
+    raise CaptureError(f"probe sources not found next to {here.parents[1]}; reinstall qtap-devtools")
+
+
+def ensure_tracefs() -> None:
+    """bcc reads tracepoint formats from tracefs; a fresh machine has it unmounted."""
+    if (TRACEFS / "events").is_dir():
+        return
+    res = subprocess.run(["mount", "-t", "tracefs", "none", str(TRACEFS)], capture_output=True, text=True)
+    if res.returncode != 0 or not (TRACEFS / "events").is_dir():
+        raise CaptureError(
+            f"tracefs is not mounted at {TRACEFS} and mounting it failed ({res.stderr.strip()}); "
+            f"fix: mount -t tracefs none {TRACEFS}"
+        )
+
+
+def _capture_fd2(fn: Callable[[], object]) -> tuple[object, str]:
+    """Run ``fn`` with fd 2 redirected to a temp file: bcc prints verifier logs there."""
+    import tempfile
+
+    with tempfile.TemporaryFile() as tmp:
+        saved = os.dup(2)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            result: object = None
+            error: BaseException | None = None
+            try:
+                result = fn()
+            except BaseException as exc:  # re-raised below, after fd 2 is back
+                error = exc
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        tmp.seek(0)
+        text = tmp.read().decode("utf-8", "replace")
+    if error is not None:
+        error.stderr_text = text  # type: ignore[attr-defined]
+        raise error
+    return result, text
+
+
+def _verifier_last_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if ln.startswith(("processed ", "HINT:", "bpf: ", "Failed to load")):
+            continue
+        return ln
+    return lines[-1] if lines else "no verifier output"
+
+
+class Capture:
+    def __init__(
+        self,
+        on_records: Callable[[list[Record]], None],
+        *,
+        ring_mib: int = 32,
+        max_chunk: int = 16384,
+        exclude_pid: int | None = None,
+        exclude_port: int = 0,
+        seed_existing: bool = True,
+        extra_binaries: Iterable[str] = (),
+        poll_timeout_ms: int = 100,
+    ) -> None:
+        if ring_mib <= 0 or ring_mib & (ring_mib - 1):
+            raise CaptureError(f"ring_mib={ring_mib}: must be a power of two")
+        if not 64 <= max_chunk <= 30000:
+            raise CaptureError(f"max_chunk={max_chunk}: must be 64..30000 (a per-CPU map value)")
+        self.on_records = on_records
+        self.ring_mib = ring_mib
+        self.max_chunk = max_chunk
+        self.exclude_pid = os.getpid() if exclude_pid is None else exclude_pid
+        self.exclude_port = exclude_port
+        self.seed_existing = seed_existing
+        self.extra_binaries = list(extra_binaries)
+        self.poll_timeout_ms = poll_timeout_ms
+        self._bpf = None
+        self._attacher: Attacher | None = None
+        self._watcher: ExecWatcher | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._batch: list[Record] = []
+        self._records_read = 0
+        self._batches = 0
+        self._callback_errors = 0
+        self._parse_errors = 0
+        self._proc_fallbacks = 0
+        # (pid, fd) whose 4-tuple we have seen / still wait for; bounded.
+        self._addressed: dict[tuple[int, int], None] = {}
+        self._await_address: dict[tuple[int, int], float] = {}
+        self._max_tracked = 65536
+
+    # ---- lifecycle ----
+
+    def start(self) -> None:
+        self._bpf = self._load()
+        bpf = self._bpf
+
+        def attach(path: str, symbol: str, fn_name: str, ret: bool) -> None:
+            if ret:
+                bpf.attach_uretprobe(name=path, sym=symbol, fn_name=fn_name)
+            else:
+                bpf.attach_uprobe(name=path, sym=symbol, fn_name=fn_name)
+
+        self._attacher = Attacher(attach, exclude_pid=self.exclude_pid)
+        self._attacher.scan_all(self.extra_binaries)
+        self._watcher = ExecWatcher(self._attacher)
+        bpf["events"].open_ring_buffer(self._on_raw)
+        if self.seed_existing:
+            self.seed_existing_sockets()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._poll_loop, name="qtap-ring", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher = None
+        if self._bpf is not None:
+            self._bpf.cleanup()
+            self._bpf = None
+
+    def __enter__(self) -> "Capture":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ---- loading ----
+
+    def _load(self):
+        if os.geteuid() != 0:
+            raise CaptureError("capture needs root (eBPF, uprobes); fix: run with sudo")
+        try:
+            from bcc import BPF
+        except Exception as exc:
+            raise CaptureError(
+                f"bcc does not import ({exc}); fix: apt-get install python3-bpfcc and use a venv "
+                "made with --system-site-packages"
+            ) from None
+        from .. import kheaders
+
+        headers = kheaders.apply()
+        if not headers.ok:
+            raise CaptureError(headers.detail)
+        ensure_tracefs()
+        pdir = probes_dir()
+        page = os.sysconf("SC_PAGE_SIZE")
+        ring_pages = self.ring_mib * (1 << 20) // page
+        cflags = [
+            f"-I{pdir}",
+            f"-DMAX_CHUNK={self.max_chunk}",
+            f"-DRING_PAGES={ring_pages}",
+            f"-DEXCLUDE_TGID={self.exclude_pid}",
+            f"-DEXCLUDE_PORT={self.exclude_port}",
+            "-Wno-macro-redefined",
+        ]
+        text = "".join(f'#include "{name}"\n' for name in PROBE_FILES)
+        try:
+            bpf, _ = _capture_fd2(lambda: BPF(text=text, cflags=cflags))
+            # Uprobe programs load lazily at attach; load them now so a verifier
+            # failure is reported at start, not on the first TLS library found.
+            for fn in _uprobe_functions():
+                _capture_fd2(lambda fn=fn: bpf.load_func(fn, BPF.KPROBE))
+        except Exception as exc:
+            raise CaptureError(self._explain(exc)) from None
+        return bpf
+
+    @staticmethod
+    def _explain(exc: Exception) -> str:
+        stderr = getattr(exc, "stderr_text", "")
+        msg = str(exc)
+        if "Failed to compile" in msg or "error:" in stderr and "Failed to load" not in msg:
+            first = next((ln for ln in stderr.splitlines() if "error:" in ln), msg)
+            return f"probe compilation failed: {first.strip()}"
+        if "Failed to load BPF program" in msg:
+            fn = msg.split("program", 1)[1].split(":", 1)[0].strip(" b'\"")
+            return f"probe {_probe_file(fn)}:{fn} failed to load: {_verifier_last_line(stderr)}"
+        return f"loading probes failed: {msg.splitlines()[0] if msg else type(exc).__name__}"
+
+    # ---- seeding and fallbacks ----
+
+    def seed_existing_sockets(self) -> list[SocketAddress]:
+        """Mark sockets that were ESTABLISHED before start as known; deliver their addresses."""
+        assert self._bpf is not None, "start() first"
+        table = self._bpf["sock_fds"]
+        found = procnet.established_sockets({self.exclude_pid}, self.exclude_port)
+        records = []
+        for s in found:
+            key = table.Key(s.pid, s.fd)
+            try:
+                table[key] = table.Leaf(SOCK_KNOWN)
+            except Exception:  # map full: those sockets stay uncaptured
+                continue
+            records.append(SocketAddress(s.pid, s.fd, s.local, s.remote, time.monotonic_ns(), "seed"))
+            self._addressed[(s.pid, s.fd)] = None
+        if records:
+            self._deliver(list(records))
+        return records
+
+    def _track_addresses(self, batch: list[Record]) -> None:
+        for rec in batch:
+            if isinstance(rec, SocketAddress):
+                self._addressed[(rec.pid, rec.fd)] = None
+                self._await_address.pop((rec.pid, rec.fd), None)
+            elif isinstance(rec, SocketConnect):
+                if (rec.pid, rec.fd) not in self._addressed:
+                    self._await_address[(rec.pid, rec.fd)] = time.monotonic() + 0.2
+            elif isinstance(rec, SocketAccept):
+                key = (rec.pid, rec.fd)
+                if rec.remote is not None and rec.local is not None:
+                    self._addressed[key] = None
+                    self._addressed.pop(key, None)  # accept carries it all
+                else:
+                    self._await_address[key] = time.monotonic()
+            elif isinstance(rec, SocketClose):
+                self._addressed.pop((rec.pid, rec.fd), None)
+                self._await_address.pop((rec.pid, rec.fd), None)
+        for d in (self._addressed, self._await_address):
+            while len(d) > self._max_tracked:
+                d.pop(next(iter(d)))
+
+    def _proc_fallback(self) -> list[Record]:
+        if not self._await_address:
+            return []
+        now = time.monotonic()
+        out: list[Record] = []
+        for key, due in list(self._await_address.items()):
+            if due > now:
+                continue
+            del self._await_address[key]
+            found = procnet.resolve(*key)
+            if found is not None:
+                self._proc_fallbacks += 1
+                out.append(SocketAddress(key[0], key[1], found.local, found.remote, time.monotonic_ns(), "proc"))
+        return out
+
+    # ---- reading ----
+
+    def _on_raw(self, ctx, data, size) -> int:
+        try:
+            self._batch.append(parse(ctypes.string_at(data, size)))
+        except Exception:
+            self._parse_errors += 1
+        return 0
+
+    def _poll_loop(self) -> None:
+        bpf = self._bpf
+        while not self._stop.is_set():
+            bpf.ring_buffer_poll(self.poll_timeout_ms)
+            batch, self._batch = self._batch, []
+            if batch:
+                self._records_read += len(batch)
+                watcher = self._watcher
+                for rec in batch:
+                    if type(rec) is ProcessExec and watcher is not None:
+                        watcher.on_exec(rec.pid)
+                self._track_addresses(batch)
+            batch.extend(self._proc_fallback())
+            if batch:
+                self._deliver(batch)
+
+    def _deliver(self, batch: list[Record]) -> None:
+        self._batches += 1
+        try:
+            self.on_records(batch)
+        except Exception:
+            self._callback_errors += 1
+            log.exception("on_records failed")
+
+    # ---- introspection ----
+
+    def on_exec(self, pid: int) -> None:
+        """Look for TLS libraries in ``pid`` soon (also done for every ProcessExec)."""
+        if self._watcher is not None:
+            self._watcher.on_exec(pid)
+
+    @property
+    def attachments(self) -> list[Attachment]:
+        return self._attacher.attachments if self._attacher else []
+
+    def lost_records(self) -> int:
+        if self._bpf is None:
+            return 0
+        return int(sum(v.value for v in self._bpf["lost"][0]))  # per-CPU values
+
+    def stats(self) -> dict[str, object]:
+        atts = self.attachments
+        return {
+            "lost_records": self.lost_records(),
+            "records_read": self._records_read,
+            "batches": self._batches,
+            "parse_errors": self._parse_errors,
+            "callback_errors": self._callback_errors,
+            "proc_address_fallbacks": self._proc_fallbacks,
+            "attachments": len(atts),
+            "attachments_failed": sum(1 for a in atts if a.error),
+            "exec_scans_dropped": self._watcher.dropped if self._watcher else 0,
+        }
+
+
+_UPROBE_FILES = {"openssl.c", "gnutls.c"}
+
+
+def _uprobe_functions() -> list[str]:
+    from .attach import PROBES
+
+    return list(dict.fromkeys(p.fn_name for probes in PROBES.values() for p in probes))
+
+
+def _probe_file(fn: str) -> str:
+    """Which probes/*.c defines function ``fn`` (for error messages)."""
+    try:
+        pdir = probes_dir()
+    except CaptureError:
+        return "probes"
+    needle = fn.split("__")[-1] if fn.startswith("tracepoint__") else fn
+    for name in PROBE_FILES:
+        text = (pdir / name).read_text()
+        if needle in text:
+            return f"probes/{name}"
+    return "probes"

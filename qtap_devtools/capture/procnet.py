@@ -1,0 +1,117 @@
+"""Sockets as /proc sees them: the fallback when the kernel records miss.
+
+Used at start-up to seed sockets that existed before capture began, and later
+to fill a 4-tuple the tracepoints could not give (e.g. accept() without an
+address buffer).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from .records import Endpoint, endpoint
+
+TCP_ESTABLISHED = "01"
+
+
+@dataclass(frozen=True, slots=True)
+class ProcSocket:
+    pid: int
+    fd: int
+    local: Endpoint
+    remote: Endpoint
+
+
+def _hex_ip(text: str) -> bytes:
+    raw = bytes.fromhex(text)
+    # /proc prints each 32-bit word in host (little-endian) order.
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+    return b"\0" * 10 + b"\xff\xff" + words if len(words) == 4 else words
+
+
+def _endpoint(field: str) -> Endpoint:
+    ip, port = field.split(":")
+    return endpoint(_hex_ip(ip), int(port, 16))
+
+
+def tcp_table(pid: int | str = "self", established_only: bool = True) -> dict[int, tuple[Endpoint, Endpoint]]:
+    """inode → (local, remote) for the TCP sockets in ``pid``'s network namespace."""
+    out: dict[int, tuple[Endpoint, Endpoint]] = {}
+    for name in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/{pid}/net/{name}") as f:
+                next(f, None)
+                for line in f:
+                    parts = line.split()
+                    if len(parts) < 10 or (established_only and parts[3] != TCP_ESTABLISHED):
+                        continue
+                    out[int(parts[9])] = (_endpoint(parts[1]), _endpoint(parts[2]))
+        except OSError:
+            continue
+    return out
+
+
+def socket_inode(pid: int, fd: int) -> int | None:
+    try:
+        link = os.readlink(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return None
+    if link.startswith("socket:[") and link.endswith("]"):
+        return int(link[8:-1])
+    return None
+
+
+def socket_fds(pid: int) -> dict[int, int]:
+    """fd → socket inode for ``pid``."""
+    out = {}
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return out
+    for name in names:
+        inode = socket_inode(pid, int(name))
+        if inode is not None:
+            out[int(name)] = inode
+    return out
+
+
+def resolve(pid: int, fd: int) -> ProcSocket | None:
+    """The 4-tuple of ``pid``'s ``fd`` if it is an established TCP socket."""
+    inode = socket_inode(pid, fd)
+    if inode is None:
+        return None
+    found = tcp_table(pid, established_only=False).get(inode)
+    return ProcSocket(pid, fd, *found) if found else None
+
+
+def established_sockets(exclude_pids: set[int] = frozenset(), exclude_port: int = 0) -> list[ProcSocket]:
+    """Every (pid, fd) that is an ESTABLISHED TCP socket right now."""
+    out = []
+    tables: dict[int, dict[int, tuple[Endpoint, Endpoint]]] = {}  # per netns inode
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) in exclude_pids:
+            continue
+        pid = int(name)
+        fds = socket_fds(pid)
+        if not fds:
+            continue
+        try:
+            netns = os.stat(f"/proc/{pid}/ns/net").st_ino
+        except OSError:
+            continue
+        if netns not in tables:
+            tables[netns] = tcp_table(pid)
+        table = tables[netns]
+        for fd, inode in fds.items():
+            pair = table.get(inode)
+            if pair is None:
+                continue
+            local, remote = pair
+            if exclude_port and exclude_port in (local.port, remote.port):
+                continue
+            out.append(ProcSocket(pid, fd, local, remote))
+    return out
+
+
+__all__ = ["ProcSocket", "tcp_table", "socket_inode", "socket_fds", "resolve", "established_sockets"]

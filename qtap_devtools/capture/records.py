@@ -1,0 +1,189 @@
+"""Typed capture records: the Python mirror of ``probes/common.h``.
+
+Each ring-buffer record starts with ``struct rec_hdr`` (kind, pid, tid, fd,
+ts_ns).  ``parse(raw)`` turns one record into one of the classes below; it
+raises ``ValueError`` only for a record shorter than its kind's layout, which
+means probes and this file disagree (a programming error, not bad input).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from dataclasses import dataclass
+from typing import Literal, Union
+
+Direction = Literal["egress", "ingress"]
+Source = Literal["socket", "openssl", "gnutls"]
+
+# enum rec_kind in common.h
+EXEC, FORK, EXIT, CONNECT, ACCEPT, ADDRESS, CLOSE, DATA, SNI = range(1, 10)
+
+DIRECTIONS: tuple[Direction, Direction] = ("egress", "ingress")
+SOURCES: tuple[Source, Source, Source] = ("socket", "openssl", "gnutls")
+
+AF_INET = 2
+AF_INET6 = 10
+
+_HDR = struct.Struct("<IIIiQ")  # 24 bytes
+_ADDR = "H H 16s"  # family, port (host order), ip (v6 or v4-mapped)
+_EXEC = struct.Struct("<24x16s256s")
+_FORK = struct.Struct("<24xII")
+_EXIT = struct.Struct("<24xiI")
+_CONNECT = struct.Struct("<24x" + _ADDR + "i")
+_ACCEPT = struct.Struct("<24x" + _ADDR + _ADDR)
+_ADDRESS = _ACCEPT
+_SNI = struct.Struct("<24xQII256s")
+_DATA = struct.Struct("<24xQIBBxxQ")
+DATA_HDR_SIZE = 48
+assert _DATA.size == DATA_HDR_SIZE
+_V4_MAPPED = b"\0" * 10 + b"\xff\xff"
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    ip: str  # dotted IPv4 (v4-mapped shown as IPv4) or compressed IPv6
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessExec:
+    pid: int
+    ts_ns: int
+    filename: str
+    comm: str
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessFork:
+    parent_pid: int
+    child_pid: int
+    ts_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessExit:
+    pid: int
+    ts_ns: int
+    exit_code: int | None  # None: it did not call exit_group (e.g. killed by a signal)
+
+
+@dataclass(frozen=True, slots=True)
+class SocketConnect:
+    pid: int
+    fd: int
+    ts_ns: int
+    remote: Endpoint
+    in_progress: bool = False  # non-blocking connect returned -EINPROGRESS
+
+
+@dataclass(frozen=True, slots=True)
+class SocketAccept:
+    pid: int
+    fd: int
+    ts_ns: int
+    remote: Endpoint | None  # None when accept() was given no address buffer
+    local: Endpoint | None
+
+
+@dataclass(frozen=True, slots=True)
+class SocketAddress:
+    """The full 4-tuple of (pid, fd); from the kernel, or /proc as a fallback."""
+
+    pid: int
+    fd: int
+    local: Endpoint
+    remote: Endpoint
+    ts_ns: int = 0
+    origin: Literal["kernel", "proc", "seed"] = "kernel"
+
+
+@dataclass(frozen=True, slots=True)
+class SocketClose:
+    pid: int
+    fd: int
+    ts_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class DataChunk:
+    pid: int
+    tid: int
+    fd: int  # -1 when the TLS library's fd is not known (e.g. node's memory BIO)
+    ts_ns: int
+    direction: Direction
+    source: Source
+    offset: int  # of data[0] within (pid, fd, direction, tls-or-not)
+    data: bytes
+    tls_ref: int = 0  # SSL* / gnutls session; 0 for socket data
+
+    @property
+    def end(self) -> int:
+        return self.offset + len(self.data)
+
+
+@dataclass(frozen=True, slots=True)
+class TlsServerName:
+    pid: int
+    fd: int | None
+    ssl_ptr: int
+    host: str
+    ts_ns: int = 0
+
+
+Record = Union[
+    ProcessExec, ProcessFork, ProcessExit, SocketConnect, SocketAccept,
+    SocketAddress, SocketClose, DataChunk, TlsServerName,
+]
+
+
+def endpoint(ip16: bytes, port: int) -> Endpoint:
+    if ip16[:12] == _V4_MAPPED:
+        return Endpoint(".".join(str(b) for b in ip16[12:]), port)
+    return Endpoint(str(ipaddress.IPv6Address(ip16)), port)
+
+
+def _addr(family: int, port: int, ip16: bytes) -> Endpoint | None:
+    return endpoint(ip16, port) if family in (AF_INET, AF_INET6) else None
+
+
+def _cstr(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def parse(raw: bytes) -> Record:
+    """One ring-buffer record → its typed form."""
+    kind, pid, tid, fd, ts = _HDR.unpack_from(raw)
+    if kind == DATA:
+        offset, length, direction, source, tls_ref = _DATA.unpack_from(raw)
+        return DataChunk(
+            pid, tid, fd, ts, DIRECTIONS[direction], SOURCES[source], offset,
+            raw[DATA_HDR_SIZE : DATA_HDR_SIZE + length], tls_ref,
+        )
+    if kind == EXEC:
+        comm, filename = _EXEC.unpack_from(raw)
+        return ProcessExec(pid, ts, _cstr(filename), _cstr(comm))
+    if kind == FORK:
+        child, _ = _FORK.unpack_from(raw)
+        return ProcessFork(pid, child, ts)
+    if kind == EXIT:
+        code, known = _EXIT.unpack_from(raw)
+        return ProcessExit(pid, ts, code if known else None)
+    if kind == CONNECT:
+        fam, port, ip, ret = _CONNECT.unpack_from(raw)
+        return SocketConnect(pid, fd, ts, endpoint(ip, port), ret != 0)
+    if kind == ACCEPT:
+        rfam, rport, rip, lfam, lport, lip = _ACCEPT.unpack_from(raw)
+        return SocketAccept(pid, fd, ts, _addr(rfam, rport, rip), _addr(lfam, lport, lip))
+    if kind == ADDRESS:
+        lfam, lport, lip, rfam, rport, rip = _ADDRESS.unpack_from(raw)
+        return SocketAddress(pid, fd, endpoint(lip, lport), endpoint(rip, rport), ts)
+    if kind == CLOSE:
+        return SocketClose(pid, fd, ts)
+    if kind == SNI:
+        ref, length, _, host = _SNI.unpack_from(raw)
+        return TlsServerName(pid, fd if fd >= 0 else None, ref, host[:length].decode("ascii", "replace"), ts)
+    raise ValueError(f"unknown record kind {kind} ({len(raw)} bytes)")

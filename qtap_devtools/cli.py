@@ -1,0 +1,223 @@
+"""Command line: ``qtap-devtools [run|replay|har|doctor]``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+import orjson
+
+from qtap_devtools import __version__
+from qtap_devtools.config import Config, ConfigError, Listen
+
+TUNNEL = "ssh -L 10001:localhost:10001 host"
+
+MAIN_EXAMPLES = """\
+examples:
+  sudo qtap-devtools                          # capture, serve on 127.0.0.1:10001
+  curl -sN http://localhost:10001/devtools/api/events
+  sudo qtap-devtools run --output traffic-capture.txt
+  qtap-devtools replay traffic-capture.txt    # study a capture later, no root needed
+  qtap-devtools har traffic-capture.txt -o traffic.har
+  sudo qtap-devtools doctor                   # what this machine supports
+"""
+
+RUN_EXAMPLES = """\
+examples:
+  sudo qtap-devtools run
+  sudo qtap-devtools run --listen 127.0.0.1:9000 --output traffic-capture.txt
+  sudo qtap-devtools run --max-body-bytes 65536 --log-level debug
+  # then, in another terminal:
+  curl -sN http://localhost:10001/devtools/api/events | grep "request.http_transaction" -A1
+  curl -sN 'http://localhost:10001/devtools/api/events?type=request.http_transaction&status=4xx'
+  # from your laptop: %s, then open http://localhost:10001/devtools
+""" % TUNNEL
+
+REPLAY_EXAMPLES = """\
+examples:
+  qtap-devtools replay traffic-capture.txt
+  qtap-devtools replay traffic-capture.txt --speed 1 --listen 127.0.0.1:10002
+  curl -sN http://localhost:10001/devtools/api/events | grep "^data:" | sed 's/^data: //' | jq .
+"""
+
+HAR_EXAMPLES = """\
+examples:
+  qtap-devtools har traffic-capture.txt -o traffic.har
+  qtap-devtools har traffic-capture.txt | jq '.log.entries[].request.url'
+"""
+
+DOCTOR_EXAMPLES = """\
+examples:
+  sudo qtap-devtools doctor
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line and exit 2, not a usage dump
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower().rstrip("ib")
+    try:
+        value = int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+    except (ValueError, IndexError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 1048576, 64k, 1m)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("size must not be negative")
+    return value
+
+
+def _listen(text: str) -> Listen:
+    try:
+        return Listen.parse(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--listen", type=_listen, default=Listen(), metavar="HOST:PORT",
+                   help="where to serve (default 127.0.0.1:10001; loopback only unless --token)")
+    p.add_argument("--token", help="require this token (Bearer or ?token=); needed for a non-loopback --listen")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--queue-size", type=int, default=4096, metavar="N",
+                   help="events a slow SSE client may lag before it is told it missed some (default 4096)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = _Parser(
+        prog="qtap-devtools",
+        description="See every HTTP request your processes make or serve — HTTPS included, no proxy — "
+        "as a Qtap DevTools event stream and browser page.",
+        epilog=MAIN_EXAMPLES,
+        formatter_class=fmt,
+    )
+    parser.add_argument("--version", action="version", version=f"qtap-devtools {__version__}")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    run = sub.add_parser("run", help="capture and serve (the default; needs root)", epilog=RUN_EXAMPLES,
+                         formatter_class=fmt)
+    _common(run)
+    run.add_argument("--output", "-o", type=Path, metavar="FILE",
+                     help="also append the stream to FILE (same bytes as the SSE stream; replayable)")
+    run.add_argument("--max-body-bytes", type=_size, default=1 << 20, metavar="N",
+                     help="bodies kept per message, beyond which they are marked truncated (default 1m)")
+    run.add_argument("--ring-mib", type=int, default=32, metavar="MIB", help="BPF ring buffer size (default 32)")
+    run.add_argument("--attach-mode", choices=["auto", "entry"], default="auto",
+                     help="auto: cheap probe sites where provable; entry: classic entry/return probes")
+    run.add_argument("--capture-own-port", action="store_true",
+                     help="also capture connections to this agent's own port (off: each event would be captured again)")
+    run.add_argument("--no-docker", action="store_true", help="do not ask Docker for container names")
+    run.add_argument("--kube-api", metavar="URL", help="Kubernetes API server URL (default: in-cluster or kubeconfig)")
+    run.add_argument("--node-name", metavar="NAME", help="this node's name for pod lookups (default: $NODE_NAME)")
+
+    rp = sub.add_parser("replay", help="serve a capture file on the same endpoints (no root)",
+                        epilog=REPLAY_EXAMPLES, formatter_class=fmt)
+    rp.add_argument("file", type=Path)
+    _common(rp)
+    rp.add_argument("--speed", type=float, default=0.0,
+                    help="1 = as recorded, 2 = twice as fast, 0 = all at once (default 0)")
+
+    hp = sub.add_parser("har", help="convert a capture file to HAR 1.2", epilog=HAR_EXAMPLES, formatter_class=fmt)
+    hp.add_argument("file", type=Path)
+    hp.add_argument("--output", "-o", type=Path, metavar="FILE", help="write here instead of stdout")
+
+    dp = sub.add_parser("doctor", help="check what this machine supports", epilog=DOCTOR_EXAMPLES,
+                        formatter_class=fmt)
+    dp.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def _config(args: argparse.Namespace) -> Config:
+    if not args.listen.is_loopback and not args.token:
+        raise ConfigError(
+            f"refusing to listen on {args.listen.host}: the stream carries every captured header, body and "
+            f"token, so it stays on loopback. From another machine use an SSH tunnel: {TUNNEL} "
+            "(or pass --token to require a token)"
+        )
+    extra = {}
+    if args.command == "run":
+        extra = dict(
+            output=args.output,
+            max_body_bytes=args.max_body_bytes,
+            ring_mib=args.ring_mib,
+            attach_mode=args.attach_mode,
+            capture_own_port=args.capture_own_port,
+            docker=not args.no_docker,
+            kube_api=args.kube_api,
+            node_name=args.node_name or os.environ.get("NODE_NAME"),
+        )
+    elif args.command == "replay":
+        if args.speed < 0:
+            raise ConfigError("--speed must be 0 or more")
+        extra = dict(replay_speed=args.speed)
+    return Config(listen=args.listen, log_level=args.log_level, client_queue_size=max(16, args.queue_size), **extra)
+
+
+def _readable(path: Path) -> None:
+    if not path.exists():
+        raise ConfigError(f"{path}: no such file")
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory, expected a capture file")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"{path}: not readable")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
+        argv = ["run", *argv]
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        if args.command == "doctor":
+            from qtap_devtools import doctor
+
+            return doctor.run()
+        if args.command == "har":
+            return _har(args)
+        config = _config(args)
+        if args.command == "replay":
+            _readable(args.file)
+            from qtap_devtools import replay, runner
+
+            rt = replay.build_runtime(config, args.file)
+            rt.token = args.token
+            return asyncio.run(runner.serve(rt))
+        from qtap_devtools import agent
+
+        return agent.main(config, token=args.token)
+    except ConfigError as exc:
+        print(f"qtap-devtools: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"qtap-devtools: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _har(args: argparse.Namespace) -> int:
+    from qtap_devtools import har, replay
+
+    _readable(args.file)
+    events, bad, _ = replay.load(args.file)
+    doc = har.from_envelopes(events)
+    data = orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n"
+    if args.output:
+        args.output.write_bytes(data)
+        print(f"wrote {len(doc['log']['entries'])} entries to {args.output}"
+              + (f" ({len(bad)} bad records skipped)" if bad else ""), file=sys.stderr)
+    else:
+        sys.stdout.buffer.write(data)
+    return 0

@@ -1,0 +1,190 @@
+"""``qtap-devtools doctor``: what this kernel and machine support, and why.
+
+One line per check with the fix for what fails; the exit status is non-zero
+when capture cannot work.  Kprobes and fentry are reported but not required:
+the agent is built on uprobes and tracepoints only (DESIGN §3).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from qtap_devtools import kheaders
+
+TRACEFS = Path("/sys/kernel/tracing")
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+    required: bool = True  # a failure means capture cannot work
+
+    def line(self) -> str:
+        mark = "ok  " if self.ok else ("FAIL" if self.required else "warn")
+        text = f"[{mark}] {self.name}: {self.detail}"
+        if not self.ok and self.fix:
+            text += f" — fix: {self.fix}"
+        return text
+
+
+def _root() -> Check:
+    if os.geteuid() == 0:
+        return Check("root", True, "running as root")
+    caps = _cap_eff()
+    needed = {"CAP_BPF": 39, "CAP_PERFMON": 38, "CAP_SYS_ADMIN": 21}
+    have = [n for n, bit in needed.items() if caps >> bit & 1]
+    ok = "CAP_SYS_ADMIN" in have or {"CAP_BPF", "CAP_PERFMON"} <= set(have)
+    return Check("root", ok, f"uid {os.geteuid()}, capabilities {have or 'none'}",
+                 "run as root: sudo qtap-devtools … (or grant CAP_BPF+CAP_PERFMON+CAP_SYS_ADMIN)")
+
+
+def _cap_eff() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    except OSError:
+        pass
+    return 0
+
+
+def _bpf_syscall() -> Check:
+    unpriv = Path("/proc/sys/kernel/unprivileged_bpf_disabled")
+    detail = "bpf() syscall present"
+    if unpriv.exists():
+        detail += f" (unprivileged_bpf_disabled={unpriv.read_text().strip()})"
+    jit = Path("/proc/sys/net/core/bpf_jit_enable")
+    if jit.exists():
+        detail += f", JIT={jit.read_text().strip()}"
+    return Check("bpf", Path("/sys/fs/bpf").exists() or unpriv.exists(), detail,
+                 "a kernel built with CONFIG_BPF_SYSCALL=y")
+
+
+def _btf() -> Check:
+    ok = Path("/sys/kernel/btf/vmlinux").exists()
+    return Check("btf", ok, "/sys/kernel/btf/vmlinux present" if ok else "no kernel BTF",
+                 "a kernel with CONFIG_DEBUG_INFO_BTF=y (not needed by our probes)", required=False)
+
+
+def _tracefs() -> Check:
+    if (TRACEFS / "events").is_dir():
+        return Check("tracefs", True, f"mounted at {TRACEFS}")
+    return Check("tracefs", False, f"not mounted at {TRACEFS} (the agent mounts it at start)",
+                 f"mount -t tracefs none {TRACEFS}", required=False)
+
+
+def _tracepoints() -> Check:
+    needed = ["syscalls/sys_enter_connect", "syscalls/sys_exit_read", "sched/sched_process_exec",
+              "sock/inet_sock_set_state"]
+    events = TRACEFS / "events"
+    if not events.is_dir():
+        return Check("tracepoints", False, "tracefs is not mounted, cannot list tracepoints",
+                     f"mount -t tracefs none {TRACEFS}")
+    missing = [n for n in needed if not (events / n).is_dir()]
+    return Check("tracepoints", not missing,
+                 "syscalls, sched and sock tracepoints available" if not missing else f"missing {missing}",
+                 "a kernel with CONFIG_FTRACE_SYSCALLS=y")
+
+
+def _uprobes() -> Check:
+    ok = (TRACEFS / "uprobe_events").exists() or Path("/sys/bus/event_source/devices/uprobe").exists()
+    return Check("uprobes", ok, "uprobe PMU available" if ok else "no uprobe support",
+                 "a kernel with CONFIG_UPROBE_EVENTS=y")
+
+
+def _kprobes() -> Check:
+    ok = Path("/sys/bus/event_source/devices/kprobe").exists() and (TRACEFS / "kprobe_events").exists()
+    return Check("kprobes", ok, "available (unused)" if ok else "absent — fine: the agent needs none",
+                 required=False)
+
+
+def _bcc() -> Check:
+    try:
+        import bcc  # noqa: F401
+    except Exception as exc:
+        return Check("bcc", False, f"cannot import bcc: {exc}",
+                     "apt-get install python3-bpfcc bpfcc-tools libbpfcc, and use a venv with --system-site-packages")
+    return Check("bcc", True, f"bcc {getattr(bcc, '__version__', '?')} from {Path(bcc.__file__).parent}")
+
+
+def _headers(cache_dir: Path | None) -> Check:
+    h = kheaders.resolve(cache_dir)
+    return Check("kernel headers", h.ok, h.detail, "apt-get install linux-headers-amd64")
+
+
+def _trial_load(cache_dir: Path | None) -> Check:
+    try:
+        from bcc import BPF
+    except Exception:
+        return Check("trial probe", False, "skipped: bcc does not import", "see the bcc line")
+    kheaders.apply(cache_dir)
+    from qtap_devtools.capture.tracefs import ensure_tracefs
+
+    try:
+        ensure_tracefs()
+        bpf = BPF(text="""
+BPF_RINGBUF_OUTPUT(trial, 1);
+TRACEPOINT_PROBE(sched, sched_process_fork) { u32 pid = args->child_pid; trial.ringbuf_output(&pid, sizeof(pid), 0); return 0; }
+""")
+        bpf.cleanup()
+    except Exception as exc:
+        last = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        return Check("trial probe", False, f"compile/load failed: {last}", "run doctor as root; check the lines above")
+    return Check("trial probe", True, "compiled, verified and attached a tracepoint probe with a ring buffer")
+
+
+def _docker() -> Check:
+    sock = Path("/var/run/docker.sock")
+    if not sock.exists():
+        return Check("docker", False, "no /var/run/docker.sock: container names will be missing",
+                     "start Docker (systemctl start docker) if you run containers", required=False)
+    try:
+        import docker
+
+        docker.DockerClient(base_url="unix://var/run/docker.sock", timeout=2).ping()
+    except Exception as exc:
+        return Check("docker", False, f"socket present but daemon does not answer: {exc}",
+                     "systemctl start docker", required=False)
+    return Check("docker", True, "daemon answers on /var/run/docker.sock")
+
+
+def _tls_libraries() -> Check:
+    try:
+        from qtap_devtools.capture import attach
+    except Exception as exc:  # capture layer missing its dependencies
+        return Check("tls libraries", False, f"cannot inspect: {exc}", required=False)
+    found = attach.discover()
+    if not found:
+        return Check("tls libraries", False, "no libssl/libgnutls found", "apt-get install libssl3", required=False)
+    lines = ", ".join(f"{t.path} ({t.library})" for t in found[:8])
+    more = f" and {len(found) - 8} more" if len(found) > 8 else ""
+    return Check("tls libraries", True, f"{len(found)} to attach: {lines}{more}", required=False)
+
+
+def run(cache_dir: Path | None = None, print_fn: Callable[[str], None] = print) -> int:
+    checks: list[Callable[[], Check]] = [
+        _root, _bpf_syscall, _btf, _tracefs, _tracepoints, _uprobes, _kprobes, _bcc,
+        lambda: _headers(cache_dir), lambda: _trial_load(cache_dir), _tls_libraries, _docker,
+    ]
+    print_fn(f"qtap-devtools doctor — kernel {platform.release()} on {platform.machine()}")
+    failed = []
+    for make in checks:
+        try:
+            check = make()
+        except Exception as exc:  # a check must never crash the report
+            check = Check(getattr(make, "__name__", "check").strip("_"), False, f"check crashed: {exc!r}")
+        print_fn(check.line())
+        if not check.ok and check.required:
+            failed.append(check.name)
+    if failed:
+        print_fn(f"capture cannot work here: fix {', '.join(failed)} (see above)")
+        return 1
+    print_fn("capture possible: uprobes on TLS libraries and syscall/sched tracepoints")
+    return 0

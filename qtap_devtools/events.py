@@ -1,0 +1,547 @@
+"""The one typed event model, and its wire form.
+
+Every event the agent emits is defined here once.  Its JSON (the SSE ``data:``
+line, capture files, REST answers) derives from these classes; HAR and the UI
+derive from that JSON.  Field names and nesting follow Qtap's DevTools contract
+(seed 003) exactly, including the double ``data.data`` of connection and
+transaction events and the base64 transaction JSON; fields the seed does not
+show are additions, never renames.
+
+An :class:`Envelope` is an event ready for the wire: its type, its JSON body as a
+dict (for filters and state) and its SSE frame, encoded once for every client.
+Replayed capture files become envelopes without passing through the typed
+classes, so live and replayed streams are served by the same code.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, ClassVar, Mapping
+
+import orjson
+
+from qtap_devtools.enrich.model import ContainerInfo, PodInfo, ProcessInfo
+
+SYSTEM_CONNECTED = "system.connected"
+SYSTEM_DROPPED = "system.dropped"
+SYSTEM_DISCONNECTED = "system.disconnected"
+PROCESS_STARTED = "process.started"
+PROCESS_STOPPED = "process.stopped"
+CONNECTION_OPENED = "connection.opened"
+CONNECTION_UPDATED = "connection.updated"
+CONNECTION_CLOSED = "connection.closed"
+HTTP_TRANSACTION = "request.http_transaction"
+
+EVENT_TYPES = (
+    SYSTEM_CONNECTED,
+    SYSTEM_DROPPED,
+    SYSTEM_DISCONNECTED,
+    PROCESS_STARTED,
+    PROCESS_STOPPED,
+    CONNECTION_OPENED,
+    CONNECTION_UPDATED,
+    CONNECTION_CLOSED,
+    HTTP_TRANSACTION,
+)
+
+
+def rfc3339(ns: int) -> str:
+    """UTC, millisecond precision, ``Z`` suffix: ``2025-12-12T16:58:10.452Z``."""
+    seconds, rem = divmod(ns, 1_000_000_000)
+    stamp = datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{stamp}.{rem // 1_000_000:03d}Z"
+
+
+def parse_rfc3339(text: str) -> int:
+    """Inverse of :func:`rfc3339` (accepts any ISO 8601 offset); ns since epoch."""
+    dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return int(dt.timestamp() * 1000) * 1_000_000
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def now_ns() -> int:
+    return time.time_ns()
+
+
+# --------------------------------------------------------------------------
+# The wire form
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """An event ready to send: ``body`` is ``{"data": …, "ts": …}``."""
+
+    type: str
+    body: Mapping[str, Any]
+    frame: bytes  # "event: T\ndata: JSON\n\n", encoded once for all clients
+    ts_ns: int
+
+    @classmethod
+    def of(cls, type_: str, data: Mapping[str, Any], ts_ns: int) -> "Envelope":
+        body = {"data": data, "ts": rfc3339(ts_ns)}
+        return cls(type_, body, sse_frame(type_, orjson.dumps(body)), ts_ns)
+
+    @classmethod
+    def from_wire(cls, type_: str, json_text: bytes | str) -> "Envelope":
+        """An event read back from a stream or file; raises ValueError if bad."""
+        body = orjson.loads(json_text)
+        if not isinstance(body, dict) or "data" not in body:
+            raise ValueError('not an event: expected an object with a "data" field')
+        ts = body.get("ts")
+        ts_ns = parse_rfc3339(ts) if isinstance(ts, str) else 0
+        return cls(type_, body, sse_frame(type_, orjson.dumps(body)), ts_ns)
+
+    @property
+    def inner(self) -> Mapping[str, Any]:
+        """The payload under the seed's double nesting (``data.data``) or ``data``."""
+        data = self.body.get("data")
+        if isinstance(data, Mapping) and isinstance(data.get("data"), Mapping):
+            return data["data"]
+        return data if isinstance(data, Mapping) else {}
+
+
+def sse_frame(type_: str, json_line: bytes) -> bytes:
+    """One SSE event.  ``data:`` comes right after ``event:`` and is one line
+    (JSON never contains a raw newline), because the seed's recipes read it
+    with ``grep … -A1``.  We send no ``id:`` line."""
+    return b"event: " + type_.encode() + b"\ndata: " + json_line + b"\n\n"
+
+
+# --------------------------------------------------------------------------
+# Shared pieces
+
+
+def user_json(info: ProcessInfo) -> dict:
+    return {"id": info.uid, "name": info.user}
+
+
+def container_json(c: ContainerInfo | None, *, labels: bool = True) -> dict | None:
+    if c is None:
+        return None
+    out: dict[str, Any] = {"id": c.short_id, "name": c.name, "image": c.image}
+    if labels:
+        out["labels"] = dict(c.labels)
+    out["fullId"] = c.id
+    out["runtime"] = c.runtime
+    return out
+
+
+def pod_json(p: PodInfo | None) -> dict | None:
+    if p is None:
+        return None
+    return {
+        "name": p.name,
+        "namespace": p.namespace,
+        "uid": p.uid,
+        "labels": dict(p.labels),
+        "containerName": p.container_name,
+    }
+
+
+def _drop_none(d: dict) -> dict:
+    return {k: v for k, v in d.items() if v is not None}
+
+
+# --------------------------------------------------------------------------
+# Events
+
+
+class Event:
+    type: ClassVar[str]
+    ts_ns: int
+
+    def payload(self) -> dict:
+        raise NotImplementedError
+
+    def envelope(self) -> Envelope:
+        return Envelope.of(self.type, self.payload(), self.ts_ns)
+
+
+@dataclass(slots=True)
+class SystemConnected(Event):
+    type: ClassVar[str] = SYSTEM_CONNECTED
+    version: str
+    hostname: str
+    kernel: str
+    mode: str  # "live" or "replay"
+    capture: Mapping[str, Any]
+    filters: Mapping[str, Any]
+    ts_ns: int = field(default_factory=now_ns)
+
+    def payload(self) -> dict:
+        return {
+            "agent": "qtap-devtools",
+            "version": self.version,
+            "hostname": self.hostname,
+            "kernel": self.kernel,
+            "mode": self.mode,
+            "capture": dict(self.capture),
+            "filters": dict(self.filters),
+        }
+
+
+@dataclass(slots=True)
+class SystemDropped(Event):
+    """Sent to one client whose queue overflowed: what it missed, not why."""
+
+    type: ClassVar[str] = SYSTEM_DROPPED
+    missed: int
+    total_missed: int
+    ts_ns: int = field(default_factory=now_ns)
+
+    def payload(self) -> dict:
+        return {
+            "missed": self.missed,
+            "totalMissed": self.total_missed,
+            "reason": "client fell behind; its queue overflowed",
+        }
+
+
+@dataclass(slots=True)
+class SystemDisconnected(Event):
+    type: ClassVar[str] = SYSTEM_DISCONNECTED
+    reason: str
+    ts_ns: int = field(default_factory=now_ns)
+
+    def payload(self) -> dict:
+        return {"reason": self.reason}
+
+
+@dataclass(slots=True)
+class ProcessStarted(Event):
+    type: ClassVar[str] = PROCESS_STARTED
+    process: ProcessInfo
+    ts_ns: int = field(default_factory=now_ns)
+
+    def payload(self) -> dict:
+        p = self.process
+        out = {
+            "binary": p.binary,
+            "path": p.exe,
+            "pid": p.pid,
+            "hostname": p.hostname,
+            "user": user_json(p),
+            "container": container_json(p.container),
+            "pod": pod_json(p.pod),
+            "createdAt": rfc3339(p.start_time_ns),
+            "ppid": p.ppid,
+            "cmdline": p.cmdline,
+        }
+        return _drop_none(out)
+
+
+@dataclass(slots=True)
+class ProcessStopped(ProcessStarted):
+    type: ClassVar[str] = PROCESS_STOPPED
+    exit_code: int | None = None
+
+    def payload(self) -> dict:
+        out = ProcessStarted.payload(self)
+        out["exitCode"] = self.exit_code
+        return out
+
+
+@dataclass(slots=True)
+class Address:
+    ip: str
+    port: int
+
+    def json(self) -> dict:
+        return {"ip": self.ip, "port": self.port}
+
+
+@dataclass(slots=True)
+class Connection:
+    """What we know of one TCP connection of one local process."""
+
+    connection_id: str
+    pid: int
+    fd: int
+    opened_ns: int  # wall clock
+    direction: str  # "egress-external" | "egress-internal" | "ingress"
+    local: Address | None = None
+    remote: Address | None = None
+    process: ProcessInfo | None = None
+    endpoint_id: str | None = None
+    sni: str | None = None
+    http_host: str | None = None
+    l7_protocol: str = "unknown"  # "http1" | "http2" | "other" | "unknown"
+    tls_version: str | None = None
+    tls_libraries: list[str] = field(default_factory=list)
+    tls_introspected: bool = False
+    is_tls: bool = False
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    closed_ns: int | None = None
+    transactions: int = 0
+
+    def resolve_endpoint(self) -> str | None:
+        """``meta.endpointId``: SNI, else the HTTP Host, else the peer's IP."""
+        if self.direction == "ingress":
+            # For a server the endpoint is the name clients asked it for.
+            return self.sni or self.http_host or (self.local.ip if self.local else None)
+        return self.sni or self.http_host or (self.remote.ip if self.remote else None)
+
+    def _side(self, address: Address | None, local: bool) -> dict:
+        out: dict[str, Any] = {"address": address.json() if address else None}
+        p = self.process
+        if local and p is not None:
+            out.update(
+                hostname=p.hostname,
+                exe=p.exe,
+                user=p.user,
+                pid=p.pid,
+                container=container_json(p.container, labels=False),
+                pod=pod_json(p.pod),
+            )
+        elif local:
+            out["pid"] = self.pid
+        return _drop_none(out)
+
+    def tags(self) -> dict[str, list[str]]:
+        p = self.process
+        tags: dict[str, list[str]] = {}
+        if p is not None:
+            tags["bin"] = [p.binary]
+            tags["host"] = [p.hostname]
+            labels = dict(p.container.labels) if p.container else {}
+            if p.pod is not None:
+                labels.update(p.pod.labels)
+            if labels:
+                tags["label"] = [f"{k}={v}" for k, v in sorted(labels.items())]
+        return tags
+
+    def json(self) -> dict:
+        """The seed's connection object (``data.data`` of connection events)."""
+        # The initiator is the source: for an accepted socket that is the peer.
+        ingress = self.direction == "ingress"
+        source = self._side(self.remote if ingress else self.local, local=not ingress)
+        destination = self._side(self.local if ingress else self.remote, local=ingress)
+        out = {
+            "meta": {
+                "connectionId": self.connection_id,
+                "endpointId": self.resolve_endpoint(),
+                "tlsProbeTypesDetected": list(self.tls_libraries),
+                "tlsProbeIntrospected": self.tls_introspected,
+            },
+            "direction": self.direction,
+            "socketProtocol": "tcp",
+            "l7Protocol": self.l7_protocol,
+            "tlsVersion": self.tls_version,
+            "source": source,
+            "destination": destination,
+            "tags": self.tags(),
+            "pid": self.pid,
+            "openedAt": rfc3339(self.opened_ns),
+            "bytesSent": self.bytes_sent,
+            "bytesReceived": self.bytes_received,
+            "transactions": self.transactions,
+        }
+        if self.sni:
+            out["meta"]["sni"] = self.sni
+        if self.closed_ns is not None:
+            out["closedAt"] = rfc3339(self.closed_ns)
+            out["durationMs"] = max(0, (self.closed_ns - self.opened_ns) // 1_000_000)
+        return out
+
+
+@dataclass(slots=True)
+class ConnectionEvent(Event):
+    type: ClassVar[str] = CONNECTION_OPENED
+    connection: Connection
+    ts_ns: int = field(default_factory=now_ns)
+
+    def payload(self) -> dict:
+        return {"data": self.connection.json()}
+
+
+@dataclass(slots=True)
+class ConnectionOpened(ConnectionEvent):
+    type: ClassVar[str] = CONNECTION_OPENED
+
+
+@dataclass(slots=True)
+class ConnectionUpdated(ConnectionEvent):
+    type: ClassVar[str] = CONNECTION_UPDATED
+
+
+@dataclass(slots=True)
+class ConnectionClosed(ConnectionEvent):
+    type: ClassVar[str] = CONNECTION_CLOSED
+
+
+@dataclass(slots=True)
+class HttpMessage:
+    """One side of a transaction as the wire form shows it."""
+
+    headers: Mapping[str, Any]
+    body: bytes
+    body_size: int  # on the wire, before content decoding
+    content_type: str | None = None
+    content_encoding: str | None = None
+    body_truncated: bool = False
+    body_decode_error: str | None = None
+
+    def json(self) -> dict:
+        out = {
+            "content_type": self.content_type,
+            "headers": dict(self.headers),
+            "body": b64(self.body),
+            "body_size": self.body_size,
+            "body_captured": len(self.body),
+            "body_truncated": self.body_truncated,
+        }
+        if self.content_encoding:
+            out["content_encoding"] = self.content_encoding
+        if self.body_decode_error:
+            out["body_decode_error"] = self.body_decode_error
+        return out
+
+
+@dataclass(slots=True)
+class HttpTransaction(Event):
+    type: ClassVar[str] = HTTP_TRANSACTION
+    request_id: str
+    connection: Connection
+    method: str
+    scheme: str  # "https" or "http"
+    authority: str
+    path: str
+    http_version: str
+    request: HttpMessage
+    status: int | None
+    reason: str | None
+    response: HttpMessage | None
+    start_ns: int  # wall clock of the first request byte
+    duration_ms: float
+    bytes_sent: int
+    bytes_received: int
+    timing: Mapping[str, float] = field(default_factory=dict)
+    error: str | None = None
+    partial: bool = False
+    incomplete: bool = False
+    upgraded: bool = False
+    informational: tuple[int, ...] = ()
+    ts_ns: int = field(default_factory=now_ns)
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{self.authority}{self.path}"
+
+    def transaction_json(self) -> dict:
+        """The full transaction: the base64 ``data`` field of the event."""
+        c = self.connection
+        p = c.process
+        container = p.container if p else None
+        pod = p.pod if p else None
+        request_headers = self.request.headers
+        metadata = {
+            "process_id": str(c.pid),
+            "process_exe": p.exe if p else None,
+            "container_name": container.name if container else None,
+            "container_image": container.image if container else None,
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "connection_id": c.connection_id,
+            "endpoint_id": c.resolve_endpoint(),
+            "container_id": container.short_id if container else None,
+            "pod_name": pod.name if pod else None,
+            "pod_namespace": pod.namespace if pod else None,
+            "user": p.user if p else None,
+            "hostname": p.hostname if p else None,
+            "tls_version": c.tls_version,
+            "tls_library": c.tls_libraries[0] if c.tls_libraries else None,
+            "local_address": c.local.json() if c.local else None,
+            "remote_address": c.remote.json() if c.remote else None,
+        }
+        request = {
+            "method": self.method,
+            "url": self.url,
+            "scheme": self.scheme,
+            "path": self.path,
+            "authority": self.authority,
+            "protocol": "http1",
+            "http_version": self.http_version,
+            "user_agent": _header(request_headers, "user-agent"),
+            **self.request.json(),
+        }
+        out: dict[str, Any] = {
+            "metadata": metadata,
+            "request": request,
+            "response": None,
+            "duration_ms": self.duration_ms,
+            "direction": c.direction,
+            "started_at": rfc3339(self.start_ns),
+            "timing": dict(self.timing),
+        }
+        if self.response is not None:
+            out["response"] = {"status": self.status, "reason": self.reason, **self.response.json()}
+        for name in ("error", "partial", "incomplete", "upgraded"):
+            value = getattr(self, name)
+            if value:
+                out[name] = value
+        if self.informational:
+            out["informational"] = list(self.informational)
+        return out
+
+    def payload(self) -> dict:
+        c = self.connection
+        p = c.process
+        container = p.container if p else None
+        pod = p.pod if p else None
+        response = self.response
+        summary = {
+            "request_method": self.method,
+            "request_host": self.authority,
+            "request_scheme": self.scheme,
+            "request_protocol": "http1",
+            "response_status": self.status,
+            "duration_ms": round(self.duration_ms),
+            "container_name": container.name if container else None,
+            "process_exe": p.exe if p else None,
+            "direction": c.direction,
+            # Additions for tables and filters that should not need to decode `data`.
+            "request_path": self.path,
+            "request_url": self.url,
+            "response_content_type": response.content_type if response else None,
+            "request_body_size": self.request.body_size,
+            "response_body_size": response.body_size if response else 0,
+            "process_pid": c.pid,
+            "pod_name": pod.name if pod else None,
+            "error": self.error,
+        }
+        return {
+            "data": {
+                "connectionId": c.connection_id,
+                "endpointId": c.resolve_endpoint(),
+                "requestId": self.request_id,
+                "type": "http_transaction",
+                "data": b64(orjson.dumps(self.transaction_json())),
+                "contentType": "application/json",
+                "summary": summary,
+            }
+        }
+
+
+def _header(headers: Mapping[str, Any], name: str) -> str | None:
+    for key, value in headers.items():
+        if key.lower() == name:
+            return value if isinstance(value, str) else ", ".join(value)
+    return None
+
+
+def decode_transaction(envelope_body: Mapping[str, Any]) -> dict | None:
+    """The full transaction JSON of a ``request.http_transaction`` body, or None."""
+    try:
+        inner = envelope_body["data"]["data"]
+        return orjson.loads(base64.b64decode(inner["data"]))
+    except (KeyError, TypeError, ValueError):
+        return None

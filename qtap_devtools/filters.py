@@ -1,0 +1,183 @@
+"""Server-side event filters, parsed from query parameters.
+
+``/devtools/api/events?type=request.http_transaction&status=4xx&exe=curl`` sends
+only what matches, so a terminal user does not have to pipe through grep.
+Query parameters are untrusted: a bad value is a :class:`FilterError` whose
+message names the parameter and what it accepts.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from qtap_devtools.events import EVENT_TYPES, Envelope
+
+_STATUS = re.compile(r"^(?:([1-5])xx|(\d{3})|(>=|<=|>|<)(\d{3}))$")
+MAX_VALUES = 32
+MAX_VALUE_LEN = 256
+
+
+class FilterError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class EventFilter:
+    types: tuple[str, ...] = ()
+    pids: frozenset[int] = frozenset()
+    exe: str | None = None
+    container: str | None = None
+    host: str | None = None
+    methods: frozenset[str] = frozenset()
+    status: tuple[str, ...] = ()
+    text: str | None = None
+    _status_preds: tuple = field(default=(), repr=False, compare=False)
+
+    KEYS = ("type", "pid", "exe", "container", "host", "method", "status", "q")
+
+    @classmethod
+    def from_query(cls, params: Mapping[str, str] | Any) -> "EventFilter":
+        def values(key: str) -> list[str]:
+            raw = params.getlist(key) if hasattr(params, "getlist") else [params[key]] if key in params else []
+            out = [v.strip() for item in raw for v in item.split(",") if v.strip()]
+            if len(out) > MAX_VALUES or any(len(v) > MAX_VALUE_LEN for v in out):
+                raise FilterError(f"{key}: at most {MAX_VALUES} values of at most {MAX_VALUE_LEN} characters")
+            return out
+
+        types = values("type")
+        for t in types:
+            if not any(e == t or e.startswith(t + ".") or e.startswith(t) for e in EVENT_TYPES):
+                raise FilterError(f"type={t!r} matches no event type; known: {', '.join(EVENT_TYPES)}")
+        try:
+            pids = frozenset(int(v) for v in values("pid"))
+        except ValueError:
+            raise FilterError("pid: expected process ids, e.g. pid=1234 or pid=1234,5678") from None
+        preds = []
+        statuses = values("status")
+        for s in statuses:
+            m = _STATUS.match(s)
+            if not m:
+                raise FilterError(f"status={s!r}: expected 404, 4xx, >=400 or <300")
+            preds.append(_status_pred(m))
+
+        def one(key: str) -> str | None:
+            v = values(key)
+            if len(v) > 1:
+                raise FilterError(f"{key}: give one value")
+            return v[0].lower() if v else None
+
+        return cls(
+            types=tuple(types),
+            pids=pids,
+            exe=one("exe"),
+            container=one("container"),
+            host=one("host"),
+            methods=frozenset(v.upper() for v in values("method")),
+            status=tuple(statuses),
+            text=one("q"),
+            _status_preds=tuple(preds),
+        )
+
+    @property
+    def active(self) -> bool:
+        return bool(
+            self.types or self.pids or self.exe or self.container or self.host or self.methods or self.status or self.text
+        )
+
+    def describe(self) -> dict:
+        out: dict[str, Any] = {}
+        if self.types:
+            out["type"] = list(self.types)
+        if self.pids:
+            out["pid"] = sorted(self.pids)
+        for key in ("exe", "container", "host", "text"):
+            if getattr(self, key):
+                out[key] = getattr(self, key)
+        if self.methods:
+            out["method"] = sorted(self.methods)
+        if self.status:
+            out["status"] = list(self.status)
+        return out
+
+    def matches(self, env: Envelope) -> bool:
+        t = env.type
+        if t.startswith("system."):
+            return True
+        if self.types and not any(t == x or t.startswith(x) for x in self.types):
+            return False
+        if not (self.pids or self.exe or self.container or self.host or self.methods or self.status or self.text):
+            return True
+        facts = _facts(env)
+        if self.pids and facts.get("pid") not in self.pids:
+            return False
+        if self.exe and self.exe not in (facts.get("exe") or "").lower():
+            return False
+        if self.container and self.container not in (facts.get("container") or "").lower():
+            return False
+        if self.host and self.host not in (facts.get("host") or "").lower():
+            return False
+        if self.methods or self._status_preds:
+            if t != "request.http_transaction":
+                return False
+            if self.methods and facts.get("method") not in self.methods:
+                return False
+            status = facts.get("status")
+            if self._status_preds and not (isinstance(status, int) and any(p(status) for p in self._status_preds)):
+                return False
+        if self.text and self.text not in " ".join(str(v) for v in facts.values() if v).lower():
+            return False
+        return True
+
+
+def _status_pred(m: re.Match):
+    klass, exact, op, num = m.groups()
+    if klass:
+        lo = int(klass) * 100
+        return lambda s: lo <= s < lo + 100
+    if exact:
+        n = int(exact)
+        return lambda s: s == n
+    n = int(num)
+    return {
+        ">=": lambda s: s >= n,
+        "<=": lambda s: s <= n,
+        ">": lambda s: s > n,
+        "<": lambda s: s < n,
+    }[op]
+
+
+def _facts(env: Envelope) -> dict[str, Any]:
+    """The few fields filters look at, from any event type's JSON."""
+    t = env.type
+    if t.startswith("process."):
+        d = env.body.get("data") or {}
+        c = d.get("container") or {}
+        return {"pid": d.get("pid"), "exe": d.get("path") or d.get("binary"), "container": _cname(c)}
+    d = env.inner
+    if t == "request.http_transaction":
+        s = d.get("summary") or {}
+        return {
+            "pid": s.get("process_pid"),
+            "exe": s.get("process_exe"),
+            "container": s.get("container_name"),
+            "host": s.get("request_host") or d.get("endpointId"),
+            "method": s.get("request_method"),
+            "status": s.get("response_status"),
+            "url": s.get("request_url"),
+        }
+    if t.startswith("connection."):
+        local = d.get("destination") if d.get("direction") == "ingress" else d.get("source")
+        local = local or {}
+        return {
+            "pid": d.get("pid") or local.get("pid"),
+            "exe": local.get("exe"),
+            "container": _cname(local.get("container") or {}),
+            "host": (d.get("meta") or {}).get("endpointId"),
+        }
+    return {}
+
+
+def _cname(c: Mapping[str, Any]) -> str:
+    return " ".join(str(c.get(k) or "") for k in ("name", "id"))

@@ -1,0 +1,447 @@
+"""From capture records to events: connections, reassembly, enrichment.
+
+:class:`Pipeline` is fed batches of typed capture records (in the event loop's
+thread) and produces typed events in order.  It tracks one :class:`_Conn` per
+(pid, fd) — or per (pid, TLS session) when a TLS library works on memory
+buffers and no fd is known — runs a sans-IO HTTP/1 assembler per connection,
+and reads the TLS handshake's clear bytes for SNI and version.  It never raises
+on captured bytes: what cannot be parsed marks the connection ``other``.
+
+Timestamps from the kernel are CLOCK_MONOTONIC; events carry wall-clock time,
+so the offset between the two clocks is taken once at start.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable
+from urllib.parse import urlsplit
+
+from qtap_devtools import ids
+from qtap_devtools.assemble.http1 import ConnectionAssembler
+from qtap_devtools.assemble.model import HttpExchange, combined_headers
+from qtap_devtools.assemble.tls_hello import HelloReader, looks_like_tls
+from qtap_devtools.capture import records as rec
+from qtap_devtools.config import Config
+from qtap_devtools.enrich.model import ProcessInfo
+from qtap_devtools.events import (
+    Address,
+    Connection,
+    ConnectionClosed,
+    ConnectionOpened,
+    ConnectionUpdated,
+    Event,
+    HttpMessage,
+    HttpTransaction,
+    ProcessStarted,
+    ProcessStopped,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_CONNECTIONS = 65_536
+MAX_PENDING_SNI = 4096
+OPEN_GRACE_NS = 100_000_000  # wait this long for a connection's addresses before announcing it
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n"
+
+
+def mono_to_wall_offset() -> int:
+    return time.time_ns() - time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+
+
+def classify(remote_ip: str | None) -> str:
+    """``egress-internal`` for loopback/private/link-local peers, else external."""
+    if not remote_ip:
+        return "egress-external"
+    try:
+        ip = ipaddress.ip_address(remote_ip)
+    except ValueError:
+        return "egress-external"
+    return "egress-internal" if (ip.is_private or ip.is_loopback or ip.is_link_local) else "egress-external"
+
+
+@dataclass
+class _Conn:
+    info: Connection
+    role: str  # "client" | "server" | "unknown"
+    assembler: ConnectionAssembler
+    announced: bool = False
+    opened_mono: int = 0
+    hello: dict = field(default_factory=dict)  # direction -> HelloReader
+    last_l7: str = "unknown"
+    last_tls: tuple = ()
+
+
+class Pipeline:
+    def __init__(
+        self,
+        config: Config,
+        emit: Callable[[Event], None],
+        process_info: Callable[[int], ProcessInfo | None],
+        *,
+        own_pid: int | None = None,
+        own_port: int | None = None,
+    ) -> None:
+        self.config = config
+        self.emit = emit
+        self.process_info = process_info
+        self.own_pid = own_pid if own_pid is not None else os.getpid()
+        self.own_port = None if config.capture_own_port else (own_port or config.listen.port)
+        self.clock_offset = mono_to_wall_offset()
+        self.conns: OrderedDict[tuple, _Conn] = OrderedDict()
+        self.pending_sni: OrderedDict[tuple[int, int], str] = OrderedDict()
+        self.processes: OrderedDict[int, ProcessInfo] = OrderedDict()
+        self.counters = {
+            "records": 0,
+            "transactions": 0,
+            "connections_evicted": 0,
+            "unpaired_close": 0,
+            "own_traffic_skipped": 0,
+        }
+
+    # ------------------------------------------------------------ helpers
+
+    def wall(self, mono_ns: int) -> int:
+        return mono_ns + self.clock_offset if mono_ns else time.time_ns()
+
+    def _process(self, pid: int) -> ProcessInfo | None:
+        info = self.processes.get(pid)
+        if info is None:
+            info = self.process_info(pid)
+            if info is not None:
+                self._remember(info)
+        return info
+
+    def _remember(self, info: ProcessInfo) -> None:
+        self.processes[info.pid] = info
+        self.processes.move_to_end(info.pid)
+        while len(self.processes) > MAX_CONNECTIONS:
+            self.processes.popitem(last=False)
+
+    def _new_conn(self, key: tuple, pid: int, fd: int, ts: int, role: str,
+                  remote: rec.Endpoint | None, local: rec.Endpoint | None) -> _Conn:
+        old = self.conns.pop(key, None)
+        if old is not None:  # fd reused without a close we saw
+            self._finish(old, ts)
+        direction = "ingress" if role == "server" else classify(remote.ip if remote else None)
+        info = Connection(
+            connection_id=ids.new_id(self.wall(ts) / 1e9),
+            pid=pid,
+            fd=fd,
+            opened_ns=self.wall(ts),
+            direction=direction,
+            local=Address(local.ip, local.port) if local else None,
+            remote=Address(remote.ip, remote.port) if remote else None,
+            process=self._process(pid),
+        )
+        asm = ConnectionAssembler(
+            role=role,
+            max_body_bytes=self.config.max_body_bytes,
+            stream_limit_ns=int(self.config.stream_limit_seconds * 1e9),
+        )
+        conn = _Conn(info, role, asm, opened_mono=ts)
+        self.conns[key] = conn
+        if len(self.conns) > MAX_CONNECTIONS:
+            _, evicted = self.conns.popitem(last=False)
+            self.counters["connections_evicted"] += 1
+            self._finish(evicted, ts)
+        return conn
+
+    def _is_own(self, pid: int, *endpoints: rec.Endpoint | None) -> bool:
+        if pid == self.own_pid:
+            return True
+        if self.own_port is None:
+            return False
+        return any(e is not None and e.port == self.own_port and _is_loopback(e.ip) for e in endpoints)
+
+    def _announce(self, conn: _Conn) -> None:
+        if not conn.announced:
+            conn.announced = True
+            conn.info.process = conn.info.process or self._process(conn.info.pid)
+            self.emit(ConnectionOpened(conn.info, ts_ns=conn.info.opened_ns))
+
+    def _maybe_updated(self, conn: _Conn, ts: int) -> None:
+        info = conn.info
+        tls = (info.tls_version, tuple(info.tls_libraries), info.sni, info.tls_introspected)
+        if info.l7_protocol != conn.last_l7 or tls != conn.last_tls:
+            first = conn.last_l7 == "unknown" and not conn.last_tls
+            conn.last_l7, conn.last_tls = info.l7_protocol, tls
+            self._announce(conn)
+            if info.l7_protocol != "unknown" or not first:
+                self.emit(ConnectionUpdated(info, ts_ns=self.wall(ts)))
+
+    # ------------------------------------------------------------ records
+
+    def on_records(self, batch: list) -> None:
+        for r in batch:
+            self.counters["records"] += 1
+            try:
+                handler = self._handlers[type(r)]
+            except KeyError:
+                continue
+            handler(self, r)
+
+    def on_exec(self, r: rec.ProcessExec) -> None:
+        if r.pid == self.own_pid:
+            return
+        self.processes.pop(r.pid, None)
+        info = self.process_info(r.pid)
+        if info is None:  # gone already: describe it from what the kernel said
+            info = _minimal_process(r.pid, r.filename, r.comm, self.wall(r.ts_ns))
+        self._remember(info)
+        self.emit(ProcessStarted(info, ts_ns=self.wall(r.ts_ns)))
+
+    def on_fork(self, r: rec.ProcessFork) -> None:
+        pass  # announced at exec, or lazily at its first connection
+
+    def on_exit(self, r: rec.ProcessExit) -> None:
+        if r.pid == self.own_pid:
+            return
+        info = self.processes.pop(r.pid, None)
+        for key in [k for k in self.conns if k[0] == r.pid]:
+            self._finish(self.conns.pop(key), r.ts_ns)
+        if info is not None:
+            self.emit(ProcessStopped(info, exit_code=r.exit_code, ts_ns=self.wall(r.ts_ns)))
+
+    def on_connect(self, r: rec.SocketConnect) -> None:
+        if self._is_own(r.pid, r.remote):
+            self.counters["own_traffic_skipped"] += 1
+            return
+        self._new_conn((r.pid, r.fd), r.pid, r.fd, r.ts_ns, "client", r.remote, None)
+
+    def on_accept(self, r: rec.SocketAccept) -> None:
+        if self._is_own(r.pid, r.local, r.remote):
+            self.counters["own_traffic_skipped"] += 1
+            return
+        conn = self._new_conn((r.pid, r.fd), r.pid, r.fd, r.ts_ns, "server", r.remote, r.local)
+        if r.local is not None and r.remote is not None:
+            self._announce(conn)
+
+    def on_address(self, r: rec.SocketAddress) -> None:
+        conn = self.conns.get((r.pid, r.fd))
+        if self._is_own(r.pid, r.local, r.remote):
+            if conn is not None:
+                del self.conns[(r.pid, r.fd)]
+            return
+        if conn is None:
+            # A socket seeded at start (open before the agent): role unknown.
+            conn = self._new_conn((r.pid, r.fd), r.pid, r.fd, r.ts_ns or time.clock_gettime_ns(time.CLOCK_MONOTONIC),
+                                  "unknown", r.remote, r.local)
+        info = conn.info
+        info.local = Address(r.local.ip, r.local.port)
+        info.remote = Address(r.remote.ip, r.remote.port)
+        if conn.role != "server":
+            info.direction = classify(r.remote.ip)
+        self._announce(conn)
+
+    def on_close(self, r: rec.SocketClose) -> None:
+        conn = self.conns.pop((r.pid, r.fd), None)
+        if conn is not None:
+            self._finish(conn, r.ts_ns)
+
+    def on_sni(self, r: rec.TlsServerName) -> None:
+        conn = self.conns.get((r.pid, r.fd)) if r.fd is not None and r.fd >= 0 else None
+        if conn is None:
+            conn = self.conns.get((r.pid, "tls", r.ssl_ptr))
+        if conn is not None:
+            conn.info.sni = r.host
+            self._maybe_updated(conn, r.ts_ns)
+            return
+        self.pending_sni[(r.pid, r.ssl_ptr)] = r.host
+        while len(self.pending_sni) > MAX_PENDING_SNI:
+            self.pending_sni.popitem(last=False)
+
+    def on_data(self, r: rec.DataChunk) -> None:
+        key = (r.pid, r.fd) if r.fd >= 0 else (r.pid, "tls", r.tls_ref)
+        conn = self.conns.get(key)
+        if conn is None:
+            if r.pid == self.own_pid:
+                return
+            role = "unknown"
+            conn = self._new_conn(key, r.pid, r.fd, r.ts_ns, role, None, None)
+        info = conn.info
+        tls_source = r.source != "socket"
+        if tls_source:
+            if not info.is_tls or not info.tls_introspected:
+                info.is_tls = True
+                info.tls_introspected = True
+                if r.source not in info.tls_libraries:
+                    info.tls_libraries.append(r.source)
+            sni = self.pending_sni.pop((r.pid, r.tls_ref), None)
+            if sni and not info.sni:
+                info.sni = sni
+        elif info.is_tls or (conn.assembler.protocol == "unknown" and looks_like_tls(r.data)):
+            # Ciphertext on the socket: read the handshake, never parse it as HTTP.
+            info.is_tls = True
+            reader = conn.hello.setdefault(r.direction, HelloReader())
+            hello = reader.feed(r.data)
+            if hello is not None:
+                if hello.server_name and not info.sni:
+                    info.sni = hello.server_name
+                if hello.version:
+                    info.tls_version = hello.version
+            self._maybe_updated(conn, r.ts_ns)
+            return
+        if r.direction == "egress":
+            info.bytes_sent += len(r.data)
+        else:
+            info.bytes_received += len(r.data)
+        if conn.assembler.protocol == "unknown" and r.data.startswith(HTTP2_PREFACE[: len(r.data)]) and len(r.data) >= 4:
+            if r.data.startswith(HTTP2_PREFACE):
+                info.l7_protocol = "http2"
+        if info.l7_protocol == "http2":
+            self._maybe_updated(conn, r.ts_ns)
+            return
+        exchanges = conn.assembler.on_data(r.direction, r.data, r.ts_ns, r.offset)
+        proto = conn.assembler.protocol
+        if proto != "unknown":
+            info.l7_protocol = proto
+        self._maybe_updated(conn, r.ts_ns)
+        for ex in exchanges:
+            self._transaction(conn, ex)
+
+    _handlers = {
+        rec.ProcessExec: on_exec,
+        rec.ProcessFork: on_fork,
+        rec.ProcessExit: on_exit,
+        rec.SocketConnect: on_connect,
+        rec.SocketAccept: on_accept,
+        rec.SocketAddress: on_address,
+        rec.SocketClose: on_close,
+        rec.TlsServerName: on_sni,
+        rec.DataChunk: on_data,
+    }
+
+    # ------------------------------------------------------------ time
+
+    def on_tick(self, mono_now: int) -> None:
+        """Periodic: announce connections whose addresses never came, and let
+        assemblers emit streaming responses that passed the time limit."""
+        for conn in list(self.conns.values()):
+            if not conn.announced and mono_now - conn.opened_mono > OPEN_GRACE_NS:
+                self._announce(conn)
+            for ex in conn.assembler.on_tick(mono_now):
+                self._transaction(conn, ex)
+
+    def close_all(self) -> None:
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        while self.conns:
+            _, conn = self.conns.popitem(last=False)
+            self._finish(conn, now)
+
+    # ------------------------------------------------------------ output
+
+    def _finish(self, conn: _Conn, ts: int) -> None:
+        for ex in conn.assembler.on_close(ts):
+            self._transaction(conn, ex)
+        self._announce(conn)
+        conn.info.closed_ns = self.wall(ts)
+        self.emit(ConnectionClosed(conn.info, ts_ns=conn.info.closed_ns))
+
+    def _transaction(self, conn: _Conn, ex: HttpExchange) -> None:
+        req = ex.request
+        if req is None:
+            self.counters["unpaired_close"] += 1
+            return
+        info = conn.info
+        info.transactions += 1
+        info.process = info.process or self._process(info.pid)
+        req_headers = combined_headers(req.headers)
+        host = _get(req_headers, "host")
+        if host and not info.http_host:
+            info.http_host = host.rsplit(":", 1)[0] if not host.startswith("[") else host
+        scheme = "https" if info.is_tls else "http"
+        target = req.target
+        if target.startswith(("http://", "https://")):  # absolute-form (proxies)
+            parts = urlsplit(target)
+            scheme, authority = parts.scheme, parts.netloc
+            path = parts.path + (f"?{parts.query}" if parts.query else "")
+        else:
+            authority = host or info.sni or _addr_text(info.remote if info.direction != "ingress" else info.local)
+            path = target
+        resp = ex.response
+        resp_headers = combined_headers(resp.headers) if resp is not None else {}
+        start = ex.start_ns
+        end = ex.end_ns or ex.request_end_ns or start
+        timing = {}
+        if ex.request_end_ns:
+            timing["send_ms"] = round((ex.request_end_ns - start) / 1e6, 3)
+        if ex.response_start_ns and ex.request_end_ns:
+            timing["wait_ms"] = round(max(0, ex.response_start_ns - ex.request_end_ns) / 1e6, 3)
+        if ex.response_start_ns and ex.end_ns:
+            timing["receive_ms"] = round(max(0, ex.end_ns - ex.response_start_ns) / 1e6, 3)
+        client = conn.role != "server" and info.direction != "ingress"
+        sent, received = (ex.request_bytes, ex.response_bytes) if client else (ex.response_bytes, ex.request_bytes)
+        self.counters["transactions"] += 1
+        self.emit(HttpTransaction(
+            request_id=ids.new_id(self.wall(start) / 1e9),
+            connection=info,
+            method=req.method,
+            scheme=scheme,
+            authority=authority or "",
+            path=path,
+            http_version=req.version,
+            request=HttpMessage(
+                headers=req_headers,
+                body=req.body,
+                body_size=req.body_wire_size,
+                content_type=_get(req_headers, "content-type"),
+                content_encoding=req.content_encoding,
+                body_truncated=req.body_truncated,
+                body_decode_error=req.body_decode_error,
+            ),
+            status=resp.status if resp is not None else None,
+            reason=resp.reason if resp is not None else None,
+            response=None if resp is None else HttpMessage(
+                headers=resp_headers,
+                body=resp.body,
+                body_size=resp.body_wire_size,
+                content_type=_get(resp_headers, "content-type"),
+                content_encoding=resp.content_encoding,
+                body_truncated=resp.body_truncated,
+                body_decode_error=resp.body_decode_error,
+            ),
+            start_ns=self.wall(start),
+            duration_ms=round(max(0, end - start) / 1e6, 3),
+            bytes_sent=sent,
+            bytes_received=received,
+            timing=timing,
+            error=ex.error,
+            partial=ex.partial,
+            incomplete=ex.incomplete,
+            upgraded=ex.upgraded,
+            informational=tuple(ex.informational),
+            ts_ns=self.wall(end),
+        ))
+
+
+def _get(headers: dict, name: str) -> str | None:
+    for key, value in headers.items():
+        if key.lower() == name:
+            return value if isinstance(value, str) else ", ".join(value)
+    return None
+
+
+def _addr_text(a: Address | None) -> str:
+    if a is None:
+        return ""
+    return f"[{a.ip}]:{a.port}" if ":" in a.ip else f"{a.ip}:{a.port}"
+
+
+def _is_loopback(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return False
+
+
+def _minimal_process(pid: int, filename: str, comm: str, ts: int) -> ProcessInfo:
+    return ProcessInfo(
+        pid=pid, ppid=0, exe=filename, binary=os.path.basename(filename) or comm, cmdline=filename,
+        uid=-1, user="", hostname=os.uname().nodename, start_time_ns=ts,
+    )

@@ -1,0 +1,340 @@
+"""The HTTP surface: SSE stream, DevTools page, REST, health and metrics.
+
+Routes parse parameters and ask the broadcaster or the store; they hold no state
+of their own.  Security defaults (DESIGN §6): the CLI binds loopback only, every
+request's ``Host`` must name this agent (a DNS-rebinding page gets 403), there
+are no CORS headers at all, and errors are JSON ``{"error": {code, message}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Callable, Iterable
+
+import orjson
+from sse_starlette.sse import EventSourceResponse, ServerSentEvent
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from qtap_devtools import __version__, har
+from qtap_devtools import events as ev
+from qtap_devtools.broadcast import Broadcaster
+from qtap_devtools.config import Config
+from qtap_devtools.events import Envelope
+from qtap_devtools.filters import EventFilter, FilterError
+from qtap_devtools.store import Store
+
+log = logging.getLogger(__name__)
+
+API = "/devtools/api"
+
+
+@dataclass
+class Runtime:
+    """What the server needs from whoever produces events (capture or replay)."""
+
+    config: Config
+    broadcaster: Broadcaster
+    store: Store
+    mode: str  # "live" | "replay"
+    greeting: Callable[[EventFilter], Envelope]
+    capture_stats: Callable[[], dict] = dict
+    not_ready: str | None = "capture is starting"
+    replay_events: list[Envelope] | None = None
+    token: str | None = None
+    started_ns: int = field(default_factory=ev.now_ns)
+
+
+class JSONResponse(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_NON_STR_KEYS)
+
+
+def error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+
+class HostGuard:
+    """403 unless ``Host`` names this agent; with a token, also require it."""
+
+    def __init__(self, app: ASGIApp, runtime: Runtime) -> None:
+        self.app = app
+        self.runtime = runtime
+        listen = runtime.config.listen
+        names = {"localhost", "127.0.0.1", "[::1]", "::1", listen.host, f"[{listen.host}]"}
+        self.allowed = {n.lower() for n in names}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        host = headers.get(b"host", b"").decode("latin-1").lower()
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        if name not in self.allowed:
+            resp = error(403, "FORBIDDEN_HOST", f"Host {host!r} is not this agent (DNS-rebinding guard)")
+            return await resp(scope, receive, send)
+        token = self.runtime.token
+        if token and scope["path"] != "/healthz" and not _token_ok(scope, headers, token):
+            resp = error(401, "UNAUTHORIZED", "this agent needs its token: Authorization: Bearer <token> or ?token=")
+            return await resp(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def _token_ok(scope: Scope, headers: dict, token: str) -> bool:
+    auth = headers.get(b"authorization", b"").decode("latin-1")
+    if auth.startswith("Bearer ") and hmac.compare_digest(auth[7:], token):
+        return True
+    for part in headers.get(b"cookie", b"").decode("latin-1").split(";"):
+        k, _, v = part.strip().partition("=")
+        if k == "qtap_token" and hmac.compare_digest(v, token):
+            return True
+    query = scope.get("query_string", b"").decode("latin-1")
+    return any(hmac.compare_digest(p[6:], token) for p in query.split("&") if p.startswith("token="))
+
+
+def _int(request: Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise FilterError(f"{name}: expected an integer from {lo} to {hi}") from None
+    if not lo <= value <= hi:
+        raise FilterError(f"{name}: expected an integer from {lo} to {hi}")
+    return value
+
+
+def create_app(rt: Runtime) -> Starlette:
+    bc, store, cfg = rt.broadcaster, rt.store, rt.config
+
+    def guarded(fn):
+        async def endpoint(request: Request) -> Response:
+            try:
+                return await fn(request)
+            except FilterError as exc:
+                return error(400, "INVALID_REQUEST", str(exc))
+
+        endpoint.__name__ = fn.__name__
+        return endpoint
+
+    @guarded
+    async def stream(request: Request) -> Response:
+        flt = EventFilter.from_query(request.query_params)
+        snapshot = request.query_params.get("snapshot", "true").lower() not in ("false", "0", "no")
+        resume = request.headers.get("last-event-id") or request.query_params.get("after")
+        try:
+            resume_after = int(resume) if resume else None
+        except ValueError:
+            raise FilterError("Last-Event-ID / after: expected an event id") from None
+        first: list[Envelope] = [rt.greeting(flt)]
+        replay = rt.replay_events
+        if replay is None and snapshot and resume_after is None:
+            first += [e for e in store.snapshot_processes() if flt.matches(e)]
+        sub = bc.subscribe(flt, first, resume_after)
+
+        async def frames():
+            try:
+                async for frame in sub.frames():
+                    yield frame
+                    if replay is not None and frame.startswith(b"event: system.connected"):
+                        async for f in _replay_frames(replay, flt, resume_after):
+                            yield f
+            finally:
+                bc.unsubscribe(sub)
+
+        async def _replay_frames(items: list[Envelope], flt: EventFilter, after: int | None):
+            speed = cfg.replay_speed
+            prev = None
+            for index, env in enumerate(items, 1):
+                if bc.closed:
+                    return
+                if after is not None and index <= after:
+                    continue
+                if not flt.matches(env):
+                    continue
+                if speed > 0 and prev is not None and env.ts_ns > prev:
+                    await asyncio.sleep(min((env.ts_ns - prev) / 1e9 / speed, 60))
+                prev = env.ts_ns or prev
+                yield env.frame[:-1] + b"id: %d\n\n" % index
+                if index % 256 == 0:
+                    await asyncio.sleep(0)  # let shutdown and other clients in
+
+        return EventSourceResponse(
+            frames(),
+            ping=cfg.keepalive_seconds,
+            ping_message_factory=lambda: ServerSentEvent(comment="keep-alive"),
+            headers={"Cache-Control": "no-store"},
+        )
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok", "clients": len(bc.subscribers)})
+
+    async def readyz(request: Request) -> Response:
+        if rt.not_ready:
+            return JSONResponse({"status": "not ready", "reason": rt.not_ready}, status_code=503)
+        return JSONResponse({"status": "ready", "mode": rt.mode})
+
+    @guarded
+    async def transactions(request: Request) -> Response:
+        flt = EventFilter.from_query(request.query_params)
+        limit = _int(request, "limit", 100, 1, 10_000)
+        offset = _int(request, "offset", 0, 0, 10_000_000)
+        rows = [e for e in store.recent_transactions() if flt.matches(e)]
+        rows.reverse()  # newest first
+        page = rows[offset : offset + limit]
+        return JSONResponse({
+            "transactions": [{**e.inner, "ts": e.body.get("ts")} for e in page],
+            "total": len(rows),
+            "limit": limit,
+            "offset": offset,
+        })
+
+    async def transaction(request: Request) -> Response:
+        env = store.transactions.get(request.path_params["request_id"])
+        if env is None:
+            return error(404, "NOT_FOUND", "no such transaction (it may have been evicted; see /devtools/api/stats)")
+        full = ev.decode_transaction(env.body)
+        return JSONResponse({**env.inner, "ts": env.body.get("ts"), "transaction": full})
+
+    async def processes(request: Request) -> Response:
+        return JSONResponse({"processes": store.process_list()})
+
+    async def process_tree(request: Request) -> Response:
+        return JSONResponse({"tree": store.process_tree()})
+
+    @guarded
+    async def connections(request: Request) -> Response:
+        state = request.query_params.get("state", "all")
+        if state not in ("all", "open", "closed"):
+            raise FilterError("state: expected all, open or closed")
+        return JSONResponse({"connections": store.connection_list(state)})
+
+    async def endpoints(request: Request) -> Response:
+        return JSONResponse({"endpoints": store.endpoint_list()})
+
+    async def stats(request: Request) -> Response:
+        return JSONResponse({
+            **store.stats(),
+            "broadcast": bc.stats(),
+            "capture": rt.capture_stats(),
+            "mode": rt.mode,
+            "uptime_seconds": round((ev.now_ns() - rt.started_ns) / 1e9, 1),
+            "version": __version__,
+        })
+
+    @guarded
+    async def har_export(request: Request) -> Response:
+        flt = EventFilter.from_query(request.query_params)
+        doc = har.from_envelopes(e for e in store.recent_transactions() if flt.matches(e))
+        return JSONResponse(doc, headers={"Content-Disposition": 'attachment; filename="qtap-devtools.har"'})
+
+    async def metrics(request: Request) -> Response:
+        return PlainTextResponse(_metrics(rt), media_type="text/plain; version=0.0.4")
+
+    async def api_index(request: Request) -> Response:
+        items = [
+            {"path": r.path, "method": "GET", "description": (r.endpoint.__doc__ or "").strip()}
+            for r in routes
+            if isinstance(r, Route)
+        ]
+        return JSONResponse({"total": len(items), "items": items})
+
+    async def devtools_redirect(request: Request) -> Response:
+        return RedirectResponse("/devtools/")
+
+    async def index(request: Request) -> Response:
+        page = resources.files("qtap_devtools").joinpath("ui/index.html")
+        try:
+            body = page.read_bytes()
+        except FileNotFoundError:
+            return error(404, "NOT_FOUND", "the DevTools page is not installed")
+        return Response(body, media_type="text/html; charset=utf-8", headers={"Cache-Control": "no-cache"})
+
+    docs = {
+        stream: "Server-Sent Events: the live event stream (filters: type, pid, exe, container, host, method, status, q; snapshot=false)",
+        transactions: "Recent HTTP transactions, newest first (limit, offset, and the stream's filters)",
+        transaction: "One transaction with its full request and response",
+        processes: "Live processes",
+        process_tree: "Live processes as a tree",
+        connections: "Open and recently closed connections (state=all|open|closed)",
+        endpoints: "Endpoint index: host, method and route with counts and latency",
+        stats: "Counters: events by type, drops, capture state",
+        har_export: "Recent transactions as HAR 1.2 (same filters as the stream)",
+        healthz: "Liveness",
+        readyz: "Readiness: 200 once capture runs, 503 with the reason before",
+        metrics: "Prometheus metrics",
+    }
+    for fn, doc in docs.items():
+        fn.__doc__ = doc
+
+    ui_dir = resources.files("qtap_devtools").joinpath("ui")
+    routes = [
+        Route(f"{API}/events", stream),
+        Route(f"{API}/transactions", transactions),
+        Route(f"{API}/transactions/{{request_id}}", transaction),
+        Route(f"{API}/processes", processes),
+        Route(f"{API}/process-tree", process_tree),
+        Route(f"{API}/connections", connections),
+        Route(f"{API}/endpoints", endpoints),
+        Route(f"{API}/stats", stats),
+        Route(f"{API}/har", har_export),
+        Route(API, api_index),
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route("/metrics", metrics),
+        Route("/devtools", devtools_redirect),
+        Route("/devtools/", index),
+        Route("/", devtools_redirect),
+    ]
+    if ui_dir.is_dir():
+        routes.append(Mount("/devtools/static", StaticFiles(directory=str(ui_dir)), name="static"))
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return error(404, "NOT_FOUND", f"no route {request.url.path}; see {API}")
+
+    async def internal(request: Request, exc: Exception) -> Response:
+        log.exception("error serving %s", request.url.path)
+        return error(500, "INTERNAL_ERROR", str(exc))
+
+    app = Starlette(
+        routes=routes,
+        middleware=[Middleware(HostGuard, runtime=rt)],
+        exception_handlers={404: not_found, 500: internal},
+    )
+    return app
+
+
+def _metrics(rt: Runtime) -> str:
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help_: str, samples: Iterable[tuple[str, float]]) -> None:
+        lines.append(f"# HELP qtap_devtools_{name} {help_}")
+        lines.append(f"# TYPE qtap_devtools_{name} {kind}")
+        for labels, value in samples:
+            lines.append(f"qtap_devtools_{name}{labels} {value}")
+
+    st = rt.store
+    metric("events_total", "counter", "Events published, by type",
+           [(f'{{type="{t}"}}', n) for t, n in sorted(st.by_type.items())])
+    bcs = rt.broadcaster.stats()
+    metric("sse_clients", "gauge", "Connected SSE clients", [("", bcs["subscribers"])])
+    metric("sse_dropped_events_total", "counter", "Events slow SSE clients missed", [("", bcs["subscriberDrops"])])
+    cap = rt.capture_stats()
+    for key, value in sorted(cap.items()):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            metric(f"capture_{key}", "counter" if key.endswith("total") or key.startswith("lost") else "gauge",
+                   f"Capture counter {key}", [("", value)])
+    metric("ready", "gauge", "1 once capture runs", [("", 0 if rt.not_ready else 1)])
+    return "\n".join(lines) + "\n"

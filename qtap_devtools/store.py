@@ -1,0 +1,175 @@
+"""What the REST API answers from: the state the event stream implies.
+
+The store listens to every published envelope and keeps live processes, open and
+recently closed connections, and recent transactions, each bounded with a count
+of what it evicted.  Because it reads only envelopes, a replayed capture file
+fills it exactly as live capture does.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict
+from typing import Any, Iterable
+
+from qtap_devtools import events as ev
+from qtap_devtools.events import Envelope
+
+
+class BoundedDict(OrderedDict):
+    """Insertion-ordered dict that evicts its oldest entry beyond ``limit``."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.evicted = 0
+
+    def put(self, key, value) -> None:
+        if key in self:
+            self.move_to_end(key)
+        self[key] = value
+        while len(self) > self.limit:
+            self.popitem(last=False)
+            self.evicted += 1
+
+
+class Store:
+    def __init__(
+        self,
+        *,
+        transactions: int = 10_000,
+        processes: int = 65_536,
+        connections: int = 65_536,
+        closed_connections: int = 4096,
+        endpoints: int = 4096,
+    ) -> None:
+        self.transactions: BoundedDict = BoundedDict(transactions)
+        self.processes: BoundedDict = BoundedDict(processes)
+        self.open_connections: BoundedDict = BoundedDict(connections)
+        self.closed_connections: BoundedDict = BoundedDict(closed_connections)
+        self.endpoints: BoundedDict = BoundedDict(endpoints)
+        self.by_type: Counter[str] = Counter()
+        self.process_events: Counter[int] = Counter()
+
+    def on_event(self, env: Envelope) -> None:
+        t = env.type
+        self.by_type[t] += 1
+        if t == ev.PROCESS_STARTED:
+            d = env.body.get("data") or {}
+            if isinstance(d.get("pid"), int):
+                self.processes.put(d["pid"], d)
+        elif t == ev.PROCESS_STOPPED:
+            d = env.body.get("data") or {}
+            self.processes.pop(d.get("pid"), None)
+        elif t.startswith("connection."):
+            d = env.inner
+            cid = (d.get("meta") or {}).get("connectionId")
+            if not cid:
+                return
+            if t == ev.CONNECTION_CLOSED:
+                self.open_connections.pop(cid, None)
+                self.closed_connections.put(cid, d)
+            else:
+                self.open_connections.put(cid, d)
+        elif t == ev.HTTP_TRANSACTION:
+            d = env.inner
+            rid = d.get("requestId")
+            if not rid:
+                return
+            self.transactions.put(rid, env)
+            s = d.get("summary") or {}
+            pid = s.get("process_pid")
+            if isinstance(pid, int):
+                self.process_events[pid] += 1
+            self._index_endpoint(d, s)
+
+    def _index_endpoint(self, d: dict, s: dict) -> None:
+        host = s.get("request_host") or d.get("endpointId") or "?"
+        key = (host, s.get("request_method"), _route(s.get("request_path") or "/"))
+        entry = self.endpoints.get(key) or {
+            "host": key[0],
+            "method": key[1],
+            "path": key[2],
+            "count": 0,
+            "errors": 0,
+            "statuses": Counter(),
+            "total_ms": 0,
+            "max_ms": 0,
+        }
+        entry["count"] += 1
+        status = s.get("response_status")
+        entry["statuses"][str(status)] += 1
+        if not isinstance(status, int) or status >= 400:
+            entry["errors"] += 1
+        ms = s.get("duration_ms") or 0
+        entry["total_ms"] += ms
+        entry["max_ms"] = max(entry["max_ms"], ms)
+        self.endpoints.put(key, entry)
+
+    # ---- queries
+
+    def recent_transactions(self) -> list[Envelope]:
+        """Oldest first."""
+        return list(self.transactions.values())
+
+    def process_list(self) -> list[dict]:
+        out = []
+        for pid, d in self.processes.items():
+            out.append({**d, "event_count": self.process_events.get(pid, 0)})
+        return out
+
+    def process_tree(self) -> list[dict]:
+        nodes = {pid: {"pid": pid, "name": d.get("binary"), "path": d.get("path"), "children": []}
+                 for pid, d in self.processes.items()}
+        roots = []
+        for pid, d in self.processes.items():
+            parent = nodes.get(d.get("ppid"))
+            (parent["children"] if parent is not None and parent is not nodes[pid] else roots).append(nodes[pid])
+        return roots
+
+    def connection_list(self, state: str = "all") -> list[dict]:
+        out: list[dict] = []
+        if state in ("all", "open"):
+            out += [{**d, "state": "open"} for d in self.open_connections.values()]
+        if state in ("all", "closed"):
+            out += [{**d, "state": "closed"} for d in self.closed_connections.values()]
+        return out
+
+    def endpoint_list(self) -> list[dict]:
+        out = []
+        for e in self.endpoints.values():
+            out.append({
+                **{k: v for k, v in e.items() if k not in ("statuses", "total_ms")},
+                "statuses": dict(e["statuses"]),
+                "avg_ms": round(e["total_ms"] / e["count"], 1) if e["count"] else 0,
+            })
+        out.sort(key=lambda e: -e["count"])
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "events": {"total": sum(self.by_type.values()), "by_type": dict(self.by_type)},
+            "processes": len(self.processes),
+            "connections": {"open": len(self.open_connections), "closed_kept": len(self.closed_connections)},
+            "transactions_kept": len(self.transactions),
+            "evicted": {
+                "transactions": self.transactions.evicted,
+                "processes": self.processes.evicted,
+                "connections": self.open_connections.evicted,
+                "endpoints": self.endpoints.evicted,
+            },
+        }
+
+    def snapshot_processes(self) -> Iterable[Envelope]:
+        for d in list(self.processes.values()):
+            yield Envelope.of(ev.PROCESS_STARTED, d, ev.now_ns())
+
+
+def _route(path: str) -> str:
+    """Collapse IDs in a path so /users/42 and /users/43 index together."""
+    path = path.split("?", 1)[0]
+    parts = []
+    for seg in path.split("/"):
+        if seg.isdigit() or (len(seg) >= 16 and all(c in "0123456789abcdefABCDEF-" for c in seg)):
+            seg = "{id}"
+        parts.append(seg)
+    return "/".join(parts) or "/"

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Idempotent set-up: Debian packages, then .venv, then the project in it.
+# A second run on a set-up machine checks and changes nothing (seconds).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# bcc comes from Debian (the PyPI "bcc" is an unrelated package); kernel headers
+# for bcc; the real servers, clients and browser the tests drive.
+APT_PACKAGES=(
+  bpfcc-tools python3-bpfcc libbpfcc linux-headers-amd64
+  python3-venv ca-certificates curl wget jq openssl
+  nginx-light wrk docker.io chromium
+)
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  if [ "$(id -u)" != 0 ]; then
+    echo "setup: missing Debian packages: ${missing[*]}; run as root: sudo make setup" >&2
+    exit 1
+  fi
+  echo "setup: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
+  # nginx-light's package starts a default server on port 80; the tests run their own.
+  if command -v systemctl >/dev/null && systemctl is-active --quiet nginx 2>/dev/null; then
+    systemctl disable --now nginx >/dev/null 2>&1 || true
+  fi
+fi
+
+# A venv made from Debian's python so bcc's Python bindings (a Debian package) import.
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import bcc' 2>/dev/null; then
+  echo "setup: creating .venv from /usr/bin/python3 with --system-site-packages"
+  rm -rf .venv
+  /usr/bin/python3 -m venv --system-site-packages .venv
+fi
+
+stamp=.venv/.qtap-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "setup: installing the project and its test dependencies into .venv"
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+  touch "$stamp"
+fi
+echo "setup: ready"

@@ -1,0 +1,140 @@
+"""The event model against seed 003's examples, field by field."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import orjson
+import pytest
+
+from qtap_devtools import events as ev
+from qtap_devtools import ids
+from tests import samples
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def seed(name: str) -> dict:
+    return json.loads((FIXTURES / f"seed003_{name}.json").read_text())
+
+
+def shape(value):
+    """Keys and value types, recursively: what a consumer's jq path depends on."""
+    if isinstance(value, dict):
+        return {k: shape(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [shape(value[0])] if value else []
+    return type(value).__name__
+
+
+def assert_covers(ours: dict, theirs: dict, path: str = "") -> None:
+    """Every field of the seed is in ours with the same type (extra fields allowed)."""
+    for key, value in theirs.items():
+        where = f"{path}.{key}"
+        assert key in ours, f"missing {where}"
+        if isinstance(value, dict):
+            assert isinstance(ours[key], dict), f"{where} is not an object"
+            assert_covers(ours[key], value, where)
+        elif isinstance(value, list):
+            assert isinstance(ours[key], list), f"{where} is not a list"
+        else:
+            assert type(ours[key]) is type(value), f"{where}: {type(ours[key]).__name__} != {type(value).__name__}"
+
+
+def test_process_started_matches_seed_field_by_field():
+    body = ev.ProcessStarted(samples.PYTHON, ts_ns=samples.TS).envelope().body
+    want = seed("process_event")
+    assert_covers(body, want)
+    for key in ("binary", "path", "pid", "hostname", "user", "createdAt"):
+        assert body["data"][key] == want["data"][key], key
+    for key in ("id", "name", "image", "labels"):
+        assert body["data"]["container"][key] == want["data"]["container"][key], key
+    assert body["ts"] == want["ts"]
+    assert body["data"]["ppid"] == 1 and body["data"]["cmdline"] == "python3.11 app.py"
+
+
+def test_process_stopped_carries_exit_code():
+    body = ev.ProcessStopped(samples.PYTHON, exit_code=3).envelope().body
+    assert body["data"]["exitCode"] == 3
+    assert body["data"]["pid"] == samples.PYTHON.pid
+
+
+def test_connection_event_matches_seed_field_by_field():
+    conn = samples.connection()
+    body = ev.ConnectionOpened(conn, ts_ns=samples.TS + 30_528_000_000).envelope().body
+    want = seed("connection_event")
+    assert_covers(body, want)
+    ours, theirs = body["data"]["data"], want["data"]["data"]
+    assert ours["meta"] == {**theirs["meta"], "sni": "api.stripe.com"}
+    for key in ("direction", "socketProtocol", "l7Protocol", "tlsVersion", "destination"):
+        assert ours[key] == theirs[key], key
+    for key in ("address", "hostname", "exe", "user"):
+        assert ours["source"][key] == theirs["source"][key], key
+    assert ours["source"]["container"]["id"] == "1781322a598f"
+    assert ours["tags"]["bin"] == ["python3.11"] and ours["tags"]["host"] == ["my-container"]
+    assert body["ts"] == want["ts"]
+
+
+def test_transaction_event_matches_seed_field_by_field():
+    conn = samples.connection("d4u4jhg7p3qk26l91icg", "api.example.com")
+    tx = samples.transaction(conn, "d4u4jhg7p3qk26l91id0")
+    body = tx.envelope().body
+    want = seed("transaction_event")
+    assert_covers(body, want)
+    ours, theirs = body["data"]["data"], want["data"]["data"]
+    for key in ("connectionId", "endpointId", "requestId", "type", "contentType"):
+        assert ours[key] == theirs[key], key
+    for key, value in theirs["summary"].items():
+        if key != "container_name":
+            assert ours["summary"][key] == value, key
+    assert ours["summary"]["container_name"] == "my-app"
+    assert body["ts"] == want["ts"]
+
+
+def test_transaction_data_is_base64_json_matching_seed():
+    conn = samples.connection("d4u4jhg7p3qk26l91icg", "api.example.com")
+    body = samples.transaction(conn, "r1").envelope().body
+    full = json.loads(base64.b64decode(body["data"]["data"]["data"]))
+    want = seed("transaction_data")
+    assert_covers(full, want)
+    for key, value in want["metadata"].items():
+        if key not in ("container_image",):
+            assert full["metadata"][key] == value, key
+    for key in ("method", "url", "scheme", "path", "authority", "protocol", "user_agent", "content_type", "body"):
+        assert full["request"][key] == want["request"][key], key
+    assert full["response"]["status"] == 200 and full["response"]["body"] == want["response"]["body"]
+    assert base64.b64decode(full["request"]["body"]) == b'{"user": "john"}'
+    assert full["duration_ms"] == 81 and full["direction"] == "egress-external"
+
+
+def test_sse_frame_is_event_then_one_data_line():
+    frame = samples.transaction(samples.connection(), "r1").envelope().frame
+    lines = frame.split(b"\n")
+    assert lines[0] == b"event: request.http_transaction"
+    assert lines[1].startswith(b"data: {") and lines[2:] == [b"", b""]
+    orjson.loads(lines[1][6:])
+
+
+@pytest.mark.parametrize("ns,text", [
+    (0, "1970-01-01T00:00:00.000Z"),
+    (1_765_558_690_452_999_999, "2025-12-12T16:58:10.452Z"),
+])
+def test_timestamps_are_rfc3339_utc_milliseconds(ns, text):
+    assert ev.rfc3339(ns) == text
+    assert ev.parse_rfc3339(text) == ns // 1_000_000 * 1_000_000
+
+
+def test_ids_are_20_char_base32hex_unique_and_time_ordered():
+    made = [ids.new_id(1_700_000_000 + i // 10) for i in range(1000)]
+    assert len(set(made)) == 1000
+    assert all(len(i) == 20 and set(i) <= set("0123456789abcdefghijklmnopqrstuv") for i in made)
+    assert made == sorted(made)
+
+
+def test_ids_decode_like_xid():
+    raw = bytes(range(12))
+    text = ids.encode(raw)
+    # base32hex (RFC 4648 §7) of the same bytes, lowercased, padding dropped.
+    assert text == base64.b32hexencode(raw).decode().lower().rstrip("=")
