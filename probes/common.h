@@ -11,6 +11,8 @@
 #ifndef QTAP_COMMON_H
 #define QTAP_COMMON_H
 
+#include <uapi/linux/ptrace.h>
+
 #ifndef MAX_CHUNK
 #define MAX_CHUNK 16384          /* bytes of payload per data record */
 #endif
@@ -135,13 +137,13 @@ BPF_HASH(sock_fds, struct sock_key, u32, 65536);
 
 /* Stream offsets: (tgid, fd, tls_ref when fd unknown, direction, is_tls). */
 struct off_key { u32 tgid; s32 fd; u64 tls_ref; u32 direction; u32 is_tls; };
-BPF_LRU_HASH(offsets, struct off_key, u64, 65536);
+BPF_TABLE("lru_hash", struct off_key, u64, offsets, 65536);
 
 /* A TLS library call is running on this tid: nested socket syscalls tell
  * us its fd and are not emitted as plaintext. */
 struct tls_active_v { u64 tls_ref; u32 source; u32 _pad; };
 BPF_HASH(tls_active, u32, struct tls_active_v, 16384);
-BPF_LRU_HASH(tls_fd, u64, s32, 65536);     /* SSL*/session -> fd */
+BPF_TABLE("lru_hash", u64, s32, tls_fd, 65536);     /* SSL* or session -> fd */
 
 static __always_inline void count_lost(u64 n)
 {
@@ -179,7 +181,10 @@ static __always_inline struct data_rec *scratch_get(void)
     u32 *busy = scratch_busy.lookup(&zero);
     if (!busy)
         return 0;
-    if (__sync_fetch_and_add(busy, 1) != 0) {
+    /* Increment, then look: only the program that sees exactly 1 owns the
+     * scratch.  (clang 14's BPF target cannot use xadd's return value.) */
+    __sync_fetch_and_add(busy, 1);
+    if (*(volatile u32 *)busy != 1) {
         __sync_fetch_and_add(busy, -1);
         return 0;
     }

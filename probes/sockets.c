@@ -12,11 +12,11 @@ struct accept_args { s32 fd; u32 _pad; u64 peer; };
 BPF_HASH(accept_stash, u32, struct accept_args, 16384);     /* tid */
 
 /* sk address seen at SYN_SENT inside connect() -> (tgid, fd). */
-BPF_LRU_HASH(sk_pending, u64, struct sock_key, 16384);
+BPF_TABLE("lru_hash", u64, struct sock_key, sk_pending, 16384);
 
 /* Established server-side child sockets: peer (ip, port) -> local. */
 struct peer_key { u8 ip[16]; u16 port; u16 _pad; };
-BPF_LRU_HASH(accepted_local, struct peer_key, struct addr, 16384);
+BPF_TABLE("lru_hash", struct peer_key, struct addr, accepted_local, 16384);
 
 struct data_args { s32 fd; u8 dir; u8 _p1; u16 _p2; u64 buf; u64 iov; u64 iovcnt; };
 BPF_HASH(data_stash, u32, struct data_args, 16384);         /* tid */

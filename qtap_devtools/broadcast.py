@@ -36,6 +36,10 @@ class Published:
     @property
     def frame(self) -> bytes:
         # `id:` goes after `data:` so `grep EVENT -A1` still yields the data line.
+        # Greetings and snapshots (seq 0) carry none: a reconnect must resume
+        # from the last real event, not from the start.
+        if not self.seq:
+            return self.envelope.frame
         return self.envelope.frame[:-1] + b"id: %d\n\n" % self.seq
 
 
@@ -54,37 +58,47 @@ class Subscriber:
             self.missed += 1
             self.total_missed += 1
             return
+        self._mark_gap()
         self.queue.append(item)
         self._wakeup.set()
 
+    def _mark_gap(self) -> None:
+        # The notice goes where the missing events would have been.
+        if self.missed:
+            self.queue.append(_Gap(self.missed, self.total_missed))
+            self.missed = 0
+
     def close(self, final: Envelope | None) -> None:
-        # The goodbye may exceed maxsize by one: a client must learn why it ends.
+        # The goodbye may exceed maxsize: a client must learn why its stream ends.
+        self._mark_gap()
         if final is not None:
             self.queue.append(Published(0, final))
         self.queue.append(_CLOSE)
         self._wakeup.set()
 
     async def frames(self):
-        """Yield SSE frames until closed; reports drops in stream order."""
+        """Yield SSE frames until closed, with drop notices in stream order."""
         while True:
             while not self.queue:
                 if self.missed:
-                    yield self._dropped_frame()
-                    continue
+                    self._mark_gap()
+                    break
                 self._wakeup.clear()
                 await self._wakeup.wait()
             item = self.queue.popleft()
             if item is _CLOSE:
                 return
-            if self.missed and len(self.queue) < self.maxsize // 2:
-                # Tell it about the gap once it has caught up enough to hear it.
-                yield self._dropped_frame()
+            if isinstance(item, _Gap):
+                yield SystemDropped(missed=item.missed, total_missed=item.total).envelope().frame
+                continue
             self.delivered += 1
             yield item.frame
 
-    def _dropped_frame(self) -> bytes:
-        missed, self.missed = self.missed, 0
-        return SystemDropped(missed=missed, total_missed=self.total_missed).envelope().frame
+
+@dataclass(frozen=True, slots=True)
+class _Gap:
+    missed: int
+    total: int
 
 
 class Broadcaster:

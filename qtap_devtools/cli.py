@@ -127,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     hp = sub.add_parser("har", help="convert a capture file to HAR 1.2", epilog=HAR_EXAMPLES, formatter_class=fmt)
     hp.add_argument("file", type=Path)
     hp.add_argument("--output", "-o", type=Path, metavar="FILE", help="write here instead of stdout")
+    hp.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
 
     dp = sub.add_parser("doctor", help="check what this machine supports", epilog=DOCTOR_EXAMPLES,
                         formatter_class=fmt)

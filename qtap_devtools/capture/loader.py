@@ -54,6 +54,31 @@ def probes_dir() -> Path:
     raise CaptureError(f"probe sources not found next to {here.parents[1]}; reinstall qtap-devtools")
 
 
+def probe_source(pdir: Path) -> str:
+    """All probe files as one C text, local ``#include "x.h"`` lines inlined once.
+
+    bcc rewrites map calls and generates tracepoint argument structs only in
+    the main file it is given, not in included files, so we inline them.
+    """
+    seen: set[str] = set()
+
+    def expand(name: str) -> str:
+        if name in seen:
+            return ""
+        seen.add(name)
+        out = [f'#line 1 "{pdir / name}"']
+        for i, line in enumerate((pdir / name).read_text().splitlines(), 1):
+            stripped = line.strip()
+            if stripped.startswith('#include "') and stripped.endswith('"'):
+                out.append(expand(stripped[len('#include "'):-1]))
+                out.append(f'#line {i + 1} "{pdir / name}"')
+            else:
+                out.append(line)
+        return "\n".join(out)
+
+    return "\n".join(expand(name) for name in PROBE_FILES) + "\n"
+
+
 def ensure_tracefs() -> None:
     """bcc reads tracepoint formats from tracefs; a fresh machine has it unmounted."""
     if (TRACEFS / "events").is_dir():
@@ -204,14 +229,13 @@ class Capture:
         page = os.sysconf("SC_PAGE_SIZE")
         ring_pages = self.ring_mib * (1 << 20) // page
         cflags = [
-            f"-I{pdir}",
             f"-DMAX_CHUNK={self.max_chunk}",
             f"-DRING_PAGES={ring_pages}",
             f"-DEXCLUDE_TGID={self.exclude_pid}",
             f"-DEXCLUDE_PORT={self.exclude_port}",
             "-Wno-macro-redefined",
         ]
-        text = "".join(f'#include "{name}"\n' for name in PROBE_FILES)
+        text = probe_source(pdir)
         try:
             bpf, _ = _capture_fd2(lambda: BPF(text=text, cflags=cflags))
             # Uprobe programs load lazily at attach; load them now so a verifier

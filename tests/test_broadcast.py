@@ -1,0 +1,96 @@
+"""Fan-out with bounded queues: a slow client never slows the producer."""
+
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+
+from qtap_devtools.broadcast import Broadcaster
+from qtap_devtools.events import Envelope
+from qtap_devtools.filters import EventFilter
+
+
+def env(i: int, type_: str = "process.started") -> Envelope:
+    return Envelope.of(type_, {"pid": i}, 1_700_000_000_000_000_000)
+
+
+def parse(frame: bytes) -> tuple[str, dict]:
+    lines = frame.decode().split("\n")
+    return lines[0][len("event: "):], orjson.loads(lines[1][len("data: "):])
+
+
+async def drain(sub, n):
+    out = []
+    agen = sub.frames()
+    for _ in range(n):
+        out.append(parse(await asyncio.wait_for(agen.__anext__(), 1)))
+    return out
+
+
+def test_overflow_is_counted_and_reported_as_system_dropped():
+    async def go():
+        bc = Broadcaster(client_queue_size=10)
+        slow = bc.subscribe(EventFilter())
+        fast = bc.subscribe(EventFilter())
+        fast_seen = []
+        agen = fast.frames()
+        for i in range(25):
+            bc.publish(env(i))
+            fast_seen.append(parse(await agen.__anext__()))  # the fast one keeps up
+        assert len(fast_seen) == 25 and fast.total_missed == 0
+        assert slow.total_missed == 15 and bc.dropped_total == 15
+        got = await drain(slow, 11)
+        assert [d["data"]["pid"] for t, d in got[:10]] == list(range(10))
+        assert got[10][0] == "system.dropped" and got[10][1]["data"]["missed"] == 15
+        bc.publish(env(99))
+        assert (await drain(slow, 1))[0][1]["data"]["pid"] == 99
+
+    asyncio.run(go())
+
+
+def test_publish_never_waits_for_subscribers():
+    bc = Broadcaster(client_queue_size=4)
+    subs = [bc.subscribe(EventFilter()) for _ in range(100)]
+    for i in range(1000):
+        bc.publish(env(i))
+    assert all(len(s.queue) == 4 and s.total_missed == 996 for s in subs)
+
+
+def test_frames_carry_id_after_data_and_resume_from_last_event_id():
+    async def go():
+        bc = Broadcaster(client_queue_size=100)
+        for i in range(5):
+            bc.publish(env(i))
+        sub = bc.subscribe(EventFilter(), resume_after=3)
+        frame = await sub.frames().__anext__()
+        lines = frame.decode().split("\n")
+        assert lines[0].startswith("event: ") and lines[1].startswith("data: ") and lines[2] == "id: 4"
+
+    asyncio.run(go())
+
+
+def test_close_sends_system_disconnected_and_ends_streams():
+    async def go():
+        bc = Broadcaster(client_queue_size=2)
+        sub = bc.subscribe(EventFilter())
+        for i in range(5):
+            bc.publish(env(i))
+        bc.close("agent shutting down")
+        frames = [parse(f) async for f in sub.frames()]
+        assert frames[-1][0] == "system.disconnected"
+        assert any(t == "system.dropped" for t, _ in frames)
+
+    asyncio.run(go())
+
+
+def test_filtered_subscriber_only_gets_matches():
+    async def go():
+        bc = Broadcaster()
+        sub = bc.subscribe(EventFilter.from_query({"type": "connection"}))
+        bc.publish(env(1))
+        bc.publish(Envelope.of("connection.opened", {"data": {"meta": {}}}, 0))
+        t, _ = parse(await sub.frames().__anext__())
+        assert t == "connection.opened"
+
+    asyncio.run(go())
