@@ -235,8 +235,51 @@ static __always_inline int read_sockaddr(struct addr *a, const void *uaddr)
 /* Emit `total` bytes the process moved as data records, split at MAX_CHUNK.
  * The bytes come from one user buffer (iov == 0) or an iovec array.  The
  * stream offset advances by `total` even when records are lost, so user
- * space sees the gap. */
+ * space sees the gap.
+ *
+ * Verifier cost: the chunk loop is nested inside the iovec loop and neither
+ * carries a constant across iterations other than its own counter, so the
+ * verifier explores MAX_IOV x MAX_SPLIT bodies, not every combination (one
+ * shared "records emitted" counter made it explode past 1M instructions). */
+#ifndef MAX_IOV
+#define MAX_IOV 16
+#endif
 struct iovec_ { u64 base; u64 len; };
+
+/* Loop state kept in map memory, which the verifier does not track: every
+ * iteration re-reads it as an unknown scalar, so no refined bounds pile up
+ * across iterations and the paths through one iteration rejoin.  Keeping
+ * these in registers made the verifier explore combinations of iterations
+ * (quadratic in MAX_SPLIT; > 1M instructions with iovecs). */
+struct emit_state { u64 ubuf; u64 len; u64 off; u64 done; };
+BPF_PERCPU_ARRAY(emit_states, struct emit_state, 1);
+
+static __always_inline void emit_buf(struct data_rec *r, struct emit_state *st, u64 *lostp)
+{
+#pragma clang loop unroll(disable)
+    for (u32 i = 0; i < MAX_SPLIT; i++) {
+        u64 len = *(volatile u64 *)&st->len;
+        u64 pos = (u64)i * MAX_CHUNK;
+        if (pos >= len)
+            return;
+        u64 n = len - pos;
+        /* Clamp in a form this verifier keeps: a 32-bit unsigned, masked,
+         * then compared (otherwise "R2 min value is negative"). */
+        u32 n32 = n > MAX_CHUNK ? MAX_CHUNK : n;
+        asm volatile("%[n] &= 0x7fffffff" : [n] "+r"(n32));
+        if (n32 > MAX_CHUNK)
+            n32 = MAX_CHUNK;
+        r->offset = *(volatile u64 *)&st->off + pos;
+        r->len = n32;
+        long err = bpf_probe_read_user(r->data, n32, (void *)(*(volatile u64 *)&st->ubuf + pos));
+        if (err == 0)
+            err = events.ringbuf_output(r, DATA_HDR_SIZE + n32, 0);
+        if (err != 0)
+            __sync_fetch_and_add(lostp, 1);
+    }
+    if ((u64)MAX_SPLIT * MAX_CHUNK < *(volatile u64 *)&st->len)
+        __sync_fetch_and_add(lostp, 1);   /* beyond MAX_SPLIT records: the offset skips it */
+}
 
 static __always_inline void emit_data(void *ctx, s32 fd, u8 dir, u8 src,
                                       u64 tls_ref, u64 buf, u64 iov,
@@ -273,49 +316,41 @@ static __always_inline void emit_data(void *ctx, s32 fd, u8 dir, u8 src,
     r->_pad = 0;
     r->tls_ref = tls_ref;
 
-    u64 done = 0;          /* bytes of `total` handled */
-    u64 cur = buf;         /* current user pointer */
-    u64 cur_left = iov ? 0 : total;
-    u64 iov_i = 0;
-    u32 emitted = 0;
-#pragma clang loop unroll(disable)
-    for (int i = 0; i < MAX_SPLIT + 8; i++) {
-        if (done >= total || emitted >= MAX_SPLIT)
-            break;
-        if (cur_left == 0) {
-            if (!iov || iov_i >= iovcnt)
-                break;
-            struct iovec_ v = {};
-            if (bpf_probe_read_user(&v, sizeof(v), (void *)(iov + iov_i * sizeof(v))) != 0)
-                break;
-            iov_i++;
-            cur = v.base;
-            cur_left = v.len;
-            continue;
-        }
-        u64 n = total - done;
-        if (n > cur_left)
-            n = cur_left;
-        if (n > MAX_CHUNK)
-            n = MAX_CHUNK;
-        /* Keep the verifier's bounds: an unsigned value clamped in a form it
-         * tracks (see "R2 min value is negative" in the report). */
-        u32 n32 = n;
-        asm volatile("%[n] &= 0x7fffffff" : [n] "+r"(n32));
-        if (n32 > MAX_CHUNK)
-            n32 = MAX_CHUNK;
-        r->offset = base_off + done;
-        r->len = n32;
-        emitted++;
-        if (bpf_probe_read_user(r->data, n32, (void *)cur) != 0 ||
-            events.ringbuf_output(r, DATA_HDR_SIZE + n32, 0) != 0)
-            count_lost(1);
-        done += n32;
-        cur += n32;
-        cur_left -= n32;
+    int zero = 0;
+    struct emit_state *st = emit_states.lookup(&zero);
+    u64 *lostp = lost.lookup(&zero);
+    if (!st || !lostp) {
+        scratch_put();
+        return;
     }
-    if (done < total)
-        count_lost(1);     /* beyond MAX_SPLIT records: offset already skips it */
+    if (!iov) {
+        st->ubuf = buf;
+        st->len = total;
+        st->off = base_off;
+        emit_buf(r, st, lostp);
+        scratch_put();
+        return;
+    }
+    st->done = 0;
+#pragma clang loop unroll(disable)
+    for (u32 j = 0; j < MAX_IOV; j++) {
+        u64 d = *(volatile u64 *)&st->done;
+        if (j >= iovcnt || d >= total)
+            break;
+        struct iovec_ v = {};
+        if (bpf_probe_read_user(&v, sizeof(v), (void *)(iov + j * sizeof(v))) != 0)
+            break;
+        u64 n = total - d;
+        if (n > v.len)
+            n = v.len;
+        st->ubuf = v.base;
+        st->len = n;
+        st->off = base_off + d;
+        emit_buf(r, st, lostp);
+        st->done = d + n;
+    }
+    if (*(volatile u64 *)&st->done < total)
+        __sync_fetch_and_add(lostp, 1);   /* more iovecs than MAX_IOV */
     scratch_put();
 }
 

@@ -245,16 +245,17 @@ static __always_inline void data_enter(s32 fd, u8 dir, u64 buf, u64 iov, u64 iov
     u32 tid = id;
     struct sock_key k = { .tgid = id >> 32, .fd = fd };
     struct tls_active_v *t = tls_active.lookup(&tid);
+    u32 *flags = sock_fds.lookup(&k);
     if (t) {
-        if (fd >= 0) {
+        /* Only a known socket counts: node's OpenSSL uses a memory BIO and
+         * its SSL calls make unrelated syscalls (e.g. an eventfd write). */
+        if (flags) {
             tls_fd.update(&t->tls_ref, &fd);
-            u32 *flags = sock_fds.lookup(&k);
-            u32 f = (flags ? *flags : 0) | SOCK_KNOWN | SOCK_TLS;
+            u32 f = *flags | SOCK_TLS;
             sock_fds.update(&k, &f);
         }
         return;
     }
-    u32 *flags = sock_fds.lookup(&k);
     if (!flags || (*flags & (SOCK_TLS | SOCK_EXCLUDED)))
         return;
     if (excluded_self(k.tgid))

@@ -111,7 +111,13 @@ class Agent:
     def capture_state(self) -> dict:
         if self.capture is None:
             return {"state": "failed" if self.capture_error else "starting", "error": self.capture_error}
-        return {"state": "running", **self.capture.describe()}
+        atts = self.capture.attachments
+        return {
+            "state": "running",
+            "attached": [{"path": a.path, "library": a.library, "mode": a.mode} for a in atts if a.ok],
+            "failed": [{"path": a.path, "library": a.library, "error": a.error} for a in atts if not a.ok],
+            "lostRecords": self.capture.lost_records(),
+        }
 
     def capture_stats(self) -> dict:
         out = {**self.pipeline.counters, "pending_events": len(self.pending),
@@ -145,8 +151,7 @@ class Agent:
                 ring_mib=self.config.ring_mib,
                 max_chunk=self.config.max_chunk_bytes,
                 exclude_pid=os.getpid(),
-                exclude_port=None if self.config.capture_own_port else self.config.listen.port,
-                attach_mode=self.config.attach_mode,
+                exclude_port=0 if self.config.capture_own_port else self.config.listen.port,
             )
             cap.start()
         except CaptureError as exc:
@@ -181,8 +186,11 @@ class Agent:
             self.runtime.not_ready = self.capture_error
             return
         self._snapshot_processes()
-        for line in self.capture.attach_summary():
-            print(f"qtap-devtools: {line}", flush=True)
+        for a in self.capture.attachments:
+            if a.ok:
+                print(f"qtap-devtools: attached to {a.path} ({a.library}, {a.mode} probes)", flush=True)
+            else:
+                print(f"qtap-devtools: could not attach to {a.path} ({a.library}): {a.error}", flush=True)
         self._tasks.append(asyncio.create_task(self._ticker()))
         self.runtime.not_ready = None
         print("qtap-devtools: capture running", flush=True)

@@ -125,7 +125,7 @@ def _trial_load(cache_dir: Path | None) -> Check:
     except Exception:
         return Check("trial probe", False, "skipped: bcc does not import", "see the bcc line")
     kheaders.apply(cache_dir)
-    from qtap_devtools.capture.tracefs import ensure_tracefs
+    from qtap_devtools.capture.loader import ensure_tracefs
 
     try:
         ensure_tracefs()
@@ -138,6 +138,30 @@ TRACEPOINT_PROBE(sched, sched_process_fork) { u32 pid = args->child_pid; trial.r
         last = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         return Check("trial probe", False, f"compile/load failed: {last}", "run doctor as root; check the lines above")
     return Check("trial probe", True, "compiled, verified and attached a tracepoint probe with a ring buffer")
+
+
+def _capture_probes() -> Check:
+    """Load the real probes and attach them, as the agent would, then detach."""
+    try:
+        from qtap_devtools.capture.loader import Capture, CaptureError
+    except Exception as exc:
+        return Check("capture probes", False, f"cannot import the capture layer: {exc}", "make setup")
+    cap = Capture(lambda batch: None, seed_existing=False)
+    try:
+        cap.start()
+    except CaptureError as exc:
+        return Check("capture probes", False, str(exc), "see the lines above")
+    try:
+        atts = cap.attachments
+    finally:
+        cap.stop()
+    ok = [a for a in atts if a.ok]
+    bad = [a for a in atts if not a.ok]
+    detail = f"all probes load; attached to {len(ok)} file(s): " + ", ".join(
+        f"{a.path} ({a.library}, {a.mode})" for a in ok[:6]) + (" …" if len(ok) > 6 else "")
+    if bad:
+        detail += "; failed: " + "; ".join(f"{a.path}: {a.error}" for a in bad[:4])
+    return Check("capture probes", bool(ok), detail, "install libssl3 / check the failures listed")
 
 
 def _docker() -> Check:
@@ -160,18 +184,23 @@ def _tls_libraries() -> Check:
         from qtap_devtools.capture import attach
     except Exception as exc:  # capture layer missing its dependencies
         return Check("tls libraries", False, f"cannot inspect: {exc}", required=False)
-    found = attach.discover()
+    found = {}
+    for path in attach.library_dir_candidates():
+        lib = attach.library_of(path)
+        if lib:
+            found.setdefault(os.path.realpath(path), lib)
     if not found:
         return Check("tls libraries", False, "no libssl/libgnutls found", "apt-get install libssl3", required=False)
-    lines = ", ".join(f"{t.path} ({t.library})" for t in found[:8])
+    lines = ", ".join(f"{path} ({lib})" for path, lib in list(found.items())[:8])
     more = f" and {len(found) - 8} more" if len(found) > 8 else ""
-    return Check("tls libraries", True, f"{len(found)} to attach: {lines}{more}", required=False)
+    return Check("tls libraries", True, f"{len(found)} in library directories: {lines}{more} "
+                 "(plus libraries and binaries mapped by running processes, found at start)", required=False)
 
 
 def run(cache_dir: Path | None = None, print_fn: Callable[[str], None] = print) -> int:
     checks: list[Callable[[], Check]] = [
         _root, _bpf_syscall, _btf, _tracefs, _tracepoints, _uprobes, _kprobes, _bcc,
-        lambda: _headers(cache_dir), lambda: _trial_load(cache_dir), _tls_libraries, _docker,
+        lambda: _headers(cache_dir), lambda: _trial_load(cache_dir), _tls_libraries, _capture_probes, _docker,
     ]
     print_fn(f"qtap-devtools doctor — kernel {platform.release()} on {platform.machine()}")
     failed = []

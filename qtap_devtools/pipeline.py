@@ -95,6 +95,9 @@ class Pipeline:
         self.clock_offset = mono_to_wall_offset()
         self.conns: OrderedDict[tuple, _Conn] = OrderedDict()
         self.pending_sni: OrderedDict[tuple[int, int], str] = OrderedDict()
+        # On loopback the handshake completes inside connect(), so the kernel's
+        # address record can arrive before the connect record it belongs to.
+        self.pending_addr: OrderedDict[tuple[int, int], rec.SocketAddress] = OrderedDict()
         self.processes: OrderedDict[int, ProcessInfo] = OrderedDict()
         self.counters = {
             "records": 0,
@@ -229,9 +232,17 @@ class Pipeline:
                 del self.conns[(r.pid, r.fd)]
             return
         if conn is None:
-            # A socket seeded at start (open before the agent): role unknown.
-            conn = self._new_conn((r.pid, r.fd), r.pid, r.fd, r.ts_ns or time.clock_gettime_ns(time.CLOCK_MONOTONIC),
-                                  "unknown", r.remote, r.local)
+            if r.origin == "kernel":
+                self.pending_addr[(r.pid, r.fd)] = r  # its connect record is on the way
+                while len(self.pending_addr) > MAX_PENDING_SNI:
+                    self.pending_addr.popitem(last=False)
+                return
+            # A socket open before the agent started: role unknown.
+            ts = r.ts_ns or time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+            conn = self._new_conn((r.pid, r.fd), r.pid, r.fd, ts, "unknown", r.remote, r.local)
+        self._apply_address(conn, r)
+
+    def _apply_address(self, conn: _Conn, r: rec.SocketAddress) -> None:
         info = conn.info
         info.local = Address(r.local.ip, r.local.port)
         info.remote = Address(r.remote.ip, r.remote.port)
@@ -240,6 +251,7 @@ class Pipeline:
         self._announce(conn)
 
     def on_close(self, r: rec.SocketClose) -> None:
+        self.pending_addr.pop((r.pid, r.fd), None)
         conn = self.conns.pop((r.pid, r.fd), None)
         if conn is not None:
             self._finish(conn, r.ts_ns)
@@ -262,8 +274,10 @@ class Pipeline:
         if conn is None:
             if r.pid == self.own_pid:
                 return
-            role = "unknown"
-            conn = self._new_conn(key, r.pid, r.fd, r.ts_ns, role, None, None)
+            conn = self._new_conn(key, r.pid, r.fd, r.ts_ns, "unknown", None, None)
+            early = self.pending_addr.pop(key, None) if r.fd >= 0 else None
+            if early is not None:
+                self._apply_address(conn, early)
         info = conn.info
         tls_source = r.source != "socket"
         if tls_source:

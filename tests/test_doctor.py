@@ -18,7 +18,7 @@ def test_doctor_reports_capture_possible_here():
     assert r.returncode == 0, out + r.stderr
     assert "capture possible" in out
     for name in ("root", "bpf", "tracepoints", "uprobes", "kprobes", "bcc", "kernel headers", "trial probe",
-                 "tls libraries", "docker"):
+                 "tls libraries", "capture probes", "docker"):
         assert f"] {name}:" in out, f"no {name} line in:\n{out}"
     assert "[ok  ] trial probe" in out
     # No kprobes here, and that must not count against capture.

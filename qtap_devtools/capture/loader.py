@@ -25,7 +25,6 @@ from pathlib import Path
 from . import procnet
 from .attach import Attacher, Attachment, ExecWatcher
 from .records import (
-    DataChunk,
     ProcessExec,
     Record,
     SocketAccept,
@@ -174,14 +173,14 @@ class Capture:
 
         def attach(path: str, symbol: str, fn_name: str, ret: bool) -> None:
             if ret:
-                bpf.attach_uretprobe(name=path, sym=symbol, fn_name=fn_name)
+                bpf.attach_uretprobe(name=path.encode(), sym=symbol.encode(), fn_name=fn_name.encode())
             else:
-                bpf.attach_uprobe(name=path, sym=symbol, fn_name=fn_name)
+                bpf.attach_uprobe(name=path.encode(), sym=symbol.encode(), fn_name=fn_name.encode())
 
         self._attacher = Attacher(attach, exclude_pid=self.exclude_pid)
         self._attacher.scan_all(self.extra_binaries)
         self._watcher = ExecWatcher(self._attacher)
-        bpf["events"].open_ring_buffer(self._on_raw)
+        bpf[b"events"].open_ring_buffer(self._on_raw)
         if self.seed_existing:
             self.seed_existing_sockets()
         self._stop.clear()
@@ -237,11 +236,11 @@ class Capture:
         ]
         text = probe_source(pdir)
         try:
-            bpf, _ = _capture_fd2(lambda: BPF(text=text, cflags=cflags))
+            bpf, _ = _capture_fd2(lambda: BPF(text=text.encode(), cflags=cflags))
             # Uprobe programs load lazily at attach; load them now so a verifier
             # failure is reported at start, not on the first TLS library found.
             for fn in _uprobe_functions():
-                _capture_fd2(lambda fn=fn: bpf.load_func(fn, BPF.KPROBE))
+                _capture_fd2(lambda fn=fn: bpf.load_func(fn.encode(), BPF.KPROBE))
         except Exception as exc:
             raise CaptureError(self._explain(exc)) from None
         return bpf
@@ -263,7 +262,7 @@ class Capture:
     def seed_existing_sockets(self) -> list[SocketAddress]:
         """Mark sockets that were ESTABLISHED before start as known; deliver their addresses."""
         assert self._bpf is not None, "start() first"
-        table = self._bpf["sock_fds"]
+        table = self._bpf[b"sock_fds"]
         found = procnet.established_sockets({self.exclude_pid}, self.exclude_port)
         records = []
         for s in found:
@@ -287,12 +286,8 @@ class Capture:
                 if (rec.pid, rec.fd) not in self._addressed:
                     self._await_address[(rec.pid, rec.fd)] = time.monotonic() + 0.2
             elif isinstance(rec, SocketAccept):
-                key = (rec.pid, rec.fd)
-                if rec.remote is not None and rec.local is not None:
-                    self._addressed[key] = None
-                    self._addressed.pop(key, None)  # accept carries it all
-                else:
-                    self._await_address[key] = time.monotonic()
+                if rec.remote is None or rec.local is None:  # the join missed: ask /proc now
+                    self._await_address[(rec.pid, rec.fd)] = time.monotonic()
             elif isinstance(rec, SocketClose):
                 self._addressed.pop((rec.pid, rec.fd), None)
                 self._await_address.pop((rec.pid, rec.fd), None)
@@ -362,7 +357,8 @@ class Capture:
     def lost_records(self) -> int:
         if self._bpf is None:
             return 0
-        return int(sum(v.value for v in self._bpf["lost"][0]))  # per-CPU values
+        table = self._bpf[b"lost"]
+        return int(sum(table.getvalue(table.Key(0))))  # per-CPU values
 
     def stats(self) -> dict[str, object]:
         atts = self.attachments
@@ -377,9 +373,6 @@ class Capture:
             "attachments_failed": sum(1 for a in atts if a.error),
             "exec_scans_dropped": self._watcher.dropped if self._watcher else 0,
         }
-
-
-_UPROBE_FILES = {"openssl.c", "gnutls.c"}
 
 
 def _uprobe_functions() -> list[str]:

@@ -1,0 +1,437 @@
+"""The capture layer against real processes, real probes and real TLS stacks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from qtap_devtools.capture import (
+    Capture,
+    DataChunk,
+    ProcessExec,
+    ProcessExit,
+    ProcessFork,
+    Record,
+    SocketAccept,
+    SocketAddress,
+    SocketClose,
+    SocketConnect,
+    TlsServerName,
+)
+
+sys.path.insert(0, str(Path(__file__).parent))
+from realworld import (  # noqa: E402
+    LARGE_SIZE, SMALL_BODY, Nginx, PlainHttpServer, free_port, have, make_cert, wait_port,
+)
+
+pytestmark = pytest.mark.kernel
+MAX_CHUNK = 16384
+
+
+class Collector:
+    """Thread-safe record sink with deadline-bounded waits."""
+
+    def __init__(self) -> None:
+        self.records: list[Record] = []
+        self._cond = threading.Condition()
+
+    def __call__(self, batch: list[Record]) -> None:
+        with self._cond:
+            self.records.extend(batch)
+            self._cond.notify_all()
+
+    def snapshot(self) -> list[Record]:
+        with self._cond:
+            return list(self.records)
+
+    def wait_for(self, predicate: Callable[[list[Record]], object], timeout: float = 10.0, what: str = "") -> object:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                result = predicate(self.records)
+                if result:
+                    return result
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+                self._cond.wait(min(left, 0.1))
+
+
+def chunks(records, pid, *, fd=None, direction=None, source=None) -> list[DataChunk]:
+    return [
+        r for r in records
+        if type(r) is DataChunk and r.pid == pid
+        and (fd is None or r.fd == fd)
+        and (direction is None or r.direction == direction)
+        and (source is None or r.source == source)
+    ]
+
+
+def connection(records, pid: int, fd: int, opened_ns: int) -> list[Record]:
+    """Records of one connection: fds are reused, so cut at its open and close."""
+    closed = min((r.ts_ns for r in records if type(r) is SocketClose and r.pid == pid
+                  and r.fd == fd and r.ts_ns >= opened_ns), default=1 << 63)
+    return [r for r in records if getattr(r, "pid", None) == pid and getattr(r, "fd", None) == fd
+            and opened_ns <= r.ts_ns <= closed]
+
+
+def accepted_from(records, pid: int, peer_port: int) -> SocketAccept:
+    found = [r for r in records if type(r) is SocketAccept and r.pid == pid and r.remote and r.remote.port == peer_port]
+    assert found, f"no accept in {pid} from port {peer_port}"
+    return found[-1]
+
+
+def stream(records, pid, **kw) -> bytes:
+    return b"".join(c.data for c in sorted(chunks(records, pid, **kw), key=lambda c: c.offset))
+
+
+def assert_contiguous(cs: list[DataChunk]) -> None:
+    """Per (fd, direction, source) stream: offsets start at 0 and leave no gap."""
+    streams: dict[tuple, list[DataChunk]] = {}
+    for c in cs:
+        streams.setdefault((c.fd, c.direction, c.source, c.tls_ref if c.fd < 0 else 0), []).append(c)
+    for key, items in streams.items():
+        items.sort(key=lambda c: c.offset)
+        assert items[0].offset == 0, (key, items[0].offset)
+        for a, b in zip(items, items[1:]):
+            assert b.offset == a.end, (key, a.offset, len(a.data), b.offset)
+        assert all(len(c.data) <= MAX_CHUNK for c in items)
+
+
+@pytest.fixture(scope="module")
+def capture():
+    sink = Collector()
+    cap = Capture(sink, max_chunk=MAX_CHUNK)
+    cap.start()
+    cap.sink = sink  # type: ignore[attr-defined]
+    yield cap
+    cap.stop()
+
+
+@pytest.fixture(scope="module")
+def cert(tmp_path_factory):
+    return make_cert(tmp_path_factory.mktemp("cert"))
+
+
+@pytest.fixture(scope="module")
+def nginx(tmp_path_factory, cert):
+    with Nginx(tmp_path_factory.mktemp("nginx"), cert) as web:
+        yield web
+
+
+@pytest.fixture(scope="module")
+def plain_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("www")
+    (root / "hello.txt").write_text("plain hello body\n")
+    (root / "large.bin").write_bytes(bytes(i % 253 for i in range(LARGE_SIZE)))
+    with PlainHttpServer(root) as srv:
+        yield srv
+
+
+def run(argv: list[str], timeout: float = 20) -> subprocess.Popen:
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.communicate(timeout=timeout)
+    return proc
+
+
+def fd_of_connect(records, pid: int, port: int) -> int:
+    fds = [r.fd for r in records if type(r) is SocketConnect and r.pid == pid and r.remote.port == port]
+    assert fds, f"no connect record from {pid} to port {port}"
+    return fds[-1]
+
+
+# ---------------------------------------------------------------- loading
+
+
+def test_every_probe_loads_and_tls_libraries_attach(capture):
+    stats = capture.stats()
+    assert stats["lost_records"] == 0
+    libs = {a.library for a in capture.attachments if a.error is None}
+    assert libs >= {"openssl", "gnutls"}, capture.attachments
+    ssl = next(a for a in capture.attachments if a.library == "openssl" and a.error is None)
+    assert {"SSL_write", "SSL_write:return", "SSL_read", "SSL_read:return"} <= set(ssl.symbols)
+
+
+# ---------------------------------------------------------------- TLS
+
+
+def test_curl_to_nginx_tls_is_plaintext_on_both_sides(capture, nginx):
+    sink = capture.sink
+    worker = nginx.worker_pids[0]
+    curl = run(["curl", "-sk", "--http1.1", nginx.url("/small")])
+    request_line = b"GET /small HTTP/1.1"
+    body = SMALL_BODY.encode()
+
+    sink.wait_for(lambda rs: body in stream(rs, curl.pid, direction="ingress", source="openssl"),
+                  what="curl's decrypted response")
+    sink.wait_for(lambda rs: body in stream(rs, worker, direction="egress", source="openssl"),
+                  what="nginx's plaintext response")
+    rs = sink.snapshot()
+
+    curl_fd = fd_of_connect(rs, curl.pid, nginx.port)
+    assert stream(rs, curl.pid, fd=curl_fd, direction="egress", source="openssl").startswith(request_line)
+    assert body in stream(rs, curl.pid, fd=curl_fd, direction="ingress", source="openssl")
+
+    # nginx's side: the fd accepted from curl's local port.
+    curl_local = next(r.local.port for r in rs if type(r) is SocketAddress and r.pid == curl.pid and r.fd == curl_fd)
+    accepted = accepted_from(rs, worker, curl_local)
+    nfd = accepted.fd
+    assert accepted.local is not None and accepted.local.port == nginx.port
+    rs = connection(rs, worker, nfd, accepted.ts_ns) + [r for r in rs if getattr(r, "pid", 0) == curl.pid]
+    assert stream(rs, worker, fd=nfd, direction="ingress", source="openssl").startswith(request_line)
+    assert body in stream(rs, worker, fd=nfd, direction="egress", source="openssl")
+
+    for pid, fd in ((curl.pid, curl_fd), (worker, nfd)):
+        tls = chunks(rs, pid, fd=fd, source="openssl")
+        raw = chunks(rs, pid, fd=fd, source="socket")
+        # Only the handshake (not hooked: SSL_connect / SSL_do_handshake) is seen
+        # as raw socket bytes; never ciphertext after the first plaintext chunk.
+        first_tls = min(c.ts_ns for c in tls)
+        assert all(c.ts_ns < first_tls for c in raw), f"ciphertext after TLS started on {pid}/{fd}"
+        assert all(c.data[:1] == b"\x16" for c in raw if c.offset == 0), "raw bytes start with a TLS handshake"
+        assert request_line not in b"".join(c.data for c in raw)
+        assert_contiguous(tls + raw)
+
+
+def test_two_mib_tls_response_is_split_with_contiguous_offsets(capture, nginx):
+    sink = capture.sink
+    worker = nginx.worker_pids[0]
+    curl = run(["curl", "-sk", "--http1.1", "-o", "/dev/null", nginx.url("/large")])
+
+    def got_all(rs):
+        return len(stream(rs, curl.pid, direction="ingress", source="openssl")) >= LARGE_SIZE
+
+    sink.wait_for(got_all, what="2 MiB through curl's SSL_read")
+    rs = sink.snapshot()
+    ingress = chunks(rs, curl.pid, direction="ingress", source="openssl")
+    assert_contiguous(ingress)
+    data = stream(rs, curl.pid, direction="ingress", source="openssl")
+    assert data.endswith(bytes(i % 251 for i in range(LARGE_SIZE))[-4096:])
+    assert len(ingress) >= LARGE_SIZE // MAX_CHUNK
+    fd = ingress[0].fd
+    assert fd == fd_of_connect(rs, curl.pid, nginx.port)
+    curl_local = next(r.local.port for r in rs if type(r) is SocketAddress and r.pid == curl.pid and r.fd == fd)
+    accepted = accepted_from(rs, worker, curl_local)
+    sent = chunks(connection(rs, worker, accepted.fd, accepted.ts_ns), worker, fd=accepted.fd,
+                  direction="egress", source="openssl")
+    assert sum(len(c.data) for c in sent) >= LARGE_SIZE
+    assert_contiguous(sent)
+
+
+def test_wget_gnutls_is_captured(capture, nginx):
+    if not have("wget"):
+        pytest.skip("wget not installed")
+    sink = capture.sink
+    wget = run(["wget", "-q", "-O", "/dev/null", "--no-check-certificate", nginx.url("/json?x=1")])
+    sink.wait_for(lambda rs: b'"uri":"/json?x=1"' in stream(rs, wget.pid, direction="ingress", source="gnutls"),
+                  what="wget's decrypted response")
+    rs = sink.snapshot()
+    sent = stream(rs, wget.pid, direction="egress", source="gnutls")
+    assert sent.startswith(b"GET /json?x=1 HTTP/1.1")
+    fd = fd_of_connect(rs, wget.pid, nginx.port)
+    assert {c.fd for c in chunks(rs, wget.pid, source="gnutls")} == {fd}
+    assert_contiguous(chunks(rs, wget.pid, fd=fd))
+
+
+NODE_CLIENT = """
+const https = require('https');
+process.stdin.once('data', () => {
+  https.get(process.argv[1], {rejectUnauthorized: false, agent: false}, (res) => {
+    let n = 0; res.on('data', (d) => { n += d.length; });
+    res.on('end', () => { console.log('done', res.statusCode, n); process.exit(0); });
+  });
+});
+console.log('ready');
+"""
+
+
+def test_node_https_get_is_captured_through_the_node_binary(capture, nginx):
+    if not have("node"):
+        pytest.skip("node not installed")
+    sink = capture.sink
+    node = subprocess.Popen(["node", "-e", NODE_CLIENT, nginx.url("/json?from=node")],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert node.stdout.readline().strip() == "ready"
+        deadline = time.monotonic() + 10
+        while not any(a.library == "openssl" and a.path.endswith("/bin/node") and a.error is None
+                      for a in capture.attachments):
+            assert time.monotonic() < deadline, f"node not attached: {capture.attachments}"
+            time.sleep(0.05)
+        node.stdin.write("go\n")
+        node.stdin.flush()
+        assert node.stdout.readline().startswith("done 200")
+    finally:
+        node.kill()
+        node.wait()
+    sink.wait_for(lambda rs: b'"uri":"/json?from=node"' in stream(rs, node.pid, direction="ingress", source="openssl"),
+                  what="node's decrypted response")
+    rs = sink.snapshot()
+    assert b"GET /json?from=node HTTP/1.1" in stream(rs, node.pid, direction="egress", source="openssl")
+    # Node's OpenSSL talks to a memory BIO, so no syscall nests in SSL_*: the fd
+    # is unknown (-1) and the stream is keyed by the SSL* instead.
+    tls = chunks(rs, node.pid, source="openssl")
+    assert {c.fd for c in tls} == {-1}
+    assert len({c.tls_ref for c in tls}) == 1
+    assert_contiguous(tls)
+
+
+def test_sni_from_curl_resolve(capture, nginx):
+    sink = capture.sink
+    host = "sni.example.test"
+    curl = run(["curl", "-sk", "--resolve", f"{host}:{nginx.port}:127.0.0.1",
+                f"https://{host}:{nginx.port}/small"])
+    found = sink.wait_for(
+        lambda rs: [r for r in rs if type(r) is TlsServerName and r.pid == curl.pid], what="SNI record")
+    assert found[0].host == host
+    assert found[0].ssl_ptr != 0
+
+
+# ---------------------------------------------------------------- plaintext
+
+
+def test_plaintext_curl_to_http_server_with_connection_records(capture, plain_server):
+    sink = capture.sink
+    curl = run(["curl", "-s", plain_server.url("/hello.txt")])
+    srv = plain_server.pid
+    sink.wait_for(lambda rs: any(type(r) is SocketClose and r.pid == curl.pid for r in rs), what="curl's close")
+    sink.wait_for(lambda rs: b"plain hello body" in stream(rs, srv, direction="egress", source="socket"),
+                  what="server's response bytes")
+    rs = sink.snapshot()
+    fd = fd_of_connect(rs, curl.pid, plain_server.port)
+    connect = next(r for r in rs if type(r) is SocketConnect and r.pid == curl.pid and r.fd == fd)
+    assert connect.remote.ip == "127.0.0.1"
+    addr = next(r for r in rs if type(r) is SocketAddress and r.pid == curl.pid and r.fd == fd)
+    assert addr.remote.port == plain_server.port and addr.local.ip == "127.0.0.1"
+    assert addr.local.port not in (0, plain_server.port)
+
+    assert stream(rs, curl.pid, fd=fd, direction="egress", source="socket").startswith(b"GET /hello.txt HTTP/1.1")
+    assert b"plain hello body" in stream(rs, curl.pid, fd=fd, direction="ingress", source="socket")
+    assert any(type(r) is SocketClose and r.pid == curl.pid and r.fd == fd for r in rs)
+
+    accept = accepted_from(rs, srv, addr.local.port)
+    rs = connection(rs, srv, accept.fd, accept.ts_ns) + [r for r in rs if getattr(r, "pid", 0) == curl.pid]
+    assert accept.remote.ip == "127.0.0.1"
+    assert accept.local is not None and accept.local.port == plain_server.port
+    assert stream(rs, srv, fd=accept.fd, direction="ingress", source="socket").startswith(b"GET /hello.txt")
+    assert_contiguous(chunks(rs, curl.pid, fd=fd) + chunks(rs, srv, fd=accept.fd))
+
+
+def test_plaintext_two_mib_write_is_split_at_max_chunk(capture, plain_server):
+    sink = capture.sink
+    curl = run(["curl", "-s", "-o", "/dev/null", plain_server.url("/large.bin")])
+    srv = plain_server.pid
+    sink.wait_for(lambda rs: any(type(r) is SocketClose and r.pid == curl.pid for r in rs), what="curl's close")
+    rs = sink.snapshot()
+    fd = fd_of_connect(rs, curl.pid, plain_server.port)
+    local = next(r.local.port for r in rs if type(r) is SocketAddress and r.pid == curl.pid and r.fd == fd)
+    accept = accepted_from(rs, srv, local)
+
+    def done(rs):
+        conn = connection(rs, srv, accept.fd, accept.ts_ns)
+        return len(stream(conn, srv, fd=accept.fd, direction="egress", source="socket")) > LARGE_SIZE
+    sink.wait_for(done, what="2 MiB written by http.server")
+    rs = sink.snapshot()
+    mine = chunks(connection(rs, srv, accept.fd, accept.ts_ns), srv, fd=accept.fd, direction="egress")
+    assert any(len(c.data) == MAX_CHUNK for c in mine), "writes larger than MAX_CHUNK are split"
+    assert_contiguous(mine)
+    assert sum(len(c.data) for c in mine) >= LARGE_SIZE
+    assert capture.stats()["lost_records"] == 0
+
+
+PRE_CONNECTED_CLIENT = """
+import http.client, sys
+c = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]))
+c.request("GET", "/hello.txt"); c.getresponse().read()
+print("first", flush=True)
+sys.stdin.readline()
+c.request("GET", "/hello.txt?second=1"); body = c.getresponse().read()
+print("second", len(body), flush=True)
+"""
+
+
+def test_connection_opened_before_capture_is_seeded_and_captured(tmp_path):
+    root = tmp_path / "www"
+    root.mkdir()
+    (root / "hello.txt").write_text("plain hello body\n")
+    # `python -m http.server` speaks HTTP/1.0 and closes after each reply; this
+    # one keeps the connection alive, so it outlives the capture's start.
+    script = tmp_path / "server.py"
+    script.write_text(
+        "import http.server, sys\n"
+        "class H(http.server.SimpleHTTPRequestHandler):\n"
+        "    protocol_version = 'HTTP/1.1'\n"
+        "    def log_message(self, *a): pass\n"
+        f"http.server.ThreadingHTTPServer(('127.0.0.1', int(sys.argv[1])), "
+        f"lambda *a, **k: H(*a, directory={str(root)!r}, **k)).serve_forever()\n"
+    )
+    port = free_port()
+    server = subprocess.Popen([sys.executable, str(script), str(port)])
+    client = None
+    try:
+        wait_port(port, proc=server)
+        client = subprocess.Popen([sys.executable, "-c", PRE_CONNECTED_CLIENT, str(port)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert client.stdout.readline().strip() == "first"
+        sink = Collector()
+        with Capture(sink) as cap:
+            seeded = [r for r in sink.snapshot() if type(r) is SocketAddress and r.origin == "seed"]
+            mine = [r for r in seeded if r.pid == client.pid]
+            assert mine and mine[0].remote.port == port
+            client.stdin.write("go\n")
+            client.stdin.flush()
+            assert client.stdout.readline().startswith("second")
+            sink.wait_for(lambda rs: b"GET /hello.txt?second=1" in stream(rs, client.pid, fd=mine[0].fd, direction="egress"),
+                          what="the request on the pre-existing connection")
+            sink.wait_for(lambda rs: b"plain hello body" in stream(rs, client.pid, fd=mine[0].fd, direction="ingress"),
+                          what="the response on the pre-existing connection")
+            assert cap.stats()["lost_records"] == 0
+    finally:
+        for p in (client, server):
+            if p is not None:
+                p.kill()
+                p.wait()
+
+
+# ---------------------------------------------------------------- processes
+
+
+def test_short_lived_process_exec_fork_exit(capture):
+    sink = capture.sink
+    sh = run(["sh", "-c", "/bin/true; echo done"])
+
+    def the_true(rs):
+        return [r for r in rs if type(r) is ProcessFork and r.parent_pid == sh.pid]
+    forks = sink.wait_for(the_true, what="sh forking /bin/true")
+    child = forks[0].child_pid
+    sink.wait_for(lambda rs: any(type(r) is ProcessExit and r.pid == child for r in rs), what="true's exit")
+    rs = sink.snapshot()
+    exec_ = next(r for r in rs if type(r) is ProcessExec and r.pid == child)
+    assert exec_.filename == "/bin/true" and exec_.comm == "true"
+    exit_ = next(r for r in rs if type(r) is ProcessExit and r.pid == child)
+    assert exit_.exit_code == 0
+    assert exit_.ts_ns >= exec_.ts_ns >= forks[0].ts_ns
+
+
+def test_exit_code_of_sh_exit_3(capture):
+    sink = capture.sink
+    sh = run(["sh", "-c", "exit 3"])
+    assert sh.returncode == 3
+    ex = sink.wait_for(lambda rs: [r for r in rs if type(r) is ProcessExit and r.pid == sh.pid], what="sh's exit")
+    assert ex[0].exit_code == 3
+    assert any(type(r) is ProcessExec and r.pid == sh.pid and r.filename.endswith("sh") for r in sink.snapshot())
+
+
+def test_the_agent_itself_is_not_captured(capture, plain_server):
+    urllib.request.urlopen(plain_server.url("/hello.txt"), timeout=5).read()
+    run(["true"])  # something after it, so the ring has been drained past our request
+    time.sleep(0.3)
+    assert not [r for r in capture.sink.snapshot() if getattr(r, "pid", None) == os.getpid()]

@@ -1,0 +1,174 @@
+"""Records in, events out: the pipeline without a kernel.
+
+The records are what the probes emit for a real exchange (see
+tests/test_capture_probes.py for those); here they are written by hand so
+every branch of connection tracking is exercised deterministically.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+
+from qtap_devtools.capture import records as rec
+from qtap_devtools.config import Config
+from qtap_devtools.enrich.model import ProcessInfo
+from qtap_devtools.pipeline import Pipeline, classify
+
+CURL = ProcessInfo(pid=100, ppid=1, exe="/usr/bin/curl", binary="curl", cmdline="curl https://x", uid=0,
+                   user="root", hostname="box", start_time_ns=1)
+NGINX = ProcessInfo(pid=200, ppid=1, exe="/usr/sbin/nginx", binary="nginx", cmdline="nginx: worker", uid=33,
+                    user="www-data", hostname="box", start_time_ns=1)
+
+REQ = b"POST /v1/users HTTP/1.1\r\nHost: api.local\r\nContent-Type: application/json\r\nContent-Length: 16\r\n\r\n" \
+      b'{"user": "john"}'
+RESP = b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{\"id\": 123}"
+
+
+def run(records, **cfg):
+    out = []
+    p = Pipeline(Config(**cfg), out.append, {100: CURL, 200: NGINX}.get, own_pid=1, own_port=10001)
+    p.on_records(records)
+    p.close_all()
+    return out, p
+
+
+def types(events):
+    return [e.type for e in events]
+
+
+def tx_json(event):
+    return json.loads(base64.b64decode(event.payload()["data"]["data"]))
+
+
+EP_C = rec.Endpoint("127.0.0.1", 40000)
+EP_S = rec.Endpoint("127.0.0.1", 8443)
+
+
+def client_tls_exchange(pid=100, fd=5):
+    return [
+        rec.SocketConnect(pid, fd, 1_000, EP_S),
+        rec.SocketAddress(pid, fd, EP_C, EP_S, 1_100),
+        rec.DataChunk(pid, pid, fd, 2_000, "egress", "openssl", 0, REQ, tls_ref=0xabc),
+        rec.DataChunk(pid, pid, fd, 5_000_000, "ingress", "openssl", 0, RESP, tls_ref=0xabc),
+        rec.SocketClose(pid, fd, 6_000_000),
+    ]
+
+
+def test_tls_client_exchange_is_one_transaction_framed_by_connection_events():
+    events, p = run(client_tls_exchange())
+    assert types(events) == ["connection.opened", "connection.updated", "request.http_transaction",
+                             "connection.closed"]
+    tx = events[2]
+    summary = tx.payload()["data"]["summary"]
+    assert summary["request_method"] == "POST" and summary["response_status"] == 201
+    assert summary["request_scheme"] == "https" and summary["request_host"] == "api.local"
+    assert summary["process_exe"] == "/usr/bin/curl" and summary["direction"] == "egress-internal"
+    full = tx_json(tx)
+    assert full["request"]["url"] == "https://api.local/v1/users"
+    assert base64.b64decode(full["request"]["body"]) == b'{"user": "john"}'
+    assert base64.b64decode(full["response"]["body"]) == b'{"id": 123}'
+    assert full["metadata"]["process_id"] == "100"
+    assert full["duration_ms"] == round((5_000_000 + len(RESP) * 0 - 2_000) / 1e6, 3)
+    conn = events[0].payload()["data"]
+    assert conn["source"]["address"] == {"ip": "127.0.0.1", "port": 40000}
+    assert conn["destination"]["address"] == {"ip": "127.0.0.1", "port": 8443}
+    updated = events[1].payload()["data"]
+    assert updated["l7Protocol"] == "http1" and updated["meta"]["tlsProbeTypesDetected"] == ["openssl"]
+    assert updated["meta"]["tlsProbeIntrospected"] is True
+    closed = events[3].payload()["data"]
+    assert closed["bytesSent"] == len(REQ) and closed["bytesReceived"] == len(RESP)
+
+
+def test_server_side_gets_its_own_transaction_with_ingress_direction():
+    events, _ = run([
+        rec.SocketAccept(200, 9, 1_000, EP_C, EP_S),
+        rec.DataChunk(200, 200, 9, 2_000, "ingress", "openssl", 0, REQ),
+        rec.DataChunk(200, 200, 9, 3_000, "egress", "openssl", 0, RESP),
+        rec.SocketClose(200, 9, 4_000),
+    ])
+    tx = [e for e in events if e.type == "request.http_transaction"]
+    assert len(tx) == 1
+    full = tx_json(tx[0])
+    assert full["direction"] == "ingress" and full["metadata"]["process_exe"] == "/usr/sbin/nginx"
+    assert full["metadata"]["bytes_received"] == len(REQ) and full["metadata"]["bytes_sent"] == len(RESP)
+    opened = events[0].payload()["data"]
+    assert opened["source"]["address"]["port"] == 40000  # the peer initiated it
+    assert opened["destination"]["exe"] == "/usr/sbin/nginx"
+
+
+def test_ciphertext_on_the_socket_is_never_parsed_as_http_but_gives_sni():
+    hello = bytes.fromhex("16030100") + b"\x30" + b"\x01" + b"\x00" * 47  # a handshake record header
+    events, _ = run([
+        rec.SocketConnect(100, 5, 1_000, EP_S),
+        rec.DataChunk(100, 100, 5, 1_500, "egress", "socket", 0, hello),
+        rec.DataChunk(100, 100, 5, 1_600, "ingress", "socket", 0, b"\x17\x03\x03\x00\x10" + b"\xaa" * 16),
+        rec.SocketClose(100, 5, 9_000),
+    ])
+    assert "request.http_transaction" not in types(events)
+    closed = events[-1].payload()["data"]
+    assert closed["l7Protocol"] != "http1"
+
+
+def test_plaintext_socket_exchange_is_http():
+    events, _ = run([
+        rec.SocketConnect(100, 5, 1_000, EP_S),
+        rec.DataChunk(100, 100, 5, 2_000, "egress", "socket", 0, REQ),
+        rec.DataChunk(100, 100, 5, 3_000, "ingress", "socket", 0, RESP),
+    ])
+    tx = [e for e in events if e.type == "request.http_transaction"]
+    assert tx and tx_json(tx[0])["request"]["scheme"] == "http"
+
+
+def test_garbage_marks_connection_other_and_raises_nothing():
+    events, _ = run([
+        rec.SocketConnect(100, 5, 1_000, EP_S),
+        rec.DataChunk(100, 100, 5, 2_000, "egress", "socket", 0, b"\x00\x01binary\xff" * 50),
+        rec.SocketClose(100, 5, 3_000),
+    ])
+    assert "request.http_transaction" not in types(events)
+    assert events[-1].payload()["data"]["l7Protocol"] == "other"
+
+
+def test_own_port_and_own_pid_are_not_captured():
+    own = rec.Endpoint("127.0.0.1", 10001)
+    events, p = run([
+        rec.SocketConnect(100, 5, 1_000, own),
+        rec.DataChunk(100, 100, 5, 2_000, "egress", "socket", 0, REQ),
+        rec.SocketAccept(1, 7, 1_000, EP_C, own),
+    ])
+    assert not [e for e in events if e.type.startswith("connection") and e.connection.remote
+                and e.connection.remote.port == 10001]
+    assert p.counters["own_traffic_skipped"] >= 1
+
+
+def test_request_without_response_at_close_is_a_transaction_with_error():
+    events, _ = run([
+        rec.SocketConnect(100, 5, 1_000, EP_S),
+        rec.DataChunk(100, 100, 5, 2_000, "egress", "openssl", 0, REQ),
+        rec.SocketClose(100, 5, 3_000),
+    ])
+    tx = [e for e in events if e.type == "request.http_transaction"]
+    assert len(tx) == 1 and tx_json(tx[0])["error"]
+    assert tx[0].payload()["data"]["summary"]["response_status"] is None
+
+
+def test_process_lifecycle_with_exit_code():
+    events, _ = run([rec.ProcessExec(100, 1_000, "/usr/bin/curl", "curl"), rec.ProcessExit(100, 2_000, 7)])
+    assert types(events) == ["process.started", "process.stopped"]
+    assert events[1].payload()["exitCode"] == 7 and events[1].payload()["path"] == "/usr/bin/curl"
+
+
+def test_short_lived_process_gone_before_proc_read_still_gets_both_events():
+    out = []
+    p = Pipeline(Config(), out.append, lambda pid: None, own_pid=1)
+    p.on_records([rec.ProcessExec(555, 1_000, "/bin/true", "true"), rec.ProcessExit(555, 2_000, 0)])
+    assert types(out) == ["process.started", "process.stopped"]
+    assert out[0].payload()["binary"] == "true"
+
+
+def test_direction_classification():
+    assert classify("127.0.0.1") == "egress-internal"
+    assert classify("10.1.2.3") == "egress-internal"
+    assert classify("::1") == "egress-internal"
+    assert classify("52.4.128.73") == "egress-external"
