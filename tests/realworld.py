@@ -195,6 +195,16 @@ import http.server, ssl, sys
 class H(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def _reply(self):
+        if self.path.startswith("/chunked"):
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for part in (b'{"chunks": [', b'"one", ', b'"two"', b']}'):
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+                self.wfile.flush()
+            self.wfile.write(b"0\r\n\r\n")
+            return
         n = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(n) if n else b"python-ssl says hi\\n"
         self.send_response(200)
@@ -213,7 +223,8 @@ srv.serve_forever()
 
 
 class PythonTlsServer(_Server):
-    """Python ``ssl`` HTTP/1.1 server: GET → fixed body, POST → echoes the body."""
+    """Python ``ssl`` HTTP/1.1 server: GET → fixed body, POST → echoes the body,
+    GET /chunked → a chunked JSON response in four chunks."""
 
     scheme = "https"
 

@@ -1,0 +1,326 @@
+"""Cheap uprobe sites in OpenSSL wrappers: bytes in, plans out.
+
+The fixtures are this machine's Debian libssl3 wrappers, extracted once (see
+``tests/fixtures/tuned/libssl3.json``), so the offsets asserted here stay true
+after a libssl upgrade; the live tests re-run the analysis on whatever is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import pytest
+from capstone import CS_ARCH_X86, CS_MODE_64, Cs
+
+from qtap_devtools.capture.tuned import WRAPPERS, SitePlan, Unrecognised, analyze, emulated, plan_function
+
+FIXTURES = Path(__file__).parent / "fixtures" / "tuned"
+LIBSSL = "/usr/lib/x86_64-linux-gnu/libssl.so.3"
+NODE = "/usr/bin/node"
+
+
+class BytesImage:
+    """An Image of a few code chunks; file offset = vaddr - bias."""
+
+    def __init__(self, chunks: dict[int, bytes], bias: int = 0):
+        self.chunks, self.bias = chunks, bias
+
+    def read(self, vaddr: int, size: int) -> bytes:
+        for start, data in self.chunks.items():
+            if start <= vaddr < start + len(data):
+                return data[vaddr - start : vaddr - start + size]
+        return b""
+
+    def file_offset(self, vaddr: int) -> int | None:
+        return vaddr - self.bias if self.read(vaddr, 1) else None
+
+
+def one(hexbytes: str):
+    md = Cs(CS_ARCH_X86, CS_MODE_64)
+    md.detail = True
+    return next(md.disasm(bytes.fromhex(hexbytes), 0x1000))
+
+
+# ---------------------------------------------------------------------------
+# This machine's libssl, from the fixtures
+
+
+@pytest.fixture(scope="module")
+def debian_plans() -> dict[str, SitePlan | Unrecognised]:
+    index = json.loads((FIXTURES / "libssl3.json").read_text())
+    chunks = {c["vaddr"]: (FIXTURES / c["file"]).read_bytes() for c in index["chunks"]}
+    assert all(c["vaddr"] == c["file_offset"] for c in index["chunks"])  # libssl's text: vaddr == offset
+    image = BytesImage(chunks)
+    return {
+        c["symbol"]: plan_function(c["symbol"], image, c["vaddr"], c["size"])
+        for c in index["chunks"]
+        if c["symbol"]
+    }
+
+
+@pytest.mark.parametrize(
+    "symbol, start, callee",
+    [("SSL_write", 0x359C0, 0x355E0), ("SSL_read", 0x35470, 0x352D0)],
+)
+def test_debian_ssl_read_write_probe_js_at_entry_and_jle_after_the_internal_call(debian_plans, symbol, start, callee):
+    plan = debian_plans[symbol]
+    assert isinstance(plan, SitePlan), plan
+    # +0x16: js (num < 0 check) after sub $0x18,%rsp; args still in rdi/rsi/rdx.
+    assert plan.entry_offset == start + 0x16
+    assert plan.entry_rsp_delta == -0x18
+    # +0x25: jle after `call internal; test %eax,%eax`; written/readbytes at (%rsp).
+    assert plan.return_kind == "uprobe"
+    assert plan.return_offset == start + 0x25
+    assert plan.result_reg == "eax"
+    assert plan.count_source == ("stack", 0)
+    assert f"call {callee:#x}" in plan.reason
+
+
+@pytest.mark.parametrize(
+    "symbol, start, callee, first",
+    [("SSL_write_ex", 0x35A50, 0x355E0, "push r14"), ("SSL_read_ex", 0x35500, 0x352D0, "push r13")],
+)
+def test_debian_ex_wrappers_probe_the_call_and_the_callees_return(debian_plans, symbol, start, callee, first):
+    plan = debian_plans[symbol]
+    assert isinstance(plan, SitePlan), plan
+    # `sub $8,%rsp; call internal; xor %edx,%edx; test; cmovs %edx,%eax`: the call
+    # is the only emulated instruction, and eax dies before the next one.
+    assert plan.entry_offset == start + 4
+    assert plan.entry_rsp_delta == -8
+    assert plan.return_kind == "uretprobe"
+    assert plan.return_offset == callee
+    assert plan.count_source == ("arg_ptr", "rcx")
+    assert "cmovs" in plan.reason and first in plan.reason
+
+
+def test_installed_libssl_has_a_plan_for_every_wrapper():
+    if not os.path.exists(LIBSSL):
+        pytest.skip(f"{LIBSSL} not installed")
+    plans = analyze(LIBSSL)
+    assert set(plans) == set(WRAPPERS)
+    for symbol, plan in plans.items():
+        assert isinstance(plan, SitePlan), plan
+        with open(LIBSSL, "rb") as f:
+            f.seek(plan.entry_offset)
+            assert emulated(one(f.read(16).hex())), symbol
+            f.seek(plan.return_offset)
+            assert emulated(one(f.read(16).hex())), symbol
+
+
+def test_node_analysis_does_not_raise():
+    if not os.path.exists(NODE):
+        pytest.skip(f"{NODE} not installed")
+    plans = analyze(NODE)
+    assert set(plans) == set(WRAPPERS)
+    # node 20 inlines ssl_*_internal and starts each wrapper with `push %rbp`:
+    # the plain symbol probe is already the cheap kind.
+    for plan in plans.values():
+        if isinstance(plan, SitePlan):
+            assert plan.return_kind == "uretprobe" and plan.entry_rsp_delta == 0
+
+
+# ---------------------------------------------------------------------------
+# The kernel's rule, instruction by instruction
+
+
+@pytest.mark.parametrize(
+    "hexbytes, expected",
+    [
+        ("4883ec18", False),  # sub $0x18,%rsp: single-stepped, the whole reason for this module
+        ("55", True),  # push %rbp
+        ("4156", True),  # push %r14 (REX 0x41 is the one prefix push emulation takes)
+        ("4855", False),  # rex.W push %rbp: length 2 but not REX 0x41
+        ("90", True),  # nop
+        ("6690", False),  # xchg %ax,%ax: 0x66 prefix is refused
+        ("0f1f00", False),  # nopl: not in branch_setup_xol_ops on the kernels we count on
+        ("782f", True),  # js rel8
+        ("0f88a0000000", True),  # js rel32
+        ("7e03", True),  # jle rel8
+        ("eb10", True),  # jmp rel8
+        ("e9a0000000", True),  # jmp rel32
+        ("e8fdfbffff", True),  # call rel32
+        ("ffd0", False),  # call *%rax
+        ("c3", False),  # ret
+        ("4889e1", False),  # mov %rsp,%rcx
+    ],
+)
+def test_emulated_follows_the_kernel(hexbytes, expected):
+    assert emulated(one(hexbytes)) is expected
+
+
+# ---------------------------------------------------------------------------
+# Synthetic wrappers: the conservative rules
+
+BASE = 0x10000
+CALLEE = 0x20000
+
+
+def asm(*parts) -> bytes:
+    """Concatenate hex strings, resolving ("jcc8"/"jmp8", opcode, label) and ("call", target)."""
+    labels, pos, sized = {}, 0, []
+    for p in parts:
+        if isinstance(p, str) and p.startswith(":"):
+            labels[p] = pos
+            continue
+        n = 5 if isinstance(p, tuple) and p[0] == "call" else 2 if isinstance(p, tuple) else len(bytes.fromhex(p))
+        sized.append((pos, p))
+        pos += n
+    out = b""
+    for at, p in sized:
+        if isinstance(p, tuple) and p[0] == "call":
+            out += b"\xe8" + struct.pack("<i", p[1] - (BASE + at + 5))
+        elif isinstance(p, tuple):
+            out += bytes((p[1],)) + struct.pack("<b", labels[p[2]] - (at + 2))
+        else:
+            out += bytes.fromhex(p)
+    return out
+
+
+def plan_of(code: bytes, symbol: str = "SSL_write", callee: bytes = b"\x41\x56\x55\xc3") -> SitePlan | Unrecognised:
+    return plan_function(symbol, BytesImage({BASE: code, CALLEE: callee}, bias=0x1000), BASE, len(code))
+
+
+SUB18 = "4883ec18"
+ADD18 = "4883c418"
+TEST_EDX = "85d2"
+MOV_RCX_RSP = "4889e1"
+LEA_RCX_RSP8 = "488d4c2408"
+MOVSXD_RDX = "4863d2"
+TEST_EAX = "85c0"
+MOV_EAX_SLOT = "8b0424"
+RET = "c3"
+MOV_EAX_M1 = "b8ffffffff"
+
+
+def debian_like(count_setup: str = MOV_RCX_RSP, *, before: str = "") -> bytes:
+    return asm(
+        SUB18, *([before] if before else []), TEST_EDX, ("jcc8", 0x78, ":err"),
+        count_setup, MOVSXD_RDX, ("call", CALLEE), TEST_EAX, ("jcc8", 0x7E, ":out"), MOV_EAX_SLOT,
+        ":out", ADD18, RET,
+        ":err", MOV_EAX_M1, ("jmp8", 0xEB, ":out"),
+    )
+
+
+def test_debian_shape_is_recognised_with_offsets_from_its_bytes():
+    plan = plan_of(debian_like())
+    assert isinstance(plan, SitePlan), plan
+    assert (plan.entry_offset, plan.entry_rsp_delta) == (BASE - 0x1000 + 6, -0x18)
+    assert plan.entry_vaddr == BASE + 6
+    assert (plan.return_kind, plan.return_offset, plan.count_source) == ("uprobe", BASE - 0x1000 + 21, ("stack", 0))
+
+
+def test_count_slot_follows_the_lea_displacement():
+    plan = plan_of(debian_like(LEA_RCX_RSP8))
+    assert isinstance(plan, SitePlan), plan
+    assert plan.count_source == ("stack", 8)
+
+
+def test_count_slot_is_relative_to_rsp_at_the_return_site():
+    # push %rbx after the lea moves rsp by -8: the slot is 8 higher from there.
+    plan = plan_of(debian_like("488d0c24" + "53"))  # lea (%rsp),%rcx; push %rbx
+    assert isinstance(plan, SitePlan), plan
+    assert plan.count_source == ("stack", 8)
+
+
+def test_rdi_overwritten_before_the_first_emulated_instruction_is_unrecognised():
+    plan = plan_of(debian_like(before="488b7f08"))  # mov 0x8(%rdi),%rdi
+    assert isinstance(plan, Unrecognised)
+    assert plan.reason.startswith("entry:")
+
+
+def test_a_site_after_a_branch_is_not_an_entry_site():
+    # The js is not a site (rsi is gone), and the call after it is past a branch.
+    plan = plan_of(debian_like(before="31f6"))  # xor %esi,%esi
+    assert isinstance(plan, Unrecognised)
+
+
+def test_function_without_a_recognisable_call_is_unrecognised():
+    code = asm(SUB18, TEST_EDX, ("jcc8", 0x78, ":err"), "b801000000", ADD18, RET, ":err", MOV_EAX_M1, ADD18, RET)
+    plan = plan_of(code)
+    assert isinstance(plan, Unrecognised)
+    assert "no direct call" in plan.reason
+
+
+def test_call_with_other_arguments_is_not_the_data_call():
+    # xor %esi,%esi before the call: the callee does not get buf.
+    code = asm(SUB18, TEST_EDX, ("jcc8", 0x78, ":err"), "31f6", MOV_RCX_RSP, ("call", CALLEE),
+               TEST_EAX, ("jcc8", 0x7E, ":err"), ":err", ADD18, RET)
+    assert isinstance(plan_of(code), Unrecognised)
+
+
+def test_a_branch_into_the_prefix_is_unrecognised():
+    code = asm(SUB18, ":top", TEST_EDX, ("jcc8", 0x78, ":err"), MOV_RCX_RSP, ("call", CALLEE), TEST_EAX,
+               ("jcc8", 0x7E, ":out"), MOV_EAX_SLOT, ":out", ADD18, RET, ":err", ("jmp8", 0xEB, ":top"))
+    plan = plan_of(code)
+    assert isinstance(plan, Unrecognised)
+    assert "branch lands" in plan.reason
+
+
+def test_eax_overwritten_before_an_emulated_instruction_falls_back_to_the_callee_return():
+    code = asm(SUB18, TEST_EDX, ("jcc8", 0x78, ":err"), MOV_RCX_RSP, ("call", CALLEE), MOV_EAX_SLOT,
+               ("jcc8", 0x7E, ":err"), ":err", ADD18, RET)
+    plan = plan_of(code)
+    assert isinstance(plan, SitePlan), plan
+    assert (plan.return_kind, plan.return_vaddr, plan.count_source) == ("uretprobe", CALLEE, ("stack", 0))
+    # ...unless the callee itself starts with a single-stepped instruction.
+    assert isinstance(plan_of(code, callee=bytes.fromhex(SUB18) + b"\xc3"), Unrecognised)
+
+
+def test_ex_wrapper_with_push_entry_and_no_call_uses_its_own_uretprobe():
+    code = asm("55", "4889e5", "8b07", "5d", RET)  # push rbp; mov rsp,rbp; mov (rdi),eax; pop rbp; ret
+    plan = plan_of(code, "SSL_write_ex")
+    assert isinstance(plan, SitePlan), plan
+    assert (plan.entry_offset, plan.entry_rsp_delta) == (BASE - 0x1000, 0)
+    assert (plan.return_kind, plan.return_vaddr, plan.count_source) == ("uretprobe", BASE, ("arg_ptr", "rcx"))
+
+
+def test_ex_wrapper_needs_rcx_untouched_at_entry():
+    code = asm("4883ec08", "31c9", ("call", CALLEE), "4883c408", RET)  # xor %ecx,%ecx before the call
+    assert isinstance(plan_of(code, "SSL_write_ex"), Unrecognised)
+
+
+def test_untrackable_rsp_is_unrecognised():
+    code = asm("4883e4f0", ("call", CALLEE), RET)  # and $-16,%rsp
+    plan = plan_of(code)
+    assert isinstance(plan, Unrecognised)
+    assert "rsp" in plan.reason
+
+
+@pytest.mark.parametrize(
+    "code",
+    [b"", b"\xff" * 64, b"\x0f\x0b" * 8, bytes(range(256)), b"\xe8", b"\x78", bytes.fromhex(SUB18)[:3]],
+)
+def test_garbage_bytes_are_unrecognised(code):
+    plan = plan_function("SSL_write", BytesImage({BASE: code} if code else {}), BASE, len(code))
+    assert isinstance(plan, Unrecognised)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"\x7fELF", b"\x7fELF\x02\x01" + b"\xff" * 200, b"MZ" + b"\0" * 100, os.urandom(4096)],
+)
+def test_odd_files_are_unrecognised(tmp_path, content):
+    path = tmp_path / "lib.so"
+    path.write_bytes(content)
+    plans = analyze(str(path))
+    assert set(plans) == set(WRAPPERS)
+    assert all(isinstance(p, Unrecognised) for p in plans.values())
+
+
+def test_truncated_libssl_is_unrecognised(tmp_path):
+    if not os.path.exists(LIBSSL):
+        pytest.skip(f"{LIBSSL} not installed")
+    data = Path(LIBSSL).read_bytes()
+    for cut in (64, 4096, 0x35A00, len(data) - 100):
+        path = tmp_path / f"cut{cut}.so"
+        path.write_bytes(data[:cut])
+        plans = analyze(str(path))  # must not raise
+        assert set(plans) == set(WRAPPERS)
+
+
+def test_missing_file_is_unrecognised(tmp_path):
+    plans = analyze(str(tmp_path / "nope.so"))
+    assert all(isinstance(p, Unrecognised) and "cannot read" in p.reason for p in plans.values())
