@@ -52,7 +52,7 @@ class Agent:
         self.pending: deque[Event] = deque()
         self.pending_dropped = 0
         self._wake = asyncio.Event()
-        self.pipeline = Pipeline(config, self._emit, self.enricher.process)
+        self.pipeline = Pipeline(config, self._emit, self.enricher.process, forget_process=self.enricher.forget)
         self.runtime = Runtime(
             config=config,
             broadcaster=self.broadcaster,

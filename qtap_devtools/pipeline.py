@@ -84,12 +84,14 @@ class Pipeline:
         emit: Callable[[Event], None],
         process_info: Callable[[int], ProcessInfo | None],
         *,
+        forget_process: Callable[[int], None] = lambda pid: None,
         own_pid: int | None = None,
         own_port: int | None = None,
     ) -> None:
         self.config = config
         self.emit = emit
         self.process_info = process_info
+        self.forget_process = forget_process  # an exec replaces what the cache knew
         self.own_pid = own_pid if own_pid is not None else os.getpid()
         self.own_port = None if config.capture_own_port else (own_port or config.listen.port)
         self.clock_offset = mono_to_wall_offset()
@@ -193,6 +195,7 @@ class Pipeline:
         if r.pid == self.own_pid:
             return
         self.processes.pop(r.pid, None)
+        self.forget_process(r.pid)
         info = self.process_info(r.pid)
         if info is None:  # gone already: describe it from what the kernel said
             info = _minimal_process(r.pid, r.filename, r.comm, self.wall(r.ts_ns))
@@ -215,7 +218,10 @@ class Pipeline:
         if self._is_own(r.pid, r.remote):
             self.counters["own_traffic_skipped"] += 1
             return
-        self._new_conn((r.pid, r.fd), r.pid, r.fd, r.ts_ns, "client", r.remote, None)
+        conn = self._new_conn((r.pid, r.fd), r.pid, r.fd, r.ts_ns, "client", r.remote, None)
+        early = self.pending_addr.pop((r.pid, r.fd), None)
+        if early is not None:
+            self._apply_address(conn, early)
 
     def on_accept(self, r: rec.SocketAccept) -> None:
         if self._is_own(r.pid, r.local, r.remote):

@@ -172,3 +172,32 @@ def test_direction_classification():
     assert classify("10.1.2.3") == "egress-internal"
     assert classify("::1") == "egress-internal"
     assert classify("52.4.128.73") == "egress-external"
+
+
+def test_loopback_address_record_before_its_connect_record_is_applied():
+    # On loopback the handshake completes inside connect(): the kernel reports
+    # the 4-tuple before the connect syscall returns.
+    events, _ = run([
+        rec.SocketAddress(100, 5, EP_C, EP_S, 900),
+        rec.SocketConnect(100, 5, 1_000, EP_S, in_progress=True),
+        rec.DataChunk(100, 100, 5, 2_000, "egress", "openssl", 0, REQ),
+        rec.DataChunk(100, 100, 5, 3_000, "ingress", "openssl", 0, RESP),
+    ])
+    opened = events[0].payload()["data"]
+    assert events[0].type == "connection.opened"
+    assert opened["source"]["address"] == {"ip": "127.0.0.1", "port": 40000}
+
+
+def test_tls_peek_of_one_byte_then_client_hello_is_tls_not_other():
+    # nginx peeks one byte (MSG_PEEK) to tell TLS from plaintext, then reads the hello.
+    hello = bytes.fromhex("160301002e") + b"\x01" + b"\x00" * 45
+    events, _ = run([
+        rec.SocketAccept(200, 9, 1_000, EP_C, EP_S),
+        rec.DataChunk(200, 200, 9, 1_100, "ingress", "socket", 0, b"\x16"),
+        rec.DataChunk(200, 200, 9, 1_200, "ingress", "socket", 1, hello),
+        rec.DataChunk(200, 200, 9, 2_000, "ingress", "openssl", 0, REQ),
+        rec.DataChunk(200, 200, 9, 3_000, "egress", "openssl", 0, RESP),
+        rec.SocketClose(200, 9, 4_000),
+    ])
+    assert "request.http_transaction" in types(events)
+    assert events[-1].payload()["data"]["l7Protocol"] == "http1"

@@ -21,8 +21,14 @@ MAX_BUFFER = 16 * 1024 + 5
 
 
 def looks_like_tls(data: bytes) -> bool:
-    """A TLS record header: handshake/alert/CCS/app-data, version 3.x."""
-    return len(data) >= 3 and data[0] in (0x14, 0x15, 0x16, 0x17) and data[1] == 3 and data[2] <= 4
+    """A TLS record header (handshake/alert/CCS/app-data, version 3.x), or a
+    prefix of one: servers such as nginx peek at a single byte first."""
+    return (
+        len(data) >= 1
+        and data[0] in (0x14, 0x15, 0x16, 0x17)
+        and (len(data) < 2 or data[1] == 3)
+        and (len(data) < 3 or data[2] <= 4)
+    )
 
 
 @dataclass(slots=True)
@@ -41,6 +47,9 @@ class HelloReader:
     def feed(self, data: bytes) -> HelloInfo | None:
         if self.done:
             return None
+        if len(self.buffer) < 5 and len(data) >= 5 and data[0] == HANDSHAKE:
+            # What came before was a peek at the same bytes, not more of them.
+            self.buffer.clear()
         self.buffer += data[: MAX_BUFFER - len(self.buffer)]
         if len(self.buffer) < 5:
             return None

@@ -1,0 +1,80 @@
+"""Content-Encoding decoding (RFC 9110 §8.4) with a cap on the decoded size.
+
+A compressed body is attacker-sized: a few KiB of gzip can expand to GiB, so every
+decoder here stops producing output at ``limit`` bytes instead of decoding and
+cutting afterwards.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import brotli
+
+SUPPORTED = ("gzip", "x-gzip", "deflate", "br")
+
+
+def decode_body(raw: bytes, content_encoding: str | None, limit: int) -> tuple[bytes, bool, str | None]:
+    """Return ``(body, truncated, error)``.
+
+    On an unsupported coding or a decoding error the raw bytes come back with the
+    error, so a caller always has something to show.
+    """
+    if not content_encoding:
+        return raw, False, None
+    codings = [c.strip().lower() for c in content_encoding.split(",")]
+    codings = [c for c in codings if c and c != "identity"]
+    if not codings or not raw:
+        return raw, False, None
+    for coding in codings:
+        if coding not in SUPPORTED:
+            return raw, False, f"unsupported content-encoding: {coding}"
+    data = raw
+    truncated = False
+    # Codings are listed in the order they were applied (RFC 9110 §8.4): undo from the last.
+    for coding in reversed(codings):
+        try:
+            if coding == "br":
+                data, cut = _brotli(data, limit)
+            elif coding == "deflate":
+                data, cut = _deflate(data, limit)
+            else:
+                data, cut = _zlib(data, 16 + zlib.MAX_WBITS, limit)
+        except (zlib.error, brotli.error) as exc:
+            return raw, False, f"{coding} decoding failed: {exc}"
+        truncated = truncated or cut
+    return data, truncated, None
+
+
+def _zlib(data: bytes, wbits: int, limit: int) -> tuple[bytes, bool]:
+    out = bytearray()
+    while data:
+        decoder = zlib.decompressobj(wbits)
+        out += decoder.decompress(data, limit + 1 - len(out))
+        if len(out) > limit or decoder.unconsumed_tail:
+            return bytes(out[:limit]), True
+        if not decoder.eof:
+            break  # a body cut short (truncated capture): keep what decoded
+        data = decoder.unused_data  # gzip allows several members back to back (RFC 1952 §2.2)
+        if wbits < 16:
+            break
+    return bytes(out), False
+
+
+def _deflate(data: bytes, limit: int) -> tuple[bytes, bool]:
+    # "deflate" means the zlib format (RFC 9110 §8.4.1.2), but servers have long sent
+    # raw deflate; try the standard first, then raw.
+    try:
+        return _zlib(data, zlib.MAX_WBITS, limit)
+    except zlib.error:
+        return _zlib(data, -zlib.MAX_WBITS, limit)
+
+
+def _brotli(data: bytes, limit: int) -> tuple[bytes, bool]:
+    decoder = brotli.Decompressor()
+    out = bytearray(decoder.process(data, output_buffer_limit=limit + 1))
+    while len(out) <= limit and not decoder.is_finished() and not decoder.can_accept_more_data():
+        out += decoder.process(b"", output_buffer_limit=limit + 1 - len(out))
+    if len(out) > limit:
+        return bytes(out[:limit]), True
+    return bytes(out), False

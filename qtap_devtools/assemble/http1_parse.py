@@ -1,0 +1,640 @@
+"""HTTP/1.x framing: one direction's bytes → message heads and bodies (RFC 9112).
+
+``MessageReader`` is fed one direction of a connection and reports to an owner
+(the stitcher in ``http1.py``) through four calls: a head was parsed, the body
+passed the size limit, a message ended, something was malformed or cut. It
+knows nothing about pairing; the owner tells a response reader which request
+method it answers (HEAD and CONNECT change the framing, RFC 9112 §6.3).
+
+Parsing is hand-written on ``bytes.find``/``split``: measured against h11 on the
+keep-alive benchmark (``python -m qtap_devtools.assemble.bench_http1``) this is
+several times faster, and a passive observer must be more lenient than a server
+(it records what was sent, it does not get to refuse it).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Protocol
+
+MAX_HEAD = 64 * 1024  # header section, start line included
+MAX_LINE = 8 * 1024  # chunk-size line; a partial line kept while resynchronising
+MAX_CONTENT_LENGTH_DIGITS = 18  # < 2**63: anything longer is not a length, it is an attack
+
+TOKEN = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+HEXDIGITS = b"0123456789abcdefABCDEF"
+DIGITS = b"0123456789"
+VERSIONS = {b"HTTP/1.1": "HTTP/1.1", b"HTTP/1.0": "HTTP/1.0"}
+
+# Where a message may start after a gap or a mid-stream join: a whole start line at
+# a line start. Methods are restricted to upper case here (not in normal parsing) so
+# that body text is less likely to look like a request line.
+_REQUEST_LINE = rb"[A-Z][A-Z0-9_\-]{0,19} [^\s]+ HTTP/1\.[01]"
+_STATUS_LINE = rb"HTTP/1\.[01] [1-5][0-9][0-9](?:[ \t][^\r\n]*)?"
+START_LINE = {
+    "request": re.compile(rb"^" + _REQUEST_LINE + rb"\r?\n", re.M),
+    "response": re.compile(rb"^" + _STATUS_LINE + rb"\r?\n", re.M),
+    None: re.compile(rb"^(?:(" + _STATUS_LINE + rb")|" + _REQUEST_LINE + rb")\r?\n", re.M),
+}
+START_LINE_AT = {
+    "request": re.compile(_REQUEST_LINE + rb"\r?\n"),
+    "response": re.compile(_STATUS_LINE + rb"\r?\n"),
+}
+
+# Reader states.
+HEAD, LENGTH, CHUNK_SIZE, CHUNK_DATA, CHUNK_END, TRAILERS, CLOSE, SEEK, PAUSED, DEAD = range(10)
+
+# Body framings.
+NO_BODY, BY_LENGTH, CHUNKED, UNTIL_CLOSE, TUNNEL = range(5)
+
+
+class MalformedMessage(Exception):
+    """The bytes break HTTP/1 framing; the reader resynchronises after it."""
+
+
+class NotHttp1(MalformedMessage):
+    """The bytes do not even start like HTTP/1 (TLS records, HTTP/2 preface, binary)."""
+
+
+class Head:
+    """A parsed start line and header section, plus what framing needs from it."""
+
+    __slots__ = (
+        "is_request", "method", "target", "version", "status", "reason", "headers",
+        "content_length", "transfer_encoding", "chunked", "close", "upgrade", "content_encoding",
+    )
+
+    def __init__(self, is_request: bool) -> None:
+        self.is_request = is_request
+        self.method = ""
+        self.target = ""
+        self.version = ""
+        self.status = 0
+        self.reason = ""
+        self.headers: list[tuple[str, str]] = []
+        self.content_length: int | None = None
+        self.transfer_encoding: str | None = None
+        self.chunked = False
+        self.close = False
+        self.upgrade = False
+        self.content_encoding: str | None = None
+
+
+def split_head(head: bytes | bytearray) -> list[bytes]:
+    """Lines of a header section; CRLF is the rule, bare LF is tolerated (RFC 9112 §2.2)."""
+    if head.endswith(b"\r"):
+        head = head[:-1]
+    if head.count(b"\n") == head.count(b"\r\n"):
+        return head.split(b"\r\n")
+    return [line[:-1] if line.endswith(b"\r") else line for line in head.split(b"\n")]
+
+
+def parse_head(head: bytes | bytearray, is_request: bool) -> Head:
+    lines = split_head(head if type(head) is bytes else bytes(head))
+    msg = Head(is_request)
+    line = lines[0]
+    if is_request:
+        parts = line.split(b" ")
+        if len(parts) != 3 or not parts[0] or parts[0].translate(None, TOKEN):
+            raise NotHttp1(f"bad request line {bytes(line[:60])!r}")
+        version = VERSIONS.get(parts[2])
+        if version is None or not parts[1]:
+            # Includes the HTTP/2 preface "PRI * HTTP/2.0" (RFC 9113 §3.4).
+            raise NotHttp1(f"bad request line {bytes(line[:60])!r}")
+        msg.method = parts[0].decode("ascii")
+        msg.target = parts[1].decode("latin-1")
+        msg.version = version
+    else:
+        vers, _, rest = line.partition(b" ")
+        version = VERSIONS.get(vers)
+        if version is None:
+            raise NotHttp1(f"bad status line {bytes(line[:60])!r}")
+        code = rest[:3]
+        if len(code) != 3 or code.translate(None, DIGITS) or rest[3:4] not in (b"", b" "):
+            raise NotHttp1(f"bad status line {bytes(line[:60])!r}")
+        msg.version = version
+        msg.status = int(code)
+        msg.reason = rest[4:].decode("latin-1")
+    headers = msg.headers
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep or not name or name.translate(None, TOKEN):
+            if line[:1] in (b" ", b"\t"):
+                # obs-fold (RFC 9112 §5.2): deprecated; we report it rather than guess.
+                raise MalformedMessage("obsolete line folding in header section")
+            raise MalformedMessage(f"bad header line {bytes(line[:60])!r}")
+        key = name.decode("ascii")
+        text = value.strip(b" \t").decode("latin-1")
+        headers.append((key, text))
+        lkey = key.lower()
+        if lkey in _FRAMING_HEADERS:
+            _framing_header(msg, lkey, text)
+    return msg
+
+
+_FRAMING_HEADERS = frozenset(("content-length", "transfer-encoding", "connection", "upgrade", "content-encoding"))
+
+
+def _framing_header(msg: Head, lkey: str, value: str) -> None:
+    if lkey == "content-length":
+        # RFC 9110 §8.6: a list of identical values may be taken as that value.
+        values = {v.strip() for v in value.split(",")}
+        if msg.content_length is not None:
+            values.add(str(msg.content_length))
+        if len(values) != 1:
+            raise MalformedMessage(f"conflicting Content-Length {value[:40]!r}")
+        text = values.pop()
+        if not text or not text.isascii() or not text.isdigit() or len(text) > MAX_CONTENT_LENGTH_DIGITS:
+            raise MalformedMessage(f"bad Content-Length {value[:40]!r}")
+        if msg.content_length is None or int(text) == msg.content_length:
+            msg.content_length = int(text)
+    elif lkey == "transfer-encoding":
+        msg.transfer_encoding = f"{msg.transfer_encoding}, {value}" if msg.transfer_encoding else value
+        codings = [c.strip().lower() for c in msg.transfer_encoding.split(",") if c.strip()]
+        msg.chunked = bool(codings) and codings[-1] == "chunked"
+    elif lkey == "connection":
+        tokens = {t.strip().lower() for t in value.split(",")}
+        msg.close = msg.close or "close" in tokens
+    elif lkey == "upgrade":
+        msg.upgrade = True
+    else:
+        msg.content_encoding = f"{msg.content_encoding}, {value}" if msg.content_encoding else value
+
+
+def request_framing(head: Head) -> int:
+    """RFC 9112 §6.3 for requests: chunked, Content-Length, or no body."""
+    if head.transfer_encoding is not None:
+        if not head.chunked:
+            raise MalformedMessage("request Transfer-Encoding does not end in chunked")
+        return CHUNKED
+    if head.content_length:
+        return BY_LENGTH
+    return NO_BODY
+
+
+def response_framing(head: Head, request_method: str | None) -> int:
+    """RFC 9112 §6.3 for responses; the request method matters for HEAD and CONNECT."""
+    status = head.status
+    if status == 101:
+        return TUNNEL
+    if request_method == "CONNECT" and 200 <= status < 300:
+        return TUNNEL
+    if request_method == "HEAD" or status < 200 or status == 204 or status == 304:
+        return NO_BODY
+    if head.transfer_encoding is not None:
+        return CHUNKED if head.chunked else UNTIL_CLOSE  # §6.3 item 4: read until close
+    if head.content_length is not None:
+        return BY_LENGTH if head.content_length else NO_BODY
+    return UNTIL_CLOSE
+
+
+class Message:
+    """One message as it is being read; turned into model objects when emitted."""
+
+    __slots__ = (
+        "head", "start_ns", "end_ns", "wire_bytes", "body", "body_wire_size", "keep_body",
+        "truncated", "over_limit", "incomplete", "trailers", "framing", "request_method", "exchange",
+    )
+
+    def __init__(self, head: Head, start_ns: int, wire_bytes: int) -> None:
+        self.head = head
+        self.start_ns = start_ns
+        self.end_ns = start_ns
+        self.wire_bytes = wire_bytes
+        self.body = bytearray()
+        self.body_wire_size = 0
+        self.keep_body = True
+        self.truncated = False
+        self.over_limit = False
+        self.incomplete = False
+        self.trailers: list[tuple[str, str]] = []
+        self.framing = NO_BODY
+        self.request_method: str | None = None
+        self.exchange: object = None  # the stitcher's record for it
+
+
+class ReaderOwner(Protocol):
+    def on_head(self, reader: MessageReader, msg: Message) -> None: ...
+    def on_end(self, reader: MessageReader, msg: Message) -> None: ...
+    def on_cut(self, reader: MessageReader, msg: Message, error: str | None, desync: bool) -> None: ...
+    def on_malformed(self, reader: MessageReader, reason: str, not_http: bool) -> None: ...
+    def on_kind(self, reader: MessageReader, kind: str) -> None: ...
+
+
+class MessageReader:
+    """One direction's framing state machine.
+
+    ``kind`` is "request", "response", or None while a connection of unknown role
+    has not shown a start line yet. A reader that joined mid-stream starts in SEEK,
+    discarding bytes until a start line at a line start.
+    """
+
+    def __init__(self, owner: ReaderOwner, kind: str | None, max_body_bytes: int, *, joined: bool) -> None:
+        self.owner = owner
+        self.kind = kind
+        self.max_body = max_body_bytes
+        self.state = SEEK if joined else HEAD
+        self.buf = bytearray()
+        self.segments: list[tuple[int, int]] = []  # (buffer index, capture timestamp)
+        self.last_ns = 0
+        self.msg: Message | None = None
+        self.remaining = 0
+        self.discarded = 0
+        self.at_stream_start = not joined  # nothing parsed yet and byte 0 was seen
+        self.line_start = True  # in SEEK: the buffer begins at a line start
+
+    # ---- feeding
+
+    def feed(self, data: bytes, ts: int) -> None:
+        if self.state == DEAD:
+            self.discarded += len(data)
+            return
+        self.last_ns = ts
+        if self.buf:
+            self.segments.append((len(self.buf), ts))
+            self.buf += data
+            self._consume(self.buf, ts)
+        else:
+            self.segments = [(0, ts)]
+            self._consume(data, ts)
+
+    def _consume(self, work: bytes | bytearray, ts: int) -> None:
+        pos = self._run(work, 0, ts)
+        end = len(work)
+        if pos >= end or self.state == DEAD:
+            self.buf = bytearray()
+            self.segments = []
+        else:
+            if work is self.buf:
+                del self.buf[:pos]
+            else:
+                self.buf = bytearray(work[pos:])
+            segs = self.segments
+            kept = [(max(start - pos, 0), t) for i, (start, t) in enumerate(segs)
+                    if i + 1 == len(segs) or segs[i + 1][0] > pos]
+            self.segments = kept
+        if self.state == PAUSED and len(self.buf) > self.max_body + MAX_HEAD:
+            # Whatever follows an unanswered Upgrade request is too much to hold: give up.
+            self.discarded += len(self.buf)
+            self.buf = bytearray()
+            self.segments = []
+            self.state = DEAD
+
+    def ts_at(self, pos: int) -> int:
+        """Timestamp of the capture that carried byte ``pos`` of the data being read.
+
+        Exact, not approximate: the stitcher's gap recovery relies on a request
+        never looking later, nor a response earlier, than it really was.
+        """
+        for start, t in reversed(self.segments):
+            if start <= pos:
+                return t
+        return self.last_ns
+
+    @property
+    def buffered_since(self) -> int | None:
+        """Timestamp of the first byte waiting in the buffer, if any."""
+        return self.segments[0][1] if self.buf and self.segments else None
+
+    def _run(self, work: bytes | bytearray, pos: int, ts: int) -> int:
+        end = len(work)
+        view = memoryview(work)
+        try:
+            while pos < end:
+                state = self.state
+                if state == HEAD:
+                    nxt = self._head(work, pos, end, self.ts_at(pos), ts)
+                    if nxt < 0:
+                        break
+                    pos = nxt
+                elif state == LENGTH or state == CHUNK_DATA:
+                    take = min(self.remaining, end - pos)
+                    self._body(view[pos : pos + take])
+                    pos += take
+                    self.remaining -= take
+                    if not self.remaining:
+                        if state == LENGTH:
+                            self._finish(ts)
+                        else:
+                            self.state = CHUNK_END
+                elif state == CLOSE:
+                    self._body(view[pos:end])
+                    pos = end
+                elif state == CHUNK_SIZE:
+                    nxt = self._chunk_size(work, pos, end)
+                    if nxt < 0:
+                        break
+                    pos = nxt
+                elif state == CHUNK_END:
+                    # CRLF after chunk data; a bare LF is tolerated like everywhere else.
+                    byte = work[pos]
+                    if byte == 13 and pos + 1 >= end:
+                        break
+                    if byte == 10:
+                        used = 1
+                    elif byte == 13 and work[pos + 1] == 10:
+                        used = 2
+                    else:
+                        self._bad_body("missing CRLF after chunk data")
+                        continue
+                    pos += used
+                    self.msg.wire_bytes += used  # type: ignore[union-attr]
+                    self.state = CHUNK_SIZE
+                elif state == TRAILERS:
+                    nxt = self._trailer(work, pos, end, ts)
+                    if nxt < 0:
+                        break
+                    pos = nxt
+                elif state == SEEK:
+                    nxt = self._seek(work, pos, end)
+                    if nxt < 0:
+                        return -nxt - 1  # nothing found: keep from there
+                    pos = nxt
+                elif state == PAUSED:
+                    break
+                else:  # DEAD
+                    self.discarded += end - pos
+                    return end
+        finally:
+            view.release()
+        return pos
+
+    def _head(self, work: bytes | bytearray, pos: int, end: int, start_ns: int, ts: int) -> int:
+        # RFC 9112 §2.2: empty lines before a request line are ignored.
+        while pos < end and (work[pos] == 13 or work[pos] == 10):
+            pos += 1
+            self.discarded += 1
+        if pos >= end:
+            return end
+        if not self._plausible_start(work, pos, end):
+            self._malformed("not an HTTP/1 message start", True)
+            return end if self.state == DEAD else pos
+        lf = work.find(b"\n\r\n", pos, pos + MAX_HEAD)
+        lf2 = work.find(b"\n\n", pos, lf + 2 if lf >= 0 else pos + MAX_HEAD)
+        if lf2 >= 0 and (lf < 0 or lf2 <= lf):
+            stop, nxt = lf2, lf2 + 2
+        elif lf >= 0:
+            stop, nxt = lf, lf + 3
+        else:
+            if end - pos >= MAX_HEAD:
+                # Binary that happened to start with a token is "not HTTP", not an error.
+                looks_http = START_LINE_AT[self.kind].match(work, pos) is not None  # type: ignore[index]
+                self._malformed(f"header section exceeds {MAX_HEAD} bytes", not looks_http)
+                return end if self.state == DEAD else pos
+            return -1
+        try:
+            head = parse_head(work[pos:stop], self.kind == "request")
+        except MalformedMessage as exc:
+            self._malformed(str(exc), isinstance(exc, NotHttp1))
+            if self.state == DEAD:
+                return end
+            self.discarded += nxt - pos
+            self.line_start = True
+            return nxt
+        self.at_stream_start = False
+        msg = Message(head, start_ns, nxt - pos)
+        msg.end_ns = ts
+        self.msg = msg
+        self.owner.on_head(self, msg)
+        if self.msg is not msg:  # the owner stopped this reader (upgrade, other)
+            return nxt
+        try:
+            framing = request_framing(head) if head.is_request else response_framing(head, msg.request_method)
+        except MalformedMessage as exc:
+            self.msg = None
+            self.owner.on_cut(self, msg, f"malformed request: {exc}", True)
+            self._resync()
+            return nxt
+        msg.framing = framing
+        if framing == NO_BODY or framing == TUNNEL:
+            self._finish(ts)
+        elif framing == BY_LENGTH:
+            self.remaining = head.content_length  # type: ignore[assignment]
+            self.state = LENGTH
+        elif framing == CHUNKED:
+            self.state = CHUNK_SIZE
+        else:
+            self.state = CLOSE
+        return nxt
+
+    def _plausible_start(self, work: bytes | bytearray, pos: int, end: int) -> bool:
+        """Reject non-HTTP at once (a TLS record has no newline to wait for)."""
+        if self.kind == "response":
+            prefix = work[pos : pos + 5]
+            return b"HTTP/".startswith(prefix)
+        space = work.find(b" ", pos, pos + 24)
+        token = work[pos : space if space >= 0 else min(end, pos + 24)]
+        if space < 0 and len(token) >= 24:
+            return False
+        return not token.translate(None, TOKEN)
+
+    def _body(self, chunk: memoryview) -> None:
+        msg = self.msg
+        size = len(chunk)
+        msg.body_wire_size += size  # type: ignore[union-attr]
+        msg.wire_bytes += size  # type: ignore[union-attr]
+        msg.end_ns = self.last_ns  # type: ignore[union-attr]
+        if not msg.keep_body:  # type: ignore[union-attr]
+            self.discarded += size
+            return
+        room = self.max_body - len(msg.body)  # type: ignore[union-attr]
+        if size <= room:
+            msg.body += chunk  # type: ignore[union-attr]
+            return
+        # Past the limit: keep the prefix, follow framing for the rest without storing it.
+        msg.body += chunk[:room]  # type: ignore[union-attr]
+        msg.truncated = msg.over_limit = True  # type: ignore[union-attr]
+        msg.keep_body = False  # type: ignore[union-attr]
+        self.discarded += size - room
+
+    def _chunk_size(self, work: bytes | bytearray, pos: int, end: int) -> int:
+        lf = work.find(b"\n", pos, pos + MAX_LINE)
+        if lf < 0:
+            if end - pos >= MAX_LINE:
+                self._bad_body("chunk-size line too long")
+                return pos
+            return -1
+        line = work[pos:lf]
+        size_text = line.split(b";", 1)[0].strip(b" \t\r")  # chunk extensions ignored (§7.1.1)
+        if not size_text or len(size_text) > 16 or size_text.translate(None, HEXDIGITS):
+            self._bad_body(f"bad chunk size {bytes(line[:40])!r}")
+            return pos
+        self.msg.wire_bytes += lf + 1 - pos  # type: ignore[union-attr]
+        size = int(size_text, 16)
+        if size:
+            self.remaining = size
+            self.state = CHUNK_DATA
+        else:
+            self.state = TRAILERS
+            self.remaining = 0  # counts trailer-section bytes against MAX_HEAD
+        return lf + 1
+
+    def _trailer(self, work: bytes | bytearray, pos: int, end: int, ts: int) -> int:
+        lf = work.find(b"\n", pos, pos + MAX_HEAD)
+        if lf < 0:
+            if end - pos >= MAX_HEAD:
+                self._bad_body("trailer section too long")
+                return pos
+            return -1
+        msg = self.msg
+        msg.wire_bytes += lf + 1 - pos  # type: ignore[union-attr]
+        line = bytes(work[pos:lf])
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if not line:
+            self._finish(ts)
+            return lf + 1
+        self.remaining += lf + 1 - pos
+        if self.remaining > MAX_HEAD:
+            self._bad_body("trailer section too long")
+            return lf + 1
+        name, sep, value = line.partition(b":")
+        if sep and name and not name.translate(None, TOKEN):
+            msg.trailers.append((name.decode("ascii"), value.strip(b" \t").decode("latin-1")))  # type: ignore[union-attr]
+        return lf + 1
+
+    def _seek(self, work: bytes | bytearray, pos: int, end: int) -> int:
+        """Find the next start line: its position, or ``-(where to keep from) - 1``."""
+        if not self.line_start:
+            lf = work.find(b"\n", pos)
+            if lf < 0:
+                self.discarded += end - pos
+                return -end - 1
+            self.discarded += lf + 1 - pos
+            pos = lf + 1
+            self.line_start = True
+        pattern = START_LINE[self.kind]
+        found = pattern.search(work, pos)
+        if found is None:
+            # Keep the last partial line: it may become a start line with more data.
+            last = work.rfind(b"\n", pos)
+            keep = pos if last < 0 else last + 1
+            if end - keep > MAX_LINE:
+                keep = end
+                self.line_start = False
+            self.discarded += keep - pos
+            return -keep - 1
+        start = found.start()
+        self.discarded += start - pos
+        if self.kind is None:
+            self.owner.on_kind(self, "response" if found.group(1) else "request")
+        self.state = HEAD
+        return start
+
+    # ---- endings
+
+    def _finish(self, ts: int) -> None:
+        msg = self.msg
+        self.msg = None
+        msg.end_ns = ts  # type: ignore[union-attr]
+        head = msg.head  # type: ignore[union-attr]
+        if head.is_request and (head.upgrade or head.method == "CONNECT"):
+            # What follows may not be HTTP: wait for the response to say (RFC 9110 §7.8).
+            self.state = PAUSED
+        else:
+            self.state = HEAD
+        self.owner.on_end(self, msg)  # type: ignore[arg-type]
+
+    def _bad_body(self, reason: str) -> None:
+        msg = self.msg
+        self.msg = None
+        self._resync()
+        what = "request" if self.kind == "request" else "response"
+        self.owner.on_cut(self, msg, f"malformed {what} body: {reason}", True)  # type: ignore[arg-type]
+
+    def _malformed(self, reason: str, not_http: bool) -> None:
+        """A bad head at a message boundary. The caller decides where seeking resumes;
+        by default the offending line is skipped so the same start is not found again."""
+        first = self.at_stream_start
+        self._resync()
+        self.line_start = False
+        self.owner.on_malformed(self, reason, not_http and first)
+
+    def _resync(self) -> None:
+        if self.state != DEAD:
+            self.state = SEEK
+            self.line_start = True
+        self.remaining = 0
+
+    # ---- control from the owner
+
+    def resume(self) -> None:
+        """The response to an Upgrade/CONNECT request declined it: parse what waited."""
+        if self.state != PAUSED:
+            return
+        self.state = HEAD
+        if self.buf:
+            self._consume(self.buf, self.last_ns)
+
+    def stop(self) -> None:
+        """No more HTTP on this direction (upgraded, or not HTTP at all)."""
+        self.discarded += len(self.buf)
+        self.buf = bytearray()
+        self.segments = []
+        self.msg = None
+        self.state = DEAD
+
+    def skip_rest(self) -> None:
+        """The current message was emitted early: follow its framing, keep nothing more."""
+        if self.msg is not None:
+            self.msg.keep_body = False
+
+    def gap(self, lost: int, ts: int) -> Message | bool:
+        """``lost`` bytes never arrived before the next data.
+
+        Returns True when framing survives it (the hole lies inside a body of known
+        length, or in a read-until-close body), False when the reader must
+        resynchronise with no message cut, or the cut message.
+        """
+        state = self.state
+        if state == DEAD:
+            self.discarded += lost
+            return True
+        if state == SEEK:
+            self.buf.clear()
+            self.line_start = True  # the next data may well begin a message
+            return True
+        msg = self.msg
+        if msg is not None and (
+            state == CLOSE or ((state == LENGTH or state == CHUNK_DATA) and lost <= self.remaining and not self.buf)
+        ):
+            msg.incomplete = True
+            msg.truncated = True
+            msg.keep_body = False  # what follows the hole is not contiguous with what we kept
+            if state != CLOSE:
+                msg.body_wire_size += lost
+                self.remaining -= lost
+                if not self.remaining:
+                    if state == LENGTH:
+                        self._finish(ts)
+                    else:
+                        self.state = CHUNK_END
+            return True
+        self.msg = None
+        self.at_stream_start = False
+        self.discarded += len(self.buf)
+        self.buf.clear()
+        self.state = SEEK
+        self.line_start = True
+        if msg is not None:
+            msg.incomplete = True
+            msg.truncated = True
+            return msg
+        return False
+
+    def close(self, ts: int) -> None:
+        msg = self.msg
+        self.msg = None
+        self.discarded += len(self.buf)
+        self.buf.clear()
+        state = self.state
+        self.state = DEAD
+        if msg is None:
+            return
+        if state == CLOSE:
+            msg.end_ns = self.last_ns
+            self.owner.on_end(self, msg)
+        else:
+            what = "request" if self.kind == "request" else "response"
+            msg.incomplete = True
+            self.owner.on_cut(self, msg, f"connection closed before the {what} completed", False)

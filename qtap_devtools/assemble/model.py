@@ -1,0 +1,91 @@
+"""The typed output of the HTTP/1 reassembler: one ``HttpExchange`` per request/response pair.
+
+Everything here is immutable; the assembler builds these once, when an exchange is
+emitted, and the event model downstream derives its wire form from them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+Headers = tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class HttpRequest:
+    method: str
+    target: str
+    version: str  # "HTTP/1.1" or "HTTP/1.0"
+    headers: Headers  # original case and order, duplicates kept
+    body: bytes = b""  # decoded when Content-Encoding is known and decoding worked, else raw
+    body_wire_size: int = 0  # after de-chunking, before content decoding
+    content_encoding: str | None = None
+    body_truncated: bool = False
+    body_decode_error: str | None = None
+    chunked: bool = False
+    trailers: Headers = ()
+
+    def header(self, name: str) -> str | None:
+        return _first(self.headers, name)
+
+
+@dataclass(frozen=True, slots=True)
+class HttpResponse:
+    status: int
+    reason: str
+    version: str
+    headers: Headers
+    body: bytes = b""
+    body_wire_size: int = 0
+    content_encoding: str | None = None
+    body_truncated: bool = False
+    body_decode_error: str | None = None
+    chunked: bool = False
+    trailers: Headers = ()
+
+    def header(self, name: str) -> str | None:
+        return _first(self.headers, name)
+
+
+@dataclass(frozen=True, slots=True)
+class HttpExchange:
+    request: HttpRequest | None
+    response: HttpResponse | None
+    start_ns: int  # first request byte (first response byte when the request is unknown)
+    request_end_ns: int | None
+    response_start_ns: int | None  # first byte of the first response head, 1xx included
+    end_ns: int  # last response byte (or the close / last request byte without a response)
+    error: str | None = None
+    partial: bool = False  # emitted before the response completed (body or time limit)
+    incomplete: bool = False  # a capture gap touched it, or it could not be paired because of one
+    upgraded: bool = False  # 101 Switching Protocols, or a CONNECT tunnel
+    informational: tuple[int, ...] = ()  # 1xx statuses seen before the final response
+    request_bytes: int = 0  # head + body framing bytes as captured
+    response_bytes: int = 0  # 1xx heads included
+
+
+def _first(headers: Headers, name: str) -> str | None:
+    lname = name.lower()
+    for key, value in headers:
+        if key.lower() == lname:
+            return value
+    return None
+
+
+def combined_headers(headers: Headers) -> dict[str, str | list[str]]:
+    """Combine repeated fields as RFC 9110 §5.3 allows: comma-joined in order.
+
+    Keys are lower-cased. ``Set-Cookie`` is the exception the RFC names (§5.3,
+    RFC 6265 §3): its values may contain commas, so repeats stay a list.
+    """
+    combined: dict[str, str | list[str]] = {}
+    for name, value in headers:
+        key = name.lower()
+        seen = combined.get(key)
+        if seen is None:
+            combined[key] = value
+        elif key == "set-cookie":
+            combined[key] = [*seen, value] if isinstance(seen, list) else [seen, value]
+        else:
+            combined[key] = f"{seen}, {value}"
+    return combined
