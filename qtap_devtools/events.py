@@ -87,7 +87,7 @@ class Envelope:
     @classmethod
     def of(cls, type_: str, data: Mapping[str, Any], ts_ns: int) -> "Envelope":
         body = {"data": data, "ts": rfc3339(ts_ns)}
-        return cls(type_, body, sse_frame(type_, orjson.dumps(body)), ts_ns)
+        return cls(type_, body, sse_frame(type_, json_line(body)), ts_ns)
 
     @classmethod
     def from_wire(cls, type_: str, json_text: bytes | str) -> "Envelope":
@@ -97,7 +97,7 @@ class Envelope:
             raise ValueError('not an event: expected an object with a "data" field')
         ts = body.get("ts")
         ts_ns = parse_rfc3339(ts) if isinstance(ts, str) else 0
-        return cls(type_, body, sse_frame(type_, orjson.dumps(body)), ts_ns)
+        return cls(type_, body, sse_frame(type_, json_line(body)), ts_ns)
 
     @property
     def inner(self) -> Mapping[str, Any]:
@@ -106,6 +106,24 @@ class Envelope:
         if isinstance(data, Mapping) and isinstance(data.get("data"), Mapping):
             return data["data"]
         return data if isinstance(data, Mapping) else {}
+
+
+_TX_TYPE = HTTP_TRANSACTION.encode()
+_TX_TYPE_ESCAPED = HTTP_TRANSACTION.replace(".", "\\u002e").encode()
+
+
+def json_line(body: Mapping[str, Any]) -> bytes:
+    """The one-line JSON of an event.
+
+    Captured text can contain the words ``request.http_transaction`` — the
+    command line of the very ``grep`` in seed 003's recipes does, and its
+    ``process.started`` event is on the stream.  Such a data line would match
+    the recipes' ``grep "request.http_transaction" -A1`` and feed a non-
+    transaction to ``base64 -d``, or be counted by ``grep … | wc -l``.  So the
+    dot is written as the JSON escape ``\\u002e``: the same string to every
+    JSON parser, invisible to grep.  Only ``event:`` lines carry the literal.
+    """
+    return orjson.dumps(body).replace(_TX_TYPE, _TX_TYPE_ESCAPED)
 
 
 def sse_frame(type_: str, json_line: bytes) -> bytes:

@@ -14,6 +14,7 @@ so the offset between the two clocks is taken once at start.
 from __future__ import annotations
 
 import ipaddress
+import re
 import logging
 import os
 import time
@@ -48,6 +49,7 @@ MAX_CONNECTIONS = 65_536
 MAX_PENDING_SNI = 4096
 OPEN_GRACE_NS = 100_000_000  # wait this long for a connection's addresses before announcing it
 HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n"
+_REQUEST_START = re.compile(rb"^[A-Z]{3,12} \S+ HTTP/1\.[01]\r?\n")
 
 
 def mono_to_wall_offset() -> int:
@@ -75,6 +77,7 @@ class _Conn:
     hello: dict = field(default_factory=dict)  # direction -> HelloReader
     last_l7: str = "unknown"
     last_tls: tuple = ()
+    fed: bool = False  # has the assembler seen any bytes yet
 
 
 class Pipeline:
@@ -101,6 +104,7 @@ class Pipeline:
         # address record can arrive before the connect record it belongs to.
         self.pending_addr: OrderedDict[tuple[int, int], rec.SocketAddress] = OrderedDict()
         self.processes: OrderedDict[int, ProcessInfo] = OrderedDict()
+        self.parents: OrderedDict[int, int] = OrderedDict()
         self.counters = {
             "records": 0,
             "transactions": 0,
@@ -144,18 +148,20 @@ class Pipeline:
             remote=Address(remote.ip, remote.port) if remote else None,
             process=self._process(pid),
         )
-        asm = ConnectionAssembler(
-            role=role,
-            max_body_bytes=self.config.max_body_bytes,
-            stream_limit_ns=int(self.config.stream_limit_seconds * 1e9),
-        )
-        conn = _Conn(info, role, asm, opened_mono=ts)
+        conn = _Conn(info, role, self._assembler(role), opened_mono=ts)
         self.conns[key] = conn
         if len(self.conns) > MAX_CONNECTIONS:
             _, evicted = self.conns.popitem(last=False)
             self.counters["connections_evicted"] += 1
             self._finish(evicted, ts)
         return conn
+
+    def _assembler(self, role: str) -> ConnectionAssembler:
+        return ConnectionAssembler(
+            role=role,
+            max_body_bytes=self.config.max_body_bytes,
+            stream_limit_ns=int(self.config.stream_limit_seconds * 1e9),
+        )
 
     def _is_own(self, pid: int, *endpoints: rec.Endpoint | None) -> bool:
         if pid == self.own_pid:
@@ -198,12 +204,16 @@ class Pipeline:
         self.forget_process(r.pid)
         info = self.process_info(r.pid)
         if info is None:  # gone already: describe it from what the kernel said
-            info = _minimal_process(r.pid, r.filename, r.comm, self.wall(r.ts_ns))
+            info = _minimal_process(r.pid, self.parents.get(r.pid, 0), r.filename, r.comm, self.wall(r.ts_ns))
         self._remember(info)
         self.emit(ProcessStarted(info, ts_ns=self.wall(r.ts_ns)))
 
     def on_fork(self, r: rec.ProcessFork) -> None:
-        pass  # announced at exec, or lazily at its first connection
+        # Announced at exec, or lazily at its first connection; the parent is
+        # remembered for processes gone before /proc could be read.
+        self.parents[r.child_pid] = r.parent_pid
+        while len(self.parents) > MAX_CONNECTIONS:
+            self.parents.popitem(last=False)
 
     def on_exit(self, r: rec.ProcessExit) -> None:
         if r.pid == self.own_pid:
@@ -284,6 +294,8 @@ class Pipeline:
             early = self.pending_addr.pop(key, None) if r.fd >= 0 else None
             if early is not None:
                 self._apply_address(conn, early)
+            elif r.fd < 0:
+                self._borrow_socket(conn)
         info = conn.info
         tls_source = r.source != "socket"
         if tls_source:
@@ -317,6 +329,19 @@ class Pipeline:
         if info.l7_protocol == "http2":
             self._maybe_updated(conn, r.ts_ns)
             return
+        if not conn.fed:
+            conn.fed = True
+            if conn.role == "unknown" and _REQUEST_START.match(r.data[:8192]):
+                # A stream we did not see open (the process started it before
+                # us, or its TLS library works on memory buffers): its first
+                # bytes are a request, so whoever wrote them is the client.
+                # Pairing from here is sound for non-pipelined peers: no
+                # response to an earlier request can still be in flight once
+                # the next request has been sent.
+                conn.role = "client" if r.direction == "egress" else "server"
+                conn.assembler = self._assembler(conn.role)
+                if conn.role == "server" and info.remote is None:
+                    info.direction = "ingress"
         exchanges = conn.assembler.on_data(r.direction, r.data, r.ts_ns, r.offset)
         proto = conn.assembler.protocol
         if proto != "unknown":
@@ -324,6 +349,27 @@ class Pipeline:
         self._maybe_updated(conn, r.ts_ns)
         for ex in exchanges:
             self._transaction(conn, ex)
+
+    def _borrow_socket(self, conn: _Conn) -> None:
+        """A TLS library on memory buffers (node) shows no fd; its ciphertext
+        goes out on a socket we do see.  If the process has exactly one TLS
+        socket whose plaintext is still unaccounted for, that is this stream's
+        socket: take its addresses and role, and let it stand for the TLS
+        stream in connection events.  With several candidates we cannot know,
+        and leave the addresses unknown rather than guess."""
+        pid = conn.info.pid
+        candidates = [c for k, c in self.conns.items()
+                      if k[0] == pid and k[1] != "tls" and c.info.is_tls and not c.info.tls_introspected]
+        if len(candidates) != 1:
+            return
+        sock = candidates[0]
+        sock.info.tls_introspected = True  # now accounted for
+        info = conn.info
+        info.local, info.remote = sock.info.local, sock.info.remote
+        info.direction, info.tls_version = sock.info.direction, sock.info.tls_version
+        info.sni = info.sni or sock.info.sni
+        conn.role = sock.role
+        conn.assembler = self._assembler(sock.role)
 
     _handlers = {
         rec.ProcessExec: on_exec,
@@ -460,8 +506,8 @@ def _is_loopback(ip: str) -> bool:
         return False
 
 
-def _minimal_process(pid: int, filename: str, comm: str, ts: int) -> ProcessInfo:
+def _minimal_process(pid: int, ppid: int, filename: str, comm: str, ts: int) -> ProcessInfo:
     return ProcessInfo(
-        pid=pid, ppid=0, exe=filename, binary=os.path.basename(filename) or comm, cmdline=filename,
+        pid=pid, ppid=ppid, exe=filename, binary=os.path.basename(filename) or comm, cmdline=filename,
         uid=-1, user="", hostname=os.uname().nodename, start_time_ns=ts,
     )

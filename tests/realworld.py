@@ -201,9 +201,9 @@ class H(http.server.BaseHTTPRequestHandler):
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
             for part in (b'{"chunks": [', b'"one", ', b'"two"', b']}'):
-                self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+                self.wfile.write(b"%x\\r\\n%s\\r\\n" % (len(part), part))
                 self.wfile.flush()
-            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.write(b"0\\r\\n\\r\\n")
             return
         n = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(n) if n else b"python-ssl says hi\\n"

@@ -35,7 +35,7 @@ class StreamReader:
                     with self.lock:
                         self.events.append((event_type, json.loads(line[6:])))
                     event_type = None
-        except (OSError, ValueError):
+        except (OSError, ValueError, AttributeError):  # closed under us at teardown
             return
 
     def close(self) -> None:

@@ -425,7 +425,7 @@ def test_lowercase_headers_lf_only_lines_and_http10_request():
     assert ex.request.body == b"hi" and ex.request.headers == (("content-LENGTH", "2"), ("hOsT", "x"))
     assert ex.request.header("Host") == "x"
     assert ex.response.body == b"abc"
-    assert combined_headers(ex.response.headers)["set-cookie"] == ["a=1", "b=2"]
+    assert combined_headers(ex.response.headers)["Set-Cookie"] == ["a=1", "b=2"]
 
 
 def test_leading_empty_lines_before_a_request_are_ignored():
@@ -437,7 +437,8 @@ def test_leading_empty_lines_before_a_request_are_ignored():
 
 def test_combined_headers_joins_repeats_in_order_except_set_cookie():
     headers = (("Accept", "a"), ("accept", "b"), ("Set-Cookie", "x=1, y"), ("Host", "h"), ("ACCEPT", "c"))
-    assert combined_headers(headers) == {"accept": "a, b, c", "set-cookie": "x=1, y", "host": "h"}
+    # First-seen case is kept for display; matching is case-insensitive.
+    assert combined_headers(headers) == {"Accept": "a, b, c", "Set-Cookie": "x=1, y", "Host": "h"}
 
 
 def test_server_role_reads_requests_from_ingress():

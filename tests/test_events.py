@@ -138,3 +138,14 @@ def test_ids_decode_like_xid():
     text = ids.encode(raw)
     # base32hex (RFC 4648 §7) of the same bytes, lowercased, padding dropped.
     assert text == base64.b32hexencode(raw).decode().lower().rstrip("=")
+
+
+def test_captured_text_naming_the_transaction_event_cannot_fool_the_recipes_grep():
+    # The recipe's own grep is a process on the stream, its cmdline naming the event type.
+    grep = ev.ProcessStarted(
+        samples.PYTHON.__class__(**{**{f: getattr(samples.PYTHON, f) for f in samples.PYTHON.__slots__},
+                                    "cmdline": 'grep request.http_transaction -A1'}))
+    frame = grep.envelope().frame
+    data_line = frame.split(b"\n")[1]
+    assert b"request.http_transaction" not in data_line
+    assert orjson.loads(data_line[6:])["data"]["cmdline"] == "grep request.http_transaction -A1"

@@ -75,16 +75,20 @@ def _first(headers: Headers, name: str) -> str | None:
 def combined_headers(headers: Headers) -> dict[str, str | list[str]]:
     """Combine repeated fields as RFC 9110 §5.3 allows: comma-joined in order.
 
-    Keys are lower-cased. ``Set-Cookie`` is the exception the RFC names (§5.3,
-    RFC 6265 §3): its values may contain commas, so repeats stay a list.
+    Names match case-insensitively and keep the case they were first sent in
+    (what a user sees in DevTools). ``Set-Cookie`` is the exception the RFC
+    names (§5.3, RFC 6265 §3): its values may contain commas, so repeats stay a
+    list.
     """
     combined: dict[str, str | list[str]] = {}
+    first_case: dict[str, str] = {}
     for name, value in headers:
-        key = name.lower()
+        low = name.lower()
+        key = first_case.setdefault(low, name)
         seen = combined.get(key)
         if seen is None:
             combined[key] = value
-        elif key == "set-cookie":
+        elif low == "set-cookie":
             combined[key] = [*seen, value] if isinstance(seen, list) else [seen, value]
         else:
             combined[key] = f"{seen}, {value}"

@@ -1,0 +1,425 @@
+// The detail pane of one transaction: Headers, Payload, Response, Timing, Source.
+// The transaction JSON is decoded here, on selection, never for the table.
+
+import { h, clear, formatBytes, formatMs, formatDateTime, mimeOf, statusClass, addressText } from "./dom.js";
+import { base64Bytes, textOf, transactionOf, headerList, findHeader } from "./export.js";
+
+const TABS = [
+  ["headers", "Headers"],
+  ["payload", "Payload"],
+  ["response", "Response"],
+  ["timing", "Timing"],
+  ["source", "Source"],
+];
+
+const TEXT_LIMIT = 512 * 1024; // characters drawn in a text view
+const HEX_LIMIT = 64 * 1024; // bytes drawn in a hex view
+const JSON_CHILD_LIMIT = 500; // children drawn per object before "show more"
+
+export class DetailPane {
+  constructor(el, { onClose, onCopyCurl, onCopyResponse, connectionOf }) {
+    this.el = el;
+    this.row = null;
+    this.tab = "headers";
+    this.onClose = onClose;
+    this.connectionOf = connectionOf || (() => null);
+    this.tabButtons = new Map();
+    const tabs = h("div", { class: "tabs", role: "tablist" });
+    for (const [id, label] of TABS) {
+      const b = h("button", { class: "tab", role: "tab", testid: `tab-${id}`, onclick: () => this.show(id) }, label);
+      this.tabButtons.set(id, b);
+      tabs.append(b);
+    }
+    this.title = h("span", { class: "detail-title", testid: "detail-title" });
+    this.body = h("div", { class: "detail-body", testid: "detail-body", tabindex: "-1" });
+    el.append(
+      h("div", { class: "detail-head" },
+        h("button", { class: "icon-btn close", title: "Close (Esc)", "aria-label": "Close", testid: "detail-close", onclick: () => this.onClose() }, h("span", { class: "i-close", "aria-hidden": "true" })),
+        tabs,
+        h("span", { class: "spacer" }),
+        h("button", { class: "btn small", testid: "copy-curl", title: "Copy this request as a curl command", onclick: () => onCopyCurl(this.row) }, "Copy as cURL"),
+        h("button", { class: "btn small", testid: "copy-response", title: "Copy the response body", onclick: () => onCopyResponse(this.row) }, "Copy response"),
+      ),
+      this.title,
+      this.body,
+    );
+    el.addEventListener("keydown", (e) => {
+      if (e.key === "Escape") {
+        e.preventDefault();
+        this.onClose();
+      }
+    });
+  }
+
+  open(row) {
+    this.row = row;
+    this.render();
+  }
+
+  show(tab) {
+    this.tab = tab;
+    this.render();
+  }
+
+  render() {
+    const row = this.row;
+    if (!row) return;
+    for (const [id, b] of this.tabButtons) {
+      b.setAttribute("aria-selected", String(id === this.tab));
+      b.classList.toggle("active", id === this.tab);
+    }
+    this.title.textContent = row.url;
+    this.title.title = row.url;
+    const tx = transactionOf(row);
+    clear(this.body);
+    this.body.scrollTop = 0;
+    if (!tx) {
+      this.body.append(notice("error", `The transaction data could not be decoded: ${row.txError || "no data"}`));
+      return;
+    }
+    const panel = h("div", { class: `panel panel-${this.tab}`, testid: `panel-${this.tab}` });
+    const render = {
+      headers: () => this.headers(panel, row, tx),
+      payload: () => this.payload(panel, row, tx),
+      response: () => this.response(panel, row, tx),
+      timing: () => this.timing(panel, row, tx),
+      source: () => this.source(panel, row, tx),
+    }[this.tab];
+    render();
+    this.body.append(panel);
+  }
+
+  headers(panel, row, tx) {
+    const req = tx.request || {};
+    const resp = tx.response;
+    const meta = tx.metadata || {};
+    problems(panel, row, tx);
+    const status = resp ? h("span", { class: "status-value" }, h("span", { class: `status-dot ${statusClass(resp.status)}` }), `${resp.status}${resp.reason ? ` ${resp.reason}` : ""}`) : "(no response)";
+    panel.append(
+      section("General", "general", kvTable([
+        ["Request URL", req.url || row.url],
+        ["Request Method", req.method || row.method],
+        ["Status Code", status],
+        ["Remote Address", addressText(meta.remote_address)],
+        ["Protocol", [req.http_version, req.scheme === "https" || row.scheme === "https" ? meta.tls_version || "TLS" : null].filter(Boolean).join(" over ")],
+        ["Direction", tx.direction],
+        ["Process", row.exe ? `${row.exe} (pid ${row.pid})` : ""],
+      ])),
+      section(`Response Headers (${headerList(resp && resp.headers).length})`, "response-headers", headerTable(resp && resp.headers, "No response headers")),
+      section(`Request Headers (${headerList(req.headers).length})`, "request-headers", headerTable(req.headers, "No request headers")),
+    );
+  }
+
+  payload(panel, row, tx) {
+    const req = tx.request || {};
+    let params = [];
+    try {
+      params = [...new URL(req.url || row.url).searchParams];
+    } catch {
+      /* not a URL we can parse: no query section */
+    }
+    if (params.length) {
+      panel.append(section(`Query String Parameters (${params.length})`, "query-params", fieldTable(params)));
+    }
+    const bytes = base64Bytes(req.body);
+    if (!bytes.length && !req.body_size) {
+      if (!params.length) panel.append(h("div", { class: "empty-note" }, "This request has no payload."));
+      return;
+    }
+    const ctype = req.content_type || findHeader(req.headers, "content-type") || "";
+    const label = mimeOf(ctype) === "application/x-www-form-urlencoded" ? "Form Data" : "Request Payload";
+    panel.append(section(label, "request-body", bodyView(bytes, ctype, req, "request")));
+  }
+
+  response(panel, row, tx) {
+    const resp = tx.response;
+    if (!resp) {
+      panel.append(h("div", { class: "empty-note" }, tx.error ? `No response: ${tx.error}` : "This request has no response."));
+      return;
+    }
+    const bytes = base64Bytes(resp.body);
+    if (!bytes.length && !resp.body_size) {
+      panel.append(h("div", { class: "empty-note" }, "This response has no body."));
+      return;
+    }
+    const ctype = resp.content_type || findHeader(resp.headers, "content-type") || "";
+    panel.append(h("div", { testid: "response-body" }, bodyView(bytes, ctype, resp, "response")));
+  }
+
+  timing(panel, row, tx) {
+    const t = tx.timing || {};
+    const total = Number(tx.duration_ms ?? row.duration ?? 0);
+    const send = Number(t.send_ms ?? 0);
+    const wait = Number(t.wait_ms ?? Math.max(0, total - send));
+    const receive = Number(t.receive_ms ?? Math.max(0, total - send - wait));
+    const span = Math.max(total, send + wait + receive, 0.001);
+    const phases = [
+      ["Request sent", send, "ph-send"],
+      ["Waiting for server response", wait, "ph-wait"],
+      ["Content download", receive, "ph-receive"],
+    ];
+    const started = Date.parse(tx.started_at || row.ts);
+    const grid = h("div", { class: "timing-grid", testid: "timing" });
+    let offset = 0;
+    for (const [label, ms, cls] of phases) {
+      const bar = h("span", { class: `tbar ${cls}` });
+      bar.style.left = `${(offset / span) * 100}%`;
+      bar.style.width = `${Math.max((ms / span) * 100, 0.4)}%`;
+      grid.append(h("span", { class: "tlabel" }, label), h("span", { class: "ttrack" }, bar), h("span", { class: "tvalue" }, formatMs(ms)));
+      offset += ms;
+    }
+    grid.append(h("span", { class: "tlabel total" }, "Total"), h("span"), h("span", { class: "tvalue total", testid: "timing-total" }, formatMs(total)));
+    panel.append(
+      kvTable([
+        ["Started at", formatDateTime(started)],
+        ["Captured at", formatDateTime(row.tsMs)],
+      ]),
+      section("Request/Response", "timing-phases", grid),
+      h("p", { class: "hint" }, "Measured by the agent from the first request byte to the last response byte seen on the socket."),
+    );
+  }
+
+  source(panel, row, tx) {
+    const m = tx.metadata || {};
+    const conn = this.connectionOf(m.connection_id || row.connectionId) || {};
+    const src = conn.source || {};
+    const dst = conn.destination || {};
+    const tlsLibs = conn.meta && conn.meta.tlsProbeTypesDetected;
+    panel.append(
+      section("Process", "source-process", kvTable([
+        ["PID", m.process_id ?? row.pid],
+        ["Executable", m.process_exe || row.exe],
+        ["User", m.user || src.user],
+        ["Hostname", m.hostname || src.hostname],
+      ])),
+      section("Container", "source-container", kvTable([
+        ["Name", m.container_name || row.container],
+        ["ID", m.container_id],
+        ["Image", m.container_image],
+        ["Pod", m.pod_name || row.pod],
+        ["Namespace", m.pod_namespace],
+      ])),
+      section("Connection", "source-connection", kvTable([
+        ["Connection ID", m.connection_id || row.connectionId],
+        ["Request ID", row.id],
+        ["Endpoint", m.endpoint_id || row.endpoint],
+        ["Direction", tx.direction],
+        ["Local address", addressText(m.local_address) || addressText(src.address)],
+        ["Remote address", addressText(m.remote_address) || addressText(dst.address)],
+        ["TLS version", m.tls_version || conn.tlsVersion || (row.scheme === "https" ? "unknown" : "none (plain HTTP)")],
+        ["TLS library", m.tls_library || (tlsLibs && tlsLibs.join(", "))],
+        ["Bytes sent", m.bytes_sent != null ? `${formatBytes(m.bytes_sent)} (${m.bytes_sent} B)` : ""],
+        ["Bytes received", m.bytes_received != null ? `${formatBytes(m.bytes_received)} (${m.bytes_received} B)` : ""],
+      ])),
+    );
+  }
+}
+
+// ------------------------------------------------------------------ pieces
+
+function notice(kind, text) {
+  return h("div", { class: `notice ${kind}`, testid: `notice-${kind}` }, text);
+}
+
+function problems(panel, row, tx) {
+  if (tx.error) panel.append(notice("error", `Error: ${tx.error}`));
+  if (tx.partial) panel.append(notice("warn", "Partial: the capture started in the middle of this transaction."));
+  if (tx.incomplete) panel.append(notice("warn", "Incomplete: the connection ended before the response was complete."));
+}
+
+function section(title, testid, content) {
+  const d = h("details", { class: "section", open: true, testid },
+    h("summary", null, title),
+    content);
+  return d;
+}
+
+function kvTable(pairs) {
+  const t = h("div", { class: "kv" });
+  for (const [k, v] of pairs) {
+    if (v === null || v === undefined || v === "") continue;
+    t.append(h("div", { class: "k" }, k), h("div", { class: "v" }, v instanceof Node ? v : String(v)));
+  }
+  if (!t.childElementCount) t.append(h("div", { class: "k muted" }, "—"));
+  return t;
+}
+
+function headerTable(headers, emptyText) {
+  const pairs = headerList(headers);
+  if (!pairs.length) return h("div", { class: "empty-note" }, emptyText);
+  const t = h("div", { class: "kv headers" });
+  for (const [k, v] of pairs) t.append(h("div", { class: "k" }, k), h("div", { class: "v" }, v));
+  return t;
+}
+
+function fieldTable(pairs) {
+  const t = h("div", { class: "kv fields" });
+  for (const [k, v] of pairs) t.append(h("div", { class: "k" }, k), h("div", { class: "v" }, v === "" ? h("span", { class: "muted" }, "(empty)") : v));
+  return t;
+}
+
+// A body, shown the way its type and bytes allow.
+function bodyView(bytes, contentType, msg, side) {
+  const wrap = h("div", { class: "body-view" });
+  const mime = mimeOf(contentType);
+  const size = msg.body_size ?? bytes.length;
+  if (msg.body_truncated || (msg.body_captured != null && msg.body_captured < size)) {
+    wrap.append(notice("warn", `Truncated: ${formatBytes(bytes.length)} of ${formatBytes(size)} captured (the agent's --max-body-bytes limit).`));
+  }
+  if (msg.body_decode_error) wrap.append(notice("warn", `Could not decode ${msg.content_encoding || "the body"}: ${msg.body_decode_error}; showing the bytes as captured.`));
+  const info = [mime || "no content type", formatBytes(bytes.length)];
+  if (msg.content_encoding) info.push(`decoded from ${msg.content_encoding}`);
+
+  if (!bytes.length) {
+    wrap.append(h("div", { class: "empty-note" }, size ? "The body was not captured." : "Empty body."));
+    return wrap;
+  }
+  if (mime.startsWith("image/") && /^image\/[a-z0-9.+-]+$/.test(mime)) {
+    const img = h("img", { class: "preview", alt: `${side} image`, testid: `${side}-image` });
+    const dims = h("span", { class: "muted" });
+    img.addEventListener("load", () => { dims.textContent = ` · ${img.naturalWidth} × ${img.naturalHeight}`; });
+    img.addEventListener("error", () => { img.replaceWith(hexView(bytes)); });
+    img.src = `data:${mime};base64,${msg.body}`;
+    wrap.append(h("div", { class: "body-info" }, h("span", null, info.join(" · "), dims)), h("div", { class: "image-box" }, img));
+    return wrap;
+  }
+  const text = textOf(bytes);
+  if (text === null) {
+    wrap.append(h("div", { class: "body-info" }, `${info.join(" · ")} · binary`), hexView(bytes));
+    return wrap;
+  }
+  const views = [];
+  if (mime === "application/x-www-form-urlencoded") {
+    views.push(["Fields", () => fieldTable([...new URLSearchParams(text)])]);
+  }
+  const json = looksJson(mime, text) ? parseJson(text) : undefined;
+  if (json !== undefined) views.push(["Pretty", () => jsonView(json)]);
+  views.push(["Raw", () => textView(text)]);
+  views.push(["Hex", () => hexView(bytes)]);
+
+  const holder = h("div", { class: "body-holder" });
+  const switcher = h("div", { class: "seg", role: "tablist" });
+  const pick = (i) => {
+    [...switcher.children].forEach((b, j) => b.setAttribute("aria-pressed", String(i === j)));
+    clear(holder).append(views[i][1]());
+  };
+  views.forEach(([name], i) => switcher.append(h("button", { class: "seg-btn", testid: `${side}-view-${name.toLowerCase()}`, onclick: () => pick(i) }, name)));
+  wrap.append(h("div", { class: "body-info" }, h("span", null, info.join(" · ")), switcher), holder);
+  pick(0);
+  return wrap;
+}
+
+function looksJson(mime, text) {
+  if (mime.includes("json")) return true;
+  const t = text.trimStart();
+  return t.startsWith("{") || t.startsWith("[");
+}
+
+function parseJson(text) {
+  try {
+    return JSON.parse(text);
+  } catch {
+    return undefined;
+  }
+}
+
+function textView(text) {
+  const shown = text.length > TEXT_LIMIT ? text.slice(0, TEXT_LIMIT) : text;
+  const pre = h("pre", { class: "text-view", testid: "text-view" }, shown);
+  if (shown.length < text.length) {
+    return h("div", null, notice("info", `Showing the first ${formatBytes(TEXT_LIMIT)} characters of ${formatBytes(text.length)}.`), pre);
+  }
+  return pre;
+}
+
+export function hexView(bytes) {
+  const n = Math.min(bytes.length, HEX_LIMIT);
+  const lines = [];
+  for (let off = 0; off < n; off += 16) {
+    let hex = "";
+    let ascii = "";
+    for (let i = 0; i < 16; i += 1) {
+      if (off + i < n) {
+        const b = bytes[off + i];
+        hex += b.toString(16).padStart(2, "0") + (i === 7 ? "  " : " ");
+        ascii += b >= 0x20 && b < 0x7f ? String.fromCharCode(b) : ".";
+      } else {
+        hex += i === 7 ? "    " : "   ";
+      }
+    }
+    lines.push(`${off.toString(16).padStart(8, "0")}  ${hex} ${ascii}`);
+  }
+  const pre = h("pre", { class: "hex-view", testid: "hex-view" }, lines.join("\n"));
+  if (n < bytes.length) {
+    return h("div", null, notice("info", `Showing the first ${formatBytes(n)} of ${formatBytes(bytes.length)}.`), pre);
+  }
+  return pre;
+}
+
+// ------------------------------------------------------------------ JSON tree
+// Pretty-printed JSON whose objects and arrays fold.  Children are built when
+// a node is first expanded, so a large document opens instantly.
+
+export function jsonView(value) {
+  const root = h("div", { class: "json", testid: "json-view", role: "tree" });
+  root.append(jsonNode(null, value, 0, true));
+  return root;
+}
+
+function scalar(value) {
+  if (value === null) return h("span", { class: "j-null" }, "null");
+  switch (typeof value) {
+    case "string": return h("span", { class: "j-str" }, JSON.stringify(value));
+    case "number": return h("span", { class: "j-num" }, String(value));
+    case "boolean": return h("span", { class: "j-bool" }, String(value));
+    default: return h("span", null, String(value));
+  }
+}
+
+function keyPart(key) {
+  if (key === null) return null;
+  return [h("span", { class: "j-key" }, typeof key === "number" ? String(key) : JSON.stringify(key)), h("span", { class: "j-punct" }, ": ")];
+}
+
+function jsonNode(key, value, depth, last) {
+  const comma = last ? null : h("span", { class: "j-punct" }, ",");
+  const isArray = Array.isArray(value);
+  if (value === null || typeof value !== "object") {
+    return h("div", { class: "j-line" }, h("span", { class: "j-toggle none" }), keyPart(key), scalar(value), comma);
+  }
+  const entries = isArray ? value.map((v, i) => [i, v]) : Object.entries(value);
+  const [open, close] = isArray ? ["[", "]"] : ["{", "}"];
+  if (!entries.length) {
+    return h("div", { class: "j-line" }, h("span", { class: "j-toggle none" }), keyPart(key), h("span", { class: "j-punct" }, open + close), comma);
+  }
+  const toggle = h("button", { class: "j-toggle", "aria-label": "Expand or collapse", tabindex: "-1" });
+  const count = isArray ? `${entries.length} item${entries.length === 1 ? "" : "s"}` : `${entries.length} key${entries.length === 1 ? "" : "s"}`;
+  const summary = h("span", { class: "j-summary" }, `…${close}`, h("span", { class: "j-count" }, ` ${count}`), comma && comma.cloneNode(true));
+  const children = h("div", { class: "j-children" });
+  const closing = h("div", { class: "j-line" }, h("span", { class: "j-toggle none" }), h("span", { class: "j-punct" }, close), comma);
+  const node = h("div", { class: "j-node", role: "treeitem" },
+    h("div", { class: "j-line opener" }, toggle, keyPart(key), h("span", { class: "j-punct" }, open), summary),
+    children, closing);
+  let built = 0;
+  const build = (upto) => {
+    const more = children.querySelector(":scope > .j-more");
+    if (more) more.remove();
+    for (; built < Math.min(upto, entries.length); built += 1) {
+      const [k, v] = entries[built];
+      children.append(jsonNode(isArray ? null : k, v, depth + 1, built === entries.length - 1));
+    }
+    if (built < entries.length) {
+      children.append(h("button", { class: "j-more", onclick: () => build(built + JSON_CHILD_LIMIT) }, `Show ${Math.min(JSON_CHILD_LIMIT, entries.length - built)} more of ${entries.length - built}…`));
+    }
+  };
+  const setOpen = (isOpen) => {
+    if (isOpen && !built) build(JSON_CHILD_LIMIT);
+    node.classList.toggle("collapsed", !isOpen);
+    node.setAttribute("aria-expanded", String(isOpen));
+  };
+  toggle.addEventListener("click", () => setOpen(node.classList.contains("collapsed")));
+  node.querySelector(".opener").addEventListener("dblclick", () => setOpen(node.classList.contains("collapsed")));
+  setOpen(depth < 4 && entries.length <= 200);
+  return node;
+}
+

@@ -1,0 +1,246 @@
+// A virtualised table: only the rows in view (plus a little overscan) exist in
+// the DOM, so 10,000 rows scroll as smoothly as 10.  Rows are plain objects;
+// columns say how to turn one into a cell.  Used by the Network, Processes and
+// Connections views.
+
+import { h, clear } from "./dom.js";
+
+const OVERSCAN = 8;
+
+export class VirtualTable {
+  constructor({ columns, rowHeight = 22, testid, rowTestid = "row", rowKey, rowClass, onSelect, onOpen, onClose, onContextMenu, emptyText }) {
+    this.columns = columns;
+    this.rowHeight = rowHeight;
+    this.rowKey = rowKey;
+    this.rowClass = rowClass || (() => "");
+    this.rowTestid = rowTestid;
+    this.onSelect = onSelect || (() => {});
+    this.onOpen = onOpen || (() => {});
+    this.onClose = onClose || (() => {});
+    this.onContextMenu = onContextMenu;
+    this.emptyText = emptyText || (() => "No rows");
+    this.rows = [];
+    this.selected = null;
+    this.rendered = new Map(); // row -> element currently in the DOM
+    this.pending = false;
+
+    this.head = h("div", { class: "vt-head", role: "row" });
+    this.canvas = h("div", { class: "vt-canvas", role: "rowgroup" });
+    this.empty = h("div", { class: "vt-empty", testid: `${testid}-empty` });
+    this.el = h("div", { class: "vt", tabindex: "0", role: "grid", testid, "aria-rowcount": "0" }, this.head, this.canvas, this.empty);
+    this.buildHead();
+    this.applyWidths();
+
+    this.el.addEventListener("scroll", () => this.schedule(), { passive: true });
+    this.el.addEventListener("keydown", (e) => this.onKey(e));
+    this.canvas.addEventListener("click", (e) => {
+      const row = this.rowAt(e.target);
+      if (row) {
+        this.select(row, { reveal: false });
+        this.onOpen(row);
+      }
+    });
+    if (this.onContextMenu) {
+      this.canvas.addEventListener("contextmenu", (e) => {
+        const row = this.rowAt(e.target);
+        if (!row) return;
+        e.preventDefault();
+        this.select(row, { reveal: false });
+        this.onContextMenu(row, e);
+      });
+    }
+    new ResizeObserver(() => this.schedule()).observe(this.el);
+  }
+
+  buildHead() {
+    this.columns.forEach((col, i) => {
+      const grip = h("span", { class: "vt-grip", "aria-hidden": "true" });
+      grip.addEventListener("pointerdown", (e) => this.startResize(e, i));
+      const numeric = (col.cls || "").split(" ").includes("num") ? "num" : "";
+      this.head.append(h("div", { class: `vt-th ${numeric}`, role: "columnheader", title: col.title || col.label }, col.label, grip));
+    });
+  }
+
+  applyWidths() {
+    const tpl = this.columns.map((c) => (c.flex ? `minmax(${c.width}px, 1fr)` : `${c.width}px`)).join(" ");
+    const min = this.columns.reduce((sum, c) => sum + c.width, 0);
+    this.el.style.setProperty("--vt-cols", tpl);
+    this.el.style.setProperty("--vt-min", `${min}px`);
+  }
+
+  startResize(e, i) {
+    e.preventDefault();
+    e.stopPropagation();
+    const col = this.columns[i];
+    const cell = this.head.children[i];
+    const startX = e.clientX;
+    const startW = cell.getBoundingClientRect().width;
+    const move = (ev) => {
+      col.width = Math.max(28, Math.round(startW + ev.clientX - startX));
+      col.flex = false;
+      this.applyWidths();
+    };
+    const up = () => {
+      window.removeEventListener("pointermove", move);
+      window.removeEventListener("pointerup", up);
+    };
+    window.addEventListener("pointermove", move);
+    window.addEventListener("pointerup", up);
+  }
+
+  rowAt(target) {
+    const el = target.closest(".vt-row");
+    return el ? el.__row : null;
+  }
+
+  // The rows to show (the caller owns the array).  `removedFromTop` rows were
+  // dropped from the start since the last call: the view shifts by as much, so
+  // the row the user is reading stays where it is.
+  setRows(rows, { removedFromTop = 0 } = {}) {
+    const follow = this.isAtBottom();
+    this.rows = rows;
+    this.canvas.style.height = `${rows.length * this.rowHeight}px`;
+    this.el.setAttribute("aria-rowcount", String(rows.length));
+    if (follow) {
+      this.el.scrollTop = this.el.scrollHeight;
+    } else if (removedFromTop) {
+      this.el.scrollTop = Math.max(0, this.el.scrollTop - removedFromTop * this.rowHeight);
+    }
+    this.schedule();
+  }
+
+  isAtBottom() {
+    const el = this.el;
+    return el.scrollHeight - el.clientHeight - el.scrollTop < this.rowHeight * 1.5;
+  }
+
+  indexOf(row) {
+    // Rows are in time order, and most lookups are for recent rows.
+    const rows = this.rows;
+    for (let i = rows.length - 1; i >= 0; i -= 1) if (rows[i] === row) return i;
+    return -1;
+  }
+
+  select(row, { reveal = true } = {}) {
+    this.selected = row;
+    if (row && reveal) this.reveal(this.indexOf(row));
+    this.schedule();
+    this.onSelect(row);
+  }
+
+  reveal(index) {
+    if (index < 0) return;
+    // Scroll coordinates include the sticky header above the rows.
+    const top = index * this.rowHeight;
+    const headH = this.head.offsetHeight;
+    const el = this.el;
+    if (top < el.scrollTop) el.scrollTop = top;
+    else if (headH + top + this.rowHeight > el.scrollTop + el.clientHeight) {
+      el.scrollTop = headH + top + this.rowHeight - el.clientHeight;
+    }
+  }
+
+  onKey(e) {
+    if (e.target !== this.el) return;
+    const n = this.rows.length;
+    if (!n) return;
+    const page = Math.max(1, Math.floor((this.el.clientHeight - this.head.offsetHeight) / this.rowHeight) - 1);
+    let index = this.selected ? this.indexOf(this.selected) : -1;
+    switch (e.key) {
+      case "ArrowDown": index = Math.min(n - 1, index + 1); break;
+      case "ArrowUp": index = index < 0 ? n - 1 : Math.max(0, index - 1); break;
+      case "PageDown": index = Math.min(n - 1, index + page); break;
+      case "PageUp": index = Math.max(0, index - page); break;
+      case "Home": index = 0; break;
+      case "End": index = n - 1; break;
+      case "Enter":
+        if (this.selected) this.onOpen(this.selected);
+        e.preventDefault();
+        return;
+      case "Escape":
+        this.onClose();
+        e.preventDefault();
+        return;
+      default:
+        return;
+    }
+    e.preventDefault();
+    this.select(this.rows[index]);
+  }
+
+  schedule() {
+    if (this.pending) return;
+    this.pending = true;
+    requestAnimationFrame(() => {
+      this.pending = false;
+      this.render();
+    });
+  }
+
+  refresh(row) {
+    // A row object changed in place (a connection got its bytes): redraw it.
+    const el = this.rendered.get(row);
+    if (el) {
+      el.remove();
+      this.rendered.delete(row);
+    }
+    this.schedule();
+  }
+
+  refreshAll() {
+    for (const el of this.rendered.values()) el.remove();
+    this.rendered.clear();
+    this.schedule();
+  }
+
+  render() {
+    const rows = this.rows;
+    const rh = this.rowHeight;
+    this.empty.hidden = rows.length > 0;
+    if (!rows.length) this.empty.textContent = this.emptyText();
+    const scrollTop = Math.max(0, this.el.scrollTop);
+    const view = this.el.clientHeight;
+    const first = Math.max(0, Math.floor(scrollTop / rh) - OVERSCAN);
+    const last = Math.min(rows.length, Math.ceil((scrollTop + view) / rh) + OVERSCAN);
+    const keep = new Map();
+    for (let i = first; i < last; i += 1) {
+      const row = rows[i];
+      let el = this.rendered.get(row);
+      if (!el) el = this.buildRow(row);
+      el.style.transform = `translateY(${i * rh}px)`;
+      el.setAttribute("aria-rowindex", String(i + 1));
+      el.classList.toggle("selected", row === this.selected);
+      el.classList.toggle("odd", i % 2 === 1);
+      keep.set(row, el);
+      if (!el.isConnected) this.canvas.append(el);
+    }
+    for (const [row, el] of this.rendered) if (!keep.has(row)) el.remove();
+    this.rendered = keep;
+  }
+
+  buildRow(row) {
+    const el = h("div", { class: `vt-row ${this.rowClass(row)}`, role: "row", testid: this.rowTestid });
+    el.__row = row;
+    if (this.rowKey) el.dataset.key = this.rowKey(row);
+    for (const col of this.columns) {
+      const cell = h("div", { class: `vt-td ${col.cls || ""}`, role: "gridcell" });
+      if (col.render) col.render(row, cell);
+      else {
+        const text = col.value(row);
+        cell.textContent = text;
+        if (text) cell.title = text;
+      }
+      el.append(cell);
+    }
+    return el;
+  }
+
+  clear() {
+    this.rows = [];
+    this.selected = null;
+    clear(this.canvas);
+    this.rendered.clear();
+    this.canvas.style.height = "0px";
+    this.schedule();
+  }
+}
