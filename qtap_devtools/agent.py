@@ -148,6 +148,7 @@ class Agent:
         try:
             cap = Capture(
                 on_records=deliver,
+                extra_binaries=tls_binaries_on_path(),
                 ring_mib=self.config.ring_mib,
                 max_chunk=self.config.max_chunk_bytes,
                 exclude_pid=os.getpid(),
@@ -214,6 +215,42 @@ class Agent:
             self.enricher.stop()
             if self.writer is not None:
                 self.writer.close()
+
+
+BIN_DIRS = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
+MIN_STATIC_TLS_SIZE = 2 << 20  # a binary carrying its own OpenSSL is bigger than this
+
+
+def tls_binaries_on_path() -> list[str]:
+    """Executables that carry their own TLS library (node links OpenSSL in).
+
+    Attaching to them at start, not when one is first run, means a process
+    that makes one request and exits is not missed while its binary is being
+    attached.  Only large binaries are read (~0.3 s for a typical /usr/bin)."""
+    from qtap_devtools.capture.elf import exported_symbols
+
+    dirs = dict.fromkeys([*os.environ.get("PATH", "").split(":"), *BIN_DIRS])
+    seen: set[tuple[int, int]] = set()
+    found = []
+    for d in dirs:
+        try:
+            entries = list(os.scandir(d))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                st = entry.stat()
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) in seen or st.st_size < MIN_STATIC_TLS_SIZE or not entry.is_file():
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            try:
+                if exported_symbols(entry.path, ["SSL_write", "gnutls_record_send"]):
+                    found.append(os.path.realpath(entry.path))
+            except Exception:  # an unreadable or odd file is simply not a candidate
+                continue
+    return found
 
 
 def _process_of(event: Event):
