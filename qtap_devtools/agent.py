@@ -104,6 +104,7 @@ class Agent:
             hostname=socket.gethostname(),
             kernel=platform.release(),
             mode="live",
+            instance=self.broadcaster.instance,
             capture=self.capture_state(),
             filters=flt.describe(),
         ).envelope()

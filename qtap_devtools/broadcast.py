@@ -16,10 +16,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
+from qtap_devtools import ids
 from qtap_devtools.events import Envelope, SystemDisconnected, SystemDropped
 from qtap_devtools.filters import EventFilter
 
@@ -32,15 +34,29 @@ _CLOSE = object()
 class Published:
     seq: int
     envelope: Envelope
+    frame: bytes  # the envelope's frame with its id, built once for every subscriber
 
-    @property
-    def frame(self) -> bytes:
+    @classmethod
+    def make(cls, instance: str, seq: int, envelope: Envelope) -> "Published":
         # `id:` goes after `data:` so `grep EVENT -A1` still yields the data line.
-        # Greetings and snapshots (seq 0) carry none: a reconnect must resume
-        # from the last real event, not from the start.
-        if not self.seq:
-            return self.envelope.frame
-        return self.envelope.frame[:-1] + b"id: %d\n\n" % self.seq
+        # It names this agent instance: after a restart, sequence numbers start
+        # again, and a client resuming with an old id must not skip new events.
+        return cls(seq, envelope, envelope.frame[:-1] + b"id: %s-%d\n\n" % (instance.encode(), seq))
+
+    @classmethod
+    def unnumbered(cls, envelope: Envelope) -> "Published":
+        # Greetings and snapshots carry no id: a reconnect resumes from the
+        # last real event, not from a greeting.
+        return cls(0, envelope, envelope.frame)
+
+
+def parse_event_id(text: str, instance: str) -> int | None:
+    """The sequence number to resume after, or 0 for "all you have" when the
+    id comes from another instance (the agent restarted); None if malformed."""
+    inst, _, seq = text.rpartition("-")
+    if not seq.isdigit() or len(text) > 100:
+        return None
+    return int(seq) if inst in ("", instance) else 0
 
 
 @dataclass(eq=False)
@@ -72,7 +88,7 @@ class Subscriber:
         # The goodbye may exceed maxsize: a client must learn why its stream ends.
         self._mark_gap()
         if final is not None:
-            self.queue.append(Published(0, final))
+            self.queue.append(Published.unnumbered(final))
         self.queue.append(_CLOSE)
         self._wakeup.set()
 
@@ -102,7 +118,9 @@ class _Gap:
 
 
 class Broadcaster:
-    def __init__(self, *, client_queue_size: int = 4096, history_size: int = 10_000) -> None:
+    def __init__(self, *, client_queue_size: int = 4096, history_size: int = 10_000,
+                 instance: str | None = None) -> None:
+        self.instance = instance or ids.new_id(time.time())[:8]
         self.client_queue_size = client_queue_size
         self.history: deque[Published] = deque(maxlen=history_size)
         self.subscribers: set[Subscriber] = set()
@@ -117,7 +135,7 @@ class Broadcaster:
         self._listeners.append(fn)
 
     def publish(self, envelope: Envelope) -> Published:
-        item = Published(next(self._seq), envelope)
+        item = Published.make(self.instance, next(self._seq), envelope)
         self.published += 1
         self.history.append(item)
         for fn in self._listeners:
@@ -140,7 +158,7 @@ class Broadcaster:
         after ``resume_after`` when the client is resuming."""
         sub = Subscriber(event_filter, self.client_queue_size)
         for env in first:
-            sub.queue.append(Published(0, env))
+            sub.queue.append(Published.unnumbered(env))
         if resume_after is not None:
             for item in self.history:
                 if item.seq > resume_after and event_filter.matches(item.envelope):

@@ -192,11 +192,13 @@ class SystemConnected(Event):
     mode: str  # "live" or "replay"
     capture: Mapping[str, Any]
     filters: Mapping[str, Any]
+    instance: str = ""  # the prefix of this agent run's event ids
     ts_ns: int = field(default_factory=now_ns)
 
     def payload(self) -> dict:
         return {
             "agent": "qtap-devtools",
+            "instance": self.instance,
             "version": self.version,
             "hostname": self.hostname,
             "kernel": self.kernel,

@@ -31,6 +31,13 @@ def _content(body_b64: str | None) -> tuple[str, str | None, int]:
         return body_b64 or "", "base64", len(raw)
 
 
+def _location(headers: Mapping[str, Any]) -> str:
+    for name, value in headers.items():
+        if name.lower() == "location":
+            return value if isinstance(value, str) else value[0]
+    return ""
+
+
 def entry(ts: str, tx: Mapping[str, Any]) -> dict:
     req = tx.get("request") or {}
     resp = tx.get("response") or {}
@@ -66,7 +73,7 @@ def entry(ts: str, tx: Mapping[str, Any]) -> dict:
         "cookies": [],
         "headers": _headers(resp.get("headers") or {}),
         "content": content,
-        "redirectURL": "",
+        "redirectURL": _location(resp.get("headers") or {}),
         "headersSize": -1,
         "bodySize": resp.get("body_size", -1) if resp else -1,
     }

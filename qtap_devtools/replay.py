@@ -44,7 +44,10 @@ def load(path: Path) -> tuple[list[Envelope], list[capfile.BadRecord], int]:
 def build_runtime(config: Config, path: Path) -> Runtime:
     events, bad, left_out = load(path)
     store = Store(transactions=max(config.history_size, 10_000))
-    broadcaster = Broadcaster(client_queue_size=config.client_queue_size, history_size=config.history_size)
+    # Replay ids are the record's index in the file: stable across restarts of
+    # the same replay, so a page resumes where it was.
+    broadcaster = Broadcaster(client_queue_size=config.client_queue_size, history_size=config.history_size,
+                              instance="replay")
     broadcaster.add_listener(store.on_event)
     for env in events:
         store.on_event(env)
@@ -62,6 +65,7 @@ def build_runtime(config: Config, path: Path) -> Runtime:
             hostname=socket.gethostname(),
             kernel=platform.release(),
             mode="replay",
+            instance=broadcaster.instance,
             capture=capture_state,
             filters=flt.describe(),
         ).envelope()

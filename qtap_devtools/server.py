@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from qtap_devtools import __version__, har
 from qtap_devtools import events as ev
-from qtap_devtools.broadcast import Broadcaster
+from qtap_devtools.broadcast import Broadcaster, parse_event_id
 from qtap_devtools.config import Config
 from qtap_devtools.events import Envelope
 from qtap_devtools.filters import EventFilter, FilterError
@@ -134,10 +134,9 @@ def create_app(rt: Runtime) -> Starlette:
         flt = EventFilter.from_query(request.query_params)
         snapshot = request.query_params.get("snapshot", "true").lower() not in ("false", "0", "no")
         resume = request.headers.get("last-event-id") or request.query_params.get("after")
-        try:
-            resume_after = int(resume) if resume else None
-        except ValueError:
-            raise FilterError("Last-Event-ID / after: expected an event id") from None
+        resume_after = parse_event_id(resume, bc.instance) if resume else None
+        if resume and resume_after is None:
+            raise FilterError("Last-Event-ID / after: expected an event id as sent in `id:` lines")
         first: list[Envelope] = [rt.greeting(flt)]
         replay = rt.replay_events
         if replay is None and snapshot and resume_after is None:
@@ -167,7 +166,7 @@ def create_app(rt: Runtime) -> Starlette:
                 if speed > 0 and prev is not None and env.ts_ns > prev:
                     await asyncio.sleep(min((env.ts_ns - prev) / 1e9 / speed, 60))
                 prev = env.ts_ns or prev
-                yield env.frame[:-1] + b"id: %d\n\n" % index
+                yield env.frame[:-1] + b"id: %s-%d\n\n" % (bc.instance.encode(), index)
                 if index % 256 == 0:
                     await asyncio.sleep(0)  # let shutdown and other clients in
 
@@ -252,7 +251,8 @@ def create_app(rt: Runtime) -> Starlette:
         return JSONResponse({"total": len(items), "items": items})
 
     async def devtools_redirect(request: Request) -> Response:
-        return RedirectResponse("/devtools/")
+        query = request.url.query
+        return RedirectResponse("/devtools/" + (f"?{query}" if query else ""))
 
     async def index(request: Request) -> Response:
         page = resources.files("qtap_devtools").joinpath("ui/index.html")
@@ -260,7 +260,12 @@ def create_app(rt: Runtime) -> Starlette:
             body = page.read_bytes()
         except FileNotFoundError:
             return error(404, "NOT_FOUND", "the DevTools page is not installed")
-        return Response(body, media_type="text/html; charset=utf-8", headers={"Cache-Control": "no-cache"})
+        resp = Response(body, media_type="text/html; charset=utf-8", headers={"Cache-Control": "no-cache"})
+        if rt.token:
+            # The page's own assets and stream are fetched without ?token=; the
+            # guard already checked it, so hand the browser a cookie for them.
+            resp.set_cookie("qtap_token", rt.token, httponly=True, samesite="strict", path="/")
+        return resp
 
     docs = {
         stream: "Server-Sent Events: the live event stream (filters: type, pid, exe, container, host, method, status, q; snapshot=false)",

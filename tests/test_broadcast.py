@@ -65,9 +65,18 @@ def test_frames_carry_id_after_data_and_resume_from_last_event_id():
         sub = bc.subscribe(EventFilter(), resume_after=3)
         frame = await sub.frames().__anext__()
         lines = frame.decode().split("\n")
-        assert lines[0].startswith("event: ") and lines[1].startswith("data: ") and lines[2] == "id: 4"
+        assert lines[0].startswith("event: ") and lines[1].startswith("data: ") and lines[2] == f"id: {bc.instance}-4"
 
     asyncio.run(go())
+
+
+def test_event_ids_from_another_agent_run_resume_from_the_start():
+    from qtap_devtools.broadcast import parse_event_id
+
+    assert parse_event_id("abc-17", "abc") == 17
+    assert parse_event_id("old-17", "abc") == 0  # restarted: everything it has is new
+    assert parse_event_id("17", "abc") == 17
+    assert parse_event_id("x-y", "abc") is None
 
 
 def test_close_sends_system_disconnected_and_ends_streams():
