@@ -13,6 +13,10 @@ import os
 
 import pytest
 
+# The browser fixtures (one chromium per session) are registered once, here:
+# imported into two test modules, a session fixture would start twice.
+pytest_plugins = ("tests.uihelpers",)
+
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 STRICT_MARKERS = ("kernel", "docker", "browser")
 

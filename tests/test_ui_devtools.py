@@ -10,14 +10,12 @@ import pytest
 from qtap_devtools.events import HttpMessage
 from tests import samples
 from tests.agentproc import free_port, get
-from tests.uihelpers import (  # noqa: F401  (browser and page are fixtures)
-    browser,
+from tests.uihelpers import (
     bulk_transactions,
     connection_state,
     copy_as_curl,
     detail_tab,
     open_devtools,
-    page,
     replay_server,
     rich_session,
     row_ids,

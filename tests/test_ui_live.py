@@ -10,12 +10,12 @@ import pytest
 
 from tests import realworld as rw
 from tests.agentproc import agent, free_port
-from tests.uihelpers import browser, detail_tab, open_devtools, page, row_locator, select_row  # noqa: F401
+from tests.uihelpers import detail_tab, open_devtools, row_locator, select_row
 
 pytestmark = [pytest.mark.kernel, pytest.mark.browser]
 
 
-def test_a_real_curl_request_appears_and_shows_its_headers_and_json_body(page, tmp_path):  # noqa: F811
+def test_a_real_curl_request_appears_and_shows_its_headers_and_json_body(page, tmp_path):
     port = free_port()
     cert = rw.make_cert(tmp_path)
     with agent(["run"], port, tmp_path / "agent.log", ready_path="/readyz"), rw.Nginx(tmp_path, cert) as nginx:
