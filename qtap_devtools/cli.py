@@ -114,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--capture-own-port", action="store_true",
                      help="also capture connections to this agent's own port (off: each event would be captured again)")
     run.add_argument("--no-docker", action="store_true", help="do not ask Docker for container names")
+    run.add_argument("--docker-url", metavar="URL", help="Docker daemon (default unix:///var/run/docker.sock)")
     run.add_argument("--kube-api", metavar="URL", help="Kubernetes API server URL (default: in-cluster or kubeconfig)")
     run.add_argument("--node-name", metavar="NAME", help="this node's name for pod lookups (default: $NODE_NAME)")
 
@@ -151,6 +152,7 @@ def _config(args: argparse.Namespace) -> Config:
             attach_mode=args.attach_mode,
             capture_own_port=args.capture_own_port,
             docker=not args.no_docker,
+            docker_url=args.docker_url,
             kube_api=args.kube_api,
             node_name=args.node_name or os.environ.get("NODE_NAME"),
         )

@@ -119,12 +119,12 @@ class Pipeline:
         return mono_ns + self.clock_offset if mono_ns else time.time_ns()
 
     def _process(self, pid: int) -> ProcessInfo | None:
-        info = self.processes.get(pid)
-        if info is None:
-            info = self.process_info(pid)
-            if info is not None:
-                self._remember(info)
-        return info
+        # The enricher's answer first: it improves as container metadata arrives.
+        info = self.process_info(pid)
+        if info is not None:
+            self._remember(info)
+            return info
+        return self.processes.get(pid)  # gone from /proc: what we knew of it
 
     def _remember(self, info: ProcessInfo) -> None:
         self.processes[info.pid] = info
@@ -173,7 +173,7 @@ class Pipeline:
     def _announce(self, conn: _Conn) -> None:
         if not conn.announced:
             conn.announced = True
-            conn.info.process = conn.info.process or self._process(conn.info.pid)
+            conn.info.process = self._process(conn.info.pid) or conn.info.process
             self.emit(ConnectionOpened(conn.info, ts_ns=conn.info.opened_ns))
 
     def _maybe_updated(self, conn: _Conn, ts: int) -> None:
@@ -219,6 +219,7 @@ class Pipeline:
         if r.pid == self.own_pid:
             return
         info = self.processes.pop(r.pid, None)
+        self.forget_process(r.pid)
         for key in [k for k in self.conns if k[0] == r.pid]:
             self._finish(self.conns.pop(key), r.ts_ns)
         if info is not None:
@@ -416,7 +417,7 @@ class Pipeline:
             return
         info = conn.info
         info.transactions += 1
-        info.process = info.process or self._process(info.pid)
+        info.process = self._process(info.pid) or info.process
         req_headers = combined_headers(req.headers)
         host = _get(req_headers, "host")
         if host and not info.http_host:
