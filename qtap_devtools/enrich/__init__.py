@@ -1,90 +1,234 @@
-"""Enrichment facade (interim: /proc only, until the Docker/Kubernetes layer lands)."""
+"""Enrichment: who a process is — binary, user, hostname, container, pod.
+
+:class:`Enricher` is the one object the pipeline talks to.  ``process(pid)``
+is synchronous and cheap (one small ``/proc`` read on a cache hit, dictionary
+lookups for containers and pods), so it can run on the capture path; a
+container or pod not known yet is fetched in the background and appears on a
+later call.  ``await process_enriched(pid)`` waits a bounded time for that
+fetch instead, for events that are emitted once (``process.started``).
+
+Processes are cached by ``(pid, start time)``: a reused pid has a later start
+time, so it never inherits the metadata of the process that had the pid
+before.  ``exec`` keeps both, so the capture layer calls ``forget(pid)`` then.
+"""
 
 from __future__ import annotations
 
-import os
-import pwd
-import socket
-import time
+import dataclasses
+import logging
 from collections import OrderedDict
+from typing import Any
 
-from .model import ContainerInfo, PodInfo, ProcessInfo
+from qtap_devtools.enrich.cgroup import container_of, parse_cgroup, parse_cgroup_path
+from qtap_devtools.enrich.docker_meta import DockerMetadata, container_from_inspect
+from qtap_devtools.enrich.kube import KubePodWatcher, make_api_client, pod_from_labels
+from qtap_devtools.enrich.model import ContainerInfo, PodInfo, ProcessInfo
+from qtap_devtools.enrich.procfs import list_pids, read_process, read_start_time_ns
 
-__all__ = ["Enricher", "ContainerInfo", "PodInfo", "ProcessInfo"]
+__all__ = [
+    "ContainerInfo",
+    "DockerMetadata",
+    "Enricher",
+    "KubePodWatcher",
+    "PodInfo",
+    "ProcessInfo",
+    "container_from_inspect",
+    "container_of",
+    "list_pids",
+    "parse_cgroup",
+    "parse_cgroup_path",
+    "pod_from_labels",
+    "read_process",
+]
 
-_CLK = os.sysconf("SC_CLK_TCK")
-
-
-def _boot_ns() -> int:
-    with open("/proc/stat") as f:
-        for line in f:
-            if line.startswith("btime"):
-                return int(line.split()[1]) * 1_000_000_000
-    return 0
-
-
-_BOOT = _boot_ns()
-
-
-def read_process(pid: int) -> ProcessInfo | None:
-    base = f"/proc/{pid}"
-    try:
-        with open(f"{base}/stat") as f:
-            stat = f.read()
-        fields = stat[stat.rindex(")") + 2 :].split()
-        ppid, start = int(fields[1]), int(fields[19])
-        try:
-            exe = os.readlink(f"{base}/exe").removesuffix(" (deleted)")
-        except OSError:
-            exe = ""
-        with open(f"{base}/cmdline", "rb") as f:
-            cmdline = f.read().replace(b"\0", b" ").strip().decode("utf-8", "replace")
-        with open(f"{base}/comm") as f:
-            comm = f.read().strip()
-        uid = os.stat(base).st_uid
-    except (OSError, ValueError, IndexError):
-        return None
-    try:
-        user = pwd.getpwuid(uid).pw_name
-    except KeyError:
-        user = str(uid)
-    return ProcessInfo(
-        pid=pid, ppid=ppid, exe=exe, binary=os.path.basename(exe) or comm, cmdline=cmdline, uid=uid, user=user,
-        hostname=socket.gethostname(), start_time_ns=_BOOT + start * 1_000_000_000 // _CLK,
-    )
+log = logging.getLogger(__name__)
 
 
 class Enricher:
-    def __init__(self, *, docker: bool = True, docker_url=None, kube_api=None, node_name=None, cache_size=65536):
-        self.cache: OrderedDict[int, ProcessInfo] = OrderedDict()
-        self.cache_size = cache_size
-        self.evicted = 0
+    def __init__(
+        self,
+        *,
+        docker: bool = True,
+        docker_url: str | None = None,
+        kube_api: str | None = None,
+        node_name: str | None = None,
+        process_cache_size: int = 16384,
+        container_cache_size: int = 4096,
+        pod_cache_size: int = 8192,
+        proc_root: str = "/proc",
+    ):
+        self.proc_root = proc_root
+        self._cache_size = process_cache_size
+        self._processes: OrderedDict[tuple[int, int], ProcessInfo] = OrderedDict()
+        self._latest: dict[int, int] = {}  # pid → start time of its newest cached entry
+        self.process_evictions = 0
+        self.process_reads = 0
+        self.docker: DockerMetadata | None = (
+            DockerMetadata(docker_url, cache_size=container_cache_size) if docker else None
+        )
+        self._kube_api = kube_api
+        self._node_name = node_name
+        self._pod_cache_size = pod_cache_size
+        self.kube: KubePodWatcher | None = None
+        self._kube_state = "disabled (no --kube-api or --node-name)"
+
+    # -------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
-        pass
+        """Start the background threads; returns at once, whatever the daemons."""
+        if self.docker is not None:
+            self.docker.start()
+        if self._kube_api or self._node_name:
+            api_client, source = make_api_client(self._kube_api)
+            if api_client is None:
+                self._kube_state = f"unavailable: {source}"
+                log.warning("kubernetes: %s; pod names come only from kubelet container labels", source)
+            else:
+                self.kube = KubePodWatcher(
+                    api_client, self._node_name, cache_size=self._pod_cache_size, source=source
+                )
+                self.kube.start()
 
     def stop(self) -> None:
-        pass
+        if self.docker is not None:
+            self.docker.stop()
+        if self.kube is not None:
+            self.kube.stop()
 
-    def list_pids(self) -> list[int]:
-        return [int(n) for n in os.listdir("/proc") if n.isdigit()]
+    # -------------------------------------------------------------- processes
 
     def process(self, pid: int) -> ProcessInfo | None:
-        info = self.cache.get(pid)
+        """What is known of ``pid`` now; None if it is gone and was never seen.
+
+        A process that has exited is answered from the cache (its
+        ``process.stopped`` event still needs a name).
+        """
+        start = read_start_time_ns(pid, self.proc_root)
+        if start is None:
+            latest = self._latest.get(pid)
+            return self._processes.get((pid, latest)) if latest is not None else None
+        key = (pid, start)
+        info = self._processes.get(key)
         if info is None:
-            info = read_process(pid)
-            if info is not None:
-                self.cache[pid] = info
-                while len(self.cache) > self.cache_size:
-                    self.cache.popitem(last=False)
-                    self.evicted += 1
-        return info
+            info = read_process(pid, self.proc_root)
+            if info is None:
+                return None
+            self.process_reads += 1
+            key = (pid, info.start_time_ns)
+        else:
+            self._processes.move_to_end(key)
+        enriched = self._attach(info)
+        if enriched is not info or key not in self._processes:
+            self._store(key, enriched)
+        return enriched
 
     async def process_enriched(self, pid: int, timeout: float = 0.05) -> ProcessInfo | None:
-        return self.process(pid)
+        """Like :meth:`process`, but waits up to ``timeout`` seconds for
+        container metadata not cached yet."""
+        info = self.process(pid)
+        if info is None or info.container_id is None or self.docker is None:
+            return info
+        if info.container is not None and info.container.name is not None:
+            return info
+        await self.docker.lookup(info.container_id, timeout)
+        enriched = self._attach(info)
+        if enriched is info:
+            return info
+        self._store((info.pid, info.start_time_ns), enriched)
+        return enriched
+
+    def remember(self, info: ProcessInfo) -> None:
+        """Cache ``info`` (e.g. built by the capture layer from an exec event)."""
+        self._store((info.pid, info.start_time_ns), info)
 
     def forget(self, pid: int) -> None:
-        self.cache.pop(pid, None)
+        """Drop what is cached for ``pid``: it exec'd, so binary and command
+        line changed while pid and start time did not."""
+        start = self._latest.pop(pid, None)
+        if start is not None:
+            self._processes.pop((pid, start), None)
 
-    def stats(self) -> dict:
-        return {"processes_cached": len(self.cache), "evicted": self.evicted, "docker": "interim: not wired"}
+    def _store(self, key: tuple[int, int], info: ProcessInfo) -> None:
+        pid, start = key
+        previous = self._latest.get(pid)
+        if previous is not None and previous != start:
+            self._processes.pop((pid, previous), None)  # the pid was reused
+        self._processes[key] = info
+        self._processes.move_to_end(key)
+        self._latest[pid] = start
+        while len(self._processes) > self._cache_size:
+            (old_pid, old_start), _ = self._processes.popitem(last=False)
+            if self._latest.get(old_pid) == old_start:
+                del self._latest[old_pid]
+            self.process_evictions += 1
+
+    def list_pids(self) -> list[int]:
+        return list_pids(self.proc_root)
+
+    # ------------------------------------------------------ containers, pods
+
+    def container(self, container_id: str, runtime: str | None = None) -> ContainerInfo | None:
+        """Docker's metadata, else what the pod's status says, else the bare
+        id — but None while Docker may still answer, so a caller can tell
+        "not yet" (worth a short wait) from "nothing more to know"."""
+        if self.docker is not None:
+            found = self.docker.lookup_nowait(container_id)
+            if found is not None:
+                return found
+        if self.kube is not None:
+            found = self.kube.container_for(container_id)
+            if found is not None:
+                return found
+        if self.docker is not None and self.docker.may_answer(container_id):
+            return None
+        return ContainerInfo(id=container_id, runtime=runtime or "unknown")
+
+    def pod(self, container: ContainerInfo) -> PodInfo | None:
+        if self.kube is not None:
+            found = self.kube.pod_for(container.id)
+            if found is not None:
+                return found
+        return pod_from_labels(container.labels)
+
+    def _attach(self, info: ProcessInfo) -> ProcessInfo:
+        """``info`` with container and pod filled where they are known now."""
+        cid = info.container_id
+        if cid is None:
+            return info
+        current = info.container
+        if current is not None and current.name is not None and (info.pod is not None or self.kube is None):
+            return info  # complete; the common case
+        container = self.container(cid, info.runtime)
+        if container is None:
+            return info
+        if current is not None and container.name is None:
+            container = current
+        pod = info.pod or self.pod(container)
+        hostname = info.hostname
+        if container.hostname and hostname != container.hostname and _is_default_host(info):
+            hostname = container.hostname
+        if container == current and pod == info.pod and hostname == info.hostname:
+            return info
+        return dataclasses.replace(info, container=container, pod=pod, hostname=hostname)
+
+    # ------------------------------------------------------------------ stats
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "processes": {
+                "cached": len(self._processes),
+                "capacity": self._cache_size,
+                "evictions": self.process_evictions,
+                "reads": self.process_reads,
+            },
+            "docker": self.docker.stats() if self.docker is not None else {"state": "disabled"},
+            "kubernetes": self.kube.stats() if self.kube is not None else {"state": self._kube_state},
+        }
+
+
+def _is_default_host(info: ProcessInfo) -> bool:
+    # procfs could not read the container's /etc/hostname (e.g. not root) and
+    # fell back to the system's; Docker's Config.Hostname is then better.
+    from qtap_devtools.enrich.procfs import system_hostname
+
+    return info.hostname == system_hostname()

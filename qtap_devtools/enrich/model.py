@@ -1,15 +1,22 @@
-"""What enrichment knows about a process, its container and its pod."""
+"""What enrichment knows about a process: its identity, user, container and pod.
+
+These are the values the event model (``qtap_devtools.events``) turns into the
+``process``/``source`` parts of seed 003's events.  They are frozen so one
+instance can be cached and shared by every event of a process.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Mapping
 
+RUNTIMES = ("docker", "containerd", "cri-o", "podman", "unknown")
+
 
 @dataclass(frozen=True, slots=True)
 class ContainerInfo:
     id: str  # full container id (64 hex usually)
-    runtime: str  # "docker" | "containerd" | "cri-o" | "podman" | "unknown"
+    runtime: str  # one of RUNTIMES
     name: str | None = None
     image: str | None = None
     labels: Mapping[str, str] = field(default_factory=dict)
@@ -17,7 +24,7 @@ class ContainerInfo:
 
     @property
     def short_id(self) -> str:
-        """The 12-character form Docker shows, as seed 003 does."""
+        """The 12-character id ``docker ps`` shows and seed 003 sends."""
         return self.id[:12]
 
 
@@ -44,3 +51,4 @@ class ProcessInfo:
     container_id: str | None = None
     container: ContainerInfo | None = None
     pod: PodInfo | None = None
+    runtime: str | None = None  # the container runtime the cgroup path names

@@ -1,0 +1,344 @@
+"""Docker container metadata by id: name, image, labels, hostname.
+
+Never on the capture path.  Lookups read a bounded cache; a miss schedules an
+``inspect`` on a background thread.  A second thread follows the daemon's
+event stream so containers started later are fetched as they start and
+destroyed ones leave the cache.  Without a daemon (no socket, refused, no
+permission) one warning is logged, lookups answer None at once, and the
+event thread retries with backoff until the daemon is back.
+
+The daemon is found at ``base_url`` (default ``unix:///var/run/docker.sock``);
+``DOCKER_HOST`` is not read here: configuration comes from the CLI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from typing import Any, Mapping
+
+from qtap_devtools.enrich.model import ContainerInfo
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URL = "unix:///var/run/docker.sock"
+_STOP = object()
+
+
+class DockerMetadata:
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        cache_size: int = 4096,
+        negative_cache_size: int = 1024,
+        negative_ttl: float = 30.0,
+        fetch_queue_size: int = 1024,
+        request_timeout: float = 5.0,
+        backoff_initial: float = 0.5,
+        backoff_max: float = 10.0,
+    ):
+        self.base_url = base_url or DEFAULT_URL
+        self._cache_size = cache_size
+        self._cache: OrderedDict[str, ContainerInfo] = OrderedDict()
+        # Ids the daemon does not know (a containerd or CRI-O container on the
+        # same host): not asked again until the entry expires.
+        self._negative_size = negative_cache_size
+        self._negative_ttl = negative_ttl
+        self._negative: OrderedDict[str, float] = OrderedDict()
+        # Recently destroyed ids: an inspect that raced the destroy event must
+        # not put the container back.
+        self._destroyed: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=fetch_queue_size)
+        self._inflight: dict[str, concurrent.futures.Future[ContainerInfo | None]] = {}
+        self._request_timeout = request_timeout
+        self._backoff_initial = backoff_initial
+        self._backoff_max = backoff_max
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._api: Any = None  # APIClient for inspects, set while connected
+        self._stream: Any = None
+        self._connected = False
+        self._warned = False
+        self.state = "starting"
+        # Counters
+        self.evictions = 0
+        self.fetches = 0
+        self.fetch_errors = 0
+        self.fetch_dropped = 0  # queue full
+        self.not_docker = 0
+        self.events = 0
+        self.connects = 0
+
+    # ---------------------------------------------------------------- lookups
+
+    def lookup_nowait(self, container_id: str) -> ContainerInfo | None:
+        """The cached metadata, or None; a miss schedules a background fetch."""
+        info = self._cache.get(container_id)
+        if info is not None:
+            return info
+        self._schedule(container_id)
+        return None
+
+    async def lookup(self, container_id: str, timeout: float = 0.05) -> ContainerInfo | None:
+        """The metadata, waiting at most ``timeout`` seconds for a fetch."""
+        info = self._cache.get(container_id)
+        if info is not None:
+            return info
+        future = self._schedule(container_id)
+        if future is None:
+            return None
+        wrapped = asyncio.wrap_future(future)
+        # asyncio.wait, not wait_for: a timeout must not cancel the shared
+        # fetch that other callers (and the cache) are waiting on.
+        done, _ = await asyncio.wait({wrapped}, timeout=timeout)
+        return wrapped.result() if done else None
+
+    def _schedule(self, container_id: str) -> concurrent.futures.Future[ContainerInfo | None] | None:
+        if not self._connected or not container_id:
+            return None
+        with self._lock:
+            future = self._inflight.get(container_id)
+            if future is not None:
+                return future
+            expiry = self._negative.get(container_id)
+            if expiry is not None and expiry > time.monotonic():
+                return None
+            future = concurrent.futures.Future()
+            try:
+                self._queue.put_nowait(container_id)
+            except queue.Full:
+                self.fetch_dropped += 1
+                return None
+            self._inflight[container_id] = future
+            return future
+
+    def may_answer(self, container_id: str) -> bool:
+        """Whether a lookup of ``container_id`` could still succeed: the daemon
+        is (or may be about to be) connected and has not said it does not
+        know the id."""
+        if self.state != "starting" and not self._connected:
+            return False
+        expiry = self._negative.get(container_id)
+        return expiry is None or expiry <= time.monotonic()
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "url": self.base_url,
+            "containers": len(self._cache),
+            "capacity": self._cache_size,
+            "evictions": self.evictions,
+            "fetches": self.fetches,
+            "fetch_errors": self.fetch_errors,
+            "fetch_dropped": self.fetch_dropped,
+            "not_docker": self.not_docker,
+            "events": self.events,
+            "connects": self.connects,
+        }
+
+    # -------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        if self._threads:
+            return
+        self._threads = [
+            threading.Thread(target=self._follow, name="qtap-docker-events", daemon=True),
+            threading.Thread(target=self._fetcher, name="qtap-docker-fetch", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self._stop.set()
+        self._connected = False
+        self._close_stream()
+        try:
+            self._queue.put_nowait(_STOP)
+        except queue.Full:
+            pass  # the fetcher polls the stop flag too
+        for t in self._threads:
+            t.join(timeout)
+        self.state = "stopped"
+
+    # ------------------------------------------------------ the event thread
+
+    def _follow(self) -> None:
+        backoff = self._backoff_initial
+        while not self._stop.is_set():
+            try:
+                stream = self._connect()
+            except Exception as exc:  # no socket, refused, permission, bad reply
+                self._close_stream()
+                self._unavailable(_reason(exc, self.base_url))
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, self._backoff_max)
+                continue
+            backoff = self._backoff_initial
+            try:
+                if self._stop.is_set():  # stop() ran before it could see the stream
+                    break
+                for event in stream:
+                    self._on_event(event)
+            except Exception as exc:  # the stream broke mid-event
+                log.debug("docker: event stream ended: %s", exc)
+            finally:
+                self._close_stream()
+            # The stream ends when the daemon goes away (or on stop); the next
+            # connect attempt tells which.
+
+    def _connect(self) -> Any:
+        import docker
+
+        api = docker.APIClient(base_url=self.base_url, version="auto", timeout=self._request_timeout)
+        stream = api.events(decode=True, filters={"type": "container"})
+        self._stream = stream
+        # A second client for inspects: the event stream holds its connection.
+        self._api = docker.APIClient(
+            base_url=self.base_url, version=api.api_version, timeout=self._request_timeout
+        )
+        self._connected = True
+        self.connects += 1
+        if self._warned:
+            log.info("docker: connected again at %s; container metadata resumes", self.base_url)
+        self._warned = False
+        self.state = "connected"
+        self._resync(api)
+        return stream
+
+    def _resync(self, api: Any) -> None:
+        """After (re)connecting: drop containers destroyed while we were away,
+        fetch the running ones (they may have started meanwhile)."""
+        existing = {c["Id"] for c in api.containers(all=True)}
+        with self._lock:
+            for cid in [cid for cid in self._cache if cid not in existing]:
+                del self._cache[cid]
+            self._negative.clear()
+        running = [c["Id"] for c in api.containers()]
+        for cid in running[: self._cache_size]:
+            if cid not in self._cache:
+                self._schedule(cid)
+
+    def _unavailable(self, reason: str) -> None:
+        self._connected = False
+        self.state = f"unavailable: {reason}"
+        if not self._warned:
+            self._warned = True
+            log.warning(
+                "docker: unavailable (%s); container names will be missing until it is back (retrying)",
+                reason,
+            )
+
+    def _close_stream(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            try:
+                stream.close()
+            except Exception:  # already closed by the daemon going away
+                pass
+
+    def _on_event(self, event: Mapping[str, Any]) -> None:
+        if event.get("Type", "container") != "container":
+            return
+        self.events += 1
+        action = str(event.get("Action") or event.get("status") or "").split(":", 1)[0]
+        cid = (event.get("Actor") or {}).get("ID") or event.get("id")
+        if not cid:
+            return
+        if action == "destroy":
+            with self._lock:
+                self._cache.pop(cid, None)
+                self._destroyed[cid] = None
+                if len(self._destroyed) > self._negative_size:
+                    self._destroyed.popitem(last=False)
+        elif action in ("create", "start", "rename", "update"):
+            with self._lock:
+                self._negative.pop(cid, None)
+                self._cache.pop(cid, None)  # refetch: the name or labels may differ
+            self._schedule(cid)
+
+    # ---------------------------------------------------- the fetch thread
+
+    def _fetcher(self) -> None:
+        import docker
+
+        while not self._stop.is_set():
+            try:
+                cid = self._queue.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if cid is _STOP:
+                break
+            info: ContainerInfo | None = None
+            api = self._api
+            try:
+                if api is not None and self._connected:
+                    self.fetches += 1
+                    info = container_from_inspect(api.inspect_container(cid))
+            except docker.errors.NotFound:
+                self.not_docker += 1
+                with self._lock:
+                    self._negative[cid] = time.monotonic() + self._negative_ttl
+                    if len(self._negative) > self._negative_size:
+                        self._negative.popitem(last=False)
+            except Exception as exc:  # daemon went away mid-fetch
+                self.fetch_errors += 1
+                log.debug("docker: inspect %s failed: %s", cid[:12], exc)
+            with self._lock:
+                if info is not None and cid not in self._destroyed:
+                    self._cache[cid] = info
+                    self._cache.move_to_end(cid)
+                    while len(self._cache) > self._cache_size:
+                        self._cache.popitem(last=False)
+                        self.evictions += 1
+                future = self._inflight.pop(cid, None)
+            if future is not None:
+                future.set_result(info)
+        # Wake anyone still waiting.
+        with self._lock:
+            pending, self._inflight = self._inflight, {}
+        for future in pending.values():
+            future.set_result(None)
+
+
+def container_from_inspect(data: Mapping[str, Any]) -> ContainerInfo:
+    """``docker inspect`` JSON → ContainerInfo.  ``Config.Image`` is the name
+    the user ran (``python:3.11-slim``); the top-level ``Image`` is a digest."""
+    config = data.get("Config") or {}
+    return ContainerInfo(
+        id=data["Id"],
+        runtime="docker",
+        name=(data.get("Name") or "").lstrip("/") or None,
+        image=config.get("Image") or data.get("Image"),
+        labels=dict(config.get("Labels") or {}),
+        hostname=config.get("Hostname") or None,
+    )
+
+
+def _reason(exc: BaseException, url: str) -> str:
+    """A short cause: the OS error at the bottom of the SDK's wrapping."""
+    where = url.removeprefix("unix://")
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, FileNotFoundError):
+            return f"no socket at {where}"
+        if isinstance(seen, ConnectionRefusedError):
+            return f"connection refused at {where}"
+        if isinstance(seen, PermissionError):
+            return f"permission denied on {where}"
+        seen = seen.__cause__ or seen.__context__
+    text = str(exc)
+    for marker, reason in (
+        ("No such file or directory", f"no socket at {where}"),
+        ("Connection refused", f"connection refused at {where}"),
+        ("Permission denied", f"permission denied on {where}"),
+    ):
+        if marker in text:
+            return reason
+    return text if len(text) < 200 else text[:197] + "..."

@@ -1,0 +1,177 @@
+"""Container and pod metadata on real events: a real Docker daemon, real
+containers running curl against a local TLS server, the real agent."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import uuid
+
+import pytest
+
+from tests import dockerenv
+from tests import realworld as rw
+from tests.agentproc import agent, free_port, get
+from tests.kube_standin import KubeStandIn, pod
+from tests.stream import StreamReader
+
+pytestmark = [pytest.mark.kernel, pytest.mark.docker]
+
+LABELS = {"app": "frontend", "env": "production"}
+
+
+@pytest.fixture(scope="module")
+def daemon():
+    d = dockerenv.Daemon()
+    try:
+        d.ensure()
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    d.ensure_image()
+    yield d
+    if d.owned:
+        d.stop()
+
+
+@pytest.fixture(scope="module")
+def standin():
+    s = KubeStandIn()
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def live(daemon, standin, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("docker")
+    port = free_port()
+    args = ["run", "--kube-api", standin.url, "--node-name", "node1"]
+    with agent(args, port, tmp / "agent.log", ready_path="/readyz") as proc:
+        reader = StreamReader(port, "/devtools/api/events?snapshot=false")
+        try:
+            yield proc, reader, tmp
+        finally:
+            reader.close()
+
+
+@pytest.fixture(scope="module")
+def nginx(live, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("nginx")
+    with rw.Nginx(tmp, rw.make_cert(tmp)) as server:
+        yield server
+
+
+def curl_in_container(name: str, url: str, **kw) -> None:
+    dockerenv.run(name, "curl", "-sk", "--max-time", "10", url, **kw)
+
+
+def process_events(reader, container_name, kind="process.started"):
+    return reader.find(lambda t, d: t == kind and (d["data"].get("container") or {}).get("name") == container_name
+                       and d["data"].get("binary") == "curl")
+
+
+def test_labelled_container_started_after_the_agent_is_on_every_event(live, nginx):
+    _, reader, _ = live
+    m = uuid.uuid4().hex[:10]
+    curl_in_container("my-app", nginx.url(f"/json?m={m}"), labels=LABELS, hostname="my-container")
+    cid = dockerenv.container_id("my-app")
+    try:
+        tx = [t for t in reader.transactions(m, count=2) if t["direction"] != "ingress"]
+        assert tx, "no client transaction from the container"
+        meta = tx[0]["metadata"]
+        assert meta["container_name"] == "my-app" and meta["container_image"] == "qtap-empty:latest"
+        assert meta["container_id"] == cid[:12]
+        assert meta["hostname"] == "my-container"
+        assert tx[0]["_event"]["summary"]["container_name"] == "my-app"
+
+        started = process_events(reader, "my-app")
+        assert started, "process.started of the container's curl lacks the container"
+        c = started[0][1]["data"]["container"]
+        assert (c["id"], c["name"], c["image"], c["labels"]) == (cid[:12], "my-app", "qtap-empty:latest", LABELS)
+        assert started[0][1]["data"]["hostname"] == "my-container"
+
+        conn = [d for t, d in reader.connection_events(tx[0]["_event"]["connectionId"])]
+        assert conn and conn[-1]["source"]["container"] == {"id": cid[:12], "name": "my-app",
+                                                            "image": "qtap-empty:latest", "fullId": cid,
+                                                            "runtime": "docker"}
+        assert "app=frontend" in conn[-1]["tags"]["label"]  # tags {"label": ["k=v"]}, the seed's dict-of-lists form
+        assert conn[-1]["tags"]["host"] == ["my-container"]
+    finally:
+        dockerenv.docker("rm", "-f", "my-app", check=False)
+
+
+def test_kubelet_labelled_container_gets_pod_fields_without_an_api_server(live, nginx):
+    _, reader, _ = live
+    m = uuid.uuid4().hex[:10]
+    labels = {"io.kubernetes.pod.name": "web-7f9c", "io.kubernetes.pod.namespace": "shop",
+              "io.kubernetes.pod.uid": "0a1b2c3d", "io.kubernetes.container.name": "web"}
+    try:
+        curl_in_container("k8s-web", nginx.url(f"/json?m={m}"), labels=labels)
+        tx = [t for t in reader.transactions(m, count=2) if t["direction"] != "ingress"]
+        assert tx and tx[0]["metadata"]["pod_name"] == "web-7f9c" and tx[0]["metadata"]["pod_namespace"] == "shop"
+        assert tx[0]["_event"]["summary"]["pod_name"] == "web-7f9c"
+        started = process_events(reader, "k8s-web")
+        assert started[0][1]["data"]["pod"] == {"name": "web-7f9c", "namespace": "shop", "uid": "0a1b2c3d",
+                                                 "labels": {}, "containerName": "web"}
+    finally:
+        dockerenv.docker("rm", "-f", "k8s-web", check=False)
+
+
+def test_pod_from_the_api_server_stand_in(live, nginx, standin):
+    _, reader, _ = live
+    m = uuid.uuid4().hex[:10]
+    try:
+        dockerenv.run("api-pod", "sleep", "60", detach=True)
+        cid = dockerenv.container_id("api-pod")
+        standin.add(pod("checkout-5d8", "shop", cid, "node1", labels={"team": "payments"}, runtime="docker"))
+        # The watch delivers the pod; then the container's process makes a request.
+        deadline_ok = False
+        for _ in range(100):
+            status, stats = get(live[0].url + "/devtools/api/stats")
+            if stats["capture"]["enrich"]["kubernetes"]["pods_by_container"] >= 1:
+                deadline_ok = True
+                break
+            import time
+            time.sleep(0.1)
+        assert deadline_ok, stats["capture"]["enrich"]
+        dockerenv.docker("exec", "api-pod", "curl", "-sk", "--max-time", "10", nginx.url(f"/json?m={m}"))
+        tx = [t for t in reader.transactions(m, count=2) if t["direction"] != "ingress"]
+        assert tx and tx[0]["metadata"]["pod_name"] == "checkout-5d8"
+        conn = [d for t, d in reader.connection_events(tx[0]["_event"]["connectionId"])]
+        assert "team=payments" in conn[-1]["tags"]["label"]
+        assert conn[-1]["source"]["pod"]["namespace"] == "shop"
+    finally:
+        dockerenv.docker("rm", "-f", "api-pod", check=False)
+
+
+def test_daemon_stopped_and_restarted_while_the_agent_runs(live, nginx, daemon):
+    if not daemon.owned:
+        pytest.skip("a Docker daemon not started by the tests is running; not stopping it")
+    proc, reader, _ = live
+    daemon.stop()
+    try:
+        m = uuid.uuid4().hex[:10]
+        subprocess.run(["curl", "-sk", "--max-time", "10", nginx.url(f"/json?m={m}")], check=True,
+                       capture_output=True)
+        assert reader.transactions(m, count=2), "capture stopped when Docker went away"
+        import time
+        for _ in range(100):
+            state = get(proc.url + "/devtools/api/stats")[1]["capture"]["enrich"]["docker"]["state"]
+            if state.startswith("unavailable"):
+                break
+            time.sleep(0.1)
+        assert state.startswith("unavailable")
+    finally:
+        daemon.start()
+    m = uuid.uuid4().hex[:10]
+    for _ in range(150):  # the agent reconnects with back-off (≤10 s)
+        if get(proc.url + "/devtools/api/stats")[1]["capture"]["enrich"]["docker"]["state"] == "connected":
+            break
+        import time
+        time.sleep(0.1)
+    try:
+        curl_in_container("after-restart", nginx.url(f"/json?m={m}"), labels={"phase": "after"})
+        tx = [t for t in reader.transactions(m, count=2) if t["direction"] != "ingress"]
+        assert tx and tx[0]["metadata"]["container_name"] == "after-restart"
+    finally:
+        dockerenv.docker("rm", "-f", "after-restart", check=False)
+    assert "Traceback" not in proc.output()

@@ -1,0 +1,157 @@
+"""Container metadata from a real Docker daemon (started by the tests, see
+tests/dockerenv.py): a pid inside a labelled container maps to its id, name,
+image, labels and hostname; a container started later is found; the daemon
+going away costs one warning and no waiting, and coming back resumes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+
+import pytest
+
+from qtap_devtools.enrich import Enricher
+from qtap_devtools.enrich.model import PodInfo
+from tests.dockerenv import EMPTY_IMAGE, DockerDaemon, DockerUnavailable, docker_daemon  # noqa: F401
+
+pytestmark = pytest.mark.docker
+
+LABELS = {"app": "frontend", "env": "production"}
+
+
+@pytest.fixture(scope="module")
+def daemon():
+    """A daemon of this module's own: other test runs on the machine use the
+    shared one, and container names here must not collide with theirs."""
+    d = DockerDaemon.private()
+    try:
+        d.start()
+    except DockerUnavailable as exc:
+        d.cleanup()
+        pytest.skip(f"cannot start dockerd: {exc}")
+    try:
+        d.ensure_image()
+        yield d
+    finally:
+        d.cleanup()
+
+
+@pytest.fixture
+def enricher(daemon):
+    e = Enricher(docker_url=daemon.url)
+    e.start()
+    until(lambda: e.stats()["docker"]["state"] == "connected")
+    yield e
+    e.stop()
+
+
+def until(predicate, timeout: float = 10.0):
+    end = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.02)
+
+
+def named(enricher: Enricher, pid: int):
+    info = enricher.process(pid)
+    return info if info is not None and info.container is not None and info.container.name else None
+
+
+def test_pid_in_a_labelled_container_maps_to_its_container(daemon):
+    with daemon.container("my-app", ["sleep", "60"], labels=LABELS, hostname="my-container") as c:
+        enricher = Enricher(docker_url=daemon.url)  # started after the container
+        enricher.start()
+        try:
+            info = until(lambda: named(enricher, c.pid))
+        finally:
+            enricher.stop()
+        assert (info.pid, info.binary, info.exe) == (c.pid, "sleep", "/usr/bin/sleep")
+        assert (info.container_id, info.runtime) == (c.id, "docker")
+        container = info.container
+        assert (container.id, container.short_id, container.runtime) == (c.id, c.id[:12], "docker")
+        assert (container.name, container.image, dict(container.labels)) == ("my-app", EMPTY_IMAGE, LABELS)
+        assert container.hostname == "my-container"
+        assert info.hostname == "my-container"
+        assert (info.uid, info.user) == (0, "root")
+        assert info.pod is None
+
+
+def test_container_started_after_the_enricher_is_enriched_on_its_first_event(daemon, enricher):
+    with daemon.container("late-app", ["sleep", "60"], labels={"phase": "late"}, hostname="late") as c:
+        # The first event of a new container: one bounded wait, then it is named.
+        info = asyncio.run(enricher.process_enriched(c.pid, timeout=2.0))
+        assert info.container is not None and info.container.name == "late-app"
+        assert info.container.labels == {"phase": "late"}
+        # Cached from now on: the synchronous path has it too.
+        assert enricher.process(c.pid).container.name == "late-app"
+    # destroyed: the container leaves the cache.
+    until(lambda: enricher.docker.lookup_nowait(c.id) is None and enricher.docker.stats()["containers"] == 0)
+
+
+def test_kubelet_labelled_container_gives_a_pod_without_an_api_server(daemon, enricher):
+    labels = {
+        "io.kubernetes.pod.name": "web-7d4b9c8f6-x2k9p",
+        "io.kubernetes.pod.namespace": "shop",
+        "io.kubernetes.pod.uid": "5c8a6b2e-1111-4a3b-9c2d-0e1f2a3b4c5d",
+        "io.kubernetes.container.name": "web",
+    }
+    with daemon.container("k8s_web_web-7d4b9c8f6-x2k9p_shop", ["sleep", "60"], labels=labels) as c:
+        info = asyncio.run(enricher.process_enriched(c.pid, timeout=2.0))
+        assert info.pod == PodInfo(
+            name="web-7d4b9c8f6-x2k9p", namespace="shop", uid="5c8a6b2e-1111-4a3b-9c2d-0e1f2a3b4c5d",
+            labels={}, container_name="web",
+        )
+
+
+def test_daemon_stopped_then_restarted(caplog):
+    caplog.set_level(logging.WARNING)
+    daemon = DockerDaemon.private()
+    try:
+        daemon.start()
+    except DockerUnavailable as exc:
+        daemon.cleanup()
+        pytest.skip(f"cannot start dockerd: {exc}")
+    enricher = Enricher(docker_url=daemon.url)
+    try:
+        daemon.ensure_image()
+        enricher.start()
+        with daemon.container("before", ["sleep", "60"]) as c:
+            until(lambda: named(enricher, c.pid))
+
+        daemon.stop()
+        until(lambda: enricher.stats()["docker"]["state"].startswith("unavailable"))
+        unknown = uuid.uuid4().hex * 2
+        began = time.monotonic()
+        assert enricher.docker.lookup_nowait(unknown) is None
+        assert asyncio.run(enricher.docker.lookup(unknown, timeout=0.05)) is None
+        assert time.monotonic() - began < 0.2
+        time.sleep(2.0)  # several reconnect attempts while it is down
+        warnings = [r.getMessage() for r in caplog.records
+                    if r.levelno == logging.WARNING and r.name.startswith("qtap_devtools")]
+        assert len(warnings) == 1 and "docker: unavailable" in warnings[0], warnings
+
+        daemon.start()
+        until(lambda: enricher.stats()["docker"]["state"] == "connected", timeout=20)
+        with daemon.container("after", ["sleep", "60"], labels={"phase": "after"}) as c:
+            info = until(lambda: named(enricher, c.pid))
+            assert info.container.name == "after" and info.container.labels == {"phase": "after"}
+        assert enricher.stats()["docker"]["connects"] == 2
+    finally:
+        enricher.stop()
+        daemon.cleanup()
+
+
+def test_shared_daemon_helper_runs_a_host_network_container(docker_daemon):  # noqa: F811
+    # The helper the end-to-end tests use: the machine's daemon, started if needed.
+    name = f"qtap-smoke-{uuid.uuid4().hex[:8]}"
+    with docker_daemon.container(name, ["sleep", "30"], hostname="smoke") as c:
+        state = c.inspect()
+        assert state["HostConfig"]["NetworkMode"] == "host"
+        assert state["Config"]["Image"] == EMPTY_IMAGE
+        assert c.exec("cat", "/etc/hostname").stdout.decode().strip() == "smoke"
