@@ -56,8 +56,16 @@ def curl(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*CURL, *args], capture_output=True, timeout=30, check=True)
 
 
+class Sides(dict):
+    """Transactions by direction; a missing side fails with what did arrive."""
+
+    def __missing__(self, key):
+        seen = {d: [(t["request"]["url"], t["metadata"]["process_exe"]) for t in txs] for d, txs in self.items()}
+        raise AssertionError(f"no {key} transaction; got {seen or 'none'}")
+
+
 def by_direction(txs: list[dict]) -> dict[str, list[dict]]:
-    out: dict[str, list[dict]] = {}
+    out = Sides()
     for tx in txs:
         out.setdefault(tx["direction"], []).append(tx)
     return out

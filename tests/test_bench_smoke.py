@@ -1,0 +1,46 @@
+"""The bench harness still runs end to end (``--quick``: a few hundred requests per run).
+
+It checks the harness, not the agent's speed: the last stdout line is one JSON
+object with every headline key, of the right type, and results.json is written.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.kernel
+
+ROOT = Path(__file__).resolve().parent.parent
+
+NUMBERS = (
+    "w1_tuned", "w1_entry", "w1_floor_tuned", "w1_floor_entry", "w1_sslsniff", "w2_tuned", "w2_entry",
+    "rate10k_added_cpu_us", "rate10k_completeness", "rate10k_p99_added_us", "sse_delay_p99_ms", "rss_mb",
+)
+
+
+def test_quick_bench_prints_every_headline_key(tmp_path):
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--quick", "--output", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    head = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in NUMBERS:
+        assert isinstance(head[key], (int, float)) and not isinstance(head[key], bool), (key, head[key], proc.stderr[-3000:])
+    for key in ("w1_tuned", "w1_entry", "w1_floor_tuned", "w1_floor_entry", "w1_sslsniff", "w2_tuned", "w2_entry"):
+        assert head[key] > 0, key
+    assert 0 <= head["rate10k_completeness"] <= 1.5
+    assert head["rss_mb"] > 0
+    assert isinstance(head["saturation_drops_counted"], bool)
+    assert "PASS" in proc.stdout or "MISS" in proc.stdout  # the targets are reported
+    results = json.loads(out.read_text())
+    assert results["headline"] == head
+    assert {r["setup"] for r in results["runs"]} == {
+        "untraced", "floor_entry", "floor_tuned", "sslsniff", "agent_tuned", "agent_entry"}
+    assert not [r for r in results["runs"] if "error" in r]
