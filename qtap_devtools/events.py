@@ -490,7 +490,7 @@ class HttpTransaction(Event):
             "authority": self.authority,
             "protocol": "http1",
             "http_version": self.http_version,
-            "user_agent": _header(request_headers, "user-agent"),
+            "user_agent": header(request_headers, "user-agent"),
             **self.request.json(),
         }
         out: dict[str, Any] = {
@@ -551,7 +551,8 @@ class HttpTransaction(Event):
         }
 
 
-def _header(headers: Mapping[str, Any], name: str) -> str | None:
+def header(headers: Mapping[str, Any], name: str) -> str | None:
+    """A header's value from a combined-headers dict, matched case-insensitively."""
     for key, value in headers.items():
         if key.lower() == name:
             return value if isinstance(value, str) else ", ".join(value)

@@ -41,6 +41,7 @@ from qtap_devtools.events import (
     HttpTransaction,
     ProcessStarted,
     ProcessStopped,
+    header,
 )
 
 log = logging.getLogger(__name__)
@@ -419,7 +420,7 @@ class Pipeline:
         info.transactions += 1
         info.process = self._process(info.pid) or info.process
         req_headers = combined_headers(req.headers)
-        host = _get(req_headers, "host")
+        host = header(req_headers, "host")
         if host and not info.http_host:
             info.http_host = host.rsplit(":", 1)[0] if not host.startswith("[") else host
         scheme = "https" if info.is_tls else "http"
@@ -457,7 +458,7 @@ class Pipeline:
                 headers=req_headers,
                 body=req.body,
                 body_size=req.body_wire_size,
-                content_type=_get(req_headers, "content-type"),
+                content_type=header(req_headers, "content-type"),
                 content_encoding=req.content_encoding,
                 body_truncated=req.body_truncated,
                 body_decode_error=req.body_decode_error,
@@ -468,7 +469,7 @@ class Pipeline:
                 headers=resp_headers,
                 body=resp.body,
                 body_size=resp.body_wire_size,
-                content_type=_get(resp_headers, "content-type"),
+                content_type=header(resp_headers, "content-type"),
                 content_encoding=resp.content_encoding,
                 body_truncated=resp.body_truncated,
                 body_decode_error=resp.body_decode_error,
@@ -485,13 +486,6 @@ class Pipeline:
             informational=tuple(ex.informational),
             ts_ns=self.wall(end),
         ))
-
-
-def _get(headers: dict, name: str) -> str | None:
-    for key, value in headers.items():
-        if key.lower() == name:
-            return value if isinstance(value, str) else ", ".join(value)
-    return None
 
 
 def _addr_text(a: Address | None) -> str:
