@@ -28,6 +28,15 @@
 #ifndef EXCLUDE_PORT
 #define EXCLUDE_PORT 0
 #endif
+/* Data records go out without waking the reader; every WAKE_RECORDS records
+ * or WAKE_BYTES bytes (per CPU) one forces a wake-up.  The reader also drains
+ * the ring on a short timer, so records left unsignalled wait at most that. */
+#ifndef WAKE_RECORDS
+#define WAKE_RECORDS 64
+#endif
+#ifndef WAKE_BYTES
+#define WAKE_BYTES (256 * 1024)
+#endif
 
 #define AF_INET_ 2
 #define AF_INET6_ 10
@@ -140,9 +149,10 @@ struct off_key { u32 tgid; s32 fd; u64 tls_ref; u32 direction; u32 is_tls; };
 BPF_TABLE("lru_hash", struct off_key, u64, offsets, 65536);
 
 /* A TLS library call is running on this tid: nested socket syscalls tell
- * us its fd and are not emitted as plaintext. */
+ * us its fd and are not emitted as plaintext.  LRU: an entry whose return
+ * never ran (the thread died mid-call) is evicted, never fills the map. */
 struct tls_active_v { u64 tls_ref; u32 source; u32 _pad; };
-BPF_HASH(tls_active, u32, struct tls_active_v, 16384);
+BPF_TABLE("lru_hash", u32, struct tls_active_v, tls_active, 16384);
 BPF_TABLE("lru_hash", u64, s32, tls_fd, 65536);     /* SSL* or session -> fd */
 
 static __always_inline void count_lost(u64 n)
@@ -168,11 +178,41 @@ static __always_inline void fill_hdr(struct rec_hdr *h, u32 kind, s32 fd)
     h->ts_ns = bpf_ktime_get_ns();
 }
 
-/* Small fixed-size records go straight out of the stack. */
+/* Small fixed-size records go straight out of the stack.  They are rare and
+ * a reader waits on them (a connection opens, a process starts), so they
+ * always wake it: the default "adaptive" wake-up would stay silent whenever
+ * unsignalled data records sit before them in the ring. */
 static __always_inline void emit_small(void *ctx, void *rec, u32 size)
 {
-    if (events.ringbuf_output(rec, size, 0) != 0)
+    if (events.ringbuf_output(rec, size, BPF_RB_FORCE_WAKEUP) != 0)
         count_lost(1);
+}
+
+/* Wake-up batching for data records.  bcc 0.26 has no ringbuf_query() method
+ * and the raw helper needs a map pointer only bcc's own methods emit, so the
+ * fill level is approximated per CPU: records and bytes written since this
+ * CPU last forced a wake-up.  Per-CPU and racy by design (uprobe programs may
+ * interleave on one CPU): an occasional extra or missed wake-up is harmless. */
+struct wake_state { u64 records; u64 bytes; u64 flag; };
+BPF_PERCPU_ARRAY(wake_states, struct wake_state, 1);
+
+/* Every access is volatile, through map memory: the chunk loop of emit_buf
+ * calls this per record, and a count carried in a register would give each
+ * iteration a different range and stop the verifier from pruning (the same
+ * reason as struct emit_state below). */
+static __always_inline u64 data_wake_flag(struct wake_state *w, u32 size)
+{
+    u64 records = *(volatile u64 *)&w->records + 1;
+    u64 bytes = *(volatile u64 *)&w->bytes + size;
+    *(volatile u64 *)&w->flag = BPF_RB_NO_WAKEUP;
+    if (records >= WAKE_RECORDS || bytes >= WAKE_BYTES) {
+        records = 0;
+        bytes = 0;
+        *(volatile u64 *)&w->flag = BPF_RB_FORCE_WAKEUP;
+    }
+    *(volatile u64 *)&w->records = records;
+    *(volatile u64 *)&w->bytes = bytes;
+    return *(volatile u64 *)&w->flag;
 }
 
 static __always_inline struct data_rec *scratch_get(void)
@@ -254,7 +294,8 @@ struct iovec_ { u64 base; u64 len; };
 struct emit_state { u64 ubuf; u64 len; u64 off; u64 done; };
 BPF_PERCPU_ARRAY(emit_states, struct emit_state, 1);
 
-static __always_inline void emit_buf(struct data_rec *r, struct emit_state *st, u64 *lostp)
+static __always_inline void emit_buf(struct data_rec *r, struct emit_state *st, u64 *lostp,
+                                     struct wake_state *w)
 {
 #pragma clang loop unroll(disable)
     for (u32 i = 0; i < MAX_SPLIT; i++) {
@@ -273,7 +314,7 @@ static __always_inline void emit_buf(struct data_rec *r, struct emit_state *st, 
         r->len = n32;
         long err = bpf_probe_read_user(r->data, n32, (void *)(*(volatile u64 *)&st->ubuf + pos));
         if (err == 0)
-            err = events.ringbuf_output(r, DATA_HDR_SIZE + n32, 0);
+            err = events.ringbuf_output(r, DATA_HDR_SIZE + n32, data_wake_flag(w, DATA_HDR_SIZE + n32));
         if (err != 0)
             __sync_fetch_and_add(lostp, 1);
     }
@@ -319,7 +360,8 @@ static __always_inline void emit_data(void *ctx, s32 fd, u8 dir, u8 src,
     int zero = 0;
     struct emit_state *st = emit_states.lookup(&zero);
     u64 *lostp = lost.lookup(&zero);
-    if (!st || !lostp) {
+    struct wake_state *w = wake_states.lookup(&zero);
+    if (!st || !lostp || !w) {
         scratch_put();
         return;
     }
@@ -327,7 +369,7 @@ static __always_inline void emit_data(void *ctx, s32 fd, u8 dir, u8 src,
         st->ubuf = buf;
         st->len = total;
         st->off = base_off;
-        emit_buf(r, st, lostp);
+        emit_buf(r, st, lostp, w);
         scratch_put();
         return;
     }
@@ -346,7 +388,7 @@ static __always_inline void emit_data(void *ctx, s32 fd, u8 dir, u8 src,
         st->ubuf = v.base;
         st->len = n;
         st->off = base_off + d;
-        emit_buf(r, st, lostp);
+        emit_buf(r, st, lostp, w);
         st->done = d + n;
     }
     if (*(volatile u64 *)&st->done < total)

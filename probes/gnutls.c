@@ -5,19 +5,19 @@
 
 int gnutls_send_enter(struct pt_regs *ctx)
 {
-    tls_enter(PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), 0, DIR_EGRESS, SRC_GNUTLS);
+    tls_enter(PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), PT_REGS_PARM3(ctx), 0, DIR_EGRESS, SRC_GNUTLS);
     return 0;
 }
 
 int gnutls_recv_enter(struct pt_regs *ctx)
 {
-    tls_enter(PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), 0, DIR_INGRESS, SRC_GNUTLS);
+    tls_enter(PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), PT_REGS_PARM3(ctx), 0, DIR_INGRESS, SRC_GNUTLS);
     return 0;
 }
 
 int gnutls_return(struct pt_regs *ctx)
 {
-    tls_exit(ctx, (long)PT_REGS_RC(ctx));   /* ssize_t */
+    tls_exit(ctx, (long)PT_REGS_RC(ctx), 0);   /* ssize_t */
     return 0;
 }
 

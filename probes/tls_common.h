@@ -6,45 +6,63 @@
 struct tls_call {
     u64 tls_ref;               /* SSL* / gnutls_session_t */
     u64 buf;
-    u64 len_ptr;               /* SSL_*_ex: size_t *written/readbytes; else 0 */
+    u64 num;                   /* bytes asked for: a count read back is capped by it */
+    u64 len_ptr;               /* where the byte count is written (SSL_*_ex's
+                                * size_t *, or a tuned site's stack slot); 0:
+                                * the return value is the count */
     u8 dir;
     u8 source;
 };
-BPF_HASH(tls_calls, u32, struct tls_call, 16384);  /* tid */
+/* tid -> the call in flight.  LRU, like tls_active: a stash whose return
+ * never ran is overwritten by the thread's next call or evicted. */
+BPF_TABLE("lru_hash", u32, struct tls_call, tls_calls, 16384);
 
-static __always_inline void tls_enter(u64 ref, u64 buf, u64 len_ptr, u8 dir, u8 src)
+static __always_inline void tls_enter(u64 ref, u64 buf, u64 num, u64 len_ptr, u8 dir, u8 src)
 {
     u64 id = bpf_get_current_pid_tgid();
     if (excluded_self(id >> 32))
         return;
     u32 tid = id;
-    struct tls_call c = { .tls_ref = ref, .buf = buf, .len_ptr = len_ptr, .dir = dir, .source = src };
+    struct tls_call c = { .tls_ref = ref, .buf = buf, .num = num, .len_ptr = len_ptr, .dir = dir, .source = src };
     tls_calls.update(&tid, &c);
     struct tls_active_v a = { .tls_ref = ref, .source = src };
     tls_active.update(&tid, &a);
 }
 
-/* `ret` is the byte count for SSL_read/SSL_write/gnutls_record_*, or the
- * success flag for the _ex variants (count then read from *len_ptr). */
-static __always_inline void tls_exit(void *ctx, long ret)
+/* The thread makes a call that will not reach any return probe: drop what an
+ * earlier call may have left, so its socket syscalls are not taken for TLS. */
+static __always_inline void tls_cancel(void)
+{
+    u32 tid = bpf_get_current_pid_tgid();
+    tls_calls.delete(&tid);
+    tls_active.delete(&tid);
+}
+
+/* `ret` is the byte count (SSL_read/SSL_write/gnutls_record_*) when the stash
+ * has no len_ptr; otherwise a success flag (> 0, the _ex variants and the
+ * internal ssl_{read,write}_internal) and the count is read from *len_ptr.
+ * `need_len_ptr`: act only on a stash whose count is in memory (a return
+ * probe on an internal function that plain-count callers also reach). */
+static __always_inline void tls_exit(void *ctx, long ret, int need_len_ptr)
 {
     u32 tid = bpf_get_current_pid_tgid();
     struct tls_call *cp = tls_calls.lookup(&tid);
     if (!cp)
         return;
+    if (need_len_ptr && !cp->len_ptr)
+        return;
     struct tls_call c = *cp;
     tls_calls.delete(&tid);
     tls_active.delete(&tid);
-    u64 n = 0;
+    if (ret <= 0)
+        return;
+    u64 n = ret;
     if (c.len_ptr) {
-        if (ret != 1)
-            return;
+        n = 0;
         bpf_probe_read_user(&n, sizeof(n), (void *)c.len_ptr);
-    } else {
-        if (ret <= 0)
-            return;
-        n = ret;
     }
+    if (n > c.num)
+        n = c.num;             /* never read past the caller's buffer */
     s32 fd = -1;
     s32 *fdp = tls_fd.lookup(&c.tls_ref);
     if (fdp)

@@ -1,8 +1,12 @@
-"""The capture layer against real processes, real probes and real TLS stacks."""
+"""The capture layer against real processes, real probes and real TLS stacks.
+
+TLS tests run once per attach mode: ``auto`` (OpenSSL probed at the sites
+``tuned.analyze`` proves) and ``entry`` (function-entry uprobes + uretprobes)."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -14,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from qtap_devtools.capture import (
+    Attachment,
     Capture,
     DataChunk,
     ProcessExec,
@@ -106,14 +111,40 @@ def assert_contiguous(cs: list[DataChunk]) -> None:
         assert all(len(c.data) <= MAX_CHUNK for c in items)
 
 
-@pytest.fixture(scope="module")
-def capture():
+LIBSSL = os.path.realpath("/usr/lib/x86_64-linux-gnu/libssl.so.3")
+WRAPPERS = ("SSL_write", "SSL_read", "SSL_write_ex", "SSL_read_ex")
+
+
+def start_capture(mode: str) -> Capture:
     sink = Collector()
-    cap = Capture(sink, max_chunk=MAX_CHUNK)
+    cap = Capture(sink, max_chunk=MAX_CHUNK, attach_mode=mode)
     cap.start()
     cap.sink = sink  # type: ignore[attr-defined]
+    return cap
+
+
+@pytest.fixture(scope="module")
+def capture():
+    cap = start_capture("auto")
     yield cap
     cap.stop()
+
+
+@pytest.fixture(scope="module", params=["auto", "entry"])
+def tls_capture(request, capture):
+    """The module's auto-mode capture, or an entry-mode one beside it."""
+    if request.param == "auto":
+        yield capture
+        return
+    cap = start_capture("entry")
+    yield cap
+    cap.stop()
+
+
+def libssl_attachment(cap: Capture) -> Attachment:
+    found = [a for a in cap.attachments if os.path.realpath(a.path) == LIBSSL and a.error is None]
+    assert found, cap.attachments
+    return found[0]
 
 
 @pytest.fixture(scope="module")
@@ -151,20 +182,37 @@ def fd_of_connect(records, pid: int, port: int) -> int:
 # ---------------------------------------------------------------- loading
 
 
-def test_every_probe_loads_and_tls_libraries_attach(capture):
-    stats = capture.stats()
+def test_every_probe_loads_and_tls_libraries_attach(tls_capture):
+    stats = tls_capture.stats()
     assert stats["lost_records"] == 0
-    libs = {a.library for a in capture.attachments if a.error is None}
-    assert libs >= {"openssl", "gnutls"}, capture.attachments
-    ssl = next(a for a in capture.attachments if a.library == "openssl" and a.error is None)
-    assert {"SSL_write", "SSL_write:return", "SSL_read", "SSL_read:return"} <= set(ssl.symbols)
+    libs = {a.library for a in tls_capture.attachments if a.error is None}
+    assert libs >= {"openssl", "gnutls"}, tls_capture.attachments
+    ssl = libssl_attachment(tls_capture)
+    assert set(ssl.sites) == set(WRAPPERS)
+    if tls_capture.attach_mode == "entry":
+        assert ssl.mode == "entry"
+        assert set(ssl.sites.values()) == {"entry"}
+        assert {"SSL_write", "SSL_write:return", "SSL_read", "SSL_read:return"} <= set(ssl.symbols)
+    gnutls = next(a for a in tls_capture.attachments if a.library == "gnutls" and a.error is None)
+    assert gnutls.mode == "entry" and set(gnutls.sites.values()) == {"entry"}
+
+
+def test_auto_mode_probes_all_four_libssl_wrappers_at_tuned_sites(capture):
+    ssl = libssl_attachment(capture)
+    assert ssl.mode == "tuned", ssl.sites
+    # SSL_write/SSL_read: the js at entry and the jle after the internal call;
+    # the _ex pair: their call at entry and a uretprobe on the internal function.
+    for symbol in ("SSL_write", "SSL_read"):
+        assert re.fullmatch(r"tuned js@0x[0-9a-f]+/jle@0x[0-9a-f]+", ssl.sites[symbol]), ssl.sites
+    for symbol in ("SSL_write_ex", "SSL_read_ex"):
+        assert re.fullmatch(r"tuned call@0x[0-9a-f]+/uretprobe@0x[0-9a-f]+", ssl.sites[symbol]), ssl.sites
 
 
 # ---------------------------------------------------------------- TLS
 
 
-def test_curl_to_nginx_tls_is_plaintext_on_both_sides(capture, nginx):
-    sink = capture.sink
+def test_curl_to_nginx_tls_is_plaintext_on_both_sides(tls_capture, nginx):
+    sink = tls_capture.sink
     worker = nginx.worker_pids[0]
     curl = run(["curl", "-sk", "--http1.1", nginx.url("/small")])
     request_line = b"GET /small HTTP/1.1"
@@ -201,8 +249,8 @@ def test_curl_to_nginx_tls_is_plaintext_on_both_sides(capture, nginx):
         assert_contiguous(tls + raw)
 
 
-def test_two_mib_tls_response_is_split_with_contiguous_offsets(capture, nginx):
-    sink = capture.sink
+def test_two_mib_tls_response_is_split_with_contiguous_offsets(tls_capture, nginx):
+    sink = tls_capture.sink
     worker = nginx.worker_pids[0]
     curl = run(["curl", "-sk", "--http1.1", "-o", "/dev/null", nginx.url("/large")])
 
@@ -253,9 +301,10 @@ console.log('ready');
 """
 
 
-def test_node_https_get_is_captured_through_the_node_binary(capture, nginx):
+def test_node_https_get_is_captured_through_the_node_binary(tls_capture, nginx):
     if not have("node"):
         pytest.skip("node not installed")
+    capture = tls_capture
     sink = capture.sink
     node = subprocess.Popen(["node", "-e", NODE_CLIENT, nginx.url("/json?from=node")],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -269,6 +318,14 @@ def test_node_https_get_is_captured_through_the_node_binary(capture, nginx):
         node.stdin.write("go\n")
         node.stdin.flush()
         assert node.stdout.readline().startswith("done 200")
+        att = next(a for a in capture.attachments if a.path.endswith("/bin/node") and a.error is None)
+        # node's wrappers start with an emulated push: its plan is entry + uretprobe
+        # at the symbol, attached by ELF virtual address (node's != file offset).
+        if capture.attach_mode == "auto":
+            assert att.mode == "tuned", att.sites
+            assert all(re.fullmatch(r"tuned push@(0x[0-9a-f]+)/uretprobe@\1", att.sites[s]) for s in WRAPPERS)
+        else:
+            assert att.mode == "entry"
     finally:
         node.kill()
         node.wait()
@@ -293,6 +350,50 @@ def test_sni_from_curl_resolve(capture, nginx):
         lambda rs: [r for r in rs if type(r) is TlsServerName and r.pid == curl.pid], what="SNI record")
     assert found[0].host == host
     assert found[0].ssl_ptr != 0
+
+
+KEEPALIVE_TLS_CLIENT = """
+import http.client, ssl, sys
+c = http.client.HTTPSConnection("127.0.0.1", int(sys.argv[1]), context=ssl._create_unverified_context())
+c.request("GET", "/small?first=1"); c.getresponse().read()
+print("first", flush=True)
+sys.stdin.readline()
+c.request("GET", "/json?second=1"); body = c.getresponse().read()
+print("second", len(body), flush=True)
+sys.stdin.readline()   # the connection stays open: no close record follows the data
+"""
+
+
+def test_python_ssl_ex_calls_are_captured_with_their_fd_and_a_lone_request_is_delivered(tls_capture, nginx):
+    """Python's ssl calls SSL_write_ex/SSL_read_ex (tuned: the uretprobe on the
+    internal function).  The second request is a handful of data records and
+    nothing else: no wake-up is forced for them, so they arrive through the
+    reader's periodic drain."""
+    sink = tls_capture.sink
+    client = subprocess.Popen([sys.executable, "-c", KEEPALIVE_TLS_CLIENT, str(nginx.port)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert client.stdout.readline().strip() == "first"
+        sink.wait_for(lambda rs: b"GET /small?first=1" in stream(rs, client.pid, direction="egress",
+                                                                    source="openssl"), what="the first request")
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        assert client.stdout.readline().startswith("second")
+        # Only a failure timeout: the drain runs every DRAIN_MS (50 ms).
+        sink.wait_for(lambda rs: b'"uri":"/json?second=1"' in stream(rs, client.pid, direction="ingress",
+                                                                      source="openssl"),
+                      timeout=10, what="the lone second response, with no later record to wake the reader")
+        rs = sink.snapshot()
+        fd = fd_of_connect(rs, client.pid, nginx.port)
+        sent = stream(rs, client.pid, fd=fd, direction="egress", source="openssl")
+        assert sent.startswith(b"GET /small?first=1 HTTP/1.1\r\n")
+        assert b"GET /json?second=1 HTTP/1.1\r\n" in sent
+        tls = chunks(rs, client.pid, source="openssl")
+        assert {c.fd for c in tls} == {fd}
+        assert_contiguous(tls)
+    finally:
+        client.kill()
+        client.wait()
 
 
 # ---------------------------------------------------------------- plaintext

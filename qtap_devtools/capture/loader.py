@@ -9,6 +9,11 @@
 
 Records arrive in batches (lists) on the polling thread, in ring order.  The
 callback must be quick; hand the batch to a queue if it is not.
+
+Wake-ups: the probes write data records without waking the reader and force
+a wake-up every few dozen records (probes/common.h, WAKE_RECORDS/WAKE_BYTES);
+the poller also drains the ring every ``DRAIN_MS``, so a lone small request is
+delivered within about that long.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import re
 import subprocess
 import threading
 import time
@@ -23,7 +29,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from . import procnet
-from .attach import Attacher, Attachment, ExecWatcher
+from .attach import TUNED_FUNCTIONS, AttachMode, Attacher, Attachment, ExecWatcher, Where
 from .records import (
     ProcessExec,
     Record,
@@ -31,7 +37,7 @@ from .records import (
     SocketAddress,
     SocketClose,
     SocketConnect,
-    parse,
+    RecordReader,
 )
 
 log = logging.getLogger(__name__)
@@ -39,6 +45,9 @@ log = logging.getLogger(__name__)
 TRACEFS = Path("/sys/kernel/tracing")
 PROBE_FILES = ("process.c", "sockets.c", "openssl.c", "gnutls.c")
 SOCK_KNOWN = 1  # common.h
+# The reader drains the ring at least this often: data records are written
+# without a wake-up, so this bounds how long an idle stream's tail waits.
+DRAIN_MS = 50
 
 
 class CaptureError(RuntimeError):
@@ -135,12 +144,24 @@ class Capture:
         exclude_port: int = 0,
         seed_existing: bool = True,
         extra_binaries: Iterable[str] = (),
-        poll_timeout_ms: int = 100,
+        poll_timeout_ms: int = DRAIN_MS,
+        attach_mode: AttachMode = "auto",
+        wake_records: int = 64,
+        wake_bytes: int = 256 * 1024,
     ) -> None:
+        """``attach_mode``: ``"auto"`` probes OpenSSL at the cheap sites
+        ``tuned.analyze`` proves (entry probes where it cannot), ``"entry"``
+        uses function-entry uprobes + uretprobes everywhere.  ``wake_records``
+        / ``wake_bytes``: a data record forces a reader wake-up once this many
+        records / bytes were written on its CPU since the last one."""
         if ring_mib <= 0 or ring_mib & (ring_mib - 1):
             raise CaptureError(f"ring_mib={ring_mib}: must be a power of two")
         if not 64 <= max_chunk <= 30000:
             raise CaptureError(f"max_chunk={max_chunk}: must be 64..30000 (a per-CPU map value)")
+        if attach_mode not in ("auto", "entry"):
+            raise CaptureError(f"attach_mode={attach_mode!r}: must be 'auto' or 'entry'")
+        if wake_records < 1 or wake_bytes < 1:
+            raise CaptureError("wake_records and wake_bytes must be positive")
         self.on_records = on_records
         self.ring_mib = ring_mib
         self.max_chunk = max_chunk
@@ -148,7 +169,12 @@ class Capture:
         self.exclude_port = exclude_port
         self.seed_existing = seed_existing
         self.extra_binaries = list(extra_binaries)
-        self.poll_timeout_ms = poll_timeout_ms
+        # A longer poll timeout would hold unsignalled records back for as long.
+        self.poll_timeout_ms = max(1, min(poll_timeout_ms, DRAIN_MS))
+        self.attach_mode = attach_mode
+        self.wake_records = wake_records
+        self.wake_bytes = wake_bytes
+        self._reader = RecordReader()
         self._bpf = None
         self._attacher: Attacher | None = None
         self._watcher: ExecWatcher | None = None
@@ -171,15 +197,18 @@ class Capture:
         self._bpf = self._load()
         bpf = self._bpf
 
-        def attach(path: str, symbol: str, fn_name: str, ret: bool) -> None:
+        def attach(path: str, where: Where, fn_name: str, ret: bool) -> None:
+            at = {"addr": where} if isinstance(where, int) else {"sym": where.encode()}
             if ret:
-                bpf.attach_uretprobe(name=path.encode(), sym=symbol.encode(), fn_name=fn_name.encode())
+                bpf.attach_uretprobe(name=path.encode(), fn_name=fn_name.encode(), **at)
             else:
-                bpf.attach_uprobe(name=path.encode(), sym=symbol.encode(), fn_name=fn_name.encode())
+                bpf.attach_uprobe(name=path.encode(), fn_name=fn_name.encode(), **at)
 
-        self._attacher = Attacher(attach, exclude_pid=self.exclude_pid)
+        self._attacher = Attacher(attach, exclude_pid=self.exclude_pid, mode=self.attach_mode)
         self._attacher.scan_all(self.extra_binaries)
         self._watcher = ExecWatcher(self._attacher)
+        self._read = self._reader.parse
+        self._append = self._batch.append
         bpf[b"events"].open_ring_buffer(self._on_raw)
         if self.seed_existing:
             self.seed_existing_sockets()
@@ -232,6 +261,8 @@ class Capture:
             f"-DRING_PAGES={ring_pages}",
             f"-DEXCLUDE_TGID={self.exclude_pid}",
             f"-DEXCLUDE_PORT={self.exclude_port}",
+            f"-DWAKE_RECORDS={self.wake_records}",
+            f"-DWAKE_BYTES={self.wake_bytes}",
             "-Wno-macro-redefined",
         ]
         text = probe_source(pdir)
@@ -313,17 +344,25 @@ class Capture:
     # ---- reading ----
 
     def _on_raw(self, ctx, data, size) -> int:
+        # Called once per record by libbpf through ctypes: keep it to one copy
+        # and one precompiled unpack (RecordReader); no dicts, no lookups.
         try:
-            self._batch.append(parse(ctypes.string_at(data, size)))
+            self._append(self._read(ctypes.string_at(data, size)))
         except Exception:
             self._parse_errors += 1
         return 0
 
     def _poll_loop(self) -> None:
         bpf = self._bpf
+        poll, consume, timeout = bpf.ring_buffer_poll, bpf.ring_buffer_consume, self.poll_timeout_ms
         while not self._stop.is_set():
-            bpf.ring_buffer_poll(self.poll_timeout_ms)
-            batch, self._batch = self._batch, []
+            poll(timeout)
+            # epoll only returns on a wake-up; records written without one
+            # (most data records) are read here, at least every DRAIN_MS.
+            consume()
+            batch = self._batch
+            self._batch = []
+            self._append = self._batch.append
             if batch:
                 self._records_read += len(batch)
                 watcher = self._watcher
@@ -371,6 +410,7 @@ class Capture:
             "proc_address_fallbacks": self._proc_fallbacks,
             "attachments": len(atts),
             "attachments_failed": sum(1 for a in atts if a.error),
+            "attachments_tuned": sum(1 for a in atts if a.mode == "tuned"),
             "exec_scans_dropped": self._watcher.dropped if self._watcher else 0,
         }
 
@@ -378,7 +418,7 @@ class Capture:
 def _uprobe_functions() -> list[str]:
     from .attach import PROBES
 
-    return list(dict.fromkeys(p.fn_name for probes in PROBES.values() for p in probes))
+    return list(dict.fromkeys([*(p.fn_name for probes in PROBES.values() for p in probes), *TUNED_FUNCTIONS]))
 
 
 def _probe_file(fn: str) -> str:
@@ -387,7 +427,7 @@ def _probe_file(fn: str) -> str:
         pdir = probes_dir()
     except CaptureError:
         return "probes"
-    needle = fn.split("__")[-1] if fn.startswith("tracepoint__") else fn
+    needle = fn.split("__")[-1] if fn.startswith("tracepoint__") else re.sub(r"_sp\d+$", "", fn)
     for name in PROBE_FILES:
         text = (pdir / name).read_text()
         if needle in text:

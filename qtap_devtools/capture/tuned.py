@@ -73,6 +73,27 @@ class SitePlan:
     return_kind: Literal["uprobe", "uretprobe"] = "uprobe"
     entry_vaddr: int = 0
     return_vaddr: int = 0
+    symbol_vaddr: int = 0  # the wrapper's start: a uretprobe there is on the wrapper itself
+    return_rsp_delta: int = 0  # rsp at the call (and so at the return), relative to the symbol's start
+    entry_insn: str = ""  # mnemonics at the two sites, for humans: "js", "jle", "call", "push"
+    return_insn: str = ""
+
+    @property
+    def return_on_callee(self) -> bool:
+        """The return is a uretprobe on the internal function, not on the wrapper."""
+        return self.return_kind == "uretprobe" and self.return_vaddr != self.symbol_vaddr
+
+    @property
+    def count_slot(self) -> int | None:
+        """For a ``("stack", off)`` count: its offset from rsp *at the entry site*."""
+        if self.count_source[0] != "stack":
+            return None
+        return self.return_rsp_delta - self.entry_rsp_delta + self.count_source[1]
+
+    def describe(self) -> str:
+        """``"js@0x359d6/jle@0x359e5"``, or ``"call@0x35a54/uretprobe@0x355e0"``."""
+        ret = self.return_insn if self.return_kind == "uprobe" else "uretprobe"
+        return f"{self.entry_insn}@{self.entry_vaddr:#x}/{ret}@{self.return_vaddr:#x}"
 
 
 @dataclass(frozen=True)
@@ -336,7 +357,8 @@ def plan_function(symbol: str, image: Image, vaddr: int, size: int) -> Plan:
         f"{','.join(args)} untouched, rsp{entry_rsp:+#x}"
     )
 
-    def plan(return_vaddr: int, kind: Literal["uprobe", "uretprobe"], source: CountSource, why: str) -> Plan:
+    def plan(return_vaddr: int, kind: Literal["uprobe", "uretprobe"], source: CountSource, why: str,
+             return_insn: str = "", return_rsp: int = 0) -> Plan:
         ret_off = image.file_offset(return_vaddr)
         if ret_off is None:
             return Unrecognised(symbol, "return site is not in an executable PT_LOAD")
@@ -351,6 +373,10 @@ def plan_function(symbol: str, image: Image, vaddr: int, size: int) -> Plan:
             return_kind=kind,
             entry_vaddr=entry_insn.address,
             return_vaddr=return_vaddr,
+            symbol_vaddr=vaddr,
+            return_rsp_delta=return_rsp,
+            entry_insn=entry_insn.mnemonic,
+            return_insn=return_insn,
         )
 
     def wrapper_uretprobe(why: str) -> Plan:
@@ -360,7 +386,7 @@ def plan_function(symbol: str, image: Image, vaddr: int, size: int) -> Plan:
             return Unrecognised(symbol, f"{entry_text}; return: {why}")
         source: CountSource = ("arg_ptr", "rcx") if is_ex else ("result", "eax")
         return plan(vaddr, "uretprobe", source, f"return: {why}; the symbol starts with an emulated "
-                    f"{insns[0].mnemonic}, so a uretprobe there is cheap")
+                    f"{insns[0].mnemonic}, so a uretprobe there is cheap", insns[0].mnemonic, 0)
 
     if call is None:
         return wrapper_uretprobe(path_why)
@@ -383,7 +409,7 @@ def plan_function(symbol: str, image: Image, vaddr: int, size: int) -> Plan:
         if emulated(insn):
             return plan(insn.address, "uprobe", count,
                         f"{call_text}; return {insn.mnemonic} at {off(insn.address)}: eax is the result, "
-                        f"rsp{call_rsp:+#x} as at the call")
+                        f"rsp{call_rsp:+#x} as at the call", insn.mnemonic, call_rsp)
         if "rax" in _written(insn):
             why = f"eax is overwritten by {insn.mnemonic} at {off(insn.address)} before any emulated instruction"
             break
@@ -396,7 +422,7 @@ def plan_function(symbol: str, image: Image, vaddr: int, size: int) -> Plan:
     if head is not None and emulated(head) and image.file_offset(callee) is not None:
         return plan(callee, "uretprobe", count,
                     f"{call_text}; {why}; so uretprobe on the callee, whose first instruction "
-                    f"({head.mnemonic} {head.op_str}) is emulated")
+                    f"({head.mnemonic} {head.op_str}) is emulated", head.mnemonic, call_rsp)
     return wrapper_uretprobe(why)
 
 

@@ -1,0 +1,90 @@
+"""``make bench-soak``: a million transactions through the agent, its memory on the way.
+
+nginx (W1: 100-byte bodies, TLS, keep-alive) and ``wrk -t1 -c4`` in back-to-back
+chunks until wrk has made ``--transactions`` requests; one SSE client reads the
+whole stream.  After each chunk: requests so far, transactions on the stream,
+the agent's VmRSS and peak VmHWM, and its drop counters.  Target: peak RSS
+below 150 MB.  Not part of CI (minutes long).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+
+from bench.setups import Agent, SetupUnavailable, _status
+from bench.workload import W1, BenchNginx, Wrk, write_scripts
+
+TARGET_MB = 150
+
+EXAMPLES = """\
+examples:
+  make bench-soak
+  make bench-soak ARGS="--transactions 200000 --attach-mode entry"
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n\n")[0],
+                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--transactions", type=int, default=1_000_000, help="requests wrk makes in all (default 1e6)")
+    p.add_argument("--chunk-seconds", type=int, default=10, help="wrk run length between reports (default 10)")
+    p.add_argument("--attach-mode", choices=["tuned", "entry"], default="tuned",
+                   help="tuned = the agent's --attach-mode auto (default)")
+    args = p.parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench.soak: needs root (the agent attaches uprobes)", file=sys.stderr)
+        return 2
+    from qtap_devtools import kheaders
+    from tests.realworld import make_cert
+
+    kheaders.apply()
+    samples = []
+    with tempfile.TemporaryDirectory(prefix="qtap-soak-") as tmp:
+        d = Path(tmp)
+        cert = make_cert(d / "cert")
+        scripts = write_scripts(d, [W1])
+        try:
+            with BenchNginx(d / "nginx", cert) as nginx, Agent(args.attach_mode) as agent:
+                done, started = 0, time.monotonic()
+                print(f"{'elapsed s':>9} {'requests':>10} {'tx on stream':>12} {'RSS MB':>7} {'HWM MB':>7} "
+                      f"{'lost rec':>9} {'pend drop':>9} {'sse drop':>9}", flush=True)
+                while done < args.transactions:
+                    wrk = Wrk(nginx, W1, scripts["w1"], args.chunk_seconds)
+                    wrk.start()
+                    done += wrk.wait().requests
+                    status = _status(agent.proc.pid)
+                    drops = agent.drops(agent.stats())
+                    sample = {
+                        "elapsed_s": round(time.monotonic() - started, 1),
+                        "requests": done,
+                        "on_stream": agent.reader.tx_total(W1.path),
+                        "rss_mb": round(status.get("VmRSS", 0) / 1024, 1),
+                        "hwm_mb": round(status.get("VmHWM", 0) / 1024, 1),
+                        **drops,
+                    }
+                    samples.append(sample)
+                    print(f"{sample['elapsed_s']:>9} {done:>10,} {sample['on_stream']:>12,} {sample['rss_mb']:>7} "
+                          f"{sample['hwm_mb']:>7} {drops['lost_records']:>9,} {drops['pending_dropped_total']:>9,} "
+                          f"{drops['subscriberDrops']:>9,}", flush=True)
+                attach = agent.attach
+        except SetupUnavailable as exc:
+            print(f"bench.soak: agent unavailable: {exc}", file=sys.stderr)
+            return 1
+    peak = max(s["hwm_mb"] for s in samples)
+    verdict = "PASS" if peak < TARGET_MB else "MISS"
+    print(f"\n{verdict}  peak RSS {peak} MB after {samples[-1]['requests']:,} requests (target < {TARGET_MB} MB; "
+          f"agent attach: {attach})")
+    print(orjson.dumps({"requests": samples[-1]["requests"], "peak_rss_mb": peak, "final_rss_mb": samples[-1]["rss_mb"],
+                        "target_mb": TARGET_MB, "pass": peak < TARGET_MB, "samples": samples}).decode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

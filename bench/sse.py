@@ -1,0 +1,161 @@
+"""One SSE client reading the agent's whole stream, as a user's ``curl -N`` would.
+
+It counts ``request.http_transaction`` events per (request path, process id) —
+the wrk process is the client side, the nginx worker the server side — and,
+for each one, how long after the transaction ended it reached this client:
+
+    delay = arrival (CLOCK_REALTIME when the bytes were read off the socket)
+            − the event's ``ts``
+
+``ts`` is the agent's wall-clock mapping of the kernel timestamp of the
+transaction's last byte (the pipeline stamps an exchange with its end), so the
+delay covers the ring buffer, parsing, reassembly, enrichment, the broadcaster
+and the socket: everything between the traced process finishing the exchange
+and a user seeing it.  Both clocks are this machine's; ``ts`` has millisecond
+resolution (truncated), so a delay is exact to within +1 ms.
+
+Raw socket rather than ``http.client``: at 20k events/s a line-by-line reader in
+Python would be the bottleneck we measure.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from array import array
+from collections import Counter
+from datetime import datetime, timezone
+
+import orjson
+
+TX = b"request.http_transaction"
+DROPPED = b"system.dropped"
+
+
+class SseCounter:
+    def __init__(self, port: int, path: str = "/devtools/api/events?snapshot=false") -> None:
+        self.lock = threading.Lock()
+        self.counts: Counter[tuple[str, int]] = Counter()
+        self.delays_ms: dict[str, array] = {}
+        self.missed = 0  # sum of system.dropped ``missed``
+        self.events = 0
+        self.last_tx: dict[str, float] = {}  # request path -> monotonic time of its last transaction
+        self.error: str | None = None
+        self._secs: dict[str, int] = {}
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.sock.sendall(
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAccept: text/event-stream\r\n\r\n".encode()
+        )
+        self.sock.settimeout(None)
+        self.thread = threading.Thread(target=self._run, name="sse-counter", daemon=True)
+        self.thread.start()
+
+    # -- reading
+
+    def _chunks(self):
+        """Body bytes, de-chunked when the server uses chunked transfer coding."""
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            data = self.sock.recv(65536)
+            if not data:
+                return
+            buf += data
+        head, buf = buf.split(b"\r\n\r\n", 1)
+        status = head.split(b"\r\n", 1)[0]
+        if b" 200 " not in status + b" ":
+            raise RuntimeError(f"SSE request refused: {status.decode(errors='replace')}")
+        chunked = b"transfer-encoding: chunked" in head.lower()
+        if not chunked:
+            if buf:
+                yield buf
+            while data := self.sock.recv(262144):
+                yield data
+            return
+        while True:
+            while b"\r\n" not in buf:
+                data = self.sock.recv(262144)
+                if not data:
+                    return
+                buf += data
+            size_line, buf = buf.split(b"\r\n", 1)
+            size = int(size_line.split(b";")[0], 16)
+            if size == 0:
+                return
+            while len(buf) < size + 2:
+                data = self.sock.recv(max(262144, size + 2 - len(buf)))
+                if not data:
+                    return
+                buf += data
+            yield buf[:size]
+            buf = buf[size + 2:]
+
+    def _run(self) -> None:
+        pending = b""
+        try:
+            for data in self._chunks():
+                now_ns = time.time_ns()
+                pending += data
+                *frames, pending = pending.split(b"\n\n")
+                if frames:
+                    self._take(frames, now_ns)
+        except (OSError, ValueError, RuntimeError) as exc:
+            self.error = str(exc)
+
+    def _take(self, frames: list[bytes], now_ns: int) -> None:
+        with self.lock:
+            self.events += len(frames)
+            now = time.monotonic()
+            for frame in frames:
+                kind, _, rest = frame.partition(b"\n")
+                if kind.endswith(TX):
+                    body = orjson.loads(rest.split(b"\n", 1)[0][6:])
+                    summary = body["data"]["data"]["summary"]
+                    path = summary.get("request_path") or ""
+                    self.counts[(path, summary.get("process_pid") or 0)] += 1
+                    self.last_tx[path] = now
+                    ts = body.get("ts")
+                    if ts:
+                        self.delays_ms.setdefault(path, array("d")).append((now_ns - self._ts_ns(ts)) / 1e6)
+                elif kind.endswith(DROPPED):
+                    body = orjson.loads(rest.split(b"\n", 1)[0][6:])
+                    self.missed += int(body["data"].get("missed", 0))
+
+    def _ts_ns(self, ts: str) -> int:
+        # "2026-11-23T00:06:04.965Z": parse the seconds once, add the milliseconds.
+        head = ts[:19]
+        secs = self._secs.get(head)
+        if secs is None:
+            if len(self._secs) > 4096:
+                self._secs.clear()
+            secs = int(datetime.fromisoformat(head).replace(tzinfo=timezone.utc).timestamp())
+            self._secs[head] = secs
+        frac = ts[20:-1] if len(ts) > 20 else ""
+        return secs * 1_000_000_000 + int((frac + "000000000")[:9])
+
+    # -- what a run needs
+
+    def count(self, path: str, pid: int) -> int:
+        with self.lock:
+            return self.counts[(path, pid)]
+
+    def tx_total(self, path: str) -> int:
+        with self.lock:
+            return sum(n for (p, _), n in self.counts.items() if p == path)
+
+    def delays(self, path: str) -> list[float]:
+        with self.lock:
+            return list(self.delays_ms.get(path, ()))
+
+    def quiet_for(self, path: str, since: float) -> float:
+        """Seconds since a transaction for ``path`` last arrived (or since ``since``)."""
+        with self.lock:
+            return time.monotonic() - max(since, self.last_tx.get(path, since))
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        self.thread.join(2)
