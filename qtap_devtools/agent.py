@@ -40,10 +40,10 @@ class Agent:
         self.config = config
         self.broadcaster = Broadcaster(client_queue_size=config.client_queue_size, history_size=config.history_size)
         self.store = Store(transactions=config.history_size)
-        self.broadcaster.add_listener(self.store.on_event)
+        self.broadcaster.add_listener(self.store.on_published)
         self.writer = CaptureWriter(config.output) if config.output else None
         if self.writer is not None:
-            self.broadcaster.add_listener(lambda env: self.writer.write(env.frame))
+            self.broadcaster.add_listener(lambda item: self.writer.write(item.frame))
         self.enricher = Enricher(
             docker=config.docker, docker_url=config.docker_url, kube_api=config.kube_api, node_name=config.node_name
         )
@@ -115,7 +115,7 @@ class Agent:
         atts = self.capture.attachments
         return {
             "state": "running",
-            "attached": [{"path": a.path, "library": a.library, "mode": a.mode} for a in atts if a.ok],
+            "attached": [{"path": a.path, "library": a.library, "mode": a.mode, "sites": a.sites} for a in atts if a.ok],
             "failed": [{"path": a.path, "library": a.library, "error": a.error} for a in atts if not a.ok],
             "lostRecords": self.capture.lost_records(),
         }
@@ -154,6 +154,7 @@ class Agent:
                 max_chunk=self.config.max_chunk_bytes,
                 exclude_pid=os.getpid(),
                 exclude_port=0 if self.config.capture_own_port else self.config.listen.port,
+                attach_mode=self.config.attach_mode,
             )
             cap.start()
         except CaptureError as exc:

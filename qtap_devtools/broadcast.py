@@ -63,20 +63,32 @@ def parse_event_id(text: str, instance: str) -> int | None:
 class Subscriber:
     filter: EventFilter
     maxsize: int
+    # Events are bounded in count and in bytes: 4096 transactions with 1 MiB
+    # bodies would otherwise hold gigabytes for one slow client.
+    max_bytes: int = 64 << 20
     queue: deque = field(default_factory=deque)
+    queued_bytes: int = 0
     missed: int = 0  # since the last system.dropped sent to it
     total_missed: int = 0
     delivered: int = 0
     _wakeup: asyncio.Event = field(default_factory=asyncio.Event)
 
     def offer(self, item: Published) -> None:
-        if len(self.queue) >= self.maxsize:
+        size = len(item.frame)
+        if len(self.queue) >= self.maxsize or (self.queue and self.queued_bytes + size > self.max_bytes):
             self.missed += 1
             self.total_missed += 1
             return
         self._mark_gap()
         self.queue.append(item)
+        self.queued_bytes += size
         self._wakeup.set()
+
+    def notify_gap(self, missed: int) -> None:
+        """Events this subscriber should have had are gone (history evicted
+        past a resume point): tell it, in stream order."""
+        self.missed += missed
+        self.total_missed += missed
 
     def _mark_gap(self) -> None:
         # The notice goes where the missing events would have been.
@@ -107,6 +119,7 @@ class Subscriber:
             if isinstance(item, _Gap):
                 yield SystemDropped(missed=item.missed, total_missed=item.total).envelope().frame
                 continue
+            self.queued_bytes -= len(item.frame)
             self.delivered += 1
             yield item.frame
 
@@ -119,10 +132,18 @@ class _Gap:
 
 class Broadcaster:
     def __init__(self, *, client_queue_size: int = 4096, history_size: int = 10_000,
+                 client_queue_bytes: int = 64 << 20, history_bytes: int = 128 << 20,
                  instance: str | None = None) -> None:
-        self.instance = instance or ids.new_id(time.time())[:8]
+        # The instance tags event ids: the full time-ordered id (not a prefix),
+        # so two agents started within the same second never share it.
+        self.instance = instance or ids.new_id(time.time())
         self.client_queue_size = client_queue_size
-        self.history: deque[Published] = deque(maxlen=history_size)
+        self.client_queue_bytes = client_queue_bytes
+        self.history: deque[Published] = deque()
+        self.history_size = history_size
+        self.history_bytes = history_bytes
+        self._history_used = 0
+        self.history_evicted = 0
         self.subscribers: set[Subscriber] = set()
         self._seq = itertools.count(1)
         self.published = 0
@@ -130,22 +151,32 @@ class Broadcaster:
         self.closed = False
         self._listeners: list[Callable[[Envelope], None]] = []
 
-    def add_listener(self, fn: Callable[[Envelope], None]) -> None:
-        """A synchronous consumer of every event (state store, file writer)."""
+    def add_listener(self, fn: Callable[[Published], None]) -> None:
+        """A synchronous consumer of every event (state store, file writer):
+        it gets the numbered frame exactly as the SSE stream sends it."""
         self._listeners.append(fn)
 
     def publish(self, envelope: Envelope) -> Published:
         item = Published.make(self.instance, next(self._seq), envelope)
         self.published += 1
-        self.history.append(item)
+        self._remember(item)
         for fn in self._listeners:
-            fn(envelope)
+            fn(item)
         for sub in self.subscribers:
             if sub.filter.matches(envelope):
                 before = sub.total_missed
                 sub.offer(item)
                 self.dropped_total += sub.total_missed - before
         return item
+
+    def _remember(self, item: Published) -> None:
+        """Keep ``item`` in the history, bounded in count and bytes (oldest out)."""
+        history = self.history
+        history.append(item)
+        self._history_used += len(item.frame)
+        while len(history) > 1 and (len(history) > self.history_size or self._history_used > self.history_bytes):
+            self._history_used -= len(history.popleft().frame)
+            self.history_evicted += 1
 
     def subscribe(
         self,
@@ -156,10 +187,16 @@ class Broadcaster:
         """A new subscriber whose queue starts with ``first`` (unbounded by the
         queue size: the greeting and snapshot must arrive whole), then history
         after ``resume_after`` when the client is resuming."""
-        sub = Subscriber(event_filter, self.client_queue_size)
+        sub = Subscriber(event_filter, self.client_queue_size, self.client_queue_bytes)
         for env in first:
             sub.queue.append(Published.unnumbered(env))
         if resume_after is not None:
+            oldest = self.history[0].seq if self.history else self.published + 1
+            if resume_after + 1 < oldest:
+                # What came between is no longer kept: say so rather than
+                # resume as if nothing was missed (filtered or not, it is
+                # counted: the client cannot know which it would have had).
+                sub.notify_gap(oldest - resume_after - 1)
             for item in self.history:
                 if item.seq > resume_after and event_filter.matches(item.envelope):
                     sub.offer(item)
@@ -183,6 +220,10 @@ class Broadcaster:
             "subscribers": len(self.subscribers),
             "subscriberDrops": self.dropped_total,
             "history": len(self.history),
-            "historyLimit": self.history.maxlen,
+            "historyLimit": self.history_size,
+            "historyBytes": self._history_used,
+            "historyBytesLimit": self.history_bytes,
+            "historyEvicted": self.history_evicted,
             "clientQueueSize": self.client_queue_size,
+            "clientQueueBytes": self.client_queue_bytes,
         }

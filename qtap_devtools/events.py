@@ -497,7 +497,10 @@ class HttpTransaction(Event):
             "metadata": metadata,
             "request": request,
             "response": None,
-            "duration_ms": self.duration_ms,
+            # Whole milliseconds, as the seed (typed clients read an integer);
+            # the precise figure is duration_us.
+            "duration_ms": round(self.duration_ms),
+            "duration_us": round(self.duration_ms * 1000),
             "direction": c.direction,
             "started_at": rfc3339(self.start_ns),
             "timing": dict(self.timing),

@@ -79,6 +79,7 @@ class _Conn:
     last_l7: str = "unknown"
     last_tls: tuple = ()
     fed: bool = False  # has the assembler seen any bytes yet
+    accepted: bool = False  # seeded from /proc with a listening local port
 
 
 class Pipeline:
@@ -106,6 +107,8 @@ class Pipeline:
         self.pending_addr: OrderedDict[tuple[int, int], rec.SocketAddress] = OrderedDict()
         self.processes: OrderedDict[int, ProcessInfo] = OrderedDict()
         self.parents: OrderedDict[int, int] = OrderedDict()
+        # (pid, socket fd) -> key of the fd-less TLS stream that borrowed it.
+        self.borrowers: OrderedDict[tuple[int, int], tuple] = OrderedDict()
         self.counters = {
             "records": 0,
             "transactions": 0,
@@ -255,17 +258,20 @@ class Pipeline:
                 while len(self.pending_addr) > MAX_PENDING_SNI:
                     self.pending_addr.popitem(last=False)
                 return
-            # A socket open before the agent started: role unknown.
+            # A socket open before the agent started: the server side if its
+            # local port is a listening one (direction ingress from the start).
             ts = r.ts_ns or time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+            # The assembler still starts "unknown": it joins mid-stream and
+            # resynchronises at the next message start.
             conn = self._new_conn((r.pid, r.fd), r.pid, r.fd, ts, "unknown", r.remote, r.local)
+            conn.accepted = r.accepted
         self._apply_address(conn, r)
 
     def _apply_address(self, conn: _Conn, r: rec.SocketAddress) -> None:
         info = conn.info
         info.local = Address(r.local.ip, r.local.port)
         info.remote = Address(r.remote.ip, r.remote.port)
-        if conn.role != "server":
-            info.direction = classify(r.remote.ip)
+        info.direction = "ingress" if conn.role == "server" or conn.accepted else classify(r.remote.ip)
         self._announce(conn)
 
     def on_close(self, r: rec.SocketClose) -> None:
@@ -273,6 +279,12 @@ class Pipeline:
         conn = self.conns.pop((r.pid, r.fd), None)
         if conn is not None:
             self._finish(conn, r.ts_ns)
+        borrower = self.borrowers.pop((r.pid, r.fd), None)
+        if borrower is not None:
+            # The socket a memory-BIO TLS stream rode on is closed: so is the stream.
+            tls = self.conns.pop(borrower, None)
+            if tls is not None:
+                self._finish(tls, r.ts_ns)
 
     def on_sni(self, r: rec.TlsServerName) -> None:
         conn = self.conns.get((r.pid, r.fd)) if r.fd is not None and r.fd >= 0 else None
@@ -289,6 +301,13 @@ class Pipeline:
     def on_data(self, r: rec.DataChunk) -> None:
         key = (r.pid, r.fd) if r.fd >= 0 else (r.pid, "tls", r.tls_ref)
         conn = self.conns.get(key)
+        if conn is not None and r.fd < 0 and r.offset == 0 and conn.assembler.position(r.direction):
+            # A TLS stream known only by its SSL* starts again at offset 0:
+            # the kernel forgot its offsets at SSL_free and malloc handed the
+            # address to a new session.  The old stream is over.
+            del self.conns[key]
+            self._finish(conn, r.ts_ns)
+            conn = None
         if conn is None:
             if r.pid == self.own_pid:
                 return
@@ -297,7 +316,7 @@ class Pipeline:
             if early is not None:
                 self._apply_address(conn, early)
             elif r.fd < 0:
-                self._borrow_socket(conn)
+                self._borrow_socket(conn, key)
         info = conn.info
         tls_source = r.source != "socket"
         if tls_source:
@@ -342,7 +361,7 @@ class Pipeline:
                 # the next request has been sent.
                 conn.role = "client" if r.direction == "egress" else "server"
                 conn.assembler = self._assembler(conn.role)
-                if conn.role == "server" and info.remote is None:
+                if conn.role == "server":
                     info.direction = "ingress"
         exchanges = conn.assembler.on_data(r.direction, r.data, r.ts_ns, r.offset)
         proto = conn.assembler.protocol
@@ -352,7 +371,7 @@ class Pipeline:
         for ex in exchanges:
             self._transaction(conn, ex)
 
-    def _borrow_socket(self, conn: _Conn) -> None:
+    def _borrow_socket(self, conn: _Conn, key: tuple) -> None:
         """A TLS library on memory buffers (node) shows no fd; its ciphertext
         goes out on a socket we do see.  If the process has exactly one TLS
         socket whose plaintext is still unaccounted for, that is this stream's
@@ -366,6 +385,9 @@ class Pipeline:
             return
         sock = candidates[0]
         sock.info.tls_introspected = True  # now accounted for
+        self.borrowers[(pid, sock.info.fd)] = key
+        while len(self.borrowers) > MAX_CONNECTIONS:
+            self.borrowers.popitem(last=False)
         info = conn.info
         info.local, info.remote = sock.info.local, sock.info.remote
         info.direction, info.tls_version = sock.info.direction, sock.info.tls_version

@@ -48,7 +48,7 @@ def build_runtime(config: Config, path: Path) -> Runtime:
     # the same replay, so a page resumes where it was.
     broadcaster = Broadcaster(client_queue_size=config.client_queue_size, history_size=config.history_size,
                               instance="replay")
-    broadcaster.add_listener(store.on_event)
+    broadcaster.add_listener(store.on_published)
     for env in events:
         store.on_event(env)
     capture_state = {

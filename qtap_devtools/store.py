@@ -9,27 +9,46 @@ fills it exactly as live capture does.
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from qtap_devtools import events as ev
 from qtap_devtools.events import Envelope
 
+if TYPE_CHECKING:
+    from qtap_devtools.broadcast import Published
+
 
 class BoundedDict(OrderedDict):
-    """Insertion-ordered dict that evicts its oldest entry beyond ``limit``."""
+    """Insertion-ordered dict that evicts its oldest entry beyond ``limit``
+    entries or, when ``size`` is given, beyond ``max_bytes`` of summed sizes."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, max_bytes: int = 0, size: Callable[[Any], int] | None = None) -> None:
         super().__init__()
         self.limit = limit
+        self.max_bytes = max_bytes
+        self.size = size
+        self.used_bytes = 0
         self.evicted = 0
 
     def put(self, key, value) -> None:
+        if self.size is not None:
+            old = self.get(key)
+            if old is not None:
+                self.used_bytes -= self.size(old)
+            self.used_bytes += self.size(value)
         if key in self:
             self.move_to_end(key)
         self[key] = value
-        while len(self) > self.limit:
-            self.popitem(last=False)
+        while len(self) > self.limit or (self.size is not None and len(self) > 1 and self.used_bytes > self.max_bytes):
+            _, gone = self.popitem(last=False)
+            if self.size is not None:
+                self.used_bytes -= self.size(gone)
             self.evicted += 1
+
+    def pop(self, key, *default):
+        if self.size is not None and key in self:
+            self.used_bytes -= self.size(self[key])
+        return super().pop(key, *default)
 
 
 class Store:
@@ -37,18 +56,26 @@ class Store:
         self,
         *,
         transactions: int = 10_000,
+        transaction_bytes: int = 256 << 20,
         processes: int = 65_536,
         connections: int = 65_536,
         closed_connections: int = 4096,
         endpoints: int = 4096,
     ) -> None:
-        self.transactions: BoundedDict = BoundedDict(transactions)
+        # Bodies up to 1 MiB each: a count alone would let 10,000 of them
+        # hold gigabytes.  An envelope holds its frame and its parsed body,
+        # so each costs about twice its frame.
+        self.transactions: BoundedDict = BoundedDict(transactions, transaction_bytes,
+                                                     lambda env: 2 * len(env.frame))
         self.processes: BoundedDict = BoundedDict(processes)
         self.open_connections: BoundedDict = BoundedDict(connections)
         self.closed_connections: BoundedDict = BoundedDict(closed_connections)
         self.endpoints: BoundedDict = BoundedDict(endpoints)
         self.by_type: Counter[str] = Counter()
         self.process_events: Counter[int] = Counter()
+
+    def on_published(self, item: "Published") -> None:
+        self.on_event(item.envelope)
 
     def on_event(self, env: Envelope) -> None:
         t = env.type
@@ -151,6 +178,7 @@ class Store:
             "processes": len(self.processes),
             "connections": {"open": len(self.open_connections), "closed_kept": len(self.closed_connections)},
             "transactions_kept": len(self.transactions),
+            "transaction_bytes_kept": self.transactions.used_bytes,
             "evicted": {
                 "transactions": self.transactions.evicted,
                 "processes": self.processes.evicted,

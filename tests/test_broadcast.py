@@ -103,3 +103,54 @@ def test_filtered_subscriber_only_gets_matches():
         assert t == "connection.opened"
 
     asyncio.run(go())
+
+
+def big(i: int, size: int) -> Envelope:
+    return Envelope.of("process.started", {"pid": i, "pad": "x" * size}, 1_700_000_000_000_000_000)
+
+
+def test_a_client_queue_is_bounded_in_bytes_too():
+    """1 MiB transactions: the count limit alone would let one slow client
+    hold gigabytes; the byte limit drops (and counts) the excess."""
+    async def go():
+        bc = Broadcaster(client_queue_size=1000, client_queue_bytes=5 * 100_000)
+        slow = bc.subscribe(EventFilter())
+        for i in range(20):
+            bc.publish(big(i, 100_000))
+        assert len(slow.queue) == 4 and slow.total_missed == 16
+        got = await drain(slow, 5)
+        assert [d["data"]["pid"] for _, d in got[:4]] == [0, 1, 2, 3]
+        assert got[4][0] == "system.dropped" and got[4][1]["data"]["missed"] == 16
+    asyncio.run(go())
+
+
+def test_history_is_bounded_in_bytes_and_counts_evictions():
+    bc = Broadcaster(history_size=1000, history_bytes=10 * 50_000)
+    for i in range(30):
+        bc.publish(big(i, 50_000))
+    assert len(bc.history) < 10 and bc.history_evicted == 30 - len(bc.history)
+    assert bc.history[-1].envelope.body["data"]["pid"] == 29
+    assert bc.stats()["historyBytes"] <= 10 * 50_000
+
+
+def test_resuming_past_the_kept_history_is_told_what_it_missed():
+    async def go():
+        bc = Broadcaster(history_size=5)
+        for i in range(20):
+            bc.publish(env(i))
+        # The client last saw seq 3; seqs 4..15 are gone from the history.
+        sub = bc.subscribe(EventFilter(), resume_after=3)
+        got = await drain(sub, 6)
+        assert got[0][0] == "system.dropped" and got[0][1]["data"]["missed"] == 12
+        assert [d["data"]["pid"] for _, d in got[1:]] == [15, 16, 17, 18, 19]
+    asyncio.run(go())
+
+
+def test_listeners_get_the_frame_the_stream_sends():
+    """--output writes what curl -sN would: the numbered frame, id line included."""
+    bc = Broadcaster()
+    written = []
+    bc.add_listener(lambda item: written.append(item.frame))
+    sub = bc.subscribe(EventFilter())
+    bc.publish(env(1))
+    assert written == [sub.queue[0].frame] and b"\nid: " in written[0]

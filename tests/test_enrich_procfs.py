@@ -65,6 +65,11 @@ def test_child_process_argv_user_and_start_time(child):
     before = time.time_ns()
     kwargs = {"user": 65534} if os.geteuid() == 0 else {}
     p = child(["/bin/sleep", "30", "--", "two words"], **kwargs)
+    # Popen returns once the child forked; under load its exec may lag.
+    deadline = time.monotonic() + 10
+    while open(f"/proc/{p.pid}/cmdline", "rb").read().split(b"\0")[0] != b"/bin/sleep":
+        assert time.monotonic() < deadline, "the child never exec'd sleep"
+        time.sleep(0.01)
     info = read_process(p.pid)
     assert info is not None
     assert info.ppid == os.getpid()

@@ -120,6 +120,10 @@ class ConnectionAssembler:
         after an upgrade, duplicates, or not HTTP at all."""
         return self._overlap_discarded + sum(r.discarded for r in self._readers.values())
 
+    def position(self, direction: Direction) -> int | None:
+        """The stream offset the next byte in ``direction`` should have; None before any."""
+        return self._next_offset[direction]
+
     # ---- the sans-IO interface
 
     def on_data(self, direction: Direction, data: bytes, ts_ns: int, offset: int | None = None) -> list[HttpExchange]:

@@ -302,7 +302,7 @@ class Capture:
                 table[key] = table.Leaf(SOCK_KNOWN)
             except Exception:  # map full: those sockets stay uncaptured
                 continue
-            records.append(SocketAddress(s.pid, s.fd, s.local, s.remote, time.monotonic_ns(), "seed"))
+            records.append(SocketAddress(s.pid, s.fd, s.local, s.remote, time.monotonic_ns(), "seed", s.accepted))
             self._addressed[(s.pid, s.fd)] = None
         if records:
             self._deliver(list(records))

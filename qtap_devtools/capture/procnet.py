@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from .records import Endpoint, endpoint
 
 TCP_ESTABLISHED = "01"
+TCP_LISTEN = "0A"
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +22,9 @@ class ProcSocket:
     fd: int
     local: Endpoint
     remote: Endpoint
+    # Its local port is one its network namespace listens on: an accepted
+    # socket, so this process is the server side of it.
+    accepted: bool = False
 
 
 def _hex_ip(text: str) -> bytes:
@@ -48,6 +52,22 @@ def tcp_table(pid: int | str = "self", established_only: bool = True) -> dict[in
                         continue
                     out[int(parts[9])] = (_endpoint(parts[1]), _endpoint(parts[2]))
         except OSError:
+            continue
+    return out
+
+
+def listening_ports(pid: int | str = "self") -> set[int]:
+    """TCP ports in LISTEN state in ``pid``'s network namespace."""
+    out: set[int] = set()
+    for name in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/{pid}/net/{name}") as f:
+                next(f, None)
+                for line in f:
+                    parts = line.split()
+                    if len(parts) >= 4 and parts[3] == TCP_LISTEN:
+                        out.add(int(parts[1].rsplit(":", 1)[1], 16))
+        except (OSError, ValueError):
             continue
     return out
 
@@ -89,6 +109,7 @@ def established_sockets(exclude_pids: set[int] = frozenset(), exclude_port: int 
     """Every (pid, fd) that is an ESTABLISHED TCP socket right now."""
     out = []
     tables: dict[int, dict[int, tuple[Endpoint, Endpoint]]] = {}  # per netns inode
+    listening: dict[int, set[int]] = {}
     for name in os.listdir("/proc"):
         if not name.isdigit() or int(name) in exclude_pids:
             continue
@@ -102,7 +123,8 @@ def established_sockets(exclude_pids: set[int] = frozenset(), exclude_port: int 
             continue
         if netns not in tables:
             tables[netns] = tcp_table(pid)
-        table = tables[netns]
+            listening[netns] = listening_ports(pid)
+        table, ports = tables[netns], listening[netns]
         for fd, inode in fds.items():
             pair = table.get(inode)
             if pair is None:
@@ -110,8 +132,8 @@ def established_sockets(exclude_pids: set[int] = frozenset(), exclude_port: int 
             local, remote = pair
             if exclude_port and exclude_port in (local.port, remote.port):
                 continue
-            out.append(ProcSocket(pid, fd, local, remote))
+            out.append(ProcSocket(pid, fd, local, remote, accepted=local.port in ports))
     return out
 
 
-__all__ = ["ProcSocket", "tcp_table", "socket_inode", "socket_fds", "resolve", "established_sockets"]
+__all__ = ["ProcSocket", "tcp_table", "listening_ports", "socket_inode", "socket_fds", "resolve", "established_sockets"]

@@ -99,6 +99,8 @@ class SocketAddress:
     remote: Endpoint
     ts_ns: int = 0
     origin: Literal["kernel", "proc", "seed"] = "kernel"
+    # Seeded sockets only: the local port is a listening one (this side accepted).
+    accepted: bool = False
 
 
 @dataclass(frozen=True, slots=True)
