@@ -12,7 +12,9 @@ import asyncio
 import logging
 import os
 import platform
+import signal
 import socket
+import sys
 import time
 from collections import deque
 
@@ -200,7 +202,8 @@ class Agent:
 
     async def on_stopping(self) -> None:
         if self.capture is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self.capture.stop)
+            # The process exits next: its probes go with it (see Capture.stop).
+            self.capture.stop(detach=False)
         self.pipeline.close_all()
         # Let the publisher flush what the close produced, briefly.
         for _ in range(20):
@@ -272,7 +275,39 @@ def _set_process(event: Event, info) -> None:
 
 
 def main(config: Config, token: str | None = None) -> int:
-    async def go() -> int:
-        return await Agent(config, token).run()
+    agent: Agent | None = None
 
-    return asyncio.run(go())
+    async def go() -> int:
+        nonlocal agent
+        agent = Agent(config, token)
+        return await agent.run()
+
+    try:
+        return asyncio.run(go())
+    finally:
+        if agent is not None and agent.capture is not None:
+            detach_in_background()
+
+
+def detach_in_background() -> None:
+    """Let the kernel remove our probes after we have exited.
+
+    Removing a uprobe waits for RCU grace periods: the kernel takes ~6 s to
+    tear down our ~20 probes when their last file descriptor closes, and the
+    process is not gone until it has.  A child that inherits those descriptors
+    and outlives us takes that wait, so the agent exits at once (and its port
+    is free: the server sockets were closed before this)."""
+    parent = os.getpid()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if os.fork() != 0:
+        return
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):  # a reader of our output must see EOF when we exit
+            os.dup2(devnull, fd)
+        while os.getppid() == parent:
+            time.sleep(0.05)
+    finally:
+        os._exit(0)
