@@ -23,7 +23,7 @@ from qtap_devtools.broadcast import Broadcaster
 from qtap_devtools.capfile import CaptureWriter
 from qtap_devtools.config import Config
 from qtap_devtools.enrich import Enricher
-from qtap_devtools.events import Event, ProcessStarted, SystemConnected
+from qtap_devtools.events import Envelope, Event, ProcessStarted, SystemConnected
 from qtap_devtools.filters import EventFilter
 from qtap_devtools.pipeline import Pipeline
 from qtap_devtools.runner import serve
@@ -51,7 +51,7 @@ class Agent:
         )
         self.capture = None
         self.capture_error: str | None = None
-        self.pending: deque[Event] = deque()
+        self.pending: deque[Envelope | tuple[Event, float]] = deque()  # bounded: MAX_PENDING_EVENTS
         self.pending_dropped = 0
         self._wake = asyncio.Event()
         self.pipeline = Pipeline(config, self._emit, self.enricher.process, forget_process=self.enricher.forget)
@@ -77,7 +77,9 @@ class Agent:
         # event still waiting for its container's metadata is rendered later.
         info = _process_of(event)
         waiting = info is not None and info.container_id and info.container is None
-        self.pending.append(event if waiting else event.envelope())
+        # The bound is per event, from when it was made: events queued behind
+        # a slow lookup do not each wait their own 50 ms on top.
+        self.pending.append((event, time.monotonic() + ENRICH_WAIT_SECONDS) if waiting else event.envelope())
         self._wake.set()
 
     async def _publisher(self) -> None:
@@ -89,13 +91,15 @@ class Agent:
                 await self._wake.wait()
             item = self.pending.popleft()
             try:
-                if isinstance(item, Event):
-                    info = _process_of(item)
-                    fresh = await self.enricher.process_enriched(info.pid, timeout=ENRICH_WAIT_SECONDS)
+                if isinstance(item, tuple):
+                    event, deadline = item
+                    info = _process_of(event)
+                    wait = max(0.0, deadline - time.monotonic())
+                    fresh = await self.enricher.process_enriched(info.pid, timeout=wait)
                     if fresh is not None and fresh.container is not None:
-                        _set_process(item, fresh)
+                        _set_process(event, fresh)
                         self.pipeline.processes[fresh.pid] = fresh
-                    item = item.envelope()
+                    item = event.envelope()
                 self.broadcaster.publish(item)
             except Exception:  # a bug in one event must not stop the stream
                 log.exception("could not publish an event")

@@ -1,0 +1,75 @@
+"""The agent's publisher: container metadata is waited for at most 50 ms per
+event, counted from when the event was made, not from when its turn came."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+from qtap_devtools import agent as agent_mod
+from qtap_devtools.agent import Agent
+from qtap_devtools.config import Config
+from qtap_devtools.enrich.model import ContainerInfo, ProcessInfo
+from qtap_devtools.events import ProcessStarted
+
+IN_CONTAINER = ProcessInfo(pid=4242, ppid=1, exe="/usr/bin/curl", binary="curl", cmdline="curl x", uid=0,
+                           user="root", hostname="c1", start_time_ns=1, container_id="ab" * 32)
+
+
+class SlowDocker:
+    """Stands in for an enricher whose Docker lookup never answers in time."""
+
+    def __init__(self) -> None:
+        self.waits: list[float] = []
+
+    async def process_enriched(self, pid: int, timeout: float) -> ProcessInfo | None:
+        self.waits.append(timeout)
+        await asyncio.sleep(timeout)
+        return IN_CONTAINER
+
+
+def test_queued_events_share_one_wait_for_a_slow_lookup():
+    async def go():
+        agent = Agent(Config(docker=False))
+        slow = SlowDocker()
+        agent.enricher = slow
+        published = []
+        agent.broadcaster.add_listener(published.append)
+        for _ in range(10):
+            agent._emit(ProcessStarted(IN_CONTAINER))
+        task = asyncio.create_task(agent._publisher())
+        while len(published) < 10:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        return slow.waits, published
+
+    waits, published = asyncio.run(go())
+    assert len(waits) == 10 and waits[0] > 0
+    # Made together, their deadlines passed together: the events behind the
+    # first wait nothing more (10 x 50 ms would hold the stream half a second).
+    assert all(w == 0 for w in waits[1:]), waits
+    assert len(published) == 10
+
+
+def test_an_event_whose_container_arrives_in_time_carries_it():
+    named = dataclasses.replace(IN_CONTAINER, container=ContainerInfo(id="ab" * 32, name="my-app", image="img", runtime="docker"))
+
+    class Docker:
+        async def process_enriched(self, pid, timeout):
+            return named
+
+    async def go():
+        agent = Agent(Config(docker=False))
+        agent.enricher = Docker()
+        published = []
+        agent.broadcaster.add_listener(published.append)
+        agent._emit(ProcessStarted(IN_CONTAINER))
+        task = asyncio.create_task(agent._publisher())
+        while not published:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        return published
+
+    (item,) = asyncio.run(go())
+    assert item.envelope.body["data"]["container"]["name"] == "my-app"
+    assert agent_mod.ENRICH_WAIT_SECONDS == 0.05
