@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 import uuid
 
 import pytest
 
 from tests import dockerenv
+from tests.dockerenv import private_docker_daemon  # noqa: F401  (fixture)
 from tests import realworld as rw
 from tests.agentproc import agent, free_port, get
 from tests.kube_standin import KubeStandIn, pod
@@ -143,35 +145,39 @@ def test_pod_from_the_api_server_stand_in(live, nginx, standin):
         dockerenv.docker("rm", "-f", "api-pod", check=False)
 
 
-def test_daemon_stopped_and_restarted_while_the_agent_runs(live, nginx, daemon):
-    if not daemon.owned:
-        pytest.skip("a Docker daemon not started by the tests is running; not stopping it")
-    proc, reader, _ = live
-    daemon.stop()
-    try:
-        m = uuid.uuid4().hex[:10]
-        subprocess.run(["curl", "-sk", "--max-time", "10", nginx.url(f"/json?m={m}")], check=True,
-                       capture_output=True)
-        assert reader.transactions(m, count=2), "capture stopped when Docker went away"
-        import time
-        for _ in range(100):
-            state = get(proc.url + "/devtools/api/stats")[1]["capture"]["enrich"]["docker"]["state"]
-            if state.startswith("unavailable"):
-                break
-            time.sleep(0.1)
-        assert state.startswith("unavailable")
-    finally:
-        daemon.start()
-    m = uuid.uuid4().hex[:10]
-    for _ in range(150):  # the agent reconnects with back-off (≤10 s)
-        if get(proc.url + "/devtools/api/stats")[1]["capture"]["enrich"]["docker"]["state"] == "connected":
+def wait_docker_state(proc, want: str) -> str:
+    state = ""
+    for _ in range(200):  # the agent reconnects with back-off (<= 10 s)
+        state = get(proc.url + "/devtools/api/stats")[1]["capture"]["enrich"]["docker"]["state"]
+        if state.startswith(want):
             break
-        import time
         time.sleep(0.1)
-    try:
-        curl_in_container("after-restart", nginx.url(f"/json?m={m}"), labels={"phase": "after"})
-        tx = [t for t in reader.transactions(m, count=2) if t["direction"] != "ingress"]
-        assert tx and tx[0]["metadata"]["container_name"] == "after-restart"
-    finally:
-        dockerenv.docker("rm", "-f", "after-restart", check=False)
-    assert "Traceback" not in proc.output()
+    return state
+
+
+def test_daemon_stopped_and_restarted_while_the_agent_runs(private_docker_daemon, nginx, tmp_path):
+    """A daemon of the test's own (never one it did not start), and an agent
+    pointed at it: Docker going away must not stop capture, and enrichment
+    resumes when it is back."""
+    daemon = private_docker_daemon
+    port = free_port()
+    with agent(["run", "--docker-url", daemon.url], port, tmp_path / "agent.log", ready_path="/readyz") as proc:
+        reader = StreamReader(port, "/devtools/api/events?snapshot=false")
+        try:
+            assert wait_docker_state(proc, "connected") == "connected"
+            daemon.stop()
+            m = uuid.uuid4().hex[:10]
+            subprocess.run(["curl", "-sk", "--max-time", "10", nginx.url(f"/json?m={m}")], check=True,
+                           capture_output=True)
+            assert reader.transactions(m, count=2), "capture stopped when Docker went away"
+            assert wait_docker_state(proc, "unavailable").startswith("unavailable")
+            daemon.start()
+            assert wait_docker_state(proc, "connected") == "connected"
+            m = uuid.uuid4().hex[:10]
+            with daemon.container("after-restart", ["curl", "-sk", "--max-time", "10", nginx.url(f"/json?m={m}")],
+                                  labels={"phase": "after"}):
+                tx = [t for t in reader.transactions(m, count=2) if t["direction"] != "ingress"]
+                assert tx and tx[0]["metadata"]["container_name"] == "after-restart"
+        finally:
+            reader.close()
+        assert "Traceback" not in proc.output()
