@@ -137,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
                             progress(f"{where}: unavailable: {exc}")
                             runs.append({"rep": rep, "setup": name, "workload": w.name, "error": str(exc)})
                             continue
+                        except Exception as exc:  # one failed measurement must not lose the rest
+                            progress(f"{where}: failed: {exc!r}")
+                            runs.append({"rep": rep, "setup": name, "workload": w.name, "error": repr(exc)})
+                            continue
                         runs.append({"rep": rep, "setup": name, **rec})
                         progress(f"{where}: {rec['rps']:,.0f} req/s"
                                  + (f", on the stream {rec['stream_client']}/{rec['expected_client']} client, "

@@ -231,7 +231,7 @@ class Sslsniff(Setup):
 # The agent
 
 
-def _get_json(url: str, timeout: float = 5) -> dict:
+def _get_json(url: str, timeout: float = 30) -> dict:
     with urllib.request.urlopen(url, timeout=timeout) as resp:
         return orjson.loads(resp.read())
 

@@ -19,6 +19,7 @@ import time
 from collections import deque
 
 from qtap_devtools import __version__, kheaders
+from qtap_devtools.backlog import Backlog
 from qtap_devtools.broadcast import Broadcaster
 from qtap_devtools.capfile import CaptureWriter
 from qtap_devtools.config import Config
@@ -50,6 +51,7 @@ class Agent:
             docker=config.docker, docker_url=config.docker_url, kube_api=config.kube_api, node_name=config.node_name
         )
         self.capture = None
+        self.backlog: Backlog | None = None  # set when capture starts
         self.capture_error: str | None = None
         self.pending: deque[Envelope | tuple[Event, float]] = deque()  # bounded: MAX_PENDING_EVENTS
         self.pending_dropped = 0
@@ -131,6 +133,7 @@ class Agent:
                "pending_dropped_total": self.pending_dropped}
         if self.capture is not None:
             out.update(self.capture.stats())
+            out.update(self.backlog.stats())
         if self.writer is not None:
             out["file_events_written"] = self.writer.written
         out["enrich"] = self.enricher.stats()
@@ -149,12 +152,10 @@ class Agent:
             self.capture_error = headers.detail
             return
 
-        def deliver(batch: list) -> None:
-            loop.call_soon_threadsafe(self.pipeline.on_records, batch)
-
+        self.backlog = Backlog(loop, self.pipeline.on_records)
         try:
             cap = Capture(
-                on_records=deliver,
+                on_records=self.backlog.put,
                 extra_binaries=tls_binaries_on_path(),
                 ring_mib=self.config.ring_mib,
                 max_chunk=self.config.max_chunk_bytes,
@@ -206,6 +207,7 @@ class Agent:
 
     async def on_stopping(self) -> None:
         if self.capture is not None:
+            self.backlog.close()  # a reader waiting for room must not hold up the stop
             # The process exits next: its probes go with it (see Capture.stop).
             self.capture.stop(detach=False)
         self.pipeline.close_all()

@@ -1,0 +1,101 @@
+"""Record batches from the ring-reader thread to the event loop, bounded.
+
+The reader thread drains the kernel's ring buffer; the pipeline runs on the
+event loop, which also serves every HTTP client.  Two rules:
+
+- Bounded, with back-pressure: when the loop falls behind, the reader waits
+  for room instead of queueing without limit.  The ring then fills and the
+  kernel counts each record it cannot hold (``lost_records``), so memory stays
+  bounded and no loss goes uncounted.
+- Fair: the loop takes records in slices and yields between them, so a flood
+  of traffic never starves the SSE clients or ``/devtools/api/stats``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+from typing import Callable
+
+
+class Backlog:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        consume: Callable[[list], None],
+        *,
+        max_records: int = 200_000,
+        max_bytes: int = 64 << 20,
+        slice_records: int = 2_000,
+    ) -> None:
+        self._loop = loop
+        self._consume = consume
+        self.max_records = max_records
+        self.max_bytes = max_bytes  # data records carry up to 16 KiB each
+        self.slice_records = slice_records
+        self._batches: deque[tuple[list, int]] = deque()  # (records, their payload bytes)
+        self._queued = 0
+        self._queued_bytes = 0
+        self._cond = threading.Condition()
+        self._scheduled = False
+        self._closed = False
+        self.reader_waits = 0  # times the reader found it full and waited
+
+    def _full(self) -> bool:
+        return (self._queued >= self.max_records or self._queued_bytes >= self.max_bytes) and not self._closed
+
+    def put(self, batch: list) -> None:
+        """From the reader thread: queue ``batch``, waiting while full."""
+        size = _payload_bytes(batch)
+        with self._cond:
+            if self._full():
+                self.reader_waits += 1
+                while self._full():
+                    self._cond.wait(0.1)
+            if self._closed:
+                return
+            self._batches.append((batch, size))
+            self._queued += len(batch)
+            self._queued_bytes += size
+            schedule = not self._scheduled
+            self._scheduled = True
+        if schedule:
+            self._loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        """On the loop: consume one slice, then yield to other callbacks."""
+        with self._cond:
+            if not self._batches:
+                self._scheduled = False
+                return
+            batch, size = self._batches[0]
+            if len(batch) <= self.slice_records:
+                self._batches.popleft()
+                part = batch
+            else:
+                part, rest = batch[: self.slice_records], batch[self.slice_records :]
+                size = _payload_bytes(part)
+                self._batches[0] = (rest, self._batches[0][1] - size)
+            self._queued -= len(part)
+            self._queued_bytes -= size
+            self._cond.notify()
+        try:
+            self._consume(part)
+        finally:
+            self._loop.call_soon(self._drain)
+
+    def close(self) -> None:
+        """Release a waiting reader; later batches are dropped."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def stats(self) -> dict:
+        return {"backlog_records": self._queued, "backlog_bytes": self._queued_bytes,
+                "backlog_limit_records": self.max_records, "backlog_limit_bytes": self.max_bytes,
+                "backlog_reader_waits": self.reader_waits}
+
+
+def _payload_bytes(batch: list) -> int:
+    return sum(len(getattr(r, "data", b"")) for r in batch)

@@ -1,0 +1,103 @@
+"""The hand-off from the ring reader to the event loop: bounded, fair."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from qtap_devtools.backlog import Backlog
+
+
+def test_a_full_backlog_makes_the_reader_wait_and_loses_nothing():
+    async def go():
+        loop = asyncio.get_running_loop()
+        got: list[int] = []
+        gate = asyncio.Event()
+        backlog = Backlog(loop, got.extend, max_records=10, slice_records=4)
+        done = threading.Event()
+
+        def reader():
+            for i in range(0, 50, 5):
+                backlog.put(list(range(i, i + 5)))
+            done.set()
+
+        # Hold the loop's consumer back: the reader must stop at the limit.
+        original = backlog._drain
+        backlog._drain = lambda: loop.create_task(wait_then(original))
+
+        async def wait_then(fn):
+            await gate.wait()
+            fn()
+
+        t = threading.Thread(target=reader)
+        t.start()
+        while backlog.reader_waits == 0:
+            await asyncio.sleep(0.01)
+        assert backlog.stats()["backlog_records"] == 10 and not done.is_set()
+        backlog._drain = original
+        gate.set()
+        while not done.is_set() or backlog.stats()["backlog_records"]:
+            await asyncio.sleep(0.01)
+        t.join()
+        return got
+
+    assert asyncio.run(go()) == list(range(50))
+
+
+def test_the_loop_takes_slices_and_serves_others_between_them():
+    async def go():
+        loop = asyncio.get_running_loop()
+        order: list[str] = []
+        backlog = Backlog(loop, lambda part: order.append(f"slice{len(part)}"), slice_records=100)
+        backlog.put(list(range(350)))
+
+        async def other():
+            order.append("other")
+
+        loop.create_task(other())
+        for _ in range(20):
+            await asyncio.sleep(0)
+        return order
+
+    order = asyncio.run(go())
+    assert sorted(order) == ["other", "slice100", "slice100", "slice100", "slice50"]
+    assert order[-1] != "other"  # another task ran before the backlog was done
+
+
+def test_close_releases_a_waiting_reader():
+    async def go():
+        backlog = Backlog(asyncio.get_running_loop(), lambda part: None, max_records=1)
+        backlog._drain = lambda: None  # never drained
+        backlog.put([1])
+        t = threading.Thread(target=backlog.put, args=([2],))
+        t.start()
+        while backlog.reader_waits == 0:
+            await asyncio.sleep(0.01)
+        backlog.close()
+        t.join(10)
+        return t.is_alive()
+
+    assert asyncio.run(go()) is False
+
+
+class Chunk:
+    def __init__(self, n: int) -> None:
+        self.data = b"x" * n
+
+
+def test_the_limit_is_in_bytes_too():
+    async def go():
+        backlog = Backlog(asyncio.get_running_loop(), lambda part: None, max_records=1000, max_bytes=64 * 1024)
+        backlog._drain = lambda: None  # never drained
+        backlog.put([Chunk(16384) for _ in range(4)])  # 64 KiB: full
+        t = threading.Thread(target=backlog.put, args=([Chunk(16384)],))
+        t.start()
+        while backlog.reader_waits == 0:
+            await asyncio.sleep(0.01)
+        stats = backlog.stats()
+        backlog.close()
+        t.join(10)
+        return stats
+
+    stats = asyncio.run(go())
+    assert stats["backlog_records"] == 4 and stats["backlog_bytes"] == 65536
