@@ -48,11 +48,19 @@ EVENT_TYPES = (
 )
 
 
+# Events come in bursts within one second: format it once.  One tuple,
+# replaced whole, so a reader on another thread never sees half an update.
+_last_second: tuple[int, str] = (-1, "")
+
+
 def rfc3339(ns: int) -> str:
     """UTC, millisecond precision, ``Z`` suffix: ``2025-12-12T16:58:10.452Z``."""
+    global _last_second
     seconds, rem = divmod(ns, 1_000_000_000)
-    stamp = datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
-    return f"{stamp}.{rem // 1_000_000:03d}Z"
+    cached = _last_second
+    if cached[0] != seconds:
+        cached = _last_second = (seconds, datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"))
+    return f"{cached[1]}.{rem // 1_000_000:03d}Z"
 
 
 def parse_rfc3339(text: str) -> int:

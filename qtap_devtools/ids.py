@@ -9,6 +9,7 @@ creation time as strings, which is what makes the seed's IDs
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import itertools
 import os
@@ -24,8 +25,9 @@ _lock = threading.Lock()
 
 def encode(raw: bytes) -> str:
     """base32hex of 12 bytes → 20 characters (the last one carries 4 bits)."""
-    n = int.from_bytes(raw, "big") << 4  # pad 96 bits to 100 = 20 × 5
-    return "".join(_ALPHABET[(n >> (5 * i)) & 31] for i in range(19, -1, -1))
+    # The stdlib's encoder pads 96 bits to 100 with zero bits, as xid does;
+    # only its "====" padding and upper case differ.
+    return base64.b32hexencode(raw)[:20].decode("ascii").lower()
 
 
 def new_id(unix_seconds: float) -> str:

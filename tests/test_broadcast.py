@@ -20,11 +20,17 @@ def parse(frame: bytes) -> tuple[str, dict]:
     return lines[0][len("event: "):], orjson.loads(lines[1][len("data: "):])
 
 
+def split(chunk: bytes) -> list[bytes]:
+    """A yield may carry several events (queued frames go out together)."""
+    return [f + b"\n\n" for f in chunk.split(b"\n\n") if f]
+
+
 async def drain(sub, n):
     out = []
     agen = sub.frames()
-    for _ in range(n):
-        out.append(parse(await asyncio.wait_for(agen.__anext__(), 1)))
+    while len(out) < n:
+        out += [parse(f) for f in split(await asyncio.wait_for(agen.__anext__(), 1))]
+    assert len(out) == n, out
     return out
 
 
@@ -86,7 +92,7 @@ def test_close_sends_system_disconnected_and_ends_streams():
         for i in range(5):
             bc.publish(env(i))
         bc.close("agent shutting down")
-        frames = [parse(f) async for f in sub.frames()]
+        frames = [parse(f) async for chunk in sub.frames() for f in split(chunk)]
         assert frames[-1][0] == "system.disconnected"
         assert any(t == "system.dropped" for t, _ in frames)
 
@@ -154,3 +160,17 @@ def test_listeners_get_the_frame_the_stream_sends():
     sub = bc.subscribe(EventFilter())
     bc.publish(env(1))
     assert written == [sub.queue[0].frame] and b"\nid: " in written[0]
+
+
+def test_queued_events_go_out_together_as_whole_frames():
+    async def go():
+        bc = Broadcaster()
+        sub = bc.subscribe(EventFilter())
+        for i in range(50):
+            bc.publish(env(i))
+        chunk = await sub.frames().__anext__()
+        return chunk
+
+    chunk = asyncio.run(go())
+    events = [parse(f) for f in split(chunk)]
+    assert [d["data"]["pid"] for _, d in events] == list(range(50))  # one write, every frame whole

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import qtap_devtools.enrich as enrich_mod
 from qtap_devtools.enrich import Enricher
 from qtap_devtools.enrich.model import ContainerInfo
 
@@ -35,7 +36,10 @@ def fake_proc(tmp_path):
     return root
 
 
-def test_reused_pid_is_a_new_process(fake_proc):
+def test_reused_pid_is_a_new_process(fake_proc, monkeypatch):
+    # Once its entry is due for a /proc check (at once, here): the exit that
+    # freed the pid may have been lost.
+    monkeypatch.setattr(enrich_mod, "RECHECK_SECONDS", 0.0)
     enricher = Enricher(docker=False, proc_root=str(fake_proc))
     _write_process(fake_proc, 500, "curl", starttime=1000)
     first = enricher.process(500)
@@ -46,6 +50,20 @@ def test_reused_pid_is_a_new_process(fake_proc):
     assert second is not None and second.binary == "wget"
     assert second.start_time_ns > first.start_time_ns
     assert enricher.stats()["processes"]["cached"] == 1
+
+
+def test_a_process_is_read_from_proc_once_per_recheck_interval(fake_proc):
+    """Every transaction asks for its process: the answer comes from the cache
+    until the entry is due for a /proc check, or the pipeline saw the pid exit."""
+    enricher = Enricher(docker=False, proc_root=str(fake_proc))
+    _write_process(fake_proc, 503, "curl", starttime=1000)
+    assert enricher.process(503).binary == "curl"
+    (fake_proc / "503" / "stat").unlink()  # a /proc read now would fail
+    for _ in range(100):
+        assert enricher.process(503).binary == "curl"
+    _write_process(fake_proc, 503, "wget", starttime=2000)
+    enricher.forget(503)  # the exit, as the pipeline reports it
+    assert enricher.process(503).binary == "wget"
 
 
 def test_exec_is_seen_after_forget(fake_proc):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -43,6 +44,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+RECHECK_SECONDS = 1.0  # how long a process entry is trusted without re-reading /proc
+
 
 class Enricher:
     def __init__(
@@ -61,6 +64,7 @@ class Enricher:
         self._cache_size = process_cache_size
         self._processes: OrderedDict[tuple[int, int], ProcessInfo] = OrderedDict()
         self._latest: dict[int, int] = {}  # pid → start time of its newest cached entry
+        self._fresh_until: dict[int, float] = {}  # pid → monotonic time its entry needs no /proc check until
         self.process_evictions = 0
         self.process_reads = 0
         self.docker: DockerMetadata | None = (
@@ -103,6 +107,18 @@ class Enricher:
         A process that has exited is answered from the cache (its
         ``process.stopped`` event still needs a name).
         """
+        now = time.monotonic()
+        latest = self._latest.get(pid)
+        if latest is not None and self._fresh_until.get(pid, 0.0) > now:
+            # Checked against /proc moments ago (pid reuse shows as a new start
+            # time; exec and exit call forget()): one /proc read per process per
+            # second, not one per transaction.
+            info = self._processes.get((pid, latest))
+            if info is not None:
+                enriched = self._attach(info)
+                if enriched is not info:
+                    self._store((pid, latest), enriched)
+                return enriched
         start = read_start_time_ns(pid, self.proc_root)
         if start is None:
             latest = self._latest.get(pid)
@@ -120,6 +136,9 @@ class Enricher:
         enriched = self._attach(info)
         if enriched is not info or key not in self._processes:
             self._store(key, enriched)
+        if len(self._fresh_until) >= self._cache_size:
+            self._fresh_until.clear()
+        self._fresh_until[pid] = now + RECHECK_SECONDS
         return enriched
 
     async def process_enriched(self, pid: int, timeout: float = 0.05) -> ProcessInfo | None:
@@ -144,6 +163,7 @@ class Enricher:
     def forget(self, pid: int) -> None:
         """Drop what is cached for ``pid``: it exec'd, so binary and command
         line changed while pid and start time did not."""
+        self._fresh_until.pop(pid, None)
         start = self._latest.pop(pid, None)
         if start is not None:
             self._processes.pop((pid, start), None)
