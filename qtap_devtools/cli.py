@@ -172,6 +172,17 @@ def _readable(path: Path) -> None:
         raise ConfigError(f"{path}: not readable")
 
 
+def _writable(path: Path) -> None:
+    """``--output`` must be appendable now, not fail once capture has started."""
+    try:
+        if path.is_dir():
+            raise ConfigError(f"--output {path}: is a directory, expected a file")
+        with open(path, "ab"):  # creates it, as the agent would; appends nothing
+            pass
+    except OSError as exc:  # includes a parent directory we may not search
+        raise ConfigError(f"--output {path}: cannot write: {exc.strerror or exc}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
@@ -197,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
             rt = replay.build_runtime(config, args.file)
             rt.token = args.token
             return asyncio.run(runner.serve(rt))
+        if config.output is not None:
+            _writable(config.output)
         from qtap_devtools import agent
 
         return agent.main(config, token=args.token)

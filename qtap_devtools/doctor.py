@@ -16,6 +16,32 @@ from typing import Callable
 from qtap_devtools import kheaders
 
 TRACEFS = Path("/sys/kernel/tracing")
+BTF = Path("/sys/kernel/btf/vmlinux")
+
+
+def _is_dir(path: Path) -> bool:
+    """``Path.is_dir`` that answers False where we may not look (not root:
+    ``/sys/kernel/tracing`` is mode 700) instead of raising."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
+def _unreadable(path: Path) -> bool:
+    """True if ``path`` exists but this user may not list it."""
+    try:
+        path.stat()
+    except OSError:
+        return False
+    return not os.access(path, os.R_OK | os.X_OK)
 
 
 @dataclass
@@ -68,14 +94,17 @@ def _bpf_syscall() -> Check:
 
 
 def _btf() -> Check:
-    ok = Path("/sys/kernel/btf/vmlinux").exists()
-    return Check("btf", ok, "/sys/kernel/btf/vmlinux present" if ok else "no kernel BTF",
+    ok = _exists(BTF)
+    return Check("btf", ok, f"{BTF} present" if ok else "no kernel BTF",
                  "a kernel with CONFIG_DEBUG_INFO_BTF=y (not needed by our probes)", required=False)
 
 
 def _tracefs() -> Check:
-    if (TRACEFS / "events").is_dir():
+    if _is_dir(TRACEFS / "events"):
         return Check("tracefs", True, f"mounted at {TRACEFS}")
+    if _unreadable(TRACEFS):
+        return Check("tracefs", False, f"{TRACEFS} is not readable by uid {os.geteuid()}",
+                     "run doctor as root: sudo qtap-devtools doctor", required=False)
     return Check("tracefs", False, f"not mounted at {TRACEFS} (the agent mounts it at start)",
                  f"mount -t tracefs none {TRACEFS}", required=False)
 
@@ -84,23 +113,26 @@ def _tracepoints() -> Check:
     needed = ["syscalls/sys_enter_connect", "syscalls/sys_exit_read", "sched/sched_process_exec",
               "sock/inet_sock_set_state"]
     events = TRACEFS / "events"
-    if not events.is_dir():
+    if not _is_dir(events):
+        if _unreadable(TRACEFS):
+            return Check("tracepoints", False, f"cannot list tracepoints: {TRACEFS} is not readable by "
+                         f"uid {os.geteuid()}", "run doctor as root: sudo qtap-devtools doctor")
         return Check("tracepoints", False, "tracefs is not mounted, cannot list tracepoints",
                      f"mount -t tracefs none {TRACEFS}")
-    missing = [n for n in needed if not (events / n).is_dir()]
+    missing = [n for n in needed if not _is_dir(events / n)]
     return Check("tracepoints", not missing,
                  "syscalls, sched and sock tracepoints available" if not missing else f"missing {missing}",
                  "a kernel with CONFIG_FTRACE_SYSCALLS=y")
 
 
 def _uprobes() -> Check:
-    ok = (TRACEFS / "uprobe_events").exists() or Path("/sys/bus/event_source/devices/uprobe").exists()
+    ok = _exists(TRACEFS / "uprobe_events") or _exists(Path("/sys/bus/event_source/devices/uprobe"))
     return Check("uprobes", ok, "uprobe PMU available" if ok else "no uprobe support",
                  "a kernel with CONFIG_UPROBE_EVENTS=y")
 
 
 def _kprobes() -> Check:
-    ok = Path("/sys/bus/event_source/devices/kprobe").exists() and (TRACEFS / "kprobe_events").exists()
+    ok = _exists(Path("/sys/bus/event_source/devices/kprobe")) and _exists(TRACEFS / "kprobe_events")
     return Check("kprobes", ok, "available (unused)" if ok else "absent — fine: the agent needs none",
                  required=False)
 
@@ -116,7 +148,8 @@ def _bcc() -> Check:
 
 def _headers(cache_dir: Path | None) -> Check:
     h = kheaders.resolve(cache_dir)
-    return Check("kernel headers", h.ok, h.detail, "apt-get install linux-headers-amd64")
+    # A "missing" result already says how to fix it; do not add a second fix.
+    return Check("kernel headers", h.ok, h.detail, "" if "fix:" in h.detail else "apt-get install linux-headers-amd64")
 
 
 def _trial_load(cache_dir: Path | None) -> Check:
@@ -124,6 +157,9 @@ def _trial_load(cache_dir: Path | None) -> Check:
         from bcc import BPF
     except Exception:
         return Check("trial probe", False, "skipped: bcc does not import", "see the bcc line")
+    if not _root().ok:
+        return Check("trial probe", False, "skipped: loading a probe needs root",
+                     "run as root: sudo qtap-devtools doctor")
     kheaders.apply(cache_dir)
     from qtap_devtools.capture.loader import ensure_tracefs
 
@@ -150,7 +186,8 @@ def _capture_probes() -> Check:
     try:
         cap.start()
     except CaptureError as exc:
-        return Check("capture probes", False, str(exc), "see the lines above")
+        text = str(exc)
+        return Check("capture probes", False, text, "" if "fix:" in text else "see the lines above")
     try:
         atts = cap.attachments
     finally:
@@ -198,17 +235,19 @@ def _tls_libraries() -> Check:
 
 
 def run(cache_dir: Path | None = None, print_fn: Callable[[str], None] = print) -> int:
-    checks: list[Callable[[], Check]] = [
-        _root, _bpf_syscall, _btf, _tracefs, _tracepoints, _uprobes, _kprobes, _bcc,
-        lambda: _headers(cache_dir), lambda: _trial_load(cache_dir), _tls_libraries, _capture_probes, _docker,
+    checks: list[tuple[str, Callable[[], Check]]] = [
+        ("root", _root), ("bpf", _bpf_syscall), ("btf", _btf), ("tracefs", _tracefs),
+        ("tracepoints", _tracepoints), ("uprobes", _uprobes), ("kprobes", _kprobes), ("bcc", _bcc),
+        ("kernel headers", lambda: _headers(cache_dir)), ("trial probe", lambda: _trial_load(cache_dir)),
+        ("tls libraries", _tls_libraries), ("capture probes", _capture_probes), ("docker", _docker),
     ]
     print_fn(f"qtap-devtools doctor — kernel {platform.release()} on {platform.machine()}")
     failed = []
-    for make in checks:
+    for name, make in checks:
         try:
             check = make()
         except Exception as exc:  # a check must never crash the report
-            check = Check(getattr(make, "__name__", "check").strip("_"), False, f"check crashed: {exc!r}")
+            check = Check(name, False, f"check crashed: {exc!r}")
         print_fn(check.line())
         if not check.ok and check.required:
             failed.append(check.name)

@@ -25,7 +25,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SRC = Path("/usr/src")
+SRC = Path("/usr/src")  # Debian's installed headers (read only)
+MODULES = Path("/lib/modules")  # the running kernel's own headers (read only, never written)
 
 
 @dataclass(frozen=True)
@@ -69,17 +70,21 @@ def _merge(common: Path, arch: Path, dest: Path) -> None:
     """Build a symlink farm of ``common`` overlaid by ``arch`` at ``dest``."""
     tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    for src in (common, arch):  # arch last: its generated files win
-        for root, dirs, files in os.walk(src, followlinks=False):
-            rel = Path(root).relative_to(src)
-            out = tmp / rel
-            out.mkdir(parents=True, exist_ok=True)
-            for name in files + [d for d in dirs if (Path(root) / d).is_symlink()]:
-                target = out / name
-                if target.is_symlink() or target.exists():
-                    target.unlink()
-                os.symlink(Path(root) / name, target)
-    (tmp / ".qtap-merged-from").write_text(f"{common}\n{arch}\n")
+    try:
+        for src in (common, arch):  # arch last: its generated files win
+            for root, dirs, files in os.walk(src, followlinks=False):
+                rel = Path(root).relative_to(src)
+                out = tmp / rel
+                out.mkdir(parents=True, exist_ok=True)
+                for name in files + [d for d in dirs if (Path(root) / d).is_symlink()]:
+                    target = out / name
+                    if target.is_symlink() or target.exists():
+                        target.unlink()
+                    os.symlink(Path(root) / name, target)
+        (tmp / ".qtap-merged-from").write_text(f"{common}\n{arch}\n")
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # no half-built tree left behind
+        raise
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
 
@@ -87,7 +92,7 @@ def _merge(common: Path, arch: Path, dest: Path) -> None:
 def resolve(cache_dir: Path | None = None, release: str | None = None) -> KernelHeaders:
     """Pick headers for bcc; builds the merged tree on first use."""
     release = release or platform.release()
-    build = Path("/lib/modules") / release / "build"
+    build = MODULES / release / "build"
     if (build / "include").is_dir():
         return KernelHeaders(build, "running-kernel", f"headers of the running kernel at {build}")
     pairs = _distro_pairs()
@@ -101,8 +106,16 @@ def resolve(cache_dir: Path | None = None, release: str | None = None) -> Kernel
     common, arch = pairs[0]
     dest = (cache_dir or default_cache_dir()) / "kernel-headers" / arch.name
     marker = dest / ".qtap-merged-from"
-    if not (marker.exists() and marker.read_text() == f"{common}\n{arch}\n"):
-        _merge(common, arch, dest)
+    try:
+        if not (marker.exists() and marker.read_text() == f"{common}\n{arch}\n"):
+            _merge(common, arch, dest)
+    except OSError as exc:  # e.g. not root, and the cache is root's
+        return KernelHeaders(
+            None,
+            "missing",
+            f"cannot merge Debian headers {arch.name} into {dest}: {exc.strerror or exc}; "
+            "fix: run as root (sudo), or as the user that owns the cache",
+        )
     return KernelHeaders(
         dest,
         "merged-distro",
@@ -113,10 +126,10 @@ def resolve(cache_dir: Path | None = None, release: str | None = None) -> Kernel
 _logged = False
 
 
-def apply(cache_dir: Path | None = None) -> KernelHeaders:
+def apply(cache_dir: Path | None = None, release: str | None = None) -> KernelHeaders:
     """Resolve headers and export ``BCC_KERNEL_SOURCE`` for bcc; logs once."""
     global _logged
-    headers = resolve(cache_dir)
+    headers = resolve(cache_dir, release)
     if headers.how == "merged-distro" and headers.path is not None:
         os.environ["BCC_KERNEL_SOURCE"] = str(headers.path)
     if not _logged:

@@ -170,10 +170,13 @@ def create_app(rt: Runtime) -> Starlette:
                 if index % 256 == 0:
                     await asyncio.sleep(0)  # let shutdown and other clients in
 
+        # sse-starlette separates lines with "\r\n" by default; our frames use
+        # "\n", so the keep-alive comment does too (one line ending per stream).
         return EventSourceResponse(
             frames(),
             ping=cfg.keepalive_seconds,
-            ping_message_factory=lambda: ServerSentEvent(comment="keep-alive"),
+            sep="\n",
+            ping_message_factory=lambda: ServerSentEvent(comment="keep-alive", sep="\n"),
             headers={"Cache-Control": "no-store"},
         )
 

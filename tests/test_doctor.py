@@ -1,25 +1,137 @@
-"""``doctor`` on this machine: capture is possible, and it says why."""
+"""``doctor``: capture possible here (as root), impossible without root, and
+each line names its check and, when it fails, the fix."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from qtap_devtools import doctor
 from tests.agentproc import ROOT
+
+
+def run_doctor(prefix: list[str] = ()) -> subprocess.CompletedProcess:
+    return subprocess.run([*prefix, sys.executable, "-m", "qtap_devtools", "doctor"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=180, stdin=subprocess.DEVNULL)
+
+
+def unprivileged() -> list[str]:
+    """A command prefix that drops root (as root), or nothing (already not root)."""
+    if os.geteuid() != 0:
+        return []
+    return ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
 
 
 @pytest.mark.kernel
 def test_doctor_reports_capture_possible_here():
-    r = subprocess.run([sys.executable, "-m", "qtap_devtools", "doctor"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=180, stdin=subprocess.DEVNULL)
+    btf_present = Path("/sys/kernel/btf/vmlinux").exists()
+    tracefs_mounted = Path("/sys/kernel/tracing/events").is_dir()  # before doctor's trial probe mounts it
+    r = run_doctor()
     out = r.stdout
     assert r.returncode == 0, out + r.stderr
     assert "capture possible" in out
-    for name in ("root", "bpf", "tracepoints", "uprobes", "kprobes", "bcc", "kernel headers", "trial probe",
-                 "tls libraries", "capture probes", "docker"):
+    for name in ("root", "bpf", "btf", "tracefs", "tracepoints", "uprobes", "kprobes", "bcc", "kernel headers",
+                 "trial probe", "tls libraries", "capture probes", "docker"):
         assert f"] {name}:" in out, f"no {name} line in:\n{out}"
     assert "[ok  ] trial probe" in out
     # No kprobes here, and that must not count against capture.
     assert "[FAIL] kprobes" not in out
+    # BTF is reported as it is, and never required (our probes do not use it).
+    if btf_present:
+        assert "[ok  ] btf: /sys/kernel/btf/vmlinux present" in out
+    else:
+        assert "[warn] btf: no kernel BTF — fix: a kernel with CONFIG_DEBUG_INFO_BTF=y" in out
+    if tracefs_mounted:
+        assert "[ok  ] tracefs: mounted at /sys/kernel/tracing" in out
+    else:
+        assert "[warn] tracefs: not mounted at /sys/kernel/tracing" in out
+        assert "fix: mount -t tracefs none /sys/kernel/tracing" in out
+
+
+def test_doctor_without_root_exits_1_and_says_to_run_as_root():
+    r = run_doctor(unprivileged())
+    out = r.stdout
+    assert r.returncode == 1, out + r.stderr
+    lines = out.splitlines()
+    root = [line for line in lines if line.startswith("[FAIL] root:")]
+    assert len(root) == 1, out
+    assert "fix: run as root: sudo qtap-devtools" in root[0]
+    assert lines[-1].startswith("capture cannot work here: fix root")
+    # Every check reports under its own name, none crashes for lack of permission.
+    names = [line.split("] ", 1)[1].split(":", 1)[0] for line in lines if line.startswith("[")]
+    assert names == ["root", "bpf", "btf", "tracefs", "tracepoints", "uprobes", "kprobes", "bcc", "kernel headers",
+                     "trial probe", "tls libraries", "capture probes", "docker"], out
+    assert "check crashed" not in out
+    # Each failing line says how to fix it, once.
+    for line in lines:
+        if line.startswith("[FAIL]"):
+            assert line.count("fix:") == 1, line
+
+
+# --------------------------------------------------------------------------
+# Checks one by one, on a fake /sys
+
+
+def test_btf_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(doctor, "BTF", tmp_path / "vmlinux")
+    check = doctor._btf()
+    assert not check.ok and not check.required
+    assert check.line() == "[warn] btf: no kernel BTF — fix: a kernel with CONFIG_DEBUG_INFO_BTF=y (not needed by our probes)"
+    (tmp_path / "vmlinux").write_bytes(b"\x9f\xeb")
+    check = doctor._btf()
+    assert check.ok and check.line() == f"[ok  ] btf: {tmp_path / 'vmlinux'} present"
+
+
+def test_tracefs_and_tracepoint_lines(tmp_path, monkeypatch):
+    tracefs = tmp_path / "tracing"
+    monkeypatch.setattr(doctor, "TRACEFS", tracefs)
+    tracefs.mkdir()
+    check = doctor._tracefs()
+    assert check.line() == f"[warn] tracefs: not mounted at {tracefs} (the agent mounts it at start) " \
+                           f"— fix: mount -t tracefs none {tracefs}"
+    tp = doctor._tracepoints()
+    assert not tp.ok and tp.required and f"mount -t tracefs none {tracefs}" in tp.line()
+    for name in ("syscalls/sys_enter_connect", "syscalls/sys_exit_read", "sched/sched_process_exec"):
+        (tracefs / "events" / name).mkdir(parents=True)
+    assert doctor._tracefs().line() == f"[ok  ] tracefs: mounted at {tracefs}"
+    tp = doctor._tracepoints()
+    assert not tp.ok and "sock/inet_sock_set_state" in tp.detail
+    (tracefs / "events" / "sock/inet_sock_set_state").mkdir(parents=True)
+    assert doctor._tracepoints().line() == "[ok  ] tracepoints: syscalls, sched and sock tracepoints available"
+
+
+def fake_checks(monkeypatch, **results):
+    names = ["_root", "_bpf_syscall", "_btf", "_tracefs", "_tracepoints", "_uprobes", "_kprobes", "_bcc",
+             "_tls_libraries", "_capture_probes", "_docker"]
+    for name in names:
+        monkeypatch.setattr(doctor, name, results.get(name, lambda n=name: doctor.Check(n.strip("_"), True, "fine")))
+    monkeypatch.setattr(doctor, "_headers", results.get("_headers", lambda c: doctor.Check("kernel headers", True, "ok")))
+    monkeypatch.setattr(doctor, "_trial_load", results.get("_trial_load", lambda c: doctor.Check("trial probe", True, "ok")))
+
+
+def test_exit_status_counts_required_failures_only(monkeypatch):
+    lines: list[str] = []
+    fake_checks(monkeypatch, _docker=lambda: doctor.Check("docker", False, "no daemon", "start it", required=False))
+    assert doctor.run(print_fn=lines.append) == 0
+    assert "[warn] docker: no daemon — fix: start it" in lines and lines[-1].startswith("capture possible")
+
+    lines.clear()
+    fake_checks(monkeypatch, _uprobes=lambda: doctor.Check("uprobes", False, "no uprobe support", "a kernel with X"))
+    assert doctor.run(print_fn=lines.append) == 1
+    assert "[FAIL] uprobes: no uprobe support — fix: a kernel with X" in lines
+    assert lines[-1] == "capture cannot work here: fix uprobes (see above)"
+
+
+def test_a_crashing_check_is_a_failure_under_its_own_name(monkeypatch):
+    def boom(cache_dir):
+        raise PermissionError(13, "Permission denied")
+
+    lines: list[str] = []
+    fake_checks(monkeypatch, _headers=boom)
+    assert doctor.run(print_fn=lines.append) == 1
+    assert any(line.startswith("[FAIL] kernel headers: check crashed: PermissionError") for line in lines), lines
+    assert lines[-1] == "capture cannot work here: fix kernel headers (see above)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 from pathlib import Path
 
@@ -149,3 +150,108 @@ def test_captured_text_naming_the_transaction_event_cannot_fool_the_recipes_grep
     data_line = frame.split(b"\n")[1]
     assert b"request.http_transaction" not in data_line
     assert orjson.loads(data_line[6:])["data"]["cmdline"] == "grep request.http_transaction -A1"
+
+
+# --------------------------------------------------------------------------
+# Every event type the seed shows, field by field: each leaf of the seed's
+# example must be in ours, at the same path, with the same value.  Ours may
+# carry more fields (additions), never different ones.
+
+CONN_TS = samples.TS + 30_528_000_000  # the seed's connection example: 16:58:40.980Z
+
+
+def seed_connection() -> ev.Connection:
+    """The process of the seed's connection example (it names another
+    container than its process example does)."""
+    payment = dataclasses.replace(samples.CONTAINER, id="ac55e22af23b" + "1" * 52, name="payment-service", labels={})
+    conn = samples.connection()
+    conn.process = dataclasses.replace(samples.PYTHON, container_id=payment.id, container=payment)
+    return conn
+
+
+def closed(conn: ev.Connection) -> ev.Connection:
+    conn.closed_ns = CONN_TS
+    return conn
+
+
+def seed_transaction() -> ev.HttpTransaction:
+    return samples.transaction(samples.connection("d4u4jhg7p3qk26l91icg", "api.example.com"), "d4u4jhg7p3qk26l91id0")
+
+
+SEED_CASES = {
+    "process.started": (lambda: ev.ProcessStarted(samples.PYTHON, ts_ns=samples.TS), "process_event"),
+    "process.stopped": (lambda: ev.ProcessStopped(samples.PYTHON, exit_code=0, ts_ns=samples.TS), "process_event"),
+    "connection.opened": (lambda: ev.ConnectionOpened(seed_connection(), ts_ns=CONN_TS), "connection_event"),
+    "connection.updated": (lambda: ev.ConnectionUpdated(seed_connection(), ts_ns=CONN_TS), "connection_event"),
+    "connection.closed": (lambda: ev.ConnectionClosed(closed(seed_connection()), ts_ns=CONN_TS), "connection_event"),
+    "request.http_transaction": (seed_transaction, "transaction_event"),
+}
+
+# The seed's transaction example shows an elided placeholder for the base64
+# transaction ("eyJtZXRh…ns...}"); the decoded form is compared on its own below.
+NOT_COMPARABLE = {("request.http_transaction", "data.data.data")}
+
+
+def leaves(value, path: str = ""):
+    """(dotted path, value) of every non-object value; lists count as values."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from leaves(item, f"{path}.{key}" if path else key)
+    else:
+        yield path, value
+
+
+def at(doc, path: str):
+    for key in path.split("."):
+        assert isinstance(doc, dict) and key in doc, f"missing {path} (at {key})"
+        doc = doc[key]
+    return doc
+
+
+@pytest.mark.parametrize("event_type", list(SEED_CASES))
+def test_every_event_type_matches_the_seeds_example_field_by_field(event_type):
+    make, example = SEED_CASES[event_type]
+    env = make().envelope()
+    assert env.type == event_type and env.frame.startswith(f"event: {event_type}\ndata: ".encode())
+    body = orjson.loads(env.frame.split(b"\n")[1][len(b"data: "):])  # what a client parses
+    want = seed(example)
+    compared = 0
+    for path, value in leaves(want):
+        if (event_type, path) in NOT_COMPARABLE:
+            continue
+        assert at(body, path) == value, f"{event_type}: {path} is {at(body, path)!r}, the seed has {value!r}"
+        compared += 1
+    assert compared >= 10  # the examples' leaves were really walked
+
+
+def test_transaction_data_decodes_to_the_seeds_example_field_by_field():
+    body = seed_transaction().envelope().body
+    full = json.loads(base64.b64decode(body["data"]["data"]["data"]))
+    for path, value in leaves(seed("transaction_data")):
+        assert at(full, path) == value, f"{path} is {at(full, path)!r}, the seed has {value!r}"
+
+
+def test_process_stopped_differs_from_started_only_by_type_and_exit_code():
+    started = ev.ProcessStarted(samples.PYTHON, ts_ns=samples.TS).envelope()
+    stopped = ev.ProcessStopped(samples.PYTHON, exit_code=0, ts_ns=samples.TS).envelope()
+    assert stopped.body["data"] == {**started.body["data"], "exitCode": 0}
+
+
+def test_connection_closed_adds_when_and_how_long():
+    conn = seed_connection()
+    conn.closed_ns = conn.opened_ns + 2_345_000_000
+    data = ev.ConnectionClosed(conn, ts_ns=CONN_TS).envelope().body["data"]["data"]
+    assert data["closedAt"] == ev.rfc3339(conn.closed_ns) and data["durationMs"] == 2345
+
+
+def test_system_connected_names_agent_host_kernel_capture_and_filters():
+    # The seed lists system.connected without an example; these are our fields.
+    env = ev.SystemConnected(version="1.2.3", hostname="box", kernel="6.18.44", mode="live",
+                             capture={"state": "failed", "error": "not root"}, filters={"status": ["4xx"]},
+                             instance="abc", ts_ns=samples.TS).envelope()
+    assert env.type == "system.connected"
+    assert env.body == {"data": {"agent": "qtap-devtools", "instance": "abc", "version": "1.2.3", "hostname": "box",
+                                 "kernel": "6.18.44", "mode": "live",
+                                 "capture": {"state": "failed", "error": "not root"},
+                                 "filters": {"status": ["4xx"]}},
+                        "ts": "2025-12-12T16:58:10.452Z"}

@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import http.client
+import os
+import platform
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import orjson
 import pytest
+import uvicorn
 
+from qtap_devtools import __version__
+from qtap_devtools.broadcast import Broadcaster
+from qtap_devtools.config import Config, Listen
+from qtap_devtools.events import PROCESS_STARTED, PROCESS_STOPPED, Envelope, SystemConnected
+from qtap_devtools.server import Runtime, create_app
+from qtap_devtools.store import Store
 from tests import samples
 from tests.agentproc import ROOT, AgentProcess, agent, free_port, get
 
@@ -131,10 +144,7 @@ def test_missing_or_unreadable_capture_is_one_line_exit_2(tmp_path):
     assert r.returncode == 2 and "no such file" in r.stderr
 
 
-@pytest.mark.parametrize("command", [[], ["run"], ["replay"], ["har"], ["doctor"]])
-def test_help_shows_real_examples(command):
-    r = cli(*command, "--help")
-    assert r.returncode == 0 and "examples:" in r.stdout and "qtap-devtools" in r.stdout
+# --help examples: tests/test_cli.py
 
 
 def test_har_command_converts_a_capture(tmp_path):
@@ -169,3 +179,308 @@ def test_shutdown_says_goodbye_to_every_client_and_exits_promptly(tmp_path, sig)
         assert rest.rstrip().split("\n")[-2].startswith("event: system.disconnected") or \
             "system.disconnected" in rest.rstrip().split("\n\n")[-1]
     assert time.monotonic() - t0 < 2
+
+
+# --------------------------------------------------------------------------
+# The greeting, resume and readiness of real agent processes
+
+
+def test_greeting_names_version_host_kernel_capture_state_and_filters(server):
+    capture_file = server.args[1]
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    conn.request("GET", "/devtools/api/events?pid=60895&method=get")
+    resp = conn.getresponse()
+    assert resp.readline() == b"event: system.connected\n"
+    hello = orjson.loads(resp.readline()[len("data: "):])["data"]
+    conn.close()
+    assert hello["agent"] == "qtap-devtools" and hello["version"] == __version__
+    assert hello["hostname"] == socket.gethostname() and hello["kernel"] == platform.release()
+    assert hello["mode"] == "replay"
+    assert hello["capture"] == {"state": "replay", "file": capture_file, "events": len(samples.session_events()),
+                                "badRecords": 0, "leftOut": 0}
+    assert hello["filters"] == {"pid": [60895], "method": ["GET"]}
+
+
+def test_replay_resumes_after_the_last_event_id_header(server):
+    # The capture holds 9 events, numbered replay-1 … replay-9 in file order.
+    with SSE(server.port, headers={"Last-Event-ID": "replay-7"}) as sse:
+        assert sse.event()["event"] == "system.connected"
+        got = [sse.event() for _ in range(2)]
+    assert [(e["event"], e["id"]) for e in got] == [("connection.closed", "replay-8"), ("process.stopped", "replay-9")]
+
+
+def test_unprivileged_agent_is_not_ready_and_its_greeting_says_why(tmp_path):
+    """The real ``run`` command without root: it serves, but /readyz is 503
+    with the reason, and the greeting's capture state is "failed" with it."""
+    port = free_port()
+    log = open(tmp_path / "agent.log", "wb")
+    proc = subprocess.Popen(
+        [*unprivileged(), sys.executable, "-m", "qtap_devtools", "run", "--listen", f"127.0.0.1:{port}"],
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:  # until capture has been tried (it fails at once without root)
+            assert proc.poll() is None, (tmp_path / "agent.log").read_text()
+            try:
+                status, body = get(url + "/readyz")
+            except OSError:
+                status, body = None, None
+            if status is not None and body.get("reason") != "capture is starting":
+                break
+            assert time.monotonic() < deadline, f"never left 'capture is starting': {status} {body}"
+            time.sleep(0.1)
+        assert status == 503 and body["status"] == "not ready"
+        assert "root" in body["reason"] and "sudo qtap-devtools run" in body["reason"]
+        with SSE(port) as sse:
+            hello = sse.event()
+        assert hello["event"] == "system.connected"
+        data = hello["data"]["data"]
+        assert data["mode"] == "live" and data["version"] == __version__
+        assert data["hostname"] == socket.gethostname() and data["kernel"] == platform.release()
+        assert data["capture"] == {"state": "failed", "error": body["reason"]}
+        assert data["filters"] == {}
+        assert get(url + "/healthz")[0] == 200  # alive, just not capturing
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            rc = proc.wait(timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+    assert rc == 0, (tmp_path / "agent.log").read_text()
+    assert "capture not running: not root" in (tmp_path / "agent.log").read_text()
+
+
+# --------------------------------------------------------------------------
+# The app in-process on a real uvicorn: readiness, snapshot, keep-alive,
+# drops over HTTP and Last-Event-ID, with a broadcaster the test feeds.
+
+
+def unprivileged() -> list[str]:
+    """A command prefix that drops root (as root), or nothing (already not root)."""
+    if os.geteuid() != 0:
+        return []
+    return ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+
+
+class SSE:
+    """A real HTTP client of the event stream that keeps every raw line."""
+
+    def __init__(self, port: int, path: str = "/devtools/api/events", headers: dict | None = None) -> None:
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)  # the failure timeout
+        self.conn.request("GET", path, headers=headers or {})
+        self.resp = self.conn.getresponse()
+        assert self.resp.status == 200, (self.resp.status, self.resp.read())
+        self.raw: list[bytes] = []
+
+    def line(self) -> bytes:
+        line = self.resp.readline()
+        assert line, "the stream ended"
+        self.raw.append(line)
+        return line
+
+    def event(self) -> dict:
+        """The next event: {"event": type, "data": parsed JSON, "id": id or None}."""
+        fields: dict = {}
+        while True:
+            line = self.line()
+            if line in (b"\n", b"\r\n"):
+                if fields:
+                    return {"event": fields.get("event"), "data": orjson.loads(fields["data"]), "id": fields.get("id")}
+                continue
+            if line.startswith(b":"):
+                continue
+            key, _, value = line.rstrip(b"\r\n").decode().partition(": ")
+            fields[key] = value
+
+    def __enter__(self) -> "SSE":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.conn.close()
+
+
+class InProcess:
+    """``create_app(rt)`` served by a real uvicorn in a thread on a free port."""
+
+    def __init__(self, *, queue_size: int = 4096, keepalive: float = 15.0,
+                 not_ready: str | None = "capture is starting") -> None:
+        self.port = free_port()
+        cfg = Config(listen=Listen("127.0.0.1", self.port), client_queue_size=queue_size,
+                     keepalive_seconds=keepalive)
+        self.bc = Broadcaster(client_queue_size=queue_size)
+        store = Store()
+        self.bc.add_listener(store.on_published)
+
+        def greeting(flt):
+            return SystemConnected(version=__version__, hostname="test-host", kernel="test-kernel", mode="live",
+                                   capture={"state": "starting"}, filters=flt.describe(),
+                                   instance=self.bc.instance).envelope()
+
+        self.rt = Runtime(config=cfg, broadcaster=self.bc, store=store, mode="live", greeting=greeting,
+                          not_ready=not_ready)
+        self.server = uvicorn.Server(uvicorn.Config(create_app(self.rt), host="127.0.0.1", port=self.port,
+                                                    log_level="warning", access_log=False, lifespan="off", ws="none"))
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        async def main():
+            self.loop = asyncio.get_running_loop()
+            await self.server.serve()
+
+        asyncio.run(main())
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def call(self, fn, *args):
+        """Run ``fn(*args)`` on the server's event loop (the broadcaster's thread)."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run():
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as exc:  # handed to the test thread
+                fut.set_exception(exc)
+
+        self.loop.call_soon_threadsafe(run)
+        return fut.result(timeout=10)
+
+    def publish(self, *envelopes: Envelope) -> None:
+        """Publish all in one go on the loop: no client runs in between."""
+        self.call(lambda: [self.bc.publish(e) for e in envelopes])
+
+    def __enter__(self) -> "InProcess":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.call(self.bc.close, "test over")
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def proc_env(pid: int, **extra) -> Envelope:
+    return Envelope.of(PROCESS_STARTED, {"pid": pid, "binary": f"bin{pid}", **extra}, samples.TS)
+
+
+def test_readyz_is_503_with_the_reason_until_capture_runs():
+    with InProcess(not_ready="capture is starting") as app:
+        status, body = get(app.url + "/readyz")
+        assert status == 503
+        assert body == {"status": "not ready", "reason": "capture is starting"}
+        assert "qtap_devtools_ready 0" in get(app.url + "/metrics")[1]
+        assert get(app.url + "/healthz")[0] == 200  # liveness is not readiness
+        app.rt.not_ready = "not root: eBPF capture needs root; run: sudo qtap-devtools run"
+        status, body = get(app.url + "/readyz")
+        assert status == 503 and body["reason"].startswith("not root")
+        app.rt.not_ready = None  # what the agent does once capture runs
+        status, body = get(app.url + "/readyz")
+        assert status == 200 and body == {"status": "ready", "mode": "live"}
+        assert "qtap_devtools_ready 1" in get(app.url + "/metrics")[1]
+
+
+def test_new_client_gets_a_process_snapshot_after_the_greeting():
+    with InProcess(not_ready=None) as app:
+        app.publish(proc_env(101), proc_env(102), proc_env(103),
+                    Envelope.of(PROCESS_STOPPED, {"pid": 102}, samples.TS))
+        with SSE(app.port) as sse:
+            assert sse.event()["event"] == "system.connected"
+            snap = [sse.event() for _ in range(2)]
+            app.publish(proc_env(104))
+            after = sse.event()
+        # The live processes, without the stopped one, as process.started with no id
+        # (a reconnect resumes from real events, not from a snapshot).
+        assert [(e["event"], e["data"]["data"]["pid"], e["id"]) for e in snap] == [
+            ("process.started", 101, None), ("process.started", 103, None)]
+        assert snap[0]["data"]["data"]["binary"] == "bin101"
+        assert after["data"]["data"]["pid"] == 104 and after["id"] == f"{app.bc.instance}-5"
+
+
+@pytest.mark.parametrize("query", ["snapshot=false", "snapshot=0", "snapshot=no"])
+def test_snapshot_false_suppresses_the_snapshot(query):
+    with InProcess(not_ready=None) as app:
+        app.publish(proc_env(101), proc_env(103))
+        with SSE(app.port, "/devtools/api/events?" + query) as sse:
+            assert sse.event()["event"] == "system.connected"
+            app.publish(proc_env(999))
+            nxt = sse.event()
+        # Had a snapshot been sent, 101 would come first.
+        assert nxt["data"]["data"]["pid"] == 999
+
+
+def test_snapshot_respects_the_stream_filter():
+    with InProcess(not_ready=None) as app:
+        app.publish(proc_env(101), proc_env(103))
+        with SSE(app.port, "/devtools/api/events?pid=103") as sse:
+            assert sse.event()["event"] == "system.connected"
+            first = sse.event()
+        assert first["data"]["data"]["pid"] == 103
+
+
+def test_keep_alive_is_a_comment_with_the_streams_own_line_endings():
+    assert Config().keepalive_seconds == 15  # the issue's interval, by default
+    with InProcess(not_ready=None, keepalive=0.2) as app:
+        with SSE(app.port, "/devtools/api/events?snapshot=false") as sse:
+            assert sse.event()["event"] == "system.connected"
+            while not sse.line().startswith(b":"):
+                pass
+            comment = sse.raw[-1]
+            blank = sse.line()
+            app.publish(proc_env(7))
+            nxt = sse.event()
+    assert comment == b": keep-alive\n"  # not sse-starlette's default "\r\n"
+    assert blank == b"\n"
+    assert nxt["event"] == "process.started"  # the stream goes on after it
+    assert not [line for line in sse.raw if b"\r" in line], sse.raw
+
+
+def test_a_client_that_falls_behind_gets_system_dropped_over_http():
+    with InProcess(not_ready=None, queue_size=8) as app:
+        with SSE(app.port, "/devtools/api/events?snapshot=false") as slow:
+            assert slow.event()["event"] == "system.connected"
+            # 30 events in one go: the client cannot take any before its queue of 8 is full.
+            app.publish(*[proc_env(1000 + i) for i in range(30)])
+            got = [slow.event() for _ in range(9)]
+            app.publish(proc_env(5000))
+            later = slow.event()
+        assert [e["data"]["data"]["pid"] for e in got[:8]] == list(range(1000, 1008))
+        notice = got[8]
+        assert notice["event"] == "system.dropped"
+        assert notice["data"]["data"]["missed"] == 22 and notice["data"]["data"]["totalMissed"] == 22
+        assert later["data"]["data"]["pid"] == 5000  # and the stream carries on
+        status, stats = get(app.url + "/devtools/api/stats")
+        assert stats["broadcast"]["subscriberDrops"] == 22
+
+
+def test_last_event_id_header_resumes_after_that_event():
+    with InProcess(not_ready=None) as app:
+        app.publish(*[proc_env(i) for i in range(1, 6)])  # ids <instance>-1 … -5
+        inst = app.bc.instance
+        with SSE(app.port, headers={"Last-Event-ID": f"{inst}-3"}) as sse:
+            assert sse.event()["event"] == "system.connected"
+            resumed = [sse.event() for _ in range(2)]
+            app.publish(proc_env(6))
+            live = sse.event()
+        # No snapshot on resume: straight to what the client missed, then live events.
+        assert [(e["data"]["data"]["pid"], e["id"]) for e in resumed] == [(4, f"{inst}-4"), (5, f"{inst}-5")]
+        assert (live["data"]["data"]["pid"], live["id"]) == (6, f"{inst}-6")
+
+        # An id from an earlier run of the agent: everything still in history.
+        with SSE(app.port, headers={"Last-Event-ID": "0123456789abcdefghij-3"}) as sse:
+            assert sse.event()["event"] == "system.connected"
+            again = [sse.event()["data"]["data"]["pid"] for _ in range(6)]
+        assert again == [1, 2, 3, 4, 5, 6]
+
+        status, body = get(app.url + "/devtools/api/events", headers={"Last-Event-ID": "not-an-id"})
+        assert status == 400 and "Last-Event-ID" in body["error"]["message"]

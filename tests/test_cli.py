@@ -1,0 +1,145 @@
+"""The command line: its help examples are real command lines, a bad
+``--output`` is refused up front, and the shipped example capture replays."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from qtap_devtools import capfile
+from qtap_devtools import cli as cli_mod
+from qtap_devtools.events import Envelope
+from tests.agentproc import ROOT, agent, free_port, get
+from tests.stream import StreamReader, tx_of
+
+EXAMPLE = ROOT / "examples" / "traffic-capture.txt"
+
+
+def cli(*args, prefix: list[str] = (), timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run([*prefix, sys.executable, "-m", "qtap_devtools", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def unprivileged() -> list[str]:
+    """A command prefix that drops root (as root), or nothing (already not root)."""
+    if os.geteuid() != 0:
+        return []
+    return ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+
+
+# --------------------------------------------------------------------------
+# Help examples
+
+
+def example_commands(epilog: str) -> list[list[str]]:
+    """The qtap-devtools command lines of an ``examples:`` epilog, as argv."""
+    out = []
+    for line in epilog.splitlines():
+        words = shlex.split(line.split(" | ")[0], comments=True)  # the command, not what it is piped to
+        if words[:1] == ["sudo"]:
+            words = words[1:]
+        if words[:1] == ["qtap-devtools"]:
+            out.append(words[1:])
+    return out
+
+
+@pytest.mark.parametrize("epilog,command", [
+    (cli_mod.MAIN_EXAMPLES, None), (cli_mod.RUN_EXAMPLES, "run"), (cli_mod.REPLAY_EXAMPLES, "replay"),
+    (cli_mod.HAR_EXAMPLES, "har"), (cli_mod.DOCTOR_EXAMPLES, "doctor"),
+])
+def test_every_help_example_is_a_command_line_the_parser_accepts(epilog, command):
+    commands = example_commands(epilog)
+    assert commands, epilog
+    parser = cli_mod.build_parser()
+    for argv in commands:
+        if command is not None:
+            assert argv[:1] == [command], f"{command} --help shows an example of another command: {argv}"
+        full = argv if argv and not argv[0].startswith("-") else ["run", *argv]  # bare = run, as main() does
+        args = parser.parse_args(full)  # exits 2 (fails the test) on a flag that does not exist
+        assert args.command == full[0]
+
+
+@pytest.mark.parametrize("command,expected", [
+    ([], ["sudo qtap-devtools run --output traffic-capture.txt", "qtap-devtools replay traffic-capture.txt",
+          "sudo qtap-devtools doctor"]),
+    (["run"], ["sudo qtap-devtools run --listen 127.0.0.1:9000 --output traffic-capture.txt",
+               'curl -sN http://localhost:10001/devtools/api/events | grep "request.http_transaction" -A1',
+               "ssh -L 10001:localhost:10001"]),
+    (["replay"], ["qtap-devtools replay traffic-capture.txt --speed 1 --listen 127.0.0.1:10002"]),
+    (["har"], ["qtap-devtools har traffic-capture.txt -o traffic.har"]),
+    (["doctor"], ["sudo qtap-devtools doctor"]),
+])
+def test_help_shows_real_examples(command, expected):
+    r = cli(*command, "--help")
+    assert r.returncode == 0, r.stderr
+    examples = r.stdout.split("examples:\n", 1)[1]
+    for line in expected:
+        assert line in examples, f"{line!r} not in the examples of {command}:\n{examples}"
+
+
+# --------------------------------------------------------------------------
+# --output
+
+
+@pytest.mark.parametrize("where", ["missing-dir/capture.txt", ".", "a-file/capture.txt"])
+def test_unwritable_output_is_one_line_and_exit_2(tmp_path, where):
+    (tmp_path / "a-file").write_text("")
+    path = tmp_path / where
+    r = cli("run", "--output", str(path), "--listen", f"127.0.0.1:{free_port()}")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith(f"qtap-devtools: error: --output {path}:")
+    assert "serving" not in r.stdout  # refused before anything started
+
+
+def test_output_the_user_may_not_write_is_refused(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    r = cli("run", "--output", str(locked / "capture.txt"), "--listen", f"127.0.0.1:{free_port()}",
+            prefix=unprivileged())
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr.strip() == f"qtap-devtools: error: --output {locked / 'capture.txt'}: cannot write: Permission denied"
+
+
+# --------------------------------------------------------------------------
+# examples/
+
+
+def test_example_capture_is_clean_sse_wire_format():
+    records = list(capfile.read_events(EXAMPLE))
+    assert records and all(isinstance(r, Envelope) for r in records), [r for r in records if not isinstance(r, Envelope)]
+    assert [r.type for r in records].count("request.http_transaction") == 3
+    lines = EXAMPLE.read_bytes().split(b"\n")
+    for i, line in enumerate(lines):
+        if line.startswith(b"event: "):
+            assert lines[i + 1].startswith(b"data: {"), f"line {i + 2}: data must follow event"
+    # The seed's "export to file" recipe counts it right.
+    r = subprocess.run(f'grep "request.http_transaction" {shlex.quote(str(EXAMPLE))} | wc -l', shell=True,
+                       capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "3"
+
+
+def test_example_capture_replays_with_its_transactions(tmp_path):
+    port = free_port()
+    with agent(["replay", str(EXAMPLE.relative_to(ROOT))], port, tmp_path / "replay.log") as proc:
+        stream = StreamReader(port)
+        try:
+            hello = stream.find(lambda t, d: t == "system.connected")
+            txs = stream.find(lambda t, d: t == "request.http_transaction", count=3)
+        finally:
+            stream.close()
+        status, body = get(proc.url + "/devtools/api/transactions")
+    capture = hello[0][1]["data"]["capture"]
+    assert capture["badRecords"] == 0 and capture["events"] == 9, capture
+    decoded = [tx_of(d) for _, d in txs]
+    assert [(t["request"]["method"], t["request"]["url"], t["response"]["status"]) for t in decoded] == [
+        ("POST", "https://api.example.com/v1/users", 200),
+        ("GET", "https://api.example.com/v1/missing", 404),
+        ("GET", "https://api.example.com/v1/crash", 500),
+    ]
+    assert status == 200 and body["total"] == 3
+    assert "skipped" not in proc.output()  # no record was reported bad
