@@ -2,20 +2,35 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 import time
+from datetime import datetime, timezone
 
 import pytest
 
-from qtap_devtools.events import HttpMessage
+from qtap_devtools.events import ConnectionUpdated, HttpMessage, SystemDropped
+from qtap_devtools.ids import new_id
 from tests import samples
 from tests.agentproc import free_port, get
 from tests.uihelpers import (
+    CURL,
+    NODE,
+    ROOT,
+    _conn,
+    _tx,
     bulk_transactions,
+    clipboard,
     connection_state,
     copy_as_curl,
     detail_tab,
+    event_feed,
+    fields,
+    greeting,
+    next_frame,
     open_devtools,
+    open_fed,
     replay_server,
     rich_session,
     row_ids,
@@ -31,11 +46,56 @@ from tests.uihelpers import (
     wait_connected,
     wait_rows,
     wait_shown,
+    wait_toast,
 )
 
 pytestmark = pytest.mark.browser
 
-RICH_TRANSACTIONS = sum(1 for e in rich_session() if e.type == "request.http_transaction")
+RICH = rich_session()  # the same traffic as the server's (request ids aside)
+RICH_TXS = [e for e in RICH if e.type == "request.http_transaction"]
+RICH_TRANSACTIONS = len(RICH_TXS)
+UI_DIR = ROOT / "qtap_devtools" / "ui"
+
+
+def rich_tx(path: str):
+    """The rich session's transaction whose path starts with ``path``."""
+    return next(t for t in RICH_TXS if t.path.startswith(path))
+
+
+def shown_paths(page) -> list[str]:
+    """Paths of the rows in the DOM, sorted (with the detail pane closed:
+    the path is the fifth column of the full table)."""
+    return sorted(r.split(" | ")[4] for r in rows(page))
+
+
+def paths_where(pred) -> list[str]:
+    return sorted(t.path for t in RICH_TXS if pred(t))
+
+
+def js_bytes(n: int) -> str:
+    """The page's formatBytes."""
+    if n < 1000:
+        return f"{n} B"
+    v, i = float(n), -1
+    while True:
+        v /= 1000
+        i += 1
+        if not (v >= 1000 and i < 3):
+            break
+    unit = ["kB", "MB", "GB", "TB"][i]
+    return f"{v:.1f} {unit}" if v < 10 else f"{int(v + 0.5)} {unit}"
+
+
+def js_ms(ms: float) -> str:
+    """The page's formatMs (under a second, which is all these tests need)."""
+    assert ms < 1000
+    return f"{ms:.2f} ms" if ms < 1 else f"{int(ms + 0.5)} ms"
+
+
+def utc_text(ns: int) -> str:
+    """The page's formatDateTime of a wall-clock time, in UTC (the test page's zone)."""
+    ms = ns // 1_000_000
+    return datetime.fromtimestamp(ms // 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S") + f".{ms % 1000:03d}"
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +133,9 @@ def test_rows_appear_and_a_row_shows_headers_and_pretty_json(page, rich):
     first = texts[0]
     for cell in ("POST", "200", "api.example.com", "/v1/users", "application/json", "python3.11 · 60895", "my-app"):
         assert cell in first
+    capture = page.locator('[data-testid="status-capture"]')
+    assert capture.get_attribute("data-state") == "replay"
+    assert capture.inner_text() == f"Replay: capture.txt ({len(RICH)} events)"
 
     select_row(page, "/v1/users")
     headers = detail_tab(page, "headers")
@@ -117,9 +180,48 @@ def test_json_folds_and_other_bodies_have_their_viewers(page, rich):
 
     select_row(page, "/api/stream")
     assert "connection reset before response" in detail_tab(page, "headers").inner_text()
-    source = detail_tab(page, "source").inner_text()
-    for fact in ("4312", "/usr/bin/node", "app", "web", "web-7d9f8c6b5-x2x9q", "93.184.216.34:443", "TLS 1.3", "openssl"):
-        assert fact in source
+
+
+def test_source_tab_names_the_process_user_container_and_connection(page, rich):
+    opened(page, rich)
+    row = select_row(page, "/api/stream")
+    request_id = row.get_attribute("data-key")
+    source = detail_tab(page, "source")
+    assert fields(source.locator('[data-testid="source-process"]')) == {
+        "PID": "4312", "Executable": "/usr/bin/node", "User": "app", "Hostname": "web-7d9f",
+    }
+    assert fields(source.locator('[data-testid="source-container"]')) == {
+        "Name": "web", "ID": "9c1f0e2b7a44", "Image": "node:20-slim", "Pod": "web-7d9f8c6b5-x2x9q", "Namespace": "shop",
+    }
+    assert fields(source.locator('[data-testid="source-connection"]')) == {
+        "Connection ID": "d4u5a1g7p3qk26l9aaa0",
+        "Request ID": request_id,
+        "Endpoint": "shop.example.com",
+        "Direction": "egress-external",
+        "Local address": "10.0.0.5:40312",
+        "Remote address": "93.184.216.34:443",
+        "TLS version": "TLS 1.3",
+        "TLS library": "openssl",
+        "Bytes sent": "300 B",
+        "Bytes received": "200 B",
+    }
+
+    # Plain HTTP from another user, outside any container.
+    select_row(page, "/health")
+    source = detail_tab(page, "source")
+    process = fields(source.locator('[data-testid="source-process"]'))
+    assert process["User"] == "root" and process["Executable"] == "/usr/bin/curl" and process["PID"] == "52001"
+    assert fields(source.locator('[data-testid="source-container"]')) == {}
+    connection = fields(source.locator('[data-testid="source-connection"]'))
+    assert connection["Connection ID"] == "d4u5a1g7p3qk26l9aaa2"
+    assert connection["TLS version"] == "none (plain HTTP)" and "TLS library" not in connection
+    assert connection["Remote address"] == "192.0.2.10:80"
+
+    select_row(page, "/api/products")
+    received = rich_tx("/api/products").bytes_received
+    assert received >= 1000
+    connection = fields(detail_tab(page, "source").locator('[data-testid="source-connection"]'))
+    assert connection["Bytes received"] == f"{js_bytes(received)} ({received} B)"
 
 
 def test_text_filter_and_4xx_toggle_hide_exactly_the_right_rows(page, rich):
@@ -146,6 +248,391 @@ def test_text_filter_and_4xx_toggle_hide_exactly_the_right_rows(page, rich):
     wait_shown(page, 5)
     assert not any("shop.example.com" in r for r in rows(page))
     assert page.get_attribute('[data-testid="summary-requests"]', "data-total") == str(RICH_TRANSACTIONS)
+
+
+def test_method_and_errors_only_toggles_hide_exactly_the_right_rows(page, rich):
+    opened(page, rich)
+
+    def toggle(name: str, pressed: bool) -> None:
+        page.click(f'[data-testid="toggle-{name}"]')
+        assert page.get_attribute(f'[data-testid="toggle-{name}"]', "aria-pressed") == str(pressed).lower()
+
+    def expect(pred) -> None:
+        want = paths_where(pred)
+        wait_shown(page, len(want))
+        assert shown_paths(page) == want
+
+    toggle("POST", True)
+    expect(lambda t: t.method == "POST")
+    toggle("PUT", True)  # methods of one group add up
+    expect(lambda t: t.method in ("POST", "PUT"))
+    toggle("4xx", True)  # and groups narrow each other
+    expect(lambda t: t.method in ("POST", "PUT") and 400 <= (t.status or 0) < 500)
+    assert shown_paths(page) == ["/api/profile"]
+    toggle("4xx", False)
+    toggle("POST", False)
+    toggle("PUT", False)
+    expect(lambda t: True)
+
+    toggle("DELETE", True)
+    expect(lambda t: t.method == "DELETE")
+    toggle("DELETE", False)
+    toggle("OTHER", True)  # HEAD, OPTIONS, …: whatever has no chip of its own
+    expect(lambda t: t.method not in ("GET", "POST", "PUT", "PATCH", "DELETE"))
+    assert shown_paths(page) == ["/v2/"]
+    toggle("OTHER", False)
+    toggle("PATCH", True)  # none in this session
+    wait_shown(page, 0)
+    assert rows(page) == []
+    assert page.inner_text('[data-testid="requests-table-empty"]') == "No requests match the filter."
+    toggle("PATCH", False)
+    expect(lambda t: True)
+
+    # Errors only: 4xx, 5xx, and requests that got no response at all.
+    errors = page.locator('[data-testid="toggle-errors"]')
+    errors.check()
+    expect(lambda t: t.error is not None or t.status is None or t.status >= 400)
+    assert shown_paths(page) == ["/api/profile", "/api/stream", "/v1/crash", "/v1/missing"]
+    toggle("GET", True)
+    expect(lambda t: t.method == "GET" and (t.error is not None or t.status is None or t.status >= 400))
+    set_filter(page, "api.example.com")
+    wait_shown(page, 2)
+    assert shown_paths(page) == ["/v1/crash", "/v1/missing"]
+    set_filter(page, "")
+    toggle("GET", False)
+    errors.uncheck()
+    expect(lambda t: True)
+
+
+def test_filters_apply_to_rows_that_arrive_after_they_are_set(page, rich):
+    """Filters set first, rows streamed in later over the same open stream."""
+    shop = _conn("d4u5a1g7p3qk26l9aaa0", NODE, "shop.example.com", "93.184.216.34")
+    cdn = _conn("d4u5a1g7p3qk26l9aaa1", NODE, "cdn.example.net", "151.101.1.57")
+    plain = _conn("d4u5a1g7p3qk26l9aaa2", CURL, "status.example.org", "192.0.2.10", port=80, tls=False)
+    first, later = RICH_TXS[:5], RICH_TXS[5:]
+    latest = [
+        _tx(shop, "GET", "/late/error", 500, offset_ms=41_000, duration=9.0),
+        _tx(shop, "GET", "/late/ok", 200, offset_ms=41_100, duration=9.0),
+        _tx(cdn, "GET", "/late/cdn-error", 503, offset_ms=41_200, duration=9.0),
+        _tx(shop, "POST", "/late/post-error", 500, offset_ms=41_300, duration=9.0),
+        _tx(plain, "GET", "/late/shop.example.com/error", 500, offset_ms=41_400, duration=9.0),  # matches the text
+    ]
+    with event_feed(page) as feed:
+        open_fed(page, rich.url, feed)
+        feed.send(*first)
+        wait_rows(page, len(first))
+        set_filter(page, "shop.example.com")
+        page.click('[data-testid="toggle-GET"]')
+        wait_shown(page, 1)
+        assert shown_paths(page) == ["/api/cart?session=7f3a&lang=en"]
+
+        feed.send(*later)  # the rest of the session arrives: filtered as it comes
+        wait_rows(page, RICH_TRANSACTIONS)
+        want = paths_where(lambda t: t.method == "GET" and t.authority == "shop.example.com")
+        wait_shown(page, len(want))
+        assert shown_paths(page) == want == ["/api/cart?session=7f3a&lang=en", "/api/products?page=2", "/api/stream"]
+
+        page.locator('[data-testid="toggle-errors"]').check()
+        wait_shown(page, 1)
+        feed.send(*latest)
+        wait_rows(page, RICH_TRANSACTIONS + len(latest))
+        wait_shown(page, 3)
+        assert shown_paths(page) == ["/api/stream", "/late/error", "/late/shop.example.com/error"]
+        assert total_count(page) == RICH_TRANSACTIONS + len(latest)
+
+
+def test_the_row_being_read_stays_in_place_while_rows_arrive_and_the_cap_trims(page, rich):
+    conn = samples.connection("d4u4jhg7p3qk26l91icg", "api.example.com")
+
+    def tx(i: int):
+        return samples.transaction(conn, new_id(samples.TS / 1e9 + i), method="GET", path=f"/r/{i}",
+                                   ts_offset_ms=36064 + i * 7)
+
+    cap, batch, batches = 200, 10, 6
+    with event_feed(page) as feed:
+        open_fed(page, rich.url, feed, query=f"?cap={cap}")
+        feed.send(*[tx(i) for i in range(cap)])
+        wait_rows(page, cap)
+        table = page.locator('[data-testid="requests-table"]')
+        table.evaluate("el => { el.scrollTop = el.scrollHeight / 2; }")  # away from both ends
+        page.wait_for_selector(f'[data-testid="request-row"][aria-rowindex="{cap // 2}"]')
+        page.wait_for_selector(f'[data-testid="request-row"][aria-rowindex="{cap}"]', state="detached")
+        keys = row_ids(page)
+        key = keys[len(keys) // 2]
+        reading = page.locator(f'[data-testid="request-row"][data-key="{key}"]')
+        reading.click()
+        page.wait_for_selector('[data-testid="detail"]:not([hidden])')
+        page.wait_for_selector(f'[data-testid="request-row"][data-key="{key}"][aria-selected="true"]')
+        title = page.inner_text('[data-testid="detail-title"]')
+
+        def where() -> tuple[float, int]:
+            box = reading.bounding_box()
+            return box["y"], int(reading.get_attribute("aria-rowindex"))
+
+        top, index = where()
+        assert index - batch * batches > 1  # the row survives the trimming below
+        for k in range(1, batches + 1):
+            start = cap + (k - 1) * batch
+            feed.send(*[tx(i) for i in range(start, start + batch)])
+            # The oldest rows go (the row moves up the list) ...
+            page.wait_for_function(
+                "([key, n]) => { const r = document.querySelector(`[data-testid=request-row][data-key=\"${key}\"]`);"
+                " return r && Number(r.getAttribute('aria-rowindex')) === n; }",
+                arg=[key, index - batch * k],
+            )
+            # ... and the view moves with it: the row stays where the user reads it.
+            assert where() == (top, index - batch * k)
+            assert total_count(page) == cap
+            assert reading.get_attribute("aria-selected") == "true"
+            assert page.inner_text('[data-testid="detail-title"]') == title
+
+        table.evaluate("el => { el.scrollTop = 0; }")  # the oldest left are the first rows after those dropped
+        page.wait_for_selector('[data-testid="request-row"][aria-rowindex="1"]')
+        assert rows(page)[0].split(" | ")[3] == f"/r/{batch * batches}"
+
+
+def test_status_strip_shows_rate_drops_and_capture_state(page, rich):
+    attached = [
+        {"path": "/usr/lib/x86_64-linux-gnu/libssl.so.3", "library": "openssl", "mode": "uprobe"},
+        {"path": "/usr/bin/node", "library": "node", "mode": "uprobe"},
+    ]
+    capture = page.locator('[data-testid="status-capture"]')
+    dropped = page.locator('[data-testid="status-dropped"]')
+    rate = page.locator('[data-testid="status-rate"]')
+    with event_feed(page) as feed:
+        open_fed(page, rich.url, feed, capture={"state": "running", "attached": attached, "failed": [],
+                                                "lostRecords": 3})
+        assert capture.get_attribute("data-state") == "running"
+        assert capture.inner_text() == "Capture: running · 2 probes"
+        assert capture.get_attribute("title").split("\n") == [
+            "attached openssl /usr/lib/x86_64-linux-gnu/libssl.so.3 (uprobe)",
+            "attached node /usr/bin/node (uprobe)",
+            "3 kernel records lost",
+        ]
+        assert dropped.inner_text() == "Dropped: 0" and dropped.get_attribute("data-dropped") == "0"
+
+        # Drops the server reports add up.
+        feed.send(SystemDropped(missed=7, total_missed=7))
+        page.wait_for_selector('[data-testid="status-dropped"][data-dropped="7"]')
+        assert dropped.inner_text() == "Dropped: 7"
+        wait_toast(page, "The agent dropped 7 events for this page (it fell behind)")
+        feed.send(SystemDropped(missed=5, total_missed=12))
+        page.wait_for_selector('[data-testid="status-dropped"][data-dropped="12"]')
+        assert dropped.inner_text() == "Dropped: 12"
+
+        # Events per second: a steady stream shows a rate, silence brings it to 0.
+        conn = samples.connection()
+        for _ in range(300):  # up to about 30 s
+            if int(rate.get_attribute("data-rate")) >= 5:
+                break
+            feed.send(*[ConnectionUpdated(conn) for _ in range(5)])
+            page.wait_for_timeout(100)
+        shown = int(rate.get_attribute("data-rate"))
+        assert shown >= 5 and rate.inner_text() == f"{shown} events/s"
+        page.wait_for_selector('[data-testid="status-rate"][data-rate="0"]')
+        assert rate.inner_text() == "0 events/s"
+
+        # The agent goes away and comes back with its capture failed: the page
+        # resumes after the last event it saw and shows the new state.
+        last = feed.send(samples.transaction(conn, "d4u9strip00000000001"))
+        wait_rows(page, 1)
+        feed.end_stream()
+        page.wait_for_selector('[data-testid="status-connection"][data-state="reconnecting"]')
+        feed.wait_connections(2)
+        assert feed.queries == ["", f"after={last}"]
+        feed.send(greeting({"state": "failed", "error": "bpf: permission denied"}))
+        wait_connected(page)
+        page.wait_for_selector('[data-testid="status-capture"][data-state="failed"]')
+        assert capture.inner_text() == "Capture: failed"
+        assert capture.get_attribute("title") == "bpf: permission denied"
+        assert dropped.get_attribute("data-dropped") == "12"  # nothing shown is lost
+        assert total_count(page) == 1
+
+
+def test_summary_bar_counts_requests_transferred_bytes_and_errors(page, rich):
+    opened(page, rich)
+
+    def is_error(t) -> bool:
+        return t.error is not None or t.status is None or t.status >= 400
+
+    def size(t) -> int:
+        return t.response.body_size if t.response else 0
+
+    def expect(txs, total: int) -> None:
+        n, nbytes, nerrors = len(txs), sum(size(t) for t in txs), sum(1 for t in txs if is_error(t))
+        wait_shown(page, n)
+        req = page.locator('[data-testid="summary-requests"]')
+        assert req.inner_text() == (f"{n} requests" if n == total else f"{n} / {total} requests")
+        bytes_el = page.locator('[data-testid="summary-bytes"]')
+        assert int(bytes_el.get_attribute("data-bytes")) == nbytes
+        assert bytes_el.inner_text() == f"{js_bytes(nbytes)} transferred"
+        errors_el = page.locator('[data-testid="summary-errors"]')
+        assert int(errors_el.get_attribute("data-errors")) == nerrors
+        assert errors_el.inner_text() == f"{nerrors} error{'' if nerrors == 1 else 's'}"
+
+    expect(RICH_TXS, RICH_TRANSACTIONS)
+    # The truncated 3 MiB body counts whole: it was transferred, if not captured.
+    assert page.inner_text('[data-testid="summary-bytes"]') == "3.1 MB transferred"
+    assert page.inner_text('[data-testid="summary-errors"]') == "4 errors"
+    set_filter(page, "api.example.com")  # the bar follows the filter
+    expect([t for t in RICH_TXS if t.authority == "api.example.com"], RICH_TRANSACTIONS)
+    assert page.inner_text('[data-testid="summary-bytes"]') == "37 B transferred"
+    set_filter(page, "status.example.org")
+    expect([t for t in RICH_TXS if t.authority == "status.example.org"], RICH_TRANSACTIONS)
+    assert page.inner_text('[data-testid="summary-errors"]') == "0 errors"
+
+
+def test_copy_response_copies_the_body(page, rich):
+    opened(page, rich)
+    select_row(page, "/api/cart")
+    page.click('[data-testid="copy-response"]')
+    wait_toast(page, "Copied response")
+    assert clipboard(page) == rich_tx("/api/cart").response.body.decode()
+
+    select_row(page, "/fonts/inter.woff2")  # binary: copied as base64
+    page.click('[data-testid="copy-response"]')
+    wait_toast(page, "Copied response (base64)")
+    assert clipboard(page) == base64.b64encode(bytes(range(256)) * 2).decode()
+
+    select_row(page, "/api/cart/items/B-7")  # 204: nothing to copy, the clipboard is left alone
+    page.click('[data-testid="copy-response"]')
+    wait_toast(page, "This response has no body to copy")
+    assert clipboard(page) == base64.b64encode(bytes(range(256)) * 2).decode()
+
+    # The row's context menu does the same.
+    row_locator(page).filter(has_text="/health").first.click(button="right")
+    page.click('[data-testid="menu-copy-response"]')
+    wait_toast(page, "Copied response")
+    assert clipboard(page) == "ok\n"
+
+
+def test_timing_tab_shows_the_phases_of_a_transaction(page, rich):
+    opened(page, rich)
+    cart = rich_tx("/api/cart")
+    select_row(page, "/api/cart")
+    panel = detail_tab(page, "timing")
+    send, wait, receive = (cart.timing[k] for k in ("send_ms", "wait_ms", "receive_ms"))
+    total = round(cart.duration_ms)  # the transaction's duration_ms is whole milliseconds
+    assert fields(panel) == {
+        "Started at": utc_text(cart.start_ns),
+        "Captured at": utc_text(cart.ts_ns),
+    }
+    assert utc_text(cart.start_ns) == "2025-12-12 16:58:48.609"
+    for phase, ms in (("send", send), ("wait", wait), ("receive", receive)):
+        assert panel.locator(f'[data-testid="timing-{phase}"]').inner_text() == js_ms(ms)
+    assert panel.locator('[data-testid="timing-total"]').inner_text() == js_ms(total)
+    # The bars follow each other, each as long as its phase.
+    span = max(total, send + wait + receive)
+    offset = 0.0
+    for phase, ms in (("send", send), ("wait", wait), ("receive", receive)):
+        bar = panel.locator(f'[data-testid="timing-bar-{phase}"]')
+        left, width = bar.evaluate("el => [parseFloat(el.style.left), parseFloat(el.style.width)]")
+        assert left == pytest.approx(offset / span * 100, abs=0.01), phase
+        assert width == pytest.approx(ms / span * 100, abs=0.01), phase
+        offset += ms
+    assert "Request/Response" in panel.inner_text()
+
+    # No timing from the agent: all of it is waiting.
+    select_row(page, "/v1/users")
+    panel = detail_tab(page, "timing")
+    assert panel.locator('[data-testid="timing-wait"]').inner_text() == "81 ms"
+    assert panel.locator('[data-testid="timing-total"]').inner_text() == "81 ms"
+    assert panel.locator('[data-testid="timing-send"]').inner_text() == "0.00 ms"
+
+
+def _rgb(text: str) -> tuple[float, float, float]:
+    r, g, b = (int(x) for x in re.findall(r"\d+", text)[:3])
+    return r, g, b
+
+
+def _luminance(text: str) -> float:
+    def channel(c: float) -> float:
+        c /= 255
+        return c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4
+
+    r, g, b = _rgb(text)
+    return 0.2126 * channel(r) + 0.7152 * channel(g) + 0.0722 * channel(b)
+
+
+def _contrast(a: str, b: str) -> float:
+    hi, lo = sorted((_luminance(a), _luminance(b)), reverse=True)
+    return (hi + 0.05) / (lo + 0.05)
+
+
+def test_dark_theme_follows_the_system(page, rich):
+    opened(page, rich)
+    select_row(page, "/v1/users")
+
+    def colours() -> dict[str, tuple[str, str]]:
+        """(background, text colour) of each part; a transparent part shows
+        the background of the nearest parent that has one."""
+        return page.evaluate(
+            """() => Object.fromEntries(['app', 'requests-table', 'detail', 'summary-bar'].map(id => {
+                   const part = document.querySelector(`[data-testid="${id}"]`);
+                   let el = part;
+                   while (getComputedStyle(el).backgroundColor === 'rgba(0, 0, 0, 0)' && el.parentElement) {
+                       el = el.parentElement;
+                   }
+                   return [id, [getComputedStyle(el).backgroundColor, getComputedStyle(part).color]];
+               }))"""
+        )
+
+    page.emulate_media(color_scheme="light")
+    light = colours()
+    page.emulate_media(color_scheme="dark")  # switches without a reload
+    page.wait_for_function("() => matchMedia('(prefers-color-scheme: dark)').matches")
+    dark = colours()
+    for part in light:
+        light_bg, light_fg = light[part]
+        dark_bg, dark_fg = dark[part]
+        assert _luminance(light_bg) > 0.7 and _luminance(dark_bg) < 0.05, (part, light_bg, dark_bg)
+        assert _contrast(light_bg, light_fg) >= 4.5, (part, light[part])  # WCAG AA, both ways
+        assert _contrast(dark_bg, dark_fg) >= 4.5, (part, dark[part])
+    page.emulate_media(color_scheme="light")
+    assert colours() == light
+
+
+def test_works_offline_every_request_is_same_origin(page, rich):
+    """No CDN: every request the page makes is to the agent, and every asset
+    it loads is the file in the package."""
+    requests, responses, foreign = [], [], []
+    page.on("request", lambda r: requests.append(r.url))
+    page.on("response", lambda r: responses.append(r))
+
+    def guard(route):
+        if route.request.url.startswith(rich.url + "/"):
+            route.continue_()
+        else:
+            foreign.append(route.request.url)
+            route.abort()
+
+    page.context.route("**/*", guard)
+    opened(page, rich)
+    for text in ("/v1/users", "/login", "/img/logo.png", "/fonts/inter.woff2", "/api/cart"):
+        select_row(page, text)
+        for tab in ("headers", "payload", "response", "timing", "source"):
+            detail_tab(page, tab).wait_for()
+    page.click('[data-testid="view-processes"]')
+    page.locator('[data-testid="process-row"]').first.wait_for()
+    page.click('[data-testid="view-connections"]')
+    page.locator('[data-testid="connection-row"]').first.wait_for()
+    page.click('[data-testid="view-network"]')
+    with page.expect_download():
+        page.click('[data-testid="export-har"]')
+
+    assert foreign == []
+    web = [u for u in requests if not u.startswith(("data:", "blob:"))]
+    assert web and all(u.startswith(rich.url + "/") for u in web), web
+    static = {r.url.rsplit("/", 1)[1]: r for r in responses if "/devtools/static/" in r.url}
+    packaged = {p.name for p in UI_DIR.iterdir() if p.suffix in (".js", ".css")}
+    assert set(static) == packaged
+    for name, response in static.items():
+        assert response.status == 200 and response.body() == (UI_DIR / name).read_bytes(), name
+    # Nor could the other theme fetch anything: the stylesheet names no URL
+    # but inline data.
+    css = (UI_DIR / "app.css").read_text()
+    assert all(u.strip("'\" ").startswith("data:") for u in re.findall(r"url\(([^)]*)\)", css))
+    assert page.console.errors == []
 
 
 def test_har_export_holds_exactly_the_shown_rows(page, rich):
@@ -176,14 +663,22 @@ def test_har_export_holds_exactly_the_shown_rows(page, rich):
         assert key in first
     assert [e["response"]["status"] for e in entries] == [200, 404, 500]
 
-    # The page and the agent's /devtools/api/har describe a transaction alike.
+    # The page and the agent's /devtools/api/har describe every transaction
+    # alike, to the last field (a redirect's Location included).
+    set_filter(page, "")
+    wait_shown(page, RICH_TRANSACTIONS)
+    with page.expect_download() as info:
+        page.click('[data-testid="export-har"]')
+    mine = json.loads(open(info.value.path()).read())["log"]["entries"]
     _, server = get(f"{rich.url}/devtools/api/har")
-    by_url = {e["request"]["url"]: e for e in server["log"]["entries"]}
-    for entry in entries:
-        theirs = by_url[entry["request"]["url"]]
-        for key in ("startedDateTime", "time", "request", "timings", "connection", "serverIPAddress"):
-            assert entry[key] == theirs[key], key
-        assert {**entry["response"], "redirectURL": ""} == theirs["response"]
+    theirs = server["log"]["entries"]
+    assert [e["request"]["url"] for e in mine] == [e["request"]["url"] for e in theirs]
+    assert len(mine) == RICH_TRANSACTIONS
+    for page_entry, server_entry in zip(mine, theirs):
+        assert page_entry.pop("_requestId")  # the page's own addition
+        assert page_entry == server_entry, page_entry["request"]["url"]
+    login = next(e for e in mine if e["request"]["url"].endswith("/login"))
+    assert login["response"]["status"] == 302 and login["response"]["redirectURL"] == "/account"
 
 
 def test_copy_as_curl_rebuilds_the_request(page, rich):
@@ -338,5 +833,22 @@ def test_screenshot_of_rows_and_an_open_detail_pane(page, tmp_path):
         page.locator('[data-testid="requests-table"]').focus()
         page.mouse.move(0, 0)  # no hover highlight in the picture
         path = screenshot(page)
-    assert path.stat().st_size > 20_000
+
+        # And the table alone, pane closed: every column, the waterfall too.
+        page.keyboard.press("Escape")
+        page.wait_for_selector('[data-testid="detail"]', state="hidden")
+        headers = page.locator('[data-testid="requests-table"] [role="columnheader"]')
+        page.wait_for_function(
+            "() => document.querySelectorAll('[data-testid=requests-table] [role=columnheader]').length === 11")
+        next_frame(page)
+        page.mouse.move(0, 0)
+        table_path = screenshot(page, "devtools-table.png")
+        assert headers.all_inner_texts() == ["Time", "Method", "Status", "Host", "Path", "Type", "Size", "Duration",
+                                             "Process", "Container", "Waterfall"]
+        width = page.viewport_size["width"]
+        for i in range(headers.count()):
+            box = headers.nth(i).bounding_box()
+            assert box["width"] > 20 and box["x"] + box["width"] <= width, headers.nth(i).inner_text()
+        assert row_locator(page).filter(has_text="/api/cart").first.locator('[role="gridcell"]').count() == 11
+    assert path.stat().st_size > 20_000 and table_path.stat().st_size > 20_000
     assert shown_count(page) == n

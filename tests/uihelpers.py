@@ -6,6 +6,12 @@ Reusable by any browser test, replayed or live:
         page = open_devtools(new_page, agent.url)
         select_row(page, "/v1/users")
 
+or, to choose what the stream says and when (``system.*`` events too):
+
+    with event_feed(page) as feed:
+        open_fed(page, agent.url, feed)
+        feed.send(SystemDropped(missed=7, total_missed=7))
+
 The page marks what tests need with ``data-testid``; helpers here read those,
 never CSS classes or layout.
 """
@@ -13,12 +19,17 @@ never CSS classes or layout.
 from __future__ import annotations
 
 import contextlib
+import http.server
 import os
+import queue
 import shutil
 import struct
+import threading
+import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -31,6 +42,7 @@ from qtap_devtools.events import (
     HttpMessage,
     HttpTransaction,
     ProcessStarted,
+    SystemConnected,
 )
 from qtap_devtools.ids import new_id
 from tests import samples
@@ -89,9 +101,11 @@ class Console:
 
 @pytest.fixture
 def page(browser):
-    """A page in a fresh context, 1440×900, clipboard allowed; ``page.console``
+    """A page in a fresh context, 1440×900, clipboard allowed, clock shown in
+    UTC (times on the page do not depend on the machine); ``page.console``
     holds its console errors."""
-    context = browser.new_context(viewport={"width": 1440, "height": 900}, accept_downloads=True)
+    context = browser.new_context(viewport={"width": 1440, "height": 900}, accept_downloads=True,
+                                  timezone_id="UTC", locale="en-US")
     context.grant_permissions(["clipboard-read", "clipboard-write"])
     context.set_default_timeout(TIMEOUT_MS)
     pg = context.new_page()
@@ -132,21 +146,31 @@ def total_count(page) -> int:
     return int(page.get_attribute('[data-testid="summary-requests"]', "data-total") or 0)
 
 
+def next_frame(page) -> None:
+    """Wait for the next animation frame: the table draws its rows in one,
+    after the summary bar has counted them."""
+    page.evaluate("() => new Promise(resolve => requestAnimationFrame(() => resolve()))")
+
+
 def wait_rows(page, n: int, timeout: float = TIMEOUT_MS) -> None:
-    """Wait until ``n`` transactions have arrived (all of them, filters aside)."""
+    """Wait until ``n`` transactions have arrived (all of them, filters aside)
+    and the table has drawn them."""
     page.wait_for_function(
         "n => Number(document.querySelector('[data-testid=summary-requests]').dataset.total) >= n",
         arg=n,
         timeout=timeout,
     )
+    next_frame(page)
 
 
 def wait_shown(page, n: int, timeout: float = TIMEOUT_MS) -> None:
+    """Wait until ``n`` rows pass the filters and the table has drawn them."""
     page.wait_for_function(
         "n => Number(document.querySelector('[data-testid=summary-requests]').dataset.shown) === n",
         arg=n,
         timeout=timeout,
     )
+    next_frame(page)
 
 
 def row_locator(page):
@@ -187,6 +211,27 @@ def detail_tab(page, name: str):
 
 def set_filter(page, text: str) -> None:
     page.fill('[data-testid="filter-text"]', text)
+
+
+def fields(locator) -> dict[str, str]:
+    """The name → value pairs of a detail section (General, Source, Timing…)."""
+    return locator.evaluate(
+        """el => Object.fromEntries([...el.querySelectorAll('[data-testid=field-name]')]
+              .map(k => [k.textContent, k.nextElementSibling.textContent]))"""
+    )
+
+
+def wait_toast(page, text: str) -> None:
+    """Wait until the latest toast says exactly ``text``.  Its text stays after
+    it hides (after about two seconds), so a slow test still sees it."""
+    page.wait_for_function(
+        "t => document.querySelector('[data-testid=toast]').textContent === t",
+        arg=text,
+    )
+
+
+def clipboard(page) -> str:
+    return page.evaluate("navigator.clipboard.readText()")
 
 
 def copy_as_curl(page) -> str:
@@ -361,3 +406,126 @@ def screenshot_session() -> list:
                          offset_ms=40_000 + i * 180, duration=18.0 + (i * 37) % 260,
                          resp_body=b'{"object":"list","data":[],"has_more":false}', reason="OK"))
     return [*rich_session(), *extra]
+
+
+# ---------------------------------------------------------------- a hand-fed stream
+
+
+class EventFeed:
+    """A stand-in for ``/devtools/api/events`` that the test writes to, frame
+    by frame, over one open stream: what arrives, and when, is the test's
+    choice (no timers).  Replay cannot send ``system.*`` records (it skips
+    them), so the status strip is tested through this.
+
+    ``attach(page)`` routes the page's stream here (``route.continue_`` to
+    this server's URL, which the page cannot see); the page itself is still
+    served by a real agent.  Each connection the page opens is recorded with
+    its query (``after=``), and ``send`` writes to the newest one.
+    """
+
+    def __init__(self, instance: str = "feed") -> None:
+        self.instance = instance
+        self.sent = 0  # events sent: their ids are instance-1, instance-2, …
+        self.queries: list[str] = []  # the query of every connection, in order
+        self._streams: list[queue.Queue] = []
+        self._lock = threading.Lock()
+        self.page = None
+        feed = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def do_GET(self):
+                q: queue.Queue = queue.Queue()
+                with feed._lock:
+                    feed._streams.append(q)
+                    feed.queries.append(self.path.partition("?")[2])
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Cache-Control", "no-store")
+                self.end_headers()
+                self.wfile.write(b": hello\n\n")
+                self.wfile.flush()
+                while True:
+                    item = q.get()
+                    if item is None:
+                        return  # HTTP/1.0 without a length: closing ends the body
+                    try:
+                        self.wfile.write(item)
+                        self.wfile.flush()
+                    except OSError:
+                        return
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def attach(self, page) -> None:
+        def to_feed(route):
+            query = urlsplit(route.request.url).query
+            route.continue_(url=f"{self.url}/devtools/api/events{'?' + query if query else ''}")
+
+        self.page = page
+        page.route("**/devtools/api/events*", to_feed)
+
+    def wait_connections(self, n: int, timeout: float = TIMEOUT_MS / 1000) -> None:
+        """Wait until the page has opened ``n`` streams.  Playwright's sync API
+        runs route handlers only inside its own calls, so this waits in one."""
+        end = time.monotonic() + timeout
+        while len(self.queries) < n:
+            if time.monotonic() > end:
+                raise TimeoutError(f"the page opened {len(self.queries)} streams, not {n}")
+            self.page.wait_for_timeout(20)
+
+    def send(self, *events) -> str:
+        """Write events (of the real event model) to the newest stream, each
+        with the next id; returns the last id sent."""
+        self.wait_connections(1)
+        out = b""
+        for event in events:
+            self.sent += 1
+            out += event.envelope().frame[:-1] + b"id: %s-%d\n\n" % (self.instance.encode(), self.sent)
+        with self._lock:
+            self._streams[-1].put(out)
+        return f"{self.instance}-{self.sent}"
+
+    def end_stream(self) -> None:
+        """Close the newest stream, as an agent that went away would."""
+        with self._lock:
+            self._streams[-1].put(None)
+
+    def close(self) -> None:
+        with self._lock:
+            for q in self._streams:
+                q.put(None)
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def open_fed(page, base_url: str, feed, query: str = "", capture: dict | None = None):
+    """Open the page on an agent with its stream routed to ``feed``, greet it
+    (``system.connected``) and wait until it shows it is connected."""
+    page.goto(f"{base_url}/devtools/{query}")
+    feed.wait_connections(1)
+    feed.send(greeting(capture))
+    wait_connected(page)
+    return page
+
+
+@contextlib.contextmanager
+def event_feed(page, instance: str = "feed"):
+    feed = EventFeed(instance)
+    feed.attach(page)
+    try:
+        yield feed
+    finally:
+        feed.close()
+
+
+def greeting(capture: dict | None = None, mode: str = "live", version: str = "0.0.0-test"):
+    """The ``system.connected`` an agent sends first (its capture state)."""
+    return SystemConnected(version=version, hostname="feedhost", kernel="6.1.0-test", mode=mode,
+                           capture=capture or {"state": "running", "attached": []}, filters={})

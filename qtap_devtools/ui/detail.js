@@ -154,18 +154,18 @@ export class DetailPane {
     const receive = Number(t.receive_ms ?? Math.max(0, total - send - wait));
     const span = Math.max(total, send + wait + receive, 0.001);
     const phases = [
-      ["Request sent", send, "ph-send"],
-      ["Waiting for server response", wait, "ph-wait"],
-      ["Content download", receive, "ph-receive"],
+      ["Request sent", send, "ph-send", "send"],
+      ["Waiting for server response", wait, "ph-wait", "wait"],
+      ["Content download", receive, "ph-receive", "receive"],
     ];
     const started = Date.parse(tx.started_at || row.ts);
     const grid = h("div", { class: "timing-grid", testid: "timing" });
     let offset = 0;
-    for (const [label, ms, cls] of phases) {
-      const bar = h("span", { class: `tbar ${cls}` });
+    for (const [label, ms, cls, phase] of phases) {
+      const bar = h("span", { class: `tbar ${cls}`, testid: `timing-bar-${phase}` });
       bar.style.left = `${(offset / span) * 100}%`;
       bar.style.width = `${Math.max((ms / span) * 100, 0.4)}%`;
-      grid.append(h("span", { class: "tlabel" }, label), h("span", { class: "ttrack" }, bar), h("span", { class: "tvalue" }, formatMs(ms)));
+      grid.append(h("span", { class: "tlabel" }, label), h("span", { class: "ttrack" }, bar), h("span", { class: "tvalue", testid: `timing-${phase}` }, formatMs(ms)));
       offset += ms;
     }
     grid.append(h("span", { class: "tlabel total" }, "Total"), h("span"), h("span", { class: "tvalue total", testid: "timing-total" }, formatMs(total)));
@@ -208,14 +208,20 @@ export class DetailPane {
         ["Remote address", addressText(m.remote_address) || addressText(dst.address)],
         ["TLS version", m.tls_version || conn.tlsVersion || (row.scheme === "https" ? "unknown" : "none (plain HTTP)")],
         ["TLS library", m.tls_library || (tlsLibs && tlsLibs.join(", "))],
-        ["Bytes sent", m.bytes_sent != null ? `${formatBytes(m.bytes_sent)} (${m.bytes_sent} B)` : ""],
-        ["Bytes received", m.bytes_received != null ? `${formatBytes(m.bytes_received)} (${m.bytes_received} B)` : ""],
+        ["Bytes sent", byteCount(m.bytes_sent)],
+        ["Bytes received", byteCount(m.bytes_received)],
       ])),
     );
   }
 }
 
 // ------------------------------------------------------------------ pieces
+
+// "1.8 kB (1840 B)", or "300 B" where the exact count adds nothing.
+function byteCount(n) {
+  if (n === null || n === undefined) return "";
+  return n < 1000 ? formatBytes(n) : `${formatBytes(n)} (${n} B)`;
+}
 
 function notice(kind, text) {
   return h("div", { class: `notice ${kind}`, testid: `notice-${kind}` }, text);
@@ -238,7 +244,7 @@ function kvTable(pairs) {
   const t = h("div", { class: "kv" });
   for (const [k, v] of pairs) {
     if (v === null || v === undefined || v === "") continue;
-    t.append(h("div", { class: "k" }, k), h("div", { class: "v" }, v instanceof Node ? v : String(v)));
+    t.append(h("div", { class: "k", testid: "field-name" }, k), h("div", { class: "v", testid: "field-value" }, v instanceof Node ? v : String(v)));
   }
   if (!t.childElementCount) t.append(h("div", { class: "k muted" }, "—"));
   return t;

@@ -210,6 +210,7 @@ export class VirtualTable {
       el.style.transform = `translateY(${i * rh}px)`;
       el.setAttribute("aria-rowindex", String(i + 1));
       el.classList.toggle("selected", row === this.selected);
+      el.setAttribute("aria-selected", String(row === this.selected));
       el.classList.toggle("odd", i % 2 === 1);
       keep.set(row, el);
       if (!el.isConnected) this.canvas.append(el);
