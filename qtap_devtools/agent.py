@@ -46,7 +46,7 @@ class Agent:
         self.broadcaster.add_listener(self.store.on_published)
         self.writer = CaptureWriter(config.output) if config.output else None
         if self.writer is not None:
-            self.broadcaster.add_listener(lambda item: self.writer.write(item.frame))
+            self.broadcaster.add_listener(lambda item: self.writer.write(*item.parts()))
         self.enricher = Enricher(
             docker=config.docker, docker_url=config.docker_url, kube_api=config.kube_api, node_name=config.node_name
         )

@@ -34,20 +34,38 @@ _CLOSE = object()
 class Published:
     seq: int
     envelope: Envelope
-    frame: bytes  # the envelope's frame with its id, built once for every subscriber
+    # `id:` goes after `data:` so `grep EVENT -A1` still yields the data line.
+    # Kept apart from the envelope's frame, not joined to a copy of it: a
+    # transaction's frame can be megabytes, and history holds thousands.
+    id_line: bytes  # b"id: <instance>-<seq>\n", or b"" for unnumbered events
 
     @classmethod
     def make(cls, instance: str, seq: int, envelope: Envelope) -> "Published":
-        # `id:` goes after `data:` so `grep EVENT -A1` still yields the data line.
-        # It names this agent instance: after a restart, sequence numbers start
-        # again, and a client resuming with an old id must not skip new events.
-        return cls(seq, envelope, envelope.frame[:-1] + b"id: %s-%d\n\n" % (instance.encode(), seq))
+        # The id names this agent instance: after a restart, sequence numbers
+        # start again, and a client resuming with an old id must not skip new events.
+        return cls(seq, envelope, b"id: %s-%d\n" % (instance.encode(), seq))
 
     @classmethod
     def unnumbered(cls, envelope: Envelope) -> "Published":
         # Greetings and snapshots carry no id: a reconnect resumes from the
         # last real event, not from a greeting.
-        return cls(0, envelope, envelope.frame)
+        return cls(0, envelope, b"")
+
+    @property
+    def size(self) -> int:
+        return len(self.envelope.frame) + len(self.id_line)
+
+    def parts(self) -> tuple:
+        """The SSE frame as pieces to join at write time (no copy before then)."""
+        frame = self.envelope.frame
+        if not self.id_line:
+            return (frame,)
+        return (memoryview(frame)[:-1], self.id_line, b"\n")
+
+    @property
+    def frame(self) -> bytes:
+        """The whole SSE frame, id line included, exactly as the stream sends it."""
+        return b"".join(self.parts())
 
 
 def parse_event_id(text: str, instance: str) -> int | None:
@@ -74,7 +92,7 @@ class Subscriber:
     _wakeup: asyncio.Event = field(default_factory=asyncio.Event)
 
     def offer(self, item: Published) -> None:
-        size = len(item.frame)
+        size = item.size
         if len(self.queue) >= self.maxsize or (self.queue and self.queued_bytes + size > self.max_bytes):
             self.missed += 1
             self.total_missed += 1
@@ -118,7 +136,7 @@ class Subscriber:
                     break
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            out: list[bytes] = []
+            out: list = []
             size = 0
             while queue and size < batch_bytes:
                 item = queue[0]
@@ -127,14 +145,15 @@ class Subscriber:
                 queue.popleft()
                 if isinstance(item, _Gap):
                     frame = SystemDropped(missed=item.missed, total_missed=item.total).envelope().frame
+                    out.append(frame)
+                    size += len(frame)
                 else:
-                    frame = item.frame
-                    self.queued_bytes -= len(frame)
+                    out += item.parts()
+                    self.queued_bytes -= item.size
+                    size += item.size
                     self.delivered += 1
-                out.append(frame)
-                size += len(frame)
             if out:
-                yield out[0] if len(out) == 1 else b"".join(out)
+                yield b"".join(out)
             elif queue[0] is _CLOSE:
                 return
 
@@ -147,7 +166,7 @@ class _Gap:
 
 class Broadcaster:
     def __init__(self, *, client_queue_size: int = 4096, history_size: int = 10_000,
-                 client_queue_bytes: int = 64 << 20, history_bytes: int = 128 << 20,
+                 client_queue_bytes: int = 64 << 20, history_bytes: int = 64 << 20,
                  instance: str | None = None) -> None:
         # The instance tags event ids: the full time-ordered id (not a prefix),
         # so two agents started within the same second never share it.
@@ -188,9 +207,9 @@ class Broadcaster:
         """Keep ``item`` in the history, bounded in count and bytes (oldest out)."""
         history = self.history
         history.append(item)
-        self._history_used += len(item.frame)
+        self._history_used += item.size
         while len(history) > 1 and (len(history) > self.history_size or self._history_used > self.history_bytes):
-            self._history_used -= len(history.popleft().frame)
+            self._history_used -= history.popleft().size
             self.history_evicted += 1
 
     def subscribe(

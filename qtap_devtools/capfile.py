@@ -36,9 +36,11 @@ class CaptureWriter:
         self.written = 0
         self.errors = 0
 
-    def write(self, frame: bytes) -> None:
+    def write(self, *parts: bytes) -> None:
+        """One event's frame, whole or in pieces (``Published.parts()``)."""
+        frame = parts[0] if len(parts) == 1 else b"".join(parts)
         try:
-            self._fh.write(frame)
+            self._fh.write(frame)  # unbuffered: one write, on disk when this returns
             self.written += 1
         except OSError as exc:
             self.errors += 1

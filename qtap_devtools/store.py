@@ -56,7 +56,7 @@ class Store:
         self,
         *,
         transactions: int = 10_000,
-        transaction_bytes: int = 256 << 20,
+        transaction_bytes: int = 128 << 20,
         processes: int = 65_536,
         connections: int = 65_536,
         closed_connections: int = 4096,
