@@ -148,7 +148,8 @@ export class DetailPane {
 
   timing(panel, row, tx) {
     const t = tx.timing || {};
-    const total = Number(tx.duration_ms ?? row.duration ?? 0);
+    // duration_us is precise; duration_ms is whole milliseconds, as the seed has it.
+    const total = tx.duration_us != null ? Number(tx.duration_us) / 1000 : Number(tx.duration_ms ?? row.duration ?? 0);
     const send = Number(t.send_ms ?? 0);
     const wait = Number(t.wait_ms ?? Math.max(0, total - send));
     const receive = Number(t.receive_ms ?? Math.max(0, total - send - wait));
