@@ -53,6 +53,7 @@ examples:
 DOCTOR_EXAMPLES = """\
 examples:
   sudo qtap-devtools doctor
+  sudo qtap-devtools doctor --agent http://127.0.0.1:10002   # drop counters of the agent serving there
 """
 
 
@@ -133,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     dp = sub.add_parser("doctor", help="check what this machine supports", epilog=DOCTOR_EXAMPLES,
                         formatter_class=fmt)
     dp.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    dp.add_argument("--agent", default="http://127.0.0.1:10001", metavar="URL",
+                    help="also report the drop counters of the agent serving here (default %(default)s)")
     return parser
 
 
@@ -197,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "doctor":
             from qtap_devtools import doctor
 
-            return doctor.run()
+            return doctor.run(agent_url=args.agent)
         if args.command == "har":
             return _har(args)
         config = _config(args)

@@ -234,12 +234,43 @@ def _tls_libraries() -> Check:
                  "(plus libraries and binaries mapped by running processes, found at start)", required=False)
 
 
-def run(cache_dir: Path | None = None, print_fn: Callable[[str], None] = print) -> int:
+# Every place an event can be lost on its way to a client, as /devtools/api/stats names it.
+DROP_COUNTERS = (
+    ("capture", "lost_records", "records the kernel could not fit in the ring buffer"),
+    ("capture", "pending_dropped_total", "events dropped before publishing"),
+    ("broadcast", "subscriberDrops", "events slow clients missed (each told by system.dropped)"),
+)
+
+
+def _running_agent(url: str) -> Check:
+    """The drop counters of an agent already serving at ``url``, if one is."""
+    import urllib.request
+
+    import orjson
+
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/devtools/api/stats", timeout=3) as resp:
+            stats = orjson.loads(resp.read())
+    except Exception:
+        return Check("running agent", True, f"none answers at {url}", required=False)
+    counts = [(int((stats.get(section) or {}).get(key) or 0), what) for section, key, what in DROP_COUNTERS]
+    lost = [f"{n:,} {what}" for n, what in counts if n]
+    detail = f"{stats.get('mode', '?')} agent at {url}, up {stats.get('uptime_seconds', '?')} s; "
+    if not lost:
+        return Check("running agent", True, detail + "nothing dropped", required=False)
+    return Check("running agent", False, detail + "; ".join(lost),
+                 "a bigger --ring-mib for kernel losses; fewer or faster clients for client drops",
+                 required=False)
+
+
+def run(cache_dir: Path | None = None, print_fn: Callable[[str], None] = print,
+        agent_url: str = "http://127.0.0.1:10001") -> int:
     checks: list[tuple[str, Callable[[], Check]]] = [
         ("root", _root), ("bpf", _bpf_syscall), ("btf", _btf), ("tracefs", _tracefs),
         ("tracepoints", _tracepoints), ("uprobes", _uprobes), ("kprobes", _kprobes), ("bcc", _bcc),
         ("kernel headers", lambda: _headers(cache_dir)), ("trial probe", lambda: _trial_load(cache_dir)),
         ("tls libraries", _tls_libraries), ("capture probes", _capture_probes), ("docker", _docker),
+        ("running agent", lambda: _running_agent(agent_url)),
     ]
     print_fn(f"qtap-devtools doctor — kernel {platform.release()} on {platform.machine()}")
     failed = []

@@ -64,7 +64,7 @@ def test_doctor_without_root_exits_1_and_says_to_run_as_root():
     # Every check reports under its own name, none crashes for lack of permission.
     names = [line.split("] ", 1)[1].split(":", 1)[0] for line in lines if line.startswith("[")]
     assert names == ["root", "bpf", "btf", "tracefs", "tracepoints", "uprobes", "kprobes", "bcc", "kernel headers",
-                     "trial probe", "tls libraries", "capture probes", "docker"], out
+                     "trial probe", "tls libraries", "capture probes", "docker", "running agent"], out
     assert "check crashed" not in out
     # Each failing line says how to fix it, once.
     for line in lines:
@@ -135,3 +135,36 @@ def test_a_crashing_check_is_a_failure_under_its_own_name(monkeypatch):
     assert doctor.run(print_fn=lines.append) == 1
     assert any(line.startswith("[FAIL] kernel headers: check crashed: PermissionError") for line in lines), lines
     assert lines[-1] == "capture cannot work here: fix kernel headers (see above)"
+
+
+def test_running_agent_line_reports_a_real_agent_with_nothing_dropped(tmp_path):
+    from tests import samples
+    from tests.agentproc import agent, free_port
+
+    capture = samples.write_capture(tmp_path / "c.txt")
+    port = free_port()
+    with agent(["replay", str(capture)], port, tmp_path / "a.log") as proc:
+        check = doctor._running_agent(proc.url)
+    assert check.ok and check.detail.startswith(f"replay agent at {proc.url}") and "nothing dropped" in check.detail
+
+
+def test_running_agent_line_names_every_drop_counter(monkeypatch):
+    """The agent's stats are stood in for (a loss cannot be forced on a replay
+    agent): each counter in DROP_COUNTERS is named with its count."""
+    import io
+
+    stats = b'{"mode": "live", "uptime_seconds": 3.5, "capture": {"lost_records": 1200, "pending_dropped_total": 0},' \
+            b' "broadcast": {"subscriberDrops": 7}}'
+    monkeypatch.setattr("urllib.request.urlopen", lambda url, timeout: io.BytesIO(stats))
+    check = doctor._running_agent("http://127.0.0.1:10001")
+    assert not check.ok and not check.required
+    assert "1,200 records the kernel could not fit in the ring buffer" in check.detail
+    assert "7 events slow clients missed" in check.detail and "dropped before publishing" not in check.detail
+    assert "--ring-mib" in check.line()
+
+
+def test_no_running_agent_is_fine(monkeypatch):
+    from tests.agentproc import free_port
+
+    check = doctor._running_agent(f"http://127.0.0.1:{free_port()}")
+    assert check.ok and check.detail.startswith("none answers")
