@@ -8,6 +8,7 @@ address buffer).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .records import Endpoint, endpoint
@@ -39,37 +40,29 @@ def _endpoint(field: str) -> Endpoint:
     return endpoint(_hex_ip(ip), int(port, 16))
 
 
-def tcp_table(pid: int | str = "self", established_only: bool = True) -> dict[int, tuple[Endpoint, Endpoint]]:
-    """inode → (local, remote) for the TCP sockets in ``pid``'s network namespace."""
-    out: dict[int, tuple[Endpoint, Endpoint]] = {}
+def _rows(pid: int | str) -> Iterator[list[str]]:
+    """The fields of each socket line of ``pid``'s /proc/net/tcp and tcp6."""
     for name in ("tcp", "tcp6"):
         try:
             with open(f"/proc/{pid}/net/{name}") as f:
                 next(f, None)
                 for line in f:
                     parts = line.split()
-                    if len(parts) < 10 or (established_only and parts[3] != TCP_ESTABLISHED):
-                        continue
-                    out[int(parts[9])] = (_endpoint(parts[1]), _endpoint(parts[2]))
+                    if len(parts) >= 10:
+                        yield parts
         except OSError:
             continue
-    return out
+
+
+def tcp_table(pid: int | str = "self", established_only: bool = True) -> dict[int, tuple[Endpoint, Endpoint]]:
+    """inode → (local, remote) for the TCP sockets in ``pid``'s network namespace."""
+    return {int(parts[9]): (_endpoint(parts[1]), _endpoint(parts[2])) for parts in _rows(pid)
+            if not established_only or parts[3] == TCP_ESTABLISHED}
 
 
 def listening_ports(pid: int | str = "self") -> set[int]:
     """TCP ports in LISTEN state in ``pid``'s network namespace."""
-    out: set[int] = set()
-    for name in ("tcp", "tcp6"):
-        try:
-            with open(f"/proc/{pid}/net/{name}") as f:
-                next(f, None)
-                for line in f:
-                    parts = line.split()
-                    if len(parts) >= 4 and parts[3] == TCP_LISTEN:
-                        out.add(int(parts[1].rsplit(":", 1)[1], 16))
-        except (OSError, ValueError):
-            continue
-    return out
+    return {int(parts[1].rsplit(":", 1)[1], 16) for parts in _rows(pid) if parts[3] == TCP_LISTEN}
 
 
 def socket_inode(pid: int, fd: int) -> int | None:
