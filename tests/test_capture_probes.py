@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -536,3 +537,51 @@ def test_the_agent_itself_is_not_captured(capture, plain_server):
     run(["true"])  # something after it, so the ring has been drained past our request
     time.sleep(0.3)
     assert not [r for r in capture.sink.snapshot() if getattr(r, "pid", None) == os.getpid()]
+
+
+def test_a_full_ring_is_handed_over_in_bounded_batches():
+    """While the consumer is stalled, 20,000 small writes pile up in the ring;
+    the next drain must hand them over at most BATCH_RECORDS at a time (a
+    consumer that is full can then stop the reader), losing none."""
+    from qtap_devtools.capture.loader import BATCH_RECORDS
+
+    sizes: list[int] = []
+    stall = threading.Event()
+    got = Collector()
+
+    def consumer(batch):
+        sizes.append(len(batch))
+        stall.wait(30)  # held until the writer is done
+        got(batch)
+
+    cap = Capture(consumer, max_chunk=MAX_CHUNK, seed_existing=False)
+    cap.start()
+    try:
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen()
+            port = listener.getsockname()[1]
+            writer = subprocess.Popen([sys.executable, "-c", (
+                "import socket, sys\n"
+                f"s = socket.create_connection(('127.0.0.1', {port}))\n"
+                "for i in range(20000): s.send(b'0123456789')\n"
+                "print('done', flush=True); sys.stdin.readline()\n")],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            peer, _ = listener.accept()
+            drain = threading.Thread(target=lambda: [peer.recv(1 << 20) for _ in range(10000)], daemon=True)
+            drain.start()
+            assert writer.stdout.readline().strip() == "done"
+            stall.set()
+            got.wait_for(lambda rs: len(chunks(rs, writer.pid, direction="egress")) >= 20000, timeout=60,
+                         what="all 20,000 writes")
+            writer.stdin.write("\n")
+            writer.stdin.flush()
+            writer.wait(10)
+            peer.close()
+        # More than a batch was waiting in the ring (the stall worked), and it
+        # came over in full batches, never as one list of everything.
+        assert max(sizes) == BATCH_RECORDS, sizes[:20]
+        assert cap.stats()["lost_records"] == 0
+    finally:
+        stall.set()
+        cap.stop()

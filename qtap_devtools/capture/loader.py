@@ -49,6 +49,7 @@ SOCK_KNOWN = 1  # common.h
 # The reader drains the ring at least this often: data records are written
 # without a wake-up, so this bounds how long an idle stream's tail waits.
 DRAIN_MS = 50
+BATCH_RECORDS = 4096  # records handed to on_records at a time, at most
 
 
 class CaptureError(RuntimeError):
@@ -360,6 +361,11 @@ class Capture:
             self._append(self._read(ctypes.string_at(data, size)))
         except Exception:
             self._parse_errors += 1
+        if len(self._batch) >= BATCH_RECORDS:
+            # Hand over mid-drain: one consume() of a full ring is millions of
+            # records, and a consumer that is full must be able to stop us
+            # here (the ring then fills and the kernel counts what it drops).
+            self._flush()
         return 0
 
     def _poll_loop(self) -> None:
@@ -370,19 +376,23 @@ class Capture:
             # epoll only returns on a wake-up; records written without one
             # (most data records) are read here, at least every DRAIN_MS.
             consume()
-            batch = self._batch
-            self._batch = []
-            self._append = self._batch.append
-            if batch:
-                self._records_read += len(batch)
-                watcher = self._watcher
-                for rec in batch:
-                    if type(rec) is ProcessExec and watcher is not None:
-                        watcher.on_exec(rec.pid)
-                self._track_addresses(batch)
+            self._flush(proc_fallback=True)
+
+    def _flush(self, proc_fallback: bool = False) -> None:
+        batch = self._batch
+        self._batch = []
+        self._append = self._batch.append
+        if batch:
+            self._records_read += len(batch)
+            watcher = self._watcher
+            for rec in batch:
+                if type(rec) is ProcessExec and watcher is not None:
+                    watcher.on_exec(rec.pid)
+            self._track_addresses(batch)
+        if proc_fallback:
             batch.extend(self._proc_fallback())
-            if batch:
-                self._deliver(batch)
+        if batch:
+            self._deliver(batch)
 
     def _deliver(self, batch: list[Record]) -> None:
         self._batches += 1
