@@ -98,14 +98,17 @@ class Nginx(_Server):
 
     Locations: ``/small`` fixed body, ``/json`` JSON echoing method/uri/args,
     ``/gzip`` a gzip-compressed text file, ``/large`` a 2 MiB file,
-    ``/missing`` 404, ``/error`` 500.
+    ``/missing`` 404, ``/error`` 500, ``/peer`` JSON with the client's
+    address and port as nginx saw them (``{"addr", "port", "method", "args"}``).
+    ``ipv6=True`` also listens on ``[::1]`` at the same port.
     """
 
-    def __init__(self, directory: Path, cert: Cert | None, port: int | None = None) -> None:
+    def __init__(self, directory: Path, cert: Cert | None, port: int | None = None, ipv6: bool = False) -> None:
         self.dir = directory / "nginx"
         self.cert = cert
         self.port = port or free_port()
         self.scheme = "https" if cert else "http"
+        self.ipv6 = ipv6
 
     def __enter__(self) -> "Nginx":
         root = self.dir / "html"
@@ -114,6 +117,8 @@ class Nginx(_Server):
         (root / "large.bin").write_bytes(bytes(i % 251 for i in range(LARGE_SIZE)))
         (root / "text.txt").write_text("compress me please " * 2000)
         listen = f"listen {HOST}:{self.port}" + (" ssl" if self.cert else "") + ";"
+        if self.ipv6:
+            listen += f" listen [::1]:{self.port}" + (" ssl" if self.cert else "") + ";"
         tls = (
             f"ssl_certificate {self.cert.cert}; ssl_certificate_key {self.cert.key};"
             if self.cert else ""
@@ -149,6 +154,10 @@ class Nginx(_Server):
                 }}
                 location = /large {{ try_files /large.bin =404; }}
                 location = /error {{ return 500; }}
+                location = /peer {{
+                  default_type application/json;
+                  return 200 '{{"addr":"$remote_addr","port":$remote_port,"method":"$request_method","args":"$args"}}';
+                }}
               }}
             }}
             """)
@@ -158,6 +167,8 @@ class Nginx(_Server):
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         wait_port(self.port, proc=self.proc)
+        if self.ipv6:
+            wait_port(self.port, host="::1", proc=self.proc)
         return self
 
     @property

@@ -32,9 +32,13 @@ def clients(port: int = 10001) -> int:
 
 
 def run_recipe(script: str, cwd: Path, port: int = 10001, settle: float = 1.0, until=None,
-               deadline: float = 20.0) -> str:
-    """Run ``script``; once its curl is connected, wait for ``until()`` (or
-    ``settle`` seconds), then end curl and return what the pipeline printed."""
+               deadline: float = 20.0, during=None) -> str:
+    """Run ``script``; once its curl is connected, call ``during()`` (make the
+    traffic the recipe should see), wait for ``until()`` (or ``settle``
+    seconds), then end curl and return what the pipeline printed.
+
+    Raises if the recipe's curl never connected: a recipe that saw nothing
+    must not pass for one that filtered everything out."""
     before = clients(port)
     proc = subprocess.Popen(["bash", "-c", script], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             start_new_session=True, text=True)
@@ -42,6 +46,10 @@ def run_recipe(script: str, cwd: Path, port: int = 10001, settle: float = 1.0, u
         end = time.monotonic() + deadline
         while clients(port) <= before and time.monotonic() < end and proc.poll() is None:
             time.sleep(0.05)
+        if clients(port) <= before:
+            raise AssertionError(f"the recipe's curl never connected to :{port} (exit {proc.poll()})")
+        if during is not None:
+            during()
         if until is None:
             time.sleep(settle)
         else:

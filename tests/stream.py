@@ -1,4 +1,13 @@
-"""Read an agent's SSE stream in the background and search what arrived."""
+"""Read an agent's SSE stream in the background and search what arrived.
+
+The machine may be busy (a benchmark pushing thousands of transactions a
+second through the same agent), so the reader must keep up: searches scan
+only what arrived since they last looked, connection events are indexed by
+connection id, and ``keep`` can drop events a test will never ask about
+before they are stored.  ``system.dropped`` is always kept, and ``missed``
+says how many events the agent dropped for this client, so a test that
+timed out can say whether its event was lost on the way.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +20,13 @@ from typing import Callable
 
 
 class StreamReader:
-    def __init__(self, port: int, path: str = "/devtools/api/events") -> None:
+    def __init__(self, port: int, path: str = "/devtools/api/events",
+                 keep: Callable[[str, dict], bool] | None = None) -> None:
         self.events: list[tuple[str, dict]] = []
+        self.by_connection: dict[str, list[tuple[str, dict]]] = {}
+        self.seen = 0  # events received, kept or not
+        self.missed = 0  # events the agent dropped for this client (system.dropped)
+        self.keep = keep
         self.lock = threading.Lock()
         self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=None)
         self.conn.request("GET", path)
@@ -32,11 +46,22 @@ class StreamReader:
                 if line.startswith("event: "):
                     event_type = line[7:]
                 elif line.startswith("data: ") and event_type:
-                    with self.lock:
-                        self.events.append((event_type, json.loads(line[6:])))
+                    self._add(event_type, json.loads(line[6:]))
                     event_type = None
         except (OSError, ValueError, AttributeError):  # closed under us at teardown
             return
+
+    def _add(self, event_type: str, data: dict) -> None:
+        self.seen += 1
+        if event_type == "system.dropped":
+            self.missed += data.get("data", {}).get("missed", 0)
+        elif self.keep is not None and not self.keep(event_type, data):
+            return
+        with self.lock:
+            self.events.append((event_type, data))
+            if event_type.startswith("connection."):
+                cid = data["data"]["data"]["meta"]["connectionId"]
+                self.by_connection.setdefault(cid, []).append((event_type, data["data"]["data"]))
 
     def close(self) -> None:
         self.conn.close()
@@ -44,12 +69,15 @@ class StreamReader:
     def find(self, pred: Callable[[str, dict], bool], count: int = 1, timeout: float = 20) -> list[tuple[str, dict]]:
         """Wait until ``count`` events match; returns all matches (maybe fewer on timeout)."""
         deadline = time.monotonic() + timeout
+        got: list[tuple[str, dict]] = []
+        done = 0
         while True:
             with self.lock:
-                got = [(t, d) for t, d in self.events if pred(t, d)]
+                fresh = self.events[done:]
+            done += len(fresh)
+            got += [(t, d) for t, d in fresh if pred(t, d)]
             if len(got) >= count or time.monotonic() > deadline:
                 return got
-
             time.sleep(0.05)
 
     def transactions(self, marker: str, count: int = 1, timeout: float = 20) -> list[dict]:
@@ -61,8 +89,11 @@ class StreamReader:
 
     def connection_events(self, connection_id: str) -> list[tuple[str, dict]]:
         with self.lock:
-            return [(t, d["data"]["data"]) for t, d in self.events
-                    if t.startswith("connection.") and d["data"]["data"]["meta"]["connectionId"] == connection_id]
+            return list(self.by_connection.get(connection_id, ()))
+
+    def health(self) -> str:
+        """For failure messages: how much arrived and whether any was lost."""
+        return f"stream: {self.seen} events received, {len(self.events)} kept, {self.missed} dropped by the agent"
 
 
 def tx_of(body: dict) -> dict:

@@ -3,34 +3,77 @@
 One agent runs for the module on port 10001 (the seed's recipes name that
 port), an SSE client reads its whole stream, and each test makes real traffic
 with a unique marker in the URL and checks what a user would check: method,
-URL, status, headers, bodies, process, direction and connection events.
+URL, status, request and response headers and bodies, process_exe, direction,
+and the connection events of the exact TCP connection the client used (found
+by the client's own local port, as the client itself reports it).
+
+Every check goes through two helpers, ``assert_tx`` (one transaction) and
+``assert_connection`` (that transaction's connection events), so each test
+states only what differs: the client, the server and the expected values.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
+import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
 import textwrap
 import uuid
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from tests import realworld as rw
 from tests.agentproc import agent, free_port
 from tests.recipes import json_docs, recipes, run_recipe
-from tests.stream import StreamReader, body_of
+from tests.stream import StreamReader, body_of, tx_of
 
 pytestmark = pytest.mark.kernel
 
-CURL = ["curl", "-sS", "--max-time", "10", "-k"]
+AGENT_PORT = 10001
+# How long to wait for what must arrive.  Generous: the machine may be running
+# a benchmark through the same agent; a failure only takes this long.
+WAIT = 60
+CURL = ["curl", "-sS", "-v", "--max-time", "10", "-k"]
+PY = os.path.realpath(sys.executable)
+
+
+def exe(tool: str) -> str:
+    """What /proc/<pid>/exe says for ``tool``: its real path."""
+    found = shutil.which(tool)
+    assert found, f"{tool} not installed"
+    return os.path.realpath(found)
+
+
+# --------------------------------------------------------------------- fixtures
+
+
+def keep(event_type: str, data: dict) -> bool:
+    """What the tests may ask about: every process and connection event, and
+    the transactions with a test marker (``m=``) or about the agent's port.
+    Anything else (another engineer's benchmark) is not stored."""
+    if event_type != "request.http_transaction":
+        return True
+    url = data["data"]["data"]["summary"].get("request_url") or ""
+    return "m=" in url or f":{AGENT_PORT}/" in url
+
+
+def reader_for(port: int) -> StreamReader:
+    return StreamReader(port, keep=keep)
 
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("live")
-    with agent(["run", "--output", str(tmp / "capture.txt")], 10001, tmp / "agent.log", ready_path="/readyz") as proc:
-        reader = StreamReader(10001)
+    with agent(["run", "--output", str(tmp / "capture.txt")], AGENT_PORT, tmp / "agent.log",
+               ready_path="/readyz") as proc:
+        reader = reader_for(AGENT_PORT)
         try:
             yield proc, reader, tmp
         finally:
@@ -39,21 +82,65 @@ def live(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cert(tmp_path_factory):
-    return rw.make_cert(tmp_path_factory.mktemp("cert"))
+    return rw.make_cert(tmp_path_factory.mktemp("cert"), names=("localhost", "api.stripe.com"))
 
 
 @pytest.fixture(scope="module")
 def nginx(live, cert, tmp_path_factory):
-    with rw.Nginx(tmp_path_factory.mktemp("nginx"), cert) as server:
+    with rw.Nginx(tmp_path_factory.mktemp("nginx"), cert, ipv6=True) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def nginx_plain(live, tmp_path_factory):
+    with rw.Nginx(tmp_path_factory.mktemp("nginx-plain"), None, ipv6=True) as server:
+        yield server
+
+
+# ---------------------------------------------------------------------- clients
 
 
 def marker() -> str:
     return uuid.uuid4().hex[:12]
 
 
-def curl(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*CURL, *args], capture_output=True, timeout=30, check=True)
+@dataclass
+class Curl:
+    stdout: bytes
+    ports: list[int]  # curl's local port for each transfer, from --write-out
+    tls_version: str | None  # as curl -v reports it, in the agent's spelling ("TLS 1.2")
+
+    @property
+    def port(self) -> int:
+        assert len(set(self.ports)) == 1, f"curl used several connections: {self.ports}"
+        return self.ports[0]
+
+
+def tls_name(openssl_name: str) -> str:
+    """'TLSv1.3' (OpenSSL, Python's ssl) → 'TLS 1.3' (the seed's spelling)."""
+    m = re.fullmatch(r"TLSv(1\.[0-3])", openssl_name)
+    assert m, openssl_name
+    return f"TLS {m.group(1)}"
+
+
+def curl(*args: str) -> Curl:
+    out = subprocess.run([*CURL, "-w", "%{stderr}@@local_port=%{local_port}@@\n", *args],
+                         capture_output=True, timeout=30, check=True)
+    err = out.stderr.decode(errors="replace")
+    ports = [int(p) for p in re.findall(r"@@local_port=(\d+)@@", err)]
+    assert ports and all(ports), err
+    version = re.search(r"SSL connection using (TLSv1\.[0-3])", err)
+    return Curl(out.stdout, ports, tls_name(version.group(1)) if version else None)
+
+
+def run_python(code: str, *, timeout: float = 30) -> dict:
+    """Run a Python client; it prints one JSON object as its last line."""
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, timeout=timeout,
+                         check=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------- assertions
 
 
 class Sides(dict):
@@ -71,191 +158,789 @@ def by_direction(txs: list[dict]) -> dict[str, list[dict]]:
     return out
 
 
-def test_curl_get_over_tls_is_one_transaction_each_side(live, nginx):
-    _, reader, _ = live
-    m = marker()
-    url = nginx.url(f"/json?m={m}", host="localhost")
-    curl(url)
-    sides = by_direction(reader.transactions(m, count=2))
-    client, server = sides["egress-internal"][0], sides["ingress"][0]
-    for tx in (client, server):
-        assert tx["request"]["method"] == "GET"
-        assert tx["request"]["url"] == url
-        assert tx["response"]["status"] == 200
-        assert json.loads(body_of(tx["response"])) == {"method": "GET", "uri": f"/json?m={m}", "args": f"m={m}"}
-        assert tx["request"]["headers"]["User-Agent"].startswith("curl/")
-        assert tx["response"]["headers"]["Content-Type"] == "application/json"
-    assert client["metadata"]["process_exe"] == "/usr/bin/curl"
-    assert server["metadata"]["process_exe"] == "/usr/sbin/nginx"
-    summary = client["_event"]["summary"]
-    assert summary["request_scheme"] == "https" and summary["response_status"] == 200
-    # The client's connection is framed by opened … updated … closed.
-    conn = reader.find(lambda t, d: t == "connection.closed"
-                       and d["data"]["data"]["meta"]["connectionId"] == client["_event"]["connectionId"])
-    assert conn, "no connection.closed for curl's connection"
-    kinds = [t for t, _ in reader.connection_events(client["_event"]["connectionId"])]
-    assert kinds[0] == "connection.opened" and kinds[-1] == "connection.closed" and "connection.updated" in kinds
-    closed = conn[0][1]["data"]["data"]
-    assert closed["meta"]["tlsProbeTypesDetected"] == ["openssl"] and closed["meta"]["tlsProbeIntrospected"]
-    assert closed["l7Protocol"] == "http1" and closed["destination"]["address"]["port"] == nginx.port
-    assert closed["meta"]["endpointId"] == "localhost"
-    assert closed["bytesSent"] > 0 and closed["bytesReceived"] > 0
+def both_sides(reader: StreamReader, m: str, n: int = 1, timeout: float = WAIT) -> tuple[list[dict], list[dict]]:
+    """(client, server) transactions for marker ``m``: ``n`` on each side, no more."""
+    txs = reader.transactions(m, count=2 * n, timeout=timeout)
+    assert txs, f"no transaction with m={m} in {timeout} s; {reader.health()}"
+    sides = by_direction(txs)
+    client, server = sides["egress-internal"], sides["ingress"]
+    assert len(client) == n and len(server) == n, (
+        f"want {n} per side, got {len(client)} egress-internal and {len(server)} ingress: "
+        f"{[(t['direction'], t['request']['url']) for t in txs]}")
+    assert set(sides) == {"egress-internal", "ingress"}, set(sides)
+    return client, server
 
 
-def test_curl_post_json_is_one_transaction_with_its_body(live, nginx):
+def _match(what: str, got, want) -> None:
+    if callable(want):
+        assert want(got), f"{what}: {got!r} does not satisfy {getattr(want, '__name__', want)}"
+    else:
+        assert got == want, f"{what}: got {got!r}, want {want!r}"
+
+
+def assert_tx(tx: dict, *, method: str, url: str, status: int, exe: str, direction: str,
+              req_headers: dict | None = None, resp_headers: dict | None = None,
+              req_body=b"", resp_body=None) -> None:
+    """One ``request.http_transaction`` as a user reads it, and its summary.
+
+    ``req_headers`` / ``resp_headers``: each named header must be present
+    with that value (or satisfy that predicate); names as sent on the wire.
+    ``req_body`` / ``resp_body``: the decoded body as bytes, or a predicate
+    on the bytes.  ``resp_body=None`` skips the response body.
+    """
+    req, resp, meta, summary = tx["request"], tx["response"], tx["metadata"], tx["_event"]["summary"]
+    where = f"[{tx['direction']} {req.get('url')} by {meta.get('process_exe')}]"
+    _match(f"{where} method", req["method"], method)
+    _match(f"{where} url", req["url"], url)
+    _match(f"{where} status", resp["status"], status)
+    _match(f"{where} process_exe", meta["process_exe"], exe)
+    _match(f"{where} direction", tx["direction"], direction)
+    scheme = url.split(":", 1)[0]
+    _match(f"{where} scheme", req["scheme"], scheme)
+    # The summary a list view shows says the same as the full transaction.
+    _match(f"{where} summary.request_method", summary["request_method"], method)
+    _match(f"{where} summary.request_url", summary["request_url"], url)
+    _match(f"{where} summary.request_scheme", summary["request_scheme"], scheme)
+    _match(f"{where} summary.response_status", summary["response_status"], status)
+    _match(f"{where} summary.process_exe", summary["process_exe"], exe)
+    _match(f"{where} summary.direction", summary["direction"], direction)
+    _match(f"{where} summary.request_protocol", summary["request_protocol"], "http1")
+    assert int(meta["process_id"]) > 0 and summary["process_pid"] == int(meta["process_id"]), meta
+    assert summary["error"] is None, f"{where} error {summary['error']}"
+    assert tx["duration_ms"] == summary["duration_ms"] and tx["duration_ms"] >= 0, where
+    for name, want in (req_headers or {}).items():
+        assert name in req["headers"], f"{where} request header {name} missing: {req['headers']}"
+        _match(f"{where} request header {name}", req["headers"][name], want)
+    for name, want in (resp_headers or {}).items():
+        assert name in resp["headers"], f"{where} response header {name} missing: {resp['headers']}"
+        _match(f"{where} response header {name}", resp["headers"][name], want)
+    if req_body is not None:
+        _match(f"{where} request body", body_of(req), req_body)
+    if resp_body is not None:
+        _match(f"{where} response body", body_of(resp), resp_body)
+
+
+def assert_connection(reader: StreamReader, tx: dict, *, direction: str, client: tuple[str, int],
+                      server: tuple[str, int], exe: str, tls: str | None, tls_version: str | None = None,
+                      endpoint: str | None = None, endpoint_on_updates: bool = True, transactions: int = 1,
+                      opened: bool = True) -> list[dict]:
+    """The connection events of ``tx``'s connection: one ``connection.opened``
+    first (unless ``opened=False``: a connection older than the agent), one
+    ``connection.closed`` last, every one with ``direction``, the client's
+    and server's (ip, port), the process ``exe`` on its own side; the closed
+    one with ``http1``, bytes both ways and ``transactions`` transactions; and
+    for TLS the library, plaintext introspected and ``tlsVersion`` on a
+    ``connection.updated``.  Returns the events' data, in order."""
+    cid = tx["_event"]["connectionId"]
+    got = reader.find(lambda t, d: t == "connection.closed" and d["data"]["data"]["meta"]["connectionId"] == cid,
+                      timeout=WAIT)
+    assert got, f"no connection.closed for {cid}; its events: {reader.connection_events(cid)}; {reader.health()}"
+    events = reader.connection_events(cid)
+    kinds = [t for t, _ in events]
+    if opened:
+        assert kinds[0] == "connection.opened" and kinds.count("connection.opened") == 1, kinds
+    assert kinds[-1] == "connection.closed" and kinds.count("connection.closed") == 1, kinds
+    own_side = "source" if direction.startswith("egress") else "destination"
+    for kind, c in events:
+        what = f"{kind} {cid}"
+        assert c["direction"] == direction, f"{what}: direction {c['direction']}, want {direction}"
+        assert c["socketProtocol"] == "tcp", what
+        assert c["source"].get("address") == {"ip": client[0], "port": client[1]}, f"{what}: source {c['source']}"
+        assert c["destination"]["address"] == {"ip": server[0], "port": server[1]}, \
+            f"{what}: destination {c['destination']}"
+        assert c[own_side].get("exe") == exe, f"{what}: {own_side}.exe {c[own_side].get('exe')}, want {exe}"
+        if endpoint is not None and (kind == "connection.closed" or kind == "connection.updated" and endpoint_on_updates):
+            assert c["meta"]["endpointId"] == endpoint, f"{what}: endpointId {c['meta']['endpointId']}, want {endpoint}"
+    closed = events[-1][1]
+    assert closed["l7Protocol"] == "http1", closed["l7Protocol"]
+    assert closed["bytesSent"] > 0 and closed["bytesReceived"] > 0, closed
+    assert closed["transactions"] == transactions, (closed["transactions"], transactions)
+    assert closed["durationMs"] >= 0 and closed["closedAt"] >= closed["openedAt"], closed
+    if tls is None:
+        assert closed["meta"]["tlsProbeTypesDetected"] == [] and closed["tlsVersion"] is None, closed["meta"]
+    else:
+        assert closed["meta"]["tlsProbeTypesDetected"] == [tls], closed["meta"]
+        assert closed["meta"]["tlsProbeIntrospected"] is True, closed["meta"]
+        if tls_version is not None:
+            versions = [c["tlsVersion"] for k, c in events if k == "connection.updated" and c["tlsVersion"]]
+            assert versions and set(versions) == {tls_version}, f"tlsVersion on updates {versions}, want {tls_version}"
+    return [c for _, c in events]
+
+
+def assert_same_connection(client_events: list[dict], server_events: list[dict]) -> None:
+    """The two sides of one TCP connection agree on what crossed it."""
+    c, s = client_events[-1], server_events[-1]
+    assert (c["bytesSent"], c["bytesReceived"]) == (s["bytesReceived"], s["bytesSent"]), (
+        f"client sent/received {c['bytesSent']}/{c['bytesReceived']}, "
+        f"server received/sent {s['bytesReceived']}/{s['bytesSent']}")
+
+
+def check_both(reader: StreamReader, m: str, *, method: str, url: str, status: int, client_exe: str,
+               server_exe: str, client_addr: tuple[str, int], server_addr: tuple[str, int], tls: str | None,
+               tls_version: str | None = None, endpoint: str | None = None, endpoint_on_updates: bool = True,
+               n: int = 1, **tx_fields):
+    """A request seen from both ends: the client's egress-internal and the
+    server's ingress transaction, each with its own connection events."""
+    clients, servers = both_sides(reader, m, n)
+    for tx in clients:
+        assert_tx(tx, method=method, url=url if n == 1 else tx["request"]["url"], status=status,
+                  exe=client_exe, direction="egress-internal", **tx_fields)
+    for tx in servers:
+        assert_tx(tx, method=method, url=url if n == 1 else tx["request"]["url"], status=status,
+                  exe=server_exe, direction="ingress", **tx_fields)
+    ce = assert_connection(reader, clients[0], direction="egress-internal", client=client_addr, server=server_addr,
+                           exe=client_exe, tls=tls, tls_version=tls_version, endpoint=endpoint,
+                           endpoint_on_updates=endpoint_on_updates, transactions=n)
+    se = assert_connection(reader, servers[0], direction="ingress", client=client_addr, server=server_addr,
+                           exe=server_exe, tls=tls, tls_version=tls_version, endpoint=endpoint,
+                           endpoint_on_updates=endpoint_on_updates, transactions=n)
+    assert_same_connection(ce, se)
+    for c, s in zip(clients, servers):
+        assert_tx_metadata(c, local=client_addr, remote=server_addr, tls=tls, tls_version=tls_version)
+        assert_tx_metadata(s, local=server_addr, remote=client_addr, tls=tls, tls_version=tls_version)
+        # What one end sent in this exchange is what the other received.
+        cm, sm = c["metadata"], s["metadata"]
+        assert (cm["bytes_sent"], cm["bytes_received"]) == (sm["bytes_received"], sm["bytes_sent"]), (cm, sm)
+        assert cm["bytes_sent"] > 0 and cm["bytes_received"] > 0, cm
+    return clients, servers
+
+
+def assert_tx_metadata(tx: dict, *, local: tuple[str, int], remote: tuple[str, int], tls: str | None,
+                       tls_version: str | None) -> None:
+    meta = tx["metadata"]
+    assert meta["local_address"] == {"ip": local[0], "port": local[1]}, (tx["direction"], meta["local_address"])
+    assert meta["remote_address"] == {"ip": remote[0], "port": remote[1]}, (tx["direction"], meta["remote_address"])
+    assert meta["connection_id"] == tx["_event"]["connectionId"], meta
+    assert meta["tls_library"] == tls, meta["tls_library"]
+    if tls_version is not None:
+        assert meta["tls_version"] == tls_version, meta["tls_version"]
+
+
+def nginx_headers(body: bytes | None = None, ctype: str = "application/json") -> dict:
+    out = {"Server": lambda v: v.startswith("nginx"), "Content-Type": ctype}
+    if body is not None:
+        out["Content-Length"] = str(len(body))
+    return out
+
+
+def curl_headers(host: str) -> dict:
+    return {"Host": host, "User-Agent": lambda v: v.startswith("curl/"), "Accept": "*/*"}
+
+
+def json_body(uri: str, method: str = "GET") -> bytes:
+    args = uri.split("?", 1)[1]
+    return json.dumps({"method": method, "uri": uri, "args": args}, separators=(",", ":")).encode()
+
+
+LOOP = "127.0.0.1"
+
+# ------------------------------------------------------------------- TLS: curl
+
+
+def test_curl_get_over_tls_both_sides(live, nginx):
     _, reader, _ = live
     m = marker()
-    payload = json.dumps({"user": "john", "m": m})
-    curl("-X", "POST", "-H", "Content-Type: application/json", "-d", payload, nginx.url(f"/json?m={m}"))
-    client = by_direction(reader.transactions(m, count=2))["egress-internal"][0]
-    assert client["request"]["method"] == "POST"
-    assert client["request"]["content_type"] == "application/json"
-    assert json.loads(body_of(client["request"])) == {"user": "john", "m": m}
-    assert json.loads(body_of(client["response"]))["method"] == "POST"
+    uri = f"/json?m={m}"
+    url = nginx.url(uri, host="localhost")
+    c = curl(url)
+    body = json_body(uri)
+    assert c.stdout == body
+    check_both(reader, m, method="GET", url=url, status=200, client_exe=exe("curl"), server_exe=exe("nginx"),
+               client_addr=(LOOP, c.port), server_addr=(LOOP, nginx.port), tls="openssl",
+               tls_version=c.tls_version, endpoint="localhost",
+               req_headers=curl_headers(f"localhost:{nginx.port}"), resp_headers=nginx_headers(body),
+               resp_body=body)
+
+
+def test_curl_post_json_with_its_body(live, nginx):
+    _, reader, _ = live
+    m = marker()
+    uri = f"/json?m={m}"
+    payload = json.dumps({"user": "john", "m": m}).encode()
+    c = curl("-X", "POST", "-H", "Content-Type: application/json", "--data-binary", payload.decode(),
+             nginx.url(uri))
+    body = json_body(uri, "POST")
+    assert c.stdout == body
+    clients, _ = check_both(
+        reader, m, method="POST", url=nginx.url(uri), status=200, client_exe=exe("curl"), server_exe=exe("nginx"),
+        client_addr=(LOOP, c.port), server_addr=(LOOP, nginx.port), tls="openssl", tls_version=c.tls_version,
+        req_headers={**curl_headers(f"{LOOP}:{nginx.port}"), "Content-Type": "application/json",
+                     "Content-Length": str(len(payload))},
+        resp_headers=nginx_headers(body), req_body=payload, resp_body=body)
+    assert clients[0]["request"]["content_type"] == "application/json"
 
 
 def test_three_requests_on_one_keep_alive_connection(live, nginx):
     _, reader, _ = live
     m = marker()
-    urls = [nginx.url(f"/json?m={m}&i={i}") for i in range(3)]
-    curl(*urls)
-    client = by_direction(reader.transactions(m, count=6))["egress-internal"]
-    assert [tx["request"]["url"] for tx in client] == urls
-    assert len({tx["_event"]["connectionId"] for tx in client}) == 1
-    assert [json.loads(body_of(tx["response"]))["args"] for tx in client] == [f"m={m}&i={i}" for i in range(3)]
+    uris = [f"/json?m={m}&i={i}" for i in range(3)]
+    c = curl(*[nginx.url(u) for u in uris])
+    assert len(c.ports) == 3 and c.port  # one connection for the three
+    clients, servers = check_both(
+        reader, m, n=3, method="GET", url=None, status=200, client_exe=exe("curl"), server_exe=exe("nginx"),
+        client_addr=(LOOP, c.port), server_addr=(LOOP, nginx.port), tls="openssl", tls_version=c.tls_version,
+        req_headers=curl_headers(f"{LOOP}:{nginx.port}"), resp_headers=nginx_headers())
+    for side in (clients, servers):
+        assert [tx["request"]["url"] for tx in side] == [nginx.url(u) for u in uris]
+        assert [body_of(tx["response"]) for tx in side] == [json_body(u) for u in uris]
+        assert len({tx["_event"]["connectionId"] for tx in side}) == 1
 
 
 def test_gzip_response_body_is_decoded_and_wire_size_kept(live, nginx):
     _, reader, _ = live
     m = marker()
-    curl("-H", "Accept-Encoding: gzip", nginx.url(f"/gzip?m={m}"))
-    client = by_direction(reader.transactions(m, count=2))["egress-internal"][0]
-    resp = client["response"]
-    assert resp["content_encoding"] == "gzip"
-    assert body_of(resp) == b"compress me please " * 2000
-    assert resp["body_size"] < len(b"compress me please " * 2000)
+    uri = f"/gzip?m={m}"
+    c = curl("-H", "Accept-Encoding: gzip", nginx.url(uri))
+    plain = b"compress me please " * 2000
+    assert gzip.decompress(c.stdout) == plain
+    clients, servers = check_both(
+        reader, m, method="GET", url=nginx.url(uri), status=200, client_exe=exe("curl"), server_exe=exe("nginx"),
+        client_addr=(LOOP, c.port), server_addr=(LOOP, nginx.port), tls="openssl", tls_version=c.tls_version,
+        req_headers={**curl_headers(f"{LOOP}:{nginx.port}"), "Accept-Encoding": "gzip"},
+        resp_headers={**nginx_headers(None, "text/plain"), "Content-Encoding": "gzip"}, resp_body=plain)
+    for tx in (*clients, *servers):
+        resp = tx["response"]
+        assert resp["content_encoding"] == "gzip"
+        assert resp["body_size"] == len(c.stdout), (resp["body_size"], len(c.stdout))
 
 
 def test_2mib_response_is_kept_to_the_body_limit_and_marked_truncated(live, nginx):
     _, reader, _ = live
     m = marker()
-    curl("-o", "/dev/null", nginx.url(f"/large?m={m}"))
-    client = by_direction(reader.transactions(m, count=2, timeout=30))["egress-internal"][0]
-    resp = client["response"]
-    assert resp["status"] == 200 and resp["body_truncated"] is True
-    assert len(body_of(resp)) == 1 << 20
-    assert body_of(resp)[:1000] == bytes(i % 251 for i in range(1000))
+    uri = f"/large?m={m}"
+    c = curl("-o", "/dev/null", nginx.url(uri))
+    expect = bytes(i % 251 for i in range(1 << 20))
+    clients, servers = check_both(
+        reader, m, method="GET", url=nginx.url(uri), status=200, client_exe=exe("curl"), server_exe=exe("nginx"),
+        client_addr=(LOOP, c.port), server_addr=(LOOP, nginx.port), tls="openssl", tls_version=c.tls_version,
+        req_headers=curl_headers(f"{LOOP}:{nginx.port}"),
+        resp_headers={**nginx_headers(None, "application/octet-stream"), "Content-Length": str(rw.LARGE_SIZE)},
+        resp_body=expect)
+    for tx in (*clients, *servers):
+        resp = tx["response"]
+        assert resp["body_truncated"] is True
+        assert resp["body_captured"] == 1 << 20, resp
+        # Emitted when the body passed the limit (the issue's rule for long
+        # downloads): marked partial, and the wire size is what had been seen
+        # by then.  Emitted at the end: the whole wire size.
+        if tx.get("partial"):
+            assert 1 << 20 <= resp["body_size"] <= rw.LARGE_SIZE, resp
+        else:
+            assert resp["body_size"] == rw.LARGE_SIZE, resp
+
+
+# ------------------------------------------------------ TLS: other clients
 
 
 def test_python_http_client_to_python_ssl_server_chunked(live, cert):
     _, reader, _ = live
     m = marker()
+    uri = f"/chunked?m={m}"
     with rw.PythonTlsServer(cert) as server:
-        code = textwrap.dedent(f"""
-            import http.client, ssl
+        got = run_python(f"""
+            import http.client, json, ssl
             ctx = ssl._create_unverified_context()
             c = http.client.HTTPSConnection("127.0.0.1", {server.port}, context=ctx)
-            c.request("GET", "/chunked?m={m}")
-            print(c.getresponse().read().decode())
+            c.request("GET", "{uri}", headers={{"X-Marker": "{m}"}})
+            r = c.getresponse()
+            body = r.read().decode()
+            print(json.dumps({{"body": body, "port": c.sock.getsockname()[1], "tls": c.sock.version()}}))
+            c.close()
         """)
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30, check=True, text=True)
-        assert json.loads(out.stdout) == {"chunks": ["one", "two"]}
-        txs = by_direction(reader.transactions(m, count=2))
-    client = txs["egress-internal"][0]
-    assert client["metadata"]["process_exe"].startswith(("/usr/bin/python3", "/usr/local/bin/python3"))
-    assert json.loads(body_of(client["response"])) == {"chunks": ["one", "two"]}
-    assert client["response"]["headers"]["Transfer-Encoding"] == "chunked"
-    assert txs["ingress"][0]["response"]["status"] == 200
+        assert json.loads(got["body"]) == {"chunks": ["one", "two"]}
+        check_both(reader, m, method="GET", url=server.url(uri), status=200, client_exe=PY, server_exe=PY,
+                   client_addr=(LOOP, got["port"]), server_addr=(LOOP, server.port), tls="openssl",
+                   tls_version=tls_name(got["tls"]),
+                   req_headers={"Host": f"{LOOP}:{server.port}", "X-Marker": m,
+                                "Accept-Encoding": "identity"},
+                   resp_headers={"Transfer-Encoding": "chunked", "Content-Type": "application/json",
+                                 "Server": lambda v: v.startswith("BaseHTTP/")},
+                   resp_body=b'{"chunks": ["one", "two"]}')
 
 
 def test_node_https_get(live, nginx):
     _, reader, _ = live
     m = marker()
+    uri = f"/peer?m={m}"
     script = (
-        f"require('https').get('{nginx.url(f'/json?m={m}')}', {{rejectUnauthorized: false}}, r => {{"
-        "let b=''; r.on('data', d => b += d); r.on('end', () => console.log(b)); });"
+        f"require('https').get('{nginx.url(uri)}', {{rejectUnauthorized: false, headers: {{'X-Marker': '{m}'}}}},"
+        " r => { const port = r.socket.localPort, tls = r.socket.getProtocol(); let b='';"
+        " r.on('data', d => b += d); r.on('end', () => console.log(JSON.stringify({body: b, port, tls}))); });"
     )
     out = subprocess.run(["node", "-e", script], capture_output=True, timeout=30, check=True, text=True)
-    assert m in out.stdout
-    client = [tx for tx in reader.transactions(m, count=2) if tx["metadata"]["process_exe"].endswith("node")]
-    assert client, "node's transaction missing"
-    assert client[0]["request"]["method"] == "GET" and client[0]["response"]["status"] == 200
-    assert json.loads(body_of(client[0]["response"]))["args"] == f"m={m}"
-    assert client[0]["request"]["scheme"] == "https"
+    got = json.loads(out.stdout)
+    peer = json.loads(got["body"])
+    assert peer["port"] == got["port"] and peer["args"] == f"m={m}"
+    check_both(reader, m, method="GET", url=nginx.url(uri), status=200, client_exe=exe("node"),
+               server_exe=exe("nginx"), client_addr=(LOOP, got["port"]), server_addr=(LOOP, nginx.port),
+               tls="openssl", tls_version=tls_name(got["tls"]),
+               req_headers={"Host": f"{LOOP}:{nginx.port}", "X-Marker": m},
+               resp_headers=nginx_headers(got["body"].encode()), resp_body=got["body"].encode())
 
 
 def test_wget_over_gnutls(live, nginx):
     _, reader, _ = live
     m = marker()
-    subprocess.run(["wget", "-q", "-O", "-", "--no-check-certificate", nginx.url(f"/json?m={m}")],
-                   capture_output=True, timeout=30, check=True)
-    client = by_direction(reader.transactions(m, count=2))["egress-internal"][0]
-    assert client["metadata"]["process_exe"] == "/usr/bin/wget"
-    assert client["request"]["headers"]["User-Agent"].startswith("Wget/")
-    assert json.loads(body_of(client["response"]))["args"] == f"m={m}"
-    conn = [d for t, d in reader.connection_events(client["_event"]["connectionId"])]
-    assert any(c["meta"]["tlsProbeTypesDetected"] == ["gnutls"] for c in conn)
+    uri = f"/peer?m={m}"
+    out = subprocess.run(["wget", "-q", "-O", "-", "--no-check-certificate", nginx.url(uri)],
+                         capture_output=True, timeout=30, check=True)
+    peer = json.loads(out.stdout)  # nginx tells us wget's port
+    # Each side has its own TLS library: wget GnuTLS, nginx OpenSSL.
+    cl, sv = both_sides(reader, m)
+    common = dict(method="GET", url=nginx.url(uri), status=200,
+                  req_headers={"Host": f"{LOOP}:{nginx.port}", "User-Agent": lambda v: v.startswith("Wget/")},
+                  resp_headers=nginx_headers(out.stdout), resp_body=out.stdout)
+    assert_tx(cl[0], exe=exe("wget"), direction="egress-internal", **common)
+    assert_tx(sv[0], exe=exe("nginx"), direction="ingress", **common)
+    ce = assert_connection(reader, cl[0], direction="egress-internal", client=(LOOP, peer["port"]),
+                           server=(LOOP, nginx.port), exe=exe("wget"), tls="gnutls")
+    se = assert_connection(reader, sv[0], direction="ingress", client=(LOOP, peer["port"]),
+                           server=(LOOP, nginx.port), exe=exe("nginx"), tls="openssl")
+    assert_same_connection(ce, se)
+    assert_tx_metadata(cl[0], local=(LOOP, peer["port"]), remote=(LOOP, nginx.port), tls="gnutls", tls_version=None)
+    assert_tx_metadata(sv[0], local=(LOOP, nginx.port), remote=(LOOP, peer["port"]), tls="openssl", tls_version=None)
+
+
+# -------------------------------------------------------------------- plaintext
 
 
 def test_plaintext_curl_to_python_http_server(live, tmp_path):
+    """HTTP/1.0, closed by the server.  Without TLS there is no SNI: the Host
+    header names the endpoint (curl --connect-to keeps it on loopback)."""
     _, reader, _ = live
     m = marker()
     (tmp_path / "www").mkdir()
-    (tmp_path / "www" / "hello.txt").write_text(f"hello {m}\n")
+    text = f"hello {m}\n".encode()
+    (tmp_path / "www" / "hello.txt").write_bytes(text)
+    uri = f"/hello.txt?m={m}"
     with rw.PlainHttpServer(tmp_path / "www") as server:
-        curl(server.url(f"/hello.txt?m={m}"))
-        txs = by_direction(reader.transactions(m, count=2))
-    client, srv = txs["egress-internal"][0], txs["ingress"][0]
-    assert client["request"]["scheme"] == "http"
-    assert body_of(client["response"]) == f"hello {m}\n".encode()
-    assert srv["metadata"]["process_exe"].startswith("/usr/bin/python3")
-    conn = reader.connection_events(client["_event"]["connectionId"])
-    assert conn and all(not c["meta"]["tlsProbeTypesDetected"] for _, c in conn)
+        url = f"http://plain.example.test:{server.port}{uri}"
+        c = curl("--connect-to", f"plain.example.test:{server.port}:{LOOP}:{server.port}", url)
+        assert c.stdout == text and c.tls_version is None
+        check_both(reader, m, method="GET", url=url, status=200, client_exe=exe("curl"), server_exe=PY,
+                   client_addr=(LOOP, c.port), server_addr=(LOOP, server.port), tls=None,
+                   endpoint="plain.example.test", endpoint_on_updates=False,
+                   req_headers=curl_headers(f"plain.example.test:{server.port}"),
+                   resp_headers={"Server": lambda v: v.startswith("SimpleHTTP/"), "Content-type": "text/plain",
+                                 "Content-Length": str(len(text))},
+                   resp_body=text)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "agent bug: without SNI, connection.updated (l7Protocol http1) still says endpointId = the destination IP; "
+    "pipeline.py sets info.http_host only in _transaction(), when the response completes, so the Host header "
+    "reaches only connection.closed and the seed's 'connections to a specific host' recipe misses the update"))
+def test_plaintext_host_names_the_endpoint_when_http1_is_detected(live, nginx_plain):
+    _, reader, _ = live
+    m = marker()
+    url = f"http://plain.example.test:{nginx_plain.port}/json?m={m}"
+    c = curl("--connect-to", f"plain.example.test:{nginx_plain.port}:{LOOP}:{nginx_plain.port}", url)
+    client, _ = both_sides(reader, m)
+    events = assert_connection(reader, client[0], direction="egress-internal", client=(LOOP, c.port),
+                               server=(LOOP, nginx_plain.port), exe=exe("curl"), tls=None,
+                               endpoint="plain.example.test", endpoint_on_updates=False)
+    updates = [e for e in events[1:-1] if e["l7Protocol"] == "http1"]
+    assert updates, "no connection.updated saying http1"
+    assert [e["meta"]["endpointId"] for e in updates] == ["plain.example.test"] * len(updates)
+
+
+@pytest.mark.parametrize("tls", [True, False], ids=["tls", "plaintext"])
+def test_ipv6_loopback_request_with_its_addresses(live, nginx, nginx_plain, tls):
+    _, reader, _ = live
+    server = nginx if tls else nginx_plain
+    m = marker()
+    uri = f"/peer?m={m}"
+    url = server.url(uri, host="[::1]")
+    c = curl("-g", url)
+    peer = json.loads(c.stdout)
+    assert peer["addr"] == "::1" and peer["port"] == c.port
+    check_both(reader, m, method="GET", url=url, status=200, client_exe=exe("curl"), server_exe=exe("nginx"),
+               client_addr=("::1", c.port), server_addr=("::1", server.port), tls="openssl" if tls else None,
+               tls_version=c.tls_version, req_headers=curl_headers(f"[::1]:{server.port}"),
+               resp_headers=nginx_headers(c.stdout), resp_body=c.stdout)
+
+
+# ------------------------------------------------------------------- processes
 
 
 def test_short_lived_process_gets_started_and_stopped_with_exit_code(live):
+    """A process that exits at once: both events, its exit code, its parent.
+    (Its path and cmdline come from /proc, which may be gone by then.)"""
     _, reader, _ = live
-    proc = subprocess.run(["sh", "-c", "exit 3"], timeout=10)
-    pid = proc.returncode and None
-    stopped = reader.find(lambda t, d: t == "process.stopped" and d["data"].get("exitCode") == 3
-                          and d["data"]["binary"] in ("sh", "dash"))
-    assert stopped, "no process.stopped with exitCode 3"
-    pid = stopped[0][1]["data"]["pid"]
-    started = reader.find(lambda t, d: t == "process.started" and d["data"]["pid"] == pid)
-    assert started and started[0][1]["data"]["ppid"] > 0
+    proc = subprocess.Popen(["sh", "-c", "exit 3"])
+    assert proc.wait(timeout=10) == 3
+    stopped = reader.find(lambda t, d: t == "process.stopped" and d["data"]["pid"] == proc.pid, timeout=WAIT)
+    assert stopped, f"no process.stopped for pid {proc.pid}; {reader.health()}"
+    assert stopped[0][1]["data"]["exitCode"] == 3
+    started = reader.find(lambda t, d: t == "process.started" and d["data"]["pid"] == proc.pid, timeout=WAIT)
+    assert started, f"no process.started for pid {proc.pid}"
+    data = started[0][1]["data"]
+    # The name it was run as (from the kernel) or its file's name (from /proc, if read in time).
+    assert data["ppid"] == os.getpid() and data["binary"] in ("sh", os.path.basename(os.path.realpath("/bin/sh"))), data
 
 
-def test_seed_recipes_on_real_traffic(live, nginx):
-    proc, reader, tmp = live
+def test_process_started_has_path_cmdline_and_user(live):
+    """A process alive while the agent reads /proc: every field, exactly."""
+    _, reader, _ = live
     m = marker()
-    every = recipes()
+    proc = subprocess.Popen(["sh", "-c", f"read line # {m}"], stdin=subprocess.PIPE)
+    try:
+        started = reader.find(lambda t, d: t == "process.started" and d["data"]["pid"] == proc.pid, timeout=WAIT)
+        assert started, f"no process.started for pid {proc.pid}; {reader.health()}"
+    finally:
+        proc.communicate(b"done\n", timeout=10)  # read succeeds: exit status 0
+    data = started[0][1]["data"]
+    sh = os.path.realpath("/bin/sh")
+    assert data["path"] == sh and data["binary"] == os.path.basename(sh), data
+    assert data["ppid"] == os.getpid(), data
+    assert m in data["cmdline"] and data["cmdline"].startswith("sh -c"), data["cmdline"]
+    assert data["user"] == {"id": os.getuid(), "name": "root"}, data["user"]
+    stopped = reader.find(lambda t, d: t == "process.stopped" and d["data"]["pid"] == proc.pid, timeout=WAIT)
+    assert stopped and stopped[0][1]["data"]["exitCode"] == 0, stopped
 
-    def traffic():
-        curl(nginx.url(f"/missing?m={m}"), nginx.url(f"/error?m={m}"), nginx.url(f"/json?m={m}"))
 
-    # The stream is live: the recipe's curl connects first, then traffic flows.
-    def until_seen():
-        return len(reader.transactions(m, count=6, timeout=0)) >= 6
-
-    def run(title):
-        return run_recipe(every[title], tmp, settle=0, until=lambda: (traffic_once(), until_seen())[1])
-
-    sent = []
-
-    def traffic_once():
-        if not sent:
-            sent.append(1)
-            traffic()
-
-    errors = [d for d in json_docs(run("Filter for errors only")) if m in d["data"]["data"]["summary"]["request_url"]]
-    assert sorted(d["data"]["data"]["summary"]["response_status"] for d in errors) == [404, 404, 500, 500]
-
+def test_client_started_after_the_agent_from_a_tls_binary_it_never_saw(live, nginx, tmp_path):
+    """Node links OpenSSL into its own binary.  A copy of it in a fresh
+    directory is a file (a new inode) that no process mapped and no library
+    directory held when the agent started: only attaching on exec can see
+    inside its TLS.  The client repeats its request until one is captured,
+    since the agent attaches while the process runs, not before it starts."""
+    _, reader, _ = live
+    copy = tmp_path / "bin" / "node-copy"
+    copy.parent.mkdir()
+    shutil.copy2(exe("node"), copy)
     m = marker()
-    sent.clear()
-    decoded = [d for d in json_docs(run("Decode HTTP transaction bodies")) if m in d["request"]["url"]]
-    assert {d["response"]["status"] for d in decoded} == {200, 404, 500}
-    assert any(json.loads(body_of(d["response"])).get("args") == f"m={m}" for d in decoded
-               if d["response"]["status"] == 200)
+    script = textwrap.dedent(f"""
+        const https = require('https');
+        let i = 0;
+        function once() {{
+          https.get('{nginx.url(f"/peer?m={m}&i=")}' + (i++), {{rejectUnauthorized: false}}, r => {{
+            let b = ''; r.on('data', d => b += d);
+            r.on('end', () => {{ console.log(b); setTimeout(once, 100); }});
+          }}).on('error', e => {{ console.error(e); process.exit(2); }});
+        }}
+        process.stdin.on('end', () => process.exit(0)); process.stdin.resume();
+        once();
+    """)
+    proc = subprocess.Popen([str(copy), "-e", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        got = reader.find(lambda t, d: t == "request.http_transaction"
+                          and d["data"]["data"]["summary"]["direction"] == "egress-internal"
+                          and m in d["data"]["data"]["summary"]["request_url"], timeout=WAIT)
+        assert got, (f"no request by the node copy captured in {WAIT} s; it printed: {proc.stdout.readline()!r}; "
+                     f"{reader.health()}")
+        tx = tx_of(got[0][1])
+        i = tx["request"]["url"].rsplit("=", 1)[1]
+        assert_tx(tx, method="GET", url=nginx.url(f"/peer?m={m}&i={i}"), status=200, exe=str(copy),
+                  direction="egress-internal", req_headers={"Host": f"{LOOP}:{nginx.port}"},
+                  resp_headers=nginx_headers(), resp_body=lambda b: json.loads(b)["args"] == f"m={m}&i={i}")
+        conn = [c for k, c in reader.connection_events(tx["_event"]["connectionId"])]
+        assert conn and conn[-1]["meta"]["tlsProbeTypesDetected"] == ["openssl"], conn[-1:]
+        assert all(c["source"]["exe"] == str(copy) for c in conn)
+        started = reader.find(lambda t, d: t == "process.started" and d["data"]["pid"] == proc.pid, timeout=WAIT)
+        assert started and started[0][1]["data"]["path"] == str(copy)
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=10)
+        copy.unlink()  # 100 MB; the agent's probes keep the inode, not the name
+    # The agent says what it attached to, and why it could.
+    fresh = reader_for(AGENT_PORT)
+    try:
+        hello = fresh.find(lambda t, d: t == "system.connected")
+    finally:
+        fresh.close()
+    attached = hello[0][1]["data"]["capture"]["attached"]
+    mine = [a for a in attached if a["path"].endswith(str(copy))]
+    assert mine and mine[0]["library"] == "openssl", [a["path"] for a in attached]
+
+
+# -------------------------------------------------------- older connections
+
+
+KEEPALIVE_CLIENT = """
+import http.client, json, ssl, sys
+tls = sys.argv[1] == "tls"
+cls = http.client.HTTPSConnection if tls else http.client.HTTPConnection
+kw = {"context": ssl._create_unverified_context()} if tls else {}
+c = cls("127.0.0.1", int(sys.argv[2]), **kw)
+for line in sys.stdin:
+    c.request("GET", line.strip())
+    r = c.getresponse()
+    body = r.read().decode()
+    print(json.dumps({"status": r.status, "body": body, "sockname": c.sock.getsockname(),
+                      "tls": c.sock.version() if tls else None}), flush=True)
+"""
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plaintext", "tls"])
+def test_connection_opened_before_the_agent_is_still_captured(live, cert, tmp_path, tls):
+    """One HTTP/1.1 keep-alive connection to nginx, opened and used before a
+    second agent starts, then used again: the later request is captured on
+    that very connection (same client port, which the client prints)."""
+    with rw.Nginx(tmp_path, cert if tls else None) as server:
+        client = subprocess.Popen([sys.executable, "-c", KEEPALIVE_CLIENT, "tls" if tls else "plain", str(server.port)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+        def request(uri: str) -> dict:
+            client.stdin.write(uri + "\n")
+            client.stdin.flush()
+            line = client.stdout.readline()
+            assert line, f"client died: {client.poll()}"
+            return json.loads(line)
+
+        try:
+            m0 = marker()
+            first = request(f"/json?m={m0}")
+            assert first["status"] == 200
+            port = free_port()
+            with agent(["run"], port, tmp_path / "agent.log", ready_path="/readyz") as proc:
+                reader = reader_for(port)
+                try:
+                    m = marker()
+                    uri = f"/json?m={m}"
+                    later = request(uri)
+                    assert later["status"] == 200 and later["body"].encode() == json_body(uri)
+                    assert later["sockname"] == first["sockname"], "the client opened a new connection"
+                    client_port = later["sockname"][1]
+                    txs = reader.transactions(m, count=2, timeout=WAIT)
+                    assert txs, "the pre-existing connection's request was not captured\n" + proc.output()
+                    sides = by_direction(txs)
+                    url = server.url(uri)
+                    common = dict(method="GET", url=url, status=200, req_headers={"Host": f"{LOOP}:{server.port}"},
+                                  resp_headers=nginx_headers(json_body(uri)), resp_body=json_body(uri))
+                    assert_tx(sides["egress-internal"][0], exe=PY, direction="egress-internal", **common)
+                    assert_tx(sides["ingress"][0], exe=exe("nginx"), direction="ingress", **common)
+                    # Nothing from before the agent, not even a request glued to the wrong response.
+                    assert not reader.transactions(m0, timeout=0)
+                    client.stdin.close()
+                    assert client.wait(timeout=10) == 0
+                    cl, sv = sides["egress-internal"][0], sides["ingress"][0]
+                    tls_lib = "openssl" if tls else None
+                    assert_tx_metadata(cl, local=(LOOP, client_port), remote=(LOOP, server.port), tls=tls_lib,
+                                       tls_version=None)
+                    assert_tx_metadata(sv, local=(LOOP, server.port), remote=(LOOP, client_port), tls=tls_lib,
+                                       tls_version=None)
+                    for tx, direction, own in ((cl, "egress-internal", PY), (sv, "ingress", exe("nginx"))):
+                        assert_connection(reader, tx, direction=direction, client=(LOOP, client_port),
+                                          server=(LOOP, server.port), exe=own, tls="openssl" if tls else None,
+                                          opened=False)
+                finally:
+                    reader.close()
+        finally:
+            if client.poll() is None:
+                client.stdin.close()
+                client.wait(timeout=10)
+
+
+# ------------------------------------------------------------ agent's state
+
+
+def test_system_connected_lists_libssl_attached_tuned(live):
+    _, reader, _ = live
+    hello = reader.find(lambda t, d: t == "system.connected")
+    assert hello and reader.events[0][0] == "system.connected"
+    capture = hello[0][1]["data"]["capture"]
+    assert capture["state"] == "running"
+    libssl = [a for a in capture["attached"] if os.path.basename(a["path"]).startswith("libssl.so")]
+    assert libssl, [a["path"] for a in capture["attached"]]
+    for a in libssl:
+        assert a["library"] == "openssl" and a["mode"] == "tuned", a
+        assert set(a["sites"]) >= {"SSL_write", "SSL_read"}, a
+        assert all(v.startswith("tuned ") for v in a["sites"].values()), a
+    gnutls = [a for a in capture["attached"] if os.path.basename(a["path"]).startswith("libgnutls.so")]
+    assert gnutls and all(a["library"] == "gnutls" for a in gnutls), capture["attached"]
+
+
+def test_attach_mode_entry_is_shown_and_still_captures(live, nginx, tmp_path):
+    port = free_port()
+    with agent(["run", "--attach-mode", "entry"], port, tmp_path / "agent.log", ready_path="/readyz"):
+        reader = reader_for(port)
+        try:
+            hello = reader.find(lambda t, d: t == "system.connected")
+            attached = hello[0][1]["data"]["capture"]["attached"]
+            libssl = [a for a in attached if os.path.basename(a["path"]).startswith("libssl.so")]
+            assert libssl, [a["path"] for a in attached]
+            for a in attached:
+                assert a["mode"] == "entry", a
+                assert a["sites"] and set(a["sites"].values()) == {"entry"}, a
+            m = marker()
+            uri = f"/json?m={m}"
+            c = curl(nginx.url(uri))
+            check_both(reader, m, method="GET", url=nginx.url(uri), status=200, client_exe=exe("curl"),
+                       server_exe=exe("nginx"), client_addr=(LOOP, c.port), server_addr=(LOOP, nginx.port),
+                       tls="openssl", tls_version=c.tls_version, resp_body=json_body(uri))
+        finally:
+            reader.close()
+
+
+# --------------------------------------------------------------------- recipes
+
+
+def test_recipe_filter_for_errors_only(live, nginx):
+    _, reader, tmp = live
+    m = marker()
+    urls = [nginx.url(f"/missing?m={m}"), nginx.url(f"/error?m={m}"), nginx.url(f"/json?m={m}")]
+    out = run_recipe(recipes()["Filter for errors only"], tmp, during=lambda: curl(*urls),
+                     until=lambda: len(reader.transactions(m, count=6, timeout=0)) >= 6, deadline=WAIT)
+    errors = [d for d in json_docs(out) if m in d["data"]["data"]["summary"]["request_url"]]
+    got = sorted((d["data"]["data"]["summary"]["response_status"], d["data"]["data"]["summary"]["direction"])
+                 for d in errors)
+    assert got == [(404, "egress-internal"), (404, "ingress"), (500, "egress-internal"), (500, "ingress")]
+
+
+def test_recipe_decode_http_transaction_bodies(live, nginx):
+    _, reader, tmp = live
+    m = marker()
+    uris = [f"/missing?m={m}", f"/error?m={m}", f"/json?m={m}"]
+    out = run_recipe(recipes()["Decode HTTP transaction bodies"], tmp,
+                     during=lambda: curl(*[nginx.url(u) for u in uris]),
+                     until=lambda: len(reader.transactions(m, count=6, timeout=0)) >= 6, deadline=WAIT)
+    decoded = [d for d in json_docs(out) if m in d["request"]["url"]]
+    assert sorted((d["response"]["status"], d["direction"]) for d in decoded) == sorted(
+        (s, d) for s in (200, 404, 500) for d in ("egress-internal", "ingress"))
+    ok = [d for d in decoded if d["response"]["status"] == 200]
+    assert all(body_of(d["response"]) == json_body(uris[2]) for d in ok)
+
+
+def test_recipe_watch_connections_to_a_specific_host(live, nginx):
+    """The SNI a client sends (api.stripe.com) names the endpoint; curl's
+    --connect-to keeps the traffic on loopback, to our nginx."""
+    _, reader, tmp = live
+    m = marker()
+    url = f"https://api.stripe.com/json?m={m}"
+    made: list[Curl] = []
+    out = run_recipe(recipes()["Watch connections to a specific host"], tmp,
+                     during=lambda: made.append(curl("--connect-to", f"api.stripe.com:443:{LOOP}:{nginx.port}", url)),
+                     until=lambda: len(reader.transactions(m, count=2, timeout=0)) >= 2 and len(reader.find(
+                         lambda t, d: t == "connection.closed"
+                         and d["data"]["data"]["meta"]["endpointId"] == "api.stripe.com"
+                         and d["data"]["data"]["source"].get("address", {}).get("port") == made[0].port,
+                         count=2, timeout=0)) >= 2,
+                     deadline=WAIT)
+    c = made[0]
+    docs = json_docs(out)
+    assert docs, "the recipe printed nothing"
+    assert all(d["data"]["data"]["meta"]["endpointId"] == "api.stripe.com" for d in docs)
+    ours = [d["data"]["data"] for d in docs if d["data"]["data"]["source"].get("address", {}).get("port") == c.port]
+    assert {d["direction"] for d in ours} == {"egress-internal", "ingress"}, ours
+    # Both ends' closing events (the ones with closedAt) are in what the recipe printed.
+    assert sorted(d["direction"] for d in ours if "closedAt" in d) == ["egress-internal", "ingress"]
+    assert all(d["meta"].get("sni") == "api.stripe.com" for d in ours)
+    # And the transactions say the same host.
+    check_both(reader, m, method="GET", url=url, status=200, client_exe=exe("curl"), server_exe=exe("nginx"),
+               client_addr=(LOOP, c.port), server_addr=(LOOP, nginx.port), tls="openssl",
+               tls_version=c.tls_version, endpoint="api.stripe.com",
+               req_headers=curl_headers("api.stripe.com"), resp_body=json_body(f"/json?m={m}"))
+
+
+def test_recipe_export_to_file_for_later_analysis(live, nginx, tmp_path):
+    _, reader, _ = live
+    m = marker()
+    urls = [nginx.url(f"/missing?m={m}"), nginx.url(f"/error?m={m}"), nginx.url(f"/json?m={m}")]
+    out = run_recipe(recipes()["Export to file for later analysis"], tmp_path, during=lambda: curl(*urls),
+                     until=lambda: len(reader.transactions(m, count=6, timeout=0)) >= 6, deadline=WAIT)
+    saved = tmp_path / "traffic-capture.txt"
+    assert saved.exists(), "the recipe wrote no traffic-capture.txt"
+    text = saved.read_text()
+    frames = [f for f in text.split("\n\n") if f.strip()]
+    kinds = [re.match(r"event: (\S+)", f) for f in frames]
+    txs = [f for f, k in zip(frames, kinds) if k and k.group(1) == "request.http_transaction"]
+    # What the recipe's second half printed is the count of transactions in the file.
+    assert out.strip().isdigit(), repr(out)
+    assert int(out.strip()) == len(txs) >= 6
+    mine = []
+    for f in txs:
+        data = next(line[6:] for line in f.splitlines() if line.startswith("data: "))
+        body = json.loads(data)
+        if m in body["data"]["data"]["summary"]["request_url"]:
+            mine.append(tx_of(body))
+    assert sorted((t["response"]["status"], t["direction"]) for t in mine) == sorted(
+        (s, d) for s in (200, 404, 500) for d in ("egress-internal", "ingress"))
+
+
+# ------------------------------------------------------------ what is not TCP
+
+
+def barrier(reader: StreamReader, server) -> None:
+    """Make traffic and wait until its transactions and connection.closed are
+    on the stream: events of anything done before it have arrived too."""
+    later = marker()
+    c = curl(server.url(f"/json?m={later}"))
+    txs = reader.transactions(later, count=2, timeout=WAIT)
+    assert len(txs) == 2, f"the barrier request was not captured; {reader.health()}"
+    for tx in txs:
+        cid = tx["_event"]["connectionId"]
+        assert reader.find(lambda t, d: t == "connection.closed" and d["data"]["data"]["meta"]["connectionId"] == cid,
+                           timeout=WAIT)
+    assert c.port
+
+
+def events_for_port(reader: StreamReader, port: int) -> list[tuple[str, dict]]:
+    with reader.lock:
+        return [(t, d["data"]["data"]) for t, d in reader.events if t.startswith("connection.")
+                and port in (d["data"]["data"]["source"].get("address", {}).get("port"),
+                             d["data"]["data"]["destination"].get("address", {}).get("port"))]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "agent bug: a non-blocking connect() that is refused still gets connection.opened (and .closed) "
+    "with no source address: probes/sockets.c emits REC_CONNECT on -EINPROGRESS, and pipeline.py "
+    "_finish() (and on_tick after OPEN_GRACE_NS) calls _announce() for a connection that never "
+    "reached ESTABLISHED"))
+def test_a_refused_connect_opens_no_connection(live, nginx_plain):
+    """The issue: connection.opened "when a connect/accept completes".  curl's
+    connect is non-blocking; here it is refused, so nothing completed."""
+    _, reader, _ = live
+    closed = rw.free_port()  # bound and released: nothing listens there
+    out = subprocess.run([*CURL, f"http://{LOOP}:{closed}/?m={marker()}"], capture_output=True, timeout=30)
+    assert out.returncode == 7, out.stderr  # "Failed to connect"
+    barrier(reader, nginx_plain)
+    assert not events_for_port(reader, closed)
+
+
+UDP_ECHO = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1], flush=True)
+while True:
+    data, peer = s.recvfrom(2048)
+    s.sendto(data, peer)
+"""
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "agent bug: connect() on a UDP socket is reported as a TCP connection (opened/updated/closed, "
+    "socketProtocol 'tcp', l7Protocol 'other'): probes/sockets.c sys_exit_connect emits REC_CONNECT for any "
+    "AF_INET/AF_INET6 connect that returns 0, whatever the socket type, and events.py always says 'tcp'"))
+def test_a_connected_udp_socket_is_not_reported_as_tcp(live, nginx_plain):
+    """Resolvers connect() UDP sockets (DNS).  Such a flow is either not a
+    connection event at all or says it is UDP: never socketProtocol "tcp"."""
+    _, reader, _ = live
+    server = subprocess.Popen([sys.executable, "-c", UDP_ECHO], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(server.stdout.readline())
+        got = run_python(f"""
+            import json, socket
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.settimeout(5)
+            s.connect(("127.0.0.1", {port}))
+            s.send(b"GET /udp HTTP/1.1\\r\\nHost: udp\\r\\n\\r\\n")
+            print(json.dumps({{"echo": s.recv(2048).decode(), "port": s.getsockname()[1]}}))
+            s.close()
+        """)
+        assert got["echo"].startswith("GET /udp")
+        barrier(reader, nginx_plain)
+    finally:
+        server.kill()
+        server.wait()
+    wrong = [(t, c["socketProtocol"], c["meta"]["connectionId"]) for t, c in events_for_port(reader, port)
+             if c["socketProtocol"] != "udp"]
+    assert not wrong, wrong
+
+
+# ------------------------------------------------------------------ the agent
 
 
 def test_capture_file_replays_what_was_served(live):
@@ -269,35 +954,37 @@ def test_capture_file_replays_what_was_served(live):
     assert not bad[:-1]  # the last record may still be in flight
 
 
-def test_connection_opened_before_the_agent_is_still_captured(tmp_path):
+def test_nothing_on_the_stream_is_about_the_agents_own_port(live, nginx_plain):
+    """Runs last in the module: by now the stream carried every test's events,
+    and the recipes, this reader and /healthz polls all talked to :10001."""
+    _, reader, _ = live
     m = marker()
-    (tmp_path / "www").mkdir()
-    (tmp_path / "www" / "a.txt").write_text("early bird\n")
-    with rw.PlainHttpServer(tmp_path / "www") as server:
-        client = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-            import http.client, sys
-            c = http.client.HTTPConnection("127.0.0.1", {server.port})
-            for line in sys.stdin:
-                c.request("GET", line.strip())
-                r = c.getresponse(); r.read()
-                print(r.status, flush=True)
-        """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        try:
-            client.stdin.write("/a.txt?first\n")
-            client.stdin.flush()
-            assert client.stdout.readline().strip() == "200"
-            port = free_port()
-            with agent(["run"], port, tmp_path / "agent.log", ready_path="/readyz") as proc:
-                reader = StreamReader(port)
-                try:
-                    client.stdin.write(f"/a.txt?m={m}\n")
-                    client.stdin.flush()
-                    assert client.stdout.readline().strip() == "200"
-                    txs = reader.transactions(m, count=1)
-                    assert txs, "the pre-existing connection's request was not captured\n" + proc.output()
-                    assert body_of(txs[0]["response"]) == b"early bird\n"
-                finally:
-                    reader.close()
-        finally:
-            client.stdin.close()
-            client.wait(timeout=10)
+    # Fresh own-port traffic, plaintext HTTP the agent could parse if it looked.
+    curl(f"http://{LOOP}:{AGENT_PORT}/healthz?m={m}")
+    subprocess.run([*CURL, "--max-time", "2", f"http://{LOOP}:{AGENT_PORT}/devtools/api/events?m={m}"],
+                   capture_output=True, timeout=30)
+    # Then traffic we do expect to see: once it is on the stream, so is anything before it.
+    barrier(reader, nginx_plain)
+    with reader.lock:
+        events = list(reader.events)
+
+    def refers_to(port: int) -> list:
+        found = []
+        for t, body in events:
+            if t.startswith("connection."):
+                c = body["data"]["data"]
+                ports = {c["source"].get("address", {}).get("port"), c["destination"].get("address", {}).get("port")}
+                if port in ports:
+                    found.append((t, c["meta"]["connectionId"], c["source"].get("exe"), c["destination"]))
+            elif t == "request.http_transaction":
+                url = body["data"]["data"]["summary"]["request_url"]
+                if f":{port}/" in url:
+                    found.append((t, url))
+        return found
+
+    # The search finds what is there (the barrier's connections and transactions) ...
+    control = refers_to(nginx_plain.port)
+    assert {f[0] for f in control} >= {"connection.opened", "connection.closed", "request.http_transaction"}, control
+    # ... and nothing about the agent's own port, in any event.
+    own = refers_to(AGENT_PORT)
+    assert not own, own[:10]
