@@ -6,7 +6,10 @@
 #define TCP_SYN_SENT_ 2
 #define TCP_SYN_RECV_ 3
 
-struct connect_args { s32 fd; u32 ok; struct addr remote; };
+/* tcp: the kernel moved a TCP socket to SYN_SENT inside this connect() call.
+ * Only then is it a TCP connection attempt: a connect() on a UDP socket (DNS
+ * resolvers do it) sets no TCP state and is not a connection of ours. */
+struct connect_args { s32 fd; u32 tcp; struct addr remote; };
 BPF_HASH(connect_stash, u32, struct connect_args, 16384);   /* tid */
 struct accept_args { s32 fd; u32 _pad; u64 peer; };
 BPF_HASH(accept_stash, u32, struct accept_args, 16384);     /* tid */
@@ -56,7 +59,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_connect)
     if (!c)
         return 0;
     long ret = args->ret;
-    if (ret == 0 || ret == -EINPROGRESS_) {
+    if (c->tcp && (ret == 0 || ret == -EINPROGRESS_)) {
         u32 flags = SOCK_KNOWN;
         if (port_excluded(c->remote.port))
             flags |= SOCK_EXCLUDED;
@@ -105,6 +108,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
         struct connect_args *c = connect_stash.lookup(&tid);
         if (!c)
             return 0;
+        c->tcp = 1;
         struct sock_key k = { .tgid = id >> 32, .fd = c->fd };
         sk_pending.update(&sk, &k);
         return 0;

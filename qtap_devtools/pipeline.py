@@ -51,6 +51,16 @@ MAX_PENDING_SNI = 4096
 OPEN_GRACE_NS = 100_000_000  # wait this long for a connection's addresses before announcing it
 HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n"
 _REQUEST_START = re.compile(rb"^[A-Z]{3,12} \S+ HTTP/1\.[01]\r?\n")
+_HOST_FIELD = re.compile(rb"\nhost:[ \t]*([^\r\n]+)", re.I)
+_REQUEST_DIRECTION = {"client": "egress", "server": "ingress"}
+
+
+def _host_name(host: str) -> str:
+    """``example.com:8080`` → ``example.com``; ``[::1]:8080`` → ``[::1]``."""
+    host = host.strip()
+    if host.startswith("["):
+        return host[: host.find("]") + 1] or host
+    return host.rsplit(":", 1)[0]
 
 
 def mono_to_wall_offset() -> int:
@@ -115,6 +125,7 @@ class Pipeline:
             "connections_evicted": 0,
             "unpaired_close": 0,
             "own_traffic_skipped": 0,
+            "connects_not_established": 0,
         }
 
     # ------------------------------------------------------------ helpers
@@ -367,6 +378,14 @@ class Pipeline:
         proto = conn.assembler.protocol
         if proto != "unknown":
             info.l7_protocol = proto
+            if not info.http_host and r.direction == _REQUEST_DIRECTION.get(conn.role):
+                # The Host names the endpoint from the first request on, so the
+                # connection.updated that says http1 already carries it (without
+                # SNI it would otherwise say the IP until the response completes).
+                head_end = r.data.find(b"\r\n\r\n", 0, 8192)
+                found = _HOST_FIELD.search(r.data, 0, head_end if head_end >= 0 else 8192)
+                if found:
+                    info.http_host = _host_name(found.group(1).decode("latin-1"))
         self._maybe_updated(conn, r.ts_ns)
         for ex in exchanges:
             self._transaction(conn, ex)
@@ -413,7 +432,8 @@ class Pipeline:
         """Periodic: announce connections whose addresses never came, and let
         assemblers emit streaming responses that passed the time limit."""
         for conn in list(self.conns.values()):
-            if not conn.announced and mono_now - conn.opened_mono > OPEN_GRACE_NS:
+            if not conn.announced and mono_now - conn.opened_mono > OPEN_GRACE_NS \
+                    and not self._never_established(conn):
                 self._announce(conn)
             for ex in conn.assembler.on_tick(mono_now):
                 self._transaction(conn, ex)
@@ -427,11 +447,23 @@ class Pipeline:
     # ------------------------------------------------------------ output
 
     def _finish(self, conn: _Conn, ts: int) -> None:
+        if not conn.announced and self._never_established(conn):
+            # A connect that was refused or abandoned: no connection to report.
+            self.counters["connects_not_established"] += 1
+            return
         for ex in conn.assembler.on_close(ts):
             self._transaction(conn, ex)
         self._announce(conn)
         conn.info.closed_ns = self.wall(ts)
         self.emit(ConnectionClosed(conn.info, ts_ns=conn.info.closed_ns))
+
+    @staticmethod
+    def _never_established(conn: _Conn) -> bool:
+        """A client socket whose connect() has not completed as far as we know:
+        no 4-tuple from the kernel (its ESTABLISHED transition) or /proc, and
+        no bytes.  connection.opened is for a connect that completed."""
+        info = conn.info
+        return conn.role == "client" and info.local is None and not conn.fed and not info.is_tls
 
     def _transaction(self, conn: _Conn, ex: HttpExchange) -> None:
         req = ex.request
@@ -444,7 +476,7 @@ class Pipeline:
         req_headers = combined_headers(req.headers)
         host = header(req_headers, "host")
         if host and not info.http_host:
-            info.http_host = host.rsplit(":", 1)[0] if not host.startswith("[") else host
+            info.http_host = _host_name(host)
         scheme = "https" if info.is_tls else "http"
         target = req.target
         if target.startswith(("http://", "https://")):  # absolute-form (proxies)

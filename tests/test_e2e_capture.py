@@ -526,10 +526,6 @@ def test_plaintext_curl_to_python_http_server(live, tmp_path):
                    resp_body=text)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "agent bug: without SNI, connection.updated (l7Protocol http1) still says endpointId = the destination IP; "
-    "pipeline.py sets info.http_host only in _transaction(), when the response completes, so the Host header "
-    "reaches only connection.closed and the seed's 'connections to a specific host' recipe misses the update"))
 def test_plaintext_host_names_the_endpoint_when_http1_is_detected(live, nginx_plain):
     _, reader, _ = live
     m = marker()
@@ -883,11 +879,6 @@ def events_for_port(reader: StreamReader, port: int) -> list[tuple[str, dict]]:
                              d["data"]["data"]["destination"].get("address", {}).get("port"))]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "agent bug: a non-blocking connect() that is refused still gets connection.opened (and .closed) "
-    "with no source address: probes/sockets.c emits REC_CONNECT on -EINPROGRESS, and pipeline.py "
-    "_finish() (and on_tick after OPEN_GRACE_NS) calls _announce() for a connection that never "
-    "reached ESTABLISHED"))
 def test_a_refused_connect_opens_no_connection(live, nginx_plain):
     """The issue: connection.opened "when a connect/accept completes".  curl's
     connect is non-blocking; here it is refused, so nothing completed."""
@@ -910,10 +901,6 @@ while True:
 """
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "agent bug: connect() on a UDP socket is reported as a TCP connection (opened/updated/closed, "
-    "socketProtocol 'tcp', l7Protocol 'other'): probes/sockets.c sys_exit_connect emits REC_CONNECT for any "
-    "AF_INET/AF_INET6 connect that returns 0, whatever the socket type, and events.py always says 'tcp'"))
 def test_a_connected_udp_socket_is_not_reported_as_tcp(live, nginx_plain):
     """Resolvers connect() UDP sockets (DNS).  Such a flow is either not a
     connection event at all or says it is UDP: never socketProtocol "tcp"."""

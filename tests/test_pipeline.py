@@ -259,3 +259,21 @@ def test_socket_seeded_on_a_listening_port_is_the_server_side():
     tx = [e for e in events if e.type == "request.http_transaction"]
     assert len(tx) == 1 and tx[0].connection.direction == "ingress"
     assert tx[0].payload()["data"]["summary"]["response_status"] == 204
+
+
+def test_plaintext_host_names_the_endpoint_on_the_http1_update():
+    req = b"GET /x HTTP/1.1\r\nHost: plain.example.test:8080\r\nAccept: */*\r\n\r\n"
+    events, _ = run([
+        rec.SocketConnect(100, 5, 1_000, EP_S),
+        rec.SocketAddress(100, 5, EP_C, EP_S, 1_100),
+        rec.DataChunk(100, 100, 5, 2_000, "egress", "socket", 0, req),
+    ])
+    updated = [e.payload()["data"] for e in events if e.type == "connection.updated"]
+    assert updated and updated[0]["l7Protocol"] == "http1"
+    assert updated[0]["meta"]["endpointId"] == "plain.example.test"
+
+
+def test_a_connect_that_never_completed_is_no_connection():
+    """Refused: the connect record came, no 4-tuple (no ESTABLISHED), no bytes, then close."""
+    events, p = run([rec.SocketConnect(100, 5, 1_000, EP_S), rec.SocketClose(100, 5, 2_000)])
+    assert events == [] and p.counters["connects_not_established"] == 1
