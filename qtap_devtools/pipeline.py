@@ -13,6 +13,7 @@ so the offset between the two clocks is taken once at start.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 import logging
@@ -220,6 +221,9 @@ class Pipeline:
         info = self.process_info(r.pid)
         if info is None:  # gone already: describe it from what the kernel said
             info = _minimal_process(r.pid, self.parents.get(r.pid, 0), r.filename, r.comm, self.wall(r.ts_ns))
+        elif not info.exe:  # it exited while /proc was being read: the kernel's filename stands in
+            info = dataclasses.replace(info, exe=r.filename, binary=os.path.basename(r.filename) or info.binary,
+                                       cmdline=info.cmdline or r.filename)
         self._remember(info)
         self.emit(ProcessStarted(info, ts_ns=self.wall(r.ts_ns)))
 

@@ -170,6 +170,17 @@ def test_short_lived_process_gone_before_proc_read_still_gets_both_events():
     assert out[0].payload()["binary"] == "true"
 
 
+def test_process_read_half_way_through_its_exit_takes_the_kernels_filename():
+    """/proc answered for the pid, but its exe link was already gone."""
+    half = ProcessInfo(pid=556, ppid=1, exe="", binary="sh", cmdline="", uid=0, user="root", hostname="box",
+                       start_time_ns=1)
+    out = []
+    p = Pipeline(Config(), out.append, {556: half}.get, own_pid=1)
+    p.on_records([rec.ProcessExec(556, 1_000, "/usr/bin/dash", "sh")])
+    started = out[0].payload()
+    assert (started["path"], started["binary"]) == ("/usr/bin/dash", "dash")
+
+
 def test_direction_classification():
     assert classify("127.0.0.1") == "egress-internal"
     assert classify("10.1.2.3") == "egress-internal"
