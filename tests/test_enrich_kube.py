@@ -248,3 +248,53 @@ def test_no_cluster_config_is_reported_not_raised(tmp_path, monkeypatch):
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     client, reason = make_api_client(None)
     assert client is None and "kubeconfig" in reason
+
+
+def test_kubeconfig_is_used_when_there_is_no_in_cluster_config(stand_in, tmp_path, monkeypatch):
+    """The kubeconfig path, against the stand-in API server."""
+    kubeconfig = tmp_path / "config"
+    kubeconfig.write_text(f"""\
+apiVersion: v1
+kind: Config
+clusters:
+- name: standin
+  cluster: {{server: "{stand_in.url}"}}
+users:
+- name: tester
+  user: {{token: not-checked-by-the-stand-in}}
+contexts:
+- name: standin
+  context: {{cluster: standin, user: tester}}
+current-context: standin
+""")
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    api_client, source = make_api_client(None)
+    assert source == "kubeconfig"
+    w = KubePodWatcher(api_client, "node-1", backoff_initial=0.05, backoff_max=0.2, source=source)
+    w.start()
+    try:
+        assert w.wait_synced(10), w.stats()
+        pod = w.pod_for(WEB_ID)
+        assert pod is not None and pod.name == "web-7d4b9c8f6-x2k9p" and pod.namespace == "shop"
+    finally:
+        w.stop()
+
+
+def test_in_cluster_config_comes_before_the_kubeconfig(stand_in, tmp_path, monkeypatch):
+    """A pod's service account: host and port from the environment, token and CA on disk."""
+    from kubernetes.config import incluster_config
+
+    sa = tmp_path / "sa"
+    sa.mkdir()
+    (sa / "token").write_text("token-from-the-service-account")
+    (sa / "ca.crt").write_text("not used over plain http\n")
+    host, port = stand_in.url.removeprefix("http://").rsplit(":", 1)
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", host)
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", port)
+    monkeypatch.setattr(incluster_config, "SERVICE_TOKEN_FILENAME", str(sa / "token"))
+    monkeypatch.setattr(incluster_config, "SERVICE_CERT_FILENAME", str(sa / "ca.crt"))
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
+    api_client, source = make_api_client(None)
+    assert source == "in-cluster"
+    assert api_client.configuration.host == f"https://{host}:{port}"

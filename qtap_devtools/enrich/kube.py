@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -405,7 +406,9 @@ def make_api_client(api_url: str | None) -> tuple[Any, str] | tuple[None, str]:
         pass
     try:
         cfg = k8s.Configuration()
-        k8s_config.load_kube_config(client_configuration=cfg)
+        # The client reads $KUBECONFIG once, when it is imported; read it at
+        # call time, as kubectl does, so the setting of the moment counts.
+        k8s_config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None, client_configuration=cfg)
         return k8s.ApiClient(cfg), "kubeconfig"
     except (k8s_config.ConfigException, OSError, TypeError) as exc:
         return None, f"no in-cluster config, no kubeconfig ({_describe(exc)})"
