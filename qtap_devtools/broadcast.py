@@ -181,6 +181,7 @@ class Broadcaster:
         self.subscribers: set[Subscriber] = set()
         self._seq = itertools.count(1)
         self.published = 0
+        self.subscribed_total = 0  # streams ever opened: tells a new one from a replaced one
         self.dropped_total = 0  # events lost by slow subscribers, summed over them
         self.closed = False
         self._listeners: list[Callable[[Envelope], None]] = []
@@ -237,6 +238,7 @@ class Broadcaster:
         if self.closed:
             sub.close(None)
         self.subscribers.add(sub)
+        self.subscribed_total += 1
         return sub
 
     def unsubscribe(self, sub: Subscriber) -> None:
@@ -252,6 +254,7 @@ class Broadcaster:
         return {
             "published": self.published,
             "subscribers": len(self.subscribers),
+            "subscribersTotal": self.subscribed_total,
             "subscriberDrops": self.dropped_total,
             "history": len(self.history),
             "historyLimit": self.history_size,

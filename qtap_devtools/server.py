@@ -181,7 +181,7 @@ def create_app(rt: Runtime) -> Starlette:
         )
 
     async def healthz(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "clients": len(bc.subscribers)})
+        return JSONResponse({"status": "ok", "clients": len(bc.subscribers), "clientsTotal": bc.subscribed_total})
 
     async def readyz(request: Request) -> Response:
         if rt.not_ready:

@@ -27,12 +27,14 @@ def recipes() -> dict[str, str]:
 
 
 def clients(port: int = 10001) -> int:
+    """Streams the agent has ever opened: a count that only grows, so a new
+    stream is seen even while an earlier client is going away."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:
-        return json.load(resp)["clients"]
+        return json.load(resp)["clientsTotal"]
 
 
 def run_recipe(script: str, cwd: Path, port: int = 10001, settle: float = 1.0, until=None,
-               deadline: float = 20.0, during=None) -> str:
+               deadline: float = 60.0, during=None) -> str:
     """Run ``script``; once its curl is connected, call ``during()`` (make the
     traffic the recipe should see), wait for ``until()`` (or ``settle``
     seconds), then end curl and return what the pipeline printed.
