@@ -25,8 +25,8 @@ class Backlog:
         loop: asyncio.AbstractEventLoop,
         consume: Callable[[list], None],
         *,
-        max_records: int = 200_000,
-        max_bytes: int = 64 << 20,
+        max_records: int = 50_000,
+        max_bytes: int = 32 << 20,
         slice_records: int = 2_000,
     ) -> None:
         self._loop = loop

@@ -135,6 +135,36 @@ def _verifier_last_line(text: str) -> str:
     return lines[-1] if lines else "no verifier output"
 
 
+# Loaded by bcc to compile the probes and not run again once they are loaded
+# (attaching later needs only libbcc): ~80 MiB of resident code pages.
+COMPILER_LIBRARIES = re.compile(r"/lib(LLVM|clang-cpp|clang)[-.][^/]*$")
+MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages now; they fault back in if ever used
+
+
+def release_compiler_pages(maps: str = "/proc/self/maps") -> int:
+    """Hand the compiler's code pages back to the kernel; the bytes released.
+
+    They are file-backed and clean, so nothing is lost: a page that is needed
+    again is read back from the library file.  Best effort."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        madvise = libc.madvise
+        madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        with open(maps) as f:
+            lines = f.readlines()
+    except (OSError, AttributeError):
+        return 0
+    released = 0
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 6 or not COMPILER_LIBRARIES.search(parts[5]):
+            continue
+        start, end = (int(x, 16) for x in parts[0].split("-"))
+        if madvise(start, end - start, MADV_PAGEOUT) == 0:
+            released += end - start
+    return released
+
+
 class Capture:
     def __init__(
         self,
@@ -178,6 +208,7 @@ class Capture:
         self.wake_bytes = wake_bytes
         self._reader = RecordReader()
         self._bpf = None
+        self.compiler_pages_released = 0
         self._attacher: Attacher | None = None
         self._watcher: ExecWatcher | None = None
         self._thread: threading.Thread | None = None
@@ -214,6 +245,7 @@ class Capture:
         bpf[b"events"].open_ring_buffer(self._on_raw)
         if self.seed_existing:
             self.seed_existing_sockets()
+        self.compiler_pages_released = release_compiler_pages()
         self._stop.clear()
         self._thread = threading.Thread(target=self._poll_loop, name="qtap-ring", daemon=True)
         self._thread.start()
