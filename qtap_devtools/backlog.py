@@ -28,12 +28,16 @@ class Backlog:
         max_records: int = 50_000,
         max_bytes: int = 32 << 20,
         slice_records: int = 2_000,
+        slice_bytes: int = 1 << 20,
     ) -> None:
         self._loop = loop
         self._consume = consume
         self.max_records = max_records
         self.max_bytes = max_bytes  # data records carry up to 16 KiB each
         self.slice_records = slice_records
+        # A slice of megabyte responses makes as many megabyte events before
+        # the publisher runs: bound it in bytes too.
+        self.slice_bytes = slice_bytes
         self._batches: deque[tuple[list, int]] = deque()  # (records, their payload bytes)
         self._queued = 0
         self._queued_bytes = 0
@@ -70,13 +74,17 @@ class Backlog:
                 self._scheduled = False
                 return
             batch, size = self._batches[0]
-            if len(batch) <= self.slice_records:
+            if len(batch) <= self.slice_records and size <= self.slice_bytes:
                 self._batches.popleft()
                 part = batch
             else:
-                part, rest = batch[: self.slice_records], batch[self.slice_records :]
+                n = _slice_length(batch, self.slice_records, self.slice_bytes)
+                part, rest = batch[:n], batch[n:]
                 size = _payload_bytes(part)
-                self._batches[0] = (rest, self._batches[0][1] - size)
+                if rest:
+                    self._batches[0] = (rest, self._batches[0][1] - size)
+                else:
+                    self._batches.popleft()
             self._queued -= len(part)
             self._queued_bytes -= size
             self._cond.notify()
@@ -99,3 +107,13 @@ class Backlog:
 
 def _payload_bytes(batch: list) -> int:
     return sum(len(getattr(r, "data", b"")) for r in batch)
+
+
+def _slice_length(batch: list, max_records: int, max_bytes: int) -> int:
+    """How many leading records make a slice (at least one)."""
+    size = 0
+    for n, r in enumerate(batch[:max_records], 1):
+        size += len(getattr(r, "data", b""))
+        if size >= max_bytes:
+            return n
+    return min(len(batch), max_records)

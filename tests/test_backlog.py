@@ -101,3 +101,16 @@ def test_the_limit_is_in_bytes_too():
 
     stats = asyncio.run(go())
     assert stats["backlog_records"] == 4 and stats["backlog_bytes"] == 65536
+
+
+def test_slices_are_bounded_in_bytes():
+    async def go():
+        loop = asyncio.get_running_loop()
+        parts: list[int] = []
+        backlog = Backlog(loop, lambda part: parts.append(len(part)), slice_records=1000, slice_bytes=64 * 1024)
+        backlog.put([Chunk(16384) for _ in range(10)])
+        for _ in range(20):
+            await asyncio.sleep(0)
+        return parts
+
+    assert asyncio.run(go()) == [4, 4, 2]
