@@ -29,7 +29,7 @@ RESULTS = Path(__file__).with_name("results.json")
 
 EXAMPLES = """\
 examples:
-  make bench                                   # the full run (~12 min on 2 cores)
+  make bench                                   # the full run (~8 min on 2 cores)
   make bench ARGS="--reps 5 --seconds 8"
   make bench ARGS="--only agent_tuned"         # untraced always runs: shares need it
   .venv/bin/python -m bench.run --quick        # a few hundred requests per run (smoke test)
