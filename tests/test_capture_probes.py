@@ -602,3 +602,36 @@ def test_the_compilers_code_pages_are_handed_back_after_loading(capture):
             elif current and parts[0] == "Rss:":
                 resident += int(parts[1]) * 1024
     assert resident < 16 << 20, f"{resident >> 20} MiB of compiler pages still resident"
+
+
+def test_a_library_loaded_long_after_exec_is_attached_by_the_sweep(tmp_path):
+    """A copy of libssl outside the library directories (a new inode), loaded
+    by a process well after its exec-time scans: the periodic sweep finds it."""
+    import shutil
+
+    copy = tmp_path / "libssl.so.3"
+    shutil.copy(LIBSSL, copy)
+    cap = Capture(Collector(), max_chunk=MAX_CHUNK, seed_existing=False, sweep_seconds=0.5)
+    cap.start()
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import ctypes, sys\n"
+        "sys.stdin.readline()\n"
+        f"ctypes.CDLL({str(copy)!r})\n"
+        "print('loaded', flush=True)\n"
+        "sys.stdin.readline()\n")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.5)  # past the exec-time scans (0-1 s): only a sweep can find it now
+        assert not [a for a in cap.attachments if a.path == str(copy)]
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == "loaded"
+        deadline = time.monotonic() + 30
+        while not [a for a in cap.attachments if os.path.realpath(a.path) == str(copy)]:
+            assert time.monotonic() < deadline, [a.path for a in cap.attachments]
+            time.sleep(0.1)
+        att = next(a for a in cap.attachments if os.path.realpath(a.path) == str(copy))
+        assert att.ok and att.library == "openssl" and att.mode == "tuned"
+    finally:
+        child.kill()
+        child.wait()
+        cap.stop()

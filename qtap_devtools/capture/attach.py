@@ -342,13 +342,18 @@ class ExecWatcher:
 
     At exec time only the binary and the dynamic loader are mapped; shared
     libraries appear a few milliseconds later, so each pid is scanned at exec
-    and again after short delays.
+    and again after short delays.  A library loaded later still (dlopen of a
+    container's own libssl, a wheel's bundled copy) is found by a sweep of
+    every process every ``sweep_seconds``.
     """
 
     DELAYS = (0.0, 0.05, 0.3, 1.0)
 
-    def __init__(self, attacher: Attacher, max_pending: int = 4096) -> None:
+    def __init__(self, attacher: Attacher, max_pending: int = 4096, sweep_seconds: float = 10.0) -> None:
         self._attacher = attacher
+        self._sweep_seconds = sweep_seconds
+        self._next_sweep = time.monotonic() + sweep_seconds
+        self.sweeps = 0
         self._cond = threading.Condition()
         self._queue: list[tuple[float, int, int]] = []  # (due, pid, step)
         self._max_pending = max_pending
@@ -371,17 +376,34 @@ class ExecWatcher:
             self._cond.notify()
         self._thread.join(timeout=5)
 
+    def _sweep(self) -> None:
+        self.sweeps += 1
+        for pid in all_pids():
+            try:
+                self._attacher.scan_pid(pid)
+            except Exception:  # a process that went away mid-read, an odd file
+                log.debug("sweep: scanning pid %d failed", pid, exc_info=True)
+        self._next_sweep = time.monotonic() + self._sweep_seconds
+
     def _run(self) -> None:
         while True:
             with self._cond:
                 while not self._stop and (not self._queue or self._queue[0][0] > time.monotonic()):
-                    timeout = None if not self._queue else max(0.0, self._queue[0][0] - time.monotonic())
-                    self._cond.wait(timeout)
+                    now = time.monotonic()
+                    if now >= self._next_sweep:
+                        break
+                    due = self._queue[0][0] if self._queue else self._next_sweep
+                    self._cond.wait(max(0.0, min(due, self._next_sweep) - now))
                 if self._stop:
                     return
-                due, pid, step = heapq.heappop(self._queue)
-                if step + 1 < len(self.DELAYS):
-                    heapq.heappush(self._queue, (due + self.DELAYS[step + 1], pid, step + 1))
+                sweep = not self._queue or self._queue[0][0] > time.monotonic()
+                if not sweep:
+                    due, pid, step = heapq.heappop(self._queue)
+                    if step + 1 < len(self.DELAYS):
+                        heapq.heappush(self._queue, (due + self.DELAYS[step + 1], pid, step + 1))
+            if sweep:
+                self._sweep()
+                continue
             if not os.path.exists(f"/proc/{pid}"):
                 with self._cond:
                     self._queue = [q for q in self._queue if q[1] != pid]

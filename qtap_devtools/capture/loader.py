@@ -180,6 +180,7 @@ class Capture:
         attach_mode: AttachMode = "auto",
         wake_records: int = 64,
         wake_bytes: int = 256 * 1024,
+        sweep_seconds: float = 10.0,
     ) -> None:
         """``attach_mode``: ``"auto"`` probes OpenSSL at the cheap sites
         ``tuned.analyze`` proves (entry probes where it cannot), ``"entry"``
@@ -204,6 +205,7 @@ class Capture:
         # A longer poll timeout would hold unsignalled records back for as long.
         self.poll_timeout_ms = max(1, min(poll_timeout_ms, DRAIN_MS))
         self.attach_mode = attach_mode
+        self.sweep_seconds = sweep_seconds  # every process re-scanned for TLS libraries this often
         self.wake_records = wake_records
         self.wake_bytes = wake_bytes
         self._reader = RecordReader()
@@ -239,7 +241,7 @@ class Capture:
 
         self._attacher = Attacher(attach, exclude_pid=self.exclude_pid, mode=self.attach_mode)
         self._attacher.scan_all(self.extra_binaries)
-        self._watcher = ExecWatcher(self._attacher)
+        self._watcher = ExecWatcher(self._attacher, sweep_seconds=self.sweep_seconds)
         self._read = self._reader.parse
         self._append = self._batch.append
         bpf[b"events"].open_ring_buffer(self._on_raw)
