@@ -184,7 +184,7 @@ class Broadcaster:
         self.subscribed_total = 0  # streams ever opened: tells a new one from a replaced one
         self.dropped_total = 0  # events lost by slow subscribers, summed over them
         self.closed = False
-        self._listeners: list[Callable[[Envelope], None]] = []
+        self._listeners: list[Callable[[Published], None]] = []
 
     def add_listener(self, fn: Callable[[Published], None]) -> None:
         """A synchronous consumer of every event (state store, file writer):
