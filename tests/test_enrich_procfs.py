@@ -64,18 +64,17 @@ def test_own_process():
 def test_child_process_argv_user_and_start_time(child):
     before = time.time_ns()
     kwargs = {"user": 65534} if os.geteuid() == 0 else {}
-    p = child(["/bin/sleep", "30", "--", "two words"], **kwargs)
-    # Popen returns once the child forked; under load its exec may lag.
-    deadline = time.monotonic() + 10
-    while open(f"/proc/{p.pid}/cmdline", "rb").read().split(b"\0")[0] != b"/bin/sleep":
-        assert time.monotonic() < deadline, "the child never exec'd sleep"
-        time.sleep(0.01)
+    # An argument with a space, to a process that stays up: `sleep 30 -- "two
+    # words"` exits at once ("invalid time interval") and raced the reads.
+    script = "import time; time.sleep(30)"
+    p = child([sys.executable, "-c", script, "two words"], **kwargs)
+    assert p.poll() is None
     info = read_process(p.pid)
     assert info is not None
     assert info.ppid == os.getpid()
-    assert info.exe == os.path.realpath("/bin/sleep")
-    assert info.binary == "sleep"
-    assert info.cmdline == "/bin/sleep 30 -- two words"
+    assert info.exe == os.path.realpath(sys.executable)
+    assert info.binary == os.path.basename(os.path.realpath(sys.executable))
+    assert info.cmdline == f"{sys.executable} -c {script} two words"
     if os.geteuid() == 0:
         assert (info.uid, info.user) == (65534, "nobody")
     # Clock ticks are 10 ms; allow for them and for the boot-time estimate.
