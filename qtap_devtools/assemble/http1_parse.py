@@ -138,7 +138,8 @@ _FRAMING_HEADERS = frozenset(("content-length", "transfer-encoding", "connection
 def _framing_header(msg: Head, lkey: str, value: str) -> None:
     if lkey == "content-length":
         # RFC 9110 §8.6: a list of identical values may be taken as that value.
-        values = {v.strip() for v in value.split(",")}
+        # A comma is rare: only then build the set (this runs for nearly every message).
+        values = {v.strip() for v in value.split(",")} if "," in value else {value}
         if msg.content_length is not None:
             values.add(str(msg.content_length))
         if len(values) != 1:
