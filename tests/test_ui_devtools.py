@@ -111,10 +111,9 @@ def opened(page, agent):
     return page
 
 
-def test_page_loads_without_console_errors(page, rich):
-    opened(page, rich)
-    # Visit every view and every detail tab: none may log an error.
-    for text in ("/v1/users", "/login", "/img/logo.png", "/fonts/inter.woff2", "/api/stream"):
+def visit_every_view(page, paths) -> None:
+    """Open each row's every detail tab, then the Processes and Connections views."""
+    for text in paths:
         select_row(page, text)
         for tab in ("headers", "payload", "response", "timing", "source"):
             detail_tab(page, tab).wait_for()
@@ -123,6 +122,12 @@ def test_page_loads_without_console_errors(page, rich):
     page.click('[data-testid="view-connections"]')
     page.locator('[data-testid="connection-row"]').first.wait_for()
     page.click('[data-testid="view-network"]')
+
+
+def test_page_loads_without_console_errors(page, rich):
+    opened(page, rich)
+    # Visit every view and every detail tab: none may log an error.
+    visit_every_view(page, ("/v1/users", "/login", "/img/logo.png", "/fonts/inter.woff2", "/api/stream"))
     assert page.console.errors == []
 
 
@@ -608,15 +613,7 @@ def test_works_offline_every_request_is_same_origin(page, rich):
 
     page.context.route("**/*", guard)
     opened(page, rich)
-    for text in ("/v1/users", "/login", "/img/logo.png", "/fonts/inter.woff2", "/api/cart"):
-        select_row(page, text)
-        for tab in ("headers", "payload", "response", "timing", "source"):
-            detail_tab(page, tab).wait_for()
-    page.click('[data-testid="view-processes"]')
-    page.locator('[data-testid="process-row"]').first.wait_for()
-    page.click('[data-testid="view-connections"]')
-    page.locator('[data-testid="connection-row"]').first.wait_for()
-    page.click('[data-testid="view-network"]')
+    visit_every_view(page, ("/v1/users", "/login", "/img/logo.png", "/fonts/inter.woff2", "/api/cart"))
     with page.expect_download():
         page.click('[data-testid="export-har"]')
 
