@@ -81,7 +81,10 @@ class Agent:
         info = _process_of(event)
         waiting = info is not None and info.container_id and info.container is None
         # The bound is per event, from when it was made: events queued behind
-        # a slow lookup do not each wait their own 50 ms on top.
+        # a slow lookup do not each wait their own 50 ms on top.  So the
+        # lookup starts now too, not when the event's turn comes.
+        if waiting and self.enricher.docker is not None:
+            self.enricher.docker.prefetch(info.container_id)
         self.pending.append((event, time.monotonic() + ENRICH_WAIT_SECONDS) if waiting else event.envelope())
         self._wake.set()
 

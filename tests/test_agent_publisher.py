@@ -19,6 +19,8 @@ IN_CONTAINER = ProcessInfo(pid=4242, ppid=1, exe="/usr/bin/curl", binary="curl",
 class SlowDocker:
     """Stands in for an enricher whose Docker lookup never answers in time."""
 
+    docker = None  # no prefetch: the wait itself is what is measured
+
     def __init__(self) -> None:
         self.waits: list[float] = []
 
@@ -55,6 +57,8 @@ def test_an_event_whose_container_arrives_in_time_carries_it():
     named = dataclasses.replace(IN_CONTAINER, container=ContainerInfo(id="ab" * 32, name="my-app", image="img", runtime="docker"))
 
     class Docker:
+        docker = None
+
         async def process_enriched(self, pid, timeout):
             return named
 

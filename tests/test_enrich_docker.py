@@ -111,9 +111,14 @@ def test_kubelet_labelled_container_gets_pod_fields_without_an_api_server(live, 
         tx = [t for t in reader.transactions(m, count=2) if t["direction"] != "ingress"]
         assert tx and tx[0]["metadata"]["pod_name"] == "web-7f9c" and tx[0]["metadata"]["pod_namespace"] == "shop"
         assert tx[0]["_event"]["summary"]["pod_name"] == "web-7f9c"
-        started = process_events(reader, "k8s-web")
-        assert started[0][1]["data"]["pod"] == {"name": "web-7f9c", "namespace": "shop", "uid": "0a1b2c3d",
-                                                 "labels": {}, "containerName": "web"}
+        # The container's process events carry the pod.  Its very first one may
+        # go out without it if Docker took longer than the 50 ms bound (the
+        # issue's rule: later events carry the data), so take the first that
+        # names the container: process.started, else process.stopped.
+        named = reader.find(lambda t, d: t.startswith("process.") and d["data"].get("binary") == "curl"
+                            and (d["data"].get("container") or {}).get("name") == "k8s-web")
+        assert named[0][1]["data"]["pod"] == {"name": "web-7f9c", "namespace": "shop", "uid": "0a1b2c3d",
+                                               "labels": {}, "containerName": "web"}
     finally:
         dockerenv.docker("rm", "-f", "k8s-web", check=False)
 

@@ -100,6 +100,11 @@ class DockerMetadata:
         done, _ = await asyncio.wait({wrapped}, timeout=timeout)
         return wrapped.result() if done else None
 
+    def prefetch(self, container_id: str) -> None:
+        """Start fetching ``container_id`` now, without waiting for it."""
+        if container_id not in self._cache:
+            self._schedule(container_id)
+
     def _schedule(self, container_id: str) -> concurrent.futures.Future[ContainerInfo | None] | None:
         if not self._connected or not container_id:
             return None
