@@ -577,3 +577,28 @@ def test_resync_buffer_stays_bounded_on_binary_without_newlines():
         asm.on_data("ingress", b"\xab" * 10000, i)
         assert len(asm._readers["ingress"].buf) <= 8 * 1024
     assert asm.discarded_bytes >= 100 * 10000 - 8 * 1024
+
+
+def test_seeking_after_a_gap_skips_start_line_lookalikes_inside_lines():
+    # After a gap the reader seeks the next start line. Text that merely contains
+    # "HTTP/1.1 200" mid-line, or a line that holds the mark but is no start line,
+    # must not be taken; the real status line after them must.
+    cap = Capture()
+    cap.egress(get("/big"))
+    cap.ingress(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"a" * 10)
+    cap.egress(get("/next"))
+    decoys = (b"see HTTP/1.1 200 OK\r\n"          # the mark mid-line
+              + b"HTTP/1.1 abc\r\n"               # at a line start, not a status line
+              + b"x" * 20000 + b"HTTP/1.1 9\n")  # a long line, the mark at its end
+    got = cap.ingress(decoys + ok(b"/next"), lose=200)
+    nxt = [x for x in got if x.response and x.response.body == b"/next"]
+    assert len(nxt) == 1 and nxt[0].request.target == "/next"
+    assert all(x.response is None or x.response.status in (200,) for x in got)
+
+
+def test_seeking_finds_a_request_line_after_its_mark_appears_late_in_the_line():
+    cap = Capture(role="server")
+    cap.ingress(b"POST /up HTTP/1.1\r\nContent-Length: 50\r\n\r\nabc")
+    got = cap.ingress(b"junk line\r\nGET /again HTTP/1.1\r\nHost: h\r\n\r\n", lose=100)
+    got += cap.egress(ok(b"x"))
+    assert any(x.request and x.request.target == "/again" for x in got)

@@ -31,15 +31,16 @@ VERSIONS = {b"HTTP/1.1": "HTTP/1.1", b"HTTP/1.0": "HTTP/1.0"}
 # that body text is less likely to look like a request line.
 _REQUEST_LINE = rb"[A-Z][A-Z0-9_\-]{0,19} [^\s]+ HTTP/1\.[01]"
 _STATUS_LINE = rb"HTTP/1\.[01] [1-5][0-9][0-9](?:[ \t][^\r\n]*)?"
-START_LINE = {
-    "request": re.compile(rb"^" + _REQUEST_LINE + rb"\r?\n", re.M),
-    "response": re.compile(rb"^" + _STATUS_LINE + rb"\r?\n", re.M),
-    None: re.compile(rb"^(?:(" + _STATUS_LINE + rb")|" + _REQUEST_LINE + rb")\r?\n", re.M),
-}
 START_LINE_AT = {
     "request": re.compile(_REQUEST_LINE + rb"\r?\n"),
     "response": re.compile(_STATUS_LINE + rb"\r?\n"),
+    None: re.compile(rb"(?:(" + _STATUS_LINE + rb")|" + _REQUEST_LINE + rb")\r?\n"),
 }
+# Every start line, request or status, contains this: seeking looks for it with
+# bytes.find (memchr speed) and tries the pattern only at the line holding it.
+# A regex search from every position was the agent's hottest loop when a capture
+# gap left it seeking through megabytes of body.
+START_MARK = b"HTTP/1."
 
 # Reader states.
 HEAD, LENGTH, CHUNK_SIZE, CHUNK_DATA, CHUNK_END, TRAILERS, CLOSE, SEEK, PAUSED, DEAD = range(10)
@@ -220,6 +221,22 @@ class ReaderOwner(Protocol):
     def on_cut(self, reader: MessageReader, msg: Message, error: str | None, desync: bool) -> None: ...
     def on_malformed(self, reader: MessageReader, reason: str, not_http: bool) -> None: ...
     def on_kind(self, reader: MessageReader, kind: str) -> None: ...
+
+
+def _find_start_line(pattern: re.Pattern, work: bytes | bytearray, pos: int, end: int) -> re.Match | None:
+    """The first whole start line beginning at a line start at or after ``pos``
+    (itself a line start)."""
+    mark = work.find(START_MARK, pos, end)
+    while mark >= 0:
+        line = work.rfind(b"\n", pos, mark) + 1 or pos
+        found = pattern.match(work, line, end)
+        if found is not None:
+            return found
+        nl = work.find(b"\n", mark, end)
+        if nl < 0:
+            return None
+        mark = work.find(START_MARK, nl + 1, end)
+    return None
 
 
 class MessageReader:
@@ -504,8 +521,7 @@ class MessageReader:
             self.discarded += lf + 1 - pos
             pos = lf + 1
             self.line_start = True
-        pattern = START_LINE[self.kind]
-        found = pattern.search(work, pos)
+        found = _find_start_line(START_LINE_AT[self.kind], work, pos, end)
         if found is None:
             # Keep the last partial line: it may become a start line with more data.
             last = work.rfind(b"\n", pos)
