@@ -155,6 +155,50 @@ struct tls_active_v { u64 tls_ref; u32 source; u32 _pad; };
 BPF_TABLE("lru_hash", u32, struct tls_active_v, tls_active, 16384);
 BPF_TABLE("lru_hash", u64, s32, tls_fd, 65536);     /* SSL* or session -> fd */
 
+/* Overload shedding.  While user space is behind it sets shed_cap[0] to a
+ * byte count: a call whose bytes start like an HTTP/1 message (a status line
+ * or an upper-case method and a space) keeps at most that many, its head;
+ * any other call keeps none.  The stream offset still advances by the whole
+ * call, so user space reads what was left out as a gap in a body and keeps
+ * framing.  0: no shedding.  shed_stats: [0] calls cut, [1] bytes not copied. */
+BPF_ARRAY(shed_cap, u64, 1);
+BPF_PERCPU_ARRAY(shed_stats, u64, 2);
+
+static __always_inline int starts_like_message(u64 ubuf)
+{
+    u8 b[8] = {};
+    if (!ubuf || bpf_probe_read_user(b, sizeof(b), (void *)ubuf) != 0)
+        return 0;
+    if (b[0] == 'H' && b[1] == 'T' && b[2] == 'T' && b[3] == 'P' && b[4] == '/' && b[5] == '1' && b[6] == '.')
+        return 1;
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        if (b[i] == ' ')
+            return i >= 3;
+        if (b[i] < 'A' || b[i] > 'Z')
+            return 0;
+    }
+    return 0;
+}
+
+/* How many of a call's `total` bytes to copy under the current shed cap. */
+static __always_inline u64 shed_limit(u64 total, u64 first_buf)
+{
+    int zero = 0, one = 1;
+    u64 *capp = shed_cap.lookup(&zero);
+    u64 cap = capp ? *capp : 0;
+    if (!cap || total <= cap)
+        return total;
+    u64 keep = starts_like_message(first_buf) ? cap : 0;
+    u64 *calls = shed_stats.lookup(&zero);
+    if (calls)
+        *calls += 1;
+    u64 *bytes = shed_stats.lookup(&one);
+    if (bytes)
+        *bytes += total - keep;
+    return keep;
+}
+
 static __always_inline void count_lost(u64 n)
 {
     int zero = 0;
@@ -341,6 +385,17 @@ static __always_inline void emit_data(void *ctx, s32 fd, u8 dir, u8 src,
         base_off = *offp;
     u64 next = base_off + total;
     offsets.update(&ok, &next);
+
+    u64 first_buf = buf;
+    if (iov) {
+        struct iovec_ v0 = {};
+        if (iovcnt > 0)
+            bpf_probe_read_user(&v0, sizeof(v0), (void *)iov);
+        first_buf = v0.base;
+    }
+    total = shed_limit(total, first_buf);   /* the offset above already moved past it all */
+    if (total == 0)
+        return;
 
     struct data_rec *r = scratch_get();
     if (!r) {

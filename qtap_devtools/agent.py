@@ -146,7 +146,7 @@ class Agent:
     # ------------------------------------------------------------ lifecycle
 
     def _start_capture(self, loop: asyncio.AbstractEventLoop) -> None:
-        from qtap_devtools.capture.loader import Capture, CaptureError
+        from qtap_devtools.capture.loader import SHED_HEAD_BYTES, Capture, CaptureError
 
         if os.geteuid() != 0:
             self.capture_error = "not root: eBPF capture needs root; run: sudo qtap-devtools run"
@@ -166,6 +166,8 @@ class Agent:
                 exclude_pid=os.getpid(),
                 exclude_port=0 if self.config.capture_own_port else self.config.listen.port,
                 attach_mode=self.config.attach_mode,
+                shed_head_bytes=SHED_HEAD_BYTES if self.config.shed else 0,
+                pressure=self.backlog.fill,
             )
             cap.start()
         except CaptureError as exc:

@@ -49,6 +49,10 @@ class Backlog:
     def _full(self) -> bool:
         return (self._queued >= self.max_records or self._queued_bytes >= self.max_bytes) and not self._closed
 
+    def fill(self) -> float:
+        """How full, 0..1 (read without the lock: a gauge for shedding, not a count)."""
+        return max(self._queued / self.max_records, self._queued_bytes / self.max_bytes)
+
     def put(self, batch: list) -> None:
         """From the reader thread: queue ``batch``, waiting while full."""
         size = _payload_bytes(batch)

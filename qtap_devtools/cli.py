@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ring-mib", type=int, default=32, metavar="MIB", help="BPF ring buffer size (default 32)")
     run.add_argument("--attach-mode", choices=["auto", "entry"], default="auto",
                      help="auto: cheap probe sites where provable; entry: classic entry/return probes")
+    run.add_argument("--no-shed", action="store_true",
+                     help="when capture falls behind, lose whole records instead of cutting bodies "
+                          "(default: keep every message head, cut bodies, count what was cut)")
     run.add_argument("--capture-own-port", action="store_true",
                      help="also capture connections to this agent's own port (off: each event would be captured again)")
     run.add_argument("--no-docker", action="store_true", help="do not ask Docker for container names")
@@ -153,6 +156,7 @@ def _config(args: argparse.Namespace) -> Config:
             max_body_bytes=args.max_body_bytes,
             ring_mib=args.ring_mib,
             attach_mode=args.attach_mode,
+            shed=not args.no_shed,
             capture_own_port=args.capture_own_port,
             docker=not args.no_docker,
             docker_url=args.docker_url,

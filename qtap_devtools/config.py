@@ -65,6 +65,7 @@ class Config:
     max_chunk_bytes: int = 16384
     capture_own_port: bool = False
     attach_mode: str = "auto"  # "auto" (tuned where provable) or "entry"
+    shed: bool = True  # when behind, keep message heads and cut bodies (else: lose records)
     # Enrichment
     docker: bool = True
     docker_url: str | None = None

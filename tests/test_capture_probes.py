@@ -635,3 +635,120 @@ def test_a_library_loaded_long_after_exec_is_attached_by_the_sweep(tmp_path):
         child.kill()
         child.wait()
         cap.stop()
+
+
+def _tcp_pair_writer(port: int, script: str) -> subprocess.Popen:
+    """A child that connects to ``port`` and runs ``script`` with the socket as ``s``
+    (its writes are what the probes see); it waits for a line on stdin between steps."""
+    return subprocess.Popen([sys.executable, "-c", (
+        "import socket, sys, time\n"
+        f"s = socket.create_connection(('127.0.0.1', {port}))\n"
+        "def step():\n"
+        "    print('ready', flush=True); sys.stdin.readline()\n"
+        + script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def _drain(peer: socket.socket) -> None:
+    """Read ``peer`` until it closes, in the background."""
+    def loop() -> None:
+        try:
+            while peer.recv(1 << 20):
+                pass
+        except OSError:
+            pass
+    threading.Thread(target=loop, daemon=True).start()
+
+
+def _go(proc: subprocess.Popen) -> None:
+    assert proc.stdout.readline().strip() == "ready"
+    proc.stdin.write("\n")
+    proc.stdin.flush()
+
+
+def test_a_ring_smaller_than_the_traffic_wraps_without_corrupting_records():
+    """8 MiB through a 1 MiB ring: the reader walks records across the wrap
+    (the data area is mapped twice so a record that wraps reads whole); every
+    record that arrives holds exactly the bytes written at its offset."""
+    pattern = bytes(range(251)) * (8 * 1024 * 1024 // 251 + 64)
+    got = Collector()
+    cap = Capture(got, max_chunk=MAX_CHUNK, seed_existing=False, ring_mib=1, shed_head_bytes=0)
+    cap.start()
+    try:
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen()
+            writer = _tcp_pair_writer(listener.getsockname()[1], (
+                "p = bytes(range(251)) * (8 * 1024 * 1024 // 251 + 64)\n"
+                "step()\n"
+                "for i in range(128):\n"
+                "    s.sendall(p[i * 65536:(i + 1) * 65536]); time.sleep(0.002)\n"
+                "step()\n"))
+            peer, _ = listener.accept()
+            _drain(peer)
+            _go(writer)
+            _go(writer)  # the writes are done
+            got.wait_for(lambda rs: sum(len(c.data) for c in chunks(rs, writer.pid, direction="egress"))
+                         >= 4 << 20, timeout=30, what="most of 8 MiB")
+            writer.wait(10)
+            peer.close()
+        time.sleep(0.2)
+        cs = chunks(got.snapshot(), writer.pid, direction="egress")
+        assert sum(len(c.data) for c in cs) >= 4 << 20
+        for c in cs:
+            assert c.data == pattern[c.offset : c.end], f"record at offset {c.offset} differs"
+        assert cap.stats()["parse_errors"] == 0
+    finally:
+        cap.stop()
+
+
+def test_while_shedding_calls_keep_their_message_head_and_bodies_are_cut():
+    """Behind (pressure past SHED_ON), a call that starts a message keeps its
+    first shed_head_bytes, a body-only call keeps nothing, offsets still move
+    by whole calls (user space sees a gap, framing intact); caught up, whole
+    calls again.  The probes count what they cut."""
+    from qtap_devtools.capture.loader import SHED_HEAD_BYTES
+
+    level = [1.0]
+    got = Collector()
+    cap = Capture(got, max_chunk=MAX_CHUNK, seed_existing=False, pressure=lambda: level[0])
+    cap.start()
+    try:
+        deadline = time.monotonic() + 5
+        while not cap.shedding and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert cap.shedding, "shedding did not start under full pressure"
+        head = b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 80000\r\n\r\n"
+        first = head + b"a" * (20000 - len(head))
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen()
+            writer = _tcp_pair_writer(listener.getsockname()[1], (
+                f"step(); s.sendall({first!r}); s.sendall(b'b' * 30000)\n"
+                "step(); s.sendall(b'c' * 30000)\n"
+                "step()\n"))
+            peer, _ = listener.accept()
+            _drain(peer)
+            _go(writer)
+            got.wait_for(lambda rs: chunks(rs, writer.pid, direction="egress"), what="the head record")
+            level[0] = 0.0
+            deadline = time.monotonic() + 5
+            while cap.shedding and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert not cap.shedding, "shedding did not stop with the pressure gone"
+            _go(writer)
+            got.wait_for(lambda rs: sum(len(c.data) for c in chunks(rs, writer.pid, direction="egress"))
+                         >= SHED_HEAD_BYTES + 30000, what="the unshed write")
+            _go(writer)
+            writer.wait(10)
+            peer.close()
+        cs = sorted(chunks(got.snapshot(), writer.pid, direction="egress"), key=lambda c: c.offset)
+        assert cs[0].offset == 0 and cs[0].data == first[:SHED_HEAD_BYTES]  # the head, kept
+        assert not [c for c in cs if 20000 <= c.offset < 50000]  # the body-only call: nothing
+        rest = [c for c in cs if c.offset >= 50000]
+        assert rest[0].offset == 50000 and b"".join(c.data for c in rest) == b"c" * 30000
+        calls, cut = cap.shed_counts()
+        assert calls >= 2 and cut >= (20000 - SHED_HEAD_BYTES) + 30000
+        stats = cap.stats()
+        assert stats["shed_episodes"] == 1 and stats["shed_bytes"] == cut and stats["lost_records"] == 0
+    finally:
+        cap.stop()

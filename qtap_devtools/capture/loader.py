@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from . import procnet
+from .ringbuf import RingReader
 from .attach import TUNED_FUNCTIONS, AttachMode, Attacher, Attachment, ExecWatcher, Where
 from .records import (
     ProcessExec,
@@ -50,6 +51,11 @@ SOCK_KNOWN = 1  # common.h
 # without a wake-up, so this bounds how long an idle stream's tail waits.
 DRAIN_MS = 50
 BATCH_RECORDS = 4096  # records handed to on_records at a time, at most
+# Overload shedding (probes/common.h, shed_cap): on when the ring or what is
+# downstream of it is this full, off again when both are below SHED_OFF.
+SHED_ON = 0.5
+SHED_OFF = 0.1
+SHED_HEAD_BYTES = 4096  # kept of a call that starts a message while shedding: its head
 
 
 class CaptureError(RuntimeError):
@@ -181,12 +187,21 @@ class Capture:
         wake_records: int = 64,
         wake_bytes: int = 256 * 1024,
         sweep_seconds: float = 10.0,
+        shed_head_bytes: int = SHED_HEAD_BYTES,
+        pressure: Callable[[], float] | None = None,
     ) -> None:
         """``attach_mode``: ``"auto"`` probes OpenSSL at the cheap sites
         ``tuned.analyze`` proves (entry probes where it cannot), ``"entry"``
         uses function-entry uprobes + uretprobes everywhere.  ``wake_records``
         / ``wake_bytes``: a data record forces a reader wake-up once this many
-        records / bytes were written on its CPU since the last one."""
+        records / bytes were written on its CPU since the last one.
+
+        Overload: when the ring, or ``pressure()`` (how full the consumer's
+        queue is, 0..1), passes SHED_ON, the probes keep only the first
+        ``shed_head_bytes`` of calls that start a message and nothing of the
+        rest, until both fall below SHED_OFF.  Transactions keep flowing with
+        their bodies cut, instead of whole records being lost at random.
+        ``shed_head_bytes=0`` turns this off."""
         if ring_mib <= 0 or ring_mib & (ring_mib - 1):
             raise CaptureError(f"ring_mib={ring_mib}: must be a power of two")
         if not 64 <= max_chunk <= 30000:
@@ -208,6 +223,12 @@ class Capture:
         self.sweep_seconds = sweep_seconds  # every process re-scanned for TLS libraries this often
         self.wake_records = wake_records
         self.wake_bytes = wake_bytes
+        if shed_head_bytes < 0:
+            raise CaptureError("shed_head_bytes must be 0 (off) or positive")
+        self.shed_head_bytes = shed_head_bytes
+        self._pressure = pressure
+        self.shedding = False
+        self.shed_episodes = 0
         self._reader = RecordReader()
         self._bpf = None
         self.compiler_pages_released = 0
@@ -219,7 +240,7 @@ class Capture:
         self._records_read = 0
         self._batches = 0
         self._callback_errors = 0
-        self._parse_errors = 0
+        self._ring: RingReader | None = None
         self._proc_fallbacks = 0
         # (pid, fd) whose 4-tuple we have seen / still wait for; bounded.
         self._addressed: dict[tuple[int, int], None] = {}
@@ -242,9 +263,8 @@ class Capture:
         self._attacher = Attacher(attach, exclude_pid=self.exclude_pid, mode=self.attach_mode)
         self._attacher.scan_all(self.extra_binaries)
         self._watcher = ExecWatcher(self._attacher, sweep_seconds=self.sweep_seconds)
-        self._read = self._reader.parse
-        self._append = self._batch.append
-        bpf[b"events"].open_ring_buffer(self._on_raw)
+        events = bpf[b"events"]
+        self._ring = RingReader(events.map_fd, int(events.max_entries))  # bytes, for a ring
         if self.seed_existing:
             self.seed_existing_sockets()
         self.compiler_pages_released = release_compiler_pages()
@@ -266,6 +286,8 @@ class Capture:
         if self._watcher is not None:
             self._watcher.stop()
             self._watcher = None
+        if self._ring is not None and self._thread is None:
+            self._ring.close()
         if self._bpf is not None:
             if detach:
                 self._bpf.cleanup()
@@ -388,34 +410,54 @@ class Capture:
 
     # ---- reading ----
 
-    def _on_raw(self, ctx, data, size) -> int:
-        # Called once per record by libbpf through ctypes: keep it to one copy
-        # and one precompiled unpack (RecordReader); no dicts, no lookups.
-        try:
-            self._append(self._read(ctypes.string_at(data, size)))
-        except Exception:
-            self._parse_errors += 1
-        if len(self._batch) >= BATCH_RECORDS:
-            # Hand over mid-drain: one consume() of a full ring is millions of
-            # records, and a consumer that is full must be able to stop us
-            # here (the ring then fills and the kernel counts what it drops).
-            self._flush()
-        return 0
-
     def _poll_loop(self) -> None:
-        bpf = self._bpf
-        poll, consume, timeout = bpf.ring_buffer_poll, bpf.ring_buffer_consume, self.poll_timeout_ms
+        ring, parse = self._ring, self._reader.parse_at
+        timeout = self.poll_timeout_ms
         while not self._stop.is_set():
-            poll(timeout)
-            # epoll only returns on a wake-up; records written without one
-            # (most data records) are read here, at least every DRAIN_MS.
-            consume()
+            # epoll returns on a wake-up; records written without one (most
+            # data records) are read after at most DRAIN_MS.
+            ring.wait(timeout)
+            # At most BATCH_RECORDS at a time: a full ring is millions of records,
+            # and a consumer that is full must be able to stop us between
+            # batches (the ring then fills and the kernel counts what it drops).
+            while ring.read(parse, self._batch, BATCH_RECORDS) == BATCH_RECORDS and not self._stop.is_set():
+                self._check_load()
+                self._flush()
+            self._check_load()
             self._flush(proc_fallback=True)
+
+    def load(self) -> float:
+        """How far behind we are, 0..1: the fuller of the ring and the consumer's queue."""
+        ring = self._ring.pending_bytes() / self._ring.size if self._ring else 0.0
+        return max(ring, self._pressure() if self._pressure else 0.0)
+
+    def _check_load(self) -> None:
+        if not self.shed_head_bytes:
+            return
+        load = self.load()
+        if not self.shedding and load >= SHED_ON:
+            self._set_shedding(True)
+            log.warning("capture is behind (%.0f%% full): keeping message heads only until it catches up", 100 * load)
+        elif self.shedding and load <= SHED_OFF:
+            self._set_shedding(False)
+            log.info("capture caught up: keeping whole messages again")
+
+    def _set_shedding(self, on: bool) -> None:
+        table = self._bpf[b"shed_cap"]
+        table[table.Key(0)] = table.Leaf(self.shed_head_bytes if on else 0)
+        self.shedding = on
+        self.shed_episodes += on
+
+    def shed_counts(self) -> tuple[int, int]:
+        """(calls cut, bytes not copied) since the start, from the probes."""
+        if self._bpf is None:
+            return 0, 0
+        table = self._bpf[b"shed_stats"]
+        return (int(sum(table.getvalue(table.Key(0)))), int(sum(table.getvalue(table.Key(1)))))
 
     def _flush(self, proc_fallback: bool = False) -> None:
         batch = self._batch
         self._batch = []
-        self._append = self._batch.append
         if batch:
             self._records_read += len(batch)
             watcher = self._watcher
@@ -455,17 +497,22 @@ class Capture:
 
     def stats(self) -> dict[str, object]:
         atts = self.attachments
+        shed_calls, shed_bytes = self.shed_counts()
         return {
             "lost_records": self.lost_records(),
             "records_read": self._records_read,
             "batches": self._batches,
-            "parse_errors": self._parse_errors,
+            "parse_errors": self._ring.parse_errors if self._ring else 0,
             "callback_errors": self._callback_errors,
             "proc_address_fallbacks": self._proc_fallbacks,
             "attachments": len(atts),
             "attachments_failed": sum(1 for a in atts if a.error),
             "attachments_tuned": sum(1 for a in atts if a.mode == "tuned"),
             "exec_scans_dropped": self._watcher.dropped if self._watcher else 0,
+            "shedding": self.shedding,
+            "shed_episodes": self.shed_episodes,
+            "shed_calls": shed_calls,
+            "shed_bytes": shed_bytes,
         }
 
 

@@ -9,6 +9,7 @@ means probes and this file disagree (a programming error, not bad input).
 from __future__ import annotations
 
 import ipaddress
+import mmap
 import struct
 from dataclasses import dataclass
 from typing import Literal, Union
@@ -202,7 +203,7 @@ class RecordReader:
     48-byte header and one slice; everything else goes through ``parse``.
     """
 
-    __slots__ = ("parse",)
+    __slots__ = ("parse", "parse_at")
 
     def __init__(self) -> None:
         unpack = _DATA_FULL.unpack_from
@@ -215,4 +216,17 @@ class RecordReader:
             return chunk(pid, tid, fd, ts, directions[direction], sources[source], offset,
                          raw[DATA_HDR_SIZE : DATA_HDR_SIZE + length], tls_ref)
 
+        def read_at(area: mmap.mmap | bytes, start: int, size: int) -> Record:
+            """The record of ``size`` bytes at ``area[start:]`` (the ring's own pages):
+            only the payload is copied out."""
+            if area[start] != DATA or size < DATA_HDR_SIZE:
+                return slow(area[start : start + size])
+            _, pid, tid, fd, ts, offset, length, direction, source, tls_ref = unpack(area, start)
+            if length > size - DATA_HDR_SIZE:
+                raise ValueError(f"data record claims {length} bytes in {size}")
+            begin = start + DATA_HDR_SIZE
+            return chunk(pid, tid, fd, ts, directions[direction], sources[source], offset,
+                         area[begin : begin + length], tls_ref)
+
         self.parse = read
+        self.parse_at = read_at

@@ -1,0 +1,87 @@
+"""A BPF ring buffer read through its own mmap'ed pages.
+
+bcc reads a ring by calling back into Python through ctypes once per record
+(plus a ``string_at`` copy): about a fifth of the agent's CPU at 25k records/s.
+Here the reader walks the records itself, the way libbpf's ``ringbuf_process_ring``
+does, and hands back a list per call.
+
+Layout (kernel/bpf/ringbuf.c): page 0 holds the consumer position (we write it),
+page 1 the producer position; the data area follows, mapped twice in a row so a
+record that wraps is still contiguous.  Each record starts with an 8-byte header
+``u32 len; u32 pg_off``; ``len``'s top bits mark a record still being written
+(BUSY) or thrown away (DISCARD).  Records are 8-byte aligned.
+"""
+
+from __future__ import annotations
+
+import mmap
+import select
+import struct
+from typing import Callable, TypeVar
+
+BUSY = 1 << 31
+DISCARD = 1 << 30
+HDR = 8
+
+T = TypeVar("T")
+_U64 = struct.Struct("<Q")
+_U32 = struct.Struct("<I")
+
+
+class RingReader:
+    """Consumer side of one ``BPF_MAP_TYPE_RINGBUF``; one thread at a time."""
+
+    def __init__(self, map_fd: int, size: int) -> None:
+        if size <= 0 or size & (size - 1):
+            raise ValueError(f"ring size {size} is not a power of two")
+        page = mmap.PAGESIZE
+        self.size = size
+        self._mask = size - 1
+        self._page = page
+        self._consumer = mmap.mmap(map_fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._data = mmap.mmap(map_fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
+        self._epoll = select.epoll()
+        self._epoll.register(map_fd, select.EPOLLIN)
+        self.parse_errors = 0
+
+    def wait(self, timeout_ms: int) -> None:
+        """Sleep until the kernel signals new records, or ``timeout_ms``."""
+        self._epoll.poll(timeout_ms / 1000)
+
+    def pending_bytes(self) -> int:
+        """Bytes written by the kernel and not yet consumed (records, headers, padding)."""
+        return _U64.unpack_from(self._data, 0)[0] - _U64.unpack_from(self._consumer, 0)[0]
+
+    def read(self, parse: Callable[[mmap.mmap, int, int], T], out: list[T], max_records: int) -> int:
+        """Append ``parse(area, start, length)`` for up to ``max_records`` committed
+        records to ``out``, then release them to the kernel; returns how many.
+
+        ``parse`` must copy what it keeps: the area is reused once released.
+        """
+        data, consumer = self._data, self._consumer
+        u32, mask, base = _U32.unpack_from, self._mask, self._page
+        cons = _U64.unpack_from(consumer, 0)[0]
+        prod = _U64.unpack_from(data, 0)[0]
+        append, taken = out.append, 0
+        try:
+            while cons < prod and taken < max_records:
+                start = base + (cons & mask)
+                length = u32(data, start)[0]
+                if length & BUSY:
+                    break  # reserved, not yet committed: later ones must wait too
+                cons += (((length & ~(BUSY | DISCARD)) + HDR + 7) & ~7)
+                if not length & DISCARD:
+                    try:
+                        append(parse(data, start + HDR, length))
+                    except Exception:  # untrusted layout: count it, keep reading
+                        self.parse_errors += 1
+                    taken += 1
+        finally:
+            # One store per batch: the kernel may reuse the space from here on.
+            _U64.pack_into(consumer, 0, cons)
+        return taken
+
+    def close(self) -> None:
+        self._epoll.close()
+        self._data.close()
+        self._consumer.close()
