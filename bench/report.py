@@ -120,6 +120,7 @@ def _agent_cell(mine: list[dict]) -> dict:
         "completeness_server": _median([r["completeness_server"] for r in mine]),
         "missing": sum(r["missing"] for r in mine),
         "drops": drops,
+        "shed_calls": sum(r.get("shed_calls", 0) for r in mine),
         "drops_counted": all(r["drops_counted"] for r in mine),
         "settled": all(r["settled"] for r in mine),
         "sse_delay_p50_ms": _median([r["sse_delay_p50_ms"] for r in mine]),
@@ -239,7 +240,7 @@ def tables(summary: dict, reps: int, seconds: float) -> str:
     agent_rows = [(s, row) for s, row in rows.items() if s.startswith("agent_") and any(k in row for k in ("w1", "w2", "rate10k"))]
     if agent_rows:
         lines += ["", f"{'agent':<27} {'attach':<22} {'run':<8} {'complete c/s':>13} {'missing':>8} "
-                      f"{'lost rec':>9} {'pend drop':>9} {'sse drop':>9} {'counted':>7} {'SSE ms p50/p99':>15} {'RSS/HWM MB':>11}"]
+                      f"{'lost rec':>9} {'pend drop':>9} {'sse drop':>9} {'cut body':>9} {'counted':>7} {'SSE ms p50/p99':>15} {'RSS/HWM MB':>11}"]
         lines.append("-" * len(lines[-1]))
         for s, row in agent_rows:
             for w in ("w1", "w2", "rate10k"):
@@ -251,7 +252,7 @@ def tables(summary: dict, reps: int, seconds: float) -> str:
                     f"{row['label']:<27} {c['attach'][:22]:<22} {w:<8} "
                     f"{_f(c['completeness_client'], '{:.4f}')}/{_f(c['completeness_server'], '{:.4f}'):>6} "
                     f"{c['missing']:>8,} {d.get('lost_records', 0):>9,} {d.get('pending_dropped_total', 0):>9,} "
-                    f"{d.get('subscriberDrops', 0):>9,} {_f(c['drops_counted']):>7} "
+                    f"{d.get('subscriberDrops', 0):>9,} {c.get('shed_calls', 0):>9,} {_f(c['drops_counted']):>7} "
                     f"{_f(c['sse_delay_p50_ms'], '{:.1f}')}/{_f(c['sse_delay_p99_ms'], '{:.1f}'):>7} "
                     f"{c['rss_mb']:>5.0f}/{c['hwm_mb']:<5.0f}"
                 )

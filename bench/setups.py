@@ -353,8 +353,14 @@ class Agent(Setup):
     def drops(self, stats: dict) -> dict[str, int]:
         return {key: int(stats.get(section, {}).get(key, 0) or 0) for section, key in DROP_COUNTERS}
 
+    @staticmethod
+    def shed_calls(stats: dict) -> int:
+        return int(stats.get("capture", {}).get("shed_calls", 0) or 0)
+
     def begin(self, workload: Workload) -> None:
-        self.stats0 = self.drops(self.stats())
+        stats = self.stats()
+        self.stats0 = self.drops(stats)
+        self.shed0 = self.shed_calls(stats)
         self.missed0 = self.reader.missed
         self.rss_max = 0
 
@@ -397,6 +403,9 @@ class Agent(Setup):
             "completeness_server": got_server / want_server if want_server else None,
             "missing": missing,
             "drops": drops,
+            # Calls whose body the probes cut while the agent was behind: the
+            # transaction is on the stream, its body is not (not a drop).
+            "shed_calls": self.shed_calls(stats) - self.shed0,
             # Every missing transaction is either still to come (not settled) or
             # the agent says it dropped something.
             "drops_counted": missing == 0 or sum(drops.values()) > 0,

@@ -461,6 +461,7 @@ class HttpTransaction(Event):
     incomplete: bool = False
     upgraded: bool = False
     informational: tuple[int, ...] = ()
+    user_agent: str | None = None  # None: looked up in the request headers
     ts_ns: int = field(default_factory=now_ns)
 
     @property
@@ -501,7 +502,7 @@ class HttpTransaction(Event):
             "authority": self.authority,
             "protocol": "http1",
             "http_version": self.http_version,
-            "user_agent": header(request_headers, "user-agent"),
+            "user_agent": self.user_agent or header(request_headers, "user-agent"),
             **self.request.json(),
         }
         out: dict[str, Any] = {

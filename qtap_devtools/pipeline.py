@@ -477,8 +477,9 @@ class Pipeline:
         info = conn.info
         info.transactions += 1
         info.process = self._process(info.pid) or info.process
-        req_headers = combined_headers(req.headers)
-        host = header(req_headers, "host")
+        req_lower: dict = {}
+        req_headers = combined_headers(req.headers, req_lower)
+        host = _text(req_lower.get("host"))
         if host and not info.http_host:
             info.http_host = _host_name(host)
         scheme = "https" if info.is_tls else "http"
@@ -491,7 +492,8 @@ class Pipeline:
             authority = host or info.sni or _addr_text(info.remote if info.direction != "ingress" else info.local)
             path = target
         resp = ex.response
-        resp_headers = combined_headers(resp.headers) if resp is not None else {}
+        resp_lower: dict = {}
+        resp_headers = combined_headers(resp.headers, resp_lower) if resp is not None else {}
         start = ex.start_ns
         end = ex.end_ns or ex.request_end_ns or start
         timing = {}
@@ -516,7 +518,7 @@ class Pipeline:
                 headers=req_headers,
                 body=req.body,
                 body_size=req.body_wire_size,
-                content_type=header(req_headers, "content-type"),
+                content_type=_text(req_lower.get("content-type")),
                 content_encoding=req.content_encoding,
                 body_truncated=req.body_truncated,
                 body_decode_error=req.body_decode_error,
@@ -527,7 +529,7 @@ class Pipeline:
                 headers=resp_headers,
                 body=resp.body,
                 body_size=resp.body_wire_size,
-                content_type=header(resp_headers, "content-type"),
+                content_type=_text(resp_lower.get("content-type")),
                 content_encoding=resp.content_encoding,
                 body_truncated=resp.body_truncated,
                 body_decode_error=resp.body_decode_error,
@@ -542,8 +544,14 @@ class Pipeline:
             incomplete=ex.incomplete,
             upgraded=ex.upgraded,
             informational=tuple(ex.informational),
+            user_agent=_text(req_lower.get("user-agent")),
             ts_ns=self.wall(end),
         ))
+
+
+def _text(value: str | list[str] | None) -> str | None:
+    """A combined header value as one string (only Set-Cookie repeats stay a list)."""
+    return value if value is None or type(value) is str else ", ".join(value)
 
 
 def _addr_text(a: Address | None) -> str:

@@ -192,8 +192,21 @@ class Store:
             yield Envelope.of(ev.PROCESS_STARTED, d, ev.now_ns())
 
 
+_ROUTES: dict[str, str] = {}  # path -> route: most traffic repeats a few paths
+_ROUTES_MAX = 4096
+
+
 def _route(path: str) -> str:
     """Collapse IDs in a path so /users/42 and /users/43 index together."""
+    route = _ROUTES.get(path)
+    if route is None:
+        if len(_ROUTES) >= _ROUTES_MAX:
+            _ROUTES.clear()  # unique paths (ids in query strings): start over, stay bounded
+        route = _ROUTES[path] = _route_of(path)
+    return route
+
+
+def _route_of(path: str) -> str:
     path = path.split("?", 1)[0]
     parts = []
     for seg in path.split("/"):

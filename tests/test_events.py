@@ -141,6 +141,16 @@ def test_ids_decode_like_xid():
     assert text == base64.b32hexencode(raw).decode().lower().rstrip("=")
 
 
+def test_new_id_is_the_xid_of_its_bytes():
+    # new_id caches the time/machine/pid characters per second and builds the
+    # rest from a table: it must equal encoding the 12 bytes it stands for.
+    for when in (0, 1_700_000_000, 4_294_967_295, 1_764_590_000.9):
+        made = ids.new_id(when)
+        raw = ids.base64.b32hexdecode(made.upper() + "====")
+        assert raw[:4] == int(when).to_bytes(4, "big") and raw[4:7] == ids._machine and raw[7:9] == ids._pid
+        assert ids.encode(raw) == made
+
+
 def test_captured_text_naming_the_transaction_event_cannot_fool_the_recipes_grep():
     # The recipe's own grep is a process on the stream, its cmdline naming the event type.
     grep = ev.ProcessStarted(

@@ -72,13 +72,16 @@ def _first(headers: Headers, name: str) -> str | None:
     return None
 
 
-def combined_headers(headers: Headers) -> dict[str, str | list[str]]:
+def combined_headers(headers: Headers, by_lower: dict | None = None) -> dict[str, str | list[str]]:
     """Combine repeated fields as RFC 9110 §5.3 allows: comma-joined in order.
 
     Names match case-insensitively and keep the case they were first sent in
     (what a user sees in DevTools). ``Set-Cookie`` is the exception the RFC
     names (§5.3, RFC 6265 §3): its values may contain commas, so repeats stay a
     list.
+
+    ``by_lower``, when given, is filled with lower-case name → combined value
+    (the same objects), so callers look fields up without another pass.
     """
     combined: dict[str, str | list[str]] = {}
     first_case: dict[str, str] = {}
@@ -92,4 +95,7 @@ def combined_headers(headers: Headers) -> dict[str, str | list[str]]:
             combined[key] = [*seen, value] if isinstance(seen, list) else [seen, value]
         else:
             combined[key] = f"{seen}, {value}"
+    if by_lower is not None:
+        for low, key in first_case.items():
+            by_lower[low] = combined[key]
     return combined
