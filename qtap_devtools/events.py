@@ -461,7 +461,7 @@ class HttpTransaction(Event):
     incomplete: bool = False
     upgraded: bool = False
     informational: tuple[int, ...] = ()
-    user_agent: str | None = None  # None: looked up in the request headers
+    user_agent: str | None = None  # None: look it up in the request headers; "": there is none
     ts_ns: int = field(default_factory=now_ns)
 
     @property
@@ -502,7 +502,8 @@ class HttpTransaction(Event):
             "authority": self.authority,
             "protocol": "http1",
             "http_version": self.http_version,
-            "user_agent": self.user_agent or header(request_headers, "user-agent"),
+            "user_agent": (header(request_headers, "user-agent") if self.user_agent is None
+                           else self.user_agent or None),
             **self.request.json(),
         }
         out: dict[str, Any] = {

@@ -544,7 +544,7 @@ class Pipeline:
             incomplete=ex.incomplete,
             upgraded=ex.upgraded,
             informational=tuple(ex.informational),
-            user_agent=_text(req_lower.get("user-agent")),
+            user_agent=_text(req_lower.get("user-agent", "")),  # "": looked up, absent
             ts_ns=self.wall(end),
         ))
 

@@ -155,8 +155,11 @@ def _framing_header(msg: Head, lkey: str, value: str) -> None:
         codings = [c.strip().lower() for c in msg.transfer_encoding.split(",") if c.strip()]
         msg.chunked = bool(codings) and codings[-1] == "chunked"
     elif lkey == "connection":
-        tokens = {t.strip().lower() for t in value.split(",")}
-        msg.close = msg.close or "close" in tokens
+        if "," in value:
+            closing = "close" in {t.strip().lower() for t in value.split(",")}
+        else:
+            closing = value.strip().lower() == "close"
+        msg.close = msg.close or closing
     elif lkey == "upgrade":
         msg.upgrade = True
     else:
@@ -321,7 +324,8 @@ class MessageReader:
             while pos < end:
                 state = self.state
                 if state == HEAD:
-                    nxt = self._head(work, pos, end, self.ts_at(pos), ts)
+                    segs = self.segments  # one segment: the usual case, no search
+                    nxt = self._head(work, pos, end, segs[0][1] if len(segs) == 1 else self.ts_at(pos), ts)
                     if nxt < 0:
                         break
                     pos = nxt
