@@ -35,6 +35,7 @@ from qtap_devtools.store import Store
 log = logging.getLogger(__name__)
 
 TICK_SECONDS = 0.1
+TRIM_SECONDS = 30.0  # freed heap handed back to the kernel this often
 MAX_PENDING_EVENTS = 100_000  # produced but not yet published (enrichment waits)
 ENRICH_WAIT_SECONDS = 0.05
 
@@ -176,9 +177,16 @@ class Agent:
         self.capture = cap
 
     async def _ticker(self) -> None:
+        from qtap_devtools.capture.loader import trim_heap
+
+        trimmed = time.monotonic()
         while True:
             await asyncio.sleep(TICK_SECONDS)
             self.pipeline.on_tick(time.clock_gettime_ns(time.CLOCK_MONOTONIC))
+            if time.monotonic() - trimmed >= TRIM_SECONDS:
+                # After a burst, glibc would keep the freed megabytes as resident.
+                trim_heap()
+                trimmed = time.monotonic()
 
     def _snapshot_processes(self) -> None:
         """Announce what already runs, so new clients get a process snapshot."""

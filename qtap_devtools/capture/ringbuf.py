@@ -6,10 +6,13 @@ Here the reader walks the records itself, the way libbpf's ``ringbuf_process_rin
 does, and hands back a list per call.
 
 Layout (kernel/bpf/ringbuf.c): page 0 holds the consumer position (we write it),
-page 1 the producer position; the data area follows, mapped twice in a row so a
-record that wraps is still contiguous.  Each record starts with an 8-byte header
+page 1 the producer position; the data area follows.  The kernel offers the data
+area twice in a row so a record that wraps reads contiguously; we map it once
+(a second mapping would count the whole ring twice in RSS) and join the rare
+wrapping record from its two pieces.  Each record starts with an 8-byte header
 ``u32 len; u32 pg_off``; ``len``'s top bits mark a record still being written
-(BUSY) or thrown away (DISCARD).  Records are 8-byte aligned.
+(BUSY) or thrown away (DISCARD).  Records and headers are 8-byte aligned, so a
+header never wraps.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ class RingReader:
         self._mask = size - 1
         self._page = page
         self._consumer = mmap.mmap(map_fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        self._data = mmap.mmap(map_fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
+        self._data = mmap.mmap(map_fd, page + size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
         self._epoll = select.epoll()
         self._epoll.register(map_fd, select.EPOLLIN)
         self.parse_errors = 0
@@ -60,6 +63,7 @@ class RingReader:
         """
         data, consumer = self._data, self._consumer
         u32, mask, base = _U32.unpack_from, self._mask, self._page
+        data_end = base + self.size
         cons = _U64.unpack_from(consumer, 0)[0]
         prod = _U64.unpack_from(data, 0)[0]
         append, taken = out.append, 0
@@ -69,10 +73,16 @@ class RingReader:
                 length = u32(data, start)[0]
                 if length & BUSY:
                     break  # reserved, not yet committed: later ones must wait too
-                cons += (((length & ~(BUSY | DISCARD)) + HDR + 7) & ~7)
+                size = length & ~(BUSY | DISCARD)
+                cons += (size + HDR + 7) & ~7
                 if not length & DISCARD:
+                    begin = start + HDR
                     try:
-                        append(parse(data, start + HDR, length))
+                        if begin + size <= data_end:
+                            append(parse(data, begin, size))
+                        else:  # wraps: its tail is at the start of the data area
+                            head = data[begin:data_end]
+                            append(parse(head + data[base : base + size - len(head)], 0, size))
                     except Exception:  # untrusted layout: count it, keep reading
                         self.parse_errors += 1
                     taken += 1
