@@ -25,8 +25,8 @@ class Backlog:
         loop: asyncio.AbstractEventLoop,
         consume: Callable[[list], None],
         *,
-        max_records: int = 50_000,
-        max_bytes: int = 32 << 20,
+        max_records: int = 20_000,
+        max_bytes: int = 16 << 20,
         slice_records: int = 2_000,
         slice_bytes: int = 1 << 20,
     ) -> None:
