@@ -121,11 +121,12 @@ struct data_rec {
     u32 len;                   /* bytes in data[] */
     u8 direction;
     u8 source;
-    u16 _pad;
+    u16 flags;                 /* DATA_SHEDDING: written while shed_cap was set */
     u64 tls_ref;               /* SSL* / session, 0 for socket data */
     u8 data[MAX_CHUNK];
 };
 #define DATA_HDR_SIZE 48
+#define DATA_SHEDDING 1        /* a gap before this record may be bytes the probes left out */
 
 /* ---- shared maps ---- */
 
@@ -181,12 +182,14 @@ static __always_inline int starts_like_message(u64 ubuf)
     return 0;
 }
 
-/* How many of a call's `total` bytes to copy under the current shed cap. */
-static __always_inline u64 shed_limit(u64 total, u64 first_buf)
+/* How many of a call's `total` bytes to copy under the current shed cap;
+ * *shedding is set while the cap is on. */
+static __always_inline u64 shed_limit(u64 total, u64 first_buf, u16 *shedding)
 {
     int zero = 0, one = 1;
     u64 *capp = shed_cap.lookup(&zero);
     u64 cap = capp ? *capp : 0;
+    *shedding = cap ? DATA_SHEDDING : 0;
     if (!cap || total <= cap)
         return total;
     u64 keep = starts_like_message(first_buf) ? cap : 0;
@@ -393,7 +396,8 @@ static __always_inline void emit_data(void *ctx, s32 fd, u8 dir, u8 src,
             bpf_probe_read_user(&v0, sizeof(v0), (void *)iov);
         first_buf = v0.base;
     }
-    total = shed_limit(total, first_buf);   /* the offset above already moved past it all */
+    u16 flags = 0;
+    total = shed_limit(total, first_buf, &flags);   /* the offset above already moved past it all */
     if (total == 0)
         return;
 
@@ -409,7 +413,7 @@ static __always_inline void emit_data(void *ctx, s32 fd, u8 dir, u8 src,
     r->h.ts_ns = bpf_ktime_get_ns();
     r->direction = dir;
     r->source = src;
-    r->_pad = 0;
+    r->flags = flags;
     r->tls_ref = tls_ref;
 
     int zero = 0;

@@ -460,6 +460,7 @@ class HttpTransaction(Event):
     partial: bool = False
     incomplete: bool = False
     upgraded: bool = False
+    shed: bool = False  # a body cut on purpose while the agent was behind
     informational: tuple[int, ...] = ()
     user_agent: str | None = None  # None: look it up in the request headers; "": there is none
     ts_ns: int = field(default_factory=now_ns)
@@ -520,7 +521,7 @@ class HttpTransaction(Event):
         }
         if self.response is not None:
             out["response"] = {"status": self.status, "reason": self.reason, **self.response.json()}
-        for name in ("error", "partial", "incomplete", "upgraded"):
+        for name in ("error", "partial", "incomplete", "upgraded", "shed"):
             value = getattr(self, name)
             if value:
                 out[name] = value

@@ -378,7 +378,7 @@ class Pipeline:
                 conn.assembler = self._assembler(conn.role)
                 if conn.role == "server":
                     info.direction = "ingress"
-        exchanges = conn.assembler.on_data(r.direction, r.data, r.ts_ns, r.offset)
+        exchanges = conn.assembler.on_data(r.direction, r.data, r.ts_ns, r.offset, r.shedding)
         proto = conn.assembler.protocol
         if proto != "unknown":
             info.l7_protocol = proto
@@ -543,6 +543,7 @@ class Pipeline:
             partial=ex.partial,
             incomplete=ex.incomplete,
             upgraded=ex.upgraded,
+            shed=ex.shed,
             informational=tuple(ex.informational),
             user_agent=_text(req_lower.get("user-agent", "")),  # "": looked up, absent
             ts_ns=self.wall(end),

@@ -602,3 +602,25 @@ def test_seeking_finds_a_request_line_after_its_mark_appears_late_in_the_line():
     got = cap.ingress(b"junk line\r\nGET /again HTTP/1.1\r\nHost: h\r\n\r\n", lose=100)
     got += cap.egress(ok(b"x"))
     assert any(x.request and x.request.target == "/again" for x in got)
+
+
+def test_a_gap_the_capture_shed_on_purpose_is_marked_shed_and_framing_holds():
+    cap = Capture()
+    cap.egress(get("/big"))
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 50000\r\n\r\n"
+    cap.ingress(head + b"a" * 1000)
+    cap.egress(get("/next"))
+    # The rest of /big's body was left out by the probes; /next's response arrives whole.
+    got = cap.asm.on_data("ingress", ok(b"/next"), 10, len(head) + 50000, shed=True)
+    big, nxt = got
+    assert big.request.target == "/big" and big.shed and big.incomplete
+    assert big.response.body_truncated and big.response.body_wire_size == 50000
+    assert nxt.request.target == "/next" and nxt.response.body == b"/next" and not nxt.shed
+
+
+def test_a_plain_capture_gap_is_not_marked_shed():
+    cap = Capture()
+    cap.egress(get("/big"))
+    cap.ingress(b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n" + b"a" * 10)
+    (big,) = cap.ingress(b"b" * 10, lose=4980)
+    assert big.incomplete and not big.shed

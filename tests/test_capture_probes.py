@@ -743,6 +743,7 @@ def test_while_shedding_calls_keep_their_message_head_and_bodies_are_cut():
             peer.close()
         cs = sorted(chunks(got.snapshot(), writer.pid, direction="egress"), key=lambda c: c.offset)
         assert cs[0].offset == 0 and cs[0].data == first[:SHED_HEAD_BYTES]  # the head, kept
+        assert cs[0].shedding and not any(c.shedding for c in cs[1:])  # the flag says when
         assert not [c for c in cs if 20000 <= c.offset < 50000]  # the body-only call: nothing
         rest = [c for c in cs if c.offset >= 50000]
         assert rest[0].offset == 50000 and b"".join(c.data for c in rest) == b"c" * 30000

@@ -288,3 +288,23 @@ def test_a_connect_that_never_completed_is_no_connection():
     """Refused: the connect record came, no 4-tuple (no ESTABLISHED), no bytes, then close."""
     events, p = run([rec.SocketConnect(100, 5, 1_000, EP_S), rec.SocketClose(100, 5, 2_000)])
     assert events == [] and p.counters["connects_not_established"] == 1
+
+
+def test_a_body_cut_while_the_capture_was_shedding_says_so_in_the_transaction():
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 40000\r\n\r\n"
+    get = b"GET /big HTTP/1.1\r\nHost: api.local\r\n\r\n"
+    events, _ = run([
+        rec.SocketConnect(100, 5, 1_000, EP_S),
+        rec.SocketAddress(100, 5, EP_C, EP_S, 1_100),
+        rec.DataChunk(100, 100, 5, 2_000, "egress", "openssl", 0, get, tls_ref=0xabc),
+        rec.DataChunk(100, 100, 5, 3_000, "ingress", "openssl", 0, head + b"x" * 4000, tls_ref=0xabc,
+                      shedding=True),
+        # The body's other 36,000 bytes were never copied; the next response is whole.
+        rec.DataChunk(100, 100, 5, 4_000, "egress", "openssl", len(get), get, tls_ref=0xabc, shedding=True),
+        rec.DataChunk(100, 100, 5, 5_000, "ingress", "openssl", len(head) + 40000,
+                      b"HTTP/1.1 204 No Content\r\n\r\n", tls_ref=0xabc, shedding=True),
+    ])
+    cut, whole = [tx_json(e) for e in events if e.type == "request.http_transaction"]
+    assert cut["shed"] is True and cut["incomplete"] is True and cut["response"]["status"] == 200
+    assert cut["response"]["body_truncated"] is True and cut["response"]["body_size"] == 40000
+    assert "shed" not in whole and whole["response"]["status"] == 204

@@ -849,3 +849,22 @@ def test_screenshot_of_rows_and_an_open_detail_pane(page, tmp_path):
         assert row_locator(page).filter(has_text="/api/cart").first.locator('[role="gridcell"]').count() == 11
     assert path.stat().st_size > 20_000 and table_path.stat().st_size > 20_000
     assert shown_count(page) == n
+
+
+def test_a_body_cut_under_load_is_explained_not_shown_as_a_gap(page, tmp_path):
+    shed = samples.transaction(samples.connection(), "d4u9shed000000000000", method="GET",
+                               path="/download", status=200, response_body=b"x" * 100)
+    shed.shed = shed.incomplete = True
+    gap = samples.transaction(samples.connection(), "d4u9gap0000000000000", method="GET",
+                              path="/gappy", status=200, response_body=b"y")
+    gap.incomplete = True
+    with replay_server(tmp_path, [shed, gap]) as agent:
+        open_devtools(page, agent.url)
+        wait_rows(page, 2)
+        select_row(page, "/download")
+        warn = page.locator('[data-testid="notice-warn"]')
+        warn.first.wait_for()
+        assert [t for t in warn.all_inner_texts() if "Body cut" in t] and "capture gap" not in " ".join(
+            warn.all_inner_texts())
+        select_row(page, "/gappy")
+        page.locator('[data-testid="notice-warn"]', has_text="capture gap").wait_for()

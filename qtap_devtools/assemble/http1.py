@@ -47,7 +47,7 @@ class _Exchange:
     __slots__ = (
         "request", "response", "informational", "response_start_ns", "interim_bytes",
         "request_done", "response_done", "incomplete", "error", "unpaired", "emitted",
-        "partial", "upgraded", "end_ns",
+        "partial", "upgraded", "end_ns", "shed",
     )
 
     def __init__(self, request: Message | None = None) -> None:
@@ -65,6 +65,7 @@ class _Exchange:
         self.partial = False
         self.upgraded = False
         self.end_ns: int | None = None
+        self.shed = False  # the probes left some of its bytes out on purpose (overload)
 
 
 class ConnectionAssembler:
@@ -126,7 +127,10 @@ class ConnectionAssembler:
 
     # ---- the sans-IO interface
 
-    def on_data(self, direction: Direction, data: bytes, ts_ns: int, offset: int | None = None) -> list[HttpExchange]:
+    def on_data(self, direction: Direction, data: bytes, ts_ns: int, offset: int | None = None,
+                shed: bool = False) -> list[HttpExchange]:
+        """``shed``: the capture was leaving bytes out on purpose when ``data`` was
+        taken, so a gap before it is (at least partly) that, not a loss."""
         reader = self._readers[direction]
         out = self._out = []
         if self._closed:
@@ -135,7 +139,7 @@ class ConnectionAssembler:
         expected = self._next_offset[direction]
         if offset is not None:
             if offset > (expected or 0):
-                self._gap(reader, offset - (expected or 0), ts_ns)
+                self._gap(reader, offset - (expected or 0), ts_ns, shed)
             elif expected is not None and offset < expected:
                 overlap = expected - offset  # a retransmitted or re-read range
                 if overlap >= len(data):
@@ -179,7 +183,10 @@ class ConnectionAssembler:
 
     # ---- capture gaps
 
-    def _gap(self, reader: MessageReader, lost: int, ts: int) -> None:
+    def _gap(self, reader: MessageReader, lost: int, ts: int, shed: bool = False) -> None:
+        msg = reader.msg
+        if shed and msg is not None and msg.exchange is not None:
+            msg.exchange.shed = True  # before reader.gap: the hole may end the message
         result = reader.gap(lost, ts)
         if result is True or reader.kind is None:
             return
@@ -471,6 +478,7 @@ class ConnectionAssembler:
                 partial=ex.partial,
                 incomplete=incomplete,
                 upgraded=ex.upgraded,
+                shed=ex.shed,
                 informational=tuple(ex.informational),
                 request_bytes=req.wire_bytes if req is not None else 0,
                 response_bytes=ex.interim_bytes + (resp.wire_bytes if resp is not None else 0),

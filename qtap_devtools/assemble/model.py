@@ -62,6 +62,7 @@ class HttpExchange:
     incomplete: bool = False  # a capture gap touched it, or it could not be paired because of one
     upgraded: bool = False  # 101 Switching Protocols, or a CONNECT tunnel
     informational: tuple[int, ...] = ()  # 1xx statuses seen before the final response
+    shed: bool = False  # bytes of it were left out on purpose while the agent was behind
     request_bytes: int = 0  # head + body framing bytes as captured
     response_bytes: int = 0  # 1xx heads included
 

@@ -35,8 +35,9 @@ _CONNECT = struct.Struct("<24x" + _ADDR + "i")
 _ACCEPT = struct.Struct("<24x" + _ADDR + _ADDR)
 _ADDRESS = _ACCEPT
 _SNI = struct.Struct("<24xQII256s")
-_DATA = struct.Struct("<24xQIBBxxQ")
+_DATA = struct.Struct("<24xQIBBHQ")
 DATA_HDR_SIZE = 48
+DATA_SHEDDING = 1  # data_rec.flags (common.h)
 assert _DATA.size == DATA_HDR_SIZE
 _V4_MAPPED = b"\0" * 10 + b"\xff\xff"
 
@@ -122,6 +123,9 @@ class DataChunk:
     offset: int  # of data[0] within (pid, fd, direction, tls-or-not)
     data: bytes
     tls_ref: int = 0  # SSL* / gnutls session; 0 for socket data
+    # Written while the probes were shedding (probes/common.h): a gap before it
+    # may be bytes they left out on purpose, not lost ones.
+    shedding: bool = False
 
     @property
     def end(self) -> int:
@@ -161,10 +165,10 @@ def parse(raw: bytes) -> Record:
     """One ring-buffer record → its typed form."""
     kind, pid, tid, fd, ts = _HDR.unpack_from(raw)
     if kind == DATA:
-        offset, length, direction, source, tls_ref = _DATA.unpack_from(raw)
+        offset, length, direction, source, flags, tls_ref = _DATA.unpack_from(raw)
         return DataChunk(
             pid, tid, fd, ts, DIRECTIONS[direction], SOURCES[source], offset,
-            raw[DATA_HDR_SIZE : DATA_HDR_SIZE + length], tls_ref,
+            raw[DATA_HDR_SIZE : DATA_HDR_SIZE + length], tls_ref, bool(flags & DATA_SHEDDING),
         )
     if kind == EXEC:
         comm, filename = _EXEC.unpack_from(raw)
@@ -192,7 +196,7 @@ def parse(raw: bytes) -> Record:
     raise ValueError(f"unknown record kind {kind} ({len(raw)} bytes)")
 
 
-_DATA_FULL = struct.Struct("<IIIiQQIBBxxQ")  # rec_hdr + data_rec's header, one unpack
+_DATA_FULL = struct.Struct("<IIIiQQIBBHQ")  # rec_hdr + data_rec's header, one unpack
 assert _DATA_FULL.size == DATA_HDR_SIZE
 
 
@@ -212,21 +216,21 @@ class RecordReader:
         def read(raw: bytes) -> Record:
             if raw[0] != DATA or len(raw) < DATA_HDR_SIZE:  # kind < 256: its low byte
                 return slow(raw)
-            _, pid, tid, fd, ts, offset, length, direction, source, tls_ref = unpack(raw)
+            _, pid, tid, fd, ts, offset, length, direction, source, flags, tls_ref = unpack(raw)
             return chunk(pid, tid, fd, ts, directions[direction], sources[source], offset,
-                         raw[DATA_HDR_SIZE : DATA_HDR_SIZE + length], tls_ref)
+                         raw[DATA_HDR_SIZE : DATA_HDR_SIZE + length], tls_ref, (flags & DATA_SHEDDING) != 0)
 
         def read_at(area: mmap.mmap | bytes, start: int, size: int) -> Record:
             """The record of ``size`` bytes at ``area[start:]`` (the ring's own pages):
             only the payload is copied out."""
             if area[start] != DATA or size < DATA_HDR_SIZE:
                 return slow(area[start : start + size])
-            _, pid, tid, fd, ts, offset, length, direction, source, tls_ref = unpack(area, start)
+            _, pid, tid, fd, ts, offset, length, direction, source, flags, tls_ref = unpack(area, start)
             if length > size - DATA_HDR_SIZE:
                 raise ValueError(f"data record claims {length} bytes in {size}")
             begin = start + DATA_HDR_SIZE
             return chunk(pid, tid, fd, ts, directions[direction], sources[source], offset,
-                         area[begin : begin + length], tls_ref)
+                         area[begin : begin + length], tls_ref, (flags & DATA_SHEDDING) != 0)
 
         self.parse = read
         self.parse_at = read_at
