@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import gc
 import logging
 import os
 import platform
@@ -210,6 +211,11 @@ class Agent:
             self.runtime.not_ready = self.capture_error
             return
         self._snapshot_processes()
+        # Everything made so far (bcc, the web stack, the process snapshot) lives
+        # as long as the agent: out of the collector's sight, a full collection
+        # walks only what traffic creates.
+        gc.collect()
+        gc.freeze()
         for a in self.capture.attachments:
             if a.ok:
                 print(f"qtap-devtools: attached to {a.path} ({a.library}, {a.mode} probes)", flush=True)

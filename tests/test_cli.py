@@ -143,3 +143,9 @@ def test_example_capture_replays_with_its_transactions(tmp_path):
     ]
     assert status == 200 and body["total"] == 3
     assert "skipped" not in proc.output()  # no record was reported bad
+
+
+@pytest.mark.parametrize("argv,shed", [([], True), (["--no-shed"], False)])
+def test_shedding_is_on_unless_no_shed(argv, shed):
+    args = cli_mod.build_parser().parse_args(["run", *argv])
+    assert cli_mod._config(args).shed is shed
