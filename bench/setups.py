@@ -9,6 +9,7 @@ hooks around every wrk run: ``begin(workload)`` just before wrk starts and
 from __future__ import annotations
 
 import math
+import os
 import re
 import signal
 import subprocess
@@ -23,6 +24,7 @@ from typing import Callable
 
 import orjson
 
+from bench.machine import foreign_tracers
 from bench.sse import SseCounter
 from bench.workload import BenchNginx, Workload, WrkResult, busy_jiffies
 from tests.realworld import free_port
@@ -280,6 +282,7 @@ class Agent(Setup):
         return f"http://127.0.0.1:{self.port}"
 
     def __enter__(self) -> "Agent":
+        self.tracers_before = set(foreign_tracers({os.getpid()}))
         self.tmp = tempfile.TemporaryDirectory(prefix="bench-agent-")
         self.log_path = Path(self.tmp.name) / "agent.log"
         self.log = open(self.log_path, "wb")
@@ -344,6 +347,11 @@ class Agent(Setup):
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        # The agent exits at once and leaves its probes to a child that detaches
+        # them (seconds): the next setup's measurement must not run beside them.
+        deadline = time.monotonic() + 30
+        while set(foreign_tracers({os.getpid()})) - self.tracers_before and time.monotonic() < deadline:
+            time.sleep(0.2)
         self.log.close()
         self.tmp.cleanup()
 
