@@ -30,7 +30,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from . import procnet
-from .ringbuf import RingReader
 from .attach import TUNED_FUNCTIONS, AttachMode, Attacher, Attachment, ExecWatcher, Where
 from .records import (
     ProcessExec,
@@ -41,6 +40,7 @@ from .records import (
     SocketConnect,
     RecordReader,
 )
+from .ringbuf import RingReader
 
 log = logging.getLogger(__name__)
 
@@ -289,14 +289,14 @@ class Capture:
         entries are left behind), which the kernel removes when the process's
         file descriptors close."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout=5)
         if self._watcher is not None:
             self._watcher.stop()
             self._watcher = None
-        if self._ring is not None and self._thread is None:
-            self._ring.close()
+        if self._ring is not None and (thread is None or not thread.is_alive()):
+            self._ring.close()  # a reader still inside it (join timed out) keeps it
         if self._bpf is not None:
             if detach:
                 self._bpf.cleanup()

@@ -59,7 +59,10 @@ class RingReader:
         """Append ``parse(area, start, length)`` for up to ``max_records`` committed
         records to ``out``, then release them to the kernel; returns how many.
 
-        ``parse`` must copy what it keeps: the area is reused once released.
+        ``area`` is the ring's own mapping (or, for a record that wraps, a copy
+        of it joined): ``parse`` must copy what it keeps, the ring's space is
+        reused once released.  A record ``parse`` raises on is counted in
+        ``parse_errors`` and skipped.
         """
         data, consumer = self._data, self._consumer
         u32, mask, base = _U32.unpack_from, self._mask, self._page
