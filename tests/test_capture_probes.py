@@ -539,6 +539,17 @@ def test_the_agent_itself_is_not_captured(capture, plain_server):
     assert not [r for r in capture.sink.snapshot() if getattr(r, "pid", None) == os.getpid()]
 
 
+def _drain(peer: socket.socket) -> None:
+    """Read ``peer`` until it closes, in the background."""
+    def loop() -> None:
+        try:
+            while peer.recv(1 << 20):
+                pass
+        except OSError:
+            pass
+    threading.Thread(target=loop, daemon=True).start()
+
+
 def test_a_full_ring_is_handed_over_in_bounded_batches():
     """While the consumer is stalled, 20,000 small writes pile up in the ring;
     the next drain must hand them over at most BATCH_RECORDS at a time (a
@@ -568,8 +579,7 @@ def test_a_full_ring_is_handed_over_in_bounded_batches():
                 "print('done', flush=True); sys.stdin.readline()\n")],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             peer, _ = listener.accept()
-            drain = threading.Thread(target=lambda: [peer.recv(1 << 20) for _ in range(10000)], daemon=True)
-            drain.start()
+            _drain(peer)
             assert writer.stdout.readline().strip() == "done"
             stall.set()
             got.wait_for(lambda rs: len(chunks(rs, writer.pid, direction="egress")) >= 20000, timeout=60,
@@ -646,17 +656,6 @@ def _tcp_pair_writer(port: int, script: str) -> subprocess.Popen:
         "def step():\n"
         "    print('ready', flush=True); sys.stdin.readline()\n"
         + script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-
-
-def _drain(peer: socket.socket) -> None:
-    """Read ``peer`` until it closes, in the background."""
-    def loop() -> None:
-        try:
-            while peer.recv(1 << 20):
-                pass
-        except OSError:
-            pass
-    threading.Thread(target=loop, daemon=True).start()
 
 
 def _go(proc: subprocess.Popen) -> None:
