@@ -462,7 +462,7 @@ class HttpTransaction(Event):
     upgraded: bool = False
     shed: bool = False  # a body cut on purpose while the agent was behind
     informational: tuple[int, ...] = ()
-    user_agent: str | None = None  # None: look it up in the request headers; "": there is none
+    user_agent: str | None = None  # the request's, when the maker has it at hand; None: look it up
     ts_ns: int = field(default_factory=now_ns)
 
     @property
@@ -503,8 +503,7 @@ class HttpTransaction(Event):
             "authority": self.authority,
             "protocol": "http1",
             "http_version": self.http_version,
-            "user_agent": (header(request_headers, "user-agent") if self.user_agent is None
-                           else self.user_agent or None),
+            "user_agent": self.user_agent if self.user_agent is not None else header(request_headers, "user-agent"),
             **self.request.json(),
         }
         out: dict[str, Any] = {

@@ -545,7 +545,7 @@ class Pipeline:
             upgraded=ex.upgraded,
             shed=ex.shed,
             informational=tuple(ex.informational),
-            user_agent=_text(req_lower.get("user-agent", "")),  # "": looked up, absent
+            user_agent=_text(req_lower.get("user-agent")),
             ts_ns=self.wall(end),
         ))
 
