@@ -369,6 +369,21 @@ static __always_inline void emit_buf(struct data_rec *r, struct emit_state *st, 
         __sync_fetch_and_add(lostp, 1);   /* beyond MAX_SPLIT records: the offset skips it */
 }
 
+/* Bytes a socket moved that we cannot copy (sendfile): the stream offset
+ * moves on, nothing is emitted. */
+static __always_inline void skip_data(s32 fd, u8 dir, u64 total)
+{
+    struct off_key ok = {};
+    ok.tgid = bpf_get_current_pid_tgid() >> 32;
+    ok.fd = fd;
+    ok.direction = dir;
+    u64 next = total;
+    u64 *offp = offsets.lookup(&ok);
+    if (offp)
+        next += *offp;
+    offsets.update(&ok, &next);
+}
+
 static __always_inline void emit_data(void *ctx, s32 fd, u8 dir, u8 src,
                                       u64 tls_ref, u64 buf, u64 iov,
                                       u64 iovcnt, u64 total)

@@ -21,7 +21,7 @@ BPF_TABLE("lru_hash", u64, struct sock_key, sk_pending, 16384);
 struct peer_key { u8 ip[16]; u16 port; u16 _pad; };
 BPF_TABLE("lru_hash", struct peer_key, struct addr, accepted_local, 16384);
 
-struct data_args { s32 fd; u8 dir; u8 _p1; u16 _p2; u64 buf; u64 iov; u64 iovcnt; };
+struct data_args { s32 fd; u8 dir; u8 skip; u16 _p2; u64 buf; u64 iov; u64 iovcnt; };
 BPF_HASH(data_stash, u32, struct data_args, 16384);         /* tid */
 
 static __always_inline int port_excluded(u16 port)
@@ -243,7 +243,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close)
  * the TLS connection's: remember it and mark the socket TLS so its
  * ciphertext is never reported as plaintext. */
 static __always_inline void data_enter(s32 fd, u8 dir, u64 buf, u64 iov, u64 iovcnt,
-                                       const void *msg)
+                                       const void *msg, u8 skip)
 {
     u64 id = bpf_get_current_pid_tgid();
     u32 tid = id;
@@ -272,7 +272,7 @@ static __always_inline void data_enter(s32 fd, u8 dir, u64 buf, u64 iov, u64 iov
         iov = hdr[2];
         iovcnt = hdr[3];
     }
-    struct data_args d = { .fd = fd, .dir = dir, .buf = buf, .iov = iov, .iovcnt = iovcnt };
+    struct data_args d = { .fd = fd, .dir = dir, .skip = skip, .buf = buf, .iov = iov, .iovcnt = iovcnt };
     data_stash.update(&tid, &d);
 }
 
@@ -286,38 +286,51 @@ static __always_inline void data_exit(void *ctx, long ret)
     data_stash.delete(&tid);
     if (ret <= 0)
         return;
+    if (a.skip) {
+        skip_data(a.fd, a.dir, ret);
+        return;
+    }
     emit_data(ctx, a.fd, a.dir, SRC_SOCKET, 0, a.buf, a.iov, a.iovcnt, ret);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_read)
-{ data_enter(args->fd, DIR_INGRESS, (u64)args->buf, 0, 0, 0); return 0; }
+{ data_enter(args->fd, DIR_INGRESS, (u64)args->buf, 0, 0, 0, 0); return 0; }
 TRACEPOINT_PROBE(syscalls, sys_exit_read)
 { data_exit(args, args->ret); return 0; }
 TRACEPOINT_PROBE(syscalls, sys_enter_write)
-{ data_enter(args->fd, DIR_EGRESS, (u64)args->buf, 0, 0, 0); return 0; }
+{ data_enter(args->fd, DIR_EGRESS, (u64)args->buf, 0, 0, 0, 0); return 0; }
 TRACEPOINT_PROBE(syscalls, sys_exit_write)
 { data_exit(args, args->ret); return 0; }
 TRACEPOINT_PROBE(syscalls, sys_enter_recvfrom)
-{ data_enter(args->fd, DIR_INGRESS, (u64)args->ubuf, 0, 0, 0); return 0; }
+{ data_enter(args->fd, DIR_INGRESS, (u64)args->ubuf, 0, 0, 0, 0); return 0; }
 TRACEPOINT_PROBE(syscalls, sys_exit_recvfrom)
 { data_exit(args, args->ret); return 0; }
 TRACEPOINT_PROBE(syscalls, sys_enter_sendto)
-{ data_enter(args->fd, DIR_EGRESS, (u64)args->buff, 0, 0, 0); return 0; }
+{ data_enter(args->fd, DIR_EGRESS, (u64)args->buff, 0, 0, 0, 0); return 0; }
 TRACEPOINT_PROBE(syscalls, sys_exit_sendto)
 { data_exit(args, args->ret); return 0; }
 TRACEPOINT_PROBE(syscalls, sys_enter_readv)
-{ data_enter(args->fd, DIR_INGRESS, 0, (u64)args->vec, args->vlen, 0); return 0; }
+{ data_enter(args->fd, DIR_INGRESS, 0, (u64)args->vec, args->vlen, 0, 0); return 0; }
 TRACEPOINT_PROBE(syscalls, sys_exit_readv)
 { data_exit(args, args->ret); return 0; }
 TRACEPOINT_PROBE(syscalls, sys_enter_writev)
-{ data_enter(args->fd, DIR_EGRESS, 0, (u64)args->vec, args->vlen, 0); return 0; }
+{ data_enter(args->fd, DIR_EGRESS, 0, (u64)args->vec, args->vlen, 0, 0); return 0; }
 TRACEPOINT_PROBE(syscalls, sys_exit_writev)
 { data_exit(args, args->ret); return 0; }
 TRACEPOINT_PROBE(syscalls, sys_enter_recvmsg)
-{ data_enter(args->fd, DIR_INGRESS, 0, 0, 0, args->msg); return 0; }
+{ data_enter(args->fd, DIR_INGRESS, 0, 0, 0, args->msg, 0); return 0; }
 TRACEPOINT_PROBE(syscalls, sys_exit_recvmsg)
 { data_exit(args, args->ret); return 0; }
 TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg)
-{ data_enter(args->fd, DIR_EGRESS, 0, 0, 0, args->msg); return 0; }
+{ data_enter(args->fd, DIR_EGRESS, 0, 0, 0, args->msg, 0); return 0; }
 TRACEPOINT_PROBE(syscalls, sys_exit_sendmsg)
+{ data_exit(args, args->ret); return 0; }
+
+/* sendfile(2) moves file bytes to the socket with no user buffer to read:
+ * the stream offset moves past them, so user space sees a hole of exactly
+ * that size inside the body and keeps its framing.  Without this, the next
+ * response's head would be read as the rest of this body. */
+TRACEPOINT_PROBE(syscalls, sys_enter_sendfile64)
+{ data_enter(args->out_fd, DIR_EGRESS, 0, 0, 0, 0, 1); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_exit_sendfile64)
 { data_exit(args, args->ret); return 0; }

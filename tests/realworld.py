@@ -103,8 +103,10 @@ class Nginx(_Server):
     ``ipv6=True`` also listens on ``[::1]`` at the same port.
     """
 
-    def __init__(self, directory: Path, cert: Cert | None, port: int | None = None, ipv6: bool = False) -> None:
+    def __init__(self, directory: Path, cert: Cert | None, port: int | None = None, ipv6: bool = False,
+                 sendfile: bool = False) -> None:
         self.dir = directory / "nginx"
+        self.sendfile = sendfile  # Debian's own nginx.conf has it on: files go out with sendfile(2)
         self.cert = cert
         self.port = port or free_port()
         self.scheme = "https" if cert else "http"
@@ -137,6 +139,7 @@ class Nginx(_Server):
               client_body_temp_path {t}/body; proxy_temp_path {t}/proxy;
               fastcgi_temp_path {t}/fastcgi; uwsgi_temp_path {t}/uwsgi; scgi_temp_path {t}/scgi;
               keepalive_timeout 30; keepalive_requests 1000;
+              sendfile {"on" if self.sendfile else "off"};
               default_type application/octet-stream;
               server {{
                 {listen}

@@ -752,3 +752,31 @@ def test_while_shedding_calls_keep_their_message_head_and_bodies_are_cut():
         assert stats["shed_episodes"] == 1 and stats["shed_bytes"] == cut and stats["lost_records"] == 0
     finally:
         cap.stop()
+
+
+def test_bytes_sent_with_sendfile_move_the_stream_offset_past_them(capture, tmp_path):
+    """nginx with ``sendfile on`` (Debian's default) sends a file's bytes with
+    sendfile(2), which has no buffer to copy: the stream offset must still move
+    past them, so the next response on the connection is found where it is,
+    not read as more of the body."""
+    with Nginx(tmp_path, None, sendfile=True) as srv:
+        worker = srv.worker_pids[0]
+        curl = run(["curl", "-s", "-o", "/dev/null", "-o", "/dev/null", srv.url("/large"), srv.url("/small")])
+        assert curl.returncode == 0
+
+        def second_head(rs):
+            return [c for c in chunks(rs, worker, direction="egress", source="socket")
+                    if SMALL_BODY.strip().encode() in c.data]
+
+        capture.sink.wait_for(second_head, what="the /small response")
+        out = sorted(chunks(capture.sink.snapshot(), worker, direction="egress", source="socket"),
+                     key=lambda c: c.ts_ns)
+        (small,) = second_head(out)
+        fd = small.fd
+        mine = [c for c in out if c.fd == fd and c.ts_ns <= small.ts_ns]
+        heads = [c for c in mine if c.data.startswith(b"HTTP/1.1 200 OK")]
+        assert len(heads) == 2 and heads[0].offset == 0
+        head_len = heads[0].data.index(b"\r\n\r\n") + 4
+        assert len(heads[0].data) == head_len  # the file itself went out with sendfile
+        assert heads[1].offset == head_len + LARGE_SIZE  # found where it is
+        assert sum(len(c.data) for c in mine) < 4096  # nothing of the 2 MiB body was copied

@@ -975,3 +975,24 @@ def test_nothing_on_the_stream_is_about_the_agents_own_port(live, nginx_plain):
     # ... and nothing about the agent's own port, in any event.
     own = refers_to(AGENT_PORT)
     assert not own, own[:10]
+
+
+def test_a_file_nginx_sends_with_sendfile_keeps_the_next_response_in_place(live, tmp_path):
+    """Debian's nginx.conf turns sendfile on: a static file goes out with
+    sendfile(2), whose bytes no probe can copy.  The server side must still
+    pair the next request on the connection with its own response, and say
+    the file's body was not captured."""
+    _, reader, _ = live
+    m = marker()
+    with rw.Nginx(tmp_path, None, sendfile=True) as server:
+        uris = [f"/large?m={m}", f"/json?m={m}"]
+        c = curl(*[server.url(u) for u in uris])
+        assert len(c.ports) == 2 and c.port  # one connection for both
+        txs = reader.transactions(m, count=4, timeout=WAIT)
+        served = [tx for tx in txs if tx["direction"] == "ingress"]
+        assert [tx["request"]["url"] for tx in served] == [server.url(u) for u in uris], served
+        large, small = served
+        assert large["response"]["status"] == 200 and large["response"]["body_size"] == rw.LARGE_SIZE
+        assert large["response"]["body_truncated"] and large.get("incomplete")
+        assert small["response"]["status"] == 200 and body_of(small["response"]) == json_body(uris[1])
+        assert not small.get("incomplete")
