@@ -43,6 +43,11 @@ def _ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU time so far of ``pids`` (user + system), threads included."""
+    return sum(_ticks(p) for p in pids) / CLK_TCK
+
+
 class ProcessCpu:
     """CPU of ``pids`` (alive throughout), this process, and the children reaped meanwhile."""
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import orjson
 
 from bench import report
-from bench.machine import ProcessCpu, foreign_tracers
+from bench.machine import ProcessCpu, cpu_seconds, foreign_tracers
 from bench.setups import SETUP_ORDER, Run, Setup, SetupUnavailable, all_setups
 from bench.workload import (RATE10K, W1, W2, BenchNginx, Workload, Wrk, busy_jiffies, jiffies_to_us, paced,
                             write_scripts)
@@ -77,12 +77,14 @@ def measure(setup: Setup, nginx: BenchNginx, w: Workload, script: Path, seconds:
     setup.begin(w)
     wrk = Wrk(nginx, w, script, seconds)
     procs = ProcessCpu([*servers, *setup.pids()])
+    own0 = cpu_seconds(setup.pids())
     j0 = busy_jiffies()
     wrk.start()
     res = wrk.wait()
     j1 = busy_jiffies()
     extra = setup.end(Run(w, res, nginx, offset, j1, quick))
     proc_s = procs.seconds()
+    own_s = cpu_seconds(setup.pids()) - own0
     # The agent may finish a run's events after wrk stops: its CPU counts up to
     # the last transaction it delivered.
     busy_end = extra.pop("busy_end", j1)
@@ -97,6 +99,10 @@ def measure(setup: Setup, nginx: BenchNginx, w: Workload, script: Path, seconds:
         "p99_us": res.p99_us,
         "cpu_us_per_request": jiffies_to_us(busy_end - j0) / max(1, res.requests),
         "proc_cpu_us_per_request": proc_s * 1e6 / max(1, res.requests),
+        # The setup's own process alone (the agent: capture, reassembly, JSON,
+        # SSE), without the probes' cost inside nginx and wrk or this harness's
+        # SSE client parsing every event.
+        "own_cpu_us_per_request": own_s * 1e6 / max(1, res.requests) if setup.pids() else None,
         "foreign_tracers": foreign,
         **extra,
     }

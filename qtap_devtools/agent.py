@@ -39,6 +39,7 @@ TICK_SECONDS = 0.1
 TRIM_SECONDS = 30.0  # freed heap handed back to the kernel this often
 MAX_PENDING_EVENTS = 100_000  # produced but not yet published (enrichment waits)
 ENRICH_WAIT_SECONDS = 0.05
+SHED_LAG_SECONDS = 1.0  # records waiting this long = fully behind (see Capture's shedding)
 
 
 class Agent:
@@ -169,9 +170,13 @@ class Agent:
                 exclude_port=0 if self.config.capture_own_port else self.config.listen.port,
                 attach_mode=self.config.attach_mode,
                 shed_head_bytes=SHED_HEAD_BYTES if self.config.shed else 0,
-                pressure=self.backlog.fill,
+                # Behind by SHED_LAG_SECONDS: shedding starts at half of it.
+                # Time, not bytes: a burst of large bodies the agent gets
+                # through in time is no reason to cut them.
+                pressure=lambda: self.backlog.lag() / SHED_LAG_SECONDS,
             )
             cap.start()
+            self.backlog.while_waiting = cap.check_load
         except CaptureError as exc:
             self.capture_error = str(exc)
             return

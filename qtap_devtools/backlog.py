@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import deque
 from typing import Callable
 
@@ -39,19 +40,26 @@ class Backlog:
         # the publisher runs: bound it in bytes too.
         self.slice_bytes = slice_bytes
         self._batches: deque[tuple[list, int]] = deque()  # (records, their payload bytes)
+        self._since: deque[float] = deque()  # monotonic time each batch was queued
         self._queued = 0
         self._queued_bytes = 0
         self._cond = threading.Condition()
         self._scheduled = False
         self._closed = False
         self.reader_waits = 0  # times the reader found it full and waited
+        # Called on the reader's thread every tenth of a second it waits for
+        # room: the capture's overload check must run while it is held here.
+        self.while_waiting: Callable[[], None] | None = None
 
     def _full(self) -> bool:
         return (self._queued >= self.max_records or self._queued_bytes >= self.max_bytes) and not self._closed
 
-    def fill(self) -> float:
-        """How full, 0..1 (read without the lock: a gauge for shedding, not a count)."""
-        return max(self._queued / self.max_records, self._queued_bytes / self.max_bytes)
+    def lag(self) -> float:
+        """Seconds the oldest waiting batch has waited (a gauge, read without the lock)."""
+        try:
+            return time.monotonic() - self._since[0]
+        except IndexError:
+            return 0.0
 
     def put(self, batch: list) -> None:
         """From the reader thread: queue ``batch``, waiting while full."""
@@ -61,9 +69,12 @@ class Backlog:
                 self.reader_waits += 1
                 while self._full():
                     self._cond.wait(0.1)
+                    if self.while_waiting is not None and self._full():
+                        self.while_waiting()
             if self._closed:
                 return
             self._batches.append((batch, size))
+            self._since.append(time.monotonic())
             self._queued += len(batch)
             self._queued_bytes += size
             schedule = not self._scheduled
@@ -80,6 +91,7 @@ class Backlog:
             batch, size = self._batches[0]
             if len(batch) <= self.slice_records and size <= self.slice_bytes:
                 self._batches.popleft()
+                self._since.popleft()
                 part = batch
             else:
                 n = _slice_length(batch, self.slice_records, self.slice_bytes)
@@ -89,6 +101,7 @@ class Backlog:
                     self._batches[0] = (rest, self._batches[0][1] - size)
                 else:
                     self._batches.popleft()
+                    self._since.popleft()
             self._queued -= len(part)
             self._queued_bytes -= size
             self._cond.notify()

@@ -114,3 +114,25 @@ def test_slices_are_bounded_in_bytes():
         return parts
 
     assert asyncio.run(go()) == [4, 4, 2]
+
+
+def test_lag_is_how_long_the_oldest_waiting_batch_has_waited():
+    """The gauge shedding reads: time behind, not bytes (a burst of big bodies
+    the loop gets through at once is no reason to shed)."""
+    async def go():
+        loop = asyncio.get_running_loop()
+        got: list[int] = []
+        backlog = Backlog(loop, got.extend, slice_records=2)
+        assert backlog.lag() == 0.0
+        # Queued from "the reader" while the loop is busy: nothing drains yet.
+        backlog.put([1, 2, 3])
+        backlog.put([4])
+        await_start = loop.time()
+        while loop.time() - await_start < 0.05:
+            pass  # the loop is busy: no callback runs
+        assert backlog.lag() >= 0.05
+        while backlog.stats()["backlog_records"]:
+            await asyncio.sleep(0.01)
+        assert backlog.lag() == 0.0 and got == [1, 2, 3, 4]
+
+    asyncio.run(go())

@@ -205,8 +205,8 @@ class Capture:
         / ``wake_bytes``: a data record forces a reader wake-up once this many
         records / bytes were written on its CPU since the last one.
 
-        Overload: when the ring, or ``pressure()`` (how full the consumer's
-        queue is, 0..1), passes SHED_ON, the probes keep only the first
+        Overload: when the ring's fill, or ``pressure()`` (how far behind the
+        consumer is, 0..1), passes SHED_ON, the probes keep only the first
         ``shed_head_bytes`` of calls that start a message and nothing of the
         rest, until both fall below SHED_OFF.  Transactions keep flowing with
         their bodies cut, instead of whole records being lost at random.
@@ -430,9 +430,9 @@ class Capture:
             # and a consumer that is full must be able to stop us between
             # batches (the ring then fills and the kernel counts what it drops).
             while ring.read(parse, self._batch, BATCH_RECORDS) == BATCH_RECORDS and not self._stop.is_set():
-                self._check_load()
+                self.check_load()
                 self._flush()
-            self._check_load()
+            self.check_load()
             self._flush(proc_fallback=True)
 
     def load(self) -> float:
@@ -440,7 +440,8 @@ class Capture:
         ring = self._ring.pending_bytes() / self._ring.size if self._ring else 0.0
         return max(ring, self._pressure() if self._pressure else 0.0)
 
-    def _check_load(self) -> None:
+    def check_load(self) -> None:
+        """Start or stop shedding as the load says; on the reader's thread."""
         if not self.shed_head_bytes:
             return
         load = self.load()
