@@ -39,7 +39,7 @@ TICK_SECONDS = 0.1
 TRIM_SECONDS = 30.0  # freed heap handed back to the kernel this often
 MAX_PENDING_EVENTS = 100_000  # produced but not yet published (enrichment waits)
 ENRICH_WAIT_SECONDS = 0.05
-SHED_LAG_SECONDS = 1.0  # records waiting this long = fully behind (see Capture's shedding)
+SHED_LAG_SECONDS = 0.5  # records waiting this long = fully behind (see Capture's shedding)
 
 
 class Agent:

@@ -47,8 +47,9 @@ class Backlog:
         self._scheduled = False
         self._closed = False
         self.reader_waits = 0  # times the reader found it full and waited
-        # Called on the reader's thread every tenth of a second it waits for
-        # room: the capture's overload check must run while it is held here.
+        # Called on the reader's thread every 10 ms it waits for room: the
+        # capture's overload check must run while it is held here (at W2's
+        # rate the ring fills in tens of milliseconds).
         self.while_waiting: Callable[[], None] | None = None
 
     def _full(self) -> bool:
@@ -68,7 +69,7 @@ class Backlog:
             if self._full():
                 self.reader_waits += 1
                 while self._full():
-                    self._cond.wait(0.1)
+                    self._cond.wait(0.01)
                     if self.while_waiting is not None and self._full():
                         self.while_waiting()
             if self._closed:
