@@ -42,7 +42,6 @@ from qtap_devtools.events import (
     HttpTransaction,
     ProcessStarted,
     ProcessStopped,
-    header,
 )
 
 log = logging.getLogger(__name__)

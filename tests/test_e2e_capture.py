@@ -19,13 +19,11 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
