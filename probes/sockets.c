@@ -334,3 +334,14 @@ TRACEPOINT_PROBE(syscalls, sys_enter_sendfile64)
 { data_enter(args->out_fd, DIR_EGRESS, 0, 0, 0, 0, 1); return 0; }
 TRACEPOINT_PROBE(syscalls, sys_exit_sendfile64)
 { data_exit(args, args->ret); return 0; }
+/* splice(2) moves bytes between a pipe and a socket the same way (TCP
+ * proxies, Go's io.Copy onto a TCP connection): one end is a pipe, so at most
+ * one of the two data_enter calls finds a socket it knows. */
+TRACEPOINT_PROBE(syscalls, sys_enter_splice)
+{
+    data_enter(args->fd_out, DIR_EGRESS, 0, 0, 0, 0, 1);
+    data_enter(args->fd_in, DIR_INGRESS, 0, 0, 0, 0, 1);
+    return 0;
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_splice)
+{ data_exit(args, args->ret); return 0; }

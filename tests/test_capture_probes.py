@@ -780,3 +780,45 @@ def test_bytes_sent_with_sendfile_move_the_stream_offset_past_them(capture, tmp_
         assert len(heads[0].data) == head_len  # the file itself went out with sendfile
         assert heads[1].offset == head_len + LARGE_SIZE  # found where it is
         assert sum(len(c.data) for c in mine) < 4096  # nothing of the 2 MiB body was copied
+
+
+def test_bytes_moved_with_splice_move_the_stream_offset_both_ways(capture):
+    """splice(2) between a pipe and a socket (TCP proxies do this) copies no
+    user buffer either: both directions' offsets must move past those bytes."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        child = _tcp_pair_writer(listener.getsockname()[1], (
+            "import os\n"
+            "r, w = os.pipe()\n"
+            "step(); s.sendall(b'HEAD-A')\n"
+            "os.write(w, b'x' * 5000); n = 0\n"
+            "while n < 5000: n += os.splice(r, s.fileno(), 5000 - n)\n"
+            "s.sendall(b'HEAD-B')\n"
+            "step(); got = 0\n"
+            "while got < 7000: got += os.splice(s.fileno(), w, 7000 - got); os.read(r, 65536)\n"
+            "data = s.recv(100)\n"
+            "step()\n"))
+        peer, _ = listener.accept()
+        with peer:
+            _go(child)
+            expect = b"HEAD-A" + b"x" * 5000 + b"HEAD-B"
+            buf = b""
+            while len(buf) < len(expect):
+                buf += peer.recv(65536)
+            assert buf == expect
+            _go(child)  # the child now splices 7000 bytes in from the socket, then reads 'TAIL'
+            peer.sendall(b"y" * 7000)
+            time.sleep(0.2)
+            peer.sendall(b"TAIL")
+            _go(child)
+            child.wait(10)
+
+    def got(rs):
+        out = chunks(rs, child.pid, direction="egress", source="socket")
+        inn = chunks(rs, child.pid, direction="ingress", source="socket")
+        return (out, inn) if any(c.data == b"HEAD-B" for c in out) and any(c.data == b"TAIL" for c in inn) else None
+
+    out, inn = capture.sink.wait_for(got, what="the records after both splices")
+    assert [(c.offset, c.data) for c in out] == [(0, b"HEAD-A"), (5006, b"HEAD-B")]
+    assert [(c.offset, c.data) for c in inn] == [(7000, b"TAIL")]
