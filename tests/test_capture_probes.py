@@ -647,15 +647,21 @@ def test_a_library_loaded_long_after_exec_is_attached_by_the_sweep(tmp_path):
         cap.stop()
 
 
-def _tcp_pair_writer(port: int, script: str) -> subprocess.Popen:
-    """A child that connects to ``port`` and runs ``script`` with the socket as ``s``
-    (its writes are what the probes see); it waits for a line on stdin between steps."""
-    return subprocess.Popen([sys.executable, "-c", (
-        "import socket, sys, time\n"
-        f"s = socket.create_connection(('127.0.0.1', {port}))\n"
-        "def step():\n"
-        "    print('ready', flush=True); sys.stdin.readline()\n"
-        + script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+def _tcp_child(script: str) -> tuple[subprocess.Popen, socket.socket]:
+    """A child connected to a socket of ours (returned with it) that runs
+    ``script`` with its end as ``s``: what it sends and reads is what the
+    probes see.  ``step()`` in the script waits for ``_go``."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        child = subprocess.Popen([sys.executable, "-c", (
+            "import socket, sys, time\n"
+            f"s = socket.create_connection(('127.0.0.1', {listener.getsockname()[1]}))\n"
+            "def step():\n"
+            "    print('ready', flush=True); sys.stdin.readline()\n"
+            + script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        peer, _ = listener.accept()
+    return child, peer
 
 
 def _go(proc: subprocess.Popen) -> None:
@@ -666,30 +672,26 @@ def _go(proc: subprocess.Popen) -> None:
 
 def test_a_ring_smaller_than_the_traffic_wraps_without_corrupting_records():
     """8 MiB through a 1 MiB ring: the reader walks records across the wrap
-    (the data area is mapped twice so a record that wraps reads whole); every
-    record that arrives holds exactly the bytes written at its offset."""
+    (a record that wraps is joined from the end and the start of the data
+    area); every record that arrives holds exactly the bytes written at its offset."""
     pattern = bytes(range(251)) * (8 * 1024 * 1024 // 251 + 64)
     got = Collector()
     cap = Capture(got, max_chunk=MAX_CHUNK, seed_existing=False, ring_mib=1, shed_head_bytes=0)
     cap.start()
     try:
-        with socket.socket() as listener:
-            listener.bind(("127.0.0.1", 0))
-            listener.listen()
-            writer = _tcp_pair_writer(listener.getsockname()[1], (
-                "p = bytes(range(251)) * (8 * 1024 * 1024 // 251 + 64)\n"
-                "step()\n"
-                "for i in range(128):\n"
-                "    s.sendall(p[i * 65536:(i + 1) * 65536]); time.sleep(0.002)\n"
-                "step()\n"))
-            peer, _ = listener.accept()
+        writer, peer = _tcp_child(
+            "p = bytes(range(251)) * (8 * 1024 * 1024 // 251 + 64)\n"
+            "step()\n"
+            "for i in range(128):\n"
+            "    s.sendall(p[i * 65536:(i + 1) * 65536]); time.sleep(0.002)\n"
+            "step()\n")
+        with peer:
             _drain(peer)
             _go(writer)
             _go(writer)  # the writes are done
             got.wait_for(lambda rs: sum(len(c.data) for c in chunks(rs, writer.pid, direction="egress"))
                          >= 4 << 20, timeout=30, what="most of 8 MiB")
             writer.wait(10)
-            peer.close()
         time.sleep(0.2)
         cs = chunks(got.snapshot(), writer.pid, direction="egress")
         assert sum(len(c.data) for c in cs) >= 4 << 20
@@ -718,14 +720,11 @@ def test_while_shedding_calls_keep_their_message_head_and_bodies_are_cut():
         assert cap.shedding, "shedding did not start under full pressure"
         head = b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 80000\r\n\r\n"
         first = head + b"a" * (20000 - len(head))
-        with socket.socket() as listener:
-            listener.bind(("127.0.0.1", 0))
-            listener.listen()
-            writer = _tcp_pair_writer(listener.getsockname()[1], (
-                f"step(); s.sendall({first!r}); s.sendall(b'b' * 30000)\n"
-                "step(); s.sendall(b'c' * 30000)\n"
-                "step()\n"))
-            peer, _ = listener.accept()
+        writer, peer = _tcp_child(
+            f"step(); s.sendall({first!r}); s.sendall(b'b' * 30000)\n"
+            "step(); s.sendall(b'c' * 30000)\n"
+            "step()\n")
+        with peer:
             _drain(peer)
             _go(writer)
             got.wait_for(lambda rs: chunks(rs, writer.pid, direction="egress"), what="the head record")
@@ -739,7 +738,6 @@ def test_while_shedding_calls_keep_their_message_head_and_bodies_are_cut():
                          >= SHED_HEAD_BYTES + 30000, what="the unshed write")
             _go(writer)
             writer.wait(10)
-            peer.close()
         cs = sorted(chunks(got.snapshot(), writer.pid, direction="egress"), key=lambda c: c.offset)
         assert cs[0].offset == 0 and cs[0].data == first[:SHED_HEAD_BYTES]  # the head, kept
         assert cs[0].shedding and not any(c.shedding for c in cs[1:])  # the flag says when
@@ -785,34 +783,28 @@ def test_bytes_sent_with_sendfile_move_the_stream_offset_past_them(capture, tmp_
 def test_bytes_moved_with_splice_move_the_stream_offset_both_ways(capture):
     """splice(2) between a pipe and a socket (TCP proxies do this) copies no
     user buffer either: both directions' offsets must move past those bytes."""
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
-        child = _tcp_pair_writer(listener.getsockname()[1], (
-            "import os\n"
-            "r, w = os.pipe()\n"
-            "step(); s.sendall(b'HEAD-A')\n"
-            "os.write(w, b'x' * 5000); n = 0\n"
-            "while n < 5000: n += os.splice(r, s.fileno(), 5000 - n)\n"
-            "s.sendall(b'HEAD-B')\n"
-            "step(); got = 0\n"
-            "while got < 7000: got += os.splice(s.fileno(), w, 7000 - got); os.read(r, 65536)\n"
-            "data = s.recv(100)\n"
-            "step()\n"))
-        peer, _ = listener.accept()
-        with peer:
-            _go(child)
-            expect = b"HEAD-A" + b"x" * 5000 + b"HEAD-B"
-            buf = b""
-            while len(buf) < len(expect):
-                buf += peer.recv(65536)
-            assert buf == expect
-            _go(child)  # the child now splices 7000 bytes in from the socket, then reads 'TAIL'
-            peer.sendall(b"y" * 7000)
-            time.sleep(0.2)
-            peer.sendall(b"TAIL")
-            _go(child)
-            child.wait(10)
+    child, peer = _tcp_child(
+        "import os\n"
+        "r, w = os.pipe()\n"
+        "step(); s.sendall(b'HEAD-A')\n"
+        "os.write(w, b'x' * 5000); n = 0\n"
+        "while n < 5000: n += os.splice(r, s.fileno(), 5000 - n)\n"
+        "s.sendall(b'HEAD-B')\n"
+        "step(); got = 0\n"
+        "while got < 7000: got += os.splice(s.fileno(), w, 7000 - got); os.read(r, 65536)\n"
+        "data = s.recv(100)\n"
+        "step()\n")
+    with peer:
+        _go(child)
+        expect = b"HEAD-A" + b"x" * 5000 + b"HEAD-B"
+        buf = b""
+        while len(buf) < len(expect):
+            buf += peer.recv(65536)
+        assert buf == expect
+        _go(child)  # the child now splices 7000 bytes in from the socket, then reads 'TAIL'
+        peer.sendall(b"y" * 7000 + b"TAIL")  # it splices exactly 7000: TAIL is left for recv
+        _go(child)
+        child.wait(10)
 
     def got(rs):
         out = chunks(rs, child.pid, direction="egress", source="socket")
