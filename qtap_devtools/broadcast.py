@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from qtap_devtools import ids
-from qtap_devtools.events import Envelope, SystemDisconnected, SystemDropped
+from qtap_devtools.events import HTTP_TRANSACTION, Envelope, SystemDisconnected, SystemDropped
 from qtap_devtools.filters import EventFilter
 
 log = logging.getLogger(__name__)
@@ -211,6 +211,10 @@ class Broadcaster:
                 before = sub.total_missed
                 sub.offer(item)
                 self.dropped_total += sub.total_missed - before
+        if envelope.type == HTTP_TRANSACTION:
+            # Every synchronous consumer has read it; what stays (history,
+            # queues, the store) needs only the frame.
+            envelope.release()
         return item
 
     def _remember(self, item: Published) -> None:

@@ -83,14 +83,38 @@ def now_ns() -> int:
 # The wire form
 
 
-@dataclass(frozen=True, slots=True)
 class Envelope:
-    """An event ready to send: ``body`` is ``{"data": …, "ts": …}``."""
+    """An event ready to send: ``body`` is ``{"data": …, "ts": …}``.
 
-    type: str
-    body: Mapping[str, Any]
-    frame: bytes  # "event: T\ndata: JSON\n\n", encoded once for all clients
-    ts_ns: int
+    Immutable by convention.  The frame is the event; ``body`` is its parsed
+    form, for filters and state.  Once a transaction has been published its
+    body is let go (:meth:`release`) and parsed again from the frame on the
+    rare later read (REST, HAR, a filtered resume): held for every event in
+    history, the dicts cost more memory than the frames themselves.
+    """
+
+    __slots__ = ("type", "frame", "ts_ns", "_body")
+
+    def __init__(self, type_: str, body: Mapping[str, Any] | None, frame: bytes, ts_ns: int) -> None:
+        self.type = type_
+        self.frame = frame  # "event: T\ndata: JSON\n\n", encoded once for all clients
+        self.ts_ns = ts_ns
+        self._body = body
+
+    def __repr__(self) -> str:
+        return f"Envelope(type={self.type!r}, ts_ns={self.ts_ns}, frame={len(self.frame)} bytes)"
+
+    @property
+    def body(self) -> Mapping[str, Any]:
+        body = self._body
+        if body is None:
+            start = self.frame.index(b"\ndata: ") + 7
+            body = orjson.loads(memoryview(self.frame)[start:-2])
+        return body
+
+    def release(self) -> None:
+        """Forget the parsed body; ``body`` parses the frame again if asked."""
+        self._body = None
 
     @classmethod
     def of(cls, type_: str, data: Mapping[str, Any], ts_ns: int) -> "Envelope":

@@ -63,10 +63,9 @@ class Store:
         endpoints: int = 4096,
     ) -> None:
         # Bodies up to 1 MiB each: a count alone would let 10,000 of them
-        # hold gigabytes.  An envelope holds its frame and its parsed body,
-        # so each costs about twice its frame.
+        # hold gigabytes.  A published transaction keeps only its frame.
         self.transactions: BoundedDict = BoundedDict(transactions, transaction_bytes,
-                                                     lambda env: 2 * len(env.frame))
+                                                     lambda env: len(env.frame))
         self.processes: BoundedDict = BoundedDict(processes)
         self.open_connections: BoundedDict = BoundedDict(connections)
         self.closed_connections: BoundedDict = BoundedDict(closed_connections)

@@ -174,3 +174,25 @@ def test_queued_events_go_out_together_as_whole_frames():
     chunk = asyncio.run(go())
     events = [parse(f) for f in split(chunk)]
     assert [d["data"]["pid"] for _, d in events] == list(range(50))  # one write, every frame whole
+
+
+def test_a_published_transaction_keeps_only_its_frame_and_reads_back_the_same():
+    data = {"data": {"requestId": "r1", "summary": {"request_url": "https://x/request.http_transaction"},
+                     "data": "eyJhIjoxfQ=="}}
+    tx = Envelope.of("request.http_transaction", data, 1_700_000_000_000_000_000)
+    before = tx.body
+    seen = []
+    bc = Broadcaster()
+    bc.add_listener(lambda item: seen.append(item.envelope.inner["requestId"]))
+    matching = bc.subscribe(EventFilter.from_query({"host": "x"}))
+    bc.publish(tx)
+    # Listeners and filters read the parsed body while it is published...
+    assert seen == ["r1"] and len(matching.queue) == 1
+    # ...then only the frame is held (history, queues, store); a later read
+    # parses it again, escaped dot and all.
+    assert tx._body is None
+    assert tx.body == before and tx.inner["summary"]["request_url"] == "https://x/request.http_transaction"
+    # Other events keep their body: the store holds their dicts anyway.
+    proc = env(2)
+    bc.publish(proc)
+    assert proc._body is not None

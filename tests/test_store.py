@@ -13,7 +13,7 @@ def tx(i: int, body: int) -> Envelope:
 
 
 def test_transactions_are_evicted_oldest_first_beyond_the_byte_budget():
-    store = Store(transactions=1000, transaction_bytes=2 * 10 * 300_000)
+    store = Store(transactions=1000, transaction_bytes=10 * 300_000)
     for i in range(40):
         store.on_event(tx(i, 300_000))
     kept = [e.inner["requestId"] for e in store.recent_transactions()]
@@ -21,7 +21,7 @@ def test_transactions_are_evicted_oldest_first_beyond_the_byte_budget():
     assert kept == [f"r{i}" for i in range(40 - len(kept), 40)]
     stats = store.stats()
     assert stats["evicted"]["transactions"] == 40 - len(kept)
-    assert stats["transaction_bytes_kept"] == sum(2 * len(e.frame) for e in store.recent_transactions())
+    assert stats["transaction_bytes_kept"] == sum(len(e.frame) for e in store.recent_transactions())
 
 
 def test_small_transactions_are_bounded_by_count():
