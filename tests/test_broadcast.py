@@ -177,7 +177,7 @@ def test_queued_events_go_out_together_as_whole_frames():
 
 
 def test_a_published_transaction_keeps_only_its_frame_and_reads_back_the_same():
-    data = {"data": {"requestId": "r1", "summary": {"request_url": "https://x/request.http_transaction"},
+    data = {"data": {"requestId": "r1", "summary": {"request_host": "x", "request_url": "https://x/request.http_transaction"},
                      "data": "eyJhIjoxfQ=="}}
     tx = Envelope.of("request.http_transaction", data, 1_700_000_000_000_000_000)
     before = tx.body
