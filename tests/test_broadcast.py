@@ -183,7 +183,7 @@ def test_a_published_transaction_keeps_only_its_frame_and_reads_back_the_same():
     before = tx.body
     seen = []
     bc = Broadcaster()
-    bc.add_listener(lambda item: seen.append(item.envelope.inner["requestId"]))
+    bc.add_listener(lambda item: seen.append(item.envelope.inner.get("requestId")))
     matching = bc.subscribe(EventFilter.from_query({"host": "x"}))
     bc.publish(tx)
     # Listeners and filters read the parsed body while it is published...
