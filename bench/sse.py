@@ -152,6 +152,16 @@ class SseCounter:
         with self.lock:
             return time.monotonic() - max(since, self.last_tx.get(path, since))
 
+    def wait_quiet(self, path: str, quiet: float, timeout: float) -> bool:
+        """Wait until no transaction for ``path`` has come for ``quiet`` seconds
+        (the agent has caught up); False if ``timeout`` passed first."""
+        start = time.monotonic()
+        while self.quiet_for(path, start) < quiet:
+            if time.monotonic() - start > timeout:
+                return False
+            time.sleep(0.1)
+        return True
+
     def close(self) -> None:
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
