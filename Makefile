@@ -26,4 +26,5 @@ bench-soak: setup
 	$(PY) -m bench.soak $(ARGS)
 
 clean:
-	rm -rf .venv .cache .pytest_cache .hypothesis test-output
+	rm -rf .venv .cache .pytest_cache .hypothesis test-output build
+	find qtap_devtools -name "*.so" -delete

@@ -146,6 +146,15 @@ def _bcc() -> Check:
     return Check("bcc", True, f"bcc {getattr(bcc, '__version__', '?')} from {Path(bcc.__file__).parent}")
 
 
+def _speedups() -> Check:
+    from qtap_devtools.assemble import http1_parse
+
+    if http1_parse._headparse is None:
+        return Check("C head parser", False, "not built: HTTP heads are parsed in Python (correct, slower)",
+                     "make setup (needs gcc and python3-dev)", required=False)
+    return Check("C head parser", True, f"built ({Path(http1_parse._headparse.__file__).name})")
+
+
 def _headers(cache_dir: Path | None) -> Check:
     h = kheaders.resolve(cache_dir)
     # A "missing" result already says how to fix it; do not add a second fix.
@@ -269,6 +278,7 @@ def run(cache_dir: Path | None = None, print_fn: Callable[[str], None] = print,
     checks: list[tuple[str, Callable[[], Check]]] = [
         ("root", _root), ("bpf", _bpf_syscall), ("btf", _btf), ("tracefs", _tracefs),
         ("tracepoints", _tracepoints), ("uprobes", _uprobes), ("kprobes", _kprobes), ("bcc", _bcc),
+        ("C head parser", _speedups),
         ("kernel headers", lambda: _headers(cache_dir)), ("trial probe", lambda: _trial_load(cache_dir)),
         ("tls libraries", _tls_libraries), ("capture probes", _capture_probes), ("docker", _docker),
         ("running agent", lambda: _running_agent(agent_url)),

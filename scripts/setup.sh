@@ -5,10 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # bcc comes from Debian (the PyPI "bcc" is an unrelated package); kernel headers
-# for bcc; the real servers, clients and browser the tests drive.
+# for bcc; a C compiler and Python's headers for the C head parser; the real
+# servers, clients and browser the tests drive.
 APT_PACKAGES=(
   bpfcc-tools python3-bpfcc libbpfcc linux-headers-amd64
-  python3-venv ca-certificates curl wget jq openssl
+  python3-venv python3-dev gcc libc6-dev ca-certificates curl wget jq openssl
   nginx-light wrk docker.io chromium
 )
 
@@ -39,8 +40,12 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import bcc' 2>/dev/null; 
 fi
 
 stamp=.venv/.qtap-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  echo "setup: installing the project and its test dependencies into .venv"
+stale=0
+for f in pyproject.toml setup.py qtap_devtools/assemble/*.c; do
+  [ "$f" -nt "$stamp" ] && stale=1
+done
+if [ ! -f "$stamp" ] || [ "$stale" = 1 ] || ! ls qtap_devtools/assemble/_headparse*.so >/dev/null 2>&1; then
+  echo "setup: installing the project and its test dependencies into .venv (and compiling its C part)"
   .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
   touch "$stamp"
 fi

@@ -63,7 +63,7 @@ def test_doctor_without_root_exits_1_and_says_to_run_as_root():
     assert lines[-1].startswith("capture cannot work here: fix root")
     # Every check reports under its own name, none crashes for lack of permission.
     names = [line.split("] ", 1)[1].split(":", 1)[0] for line in lines if line.startswith("[")]
-    assert names == ["root", "bpf", "btf", "tracefs", "tracepoints", "uprobes", "kprobes", "bcc", "kernel headers",
+    assert names == ["root", "bpf", "btf", "tracefs", "tracepoints", "uprobes", "kprobes", "bcc", "C head parser", "kernel headers",
                      "trial probe", "tls libraries", "capture probes", "docker", "running agent"], out
     assert "check crashed" not in out
     # Each failing line says how to fix it, once.
@@ -105,7 +105,7 @@ def test_tracefs_and_tracepoint_lines(tmp_path, monkeypatch):
 
 
 def fake_checks(monkeypatch, **results):
-    names = ["_root", "_bpf_syscall", "_btf", "_tracefs", "_tracepoints", "_uprobes", "_kprobes", "_bcc",
+    names = ["_root", "_bpf_syscall", "_btf", "_tracefs", "_tracepoints", "_uprobes", "_kprobes", "_bcc", "_speedups",
              "_tls_libraries", "_capture_probes", "_docker"]
     for name in names:
         monkeypatch.setattr(doctor, name, results.get(name, lambda n=name: doctor.Check(n.strip("_"), True, "fine")))
@@ -168,3 +168,12 @@ def test_no_running_agent_is_fine(monkeypatch):
 
     check = doctor._running_agent(f"http://127.0.0.1:{free_port()}")
     assert check.ok and check.detail.startswith("none answers")
+
+
+def test_an_unbuilt_c_head_parser_is_a_warning_with_the_fix(monkeypatch):
+    from qtap_devtools.assemble import http1_parse
+
+    monkeypatch.setattr(http1_parse, "_headparse", None)
+    check = doctor._speedups()
+    assert not check.ok and not check.required
+    assert "make setup" in check.line() and "Python" in check.detail

@@ -90,7 +90,8 @@ def split_head(head: bytes | bytearray) -> list[bytes]:
     return [line[:-1] if line.endswith(b"\r") else line for line in head.split(b"\n")]
 
 
-def parse_head(head: bytes | bytearray, is_request: bool) -> Head:
+def parse_head_py(head: bytes | bytearray, is_request: bool) -> Head:
+    """The reference parser: every shape of head, every error worded."""
     lines = split_head(head if type(head) is bytes else bytes(head))
     msg = Head(is_request)
     line = lines[0]
@@ -164,6 +165,20 @@ def _framing_header(msg: Head, lkey: str, value: str) -> None:
         msg.upgrade = True
     else:
         msg.content_encoding = f"{msg.content_encoding}, {value}" if msg.content_encoding else value
+
+
+# The common case in C (``_headparse.c``): same Head, same errors (it hands
+# anything unusual to parse_head_py).  Built by ``make setup``; without it the
+# Python parser does everything, slower.
+try:
+    from qtap_devtools.assemble import _headparse
+except ImportError:
+    _headparse = None
+if _headparse is not None:
+    _headparse.configure(Head, _framing_header, parse_head_py)
+    parse_head = _headparse.parse_head
+else:
+    parse_head = parse_head_py
 
 
 def request_framing(head: Head) -> int:

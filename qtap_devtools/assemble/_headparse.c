@@ -1,0 +1,298 @@
+/* HTTP/1 header sections parsed in C: the common case of parse_head.
+ *
+ * http1_parse.parse_head is the reference.  This module takes the shapes
+ * nearly all traffic has (CRLF lines, a valid start line, token header names)
+ * and builds the same Head; for anything else (a malformed line, bare LF,
+ * obs-fold, a repeated or odd Content-Length) it hands the bytes to the
+ * Python parser, which decides and words the error.  So it never has to be
+ * right about bad input, only about good input, and a test compares the two
+ * on generated heads.  The framing headers other than a plain Content-Length
+ * go through the Python _framing_header too: one rule, in one place.
+ *
+ * Why C: at ~20,000 transactions a second, parsing two heads per transaction
+ * was a fifth of the agent's Python time.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <string.h>
+#include <strings.h>
+
+static PyObject *head_type;   /* http1_parse.Head */
+static PyObject *framing_fn;  /* http1_parse._framing_header(msg, lkey, value) */
+static PyObject *fallback_fn; /* http1_parse.parse_head_py(head, is_request) */
+
+static PyObject *v11, *v10;   /* "HTTP/1.1", "HTTP/1.0" */
+static PyObject *lk_cl, *lk_te, *lk_conn, *lk_up, *lk_ce;
+static PyObject *a_is_request, *a_method, *a_target, *a_version, *a_status, *a_reason, *a_headers,
+    *a_content_length, *a_transfer_encoding, *a_chunked, *a_close, *a_upgrade, *a_content_encoding;
+static PyObject *empty_str, *zero;
+
+static unsigned char is_token[256];
+
+#define MAX_CONTENT_LENGTH_DIGITS 18
+
+static int all_token(const char *p, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (!is_token[(unsigned char)p[i]])
+            return 0;
+    return 1;
+}
+
+static PyObject *version_of(const char *p, Py_ssize_t n) {
+    if (n != 8 || memcmp(p, "HTTP/1.", 7) != 0)
+        return NULL;
+    if (p[7] == '1')
+        return v11;
+    if (p[7] == '0')
+        return v10;
+    return NULL;
+}
+
+/* The lower-case framing name for a header name, or NULL for other headers. */
+static PyObject *framing_key(const char *p, Py_ssize_t n) {
+    switch (n) {
+    case 14: return strncasecmp(p, "content-length", 14) == 0 ? lk_cl : NULL;
+    case 17: return strncasecmp(p, "transfer-encoding", 17) == 0 ? lk_te : NULL;
+    case 10: return strncasecmp(p, "connection", 10) == 0 ? lk_conn : NULL;
+    case 7: return strncasecmp(p, "upgrade", 7) == 0 ? lk_up : NULL;
+    case 16: return strncasecmp(p, "content-encoding", 16) == 0 ? lk_ce : NULL;
+    }
+    return NULL;
+}
+
+static int set(PyObject *o, PyObject *name, PyObject *value) {
+    return PyObject_SetAttr(o, name, value);
+}
+
+/* Set a new reference and drop it; -1 if it is NULL or the set fails. */
+static int set_new(PyObject *o, PyObject *name, PyObject *value) {
+    if (value == NULL)
+        return -1;
+    int rc = PyObject_SetAttr(o, name, value);
+    Py_DECREF(value);
+    return rc;
+}
+
+/* 1: parsed into *out; 0: not the common case, let Python decide; -1: error set. */
+static int parse_fast(const char *buf, Py_ssize_t n, int is_request, PyObject **out) {
+    *out = NULL;
+    if (n > 0 && buf[n - 1] == '\r')
+        n--;
+    if (n == 0)
+        return 0;
+    /* Lines end in CRLF; a bare LF or a lone CR is for the Python parser. */
+    const char *first_end = NULL;
+    for (const char *q = buf; (q = memchr(q, '\r', buf + n - q)) != NULL; q++)
+        if (q + 1 >= buf + n || q[1] != '\n')
+            return 0;
+    for (const char *q = buf; (q = memchr(q, '\n', buf + n - q)) != NULL; q++) {
+        if (q == buf || q[-1] != '\r')
+            return 0;
+        if (first_end == NULL)
+            first_end = q - 1;
+    }
+    const char *end = buf + n;
+    const char *line_end = first_end ? first_end : end;
+    Py_ssize_t line_len = line_end - buf;
+
+    PyTypeObject *tp = (PyTypeObject *)head_type;
+    PyObject *msg = tp->tp_alloc(tp, 0);
+    if (msg == NULL)
+        return -1;
+    PyObject *headers = NULL;
+
+    if (is_request) {
+        const char *sp1 = memchr(buf, ' ', line_len);
+        if (sp1 == NULL)
+            goto decline;
+        const char *sp2 = memchr(sp1 + 1, ' ', line_end - sp1 - 1);
+        if (sp2 == NULL || memchr(sp2 + 1, ' ', line_end - sp2 - 1) != NULL)
+            goto decline;
+        Py_ssize_t mlen = sp1 - buf, tlen = sp2 - sp1 - 1;
+        PyObject *version = version_of(sp2 + 1, line_end - sp2 - 1);
+        if (mlen == 0 || !all_token(buf, mlen) || tlen == 0 || version == NULL)
+            goto decline;
+        if (set_new(msg, a_method, PyUnicode_DecodeASCII(buf, mlen, NULL)) < 0 ||
+            set_new(msg, a_target, PyUnicode_DecodeLatin1(sp1 + 1, tlen, NULL)) < 0 ||
+            set(msg, a_version, version) < 0 || set(msg, a_status, zero) < 0 || set(msg, a_reason, empty_str) < 0)
+            goto fail;
+    } else {
+        const char *sp = memchr(buf, ' ', line_len);
+        if (sp == NULL)
+            goto decline;
+        PyObject *version = version_of(buf, sp - buf);
+        const char *rest = sp + 1;
+        Py_ssize_t rest_len = line_end - rest;
+        if (version == NULL || rest_len < 3)
+            goto decline;
+        for (int i = 0; i < 3; i++)
+            if (rest[i] < '0' || rest[i] > '9')
+                goto decline;
+        if (rest_len > 3 && rest[3] != ' ')
+            goto decline;
+        long status = (rest[0] - '0') * 100 + (rest[1] - '0') * 10 + (rest[2] - '0');
+        PyObject *reason = rest_len > 4 ? PyUnicode_DecodeLatin1(rest + 4, rest_len - 4, NULL) : Py_NewRef(empty_str);
+        if (set_new(msg, a_reason, reason) < 0 || set_new(msg, a_status, PyLong_FromLong(status)) < 0 ||
+            set(msg, a_version, version) < 0 || set(msg, a_method, empty_str) < 0 || set(msg, a_target, empty_str) < 0)
+            goto fail;
+    }
+    if (set(msg, a_is_request, is_request ? Py_True : Py_False) < 0 || set(msg, a_content_length, Py_None) < 0 ||
+        set(msg, a_transfer_encoding, Py_None) < 0 || set(msg, a_chunked, Py_False) < 0 ||
+        set(msg, a_close, Py_False) < 0 || set(msg, a_upgrade, Py_False) < 0 ||
+        set(msg, a_content_encoding, Py_None) < 0)
+        goto fail;
+    headers = PyList_New(0);
+    if (headers == NULL || set(msg, a_headers, headers) < 0)
+        goto fail;
+
+    int have_length = 0;
+    for (const char *p = first_end ? first_end + 2 : end; p < end;) {
+        const char *nl = memchr(p, '\r', end - p);
+        const char *le = nl ? nl : end;
+        const char *colon = memchr(p, ':', le - p);
+        if (colon == NULL || colon == p || !all_token(p, colon - p))
+            goto decline; /* includes obs-fold: a line starting with SP/HTAB */
+        const char *v = colon + 1, *ve = le;
+        while (v < ve && (*v == ' ' || *v == '\t'))
+            v++;
+        while (ve > v && (ve[-1] == ' ' || ve[-1] == '\t'))
+            ve--;
+        PyObject *key = PyUnicode_DecodeASCII(p, colon - p, NULL);
+        PyObject *text = key ? PyUnicode_DecodeLatin1(v, ve - v, NULL) : NULL;
+        PyObject *pair = text ? PyTuple_Pack(2, key, text) : NULL;
+        Py_XDECREF(key);
+        if (pair == NULL || PyList_Append(headers, pair) < 0) {
+            Py_XDECREF(pair);
+            Py_XDECREF(text);
+            goto fail;
+        }
+        Py_DECREF(pair);
+        PyObject *lkey = framing_key(p, colon - p);
+        if (lkey == lk_cl && !have_length && ve - v >= 1 && ve - v <= MAX_CONTENT_LENGTH_DIGITS) {
+            /* The usual Content-Length: digits only, the first one seen. */
+            long long value = 0;
+            const char *d = v;
+            for (; d < ve && *d >= '0' && *d <= '9'; d++)
+                value = value * 10 + (*d - '0');
+            if (d == ve) {
+                have_length = 1;
+                Py_DECREF(text);
+                if (set_new(msg, a_content_length, PyLong_FromLongLong(value)) < 0)
+                    goto fail;
+                p = nl ? nl + 2 : end;
+                continue;
+            }
+        }
+        if (lkey != NULL) {
+            if (lkey == lk_cl)
+                have_length = 1;
+            PyObject *r = PyObject_CallFunctionObjArgs(framing_fn, msg, lkey, text, NULL);
+            Py_DECREF(text);
+            if (r == NULL) {
+                /* A framing error: the Python parser raises it, worded its way. */
+                PyErr_Clear();
+                goto decline;
+            }
+            Py_DECREF(r);
+        } else {
+            Py_DECREF(text);
+        }
+        p = nl ? nl + 2 : end;
+    }
+    Py_DECREF(headers);
+    *out = msg;
+    return 1;
+
+decline:
+    Py_XDECREF(headers);
+    Py_DECREF(msg);
+    return 0;
+fail:
+    Py_XDECREF(headers);
+    Py_DECREF(msg);
+    return -1;
+}
+
+static PyObject *parse_head(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "parse_head(head, is_request)");
+        return NULL;
+    }
+    if (head_type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "_headparse.configure() was not called");
+        return NULL;
+    }
+    int is_request = PyObject_IsTrue(args[1]);
+    if (is_request < 0)
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    PyObject *msg;
+    int rc = parse_fast(view.buf, view.len, is_request, &msg);
+    PyBuffer_Release(&view);
+    if (rc < 0)
+        return NULL;
+    if (rc > 0)
+        return msg;
+    return PyObject_CallFunctionObjArgs(fallback_fn, args[0], args[1], NULL);
+}
+
+static PyObject *configure(PyObject *self, PyObject *args) {
+    PyObject *head, *framing, *fallback;
+    if (!PyArg_ParseTuple(args, "OOO:configure", &head, &framing, &fallback))
+        return NULL;
+    if (!PyType_Check(head)) {
+        PyErr_SetString(PyExc_TypeError, "configure: Head must be a class");
+        return NULL;
+    }
+    Py_XSETREF(head_type, Py_NewRef(head));
+    Py_XSETREF(framing_fn, Py_NewRef(framing));
+    Py_XSETREF(fallback_fn, Py_NewRef(fallback));
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"parse_head", (PyCFunction)(void (*)(void))parse_head, METH_FASTCALL,
+     "parse_head(head, is_request) -> Head: the common case in C, the rest by the Python parser."},
+    {"configure", configure, METH_VARARGS, "configure(Head, _framing_header, parse_head_py)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_headparse", NULL, -1, methods};
+
+#define INTERN(var, text)                                  \
+    do {                                                   \
+        if ((var = PyUnicode_InternFromString(text)) == NULL) \
+            return NULL;                                   \
+    } while (0)
+
+PyMODINIT_FUNC PyInit__headparse(void) {
+    const char *tok = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
+    for (const char *c = tok; *c; c++)
+        is_token[(unsigned char)*c] = 1;
+    INTERN(v11, "HTTP/1.1");
+    INTERN(v10, "HTTP/1.0");
+    INTERN(lk_cl, "content-length");
+    INTERN(lk_te, "transfer-encoding");
+    INTERN(lk_conn, "connection");
+    INTERN(lk_up, "upgrade");
+    INTERN(lk_ce, "content-encoding");
+    INTERN(a_is_request, "is_request");
+    INTERN(a_method, "method");
+    INTERN(a_target, "target");
+    INTERN(a_version, "version");
+    INTERN(a_status, "status");
+    INTERN(a_reason, "reason");
+    INTERN(a_headers, "headers");
+    INTERN(a_content_length, "content_length");
+    INTERN(a_transfer_encoding, "transfer_encoding");
+    INTERN(a_chunked, "chunked");
+    INTERN(a_close, "close");
+    INTERN(a_upgrade, "upgrade");
+    INTERN(a_content_encoding, "content_encoding");
+    INTERN(empty_str, "");
+    if ((zero = PyLong_FromLong(0)) == NULL)
+        return NULL;
+    return PyModule_Create(&module);
+}

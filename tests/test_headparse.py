@@ -1,0 +1,111 @@
+"""The C head parser against the Python reference: same Head, same errors.
+
+``_headparse`` takes the common shapes and hands the rest to ``parse_head_py``.
+Generated heads mix valid lines with the near-misses that decide the split
+(bare LF, lone CR, obs-fold, odd Content-Length, non-token names, bad start
+lines): for every one, both must agree on every field, or raise the same
+exception with the same words.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qtap_devtools.assemble import http1_parse
+from qtap_devtools.assemble.http1_parse import Head, parse_head_py
+
+fast = http1_parse._headparse
+
+
+def test_the_c_parser_is_built_and_in_use():
+    """``make setup`` builds it; CI must not pass on the slow path by accident."""
+    if fast is None:
+        if os.environ.get("CI"):
+            pytest.fail("qtap_devtools.assemble._headparse is not built (make setup compiles it)")
+        pytest.skip("C head parser not built")
+    assert http1_parse.parse_head is fast.parse_head
+
+
+def outcome(fn, head: bytes, is_request: bool):
+    try:
+        msg = fn(head, is_request)
+    except Exception as exc:  # noqa: BLE001 - the comparison is the point
+        return ("raised", type(exc), str(exc))
+    assert type(msg) is Head
+    return ("parsed", {name: getattr(msg, name) for name in Head.__slots__})
+
+
+def same(head: bytes, is_request: bool) -> None:
+    expected = outcome(parse_head_py, head, is_request)
+    got = outcome(fast.parse_head, head, is_request)
+    assert got == expected, head
+    # bytearray (the reader's buffer) and memoryview-free bytes agree too
+    assert outcome(fast.parse_head, bytearray(head), is_request) == expected
+
+
+TOKENISH = st.sampled_from(["Host", "Content-Length", "content-length", "CONNECTION", "Transfer-Encoding",
+                            "Upgrade", "Content-Encoding", "X-Trace", "Set-Cookie", "bad name", "", "Näme",
+                            "x(y)", "Accept"])
+VALUES = st.sampled_from(["5", " 12 ", "0", "007", "5, 5", "5,6", "-1", "1e3", "", "²", "9" * 18, "9" * 19,
+                          "close", "keep-alive, Upgrade", "Close", "chunked", "gzip, chunked", "gzip",
+                          "websocket", "a\tb", " text with spaces ", "é", "\t", "x\t", "\t x \t", "5\t"])
+STARTS_REQ = st.sampled_from(["GET / HTTP/1.1", "POST /a?b=c HTTP/1.0", "GET  / HTTP/1.1", "GET / HTTP/1.2",
+                              "G\x01T / HTTP/1.1", " GET / HTTP/1.1", "GET / HTTP/1.1 x", "GET /", "",
+                              "PRI * HTTP/2.0", "M-SEARCH * HTTP/1.1", "GET /é HTTP/1.1"])
+STARTS_RESP = st.sampled_from(["HTTP/1.1 200 OK", "HTTP/1.0 404 Not Found", "HTTP/1.1 204", "HTTP/1.1 204 ",
+                               "HTTP/1.1 20 OK", "HTTP/1.1 2000 OK", "HTTP/1.1 2x0 OK", "HTTP/2 200 OK",
+                               "HTTP/1.1", "HTTP/1.1 101 Switching Protocols", "HTTP/1.1 099 odd", "",
+                               "HTTP/1.1 200 Ökay"])
+SEPARATORS = st.sampled_from(["\r\n"] * 8 + ["\n", "\r", "\r\r\n"])
+
+
+@st.composite
+def heads(draw, starts):
+    start = draw(starts)
+    lines = [f"{draw(TOKENISH)}:{draw(VALUES)}" if draw(st.booleans()) else f"{draw(TOKENISH)}: {draw(VALUES)}"
+             for _ in range(draw(st.integers(0, 6)))]
+    if draw(st.integers(0, 9)) == 0:
+        lines.insert(draw(st.integers(0, len(lines))), draw(st.sampled_from([" folded", "\tfolded", "no colon"])))
+    text = start
+    for line in lines:
+        text += draw(SEPARATORS) + line
+    if draw(st.booleans()):
+        text += "\r"  # the reader's slice keeps the last line's CR
+    return text.encode("latin-1")
+
+
+@settings(max_examples=600, deadline=None)
+@given(heads(STARTS_REQ))
+def test_requests_agree(head):
+    same(head, True)
+
+
+@settings(max_examples=600, deadline=None)
+@given(heads(STARTS_RESP))
+def test_responses_agree(head):
+    same(head, False)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200), st.booleans())
+def test_arbitrary_bytes_agree(head, is_request):
+    same(head, is_request)
+
+
+@pytest.mark.parametrize("head,is_request", [
+    (b"GET / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5", True),
+    (b"GET / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6", True),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r", False),
+    (b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\ncontent-encoding: br\r", False),
+    (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r", False),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 999999999999999999\r", False),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 9999999999999999999\r", False),
+    (b"HTTP/1.1 200 OK\r\nX: a\rb\r\n", False),
+    (b"HTTP/1.1 200 OK\r\n\r\nX: after an empty line", False),
+])
+def test_edge_cases_agree(head, is_request):
+    same(head, is_request)
