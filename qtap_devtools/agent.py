@@ -221,6 +221,9 @@ class Agent:
         # walks only what traffic creates.
         gc.collect()
         gc.freeze()
+        if os.environ.get("QTAP_GC_EXPERIMENT"):
+            t = [int(x) for x in os.environ["QTAP_GC_EXPERIMENT"].split(",")]
+            gc.set_threshold(*t) if t[0] else gc.disable()
         for a in self.capture.attachments:
             if a.ok:
                 print(f"qtap-devtools: attached to {a.path} ({a.library}, {a.mode} probes)", flush=True)

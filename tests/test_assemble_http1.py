@@ -624,3 +624,35 @@ def test_a_plain_capture_gap_is_not_marked_shed():
     cap.ingress(b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n" + b"a" * 10)
     (big,) = cap.ingress(b"b" * 10, lose=4980)
     assert big.incomplete and not big.shed
+
+
+def test_emitted_exchanges_leave_no_reference_cycles():
+    """Every transaction is freed by reference counting, not left to the
+    cycle collector: at 20,000 a second, collecting them cost ~13 % of the
+    agent's CPU."""
+    import gc
+
+    gc.collect()
+    gc.disable()
+    try:
+        cap = Capture(max_body_bytes=1000)
+        for i in range(20):
+            cap.egress(get(f"/k{i}"))
+            cap.ingress(ok(b"body"))
+        cap.egress(get("/p1") + get("/p2"))  # pipelined
+        cap.ingress(ok(b"one") + b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked(b"two"))
+        cap.egress(b"PUT /c HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n")
+        cap.ingress(b"HTTP/1.1 100 Continue\r\n\r\n")
+        cap.egress(b"data")
+        cap.ingress(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+        cap.egress(get("/big"))
+        cap.ingress(b"HTTP/1.1 200 OK\r\nContent-Length: 3000\r\n\r\n" + b"y" * 1500)  # emitted partial
+        cap.ingress(b"y" * 1500)
+        cap.ingress(ok(b"unasked"))  # a response with no request
+        cap.egress(get("/never-answered"))
+        cap.close()
+        assert len(cap.out) == 26
+        del cap
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
