@@ -2,9 +2,11 @@
 
 from setuptools import Extension, setup
 
+FLAGS = ["-O2", "-Wall", "-Werror=implicit-function-declaration"]
+
 setup(
     ext_modules=[
-        Extension("qtap_devtools.assemble._headparse", ["qtap_devtools/assemble/_headparse.c"],
-                  extra_compile_args=["-O2", "-Wall", "-Werror=implicit-function-declaration"]),
+        Extension(f"qtap_devtools.{name.replace('/', '.')}", [f"qtap_devtools/{name}.c"], extra_compile_args=FLAGS)
+        for name in ("assemble/_headparse", "capture/_ringread")
     ],
 )

@@ -148,11 +148,14 @@ def _bcc() -> Check:
 
 def _speedups() -> Check:
     from qtap_devtools.assemble import http1_parse
+    from qtap_devtools.capture import ringbuf
 
-    if http1_parse._headparse is None:
-        return Check("C head parser", False, "not built: HTTP heads are parsed in Python (correct, slower)",
+    parts = {"head parser": http1_parse._headparse, "ring reader": ringbuf._ringread}
+    missing = [name for name, module in parts.items() if module is None]
+    if missing:
+        return Check("C parts", False, f"not built: {', '.join(missing)} in Python (correct, slower)",
                      "make setup (needs gcc and python3-dev)", required=False)
-    return Check("C head parser", True, f"built ({Path(http1_parse._headparse.__file__).name})")
+    return Check("C parts", True, "head parser and ring reader built")
 
 
 def _headers(cache_dir: Path | None) -> Check:
@@ -278,7 +281,7 @@ def run(cache_dir: Path | None = None, print_fn: Callable[[str], None] = print,
     checks: list[tuple[str, Callable[[], Check]]] = [
         ("root", _root), ("bpf", _bpf_syscall), ("btf", _btf), ("tracefs", _tracefs),
         ("tracepoints", _tracepoints), ("uprobes", _uprobes), ("kprobes", _kprobes), ("bcc", _bcc),
-        ("C head parser", _speedups),
+        ("C parts", _speedups),
         ("kernel headers", lambda: _headers(cache_dir)), ("trial probe", lambda: _trial_load(cache_dir)),
         ("tls libraries", _tls_libraries), ("capture probes", _capture_probes), ("docker", _docker),
         ("running agent", lambda: _running_agent(agent_url)),

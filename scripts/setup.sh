@@ -41,10 +41,10 @@ fi
 
 stamp=.venv/.qtap-installed
 stale=0
-for f in pyproject.toml setup.py qtap_devtools/assemble/*.c; do
+for f in pyproject.toml setup.py qtap_devtools/*/*.c; do
   [ "$f" -nt "$stamp" ] && stale=1
 done
-if [ ! -f "$stamp" ] || [ "$stale" = 1 ] || ! ls qtap_devtools/assemble/_headparse*.so >/dev/null 2>&1; then
+if [ ! -f "$stamp" ] || [ "$stale" = 1 ] || ! ls qtap_devtools/assemble/_headparse*.so qtap_devtools/capture/_ringread*.so >/dev/null 2>&1; then
   echo "setup: installing the project and its test dependencies into .venv (and compiling its C part)"
   .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
   touch "$stamp"

@@ -63,7 +63,7 @@ def test_doctor_without_root_exits_1_and_says_to_run_as_root():
     assert lines[-1].startswith("capture cannot work here: fix root")
     # Every check reports under its own name, none crashes for lack of permission.
     names = [line.split("] ", 1)[1].split(":", 1)[0] for line in lines if line.startswith("[")]
-    assert names == ["root", "bpf", "btf", "tracefs", "tracepoints", "uprobes", "kprobes", "bcc", "C head parser", "kernel headers",
+    assert names == ["root", "bpf", "btf", "tracefs", "tracepoints", "uprobes", "kprobes", "bcc", "C parts", "kernel headers",
                      "trial probe", "tls libraries", "capture probes", "docker", "running agent"], out
     assert "check crashed" not in out
     # Each failing line says how to fix it, once.
@@ -170,10 +170,11 @@ def test_no_running_agent_is_fine(monkeypatch):
     assert check.ok and check.detail.startswith("none answers")
 
 
-def test_an_unbuilt_c_head_parser_is_a_warning_with_the_fix(monkeypatch):
-    from qtap_devtools.assemble import http1_parse
+def test_unbuilt_c_parts_are_a_warning_with_the_fix(monkeypatch):
+    from qtap_devtools.capture import ringbuf
 
-    monkeypatch.setattr(http1_parse, "_headparse", None)
+    assert doctor._speedups().ok
+    monkeypatch.setattr(ringbuf, "_ringread", None)
     check = doctor._speedups()
     assert not check.ok and not check.required
-    assert "make setup" in check.line() and "Python" in check.detail
+    assert "make setup" in check.line() and "ring reader in Python" in check.detail

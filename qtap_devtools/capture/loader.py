@@ -430,7 +430,7 @@ class Capture:
             # At most BATCH_RECORDS at a time: a full ring is millions of records,
             # and a consumer that is full must be able to stop us between
             # batches (the ring then fills and the kernel counts what it drops).
-            while ring.read(parse, self._batch, BATCH_RECORDS) == BATCH_RECORDS and not self._stop.is_set():
+            while ring.read_records(parse, self._batch, BATCH_RECORDS) == BATCH_RECORDS and not self._stop.is_set():
                 self.check_load()
                 self._flush()
             self.check_load()

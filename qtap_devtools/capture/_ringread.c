@@ -1,0 +1,216 @@
+/* The ring buffer's records walked in C, data records decoded in C.
+ *
+ * ringbuf.RingReader.read is the reference: same walk (BUSY stops it, DISCARD
+ * is skipped, the consumer position is stored once per batch), same records.
+ * Data records, nearly all of the traffic, become DataChunk objects here; any
+ * other kind, and the rare record that wraps the end of the data area, go to
+ * the Python parse_at(area, start, size) as before.  A record that fails to
+ * decode is counted and skipped, never fatal: the ring's contents come from
+ * the kernel but describe untrusted traffic.
+ *
+ * Why C: at ~40,000 records a second, the Python loop and its per-record
+ * unpack were about a tenth of the agent's CPU.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define BUSY (1u << 31)
+#define DISCARD (1u << 30)
+#define HDR 8
+
+static PyObject *chunk_type;  /* records.DataChunk */
+static PyObject *directions;  /* tuple of str */
+static PyObject *sources;     /* tuple of str */
+static unsigned data_kind;    /* rec_kind DATA */
+static Py_ssize_t data_hdr;   /* DATA_HDR_SIZE: rec_hdr + data_rec header */
+static unsigned shedding_flag;
+
+static PyObject *a_pid, *a_tid, *a_fd, *a_ts_ns, *a_direction, *a_source, *a_offset, *a_data, *a_tls_ref,
+    *a_shedding;
+
+/* The 48-byte header, as records._DATA_FULL unpacks it ("<IIIiQQIBBHQ"). */
+struct data_hdr {
+    uint32_t kind, pid, tid;
+    int32_t fd;
+    uint64_t ts, offset;
+    uint32_t length;
+    uint8_t direction, source;
+    uint16_t flags;
+    uint64_t tls_ref;
+} __attribute__((packed));
+
+static int set_new(PyObject *o, PyObject *name, PyObject *value) {
+    if (value == NULL)
+        return -1;
+    int rc = PyObject_SetAttr(o, name, value);
+    Py_DECREF(value);
+    return rc;
+}
+
+/* A DataChunk for the data record at p (size bytes), or NULL with an error set. */
+static PyObject *data_chunk(const char *p, Py_ssize_t size) {
+    struct data_hdr h;
+    memcpy(&h, p, sizeof h);
+    if ((Py_ssize_t)h.length > size - data_hdr) {
+        PyErr_Format(PyExc_ValueError, "data record claims %u bytes in %zd", h.length, size);
+        return NULL;
+    }
+    if (h.direction >= PyTuple_GET_SIZE(directions) || h.source >= PyTuple_GET_SIZE(sources)) {
+        PyErr_SetString(PyExc_ValueError, "data record with an unknown direction or source");
+        return NULL;
+    }
+    PyTypeObject *tp = (PyTypeObject *)chunk_type;
+    PyObject *c = tp->tp_alloc(tp, 0);
+    if (c == NULL)
+        return NULL;
+    if (set_new(c, a_pid, PyLong_FromUnsignedLong(h.pid)) < 0 ||
+        set_new(c, a_tid, PyLong_FromUnsignedLong(h.tid)) < 0 ||
+        set_new(c, a_fd, PyLong_FromLong(h.fd)) < 0 ||
+        set_new(c, a_ts_ns, PyLong_FromUnsignedLongLong(h.ts)) < 0 ||
+        PyObject_SetAttr(c, a_direction, PyTuple_GET_ITEM(directions, h.direction)) < 0 ||
+        PyObject_SetAttr(c, a_source, PyTuple_GET_ITEM(sources, h.source)) < 0 ||
+        set_new(c, a_offset, PyLong_FromUnsignedLongLong(h.offset)) < 0 ||
+        set_new(c, a_data, PyBytes_FromStringAndSize(p + data_hdr, h.length)) < 0 ||
+        set_new(c, a_tls_ref, PyLong_FromUnsignedLongLong(h.tls_ref)) < 0 ||
+        PyObject_SetAttr(c, a_shedding, (h.flags & shedding_flag) ? Py_True : Py_False) < 0) {
+        Py_DECREF(c);
+        return NULL;
+    }
+    return c;
+}
+
+/* read(data, consumer, size, page, parse_at, out, max_records) -> (taken, errors) */
+static PyObject *ring_read(PyObject *self, PyObject *args) {
+    PyObject *data_obj, *consumer_obj, *parse_at, *out;
+    Py_ssize_t size, page, max_records;
+    if (!PyArg_ParseTuple(args, "OOnnOO!n:read", &data_obj, &consumer_obj, &size, &page, &parse_at,
+                          &PyList_Type, &out, &max_records))
+        return NULL;
+    if (chunk_type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "_ringread.configure() was not called");
+        return NULL;
+    }
+    if (size <= 0 || (size & (size - 1)) || page < 8) {
+        PyErr_SetString(PyExc_ValueError, "ring size must be a power of two and page at least 8");
+        return NULL;
+    }
+    Py_buffer data, consumer;
+    if (PyObject_GetBuffer(data_obj, &data, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(consumer_obj, &consumer, PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(&data);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    if (data.len < page + size || consumer.len < 8) {
+        PyErr_SetString(PyExc_ValueError, "ring mappings are smaller than the ring");
+        goto done;
+    }
+    const char *base = data.buf;
+    uint64_t *cons_pos = consumer.buf;
+    const uint64_t mask = (uint64_t)size - 1;
+    const Py_ssize_t data_end = page + size;
+    /* The kernel publishes the producer position, and each record's length,
+     * with release stores: read them with acquire loads. */
+    uint64_t cons = __atomic_load_n(cons_pos, __ATOMIC_RELAXED);
+    uint64_t prod = __atomic_load_n((const uint64_t *)base, __ATOMIC_ACQUIRE);
+    Py_ssize_t taken = 0, errors = 0;
+    while (cons < prod && taken < max_records) {
+        Py_ssize_t start = page + (Py_ssize_t)(cons & mask);
+        uint32_t len = __atomic_load_n((const uint32_t *)(base + start), __ATOMIC_ACQUIRE);
+        if (len & BUSY)
+            break; /* reserved, not yet committed: later ones must wait too */
+        Py_ssize_t rsize = len & ~(BUSY | DISCARD);
+        cons += ((uint64_t)rsize + HDR + 7) & ~(uint64_t)7;
+        if (len & DISCARD)
+            continue;
+        taken++;
+        Py_ssize_t begin = start + HDR;
+        PyObject *rec;
+        if (begin + rsize <= data_end && rsize >= data_hdr && (unsigned char)base[begin] == data_kind) {
+            rec = data_chunk(base + begin, rsize);
+        } else if (begin + rsize <= data_end) {
+            rec = PyObject_CallFunction(parse_at, "Onn", data_obj, begin, rsize);
+        } else { /* wraps: its tail is at the start of the data area */
+            Py_ssize_t head = data_end - begin;
+            PyObject *joined = PyBytes_FromStringAndSize(NULL, rsize);
+            if (joined == NULL)
+                goto store;
+            memcpy(PyBytes_AS_STRING(joined), base + begin, head);
+            memcpy(PyBytes_AS_STRING(joined) + head, base + page, rsize - head);
+            rec = PyObject_CallFunction(parse_at, "Onn", joined, (Py_ssize_t)0, rsize);
+            Py_DECREF(joined);
+        }
+        if (rec == NULL) {
+            if (!PyErr_ExceptionMatches(PyExc_Exception))
+                goto store; /* KeyboardInterrupt, MemoryError…: not the record's fault */
+            PyErr_Clear(); /* untrusted layout: count it, keep reading */
+            errors++;
+            continue;
+        }
+        int rc = PyList_Append(out, rec);
+        Py_DECREF(rec);
+        if (rc < 0)
+            goto store;
+    }
+    result = Py_BuildValue("nn", taken, errors);
+store:
+    /* One store per batch: the kernel may reuse the space from here on. */
+    __atomic_store_n(cons_pos, cons, __ATOMIC_RELEASE);
+done:
+    PyBuffer_Release(&consumer);
+    PyBuffer_Release(&data);
+    return result;
+}
+
+static PyObject *configure(PyObject *self, PyObject *args) {
+    PyObject *type, *dirs, *srcs;
+    unsigned kind, flag;
+    Py_ssize_t hdr;
+    if (!PyArg_ParseTuple(args, "OO!O!InI:configure", &type, &PyTuple_Type, &dirs, &PyTuple_Type, &srcs, &kind,
+                          &hdr, &flag))
+        return NULL;
+    if (!PyType_Check(type) || hdr != (Py_ssize_t)sizeof(struct data_hdr)) {
+        PyErr_SetString(PyExc_ValueError, "configure: DataChunk must be a class and the header 48 bytes");
+        return NULL;
+    }
+    Py_XSETREF(chunk_type, Py_NewRef(type));
+    Py_XSETREF(directions, Py_NewRef(dirs));
+    Py_XSETREF(sources, Py_NewRef(srcs));
+    data_kind = kind;
+    data_hdr = hdr;
+    shedding_flag = flag;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"read", ring_read, METH_VARARGS,
+     "read(data, consumer, size, page, parse_at, out, max_records) -> (taken, errors)"},
+    {"configure", configure, METH_VARARGS,
+     "configure(DataChunk, DIRECTIONS, SOURCES, DATA, DATA_HDR_SIZE, DATA_SHEDDING)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_ringread", NULL, -1, methods};
+
+#define INTERN(var, text)                                     \
+    do {                                                      \
+        if ((var = PyUnicode_InternFromString(text)) == NULL) \
+            return NULL;                                      \
+    } while (0)
+
+PyMODINIT_FUNC PyInit__ringread(void) {
+    INTERN(a_pid, "pid");
+    INTERN(a_tid, "tid");
+    INTERN(a_fd, "fd");
+    INTERN(a_ts_ns, "ts_ns");
+    INTERN(a_direction, "direction");
+    INTERN(a_source, "source");
+    INTERN(a_offset, "offset");
+    INTERN(a_data, "data");
+    INTERN(a_tls_ref, "tls_ref");
+    INTERN(a_shedding, "shedding");
+    return PyModule_Create(&module);
+}
