@@ -204,13 +204,12 @@ class Pipeline:
     # ------------------------------------------------------------ records
 
     def on_records(self, batch: list) -> None:
+        self.counters["records"] += len(batch)
+        handlers = self._handlers
         for r in batch:
-            self.counters["records"] += 1
-            try:
-                handler = self._handlers[type(r)]
-            except KeyError:
-                continue
-            handler(self, r)
+            handler = handlers.get(type(r))
+            if handler is not None:
+                handler(self, r)
 
     def on_exec(self, r: rec.ProcessExec) -> None:
         if r.pid == self.own_pid:
@@ -322,6 +321,9 @@ class Pipeline:
             del self.conns[key]
             self._finish(conn, r.ts_ns)
             conn = None
+        # Whether this call may change what connection.updated reports (TLS
+        # facts here, the protocol below): most chunks change nothing.
+        changed = conn is None
         if conn is None:
             if r.pid == self.own_pid:
                 return
@@ -339,9 +341,11 @@ class Pipeline:
                 info.tls_introspected = True
                 if r.source not in info.tls_libraries:
                     info.tls_libraries.append(r.source)
-            sni = self.pending_sni.pop((r.pid, r.tls_ref), None)
+                changed = True
+            sni = self.pending_sni.pop((r.pid, r.tls_ref), None) if self.pending_sni else None
             if sni and not info.sni:
                 info.sni = sni
+                changed = True
         elif info.is_tls or (conn.assembler.protocol == "unknown" and looks_like_tls(r.data)):
             # Ciphertext on the socket: read the handshake, never parse it as HTTP.
             info.is_tls = True
@@ -389,7 +393,8 @@ class Pipeline:
                 found = _HOST_FIELD.search(r.data, 0, head_end if head_end >= 0 else 8192)
                 if found:
                     info.http_host = _host_name(found.group(1).decode("latin-1"))
-        self._maybe_updated(conn, r.ts_ns)
+        if changed or info.l7_protocol != conn.last_l7:
+            self._maybe_updated(conn, r.ts_ns)
         for ex in exchanges:
             self._transaction(conn, ex)
 

@@ -31,14 +31,18 @@ class BoundedDict(OrderedDict):
         self.evicted = 0
 
     def put(self, key, value) -> None:
-        if self.size is not None:
-            old = self.get(key)
-            if old is not None:
-                self.used_bytes -= self.size(old)
-            self.used_bytes += self.size(value)
+        size = self.size
         if key in self:
+            if size is not None:
+                self.used_bytes -= size(self[key])
             self.move_to_end(key)
+        if size is not None:
+            self.used_bytes += size(value)
         self[key] = value
+        if len(self) > self.limit or (size is not None and self.used_bytes > self.max_bytes):
+            self._evict()
+
+    def _evict(self) -> None:
         while len(self) > self.limit or (self.size is not None and len(self) > 1 and self.used_bytes > self.max_bytes):
             _, gone = self.popitem(last=False)
             if self.size is not None:
@@ -79,7 +83,18 @@ class Store:
     def on_event(self, env: Envelope) -> None:
         t = env.type
         self.by_type[t] += 1
-        if t == ev.PROCESS_STARTED:
+        if t == ev.HTTP_TRANSACTION:  # nearly every event: first
+            d = env.inner
+            rid = d.get("requestId")
+            if not rid:
+                return
+            self.transactions.put(rid, env)
+            s = d.get("summary") or {}
+            pid = s.get("process_pid")
+            if isinstance(pid, int):
+                self.process_events[pid] += 1
+            self._index_endpoint(d, s)
+        elif t == ev.PROCESS_STARTED:
             d = env.body.get("data") or {}
             if isinstance(d.get("pid"), int):
                 self.processes.put(d["pid"], d)
@@ -96,17 +111,6 @@ class Store:
                 self.closed_connections.put(cid, d)
             else:
                 self.open_connections.put(cid, d)
-        elif t == ev.HTTP_TRANSACTION:
-            d = env.inner
-            rid = d.get("requestId")
-            if not rid:
-                return
-            self.transactions.put(rid, env)
-            s = d.get("summary") or {}
-            pid = s.get("process_pid")
-            if isinstance(pid, int):
-                self.process_events[pid] += 1
-            self._index_endpoint(d, s)
 
     def _index_endpoint(self, d: dict, s: dict) -> None:
         host = s.get("request_host") or d.get("endpointId") or "?"
