@@ -109,3 +109,38 @@ def test_arbitrary_bytes_agree(head, is_request):
 ])
 def test_edge_cases_agree(head, is_request):
     same(head, is_request)
+
+
+NAMES = st.sampled_from(["Host", "host", "HOST", "Set-Cookie", "set-cookie", "SET-COOKIE", "X-A", "x-a", "Accept",
+                         "Näme", "näme", "K"])
+PAIRS = st.lists(st.tuples(NAMES, st.sampled_from(["", "a", "b, c", "v=1; Path=/", "é"])), max_size=10)
+
+
+@settings(max_examples=400, deadline=None)
+@given(PAIRS, st.booleans(), st.booleans())
+def test_combined_headers_agree(pairs, as_list, want_lower):
+    from qtap_devtools.assemble import model
+
+    headers = list(pairs) if as_list else tuple(pairs)
+    lower_py: dict = {}
+    lower_c: dict = {}
+    expected = model.combined_headers_py(headers, lower_py if want_lower else None)
+    got = fast.combined_headers(headers, lower_c if want_lower else None)
+    assert got == expected and list(got) == list(expected)
+    assert lower_c == lower_py and list(lower_c) == list(lower_py)
+    assert model.combined_headers is fast.combined_headers
+
+
+def test_combined_headers_hands_odd_input_to_python():
+    from qtap_devtools.assemble import model
+
+    for headers in ([["Host", "a"]], [("Host", b"raw")], [(1, "x")]):
+        try:
+            expected = ("ok", model.combined_headers_py(headers))
+        except Exception as exc:  # noqa: BLE001
+            expected = ("raised", type(exc))
+        try:
+            got = ("ok", fast.combined_headers(headers))
+        except Exception as exc:  # noqa: BLE001
+            got = ("raised", type(exc))
+        assert got == expected

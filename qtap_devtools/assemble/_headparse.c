@@ -238,6 +238,124 @@ static PyObject *parse_head(PyObject *self, PyObject *const *args, Py_ssize_t na
     return PyObject_CallFunctionObjArgs(fallback_fn, args[0], args[1], NULL);
 }
 
+/* The lower-case form of an ASCII name: the same object when it has no capitals. */
+static PyObject *ascii_lower(PyObject *name) {
+    Py_ssize_t n = PyUnicode_GET_LENGTH(name);
+    const Py_UCS1 *p = PyUnicode_1BYTE_DATA(name);
+    Py_ssize_t i = 0;
+    while (i < n && !(p[i] >= 'A' && p[i] <= 'Z'))
+        i++;
+    if (i == n)
+        return Py_NewRef(name);
+    PyObject *low = PyUnicode_New(n, 127);
+    if (low == NULL)
+        return NULL;
+    Py_UCS1 *q = PyUnicode_1BYTE_DATA(low);
+    for (i = 0; i < n; i++)
+        q[i] = (p[i] >= 'A' && p[i] <= 'Z') ? p[i] + 32 : p[i];
+    return low;
+}
+
+/* 1: combined into *out; 0: not str pairs with ASCII names, let Python do it; -1: error. */
+static int combine_fast(PyObject *headers, PyObject *by_lower, PyObject **out) {
+    *out = NULL;
+    PyObject *seq = PySequence_Fast(headers, "headers must be a sequence");
+    if (seq == NULL)
+        return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *pair = items[i];
+        if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) != 2 ||
+            !PyUnicode_CheckExact(PyTuple_GET_ITEM(pair, 0)) || !PyUnicode_IS_ASCII(PyTuple_GET_ITEM(pair, 0)) ||
+            !PyUnicode_CheckExact(PyTuple_GET_ITEM(pair, 1))) {
+            Py_DECREF(seq);
+            return 0;
+        }
+    }
+    PyObject *combined = PyDict_New(), *first_case = PyDict_New();
+    if (combined == NULL || first_case == NULL)
+        goto fail;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *name = PyTuple_GET_ITEM(items[i], 0), *value = PyTuple_GET_ITEM(items[i], 1);
+        PyObject *low = ascii_lower(name);
+        if (low == NULL)
+            goto fail;
+        PyObject *key = PyDict_SetDefault(first_case, low, name); /* borrowed */
+        if (key == NULL) {
+            Py_DECREF(low);
+            goto fail;
+        }
+        PyObject *seen = PyDict_GetItemWithError(combined, key); /* borrowed */
+        int rc;
+        if (seen == NULL) {
+            rc = PyErr_Occurred() ? -1 : PyDict_SetItem(combined, key, value);
+        } else if (PyUnicode_CompareWithASCIIString(low, "set-cookie") == 0) {
+            /* Its values may hold commas: repeats stay a list (a new one, as [*seen, value]). */
+            PyObject *list = PyList_Check(seen) ? PyList_GetSlice(seen, 0, PyList_GET_SIZE(seen)) : PyList_New(0);
+            rc = list == NULL || (!PyList_Check(seen) && PyList_Append(list, seen) < 0) ||
+                         PyList_Append(list, value) < 0 || PyDict_SetItem(combined, key, list) < 0
+                     ? -1
+                     : 0;
+            Py_XDECREF(list);
+        } else {
+            PyObject *joined = PyUnicode_FromFormat("%S, %U", seen, value);
+            rc = joined == NULL ? -1 : PyDict_SetItem(combined, key, joined);
+            Py_XDECREF(joined);
+        }
+        Py_DECREF(low);
+        if (rc < 0)
+            goto fail;
+    }
+    if (by_lower != NULL && by_lower != Py_None) {
+        Py_ssize_t pos = 0;
+        PyObject *low, *key;
+        while (PyDict_Next(first_case, &pos, &low, &key)) {
+            PyObject *value = PyDict_GetItemWithError(combined, key);
+            if (value == NULL || PyObject_SetItem(by_lower, low, value) < 0) {
+                if (!PyErr_Occurred())
+                    PyErr_SetObject(PyExc_KeyError, key);
+                goto fail;
+            }
+        }
+    }
+    Py_DECREF(first_case);
+    Py_DECREF(seq);
+    *out = combined;
+    return 1;
+fail:
+    Py_XDECREF(combined);
+    Py_XDECREF(first_case);
+    Py_DECREF(seq);
+    return -1;
+}
+
+static PyObject *combine_fallback; /* model._combined_headers_py */
+
+static PyObject *combine(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "combined_headers(headers, by_lower=None)");
+        return NULL;
+    }
+    PyObject *by_lower = nargs == 2 ? args[1] : Py_None;
+    PyObject *out;
+    int rc = combine_fast(args[0], by_lower, &out);
+    if (rc < 0)
+        return NULL;
+    if (rc > 0)
+        return out;
+    if (combine_fallback == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "_headparse.configure_combine() was not called");
+        return NULL;
+    }
+    return PyObject_CallFunctionObjArgs(combine_fallback, args[0], by_lower, NULL);
+}
+
+static PyObject *configure_combine(PyObject *self, PyObject *fallback) {
+    Py_XSETREF(combine_fallback, Py_NewRef(fallback));
+    Py_RETURN_NONE;
+}
+
 static PyObject *configure(PyObject *self, PyObject *args) {
     PyObject *head, *framing, *fallback;
     if (!PyArg_ParseTuple(args, "OOO:configure", &head, &framing, &fallback))
@@ -256,6 +374,9 @@ static PyMethodDef methods[] = {
     {"parse_head", (PyCFunction)(void (*)(void))parse_head, METH_FASTCALL,
      "parse_head(head, is_request) -> Head: the common case in C, the rest by the Python parser."},
     {"configure", configure, METH_VARARGS, "configure(Head, _framing_header, parse_head_py)"},
+    {"combined_headers", (PyCFunction)(void (*)(void))combine, METH_FASTCALL,
+     "combined_headers(headers, by_lower=None): model.combined_headers for str pairs with ASCII names."},
+    {"configure_combine", configure_combine, METH_O, "configure_combine(combined_headers_py)"},
     {NULL, NULL, 0, NULL},
 };
 

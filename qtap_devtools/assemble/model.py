@@ -75,7 +75,7 @@ def _first(headers: Headers, name: str) -> str | None:
     return None
 
 
-def combined_headers(headers: Headers, by_lower: dict | None = None) -> dict[str, str | list[str]]:
+def combined_headers_py(headers: Headers, by_lower: dict | None = None) -> dict[str, str | list[str]]:
     """Combine repeated fields as RFC 9110 §5.3 allows: comma-joined in order.
 
     Names match case-insensitively and keep the case they were first sent in
@@ -102,3 +102,14 @@ def combined_headers(headers: Headers, by_lower: dict | None = None) -> dict[str
         for low, key in first_case.items():
             by_lower[low] = combined[key]
     return combined
+
+
+# The same in C for the usual input (str pairs, ASCII names); anything else
+# is handed back to combined_headers_py.  Built by ``make setup``.
+try:
+    from qtap_devtools.assemble import _headparse
+except ImportError:
+    combined_headers = combined_headers_py
+else:
+    _headparse.configure_combine(combined_headers_py)
+    combined_headers = _headparse.combined_headers
