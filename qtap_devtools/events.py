@@ -16,6 +16,7 @@ classes, so live and replayed streams are served by the same code.
 from __future__ import annotations
 
 import base64
+import binascii
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -72,7 +73,7 @@ def parse_rfc3339(text: str) -> int:
 
 
 def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
+    return binascii.b2a_base64(data, newline=False).decode("ascii")
 
 
 def now_ns() -> int:
@@ -446,14 +447,17 @@ class HttpMessage:
     body_decode_error: str | None = None
 
     def json(self) -> dict:
-        out = {
-            "content_type": self.content_type,
-            "headers": dict(self.headers),
-            "body": b64(self.body),
-            "body_size": self.body_size,
-            "body_captured": len(self.body),
-            "body_truncated": self.body_truncated,
-        }
+        return self.json_into({})
+
+    def json_into(self, out: dict) -> dict:
+        """Add this message's fields to ``out`` (a request or response object)."""
+        body = self.body
+        out["content_type"] = self.content_type
+        out["headers"] = dict(self.headers)
+        out["body"] = b64(body)
+        out["body_size"] = self.body_size
+        out["body_captured"] = len(body)
+        out["body_truncated"] = self.body_truncated
         if self.content_encoding:
             out["content_encoding"] = self.content_encoding
         if self.body_decode_error:
@@ -499,7 +503,7 @@ class HttpTransaction(Event):
         p = c.process
         container = p.container if p else None
         pod = p.pod if p else None
-        request_headers = self.request.headers
+        local, remote = c.local, c.remote
         metadata = {
             "process_id": str(c.pid),
             "process_exe": p.exe if p else None,
@@ -516,20 +520,21 @@ class HttpTransaction(Event):
             "hostname": p.hostname if p else None,
             "tls_version": c.tls_version,
             "tls_library": c.tls_libraries[0] if c.tls_libraries else None,
-            "local_address": c.local.json() if c.local else None,
-            "remote_address": c.remote.json() if c.remote else None,
+            "local_address": {"ip": local.ip, "port": local.port} if local else None,
+            "remote_address": {"ip": remote.ip, "port": remote.port} if remote else None,
         }
+        req = self.request
         request = {
             "method": self.method,
-            "url": self.url,
+            "url": f"{self.scheme}://{self.authority}{self.path}",
             "scheme": self.scheme,
             "path": self.path,
             "authority": self.authority,
             "protocol": "http1",
             "http_version": self.http_version,
-            "user_agent": self.user_agent if self.user_agent is not None else header(request_headers, "user-agent"),
-            **self.request.json(),
+            "user_agent": self.user_agent if self.user_agent is not None else header(req.headers, "user-agent"),
         }
+        req.json_into(request)
         out: dict[str, Any] = {
             "metadata": metadata,
             "request": request,
@@ -543,11 +548,20 @@ class HttpTransaction(Event):
             "timing": dict(self.timing),
         }
         if self.response is not None:
-            out["response"] = {"status": self.status, "reason": self.reason, **self.response.json()}
-        for name in ("error", "partial", "incomplete", "upgraded", "shed"):
-            value = getattr(self, name)
-            if value:
-                out[name] = value
+            response = {"status": self.status, "reason": self.reason}
+            self.response.json_into(response)
+            out["response"] = response
+        # Flags only when set (most transactions have none).
+        if self.error:
+            out["error"] = self.error
+        if self.partial:
+            out["partial"] = True
+        if self.incomplete:
+            out["incomplete"] = True
+        if self.upgraded:
+            out["upgraded"] = True
+        if self.shed:
+            out["shed"] = True
         if self.informational:
             out["informational"] = list(self.informational)
         return out
