@@ -117,6 +117,11 @@ class Envelope:
         """Forget the parsed body; ``body`` parses the frame again if asked."""
         self._body = None
 
+    def parsed(self) -> "Envelope":
+        """This event with its body parsed once and held, for a caller about to
+        read it several times (filter, then render); dropped with the copy."""
+        return self if self._body is not None else Envelope(self.type, self.body, self.frame, self.ts_ns)
+
     @classmethod
     def of(cls, type_: str, data: Mapping[str, Any], ts_ns: int) -> "Envelope":
         body = {"data": data, "ts": rfc3339(ts_ns)}

@@ -193,7 +193,7 @@ def create_app(rt: Runtime) -> Starlette:
         flt = EventFilter.from_query(request.query_params)
         limit = _int(request, "limit", 100, 1, 10_000)
         offset = _int(request, "offset", 0, 0, 10_000_000)
-        rows = [e for e in store.recent_transactions() if flt.matches(e)]
+        rows = [e for e in map(Envelope.parsed, store.recent_transactions()) if flt.matches(e)]
         rows.reverse()  # newest first
         page = rows[offset : offset + limit]
         return JSONResponse({
@@ -207,6 +207,7 @@ def create_app(rt: Runtime) -> Starlette:
         env = store.transactions.get(request.path_params["request_id"])
         if env is None:
             return error(404, "NOT_FOUND", "no such transaction (it may have been evicted; see /devtools/api/stats)")
+        env = env.parsed()
         full = ev.decode_transaction(env.body)
         return JSONResponse({**env.inner, "ts": env.body.get("ts"), "transaction": full})
 
@@ -239,7 +240,7 @@ def create_app(rt: Runtime) -> Starlette:
     @guarded
     async def har_export(request: Request) -> Response:
         flt = EventFilter.from_query(request.query_params)
-        doc = har.from_envelopes(e for e in store.recent_transactions() if flt.matches(e))
+        doc = har.from_envelopes(e for e in map(Envelope.parsed, store.recent_transactions()) if flt.matches(e))
         return JSONResponse(doc, headers={"Content-Disposition": 'attachment; filename="qtap-devtools.har"'})
 
     async def metrics(request: Request) -> Response:

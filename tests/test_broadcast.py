@@ -192,6 +192,9 @@ def test_a_published_transaction_keeps_only_its_frame_and_reads_back_the_same():
     # parses it again, escaped dot and all.
     assert tx._body is None
     assert tx.body == before and tx.inner["summary"]["request_url"] == "https://x/request.http_transaction"
+    # A reader about to look several times (REST: filter, then render) parses once.
+    held = tx.parsed()
+    assert held._body == before and held.frame is tx.frame and tx._body is None
     # Other events keep their body: the store holds their dicts anyway.
     proc = env(2)
     bc.publish(proc)
