@@ -393,7 +393,7 @@ class Pipeline:
                 found = _HOST_FIELD.search(r.data, 0, head_end if head_end >= 0 else 8192)
                 if found:
                     info.http_host = _host_name(found.group(1).decode("latin-1"))
-        if changed or info.l7_protocol != conn.last_l7:
+        if changed or not conn.last_tls or info.l7_protocol != conn.last_l7:
             self._maybe_updated(conn, r.ts_ns)
         for ex in exchanges:
             self._transaction(conn, ex)

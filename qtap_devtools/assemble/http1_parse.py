@@ -174,11 +174,10 @@ try:
     from qtap_devtools.assemble import _headparse
 except ImportError:
     _headparse = None
-if _headparse is not None:
+    parse_head = parse_head_py
+else:
     _headparse.configure(Head, _framing_header, parse_head_py)
     parse_head = _headparse.parse_head
-else:
-    parse_head = parse_head_py
 
 
 def request_framing(head: Head) -> int:
