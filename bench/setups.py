@@ -128,6 +128,12 @@ class Floor(Setup):
         if self.bpf is not None:
             self.bpf.cleanup()
             self.bpf = None
+        # This process compiled with bcc too: while it holds LLVM's pages, the
+        # agent's own are shared and the kernel will not page them out, so the
+        # agent's RSS would count ~70 MB of compiler it has already let go.
+        from qtap_devtools.capture.loader import release_compiler_pages
+
+        release_compiler_pages()
 
     def hits(self) -> int:
         return sum(sum(v) for v in self.bpf["hits"].values())
