@@ -6,7 +6,8 @@ FLAGS = ["-O2", "-Wall", "-Werror=implicit-function-declaration"]
 
 setup(
     ext_modules=[
-        Extension(f"qtap_devtools.{name.replace('/', '.')}", [f"qtap_devtools/{name}.c"], extra_compile_args=FLAGS)
+        Extension(f"qtap_devtools.{name.replace('/', '.')}", [f"qtap_devtools/{name}.c"],
+                  depends=["qtap_devtools/_capi.h"], extra_compile_args=FLAGS)
         for name in ("assemble/_headparse", "capture/_ringread")
     ],
 )

@@ -41,7 +41,7 @@ fi
 
 stamp=.venv/.qtap-installed
 stale=0
-for f in pyproject.toml setup.py qtap_devtools/*/*.c; do
+for f in pyproject.toml setup.py qtap_devtools/*.h qtap_devtools/*/*.c; do
   [ "$f" -nt "$stamp" ] && stale=1
 done
 if [ ! -f "$stamp" ] || [ "$stale" = 1 ] || ! ls qtap_devtools/assemble/_headparse*.so qtap_devtools/capture/_ringread*.so >/dev/null 2>&1; then

@@ -12,8 +12,7 @@
  * Why C: at ~20,000 transactions a second, parsing two heads per transaction
  * was a fifth of the agent's Python time.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "../_capi.h"
 #include <string.h>
 #include <strings.h>
 
@@ -62,15 +61,6 @@ static PyObject *framing_key(const char *p, Py_ssize_t n) {
 
 static int set(PyObject *o, PyObject *name, PyObject *value) {
     return PyObject_SetAttr(o, name, value);
-}
-
-/* Set a new reference and drop it; -1 if it is NULL or the set fails. */
-static int set_new(PyObject *o, PyObject *name, PyObject *value) {
-    if (value == NULL)
-        return -1;
-    int rc = PyObject_SetAttr(o, name, value);
-    Py_DECREF(value);
-    return rc;
 }
 
 /* 1: parsed into *out; 0: not the common case, let Python decide; -1: error set. */
@@ -381,12 +371,6 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_headparse", NULL, -1, methods};
-
-#define INTERN(var, text)                                  \
-    do {                                                   \
-        if ((var = PyUnicode_InternFromString(text)) == NULL) \
-            return NULL;                                   \
-    } while (0)
 
 PyMODINIT_FUNC PyInit__headparse(void) {
     const char *tok = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";

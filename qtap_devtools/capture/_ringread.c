@@ -11,8 +11,7 @@
  * Why C: at ~40,000 records a second, the Python loop and its per-record
  * unpack were about a tenth of the agent's CPU.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "../_capi.h"
 #include <stdint.h>
 #include <string.h>
 
@@ -40,14 +39,6 @@ struct data_hdr {
     uint16_t flags;
     uint64_t tls_ref;
 } __attribute__((packed));
-
-static int set_new(PyObject *o, PyObject *name, PyObject *value) {
-    if (value == NULL)
-        return -1;
-    int rc = PyObject_SetAttr(o, name, value);
-    Py_DECREF(value);
-    return rc;
-}
 
 /* A DataChunk for the data record at p (size bytes), or NULL with an error set. */
 static PyObject *data_chunk(const char *p, Py_ssize_t size) {
@@ -194,12 +185,6 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_ringread", NULL, -1, methods};
-
-#define INTERN(var, text)                                     \
-    do {                                                      \
-        if ((var = PyUnicode_InternFromString(text)) == NULL) \
-            return NULL;                                      \
-    } while (0)
 
 PyMODINIT_FUNC PyInit__ringread(void) {
     INTERN(a_pid, "pid");
