@@ -93,18 +93,28 @@ class Backlog:
             if len(batch) <= self.slice_records and size <= self.slice_bytes:
                 self._batches.popleft()
                 self._since.popleft()
-                part = batch
+                part, freed = batch, size
             else:
-                n = _slice_length(batch, self.slice_records, self.slice_bytes)
-                part, rest = batch[:n], batch[n:]
-                size = _payload_bytes(part)
+                if size <= self.slice_bytes:
+                    # Small records (the usual case): cut by count, and release
+                    # the batch's bytes with its last slice rather than sum
+                    # every slice record by record.
+                    n = self.slice_records
+                    part, rest = batch[:n], batch[n:]
+                    freed = 0 if rest else size
+                    remaining = size
+                else:
+                    n = _slice_length(batch, self.slice_records, self.slice_bytes)
+                    part, rest = batch[:n], batch[n:]
+                    freed = _payload_bytes(part)
+                    remaining = size - freed
                 if rest:
-                    self._batches[0] = (rest, self._batches[0][1] - size)
+                    self._batches[0] = (rest, remaining)
                 else:
                     self._batches.popleft()
                     self._since.popleft()
             self._queued -= len(part)
-            self._queued_bytes -= size
+            self._queued_bytes -= freed
             self._cond.notify()
         try:
             self._consume(part)

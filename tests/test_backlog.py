@@ -136,3 +136,28 @@ def test_lag_is_how_long_the_oldest_waiting_batch_has_waited():
         assert backlog.lag() == 0.0 and got == [1, 2, 3, 4]
 
     asyncio.run(go())
+
+
+def test_a_batch_cut_into_slices_releases_its_bytes_exactly_once():
+    class Rec:
+        def __init__(self, n: int) -> None:
+            self.data = b"x" * n
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        got: list = []
+        backlog = Backlog(loop, got.extend, slice_records=100, slice_bytes=1 << 20)
+        small = [Rec(10) for _ in range(350)]  # cut by count
+        large = [Rec(100_000) for _ in range(25)]  # cut by bytes
+        backlog.put(small)
+        backlog.put(large)
+        assert backlog.stats()["backlog_bytes"] == 350 * 10 + 25 * 100_000
+        seen = []
+        while backlog.stats()["backlog_records"]:
+            seen.append(backlog.stats()["backlog_bytes"])
+            await asyncio.sleep(0)
+        assert all(b >= 0 for b in seen)
+        return got, backlog.stats()
+
+    got, stats = asyncio.run(go())
+    assert len(got) == 375 and stats["backlog_bytes"] == 0 and stats["backlog_records"] == 0
