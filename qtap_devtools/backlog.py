@@ -64,7 +64,9 @@ class Backlog:
 
     def put(self, batch: list) -> None:
         """From the reader thread: queue ``batch``, waiting while full."""
-        size = _payload_bytes(batch)
+        size = getattr(batch, "data_bytes", None)  # a capture Batch knows it
+        if size is None:
+            size = _payload_bytes(batch)
         with self._cond:
             if self._full():
                 self.reader_waits += 1

@@ -80,6 +80,20 @@ def fields(r):
     return (type(r).__name__, {k: getattr(r, k) for k in r.__slots__})
 
 
+def test_the_python_walk_gives_the_same_by_products(monkeypatch):
+    """read_records without the C part: same records, others and bytes."""
+    ring = FakeRing()
+    ring.write(data_record(3, b"abc"))
+    ring.write(close_record(4))
+    ring.write(data_record(5, b"hello"))
+    monkeypatch.setattr(ringbuf, "_ringread", None)
+    out: list = []
+    others: list = []
+    assert ring.read_records(rec.RecordReader().parse_at, out, others, 10) == (3, 8)
+    assert [type(r).__name__ for r in out] == ["DataChunk", "SocketClose", "DataChunk"]
+    assert [type(r).__name__ for r in others] == ["SocketClose"]
+
+
 RECORDS = st.one_of(
     st.builds(lambda pid, n, d, s, f: ("data", data_record(pid, bytes(range(n % 251)) * (n // 251 + 1), direction=d,
                                                             source=s, flags=f)),
@@ -118,9 +132,13 @@ def test_c_and_python_take_the_same_records(items, skip, busy_last, batch):
     while True:
         py_out: list = []
         c_out: list = []
+        c_others: list = []
         py_n = py_ring.read(parse_at, py_out, batch)
-        c_n = c_ring.read_records(parse_at, c_out, batch)
+        c_n, c_bytes = c_ring.read_records(parse_at, c_out, c_others, batch)
         assert (c_n, [fields(r) for r in c_out], c_ring.consumer(), c_ring.parse_errors) == \
             (py_n, [fields(r) for r in py_out], py_ring.consumer(), py_ring.parse_errors)
+        # The bookkeeping by-products: records that are not data, and the data's bytes.
+        assert [fields(r) for r in c_others] == [fields(r) for r in py_out if type(r) is not rec.DataChunk]
+        assert c_bytes == sum(len(r.data) for r in py_out if type(r) is rec.DataChunk)
         if py_n < batch:
             break

@@ -72,12 +72,15 @@ static PyObject *data_chunk(const char *p, Py_ssize_t size) {
     return c;
 }
 
-/* read(data, consumer, size, page, parse_at, out, max_records) -> (taken, errors) */
+/* read(data, consumer, size, page, parse_at, out, max_records, others) -> (taken, errors, data_bytes)
+ * Every record goes to out, in ring order; those that are not data records to
+ * others as well (the reader's bookkeeping looks at those only), and
+ * data_bytes sums the data records' payloads (the backlog's byte bound). */
 static PyObject *ring_read(PyObject *self, PyObject *args) {
-    PyObject *data_obj, *consumer_obj, *parse_at, *out;
+    PyObject *data_obj, *consumer_obj, *parse_at, *out, *others;
     Py_ssize_t size, page, max_records;
-    if (!PyArg_ParseTuple(args, "OOnnOO!n:read", &data_obj, &consumer_obj, &size, &page, &parse_at,
-                          &PyList_Type, &out, &max_records))
+    if (!PyArg_ParseTuple(args, "OOnnOO!nO!:read", &data_obj, &consumer_obj, &size, &page, &parse_at,
+                          &PyList_Type, &out, &max_records, &PyList_Type, &others))
         return NULL;
     if (chunk_type == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "_ringread.configure() was not called");
@@ -107,7 +110,7 @@ static PyObject *ring_read(PyObject *self, PyObject *args) {
      * with release stores: read them with acquire loads. */
     uint64_t cons = __atomic_load_n(cons_pos, __ATOMIC_RELAXED);
     uint64_t prod = __atomic_load_n((const uint64_t *)base, __ATOMIC_ACQUIRE);
-    Py_ssize_t taken = 0, errors = 0;
+    Py_ssize_t taken = 0, errors = 0, data_bytes = 0;
     while (cons < prod && taken < max_records) {
         Py_ssize_t start = page + (Py_ssize_t)(cons & mask);
         uint32_t len = __atomic_load_n((const uint32_t *)(base + start), __ATOMIC_ACQUIRE);
@@ -142,11 +145,21 @@ static PyObject *ring_read(PyObject *self, PyObject *args) {
             continue;
         }
         int rc = PyList_Append(out, rec);
+        if (rc == 0 && Py_TYPE(rec) == (PyTypeObject *)chunk_type) {
+            PyObject *payload = PyObject_GetAttr(rec, a_data);
+            if (payload == NULL)
+                rc = -1;
+            else if (PyBytes_Check(payload))
+                data_bytes += PyBytes_GET_SIZE(payload);
+            Py_XDECREF(payload);
+        } else if (rc == 0) {
+            rc = PyList_Append(others, rec);
+        }
         Py_DECREF(rec);
         if (rc < 0)
             goto store;
     }
-    result = Py_BuildValue("nn", taken, errors);
+    result = Py_BuildValue("nnn", taken, errors, data_bytes);
 store:
     /* One store per batch: the kernel may reuse the space from here on. */
     __atomic_store_n(cons_pos, cons, __ATOMIC_RELEASE);
@@ -178,7 +191,7 @@ static PyObject *configure(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"read", ring_read, METH_VARARGS,
-     "read(data, consumer, size, page, parse_at, out, max_records) -> (taken, errors)"},
+     "read(data, consumer, size, page, parse_at, out, max_records, others) -> (taken, errors, data_bytes)"},
     {"configure", configure, METH_VARARGS,
      "configure(DataChunk, DIRECTIONS, SOURCES, DATA, DATA_HDR_SIZE, DATA_SHEDDING)"},
     {NULL, NULL, 0, NULL},

@@ -32,6 +32,7 @@ from pathlib import Path
 from . import procnet
 from .attach import TUNED_FUNCTIONS, AttachMode, Attacher, Attachment, ExecWatcher, Where
 from .records import (
+    Batch,
     ProcessExec,
     Record,
     SocketAccept,
@@ -246,7 +247,8 @@ class Capture:
         self._watcher: ExecWatcher | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        self._batch: list[Record] = []
+        self._batch = Batch()
+        self._others: list[Record] = []  # the batch's records that are not data
         self._records_read = 0
         self._batches = 0
         self._callback_errors = 0
@@ -430,11 +432,16 @@ class Capture:
             # At most BATCH_RECORDS at a time: a full ring is millions of records,
             # and a consumer that is full must be able to stop us between
             # batches (the ring then fills and the kernel counts what it drops).
-            while ring.read_records(parse, self._batch, BATCH_RECORDS) == BATCH_RECORDS and not self._stop.is_set():
+            while self._read(ring, parse) == BATCH_RECORDS and not self._stop.is_set():
                 self.check_load()
                 self._flush()
             self.check_load()
             self._flush(proc_fallback=True)
+
+    def _read(self, ring: RingReader, parse: Callable) -> int:
+        taken, data_bytes = ring.read_records(parse, self._batch, self._others, BATCH_RECORDS)
+        self._batch.data_bytes += data_bytes
+        return taken
 
     def load(self) -> float:
         """How far behind we are, 0..1: the fuller of the ring and the consumer's queue."""
@@ -467,15 +474,16 @@ class Capture:
         return (int(sum(table.getvalue(table.Key(0)))), int(sum(table.getvalue(table.Key(1)))))
 
     def _flush(self, proc_fallback: bool = False) -> None:
-        batch = self._batch
-        self._batch = []
+        batch, others = self._batch, self._others
+        self._batch, self._others = Batch(), []
         if batch:
             self._records_read += len(batch)
+            # Only the records that are not data matter here: the rare ones.
             watcher = self._watcher
-            for rec in batch:
+            for rec in others:
                 if type(rec) is ProcessExec and watcher is not None:
                     watcher.on_exec(rec.pid)
-            self._track_addresses(batch)
+            self._track_addresses(others)
         if proc_fallback:
             batch.extend(self._proc_fallback())
         if batch:

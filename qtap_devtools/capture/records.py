@@ -141,6 +141,17 @@ class TlsServerName:
     ts_ns: int = 0
 
 
+class Batch(list):
+    """Records in ring order that know their data records' payload bytes (the
+    backlog's byte bound), so nobody has to sum them record by record."""
+
+    __slots__ = ("data_bytes",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.data_bytes = 0
+
+
 Record = Union[
     ProcessExec, ProcessFork, ProcessExit, SocketConnect, SocketAccept,
     SocketAddress, SocketClose, DataChunk, TlsServerName,

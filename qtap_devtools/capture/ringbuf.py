@@ -107,14 +107,25 @@ class RingReader:
         return taken
 
     def read_records(self, parse_at: Callable[[mmap.mmap | bytes, int, int], records.Record],
-                     out: list, max_records: int) -> int:
-        """:meth:`read` with ``RecordReader.parse_at``: data records are decoded in
-        C when it is built (the same records), everything else by ``parse_at``."""
-        if _ringread is None:
-            return self.read(parse_at, out, max_records)
-        taken, errors = _ringread.read(self._data, self._consumer, self.size, self._page, parse_at, out, max_records)
-        self.parse_errors += errors
-        return taken
+                     out: list, others: list, max_records: int) -> tuple[int, int]:
+        """:meth:`read` with ``RecordReader.parse_at``, data records decoded in C
+        when it is built (the same records).  Every record goes to ``out``; the
+        ones that are not data records to ``others`` too.  Returns (records
+        taken, payload bytes of the data records among them)."""
+        if _ringread is not None:
+            taken, errors, data_bytes = _ringread.read(self._data, self._consumer, self.size, self._page,
+                                                       parse_at, out, max_records, others)
+            self.parse_errors += errors
+            return taken, data_bytes
+        start = len(out)
+        taken = self.read(parse_at, out, max_records)
+        data_bytes = 0
+        for r in out[start:]:
+            if type(r) is records.DataChunk:
+                data_bytes += len(r.data)
+            else:
+                others.append(r)
+        return taken, data_bytes
 
     def close(self) -> None:
         self._epoll.close()
