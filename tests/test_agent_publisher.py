@@ -77,28 +77,3 @@ def test_an_event_whose_container_arrives_in_time_carries_it():
     (item,) = asyncio.run(go())
     assert item.envelope.body["data"]["container"]["name"] == "my-app"
     assert agent_mod.ENRICH_WAIT_SECONDS == 0.05
-
-
-def test_events_keep_their_order_behind_one_that_waits_for_its_container():
-    from qtap_devtools.enrich.model import ProcessInfo as P
-
-    plain = P(pid=7, ppid=1, exe="/usr/bin/wget", binary="wget", cmdline="wget x", uid=0, user="root",
-              hostname="h", start_time_ns=1)
-
-    async def go():
-        agent = Agent(Config(docker=False))
-        agent.enricher = SlowDocker()
-        published = []
-        agent.broadcaster.add_listener(lambda item: published.append(item.envelope.body["data"]["pid"]))
-        agent._emit(ProcessStarted(plain))  # nothing ahead: out at once
-        assert published == [7]
-        agent._emit(ProcessStarted(IN_CONTAINER))  # waits for its container...
-        agent._emit(ProcessStarted(plain))  # ...so this one queues behind it
-        assert published == [7]
-        task = asyncio.create_task(agent._publisher())
-        while len(published) < 3:
-            await asyncio.sleep(0.01)
-        task.cancel()
-        return published
-
-    assert asyncio.run(go()) == [7, 4242, 7]
