@@ -1,6 +1,6 @@
-/* HTTP/1 header sections parsed in C: the common case of parse_head.
+/* HTTP/1 header sections parsed, and headers combined, in C: the common case.
  *
- * http1_parse.parse_head is the reference.  This module takes the shapes
+ * http1_parse.parse_head_py is the reference.  This module takes the shapes
  * nearly all traffic has (CRLF lines, a valid start line, token header names)
  * and builds the same Head; for anything else (a malformed line, bare LF,
  * obs-fold, a repeated or odd Content-Length) it hands the bytes to the
@@ -8,6 +8,9 @@
  * right about bad input, only about good input, and a test compares the two
  * on generated heads.  The framing headers other than a plain Content-Length
  * go through the Python _framing_header too: one rule, in one place.
+ *
+ * combined_headers mirrors model.combined_headers_py the same way: str pairs
+ * with ASCII names here, anything else handed back.
  *
  * Why C: at ~20,000 transactions a second, parsing two heads per transaction
  * was a fifth of the agent's Python time.
