@@ -451,9 +451,6 @@ class HttpMessage:
     body_truncated: bool = False
     body_decode_error: str | None = None
 
-    def json(self) -> dict:
-        return self.json_into({})
-
     def json_into(self, out: dict) -> dict:
         """Add this message's fields to ``out`` (a request or response object)."""
         body = self.body

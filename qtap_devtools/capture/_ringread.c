@@ -40,8 +40,9 @@ struct data_hdr {
     uint64_t tls_ref;
 } __attribute__((packed));
 
-/* A DataChunk for the data record at p (size bytes), or NULL with an error set. */
-static PyObject *data_chunk(const char *p, Py_ssize_t size) {
+/* A DataChunk for the data record at p (size bytes), or NULL with an error set;
+ * its payload's length added to *payload. */
+static PyObject *data_chunk(const char *p, Py_ssize_t size, Py_ssize_t *payload) {
     struct data_hdr h;
     memcpy(&h, p, sizeof h);
     if ((Py_ssize_t)h.length > size - data_hdr) {
@@ -69,6 +70,7 @@ static PyObject *data_chunk(const char *p, Py_ssize_t size) {
         Py_DECREF(c);
         return NULL;
     }
+    *payload += h.length;
     return c;
 }
 
@@ -123,8 +125,10 @@ static PyObject *ring_read(PyObject *self, PyObject *args) {
         taken++;
         Py_ssize_t begin = start + HDR;
         PyObject *rec;
+        int decoded = 0;
         if (begin + rsize <= data_end && rsize >= data_hdr && (unsigned char)base[begin] == data_kind) {
-            rec = data_chunk(base + begin, rsize);
+            rec = data_chunk(base + begin, rsize, &data_bytes);
+            decoded = 1;
         } else if (begin + rsize <= data_end) {
             rec = PyObject_CallFunction(parse_at, "Onn", data_obj, begin, rsize);
         } else { /* wraps: its tail is at the start of the data area */
@@ -145,15 +149,17 @@ static PyObject *ring_read(PyObject *self, PyObject *args) {
             continue;
         }
         int rc = PyList_Append(out, rec);
-        if (rc == 0 && Py_TYPE(rec) == (PyTypeObject *)chunk_type) {
-            PyObject *payload = PyObject_GetAttr(rec, a_data);
-            if (payload == NULL)
-                rc = -1;
-            else if (PyBytes_Check(payload))
-                data_bytes += PyBytes_GET_SIZE(payload);
-            Py_XDECREF(payload);
-        } else if (rc == 0) {
-            rc = PyList_Append(others, rec);
+        if (rc == 0 && !decoded) {
+            if (Py_TYPE(rec) == (PyTypeObject *)chunk_type) { /* a data record that wrapped */
+                PyObject *payload = PyObject_GetAttr(rec, a_data);
+                if (payload == NULL)
+                    rc = -1;
+                else if (PyBytes_Check(payload))
+                    data_bytes += PyBytes_GET_SIZE(payload);
+                Py_XDECREF(payload);
+            } else {
+                rc = PyList_Append(others, rec);
+            }
         }
         Py_DECREF(rec);
         if (rc < 0)

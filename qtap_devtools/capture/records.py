@@ -212,29 +212,23 @@ assert _DATA_FULL.size == DATA_HDR_SIZE
 
 
 class RecordReader:
-    """``parse`` for the ring callback, which runs once per record.
+    """``parse_at``: the record at a place in the ring's pages.
 
     Data records, nearly all of the traffic, take one precompiled unpack of the
     48-byte header and one slice; everything else goes through ``parse``.
+    (``_ringread.c`` decodes data records the same way when it is built.)
     """
 
-    __slots__ = ("parse", "parse_at")
+    __slots__ = ("parse_at",)
 
     def __init__(self) -> None:
         unpack = _DATA_FULL.unpack_from
         chunk, directions, sources, slow = DataChunk, DIRECTIONS, SOURCES, parse
 
-        def read(raw: bytes) -> Record:
-            if raw[0] != DATA or len(raw) < DATA_HDR_SIZE:  # kind < 256: its low byte
-                return slow(raw)
-            _, pid, tid, fd, ts, offset, length, direction, source, flags, tls_ref = unpack(raw)
-            return chunk(pid, tid, fd, ts, directions[direction], sources[source], offset,
-                         raw[DATA_HDR_SIZE : DATA_HDR_SIZE + length], tls_ref, (flags & DATA_SHEDDING) != 0)
-
         def read_at(area: mmap.mmap | bytes, start: int, size: int) -> Record:
             """The record of ``size`` bytes at ``area[start:]`` (the ring's own pages):
             only the payload is copied out."""
-            if area[start] != DATA or size < DATA_HDR_SIZE:
+            if area[start] != DATA or size < DATA_HDR_SIZE:  # kind < 256: its low byte
                 return slow(area[start : start + size])
             _, pid, tid, fd, ts, offset, length, direction, source, flags, tls_ref = unpack(area, start)
             if length > size - DATA_HDR_SIZE:
@@ -243,5 +237,4 @@ class RecordReader:
             return chunk(pid, tid, fd, ts, directions[direction], sources[source], offset,
                          area[begin : begin + length], tls_ref, (flags & DATA_SHEDDING) != 0)
 
-        self.parse = read
         self.parse_at = read_at
