@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from qtap_devtools import kheaders
+from qtap_devtools import compiled, kheaders
 
 TRACEFS = Path("/sys/kernel/tracing")
 BTF = Path("/sys/kernel/btf/vmlinux")
@@ -146,16 +146,9 @@ def _bcc() -> Check:
     return Check("bcc", True, f"bcc {getattr(bcc, '__version__', '?')} from {Path(bcc.__file__).parent}")
 
 
-def _speedups() -> Check:
-    from qtap_devtools.assemble import http1_parse
-    from qtap_devtools.capture import ringbuf
-
-    parts = {"head parser": http1_parse._headparse, "ring reader": ringbuf._ringread}
-    missing = [name for name, module in parts.items() if module is None]
-    if missing:
-        return Check("C parts", False, f"not built: {', '.join(missing)} in Python (correct, slower)",
-                     "make setup (needs gcc and python3-dev)", required=False)
-    return Check("C parts", True, "head parser and ring reader built")
+def _compiled() -> Check:
+    ok, detail = compiled.describe()
+    return Check("compiled parts", ok, detail, "" if ok else "make setup (needs gcc and python3-dev)", required=False)
 
 
 def _headers(cache_dir: Path | None) -> Check:
@@ -281,7 +274,7 @@ def run(cache_dir: Path | None = None, print_fn: Callable[[str], None] = print,
     checks: list[tuple[str, Callable[[], Check]]] = [
         ("root", _root), ("bpf", _bpf_syscall), ("btf", _btf), ("tracefs", _tracefs),
         ("tracepoints", _tracepoints), ("uprobes", _uprobes), ("kprobes", _kprobes), ("bcc", _bcc),
-        ("C parts", _speedups),
+        ("compiled parts", _compiled),
         ("kernel headers", lambda: _headers(cache_dir)), ("trial probe", lambda: _trial_load(cache_dir)),
         ("tls libraries", _tls_libraries), ("capture probes", _capture_probes), ("docker", _docker),
         ("running agent", lambda: _running_agent(agent_url)),

@@ -386,13 +386,14 @@ class Connection:
         ingress = self.direction == "ingress"
         source = self._side(self.remote if ingress else self.local, local=not ingress)
         destination = self._side(self.local if ingress else self.remote, local=ingress)
-        out = {
-            "meta": {
-                "connectionId": self.connection_id,
-                "endpointId": self.resolve_endpoint(),
-                "tlsProbeTypesDetected": list(self.tls_libraries),
-                "tlsProbeIntrospected": self.tls_introspected,
-            },
+        meta: dict[str, Any] = {
+            "connectionId": self.connection_id,
+            "endpointId": self.resolve_endpoint(),
+            "tlsProbeTypesDetected": list(self.tls_libraries),
+            "tlsProbeIntrospected": self.tls_introspected,
+        }
+        out: dict[str, Any] = {
+            "meta": meta,
             "direction": self.direction,
             "socketProtocol": "tcp",
             "l7Protocol": self.l7_protocol,
@@ -407,7 +408,7 @@ class Connection:
             "transactions": self.transactions,
         }
         if self.sni:
-            out["meta"]["sni"] = self.sni
+            meta["sni"] = self.sni
         if self.closed_ns is not None:
             out["closedAt"] = rfc3339(self.closed_ns)
             out["durationMs"] = max(0, (self.closed_ns - self.opened_ns) // 1_000_000)

@@ -25,7 +25,7 @@ from typing import Callable
 from urllib.parse import urlsplit
 
 from qtap_devtools import ids
-from qtap_devtools.assemble.http1 import ConnectionAssembler
+from qtap_devtools.assemble.http1 import ConnectionAssembler, Role
 from qtap_devtools.assemble.model import HttpExchange, combined_headers
 from qtap_devtools.assemble.tls_hello import HelloReader, looks_like_tls
 from qtap_devtools.capture import records as rec
@@ -81,7 +81,7 @@ def classify(remote_ip: str | None) -> str:
 @dataclass
 class _Conn:
     info: Connection
-    role: str  # "client" | "server" | "unknown"
+    role: Role
     assembler: ConnectionAssembler
     announced: bool = False
     opened_mono: int = 0
@@ -114,7 +114,7 @@ class Pipeline:
         self.pending_sni: OrderedDict[tuple[int, int], str] = OrderedDict()
         # On loopback the handshake completes inside connect(), so the kernel's
         # address record can arrive before the connect record it belongs to.
-        self.pending_addr: OrderedDict[tuple[int, int], rec.SocketAddress] = OrderedDict()
+        self.pending_addr: OrderedDict[tuple, rec.SocketAddress] = OrderedDict()
         self.processes: OrderedDict[int, ProcessInfo] = OrderedDict()
         self.parents: OrderedDict[int, int] = OrderedDict()
         # (pid, socket fd) -> key of the fd-less TLS stream that borrowed it.
@@ -147,7 +147,7 @@ class Pipeline:
         while len(self.processes) > MAX_CONNECTIONS:
             self.processes.popitem(last=False)
 
-    def _new_conn(self, key: tuple, pid: int, fd: int, ts: int, role: str,
+    def _new_conn(self, key: tuple, pid: int, fd: int, ts: int, role: Role,
                   remote: rec.Endpoint | None, local: rec.Endpoint | None) -> _Conn:
         old = self.conns.pop(key, None)
         if old is not None:  # fd reused without a close we saw
@@ -171,7 +171,7 @@ class Pipeline:
             self._finish(evicted, ts)
         return conn
 
-    def _assembler(self, role: str) -> ConnectionAssembler:
+    def _assembler(self, role: Role) -> ConnectionAssembler:
         return ConnectionAssembler(
             role=role,
             max_body_bytes=self.config.max_body_bytes,
@@ -205,11 +205,26 @@ class Pipeline:
 
     def on_records(self, batch: list) -> None:
         self.counters["records"] += len(batch)
-        handlers = self._handlers
         for r in batch:
-            handler = handlers.get(type(r))
-            if handler is not None:
-                handler(self, r)
+            kind = type(r)
+            if kind is rec.DataChunk:  # nearly every record
+                self.on_data(r)
+            elif kind is rec.SocketAddress:
+                self.on_address(r)
+            elif kind is rec.SocketConnect:
+                self.on_connect(r)
+            elif kind is rec.SocketAccept:
+                self.on_accept(r)
+            elif kind is rec.SocketClose:
+                self.on_close(r)
+            elif kind is rec.TlsServerName:
+                self.on_sni(r)
+            elif kind is rec.ProcessExec:
+                self.on_exec(r)
+            elif kind is rec.ProcessFork:
+                self.on_fork(r)
+            elif kind is rec.ProcessExit:
+                self.on_exit(r)
 
     def on_exec(self, r: rec.ProcessExec) -> None:
         if r.pid == self.own_pid:
@@ -422,17 +437,6 @@ class Pipeline:
         conn.role = sock.role
         conn.assembler = self._assembler(sock.role)
 
-    _handlers = {
-        rec.ProcessExec: on_exec,
-        rec.ProcessFork: on_fork,
-        rec.ProcessExit: on_exit,
-        rec.SocketConnect: on_connect,
-        rec.SocketAccept: on_accept,
-        rec.SocketAddress: on_address,
-        rec.SocketClose: on_close,
-        rec.TlsServerName: on_sni,
-        rec.DataChunk: on_data,
-    }
 
     # ------------------------------------------------------------ time
 

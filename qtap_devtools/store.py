@@ -9,7 +9,7 @@ fills it exactly as live capture does.
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 from qtap_devtools import events as ev
 from qtap_devtools.events import Envelope
@@ -112,7 +112,7 @@ class Store:
             else:
                 self.open_connections.put(cid, d)
 
-    def _index_endpoint(self, d: dict, s: dict) -> None:
+    def _index_endpoint(self, d: Mapping[str, Any], s: Mapping[str, Any]) -> None:
         host = s.get("request_host") or d.get("endpointId") or "?"
         key = (host, s.get("request_method"), _route(s.get("request_path") or "/"))
         entry = self.endpoints.get(key) or {
@@ -150,7 +150,7 @@ class Store:
     def process_tree(self) -> list[dict]:
         nodes = {pid: {"pid": pid, "name": d.get("binary"), "path": d.get("path"), "children": []}
                  for pid, d in self.processes.items()}
-        roots = []
+        roots: list[dict] = []
         for pid, d in self.processes.items():
             parent = nodes.get(d.get("ppid"))
             (parent["children"] if parent is not None and parent is not nodes[pid] else roots).append(nodes[pid])

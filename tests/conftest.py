@@ -21,6 +21,17 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 STRICT_MARKERS = ("kernel", "docker", "browser")
 
 
+def pytest_configure(config):
+    # A built module shadows its .py: after an edit without a rebuild the
+    # suite would test the old code and pass.  Missing builds are tested
+    # apart (test_compiled.py): the Python alone is a supported way to run.
+    from qtap_devtools import compiled
+
+    old = compiled.stale()
+    if old:
+        raise pytest.UsageError(f"compiled modules older than their source: {', '.join(old)}; "
+                                "rebuild with `make setup` (or run `make test`)")
+
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):

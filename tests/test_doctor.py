@@ -63,7 +63,7 @@ def test_doctor_without_root_exits_1_and_says_to_run_as_root():
     assert lines[-1].startswith("capture cannot work here: fix root")
     # Every check reports under its own name, none crashes for lack of permission.
     names = [line.split("] ", 1)[1].split(":", 1)[0] for line in lines if line.startswith("[")]
-    assert names == ["root", "bpf", "btf", "tracefs", "tracepoints", "uprobes", "kprobes", "bcc", "C parts", "kernel headers",
+    assert names == ["root", "bpf", "btf", "tracefs", "tracepoints", "uprobes", "kprobes", "bcc", "compiled parts", "kernel headers",
                      "trial probe", "tls libraries", "capture probes", "docker", "running agent"], out
     assert "check crashed" not in out
     # Each failing line says how to fix it, once.
@@ -105,7 +105,7 @@ def test_tracefs_and_tracepoint_lines(tmp_path, monkeypatch):
 
 
 def fake_checks(monkeypatch, **results):
-    names = ["_root", "_bpf_syscall", "_btf", "_tracefs", "_tracepoints", "_uprobes", "_kprobes", "_bcc", "_speedups",
+    names = ["_root", "_bpf_syscall", "_btf", "_tracefs", "_tracepoints", "_uprobes", "_kprobes", "_bcc", "_compiled",
              "_tls_libraries", "_capture_probes", "_docker"]
     for name in names:
         monkeypatch.setattr(doctor, name, results.get(name, lambda n=name: doctor.Check(n.strip("_"), True, "fine")))
@@ -170,11 +170,17 @@ def test_no_running_agent_is_fine(monkeypatch):
     assert check.ok and check.detail.startswith("none answers")
 
 
-def test_unbuilt_c_parts_are_a_warning_with_the_fix(monkeypatch):
-    from qtap_devtools.capture import ringbuf
+def test_unbuilt_or_stale_compiled_parts_are_a_warning_with_the_fix(monkeypatch):
+    from qtap_devtools import compiled
 
-    assert doctor._speedups().ok
-    monkeypatch.setattr(ringbuf, "_ringread", None)
-    check = doctor._speedups()
+    assert doctor._compiled().ok, compiled.describe()[1]
+    monkeypatch.setattr(compiled, "missing", lambda: ["capture/_ringread"])
+    check = doctor._compiled()
     assert not check.ok and not check.required
-    assert "make setup" in check.line() and "ring reader in Python" in check.detail
+    assert "make setup" in check.line() and "not built" in check.detail and "capture/_ringread" in check.detail
+    monkeypatch.setattr(compiled, "missing", lambda: [])
+    monkeypatch.setattr(compiled, "stale", lambda: ["pipeline"])
+    check = doctor._compiled()
+    assert not check.ok and "older than their source" in check.detail and "pipeline" in check.detail
+
+

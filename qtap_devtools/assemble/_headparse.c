@@ -25,9 +25,8 @@ static PyObject *fallback_fn; /* http1_parse.parse_head_py(head, is_request) */
 
 static PyObject *v11, *v10;   /* "HTTP/1.1", "HTTP/1.0" */
 static PyObject *lk_cl, *lk_te, *lk_conn, *lk_up, *lk_ce;
-static PyObject *a_is_request, *a_method, *a_target, *a_version, *a_status, *a_reason, *a_headers,
-    *a_content_length, *a_transfer_encoding, *a_chunked, *a_close, *a_upgrade, *a_content_encoding;
-static PyObject *empty_str, *zero;
+static PyObject *a_method, *a_target, *a_version, *a_status, *a_reason, *a_headers, *a_content_length;
+static PyObject *empty_str;
 
 static unsigned char is_token[256];
 
@@ -88,8 +87,9 @@ static int parse_fast(const char *buf, Py_ssize_t n, int is_request, PyObject **
     const char *line_end = first_end ? first_end : end;
     Py_ssize_t line_len = line_end - buf;
 
-    PyTypeObject *tp = (PyTypeObject *)head_type;
-    PyObject *msg = tp->tp_alloc(tp, 0);
+    /* Through the constructor, not tp_alloc: compiled by mypyc, Head's
+     * instances carry native state only its constructor sets up. */
+    PyObject *msg = PyObject_CallOneArg(head_type, is_request ? Py_True : Py_False);
     if (msg == NULL)
         return -1;
     PyObject *headers = NULL;
@@ -107,7 +107,7 @@ static int parse_fast(const char *buf, Py_ssize_t n, int is_request, PyObject **
             goto decline;
         if (set_new(msg, a_method, PyUnicode_DecodeASCII(buf, mlen, NULL)) < 0 ||
             set_new(msg, a_target, PyUnicode_DecodeLatin1(sp1 + 1, tlen, NULL)) < 0 ||
-            set(msg, a_version, version) < 0 || set(msg, a_status, zero) < 0 || set(msg, a_reason, empty_str) < 0)
+            set(msg, a_version, version) < 0)
             goto fail;
     } else {
         const char *sp = memchr(buf, ' ', line_len);
@@ -126,14 +126,10 @@ static int parse_fast(const char *buf, Py_ssize_t n, int is_request, PyObject **
         long status = (rest[0] - '0') * 100 + (rest[1] - '0') * 10 + (rest[2] - '0');
         PyObject *reason = rest_len > 4 ? PyUnicode_DecodeLatin1(rest + 4, rest_len - 4, NULL) : Py_NewRef(empty_str);
         if (set_new(msg, a_reason, reason) < 0 || set_new(msg, a_status, PyLong_FromLong(status)) < 0 ||
-            set(msg, a_version, version) < 0 || set(msg, a_method, empty_str) < 0 || set(msg, a_target, empty_str) < 0)
+            set(msg, a_version, version) < 0)
             goto fail;
     }
-    if (set(msg, a_is_request, is_request ? Py_True : Py_False) < 0 || set(msg, a_content_length, Py_None) < 0 ||
-        set(msg, a_transfer_encoding, Py_None) < 0 || set(msg, a_chunked, Py_False) < 0 ||
-        set(msg, a_close, Py_False) < 0 || set(msg, a_upgrade, Py_False) < 0 ||
-        set(msg, a_content_encoding, Py_None) < 0)
-        goto fail;
+    /* The other fields keep the defaults Head's constructor gave them. */
     headers = PyList_New(0);
     if (headers == NULL || set(msg, a_headers, headers) < 0)
         goto fail;
@@ -386,7 +382,6 @@ PyMODINIT_FUNC PyInit__headparse(void) {
     INTERN(lk_conn, "connection");
     INTERN(lk_up, "upgrade");
     INTERN(lk_ce, "content-encoding");
-    INTERN(a_is_request, "is_request");
     INTERN(a_method, "method");
     INTERN(a_target, "target");
     INTERN(a_version, "version");
@@ -394,13 +389,6 @@ PyMODINIT_FUNC PyInit__headparse(void) {
     INTERN(a_reason, "reason");
     INTERN(a_headers, "headers");
     INTERN(a_content_length, "content_length");
-    INTERN(a_transfer_encoding, "transfer_encoding");
-    INTERN(a_chunked, "chunked");
-    INTERN(a_close, "close");
-    INTERN(a_upgrade, "upgrade");
-    INTERN(a_content_encoding, "content_encoding");
     INTERN(empty_str, "");
-    if ((zero = PyLong_FromLong(0)) == NULL)
-        return NULL;
     return PyModule_Create(&module);
 }

@@ -190,7 +190,7 @@ class ConnectionAssembler:
     def _gap(self, reader: MessageReader, lost: int, ts: int, shed: bool = False) -> None:
         msg = reader.msg
         if shed and msg is not None and msg.exchange is not None:
-            msg.exchange.shed = True  # before reader.gap: the hole may end the message
+            msg.exchange.shed = True  # type: ignore[attr-defined]  # before reader.gap: the hole may end the message
         result = reader.gap(lost, ts)
         if result is True or reader.kind is None:
             return

@@ -81,7 +81,7 @@ class Head:
         self.content_encoding: str | None = None
 
 
-def split_head(head: bytes | bytearray) -> list[bytes]:
+def split_head(head: bytes) -> list[bytes]:
     """Lines of a header section; CRLF is the rule, bare LF is tolerated (RFC 9112 §2.2)."""
     if head.endswith(b"\r"):
         head = head[:-1]
@@ -171,7 +171,7 @@ def _framing_header(msg: Head, lkey: str, value: str) -> None:
 # anything unusual to parse_head_py).  Built by ``make setup``; without it the
 # Python parser does everything, slower.
 try:
-    from qtap_devtools.assemble import _headparse
+    from qtap_devtools.assemble import _headparse  # type: ignore[attr-defined]
 except ImportError:
     _headparse = None
     parse_head = parse_head_py

@@ -9,6 +9,7 @@ microsecond more, three times per transaction.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 Headers = tuple[tuple[str, str], ...]
 
@@ -67,7 +68,7 @@ class HttpExchange:
     response_bytes: int = 0  # 1xx heads included
 
 
-def _first(headers: Headers, name: str) -> str | None:
+def _first(headers: Sequence[tuple[str, str]], name: str) -> str | None:
     lname = name.lower()
     for key, value in headers:
         if key.lower() == lname:
@@ -75,7 +76,7 @@ def _first(headers: Headers, name: str) -> str | None:
     return None
 
 
-def combined_headers_py(headers: Headers, by_lower: dict | None = None) -> dict[str, str | list[str]]:
+def combined_headers_py(headers: Sequence[tuple[str, str]], by_lower: dict | None = None) -> dict[str, str | list[str]]:
     """Combine repeated fields as RFC 9110 §5.3 allows: comma-joined in order.
 
     Names match case-insensitively and keep the case they were first sent in
@@ -107,7 +108,7 @@ def combined_headers_py(headers: Headers, by_lower: dict | None = None) -> dict[
 # The same in C for the usual input (str pairs, ASCII names); anything else
 # is handed back to combined_headers_py.  Built by ``make setup``.
 try:
-    from qtap_devtools.assemble import _headparse
+    from qtap_devtools.assemble import _headparse  # type: ignore[attr-defined]
 except ImportError:
     combined_headers = combined_headers_py
 else:

@@ -1,0 +1,77 @@
+"""What runs compiled, and whether it is built and current.
+
+Two kinds, both built by ``make setup`` (``setup.py``):
+- hand-written C parts, each with the Python it mirrors kept as the reference
+  (and a test comparing the two);
+- modules mypyc compiles from their own Python source: the hot path of every
+  transaction (reassembly, the pipeline, ids).  Nothing is duplicated; the
+  ``.py`` is the code.
+
+Without a compiler the agent runs the Python (correct, slower).  A built
+module shadows its ``.py``, so one edited after the build would still run the
+old code: :func:`stale` names those, ``make setup`` rebuilds them, and the
+test suite and ``doctor`` refuse to pass over them quietly.
+
+Standard library only: ``setup.py`` and ``scripts/setup.sh`` run this file
+before the project's dependencies exist (``python3 compiled.py`` prints what
+needs a build and exits 1).
+"""
+
+from __future__ import annotations
+
+import sys
+import sysconfig
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent
+C_PARTS = {"assemble/_headparse": "head parser", "capture/_ringread": "ring reader"}
+MYPYC_MODULES = ("assemble/http1_parse", "assemble/http1", "assemble/model", "pipeline", "ids")
+MYPYC_GROUP = "_native"  # mypyc's shared runtime for the group: qtap_devtools/_native__mypyc
+SUFFIX = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+
+
+def _sources(name: str) -> list[Path]:
+    if name in C_PARTS:
+        return [PACKAGE / f"{name}.c", PACKAGE / "_capi.h"]
+    return [PACKAGE / f"{name}.py"]
+
+
+def _built(name: str) -> Path:
+    return PACKAGE / f"{name}{SUFFIX}"
+
+
+def everything() -> list[str]:
+    return [*C_PARTS, *MYPYC_MODULES, f"{MYPYC_GROUP}__mypyc"]
+
+
+def missing() -> list[str]:
+    return [name for name in everything() if not _built(name).exists()]
+
+
+def stale() -> list[str]:
+    """Built modules older than a source they were built from."""
+    out = []
+    for name in [*C_PARTS, *MYPYC_MODULES]:
+        built = _built(name)
+        if built.exists() and any(src.stat().st_mtime > built.stat().st_mtime for src in _sources(name)):
+            out.append(name)
+    return out
+
+
+def describe() -> tuple[bool, str]:
+    """(all built and current, one line saying so or what is not)."""
+    gone, old = missing(), stale()
+    if not gone and not old:
+        return True, f"{len(C_PARTS)} C parts and {len(MYPYC_MODULES)} mypyc modules built and current"
+    parts = []
+    if gone:
+        parts.append(f"not built (Python runs instead: correct, slower): {', '.join(gone)}")
+    if old:
+        parts.append(f"older than their source (the old build would run): {', '.join(old)}")
+    return False, "; ".join(parts)
+
+
+if __name__ == "__main__":
+    ok, line = describe()
+    print(line)
+    sys.exit(0 if ok else 1)

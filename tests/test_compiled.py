@@ -1,0 +1,40 @@
+"""The compiled parts are built, current and the ones in use.
+
+Outside CI a machine without a compiler runs the Python and skips this; under
+CI the suite must test what ships compiled, so a missing build fails.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+
+from qtap_devtools import compiled
+
+
+def test_every_compiled_module_is_built_and_imported_from_its_build():
+    ok, detail = compiled.describe()
+    if not ok:
+        if os.environ.get("CI"):
+            pytest.fail(f"{detail} (make setup builds them)")
+        pytest.skip(detail)
+    for name in [*compiled.C_PARTS, *compiled.MYPYC_MODULES]:
+        module = importlib.import_module("qtap_devtools." + name.replace("/", "."))
+        assert module.__file__.endswith(compiled.SUFFIX), module.__file__
+
+
+def test_a_source_edited_after_its_build_is_reported_stale(tmp_path, monkeypatch):
+    (tmp_path / "pipeline.py").write_text("# source\n")
+    built = tmp_path / f"pipeline{compiled.SUFFIX}"
+    built.write_bytes(b"")
+    os.utime(built, (1_000_000, 1_000_000))  # built long before the edit
+    monkeypatch.setattr(compiled, "PACKAGE", tmp_path)
+    monkeypatch.setattr(compiled, "C_PARTS", {})
+    monkeypatch.setattr(compiled, "MYPYC_MODULES", ("pipeline",))
+    assert compiled.stale() == ["pipeline"]
+    ok, detail = compiled.describe()
+    assert not ok and "older than their source" in detail and f"{compiled.MYPYC_GROUP}__mypyc" in detail
+    os.utime(built)  # rebuilt now
+    assert compiled.stale() == []
