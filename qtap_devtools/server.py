@@ -145,7 +145,7 @@ def create_app(rt: Runtime) -> Starlette:
 
         async def frames():
             try:
-                async for frame in sub.frames():
+                while (frame := await sub.next_batch()) is not None:
                     yield frame
                     if replay is not None and frame.startswith(b"event: system.connected"):
                         async for f in _replay_frames(replay, flt, resume_after):

@@ -18,41 +18,64 @@ if TYPE_CHECKING:
     from qtap_devtools.broadcast import Published
 
 
-class BoundedDict(OrderedDict):
-    """Insertion-ordered dict that evicts its oldest entry beyond ``limit``
-    entries or, when ``size`` is given, beyond ``max_bytes`` of summed sizes."""
+class BoundedDict:
+    """Insertion-ordered map that evicts its oldest entry beyond ``limit``
+    entries or, when ``size`` is given, beyond ``max_bytes`` of summed sizes.
+
+    Holds an OrderedDict rather than being one: mypyc compiles this module,
+    and a compiled class cannot extend OrderedDict."""
 
     def __init__(self, limit: int, max_bytes: int = 0, size: Callable[[Any], int] | None = None) -> None:
-        super().__init__()
+        self.entries: OrderedDict = OrderedDict()
         self.limit = limit
         self.max_bytes = max_bytes
         self.size = size
         self.used_bytes = 0
         self.evicted = 0
 
-    def put(self, key, value) -> None:
-        size = self.size
-        if key in self:
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.entries
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return self.entries.get(key, default)
+
+    def values(self) -> Any:
+        return self.entries.values()
+
+    def items(self) -> Any:
+        return self.entries.items()
+
+    def put(self, key: Any, value: Any) -> None:
+        entries, size = self.entries, self.size
+        if key in entries:
             if size is not None:
-                self.used_bytes -= size(self[key])
-            self.move_to_end(key)
+                self.used_bytes -= size(entries[key])
+            entries.move_to_end(key)
         if size is not None:
             self.used_bytes += size(value)
-        self[key] = value
-        if len(self) > self.limit or (size is not None and self.used_bytes > self.max_bytes):
+        entries[key] = value
+        if len(entries) > self.limit or (size is not None and self.used_bytes > self.max_bytes):
             self._evict()
 
     def _evict(self) -> None:
-        while len(self) > self.limit or (self.size is not None and len(self) > 1 and self.used_bytes > self.max_bytes):
-            _, gone = self.popitem(last=False)
-            if self.size is not None:
-                self.used_bytes -= self.size(gone)
+        entries, size = self.entries, self.size
+        while len(entries) > self.limit or (size is not None and len(entries) > 1 and self.used_bytes > self.max_bytes):
+            _, gone = entries.popitem(last=False)
+            if size is not None:
+                self.used_bytes -= size(gone)
             self.evicted += 1
 
-    def pop(self, key, *default):
-        if self.size is not None and key in self:
-            self.used_bytes -= self.size(self[key])
-        return super().pop(key, *default)
+    def pop(self, key: Any, default: Any = None) -> Any:
+        entries = self.entries
+        if key not in entries:
+            return default
+        value = entries.pop(key)
+        if self.size is not None:
+            self.used_bytes -= self.size(value)
+        return value
 
 
 class Store:

@@ -27,9 +27,8 @@ def split(chunk: bytes) -> list[bytes]:
 
 async def drain(sub, n):
     out = []
-    agen = sub.frames()
     while len(out) < n:
-        out += [parse(f) for f in split(await asyncio.wait_for(agen.__anext__(), 1))]
+        out += [parse(f) for f in split(await asyncio.wait_for(sub.next_batch(), 1))]
     assert len(out) == n, out
     return out
 
@@ -40,10 +39,9 @@ def test_overflow_is_counted_and_reported_as_system_dropped():
         slow = bc.subscribe(EventFilter())
         fast = bc.subscribe(EventFilter())
         fast_seen = []
-        agen = fast.frames()
         for i in range(25):
             bc.publish(env(i))
-            fast_seen.append(parse(await agen.__anext__()))  # the fast one keeps up
+            fast_seen.append(parse(await fast.next_batch()))  # the fast one keeps up
         assert len(fast_seen) == 25 and fast.total_missed == 0
         assert slow.total_missed == 15 and bc.dropped_total == 15
         got = await drain(slow, 11)
@@ -69,7 +67,7 @@ def test_frames_carry_id_after_data_and_resume_from_last_event_id():
         for i in range(5):
             bc.publish(env(i))
         sub = bc.subscribe(EventFilter(), resume_after=3)
-        frame = await sub.frames().__anext__()
+        frame = await sub.next_batch()
         lines = frame.decode().split("\n")
         assert lines[0].startswith("event: ") and lines[1].startswith("data: ") and lines[2] == f"id: {bc.instance}-4"
 
@@ -92,7 +90,10 @@ def test_close_sends_system_disconnected_and_ends_streams():
         for i in range(5):
             bc.publish(env(i))
         bc.close("agent shutting down")
-        frames = [parse(f) async for chunk in sub.frames() for f in split(chunk)]
+        frames = []
+        while (chunk := await sub.next_batch()) is not None:
+            frames += [parse(f) for f in split(chunk)]
+        assert await sub.next_batch() is None  # closed stays closed
         assert frames[-1][0] == "system.disconnected"
         assert any(t == "system.dropped" for t, _ in frames)
 
@@ -105,7 +106,7 @@ def test_filtered_subscriber_only_gets_matches():
         sub = bc.subscribe(EventFilter.from_query({"type": "connection"}))
         bc.publish(env(1))
         bc.publish(Envelope.of("connection.opened", {"data": {"meta": {}}}, 0))
-        t, _ = parse(await sub.frames().__anext__())
+        t, _ = parse(await sub.next_batch())
         assert t == "connection.opened"
 
     asyncio.run(go())
@@ -168,7 +169,7 @@ def test_queued_events_go_out_together_as_whole_frames():
         sub = bc.subscribe(EventFilter())
         for i in range(50):
             bc.publish(env(i))
-        chunk = await sub.frames().__anext__()
+        chunk = await sub.next_batch()
         return chunk
 
     chunk = asyncio.run(go())
