@@ -4,7 +4,8 @@ Two kinds, both built by ``make setup`` (``setup.py``):
 - hand-written C parts, each with the Python it mirrors kept as the reference
   (and a test comparing the two);
 - modules mypyc compiles from their own Python source: the hot path of every
-  transaction (reassembly, the pipeline, ids, the store and the fan-out).  Nothing is duplicated; the
+  transaction (reassembly, the pipeline, the event model, the store, the
+  fan-out).  Nothing is duplicated; the
   ``.py`` is the code.
 
 Without a compiler the agent runs the Python (correct, slower).  A built
@@ -25,7 +26,10 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent
 C_PARTS = {"assemble/_headparse": "head parser", "capture/_ringread": "ring reader"}
-MYPYC_MODULES = ("assemble/http1_parse", "assemble/http1", "assemble/model", "pipeline", "ids", "store", "broadcast")
+MYPYC_MODULES = (
+    "assemble/http1_parse", "assemble/http1", "assemble/model",
+    "pipeline", "events", "store", "broadcast", "ids",
+)
 MYPYC_GROUP = "_native"  # mypyc's shared runtime for the group: qtap_devtools/_native__mypyc
 SUFFIX = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
 

@@ -20,7 +20,7 @@ import binascii
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, ClassVar, Mapping
+from typing import Any, Mapping
 
 import orjson
 
@@ -214,8 +214,14 @@ def _drop_none(d: dict) -> dict:
 
 
 class Event:
-    type: ClassVar[str]
     ts_ns: int
+
+    @property
+    def type(self) -> str:
+        """``request.http_transaction``, …: each class says its own.  (A
+        property, not a ClassVar: mypyc cannot compile a dataclass that
+        assigns one.)"""
+        raise NotImplementedError
 
     def payload(self) -> dict:
         raise NotImplementedError
@@ -226,7 +232,6 @@ class Event:
 
 @dataclass(slots=True)
 class SystemConnected(Event):
-    type: ClassVar[str] = SYSTEM_CONNECTED
     version: str
     hostname: str
     kernel: str
@@ -235,6 +240,10 @@ class SystemConnected(Event):
     filters: Mapping[str, Any]
     instance: str = ""  # the prefix of this agent run's event ids
     ts_ns: int = field(default_factory=now_ns)
+
+    @property
+    def type(self) -> str:
+        return SYSTEM_CONNECTED
 
     def payload(self) -> dict:
         return {
@@ -253,10 +262,13 @@ class SystemConnected(Event):
 class SystemDropped(Event):
     """Sent to one client whose queue overflowed: what it missed, not why."""
 
-    type: ClassVar[str] = SYSTEM_DROPPED
     missed: int
     total_missed: int
     ts_ns: int = field(default_factory=now_ns)
+
+    @property
+    def type(self) -> str:
+        return SYSTEM_DROPPED
 
     def payload(self) -> dict:
         return {
@@ -268,9 +280,12 @@ class SystemDropped(Event):
 
 @dataclass(slots=True)
 class SystemDisconnected(Event):
-    type: ClassVar[str] = SYSTEM_DISCONNECTED
     reason: str
     ts_ns: int = field(default_factory=now_ns)
+
+    @property
+    def type(self) -> str:
+        return SYSTEM_DISCONNECTED
 
     def payload(self) -> dict:
         return {"reason": self.reason}
@@ -278,9 +293,12 @@ class SystemDisconnected(Event):
 
 @dataclass(slots=True)
 class ProcessStarted(Event):
-    type: ClassVar[str] = PROCESS_STARTED
     process: ProcessInfo
     ts_ns: int = field(default_factory=now_ns)
+
+    @property
+    def type(self) -> str:
+        return PROCESS_STARTED
 
     def payload(self) -> dict:
         p = self.process
@@ -301,8 +319,11 @@ class ProcessStarted(Event):
 
 @dataclass(slots=True)
 class ProcessStopped(ProcessStarted):
-    type: ClassVar[str] = PROCESS_STOPPED
     exit_code: int | None = None
+
+    @property
+    def type(self) -> str:
+        return PROCESS_STOPPED
 
     def payload(self) -> dict:
         out = ProcessStarted.payload(self)
@@ -417,9 +438,12 @@ class Connection:
 
 @dataclass(slots=True)
 class ConnectionEvent(Event):
-    type: ClassVar[str] = CONNECTION_OPENED
     connection: Connection
     ts_ns: int = field(default_factory=now_ns)
+
+    @property
+    def type(self) -> str:
+        return CONNECTION_OPENED
 
     def payload(self) -> dict:
         return {"data": self.connection.json()}
@@ -427,17 +451,23 @@ class ConnectionEvent(Event):
 
 @dataclass(slots=True)
 class ConnectionOpened(ConnectionEvent):
-    type: ClassVar[str] = CONNECTION_OPENED
+    @property
+    def type(self) -> str:
+        return CONNECTION_OPENED
 
 
 @dataclass(slots=True)
 class ConnectionUpdated(ConnectionEvent):
-    type: ClassVar[str] = CONNECTION_UPDATED
+    @property
+    def type(self) -> str:
+        return CONNECTION_UPDATED
 
 
 @dataclass(slots=True)
 class ConnectionClosed(ConnectionEvent):
-    type: ClassVar[str] = CONNECTION_CLOSED
+    @property
+    def type(self) -> str:
+        return CONNECTION_CLOSED
 
 
 @dataclass(slots=True)
@@ -470,7 +500,6 @@ class HttpMessage:
 
 @dataclass(slots=True)
 class HttpTransaction(Event):
-    type: ClassVar[str] = HTTP_TRANSACTION
     request_id: str
     connection: Connection
     method: str
@@ -495,6 +524,10 @@ class HttpTransaction(Event):
     informational: tuple[int, ...] = ()
     user_agent: str | None = None  # the request's, when the maker has it at hand; None: look it up
     ts_ns: int = field(default_factory=now_ns)
+
+    @property
+    def type(self) -> str:
+        return HTTP_TRANSACTION
 
     @property
     def url(self) -> str:
