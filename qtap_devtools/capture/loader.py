@@ -51,6 +51,7 @@ SOCK_KNOWN = 1  # common.h
 # The reader drains the ring at least this often: data records are written
 # without a wake-up, so this bounds how long an idle stream's tail waits.
 DRAIN_MS = 50
+WAKE_RECORDS = 256  # a data record wakes the reader once this many were written on its CPU
 BATCH_RECORDS = 4096  # records handed to on_records at a time, at most
 # Overload shedding (probes/common.h, shed_cap): on when the ring or what is
 # downstream of it is this full, off again when both are below SHED_OFF.
@@ -195,7 +196,7 @@ class Capture:
         extra_binaries: Iterable[str] = (),
         poll_timeout_ms: int = DRAIN_MS,
         attach_mode: AttachMode = "auto",
-        wake_records: int = 64,
+        wake_records: int = WAKE_RECORDS,
         wake_bytes: int = 256 * 1024,
         sweep_seconds: float = 10.0,
         shed_head_bytes: int = SHED_HEAD_BYTES,
@@ -206,6 +207,9 @@ class Capture:
         uses function-entry uprobes + uretprobes everywhere.  ``wake_records``
         / ``wake_bytes``: a data record forces a reader wake-up once this many
         records / bytes were written on its CPU since the last one.
+        ``WAKE_RECORDS`` is measured (``make bench``, rate10k): 64 woke the
+        agent twice as often for a sixth more CPU; 512 and beyond made its
+        bursts long enough to raise the traced programs' p99 latency.
 
         Overload: when the ring's fill, or ``pressure()`` (how far behind the
         consumer is, 0..1), passes SHED_ON, the probes keep only the first
