@@ -482,6 +482,21 @@ class HttpMessage:
     body_truncated: bool = False
     body_decode_error: str | None = None
 
+    # __init__ written out, as in assemble/model.py: generated, it would run interpreted.
+    def __init__(
+        self,
+        headers: Mapping[str, Any], body: bytes, body_size: int, content_type: str | None = None,
+        content_encoding: str | None = None, body_truncated: bool = False,
+        body_decode_error: str | None = None,
+    ) -> None:
+        self.headers = headers
+        self.body = body
+        self.body_size = body_size
+        self.content_type = content_type
+        self.content_encoding = content_encoding
+        self.body_truncated = body_truncated
+        self.body_decode_error = body_decode_error
+
     def json_into(self, out: dict) -> dict:
         """Add this message's fields to ``out`` (a request or response object)."""
         body = self.body
@@ -524,6 +539,41 @@ class HttpTransaction(Event):
     informational: tuple[int, ...] = ()
     user_agent: str | None = None  # the request's, when the maker has it at hand; None: look it up
     ts_ns: int = field(default_factory=now_ns)
+
+    # __init__ written out, as in assemble/model.py: generated, it would run interpreted.
+    def __init__(
+        self,
+        request_id: str, connection: Connection, method: str, scheme: str, authority: str, path: str,
+        http_version: str, request: HttpMessage, status: int | None, reason: str | None,
+        response: HttpMessage | None, start_ns: int, duration_ms: float, bytes_sent: int,
+        bytes_received: int, timing: Mapping[str, float] | None = None, error: str | None = None,
+        partial: bool = False, incomplete: bool = False, upgraded: bool = False, shed: bool = False,
+        informational: tuple[int, ...] = (), user_agent: str | None = None, ts_ns: int | None = None,
+    ) -> None:
+        self.request_id = request_id
+        self.connection = connection
+        self.method = method
+        self.scheme = scheme
+        self.authority = authority
+        self.path = path
+        self.http_version = http_version
+        self.request = request
+        self.status = status
+        self.reason = reason
+        self.response = response
+        self.start_ns = start_ns
+        self.duration_ms = duration_ms
+        self.bytes_sent = bytes_sent
+        self.bytes_received = bytes_received
+        self.timing = {} if timing is None else timing
+        self.error = error
+        self.partial = partial
+        self.incomplete = incomplete
+        self.upgraded = upgraded
+        self.shed = shed
+        self.informational = informational
+        self.user_agent = user_agent
+        self.ts_ns = now_ns() if ts_ns is None else ts_ns
 
     @property
     def type(self) -> str:

@@ -4,6 +4,11 @@ The assembler builds these once, when an exchange is emitted, and nothing change
 them after; the event model downstream derives its wire form from them.  They are
 not frozen only because a frozen dataclass's ``__init__`` costs about a
 microsecond more, three times per transaction.
+
+Each writes its ``__init__`` out (the dataclass still gives ``repr`` and ``==``):
+mypyc compiles this module, but a dataclass-generated ``__init__`` would run as
+interpreted Python.  Written out for these and the event model's two per-transaction
+classes, the pipeline went from 27 to 21 µs per transaction.
 """
 
 from __future__ import annotations
@@ -28,6 +33,24 @@ class HttpRequest:
     chunked: bool = False
     trailers: Headers = ()
 
+    def __init__(
+        self,
+        method: str, target: str, version: str, headers: Headers, body: bytes = b"",
+        body_wire_size: int = 0, content_encoding: str | None = None, body_truncated: bool = False,
+        body_decode_error: str | None = None, chunked: bool = False, trailers: Headers = (),
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.version = version
+        self.headers = headers
+        self.body = body
+        self.body_wire_size = body_wire_size
+        self.content_encoding = content_encoding
+        self.body_truncated = body_truncated
+        self.body_decode_error = body_decode_error
+        self.chunked = chunked
+        self.trailers = trailers
+
     def header(self, name: str) -> str | None:
         return _first(self.headers, name)
 
@@ -45,6 +68,24 @@ class HttpResponse:
     body_decode_error: str | None = None
     chunked: bool = False
     trailers: Headers = ()
+
+    def __init__(
+        self,
+        status: int, reason: str, version: str, headers: Headers, body: bytes = b"",
+        body_wire_size: int = 0, content_encoding: str | None = None, body_truncated: bool = False,
+        body_decode_error: str | None = None, chunked: bool = False, trailers: Headers = (),
+    ) -> None:
+        self.status = status
+        self.reason = reason
+        self.version = version
+        self.headers = headers
+        self.body = body
+        self.body_wire_size = body_wire_size
+        self.content_encoding = content_encoding
+        self.body_truncated = body_truncated
+        self.body_decode_error = body_decode_error
+        self.chunked = chunked
+        self.trailers = trailers
 
     def header(self, name: str) -> str | None:
         return _first(self.headers, name)
@@ -66,6 +107,29 @@ class HttpExchange:
     shed: bool = False  # bytes of it were left out on purpose while the agent was behind
     request_bytes: int = 0  # head + body framing bytes as captured
     response_bytes: int = 0  # 1xx heads included
+
+    def __init__(
+        self,
+        request: HttpRequest | None, response: HttpResponse | None, start_ns: int,
+        request_end_ns: int | None, response_start_ns: int | None, end_ns: int, error: str | None = None,
+        partial: bool = False, incomplete: bool = False, upgraded: bool = False,
+        informational: tuple[int, ...] = (), shed: bool = False, request_bytes: int = 0,
+        response_bytes: int = 0,
+    ) -> None:
+        self.request = request
+        self.response = response
+        self.start_ns = start_ns
+        self.request_end_ns = request_end_ns
+        self.response_start_ns = response_start_ns
+        self.end_ns = end_ns
+        self.error = error
+        self.partial = partial
+        self.incomplete = incomplete
+        self.upgraded = upgraded
+        self.informational = informational
+        self.shed = shed
+        self.request_bytes = request_bytes
+        self.response_bytes = response_bytes
 
 
 def _first(headers: Sequence[tuple[str, str]], name: str) -> str | None:
