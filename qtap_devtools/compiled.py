@@ -5,13 +5,16 @@ Two kinds, both built by ``make setup`` (``setup.py``):
   (and a test comparing the two);
 - modules mypyc compiles from their own Python source: the hot path of every
   transaction (reassembly, the pipeline, the event model, the store, the
-  fan-out).  Nothing is duplicated; the
-  ``.py`` is the code.
+  fan-out and its filters).  Nothing is duplicated: the ``.py`` is the code.
 
 Without a compiler the agent runs the Python (correct, slower).  A built
 module shadows its ``.py``, so one edited after the build would still run the
 old code: :func:`stale` names those, ``make setup`` rebuilds them, and the
 test suite and ``doctor`` refuse to pass over them quietly.
+
+``QTAP_INTERPRETED=1`` in the environment runs the mypyc modules from their
+``.py`` even when built (tracebacks with every line, a debugger that steps
+in; the suite also uses it to keep the interpreted path tested).
 
 Standard library only: ``setup.py`` and ``scripts/setup.sh`` run this file
 before the project's dependencies exist (``python3 compiled.py`` prints what
@@ -28,7 +31,7 @@ PACKAGE = Path(__file__).resolve().parent
 C_PARTS = {"assemble/_headparse": "head parser", "capture/_ringread": "ring reader"}
 MYPYC_MODULES = (
     "assemble/http1_parse", "assemble/http1", "assemble/model",
-    "pipeline", "events", "store", "broadcast", "ids",
+    "pipeline", "events", "store", "broadcast", "filters", "ids",
 )
 MYPYC_GROUP = "_native"  # mypyc's shared runtime for the group: qtap_devtools/_native__mypyc
 SUFFIX = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
@@ -73,6 +76,26 @@ def describe() -> tuple[bool, str]:
     if old:
         parts.append(f"older than their source (the old build would run): {', '.join(old)}")
     return False, "; ".join(parts)
+
+
+class _SourceFirst:
+    """A meta-path finder that loads the mypyc modules from their ``.py``."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        from importlib.util import spec_from_file_location
+
+        prefix = __package__ or "qtap_devtools"
+        if not fullname.startswith(prefix + "."):
+            return None
+        name = fullname[len(prefix) + 1:].replace(".", "/")
+        if name not in MYPYC_MODULES:
+            return None
+        return spec_from_file_location(fullname, PACKAGE / f"{name}.py")
+
+
+def prefer_source() -> None:
+    if not any(isinstance(f, _SourceFirst) for f in sys.meta_path):
+        sys.meta_path.insert(0, _SourceFirst())
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -38,3 +41,27 @@ def test_a_source_edited_after_its_build_is_reported_stale(tmp_path, monkeypatch
     assert not ok and "older than their source" in detail and f"{compiled.MYPYC_GROUP}__mypyc" in detail
     os.utime(built)  # rebuilt now
     assert compiled.stale() == []
+
+
+def test_the_interpreted_path_still_passes_the_reassembly_pipeline_and_event_tests():
+    """Without a compiler the same Python runs interpreted: keep that path
+    tested (QTAP_INTERPRETED=1 loads the .py even when built)."""
+    env = {**os.environ, "QTAP_INTERPRETED": "1"}
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         "tests/test_compiled.py::test_modules_load_from_where_asked",
+         "tests/test_assemble_http1.py", "tests/test_pipeline.py", "tests/test_events.py",
+         "tests/test_broadcast.py", "tests/test_store.py"],
+        cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-500:]
+
+
+def test_modules_load_from_where_asked():
+    interpreted = bool(os.environ.get("QTAP_INTERPRETED"))
+    if not interpreted and compiled.missing():
+        pytest.skip("not built")
+    for name in compiled.MYPYC_MODULES:
+        module = importlib.import_module("qtap_devtools." + name.replace("/", "."))
+        assert module.__file__.endswith(".py" if interpreted else compiled.SUFFIX), module.__file__
