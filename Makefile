@@ -26,5 +26,5 @@ bench-soak: setup
 	$(PY) -m bench.soak $(ARGS)
 
 clean:
-	rm -rf .venv .cache .pytest_cache .hypothesis test-output build
+	rm -rf .venv .cache .pytest_cache .hypothesis .mypy_cache test-output build
 	find qtap_devtools -name "*.so" -delete
