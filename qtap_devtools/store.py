@@ -36,9 +36,6 @@ class BoundedDict:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def __contains__(self, key: object) -> bool:
-        return key in self.entries
-
     def get(self, key: Any, default: Any = None) -> Any:
         return self.entries.get(key, default)
 
