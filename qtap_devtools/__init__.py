@@ -2,9 +2,9 @@
 
 import os as _os
 
+from qtap_devtools import compiled as _compiled
+
 __version__ = "0.1.0"
 
-if _os.environ.get("QTAP_INTERPRETED"):  # run the compiled modules' Python instead (compiled.py)
-    from qtap_devtools import compiled as _compiled
-
+if _compiled.run_source_instead(_os.environ):  # the compiled modules' Python (see compiled.py)
     _compiled.prefer_source()

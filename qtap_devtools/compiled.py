@@ -26,6 +26,7 @@ from __future__ import annotations
 import sys
 import sysconfig
 from pathlib import Path
+from typing import Mapping
 
 PACKAGE = Path(__file__).resolve().parent
 C_PARTS = {"assemble/_headparse": "head parser", "capture/_ringread": "ring reader"}
@@ -91,6 +92,13 @@ class _SourceFirst:
         if name not in MYPYC_MODULES:
             return None
         return spec_from_file_location(fullname, PACKAGE / f"{name}.py")
+
+
+def run_source_instead(environ: Mapping[str, str]) -> bool:
+    """Asked to (``QTAP_INTERPRETED``), or needed: a module mypyc built
+    cannot import without its group's runtime, which a partial build (say, one
+    that ran out of memory half-way) may have left out."""
+    return bool(environ.get("QTAP_INTERPRETED")) or not _built(f"{MYPYC_GROUP}__mypyc").exists()
 
 
 def prefer_source() -> None:

@@ -65,3 +65,11 @@ def test_modules_load_from_where_asked():
     for name in compiled.MYPYC_MODULES:
         module = importlib.import_module("qtap_devtools." + name.replace("/", "."))
         assert module.__file__.endswith(".py" if interpreted else compiled.SUFFIX), module.__file__
+
+
+def test_the_python_runs_when_asked_or_when_the_compiled_runtime_is_missing(tmp_path, monkeypatch):
+    assert compiled.run_source_instead({"QTAP_INTERPRETED": "1"})
+    if not compiled.missing():
+        assert not compiled.run_source_instead({})
+    monkeypatch.setattr(compiled, "PACKAGE", tmp_path)  # a build that left the group runtime out
+    assert compiled.run_source_instead({})
