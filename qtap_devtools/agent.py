@@ -20,7 +20,7 @@ import sys
 import time
 from collections import deque
 
-from qtap_devtools import __version__, kheaders
+from qtap_devtools import __version__, compiled, kheaders
 from qtap_devtools.backlog import Backlog
 from qtap_devtools.broadcast import Broadcaster
 from qtap_devtools.capfile import CaptureWriter
@@ -233,6 +233,10 @@ class Agent:
                 print(f"qtap-devtools: could not attach to {a.path} ({a.library}): {a.error}", flush=True)
         self._tasks.append(asyncio.create_task(self._ticker()))
         self.runtime.not_ready = None
+        slower = compiled.running_note(os.environ)
+        if slower:  # correct either way, but about half as fast: say so where it runs
+            log.warning("%s", slower)
+            print(f"qtap-devtools: {slower}", flush=True)
         print("qtap-devtools: capture running", flush=True)
 
     async def on_stopping(self) -> None:

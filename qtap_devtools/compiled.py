@@ -94,6 +94,14 @@ class _SourceFirst:
         return spec_from_file_location(fullname, PACKAGE / f"{name}.py")
 
 
+def running_note(environ: Mapping[str, str]) -> str | None:
+    """A start-up line when the agent runs slower than it could, else None."""
+    if environ.get("QTAP_INTERPRETED"):
+        return "QTAP_INTERPRETED is set: the compiled modules run as Python (about half as fast)"
+    ok, detail = describe()
+    return None if ok else f"compiled parts: {detail}; `make setup` builds them"
+
+
 def run_source_instead(environ: Mapping[str, str]) -> bool:
     """Asked to (``QTAP_INTERPRETED``), or needed: a module mypyc built
     cannot import without its group's runtime, which a partial build (say, one

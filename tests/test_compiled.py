@@ -73,3 +73,13 @@ def test_the_python_runs_when_asked_or_when_the_compiled_runtime_is_missing(tmp_
         assert not compiled.run_source_instead({})
     monkeypatch.setattr(compiled, "PACKAGE", tmp_path)  # a build that left the group runtime out
     assert compiled.run_source_instead({})
+
+
+def test_the_agent_says_at_start_up_when_it_runs_slower_than_it_could(monkeypatch):
+    assert "QTAP_INTERPRETED" in compiled.running_note({"QTAP_INTERPRETED": "1"})
+    monkeypatch.setattr(compiled, "missing", lambda: ["pipeline"])
+    note = compiled.running_note({})
+    assert "not built" in note and "pipeline" in note and "make setup" in note
+    monkeypatch.setattr(compiled, "missing", lambda: [])
+    monkeypatch.setattr(compiled, "stale", lambda: [])
+    assert compiled.running_note({}) is None
