@@ -171,6 +171,7 @@ class Agent:
                 exclude_port=0 if self.config.capture_own_port else self.config.listen.port,
                 attach_mode=self.config.attach_mode,
                 shed_head_bytes=SHED_HEAD_BYTES if self.config.shed else 0,
+                byte_budget=self.config.max_capture_mib_per_s * (1 << 20) if self.config.shed else 0,
                 # Behind by SHED_LAG_SECONDS: shedding starts at half of it.
                 # Time, not bytes: a burst of large bodies the agent gets
                 # through in time is no reason to cut them.

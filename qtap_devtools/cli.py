@@ -31,6 +31,7 @@ examples:
   sudo qtap-devtools run
   sudo qtap-devtools run --listen 127.0.0.1:9000 --output traffic-capture.txt
   sudo qtap-devtools run --max-body-bytes 65536 --log-level debug
+  sudo qtap-devtools run --max-capture-rate 0    # every body at any rate, whatever it costs
   # then, in another terminal:
   curl -sN http://localhost:10001/devtools/api/events | grep "request.http_transaction" -A1
   curl -sN 'http://localhost:10001/devtools/api/events?type=request.http_transaction&status=4xx'
@@ -115,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-shed", action="store_true",
                      help="when capture falls behind, lose whole records instead of cutting bodies "
                           "(default: keep every message head, cut bodies, count what was cut)")
+    run.add_argument("--max-capture-rate", type=float, default=None, metavar="MIB",
+                     help="MiB of plaintext a second to capture whole; past it, keep message heads and cut bodies "
+                          "(marked \"shed\", counted) so the agent's CPU stays bounded. 0: no limit (default 64)")
     run.add_argument("--capture-own-port", action="store_true",
                      help="also capture connections to this agent's own port (off: each event would be captured again)")
     run.add_argument("--no-docker", action="store_true", help="do not ask Docker for container names")
@@ -142,6 +146,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _capture_rate(args: argparse.Namespace) -> float:
+    rate = args.max_capture_rate
+    if rate is None:
+        return 0.0 if args.no_shed else Config.max_capture_mib_per_s
+    if rate != rate or rate < 0 or rate == float("inf"):
+        raise ConfigError(f"--max-capture-rate {rate:g}: must be a number of MiB a second, 0 for no limit")
+    if rate and args.no_shed:
+        raise ConfigError("--max-capture-rate works by cutting bodies, which --no-shed turns off: drop one of them")
+    return rate
+
+
 def _config(args: argparse.Namespace) -> Config:
     if not args.listen.is_loopback and not args.token:
         raise ConfigError(
@@ -157,6 +172,7 @@ def _config(args: argparse.Namespace) -> Config:
             ring_mib=args.ring_mib,
             attach_mode=args.attach_mode,
             shed=not args.no_shed,
+            max_capture_mib_per_s=_capture_rate(args),
             capture_own_port=args.capture_own_port,
             docker=not args.no_docker,
             docker_url=args.docker_url,

@@ -66,6 +66,8 @@ class Config:
     capture_own_port: bool = False
     attach_mode: str = "auto"  # "auto" (tuned where provable) or "entry"
     shed: bool = True  # when behind, keep message heads and cut bodies (else: lose records)
+    # Plaintext taken in per second before shedding the same way (capture/budget.py); 0: no limit.
+    max_capture_mib_per_s: float = 64.0
     # Enrichment
     docker: bool = True
     docker_url: str | None = None

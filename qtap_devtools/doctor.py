@@ -243,7 +243,7 @@ def _tls_libraries() -> Check:
 DROP_COUNTERS = (
     ("capture", "lost_records", "records the kernel could not fit in the ring buffer"),
     ("capture", "pending_dropped_total", "events dropped before publishing"),
-    ("capture", "shed_calls", "calls whose body was cut while capture was behind (heads kept)"),
+    ("capture", "shed_calls", "calls whose body was cut while capture was behind or over --max-capture-rate (heads kept)"),
     ("broadcast", "subscriberDrops", "events slow clients missed (each told by system.dropped)"),
 )
 

@@ -15,14 +15,13 @@ classes, so live and replayed streams are served by the same code.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Mapping
 
 import orjson
+import pybase64
 
 from qtap_devtools.enrich.model import ContainerInfo, PodInfo, ProcessInfo
 
@@ -73,7 +72,7 @@ def parse_rfc3339(text: str) -> int:
 
 
 def b64(data: bytes) -> str:
-    return binascii.b2a_base64(data, newline=False).decode("ascii")
+    return pybase64.b64encode_as_string(data)
 
 
 def now_ns() -> int:
@@ -535,7 +534,7 @@ class HttpTransaction(Event):
     partial: bool = False
     incomplete: bool = False
     upgraded: bool = False
-    shed: bool = False  # a body cut on purpose while the agent was behind
+    shed: bool = False  # a body cut on purpose: the agent was behind or over its capture rate
     informational: tuple[int, ...] = ()
     user_agent: str | None = None  # the request's, when the maker has it at hand; None: look it up
     ts_ns: int = field(default_factory=now_ns)
@@ -703,6 +702,6 @@ def decode_transaction(envelope_body: Mapping[str, Any]) -> dict | None:
     """The full transaction JSON of a ``request.http_transaction`` body, or None."""
     try:
         inner = envelope_body["data"]["data"]
-        return orjson.loads(base64.b64decode(inner["data"]))
+        return orjson.loads(pybase64.b64decode(inner["data"]))
     except (KeyError, TypeError, ValueError):
         return None

@@ -752,6 +752,55 @@ def test_while_shedding_calls_keep_their_message_head_and_bodies_are_cut():
         cap.stop()
 
 
+def test_past_its_byte_budget_capture_keeps_heads_until_the_budget_refills():
+    """--max-capture-rate: once more plaintext came in than the budget holds,
+    the probes shed exactly as when behind (cause "over budget"); once a
+    quarter of it has refilled, whole calls again."""
+    budget = 128 * 1024  # a second's worth passes whole, then ~2 s of debt
+    got = Collector()
+    cap = Capture(got, max_chunk=MAX_CHUNK, seed_existing=False, byte_budget=budget)
+    cap.start()
+    try:
+        head = b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 1000000\r\n\r\n"
+        first = len(head) + 400000
+        writer, peer = _tcp_child(
+            f"step(); s.sendall({head!r} + b'a' * 400000)\n"
+            "step(); s.sendall(b'b' * 300000)\n"
+            "step(); s.sendall(b'c' * 20000)\n"
+            "step()\n")
+        with peer:
+            _drain(peer)
+            _go(writer)
+            deadline = time.monotonic() + 10
+            while not cap.shedding and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert cap.shedding and cap.shed_cause == "over budget"
+            _go(writer)  # sent while shedding: a body-only call keeps nothing
+            deadline = time.monotonic() + 10
+            while cap.shedding and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert not cap.shedding, "shedding did not stop with the budget refilled"
+            _go(writer)
+            got.wait_for(lambda rs: any(c.offset >= first + 300000 for c in chunks(rs, writer.pid, direction="egress")),
+                         what="the write after the budget refilled")
+            _go(writer)
+            writer.wait(10)
+        time.sleep(0.1)
+        cs = sorted(chunks(got.snapshot(), writer.pid, direction="egress"), key=lambda c: c.offset)
+        assert sum(len(c.data) for c in cs if c.offset < first) >= budget  # a burst of a second's worth passed
+        assert not [c for c in cs if first <= c.offset < first + 300000]
+        rest = [c for c in cs if c.offset >= first + 300000]
+        assert rest[0].offset == first + 300000 and b"".join(c.data for c in rest) == b"c" * 20000
+        calls, cut = cap.shed_counts()
+        assert calls >= 1 and cut >= 300000
+        stats = cap.stats()
+        assert stats["shed_episodes"] == stats["shed_episodes_over_budget"] == 1
+        assert stats["byte_budget_per_second"] == budget and stats["lost_records"] == 0
+        assert stats["data_bytes_read"] >= sum(len(c.data) for c in cs)
+    finally:
+        cap.stop()
+
+
 def test_bytes_sent_with_sendfile_move_the_stream_offset_past_them(capture, tmp_path):
     """nginx with ``sendfile on`` (Debian's default) sends a file's bytes with
     sendfile(2), which has no buffer to copy: the stream offset must still move

@@ -12,6 +12,7 @@ import pytest
 
 from qtap_devtools import capfile
 from qtap_devtools import cli as cli_mod
+from qtap_devtools.config import ConfigError
 from qtap_devtools.events import Envelope
 from tests.agentproc import ROOT, agent, free_port, get
 from tests.stream import StreamReader, tx_of
@@ -149,3 +150,25 @@ def test_example_capture_replays_with_its_transactions(tmp_path):
 def test_shedding_is_on_unless_no_shed(argv, shed):
     args = cli_mod.build_parser().parse_args(["run", *argv])
     assert cli_mod._config(args).shed is shed
+
+
+@pytest.mark.parametrize("argv,rate", [
+    ([], 64.0),
+    (["--max-capture-rate", "8"], 8.0),
+    (["--max-capture-rate", "0"], 0.0),  # no limit
+    (["--no-shed"], 0.0),  # nothing is cut, so no limit either
+])
+def test_max_capture_rate(argv, rate):
+    args = cli_mod.build_parser().parse_args(["run", *argv])
+    assert cli_mod._config(args).max_capture_mib_per_s == rate
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["--max-capture-rate", "-1"], "0 for no limit"),
+    (["--max-capture-rate", "nan"], "0 for no limit"),
+    (["--max-capture-rate", "8", "--no-shed"], "drop one of them"),
+])
+def test_a_max_capture_rate_that_cannot_work_is_refused(argv, says):
+    args = cli_mod.build_parser().parse_args(["run", *argv])
+    with pytest.raises(ConfigError, match=says):
+        cli_mod._config(args)

@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from . import procnet
+from .budget import ByteBudget
 from .attach import TUNED_FUNCTIONS, AttachMode, Attacher, Attachment, ExecWatcher, Where
 from .records import (
     Batch,
@@ -58,6 +59,7 @@ BATCH_RECORDS = 4096  # records handed to on_records at a time, at most
 SHED_ON = 0.5
 SHED_OFF = 0.1
 SHED_HEAD_BYTES = 4096  # kept of a call that starts a message while shedding: its head
+SHED_LOG_SECONDS = 60.0  # shedding can start and stop many times a second: log it this often
 
 
 class CaptureError(RuntimeError):
@@ -201,6 +203,7 @@ class Capture:
         sweep_seconds: float = 10.0,
         shed_head_bytes: int = SHED_HEAD_BYTES,
         pressure: Callable[[], float] | None = None,
+        byte_budget: float = 0,
     ) -> None:
         """``attach_mode``: ``"auto"`` probes OpenSSL at the cheap sites
         ``tuned.analyze`` proves (entry probes where it cannot), ``"entry"``
@@ -216,7 +219,10 @@ class Capture:
         ``shed_head_bytes`` of calls that start a message and nothing of the
         rest, until both fall below SHED_OFF.  Transactions keep flowing with
         their bodies cut, instead of whole records being lost at random.
-        ``shed_head_bytes=0`` turns this off."""
+        ``shed_head_bytes=0`` turns this off.
+
+        ``byte_budget``: bytes a second of plaintext taken in before shedding
+        the same way (``budget.py``), 0 for no limit."""
         if ring_mib <= 0 or ring_mib & (ring_mib - 1):
             raise CaptureError(f"ring_mib={ring_mib}: must be a power of two")
         if not 64 <= max_chunk <= 30000:
@@ -242,8 +248,19 @@ class Capture:
             raise CaptureError("shed_head_bytes must be 0 (off) or positive")
         self.shed_head_bytes = shed_head_bytes
         self._pressure = pressure
+        if byte_budget < 0:
+            raise CaptureError("byte_budget must be 0 (no limit) or positive")
+        if byte_budget and not shed_head_bytes:
+            raise CaptureError("a byte budget sheds load: it needs shed_head_bytes")
+        self.byte_budget = byte_budget
+        self._budget = ByteBudget(byte_budget, now=time.monotonic()) if byte_budget else None
         self.shedding = False
+        self.shed_cause: str | None = None  # "behind" or "over budget", while shedding
         self.shed_episodes = 0
+        self.shed_episodes_over_budget = 0
+        self._shed_logged = {"behind": -SHED_LOG_SECONDS, "over budget": -SHED_LOG_SECONDS}
+        self._shed_unlogged = {"behind": 0, "over budget": 0}
+        self.data_bytes_read = 0
         self._reader = RecordReader()
         self._bpf = None
         self.compiler_pages_released = 0
@@ -445,6 +462,9 @@ class Capture:
     def _read(self, ring: RingReader, parse: Callable) -> int:
         taken, data_bytes = ring.read_records(parse, self._batch, self._others, BATCH_RECORDS)
         self._batch.data_bytes += data_bytes
+        self.data_bytes_read += data_bytes
+        if self._budget is not None and data_bytes:
+            self._budget.spend(data_bytes, time.monotonic())
         return taken
 
     def load(self) -> float:
@@ -457,18 +477,42 @@ class Capture:
         if not self.shed_head_bytes:
             return
         load = self.load()
-        if not self.shedding and load >= SHED_ON:
-            self._set_shedding(True)
-            log.warning("capture is behind (%.0f%% full): keeping message heads only until it catches up", 100 * load)
-        elif self.shedding and load <= SHED_OFF:
-            self._set_shedding(False)
-            log.info("capture caught up: keeping whole messages again")
+        budget, now = self._budget, time.monotonic()
+        if not self.shedding:
+            if load >= SHED_ON:
+                self._start_shedding("behind", f"capture is behind ({100 * load:.0f}% full)")
+            elif budget is not None and budget.exhausted(now):
+                self._start_shedding("over budget", f"capture passed its limit of {self.byte_budget / (1 << 20):g} "
+                                     "MiB/s of plaintext (--max-capture-rate)")
+        elif load <= SHED_OFF:
+            if budget is None or budget.recovered(now):
+                self._set_shedding(False)
+                log.debug("capture: keeping whole messages again")
+            else:
+                self.shed_cause = "over budget"  # caught up, but still paying for the bytes
+
+    def _start_shedding(self, cause: str, why: str) -> None:
+        self._set_shedding(True)
+        self.shed_cause = cause
+        self.shed_episodes += 1
+        self.shed_episodes_over_budget += cause == "over budget"
+        # Under steady overload this happens many times a second: say it once
+        # a minute, with how often it happened since.
+        now = time.monotonic()
+        if now - self._shed_logged[cause] < SHED_LOG_SECONDS:
+            self._shed_unlogged[cause] += 1
+            return
+        again = self._shed_unlogged[cause]
+        self._shed_logged[cause], self._shed_unlogged[cause] = now, 0
+        log.warning("%s: keeping message heads only for a while, bodies cut and marked \"shed\"%s", why,
+                    f" (and {again} more times since this was last logged)" if again else "")
 
     def _set_shedding(self, on: bool) -> None:
         table = self._bpf[b"shed_cap"]
         table[table.Key(0)] = table.Leaf(self.shed_head_bytes if on else 0)
         self.shedding = on
-        self.shed_episodes += on
+        if not on:
+            self.shed_cause = None
 
     def shed_counts(self) -> tuple[int, int]:
         """(calls cut, bytes not copied) since the start, from the probes."""
@@ -532,8 +576,12 @@ class Capture:
             "attachments_failed": sum(1 for a in atts if a.error),
             "attachments_tuned": sum(1 for a in atts if a.mode == "tuned"),
             "exec_scans_dropped": self._watcher.dropped if self._watcher else 0,
+            "data_bytes_read": self.data_bytes_read,
+            "byte_budget_per_second": int(self.byte_budget),
             "shedding": self.shedding,
+            "shed_cause": self.shed_cause,
             "shed_episodes": self.shed_episodes,
+            "shed_episodes_over_budget": self.shed_episodes_over_budget,
             "shed_calls": shed_calls,
             "shed_bytes": shed_bytes,
         }

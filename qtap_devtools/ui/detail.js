@@ -231,7 +231,7 @@ function notice(kind, text) {
 function problems(panel, row, tx) {
   if (tx.error) panel.append(notice("error", `Error: ${tx.error}`));
   if (tx.partial) panel.append(notice("warn", "Partial: sent before the response finished (its body passed the size limit, or the stream the time limit)."));
-  if (tx.shed) panel.append(notice("warn", "Body cut: the agent was behind, and kept only message heads for a while (stats: capture.shed_calls)."));
+  if (tx.shed) panel.append(notice("warn", "Body cut: the agent was behind or over its capture rate limit (--max-capture-rate), and kept only message heads for a while (stats: capture.shed_calls)."));
   else if (tx.incomplete) panel.append(notice("warn", "Incomplete: some of this transaction's bytes were not captured (a capture gap)."));
 }
 
