@@ -170,7 +170,8 @@ def sse_frame(type_: str, json_line: bytes) -> bytes:
     """One SSE event.  ``data:`` comes right after ``event:`` and is one line
     (JSON never contains a raw newline), because the seed's recipes read it
     with ``grep … -A1``.  We send no ``id:`` line."""
-    return b"event: " + type_.encode() + b"\ndata: " + json_line + b"\n\n"
+    # One copy of a frame that can be megabytes (a chain of + makes one per +).
+    return b"".join((b"event: ", type_.encode(), b"\ndata: ", json_line, b"\n\n"))
 
 
 # --------------------------------------------------------------------------
