@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Mapping
 
 PACKAGE = Path(__file__).resolve().parent
-C_PARTS = {"assemble/_headparse": "head parser", "capture/_ringread": "ring reader"}
+C_PARTS = {"assemble/_headparse": "head parser", "capture/_ringread": "ring reader", "_b64": "base64 encoder"}
 MYPYC_MODULES = (
     "assemble/http1_parse", "assemble/http1", "assemble/model",
     "pipeline", "events", "store", "broadcast", "filters", "ids",
