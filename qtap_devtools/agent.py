@@ -133,6 +133,8 @@ class Agent:
             "attached": [{"path": a.path, "library": a.library, "mode": a.mode, "sites": a.sites} for a in atts if a.ok],
             "failed": [{"path": a.path, "library": a.library, "error": a.error} for a in atts if not a.ok],
             "lostRecords": self.capture.lost_records(),
+            # Past it, bodies are cut and marked "shed" (None: no limit).
+            "maxCaptureMiBPerSecond": self.capture.byte_budget / (1 << 20) or None,
         }
 
     def capture_stats(self) -> dict:

@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: keep every message head, cut bodies, count what was cut)")
     run.add_argument("--max-capture-rate", type=float, default=None, metavar="MIB",
                      help="MiB of plaintext a second to capture whole; past it, keep message heads and cut bodies "
-                          "(marked \"shed\", counted) so the agent's CPU stays bounded. 0: no limit (default 64)")
+                          "(marked \"shed\", counted) so the agent's CPU stays bounded. 0: no limit (default 32)")
     run.add_argument("--capture-own-port", action="store_true",
                      help="also capture connections to this agent's own port (off: each event would be captured again)")
     run.add_argument("--no-docker", action="store_true", help="do not ask Docker for container names")

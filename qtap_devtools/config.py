@@ -67,7 +67,10 @@ class Config:
     attach_mode: str = "auto"  # "auto" (tuned where provable) or "entry"
     shed: bool = True  # when behind, keep message heads and cut bodies (else: lose records)
     # Plaintext taken in per second before shedding the same way (capture/budget.py); 0: no limit.
-    max_capture_mib_per_s: float = 64.0
+    # 32 MiB/s streams as ~57 MB/s of SSE (bodies are base64 twice), more than a browser
+    # tab or jq can follow, and holds the agent near a fifth of a core under a flood of
+    # megabyte responses (W2 in `make bench`: a third of a core at 64).
+    max_capture_mib_per_s: float = 32.0
     # Enrichment
     docker: bool = True
     docker_url: str | None = None

@@ -153,7 +153,7 @@ def test_shedding_is_on_unless_no_shed(argv, shed):
 
 
 @pytest.mark.parametrize("argv,rate", [
-    ([], 64.0),
+    ([], 32.0),
     (["--max-capture-rate", "8"], 8.0),
     (["--max-capture-rate", "0"], 0.0),  # no limit
     (["--no-shed"], 0.0),  # nothing is cut, so no limit either

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import pytest
 
 from tests import realworld as rw
-from tests.agentproc import agent, free_port
+from tests.agentproc import agent, free_port, get
 from tests.recipes import json_docs, recipes, run_recipe
 from tests.stream import StreamReader, body_of, tx_of
 
@@ -744,6 +744,36 @@ def test_system_connected_lists_libssl_attached_tuned(live):
         assert all(v.startswith("tuned ") for v in a["sites"].values()), a
     gnutls = [a for a in capture["attached"] if os.path.basename(a["path"]).startswith("libgnutls.so")]
     assert gnutls and all(a["library"] == "gnutls" for a in gnutls), capture["attached"]
+    assert capture["maxCaptureMiBPerSecond"] == 32  # the default --max-capture-rate
+
+
+def test_past_max_capture_rate_heads_still_come_with_bodies_cut_and_marked(live, nginx, tmp_path):
+    """--max-capture-rate 1: the first 2 MiB download (4 MiB read, both ends)
+    spends the budget, so the next ones arrive with their heads, status and
+    sizes, bodies cut and "shed": true; the stats say why."""
+    port = free_port()
+    with agent(["run", "--max-capture-rate", "1"], port, tmp_path / "agent.log", ready_path="/readyz"):
+        reader = reader_for(port)
+        try:
+            hello = reader.find(lambda t, d: t == "system.connected")
+            assert hello[0][1]["data"]["capture"]["maxCaptureMiBPerSecond"] == 1
+            m = marker()
+            for i in range(3):
+                curl("-o", "/dev/null", nginx.url(f"/large?m={m}&i={i}"))
+            txs = reader.transactions(m, count=6, timeout=WAIT)
+            assert len(txs) == 6, [t["request"]["url"] for t in txs]
+            for tx in txs:
+                assert tx["response"]["status"] == 200 and tx["response"]["body_size"] >= 1 << 20, tx["response"]
+            shed = [t for t in txs if t.get("shed")]
+            assert shed, "no transaction was cut past the budget"
+            for tx in shed:
+                assert tx["response"]["body_captured"] < 1 << 20 and tx["response"]["body_truncated"], tx["response"]
+            status, stats = get(f"http://127.0.0.1:{port}/devtools/api/stats")
+            cap = stats["capture"]
+            assert status == 200 and cap["shed_episodes_over_budget"] >= 1 and cap["shed_calls"] >= 1, cap
+            assert cap["byte_budget_per_second"] == 1 << 20, cap
+        finally:
+            reader.close()
 
 
 def test_attach_mode_entry_is_shown_and_still_captures(live, nginx, tmp_path):

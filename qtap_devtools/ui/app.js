@@ -740,6 +740,7 @@ function onConnected(data) {
   if (Array.isArray(cap.attached)) details.push(...cap.attached.map((a) => `attached ${a.library || ""} ${a.path || ""} (${a.mode || ""})`));
   if (Array.isArray(cap.failed)) details.push(...cap.failed.map((a) => `failed ${a.library || ""} ${a.path || ""}: ${a.error || ""}`));
   if (cap.lostRecords) details.push(`${cap.lostRecords} kernel records lost`);
+  if (cap.maxCaptureMiBPerSecond) details.push(`bodies cut past ${cap.maxCaptureMiBPerSecond} MiB/s of plaintext (--max-capture-rate)`);
   if (cap.badRecords) details.push(`${cap.badRecords} bad records in the file`);
   el.title = details.join("\n");
 }
