@@ -15,12 +15,11 @@ classes, so live and replayed streams are served by the same code.
 
 from __future__ import annotations
 
+import binascii
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Mapping
-
-import binascii
 
 import orjson
 import pybase64
