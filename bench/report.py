@@ -127,6 +127,7 @@ def _agent_cell(mine: list[dict]) -> dict:
         "sse_delay_p99_ms": _median([r["sse_delay_p99_ms"] for r in mine]),
         "rss_mb": max(r["rss_mb"] for r in mine),
         "own_cpu_us_per_request": _median([r.get("own_cpu_us_per_request") for r in mine]),
+        "harness_cpu_us_per_request": _median([r.get("harness_cpu_us_per_request") for r in mine]),
         "hwm_mb": max(r["hwm_mb"] for r in mine),
     }
 
@@ -157,6 +158,7 @@ def headline(rows: dict, runs: list[dict]) -> dict:
         "w2_sslsniff": get("sslsniff", "w2", "share"),
         "rate10k_added_cpu_us_procs": get("agent_tuned", "rate10k", "proc_added_cpu_us"),
         "rate10k_agent_cpu_us": get("agent_tuned", "rate10k", "own_cpu_us_per_request"),
+        "rate10k_sse_client_cpu_us": get("agent_tuned", "rate10k", "harness_cpu_us_per_request"),
         "rate10k_entry_agent_cpu_us": get("agent_entry", "rate10k", "own_cpu_us_per_request"),
         "rate10k_entry_added_cpu_us": get("agent_entry", "rate10k", "added_cpu_us"),
         "rate10k_entry_added_cpu_us_procs": get("agent_entry", "rate10k", "proc_added_cpu_us"),
@@ -226,7 +228,7 @@ def tables(summary: dict, reps: int, seconds: float) -> str:
         )
     extra = ["  CPU µs/req: system-wide busy time (/proc/stat) over the run per request; procs: the same summed "
              "over nginx, wrk, the setup's process and this harness only (whose SSE client parses every event); "
-             "own µs/req (agent table): the agent's process alone"]
+             "own µs/req (agent table): the agent's process alone; client: this harness's SSE client reading the stream"]
     if summary["headline"].get("runs_with_foreign_tracers"):
         extra.append(f"  warning: {summary['headline']['runs_with_foreign_tracers']} run(s) had other BPF users on "
                      "the machine (see runs[].foreign_tracers in results.json); their probes fire here too")
@@ -244,7 +246,7 @@ def tables(summary: dict, reps: int, seconds: float) -> str:
     agent_rows = [(s, row) for s, row in rows.items() if s.startswith("agent_") and any(k in row for k in ("w1", "w2", "rate10k"))]
     if agent_rows:
         lines += ["", f"{'agent':<27} {'attach':<22} {'run':<8} {'complete c/s':>13} {'missing':>8} "
-                      f"{'lost rec':>9} {'pend drop':>9} {'sse drop':>9} {'cut body':>9} {'counted':>7} {'SSE ms p50/p99':>15} {'RSS/HWM MB':>11} {'own µs/req':>10}"]
+                      f"{'lost rec':>9} {'pend drop':>9} {'sse drop':>9} {'cut body':>9} {'counted':>7} {'SSE ms p50/p99':>15} {'RSS/HWM MB':>11} {'own µs/req':>10} {'client':>6}"]
         lines.append("-" * len(lines[-1]))
         for s, row in agent_rows:
             for w in ("w1", "w2", "rate10k"):
@@ -258,7 +260,8 @@ def tables(summary: dict, reps: int, seconds: float) -> str:
                     f"{c['missing']:>8,} {d.get('lost_records', 0):>9,} {d.get('pending_dropped_total', 0):>9,} "
                     f"{d.get('subscriberDrops', 0):>9,} {c.get('shed_calls', 0):>9,} {_f(c['drops_counted']):>7} "
                     f"{_f(c['sse_delay_p50_ms'], '{:.1f}')}/{_f(c['sse_delay_p99_ms'], '{:.1f}'):>7} "
-                    f"{c['rss_mb']:>5.0f}/{c['hwm_mb']:<5.0f} {_f(c.get('own_cpu_us_per_request'), '{:.1f}'):>10}"
+                    f"{c['rss_mb']:>5.0f}/{c['hwm_mb']:<5.0f} {_f(c.get('own_cpu_us_per_request'), '{:.1f}'):>10} "
+                    f"{_f(c.get('harness_cpu_us_per_request'), '{:.1f}'):>6}"
                 )
     return "\n".join(lines)
 

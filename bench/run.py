@@ -78,6 +78,7 @@ def measure(setup: Setup, nginx: BenchNginx, w: Workload, script: Path, seconds:
     wrk = Wrk(nginx, w, script, seconds)
     procs = ProcessCpu([*servers, *setup.pids()])
     own0 = cpu_seconds(setup.pids())
+    harness0 = time.process_time()  # this process: the agent's SSE client, all threads
     j0 = busy_jiffies()
     wrk.start()
     res = wrk.wait()
@@ -85,6 +86,7 @@ def measure(setup: Setup, nginx: BenchNginx, w: Workload, script: Path, seconds:
     extra = setup.end(Run(w, res, nginx, offset, j1, quick))
     proc_s = procs.seconds()
     own_s = cpu_seconds(setup.pids()) - own0
+    harness_s = time.process_time() - harness0
     # The agent may finish a run's events after wrk stops: its CPU counts up to
     # the last transaction it delivered.
     busy_end = extra.pop("busy_end", j1)
@@ -103,6 +105,9 @@ def measure(setup: Setup, nginx: BenchNginx, w: Workload, script: Path, seconds:
         # SSE), without the probes' cost inside nginx and wrk or this harness's
         # SSE client parsing every event.
         "own_cpu_us_per_request": own_s * 1e6 / max(1, res.requests) if setup.pids() else None,
+        # This harness (for the agent: its SSE client parsing every event), part of
+        # the system-wide figure though it is no part of the agent.
+        "harness_cpu_us_per_request": harness_s * 1e6 / max(1, res.requests),
         "foreign_tracers": foreign,
         **extra,
     }

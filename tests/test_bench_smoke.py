@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NUMBERS = (
     "w1_tuned", "w1_entry", "w1_floor_tuned", "w1_floor_entry", "w1_sslsniff", "w2_tuned", "w2_entry",
     "rate10k_added_cpu_us", "rate10k_completeness", "rate10k_p99_added_us", "sse_delay_p99_ms", "rss_mb",
+    "rate10k_agent_cpu_us", "rate10k_sse_client_cpu_us",
 )
 
 
