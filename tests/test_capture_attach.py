@@ -47,10 +47,15 @@ def test_auto_mode_attaches_every_wrapper_by_address_return_first():
     assert not symbols_attached & set(WRAPPERS)  # no entry probes on the data wrappers
     assert {"SSL_set_fd", "SSL_free", "SSL_ctrl"} <= symbols_attached
     by_addr = [(w, fn, ret) for w, fn, ret in rec.calls if isinstance(w, int)]
-    # SSL_write: return site (plain uprobe) before the entry site that stashes.
-    assert by_addr[0][1:] == ("ssl_site_return", False) and by_addr[1][1] == "ssl_write_site_enter_sp0"
-    # The _ex wrappers' internal-function uretprobes.
+    # SSL_write: its return (the internal function's uretprobe, which SSL_write_ex
+    # needs anyway) before the entry site that stashes.
+    assert by_addr[0][1:] == ("ssl_site_return", True) and by_addr[1][1] == "ssl_write_site_enter_sp0"
+    # One uretprobe per internal function, shared by both its wrappers; no
+    # in-wrapper return site left to trap a second time per call.
     assert sum(1 for _, fn, ret in by_addr if fn == "ssl_site_return" and ret) == 2
+    assert not [w for w, fn, ret in by_addr if fn == "ssl_site_return" and not ret]
+    assert len(by_addr) == 6  # 4 entry sites + 2 uretprobes
+    assert att.sites["SSL_write"].startswith("tuned js@") and "/uretprobe@" in att.sites["SSL_write"]
 
 
 @needs_libssl

@@ -201,12 +201,13 @@ def test_every_probe_loads_and_tls_libraries_attach(tls_capture):
 def test_auto_mode_probes_all_four_libssl_wrappers_at_tuned_sites(capture):
     ssl = libssl_attachment(capture)
     assert ssl.mode == "tuned", ssl.sites
-    # SSL_write/SSL_read: the js at entry and the jle after the internal call;
-    # the _ex pair: their call at entry and a uretprobe on the internal function.
-    for symbol in ("SSL_write", "SSL_read"):
-        assert re.fullmatch(r"tuned js@0x[0-9a-f]+/jle@0x[0-9a-f]+", ssl.sites[symbol]), ssl.sites
-    for symbol in ("SSL_write_ex", "SSL_read_ex"):
-        assert re.fullmatch(r"tuned call@0x[0-9a-f]+/uretprobe@0x[0-9a-f]+", ssl.sites[symbol]), ssl.sites
+    # The _ex pair: their call at entry and a uretprobe on the internal function.
+    # SSL_write/SSL_read: the js at entry, and that same uretprobe as their return
+    # (it completes their calls too; the jle after the call would be a second trap).
+    for plain, ex in (("SSL_write", "SSL_write_ex"), ("SSL_read", "SSL_read_ex")):
+        m = re.fullmatch(r"tuned call@0x[0-9a-f]+/uretprobe@(0x[0-9a-f]+)", ssl.sites[ex])
+        assert m, ssl.sites
+        assert re.fullmatch(rf"tuned js@0x[0-9a-f]+/uretprobe@{m[1]}", ssl.sites[plain]), ssl.sites
 
 
 # ---------------------------------------------------------------- TLS

@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import os
 import struct
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from capstone import CS_ARCH_X86, CS_MODE_64, Cs
 
-from qtap_devtools.capture.tuned import WRAPPERS, SitePlan, Unrecognised, analyze, emulated, plan_function
+from qtap_devtools.capture.tuned import (WRAPPERS, SitePlan, Unrecognised, analyze, emulated, plan_function,
+                                         share_callee_returns)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tuned"
 LIBSSL = "/usr/lib/x86_64-linux-gnu/libssl.so.3"
@@ -94,6 +96,44 @@ def test_debian_ex_wrappers_probe_the_call_and_the_callees_return(debian_plans, 
     assert plan.return_offset == callee
     assert plan.count_source == ("arg_ptr", "rcx")
     assert "cmovs" in plan.reason and first in plan.reason
+
+
+@pytest.mark.parametrize("symbol, callee", [("SSL_write", 0x355E0), ("SSL_read", 0x352D0)])
+def test_debian_wrappers_share_the_callee_return_their_ex_twin_hooks(debian_plans, symbol, callee):
+    own = debian_plans[symbol]
+    shared = share_callee_returns(debian_plans)[symbol]
+    assert isinstance(own, SitePlan) and isinstance(shared, SitePlan)
+    assert own.callee_vaddr == callee
+    # The _ex twin's uretprobe on the internal function sees the same stack count:
+    # the jle is left unprobed, everything the entry program stashes is unchanged.
+    assert (shared.return_kind, shared.return_vaddr, shared.return_offset) == ("uretprobe", callee, callee)
+    assert shared.return_on_callee
+    assert (shared.entry_vaddr, shared.count_source, shared.count_slot) == (own.entry_vaddr, ("stack", 0), 0)
+    assert "one trap fewer" in shared.reason
+    assert shared.describe() == f"js@{own.entry_vaddr:#x}/uretprobe@{callee:#x}"
+
+
+def test_a_wrapper_keeps_its_own_return_site_without_a_callee_uretprobe(debian_plans):
+    alone = {s: debian_plans[s] for s in ("SSL_write", "SSL_read")}
+    assert share_callee_returns(alone) == alone
+    # An _ex twin that hooks another function shares nothing.
+    other = replace(debian_plans["SSL_read_ex"], return_vaddr=0x1234)
+    assert share_callee_returns({"SSL_read": debian_plans["SSL_read"], "SSL_read_ex": other})["SSL_read"] \
+        == debian_plans["SSL_read"]
+
+
+def test_only_a_count_in_memory_is_shared():
+    # Where the wrapper's count is eax at its return site, the callee's eax would
+    # be a success flag: that plan keeps its own site.
+    code = debian_like()
+    own = plan_of(code)
+    assert isinstance(own, SitePlan)
+    result_plan = replace(own, count_source=("result", "eax"))
+    twin = replace(own, symbol="SSL_write_ex", return_kind="uretprobe", return_vaddr=CALLEE,
+                   count_source=("arg_ptr", "rcx"))
+    assert twin.return_on_callee
+    assert share_callee_returns({"SSL_write": own, "SSL_write_ex": twin})["SSL_write"].return_vaddr == CALLEE
+    assert share_callee_returns({"SSL_write": result_plan, "SSL_write_ex": twin})["SSL_write"] == result_plan
 
 
 def test_installed_libssl_has_a_plan_for_every_wrapper():

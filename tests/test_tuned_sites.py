@@ -79,7 +79,7 @@ def test_tuned_sites_read_the_plaintext_curl_and_python_exchange(s_server):
 
     from qtap_devtools import kheaders
 
-    plans = analyze(LIBSSL)
+    plans = analyze(LIBSSL, share=False)  # every wrapper's own sites, the in-wrapper jle included
     assert all(isinstance(p, SitePlan) for p in plans.values()), plans
     slots = {p.count_source[1] for p in plans.values() if p.count_source[0] == "stack"}
     assert len(slots) == 1, slots
