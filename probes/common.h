@@ -149,11 +149,23 @@ BPF_HASH(sock_fds, struct sock_key, u32, 65536);
 struct off_key { u32 tgid; s32 fd; u64 tls_ref; u32 direction; u32 is_tls; };
 BPF_TABLE("lru_hash", struct off_key, u64, offsets, 65536);
 
-/* A TLS library call is running on this tid: nested socket syscalls tell
- * us its fd and are not emitted as plaintext.  LRU: an entry whose return
- * never ran (the thread died mid-call) is evicted, never fills the map. */
-struct tls_active_v { u64 tls_ref; u32 source; u32 _pad; };
-BPF_TABLE("lru_hash", u32, struct tls_active_v, tls_active, 16384);
+/* tid -> the TLS library call in flight, stashed at its entry, consumed at
+ * its return (tls_common.h).  While it is there, the thread's socket syscalls
+ * are that call's: they tell us its fd and are not emitted as plaintext.
+ * One map for both: each is a map update and a delete per call, on the
+ * hottest path.  LRU: a stash whose return never ran (the thread died
+ * mid-call) is overwritten by the thread's next call or evicted. */
+struct tls_call {
+    u64 tls_ref;               /* SSL* / gnutls_session_t */
+    u64 buf;
+    u64 num;                   /* bytes asked for: a count read back is capped by it */
+    u64 len_ptr;               /* where the byte count is written (SSL_*_ex's
+                                * size_t *, or a tuned site's stack slot); 0:
+                                * the return value is the count */
+    u8 dir;
+    u8 source;
+};
+BPF_TABLE("lru_hash", u32, struct tls_call, tls_calls, 16384);
 BPF_TABLE("lru_hash", u64, s32, tls_fd, 65536);     /* SSL* or session -> fd */
 
 /* Overload shedding.  While user space is behind it sets shed_cap[0] to a
@@ -377,11 +389,11 @@ static __always_inline void skip_data(s32 fd, u8 dir, u64 total)
     ok.tgid = bpf_get_current_pid_tgid() >> 32;
     ok.fd = fd;
     ok.direction = dir;
-    u64 next = total;
     u64 *offp = offsets.lookup(&ok);
     if (offp)
-        next += *offp;
-    offsets.update(&ok, &next);
+        *offp += total;
+    else
+        offsets.update(&ok, &total);
 }
 
 static __always_inline void emit_data(void *ctx, s32 fd, u8 dir, u8 src,
@@ -399,10 +411,13 @@ static __always_inline void emit_data(void *ctx, s32 fd, u8 dir, u8 src,
     ok.is_tls = src != SRC_SOCKET;
     u64 base_off = 0;
     u64 *offp = offsets.lookup(&ok);
-    if (offp)
+    if (offp) {
+        /* In place: a map update per call costs more than the lookup. */
         base_off = *offp;
-    u64 next = base_off + total;
-    offsets.update(&ok, &next);
+        *offp = base_off + total;
+    } else {
+        offsets.update(&ok, &total);
+    }
 
     u64 first_buf = buf;
     if (iov) {

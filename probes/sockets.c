@@ -248,15 +248,21 @@ static __always_inline void data_enter(s32 fd, u8 dir, u64 buf, u64 iov, u64 iov
     u64 id = bpf_get_current_pid_tgid();
     u32 tid = id;
     struct sock_key k = { .tgid = id >> 32, .fd = fd };
-    struct tls_active_v *t = tls_active.lookup(&tid);
+    struct tls_call *t = tls_calls.lookup(&tid);
     u32 *flags = sock_fds.lookup(&k);
     if (t) {
         /* Only a known socket counts: node's OpenSSL uses a memory BIO and
-         * its SSL calls make unrelated syscalls (e.g. an eventfd write). */
+         * its SSL calls make unrelated syscalls (e.g. an eventfd write).
+         * Every TLS call's syscalls land here with what is already known:
+         * write in place, and only what changed. */
         if (flags) {
-            tls_fd.update(&t->tls_ref, &fd);
-            u32 f = *flags | SOCK_TLS;
-            sock_fds.update(&k, &f);
+            s32 *known = tls_fd.lookup(&t->tls_ref);
+            if (!known)
+                tls_fd.update(&t->tls_ref, &fd);
+            else if (*known != fd)
+                *known = fd;
+            if (!(*flags & SOCK_TLS))
+                *flags |= SOCK_TLS;
         }
         return;
     }

@@ -3,20 +3,6 @@
 #define QTAP_TLS_COMMON_H
 #include "common.h"
 
-struct tls_call {
-    u64 tls_ref;               /* SSL* / gnutls_session_t */
-    u64 buf;
-    u64 num;                   /* bytes asked for: a count read back is capped by it */
-    u64 len_ptr;               /* where the byte count is written (SSL_*_ex's
-                                * size_t *, or a tuned site's stack slot); 0:
-                                * the return value is the count */
-    u8 dir;
-    u8 source;
-};
-/* tid -> the call in flight.  LRU, like tls_active: a stash whose return
- * never ran is overwritten by the thread's next call or evicted. */
-BPF_TABLE("lru_hash", u32, struct tls_call, tls_calls, 16384);
-
 static __always_inline void tls_enter(u64 ref, u64 buf, u64 num, u64 len_ptr, u8 dir, u8 src)
 {
     u64 id = bpf_get_current_pid_tgid();
@@ -25,8 +11,6 @@ static __always_inline void tls_enter(u64 ref, u64 buf, u64 num, u64 len_ptr, u8
     u32 tid = id;
     struct tls_call c = { .tls_ref = ref, .buf = buf, .num = num, .len_ptr = len_ptr, .dir = dir, .source = src };
     tls_calls.update(&tid, &c);
-    struct tls_active_v a = { .tls_ref = ref, .source = src };
-    tls_active.update(&tid, &a);
 }
 
 /* The thread makes a call that will not reach any return probe: drop what an
@@ -35,7 +19,6 @@ static __always_inline void tls_cancel(void)
 {
     u32 tid = bpf_get_current_pid_tgid();
     tls_calls.delete(&tid);
-    tls_active.delete(&tid);
 }
 
 /* `ret` is the byte count (SSL_read/SSL_write/gnutls_record_*) when the stash
@@ -53,7 +36,6 @@ static __always_inline void tls_exit(void *ctx, long ret, int need_len_ptr)
         return;
     struct tls_call c = *cp;
     tls_calls.delete(&tid);
-    tls_active.delete(&tid);
     if (ret <= 0)
         return;
     u64 n = ret;
