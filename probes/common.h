@@ -149,12 +149,14 @@ BPF_HASH(sock_fds, struct sock_key, u32, 65536);
 struct off_key { u32 tgid; s32 fd; u64 tls_ref; u32 direction; u32 is_tls; };
 BPF_TABLE("lru_hash", struct off_key, u64, offsets, 65536);
 
-/* tid -> the TLS library call in flight, stashed at its entry, consumed at
- * its return (tls_common.h).  While it is there, the thread's socket syscalls
- * are that call's: they tell us its fd and are not emitted as plaintext.
- * One map for both: each is a map update and a delete per call, on the
- * hottest path.  LRU: a stash whose return never ran (the thread died
- * mid-call) is overwritten by the thread's next call or evicted. */
+/* The TLS library call in flight on this thread, stashed at its entry and
+ * consumed at its return (tls_common.h).  While it is active, the thread's
+ * socket syscalls are that call's: they tell us its fd and are not emitted
+ * as plaintext.  Task storage, not a hash keyed by tid: it is read or written
+ * several times per call on the hottest path, and a hash update and delete
+ * per call cost more than the whole rest of the entry program; it is also
+ * freed with the thread, so a thread that dies mid-call leaves nothing. */
+struct task_struct;
 struct tls_call {
     u64 tls_ref;               /* SSL* / gnutls_session_t */
     u64 buf;
@@ -164,8 +166,17 @@ struct tls_call {
                                 * the return value is the count */
     u8 dir;
     u8 source;
+    u8 active;                 /* 0: no call in flight (the slot stays, zeroed) */
+    u8 _pad[5];
 };
-BPF_TABLE("lru_hash", u32, struct tls_call, tls_calls, 16384);
+BPF_TASK_STORAGE(tls_calls, struct tls_call);
+
+static __always_inline struct tls_call *tls_call_slot(int create)
+{
+    struct task_struct *task = (struct task_struct *)bpf_get_current_task_btf();
+    return tls_calls.task_storage_get(task, 0, create ? BPF_LOCAL_STORAGE_GET_F_CREATE : 0);
+}
+
 BPF_TABLE("lru_hash", u64, s32, tls_fd, 65536);     /* SSL* or session -> fd */
 
 /* Overload shedding.  While user space is behind it sets shed_cap[0] to a

@@ -248,9 +248,9 @@ static __always_inline void data_enter(s32 fd, u8 dir, u64 buf, u64 iov, u64 iov
     u64 id = bpf_get_current_pid_tgid();
     u32 tid = id;
     struct sock_key k = { .tgid = id >> 32, .fd = fd };
-    struct tls_call *t = tls_calls.lookup(&tid);
+    struct tls_call *t = tls_call_slot(0);
     u32 *flags = sock_fds.lookup(&k);
-    if (t) {
+    if (t && t->active) {
         /* Only a known socket counts: node's OpenSSL uses a memory BIO and
          * its SSL calls make unrelated syscalls (e.g. an eventfd write).
          * Every TLS call's syscalls land here with what is already known:

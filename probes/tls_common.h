@@ -5,20 +5,29 @@
 
 static __always_inline void tls_enter(u64 ref, u64 buf, u64 num, u64 len_ptr, u8 dir, u8 src)
 {
-    u64 id = bpf_get_current_pid_tgid();
-    if (excluded_self(id >> 32))
+    if (excluded_self(bpf_get_current_pid_tgid() >> 32))
         return;
-    u32 tid = id;
-    struct tls_call c = { .tls_ref = ref, .buf = buf, .num = num, .len_ptr = len_ptr, .dir = dir, .source = src };
-    tls_calls.update(&tid, &c);
+    struct tls_call *c = tls_call_slot(1);
+    if (!c) {
+        count_lost(1);         /* no slot (memory, or a nested program held the lock): this call is missed */
+        return;
+    }
+    c->tls_ref = ref;
+    c->buf = buf;
+    c->num = num;
+    c->len_ptr = len_ptr;
+    c->dir = dir;
+    c->source = src;
+    c->active = 1;
 }
 
 /* The thread makes a call that will not reach any return probe: drop what an
  * earlier call may have left, so its socket syscalls are not taken for TLS. */
 static __always_inline void tls_cancel(void)
 {
-    u32 tid = bpf_get_current_pid_tgid();
-    tls_calls.delete(&tid);
+    struct tls_call *c = tls_call_slot(0);
+    if (c)
+        c->active = 0;
 }
 
 /* `ret` is the byte count (SSL_read/SSL_write/gnutls_record_*) when the stash
@@ -28,14 +37,13 @@ static __always_inline void tls_cancel(void)
  * probe on an internal function that plain-count callers also reach). */
 static __always_inline void tls_exit(void *ctx, long ret, int need_len_ptr)
 {
-    u32 tid = bpf_get_current_pid_tgid();
-    struct tls_call *cp = tls_calls.lookup(&tid);
-    if (!cp)
+    struct tls_call *cp = tls_call_slot(0);
+    if (!cp || !cp->active)
         return;
     if (need_len_ptr && !cp->len_ptr)
         return;
     struct tls_call c = *cp;
-    tls_calls.delete(&tid);
+    cp->active = 0;
     if (ret <= 0)
         return;
     u64 n = ret;

@@ -96,7 +96,8 @@ def _bpf_syscall() -> Check:
 def _btf() -> Check:
     ok = _exists(BTF)
     return Check("btf", ok, f"{BTF} present" if ok else "no kernel BTF",
-                 "a kernel with CONFIG_DEBUG_INFO_BTF=y (not needed by our probes)", required=False)
+                 "a kernel with CONFIG_DEBUG_INFO_BTF=y (the probes keep each thread's TLS call in task "
+                 "storage, which needs it)")
 
 
 def _tracefs() -> Check:
@@ -170,15 +171,28 @@ def _trial_load(cache_dir: Path | None) -> Check:
 
     try:
         ensure_tracefs()
+        # What the capture probes need of the kernel: a ring buffer, and task
+        # storage (5.11+, with BTF) for the TLS call in flight.
         bpf = BPF(text="""
+struct task_struct;
 BPF_RINGBUF_OUTPUT(trial, 1);
-TRACEPOINT_PROBE(sched, sched_process_fork) { u32 pid = args->child_pid; trial.ringbuf_output(&pid, sizeof(pid), 0); return 0; }
+BPF_TASK_STORAGE(trial_slot, u32);
+TRACEPOINT_PROBE(sched, sched_process_fork) {
+    u32 pid = args->child_pid;
+    u32 *slot = trial_slot.task_storage_get((struct task_struct *)bpf_get_current_task_btf(), 0,
+                                            BPF_LOCAL_STORAGE_GET_F_CREATE);
+    if (slot)
+        *slot = pid;
+    trial.ringbuf_output(&pid, sizeof(pid), 0);
+    return 0;
+}
 """)
         bpf.cleanup()
     except Exception as exc:
         last = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         return Check("trial probe", False, f"compile/load failed: {last}", "run doctor as root; check the lines above")
-    return Check("trial probe", True, "compiled, verified and attached a tracepoint probe with a ring buffer")
+    return Check("trial probe", True,
+                 "compiled, verified and attached a tracepoint probe with a ring buffer and task storage")
 
 
 def _capture_probes() -> Check:

@@ -40,11 +40,11 @@ def test_doctor_reports_capture_possible_here():
     assert "[ok  ] trial probe" in out
     # No kprobes here, and that must not count against capture.
     assert "[FAIL] kprobes" not in out
-    # BTF is reported as it is, and never required (our probes do not use it).
-    if btf_present:
-        assert "[ok  ] btf: /sys/kernel/btf/vmlinux present" in out
-    else:
-        assert "[warn] btf: no kernel BTF — fix: a kernel with CONFIG_DEBUG_INFO_BTF=y" in out
+    # BTF is required (task storage); capture is possible here, so it is present.
+    assert btf_present
+    assert "[ok  ] btf: /sys/kernel/btf/vmlinux present" in out
+    assert "[ok  ] trial probe: compiled, verified and attached a tracepoint probe with a ring buffer and task storage" \
+        in out
     if tracefs_mounted:
         assert "[ok  ] tracefs: mounted at /sys/kernel/tracing" in out
     else:
@@ -79,8 +79,9 @@ def test_doctor_without_root_exits_1_and_says_to_run_as_root():
 def test_btf_line(tmp_path, monkeypatch):
     monkeypatch.setattr(doctor, "BTF", tmp_path / "vmlinux")
     check = doctor._btf()
-    assert not check.ok and not check.required
-    assert check.line() == "[warn] btf: no kernel BTF — fix: a kernel with CONFIG_DEBUG_INFO_BTF=y (not needed by our probes)"
+    assert not check.ok and check.required
+    assert check.line() == ("[FAIL] btf: no kernel BTF — fix: a kernel with CONFIG_DEBUG_INFO_BTF=y (the probes keep "
+                            "each thread's TLS call in task storage, which needs it)")
     (tmp_path / "vmlinux").write_bytes(b"\x9f\xeb")
     check = doctor._btf()
     assert check.ok and check.line() == f"[ok  ] btf: {tmp_path / 'vmlinux'} present"
