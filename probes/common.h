@@ -171,10 +171,14 @@ struct tls_call {
 };
 BPF_TASK_STORAGE(tls_calls, struct tls_call);
 
+static __always_inline struct task_struct *current_task(void)
+{
+    return (struct task_struct *)bpf_get_current_task_btf();
+}
+
 static __always_inline struct tls_call *tls_call_slot(int create)
 {
-    struct task_struct *task = (struct task_struct *)bpf_get_current_task_btf();
-    return tls_calls.task_storage_get(task, 0, create ? BPF_LOCAL_STORAGE_GET_F_CREATE : 0);
+    return tls_calls.task_storage_get(current_task(), 0, create ? BPF_LOCAL_STORAGE_GET_F_CREATE : 0);
 }
 
 BPF_TABLE("lru_hash", u64, s32, tls_fd, 65536);     /* SSL* or session -> fd */

@@ -21,8 +21,11 @@ BPF_TABLE("lru_hash", u64, struct sock_key, sk_pending, 16384);
 struct peer_key { u8 ip[16]; u16 port; u16 _pad; };
 BPF_TABLE("lru_hash", struct peer_key, struct addr, accepted_local, 16384);
 
-struct data_args { s32 fd; u8 dir; u8 skip; u16 _p2; u64 buf; u64 iov; u64 iovcnt; };
-BPF_HASH(data_stash, u32, struct data_args, 16384);         /* tid */
+/* A data syscall on a known plaintext socket, from its entry to its exit.
+ * Per thread, in task storage like tls_calls: every read/write-family exit
+ * of every process looks here. */
+struct data_args { s32 fd; u8 dir; u8 skip; u8 active; u8 _p; u64 buf; u64 iov; u64 iovcnt; };
+BPF_TASK_STORAGE(data_stash, struct data_args);
 
 static __always_inline int port_excluded(u16 port)
 {
@@ -246,7 +249,6 @@ static __always_inline void data_enter(s32 fd, u8 dir, u64 buf, u64 iov, u64 iov
                                        const void *msg, u8 skip)
 {
     u64 id = bpf_get_current_pid_tgid();
-    u32 tid = id;
     struct sock_key k = { .tgid = id >> 32, .fd = fd };
     struct tls_call *t = tls_call_slot(0);
     u32 *flags = sock_fds.lookup(&k);
@@ -278,18 +280,27 @@ static __always_inline void data_enter(s32 fd, u8 dir, u64 buf, u64 iov, u64 iov
         iov = hdr[2];
         iovcnt = hdr[3];
     }
-    struct data_args d = { .fd = fd, .dir = dir, .skip = skip, .buf = buf, .iov = iov, .iovcnt = iovcnt };
-    data_stash.update(&tid, &d);
+    struct data_args *d = data_stash.task_storage_get(current_task(), 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+    if (!d) {
+        count_lost(1);
+        return;
+    }
+    d->fd = fd;
+    d->dir = dir;
+    d->skip = skip;
+    d->buf = buf;
+    d->iov = iov;
+    d->iovcnt = iovcnt;
+    d->active = 1;
 }
 
 static __always_inline void data_exit(void *ctx, long ret)
 {
-    u32 tid = bpf_get_current_pid_tgid();
-    struct data_args *d = data_stash.lookup(&tid);
-    if (!d)
+    struct data_args *d = data_stash.task_storage_get(current_task(), 0, 0);
+    if (!d || !d->active)
         return;
     struct data_args a = *d;
-    data_stash.delete(&tid);
+    d->active = 0;
     if (ret <= 0)
         return;
     if (a.skip) {
