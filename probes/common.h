@@ -166,7 +166,7 @@ struct tls_call {
                                 * the return value is the count */
     u8 dir;
     u8 source;
-    u8 active;                 /* 0: no call in flight (the slot stays, zeroed) */
+    u8 active;                 /* 0: no call in flight (the slot lives as long as the thread) */
     u8 _pad[5];
 };
 BPF_TASK_STORAGE(tls_calls, struct tls_call);
