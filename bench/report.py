@@ -91,6 +91,9 @@ def summarize(runs: list[dict], setups: list[str], workloads: list[str]) -> dict
                 "p50_added_us": _paired(runs, s, w, lambda t, u: t["p50_us"] - u["p50_us"]),
                 "p99_added_us": _paired(runs, s, w, lambda t, u: t["p99_us"] - u["p99_us"]),
             }
+            if "probe_bpf_us_per_request" in mine[0]:
+                cell["probe_bpf_us_per_request"] = _median([r["probe_bpf_us_per_request"] for r in mine])
+                cell["probe_bpf_runs_per_request"] = _median([r["probe_bpf_runs_per_request"] for r in mine])
             if "probe_hits_per_request" in mine[0]:
                 cell["probe_hits_per_request"] = _median([r["probe_hits_per_request"] for r in mine])
             if "lost_samples" in mine[0]:
@@ -237,6 +240,12 @@ def tables(summary: dict, reps: int, seconds: float) -> str:
             extra.append(f"  {LABELS[s]}: probe hits per request "
                          + ", ".join(f"{w} {_f(rows[s][w].get('probe_hits_per_request'), '{:.1f}')}"
                                      for w in ("w1", "w2", "rate10k") if rows[s].get(w)))
+    for s, row in rows.items():
+        cells = [(w, row[w]) for w in ("w1", "w2", "rate10k") if "probe_bpf_us_per_request" in row.get(w, {})]
+        if any(c["probe_bpf_runs_per_request"] for _, c in cells):
+            extra.append(f"  {row['label']}: BPF run time per request (--probe-stats; µs in programs/runs) "
+                         + ", ".join(f"{w} {c['probe_bpf_us_per_request']:.2f}/{c['probe_bpf_runs_per_request']:.1f}"
+                                     for w, c in cells))
     if rows.get("sslsniff", {}).get("w1"):
         extra.append("  sslsniff: lost samples (messages) "
                      + ", ".join(f"{w} {rows['sslsniff'][w]['lost_samples']:,} ({rows['sslsniff'][w]['lost_sample_messages']})"

@@ -11,6 +11,7 @@ goes to stderr.  Nothing here asserts a timing: a MISS is a finding.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -20,7 +21,7 @@ from pathlib import Path
 import orjson
 
 from bench import report
-from bench.machine import ProcessCpu, cpu_seconds, foreign_tracers
+from bench.machine import BPF_STATS, BpfRunStats, ProcessCpu, bpf_run_time, cpu_seconds, foreign_tracers
 from bench.setups import SETUP_ORDER, Run, Setup, SetupUnavailable, all_setups
 from bench.workload import (RATE10K, W1, W2, BenchNginx, Workload, Wrk, busy_jiffies, jiffies_to_us, paced,
                             write_scripts)
@@ -32,6 +33,7 @@ examples:
   make bench                                   # the full run (~8 min on 2 cores)
   make bench ARGS="--reps 5 --seconds 8"
   make bench ARGS="--only agent_tuned"         # untraced always runs: shares need it
+  make bench ARGS="--only floor_tuned,agent_tuned --probe-stats"   # the probes' own BPF run time
   .venv/bin/python -m bench.run --quick        # a few hundred requests per run (smoke test)
   .venv/bin/python -m bench.run | tail -1 | jq .
 """
@@ -48,6 +50,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="1 rep, 1 s paced runs: checks the harness, measures nothing")
     p.add_argument("--only", metavar="SETUP,...", help=f"setups to run, from: {','.join(SETUP_ORDER)}")
     p.add_argument("--output", type=Path, default=RESULTS, help=f"results file (default {RESULTS})")
+    p.add_argument("--probe-stats", action="store_true",
+                   help="turn on kernel.bpf_stats_enabled and report the BPF run time of each setup's probes "
+                        "per request (costs ~1 µs/request, so the CPU columns include it)")
     args = p.parse_args(argv)
     if args.quick:
         args.reps, args.seconds = 1, 1
@@ -67,7 +72,8 @@ def progress(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def measure(setup: Setup, nginx: BenchNginx, w: Workload, script: Path, seconds: float, quick: bool) -> dict:
+def measure(setup: Setup, nginx: BenchNginx, w: Workload, script: Path, seconds: float, quick: bool,
+            probe_stats: bool = False) -> dict:
     offset = nginx.log_offset()
     servers = [nginx.proc.pid, nginx.worker_pid]
     foreign = foreign_tracers({os.getpid(), *servers, *setup.pids()})
@@ -75,6 +81,8 @@ def measure(setup: Setup, nginx: BenchNginx, w: Workload, script: Path, seconds:
         progress(f"warning: other BPF users on this machine during {w.name}: {', '.join(foreign)} "
                  "(their probes may fire in nginx and wrk too)")
     setup.begin(w)
+    holders = [*setup.pids(), os.getpid()]  # the floor's programs are this process's
+    bpf0 = bpf_run_time(holders) if probe_stats else (0, 0)
     wrk = Wrk(nginx, w, script, seconds)
     procs = ProcessCpu([*servers, *setup.pids()])
     own0 = cpu_seconds(setup.pids())
@@ -83,7 +91,11 @@ def measure(setup: Setup, nginx: BenchNginx, w: Workload, script: Path, seconds:
     wrk.start()
     res = wrk.wait()
     j1 = busy_jiffies()
+    bpf1 = bpf_run_time(holders) if probe_stats else (0, 0)
     extra = setup.end(Run(w, res, nginx, offset, j1, quick))
+    if probe_stats:
+        extra["probe_bpf_us_per_request"] = (bpf1[0] - bpf0[0]) / 1e3 / max(1, res.requests)
+        extra["probe_bpf_runs_per_request"] = (bpf1[1] - bpf0[1]) / max(1, res.requests)
     proc_s = procs.seconds()
     own_s = cpu_seconds(setup.pids()) - own0
     harness_s = time.process_time() - harness0
@@ -121,13 +133,17 @@ def main(argv: list[str] | None = None) -> int:
     from qtap_devtools import kheaders
 
     kheaders.apply()  # bcc, for the floor and sslsniff, needs the same headers the agent uses
+    if args.probe_stats and not BPF_STATS.exists():
+        print(f"bench: --probe-stats needs {BPF_STATS} (a kernel with BPF run-time statistics)", file=sys.stderr)
+        return 2
     workloads = [W1, W2, RATE10K]
     if args.quick:
         workloads = [paced(w, QUICK_DELAY_MS[w.name]) for w in workloads]
     factories = all_setups()
     runs: list[dict] = []
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="qtap-bench-") as tmp:
+    stats = BpfRunStats() if args.probe_stats else contextlib.nullcontext()
+    with stats, tempfile.TemporaryDirectory(prefix="qtap-bench-") as tmp:
         from tests.realworld import make_cert
 
         d = Path(tmp)
@@ -143,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                         progress(f"{where}: starting the setup, then {args.seconds:g}s of wrk")
                         try:
                             with factories[name]() as setup:
-                                rec = measure(setup, nginx, w, scripts[w.name], args.seconds, args.quick)
+                                rec = measure(setup, nginx, w, scripts[w.name], args.seconds, args.quick,
+                                              args.probe_stats)
                         except SetupUnavailable as exc:
                             progress(f"{where}: unavailable: {exc}")
                             runs.append({"rep": rep, "setup": name, "workload": w.name, "error": str(exc)})
@@ -161,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     head = summary["headline"]
     doc = {
         "config": {"reps": args.reps, "seconds": args.seconds, "quick": args.quick, "setups": args.setups,
+                   "probe_stats": args.probe_stats,
                    "cpus": os.cpu_count(), "kernel": os.uname().release,
                    "elapsed_s": round(time.monotonic() - started, 1)},
         "headline": head,

@@ -16,6 +16,7 @@ import pytest
 pytestmark = pytest.mark.kernel
 
 ROOT = Path(__file__).resolve().parent.parent
+STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
 
 NUMBERS = (
     "w1_tuned", "w1_entry", "w1_floor_tuned", "w1_floor_entry", "w1_sslsniff", "w2_tuned", "w2_entry",
@@ -26,8 +27,9 @@ NUMBERS = (
 
 def test_quick_bench_prints_every_headline_key(tmp_path):
     out = tmp_path / "results.json"
+    stats_before = STATS.read_text()
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--quick", "--output", str(out)],
+        [sys.executable, "-m", "bench.run", "--quick", "--probe-stats", "--output", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -45,3 +47,10 @@ def test_quick_bench_prints_every_headline_key(tmp_path):
     assert {r["setup"] for r in results["runs"]} == {
         "untraced", "floor_entry", "floor_tuned", "sslsniff", "agent_tuned", "agent_entry"}
     assert not [r for r in results["runs"] if "error" in r]
+    # --probe-stats: the programs each setup holds ran, and were timed, on every request.
+    for setup in ("floor_tuned", "agent_tuned", "agent_entry"):
+        cell = results["setups"][setup]["rate10k"]
+        assert cell["probe_bpf_runs_per_request"] >= 4 and cell["probe_bpf_us_per_request"] > 0, (setup, cell)
+    assert results["setups"]["untraced"]["rate10k"]["probe_bpf_runs_per_request"] == 0
+    assert "agent --attach-mode auto: BPF run time per request" in proc.stdout
+    assert STATS.read_text() == stats_before  # put back as it was
