@@ -62,6 +62,9 @@ SHED_HEAD_BYTES = 4096  # kept of a call that starts a message while shedding: i
 SHED_LOG_SECONDS = 60.0  # shedding can start and stop many times a second: log it this often
 
 
+BTF = Path("/sys/kernel/btf/vmlinux")
+
+
 class CaptureError(RuntimeError):
     """Capture cannot start; the message is one line saying what and how to fix it."""
 
@@ -385,8 +388,15 @@ class Capture:
             return f"probe compilation failed: {first.strip()}"
         if "Failed to load BPF program" in msg:
             fn = msg.split("program", 1)[1].split(":", 1)[0].strip(" b'\"")
-            return f"probe {_probe_file(fn)}:{fn} failed to load: {_verifier_last_line(stderr)}"
-        return f"loading probes failed: {msg.splitlines()[0] if msg else type(exc).__name__}"
+            why = f"probe {_probe_file(fn)}:{fn} failed to load: {_verifier_last_line(stderr)}"
+        else:
+            why = f"loading probes failed: {msg.splitlines()[0] if msg else type(exc).__name__}"
+        if not BTF.exists():
+            # The verifier's words would not say it: task storage (the call in
+            # flight, per thread) is typed by the kernel's own BTF.
+            why += (f"; this kernel has no BTF ({BTF}), which the probes' task storage needs "
+                    "(kernel 5.11+ with CONFIG_DEBUG_INFO_BTF=y; `qtap-devtools doctor` checks it)")
+        return why
 
     # ---- seeding and fallbacks ----
 
