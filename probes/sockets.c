@@ -250,25 +250,27 @@ static __always_inline void data_enter(s32 fd, u8 dir, u64 buf, u64 iov, u64 iov
 {
     u64 id = bpf_get_current_pid_tgid();
     struct sock_key k = { .tgid = id >> 32, .fd = fd };
-    struct tls_call *t = tls_call_slot(0);
+    /* Only a known socket counts, inside a TLS call too: node's OpenSSL uses
+     * a memory BIO and its SSL calls make unrelated syscalls (e.g. an eventfd
+     * write).  Every read and write of every process comes here, most of
+     * them on files and pipes: this lookup is all they cost. */
     u32 *flags = sock_fds.lookup(&k);
+    if (!flags)
+        return;
+    struct tls_call *t = tls_call_slot(0);
     if (t && t->active) {
-        /* Only a known socket counts: node's OpenSSL uses a memory BIO and
-         * its SSL calls make unrelated syscalls (e.g. an eventfd write).
-         * Every TLS call's syscalls land here with what is already known:
+        /* Every TLS call's syscalls land here with what is already known:
          * write in place, and only what changed. */
-        if (flags) {
-            s32 *known = tls_fd.lookup(&t->tls_ref);
-            if (!known)
-                tls_fd.update(&t->tls_ref, &fd);
-            else if (*known != fd)
-                *known = fd;
-            if (!(*flags & SOCK_TLS))
-                *flags |= SOCK_TLS;
-        }
+        s32 *known = tls_fd.lookup(&t->tls_ref);
+        if (!known)
+            tls_fd.update(&t->tls_ref, &fd);
+        else if (*known != fd)
+            *known = fd;
+        if (!(*flags & SOCK_TLS))
+            *flags |= SOCK_TLS;
         return;
     }
-    if (!flags || (*flags & (SOCK_TLS | SOCK_EXCLUDED)))
+    if (*flags & (SOCK_TLS | SOCK_EXCLUDED))
         return;
     if (excluded_self(k.tgid))
         return;
