@@ -18,7 +18,6 @@ import signal
 import socket
 import sys
 import time
-from collections import deque
 
 from qtap_devtools import __version__, compiled, kheaders
 from qtap_devtools.backlog import Backlog
@@ -26,9 +25,11 @@ from qtap_devtools.broadcast import Broadcaster
 from qtap_devtools.capfile import CaptureWriter
 from qtap_devtools.config import Config
 from qtap_devtools.enrich import Enricher
-from qtap_devtools.events import Envelope, Event, ProcessStarted, SystemConnected
+from qtap_devtools.enrich.model import ProcessInfo
+from qtap_devtools.events import ProcessStarted, SystemConnected
 from qtap_devtools.filters import EventFilter
 from qtap_devtools.pipeline import Pipeline
+from qtap_devtools.publisher import Publisher
 from qtap_devtools.runner import serve
 from qtap_devtools.server import Runtime
 from qtap_devtools.store import Store
@@ -38,8 +39,6 @@ log = logging.getLogger(__name__)
 TICK_SECONDS = 0.1
 TRIM_SECONDS = 30.0  # freed heap handed back to the kernel this often
 GC_THRESHOLDS = (10_000, 50, 50)
-MAX_PENDING_EVENTS = 100_000  # produced but not yet published (enrichment waits)
-ENRICH_WAIT_SECONDS = 0.05
 SHED_LAG_SECONDS = 0.5  # records waiting this long = fully behind (see Capture's shedding)
 
 
@@ -58,10 +57,8 @@ class Agent:
         self.capture = None
         self.backlog: Backlog | None = None  # set when capture starts
         self.capture_error: str | None = None
-        self.pending: deque[Envelope | tuple[Event, float]] = deque()  # bounded: MAX_PENDING_EVENTS
-        self.pending_dropped = 0
-        self._wake = asyncio.Event()
-        self.pipeline = Pipeline(config, self._emit, self.enricher.process, forget_process=self.enricher.forget)
+        self.publisher = Publisher(self.broadcaster.publish, self.enricher, self._remember_process)
+        self.pipeline = Pipeline(config, self.publisher.emit, self.enricher.process, forget_process=self.enricher.forget)
         self.runtime = Runtime(
             config=config,
             broadcaster=self.broadcaster,
@@ -76,43 +73,8 @@ class Agent:
 
     # ------------------------------------------------------------ events out
 
-    def _emit(self, event: Event) -> None:
-        if len(self.pending) >= MAX_PENDING_EVENTS:
-            self.pending_dropped += 1
-            return
-        # Render now: connection objects keep changing after the event.  Only an
-        # event still waiting for its container's metadata is rendered later.
-        info = _process_of(event)
-        waiting = info is not None and info.container_id and info.container is None
-        # The bound is per event, from when it was made: events queued behind
-        # a slow lookup do not each wait their own 50 ms on top.  So the
-        # lookup starts now too, not when the event's turn comes.
-        if waiting and self.enricher.docker is not None:
-            self.enricher.docker.prefetch(info.container_id)
-        self.pending.append((event, time.monotonic() + ENRICH_WAIT_SECONDS) if waiting else event.envelope())
-        self._wake.set()
-
-    async def _publisher(self) -> None:
-        """Publish events in order; wait briefly for container metadata that is
-        on its way, so the first event of a new container carries its name."""
-        while True:
-            while not self.pending:
-                self._wake.clear()
-                await self._wake.wait()
-            item = self.pending.popleft()
-            try:
-                if isinstance(item, tuple):
-                    event, deadline = item
-                    info = _process_of(event)
-                    wait = max(0.0, deadline - time.monotonic())
-                    fresh = await self.enricher.process_enriched(info.pid, timeout=wait)
-                    if fresh is not None and fresh.container is not None:
-                        _set_process(event, fresh)
-                        self.pipeline.processes[fresh.pid] = fresh
-                    item = event.envelope()
-                self.broadcaster.publish(item)
-            except Exception:  # a bug in one event must not stop the stream
-                log.exception("could not publish an event")
+    def _remember_process(self, info: ProcessInfo) -> None:
+        self.pipeline.processes[info.pid] = info
 
     def _greeting(self, flt: EventFilter):
         return SystemConnected(
@@ -139,8 +101,8 @@ class Agent:
         }
 
     def capture_stats(self) -> dict:
-        out = {**self.pipeline.counters, "pending_events": len(self.pending),
-               "pending_dropped_total": self.pending_dropped}
+        out = {**self.pipeline.counters, "pending_events": len(self.publisher),
+               "pending_dropped_total": self.publisher.dropped}
         if self.capture is not None:
             out.update(self.capture.stats())
             out.update(self.backlog.stats())
@@ -206,11 +168,11 @@ class Agent:
             info = self.enricher.process(pid)
             if info is not None:
                 self.pipeline.processes[pid] = info
-                self._emit(ProcessStarted(info, ts_ns=time.time_ns()))
+                self.publisher.emit(ProcessStarted(info, ts_ns=time.time_ns()))
 
     async def on_started(self) -> None:
         loop = asyncio.get_running_loop()
-        self._tasks.append(asyncio.create_task(self._publisher()))
+        self._tasks.append(asyncio.create_task(self.publisher.run()))
         self.enricher.start()
         print("qtap-devtools: starting capture (compiling probes takes a few seconds)…", flush=True)
         await loop.run_in_executor(None, self._start_capture, loop)
@@ -250,7 +212,7 @@ class Agent:
         self.pipeline.close_all()
         # Let the publisher flush what the close produced, briefly.
         for _ in range(20):
-            if not self.pending:
+            if not len(self.publisher):
                 break
             await asyncio.sleep(0.01)
 
@@ -299,22 +261,6 @@ def tls_binaries_on_path() -> list[str]:
             except Exception:  # an unreadable or odd file is simply not a candidate
                 continue
     return found
-
-
-def _process_of(event: Event):
-    proc = getattr(event, "process", None)
-    if proc is not None:
-        return proc
-    conn = getattr(event, "connection", None)
-    return conn.process if conn is not None else None
-
-
-def _set_process(event: Event, info) -> None:
-    if hasattr(event, "process"):
-        event.process = info
-    conn = getattr(event, "connection", None)
-    if conn is not None:
-        conn.process = info
 
 
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter

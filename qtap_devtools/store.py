@@ -135,24 +135,10 @@ class Store:
     def _index_endpoint(self, d: Mapping[str, Any], s: Mapping[str, Any]) -> None:
         host = s.get("request_host") or d.get("endpointId") or "?"
         key = (host, s.get("request_method"), _route(s.get("request_path") or "/"))
-        entry = self.endpoints.get(key) or {
-            "host": key[0],
-            "method": key[1],
-            "path": key[2],
-            "count": 0,
-            "errors": 0,
-            "statuses": Counter(),
-            "total_ms": 0,
-            "max_ms": 0,
-        }
-        entry["count"] += 1
-        status = s.get("response_status")
-        entry["statuses"][str(status)] += 1
-        if not isinstance(status, int) or status >= 400:
-            entry["errors"] += 1
-        ms = s.get("duration_ms") or 0
-        entry["total_ms"] += ms
-        entry["max_ms"] = max(entry["max_ms"], ms)
+        entry = self.endpoints.get(key)
+        if entry is None:
+            entry = _Endpoint(key)
+        entry.add(s.get("response_status"), s.get("duration_ms") or 0)
         self.endpoints.put(key, entry)
 
     # ---- queries
@@ -185,13 +171,7 @@ class Store:
         return out
 
     def endpoint_list(self) -> list[dict]:
-        out = []
-        for e in self.endpoints.values():
-            out.append({
-                **{k: v for k, v in e.items() if k not in ("statuses", "total_ms")},
-                "statuses": dict(e["statuses"]),
-                "avg_ms": round(e["total_ms"] / e["count"], 1) if e["count"] else 0,
-            })
+        out = [e.json() for e in self.endpoints.values()]
         out.sort(key=lambda e: -e["count"])
         return out
 
@@ -213,6 +193,44 @@ class Store:
     def snapshot_processes(self) -> Iterable[Envelope]:
         for d in list(self.processes.values()):
             yield Envelope.of(ev.PROCESS_STARTED, d, ev.now_ns())
+
+
+class _Endpoint:
+    """One (host, method, route)'s counts: a class, not a dict, because every
+    transaction updates one (statuses are counted by number, named at read)."""
+
+    def __init__(self, key: tuple) -> None:
+        self.host, self.method, self.path = key
+        self.count = 0
+        self.errors = 0
+        self.statuses: dict[Any, int] = {}
+        self.total_ms = 0
+        self.max_ms = 0
+
+    def add(self, status: Any, ms: Any) -> None:
+        self.count += 1
+        statuses = self.statuses
+        statuses[status] = statuses.get(status, 0) + 1
+        if not isinstance(status, int) or status >= 400:
+            self.errors += 1
+        self.total_ms += ms
+        if ms > self.max_ms:
+            self.max_ms = ms
+
+    def json(self) -> dict:
+        return {
+            "host": self.host, "method": self.method, "path": self.path, "count": self.count,
+            "errors": self.errors, "max_ms": self.max_ms,
+            "statuses": self._named_statuses(),
+            "avg_ms": round(self.total_ms / self.count, 1) if self.count else 0,
+        }
+
+    def _named_statuses(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for status, n in self.statuses.items():  # 200 and "200" (a capture file's) are one
+            name = str(status)
+            out[name] = out.get(name, 0) + n
+        return out
 
 
 _ROUTES: dict[str, str] = {}  # path -> route: most traffic repeats a few paths

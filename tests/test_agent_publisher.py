@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
-from qtap_devtools import agent as agent_mod
+from qtap_devtools import publisher as publisher_mod
 from qtap_devtools.agent import Agent
 from qtap_devtools.config import Config
 from qtap_devtools.enrich.model import ContainerInfo, ProcessInfo
@@ -34,12 +34,12 @@ def test_queued_events_share_one_wait_for_a_slow_lookup():
     async def go():
         agent = Agent(Config(docker=False))
         slow = SlowDocker()
-        agent.enricher = slow
+        agent.publisher.enricher = slow
         published = []
         agent.broadcaster.add_listener(published.append)
         for _ in range(10):
-            agent._emit(ProcessStarted(IN_CONTAINER))
-        task = asyncio.create_task(agent._publisher())
+            agent.publisher.emit(ProcessStarted(IN_CONTAINER))
+        task = asyncio.create_task(agent.publisher.run())
         while len(published) < 10:
             await asyncio.sleep(0.01)
         task.cancel()
@@ -64,11 +64,11 @@ def test_an_event_whose_container_arrives_in_time_carries_it():
 
     async def go():
         agent = Agent(Config(docker=False))
-        agent.enricher = Docker()
+        agent.publisher.enricher = Docker()
         published = []
         agent.broadcaster.add_listener(published.append)
-        agent._emit(ProcessStarted(IN_CONTAINER))
-        task = asyncio.create_task(agent._publisher())
+        agent.publisher.emit(ProcessStarted(IN_CONTAINER))
+        task = asyncio.create_task(agent.publisher.run())
         while not published:
             await asyncio.sleep(0.01)
         task.cancel()
@@ -76,4 +76,4 @@ def test_an_event_whose_container_arrives_in_time_carries_it():
 
     (item,) = asyncio.run(go())
     assert item.envelope.body["data"]["container"]["name"] == "my-app"
-    assert agent_mod.ENRICH_WAIT_SECONDS == 0.05
+    assert publisher_mod.ENRICH_WAIT_SECONDS == 0.05

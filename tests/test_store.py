@@ -30,3 +30,23 @@ def test_small_transactions_are_bounded_by_count():
         store.on_event(tx(i, 10))
     assert [e.inner["requestId"] for e in store.recent_transactions()] == [f"r{i}" for i in range(7, 12)]
     assert store.stats()["evicted"]["transactions"] == 7
+
+
+def summary_tx(i: int, method: str, path: str, status, ms) -> Envelope:
+    summary = {"process_pid": 1, "request_host": "api.test", "request_method": method, "request_path": path,
+               "response_status": status, "duration_ms": ms}
+    return Envelope.of(ev.HTTP_TRANSACTION, {"data": {"requestId": f"r{i}", "summary": summary}}, 0)
+
+
+def test_the_endpoint_index_counts_by_route_with_statuses_errors_and_latency():
+    store = Store()
+    store.on_event(summary_tx(1, "GET", "/users/42", 200, 10))
+    store.on_event(summary_tx(2, "GET", "/users/43?x=1", 404, 30))
+    store.on_event(summary_tx(3, "GET", "/users/44", None, 5))  # no response
+    store.on_event(summary_tx(4, "GET", "/users/45", "200", 2))  # a capture file's status: named as 200
+    store.on_event(summary_tx(5, "POST", "/users", 201, 7))
+    users, posts = store.endpoint_list()
+    assert users == {"host": "api.test", "method": "GET", "path": "/users/{id}", "count": 4, "errors": 3,
+                     "max_ms": 30, "statuses": {"200": 2, "404": 1, "None": 1}, "avg_ms": 11.8}
+    assert posts == {"host": "api.test", "method": "POST", "path": "/users", "count": 1, "errors": 0,
+                     "max_ms": 7, "statuses": {"201": 1}, "avg_ms": 7.0}
