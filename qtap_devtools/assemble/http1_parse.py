@@ -25,6 +25,8 @@ TOKEN = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRS
 HEXDIGITS = b"0123456789abcdefABCDEF"
 DIGITS = b"0123456789"
 VERSIONS = {b"HTTP/1.1": "HTTP/1.1", b"HTTP/1.0": "HTTP/1.0"}
+# Most requests start with one of these: plausible at once, without a token scan.
+COMMON_METHODS = (b"GET ", b"POST ", b"PUT ", b"DELETE ", b"HEAD ", b"PATCH ", b"OPTIONS ")
 
 # Where a message may start after a gap or a mid-stream join: a whole start line at
 # a line start. Methods are restricted to upper case here (not in normal parsing) so
@@ -456,8 +458,11 @@ class MessageReader:
     def _plausible_start(self, work: bytes | bytearray, pos: int, end: int) -> bool:
         """Reject non-HTTP at once (a TLS record has no newline to wait for)."""
         if self.kind == "response":
-            prefix = work[pos : pos + 5]
-            return b"HTTP/".startswith(prefix)
+            if work.startswith(b"HTTP/", pos):
+                return True
+            return b"HTTP/".startswith(work[pos : pos + 5])
+        if work.startswith(COMMON_METHODS, pos):  # the usual case: one call, no copy
+            return True
         space = work.find(b" ", pos, pos + 24)
         token = work[pos : space if space >= 0 else min(end, pos + 24)]
         if space < 0 and len(token) >= 24:
