@@ -177,6 +177,28 @@ def test_queued_events_go_out_together_as_whole_frames():
     assert [d["data"]["pid"] for _, d in events] == list(range(50))  # one write, every frame whole
 
 
+def test_a_busy_stream_is_written_in_paced_batches_and_a_quiet_one_at_once():
+    async def go():
+        bc = Broadcaster()
+        sub = bc.subscribe(EventFilter())
+        sub.pace = 0.05
+        loop = asyncio.get_running_loop()
+        bc.publish(env(0))
+        # Quiet until now: the batch is taken at once, before a publish the
+        # loop runs next can join it.
+        loop.call_soon(bc.publish, env(1))
+        first = await sub.next_batch()
+        # Just written: the next batch waits out the pace, and what is
+        # published meanwhile goes with it.
+        loop.call_later(0.01, bc.publish, env(2))
+        second = await sub.next_batch()
+        return first, second
+
+    first, second = asyncio.run(go())
+    assert [parse(f)[1]["data"]["pid"] for f in split(first)] == [0]
+    assert [parse(f)[1]["data"]["pid"] for f in split(second)] == [1, 2]
+
+
 def test_a_published_transaction_keeps_only_its_frame_and_reads_back_the_same():
     data = {"data": {"requestId": "r1", "summary": {"request_host": "x", "request_url": "https://x/request.http_transaction"},
                      "data": "eyJhIjoxfQ=="}}
