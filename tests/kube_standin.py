@@ -191,7 +191,11 @@ class KubeApiStandIn:
 
     def watch_events(self, node: str | None, since: int | None, timeout: float):
         """Yield watch events (dicts) until the timeout, a compaction, or stop.
-        ``since`` None: the current pods as ADDED first, like the real server."""
+        ``since`` None: the current pods as ADDED first, like the real server.
+
+        The watch starts here, not at the first event read: a compaction right
+        after the request arrived must end it (a generator body would take its
+        snapshot only once the response is being written)."""
         end = time.monotonic() + timeout
         with self._cond:
             generation = self._generation
@@ -200,6 +204,9 @@ class KubeApiStandIn:
                 sent = self._rv
             else:
                 pending, sent = [], since
+        return self._watching(node, generation, pending, sent, end)
+
+    def _watching(self, node: str | None, generation: int, pending: list, sent: int, end: float):
         yield from pending
         while True:
             with self._cond:
@@ -253,18 +260,19 @@ class _Handler(BaseHTTPRequestHandler):
             stand_in.requests.append(("list", query))
             self._json(200, stand_in.pod_list(node))
             return
-        stand_in.requests.append(("watch", query))
         rv = query.get("resourceVersion")
         since = int(rv) if rv and rv != "0" else None
         timeout = float(query.get("timeoutSeconds", "1800"))
         if since is not None and stand_in.is_expired(since):
             message = f"too old resource version: {since}"
             if stand_in.gone_as_http:
+                stand_in.requests.append(("watch", query))
                 self._json(410, status_gone(message))
                 return
             events = iter([{"type": "ERROR", "object": status_gone(message)}])
         else:
             events = stand_in.watch_events(node, since, timeout)
+        stand_in.requests.append(("watch", query))  # counted once it would see a compaction
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Transfer-Encoding", "chunked")
