@@ -32,6 +32,7 @@ examples:
   sudo qtap-devtools run --listen 127.0.0.1:9000 --output traffic-capture.txt
   sudo qtap-devtools run --max-body-bytes 65536 --log-level debug
   sudo qtap-devtools run --max-capture-rate 0    # every body at any rate, whatever it costs
+  sudo qtap-devtools run --cpu-priority normal   # under full load, keep up at the traced programs' expense
   # then, in another terminal:
   curl -sN http://localhost:10001/devtools/api/events | grep "request.http_transaction" -A1
   curl -sN 'http://localhost:10001/devtools/api/events?type=request.http_transaction&status=4xx'
@@ -113,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ring-mib", type=int, default=32, metavar="MIB", help="BPF ring buffer size (default 32)")
     run.add_argument("--attach-mode", choices=["auto", "entry"], default="auto",
                      help="auto: cheap probe sites where provable; entry: classic entry/return probes")
+    run.add_argument("--cpu-priority", choices=["idle", "low", "normal"], default="idle",
+                     help="idle (default): use only CPU the traced programs leave unused, so under full load the "
+                          "agent falls behind, sheds and counts drops instead of slowing them; low: nice 19; "
+                          "normal: compete with them as an equal")
     run.add_argument("--no-shed", action="store_true",
                      help="when capture falls behind, lose whole records instead of cutting bodies "
                           "(default: keep every message head, cut bodies, count what was cut)")
@@ -171,6 +176,7 @@ def _config(args: argparse.Namespace) -> Config:
             max_body_bytes=args.max_body_bytes,
             ring_mib=args.ring_mib,
             attach_mode=args.attach_mode,
+            cpu_priority=args.cpu_priority,
             shed=not args.no_shed,
             max_capture_mib_per_s=_capture_rate(args),
             capture_own_port=args.capture_own_port,

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.agentproc import AgentProcess, free_port
+from tests.agentproc import AgentProcess, free_port, get
 
 pytestmark = pytest.mark.kernel
 
@@ -56,3 +56,24 @@ def test_live_agent_says_goodbye_and_exits_within_two_seconds(tmp_path, sig):
     while processes_with(listen):
         assert time.monotonic() < deadline, "the detaching child never exited"
         time.sleep(0.2)
+
+
+@pytest.mark.parametrize("flag, policy, nice, said", [
+    ([], os.SCHED_IDLE, 0, "idle (SCHED_IDLE)"),
+    (["--cpu-priority", "low"], os.SCHED_OTHER, 19, "low (nice 19)"),
+])
+def test_every_agent_thread_runs_at_the_cpu_priority_asked(tmp_path, flag, policy, nice, said):
+    port = free_port()
+    proc = AgentProcess(["run", "--no-docker", "--listen", f"127.0.0.1:{port}", *flag], port,
+                        tmp_path / "agent.log").start("/readyz")
+    try:
+        # Ready means capturing: the ring reader, bcc's and the server's threads all exist.
+        tids = [int(t) for t in os.listdir(f"/proc/{proc.proc.pid}/task")]
+        assert len(tids) >= 3
+        assert {os.sched_getscheduler(t) for t in tids} == {policy}
+        assert {os.getpriority(os.PRIO_PROCESS, t) for t in tids} == {nice}
+        status, body = get(proc.url + "/devtools/api/stats")
+        assert status == 200 and body["capture"]["cpu_priority"] == said
+        assert f"CPU priority {said}" in proc.output()
+    finally:
+        proc.stop()
