@@ -29,6 +29,7 @@ from qtap_devtools.enrich.model import ProcessInfo
 from qtap_devtools.events import ProcessStarted, SystemConnected
 from qtap_devtools.filters import EventFilter
 from qtap_devtools.pipeline import Pipeline
+from qtap_devtools.priority import CpuPriority
 from qtap_devtools.publisher import Publisher
 from qtap_devtools.runner import serve
 from qtap_devtools.server import Runtime
@@ -70,7 +71,7 @@ class Agent:
             token=token,
         )
         self._tasks: list[asyncio.Task] = []
-        self.cpu_priority = "normal"  # main() sets the process's, before any thread starts
+        self.priority = CpuPriority("normal")  # main() sets the process's, before any thread starts
 
     # ------------------------------------------------------------ events out
 
@@ -110,7 +111,7 @@ class Agent:
         if self.writer is not None:
             out["file_events_written"] = self.writer.written
         out["enrich"] = self.enricher.stats()
-        out["cpu_priority"] = self.cpu_priority
+        out.update(self.priority.stats())
         return out
 
     # ------------------------------------------------------------ lifecycle
@@ -142,8 +143,11 @@ class Agent:
                 # Time, not bytes: a burst of large bodies the agent gets
                 # through in time is no reason to cut them.
                 pressure=lambda: self.backlog.lag() / SHED_LAG_SECONDS,
+                # Idle while keeping up, an equal when behind (priority.py).
+                on_load=self.priority.update if self.priority.mode == "auto" else None,
             )
             cap.start()
+            self.priority.exempt(cap.reader_tid)
             self.backlog.while_waiting = cap.check_load
         except CaptureError as exc:
             self.capture_error = str(exc)
@@ -286,42 +290,18 @@ def set_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> None:
         pass
 
 
-def set_cpu_priority(priority: str) -> str:
-    """Run this thread, and every thread it starts after, at ``priority``;
-    returns what was set, for the log.
-
-    "idle" is SCHED_IDLE: the agent runs on CPU nothing else wants.  Measured
-    with ``make bench``'s W1 (nginx and wrk saturating both cores, entry
-    probes): 8,300 req/s with the agent at normal priority, 11,700-12,600 at
-    idle, with every transaction on the stream.  The scheduler counts a CPU
-    running only SCHED_IDLE work as free, so a woken nginx or wrk takes it at
-    once instead of queueing behind the other on one core.  The cost is the
-    agent's, under full load: it falls behind, the probes shed bodies, and
-    what the ring cannot hold is counted as dropped."""
-    try:
-        if priority == "idle":
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-            return "idle (SCHED_IDLE)"
-        if priority == "low":
-            os.setpriority(os.PRIO_PROCESS, 0, 19)  # this thread: Linux nice is per thread, inherited
-            return "low (nice 19)"
-    except (OSError, AttributeError) as exc:  # e.g. a seccomp filter: run as we are
-        log.warning("could not set CPU priority %s: %s", priority, exc)
-    return "normal"
-
-
 def main(config: Config, token: str | None = None) -> int:
     agent: Agent | None = None
     set_mmap_threshold()
     # Before any thread starts (bcc's compile, the ring reader, the server's):
     # they inherit it.
-    priority = set_cpu_priority(config.cpu_priority)
-    print(f"qtap-devtools: CPU priority {priority}", flush=True)
+    priority = CpuPriority(config.cpu_priority)
+    print(f"qtap-devtools: CPU priority {priority.apply()}", flush=True)
 
     async def go() -> int:
         nonlocal agent
         agent = Agent(config, token)
-        agent.cpu_priority = priority
+        agent.priority = priority
         return await agent.run()
 
     try:

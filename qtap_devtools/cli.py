@@ -114,10 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ring-mib", type=int, default=32, metavar="MIB", help="BPF ring buffer size (default 32)")
     run.add_argument("--attach-mode", choices=["auto", "entry"], default="auto",
                      help="auto: cheap probe sites where provable; entry: classic entry/return probes")
-    run.add_argument("--cpu-priority", choices=["idle", "low", "normal"], default="idle",
-                     help="idle (default): use only CPU the traced programs leave unused, so under full load the "
-                          "agent falls behind, sheds and counts drops instead of slowing them; low: nice 19; "
-                          "normal: compete with them as an equal")
+    run.add_argument("--cpu-priority", choices=["auto", "idle", "low", "normal"], default="auto",
+                     help="auto (default): use only CPU the traced programs leave unused while keeping up, and "
+                          "compete as an equal once behind; idle: always yield (under full load: fall behind, "
+                          "shed and count drops rather than slow them); low: nice 19; normal: always an equal")
     run.add_argument("--no-shed", action="store_true",
                      help="when capture falls behind, lose whole records instead of cutting bodies "
                           "(default: keep every message head, cut bodies, count what was cut)")

@@ -65,7 +65,7 @@ class Config:
     max_chunk_bytes: int = 16384
     capture_own_port: bool = False
     attach_mode: str = "auto"  # "auto" (tuned where provable) or "entry"
-    cpu_priority: str = "idle"  # "idle" (SCHED_IDLE), "low" (nice 19) or "normal": see agent.set_cpu_priority
+    cpu_priority: str = "auto"  # priority.MODES: see priority.py
     shed: bool = True  # when behind, keep message heads and cut bodies (else: lose records)
     # Plaintext taken in per second before shedding the same way (capture/budget.py); 0: no limit.
     # 32 MiB/s streams as ~57 MB/s of SSE (bodies are base64 twice), more than a browser

@@ -206,6 +206,7 @@ class Capture:
         sweep_seconds: float = 10.0,
         shed_head_bytes: int = SHED_HEAD_BYTES,
         pressure: Callable[[], float] | None = None,
+        on_load: Callable[[float], None] | None = None,
         byte_budget: float = 0,
     ) -> None:
         """``attach_mode``: ``"auto"`` probes OpenSSL at the cheap sites
@@ -251,6 +252,7 @@ class Capture:
             raise CaptureError("shed_head_bytes must be 0 (off) or positive")
         self.shed_head_bytes = shed_head_bytes
         self._pressure = pressure
+        self._on_load = on_load  # told load() each time it is checked (priority.CpuPriority.update)
         if byte_budget < 0:
             raise CaptureError("byte_budget must be 0 (no limit) or positive")
         if byte_budget and not shed_head_bytes:
@@ -307,6 +309,11 @@ class Capture:
         self._stop.clear()
         self._thread = threading.Thread(target=self._poll_loop, name="qtap-ring", daemon=True)
         self._thread.start()
+
+    @property
+    def reader_tid(self) -> int | None:
+        """The ring reader thread's id, once started."""
+        return self._thread.native_id if self._thread is not None else None
 
     def stop(self, detach: bool = True) -> None:
         """Stop reading; with ``detach``, also remove every probe.
@@ -454,6 +461,7 @@ class Capture:
     # ---- reading ----
 
     def _poll_loop(self) -> None:
+        _name_thread("qtap-ring")
         ring, parse = self._ring, self._reader.parse_at
         timeout = self.poll_timeout_ms
         while not self._stop.is_set():
@@ -484,9 +492,13 @@ class Capture:
 
     def check_load(self) -> None:
         """Start or stop shedding as the load says; on the reader's thread."""
-        if not self.shed_head_bytes:
+        if not self.shed_head_bytes and self._on_load is None:
             return
         load = self.load()
+        if self._on_load is not None:
+            self._on_load(load)
+        if not self.shed_head_bytes:
+            return
         budget, now = self._budget, time.monotonic()
         if not self.shedding:
             if load >= SHED_ON:
@@ -615,3 +627,12 @@ def _probe_file(fn: str) -> str:
         if needle in text:
             return f"probes/{name}"
     return "probes"
+
+
+def _name_thread(name: str) -> None:
+    """Name the calling thread for ``top -H``, ``ps -L`` and /proc (Python's
+    own thread names stay inside Python)."""
+    try:
+        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):
+        pass
