@@ -276,6 +276,9 @@ def _running_agent(url: str) -> Check:
     counts = [(int((stats.get(section) or {}).get(key) or 0), what) for section, key, what in DROP_COUNTERS]
     lost = [f"{n:,} {what}" for n, what in counts if n]
     detail = f"{stats.get('mode', '?')} agent at {url}, up {stats.get('uptime_seconds', '?')} s; "
+    capture = stats.get("capture") or {}
+    if capture.get("cpu_priority"):
+        detail += f"CPU priority {capture['cpu_priority']}, now {capture.get('cpu_priority_now', '?')}; "
     if not lost:
         return Check("running agent", True, detail + "nothing dropped", required=False)
     return Check("running agent", False, detail + "; ".join(lost),

@@ -154,7 +154,8 @@ def test_running_agent_line_names_every_drop_counter(monkeypatch):
     agent): each counter in DROP_COUNTERS is named with its count."""
     import io
 
-    stats = b'{"mode": "live", "uptime_seconds": 3.5, "capture": {"lost_records": 1200, "pending_dropped_total": 0},' \
+    stats = b'{"mode": "live", "uptime_seconds": 3.5, "capture": {"lost_records": 1200, "pending_dropped_total": 0,' \
+            b' "cpu_priority": "auto (SCHED_IDLE while keeping up, normal when behind)", "cpu_priority_now": "normal"},' \
             b' "broadcast": {"subscriberDrops": 7}}'
     monkeypatch.setattr("urllib.request.urlopen", lambda url, timeout: io.BytesIO(stats))
     check = doctor._running_agent("http://127.0.0.1:10001")
@@ -162,6 +163,7 @@ def test_running_agent_line_names_every_drop_counter(monkeypatch):
     assert "1,200 records the kernel could not fit in the ring buffer" in check.detail
     assert "7 events slow clients missed" in check.detail and "dropped before publishing" not in check.detail
     assert "--ring-mib" in check.line()
+    assert "CPU priority auto (SCHED_IDLE while keeping up, normal when behind), now normal" in check.detail
 
 
 def test_no_running_agent_is_fine(monkeypatch):
