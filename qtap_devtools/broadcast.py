@@ -60,13 +60,14 @@ class Published:
     def make(cls, instance: bytes, seq: int, envelope: Envelope) -> "Published":
         # The id names this agent instance: after a restart, sequence numbers
         # start again, and a client resuming with an old id must not skip new events.
-        return cls(seq, envelope, b"id: %s-%d\n" % (instance, seq))
+        # Published(), not cls(): compiled, a direct call; through cls, a generic one.
+        return Published(seq, envelope, b"id: %s-%d\n" % (instance, seq))
 
     @classmethod
     def unnumbered(cls, envelope: Envelope) -> "Published":
         # Greetings and snapshots carry no id: a reconnect resumes from the
         # last real event, not from a greeting.
-        return cls(0, envelope, b"")
+        return Published(0, envelope, b"")
 
     def parts(self) -> tuple:
         """The SSE frame as pieces to join at write time (no copy before then)."""
