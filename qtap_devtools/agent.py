@@ -100,6 +100,7 @@ class Agent:
             "lostRecords": self.capture.lost_records(),
             # Past it, bodies are cut and marked "shed" (None: no limit).
             "maxCaptureMiBPerSecond": self.capture.byte_budget / (1 << 20) or None,
+            "cpuPriority": self.priority.mode,  # --cpu-priority
         }
 
     def capture_stats(self) -> dict:

@@ -745,6 +745,7 @@ def test_system_connected_lists_libssl_attached_tuned(live):
     gnutls = [a for a in capture["attached"] if os.path.basename(a["path"]).startswith("libgnutls.so")]
     assert gnutls and all(a["library"] == "gnutls" for a in gnutls), capture["attached"]
     assert capture["maxCaptureMiBPerSecond"] == 32  # the default --max-capture-rate
+    assert capture["cpuPriority"] == "auto"  # the default --cpu-priority
 
 
 def test_past_max_capture_rate_heads_still_come_with_bodies_cut_and_marked(live, nginx, tmp_path):
