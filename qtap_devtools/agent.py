@@ -148,7 +148,8 @@ class Agent:
                 on_load=self.priority.update if self.priority.mode == "auto" else None,
             )
             cap.start()
-            self.priority.exempt(cap.reader_tid)
+            for tid in cap.service_tids:
+                self.priority.exempt(tid)
             self.backlog.while_waiting = cap.check_load
         except CaptureError as exc:
             self.capture_error = str(exc)

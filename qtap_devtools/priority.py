@@ -19,8 +19,9 @@ entry probes, 5 s runs, two each):
 
 The load is the capture's (:meth:`Capture.load`): the fuller of the ring
 buffer and the hand-off queue, where 1.0 is 0.5 s behind; bodies start being
-shed at 0.5.  The ring reader, which measures it, always runs as an equal
-(:meth:`exempt`): idle, under full load it would not get the CPU to notice.
+shed at 0.5.  The ring reader, which measures it, and the exec watcher, which
+attaches to new processes, always run as equals (:meth:`exempt`; little CPU):
+idle, under full load they would not get the CPU to notice or to attach.
 """
 
 from __future__ import annotations

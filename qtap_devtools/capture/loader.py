@@ -43,6 +43,7 @@ from .records import (
     RecordReader,
 )
 from .ringbuf import RingReader
+from .threads import name_thread
 
 log = logging.getLogger(__name__)
 
@@ -311,9 +312,11 @@ class Capture:
         self._thread.start()
 
     @property
-    def reader_tid(self) -> int | None:
-        """The ring reader thread's id, once started."""
-        return self._thread.native_id if self._thread is not None else None
+    def service_tids(self) -> list[int]:
+        """The ring reader's and the exec watcher's thread ids, once started:
+        little CPU, and each must keep up (``priority.CpuPriority.exempt``)."""
+        threads = [self._thread, self._watcher.thread if self._watcher is not None else None]
+        return [t.native_id for t in threads if t is not None and t.native_id is not None]
 
     def stop(self, detach: bool = True) -> None:
         """Stop reading; with ``detach``, also remove every probe.
@@ -461,7 +464,7 @@ class Capture:
     # ---- reading ----
 
     def _poll_loop(self) -> None:
-        _name_thread("qtap-ring")
+        name_thread("qtap-ring")
         ring, parse = self._ring, self._reader.parse_at
         timeout = self.poll_timeout_ms
         while not self._stop.is_set():
@@ -628,11 +631,3 @@ def _probe_file(fn: str) -> str:
             return f"probes/{name}"
     return "probes"
 
-
-def _name_thread(name: str) -> None:
-    """Name the calling thread for ``top -H``, ``ps -L`` and /proc (Python's
-    own thread names stay inside Python)."""
-    try:
-        ctypes.CDLL(None).prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
-    except (OSError, AttributeError):
-        pass
