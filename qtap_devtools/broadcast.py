@@ -144,8 +144,8 @@ class Subscriber:
 
         Up to ``batch_bytes`` go out together: each batch costs a trip through
         the ASGI stack and a socket write, which per event was the largest cost
-        of a busy stream; and a batch is taken at most every ``pace`` seconds
-        while it is smaller than that.  (A coroutine, not an async generator, so that mypyc
+        of a busy stream; and a batch smaller than that is taken at most every
+        ``pace`` seconds.  (A coroutine, not an async generator, so that mypyc
         compiles this module.)"""
         queue = self.queue
         while True:

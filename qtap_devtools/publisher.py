@@ -1,9 +1,9 @@
 """From the pipeline to the broadcaster: events in order, rendered once.
 
 Every event the pipeline makes passes through here, so this module is compiled
-(``compiled.MYPYC_MODULES``): interpreted, the hand-off alone was ~2 µs per
-transaction.  An event is rendered (``Event.envelope``) when it is made, since
-the connection objects it refers to keep changing afterwards.  The exception is
+with the rest of the hot path (``compiled.MYPYC_MODULES``).  An event is
+rendered (``Event.envelope``) when it is made, since the connection objects it
+refers to keep changing afterwards.  The exception is
 an event whose process is in a container whose metadata is not cached yet: it
 waits, at most ``wait_seconds`` from when it was made, so the first event of a
 new container carries its name.  Order is kept: events behind a waiting one

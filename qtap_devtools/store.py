@@ -204,10 +204,12 @@ class _Endpoint:
         self.count = 0
         self.errors = 0
         self.statuses: dict[Any, int] = {}
-        self.total_ms = 0
-        self.max_ms = 0
+        self.total_ms: Any = 0  # int or float, as the summaries give them
+        self.max_ms: Any = 0
 
     def add(self, status: Any, ms: Any) -> None:
+        if type(ms) is not int and type(ms) is not float:  # a capture file's: anything
+            ms = 0
         self.count += 1
         statuses = self.statuses
         statuses[status] = statuses.get(status, 0) + 1

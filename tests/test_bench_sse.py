@@ -16,7 +16,8 @@ def _tx_frame(path: str, pid: int, ts: str, payload: bytes) -> bytes:
     import pybase64
 
     inner = {"connectionId": "c", "type": "http_transaction", "data": pybase64.b64encode_as_string(payload),
-             "contentType": "application/json", "summary": {"request_path": path, "process_pid": pid}}
+             "contentType": "application/json",
+             "summary": {"request_path": path, "request_url": f"https://h{path}", "process_pid": pid}}
     return b"event: request.http_transaction\ndata: " + orjson.dumps({"data": {"data": inner}, "ts": ts}) + b"\n\n"
 
 
@@ -43,6 +44,7 @@ def test_the_client_counts_every_frame_big_or_small(chunked):
     frames = [_tx_frame("/big", 7, "2026-12-01T00:00:00.000Z", b"x" * 2_000_000),
               b"event: system.dropped\ndata: " + orjson.dumps({"data": {"missed": 3}}) + b"\n\n"]
     frames += [_tx_frame("/small", 8, "2026-12-01T00:00:00.001Z", b"y" * 100) for _ in range(50)]
+    frames += [_tx_frame('/q"uote', 9, "2026-12-01T00:00:00.002Z", b"z")]  # escaped in the JSON
     stream = b"".join(frames)
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
@@ -66,6 +68,7 @@ def test_the_client_counts_every_frame_big_or_small(chunked):
         client.thread.join(10)
         client.close()
     assert client.error is None
-    assert client.events == 52 and client.missed == 3
+    assert client.events == 53 and client.missed == 3
+    assert client.count('/q"uote', 9) == 1
     assert client.count("/big", 7) == 1 and client.count("/small", 8) == 50
     assert len(client.delays("/small")) == 50

@@ -45,8 +45,10 @@ def test_the_endpoint_index_counts_by_route_with_statuses_errors_and_latency():
     store.on_event(summary_tx(3, "GET", "/users/44", None, 5))  # no response
     store.on_event(summary_tx(4, "GET", "/users/45", "200", 2))  # a capture file's status: named as 200
     store.on_event(summary_tx(5, "POST", "/users", 201, 7))
-    users, posts = store.endpoint_list()
+    store.on_event(summary_tx(6, "POST", "/users", 201, 2.5))  # a capture file's: a float
+    store.on_event(summary_tx(7, "POST", "/users", 201, "soon"))  # or anything: counted as 0 ms
+    users, posts = sorted(store.endpoint_list(), key=lambda e: e["method"])
     assert users == {"host": "api.test", "method": "GET", "path": "/users/{id}", "count": 4, "errors": 3,
                      "max_ms": 30, "statuses": {"200": 2, "404": 1, "None": 1}, "avg_ms": 11.8}
-    assert posts == {"host": "api.test", "method": "POST", "path": "/users", "count": 1, "errors": 0,
-                     "max_ms": 7, "statuses": {"201": 1}, "avg_ms": 7.0}
+    assert posts == {"host": "api.test", "method": "POST", "path": "/users", "count": 3, "errors": 0,
+                     "max_ms": 7, "statuses": {"201": 3}, "avg_ms": 3.2}

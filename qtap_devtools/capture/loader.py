@@ -494,7 +494,8 @@ class Capture:
         return max(ring, self._pressure() if self._pressure else 0.0)
 
     def check_load(self) -> None:
-        """Start or stop shedding as the load says; on the reader's thread."""
+        """Tell ``on_load`` the load, and start or stop shedding as it says; on
+        the reader's thread."""
         if not self.shed_head_bytes and self._on_load is None:
             return
         load = self.load()
@@ -630,4 +631,3 @@ def _probe_file(fn: str) -> str:
         if needle in text:
             return f"probes/{name}"
     return "probes"
-
