@@ -115,9 +115,9 @@ def measure(setup: Setup, nginx: BenchNginx, w: Workload, script: Path, seconds:
         "proc_cpu_us_per_request": proc_s * 1e6 / max(1, res.requests),
         # The setup's own process alone (the agent: capture, reassembly, JSON,
         # SSE), without the probes' cost inside nginx and wrk or this harness's
-        # SSE client parsing every event.
+        # SSE client reading every event.
         "own_cpu_us_per_request": own_s * 1e6 / max(1, res.requests) if setup.pids() else None,
-        # This harness (for the agent: its SSE client parsing every event), part of
+        # This harness (for the agent: its SSE client reading every event), part of
         # the system-wide figure though it is no part of the agent.
         "harness_cpu_us_per_request": harness_s * 1e6 / max(1, res.requests),
         "foreign_tracers": foreign,
