@@ -148,8 +148,6 @@ class Agent:
                 on_load=self.priority.update if self.priority.mode == "auto" else None,
             )
             cap.start()
-            for tid in cap.service_tids:
-                self.priority.exempt(tid)
             self.backlog.while_waiting = cap.check_load
         except CaptureError as exc:
             self.capture_error = str(exc)

@@ -19,9 +19,10 @@ entry probes, 5 s runs, two each):
 
 The load is the capture's (:meth:`Capture.load`): the fuller of the ring
 buffer and the hand-off queue, where 1.0 is 0.5 s behind; bodies start being
-shed at 0.5.  The ring reader, which measures it, and the exec watcher, which
-attaches to new processes, always run as equals (:meth:`exempt`; little CPU):
-idle, under full load they would not get the CPU to notice or to attach.
+shed at 0.5.  The helper threads (the ring reader, which measures it, the exec
+watcher, the Docker and Kubernetes lookups) always run as equals: they use
+little CPU and must answer promptly (``threads.service_thread``).  Only the
+rest, the event loop's thread above all, yields.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import logging
 import os
 import threading
 import time
+
+from qtap_devtools.threads import SERVICE_TIDS
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +70,6 @@ class CpuPriority:
         self.switches = 0  # times "auto" went from idle to normal
         self.error: str | None = None
         self._since = 0.0
-        self._exempt: set[int] = set()
         self._threads = threads  # this process's thread ids (a test passes its own)
         self._lock = threading.Lock()
 
@@ -84,14 +86,6 @@ class CpuPriority:
             log.warning("could not set CPU priority %s: %s", self.mode, exc)
             self.mode = "normal"
         return self.describe()
-
-    def exempt(self, tid: int | None) -> None:
-        """Run thread ``tid`` as an equal whatever the mode says (auto only)."""
-        if self.mode != "auto" or tid is None:
-            return
-        with self._lock:
-            self._exempt.add(tid)
-            _set(False, [tid])
 
     def describe(self) -> str:
         return {
@@ -114,7 +108,7 @@ class CpuPriority:
                 self._switch(True, now)
 
     def _switch(self, idle: bool, now: float) -> None:
-        _set(idle, [t for t in self._threads() if t not in self._exempt])
+        _set(idle, [t for t in self._threads() if t not in SERVICE_TIDS])
         self.idle = idle
         self._since = now
 

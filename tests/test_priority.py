@@ -13,6 +13,7 @@ import pytest
 
 from qtap_devtools import priority as pr
 from qtap_devtools.priority import CpuPriority
+from qtap_devtools.threads import SERVICE_TIDS, service_thread
 
 
 class Worker:
@@ -74,18 +75,31 @@ def test_auto_starts_idle_goes_normal_when_behind_and_back_once_caught_up_and_he
     assert cpu.stats() == {"cpu_priority": w.said, "cpu_priority_now": "idle", "cpu_priority_switches": 1}
 
 
-def test_an_exempt_thread_stays_an_equal(worker_for):
+def test_a_service_thread_runs_as_an_equal_and_is_left_be(worker_for):
     w = worker_for("auto")
-    other = Worker(CpuPriority("auto"))  # idle too, then exempted
+    ready, done, tid = threading.Event(), threading.Event(), []
+
+    def helper() -> None:  # started by an idle thread, as the agent's are
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        service_thread("qtap-test")
+        tid.append(threading.get_native_id())
+        ready.set()
+        done.wait(30)
+
+    t = threading.Thread(target=helper, daemon=True)
+    t.start()
     try:
-        w.cpu._threads = lambda: [w.tid, other.tid]
-        w.cpu.exempt(other.tid)
-        assert os.sched_getscheduler(other.tid) == os.SCHED_OTHER
+        assert ready.wait(5)
+        assert os.sched_getscheduler(tid[0]) == os.SCHED_OTHER and tid[0] in SERVICE_TIDS
+        assert open(f"/proc/self/task/{tid[0]}/comm").read().strip() == "qtap-test"
+        w.cpu._threads = lambda: [w.tid, tid[0]]
         w.cpu.update(1.0, now=0.0)
         w.cpu.update(0.0, now=10.0)
-        assert w.policy() == os.SCHED_IDLE and os.sched_getscheduler(other.tid) == os.SCHED_OTHER
+        assert w.policy() == os.SCHED_IDLE and os.sched_getscheduler(tid[0]) == os.SCHED_OTHER
     finally:
-        other.close()
+        done.set()
+        t.join(5)
+        SERVICE_TIDS.discard(tid[0])
 
 
 @pytest.mark.parametrize("mode, policy, nice", [("idle", os.SCHED_IDLE, 0), ("low", os.SCHED_OTHER, 19),

@@ -33,7 +33,7 @@ from typing import Literal
 
 from . import tuned
 from .elf import exported_symbols
-from .threads import name_thread
+from ..threads import service_thread
 from .tuned import SitePlan
 
 log = logging.getLogger(__name__)
@@ -360,8 +360,8 @@ class ExecWatcher:
         self._max_pending = max_pending
         self.dropped = 0
         self._stop = False
-        self.thread = threading.Thread(target=self._run, name="qtap-attach", daemon=True)
-        self.thread.start()
+        self._thread = threading.Thread(target=self._run, name="qtap-attach", daemon=True)
+        self._thread.start()
 
     def on_exec(self, pid: int) -> None:
         with self._cond:
@@ -375,7 +375,7 @@ class ExecWatcher:
         with self._cond:
             self._stop = True
             self._cond.notify()
-        self.thread.join(timeout=5)
+        self._thread.join(timeout=5)
 
     def _sweep(self) -> None:
         self.sweeps += 1
@@ -387,7 +387,7 @@ class ExecWatcher:
         self._next_sweep = time.monotonic() + self._sweep_seconds
 
     def _run(self) -> None:
-        name_thread("qtap-attach")
+        service_thread("qtap-attach")
         while True:
             with self._cond:
                 while not self._stop and (not self._queue or self._queue[0][0] > time.monotonic()):

@@ -43,7 +43,7 @@ from .records import (
     RecordReader,
 )
 from .ringbuf import RingReader
-from .threads import name_thread
+from ..threads import service_thread
 
 log = logging.getLogger(__name__)
 
@@ -311,13 +311,6 @@ class Capture:
         self._thread = threading.Thread(target=self._poll_loop, name="qtap-ring", daemon=True)
         self._thread.start()
 
-    @property
-    def service_tids(self) -> list[int]:
-        """The ring reader's and the exec watcher's thread ids, once started:
-        little CPU, and each must keep up (``priority.CpuPriority.exempt``)."""
-        threads = [self._thread, self._watcher.thread if self._watcher is not None else None]
-        return [t.native_id for t in threads if t is not None and t.native_id is not None]
-
     def stop(self, detach: bool = True) -> None:
         """Stop reading; with ``detach``, also remove every probe.
 
@@ -464,7 +457,7 @@ class Capture:
     # ---- reading ----
 
     def _poll_loop(self) -> None:
-        name_thread("qtap-ring")
+        service_thread("qtap-ring")
         ring, parse = self._ring, self._reader.parse_at
         timeout = self.poll_timeout_ms
         while not self._stop.is_set():

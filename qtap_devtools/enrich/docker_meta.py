@@ -23,6 +23,7 @@ from collections import OrderedDict
 from typing import Any, Mapping
 
 from qtap_devtools.enrich.model import ContainerInfo
+from qtap_devtools.threads import service_thread
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +176,7 @@ class DockerMetadata:
     # ------------------------------------------------------ the event thread
 
     def _follow(self) -> None:
+        service_thread("qtap-docker-ev")
         backoff = self._backoff_initial
         while not self._stop.is_set():
             try:
@@ -271,6 +273,7 @@ class DockerMetadata:
     # ---------------------------------------------------- the fetch thread
 
     def _fetcher(self) -> None:
+        service_thread("qtap-docker-get")
         import docker
 
         while not self._stop.is_set():

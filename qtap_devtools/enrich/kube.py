@@ -26,6 +26,7 @@ from collections import OrderedDict
 from typing import Any, Iterator, Mapping
 
 from qtap_devtools.enrich.model import ContainerInfo, PodInfo
+from qtap_devtools.threads import service_thread
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +194,9 @@ class KubePodWatcher:
     # ------------------------------------------------------------ the watcher
 
     def _run(self) -> None:
+        service_thread("qtap-kube-pods")
         from kubernetes.client.exceptions import ApiException
+
 
         backoff = self._backoff_initial
         need_list = True

@@ -1,0 +1,39 @@
+"""The agent's helper threads: named where the OS shows them, and run as
+equals whatever the agent's CPU priority (``priority.py``).
+
+They do little CPU but must answer promptly: the ring reader measures how far
+behind the agent is, the exec watcher attaches to new processes, the Docker
+and Kubernetes threads fetch the metadata an event waits at most 50 ms for.
+Idle, under load they would not get a core in time.  Threads inherit the
+scheduling class of the thread that starts them, so each one says so itself,
+first thing (:func:`service_thread`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+
+PR_SET_NAME = 15
+SERVICE_TIDS: set[int] = set()  # read by priority.CpuPriority, which leaves them be
+
+
+def name_thread(name: str) -> None:
+    """Name the calling thread for ``top -H``, ``ps -L`` and /proc (Python's
+    thread names stay inside Python); at most 15 bytes."""
+    try:
+        ctypes.CDLL(None).prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux glibc: the name is cosmetic
+        pass
+
+
+def service_thread(name: str) -> None:
+    """Call first in a helper thread: names it, and runs it as an equal."""
+    name_thread(name)
+    SERVICE_TIDS.add(threading.get_native_id())
+    try:
+        if os.sched_getscheduler(0) == os.SCHED_IDLE:
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    except OSError:  # e.g. a seccomp filter: it runs as it was started
+        pass
