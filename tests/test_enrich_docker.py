@@ -66,6 +66,13 @@ def curl_in_container(name: str, url: str, **kw) -> None:
     dockerenv.run(name, "curl", "-sk", "--max-time", "10", url, **kw)
 
 
+def too_slow(proc) -> int:
+    """Docker lookups the agent stopped waiting for (the 50 ms bound)."""
+    status, body = get(proc.url + "/devtools/api/stats")
+    assert status == 200
+    return body["capture"]["enrich"]["docker"]["lookups_too_slow"]
+
+
 def process_events(reader, container_name, kind="process.started"):
     return reader.find(lambda t, d: t == kind and (d["data"].get("container") or {}).get("name") == container_name
                        and d["data"].get("binary") == "curl")
@@ -86,10 +93,15 @@ def test_labelled_container_started_after_the_agent_is_on_every_event(live, ngin
         assert tx[0]["_event"]["summary"]["container_name"] == "my-app"
 
         started = process_events(reader, "my-app")
-        assert started, "process.started of the container's curl lacks the container"
-        c = started[0][1]["data"]["container"]
-        assert (c["id"], c["name"], c["image"], c["labels"]) == (cid[:12], "my-app", "qtap-empty:latest", LABELS)
-        assert started[0][1]["data"]["hostname"] == "my-container"
+        if started:
+            c = started[0][1]["data"]["container"]
+            assert (c["id"], c["name"], c["image"], c["labels"]) == (cid[:12], "my-app", "qtap-empty:latest", LABELS)
+            assert started[0][1]["data"]["hostname"] == "my-container"
+        else:
+            # The issue's bound: an event waits at most 50 ms for a lookup, then
+            # goes out without, and later ones carry it (the transaction did).
+            # Allowed only when the agent counts a lookup that outlasted it.
+            assert too_slow(live[0]) > 0, "process.started of the container's curl lacks the container"
 
         conn = [d for t, d in reader.connection_events(tx[0]["_event"]["connectionId"])]
         assert conn and conn[-1]["source"]["container"] == {"id": cid[:12], "name": "my-app",
@@ -182,7 +194,10 @@ def test_daemon_stopped_and_restarted_while_the_agent_runs(private_docker_daemon
             with daemon.container("after-restart", ["curl", "-sk", "--max-time", "10", nginx.url(f"/json?m={m}")],
                                   labels={"phase": "after"}):
                 tx = [t for t in reader.transactions(m, count=2) if t["direction"] != "ingress"]
-                assert tx and tx[0]["metadata"]["container_name"] == "after-restart"
+                assert tx
+                # The container's only transaction is its first event: it may go
+                # out without the name after the 50 ms bound, counted (see above).
+                assert tx[0]["metadata"]["container_name"] == "after-restart" or too_slow(proc) > 0, tx[0]["metadata"]
         finally:
             reader.close()
         assert "Traceback" not in proc.output()

@@ -155,3 +155,19 @@ def test_shared_daemon_helper_runs_a_host_network_container(docker_daemon):  # n
         assert state["HostConfig"]["NetworkMode"] == "host"
         assert state["Config"]["Image"] == EMPTY_IMAGE
         assert c.exec("cat", "/etc/hostname").stdout.decode().strip() == "smoke"
+
+
+def test_a_lookup_that_outlasts_its_wait_is_counted_and_not_cancelled():
+    """No daemon needed: the fetch is stood in for by a future nobody completes."""
+    import concurrent.futures
+
+    from qtap_devtools.enrich.docker_meta import DockerMetadata
+
+    meta = DockerMetadata("unix:///nonexistent.sock")
+    meta._connected = True
+    cid = "ab" * 32
+    pending: concurrent.futures.Future = concurrent.futures.Future()
+    meta._inflight[cid] = pending
+    assert asyncio.run(meta.lookup(cid, timeout=0.01)) is None
+    assert meta.stats()["lookups_too_slow"] == 1
+    assert not pending.cancelled()  # still shared with the cache and other waiters

@@ -73,6 +73,7 @@ class DockerMetadata:
         self.fetches = 0
         self.fetch_errors = 0
         self.fetch_dropped = 0  # queue full
+        self.lookups_too_slow = 0  # waits that outlasted their bound: an event went out without the name
         self.not_docker = 0
         self.events = 0
         self.connects = 0
@@ -99,7 +100,10 @@ class DockerMetadata:
         # asyncio.wait, not wait_for: a timeout must not cancel the shared
         # fetch that other callers (and the cache) are waiting on.
         done, _ = await asyncio.wait({wrapped}, timeout=timeout)
-        return wrapped.result() if done else None
+        if not done:
+            self.lookups_too_slow += 1  # the event goes out without; later ones carry it
+            return None
+        return wrapped.result()
 
     def prefetch(self, container_id: str) -> None:
         """Start fetching ``container_id`` now, without waiting for it."""
@@ -144,6 +148,7 @@ class DockerMetadata:
             "fetches": self.fetches,
             "fetch_errors": self.fetch_errors,
             "fetch_dropped": self.fetch_dropped,
+            "lookups_too_slow": self.lookups_too_slow,
             "not_docker": self.not_docker,
             "events": self.events,
             "connects": self.connects,
