@@ -68,7 +68,6 @@ class CpuPriority:
         self.mode = mode
         self.idle = False  # SCHED_IDLE now
         self.switches = 0  # times "auto" went from idle to normal
-        self.error: str | None = None
         self._since = 0.0
         self._threads = threads  # this process's thread ids (a test passes its own)
         self._lock = threading.Lock()
@@ -81,8 +80,7 @@ class CpuPriority:
                 self.idle = True
             elif self.mode == "low":
                 os.setpriority(os.PRIO_PROCESS, 0, 19)  # this thread: Linux nice is per thread, inherited
-        except OSError as exc:  # e.g. a seccomp filter: run as we are
-            self.error = str(exc)
+        except OSError as exc:  # e.g. a seccomp filter: run as we are (the stats say "normal")
             log.warning("could not set CPU priority %s: %s", self.mode, exc)
             self.mode = "normal"
         return self.describe()
