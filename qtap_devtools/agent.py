@@ -111,6 +111,7 @@ class Agent:
             out.update(self.backlog.stats())
         if self.writer is not None:
             out["file_events_written"] = self.writer.written
+            out["file_write_errors"] = self.writer.errors  # events the --output file lacks
         out["enrich"] = self.enricher.stats()
         out.update(self.priority.stats())
         return out

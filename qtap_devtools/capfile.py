@@ -4,6 +4,11 @@ A file written by ``--output`` and one saved with ``curl -sN …/events > f`` ar
 the same format, so either can be replayed.  Reading is forgiving: a corrupt or
 truncated record is reported with its line number and skipped; only a file that
 cannot be opened at all is an error.
+
+A file is untrusted input, and valid JSON is not yet a valid event: a record
+whose fields have the wrong JSON types (a string where the store, the filters
+or the page read an object) is a bad record too, caught here once rather than
+as an exception wherever the field is read.
 """
 
 from __future__ import annotations
@@ -11,13 +16,17 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterator, Mapping
 
 from qtap_devtools.events import Envelope
 
 log = logging.getLogger(__name__)
 
 MAX_LINE = 64 << 20  # one event's JSON; larger is a corrupt file, not an event
+
+
+class NotACaptureFile(ValueError):
+    """A file with bad records and not one event."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,17 +44,31 @@ class CaptureWriter:
         self._fh: BinaryIO = open(path, "ab", buffering=0)
         self.written = 0
         self.errors = 0
+        self._torn = False  # the file ends inside a frame a failed write cut
 
     def write(self, *parts: bytes) -> None:
-        """One event's frame, whole or in pieces (``Published.parts()``)."""
+        """One event's frame, whole or in pieces (``Published.parts()``).
+
+        A failed write is counted (``errors``: the events the file lacks) and
+        logged once.  A frame cut by a failure (a full disk) is ended with a
+        blank line before the next frame that can be written, so it reads back
+        as one bad record and not as the ruin of the event after it."""
         frame = parts[0] if len(parts) == 1 else b"".join(parts)
+        if self._torn:
+            frame = b"\n\n" + frame
+        view, done = memoryview(frame), 0
         try:
-            self._fh.write(frame)  # unbuffered: one write, on disk when this returns
-            self.written += 1
+            while done < len(view):  # unbuffered: on disk when this returns
+                done += self._fh.write(view[done:]) or 0
         except OSError as exc:
             self.errors += 1
+            if done:
+                self._torn = True
             if self.errors == 1:
-                log.error("capture file %s: %s; events are no longer saved", self.path, exc)
+                log.error("capture file %s: %s; events not saved are counted (file_write_errors)", self.path, exc)
+            return
+        self._torn = False
+        self.written += 1
 
     def close(self) -> None:
         self._fh.close()
@@ -71,9 +94,11 @@ def parse_stream(lines: Iterator[bytes] | BinaryIO) -> Iterator[Envelope | BadRe
             return None if event_type is None else BadRecord(start, f"event {event_type!r} has no data line")
         payload = b"\n".join(data)
         try:
-            return Envelope.from_wire(event_type or "message", payload)
+            env = Envelope.from_wire(event_type or "message", payload)
         except ValueError as exc:
             return BadRecord(start, f"bad JSON in {event_type or 'event'}: {exc}")
+        problem = shape_error(env.type, env.body)
+        return env if problem is None else BadRecord(start, f"{env.type}: {problem}")
 
     for raw in lines:
         lineno += 1
@@ -119,3 +144,58 @@ def parse_stream(lines: Iterator[bytes] | BinaryIO) -> Iterator[Envelope | BadRe
     record = finish()
     if record is not None:
         yield record
+
+
+# What each event family's readers dereference: fields that must be objects
+# (or absent) and fields that must be plain values (they become dict keys,
+# route text, numbers), by where they sit in the event's payload.
+_Shape = tuple[tuple[str, ...], tuple[str, ...]]  # (objects, scalars)
+_PROCESS: _Shape = (("container", "user", "pod"), ("pid", "ppid", "path", "binary", "hostname"))
+_CONNECTION: _Shape = (("meta", "source", "destination", "tags"), ("pid", "direction", "l7Protocol"))
+_META: _Shape = ((), ("connectionId", "endpointId", "sni"))
+_SIDE: _Shape = (("address", "container", "pod"), ("pid", "exe"))
+_TRANSACTION: _Shape = (("summary",), ("requestId", "endpointId", "connectionId", "data"))
+
+
+def shape_error(event_type: str, body: Mapping[str, Any]) -> str | None:
+    """Why ``body`` (an event read from a file) would trip its readers, or None."""
+    data = body.get("data")
+    if not isinstance(data, dict):
+        return '"data" is not an object'
+    if event_type.startswith("process."):
+        return _check(data, "data", _PROCESS)
+    if not event_type.startswith(("connection.", "request.")):
+        return None
+    # The seed's double nesting (data.data), or a flat payload.
+    inner, where = (data["data"], "data.data") if isinstance(data.get("data"), dict) else (data, "data")
+    if event_type.startswith("connection."):
+        problem = _check(inner, where, _CONNECTION)
+        if problem:
+            return problem
+        return (_check(inner.get("meta") or {}, f"{where}.meta", _META)
+                or _check(inner.get("source") or {}, f"{where}.source", _SIDE)
+                or _check(inner.get("destination") or {}, f"{where}.destination", _SIDE))
+    problem = _check(inner, where, _TRANSACTION)
+    if problem:
+        return problem
+    summary = inner.get("summary") or {}
+    for key, value in summary.items():
+        if not _scalar(value):
+            return f"{where}.summary.{key} is not a plain value"
+    path = summary.get("request_path")
+    return None if path is None or isinstance(path, str) else f"{where}.summary.request_path is not text"
+
+
+def _check(obj: Mapping[str, Any], where: str, shape: _Shape) -> str | None:
+    objects, scalars = shape
+    for key in objects:
+        if obj.get(key) is not None and not isinstance(obj[key], dict):
+            return f"{where}.{key} is not an object"
+    for key in scalars:
+        if not _scalar(obj.get(key)):
+            return f"{where}.{key} is not a plain value"
+    return None
+
+
+def _scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool))

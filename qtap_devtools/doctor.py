@@ -259,6 +259,7 @@ DROP_COUNTERS = (
     ("capture", "pending_dropped_total", "events dropped before publishing"),
     ("capture", "shed_calls", "calls whose body was cut while capture was behind or over --max-capture-rate (heads kept)"),
     ("broadcast", "subscriberDrops", "events slow clients missed (each told by system.dropped)"),
+    ("capture", "file_write_errors", "events the --output file lacks (writes failed: disk full?)"),
 )
 
 

@@ -726,9 +726,11 @@ def header(headers: Mapping[str, Any], name: str) -> str | None:
 
 
 def decode_transaction(envelope_body: Mapping[str, Any]) -> dict | None:
-    """The full transaction JSON of a ``request.http_transaction`` body, or None."""
+    """The full transaction JSON of a ``request.http_transaction`` body, or
+    None if it has none (or it is not a JSON object: a capture file's)."""
     try:
         inner = envelope_body["data"]["data"]
-        return orjson.loads(pybase64.b64decode(inner["data"]))
+        tx = orjson.loads(pybase64.b64decode(inner["data"], validate=True))
     except (KeyError, TypeError, ValueError):
         return None
+    return tx if isinstance(tx, dict) else None

@@ -8,11 +8,12 @@ with ``encoding: "base64"`` as HAR 1.2 allows.
 from __future__ import annotations
 
 import base64
+import binascii
 from typing import Any, Iterable, Mapping
 from urllib.parse import parse_qsl, urlsplit
 
 from qtap_devtools import __version__
-from qtap_devtools.events import Envelope, decode_transaction
+from qtap_devtools.events import HTTP_TRANSACTION, Envelope, decode_transaction
 
 
 def _headers(headers: Mapping[str, Any]) -> list[dict]:
@@ -24,7 +25,10 @@ def _headers(headers: Mapping[str, Any]) -> list[dict]:
 
 
 def _content(body_b64: str | None) -> tuple[str, str | None, int]:
-    raw = base64.b64decode(body_b64 or "")
+    try:
+        raw = base64.b64decode(body_b64 or "", validate=True)
+    except binascii.Error:
+        raise ValueError("a body is not valid base64") from None
     try:
         return raw.decode("utf-8"), None, len(raw)
     except UnicodeDecodeError:
@@ -98,22 +102,35 @@ def entry(ts: str, tx: Mapping[str, Any]) -> dict:
     return out
 
 
-def from_transactions(items: Iterable[tuple[str, Mapping[str, Any]]]) -> dict:
-    return {
-        "log": {
-            "version": "1.2",
-            "creator": {"name": "qtap-devtools", "version": __version__},
-            "entries": [entry(ts, tx) for ts, tx in items],
-        }
-    }
-
-
 def from_envelopes(envelopes: Iterable[Envelope]) -> dict:
-    def txs():
-        for env in envelopes:
-            if env.type == "request.http_transaction":
-                tx = decode_transaction(env.body)
-                if tx is not None:
-                    yield env.body.get("ts") or "", tx
+    """A HAR log of the transactions among ``envelopes``.
 
-    return from_transactions(txs())
+    A transaction that cannot be converted (a capture file's: its base64 JSON
+    is not a transaction, or a field has the wrong type) is left out, and the
+    log's ``comment`` says how many and why the first one was; the rest of
+    the export is still made.
+    """
+    entries: list[dict] = []
+    skipped: list[str] = []
+    for env in envelopes:
+        if env.type != HTTP_TRANSACTION:
+            continue
+        body = env.body
+        tx = decode_transaction(body)
+        rid = env.inner.get("requestId") or "?"
+        if tx is None:
+            skipped.append(f"{rid}: its data is not a base64-encoded JSON transaction")
+            continue
+        try:
+            entries.append(entry(body.get("ts") or "", tx))
+        except (ValueError, TypeError, AttributeError) as exc:  # a field of the wrong type
+            skipped.append(f"{rid}: {exc}")
+    log: dict[str, Any] = {
+        "version": "1.2",
+        "creator": {"name": "qtap-devtools", "version": __version__},
+        "entries": entries,
+    }
+    if skipped:
+        n = len(skipped)
+        log["comment"] = f"{n} transaction{'s' if n > 1 else ''} left out, not convertible (first: {skipped[0]})"
+    return {"log": log}

@@ -6,11 +6,12 @@ import logging
 import platform
 import socket
 from pathlib import Path
+from typing import Callable
 
 from qtap_devtools import __version__, capfile
 from qtap_devtools.broadcast import Broadcaster
 from qtap_devtools.config import Config
-from qtap_devtools.events import Envelope, SystemConnected
+from qtap_devtools.events import HTTP_TRANSACTION, Envelope, SystemConnected
 from qtap_devtools.filters import EventFilter
 from qtap_devtools.server import Runtime
 from qtap_devtools.store import Store
@@ -18,44 +19,76 @@ from qtap_devtools.store import Store
 log = logging.getLogger(__name__)
 
 MAX_REPLAY_EVENTS = 2_000_000  # beyond this a file is served in part, and says so
+# Frames held for serving, summed: a replay keeps each event's SSE frame (its
+# parsed JSON is let go, as live), so memory is about this much plus the index.
+MAX_REPLAY_BYTES = 1 << 30
 REPLAYED_TYPES_SKIPPED = ("system.",)  # the file's own greetings and goodbyes
+MAX_BAD_LOGGED = 10  # a file of garbage is one summary line past these
+GIVE_UP_BAD = 1000  # bad records before the first event: not a capture file, stop reading
 
 
-def load(path: Path) -> tuple[list[Envelope], list[capfile.BadRecord], int]:
-    """Events of a capture file, its bad records, and how many were left out."""
+def load(
+    path: Path, on_event: Callable[[Envelope], None] | None = None, *, max_events: int = MAX_REPLAY_EVENTS,
+    max_bytes: int = MAX_REPLAY_BYTES,
+) -> tuple[list[Envelope], int, int]:
+    """Events of a capture file, how many bad records it has, and how many
+    events were left out (past ``max_events`` or ``max_bytes`` of frames).
+
+    ``on_event`` sees each kept event while its JSON is still parsed; then a
+    transaction's parsed JSON is let go (read again from the frame if asked),
+    so a file of large bodies is held once, not twice.  Raises
+    :class:`capfile.NotACaptureFile` when the file has bad records and no event.
+    """
     events: list[Envelope] = []
-    bad: list[capfile.BadRecord] = []
+    bad = 0
+    first_bad: capfile.BadRecord | None = None
     left_out = 0
+    held = 0
     for record in capfile.read_events(path):
         if isinstance(record, capfile.BadRecord):
-            bad.append(record)
-            log.warning("%s:%d: skipped: %s", path, record.line, record.reason)
+            bad += 1
+            first_bad = first_bad or record
+            if bad <= MAX_BAD_LOGGED:
+                log.warning("%s:%d: skipped: %s", path, record.line, record.reason)
+            if bad >= GIVE_UP_BAD and not events:
+                break
         elif record.type.startswith(REPLAYED_TYPES_SKIPPED):
             continue
-        elif len(events) >= MAX_REPLAY_EVENTS:
-            left_out += 1
+        elif left_out or len(events) >= max_events or held + len(record.frame) > max_bytes:
+            left_out += 1  # and every later one: what is served is the file's start, without gaps
         else:
+            if on_event is not None:
+                on_event(record)
+            if record.type == HTTP_TRANSACTION:
+                record.release()
             events.append(record)
+            held += len(record.frame)
+    if MAX_BAD_LOGGED < bad and events:
+        log.warning("%s: %d more bad records skipped", path, bad - MAX_BAD_LOGGED)
+    if first_bad is not None and not events:
+        raise capfile.NotACaptureFile(
+            f"{path}: not a capture file? {bad if bad < GIVE_UP_BAD else 'the first %d' % bad} records bad, none an "
+            f"event (line {first_bad.line}: {first_bad.reason}). Capture files are written by `run --output FILE` "
+            "or `curl -sN …/devtools/api/events > FILE`")
     if left_out:
-        log.warning("%s: served the first %d events; %d more left out", path, MAX_REPLAY_EVENTS, left_out)
+        log.warning("%s: served the first %d events (%d MiB of frames); %d more left out (limits: %d events, "
+                    "%d MiB)", path, len(events), held >> 20, left_out, max_events, max_bytes >> 20)
     return events, bad, left_out
 
 
 def build_runtime(config: Config, path: Path) -> Runtime:
-    events, bad, left_out = load(path)
     store = Store(transactions=max(config.history_size, 10_000))
+    events, bad, left_out = load(path, store.on_event)
     # Replay ids are the record's index in the file: stable across restarts of
     # the same replay, so a page resumes where it was.
     broadcaster = Broadcaster(client_queue_size=config.client_queue_size, history_size=config.history_size,
                               instance="replay")
     broadcaster.add_listener(store.on_published)
-    for env in events:
-        store.on_event(env)
     capture_state = {
         "state": "replay",
         "file": str(path),
         "events": len(events),
-        "badRecords": len(bad),
+        "badRecords": bad,
         "leftOut": left_out,
     }
 

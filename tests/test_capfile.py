@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from qtap_devtools import capfile
+from pathlib import Path
+
+import pytest
+
+from qtap_devtools import capfile, har, replay
 from qtap_devtools.events import Envelope
 from tests import samples
 
@@ -39,3 +43,151 @@ def test_writer_appends_exact_frames_and_flushes(tmp_path):
     w.write(frame)
     assert path.read_bytes() == frame  # visible before close: a crash loses nothing written
     w.close()
+
+
+# --------------------------------------------------------------------------
+# Valid JSON, wrong shape: a bad record too (the store, filters and HAR read these fields)
+
+
+def _record(event_type: str, body: dict) -> bytes:
+    import orjson
+
+    return b"event: %s\ndata: %s\n\n" % (event_type.encode(), orjson.dumps({**body, "ts": "2025-12-12T16:58:10.452Z"}))
+
+
+def _tx(inner: dict) -> bytes:
+    return _record("request.http_transaction", {"data": {"data": {"requestId": "r1", "data": "e30=", **inner}}})
+
+
+@pytest.mark.parametrize("record, says", [
+    (_record("process.started", {"data": "x"}), '"data" is not an object'),
+    (_record("process.started", {"data": {"pid": 1, "container": "c"}}), "data.container is not an object"),
+    (_record("process.stopped", {"data": {"pid": [1]}}), "data.pid is not a plain value"),
+    (_tx({"summary": "oops"}), "data.data.summary is not an object"),
+    (_tx({"summary": {"request_path": 5}}), "summary.request_path is not text"),
+    (_tx({"summary": {"response_status": [200]}}), "summary.response_status is not a plain value"),
+    (_tx({"requestId": {"a": 1}}), "data.data.requestId is not a plain value"),
+    (_record("connection.opened", {"data": {"data": {"meta": "m"}}}), "data.data.meta is not an object"),
+    (_record("connection.closed", {"data": {"data": {"meta": {"connectionId": ["c"]}}}}),
+     "meta.connectionId is not a plain value"),
+    (_record("connection.opened", {"data": {"data": {"source": {"container": 3}}}}),
+     "source.container is not an object"),
+])
+def test_a_record_of_the_wrong_shape_is_a_bad_record_with_its_reason(tmp_path, record, says):
+    good = samples.session_events()[0].envelope().frame
+    path = tmp_path / "c.txt"
+    path.write_bytes(good + record + good)
+    got = list(capfile.read_events(path))
+    bad = [r for r in got if isinstance(r, capfile.BadRecord)]
+    assert sum(isinstance(r, Envelope) for r in got) == 2
+    assert len(bad) == 1 and bad[0].line == good.count(b"\n") + 1 and says in bad[0].reason, bad
+
+
+def test_every_event_the_agent_writes_has_the_shape_readers_expect(tmp_path):
+    path = samples.write_capture(tmp_path / "c.txt")
+    assert not [r for r in capfile.read_events(path) if isinstance(r, capfile.BadRecord)]
+
+
+# --------------------------------------------------------------------------
+# Loading for replay and HAR
+
+
+def test_load_keeps_frames_lets_transaction_json_go_and_indexes_each_event_first(tmp_path):
+    path = samples.write_capture(tmp_path / "c.txt")
+    seen = []
+    events, bad, left_out = replay.load(path, lambda env: seen.append((env.type, env.inner.get("requestId"))))
+    assert (bad, left_out) == (0, 0) and len(seen) == len(events)
+    txs = [e for e in events if e.type == "request.http_transaction"]
+    assert [rid for t, rid in seen if t == "request.http_transaction"] == [t.inner["requestId"] for t in txs]
+    # Held as frames only (one copy of a big body, not two); still readable from the frame.
+    assert all(t._body is None for t in txs)
+    assert txs[0].body["data"]["data"]["summary"]["request_method"] == "POST"
+
+
+def test_load_past_its_byte_limit_serves_the_start_of_the_file_and_counts_the_rest(tmp_path):
+    path = samples.write_capture(tmp_path / "c.txt")
+    everything, _, _ = replay.load(path)
+    limit = sum(len(e.frame) for e in everything[:3])
+    events, _, left_out = replay.load(path, max_bytes=limit)
+    assert [e.frame for e in events] == [e.frame for e in everything[:3]]  # a prefix: no gaps
+    assert left_out == len(everything) - 3
+    events, _, left_out = replay.load(path, max_events=2)
+    assert len(events) == 2 and left_out == len(everything) - 2
+
+
+def test_a_file_of_no_events_is_not_a_capture_file(tmp_path):
+    path = tmp_path / "binary"
+    path.write_bytes(bytes(range(256)) * 4000 + b"\n")
+    with pytest.raises(capfile.NotACaptureFile, match="not a capture file"):
+        replay.load(path)
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    assert replay.load(empty) == ([], 0, 0)  # empty is a capture of nothing, not an error
+
+
+def test_har_leaves_out_only_the_transactions_it_cannot_convert_and_says_so(tmp_path):
+    import base64
+
+    import orjson
+
+    def tx_record(rid: str, tx: object) -> bytes:
+        data = base64.b64encode(orjson.dumps(tx)).decode()
+        return _record("request.http_transaction", {"data": {"data": {"requestId": rid, "data": data}}})
+
+    path = samples.write_capture(tmp_path / "c.txt")
+    with open(path, "ab") as fh:
+        fh.write(tx_record("bad-body", {"request": {"body": "!!not base64!!"}}))
+        fh.write(tx_record("bad-duration", {"request": {}, "duration_ms": "abc"}))
+        fh.write(tx_record("a-list", [1]))
+    events, _, _ = replay.load(path)
+    doc = har.from_envelopes(events)
+    assert [e["response"]["status"] for e in doc["log"]["entries"]] == [200, 404, 500]
+    assert doc["log"]["comment"].startswith("3 transactions left out, not convertible (first: bad-body: a body is "
+                                            "not valid base64")
+
+
+class _Trickle:
+    """A file that takes at most 5 bytes a write, then fails: a disk filling up."""
+
+    def __init__(self, room: int) -> None:
+        self.data, self.room = bytearray(), room
+
+    def write(self, b) -> int:
+        if self.room <= 0:
+            raise OSError(28, "No space left on device")
+        n = min(5, len(b), self.room)
+        self.data += bytes(b[:n])
+        self.room -= n
+        return n
+
+    def close(self) -> None:
+        pass
+
+
+def test_writer_finishes_short_writes_and_counts_what_it_could_not_write(tmp_path):
+    frames = [e.envelope().frame for e in samples.session_events()[:4]]
+    w = capfile.CaptureWriter(tmp_path / "out.txt")
+    w._fh = _Trickle(room=len(frames[0]) + 10)
+    for f in frames[:3]:
+        w.write(f)
+    assert (w.written, w.errors) == (1, 2)
+    w._fh.room = 1 << 20  # space again
+    w.write(frames[3])
+    assert (w.written, w.errors) == (2, 2)
+    # The cut frame reads back as one bad record, and the events either side of it whole.
+    path = tmp_path / "cut.txt"
+    path.write_bytes(bytes(w._fh.data))
+    got = list(capfile.read_events(path))
+    assert [r.frame for r in got if isinstance(r, Envelope)] == [frames[0], frames[3]]
+    assert sum(isinstance(r, capfile.BadRecord) for r in got) == 1
+
+
+def test_an_unwritable_output_file_is_counted_in_the_agents_stats(tmp_path):
+    from qtap_devtools.agent import Agent
+    from qtap_devtools.config import Config
+
+    agent = Agent(Config(output=Path("/dev/full"), docker=False))
+    for e in samples.session_events()[:4]:
+        agent.broadcaster.publish(e.envelope())
+    stats = agent.capture_stats()
+    assert (stats["file_events_written"], stats["file_write_errors"]) == (0, 4)
