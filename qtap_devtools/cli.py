@@ -12,6 +12,7 @@ from pathlib import Path
 import orjson
 
 from qtap_devtools import __version__
+from qtap_devtools.capfile import NotACaptureFile
 from qtap_devtools.config import Config, ConfigError, Listen
 
 TUNNEL = "ssh -L 10001:localhost:10001 host"
@@ -76,6 +77,22 @@ def _size(text: str) -> int:
     return value
 
 
+def _int_in(lo: int, hi: int, *, power_of_two: bool = False):
+    """An argparse type: an integer from ``lo`` to ``hi`` (a power of two if asked)."""
+
+    def parse(text: str) -> int:
+        what = f"a power of two from {lo} to {hi}" if power_of_two else f"an integer from {lo} to {hi}"
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {what}") from None
+        if not lo <= value <= hi or (power_of_two and value & (value - 1)):
+            raise argparse.ArgumentTypeError(f"{value}: expected {what}")
+        return value
+
+    return parse
+
+
 def _listen(text: str) -> Listen:
     try:
         return Listen.parse(text)
@@ -88,8 +105,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="where to serve (default 127.0.0.1:10001; loopback only unless --token)")
     p.add_argument("--token", help="require this token (Bearer or ?token=); needed for a non-loopback --listen")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    p.add_argument("--queue-size", type=int, default=4096, metavar="N",
-                   help="events a slow SSE client may lag before it is told it missed some (default 4096)")
+    p.add_argument("--queue-size", type=_int_in(16, 1_000_000), default=4096, metavar="N",
+                   help="events a slow SSE client may lag before it is told it missed some (16 to 1000000, "
+                        "default 4096)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also append the stream to FILE (same bytes as the SSE stream; replayable)")
     run.add_argument("--max-body-bytes", type=_size, default=1 << 20, metavar="N",
                      help="bodies kept per message, beyond which they are marked truncated (default 1m)")
-    run.add_argument("--ring-mib", type=int, default=32, metavar="MIB", help="BPF ring buffer size (default 32)")
+    run.add_argument("--ring-mib", type=_int_in(1, 1024, power_of_two=True), default=32, metavar="MIB",
+                     help="BPF ring buffer size, a power of two from 1 to 1024 (default 32)")
     run.add_argument("--attach-mode", choices=["auto", "entry"], default="auto",
                      help="auto: cheap probe sites where provable; entry: classic entry/return probes")
     run.add_argument("--cpu-priority", choices=["auto", "idle", "low", "normal"], default="auto",
@@ -189,7 +208,7 @@ def _config(args: argparse.Namespace) -> Config:
         if args.speed < 0:
             raise ConfigError("--speed must be 0 or more")
         extra = dict(replay_speed=args.speed)
-    return Config(listen=args.listen, log_level=args.log_level, client_queue_size=max(16, args.queue_size), **extra)
+    return Config(listen=args.listen, log_level=args.log_level, client_queue_size=args.queue_size, **extra)
 
 
 def _readable(path: Path) -> None:
@@ -245,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"qtap-devtools: error: {exc}", file=sys.stderr)
         return 2
+    except NotACaptureFile as exc:
+        print(f"qtap-devtools: error: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(f"qtap-devtools: error: {exc}", file=sys.stderr)
         return 1
@@ -256,13 +278,19 @@ def _har(args: argparse.Namespace) -> int:
     from qtap_devtools import har, replay
 
     _readable(args.file)
-    events, bad, _ = replay.load(args.file)
+    events, bad, left_out = replay.load(args.file)
     doc = har.from_envelopes(events)
     data = orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n"
     if args.output:
         args.output.write_bytes(data)
-        print(f"wrote {len(doc['log']['entries'])} entries to {args.output}"
-              + (f" ({len(bad)} bad records skipped)" if bad else ""), file=sys.stderr)
-    else:
+    notes = [f"{bad} bad record{'s' if bad > 1 else ''} skipped"] if bad else []
+    if left_out:
+        notes.append(f"{left_out} events past the replay limits left out")
+    if "comment" in doc["log"]:
+        notes.append(doc["log"]["comment"])
+    if args.output or notes:
+        print(f"{len(doc['log']['entries'])} entries" + (f" written to {args.output}" if args.output else "")
+              + "".join(f"; {n}" for n in notes), file=sys.stderr)
+    if not args.output:
         sys.stdout.buffer.write(data)
     return 0

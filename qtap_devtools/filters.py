@@ -19,6 +19,10 @@ MAX_VALUES = 32
 MAX_VALUE_LEN = 256
 
 
+# The query parameters a filter reads (a route may take others besides).
+FILTER_KEYS = ("type", "pid", "exe", "container", "host", "method", "status", "q")
+
+
 class FilterError(ValueError):
     pass
 
@@ -34,8 +38,6 @@ class EventFilter:
     status: tuple[str, ...] = ()
     text: str | None = None
     _status_preds: tuple = field(default=(), repr=False, compare=False)
-
-    KEYS = ("type", "pid", "exe", "container", "host", "method", "status", "q")
 
     @classmethod
     def from_query(cls, params: Mapping[str, str] | Any) -> "EventFilter":

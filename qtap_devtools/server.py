@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Callable, Iterable
+from urllib.parse import parse_qsl, quote, unquote
 
 import orjson
 from sse_starlette.sse import EventSourceResponse, ServerSentEvent
@@ -30,7 +31,7 @@ from qtap_devtools import events as ev
 from qtap_devtools.broadcast import Broadcaster, parse_event_id
 from qtap_devtools.config import Config
 from qtap_devtools.events import Envelope
-from qtap_devtools.filters import EventFilter, FilterError
+from qtap_devtools.filters import FILTER_KEYS, EventFilter, FilterError
 from qtap_devtools.store import Store
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,12 @@ def error(status: int, code: str, message: str) -> JSONResponse:
 
 
 class HostGuard:
-    """403 unless ``Host`` names this agent; with a token, also require it."""
+    """403 unless ``Host`` names this agent; with a token, also require it.
+
+    Bound beyond loopback (which needs a token), clients reach the agent by
+    whatever name or address the network gives it, so any ``Host`` passes and
+    the token alone guards: a DNS-rebinding page cannot present it (the
+    cookie belongs to the agent's own origin)."""
 
     def __init__(self, app: ASGIApp, runtime: Runtime) -> None:
         self.app = app
@@ -81,7 +87,8 @@ class HostGuard:
         headers = dict(scope["headers"])
         host = headers.get(b"host", b"").decode("latin-1").lower()
         name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-        if name not in self.allowed:
+        any_host = bool(self.runtime.token) and not self.runtime.config.listen.is_loopback
+        if name not in self.allowed and not any_host:
             resp = error(403, "FORBIDDEN_HOST", f"Host {host!r} is not this agent (DNS-rebinding guard)")
             return await resp(scope, receive, send)
         token = self.runtime.token
@@ -92,15 +99,41 @@ class HostGuard:
 
 
 def _token_ok(scope: Scope, headers: dict, token: str) -> bool:
-    auth = headers.get(b"authorization", b"").decode("latin-1")
-    if auth.startswith("Bearer ") and hmac.compare_digest(auth[7:], token):
+    want = token.encode()
+
+    def same(given: str | bytes) -> bool:  # in constant time, as bytes: any text compares
+        return hmac.compare_digest(given if isinstance(given, bytes) else given.encode("utf-8", "replace"), want)
+
+    auth = headers.get(b"authorization", b"")
+    if auth.startswith(b"Bearer ") and same(auth[7:]):
         return True
-    for part in headers.get(b"cookie", b"").decode("latin-1").split(";"):
-        k, _, v = part.strip().partition("=")
-        if k == "qtap_token" and hmac.compare_digest(v, token):
+    for part in headers.get(b"cookie", b"").split(b";"):
+        k, _, v = part.strip().partition(b"=")
+        if k == b"qtap_token" and same(unquote(v.decode("latin-1"))):  # as index() percent-encoded it
             return True
     query = scope.get("query_string", b"").decode("latin-1")
-    return any(hmac.compare_digest(p[6:], token) for p in query.split("&") if p.startswith("token="))
+    return any(same(v) for k, v in parse_qsl(query) if k == "token")
+
+
+def _only(request: Request, *extra: str) -> EventFilter:
+    """The request's event filter, after checking it names only parameters
+    this route reads: a misspelt ``stauts=4xx`` is a 400, not every event."""
+    accepted = (*FILTER_KEYS, *extra, "token")
+    unknown = sorted({k for k in request.query_params.keys() if k not in accepted})
+    if unknown:
+        raise FilterError(f"unknown parameter{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                          f"this endpoint takes: {', '.join(accepted)}")
+    return EventFilter.from_query(request.query_params)
+
+
+def _flag(request: Request, name: str, default: bool) -> bool:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value not in ("true", "1", "yes", "false", "0", "no"):
+        raise FilterError(f"{name}: expected true or false")
+    return value in ("true", "1", "yes")
 
 
 def _int(request: Request, name: str, default: int, lo: int, hi: int) -> int:
@@ -131,8 +164,8 @@ def create_app(rt: Runtime) -> Starlette:
 
     @guarded
     async def stream(request: Request) -> Response:
-        flt = EventFilter.from_query(request.query_params)
-        snapshot = request.query_params.get("snapshot", "true").lower() not in ("false", "0", "no")
+        flt = _only(request, "snapshot", "after")
+        snapshot = _flag(request, "snapshot", True)
         resume = request.headers.get("last-event-id") or request.query_params.get("after")
         resume_after = parse_event_id(resume, bc.instance) if resume else None
         if resume and resume_after is None:
@@ -190,7 +223,7 @@ def create_app(rt: Runtime) -> Starlette:
 
     @guarded
     async def transactions(request: Request) -> Response:
-        flt = EventFilter.from_query(request.query_params)
+        flt = _only(request, "limit", "offset")
         limit = _int(request, "limit", 100, 1, 10_000)
         offset = _int(request, "offset", 0, 0, 10_000_000)
         rows = [e for e in map(Envelope.parsed, store.recent_transactions()) if flt.matches(e)]
@@ -219,6 +252,9 @@ def create_app(rt: Runtime) -> Starlette:
 
     @guarded
     async def connections(request: Request) -> Response:
+        unknown = sorted(k for k in request.query_params.keys() if k not in ("state", "token"))
+        if unknown:
+            raise FilterError(f"unknown parameter {unknown[0]!r}; this endpoint takes: state, token")
         state = request.query_params.get("state", "all")
         if state not in ("all", "open", "closed"):
             raise FilterError("state: expected all, open or closed")
@@ -239,7 +275,7 @@ def create_app(rt: Runtime) -> Starlette:
 
     @guarded
     async def har_export(request: Request) -> Response:
-        flt = EventFilter.from_query(request.query_params)
+        flt = _only(request)
         doc = har.from_envelopes(e for e in map(Envelope.parsed, store.recent_transactions()) if flt.matches(e))
         return JSONResponse(doc, headers={"Content-Disposition": 'attachment; filename="qtap-devtools.har"'})
 
@@ -268,7 +304,8 @@ def create_app(rt: Runtime) -> Starlette:
         if rt.token:
             # The page's own assets and stream are fetched without ?token=; the
             # guard already checked it, so hand the browser a cookie for them.
-            resp.set_cookie("qtap_token", rt.token, httponly=True, samesite="strict", path="/")
+            # Percent-encoded: a cookie value cannot hold every character a token may.
+            resp.set_cookie("qtap_token", quote(rt.token, safe=""), httponly=True, samesite="strict", path="/")
         return resp
 
     docs = {

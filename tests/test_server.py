@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 
 import orjson
 import pytest
@@ -76,6 +77,22 @@ def test_bad_query_parameters_get_400_with_reason(server, query):
     assert query.split("=")[0] in body["error"]["message"]
 
 
+@pytest.mark.parametrize("path, query, says", [
+    ("/devtools/api/transactions", "stauts=4xx", "'stauts'"),
+    ("/devtools/api/events", "typ=request.http_transaction", "'typ'"),
+    ("/devtools/api/har", "limit=5", "'limit'"),
+    ("/devtools/api/connections", "stat=open", "'stat'"),
+    ("/devtools/api/events", "snapshot=maybe", "snapshot: expected true or false"),
+])
+def test_a_misspelt_or_unknown_parameter_is_a_400_naming_it(server, path, query, says):
+    # Ignored, ``stauts=4xx`` would answer with every transaction as if filtered.
+    status, body = get(f"{server.url}{path}?{query}")
+    assert status == 400 and body["error"]["code"] == "INVALID_REQUEST"
+    assert says in body["error"]["message"]
+    if "unknown" in body["error"]["message"]:
+        assert "takes:" in body["error"]["message"]
+
+
 def test_bad_filter_on_the_stream_is_a_400_not_a_stream(server):
     status, body = get(server.url + "/devtools/api/events?status=99x")
     assert status == 400 and "status" in body["error"]["message"]
@@ -130,7 +147,9 @@ def test_non_loopback_listen_is_refused_with_tunnel_advice(tmp_path):
 
 
 @pytest.mark.parametrize("args", [["run", "--bogus"], ["replay"], ["run", "--listen", "x:y"],
-                                  ["run", "--max-body-bytes", "lots"], ["frobnicate"]])
+                                  ["run", "--max-body-bytes", "lots"], ["frobnicate"], ["run", "--ring-mib", "3"],
+                                  ["run", "--ring-mib", "-8"], ["run", "--ring-mib", "4096"],
+                                  ["run", "--queue-size", "-1"], ["replay", "f", "--queue-size", "x"]])
 def test_bad_flags_are_one_line_and_exit_2(args):
     r = cli(*args)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -144,6 +163,13 @@ def test_missing_or_unreadable_capture_is_one_line_exit_2(tmp_path):
     assert r.returncode == 2 and "no such file" in r.stderr
 
 
+def test_a_file_that_is_not_a_capture_is_one_line_exit_1(tmp_path):
+    for command in ("replay", "har"):
+        r = cli(command, "/bin/true")
+        assert r.returncode == 1 and "not a capture file?" in r.stderr, r.stderr
+        assert r.stderr.strip().splitlines()[-1].startswith("qtap-devtools: error: /bin/true: ")
+
+
 # --help examples: tests/test_cli.py
 
 
@@ -151,6 +177,12 @@ def test_har_command_converts_a_capture(tmp_path):
     capture = samples.write_capture(tmp_path / "c.txt")
     r = cli("har", str(capture), "-o", str(tmp_path / "out.har"))
     assert r.returncode == 0, r.stderr
+    assert r.stderr.strip() == f"3 entries written to {tmp_path / 'out.har'}"
+    with open(capture, "ab") as fh:
+        fh.write(b"event: process.started\ndata: {\"data\": \"x\"}\n\n")
+    r = cli("har", str(capture))
+    assert r.returncode == 0 and orjson.loads(r.stdout)["log"]["entries"]
+    assert r.stderr.strip().splitlines()[-1] == "3 entries; 1 bad record skipped"
     doc = orjson.loads((tmp_path / "out.har").read_bytes())
     assert doc["log"]["version"] == "1.2"
     assert [e["response"]["status"] for e in doc["log"]["entries"]] == [200, 404, 500]
@@ -308,9 +340,11 @@ class InProcess:
     """``create_app(rt)`` served by a real uvicorn in a thread on a free port."""
 
     def __init__(self, *, queue_size: int = 4096, keepalive: float = 15.0,
-                 not_ready: str | None = "capture is starting") -> None:
+                 not_ready: str | None = "capture is starting", listen_host: str = "127.0.0.1",
+                 token: str | None = None) -> None:
         self.port = free_port()
-        cfg = Config(listen=Listen("127.0.0.1", self.port), client_queue_size=queue_size,
+        # uvicorn binds loopback whatever ``listen_host`` says: the guard reads the config.
+        cfg = Config(listen=Listen(listen_host, self.port), client_queue_size=queue_size,
                      keepalive_seconds=keepalive)
         self.bc = Broadcaster(client_queue_size=queue_size)
         store = Store()
@@ -322,7 +356,7 @@ class InProcess:
                                    instance=self.bc.instance).envelope()
 
         self.rt = Runtime(config=cfg, broadcaster=self.bc, store=store, mode="live", greeting=greeting,
-                          not_ready=not_ready)
+                          not_ready=not_ready, token=token)
         self.server = uvicorn.Server(uvicorn.Config(create_app(self.rt), host="127.0.0.1", port=self.port,
                                                     log_level="warning", access_log=False, lifespan="off", ws="none"))
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -484,3 +518,52 @@ def test_last_event_id_header_resumes_after_that_event():
 
         status, body = get(app.url + "/devtools/api/events", headers={"Last-Event-ID": "not-an-id"})
         assert status == 400 and "Last-Event-ID" in body["error"]["message"]
+
+
+def _raw_get(port: int, path: str, host: str, headers: dict | None = None) -> tuple[int, dict, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    conn.putrequest("GET", path, skip_host=True)
+    conn.putheader("Host", host)
+    for k, v in (headers or {}).items():
+        conn.putheader(k, v)
+    conn.endheaders()
+    resp = conn.getresponse()
+    body = resp.read()
+    conn.close()
+    return resp.status, dict(resp.getheaders()), body
+
+
+def test_bound_beyond_loopback_with_a_token_any_host_name_is_served_with_the_token():
+    # As `--listen 0.0.0.0:PORT --token …`: clients use whatever name reaches the
+    # machine, so Host cannot be checked; the token is the guard.  (uvicorn
+    # itself binds loopback here: no traffic leaves the machine.)
+    token = "a+b/c=é"
+    with InProcess(not_ready=None, listen_host="0.0.0.0", token=token) as app:
+        host = f"agent.example:{app.port}"
+        assert _raw_get(app.port, "/devtools/api/stats", host)[0] == 401
+        assert _raw_get(app.port, "/healthz", host)[0] == 200
+        assert _raw_get(app.port, "/devtools/api/stats", host, {"Authorization": "Bearer wrong"})[0] == 401
+        # A token outside ASCII, sent as the UTF-8 bytes a client sends: compared, not a 500.
+        conn = http.client.HTTPConnection("127.0.0.1", app.port, timeout=5)
+        conn.putrequest("GET", "/devtools/api/stats", skip_host=True)
+        conn.putheader("Host", host)
+        conn.putheader("Authorization", b"Bearer " + token.encode())
+        conn.endheaders()
+        assert conn.getresponse().status == 200
+        conn.close()
+        quoted = urllib.parse.quote(token, safe="")
+        assert _raw_get(app.port, f"/devtools/api/stats?token={quoted}", host)[0] == 200
+        # The page hands the browser a cookie; sent back as the browser would, it is accepted.
+        status, headers, _ = _raw_get(app.port, f"/devtools/?token={quoted}", host)
+        cookie = headers["set-cookie"].split(";")[0]
+        assert status == 200 and cookie.startswith("qtap_token=")
+        assert _raw_get(app.port, "/devtools/api/stats", host, {"Cookie": cookie.encode("latin-1")})[0] == 200
+
+
+def test_on_loopback_the_host_check_holds_even_with_a_token():
+    with InProcess(not_ready=None, token="s3cret") as app:
+        status, _, body = _raw_get(app.port, "/devtools/api/stats", f"agent.example:{app.port}",
+                                   {"Authorization": "Bearer s3cret"})
+        assert status == 403 and orjson.loads(body)["error"]["code"] == "FORBIDDEN_HOST"
+        assert _raw_get(app.port, "/devtools/api/stats", f"localhost:{app.port}",
+                        {"Authorization": "Bearer s3cret"})[0] == 200
