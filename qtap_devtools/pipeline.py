@@ -126,6 +126,9 @@ class Pipeline:
             "unpaired_close": 0,
             "own_traffic_skipped": 0,
             "connects_not_established": 0,
+            # HTTP/2 is recognised but not decoded (HTTP/1.x only): each such
+            # connection is shown, and counted here, its requests are not.
+            "http2_connections_not_decoded": 0,
         }
 
     # ------------------------------------------------------------ helpers
@@ -378,8 +381,9 @@ class Pipeline:
         else:
             info.bytes_received += len(r.data)
         if conn.assembler.protocol == "unknown" and r.data.startswith(HTTP2_PREFACE[: len(r.data)]) and len(r.data) >= 4:
-            if r.data.startswith(HTTP2_PREFACE):
+            if r.data.startswith(HTTP2_PREFACE) and info.l7_protocol != "http2":
                 info.l7_protocol = "http2"
+                self.counters["http2_connections_not_decoded"] += 1
         if info.l7_protocol == "http2":
             self._maybe_updated(conn, r.ts_ns)
             return

@@ -133,6 +133,23 @@ def test_garbage_marks_connection_other_and_raises_nothing():
     assert events[-1].payload()["data"]["l7Protocol"] == "other"
 
 
+def test_http2_is_shown_as_an_http2_connection_and_counted_as_not_decoded():
+    # HTTP/1.x only: an HTTP/2 connection's requests are not decoded, and the
+    # stats say how many such connections there were rather than nothing at all.
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+    settings = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+    events, p = run([
+        rec.SocketConnect(100, 5, 1_000, EP_S),
+        rec.DataChunk(100, 100, 5, 2_000, "egress", "openssl", 0, preface + settings, tls_ref=0xabc),
+        rec.DataChunk(100, 100, 5, 3_000, "ingress", "openssl", 0, settings, tls_ref=0xabc),
+        rec.DataChunk(100, 100, 5, 4_000, "egress", "openssl", len(preface) + 9, preface + settings, tls_ref=0xabc),
+        rec.SocketClose(100, 5, 9_000),
+    ])
+    assert "request.http_transaction" not in types(events)
+    assert events[-1].payload()["data"]["l7Protocol"] == "http2"
+    assert p.counters["http2_connections_not_decoded"] == 1
+
+
 def test_own_port_and_own_pid_are_not_captured():
     own = rec.Endpoint("127.0.0.1", 10001)
     events, p = run([
