@@ -9,6 +9,7 @@ carries the reason, so the one-line error is visible from every surface.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import gc
 import logging
@@ -17,7 +18,9 @@ import platform
 import signal
 import socket
 import sys
+import threading
 import time
+from typing import Any, Awaitable, Callable
 
 from qtap_devtools import __version__, compiled, kheaders
 from qtap_devtools.backlog import Backlog
@@ -111,7 +114,8 @@ class Agent:
             out.update(self.backlog.stats())
         if self.writer is not None:
             out["file_events_written"] = self.writer.written
-            out["file_write_errors"] = self.writer.errors  # events the --output file lacks
+            out["file_write_errors"] = self.writer.errors  # events the --output file lacks: failed writes
+            out["file_events_dropped"] = self.writer.dropped  # and events it fell too far behind to take
         out["enrich"] = self.enricher.stats()
         out.update(self.priority.stats())
         return out
@@ -182,7 +186,7 @@ class Agent:
         self._tasks.append(asyncio.create_task(self.publisher.run()))
         self.enricher.start()
         print("qtap-devtools: starting capture (compiling probes takes a few seconds)…", flush=True)
-        await loop.run_in_executor(None, self._start_capture, loop)
+        await _in_daemon_thread(loop, "capture-start", self._start_capture, loop)
         if self.capture is None:
             log.error("capture not running: %s", self.capture_error)
             print(f"qtap-devtools: capture not running: {self.capture_error}", flush=True)
@@ -231,7 +235,31 @@ class Agent:
                 t.cancel()
             self.enricher.stop()
             if self.writer is not None:
-                self.writer.close()
+                self.writer.close(timeout=0.5)  # what a stalled file has not taken by then is lost
+
+
+def _in_daemon_thread(loop: asyncio.AbstractEventLoop, name: str, fn: Callable[..., Any], *args: Any) -> Awaitable:
+    """``fn(*args)`` on a daemon thread, awaitable.  Not the loop's executor:
+    its threads are joined at exit, and a stop asked for while the probes
+    compile must not wait for the compile to finish."""
+    fut = loop.create_future()
+
+    def settle(setter: Callable[[Any], None], value: Any) -> None:
+        if not fut.done():  # cancelled: the agent is stopping
+            setter(value)
+
+    def work() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as exc:  # handed to the awaiting task
+            with contextlib.suppress(RuntimeError):  # the loop is gone: so is the agent
+                loop.call_soon_threadsafe(settle, fut.set_exception, exc)
+        else:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(settle, fut.set_result, result)
+
+    threading.Thread(target=work, name=name, daemon=True).start()
+    return fut
 
 
 BIN_DIRS = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")

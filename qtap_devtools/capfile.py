@@ -14,11 +14,14 @@ as an exception wherever the field is read.
 from __future__ import annotations
 
 import logging
+import threading
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Mapping
 
 from qtap_devtools.events import Envelope
+from qtap_devtools.threads import service_thread
 
 log = logging.getLogger(__name__)
 
@@ -36,29 +39,83 @@ class BadRecord:
 
 
 class CaptureWriter:
-    """Appends each event's SSE frame and flushes it, so a crash loses at most
-    the event in flight."""
+    """Appends each event's SSE frame to a file, from a thread of its own.
 
-    def __init__(self, path: Path) -> None:
+    The event loop only queues a frame (``write`` never blocks): a file on a
+    slow disk, or a pipe whose reader stalls (``--output >(gzip > f)``), would
+    otherwise stop the stream, the REST API and the signal handlers with it.
+    The queue holds at most ``max_pending_bytes``; past that an event is not
+    saved and is counted (``dropped``).  Each frame is written whole and
+    unbuffered, so a crash loses only what was still queued.
+    """
+
+    def __init__(self, path: Path, max_pending_bytes: int = 64 << 20) -> None:
         self.path = path
         self._fh: BinaryIO = open(path, "ab", buffering=0)
+        self.max_pending_bytes = max_pending_bytes
         self.written = 0
-        self.errors = 0
+        self.errors = 0  # frames a write failed for (a full disk)
+        self.dropped = 0  # frames not saved because the file fell behind
         self._torn = False  # the file ends inside a frame a failed write cut
+        self._queue: deque[bytes] = deque()
+        self._pending = 0  # bytes queued or being written
+        self._closing = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="qtap-file", daemon=True)
+        self._thread.start()
 
     def write(self, *parts: bytes) -> None:
-        """One event's frame, whole or in pieces (``Published.parts()``).
-
-        A failed write is counted (``errors``: the events the file lacks) and
-        logged once.  A frame cut by a failure (a full disk) is ended with a
-        blank line before the next frame that can be written, so it reads back
-        as one bad record and not as the ruin of the event after it."""
+        """Queue one event's frame, whole or in pieces (``Published.parts()``)."""
         frame = parts[0] if len(parts) == 1 else b"".join(parts)
-        if self._torn:
-            frame = b"\n\n" + frame
-        view, done = memoryview(frame), 0
+        with self._cond:
+            if self._closing:
+                return
+            if self._pending and self._pending + len(frame) > self.max_pending_bytes:
+                self.dropped += 1
+                if self.dropped == 1:
+                    log.error("capture file %s: writing fell %d MiB behind; events not saved are counted "
+                              "(file_events_dropped)", self.path, self.max_pending_bytes >> 20)
+                return
+            self._queue.append(frame)
+            self._pending += len(frame)
+            self._cond.notify()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every queued frame is written (or failed); False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._pending, timeout)
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Write what is queued, waiting at most ``timeout``, and close the file."""
+        self.flush(timeout)
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self._fh.close()
+
+    def _run(self) -> None:
+        service_thread("qtap-file")  # an idle writer would fall behind under load
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._queue or self._closing)
+                if not self._queue:
+                    return
+                frame = self._queue.popleft()
+            self._write(frame)
+            with self._cond:
+                self._pending -= len(frame)
+                self._cond.notify_all()
+
+    def _write(self, frame: bytes) -> None:
+        """A failed write is counted (``errors``) and logged once.  A frame cut
+        by a failure is ended with a blank line before the next frame that can
+        be written, so it reads back as one bad record and not as the ruin of
+        the event after it."""
+        view, done = memoryview(b"\n\n" + frame if self._torn else frame), 0
         try:
-            while done < len(view):  # unbuffered: on disk when this returns
+            while done < len(view):
                 done += self._fh.write(view[done:]) or 0
         except OSError as exc:
             self.errors += 1
@@ -69,9 +126,6 @@ class CaptureWriter:
             return
         self._torn = False
         self.written += 1
-
-    def close(self) -> None:
-        self._fh.close()
 
 
 def read_events(path: Path) -> Iterator[Envelope | BadRecord]:

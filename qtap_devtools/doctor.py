@@ -260,6 +260,7 @@ DROP_COUNTERS = (
     ("capture", "shed_calls", "calls whose body was cut while capture was behind or over --max-capture-rate (heads kept)"),
     ("broadcast", "subscriberDrops", "events slow clients missed (each told by system.dropped)"),
     ("capture", "file_write_errors", "events the --output file lacks (writes failed: disk full?)"),
+    ("capture", "file_events_dropped", "events the --output file lacks (it fell 64 MiB behind: slow disk or pipe?)"),
 )
 
 

@@ -9,17 +9,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import os
 import signal
+import socket
 from typing import Awaitable, Callable
 
 import uvicorn
 
+from qtap_devtools.config import Listen
 from qtap_devtools.server import Runtime, create_app
 
 log = logging.getLogger(__name__)
 
 DRAIN_SECONDS = 0.8  # for clients to read their goodbye before uvicorn closes sockets
+
+
+def listen_socket(listen: Listen) -> socket.socket:
+    """The server's listening socket, or OSError saying plainly why not."""
+    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+    try:
+        return socket.create_server((listen.host, listen.port), family=family, backlog=2048)
+    except OSError as exc:
+        why = os.strerror(exc.errno) if exc.errno else str(exc)
+        if exc.errno == errno.EADDRINUSE:
+            why += f" (another qtap-devtools? `ss -ltnp 'sport = :{listen.port}'` shows what holds it; or --listen)"
+        raise OSError(f"cannot listen on {listen.url()}: {why}") from None
 
 
 class _Server(uvicorn.Server):
@@ -60,19 +76,28 @@ async def serve(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, request_stop, sig.name)
 
-    serve_task = asyncio.create_task(server.serve())
+    # Bound here, not by uvicorn: uvicorn reports a port in use by exiting the
+    # process from inside its task (a traceback and status 3), not by raising.
+    sock = listen_socket(cfg.listen)
+    serve_task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:
         if serve_task.done():
-            # uvicorn exits (rather than raises) when it cannot bind.
             exc = serve_task.exception()
-            raise OSError(f"cannot listen on {cfg.listen.url()}: {exc or 'address in use or not permitted'}")
+            raise OSError(f"cannot serve on {cfg.listen.url()}: {exc or 'the server stopped at start'}")
         await asyncio.sleep(0.02)
     print(f"qtap-devtools: serving {rt.mode} events on {cfg.listen.url()}/devtools/api/events "
           f"(DevTools page: {cfg.listen.url()}/devtools)", flush=True)
-    if on_started is not None:
-        await on_started()
 
     stop_wait = asyncio.create_task(stopping.wait())
+    if on_started is not None:
+        # Starting capture takes seconds (compiling the probes): a signal
+        # meanwhile stops the agent now, not once capture runs.
+        start_task = asyncio.create_task(on_started())
+        await asyncio.wait({start_task, stop_wait, serve_task}, return_when=asyncio.FIRST_COMPLETED)
+        if not start_task.done():
+            start_task.cancel()
+        elif not start_task.cancelled() and start_task.exception() is not None:
+            raise start_task.exception()  # type: ignore[misc]
     await asyncio.wait({serve_task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
     if on_stopping is not None:
         with contextlib.suppress(Exception):

@@ -112,15 +112,25 @@ class Store:
             s = d.get("summary") or {}
             pid = s.get("process_pid")
             if isinstance(pid, int):
-                self.process_events[pid] += 1
+                counts = self.process_events
+                counts[pid] += 1
+                if len(counts) > self.processes.limit:  # pids whose stop we never saw
+                    for gone in [p for p in counts if self.processes.get(p) is None]:
+                        del counts[gone]
             self._index_endpoint(d, s)
         elif t == ev.PROCESS_STARTED:
             d = env.body.get("data") or {}
-            if isinstance(d.get("pid"), int):
-                self.processes.put(d["pid"], d)
+            pid = d.get("pid")
+            if isinstance(pid, int):
+                if self.processes.get(pid) != d:  # a new process (a reused pid): its own count
+                    self.process_events.pop(pid, None)
+                self.processes.put(pid, d)
         elif t == ev.PROCESS_STOPPED:
             d = env.body.get("data") or {}
-            self.processes.pop(d.get("pid"), None)
+            pid = d.get("pid")
+            self.processes.pop(pid, None)
+            if isinstance(pid, int):
+                self.process_events.pop(pid, None)
         elif t.startswith("connection."):
             d = env.inner
             cid = (d.get("meta") or {}).get("connectionId")

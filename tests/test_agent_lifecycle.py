@@ -59,6 +59,22 @@ def test_live_agent_says_goodbye_and_exits_within_two_seconds(tmp_path, sig):
         time.sleep(0.2)
 
 
+def test_a_signal_while_the_probes_compile_stops_the_agent_without_waiting_for_them(tmp_path):
+    port = free_port()
+    proc = AgentProcess(["run", "--no-docker", "--listen", f"127.0.0.1:{port}"], port,
+                        tmp_path / "agent.log").start("/healthz")  # serving; capture still starting
+    deadline = time.monotonic() + 30
+    while "starting capture" not in proc.output():
+        assert time.monotonic() < deadline, proc.output()
+        time.sleep(0.01)
+    proc.proc.send_signal(signal.SIGTERM)
+    rc = proc.proc.wait(timeout=5)  # a hang bound: compiling alone takes seconds
+    out = proc.output()
+    assert rc == 0, out
+    assert "SIGTERM received" in out or "shutting down" in out
+    assert "capture running" not in out  # it stopped before capture was up, not after
+
+
 def agent_threads(pid: int) -> dict[int, str]:
     out = {}
     for t in os.listdir(f"/proc/{pid}/task"):

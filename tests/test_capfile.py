@@ -41,7 +41,8 @@ def test_writer_appends_exact_frames_and_flushes(tmp_path):
     w = capfile.CaptureWriter(path)
     frame = samples.session_events()[0].envelope().frame
     w.write(frame)
-    assert path.read_bytes() == frame  # visible before close: a crash loses nothing written
+    assert w.flush(timeout=10)
+    assert path.read_bytes() == frame  # written out before close: a crash loses nothing written
     w.close()
 
 
@@ -170,9 +171,11 @@ def test_writer_finishes_short_writes_and_counts_what_it_could_not_write(tmp_pat
     w._fh = _Trickle(room=len(frames[0]) + 10)
     for f in frames[:3]:
         w.write(f)
+    assert w.flush(timeout=10)
     assert (w.written, w.errors) == (1, 2)
     w._fh.room = 1 << 20  # space again
     w.write(frames[3])
+    assert w.flush(timeout=10)
     assert (w.written, w.errors) == (2, 2)
     # The cut frame reads back as one bad record, and the events either side of it whole.
     path = tmp_path / "cut.txt"
@@ -189,5 +192,27 @@ def test_an_unwritable_output_file_is_counted_in_the_agents_stats(tmp_path):
     agent = Agent(Config(output=Path("/dev/full"), docker=False))
     for e in samples.session_events()[:4]:
         agent.broadcaster.publish(e.envelope())
+    assert agent.writer.flush(timeout=10)
     stats = agent.capture_stats()
-    assert (stats["file_events_written"], stats["file_write_errors"]) == (0, 4)
+    assert (stats["file_events_written"], stats["file_write_errors"], stats["file_events_dropped"]) == (0, 4, 0)
+    agent.writer.close()
+
+
+def test_a_stalled_output_never_blocks_the_publisher_and_what_it_cannot_take_is_counted(tmp_path):
+    # A FIFO nobody reads: a write to it blocks.  The event loop must not.
+    import os
+
+    fifo = tmp_path / "out.fifo"
+    os.mkfifo(fifo)
+    keep_open = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader that never reads
+    try:
+        frames = [e.envelope().frame for e in samples.session_events()]
+        w = capfile.CaptureWriter(fifo, max_pending_bytes=256 << 10)
+        big = frames[0] * (1 + (80 << 10) // len(frames[0]))  # ~80 KiB: the pipe holds 64
+        for _ in range(20):
+            w.write(big)  # returns at once every time
+        assert w.dropped > 0 and w.written < 20
+        assert not w.flush(timeout=0.2)  # still stuck on the pipe
+        w.close(timeout=0.2)  # gives up on it rather than hang
+    finally:
+        os.close(keep_open)

@@ -161,3 +161,29 @@ def _until(predicate, timeout: float = 5.0) -> None:
         if time.monotonic() > end:
             raise AssertionError("condition not met in time")
         time.sleep(0.02)
+
+
+def test_stop_is_bounded_when_the_docker_daemon_hangs(tmp_path):
+    # A daemon that accepts and never answers: the lookup threads are stuck in
+    # a read nothing can interrupt, and the agent's exit must not wait on them
+    # (they are daemon threads) for more than the time stop() is given.
+    import socket
+    import threading
+
+    path = str(tmp_path / "docker.sock")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen(8)
+    held = []
+    threading.Thread(target=lambda: [held.append(server.accept()) for _ in range(8)], daemon=True).start()
+    enricher = Enricher(docker_url="unix://" + path)
+    enricher.start()
+    deadline = time.monotonic() + 10
+    while not held:  # the events thread has connected and is waiting for an answer
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    started = time.monotonic()
+    enricher.stop(timeout=0.3)
+    assert time.monotonic() - started < 2.0  # a hang bound: the old code waited 2 s per thread
+    assert all(t.daemon for t in enricher.docker._threads)
+    server.close()

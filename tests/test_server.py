@@ -163,6 +163,16 @@ def test_missing_or_unreadable_capture_is_one_line_exit_2(tmp_path):
     assert r.returncode == 2 and "no such file" in r.stderr
 
 
+def test_a_port_in_use_is_one_line_naming_it_and_exit_1():
+    with socket.create_server(("127.0.0.1", 0)) as held:
+        port = held.getsockname()[1]
+        r = cli("replay", str(ROOT / "examples" / "traffic-capture.txt"), "--listen", f"127.0.0.1:{port}")
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip() == (f"qtap-devtools: error: cannot listen on http://127.0.0.1:{port}: Address already "
+                                f"in use (another qtap-devtools? `ss -ltnp 'sport = :{port}'` shows what holds "
+                                "it; or --listen)")
+
+
 def test_a_file_that_is_not_a_capture_is_one_line_exit_1(tmp_path):
     for command in ("replay", "har"):
         r = cli(command, "/bin/true")

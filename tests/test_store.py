@@ -52,3 +52,32 @@ def test_the_endpoint_index_counts_by_route_with_statuses_errors_and_latency():
                      "max_ms": 30, "statuses": {"200": 2, "404": 1, "None": 1}, "avg_ms": 11.8}
     assert posts == {"host": "api.test", "method": "POST", "path": "/users", "count": 3, "errors": 0,
                      "max_ms": 7, "statuses": {"201": 3}, "avg_ms": 3.2}
+
+
+def proc(pid: int, created: str, stopped: bool = False) -> Envelope:
+    kind = ev.PROCESS_STOPPED if stopped else ev.PROCESS_STARTED
+    return Envelope.of(kind, {"pid": pid, "binary": "curl", "createdAt": created}, 0)
+
+
+def pid_tx(i: int, pid: int) -> Envelope:
+    return Envelope.of(ev.HTTP_TRANSACTION, {"data": {"requestId": f"r{i}", "summary": {"process_pid": pid}}}, 0)
+
+
+def test_a_process_counts_its_own_requests_not_those_of_an_earlier_process_with_its_pid():
+    store = Store()
+    store.on_event(proc(7, "2025-12-12T16:00:00.000Z"))
+    for i in range(3):
+        store.on_event(pid_tx(i, 7))
+    store.on_event(proc(7, "2025-12-12T16:00:00.000Z"))  # announced again (a snapshot): the same process
+    assert [(p["pid"], p["event_count"]) for p in store.process_list()] == [(7, 3)]
+    store.on_event(proc(7, "2025-12-12T16:00:00.000Z", stopped=True))
+    store.on_event(proc(7, "2025-12-12T17:00:00.000Z"))  # the pid reused
+    store.on_event(pid_tx(9, 7))
+    assert [(p["pid"], p["event_count"]) for p in store.process_list()] == [(7, 1)]
+
+
+def test_request_counts_for_processes_never_seen_stop_are_bounded():
+    store = Store(processes=4)
+    for pid in range(100, 120):  # transactions of processes the store never heard of
+        store.on_event(pid_tx(pid, pid))
+    assert len(store.process_events) <= 5

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from dataclasses import replace as dataclasses_replace
 import re
 import time
 from datetime import datetime, timezone
@@ -726,6 +727,47 @@ def test_row_cap_drops_the_oldest_and_clear_empties(page, rich):
     page.click('[data-testid="clear"]')
     wait_shown(page, 0)
     assert total_count(page) == 0 and rows(page) == []
+
+
+def test_rows_of_large_bodies_are_bounded_in_megabytes_too(page, tmp_path):
+    # 12 transactions with 100 KB bodies: ~180 KB each as the page holds them
+    # (base64 twice).  At ?capmb=1 it keeps the newest few and says how many it let go.
+    conn = samples.connection()
+    n = 12
+    events = [samples.transaction(conn, f"d4u9big00000000000{i:02d}", path=f"/big/{i}", ts_offset_ms=36064 + i,
+                                  response_body=bytes([65 + i]) * 100_000) for i in range(n)]
+    with replay_server(tmp_path, events) as agent:
+        open_devtools(page, agent.url, "?capmb=1")
+        page.wait_for_function(
+            "n => { const el = document.querySelector('[data-testid=summary-requests]');"
+            " return Number(el.dataset.total) + Number(el.dataset.letGo) >= n; }", arg=n, timeout=15_000)
+        kept, let_go = total_count(page), int(page.get_attribute('[data-testid="summary-requests"]', "data-let-go"))
+        assert 1 <= kept <= 6 and kept + let_go == n
+        assert f"/big/{n - 1}" in rows(page)[-1]  # the newest stay
+        assert "let go" in page.get_attribute('[data-testid="summary-requests"]', "title")
+
+
+def test_a_reused_pid_starts_its_request_count_afresh(page, tmp_path):
+    from qtap_devtools.events import ProcessStarted, ProcessStopped
+
+    conn = samples.connection()
+    first = samples.PYTHON
+    second = dataclasses_replace(first, start_time_ns=first.start_time_ns + 10**12, cmdline="python3.11 other.py")
+    events = [ProcessStarted(first, ts_ns=samples.TS)]
+    events += [samples.transaction(conn, f"d4u9pid000000000000{i}", path=f"/p/{i}", ts_offset_ms=36064 + i)
+               for i in range(3)]
+    events += [ProcessStopped(first, exit_code=0, ts_ns=samples.TS + 40 * 10**9),
+               ProcessStarted(second, ts_ns=samples.TS + 41 * 10**9),
+               samples.transaction(conn, "d4u9pid0000000000009", path="/p/9", ts_offset_ms=42000)]
+    with replay_server(tmp_path, events) as agent:
+        open_devtools(page, agent.url)
+        wait_rows(page, 4)
+        page.click('[data-testid="view-processes"]')
+        procs = page.locator('[data-testid="process-row"]')
+        procs.first.wait_for()
+        cells = [procs.nth(i).inner_text().split("\n") for i in range(procs.count())]
+        # pid, state, binary, command, user, container, pod (none here), requests, started
+        assert sorted((c[3], c[-2]) for c in cells) == [("python3.11 app.py", "3"), ("python3.11 other.py", "1")], cells
 
 
 def test_pause_keeps_new_rows_until_resume(page, tmp_path):

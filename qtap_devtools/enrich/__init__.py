@@ -93,11 +93,15 @@ class Enricher:
                 )
                 self.kube.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 1.0) -> None:
+        """Stop the lookups, waiting at most ``timeout`` in all: their threads
+        are daemons, and a hung Docker daemon or API server must not hold up
+        the agent's exit (a call in flight cannot be interrupted)."""
+        deadline = time.monotonic() + timeout
         if self.docker is not None:
-            self.docker.stop()
+            self.docker.stop(timeout=max(0.0, deadline - time.monotonic()) / 2)
         if self.kube is not None:
-            self.kube.stop()
+            self.kube.stop(timeout=max(0.0, deadline - time.monotonic()))
 
     # -------------------------------------------------------------- processes
 

@@ -174,8 +174,9 @@ class DockerMetadata:
             self._queue.put_nowait(_STOP)
         except queue.Full:
             pass  # the fetcher polls the stop flag too
+        deadline = time.monotonic() + timeout  # for all the threads, not each
         for t in self._threads:
-            t.join(timeout)
+            t.join(max(0.0, deadline - time.monotonic()))
         self.state = "stopped"
 
     # ------------------------------------------------------ the event thread

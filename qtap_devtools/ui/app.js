@@ -15,6 +15,10 @@ const API = "/devtools/api";
 const params = new URLSearchParams(location.search);
 const TOKEN = params.get("token");
 const ROW_CAP = clampInt(params.get("cap"), 10000, 10, 1000000);
+// Rows hold their transaction (bodies base64 twice): with megabyte bodies a
+// count alone would hold gigabytes, so the rows and the paused buffer are also
+// bounded in MB (?capmb=), the oldest let go first.
+const BYTES_CAP = clampInt(params.get("capmb"), 256, 1, 4096) * 1048576;
 const OTHER_CAP = 5000; // processes and connections kept for their views
 const PAUSE_BUFFER_CAP = ROW_CAP * 2;
 
@@ -28,12 +32,15 @@ const $ = (testid) => document.querySelector(`[data-testid="${testid}"]`);
 // ------------------------------------------------------------------ state
 
 const state = {
-  rows: [], // every transaction kept, oldest first, at most ROW_CAP
+  rows: [], // every transaction kept, oldest first, at most ROW_CAP and BYTES_CAP of their data
+  rowBytes: 0,
+  rowsLetGo: 0, // oldest rows let go for the caps (not lost by the agent: see system.dropped)
   byId: new Map(), // requestId -> row
   shown: [], // rows passing the filter, oldest first
   filter: { terms: [], status: new Set(), methods: new Set(), errorsOnly: false },
   paused: false,
   pausedEvents: [],
+  pausedBytes: 0,
   pausedDiscarded: 0,
   processes: new Map(), // key -> process entry
   connections: new Map(), // connectionId -> connection entry
@@ -46,6 +53,12 @@ const state = {
 
 // ------------------------------------------------------------------ rows
 
+// What an event holds, near enough: its transaction text and a little more.
+function dataBytes(body) {
+  const d = body && body.data && body.data.data;
+  return 512 + (d && typeof d.data === "string" ? d.data.length : 0);
+}
+
 function rowFromEvent(body) {
   const d = (body.data && body.data.data) || {};
   const s = d.summary || {};
@@ -53,6 +66,7 @@ function rowFromEvent(body) {
   const row = {
     id: d.requestId || `${body.ts}-${Math.random()}`,
     data: d.data,
+    bytes: dataBytes(body),
     ts: body.ts,
     tsMs,
     method: (s.request_method || "").toUpperCase(),
@@ -351,12 +365,14 @@ const processTable = new VirtualTable({
     { key: "user", label: "User", width: 90, value: (p) => p.user },
     { key: "container", label: "Container", width: 140, value: (p) => p.container },
     { key: "pod", label: "Pod", width: 140, value: (p) => p.pod },
-    { key: "requests", label: "Requests", width: 80, cls: "num", value: (p) => String(requestsByPid.get(p.pid) || 0) },
+    { key: "requests", label: "Requests", width: 80, cls: "num", value: (p) => String(p.requests || 0) },
     { key: "started", label: "Started", width: 170, cls: "mono", value: (p) => formatDateTime(p.createdMs) },
   ],
 });
 $("processes-view").append(processTable.el);
-const requestsByPid = new Map();
+// pid -> the newest process with that pid: its requests are counted on it, so
+// a process that reuses an old pid starts from none (bounded like the view).
+const currentByPid = new Map();
 
 function onProcess(type, body) {
   const d = body.data || {};
@@ -378,6 +394,11 @@ function onProcess(type, body) {
     stopped: type === "process.stopped",
     exitCode: d.exitCode,
   });
+  if (type === "process.started" || !currentByPid.has(d.pid)) {
+    currentByPid.delete(d.pid); // re-inserted as the newest
+    currentByPid.set(d.pid, p);
+    trimMap(currentByPid, OTHER_CAP);
+  }
   processTable.refresh(p);
   otherDirty = true;
 }
@@ -492,10 +513,17 @@ function flush() {
   const batch = incoming;
   incoming = [];
   if (state.paused) {
-    for (const item of batch) state.pausedEvents.push(item);
-    const over = state.pausedEvents.length - PAUSE_BUFFER_CAP;
+    for (const item of batch) {
+      state.pausedEvents.push(item);
+      state.pausedBytes += dataBytes(item[1]);
+    }
+    let over = Math.max(0, state.pausedEvents.length - PAUSE_BUFFER_CAP);
+    let bytes = state.pausedBytes;
+    for (let i = 0; i < over; i++) bytes -= dataBytes(state.pausedEvents[i][1]);
+    while (bytes > BYTES_CAP && over < state.pausedEvents.length - 1) bytes -= dataBytes(state.pausedEvents[over++][1]);
     if (over > 0) {
       state.pausedEvents.splice(0, over);
+      state.pausedBytes = bytes;
       state.pausedDiscarded += over;
     }
     updatePausedNote();
@@ -513,7 +541,9 @@ function apply(batch) {
       const row = rowFromEvent(body);
       state.byId.set(row.id, row);
       state.rows.push(row);
-      if (row.pid != null) requestsByPid.set(row.pid, (requestsByPid.get(row.pid) || 0) + 1);
+      state.rowBytes += row.bytes;
+      const proc = row.pid != null ? currentByPid.get(row.pid) : undefined;
+      if (proc) proc.requests = (proc.requests || 0) + 1;
       added.push(row);
     } else if (type.startsWith("process.")) {
       onProcess(type, body);
@@ -522,9 +552,14 @@ function apply(batch) {
     }
   }
   let removed = 0;
-  const over = state.rows.length - ROW_CAP;
+  let over = Math.max(0, state.rows.length - ROW_CAP);
+  let bytes = state.rowBytes;
+  for (let i = 0; i < over; i++) bytes -= state.rows[i].bytes;
+  while (bytes > BYTES_CAP && over < state.rows.length - 1) bytes -= state.rows[over++].bytes;
   if (over > 0) {
     const gone = state.rows.splice(0, over);
+    state.rowBytes = bytes;
+    state.rowsLetGo += over;
     for (const row of gone) {
       state.byId.delete(row.id);
       row.dropped = true;
@@ -558,6 +593,10 @@ function refreshNetwork(removedFromTop = 0) {
   req.textContent = shown === total ? `${total} request${total === 1 ? "" : "s"}` : `${shown} / ${total} requests`;
   req.dataset.shown = String(shown);
   req.dataset.total = String(total);
+  req.dataset.letGo = String(state.rowsLetGo);
+  req.title = state.rowsLetGo
+    ? `The page keeps the newest ${ROW_CAP} rows or ${BYTES_CAP / 1048576} MB of them: ${state.rowsLetGo} older let go (?cap= and ?capmb= change this)`
+    : "";
   $("summary-bytes").textContent = `${formatBytes(bytes) || "0 B"} transferred`;
   $("summary-bytes").dataset.bytes = String(bytes);
   const err = $("summary-errors");
@@ -626,6 +665,7 @@ pauseBtn.addEventListener("click", () => {
   if (!state.paused) {
     const buffered = state.pausedEvents;
     state.pausedEvents = [];
+    state.pausedBytes = 0;
     if (state.pausedDiscarded) toast(`${state.pausedDiscarded} events were discarded while paused`);
     state.pausedDiscarded = 0;
     apply(buffered);
@@ -643,10 +683,13 @@ function updatePausedNote() {
 
 $("clear").addEventListener("click", () => {
   state.rows = [];
+  state.rowBytes = 0;
+  state.rowsLetGo = 0;
   state.shown = [];
   state.byId.clear();
   state.pausedEvents = [];
-  requestsByPid.clear();
+  state.pausedBytes = 0;
+  for (const p of state.processes.values()) p.requests = 0;
   closeDetail();
   table.clear();
   refreshNetwork();
