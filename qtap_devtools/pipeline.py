@@ -129,6 +129,10 @@ class Pipeline:
             # HTTP/2 is recognised but not decoded (HTTP/1.x only): each such
             # connection is shown, and counted here, its requests are not.
             "http2_connections_not_decoded": 0,
+            # Oldest entries let go from the side tables (processes, parents, a
+            # TLS stream's borrowed socket, an SNI or address waiting for its
+            # socket), each bounded: only a flood of short-lived ones reaches this.
+            "state_evicted": 0,
         }
 
     # ------------------------------------------------------------ helpers
@@ -149,6 +153,7 @@ class Pipeline:
         self.processes.move_to_end(info.pid)
         while len(self.processes) > MAX_CONNECTIONS:
             self.processes.popitem(last=False)
+            self.counters["state_evicted"] += 1
 
     def _new_conn(self, key: tuple, pid: int, fd: int, ts: int, role: Role,
                   remote: rec.Endpoint | None, local: rec.Endpoint | None) -> _Conn:
@@ -249,6 +254,7 @@ class Pipeline:
         self.parents[r.child_pid] = r.parent_pid
         while len(self.parents) > MAX_CONNECTIONS:
             self.parents.popitem(last=False)
+            self.counters["state_evicted"] += 1
 
     def on_exit(self, r: rec.ProcessExit) -> None:
         if r.pid == self.own_pid:
@@ -288,6 +294,7 @@ class Pipeline:
                 self.pending_addr[(r.pid, r.fd)] = r  # its connect record is on the way
                 while len(self.pending_addr) > MAX_PENDING_SNI:
                     self.pending_addr.popitem(last=False)
+                    self.counters["state_evicted"] += 1
                 return
             # A socket open before the agent started: the server side if its
             # local port is a listening one (direction ingress from the start).
@@ -328,6 +335,7 @@ class Pipeline:
         self.pending_sni[(r.pid, r.ssl_ptr)] = r.host
         while len(self.pending_sni) > MAX_PENDING_SNI:
             self.pending_sni.popitem(last=False)
+            self.counters["state_evicted"] += 1
 
     def on_data(self, r: rec.DataChunk) -> None:
         key = (r.pid, r.fd) if r.fd >= 0 else (r.pid, "tls", r.tls_ref)
@@ -434,6 +442,7 @@ class Pipeline:
         self.borrowers[(pid, sock.info.fd)] = key
         while len(self.borrowers) > MAX_CONNECTIONS:
             self.borrowers.popitem(last=False)
+            self.counters["state_evicted"] += 1
         info = conn.info
         info.local, info.remote = sock.info.local, sock.info.remote
         info.direction, info.tls_version = sock.info.direction, sock.info.tls_version

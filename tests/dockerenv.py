@@ -275,6 +275,37 @@ class DockerDaemon:
             c.remove()
 
 
+TLS_IMAGE = "qtap-curl-own-libs:latest"
+
+
+def ensure_tls_image() -> str:
+    """An image carrying its own copy of curl and every library it loads
+    (libssl among them) in its layer, as a real image does: its files are
+    seen through the container's overlay root, not bind-mounted from the host."""
+    shared_daemon()
+    if _shared.docker("image", "inspect", TLS_IMAGE, check=False).returncode == 0:
+        return TLS_IMAGE
+    files = ["/usr/bin/curl", "/usr/bin/sleep"]
+    for binary in ("/usr/bin/curl", "/usr/bin/sleep"):
+        out = subprocess.run(["ldd", binary], capture_output=True, text=True, check=True).stdout
+        files += [w for line in out.splitlines() for w in line.split() if w.startswith("/")]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for f in dict.fromkeys(files):
+            dest = root / f.lstrip("/")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(os.path.realpath(f), dest)  # a copy: its own inode, in the image's layer
+        tar = subprocess.run(["tar", "cf", "-", "-C", tmp, "."], capture_output=True, check=True).stdout
+    _shared.docker("import", "-", TLS_IMAGE, input=tar)
+    return TLS_IMAGE
+
+
+def run_image(name: str, image: str, *command: str) -> subprocess.CompletedProcess:
+    """``docker run -d`` of ``image`` as it is (no host mounts), on the host's network."""
+    _shared.docker("rm", "-f", name, check=False)
+    return _shared.docker("run", "-d", "--network", "host", "--name", name, image, *command)
+
+
 def _run_argv(
     name: str, command: Sequence[str], labels: dict[str, str] | None, hostname: str | None,
     extra: Sequence[str], detach: bool,

@@ -99,3 +99,87 @@ def test_uretprobe_plans_pick_the_return_program_by_where_it_sits():
     on_wrapper = tuned_sites(plan(count_source=("result", "eax"), return_kind="uretprobe", entry_vaddr=0x1000,
                                   return_vaddr=0x1000))
     assert [(s.fn_name, s.ret) for s in on_wrapper] == [("ssl_return", True), ("ssl_write_enter", False)]
+
+
+# --------------------------------------------------------------------------
+# One attachment per real file, however many containers show it; and a bound
+
+
+MOUNTINFO = (
+    "22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw\n"
+    "613 530 0:41 / /var/lib/docker/overlay2/abc/merged rw,relatime - overlay overlay "
+    "rw,lowerdir=/var/lib/docker/overlay2/l/AAA:/var/lib/docker/overlay2/l/BBB,"
+    "upperdir=/var/lib/docker/overlay2/abc/diff,workdir=/var/lib/docker/overlay2/abc/work,nouserxattr\n"
+    "700 530 0:53 / /run/x\\040y rw - overlay overlay rw,lowerdir+=/a\\:b,lowerdir+=/c\\,d,datadir+=/e,upperdir=/u\n"
+    "701 530 0:54 / /proc rw - proc proc rw\n"
+)
+
+
+def test_overlay_layers_are_read_from_mountinfo_with_its_escapes():
+    from qtap_devtools.capture.overlay import overlay_layers
+
+    layers = overlay_layers(MOUNTINFO)
+    assert layers == {
+        os.makedev(0, 41): ["/var/lib/docker/overlay2/l/AAA", "/var/lib/docker/overlay2/l/BBB",
+                            "/var/lib/docker/overlay2/abc/diff"],
+        os.makedev(0, 53): ["/a:b", "/c,d", "/e", "/u"],
+    }
+
+
+def test_an_overlay_on_one_filesystem_names_the_real_file(tmp_path, monkeypatch):
+    from qtap_devtools.capture import overlay
+
+    lower, upper = tmp_path / "lower", tmp_path / "upper"
+    lower.mkdir()
+    upper.mkdir()
+    text = (f"9 1 0:77 / /merged rw - overlay overlay rw,lowerdir={lower},upperdir={upper},workdir=/w\n"
+            f"9 1 0:78 / /merged2 rw - overlay overlay rw,lowerdir={lower}:/nonexistent,upperdir={upper}\n")
+    monkeypatch.setattr(overlay, "_cache", {})
+    monkeypatch.setattr(overlay, "overlay_layers", lambda _text, real=overlay.overlay_layers: real(text))
+    st = os.stat(tmp_path)
+    one = os.stat_result((0o644, 1638426, os.makedev(0, 77), 1, 0, 0, 0, 0, 0, 0))
+    assert overlay.real_key("/proc/1/root/lib/libssl.so.3", one) == (st.st_dev, 1638426)
+    gone = os.stat_result((0o644, 1638426, os.makedev(0, 78), 1, 0, 0, 0, 0, 0, 0))
+    assert overlay.real_key("/lib/libssl.so.3", gone) == (os.makedev(0, 78), 1638426)  # a layer not found: as is
+    plain = os.stat_result((0o644, 5, st.st_dev, 1, 0, 0, 0, 0, 0, 0))
+    assert overlay.real_key("/lib/libssl.so.3", plain) == (st.st_dev, 5)  # not an overlay
+
+
+@needs_libssl
+def test_the_same_real_file_seen_twice_is_attached_once(monkeypatch):
+    from qtap_devtools.capture import overlay
+
+    # Two containers of one image: two paths, two overlay devices, one real file.
+    monkeypatch.setattr(overlay, "real_key", lambda path, st: (1, 2))
+    rec = Recorder()
+    a = Attacher(rec, mode="entry")
+    first = a.consider(LIBSSL)
+    calls = len(rec.calls)
+    assert a.consider("/proc/self/root" + LIBSSL) is first and len(rec.calls) == calls
+    assert len(a.attachments) == 1
+
+
+@needs_libssl
+def test_attachments_are_bounded_and_what_is_left_out_is_counted(monkeypatch):
+    from qtap_devtools.capture import attach, overlay
+
+    keys = iter(range(1000))
+    monkeypatch.setattr(overlay, "real_key", lambda path, st: (9, next(keys)))  # each a new file
+    monkeypatch.setattr(attach, "MAX_ATTACHMENTS", 3)
+    a = Attacher(Recorder(), mode="entry")
+    got = [a.consider(LIBSSL) for _ in range(5)]
+    assert sum(x is not None for x in got) == 3 and a.over_limit == 2 and len(a.attachments) == 3
+
+
+def test_a_new_containers_library_directories_are_read_at_its_first_process(tmp_path, monkeypatch):
+    from qtap_devtools.capture import attach
+
+    seen = []
+    a = Attacher(Recorder(), mode="entry")
+    monkeypatch.setattr(a, "consider", lambda path: seen.append(path))
+    monkeypatch.setattr(attach, "mapped_files", lambda pid: [])
+    a.scan_pid(os.getpid())
+    first = list(seen)
+    a.scan_pid(os.getpid())  # the same root again: not read twice
+    assert first and seen == first
+    assert all(p.startswith(f"/proc/{os.getpid()}/root/") and "lib" in os.path.basename(p) for p in first)

@@ -113,6 +113,50 @@ def test_labelled_container_started_after_the_agent_is_on_every_event(live, ngin
         dockerenv.docker("rm", "-f", "my-app", check=False)
 
 
+def capture_stat(proc, key: str) -> int:
+    status, body = get(proc.url + "/devtools/api/stats")
+    assert status == 200
+    return body["capture"][key]
+
+
+def attachments(proc) -> int:
+    return capture_stat(proc, "attachments")
+
+
+def test_an_images_own_libssl_is_captured_and_attached_once_for_all_its_containers(live, nginx):
+    # A real image's libssl sits in its layer, reached through each container's
+    # overlay root: a new file to attach to, and the same file in every
+    # container of that image (the kernel sets the probe on the real inode).
+    proc, reader, _ = live
+    image = dockerenv.ensure_tls_image()
+    names = [f"own-libs-{i}" for i in range(2)]
+    before = attachments(proc)
+    try:
+        dockerenv.run_image(names[0], image, "/usr/bin/sleep", "60")
+        deadline = time.monotonic() + 20
+        while attachments(proc) == before:  # the first container's root is read at its first process
+            assert time.monotonic() < deadline, "the image's own TLS libraries were never attached"
+            time.sleep(0.1)
+        time.sleep(1.5)  # every delayed scan of that process done
+        with_one, roots = attachments(proc), capture_stat(proc, "roots_read")
+        dockerenv.run_image(names[1], image, "/usr/bin/sleep", "60")
+        deadline = time.monotonic() + 20
+        while capture_stat(proc, "roots_read") == roots:  # the second container's root read, its files considered
+            assert time.monotonic() < deadline, "the second container's root was never read"
+            time.sleep(0.1)
+        time.sleep(1.5)  # and every delayed scan of its process (its maps) done
+        assert attachments(proc) == with_one, proc.output()[-3000:]
+        m = uuid.uuid4().hex[:10]
+        dockerenv.docker("exec", names[1], "/usr/bin/curl", "-sk", "--max-time", "10", nginx.url(f"/json?m={m}"))
+        tx = [t for t in reader.transactions(m, count=2) if t["direction"] != "ingress"]
+        assert tx, "no client transaction from the image's own curl"
+        assert tx[0]["metadata"]["container_name"] == names[1]
+        assert tx[0]["response"]["status"] == 200 and m in tx[0]["request"]["url"]
+    finally:
+        for name in names:
+            dockerenv.docker("rm", "-f", name, check=False)
+
+
 def test_kubelet_labelled_container_gets_pod_fields_without_an_api_server(live, nginx):
     _, reader, _ = live
     m = uuid.uuid4().hex[:10]

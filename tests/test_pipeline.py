@@ -325,3 +325,15 @@ def test_a_body_cut_while_the_capture_was_shedding_says_so_in_the_transaction():
     assert cut["shed"] is True and cut["incomplete"] is True and cut["response"]["status"] == 200
     assert cut["response"]["body_truncated"] is True and cut["response"]["body_size"] == 40000
     assert "shed" not in whole and whole["response"]["status"] == 204
+
+
+def test_the_side_tables_are_bounded_and_count_what_they_let_go():
+    import dataclasses
+
+    from qtap_devtools.pipeline import MAX_CONNECTIONS
+
+    _, p = run([])
+    for pid in range(1000, 1000 + MAX_CONNECTIONS + 5):
+        p._remember(dataclasses.replace(CURL, pid=pid))
+    assert len(p.processes) == MAX_CONNECTIONS
+    assert p.counters["state_evicted"] == 5

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from . import tuned
+from . import overlay, tuned
 from .elf import exported_symbols
 from ..threads import service_thread
 from .tuned import SitePlan
@@ -44,6 +44,10 @@ AttachMode = Literal["auto", "entry"]
 # attach_uprobe(addr=) maps it through PT_LOAD to the file offset).
 Where = str | int
 
+# Distinct TLS library files attached, at most: each holds its probes' file
+# descriptors for the agent's life (a file is attached once however many
+# containers map it; see overlay.py).
+MAX_ATTACHMENTS = 100  # ~8 probes each, under bcc's own quota of 1,000 open probes
 LIB_DIRS = ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/usr/lib", "/lib", "/usr/local/lib")
 _LIB_NAME = re.compile(r"^lib(ssl|gnutls)\.so(\.\d+)*$")
 
@@ -157,12 +161,13 @@ class Attachment:
         return self.error is None
 
 
-def library_of(path: str) -> Library | None:
-    """Which TLS library family ``path`` provides, from its name or its exports."""
+def library_of(path: str, held: str | None = None) -> Library | None:
+    """Which TLS library family ``path`` provides, from its name or its
+    exports (read from ``held``, the same file open, if given)."""
     m = _LIB_NAME.match(os.path.basename(path))
     if m:
         return "openssl" if m.group(1) == "ssl" else "gnutls"
-    found = exported_symbols(path, MARKER.values())
+    found = exported_symbols(held or path, MARKER.values())
     if MARKER["openssl"] in found:
         return "openssl"
     if MARKER["gnutls"] in found:
@@ -229,6 +234,9 @@ class Attacher:
         # Files already judged not to be TLS libraries: (dev, ino) -> None
         self._not_tls: set[tuple[int, int]] = set()
         self._not_tls_max = 65536
+        self.over_limit = 0  # TLS libraries not attached: MAX_ATTACHMENTS reached
+        self._roots: set[tuple[int, int]] = set()  # container roots whose library directories were read
+        self.roots_read = 0
 
     @property
     def attachments(self) -> list[Attachment]:
@@ -237,28 +245,46 @@ class Attacher:
 
     def consider(self, path: str) -> Attachment | None:
         """Attach to ``path`` if it is a TLS library not attached yet."""
+        # Read and attached through an open descriptor: a path under a
+        # short-lived process's /proc/PID/root is gone the moment it exits,
+        # which for `docker run image curl …` is while its libssl is attached.
         try:
-            st = os.stat(path)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             return None
-        key = (st.st_dev, st.st_ino)
+        try:
+            return self._consider(path, f"/proc/self/fd/{fd}", os.fstat(fd))
+        finally:
+            os.close(fd)
+
+    def _consider(self, path: str, held: str, st: os.stat_result) -> Attachment | None:
+        # The file the probe lands on: one libssl seen in many containers of
+        # one image is one attachment (overlay.py).
+        key = overlay.real_key(path, st)
         with self._lock:
             if key in self._by_inode or key in self._not_tls:
                 return self._by_inode.get(key)
-            lib = library_of(path)
+            lib = library_of(path, held)
             if lib is None:
                 if len(self._not_tls) < self._not_tls_max:
                     self._not_tls.add(key)
                 return None
-            att = self._attach(path, key, lib)
+            if len(self._by_inode) >= MAX_ATTACHMENTS:
+                self.over_limit += 1
+                if self.over_limit == 1:
+                    log.warning("%d TLS library files attached, the most kept: %s and any more are not captured "
+                                "(counted in attachments_over_limit)", MAX_ATTACHMENTS, path)
+                return None
+            att = self._attach(path, held, key, lib)
             self._by_inode[key] = att
             return att
 
-    def _attach(self, path: str, key: tuple[int, int], lib: Library) -> Attachment:
+    def _attach(self, path: str, held: str, key: tuple[int, int], lib: Library) -> Attachment:
+        """Attach ``lib``'s probes to the file open at ``held`` (``path``, as shown)."""
         att = Attachment(path=path, dev=key[0], ino=key[1], library=lib)
-        present = exported_symbols(path, {p.symbol for p in PROBES[lib]})
+        present = exported_symbols(held, {p.symbol for p in PROBES[lib]})
         errors: list[str] = []
-        tuned_ok = self._attach_tuned(path, att, present) if lib == "openssl" and self._mode == "auto" else set()
+        tuned_ok = self._attach_tuned(path, held, att, present) if lib == "openssl" and self._mode == "auto" else set()
         for probe in PROBES[lib]:
             if probe.symbol in tuned_ok:
                 continue
@@ -267,7 +293,7 @@ class Attacher:
                     errors.append(f"{probe.symbol} not exported")
                 continue
             try:
-                self._attach_fn(path, probe.symbol, probe.fn_name, probe.ret)
+                self._attach_fn(held, probe.symbol, probe.fn_name, probe.ret)
             except Exception as exc:  # bcc raises bare Exception
                 errors.append(f"{probe.symbol}{' return' if probe.ret else ''}: {exc}")
                 continue
@@ -286,13 +312,13 @@ class Attacher:
                      ", ".join(f"{s} {att.sites[s]}" for s in data))
         return att
 
-    def _attach_tuned(self, path: str, att: Attachment, present: set[str]) -> set[str]:
+    def _attach_tuned(self, path: str, held: str, att: Attachment, present: set[str]) -> set[str]:
         """Attach the proven sites of each OpenSSL data wrapper; the wrappers done."""
         wrappers = [s for s in DATA_SYMBOLS["openssl"] if s in present]
         if not wrappers:
             return set()
         try:
-            plans = self._plans(path)
+            plans = self._plans(held)
         except Exception as exc:  # the analysis is total; this is a bug, keep capturing
             log.exception("tuned analysis of %s", path)
             plans = {s: tuned.Unrecognised(s, f"analysis raised {exc!r}") for s in wrappers}
@@ -309,7 +335,7 @@ class Attacher:
                 for site in sites:
                     if site in shared:
                         continue
-                    self._attach_fn(path, site.where, site.fn_name, site.ret)
+                    self._attach_fn(held, site.where, site.fn_name, site.ret)
                     shared.add(site)
             except Exception as exc:  # entry probes instead; a lone return site is inert
                 log.warning("%s %s: tuned site failed (%s); entry probes instead", path, symbol, exc)
@@ -324,11 +350,33 @@ class Attacher:
         if pid == self._exclude_pid:
             return []
         out = []
-        for path in dict.fromkeys(mapped_files(pid)):
+        root_files = self._new_root_candidates(pid)
+        for path in dict.fromkeys([*(root_files or ()), *mapped_files(pid)]):
             att = self.consider(path)
             if att is not None:
                 out.append(att)
+        if root_files is not None:
+            self.roots_read += 1  # after its files are attached: what a test can wait for
         return out
+
+    def _new_root_candidates(self, pid: int) -> list[str] | None:
+        """The library directories of ``pid``'s root, the first time a process
+        of that root (a container) is seen; None when it is not the first.  At exec only the binary and the
+        loader are mapped: a short-lived first process (``docker run … curl``)
+        would be gone before its libssl shows in its maps."""
+        root = f"/proc/{pid}/root"
+        try:
+            st = os.stat(root)
+        except OSError:
+            return None
+        key = (st.st_dev, st.st_ino)
+        with self._lock:
+            if key in self._roots:
+                return None
+            if len(self._roots) >= self._not_tls_max:
+                self._roots.clear()
+            self._roots.add(key)
+        return library_dir_candidates(root + d for d in LIB_DIRS)
 
     def scan_all(self, extra_paths: Iterable[str] = ()) -> list[Attachment]:
         for path in [*library_dir_candidates(), *extra_paths]:

@@ -594,6 +594,8 @@ class Capture:
             "attachments": len(atts),
             "attachments_failed": sum(1 for a in atts if a.error),
             "attachments_tuned": sum(1 for a in atts if a.mode == "tuned"),
+            "attachments_over_limit": self._attacher.over_limit if self._attacher else 0,
+            "roots_read": self._attacher.roots_read if self._attacher else 0,  # each container's, once
             "exec_scans_dropped": self._watcher.dropped if self._watcher else 0,
             "data_bytes_read": self.data_bytes_read,
             "byte_budget_per_second": int(self.byte_budget),
