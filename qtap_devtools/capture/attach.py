@@ -360,10 +360,11 @@ class Attacher:
         return out
 
     def _new_root_candidates(self, pid: int) -> list[str] | None:
-        """The library directories of ``pid``'s root, the first time a process
-        of that root (a container) is seen; None when it is not the first.  At exec only the binary and the
-        loader are mapped: a short-lived first process (``docker run … curl``)
-        would be gone before its libssl shows in its maps."""
+        """The library directories of ``pid``'s root the first time a process
+        of that root (a container) is seen; None after.  At exec only the
+        binary and the loader are mapped: a short-lived first process
+        (``docker run … curl``) would be gone before its libssl showed in its
+        maps."""
         root = f"/proc/{pid}/root"
         try:
             st = os.stat(root)
@@ -374,7 +375,7 @@ class Attacher:
             if key in self._roots:
                 return None
             if len(self._roots) >= self._not_tls_max:
-                self._roots.clear()
+                self._roots.clear()  # bounded; a root read again costs a listdir, no attachment
             self._roots.add(key)
         return library_dir_candidates(root + d for d in LIB_DIRS)
 
