@@ -204,6 +204,7 @@ def test_enricher_fills_pod_and_container_from_the_api(stand_in, tmp_path: Path)
     enricher = Enricher(docker=False, kube_api=stand_in.url, node_name="node-1", proc_root=str(proc))
     enricher.start()
     try:
+        until(lambda: enricher.kube is not None)  # its client is made off the caller's thread
         assert enricher.kube.wait_synced(10)
         info = enricher.process(4242)
         assert (info.container_id, info.runtime) == (WEB_ID, "containerd")
@@ -298,3 +299,26 @@ def test_in_cluster_config_comes_before_the_kubeconfig(stand_in, tmp_path, monke
     api_client, source = make_api_client(None)
     assert source == "in-cluster"
     assert api_client.configuration.host == f"https://{host}:{port}"
+
+
+def test_a_client_config_that_never_loads_does_not_hold_up_start_or_stop(monkeypatch):
+    # A kubeconfig credential plugin (`exec`) that hangs: start() returns at
+    # once, the state says so, and stop() is not held up either.
+    import threading
+
+    import qtap_devtools.enrich as enrich_mod
+
+    release = threading.Event()
+
+    def hanging(url):
+        release.wait(30)
+        return None, "released"
+
+    monkeypatch.setattr(enrich_mod, "make_api_client", hanging)
+    enricher = Enricher(docker=False, node_name="node-1")
+    enricher.start()  # returns: the test would hang here otherwise
+    assert enricher.stats()["kubernetes"]["state"] == "starting"
+    enricher.stop(timeout=0.2)
+    release.set()
+    until(lambda: enricher.stats()["kubernetes"]["state"] == "unavailable: released")
+    assert enricher.kube is None

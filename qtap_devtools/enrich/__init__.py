@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from collections import OrderedDict
 from typing import Any
@@ -75,6 +76,8 @@ class Enricher:
         self._pod_cache_size = pod_cache_size
         self.kube: KubePodWatcher | None = None
         self._kube_state = "disabled (no --kube-api or --node-name)"
+        self._kube_lock = threading.Lock()
+        self._stopped = False
 
     # -------------------------------------------------------------- lifecycle
 
@@ -83,21 +86,32 @@ class Enricher:
         if self.docker is not None:
             self.docker.start()
         if self._kube_api or self._node_name:
-            api_client, source = make_api_client(self._kube_api)
-            if api_client is None:
-                self._kube_state = f"unavailable: {source}"
-                log.warning("kubernetes: %s; pod names come only from kubelet container labels", source)
-            else:
-                self.kube = KubePodWatcher(
-                    api_client, self._node_name, cache_size=self._pod_cache_size, source=source
-                )
-                self.kube.start()
+            # Loading the client's config may run a kubeconfig credential
+            # plugin (`exec`), which can take seconds or never end: not on
+            # the caller's thread (the agent's event loop).
+            self._kube_state = "starting"
+            threading.Thread(target=self._start_kube, name="qtap-kube-start", daemon=True).start()
+
+    def _start_kube(self) -> None:
+        api_client, source = make_api_client(self._kube_api)
+        if api_client is None:
+            self._kube_state = f"unavailable: {source}"
+            log.warning("kubernetes: %s; pod names come only from kubelet container labels", source)
+            return
+        kube = KubePodWatcher(api_client, self._node_name, cache_size=self._pod_cache_size, source=source)
+        with self._kube_lock:
+            if self._stopped:
+                return
+            self.kube = kube
+            kube.start()
 
     def stop(self, timeout: float = 1.0) -> None:
         """Stop the lookups, waiting at most ``timeout`` in all: their threads
         are daemons, and a hung Docker daemon or API server must not hold up
         the agent's exit (a call in flight cannot be interrupted)."""
         deadline = time.monotonic() + timeout
+        with self._kube_lock:
+            self._stopped = True  # a watcher still starting never starts
         if self.docker is not None:
             self.docker.stop(timeout=max(0.0, deadline - time.monotonic()) / 2)
         if self.kube is not None:
