@@ -656,3 +656,81 @@ def test_emitted_exchanges_leave_no_reference_cycles():
         assert gc.collect() == 0
     finally:
         gc.enable()
+
+
+# ---- what clients accept, read as they read it
+
+
+def test_a_folded_or_spaced_response_header_is_read_as_a_client_reads_it():
+    # RFC 9112 §5.2: a user agent replaces obs-fold with SP in a response and
+    # uses the message; §5.1: a proxy strips space before the colon.  Rejected,
+    # the response was lost and the next exchange marked incomplete.
+    cap = Capture()
+    cap.egress(get("/a"))
+    (ex,) = cap.ingress(b"HTTP/1.1 200 OK\r\nX-A: 1\r\n  more\r\nServer : y\r\nContent-Length: 3\r\n\r\nab\n")
+    assert ex.error is None and ex.response.body == b"ab\n"
+    assert ex.response.headers == (("X-A", "1 more"), ("Server", "y"), ("Content-Length", "3"))
+    cap.egress(get("/b"))
+    (nxt,) = cap.ingress(ok(b"zz"))
+    assert not nxt.incomplete and nxt.response.body == b"zz"
+
+
+def test_a_folded_content_length_is_read_whole():
+    cap = Capture()
+    cap.egress(get("/a"))
+    (ex,) = cap.ingress(b"HTTP/1.1 200 OK\r\nContent-Length:\r\n 3\r\n\r\nabc")
+    assert ex.response.body == b"abc" and ex.error is None
+
+
+def test_a_folded_request_header_is_still_malformed():
+    # A server must reject it (§5.2): the request is shown as the server saw it, refused.
+    cap = Capture(role="server")
+    cap.ingress(b"GET /a HTTP/1.1\r\nHost: x\r\n  y\r\n\r\n")
+    (ex,) = cap.egress(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+    assert "obsolete line folding" in (ex.error or "")
+
+
+def test_gzip_followed_by_zero_padding_decodes():
+    raw = b"hello " * 100
+    cap = Capture()
+    cap.egress(get("/g"))
+    (ex,) = cap.ingress(ok(gzip.compress(raw) + b"\0" * 4, "Content-Encoding: gzip\r\n"))
+    assert ex.response.body == raw and ex.response.body_decode_error is None
+
+
+@pytest.mark.parametrize("coding, compress", [("gzip", gzip.compress), ("br", brotli.compress)])
+def test_a_compressed_body_the_sender_cut_short_says_it_is_incomplete(coding, compress):
+    raw = bytes(range(256)) * 40
+    wire = compress(raw)
+    half = wire[: len(wire) // 2]
+    cap = Capture()
+    cap.egress(get("/z"))
+    (ex,) = cap.ingress(ok(half, f"Content-Encoding: {coding}\r\n"))
+    resp = ex.response
+    assert raw.startswith(resp.body) and len(resp.body) < len(raw)  # what decoded, not the raw bytes
+    assert resp.body_truncated and resp.body_decode_error == f"{coding} stream ends early: the body is incomplete"
+
+
+def test_a_compressed_body_the_capture_cut_is_not_called_the_senders_fault():
+    raw = bytes(range(256)) * 400
+    wire = gzip.compress(raw)
+    cap = Capture(max_body_bytes=len(wire) // 2)
+    cap.egress(get("/z"))
+    (ex,) = cap.ingress(ok(wire, "Content-Encoding: gzip\r\n"))
+    assert ex.response.body_truncated and ex.response.body_decode_error is None
+
+
+def test_a_head_fed_a_byte_at_a_time_is_searched_once_not_once_per_byte():
+    # A slow client's 1-byte TLS records reach a server's SSL_read one byte at
+    # a time: each byte must not cost a search of the whole head (quadratic:
+    # a 16 KB header took ~10 s of CPU).  The reader remembers how far it searched.
+    cap = Capture()
+    cap.egress(get("/a"))
+    head = b"HTTP/1.1 200 OK\r\nX: " + b"a" * 2000 + b"\r\nContent-Length: 0\r\n\r\n"
+    reader = cap.asm._responses
+    for i in range(len(head) - 1):
+        assert not cap.ingress(head[i : i + 1])
+        assert reader._scanned == i + 1
+    assert len(reader.segments) == len(head) - 1  # one per capture, kept without rebuilding
+    (ex,) = cap.ingress(head[-1:])
+    assert ex.response.status == 200 and ex.response.headers[0] == ("X", "a" * 2000)

@@ -137,12 +137,20 @@ def test_an_overlay_on_one_filesystem_names_the_real_file(tmp_path, monkeypatch)
     monkeypatch.setattr(overlay, "_cache", {})
     monkeypatch.setattr(overlay, "overlay_layers", lambda _text, real=overlay.overlay_layers: real(text))
     st = os.stat(tmp_path)
-    one = os.stat_result((0o644, 1638426, os.makedev(0, 77), 1, 0, 0, 0, 0, 0, 0))
-    assert overlay.real_key("/proc/1/root/lib/libssl.so.3", one) == (st.st_dev, 1638426)
-    gone = os.stat_result((0o644, 1638426, os.makedev(0, 78), 1, 0, 0, 0, 0, 0, 0))
-    assert overlay.real_key("/lib/libssl.so.3", gone) == (os.makedev(0, 78), 1638426)  # a layer not found: as is
-    plain = os.stat_result((0o644, 5, st.st_dev, 1, 0, 0, 0, 0, 0, 0))
-    assert overlay.real_key("/lib/libssl.so.3", plain) == (st.st_dev, 5)  # not an overlay
+
+    def stat_of(ino: int, dev: int, size: int = 700_000, mtime_ns: int = 1_700_000_000_000_000_000):
+        # (mode, ino, dev, nlink, uid, gid, size, atime, mtime, ctime, 3 float times, 3 ns times)
+        return os.stat_result((0o644, ino, dev, 1, 0, 0, size, 0, 0, 0, 0.0, 0.0, 0.0, 0, mtime_ns, 0))
+
+    one = stat_of(1638426, os.makedev(0, 77))
+    assert overlay.real_key("/proc/1/root/lib/libssl.so.3", one)[:2] == (st.st_dev, 1638426)
+    gone = stat_of(1638426, os.makedev(0, 78))
+    assert overlay.real_key("/lib/libssl.so.3", gone)[:2] == (os.makedev(0, 78), 1638426)  # a layer not found: as is
+    plain = stat_of(5, st.st_dev)
+    assert overlay.real_key("/lib/libssl.so.3", plain)[:2] == (st.st_dev, 5)  # not an overlay
+    # An inode number reused by another file (a new image's, say) is another key.
+    assert overlay.real_key("/lib/libssl.so.3", stat_of(5, st.st_dev, size=12)) != overlay.real_key(
+        "/lib/libssl.so.3", plain)
 
 
 @needs_libssl

@@ -14,11 +14,15 @@ import brotli
 SUPPORTED = ("gzip", "x-gzip", "deflate", "br")
 
 
-def decode_body(raw: bytes, content_encoding: str | None, limit: int) -> tuple[bytes, bool, str | None]:
+def decode_body(raw: bytes, content_encoding: str | None, limit: int,
+                complete: bool = True) -> tuple[bytes, bool, str | None]:
     """Return ``(body, truncated, error)``.
 
     On an unsupported coding or a decoding error the raw bytes come back with the
-    error, so a caller always has something to show.
+    error, so a caller always has something to show.  A compressed stream that
+    stops before its end gives what it decoded, marked truncated, and, when the
+    message itself was whole (``complete``: not cut by the capture), an error
+    saying the body is incomplete: the sender cut it, and nothing else would say so.
     """
     if not content_encoding:
         return raw, False, None
@@ -35,33 +39,36 @@ def decode_body(raw: bytes, content_encoding: str | None, limit: int) -> tuple[b
     for coding in reversed(codings):
         try:
             if coding == "br":
-                data, cut = _brotli(data, limit)
+                data, cut, early = _brotli(data, limit)
             elif coding == "deflate":
-                data, cut = _deflate(data, limit)
+                data, cut, early = _deflate(data, limit)
             else:
-                data, cut = _zlib(data, 16 + zlib.MAX_WBITS, limit)
+                data, cut, early = _zlib(data, 16 + zlib.MAX_WBITS, limit)
         except (zlib.error, brotli.error) as exc:
             return raw, False, f"{coding} decoding failed: {exc}"
-        truncated = truncated or cut
+        truncated = truncated or cut or early
+        if early:
+            return data, True, f"{coding} stream ends early: the body is incomplete" if complete else None
     return data, truncated, None
 
 
-def _zlib(data: bytes, wbits: int, limit: int) -> tuple[bytes, bool]:
+def _zlib(data: bytes, wbits: int, limit: int) -> tuple[bytes, bool, bool]:
+    """(decoded, cut at ``limit``, the stream ended before its end)."""
     out = bytearray()
     while data:
         decoder = zlib.decompressobj(wbits)
         out += decoder.decompress(data, limit + 1 - len(out))
         if len(out) > limit or decoder.unconsumed_tail:
-            return bytes(out[:limit]), True
+            return bytes(out[:limit]), True, False
         if not decoder.eof:
-            break  # a body cut short (truncated capture): keep what decoded
+            return bytes(out), False, True
         data = decoder.unused_data  # gzip allows several members back to back (RFC 1952 §2.2)
-        if wbits < 16:
-            break
-    return bytes(out), False
+        if wbits < 16 or not data.startswith(b"\x1f\x8b"):
+            break  # what follows the last member is padding (zeros, as gzip itself accepts)
+    return bytes(out), False, False
 
 
-def _deflate(data: bytes, limit: int) -> tuple[bytes, bool]:
+def _deflate(data: bytes, limit: int) -> tuple[bytes, bool, bool]:
     # "deflate" means the zlib format (RFC 9110 §8.4.1.2), but servers have long sent
     # raw deflate; try the standard first, then raw.
     try:
@@ -70,11 +77,11 @@ def _deflate(data: bytes, limit: int) -> tuple[bytes, bool]:
         return _zlib(data, -zlib.MAX_WBITS, limit)
 
 
-def _brotli(data: bytes, limit: int) -> tuple[bytes, bool]:
+def _brotli(data: bytes, limit: int) -> tuple[bytes, bool, bool]:
     decoder = brotli.Decompressor()
     out = bytearray(decoder.process(data, output_buffer_limit=limit + 1))
     while len(out) <= limit and not decoder.is_finished() and not decoder.can_accept_more_data():
         out += decoder.process(b"", output_buffer_limit=limit + 1 - len(out))
     if len(out) > limit:
-        return bytes(out[:limit]), True
-    return bytes(out), False
+        return bytes(out[:limit]), True, False
+    return bytes(out), False, not decoder.is_finished()

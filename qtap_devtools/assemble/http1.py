@@ -460,7 +460,7 @@ class ConnectionAssembler:
         ex.request = ex.response = None
         limit = self.max_body_bytes
         request = _request(req, limit) if req is not None else None
-        response = _response(resp, limit) if resp is not None else None
+        response = _response(resp, limit, whole=not ex.partial) if resp is not None else None
         incomplete = ex.incomplete or (req is not None and req.incomplete) or (resp is not None and resp.incomplete)
         if req is not None:
             start = req.start_ns
@@ -496,7 +496,7 @@ class ConnectionAssembler:
 
 def _request(msg: Message, limit: int) -> HttpRequest:
     head = msg.head
-    body, cut, error = decode_body(bytes(msg.body), head.content_encoding, limit)
+    body, cut, error = decode_body(bytes(msg.body), head.content_encoding, limit, complete=not msg.truncated)
     return HttpRequest(
         method=head.method,
         target=head.target,
@@ -512,9 +512,11 @@ def _request(msg: Message, limit: int) -> HttpRequest:
     )
 
 
-def _response(msg: Message, limit: int) -> HttpResponse:
+def _response(msg: Message, limit: int, whole: bool = True) -> HttpResponse:
+    """``whole``: not emitted early as partial (a body still arriving is not cut short)."""
     head = msg.head
-    body, cut, error = decode_body(bytes(msg.body), head.content_encoding, limit)
+    body, cut, error = decode_body(bytes(msg.body), head.content_encoding, limit,
+                                   complete=whole and not msg.truncated)
     return HttpResponse(
         status=head.status,
         reason=head.reason,

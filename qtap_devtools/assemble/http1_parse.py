@@ -15,9 +15,11 @@ several times faster, and a passive observer must be more lenient than a server
 from __future__ import annotations
 
 import re
+from bisect import bisect_right
 from typing import Protocol
 
 MAX_HEAD = 64 * 1024  # header section, start line included
+_NO_LATER = 1 << 63  # sorts after every timestamp: (pos, _NO_LATER) follows each segment starting at pos
 MAX_LINE = 8 * 1024  # chunk-size line; a partial line kept while resynchronising
 MAX_CONTENT_LENGTH_DIGITS = 18  # < 2**63: anything longer is not a length, it is an attack
 
@@ -121,15 +123,25 @@ def parse_head_py(head: bytes | bytearray, is_request: bool) -> Head:
         msg.reason = rest[4:].decode("latin-1")
     headers = msg.headers
     for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep or not name or name.translate(None, TOKEN):
-            if line[:1] in (b" ", b"\t"):
-                # obs-fold (RFC 9112 §5.2): deprecated; we report it rather than guess.
+        if line[:1] in (b" ", b"\t"):
+            # obs-fold (RFC 9112 §5.2): a server must reject it in a request;
+            # a user agent replaces it with a space in a response and uses the
+            # message, so we show the response as its client read it.
+            if is_request or not headers:
                 raise MalformedMessage("obsolete line folding in header section")
+            key, text = headers[-1]
+            more = line.strip(b" \t").decode("latin-1")
+            headers[-1] = (key, f"{text} {more}" if text and more else text or more)
+            continue
+        name, sep, value = line.partition(b":")
+        if not is_request:
+            # Space before the colon: a server must reject it in a request; in
+            # a response a proxy removes it (§5.1), and clients read the field.
+            name = name.rstrip(b" \t")
+        if not sep or not name or name.translate(None, TOKEN):
             raise MalformedMessage(f"bad header line {bytes(line[:60])!r}")
-        key = name.decode("ascii")
-        text = value.strip(b" \t").decode("latin-1")
-        headers.append((key, text))
+        headers.append((name.decode("ascii"), value.strip(b" \t").decode("latin-1")))
+    for key, text in headers:  # after folding: a framing header's value is whole
         lkey = key.lower()
         if lkey in _FRAMING_HEADERS:
             _framing_header(msg, lkey, text)
@@ -273,6 +285,7 @@ class MessageReader:
         self.state = SEEK if joined else HEAD
         self.buf = bytearray()
         self.segments: list[tuple[int, int]] = []  # (buffer index, capture timestamp)
+        self._scanned = 0  # a head still arriving: how much of it has been searched for its end
         self.last_ns = 0
         self.msg: Message | None = None
         self.remaining = 0
@@ -306,14 +319,21 @@ class MessageReader:
                 del self.buf[:pos]
             else:
                 self.buf = bytearray(work[pos:])
-            segs = self.segments
-            kept = [(max(start - pos, 0), t) for i, (start, t) in enumerate(segs)
-                    if i + 1 == len(segs) or segs[i + 1][0] > pos]
-            self.segments = kept
+            if pos:  # nothing read (a head still arriving): the segments stand as they are
+                segs = self.segments
+                kept = [(max(start - pos, 0), t) for i, (start, t) in enumerate(segs)
+                        if i + 1 == len(segs) or segs[i + 1][0] > pos]
+                self.segments = kept
+        # What is left in HEAD state is one head still arriving, searched to its
+        # end for the blank line: the next bytes are searched from there on.
+        # (Fed a byte at a time, a head is otherwise searched, and its segments
+        # walked, once per byte: quadratic in its size.)
+        self._scanned = len(self.buf) if self.state == HEAD else 0
         if self.state == PAUSED and len(self.buf) > self.max_body + MAX_HEAD:
             # Whatever follows an unanswered Upgrade request is too much to hold: give up.
             self.discarded += len(self.buf)
             self.buf = bytearray()
+            self._scanned = 0
             self.segments = []
             self.state = DEAD
 
@@ -323,10 +343,9 @@ class MessageReader:
         Exact, not approximate: the stitcher's gap recovery relies on a request
         never looking later, nor a response earlier, than it really was.
         """
-        for start, t in reversed(self.segments):
-            if start <= pos:
-                return t
-        return self.last_ns
+        segs = self.segments
+        i = bisect_right(segs, (pos, _NO_LATER)) - 1  # the last segment starting at or before pos
+        return segs[i][1] if i >= 0 else self.last_ns
 
     @property
     def buffered_since(self) -> int | None:
@@ -407,8 +426,11 @@ class MessageReader:
         if not self._plausible_start(work, pos, end):
             self._malformed("not an HTTP/1 message start", True)
             return end if self.state == DEAD else pos
-        lf = work.find(b"\n\r\n", pos, pos + MAX_HEAD)
-        lf2 = work.find(b"\n\n", pos, lf + 2 if lf >= 0 else pos + MAX_HEAD)
+        scan = pos
+        if pos == 0 and work is self.buf and self._scanned > 2:
+            scan = self._scanned - 2  # searched before, and since then only bytes were added
+        lf = work.find(b"\n\r\n", scan, pos + MAX_HEAD)
+        lf2 = work.find(b"\n\n", scan, lf + 2 if lf >= 0 else pos + MAX_HEAD)
         if lf2 >= 0 and (lf < 0 or lf2 <= lf):
             stop, nxt = lf2, lf2 + 2
         elif lf >= 0:
@@ -610,6 +632,7 @@ class MessageReader:
         """No more HTTP on this direction (upgraded, or not HTTP at all)."""
         self.discarded += len(self.buf)
         self.buf = bytearray()
+        self._scanned = 0
         self.segments = []
         self.msg = None
         self.state = DEAD
@@ -632,6 +655,7 @@ class MessageReader:
             return True
         if state == SEEK:
             self.buf.clear()
+            self._scanned = 0
             self.line_start = True  # the next data may well begin a message
             return True
         msg = self.msg
@@ -654,6 +678,7 @@ class MessageReader:
         self.at_stream_start = False
         self.discarded += len(self.buf)
         self.buf.clear()
+        self._scanned = 0
         self.state = SEEK
         self.line_start = True
         if msg is not None:
@@ -667,6 +692,7 @@ class MessageReader:
         self.msg = None
         self.discarded += len(self.buf)
         self.buf.clear()
+        self._scanned = 0
         state = self.state
         self.state = DEAD
         if msg is None:

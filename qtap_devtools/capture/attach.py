@@ -230,12 +230,12 @@ class Attacher:
         self._mode = mode
         self._plans = plans
         self._lock = threading.Lock()
-        self._by_inode: dict[tuple[int, int], Attachment] = {}
+        self._by_inode: dict[tuple[int, ...], Attachment] = {}
         # Files already judged not to be TLS libraries: (dev, ino) -> None
-        self._not_tls: set[tuple[int, int]] = set()
+        self._not_tls: set[tuple[int, ...]] = set()
         self._not_tls_max = 65536
         self.over_limit = 0  # TLS libraries not attached: MAX_ATTACHMENTS reached
-        self._roots: set[tuple[int, int]] = set()  # container roots whose library directories were read
+        self._roots: set[tuple] = set()  # container roots whose library directories were read
         self.roots_read = 0
 
     @property
@@ -279,7 +279,7 @@ class Attacher:
             self._by_inode[key] = att
             return att
 
-    def _attach(self, path: str, held: str, key: tuple[int, int], lib: Library) -> Attachment:
+    def _attach(self, path: str, held: str, key: tuple[int, ...], lib: Library) -> Attachment:
         """Attach ``lib``'s probes to the file open at ``held`` (``path``, as shown)."""
         att = Attachment(path=path, dev=key[0], ino=key[1], library=lib)
         present = exported_symbols(held, {p.symbol for p in PROBES[lib]})
@@ -368,9 +368,14 @@ class Attacher:
         root = f"/proc/{pid}/root"
         try:
             st = os.stat(root)
+            # With the root mount's line: a removed container's overlay device
+            # and upper directory inode are both reused by the next one, but
+            # its mount line names its own layers.
+            with open(f"/proc/{pid}/mountinfo") as f:
+                line = f.readline()
         except OSError:
             return None
-        key = (st.st_dev, st.st_ino)
+        key = (st.st_dev, st.st_ino, line)
         with self._lock:
             if key in self._roots:
                 return None

@@ -17,25 +17,35 @@ from __future__ import annotations
 
 import os
 import re
+import time
 
 _CACHE_MAX = 4096
-_cache: dict[int, int | None] = {}  # overlay st_dev -> device of all its layers, or None
+# An overlay's device number is reused once it is unmounted (a container
+# removed, another started): an answer is trusted this long, then read again.
+CACHE_SECONDS = 5.0
+_cache: dict[int, tuple[int | None, float]] = {}  # overlay st_dev -> (device of all its layers or None, when)
 _PROC_ROOT = re.compile(r"^/proc/(\d+)/root/")
 _ESCAPE = re.compile(r"\\(?:([0-7]{3})|(.))")
 
 
-def real_key(path: str, st: os.stat_result) -> tuple[int, int]:
-    """(device, inode) of the file a uprobe on ``path`` is set on."""
+def real_key(path: str, st: os.stat_result) -> tuple[int, int, int, int]:
+    """The file a uprobe on ``path`` is set on: (device, inode, size, mtime).
+
+    Size and mtime too, because inode numbers are reused: a library deleted
+    with its image and another one written later can share a number, and the
+    second must not pass for the first (attached already, or known not TLS)."""
     backing = backing_device(st.st_dev, path)
-    return (st.st_dev if backing is None else backing, st.st_ino)
+    return (st.st_dev if backing is None else backing, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def backing_device(dev: int, path: str) -> int | None:
     """The device every layer of the overlay ``dev`` is on; None if ``dev`` is
     not an overlay, or its layers are on several devices, or they cannot be
     found."""
-    if dev in _cache:
-        return _cache[dev]
+    hit = _cache.get(dev)
+    now = time.monotonic()
+    if hit is not None and now - hit[1] < CACHE_SECONDS:
+        return hit[0]
     m = _PROC_ROOT.match(path)
     # The overlay is mounted in our namespace (by dockerd or containerd) or,
     # failing that, in the namespace of the process whose root we read it by.
@@ -54,7 +64,7 @@ def backing_device(dev: int, path: str) -> int | None:
             break
     if len(_cache) >= _CACHE_MAX:
         _cache.clear()
-    _cache[dev] = found
+    _cache[dev] = (found, now)
     return found
 
 
