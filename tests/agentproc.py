@@ -58,6 +58,8 @@ class AgentProcess:
                 if status == 200:
                     return self
             time.sleep(0.1)
+        # Not left running: its probes would fire in every later test and benchmark.
+        self.stop(signal.SIGKILL, timeout=10)
         raise TimeoutError(f"agent not ready at {ready_path} in {timeout}s:\n{self.output()}")
 
     def output(self) -> str:
