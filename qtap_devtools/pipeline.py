@@ -133,6 +133,10 @@ class Pipeline:
             # TLS stream's borrowed socket, an SNI or address waiting for its
             # socket), each bounded: only a flood of short-lived ones reaches this.
             "state_evicted": 0,
+            # Processes that exited before the agent read their /proc entry
+            # (the agent behind, or a very short-lived process): shown with what
+            # the kernel said, without user or container.
+            "processes_gone_before_read": 0,
         }
 
     # ------------------------------------------------------------ helpers
@@ -241,6 +245,8 @@ class Pipeline:
         self.forget_process(r.pid)
         info = self.process_info(r.pid)
         if info is None:  # gone already: describe it from what the kernel said
+            # Without /proc there is no user, cgroup or container to name: counted.
+            self.counters["processes_gone_before_read"] += 1
             info = _minimal_process(r.pid, self.parents.get(r.pid, 0), r.filename, r.comm, self.wall(r.ts_ns))
         elif not info.exe:  # it exited while /proc was being read: the kernel's filename stands in
             info = dataclasses.replace(info, exe=r.filename, binary=os.path.basename(r.filename) or info.binary,

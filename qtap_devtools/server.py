@@ -115,14 +115,19 @@ def _token_ok(scope: Scope, headers: dict, token: str) -> bool:
     return any(same(v) for k, v in parse_qsl(query) if k == "token")
 
 
-def _only(request: Request, *extra: str) -> EventFilter:
-    """The request's event filter, after checking it names only parameters
-    this route reads: a misspelt ``stauts=4xx`` is a 400, not every event."""
-    accepted = (*FILTER_KEYS, *extra, "token")
+def _accepts(request: Request, *names: str) -> None:
+    """A 400 for a parameter this route does not read: a misspelt
+    ``stauts=4xx`` must not pass for no filter at all."""
+    accepted = (*names, "token")
     unknown = sorted({k for k in request.query_params.keys() if k not in accepted})
     if unknown:
         raise FilterError(f"unknown parameter{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
                           f"this endpoint takes: {', '.join(accepted)}")
+
+
+def _only(request: Request, *extra: str) -> EventFilter:
+    """The request's event filter, once it names only parameters this route reads."""
+    _accepts(request, *FILTER_KEYS, *extra)
     return EventFilter.from_query(request.query_params)
 
 
@@ -252,9 +257,7 @@ def create_app(rt: Runtime) -> Starlette:
 
     @guarded
     async def connections(request: Request) -> Response:
-        unknown = sorted(k for k in request.query_params.keys() if k not in ("state", "token"))
-        if unknown:
-            raise FilterError(f"unknown parameter {unknown[0]!r}; this endpoint takes: state, token")
+        _accepts(request, "state")
         state = request.query_params.get("state", "all")
         if state not in ("all", "open", "closed"):
             raise FilterError("state: expected all, open or closed")

@@ -245,22 +245,29 @@ class Attacher:
 
     def consider(self, path: str) -> Attachment | None:
         """Attach to ``path`` if it is a TLS library not attached yet."""
-        # Read and attached through an open descriptor: a path under a
-        # short-lived process's /proc/PID/root is gone the moment it exits,
-        # which for `docker run image curl …` is while its libssl is attached.
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        # The file the probe lands on: one libssl seen in many containers of
+        # one image is one attachment (overlay.py).
+        key = overlay.real_key(path, st)
+        with self._lock:
+            if key in self._by_inode or key in self._not_tls:  # nearly every call: a file seen before
+                return self._by_inode.get(key)
+        # New: read and attached through an open descriptor, because a path
+        # under a short-lived process's /proc/PID/root is gone the moment it
+        # exits, which for `docker run image curl …` is while its libssl is attached.
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             return None
         try:
-            return self._consider(path, f"/proc/self/fd/{fd}", os.fstat(fd))
+            return self._consider_new(path, f"/proc/self/fd/{fd}", overlay.real_key(path, os.fstat(fd)))
         finally:
             os.close(fd)
 
-    def _consider(self, path: str, held: str, st: os.stat_result) -> Attachment | None:
-        # The file the probe lands on: one libssl seen in many containers of
-        # one image is one attachment (overlay.py).
-        key = overlay.real_key(path, st)
+    def _consider_new(self, path: str, held: str, key: tuple[int, ...]) -> Attachment | None:
         with self._lock:
             if key in self._by_inode or key in self._not_tls:
                 return self._by_inode.get(key)
