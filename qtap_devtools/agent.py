@@ -62,7 +62,8 @@ class Agent:
         self.backlog: Backlog | None = None  # set when capture starts
         self.capture_error: str | None = None
         self.publisher = Publisher(self.broadcaster.publish, self.enricher, self._remember_process)
-        self.pipeline = Pipeline(config, self.publisher.emit, self.enricher.process, forget_process=self.enricher.forget)
+        self.pipeline = Pipeline(config, self.publisher.emit, self.enricher.process, forget_process=self.enricher.forget,
+                                 remember_process=self.enricher.remember)
         self.runtime = Runtime(
             config=config,
             broadcaster=self.broadcaster,
@@ -151,6 +152,7 @@ class Agent:
                 pressure=lambda: self.backlog.lag() / SHED_LAG_SECONDS,
                 # Idle while keeping up, an equal when behind (priority.py).
                 on_load=self.priority.update if self.priority.mode == "auto" else None,
+                read_process=self.enricher.read_now,
             )
             cap.start()
             self.backlog.while_waiting = cap.check_load

@@ -100,6 +100,7 @@ class Pipeline:
         process_info: Callable[[int], ProcessInfo | None],
         *,
         forget_process: Callable[[int], None] = lambda pid: None,
+        remember_process: Callable[[ProcessInfo], None] = lambda info: None,
         own_pid: int | None = None,
         own_port: int | None = None,
     ) -> None:
@@ -107,6 +108,7 @@ class Pipeline:
         self.emit = emit
         self.process_info = process_info
         self.forget_process = forget_process  # an exec replaces what the cache knew
+        self.remember_process = remember_process  # what the ring reader read at exec
         self.own_pid = own_pid if own_pid is not None else os.getpid()
         self.own_port = None if config.capture_own_port else (own_port or config.listen.port)
         self.clock_offset = mono_to_wall_offset()
@@ -243,7 +245,11 @@ class Pipeline:
             return
         self.processes.pop(r.pid, None)
         self.forget_process(r.pid)
+        if r.process is not None:  # read at exec, by the ring reader: the process may be gone now
+            self.remember_process(r.process)
         info = self.process_info(r.pid)
+        if info is None and r.process is not None:  # no enricher's cache to keep it (tests)
+            info = r.process
         if info is None:  # gone already: describe it from what the kernel said
             # Without /proc there is no user, cgroup or container to name: counted.
             self.counters["processes_gone_before_read"] += 1

@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -591,6 +592,49 @@ def test_process_started_has_path_cmdline_and_user(live):
     assert data["user"] == {"id": os.getuid(), "name": "root"}, data["user"]
     stopped = reader.find(lambda t, d: t == "process.stopped" and d["data"]["pid"] == proc.pid, timeout=WAIT)
     assert stopped and stopped[0][1]["data"]["exitCode"] == 0, stopped
+
+
+def test_a_short_lived_process_is_described_even_while_the_event_loop_is_busy(live, tmp_path):
+    """The ring reader reads a process's /proc entry when it sees the exec, on
+    its own thread.  Here the agent's event loop cannot run until well after
+    the process has exited: its threads are pinned to one CPU, which a
+    real-time busy loop holds for 0.8 s.  The process must still come out
+    with its command line and user, which only /proc had."""
+    port = free_port()
+    with agent(["run"], port, tmp_path / "agent.log", ready_path="/readyz") as aproc:
+        reader = reader_for(port)
+        try:
+            assert reader.find(lambda t, d: t == "system.connected")
+            pid, cpu = aproc.proc.pid, min(os.sched_getaffinity(0))
+            loop_threads = [int(t) for t in os.listdir(f"/proc/{pid}/task")
+                            if not open(f"/proc/{pid}/task/{t}/comm").read().startswith("qtap-")]
+            for tid in loop_threads:
+                os.sched_setaffinity(tid, {cpu})
+            hold = textwrap.dedent(f"""
+                import os, time
+                os.sched_setaffinity(0, {{{cpu}}})
+                os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+                end = time.monotonic() + 0.8
+                while time.monotonic() < end:
+                    pass
+            """)
+            hog = subprocess.Popen([PY, "-c", hold])
+            try:
+                time.sleep(0.1)  # it holds the CPU now
+                m = marker()
+                proc = subprocess.Popen([PY, "-c", "import time; time.sleep(0.1)", m])
+                assert proc.wait(timeout=30) == 0
+                assert hog.poll() is None, "the busy loop ended before the process did"
+            finally:
+                hog.wait(timeout=30)
+            started = reader.find(lambda t, d: t == "process.started" and d["data"]["pid"] == proc.pid,
+                                  timeout=WAIT)
+            assert started, f"no process.started for pid {proc.pid}; {reader.health()}"
+            data = started[0][1]["data"]
+            assert data["cmdline"].endswith(f"time.sleep(0.1) {m}"), data
+            assert data["user"] == {"id": os.getuid(), "name": "root"}, data
+        finally:
+            reader.close()
 
 
 def test_client_started_after_the_agent_from_a_tls_binary_it_never_saw(live, nginx, tmp_path):

@@ -12,6 +12,7 @@ import json
 
 from qtap_devtools.capture import records as rec
 from qtap_devtools.config import Config
+from qtap_devtools.enrich import Enricher
 from qtap_devtools.enrich.model import ProcessInfo
 from qtap_devtools.pipeline import Pipeline, classify
 
@@ -186,6 +187,26 @@ def test_short_lived_process_gone_before_proc_read_still_gets_both_events():
     assert types(out) == ["process.started", "process.stopped"]
     assert out[0].payload()["binary"] == "true"
     assert p.counters["processes_gone_before_read"] == 1  # no user or container to name: counted
+
+
+def test_process_read_at_exec_by_the_ring_reader_is_described_after_it_is_gone(tmp_path):
+    """The reader read /proc at exec (record.process); by the time the event
+    loop gets the record the process has exited (an empty proc root here):
+    its start still names user, command line and container, and the
+    enricher's cache answers for it afterwards."""
+    read = ProcessInfo(pid=557, ppid=1, exe="/usr/bin/curl", binary="curl", cmdline="curl -sk https://x/?m=1",
+                       uid=1000, user="app", hostname="box", start_time_ns=5, container_id="c" * 64,
+                       runtime="docker")
+    enricher = Enricher(docker=False, proc_root=str(tmp_path))
+    out = []
+    p = Pipeline(Config(), out.append, enricher.process, forget_process=enricher.forget,
+                 remember_process=enricher.remember, own_pid=1)
+    p.on_records([rec.ProcessExec(557, 1_000, "/usr/bin/curl", "curl", read)])
+    started = out[0].payload()
+    assert (started["cmdline"], started["user"]["name"]) == ("curl -sk https://x/?m=1", "app")
+    assert started["container"]["id"] == "c" * 12
+    assert p.counters["processes_gone_before_read"] == 0
+    assert enricher.process(557).cmdline == "curl -sk https://x/?m=1"
 
 
 def test_process_read_half_way_through_its_exit_takes_the_kernels_filename():

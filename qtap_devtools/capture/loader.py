@@ -28,6 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import procnet
 from .budget import ByteBudget
@@ -45,6 +46,9 @@ from .records import (
 from .ringbuf import RingReader
 from ..threads import service_thread
 
+if TYPE_CHECKING:
+    from ..enrich.model import ProcessInfo
+
 log = logging.getLogger(__name__)
 
 TRACEFS = Path("/sys/kernel/tracing")
@@ -55,6 +59,10 @@ SOCK_KNOWN = 1  # common.h
 DRAIN_MS = 50
 WAKE_RECORDS = 256  # a data record wakes the reader once this many were written on its CPU
 BATCH_RECORDS = 4096  # records handed to on_records at a time, at most
+# Processes read from /proc at exec per batch, on the reader's thread (~70 µs
+# each).  Past this, in an exec storm, the event loop reads them as before:
+# the ring must keep being read.
+EXEC_READS_PER_BATCH = 64
 # Overload shedding (probes/common.h, shed_cap): on when the ring or what is
 # downstream of it is this full, off again when both are below SHED_OFF.
 SHED_ON = 0.5
@@ -209,6 +217,7 @@ class Capture:
         pressure: Callable[[], float] | None = None,
         on_load: Callable[[float], None] | None = None,
         byte_budget: float = 0,
+        read_process: Callable[[int], ProcessInfo | None] | None = None,
     ) -> None:
         """``attach_mode``: ``"auto"`` probes OpenSSL at the cheap sites
         ``tuned.analyze`` proves (entry probes where it cannot), ``"entry"``
@@ -227,7 +236,13 @@ class Capture:
         ``shed_head_bytes=0`` turns this off.
 
         ``byte_budget``: bytes a second of plaintext taken in before shedding
-        the same way (``budget.py``), 0 for no limit."""
+        the same way (``budget.py``), 0 for no limit.
+
+        ``read_process(pid)`` is called on the reader's thread for each exec
+        record and its answer set as the record's ``process``: the reader
+        runs at normal priority and sees the exec within milliseconds, when
+        a short-lived process (a container's only curl) still has its /proc
+        entry, and the event loop may be idle-priority and behind."""
         if ring_mib <= 0 or ring_mib & (ring_mib - 1):
             raise CaptureError(f"ring_mib={ring_mib}: must be a power of two")
         if not 64 <= max_chunk <= 30000:
@@ -277,6 +292,9 @@ class Capture:
         self._batch = Batch()
         self._others: list[Record] = []  # the batch's records that are not data
         self._records_read = 0
+        self._read_process = read_process
+        self.exec_reads = 0
+        self.exec_reads_deferred = 0  # past EXEC_READS_PER_BATCH: left to the event loop
         self._batches = 0
         self._callback_errors = 0
         self._ring: RingReader | None = None
@@ -546,10 +564,21 @@ class Capture:
         if batch:
             self._records_read += len(batch)
             # Only the records that are not data matter here: the rare ones.
-            watcher = self._watcher
+            watcher, read_process, reads = self._watcher, self._read_process, 0
             for rec in others:
-                if type(rec) is ProcessExec and watcher is not None:
-                    watcher.on_exec(rec.pid)
+                if type(rec) is ProcessExec:
+                    if read_process is not None:
+                        if reads < EXEC_READS_PER_BATCH:
+                            reads += 1
+                            try:
+                                rec.process = read_process(rec.pid)
+                            except Exception:  # the event loop reads it instead
+                                log.exception("reading pid %d at exec", rec.pid)
+                        else:
+                            self.exec_reads_deferred += 1
+                    if watcher is not None:
+                        watcher.on_exec(rec.pid)
+            self.exec_reads += reads
             self._track_addresses(others)
         if proc_fallback:
             batch.extend(self._proc_fallback())
@@ -597,6 +626,8 @@ class Capture:
             "attachments_over_limit": self._attacher.over_limit if self._attacher else 0,
             "roots_read": self._attacher.roots_read if self._attacher else 0,  # each container's, once
             "exec_scans_dropped": self._watcher.dropped if self._watcher else 0,
+            "exec_reads": self.exec_reads,  # processes read from /proc at exec, on the reader's thread
+            "exec_reads_deferred": self.exec_reads_deferred,
             "data_bytes_read": self.data_bytes_read,
             "byte_budget_per_second": int(self.byte_budget),
             "shedding": self.shedding,

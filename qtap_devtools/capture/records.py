@@ -12,7 +12,10 @@ import ipaddress
 import mmap
 import struct
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import TYPE_CHECKING, Literal, Optional, Union
+
+if TYPE_CHECKING:
+    from qtap_devtools.enrich.model import ProcessInfo
 
 Direction = Literal["egress", "ingress"]
 Source = Literal["socket", "openssl", "gnutls"]
@@ -51,12 +54,16 @@ class Endpoint:
         return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ProcessExec:
     pid: int
     ts_ns: int
     filename: str
     comm: str
+    # What /proc said of the process when the ring reader saw the exec, set by
+    # the reader before delivery (not frozen for that alone).  A short-lived
+    # process is often gone by the time the event loop gets to the record.
+    process: Optional[ProcessInfo] = None
 
 
 @dataclass(frozen=True, slots=True)

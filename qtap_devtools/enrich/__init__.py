@@ -138,9 +138,15 @@ class Enricher:
                     self._store((pid, latest), enriched)
                 return enriched
         start = read_start_time_ns(pid, self.proc_root)
-        if start is None:
+        if start is None:  # gone: what was read while it ran, with what is known of its container now
             latest = self._latest.get(pid)
-            return self._processes.get((pid, latest)) if latest is not None else None
+            info = self._processes.get((pid, latest)) if latest is not None else None
+            if info is None:
+                return None
+            enriched = self._attach(info)
+            if enriched is not info:
+                self._store((pid, info.start_time_ns), enriched)
+            return enriched
         key = (pid, start)
         info = self._processes.get(key)
         if info is None:
@@ -173,6 +179,16 @@ class Enricher:
             return info
         self._store((info.pid, info.start_time_ns), enriched)
         return enriched
+
+    def read_now(self, pid: int) -> ProcessInfo | None:
+        """What ``/proc`` says of ``pid`` now, and its container's Docker
+        lookup started; None if it is gone.  Safe on any thread: it touches
+        no cache of ours.  The ring reader calls it at exec, because a
+        short-lived process is often gone before the event loop reaches it."""
+        info = read_process(pid, self.proc_root)
+        if info is not None and info.container_id and self.docker is not None:
+            self.docker.prefetch(info.container_id)
+        return info
 
     def remember(self, info: ProcessInfo) -> None:
         """Cache ``info`` (e.g. built by the capture layer from an exec event)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from collections import OrderedDict
 from functools import lru_cache
@@ -24,6 +25,8 @@ MAX_CMDLINE_BYTES = 32 * 1024
 PASSWD_CACHE_SIZE = 64
 
 _passwd_cache: OrderedDict[tuple[int, int, int, int], dict[int, str]] = OrderedDict()
+# Processes are read on the event loop and on the ring reader's thread (at exec).
+_passwd_lock = threading.Lock()
 
 
 @lru_cache(maxsize=8)
@@ -177,19 +180,21 @@ def _passwd(path: str) -> dict[int, str]:
     except OSError:
         return {}
     key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
-    users = _passwd_cache.get(key)
-    if users is not None:
-        _passwd_cache.move_to_end(key)
-        return users
+    with _passwd_lock:
+        users = _passwd_cache.get(key)
+        if users is not None:
+            _passwd_cache.move_to_end(key)
+            return users
     text = _read_text(path, limit=1 << 20)
     users = {}
     for line in (text or "").splitlines():
         fields = line.split(":")
         if len(fields) >= 3 and fields[2].isdigit():
             users.setdefault(int(fields[2]), fields[0])
-    _passwd_cache[key] = users
-    if len(_passwd_cache) > PASSWD_CACHE_SIZE:
-        _passwd_cache.popitem(last=False)
+    with _passwd_lock:
+        _passwd_cache[key] = users
+        if len(_passwd_cache) > PASSWD_CACHE_SIZE:
+            _passwd_cache.popitem(last=False)
     return users
 
 
