@@ -187,6 +187,17 @@ def test_declined_upgrade_keeps_parsing_the_requests_that_waited():
     assert [(x.request.target, x.upgraded) for x in got] == [("/a", False), ("/b", False)]
 
 
+def test_upgrade_declined_before_its_request_body_ended_keeps_parsing_the_next_request():
+    # The server answers (declines h2c) before the POST's body has all arrived.
+    cap = Capture()
+    cap.egress(b"POST /a HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\nConnection: Upgrade\r\nContent-Length: 5\r\n\r\n")
+    assert cap.ingress(ok(b"no")) == []
+    cap.egress(b"hello" + get("/b"))
+    cap.ingress(ok(b"b"))
+    got = [(x.request.target, x.response.body, x.upgraded, x.error) for x in cap.out]
+    assert got == [("/a", b"no", False, None), ("/b", b"b", False, None)]
+
+
 def test_connect_tunnel_is_upgraded():
     cap = Capture()
     cap.egress(b"CONNECT example.test:443 HTTP/1.1\r\nHost: example.test:443\r\n\r\n\x16\x03\x01\x00\x05hello")

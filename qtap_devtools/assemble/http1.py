@@ -339,7 +339,7 @@ class ConnectionAssembler:
         request = paired.request
         if request is not None:
             msg.request_method = request.head.method
-        tunnel = status == 101 or (msg.request_method == "CONNECT" and 200 <= status < 300)
+        tunnel = _tunnel(msg)
         requests = self._requests
         if not tunnel and requests is not None and requests.state == PAUSED:
             if request is None or request is self._last_request:
@@ -351,14 +351,18 @@ class ConnectionAssembler:
             return
         if reader is self._requests:
             ex.request_done = True
+            response = ex.response
+            if reader.state == PAUSED and response is not None and not _tunnel(response):
+                # The Upgrade/CONNECT was declined before its body ended (the
+                # server answered first): what follows it is HTTP.
+                reader.keep_reading()
             if not ex.emitted and (ex.unpaired or ex.response_done):
                 self._emit(ex)
             return
         if ex.emitted:
             return  # emitted early as partial; its tail was skipped
         ex.response_done = True
-        status = msg.head.status
-        if status == 101 or (msg.request_method == "CONNECT" and 200 <= status < 300):
+        if _tunnel(msg):
             # The connection now carries another protocol (RFC 9110 §7.8, §9.3.6).
             ex.upgraded = True
             self.upgraded = True
@@ -388,6 +392,11 @@ class ConnectionAssembler:
             ex.error = error
         if reader is self._requests:
             ex.request_done = True
+            response = ex.response
+            if reader.state == PAUSED and response is not None and not _tunnel(response):
+                # The Upgrade/CONNECT was declined before its body ended (the
+                # server answered first): what follows it is HTTP.
+                reader.keep_reading()
             if ex.unpaired or ex.response_done:
                 self._emit(ex)
         else:
@@ -530,3 +539,9 @@ def _response(msg: Message, limit: int, whole: bool = True) -> HttpResponse:
         chunked=msg.framing == CHUNKED,
         trailers=tuple(msg.trailers),
     )
+
+
+def _tunnel(response: Message) -> bool:
+    """Whether ``response`` turns its connection into another protocol."""
+    status = response.head.status
+    return status == 101 or (response.request_method == "CONNECT" and 200 <= status < 300)

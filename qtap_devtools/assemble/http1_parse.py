@@ -628,6 +628,12 @@ class MessageReader:
         if self.buf:
             self._consume(self.buf, self.last_ns)
 
+    def keep_reading(self) -> None:
+        """From ``on_end``: the Upgrade/CONNECT request just ended was declined
+        already (answered before its body ended): go on reading HTTP."""
+        if self.state == PAUSED:
+            self.state = HEAD
+
     def stop(self) -> None:
         """No more HTTP on this direction (upgraded, or not HTTP at all)."""
         self.discarded += len(self.buf)
