@@ -106,6 +106,23 @@ def test_restarted_container_replaces_the_old_id(watcher, stand_in):
     assert watcher.pod_for(WEB_ID) is None
 
 
+def test_pods_past_the_cache_size_are_let_go_and_counted(stand_in):
+    # Pods not running yet have no container ids: only the pod index grows.
+    for i in range(5):
+        stand_in.add_pod(make_pod(f"pending-{i}", uid=f"uid-pending-{i}", containers={}))
+    api_client, source = make_api_client(stand_in.url)
+    w = KubePodWatcher(api_client, "node-1", cache_size=3, backoff_initial=0.05, backoff_max=0.2, source=source)
+    w.start()
+    try:
+        assert w.wait_synced(10), w.stats()
+        assert w.stats()["pods"] == 3 and w.stats()["evictions"] >= 3  # 6 pods listed, 3 kept
+        stand_in.add_pod(later_pod())
+        until(lambda: w.pod_for(LATER_ID))
+        assert w.stats()["pods"] == 3 and w.stats()["evictions"] >= 4
+    finally:
+        w.stop()
+
+
 def test_watch_ending_with_410_error_event_relists(watcher, stand_in):
     # A deletion the watch never delivers, then the history is compacted:
     # the open watch ends with an ERROR event holding a 410 Status.

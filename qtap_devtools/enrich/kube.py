@@ -128,7 +128,9 @@ class KubePodWatcher:
         self._backoff_max = backoff_max
         self._lock = threading.Lock()
         self._by_container: OrderedDict[str, _Entry] = OrderedDict()
-        self._by_pod: dict[str, set[str]] = {}  # pod uid (or ns/name) → container ids
+        # pod uid (or ns/name) → container ids; as bounded as the containers
+        # (without --node-name every pod of the cluster is listed).
+        self._by_pod: OrderedDict[str, set[str]] = OrderedDict()
         self._resource_version: str | None = None
         self._stop = threading.Event()
         self._synced = threading.Event()
@@ -256,16 +258,18 @@ class KubePodWatcher:
             resp.release_conn()
         self.lists += 1
         fresh: OrderedDict[str, _Entry] = OrderedDict()
-        by_pod: dict[str, set[str]] = {}
+        by_pod: OrderedDict[str, set[str]] = OrderedDict()
         for pod in body.get("items") or ():
             ids = set()
             for cid, pod_info, container in containers_of_pod(pod):
                 fresh[cid] = _Entry(pod_info, container)
                 ids.add(cid)
             by_pod[_pod_key(pod)] = ids
-        evicted = max(0, len(fresh) - self._cache_size)
-        for _ in range(evicted):
+        evicted = max(0, len(fresh) - self._cache_size) + max(0, len(by_pod) - self._cache_size)
+        while len(fresh) > self._cache_size:
             fresh.popitem(last=False)
+        while len(by_pod) > self._cache_size:
+            by_pod.popitem(last=False)
         with self._lock:
             self._by_container = fresh
             self._by_pod = by_pod
@@ -328,8 +332,14 @@ class KubePodWatcher:
                 self._by_container[cid] = _Entry(pod_info, container)
                 self._by_container.move_to_end(cid)
             self._by_pod[key] = {cid for cid, _, _ in entries}
+            self._by_pod.move_to_end(key)
             while len(self._by_container) > self._cache_size:
                 self._by_container.popitem(last=False)
+                self.evictions += 1
+            while len(self._by_pod) > self._cache_size:
+                # Its containers stay until evicted in turn; only its deletion
+                # can no longer remove them early.
+                self._by_pod.popitem(last=False)
                 self.evictions += 1
 
     def _remove(self, key: str) -> None:
