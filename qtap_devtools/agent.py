@@ -167,7 +167,10 @@ class Agent:
         trimmed = time.monotonic()
         while True:
             await asyncio.sleep(TICK_SECONDS)
-            self.pipeline.on_tick(time.clock_gettime_ns(time.CLOCK_MONOTONIC))
+            try:
+                self.pipeline.on_tick(time.clock_gettime_ns(time.CLOCK_MONOTONIC))
+            except Exception:  # the ticker must outlive a bug: it ends long-running streams
+                log.exception("pipeline tick failed")
             if time.monotonic() - trimmed >= TRIM_SECONDS:
                 # After a burst, glibc would keep the freed megabytes as resident.
                 trim_heap()

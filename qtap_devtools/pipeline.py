@@ -139,6 +139,8 @@ class Pipeline:
             # (the agent behind, or a very short-lived process): shown with what
             # the kernel said, without user or container.
             "processes_gone_before_read": 0,
+            # Records whose handling raised (a bug): logged, counted, the rest go on.
+            "record_errors": 0,
         }
 
     # ------------------------------------------------------------ helpers
@@ -221,24 +223,32 @@ class Pipeline:
         self.counters["records"] += len(batch)
         for r in batch:
             kind = type(r)
-            if kind is rec.DataChunk:  # nearly every record
-                self.on_data(r)
-            elif kind is rec.SocketAddress:
-                self.on_address(r)
-            elif kind is rec.SocketConnect:
-                self.on_connect(r)
-            elif kind is rec.SocketAccept:
-                self.on_accept(r)
-            elif kind is rec.SocketClose:
-                self.on_close(r)
-            elif kind is rec.TlsServerName:
-                self.on_sni(r)
-            elif kind is rec.ProcessExec:
-                self.on_exec(r)
-            elif kind is rec.ProcessFork:
-                self.on_fork(r)
-            elif kind is rec.ProcessExit:
-                self.on_exit(r)
+            try:
+                if kind is rec.DataChunk:  # nearly every record
+                    self.on_data(r)
+                elif kind is rec.SocketAddress:
+                    self.on_address(r)
+                elif kind is rec.SocketConnect:
+                    self.on_connect(r)
+                elif kind is rec.SocketAccept:
+                    self.on_accept(r)
+                elif kind is rec.SocketClose:
+                    self.on_close(r)
+                elif kind is rec.TlsServerName:
+                    self.on_sni(r)
+                elif kind is rec.ProcessExec:
+                    self.on_exec(r)
+                elif kind is rec.ProcessFork:
+                    self.on_fork(r)
+                elif kind is rec.ProcessExit:
+                    self.on_exit(r)
+            except Exception:  # a bug shown by one record must not lose the rest of the batch
+                self._record_failed()
+
+    def _record_failed(self) -> None:
+        n = self.counters["record_errors"] = self.counters["record_errors"] + 1
+        if n == 1 or n % 1000 == 0:
+            log.exception("handling a capture record failed (%d so far, counted in record_errors)", n)
 
     def on_exec(self, r: rec.ProcessExec) -> None:
         if r.pid == self.own_pid:
@@ -472,8 +482,11 @@ class Pipeline:
             if not conn.announced and mono_now - conn.opened_mono > OPEN_GRACE_NS \
                     and not self._never_established(conn):
                 self._announce(conn)
-            for ex in conn.assembler.on_tick(mono_now):
-                self._transaction(conn, ex)
+            try:
+                for ex in conn.assembler.on_tick(mono_now):
+                    self._transaction(conn, ex)
+            except Exception:  # as for a record: one connection's bug must not stop the others
+                self._record_failed()
 
     def close_all(self) -> None:
         now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
@@ -517,10 +530,9 @@ class Pipeline:
             info.http_host = _host_name(host)
         scheme = "https" if info.is_tls else "http"
         target = req.target
-        if target.startswith(("http://", "https://")):  # absolute-form (proxies)
-            parts = urlsplit(target)
-            scheme, authority = parts.scheme, parts.netloc
-            path = parts.path + (f"?{parts.query}" if parts.query else "")
+        parts = _absolute_form(target)
+        if parts is not None:  # absolute-form (proxies)
+            scheme, authority, path = parts
         else:
             authority = host or info.sni or _addr_text(info.remote if info.direction != "ingress" else info.local)
             path = target
@@ -599,6 +611,21 @@ def _is_loopback(ip: str) -> bool:
         return ipaddress.ip_address(ip).is_loopback
     except ValueError:
         return False
+
+
+def _absolute_form(target: str) -> tuple[str, str, str] | None:
+    """(scheme, authority, path and query) if ``target`` is an absolute URL (a
+    proxy's request), else None.  One urlsplit refuses (``http://[x/``) is
+    cut at its first slash, so the URL shown is the target as captured."""
+    if not target.startswith(("http://", "https://")):
+        return None
+    try:
+        parts = urlsplit(target)
+    except ValueError:
+        scheme, _, rest = target.partition("://")
+        slash = rest.find("/")
+        return (scheme, rest, "") if slash < 0 else (scheme, rest[:slash], rest[slash:])
+    return parts.scheme, parts.netloc, parts.path + (f"?{parts.query}" if parts.query else "")
 
 
 def _minimal_process(pid: int, ppid: int, filename: str, comm: str, ts: int) -> ProcessInfo:

@@ -180,6 +180,28 @@ def test_process_lifecycle_with_exit_code():
     assert events[1].payload()["exitCode"] == 7 and events[1].payload()["path"] == "/usr/bin/curl"
 
 
+def test_an_absolute_target_urlsplit_refuses_stands_as_captured():
+    req = b"GET http://[x/ HTTP/1.1\r\nHost: api.local\r\n\r\n"
+    records = client_tls_exchange()
+    records[2] = rec.DataChunk(100, 100, 5, 2_000, "egress", "openssl", 0, req, tls_ref=0xabc)
+    events, p = run(records)
+    (tx,) = [e for e in events if e.type == "request.http_transaction"]
+    assert tx_json(tx)["request"]["url"] == "http://[x/"
+    assert p.counters["record_errors"] == 0
+
+
+def test_a_record_whose_handling_raises_is_counted_and_the_batch_goes_on():
+    def process_info(pid):
+        if pid == 300:
+            raise RuntimeError("a bug")
+        return {100: CURL}.get(pid)
+    out = []
+    p = Pipeline(Config(), out.append, process_info, own_pid=1, own_port=10001)
+    p.on_records([rec.ProcessExec(300, 500, "/bin/x", "x"), *client_tls_exchange()])
+    assert p.counters["record_errors"] == 1
+    assert "request.http_transaction" in types(out)
+
+
 def test_short_lived_process_gone_before_proc_read_still_gets_both_events():
     out = []
     p = Pipeline(Config(), out.append, lambda pid: None, own_pid=1)
