@@ -191,3 +191,30 @@ def test_a_new_containers_library_directories_are_read_at_its_first_process(tmp_
     a.scan_pid(os.getpid())  # the same root again: not read twice
     assert first and seen == first
     assert all(p.startswith(f"/proc/{os.getpid()}/root/") and "lib" in os.path.basename(p) for p in first)
+
+
+@needs_libssl
+def test_reading_the_attachments_never_waits_for_an_attach_in_progress():
+    # The event loop reads them for every new SSE client and /stats; an
+    # attach (ELF reads, analysis, bcc) takes hundreds of milliseconds.
+    import threading
+
+    started, release = threading.Event(), threading.Event()
+
+    def slow_attach(*args):
+        started.set()
+        release.wait(10)
+
+    a = Attacher(slow_attach, mode="entry")
+    t = threading.Thread(target=a.consider, args=(LIBSSL,), daemon=True)
+    t.start()
+    try:
+        assert started.wait(10)
+        reader = threading.Thread(target=lambda: a.attachments, daemon=True)
+        reader.start()
+        reader.join(2)
+        assert not reader.is_alive(), "attachments waited for the attach"
+    finally:
+        release.set()
+        t.join(10)
+    assert len(a.attachments) == 1

@@ -40,3 +40,62 @@ def test_a_compile_error_is_not_blamed_on_btf(tmp_path, monkeypatch):
     monkeypatch.setattr(loader, "BTF", tmp_path / "vmlinux")
     err = BccError("Failed to compile BPF module <text>", "/virtual/main.c:12:5: error: use of undeclared identifier 'x'\n")
     assert Capture._explain(err) == "probe compilation failed: /virtual/main.c:12:5: error: use of undeclared identifier 'x'"
+
+
+def test_execs_are_read_on_the_readers_thread_within_their_bounds(monkeypatch):
+    from qtap_devtools.capture.records import ProcessExec
+
+    got, asked = [], []
+
+    def read_process(pid):
+        asked.append(pid)
+        if pid == 3:
+            raise RuntimeError("a bug")  # logged; the event loop reads it instead
+        return f"process {pid}"
+
+    cap = Capture(got.append, read_process=read_process)
+    execs = [ProcessExec(pid, pid, "/bin/x", "x") for pid in range(1, 101)]
+    cap._batch.extend(execs)
+    cap._others.extend(execs)
+    cap._flush()
+    n = loader.EXEC_READS_PER_BATCH
+    assert got == [execs] and asked == list(range(1, n + 1))
+    assert [e.process for e in execs[:4]] == ["process 1", "process 2", None, "process 4"]
+    assert all(e.process is None for e in execs[n:])
+    assert (cap.exec_reads, cap.exec_reads_deferred) == (n, 100 - n)
+
+    # An exec storm's slow reads stop at the time bound.
+    monkeypatch.setattr(loader, "EXEC_READ_SECONDS", 0.0)
+    more = [ProcessExec(pid, pid, "/bin/x", "x") for pid in range(200, 210)]
+    cap._batch.extend(more)
+    cap._others.extend(more)
+    cap._flush()
+    assert [e.process is not None for e in more] == [True] + [False] * 9
+
+
+def test_the_ring_reader_outlives_an_iteration_that_raises():
+    import threading
+
+    cap = Capture(lambda batch: None)
+    calls = []
+
+    class Ring:
+        size = 1 << 20
+
+        def wait(self, timeout):
+            calls.append(timeout)
+            if len(calls) == 1:
+                raise RuntimeError("a bug")
+            cap._stop.set()
+
+        def read_records(self, parse, out, others, n):
+            return 0, 0
+
+        def pending_bytes(self):
+            return 0
+
+    cap._ring = Ring()
+    t = threading.Thread(target=cap._poll_loop)
+    t.start()
+    t.join(10)
+    assert not t.is_alive() and len(calls) == 2 and cap.reader_errors == 1

@@ -25,6 +25,7 @@ import heapq
 import logging
 import os
 import re
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from . import overlay, tuned
+from .. import rootfs
 from .elf import exported_symbols
 from ..threads import service_thread
 from .tuned import SitePlan
@@ -229,8 +231,13 @@ class Attacher:
         self._exclude_pid = exclude_pid
         self._mode = mode
         self._plans = plans
+        # Held by the attaching threads across the slow work (ELF reads, the
+        # tuned analysis, bcc's attaches), which it also serialises.  Readers
+        # (the event loop, for every new SSE client and /stats) take
+        # ``attachments``, a tuple replaced whole, and never wait on it.
         self._lock = threading.Lock()
         self._by_inode: dict[tuple[int, ...], Attachment] = {}
+        self._published: tuple[Attachment, ...] = ()
         # Files already judged not to be TLS libraries: (dev, ino) -> None
         self._not_tls: set[tuple[int, ...]] = set()
         self._not_tls_max = 65536
@@ -240,14 +247,15 @@ class Attacher:
 
     @property
     def attachments(self) -> list[Attachment]:
-        with self._lock:
-            return list(self._by_inode.values())
+        return list(self._published)
 
     def consider(self, path: str) -> Attachment | None:
         """Attach to ``path`` if it is a TLS library not attached yet."""
         try:
             st = os.stat(path)
         except OSError:
+            return None
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block the open below (rootfs.py)
             return None
         # The file the probe lands on: one libssl seen in many containers of
         # one image is one attachment (overlay.py).
@@ -259,7 +267,7 @@ class Attacher:
         # under a short-lived process's /proc/PID/root is gone the moment it
         # exits, which for `docker run image curl …` is while its libssl is attached.
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = rootfs.open_regular(path)  # a container's file: inside its root, never blocking
         except OSError:
             return None
         try:
@@ -284,6 +292,7 @@ class Attacher:
                 return None
             att = self._attach(path, held, key, lib)
             self._by_inode[key] = att
+            self._published = tuple(self._by_inode.values())
             return att
 
     def _attach(self, path: str, held: str, key: tuple[int, ...], lib: Library) -> Attachment:

@@ -7,6 +7,7 @@ binary like ``node`` costs a few MB of reads.  64-bit little-endian only
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Iterable
 
@@ -24,11 +25,13 @@ def exported_symbols(path: str, wanted: Iterable[str]) -> set[str]:
     wanted_b = {w.encode() for w in wanted}
     try:
         with open(path, "rb") as f:
+            file_size = os.fstat(f.fileno()).st_size
             ehdr = f.read(_EHDR.size)
             if len(ehdr) < _EHDR.size or ehdr[:4] != b"\x7fELF" or ehdr[4] != 2 or ehdr[5] != 1:
                 return set()
             (_, _, _, _, _, _, shoff, _, _, _, _, shentsize, shnum, _) = _EHDR.unpack(ehdr)
-            if not shoff or shentsize != _SHDR.size or shnum == 0 or shnum > 4096:
+            if not shoff or shentsize != _SHDR.size or shnum == 0 or shnum > 4096 \
+                    or shoff + shentsize * shnum > file_size:
                 return set()
             f.seek(shoff)
             table = f.read(shentsize * shnum)
@@ -37,6 +40,8 @@ def exported_symbols(path: str, wanted: Iterable[str]) -> set[str]:
                 if sh_type != SHT_DYNSYM or link >= len(sections) or entsize != _SYM.size:
                     continue
                 stroff, strsize = sections[link][4], sections[link][5]
+                if stroff + strsize > file_size or off + size > file_size:
+                    return set()  # offsets past the file's end: a damaged or crafted file
                 f.seek(stroff)
                 strtab = f.read(strsize)
                 # Cheap reject before walking the symbol table.
@@ -54,6 +59,6 @@ def exported_symbols(path: str, wanted: Iterable[str]) -> set[str]:
                     if name in wanted_b:
                         found.add(name.decode())
                 return found
-    except OSError:
+    except (OSError, ValueError, OverflowError, struct.error):  # unreadable, or not what it claims
         return set()
     return set()

@@ -60,9 +60,10 @@ DRAIN_MS = 50
 WAKE_RECORDS = 256  # a data record wakes the reader once this many were written on its CPU
 BATCH_RECORDS = 4096  # records handed to on_records at a time, at most
 # Processes read from /proc at exec per batch, on the reader's thread (~70 µs
-# each).  Past this, in an exec storm, the event loop reads them as before:
-# the ring must keep being read.
+# each), and the time they may take.  Past either, in an exec storm, the event
+# loop reads them as before: the ring must keep being read.
 EXEC_READS_PER_BATCH = 64
+EXEC_READ_SECONDS = 0.01
 # Overload shedding (probes/common.h, shed_cap): on when the ring or what is
 # downstream of it is this full, off again when both are below SHED_OFF.
 SHED_ON = 0.5
@@ -294,9 +295,10 @@ class Capture:
         self._records_read = 0
         self._read_process = read_process
         self.exec_reads = 0
-        self.exec_reads_deferred = 0  # past EXEC_READS_PER_BATCH: left to the event loop
+        self.exec_reads_deferred = 0  # left to the event loop (an exec storm)
         self._batches = 0
         self._callback_errors = 0
+        self.reader_errors = 0  # iterations of the ring reader's loop that raised
         self._ring: RingReader | None = None
         self._proc_fallbacks = 0
         # (pid, fd) whose 4-tuple we have seen / still wait for; bounded.
@@ -479,17 +481,23 @@ class Capture:
         ring, parse = self._ring, self._reader.parse_at
         timeout = self.poll_timeout_ms
         while not self._stop.is_set():
-            # epoll returns on a wake-up; records written without one (most
-            # data records) are read after at most DRAIN_MS.
-            ring.wait(timeout)
-            # At most BATCH_RECORDS at a time: a full ring is millions of records,
-            # and a consumer that is full must be able to stop us between
-            # batches (the ring then fills and the kernel counts what it drops).
-            while self._read(ring, parse) == BATCH_RECORDS and not self._stop.is_set():
+            try:
+                # epoll returns on a wake-up; records written without one (most
+                # data records) are read after at most DRAIN_MS.
+                ring.wait(timeout)
+                # At most BATCH_RECORDS at a time: a full ring is millions of records,
+                # and a consumer that is full must be able to stop us between
+                # batches (the ring then fills and the kernel counts what it drops).
+                while self._read(ring, parse) == BATCH_RECORDS and not self._stop.is_set():
+                    self.check_load()
+                    self._flush()
                 self.check_load()
-                self._flush()
-            self.check_load()
-            self._flush(proc_fallback=True)
+                self._flush(proc_fallback=True)
+            except Exception:  # a bug, or bcc refusing a map update: keep reading, never go deaf
+                self.reader_errors += 1
+                if self.reader_errors == 1 or self.reader_errors % 100 == 0:
+                    log.exception("capture reader: an iteration failed (%d so far)", self.reader_errors)
+                self._stop.wait(0.1)
 
     def _read(self, ring: RingReader, parse: Callable) -> int:
         taken, data_bytes = ring.read_records(parse, self._batch, self._others, BATCH_RECORDS)
@@ -564,11 +572,13 @@ class Capture:
         if batch:
             self._records_read += len(batch)
             # Only the records that are not data matter here: the rare ones.
-            watcher, read_process, reads = self._watcher, self._read_process, 0
+            watcher, read_process, reads, until = self._watcher, self._read_process, 0, 0.0
             for rec in others:
                 if type(rec) is ProcessExec:
                     if read_process is not None:
-                        if reads < EXEC_READS_PER_BATCH:
+                        if not reads or (reads < EXEC_READS_PER_BATCH and time.monotonic() < until):
+                            if not reads:
+                                until = time.monotonic() + EXEC_READ_SECONDS
                             reads += 1
                             try:
                                 rec.process = read_process(rec.pid)
@@ -619,6 +629,7 @@ class Capture:
             "batches": self._batches,
             "parse_errors": self._ring.parse_errors if self._ring else 0,
             "callback_errors": self._callback_errors,
+            "reader_errors": self.reader_errors,
             "proc_address_fallbacks": self._proc_fallbacks,
             "attachments": len(atts),
             "attachments_failed": sum(1 for a in atts if a.error),
@@ -627,7 +638,7 @@ class Capture:
             "roots_read": self._attacher.roots_read if self._attacher else 0,  # each container's, once
             "exec_scans_dropped": self._watcher.dropped if self._watcher else 0,
             "exec_reads": self.exec_reads,  # processes read from /proc at exec, on the reader's thread
-            "exec_reads_deferred": self.exec_reads_deferred,
+            "exec_reads_deferred": self.exec_reads_deferred,  # past EXEC_READS_PER_BATCH or EXEC_READ_SECONDS
             "data_bytes_read": self.data_bytes_read,
             "byte_budget_per_second": int(self.byte_budget),
             "shedding": self.shedding,

@@ -15,6 +15,7 @@ import time
 from collections import OrderedDict
 from functools import lru_cache
 
+from qtap_devtools import rootfs
 from qtap_devtools.enrich.cgroup import container_of
 from qtap_devtools.enrich.model import ProcessInfo
 
@@ -23,6 +24,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 MAX_CMDLINE_BYTES = 32 * 1024
 # Parsed passwd files, keyed by file identity; one per distinct container image.
 PASSWD_CACHE_SIZE = 64
+MAX_PASSWD_BYTES = 256 * 1024  # read of a passwd file, at most (a container chooses its size)
 
 _passwd_cache: OrderedDict[tuple[int, int, int, int], dict[int, str]] = OrderedDict()
 # Processes are read on the event loop and on the ring reader's thread (at exec).
@@ -176,18 +178,25 @@ def _user_name(base: str, uid: int | None) -> str:
 
 def _passwd(path: str) -> dict[int, str]:
     try:
-        st = os.stat(path)
+        fd = rootfs.open_regular(path)  # a container's: inside its root, never blocking
     except OSError:
         return {}
-    key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
-    with _passwd_lock:
-        users = _passwd_cache.get(key)
-        if users is not None:
-            _passwd_cache.move_to_end(key)
-            return users
-    text = _read_text(path, limit=1 << 20)
+    try:
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+        with _passwd_lock:
+            users = _passwd_cache.get(key)
+            if users is not None:
+                _passwd_cache.move_to_end(key)
+                return users
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            text = f.read(MAX_PASSWD_BYTES).decode("utf-8", "replace")
+    except OSError:
+        return {}
+    finally:
+        os.close(fd)
     users = {}
-    for line in (text or "").splitlines():
+    for line in text.splitlines():
         fields = line.split(":")
         if len(fields) >= 3 and fields[2].isdigit():
             users.setdefault(int(fields[2]), fields[0])
@@ -211,8 +220,8 @@ def _hostname(base: str, proc_root: str) -> str:
     except OSError:
         own = None
     if own is not None and own != _reference_uts(proc_root):
-        text = _read_text(f"{base}/root/etc/hostname", limit=256)
-        name = text.strip() if text else ""
+        raw = rootfs.read_regular(f"{base}/root/etc/hostname", 256)
+        name = raw.decode("utf-8", "replace").strip() if raw else ""
         if name:
             return name
     return system_hostname()
