@@ -86,7 +86,7 @@ def parse_event_id(text: str, instance: str) -> int | None:
     """The sequence number to resume after, or 0 for "all you have" when the
     id comes from another instance (the agent restarted); None if malformed."""
     inst, _, seq = text.rpartition("-")
-    if not seq.isdigit() or len(text) > 100:
+    if not (seq.isascii() and seq.isdigit()) or len(text) > 100:  # "²".isdigit(), but int() refuses it
         return None
     return int(seq) if inst in ("", instance) else 0
 

@@ -137,9 +137,27 @@ def read_events(path: Path) -> Iterator[Envelope | BadRecord]:
         yield from parse_stream(fh)
 
 
+def _bounded_lines(fh: BinaryIO) -> Iterator[bytes]:
+    """The file's lines, none read whole past MAX_LINE: a longer one comes as
+    its first MAX_LINE + 1 bytes, and the rest of it is skipped."""
+    while True:
+        line = fh.readline(MAX_LINE + 1)
+        if not line:
+            return
+        if len(line) > MAX_LINE and not line.endswith(b"\n"):
+            while True:
+                rest = fh.readline(1 << 20)
+                if not rest or rest.endswith(b"\n"):
+                    break
+        yield line
+
+
 def parse_stream(lines: Iterator[bytes] | BinaryIO) -> Iterator[Envelope | BadRecord]:
+    if hasattr(lines, "readline"):
+        lines = _bounded_lines(lines)  # type: ignore[arg-type]
     event_type: str | None = None
     data: list[bytes] = []
+    size = 0  # of data, across its lines: one event's JSON, bounded like a line
     start = 0
     lineno = 0
 
@@ -157,20 +175,20 @@ def parse_stream(lines: Iterator[bytes] | BinaryIO) -> Iterator[Envelope | BadRe
     for raw in lines:
         lineno += 1
         if len(raw) > MAX_LINE:
-            yield BadRecord(lineno, f"line of {len(raw)} bytes is longer than {MAX_LINE}")
-            event_type, data = None, []
+            yield BadRecord(lineno, f"line longer than {MAX_LINE} bytes")
+            event_type, data, size = None, [], 0
             continue
         line = raw.rstrip(b"\r\n")
         if not raw.endswith(b"\n") and line:
             # The last line of a file cut mid-write.
             yield BadRecord(lineno, "truncated record at end of file")
-            event_type, data = None, []
+            event_type, data, size = None, [], 0
             continue
         if not line:
             record = finish()
             if record is not None:
                 yield record
-            event_type, data = None, []
+            event_type, data, size = None, [], 0
             continue
         if line.startswith(b":"):
             continue  # keep-alive comment
@@ -183,11 +201,20 @@ def parse_stream(lines: Iterator[bytes] | BinaryIO) -> Iterator[Envelope | BadRe
                 if record is not None:
                     yield record
                 data = []
+            size = 0
             event_type = value.decode("utf-8", "replace")
             start = lineno
         elif field == b"data":
             if event_type is None and not data:
                 start = lineno
+            size += len(value)
+            if size > MAX_LINE:
+                # Many data lines make one event: bounded as one line is, and
+                # the rest of its lines skipped (size stays over until its end).
+                if data:
+                    yield BadRecord(start, f"event longer than {MAX_LINE} bytes")
+                    event_type, data = None, []
+                continue
             data.append(value)
         elif field in (b"id", b"retry"):
             continue

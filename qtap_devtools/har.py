@@ -38,7 +38,9 @@ def _content(body_b64: str | None) -> tuple[str, str | None, int]:
 def _location(headers: Mapping[str, Any]) -> str:
     for name, value in headers.items():
         if name.lower() == "location":
-            return value if isinstance(value, str) else value[0]
+            if isinstance(value, list):
+                value = value[0] if value else ""
+            return value if isinstance(value, str) else ""
     return ""
 
 

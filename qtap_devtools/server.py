@@ -365,6 +365,11 @@ def create_app(rt: Runtime) -> Starlette:
     return app
 
 
+def _label(value: str) -> str:
+    """A Prometheus label value: a replayed file's event types are anyone's text."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 def _metrics(rt: Runtime) -> str:
     lines: list[str] = []
 
@@ -376,7 +381,7 @@ def _metrics(rt: Runtime) -> str:
 
     st = rt.store
     metric("events_total", "counter", "Events published, by type",
-           [(f'{{type="{t}"}}', n) for t, n in sorted(st.by_type.items())])
+           [(f'{{type="{_label(t)}"}}', n) for t, n in sorted(st.by_type.items())])
     bcs = rt.broadcaster.stats()
     metric("sse_clients", "gauge", "Connected SSE clients", [("", bcs["subscribers"])])
     metric("sse_dropped_events_total", "counter", "Events slow SSE clients missed", [("", bcs["subscriberDrops"])])

@@ -14,6 +14,10 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 from qtap_devtools import events as ev
 from qtap_devtools.events import Envelope
 
+# Distinct event types counted by name (the agent has a handful); past it, as "other".
+MAX_EVENT_TYPES = 64
+OTHER_TYPES = "other"
+
 if TYPE_CHECKING:
     from qtap_devtools.broadcast import Published
 
@@ -102,7 +106,11 @@ class Store:
 
     def on_event(self, env: Envelope) -> None:
         t = env.type
-        self.by_type[t] += 1
+        by_type = self.by_type
+        if t in by_type:
+            by_type[t] += 1
+        else:  # a replayed file can name any number of types
+            by_type[t if len(by_type) < MAX_EVENT_TYPES else OTHER_TYPES] += 1
         if t == ev.HTTP_TRANSACTION:  # nearly every event: first
             d = env.inner
             rid = d.get("requestId")

@@ -267,6 +267,18 @@ def test_unsupported_coding_keeps_raw_body():
     assert ex.response.body == b"\x28\xb5\x2f\xfd" and "zstd" in ex.response.body_decode_error
 
 
+def test_two_codings_are_undone_and_thousands_are_refused_not_decoded():
+    body = gzip.compress(gzip.compress(b"twice"))
+    cap = Capture()
+    cap.egress(get("/"))
+    (ex,) = cap.ingress(ok(body, "Content-Encoding: gzip, gzip\r\n"))
+    assert ex.response.body == b"twice" and ex.response.body_decode_error is None
+    # Each layer would be a full decode: a header listing thousands cost seconds.
+    cap.egress(get("/"))
+    (ex,) = cap.ingress(ok(body, "Content-Encoding: " + ", ".join(["gzip"] * 1000) + "\r\n"))
+    assert ex.response.body == body and "1000 content-encodings" in ex.response.body_decode_error
+
+
 def test_request_body_over_limit_is_truncated_and_framing_followed():
     cap = Capture(max_body_bytes=10)
     cap.egress(b"POST /up HTTP/1.1\r\nContent-Length: 100\r\n\r\n" + b"x" * 100 + get("/next"))

@@ -81,6 +81,7 @@ def test_event_ids_from_another_agent_run_resume_from_the_start():
     assert parse_event_id("old-17", "abc") == 0  # restarted: everything it has is new
     assert parse_event_id("17", "abc") == 17
     assert parse_event_id("x-y", "abc") is None
+    assert parse_event_id("abc-\u00b2", "abc") is None  # a digit to str.isdigit, not to int()
 
 
 def test_close_sends_system_disconnected_and_ends_streams():

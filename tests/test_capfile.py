@@ -36,6 +36,33 @@ def test_corrupt_and_truncated_records_are_reported_and_skipped(tmp_path):
     assert "bad JSON" in bad[0].reason and "truncated" in bad[2].reason
 
 
+def test_an_overlong_line_or_event_is_one_bad_record_and_never_read_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr(capfile, "MAX_LINE", 1000)
+    good = samples.session_events()[0].envelope().frame
+    path = tmp_path / "c.txt"
+    path.write_bytes(
+        good
+        + b"event: process.started\ndata: " + b"x" * 5000 + b"\n\n"  # one line too long
+        + b"event: process.started\n" + b"data: " + b"y" * 600 + b"\n" + b"data: " + b"z" * 600 + b"\n"
+        + b"data: more\n\n"  # many lines, one event too long
+        + good
+    )
+    read = []
+    real = capfile._bounded_lines
+
+    def watched(fh):
+        for line in real(fh):
+            read.append(len(line))
+            yield line
+
+    monkeypatch.setattr(capfile, "_bounded_lines", watched)
+    got = list(capfile.read_events(path))
+    assert [type(r).__name__ for r in got] == ["Envelope", "BadRecord", "BadRecord", "Envelope"]
+    assert "line longer than 1000 bytes" in got[1].reason and got[1].line == 5
+    assert "event longer than 1000 bytes" in got[2].reason and got[2].line == 7
+    assert max(read) == 1001  # what was read of the long line
+
+
 def test_writer_appends_exact_frames_and_flushes(tmp_path):
     path = tmp_path / "out.txt"
     w = capfile.CaptureWriter(path)
@@ -140,9 +167,13 @@ def test_har_leaves_out_only_the_transactions_it_cannot_convert_and_says_so(tmp_
         fh.write(tx_record("bad-body", {"request": {"body": "!!not base64!!"}}))
         fh.write(tx_record("bad-duration", {"request": {}, "duration_ms": "abc"}))
         fh.write(tx_record("a-list", [1]))
+        # Converted: a Location header whose value list is empty, or not text.
+        fh.write(tx_record("no-location", {"request": {}, "response": {"status": 302, "headers": {"Location": []}}}))
+        fh.write(tx_record("odd-location", {"request": {}, "response": {"status": 301, "headers": {"location": 7}}}))
     events, _, _ = replay.load(path)
     doc = har.from_envelopes(events)
-    assert [e["response"]["status"] for e in doc["log"]["entries"]] == [200, 404, 500]
+    assert [e["response"]["status"] for e in doc["log"]["entries"]] == [200, 404, 500, 302, 301]
+    assert [e["response"]["redirectURL"] for e in doc["log"]["entries"][3:]] == ["", ""]
     assert doc["log"]["comment"].startswith("3 transactions left out, not convertible (first: bad-body: a body is "
                                             "not valid base64")
 

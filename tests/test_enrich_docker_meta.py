@@ -171,3 +171,20 @@ def test_a_lookup_that_outlasts_its_wait_is_counted_and_not_cancelled():
     assert asyncio.run(meta.lookup(cid, timeout=0.01)) is None
     assert meta.stats()["lookups_too_slow"] == 1
     assert not pending.cancelled()  # still shared with the cache and other waiters
+
+
+@pytest.mark.parametrize("event", [
+    {"Type": "container", "Action": "start", "Actor": {"ID": 12345}},
+    {"Type": "container", "Action": "start", "Actor": ["not", "a", "mapping"], "id": None},
+    {"Type": "container", "Action": "destroy", "Actor": {"ID": ["x"]}},
+])
+def test_an_event_of_the_wrong_shape_is_ignored(event):
+    """No daemon needed: an event whose container id is not a string (the
+    daemon's answers are untrusted) schedules nothing; it stopped the fetch
+    thread for good."""
+    from qtap_devtools.enrich.docker_meta import DockerMetadata
+
+    meta = DockerMetadata("unix:///nonexistent.sock")
+    meta._connected = True
+    meta._on_event(event)
+    assert meta._queue.empty() and not meta._inflight and not meta._destroyed

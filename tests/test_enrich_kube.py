@@ -268,6 +268,21 @@ def test_no_cluster_config_is_reported_not_raised(tmp_path, monkeypatch):
     assert client is None and "kubeconfig" in reason
 
 
+@pytest.mark.parametrize("text", [
+    "apiVersion: v1\nclusters: [\n",  # YAML that does not parse
+    "- just\n- a list\n",  # YAML of the wrong shape
+    "apiVersion: v1\nclusters:\n- name: c\n  cluster:\n    server: https://127.0.0.1:1\n"
+    "    certificate-authority-data: '%%%not base64'\ncontexts:\n- name: x\n  context: {cluster: c, user: u}\n"
+    "current-context: x\nusers:\n- name: u\n  user: {}\n",
+])
+def test_a_malformed_kubeconfig_is_reported_not_raised(tmp_path, monkeypatch, text):
+    (tmp_path / "config").write_text(text)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "config"))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    client, reason = make_api_client(None)
+    assert client is None and "kubeconfig" in reason
+
+
 def test_kubeconfig_is_used_when_there_is_no_in_cluster_config(stand_in, tmp_path, monkeypatch):
     """The kubeconfig path, against the stand-in API server."""
     kubeconfig = tmp_path / "config"

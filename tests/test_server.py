@@ -577,3 +577,10 @@ def test_on_loopback_the_host_check_holds_even_with_a_token():
         assert status == 403 and orjson.loads(body)["error"]["code"] == "FORBIDDEN_HOST"
         assert _raw_get(app.port, "/devtools/api/stats", f"localhost:{app.port}",
                         {"Authorization": "Bearer s3cret"})[0] == 200
+
+
+def test_metrics_label_values_are_escaped():
+    # A replayed file's event type is anyone's text: it must not break the format.
+    from qtap_devtools.server import _label
+
+    assert _label('a"b\\c\nd') == 'a\\"b\\\\c\\nd'

@@ -81,3 +81,14 @@ def test_request_counts_for_processes_never_seen_stop_are_bounded():
     for pid in range(100, 120):  # transactions of processes the store never heard of
         store.on_event(pid_tx(pid, pid))
     assert len(store.process_events) <= 5
+
+
+def test_event_types_counted_by_name_are_bounded():
+    # A replayed capture file can name any number of event types.
+    from qtap_devtools import store as store_mod
+
+    st = Store()
+    for i in range(store_mod.MAX_EVENT_TYPES + 10):
+        st.on_event(Envelope.from_wire(f"custom.{i}", b'{"data": {}, "ts": "2025-12-12T16:58:10.452Z"}'))
+    assert len(st.by_type) == store_mod.MAX_EVENT_TYPES + 1 and st.by_type["other"] == 10
+    assert sum(st.by_type.values()) == store_mod.MAX_EVENT_TYPES + 10

@@ -12,6 +12,10 @@ import zlib
 import brotli
 
 SUPPORTED = ("gzip", "x-gzip", "deflate", "br")
+# Codings undone, at most: real senders apply one, rarely two; each layer is a
+# full decode of up to ``limit`` bytes, so a header listing thousands would
+# cost seconds per message.
+MAX_CODINGS = 4
 
 
 def decode_body(raw: bytes, content_encoding: str | None, limit: int,
@@ -30,6 +34,8 @@ def decode_body(raw: bytes, content_encoding: str | None, limit: int,
     codings = [c for c in codings if c and c != "identity"]
     if not codings or not raw:
         return raw, False, None
+    if len(codings) > MAX_CODINGS:
+        return raw, False, f"{len(codings)} content-encodings applied; at most {MAX_CODINGS} are decoded"
     for coding in codings:
         if coding not in SUPPORTED:
             return raw, False, f"unsupported content-encoding: {coding}"

@@ -93,7 +93,11 @@ class Enricher:
             threading.Thread(target=self._start_kube, name="qtap-kube-start", daemon=True).start()
 
     def _start_kube(self) -> None:
-        api_client, source = make_api_client(self._kube_api)
+        try:
+            api_client, source = make_api_client(self._kube_api)
+        except Exception as exc:  # a bug in reading the config must not leave the state at "starting"
+            log.exception("kubernetes: reading the client configuration failed")
+            api_client, source = None, f"client configuration failed: {exc}"
         if api_client is None:
             self._kube_state = f"unavailable: {source}"
             log.warning("kubernetes: %s; pod names come only from kubelet container labels", source)

@@ -111,7 +111,7 @@ class DockerMetadata:
             self._schedule(container_id)
 
     def _schedule(self, container_id: str) -> concurrent.futures.Future[ContainerInfo | None] | None:
-        if not self._connected or not container_id:
+        if not self._connected or not container_id or not isinstance(container_id, str):
             return None
         with self._lock:
             future = self._inflight.get(container_id)
@@ -261,8 +261,9 @@ class DockerMetadata:
             return
         self.events += 1
         action = str(event.get("Action") or event.get("status") or "").split(":", 1)[0]
-        cid = (event.get("Actor") or {}).get("ID") or event.get("id")
-        if not cid:
+        actor = event.get("Actor")
+        cid = (actor.get("ID") if isinstance(actor, Mapping) else None) or event.get("id")
+        if not isinstance(cid, str) or not cid:  # the daemon's answer is untrusted too
             return
         if action == "destroy":
             with self._lock:
@@ -301,9 +302,9 @@ class DockerMetadata:
                     self._negative[cid] = time.monotonic() + self._negative_ttl
                     if len(self._negative) > self._negative_size:
                         self._negative.popitem(last=False)
-            except Exception as exc:  # daemon went away mid-fetch
+            except Exception as exc:  # daemon went away mid-fetch, or an answer of the wrong shape
                 self.fetch_errors += 1
-                log.debug("docker: inspect %s failed: %s", cid[:12], exc)
+                log.debug("docker: inspect %.12s failed: %s", cid, exc)
             with self._lock:
                 if info is not None and cid not in self._destroyed:
                     self._cache[cid] = info

@@ -423,5 +423,5 @@ def make_api_client(api_url: str | None) -> tuple[Any, str] | tuple[None, str]:
         # call time, as kubectl does, so the setting of the moment counts.
         k8s_config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None, client_configuration=cfg)
         return k8s.ApiClient(cfg), "kubeconfig"
-    except (k8s_config.ConfigException, OSError, TypeError) as exc:
-        return None, f"no in-cluster config, no kubeconfig ({_describe(exc)})"
+    except Exception as exc:  # a missing, unreadable or malformed kubeconfig (YAML, base64, shapes)
+        return None, f"no in-cluster config, no usable kubeconfig ({_describe(exc)})"
