@@ -100,6 +100,18 @@ class Store:
         self.endpoints: BoundedDict = BoundedDict(endpoints)
         self.by_type: Counter[str] = Counter()
         self.process_events: Counter[int] = Counter()
+        self.process_counts_dropped = 0  # request counts of live processes let go (the bound)
+
+    def _prune_process_counts(self) -> None:
+        """Let go the counts of pids whose stop we never saw, then, if most are
+        of processes still known (a replayed file can make it so), the oldest:
+        down to three quarters of the limit, so this scan comes rarely."""
+        counts, keep = self.process_events, self.processes.limit * 3 // 4
+        for gone in [p for p in counts if self.processes.get(p) is None]:
+            del counts[gone]
+        for oldest in list(counts)[: max(0, len(counts) - keep)]:
+            del counts[oldest]
+            self.process_counts_dropped += 1
 
     def on_published(self, item: "Published") -> None:
         self.on_event(item.envelope)
@@ -122,9 +134,8 @@ class Store:
             if isinstance(pid, int):
                 counts = self.process_events
                 counts[pid] += 1
-                if len(counts) > self.processes.limit:  # pids whose stop we never saw
-                    for gone in [p for p in counts if self.processes.get(p) is None]:
-                        del counts[gone]
+                if len(counts) > self.processes.limit:
+                    self._prune_process_counts()
             self._index_endpoint(d, s)
         elif t == ev.PROCESS_STARTED:
             d = env.body.get("data") or {}
@@ -205,6 +216,7 @@ class Store:
                 "processes": self.processes.evicted,
                 "connections": self.open_connections.evicted,
                 "endpoints": self.endpoints.evicted,
+                "process_request_counts": self.process_counts_dropped,
             },
         }
 

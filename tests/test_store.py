@@ -83,6 +83,20 @@ def test_request_counts_for_processes_never_seen_stop_are_bounded():
     assert len(store.process_events) <= 5
 
 
+def test_request_counts_of_live_processes_are_bounded_without_a_scan_per_request():
+    # Every pid's process is known (a replayed file can make it so): the
+    # counts are pruned to three quarters of the limit, not one at a time.
+    store = Store(processes=100)
+    for pid in range(100):
+        store.on_event(proc(pid, "2025-12-12T16:00:00.000Z"))
+        store.on_event(pid_tx(pid, pid))
+    assert len(store.process_events) == 100
+    store.on_event(pid_tx(1000, 1000))  # a pid never announced: over the limit
+    assert len(store.process_events) == 75  # room for 25 more before the next scan
+    assert store.stats()["evicted"]["process_request_counts"] == 25
+    assert 99 in store.process_events and 0 not in store.process_events  # the oldest went
+
+
 def test_event_types_counted_by_name_are_bounded():
     # A replayed capture file can name any number of event types.
     from qtap_devtools import store as store_mod
