@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from qtap_devtools.events import EVENT_TYPES, Envelope
 
-_STATUS = re.compile(r"^(?:([1-5])xx|(\d{3})|(>=|<=|>|<)(\d{3}))$")
+_STATUS = re.compile(r"^(?:([1-5])xx|([1-5]\d\d)|(>=|<=|>|<)(\d{3}))$")  # a status is 100-599
 MAX_VALUES = 32
 MAX_VALUE_LEN = 256
 

@@ -12,6 +12,7 @@ import asyncio
 import hmac
 import logging
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from importlib import resources
 from typing import Any, Callable, Iterable
 from urllib.parse import parse_qsl, quote, unquote
@@ -19,6 +20,7 @@ from urllib.parse import parse_qsl, quote, unquote
 import orjson
 from sse_starlette.sse import EventSourceResponse, ServerSentEvent
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
@@ -167,6 +169,15 @@ def create_app(rt: Runtime) -> Starlette:
         endpoint.__name__ = fn.__name__
         return endpoint
 
+    def no_parameters(fn):
+        """A route that reads no query parameter: one given is a 400 all the same."""
+        async def checked(request: Request) -> Response:
+            _accepts(request)
+            return await fn(request)
+
+        checked.__name__ = fn.__name__
+        return guarded(checked)
+
     @guarded
     async def stream(request: Request) -> Response:
         flt = _only(request, "snapshot", "after")
@@ -218,9 +229,11 @@ def create_app(rt: Runtime) -> Starlette:
             headers={"Cache-Control": "no-store"},
         )
 
+    @no_parameters
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok", "clients": len(bc.subscribers), "clientsTotal": bc.subscribed_total})
 
+    @no_parameters
     async def readyz(request: Request) -> Response:
         if rt.not_ready:
             return JSONResponse({"status": "not ready", "reason": rt.not_ready}, status_code=503)
@@ -241,6 +254,7 @@ def create_app(rt: Runtime) -> Starlette:
             "offset": offset,
         })
 
+    @no_parameters
     async def transaction(request: Request) -> Response:
         env = store.transactions.get(request.path_params["request_id"])
         if env is None:
@@ -249,9 +263,11 @@ def create_app(rt: Runtime) -> Starlette:
         full = ev.decode_transaction(env.body)
         return JSONResponse({**env.inner, "ts": env.body.get("ts"), "transaction": full})
 
+    @no_parameters
     async def processes(request: Request) -> Response:
         return JSONResponse({"processes": store.process_list()})
 
+    @no_parameters
     async def process_tree(request: Request) -> Response:
         return JSONResponse({"tree": store.process_tree()})
 
@@ -263,9 +279,11 @@ def create_app(rt: Runtime) -> Starlette:
             raise FilterError("state: expected all, open or closed")
         return JSONResponse({"connections": store.connection_list(state)})
 
+    @no_parameters
     async def endpoints(request: Request) -> Response:
         return JSONResponse({"endpoints": store.endpoint_list()})
 
+    @no_parameters
     async def stats(request: Request) -> Response:
         return JSONResponse({
             **store.stats(),
@@ -282,9 +300,11 @@ def create_app(rt: Runtime) -> Starlette:
         doc = har.from_envelopes(e for e in map(Envelope.parsed, store.recent_transactions()) if flt.matches(e))
         return JSONResponse(doc, headers={"Content-Disposition": 'attachment; filename="qtap-devtools.har"'})
 
+    @no_parameters
     async def metrics(request: Request) -> Response:
         return PlainTextResponse(_metrics(rt), media_type="text/plain; version=0.0.4")
 
+    @no_parameters
     async def api_index(request: Request) -> Response:
         items = [
             {"path": r.path, "method": "GET", "description": (r.endpoint.__doc__ or "").strip()}
@@ -353,6 +373,13 @@ def create_app(rt: Runtime) -> Starlette:
     async def not_found(request: Request, exc: Exception) -> Response:
         return error(404, "NOT_FOUND", f"no route {request.url.path}; see {API}")
 
+    async def http_error(request: Request, exc: Exception) -> Response:
+        # What Starlette raises itself (405 for a POST, ...): JSON like every other error.
+        assert isinstance(exc, HTTPException)
+        resp = error(exc.status_code, HTTPStatus(exc.status_code).name, str(exc.detail))
+        resp.headers.update(exc.headers or {})  # Allow: GET on a 405
+        return resp
+
     async def internal(request: Request, exc: Exception) -> Response:
         log.exception("error serving %s", request.url.path)
         return error(500, "INTERNAL_ERROR", str(exc))
@@ -360,7 +387,7 @@ def create_app(rt: Runtime) -> Starlette:
     app = Starlette(
         routes=routes,
         middleware=[Middleware(HostGuard, runtime=rt)],
-        exception_handlers={404: not_found, 500: internal},
+        exception_handlers={404: not_found, HTTPException: http_error, 500: internal},
     )
     return app
 

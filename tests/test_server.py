@@ -67,6 +67,13 @@ def test_errors_are_json(server):
     assert status == 404 and body["error"]["code"] == "NOT_FOUND"
     status, body = get(server.url + "/devtools/api/transactions/zzz")
     assert status == 404 and body["error"]["code"] == "NOT_FOUND"
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    conn.request("POST", "/devtools/api/stats", body=b"{}")
+    resp = conn.getresponse()
+    body = orjson.loads(resp.read())
+    conn.close()
+    assert resp.status == 405 and body["error"]["code"] == "METHOD_NOT_ALLOWED"
+    assert set(resp.getheader("Allow").split(", ")) == {"GET", "HEAD"}
 
 
 @pytest.mark.parametrize("query", ["status=abc", "pid=x", "type=bogus", "limit=-1", "limit=99999999",
@@ -83,6 +90,11 @@ def test_bad_query_parameters_get_400_with_reason(server, query):
     ("/devtools/api/har", "limit=5", "'limit'"),
     ("/devtools/api/connections", "stat=open", "'stat'"),
     ("/devtools/api/events", "snapshot=maybe", "snapshot: expected true or false"),
+    ("/devtools/api/transactions", "status=600", "status='600'"),
+    *[(path, "x=1", "'x'") for path in ("/devtools/api/endpoints", "/devtools/api/processes",
+                                        "/devtools/api/process-tree", "/devtools/api/stats",
+                                        "/devtools/api/transactions/zzz", "/devtools/api", "/healthz", "/readyz",
+                                        "/metrics")],
 ])
 def test_a_misspelt_or_unknown_parameter_is_a_400_naming_it(server, path, query, says):
     # Ignored, ``stauts=4xx`` would answer with every transaction as if filtered.
