@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Mapping
 
+import orjson
+
 from qtap_devtools.events import Envelope
 from qtap_devtools.threads import service_thread
 
@@ -167,8 +169,10 @@ def parse_stream(lines: Iterator[bytes] | BinaryIO) -> Iterator[Envelope | BadRe
         payload = b"\n".join(data)
         try:
             env = Envelope.from_wire(event_type or "message", payload)
-        except ValueError as exc:
+        except orjson.JSONDecodeError as exc:
             return BadRecord(start, f"bad JSON in {event_type or 'event'}: {exc}")
+        except ValueError as exc:  # JSON, but not an event (its shape, its timestamp)
+            return BadRecord(start, f"{event_type or 'event'}: {exc}")
         problem = shape_error(env.type, env.body)
         return env if problem is None else BadRecord(start, f"{env.type}: {problem}")
 

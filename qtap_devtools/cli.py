@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -95,9 +96,25 @@ def _int_in(lo: int, hi: int, *, power_of_two: bool = False):
 
 def _listen(text: str) -> Listen:
     try:
-        return Listen.parse(text)
+        listen = Listen.parse(text)
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    if listen.port == 0:
+        # "Any free port", chosen now: the agent leaves its own port out of the
+        # capture and names it in its Host check and start-up line, so it must
+        # know the number before it serves.
+        listen = Listen(listen.host, _free_port(listen.host))
+    return listen
+
+
+def _free_port(host: str) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            return s.getsockname()[1]
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"--listen {host}:0: no free port: {exc.strerror or exc}") from None
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -152,13 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("replay", help="serve a capture file on the same endpoints (no root)",
                         epilog=REPLAY_EXAMPLES, formatter_class=fmt)
-    rp.add_argument("file", type=Path)
+    rp.add_argument("file", type=Path, help="a capture file (run --output FILE, or the event stream saved by curl)")
     _common(rp)
     rp.add_argument("--speed", type=float, default=0.0,
                     help="1 = as recorded, 2 = twice as fast, 0 = all at once (default 0)")
 
     hp = sub.add_parser("har", help="convert a capture file to HAR 1.2", epilog=HAR_EXAMPLES, formatter_class=fmt)
-    hp.add_argument("file", type=Path)
+    hp.add_argument("file", type=Path, help="a capture file (run --output FILE, or the event stream saved by curl)")
     hp.add_argument("--output", "-o", type=Path, metavar="FILE", help="write here instead of stdout")
     hp.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
 
@@ -278,18 +295,24 @@ def _har(args: argparse.Namespace) -> int:
     from qtap_devtools import har, replay
 
     _readable(args.file)
+    if args.output:
+        _writable(args.output)  # before the conversion, not after it
     events, bad, left_out = replay.load(args.file)
     doc = har.from_envelopes(events)
     data = orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n"
     if args.output:
-        args.output.write_bytes(data)
+        try:
+            args.output.write_bytes(data)
+        except OSError as exc:  # the disk filled meanwhile
+            raise ConfigError(f"--output {args.output}: cannot write: {exc.strerror or exc}") from None
     notes = [f"{bad} bad record{'s' if bad > 1 else ''} skipped"] if bad else []
     if left_out:
         notes.append(f"{left_out} events past the replay limits left out")
     if "comment" in doc["log"]:
         notes.append(doc["log"]["comment"])
     if args.output or notes:
-        print(f"{len(doc['log']['entries'])} entries" + (f" written to {args.output}" if args.output else "")
+        n = len(doc["log"]["entries"])
+        print(f"{n} {'entry' if n == 1 else 'entries'}" + (f" written to {args.output}" if args.output else "")
               + "".join(f"; {n}" for n in notes), file=sys.stderr)
     if not args.output:
         sys.stdout.buffer.write(data)

@@ -159,7 +159,12 @@ class Envelope:
         if not isinstance(body, dict) or "data" not in body:
             raise ValueError('not an event: expected an object with a "data" field')
         ts = body.get("ts")
-        ts_ns = parse_rfc3339(ts) if isinstance(ts, str) else 0
+        ts_ns = 0
+        if isinstance(ts, str):
+            try:
+                ts_ns = parse_rfc3339(ts)
+            except ValueError:
+                raise ValueError(f'"ts" {ts[:40]!r} is not an RFC 3339 time') from None
         return cls(type_, body, sse_frame(type_, json_line(body)), ts_ns)
 
     @property

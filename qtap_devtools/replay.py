@@ -44,15 +44,31 @@ def load(
     first_bad: capfile.BadRecord | None = None
     left_out = 0
     held = 0
+    # Bad records are told once the file has shown an event: a file of none
+    # (a binary, a log) is refused in one line, not after a screen of them.
+    untold: list[capfile.BadRecord] = []
+    seen = False
+
+    def tell(record: capfile.BadRecord) -> None:
+        log.warning("%s:%d: skipped: %s", path, record.line, record.reason)
+
     for record in capfile.read_events(path):
         if isinstance(record, capfile.BadRecord):
             bad += 1
             first_bad = first_bad or record
             if bad <= MAX_BAD_LOGGED:
-                log.warning("%s:%d: skipped: %s", path, record.line, record.reason)
-            if bad >= GIVE_UP_BAD and not events:
+                if seen:
+                    tell(record)
+                else:
+                    untold.append(record)
+            if bad >= GIVE_UP_BAD and not seen:
                 break
-        elif record.type.startswith(REPLAYED_TYPES_SKIPPED):
+            continue
+        if not seen:
+            seen = True
+            for earlier in untold:
+                tell(earlier)
+        if record.type.startswith(REPLAYED_TYPES_SKIPPED):
             continue
         elif left_out or len(events) >= max_events or held + len(record.frame) > max_bytes:
             left_out += 1  # and every later one: what is served is the file's start, without gaps
@@ -63,13 +79,15 @@ def load(
                 record.release()
             events.append(record)
             held += len(record.frame)
-    if MAX_BAD_LOGGED < bad and events:
+    if MAX_BAD_LOGGED < bad and seen:
         log.warning("%s: %d more bad records skipped", path, bad - MAX_BAD_LOGGED)
-    if first_bad is not None and not events:
+    if first_bad is not None and not seen:
         raise capfile.NotACaptureFile(
             f"{path}: not a capture file? {bad if bad < GIVE_UP_BAD else 'the first %d' % bad} records bad, none an "
             f"event (line {first_bad.line}: {first_bad.reason}). Capture files are written by `run --output FILE` "
             "or `curl -sN …/devtools/api/events > FILE`")
+    if not seen and not bad:
+        log.warning("%s: no events in this file (empty, or only comments)", path)
     if left_out:
         log.warning("%s: served the first %d events (%d MiB of frames); %d more left out (limits: %d events, "
                     "%d MiB)", path, len(events), held >> 20, left_out, max_events, max_bytes >> 20)

@@ -172,3 +172,35 @@ def test_a_max_capture_rate_that_cannot_work_is_refused(argv, says):
     args = cli_mod.build_parser().parse_args(["run", *argv])
     with pytest.raises(ConfigError, match=says):
         cli_mod._config(args)
+
+
+def test_listen_on_port_0_picks_a_free_port_the_agent_knows():
+    # It leaves its own port out of the capture and prints it: 0 would be wrong in both.
+    args = cli_mod.build_parser().parse_args(["run", "--listen", "127.0.0.1:0"])
+    listen = cli_mod._config(args).listen
+    assert listen.host == "127.0.0.1" and 1024 <= listen.port <= 65535
+
+
+@pytest.mark.parametrize("content", [b"garbage\x00\x01\nmore garbage\n", b"# a README\n\nsome text\n" * 20])
+def test_a_file_that_is_not_a_capture_is_refused_in_one_line(tmp_path, content):
+    path = tmp_path / "not-a-capture"
+    path.write_bytes(content)
+    r = cli("har", str(path))
+    assert r.returncode == 1 and r.stdout == ""
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr  # no warning per bad record first
+    assert r.stderr.startswith(f"qtap-devtools: error: {path}: not a capture file?")
+
+
+def test_har_output_it_cannot_write_is_refused_before_converting(tmp_path):
+    r = cli("har", str(EXAMPLE), "-o", str(tmp_path / "missing-dir" / "x.har"))
+    assert r.returncode == 2
+    assert r.stderr.strip() == (f"qtap-devtools: error: --output {tmp_path / 'missing-dir' / 'x.har'}: "
+                                "cannot write: No such file or directory")
+
+
+def test_har_of_one_transaction_says_one_entry(tmp_path):
+    one = tmp_path / "one.txt"
+    frames = EXAMPLE.read_bytes().split(b"\n\n")
+    one.write_bytes(next(f for f in frames if f.startswith(b"event: request.http_transaction")) + b"\n\n")
+    r = cli("har", str(one), "-o", str(tmp_path / "one.har"))
+    assert r.returncode == 0 and r.stderr.strip() == f"1 entry written to {tmp_path / 'one.har'}"
