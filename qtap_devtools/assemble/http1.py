@@ -477,6 +477,12 @@ class ConnectionAssembler:
             start = ex.response_start_ns
         else:
             start = ex.end_ns or 0
+        response_start = ex.response_start_ns
+        if ex.informational and resp is not None and req is not None and response_start is not None \
+                and req.end_ns and response_start < req.end_ns:
+            # A 1xx before the request's body ended (100 Continue): the wait
+            # that counts is for the answer to the whole request.
+            response_start = resp.start_ns
         if resp is not None:
             end = resp.end_ns
         elif ex.end_ns is not None:
@@ -489,7 +495,7 @@ class ConnectionAssembler:
                 response=response,
                 start_ns=start,
                 request_end_ns=req.end_ns if req is not None else None,
-                response_start_ns=ex.response_start_ns,
+                response_start_ns=response_start,
                 end_ns=end,
                 error=ex.error,
                 partial=ex.partial,
