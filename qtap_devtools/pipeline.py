@@ -410,7 +410,10 @@ class Pipeline:
             info.bytes_sent += len(r.data)
         else:
             info.bytes_received += len(r.data)
-        if conn.assembler.protocol == "unknown" and r.data.startswith(HTTP2_PREFACE[: len(r.data)]) and len(r.data) >= 4:
+        # "other" too: an HTTP/2 server sends its SETTINGS before it reads the
+        # client's preface, and those bytes are not HTTP/1.
+        if conn.assembler.protocol in ("unknown", "other") and len(r.data) >= 4 \
+                and r.data.startswith(HTTP2_PREFACE[: len(r.data)]):
             if r.data.startswith(HTTP2_PREFACE) and info.l7_protocol != "http2":
                 info.l7_protocol = "http2"
                 self.counters["http2_connections_not_decoded"] += 1

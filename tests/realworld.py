@@ -104,8 +104,9 @@ class Nginx(_Server):
     """
 
     def __init__(self, directory: Path, cert: Cert | None, port: int | None = None, ipv6: bool = False,
-                 sendfile: bool = False) -> None:
+                 sendfile: bool = False, http2: bool = False) -> None:
         self.dir = directory / "nginx"
+        self.http2 = http2  # offered in ALPN (TLS only)
         self.sendfile = sendfile  # Debian's own nginx.conf has it on: files go out with sendfile(2)
         self.cert = cert
         self.port = port or free_port()
@@ -118,9 +119,10 @@ class Nginx(_Server):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
         (root / "large.bin").write_bytes(bytes(i % 251 for i in range(LARGE_SIZE)))
         (root / "text.txt").write_text("compress me please " * 2000)
-        listen = f"listen {HOST}:{self.port}" + (" ssl" if self.cert else "") + ";"
+        opts = (" ssl" if self.cert else "") + (" http2" if self.http2 else "")
+        listen = f"listen {HOST}:{self.port}{opts};"
         if self.ipv6:
-            listen += f" listen [::1]:{self.port}" + (" ssl" if self.cert else "") + ";"
+            listen += f" listen [::1]:{self.port}{opts};"
         tls = (
             f"ssl_certificate {self.cert.cert}; ssl_certificate_key {self.cert.key};"
             if self.cert else ""

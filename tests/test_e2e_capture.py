@@ -539,6 +539,38 @@ def test_plaintext_host_names_the_endpoint_when_http1_is_detected(live, nginx_pl
     assert [e["meta"]["endpointId"] for e in updates] == ["plain.example.test"] * len(updates)
 
 
+def test_http2_is_shown_on_both_sides_and_counted_not_decoded(live, cert, tmp_path):
+    """HTTP/1.x only is decoded; an HTTP/2 connection is shown for what it is,
+    by the client (curl --http2) and by the server (nginx), and counted."""
+    proc, reader, _ = live
+
+    def not_decoded() -> int:
+        status, body = get(proc.url + "/devtools/api/stats")
+        assert status == 200
+        return body["capture"]["http2_connections_not_decoded"]
+
+    before = not_decoded()
+    with rw.Nginx(tmp_path, cert, http2=True) as h2:
+        c = curl("--http2", h2.url(f"/json?m={marker()}"))
+        assert b'"method":"GET"' in c.stdout
+
+        def side(direction: str):
+            def pred(t: str, d: dict) -> bool:
+                if not t.startswith("connection."):
+                    return False
+                conn = d["data"]["data"]
+                ports = {conn["source"].get("address", {}).get("port"),
+                         conn["destination"].get("address", {}).get("port")}
+                return ports == {c.port, h2.port} and conn["direction"].startswith(direction) \
+                    and conn["l7Protocol"] == "http2"
+            return pred
+
+        assert reader.find(side("egress"), timeout=WAIT), f"the client's side is not http2; {reader.health()}"
+        got = reader.find(side("ingress"), timeout=WAIT)
+        assert got, f"the server's side is not http2; {reader.health()}"
+    assert not_decoded() == before + 2
+
+
 @pytest.mark.parametrize("tls", [True, False], ids=["tls", "plaintext"])
 def test_ipv6_loopback_request_with_its_addresses(live, nginx, nginx_plain, tls):
     _, reader, _ = live

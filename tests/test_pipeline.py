@@ -180,6 +180,19 @@ def test_process_lifecycle_with_exit_code():
     assert events[1].payload()["exitCode"] == 7 and events[1].payload()["path"] == "/usr/bin/curl"
 
 
+def test_http2_on_the_servers_side_whose_settings_go_out_before_the_preface_comes_in():
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+    settings = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+    events, p = run([
+        rec.SocketAccept(200, 7, 1_000, EP_C, EP_S),
+        rec.DataChunk(200, 200, 7, 2_000, "egress", "openssl", 0, settings, tls_ref=0xdef),
+        rec.DataChunk(200, 200, 7, 3_000, "ingress", "openssl", 0, preface + settings, tls_ref=0xdef),
+        rec.SocketClose(200, 7, 9_000),
+    ])
+    assert events[-1].payload()["data"]["l7Protocol"] == "http2"
+    assert p.counters["http2_connections_not_decoded"] == 1
+
+
 def test_an_absolute_target_urlsplit_refuses_stands_as_captured():
     req = b"GET http://[x/ HTTP/1.1\r\nHost: api.local\r\n\r\n"
     records = client_tls_exchange()
