@@ -17,6 +17,7 @@ import os
 import platform
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -351,15 +352,21 @@ def detach_in_background() -> None:
     Removing a uprobe waits for RCU grace periods: the kernel takes ~6 s to
     tear down our ~20 probes when their last file descriptor closes, and the
     process is not gone until it has.  A child that inherits those descriptors
-    and outlives us takes that wait, so the agent exits at once (and its port
-    is free: the server sockets were closed before this)."""
+    and outlives us takes that wait, so the agent exits at once.  The child
+    keeps no socket: on an exit by error the server's listening socket is
+    still open, and the port must be free when we are gone."""
     parent = os.getpid()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    with contextlib.suppress(OSError, ValueError):  # stdout may be a closed pipe: why we are exiting
+        sys.stdout.flush()
+        sys.stderr.flush()
     if os.fork() != 0:
         return
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for name in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                if stat.S_ISSOCK(os.fstat(int(name)).st_mode):
+                    os.close(int(name))
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):  # a reader of our output must see EOF when we exit
             os.dup2(devnull, fd)

@@ -59,6 +59,36 @@ def test_live_agent_says_goodbye_and_exits_within_two_seconds(tmp_path, sig):
         time.sleep(0.2)
 
 
+def test_an_agent_that_exits_on_an_error_leaves_its_port_free(tmp_path):
+    """`run | head -3`: once head has gone, the agent's next status line fails
+    (a broken pipe) and it exits with an error, its server still up.  The
+    child that outlives it to remove the probes must not hold the port."""
+    import subprocess
+    import sys
+
+    port = free_port()
+    with open(tmp_path / "stderr.log", "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "qtap_devtools", "run", "--no-docker", "--listen",
+                                 f"127.0.0.1:{port}"], stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL)
+        try:
+            lines = [proc.stdout.readline() for _ in range(3)]  # CPU priority, serving, starting capture
+            assert b"starting capture" in lines[-1], lines
+            proc.stdout.close()  # head exits
+            rc = proc.wait(timeout=120)  # at its next line, once capture runs
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert rc == 1 and b"Broken pipe" in (tmp_path / "stderr.log").read_bytes()
+    with socket.socket() as s:  # free at once, as after a signal
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+        s.listen()
+    deadline = time.monotonic() + 60
+    while processes_with(f"127.0.0.1:{port}"):
+        assert time.monotonic() < deadline, "the detaching child never exited"
+        time.sleep(0.2)
+
+
 def test_a_signal_while_the_probes_compile_stops_the_agent_without_waiting_for_them(tmp_path):
     port = free_port()
     proc = AgentProcess(["run", "--no-docker", "--listen", f"127.0.0.1:{port}"], port,
