@@ -209,8 +209,9 @@ def sse_frame(type_: str, json_line: bytes) -> bytes:
 # Shared pieces
 
 
-def user_json(info: ProcessInfo) -> dict:
-    return {"id": info.uid, "name": info.user}
+def user_json(info: ProcessInfo) -> dict | None:
+    """None when /proc was gone before it could be read (uid -1): no user, not a fake one."""
+    return {"id": info.uid, "name": info.user} if info.uid >= 0 else None
 
 
 def container_json(c: ContainerInfo | None, *, labels: bool = True) -> dict | None:
@@ -633,7 +634,7 @@ class HttpTransaction(Event):
             "container_id": container.short_id if container else None,
             "pod_name": pod.name if pod else None,
             "pod_namespace": pod.namespace if pod else None,
-            "user": p.user if p else None,
+            "user": p.user if p and p.uid >= 0 else None,
             "hostname": p.hostname if p else None,
             "tls_version": c.tls_version,
             "tls_library": c.tls_libraries[0] if c.tls_libraries else None,

@@ -221,6 +221,7 @@ def test_short_lived_process_gone_before_proc_read_still_gets_both_events():
     p.on_records([rec.ProcessExec(555, 1_000, "/bin/true", "true"), rec.ProcessExit(555, 2_000, 0)])
     assert types(out) == ["process.started", "process.stopped"]
     assert out[0].payload()["binary"] == "true"
+    assert "user" not in out[0].payload()  # not known: absent, not uid -1 and ""
     assert p.counters["processes_gone_before_read"] == 1  # no user or container to name: counted
 
 
