@@ -9,6 +9,7 @@ import os
 import socket
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -107,6 +108,13 @@ def _listen(text: str) -> Listen:
     return listen
 
 
+def _agent_url(text: str) -> str:
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected the agent's URL, e.g. http://127.0.0.1:10001")
+    return text
+
+
 def _free_port(host: str) -> int:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
@@ -182,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     dp = sub.add_parser("doctor", help="check what this machine supports", epilog=DOCTOR_EXAMPLES,
                         formatter_class=fmt)
     dp.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
-    dp.add_argument("--agent", default="http://127.0.0.1:10001", metavar="URL",
+    dp.add_argument("--agent", default="http://127.0.0.1:10001", metavar="URL", type=_agent_url,
                     help="also report the drop counters of the agent serving here (default %(default)s)")
     return parser
 

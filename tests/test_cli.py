@@ -204,3 +204,9 @@ def test_har_of_one_transaction_says_one_entry(tmp_path):
     one.write_bytes(next(f for f in frames if f.startswith(b"event: request.http_transaction")) + b"\n\n")
     r = cli("har", str(one), "-o", str(tmp_path / "one.har"))
     assert r.returncode == 0 and r.stderr.strip() == f"1 entry written to {tmp_path / 'one.har'}"
+
+
+@pytest.mark.parametrize("url", ["garbage", "127.0.0.1:10001", "ftp://x"])
+def test_doctor_refuses_an_agent_address_that_is_not_a_url(url):
+    r = cli("doctor", "--agent", url)
+    assert r.returncode == 2 and "expected the agent's URL" in r.stderr
