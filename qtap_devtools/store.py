@@ -167,7 +167,8 @@ class Store:
         entry = self.endpoints.get(key)
         if entry is None:
             entry = _Endpoint(key)
-        entry.add(s.get("response_status"), s.get("duration_ms") or 0)
+        us = s.get("duration_us")
+        entry.add(s.get("response_status"), us / 1000 if type(us) is int else s.get("duration_ms") or 0)
         self.endpoints.put(key, entry)
 
     # ---- queries
@@ -252,9 +253,9 @@ class _Endpoint:
     def json(self) -> dict:
         return {
             "host": self.host, "method": self.method, "path": self.path, "count": self.count,
-            "errors": self.errors, "max_ms": self.max_ms,
+            "errors": self.errors, "max_ms": round(self.max_ms, 3),
             "statuses": self._named_statuses(),
-            "avg_ms": round(self.total_ms / self.count, 1) if self.count else 0,
+            "avg_ms": round(self.total_ms / self.count, 3) if self.count else 0,
         }
 
     def _named_statuses(self) -> dict[str, int]:

@@ -47,11 +47,17 @@ def test_the_endpoint_index_counts_by_route_with_statuses_errors_and_latency():
     store.on_event(summary_tx(5, "POST", "/users", 201, 7))
     store.on_event(summary_tx(6, "POST", "/users", 201, 2.5))  # a capture file's: a float
     store.on_event(summary_tx(7, "POST", "/users", 201, "soon"))  # or anything: counted as 0 ms
-    users, posts = sorted(store.endpoint_list(), key=lambda e: e["method"])
+    store.on_event(summary_tx(8, "GET", "/health", 200, 0))  # the agent's: whole ms, and precise µs
+    store.on_event(Envelope.of(ev.HTTP_TRANSACTION, {"data": {"requestId": "r9", "summary": {
+        "request_host": "api.test", "request_method": "GET", "request_path": "/health", "response_status": 200,
+        "duration_ms": 0, "duration_us": 44}}}, 0))
+    health = next(e for e in store.endpoint_list() if e["path"] == "/health")
+    assert (health["count"], health["max_ms"], health["avg_ms"]) == (2, 0.044, 0.022)
+    users, posts = sorted((e for e in store.endpoint_list() if e["path"] != "/health"), key=lambda e: e["method"])
     assert users == {"host": "api.test", "method": "GET", "path": "/users/{id}", "count": 4, "errors": 3,
-                     "max_ms": 30, "statuses": {"200": 2, "404": 1, "None": 1}, "avg_ms": 11.8}
+                     "max_ms": 30, "statuses": {"200": 2, "404": 1, "None": 1}, "avg_ms": 11.75}
     assert posts == {"host": "api.test", "method": "POST", "path": "/users", "count": 3, "errors": 0,
-                     "max_ms": 7, "statuses": {"201": 3}, "avg_ms": 3.2}
+                     "max_ms": 7, "statuses": {"201": 3}, "avg_ms": 3.167}
 
 
 def proc(pid: int, created: str, stopped: bool = False) -> Envelope:

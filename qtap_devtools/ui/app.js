@@ -78,7 +78,8 @@ function rowFromEvent(body) {
     ctype: s.response_content_type || "",
     size: s.response_body_size,
     reqSize: s.request_body_size,
-    duration: Number(s.duration_ms ?? 0),
+    // duration_us where the agent sends it: duration_ms is whole milliseconds.
+    duration: s.duration_us != null ? Number(s.duration_us) / 1000 : Number(s.duration_ms ?? 0),
     pid: s.process_pid,
     exe: s.process_exe || "",
     container: s.container_name || "",
