@@ -194,8 +194,10 @@ class Agent:
         print("qtap-devtools: starting capture (compiling probes takes a few seconds)…", flush=True)
         await _in_daemon_thread(loop, "capture-start", self._start_capture, loop)
         if self.capture is None:
-            log.error("capture not running: %s", self.capture_error)
-            print(f"qtap-devtools: capture not running: {self.capture_error}", flush=True)
+            # Said once, with the status lines (a log line as well said it twice
+            # in a terminal); the API and page stay up, /readyz says why not ready.
+            print(f"qtap-devtools: capture not running: {self.capture_error}; still serving, without capture "
+                  "(/readyz says not ready)", flush=True)
             self.runtime.not_ready = self.capture_error
             return
         self._snapshot_processes()
@@ -217,7 +219,6 @@ class Agent:
         self.runtime.not_ready = None
         slower = compiled.running_note(os.environ)
         if slower:  # correct either way, but about half as fast: say so where it runs
-            log.warning("%s", slower)
             print(f"qtap-devtools: {slower}", flush=True)
         print("qtap-devtools: capture running", flush=True)
 
