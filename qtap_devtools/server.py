@@ -188,7 +188,7 @@ def create_app(rt: Runtime) -> Starlette:
             raise FilterError("Last-Event-ID / after: expected an event id as sent in `id:` lines")
         first: list[Envelope] = [rt.greeting(flt)]
         replay = rt.replay_events
-        if replay is None and snapshot and resume_after is None:
+        if replay is None and snapshot and not resume_after:  # fresh, or all history ("after=0"): who runs now
             first += [e for e in store.snapshot_processes() if flt.matches(e)]
         sub = bc.subscribe(flt, first, resume_after)
 

@@ -445,7 +445,7 @@ def test_status_strip_shows_rate_drops_and_capture_state(page, rich):
         feed.end_stream()
         page.wait_for_selector('[data-testid="status-connection"][data-state="reconnecting"]')
         feed.wait_connections(2)
-        assert feed.queries == ["", f"after={last}"]
+        assert feed.queries == ["after=0", f"after={last}"]  # all the agent holds, then where it was
         feed.send(greeting({"state": "failed", "error": "bpf: permission denied"}))
         wait_connected(page)
         page.wait_for_selector('[data-testid="status-capture"][data-state="failed"]')

@@ -835,7 +835,9 @@ const STREAM_TYPES = [
 function streamUrl() {
   const q = new URLSearchParams();
   if (TOKEN) q.set("token", TOKEN);
-  if (lastEventId) q.set("after", lastEventId);
+  // First connect: "after 0" asks for all the agent still holds (its recent
+  // history), so a page opened after the traffic shows it; then, where we were.
+  q.set("after", lastEventId || "0");
   const qs = q.toString();
   return `${API}/events${qs ? `?${qs}` : ""}`;
 }
