@@ -164,6 +164,7 @@ struct tls_call {
     u64 len_ptr;               /* where the byte count is written (SSL_*_ex's
                                 * size_t *, or a tuned site's stack slot); 0:
                                 * the return value is the count */
+    u64 start_ns;              /* when the call began: a write's records carry it */
     u8 dir;
     u8 source;
     u8 active;                 /* 0: no call in flight (the slot lives as long as the thread) */
@@ -411,9 +412,14 @@ static __always_inline void skip_data(s32 fd, u8 dir, u64 total)
         offsets.update(&ok, &total);
 }
 
+/* `start_ns`: when the call that moved the bytes began, for writes; 0 for
+ * reads, stamped now.  A write is stamped when the program handed its bytes
+ * over, a read when they were there: on loopback the peer has often read a
+ * request, and answered it, before the writer's call returns, and stamped at
+ * its return a client's request would look later than the server's reply. */
 static __always_inline void emit_data(void *ctx, s32 fd, u8 dir, u8 src,
                                       u64 tls_ref, u64 buf, u64 iov,
-                                      u64 iovcnt, u64 total)
+                                      u64 iovcnt, u64 total, u64 start_ns)
 {
     if (total == 0)
         return;
@@ -455,7 +461,7 @@ static __always_inline void emit_data(void *ctx, s32 fd, u8 dir, u8 src,
     r->h.pid = id >> 32;
     r->h.tid = (u32)id;
     r->h.fd = fd;
-    r->h.ts_ns = bpf_ktime_get_ns();
+    r->h.ts_ns = start_ns ? start_ns : bpf_ktime_get_ns();
     r->direction = dir;
     r->source = src;
     r->flags = flags;

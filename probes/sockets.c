@@ -24,7 +24,7 @@ BPF_TABLE("lru_hash", struct peer_key, struct addr, accepted_local, 16384);
 /* A data syscall on a known plaintext socket, from its entry to its exit.
  * Per thread, in task storage like tls_calls: every read/write-family exit
  * of every process looks here. */
-struct data_args { s32 fd; u8 dir; u8 skip; u8 active; u8 _p; u64 buf; u64 iov; u64 iovcnt; };
+struct data_args { s32 fd; u8 dir; u8 skip; u8 active; u8 _p; u64 buf; u64 iov; u64 iovcnt; u64 start_ns; };
 BPF_TASK_STORAGE(data_stash, struct data_args);
 
 static __always_inline int port_excluded(u16 port)
@@ -293,6 +293,7 @@ static __always_inline void data_enter(s32 fd, u8 dir, u64 buf, u64 iov, u64 iov
     d->buf = buf;
     d->iov = iov;
     d->iovcnt = iovcnt;
+    d->start_ns = dir == DIR_EGRESS ? bpf_ktime_get_ns() : 0;  /* see emit_data */
     d->active = 1;
 }
 
@@ -309,7 +310,7 @@ static __always_inline void data_exit(void *ctx, long ret)
         skip_data(a.fd, a.dir, ret);
         return;
     }
-    emit_data(ctx, a.fd, a.dir, SRC_SOCKET, 0, a.buf, a.iov, a.iovcnt, ret);
+    emit_data(ctx, a.fd, a.dir, SRC_SOCKET, 0, a.buf, a.iov, a.iovcnt, ret, a.start_ns);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_read)

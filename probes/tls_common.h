@@ -16,6 +16,7 @@ static __always_inline void tls_enter(u64 ref, u64 buf, u64 num, u64 len_ptr, u8
     c->buf = buf;
     c->num = num;
     c->len_ptr = len_ptr;
+    c->start_ns = dir == DIR_EGRESS ? bpf_ktime_get_ns() : 0;
     c->dir = dir;
     c->source = src;
     c->active = 1;
@@ -57,7 +58,7 @@ static __always_inline void tls_exit(void *ctx, long ret, int need_len_ptr)
     s32 *fdp = tls_fd.lookup(&c.tls_ref);
     if (fdp)
         fd = *fdp;
-    emit_data(ctx, fd, c.dir, c.source, c.tls_ref, c.buf, 0, 0, n);
+    emit_data(ctx, fd, c.dir, c.source, c.tls_ref, c.buf, 0, 0, n, c.start_ns);
 }
 
 /* The TLS object is gone: forget its fd and any fd-less stream offsets. */
