@@ -97,3 +97,18 @@ def test_elf_offsets_past_the_files_end_are_no_symbols(tmp_path):
         bad.write_bytes(data)
         assert exported_symbols(str(bad), ["SSL_write"]) == set()
     assert exported_symbols(LIBSSL, ["SSL_write"]) == {"SSL_write"}
+
+
+@pytest.mark.skipif(not os.path.exists(LIBSSL), reason="libssl3 not installed")
+def test_a_containers_libssl_behind_an_absolute_symlink_is_its_own_file(container):
+    import shutil
+
+    pid, root = container
+    libdir = root / "usr" / "lib" / "x86_64-linux-gnu"
+    libdir.mkdir(parents=True)
+    shutil.copy(LIBSSL, libdir / "libssl.so.3.0.own")  # no such file on the host
+    (libdir / "libssl.so.3").symlink_to("/usr/lib/x86_64-linux-gnu/libssl.so.3.0.own")
+    a = Attacher(lambda *args: None, mode="entry")
+    att = a.consider(f"/proc/{pid}/root/usr/lib/x86_64-linux-gnu/libssl.so.3")
+    own = os.stat(libdir / "libssl.so.3.0.own")
+    assert att is not None and (att.dev, att.ino) == (own.st_dev, own.st_ino)

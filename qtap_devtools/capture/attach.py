@@ -252,17 +252,20 @@ class Attacher:
     def consider(self, path: str) -> Attachment | None:
         """Attach to ``path`` if it is a TLS library not attached yet."""
         try:
-            st = os.stat(path)
+            st = os.lstat(path)
         except OSError:
             return None
-        if not stat.S_ISREG(st.st_mode):  # a FIFO would block the open below (rootfs.py)
+        if stat.S_ISREG(st.st_mode):
+            # The file the probe lands on: one libssl seen in many containers
+            # of one image is one attachment (overlay.py).
+            key = overlay.real_key(path, st)
+            with self._lock:
+                if key in self._by_inode or key in self._not_tls:  # nearly every call: a file seen before
+                    return self._by_inode.get(key)
+        elif not stat.S_ISLNK(st.st_mode):  # a FIFO would block the open below (rootfs.py)
             return None
-        # The file the probe lands on: one libssl seen in many containers of
-        # one image is one attachment (overlay.py).
-        key = overlay.real_key(path, st)
-        with self._lock:
-            if key in self._by_inode or key in self._not_tls:  # nearly every call: a file seen before
-                return self._by_inode.get(key)
+        # (A symlink is followed by the open, inside its container's root: an
+        # absolute one would lead stat to the host's file of that name.)
         # New: read and attached through an open descriptor, because a path
         # under a short-lived process's /proc/PID/root is gone the moment it
         # exits, which for `docker run image curl …` is while its libssl is attached.

@@ -572,28 +572,33 @@ class Capture:
         if batch:
             self._records_read += len(batch)
             # Only the records that are not data matter here: the rare ones.
-            watcher, read_process, reads, until = self._watcher, self._read_process, 0, 0.0
-            for rec in others:
-                if type(rec) is ProcessExec:
-                    if read_process is not None:
-                        if not reads or (reads < EXEC_READS_PER_BATCH and time.monotonic() < until):
-                            if not reads:
-                                until = time.monotonic() + EXEC_READ_SECONDS
-                            reads += 1
-                            try:
-                                rec.process = read_process(rec.pid)
-                            except Exception:  # the event loop reads it instead
-                                log.exception("reading pid %d at exec", rec.pid)
-                        else:
-                            self.exec_reads_deferred += 1
-                    if watcher is not None:
-                        watcher.on_exec(rec.pid)
-            self.exec_reads += reads
+            execs = [rec for rec in others if type(rec) is ProcessExec]
+            if execs:
+                if self._read_process is not None:
+                    self._read_processes(execs)
+                if self._watcher is not None:
+                    for rec in execs:
+                        self._watcher.on_exec(rec.pid)
             self._track_addresses(others)
         if proc_fallback:
             batch.extend(self._proc_fallback())
         if batch:
             self._deliver(batch)
+
+    def _read_processes(self, execs: list[ProcessExec]) -> None:
+        """Set each exec record's ``process`` from /proc, within this batch's
+        bounds (EXEC_READS_PER_BATCH, EXEC_READ_SECONDS)."""
+        read, until = self._read_process, time.monotonic() + EXEC_READ_SECONDS
+        assert read is not None
+        for n, rec in enumerate(execs):
+            if n >= EXEC_READS_PER_BATCH or (n and time.monotonic() >= until):
+                self.exec_reads_deferred += len(execs) - n  # the event loop reads them, as before
+                return
+            self.exec_reads += 1
+            try:
+                rec.process = read(rec.pid)
+            except Exception:  # the event loop reads it instead
+                log.exception("reading pid %d at exec", rec.pid)
 
     def _deliver(self, batch: list[Record]) -> None:
         self._batches += 1
