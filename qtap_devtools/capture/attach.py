@@ -244,6 +244,8 @@ class Attacher:
         self.over_limit = 0  # TLS libraries not attached: MAX_ATTACHMENTS reached
         self._roots: set[tuple] = set()  # container roots whose library directories were read
         self.roots_read = 0
+        self.roots_forgotten = 0  # container roots let go (the bound), read again if seen again
+        self.not_tls_uncached = 0  # files judged not TLS past the bound of what is remembered
 
     @property
     def attachments(self) -> list[Attachment]:
@@ -286,6 +288,8 @@ class Attacher:
             if lib is None:
                 if len(self._not_tls) < self._not_tls_max:
                     self._not_tls.add(key)
+                else:
+                    self.not_tls_uncached += 1  # judged again when seen again: a read, no attachment
                 return None
             if len(self._by_inode) >= MAX_ATTACHMENTS:
                 self.over_limit += 1
@@ -399,6 +403,7 @@ class Attacher:
             if key in self._roots:
                 return None
             if len(self._roots) >= self._not_tls_max:
+                self.roots_forgotten += len(self._roots)
                 self._roots.clear()  # bounded; a root read again costs a listdir, no attachment
             self._roots.add(key)
         return library_dir_candidates(root + d for d in LIB_DIRS)

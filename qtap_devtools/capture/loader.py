@@ -305,6 +305,7 @@ class Capture:
         self._addressed: dict[tuple[int, int], None] = {}
         self._await_address: dict[tuple[int, int], float] = {}
         self._max_tracked = 65536
+        self.address_tracking_evicted = 0
 
     # ---- lifecycle ----
 
@@ -458,6 +459,7 @@ class Capture:
         for d in (self._addressed, self._await_address):
             while len(d) > self._max_tracked:
                 d.pop(next(iter(d)))
+                self.address_tracking_evicted += 1  # a socket whose address may then never be asked of /proc
 
     def _proc_fallback(self) -> list[Record]:
         if not self._await_address:
@@ -636,11 +638,14 @@ class Capture:
             "callback_errors": self._callback_errors,
             "reader_errors": self.reader_errors,
             "proc_address_fallbacks": self._proc_fallbacks,
+            "address_tracking_evicted": self.address_tracking_evicted,
             "attachments": len(atts),
             "attachments_failed": sum(1 for a in atts if a.error),
             "attachments_tuned": sum(1 for a in atts if a.mode == "tuned"),
             "attachments_over_limit": self._attacher.over_limit if self._attacher else 0,
             "roots_read": self._attacher.roots_read if self._attacher else 0,  # each container's, once
+            "roots_forgotten": self._attacher.roots_forgotten if self._attacher else 0,
+            "not_tls_uncached": self._attacher.not_tls_uncached if self._attacher else 0,
             "exec_scans_dropped": self._watcher.dropped if self._watcher else 0,
             "exec_reads": self.exec_reads,  # processes read from /proc at exec, on the reader's thread
             "exec_reads_deferred": self.exec_reads_deferred,  # past EXEC_READS_PER_BATCH or EXEC_READ_SECONDS

@@ -68,6 +68,7 @@ class Enricher:
         self._fresh_until: dict[int, float] = {}  # pid → monotonic time its entry needs no /proc check until
         self.process_evictions = 0
         self.process_reads = 0
+        self.fresh_marks_cleared = 0
         self.docker: DockerMetadata | None = (
             DockerMetadata(docker_url, cache_size=container_cache_size) if docker else None
         )
@@ -165,6 +166,7 @@ class Enricher:
         if enriched is not info or key not in self._processes:
             self._store(key, enriched)
         if len(self._fresh_until) >= self._cache_size:
+            self.fresh_marks_cleared += len(self._fresh_until)  # each costs one more /proc stat read
             self._fresh_until.clear()
         self._fresh_until[pid] = now + RECHECK_SECONDS
         return enriched
@@ -278,6 +280,7 @@ class Enricher:
                 "capacity": self._cache_size,
                 "evictions": self.process_evictions,
                 "reads": self.process_reads,
+                "fresh_marks_cleared": self.fresh_marks_cleared,
             },
             "docker": self.docker.stats() if self.docker is not None else {"state": "disabled"},
             "kubernetes": self.kube.stats() if self.kube is not None else {"state": self._kube_state},

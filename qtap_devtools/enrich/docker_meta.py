@@ -77,6 +77,8 @@ class DockerMetadata:
         self.not_docker = 0
         self.events = 0
         self.connects = 0
+        self.negative_evicted = 0  # ids not Docker's, let go (the bound): asked again when seen
+        self.destroyed_evicted = 0
 
     # ---------------------------------------------------------------- lookups
 
@@ -152,6 +154,8 @@ class DockerMetadata:
             "not_docker": self.not_docker,
             "events": self.events,
             "connects": self.connects,
+            "negative_evicted": self.negative_evicted,
+            "destroyed_evicted": self.destroyed_evicted,
         }
 
     # -------------------------------------------------------------- lifecycle
@@ -271,6 +275,7 @@ class DockerMetadata:
                 self._destroyed[cid] = None
                 if len(self._destroyed) > self._negative_size:
                     self._destroyed.popitem(last=False)
+                    self.destroyed_evicted += 1
         elif action in ("create", "start", "rename", "update"):
             with self._lock:
                 self._negative.pop(cid, None)
@@ -302,6 +307,7 @@ class DockerMetadata:
                     self._negative[cid] = time.monotonic() + self._negative_ttl
                     if len(self._negative) > self._negative_size:
                         self._negative.popitem(last=False)
+                        self.negative_evicted += 1
             except Exception as exc:  # daemon went away mid-fetch, or an answer of the wrong shape
                 self.fetch_errors += 1
                 log.debug("docker: inspect %.12s failed: %s", cid, exc)
