@@ -731,14 +731,21 @@ def test_client_started_after_the_agent_from_a_tls_binary_it_never_saw(live, ngi
         proc.stdin.close()
         proc.wait(timeout=10)
         copy.unlink()  # 100 MB; the agent's probes keep the inode, not the name
-    # The agent says what it attached to, and why it could.
-    fresh = reader_for(AGENT_PORT)
-    try:
-        hello = fresh.find(lambda t, d: t == "system.connected")
-    finally:
-        fresh.close()
-    attached = hello[0][1]["data"]["capture"]["attached"]
-    mine = [a for a in attached if a["path"].endswith(str(copy))]
+    # The agent says what it attached to, and why it could: once the attach
+    # has finished, which can be after the first request was captured (its
+    # data probes go first; the rest take bcc a symbol search each in 100 MB).
+    deadline = time.monotonic() + WAIT
+    while True:
+        fresh = reader_for(AGENT_PORT)
+        try:
+            hello = fresh.find(lambda t, d: t == "system.connected")
+        finally:
+            fresh.close()
+        attached = hello[0][1]["data"]["capture"]["attached"]
+        mine = [a for a in attached if a["path"].endswith(str(copy))]
+        if mine or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert mine and mine[0]["library"] == "openssl", [a["path"] for a in attached]
 
 
