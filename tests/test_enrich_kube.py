@@ -354,3 +354,17 @@ def test_a_client_config_that_never_loads_does_not_hold_up_start_or_stop(monkeyp
     release.set()
     until(lambda: enricher.stats()["kubernetes"]["state"] == "unavailable: released")
     assert enricher.kube is None
+
+
+def test_a_watch_line_past_its_bound_breaks_the_watch_instead_of_growing(monkeypatch):
+    from qtap_devtools.enrich import kube
+
+    monkeypatch.setattr(kube, "MAX_WATCH_LINE", 1000)
+
+    class Endless:  # a watch answer that never ends its line
+        def stream(self, n, decode_content=True):
+            while True:
+                yield b"x" * 300
+
+    with pytest.raises(RuntimeError, match="longer than"):
+        list(kube._lines(Endless()))

@@ -357,6 +357,9 @@ def _pod_key(pod: Mapping[str, Any]) -> str:
     return meta.get("uid") or f"{meta.get('namespace')}/{meta.get('name')}"
 
 
+MAX_WATCH_LINE = 16 << 20  # one watch event; a pod is at most 1.5 MB in etcd
+
+
 def _lines(resp: Any) -> Iterator[dict[str, Any]]:
     """Watch events: one JSON object per line of a chunked response."""
     buf = b""
@@ -366,6 +369,8 @@ def _lines(resp: Any) -> Iterator[dict[str, Any]]:
             line, buf = buf.split(b"\n", 1)
             if line.strip():
                 yield json.loads(line)
+        if len(buf) > MAX_WATCH_LINE:  # the watch is broken: it is started again (a relist)
+            raise RuntimeError(f"watch event longer than {MAX_WATCH_LINE >> 20} MiB")
     if buf.strip():
         yield json.loads(buf)
 
