@@ -179,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog=REPLAY_EXAMPLES, formatter_class=fmt)
     rp.add_argument("file", type=Path, help="a capture file (run --output FILE, or the event stream saved by curl)")
     _common(rp)
+    rp.add_argument("--max-gap", type=float, default=5.0, metavar="SECONDS",
+                    help="with --speed, a quiet spell longer than this is shortened to it (default 5)")
     rp.add_argument("--speed", type=float, default=0.0,
                     help="1 = as recorded, 2 = twice as fast, 0 = all at once (default 0)")
 
@@ -232,7 +234,9 @@ def _config(args: argparse.Namespace) -> Config:
     elif args.command == "replay":
         if args.speed < 0:
             raise ConfigError("--speed must be 0 or more")
-        extra = dict(replay_speed=args.speed)
+        if args.max_gap <= 0:
+            raise ConfigError("--max-gap must be more than 0")
+        extra = dict(replay_speed=args.speed, replay_max_gap=args.max_gap)
     return Config(listen=args.listen, log_level=args.log_level, client_queue_size=args.queue_size, **extra)
 
 

@@ -79,4 +79,5 @@ class Config:
     node_name: str | None = None
     # Replay
     replay_speed: float = 0.0
+    replay_max_gap: float = 5.0  # seconds of silence between two events, at most, when paced
     cache_dir: Path | None = None

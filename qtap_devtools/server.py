@@ -213,7 +213,7 @@ def create_app(rt: Runtime) -> Starlette:
                 if not flt.matches(env):
                     continue
                 if speed > 0 and prev is not None and env.ts_ns > prev:
-                    await asyncio.sleep(min((env.ts_ns - prev) / 1e9 / speed, 60))
+                    await asyncio.sleep(replay_pause(env.ts_ns - prev, speed, cfg.replay_max_gap))
                 prev = env.ts_ns or prev
                 yield env.frame[:-1] + b"id: %s-%d\n\n" % (bc.instance.encode(), index)
                 if index % 256 == 0:
@@ -390,6 +390,12 @@ def create_app(rt: Runtime) -> Starlette:
         exception_handlers={404: not_found, HTTPException: http_error, 500: internal},
     )
     return app
+
+
+def replay_pause(gap_ns: int, speed: float, max_gap: float) -> float:
+    """Seconds to wait before an event recorded ``gap_ns`` after the previous
+    one, replayed at ``speed``: a quiet spell is shortened to ``max_gap``."""
+    return min(gap_ns / 1e9 / speed, max_gap)
 
 
 def _label(value: str) -> str:

@@ -210,3 +210,10 @@ def test_har_of_one_transaction_says_one_entry(tmp_path):
 def test_doctor_refuses_an_agent_address_that_is_not_a_url(url):
     r = cli("doctor", "--agent", url)
     assert r.returncode == 2 and "expected the agent's URL" in r.stderr
+
+
+def test_replay_max_gap_is_checked_and_passed_on():
+    args = cli_mod.build_parser().parse_args(["replay", str(EXAMPLE), "--speed", "1", "--max-gap", "2.5"])
+    assert cli_mod._config(args).replay_max_gap == 2.5
+    r = cli("replay", str(EXAMPLE), "--max-gap", "0")
+    assert r.returncode == 2 and "--max-gap must be more than 0" in r.stderr

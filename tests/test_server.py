@@ -597,3 +597,11 @@ def test_metrics_label_values_are_escaped():
     from qtap_devtools.server import _label
 
     assert _label('a"b\\c\nd') == 'a\\"b\\\\c\\nd'
+
+
+def test_a_paced_replay_shortens_quiet_spells_to_max_gap():
+    from qtap_devtools.server import replay_pause
+
+    assert replay_pause(2_000_000_000, 1.0, 5.0) == 2.0  # as recorded
+    assert replay_pause(2_000_000_000, 4.0, 5.0) == 0.5  # four times as fast
+    assert replay_pause(35_000_000_000, 1.0, 5.0) == 5.0  # the example's 35 s before its first request
