@@ -257,9 +257,7 @@ class Pipeline:
         self.forget_process(r.pid)
         if r.process is not None:  # read at exec, by the ring reader: the process may be gone now
             self.remember_process(r.process)
-        info = self.process_info(r.pid)
-        if info is None and r.process is not None:  # no enricher's cache to keep it (tests)
-            info = r.process
+        info = self.process_info(r.pid) or r.process  # the latter where nothing cached it
         if info is None:  # gone already: describe it from what the kernel said
             # Without /proc there is no user, cgroup or container to name: counted.
             self.counters["processes_gone_before_read"] += 1
