@@ -712,9 +712,20 @@ def test_client_started_after_the_agent_from_a_tls_binary_it_never_saw(live, ngi
     proc = subprocess.Popen([str(copy), "-e", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        got = reader.find(lambda t, d: t == "request.http_transaction"
-                          and d["data"]["data"]["summary"]["direction"] == "egress-internal"
-                          and m in d["data"]["data"]["summary"]["request_url"], timeout=WAIT)
+        def answered(t: str, d: dict) -> bool:
+            # A request on a connection already open while the probes were
+            # being placed can be caught without its response (the read site
+            # not yet attached when it came back), and pair with the next one:
+            # wait for one whose response answers it.
+            if t != "request.http_transaction" or d["data"]["data"]["summary"]["direction"] != "egress-internal" \
+                    or m not in d["data"]["data"]["summary"]["request_url"]:
+                return False
+            tx = tx_of(d)
+            i = tx["request"]["url"].rsplit("=", 1)[1]
+            return (tx.get("response") or {}).get("body") is not None \
+                and f"&i={i}\"" in body_of(tx["response"]).decode(errors="replace")
+
+        got = reader.find(answered, timeout=WAIT)
         assert got, (f"no request by the node copy captured in {WAIT} s; it printed: {proc.stdout.readline()!r}; "
                      f"{reader.health()}")
         tx = tx_of(got[0][1])
