@@ -5,13 +5,13 @@
 
 int gnutls_send_enter(struct pt_regs *ctx)
 {
-    tls_enter(PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), PT_REGS_PARM3(ctx), 0, DIR_EGRESS, SRC_GNUTLS);
+    tls_enter(ctx, PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), PT_REGS_PARM3(ctx), 0, DIR_EGRESS, SRC_GNUTLS);
     return 0;
 }
 
 int gnutls_recv_enter(struct pt_regs *ctx)
 {
-    tls_enter(PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), PT_REGS_PARM3(ctx), 0, DIR_INGRESS, SRC_GNUTLS);
+    tls_enter(ctx, PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), PT_REGS_PARM3(ctx), 0, DIR_INGRESS, SRC_GNUTLS);
     return 0;
 }
 

@@ -8,25 +8,25 @@
 
 int ssl_write_enter(struct pt_regs *ctx)
 {
-    tls_enter(PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), (u32)PT_REGS_PARM3(ctx), 0, DIR_EGRESS, SRC_OPENSSL);
+    tls_enter(ctx, PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), (u32)PT_REGS_PARM3(ctx), 0, DIR_EGRESS, SRC_OPENSSL);
     return 0;
 }
 
 int ssl_write_ex_enter(struct pt_regs *ctx)
 {
-    tls_enter(PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), PT_REGS_PARM3(ctx), PT_REGS_PARM4(ctx), DIR_EGRESS, SRC_OPENSSL);
+    tls_enter(ctx, PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), PT_REGS_PARM3(ctx), PT_REGS_PARM4(ctx), DIR_EGRESS, SRC_OPENSSL);
     return 0;
 }
 
 int ssl_read_enter(struct pt_regs *ctx)
 {
-    tls_enter(PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), (u32)PT_REGS_PARM3(ctx), 0, DIR_INGRESS, SRC_OPENSSL);
+    tls_enter(ctx, PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), (u32)PT_REGS_PARM3(ctx), 0, DIR_INGRESS, SRC_OPENSSL);
     return 0;
 }
 
 int ssl_read_ex_enter(struct pt_regs *ctx)
 {
-    tls_enter(PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), PT_REGS_PARM3(ctx), PT_REGS_PARM4(ctx), DIR_INGRESS, SRC_OPENSSL);
+    tls_enter(ctx, PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), PT_REGS_PARM3(ctx), PT_REGS_PARM4(ctx), DIR_INGRESS, SRC_OPENSSL);
     return 0;
 }
 
@@ -55,7 +55,7 @@ int name##_sp##slot(struct pt_regs *ctx)                                       \
         tls_cancel();                                                          \
         return 0;                                                              \
     }                                                                          \
-    tls_enter(PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), (u32)PT_REGS_PARM3(ctx), \
+    tls_enter(ctx, PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), (u32)PT_REGS_PARM3(ctx), \
               PT_REGS_SP(ctx) + slot, dir, SRC_OPENSSL);                       \
     return 0;                                                                  \
 }

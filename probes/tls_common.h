@@ -3,9 +3,28 @@
 #define QTAP_TLS_COMMON_H
 #include "common.h"
 
-static __always_inline void tls_enter(u64 ref, u64 buf, u64 num, u64 len_ptr, u8 dir, u8 src)
+#ifndef MAX_ARMED
+#define MAX_ARMED 101          /* the loader passes attach.MAX_ATTACHMENTS + 1 */
+#endif
+
+/* A library file's data entry sites are placed one at a time.  Were each live
+ * at once, a call in between could be seen writing and not reading (or the
+ * reverse), and a request would pair with the next one's response for the rest
+ * of its connection.  So a site stashes nothing until user space has placed
+ * every site of its file and set armed[<its attach cookie>]; slot 0 (no cookie:
+ * a kernel without them, see capture/links.py) is armed from the start. */
+BPF_ARRAY(armed, u8, MAX_ARMED);
+
+static __always_inline int tls_armed(void *ctx)
 {
-    if (excluded_self(bpf_get_current_pid_tgid() >> 32))
+    u32 slot = bpf_get_attach_cookie(ctx);
+    u8 *on = armed.lookup(&slot);
+    return on && *on;
+}
+
+static __always_inline void tls_enter(void *ctx, u64 ref, u64 buf, u64 num, u64 len_ptr, u8 dir, u8 src)
+{
+    if (excluded_self(bpf_get_current_pid_tgid() >> 32) || !tls_armed(ctx))
         return;
     struct tls_call *c = tls_call_slot(1);
     if (!c) {

@@ -418,19 +418,26 @@ class Pipeline:
         if info.l7_protocol == "http2":
             self._maybe_updated(conn, r.ts_ns)
             return
-        if not conn.fed:
-            conn.fed = True
-            if conn.role == "unknown" and _REQUEST_START.match(r.data[:8192]):
+        if conn.role == "unknown":
+            if _REQUEST_START.match(r.data, 0, 8192):
                 # A stream we did not see open (the process started it before
-                # us, or its TLS library works on memory buffers): its first
-                # bytes are a request, so whoever wrote them is the client.
-                # Pairing from here is sound for non-pipelined peers: no
-                # response to an earlier request can still be in flight once
-                # the next request has been sent.
+                # us, or its TLS library works on memory buffers), or one we
+                # joined mid-message: a call that begins with a request says
+                # whoever made it is the client.  Pairing from here is sound
+                # for non-pipelined peers: no response to an earlier request
+                # can still be in flight once the next request has been sent.
                 conn.role = "client" if r.direction == "egress" else "server"
                 conn.assembler = self._assembler(conn.role)
                 if conn.role == "server":
                     info.direction = "ingress"
+        elif not conn.fed and tls_source and r.direction != _REQUEST_DIRECTION[conn.role] \
+                and r.data.startswith(b"HTTP/"):
+            # A response first, on a connection seen open: its TLS library was
+            # attached after the request went out (a new process, a file
+            # attached at its exec).  Joined mid-stream, as above.
+            conn.role = "unknown"
+            conn.assembler = self._assembler("unknown")
+        conn.fed = True
         exchanges = conn.assembler.on_data(r.direction, r.data, r.ts_ns, r.offset, r.shedding)
         proto = conn.assembler.protocol
         if proto != "unknown":

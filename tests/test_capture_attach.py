@@ -20,12 +20,17 @@ needs_libssl = pytest.mark.skipif(not os.path.exists(LIBSSL), reason="libssl3 no
 class Recorder:
     def __init__(self, fail_at: set[object] = frozenset()) -> None:
         self.calls: list[tuple[object, str, bool]] = []
+        self.log: list[tuple] = []  # ("probe", slot) and ("arm", slot), in order
         self.fail_at = fail_at
 
-    def __call__(self, path: str, where: object, fn_name: str, ret: bool) -> None:
+    def __call__(self, path: str, where: object, fn_name: str, ret: bool, slot: int) -> None:
         if where in self.fail_at:
             raise Exception("Failed to attach BPF to uprobe")
         self.calls.append((where, fn_name, ret))
+        self.log.append(("probe", slot))
+
+    def arm(self, slot: int) -> None:
+        self.log.append(("arm", slot))
 
 
 @needs_libssl
@@ -218,3 +223,21 @@ def test_reading_the_attachments_never_waits_for_an_attach_in_progress():
         release.set()
         t.join(10)
     assert len(a.attachments) == 1
+
+
+@needs_libssl
+@pytest.mark.parametrize("mode", ["auto", "entry"])
+def test_a_files_probes_are_armed_together_after_the_last_is_placed(monkeypatch, mode):
+    """probes/tls_common.h: a site stashes nothing until armed[its cookie]. Each
+    file gets its own slot, every probe of it carries that slot, and the arm
+    comes after its last probe, a failed one included."""
+    from qtap_devtools.capture import overlay
+
+    keys = iter(range(1000))
+    monkeypatch.setattr(overlay, "real_key", lambda path, st: (9, next(keys)))  # each a new file
+    rec = Recorder(fail_at={"SSL_ctrl"})
+    a = Attacher(rec, mode=mode, arm_fn=rec.arm)
+    first, second = a.consider(LIBSSL), a.consider(LIBSSL)
+    assert first is not second and first.error and "SSL_ctrl" in first.error
+    probes = len(rec.log) // 2 - 1
+    assert rec.log == [*[("probe", 1)] * probes, ("arm", 1), *[("probe", 2)] * probes, ("arm", 2)]

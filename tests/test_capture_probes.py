@@ -615,6 +615,78 @@ def test_the_compilers_code_pages_are_handed_back_after_loading(capture):
     assert resident < 16 << 20, f"{resident >> 20} MiB of compiler pages still resident"
 
 
+class HalfPlaced(Capture):
+    """A capture that makes a TLS call at the worst moment of its start: once
+    libssl's write side is placed and its read side is not."""
+
+    def __init__(self, sink, during: Callable[[], object], write_side_placed, **kw) -> None:
+        super().__init__(sink, **kw)
+        self.during, self.write_side_placed = during, write_side_placed
+        self.result: object = None
+
+    def _place(self, path, where, fn_name, ret, slot) -> None:
+        super()._place(path, where, fn_name, ret, slot)
+        if self.result is None and os.path.realpath(path) == LIBSSL and self.write_side_placed(where, fn_name, ret):
+            self.result = self.during()
+
+
+@pytest.mark.parametrize("mode", ["auto", "entry"])
+def test_a_call_made_while_a_librarys_probes_are_placed_is_not_half_seen(nginx, mode):
+    """A request written and its response read while only the write probes
+    were live was seen without its response, and paired with the next
+    request's response for the rest of its connection.  A file's probes now
+    act together, once the last is placed (probes/tls_common.h, armed)."""
+    def during() -> subprocess.Popen:
+        return run(["curl", "-sk", "--http1.1", "-o", "/dev/null", nginx.url("/small?m=half")])
+
+    write_side = {"auto": lambda where, fn, ret: fn.startswith("ssl_write_site_enter"),
+                  "entry": lambda where, fn, ret: where == "SSL_write" and ret}[mode]
+    sink = Collector()
+    cap = HalfPlaced(sink, during, write_side, max_chunk=MAX_CHUNK, attach_mode=mode, seed_existing=False)
+    cap.start()
+    try:
+        assert cap.probe_arming == "per file", cap.probe_arming
+        half = cap.result
+        assert isinstance(half, subprocess.Popen) and half.returncode == 0, "the call in between did not run"
+        whole = run(["curl", "-sk", "--http1.1", "-o", "/dev/null", nginx.url("/small?m=whole")])
+        worker = nginx.worker_pids[0]
+        for pid in (whole.pid, worker):
+            sink.wait_for(lambda rs: b"m=whole" in stream(rs, pid, source="openssl"), what=f"{pid}'s request")
+        sink.wait_for(lambda rs: SMALL_BODY.encode() in stream(rs, whole.pid, direction="ingress", source="openssl"),
+                      what="the later response")
+        time.sleep(0.2)  # the reader drains every 50 ms: whatever the first call left is in by now
+        rs = sink.snapshot()
+        seen = [(r.pid, r.direction) for r in rs if type(r) is DataChunk and r.source == "openssl"
+                and r.pid in (half.pid, worker) and b"m=half" in r.data]
+        assert not seen, f"the call made while the probes were placed was seen in part: {seen}"
+        assert not chunks(rs, half.pid, source="openssl")
+    finally:
+        cap.stop()
+
+
+def test_a_kernel_without_uprobe_cookies_still_captures_through_bcc(nginx, monkeypatch):
+    """Before 5.15 a perf event takes no BPF link: the probes go through bcc,
+    cookie 0, armed from the start, and the capture says so."""
+    from qtap_devtools.capture import links
+
+    def refuse(*args, **kw):
+        raise links.LinkUnsupported(22, "BPF_LINK_CREATE for a perf event: Invalid argument")
+
+    monkeypatch.setattr(links.Links, "attach", refuse)
+    sink = Collector()
+    cap = Capture(sink, max_chunk=MAX_CHUNK, seed_existing=False)
+    cap.start()
+    try:
+        assert cap.probe_arming.startswith("none (") and "Invalid argument" in cap.probe_arming
+        assert libssl_attachment(cap).mode == "tuned"
+        curl = run(["curl", "-sk", "--http1.1", nginx.url("/small?m=bcc")])
+        sink.wait_for(lambda rs: SMALL_BODY.encode() in stream(rs, curl.pid, direction="ingress", source="openssl"),
+                      what="curl's response through probes bcc attached")
+        assert stream(sink.snapshot(), curl.pid, direction="egress", source="openssl").startswith(b"GET /small?m=bcc")
+    finally:
+        cap.stop()
+
+
 def test_a_library_loaded_long_after_exec_is_attached_by_the_sweep(tmp_path):
     """A copy of libssl outside the library directories (a new inode), loaded
     by a process well after its exec-time scans: the periodic sweep finds it."""

@@ -712,22 +712,27 @@ def test_client_started_after_the_agent_from_a_tls_binary_it_never_saw(live, ngi
     proc = subprocess.Popen([str(copy), "-e", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
+        def mine(t: str, d: dict) -> bool:
+            return t == "request.http_transaction" and d["data"]["data"]["summary"]["direction"] == "egress-internal" \
+                and m in d["data"]["data"]["summary"]["request_url"]
+
         def answered(t: str, d: dict) -> bool:
-            # A request on a connection already open while the probes were
-            # being placed can be caught without its response (the read site
-            # not yet attached when it came back), and pair with the next one:
-            # wait for one whose response answers it.
-            if t != "request.http_transaction" or d["data"]["data"]["summary"]["direction"] != "egress-internal" \
-                    or m not in d["data"]["data"]["summary"]["request_url"]:
+            # The requests before the probes acted are not seen, and one in
+            # flight as they began has no response: wait for one that has.
+            if not mine(t, d):
                 return False
-            tx = tx_of(d)
-            i = tx["request"]["url"].rsplit("=", 1)[1]
-            return (tx.get("response") or {}).get("body") is not None \
-                and f"&i={i}\"" in body_of(tx["response"]).decode(errors="replace")
+            return (tx_of(d).get("response") or {}).get("body") is not None
 
         got = reader.find(answered, timeout=WAIT)
         assert got, (f"no request by the node copy captured in {WAIT} s; it printed: {proc.stdout.readline()!r}; "
                      f"{reader.health()}")
+        # Every response is its own request's: a connection open while the
+        # probes were placed once paired each request with the next one's.
+        for _, d in reader.find(mine, timeout=0):
+            tx = tx_of(d)
+            if (tx.get("response") or {}).get("body") is not None:
+                i = tx["request"]["url"].rsplit("=", 1)[1]
+                assert f"&i={i}\"" in body_of(tx["response"]).decode(errors="replace"), tx
         tx = tx_of(got[0][1])
         i = tx["request"]["url"].rsplit("=", 1)[1]
         assert_tx(tx, method="GET", url=nginx.url(f"/peer?m={m}&i={i}"), status=200, exe=str(copy),
@@ -742,9 +747,8 @@ def test_client_started_after_the_agent_from_a_tls_binary_it_never_saw(live, ngi
         proc.stdin.close()
         proc.wait(timeout=10)
         copy.unlink()  # 100 MB; the agent's probes keep the inode, not the name
-    # The agent says what it attached to, and why it could: once the attach
-    # has finished, which can be after the first request was captured (its
-    # data probes go first; the rest take bcc a symbol search each in 100 MB).
+    # The agent says what it attached to, and why it could: the attachment is
+    # listed a moment after its probes begin to act.
     deadline = time.monotonic() + WAIT
     while True:
         fresh = reader_for(AGENT_PORT)

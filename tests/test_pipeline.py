@@ -395,3 +395,58 @@ def test_the_side_tables_are_bounded_and_count_what_they_let_go():
         p._remember(dataclasses.replace(CURL, pid=pid))
     assert len(p.processes) == MAX_CONNECTIONS
     assert p.counters["state_evicted"] == 5
+
+
+def req(n: int) -> bytes:
+    return f"GET /item/{n} HTTP/1.1\r\nHost: api.local\r\n\r\n".encode()
+
+
+def resp(n: int) -> bytes:
+    body = f"item {n}".encode()
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
+def pairs(events) -> list[tuple[str | None, str | None]]:
+    """(request path, response body) of each transaction, in order."""
+    out = []
+    for e in events:
+        if e.type == "request.http_transaction":
+            full = tx_json(e)
+            req_ = full.get("request") or {}
+            body = (full.get("response") or {}).get("body")
+            out.append((req_.get("url", "").rsplit("/", 1)[-1] or None,
+                        base64.b64decode(body).decode().split()[-1] if body else None))
+    return out
+
+
+def test_a_tls_stream_whose_first_plaintext_is_a_response_pairs_from_its_next_request():
+    # The socket's connect was seen, but its TLS library was attached (its
+    # probes armed) after the first request went out: the first plaintext is
+    # that request's response.  It is counted, and the next exchanges pair.
+    events, p = run([
+        rec.SocketConnect(100, 5, 1_000, EP_S),
+        rec.SocketAddress(100, 5, EP_C, EP_S, 1_100),
+        rec.DataChunk(100, 100, 5, 3_000, "ingress", "openssl", 0, resp(1), tls_ref=0xabc),
+        rec.DataChunk(100, 100, 5, 4_000, "egress", "openssl", 0, req(2), tls_ref=0xabc),
+        rec.DataChunk(100, 100, 5, 5_000, "ingress", "openssl", len(resp(1)), resp(2), tls_ref=0xabc),
+        rec.DataChunk(100, 100, 5, 6_000, "egress", "openssl", len(req(2)), req(3), tls_ref=0xabc),
+        rec.DataChunk(100, 100, 5, 7_000, "ingress", "openssl", len(resp(1) + resp(2)), resp(3), tls_ref=0xabc),
+        rec.SocketClose(100, 5, 8_000),
+    ])
+    assert pairs(events) == [("2", "2"), ("3", "3")]
+    assert p.counters["unpaired_close"] == 1  # the response without its request
+
+
+def test_a_stream_joined_mid_response_pairs_again_from_its_next_request():
+    # Open before the agent (no connect seen): the first bytes are the tail of a
+    # response; the next call that starts with a request is where pairing begins.
+    tail = b"the end of a body the agent joined half-way\n"
+    events, _ = run([
+        rec.DataChunk(100, 100, 5, 3_000, "ingress", "socket", 0, tail),
+        rec.DataChunk(100, 100, 5, 4_000, "egress", "socket", 0, req(2)),
+        rec.DataChunk(100, 100, 5, 5_000, "ingress", "socket", len(tail), resp(2)),
+        rec.DataChunk(100, 100, 5, 6_000, "egress", "socket", len(req(2)), req(3)),
+        rec.DataChunk(100, 100, 5, 7_000, "ingress", "socket", len(tail + resp(2)), resp(3)),
+        rec.SocketClose(100, 5, 8_000),
+    ])
+    assert pairs(events) == [("2", "2"), ("3", "3")]

@@ -213,21 +213,25 @@ def all_pids() -> list[int]:
 class Attacher:
     """Attaches uprobes to each TLS library file once; thread-safe.
 
-    ``attach_fn(path, where, fn_name, ret)`` does the kernel work (bcc's
-    ``attach_uprobe``/``attach_uretprobe``; ``where`` is a symbol or an ELF
-    virtual address); injected so this logic is testable.
+    ``attach_fn(path, where, fn_name, ret, slot)`` does the kernel work (a
+    uprobe or uretprobe; ``where`` is a symbol or an ELF virtual address),
+    ``arm_fn(slot)`` lets the probes of the file in ``slot`` act once every one
+    of them is placed (probes/tls_common.h, ``armed``); injected so this logic
+    is testable.  Slots run from 1 and are never reused.
     """
 
     def __init__(
         self,
-        attach_fn: Callable[[str, Where, str, bool], None],
+        attach_fn: Callable[[str, Where, str, bool, int], None],
         exclude_pid: int = 0,
         mode: AttachMode = "auto",
         plans: Callable[[str], dict[str, tuned.Plan]] = tuned.analyze,
+        arm_fn: Callable[[int], None] = lambda slot: None,
     ) -> None:
         if mode not in ("auto", "entry"):
             raise ValueError(f"attach mode {mode!r}: must be 'auto' or 'entry'")
         self._attach_fn = attach_fn
+        self._arm_fn = arm_fn
         self._exclude_pid = exclude_pid
         self._mode = mode
         self._plans = plans
@@ -297,17 +301,20 @@ class Attacher:
                     log.warning("%d TLS library files attached, the most kept: %s and any more are not captured "
                                 "(counted in attachments_over_limit)", MAX_ATTACHMENTS, path)
                 return None
-            att = self._attach(path, held, key, lib)
+            slot = len(self._by_inode) + 1  # attachments are never removed
+            att = self._attach(path, held, key, lib, slot)
+            self._arm_fn(slot)  # after its last probe: a call is seen on both sides or not at all
             self._by_inode[key] = att
             self._published = tuple(self._by_inode.values())
             return att
 
-    def _attach(self, path: str, held: str, key: tuple[int, ...], lib: Library) -> Attachment:
+    def _attach(self, path: str, held: str, key: tuple[int, ...], lib: Library, slot: int) -> Attachment:
         """Attach ``lib``'s probes to the file open at ``held`` (``path``, as shown)."""
         att = Attachment(path=path, dev=key[0], ino=key[1], library=lib)
         present = exported_symbols(held, {p.symbol for p in PROBES[lib]})
         errors: list[str] = []
-        tuned_ok = self._attach_tuned(path, held, att, present) if lib == "openssl" and self._mode == "auto" else set()
+        tuned_ok = self._attach_tuned(path, held, att, present, slot) \
+            if lib == "openssl" and self._mode == "auto" else set()
         for probe in PROBES[lib]:
             if probe.symbol in tuned_ok:
                 continue
@@ -316,7 +323,7 @@ class Attacher:
                     errors.append(f"{probe.symbol} not exported")
                 continue
             try:
-                self._attach_fn(held, probe.symbol, probe.fn_name, probe.ret)
+                self._attach_fn(held, probe.symbol, probe.fn_name, probe.ret, slot)
             except Exception as exc:  # bcc raises bare Exception
                 errors.append(f"{probe.symbol}{' return' if probe.ret else ''}: {exc}")
                 continue
@@ -335,7 +342,7 @@ class Attacher:
                      ", ".join(f"{s} {att.sites[s]}" for s in data))
         return att
 
-    def _attach_tuned(self, path: str, held: str, att: Attachment, present: set[str]) -> set[str]:
+    def _attach_tuned(self, path: str, held: str, att: Attachment, present: set[str], slot: int) -> set[str]:
         """Attach the proven sites of each OpenSSL data wrapper; the wrappers done."""
         wrappers = [s for s in DATA_SYMBOLS["openssl"] if s in present]
         if not wrappers:
@@ -358,7 +365,7 @@ class Attacher:
                 for site in sites:
                     if site in shared:
                         continue
-                    self._attach_fn(held, site.where, site.fn_name, site.ret)
+                    self._attach_fn(held, site.where, site.fn_name, site.ret, slot)
                     shared.add(site)
             except Exception as exc:  # entry probes instead; a lone return site is inert
                 log.warning("%s %s: tuned site failed (%s); entry probes instead", path, symbol, exc)

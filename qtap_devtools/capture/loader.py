@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING
 
 from . import procnet
 from .budget import ByteBudget
-from .attach import TUNED_FUNCTIONS, AttachMode, Attacher, Attachment, ExecWatcher, Where
+from .attach import MAX_ATTACHMENTS, TUNED_FUNCTIONS, AttachMode, Attacher, Attachment, ExecWatcher, Where
+from .links import LinkUnsupported, Links
 from .records import (
     Batch,
     ProcessExec,
@@ -287,6 +288,9 @@ class Capture:
         self._bpf = None
         self.compiler_pages_released = 0
         self._attacher: Attacher | None = None
+        self._links = Links()  # the uprobes placed with a cookie (links.py)
+        # "per file": a library's probes act once all are placed (probes/tls_common.h, armed)
+        self.probe_arming = "per file"
         self._watcher: ExecWatcher | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -310,17 +314,10 @@ class Capture:
     # ---- lifecycle ----
 
     def start(self) -> None:
-        self._bpf = self._load()
-        bpf = self._bpf
-
-        def attach(path: str, where: Where, fn_name: str, ret: bool) -> None:
-            at = {"addr": where} if isinstance(where, int) else {"sym": where.encode()}
-            if ret:
-                bpf.attach_uretprobe(name=path.encode(), fn_name=fn_name.encode(), **at)
-            else:
-                bpf.attach_uprobe(name=path.encode(), fn_name=fn_name.encode(), **at)
-
-        self._attacher = Attacher(attach, exclude_pid=self.exclude_pid, mode=self.attach_mode)
+        bpf = self._bpf = self._load()
+        armed = bpf[b"armed"]
+        armed[armed.Key(0)] = armed.Leaf(1)  # probes attached without a cookie
+        self._attacher = Attacher(self._place, exclude_pid=self.exclude_pid, mode=self.attach_mode, arm_fn=self._arm)
         self._attacher.scan_all(self.extra_binaries)
         self._watcher = ExecWatcher(self._attacher, sweep_seconds=self.sweep_seconds)
         events = bpf[b"events"]
@@ -331,6 +328,32 @@ class Capture:
         self._stop.clear()
         self._thread = threading.Thread(target=self._poll_loop, name="qtap-ring", daemon=True)
         self._thread.start()
+
+    def _place(self, path: str, where: Where, fn_name: str, ret: bool, slot: int) -> None:
+        """One probe, its attachment's ``slot`` as its cookie (see :meth:`_arm`)."""
+        from bcc import BPF
+
+        bpf = self._bpf
+        at = {"addr": where} if isinstance(where, int) else {"sym": where.encode()}
+        if self.probe_arming == "per file":
+            # bcc's own resolution of a symbol or ELF address to a file offset
+            module, offset = BPF._check_path_symbol(path.encode(), at.get("sym", b""), at.get("addr"), -1)
+            try:
+                self._links.attach(bpf.load_func(fn_name.encode(), BPF.KPROBE).fd, module, offset, ret, slot)
+                return
+            except LinkUnsupported as exc:
+                self.probe_arming = f"none ({exc})"
+                log.warning("this kernel attaches no cookie to a uprobe (%s): each TLS library's probes go live "
+                            "one at a time, and a call made meanwhile can be half seen", exc)
+        if ret:
+            bpf.attach_uretprobe(name=path.encode(), fn_name=fn_name.encode(), **at)
+        else:
+            bpf.attach_uprobe(name=path.encode(), fn_name=fn_name.encode(), **at)
+
+    def _arm(self, slot: int) -> None:
+        """Every probe of the attachment in ``slot`` is placed: its calls count from now."""
+        armed = self._bpf[b"armed"]
+        armed[armed.Key(slot)] = armed.Leaf(1)
 
     def stop(self, detach: bool = True) -> None:
         """Stop reading; with ``detach``, also remove every probe.
@@ -350,6 +373,7 @@ class Capture:
             self._ring.close()  # a reader still inside it (join timed out) keeps it
         if self._bpf is not None:
             if detach:
+                self._links.close()
                 self._bpf.cleanup()
             else:
                 atexit.unregister(self._bpf.cleanup)  # bcc registers it at load
@@ -390,6 +414,7 @@ class Capture:
             f"-DEXCLUDE_PORT={self.exclude_port}",
             f"-DWAKE_RECORDS={self.wake_records}",
             f"-DWAKE_BYTES={self.wake_bytes}",
+            f"-DMAX_ARMED={MAX_ATTACHMENTS + 1}",
             "-Wno-macro-redefined",
         ]
         text = probe_source(pdir)
@@ -643,6 +668,7 @@ class Capture:
             "attachments_failed": sum(1 for a in atts if a.error),
             "attachments_tuned": sum(1 for a in atts if a.mode == "tuned"),
             "attachments_over_limit": self._attacher.over_limit if self._attacher else 0,
+            "probe_arming": self.probe_arming,
             "roots_read": self._attacher.roots_read if self._attacher else 0,  # each container's, once
             "roots_forgotten": self._attacher.roots_forgotten if self._attacher else 0,
             "not_tls_uncached": self._attacher.not_tls_uncached if self._attacher else 0,

@@ -1,0 +1,106 @@
+"""Uprobes attached with a cookie: ``perf_event_open`` on the uprobe PMU, then
+``BPF_LINK_CREATE`` with the cookie the program reads back
+(``bpf_get_attach_cookie``).
+
+bcc 0.26 attaches a program to a perf event with an ioctl, which carries no
+cookie; the probes use theirs to tell which library file a site belongs to
+(``armed`` in probes/tls_common.h).  The link holds its perf event, and its
+descriptor is held until :meth:`Links.close`: the kernel removes the probe
+when it closes, at exit too.  A kernel without links for perf events (before
+5.15) refuses ``BPF_LINK_CREATE``: the caller then attaches through bcc,
+without a cookie.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import os
+
+_SYS_PERF_EVENT_OPEN = 298  # x86-64
+_SYS_BPF = 321
+_BPF_LINK_CREATE = 28
+_BPF_PERF_EVENT = 41  # enum bpf_attach_type
+_PERF_FLAG_FD_CLOEXEC = 8
+_UPROBE_TYPE = "/sys/bus/event_source/devices/uprobe/type"
+_RETPROBE_BIT = "/sys/bus/event_source/devices/uprobe/format/retprobe"  # "config:0"
+
+_libc = ct.CDLL(None, use_errno=True)
+
+
+class _PerfEventAttr(ct.Structure):
+    # struct perf_event_attr up to config2 (PERF_ATTR_SIZE_VER1 is 72; the
+    # kernel takes a shorter struct and zeroes the rest).
+    _fields_ = [
+        ("type", ct.c_uint32), ("size", ct.c_uint32), ("config", ct.c_uint64),
+        ("sample_period", ct.c_uint64), ("sample_type", ct.c_uint64), ("read_format", ct.c_uint64),
+        ("flags", ct.c_uint64), ("wakeup_events", ct.c_uint32), ("bp_type", ct.c_uint32),
+        ("uprobe_path", ct.c_uint64), ("probe_offset", ct.c_uint64),
+    ]
+
+
+class _LinkCreateAttr(ct.Structure):
+    # union bpf_attr's link_create, with perf_event.bpf_cookie
+    _fields_ = [
+        ("prog_fd", ct.c_uint32), ("target_fd", ct.c_uint32), ("attach_type", ct.c_uint32),
+        ("flags", ct.c_uint32), ("bpf_cookie", ct.c_uint64), ("_pad", ct.c_uint64 * 4),
+    ]
+
+
+def _pmu() -> tuple[int, int]:
+    """The uprobe PMU's type and the config bit that makes a uretprobe."""
+    with open(_UPROBE_TYPE) as f:
+        pmu = int(f.read())
+    with open(_RETPROBE_BIT) as f:
+        fmt = f.read().strip()  # "config:0"
+    return pmu, int(fmt.partition(":")[2])
+
+
+class LinkUnsupported(OSError):
+    """The kernel links no BPF program to a perf event (before 5.15)."""
+
+
+def _fail(what: str, cls: type[OSError] = OSError) -> OSError:
+    err = ct.get_errno()
+    return cls(err, f"{what}: {os.strerror(err)}")
+
+
+class Links:
+    """The uprobes this process attached itself; close them all with :meth:`close`."""
+
+    def __init__(self) -> None:
+        self._fds: list[int] = []
+        self._pmu: tuple[int, int] | None = None
+
+    def __len__(self) -> int:
+        return len(self._fds)
+
+    def attach(self, prog_fd: int, path: bytes, offset: int, ret: bool, cookie: int) -> None:
+        """Run ``prog_fd`` at file ``offset`` of ``path`` (its return with
+        ``ret``), reading ``cookie``.  Raises OSError (LinkUnsupported: no
+        cookies on this kernel, attach another way)."""
+        if self._pmu is None:
+            self._pmu = _pmu()
+        pmu, ret_bit = self._pmu
+        path_buf = ct.create_string_buffer(path)
+        attr = _PerfEventAttr(type=pmu, size=ct.sizeof(_PerfEventAttr), config=(1 << ret_bit) if ret else 0,
+                              sample_period=1, wakeup_events=1,
+                              uprobe_path=ct.addressof(path_buf), probe_offset=offset)
+        # pid -1, cpu 0: every process that maps the file (as bcc does).
+        perf_fd = _libc.syscall(_SYS_PERF_EVENT_OPEN, ct.byref(attr), -1, 0, -1, _PERF_FLAG_FD_CLOEXEC)
+        if perf_fd < 0:
+            raise _fail(f"perf_event_open (uprobe {path.decode(errors='replace')}+{offset:#x})")
+        link = _LinkCreateAttr(prog_fd=prog_fd, target_fd=perf_fd, attach_type=_BPF_PERF_EVENT, bpf_cookie=cookie)
+        link_fd = _libc.syscall(_SYS_BPF, _BPF_LINK_CREATE, ct.byref(link), ct.sizeof(link))
+        error = _fail("BPF_LINK_CREATE for a perf event", LinkUnsupported) if link_fd < 0 else None
+        os.close(perf_fd)  # the link holds the perf event: one descriptor per probe
+        if error is not None:
+            raise error
+        self._fds.append(link_fd)
+
+    def close(self) -> None:
+        fds, self._fds = self._fds, []
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
