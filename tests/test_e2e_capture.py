@@ -842,6 +842,55 @@ def test_connection_opened_before_the_agent_is_still_captured(live, cert, tmp_pa
                 client.wait(timeout=10)
 
 
+LOOPING_CLIENT = """
+import http.client, select, ssl, sys, time
+c = http.client.HTTPSConnection("127.0.0.1", int(sys.argv[1]), context=ssl._create_unverified_context())
+i = 0
+while not select.select([sys.stdin], [], [], 0)[0]:  # until stdin closes
+    c.request("GET", f"/json?m={sys.argv[2]}&i={i}")
+    r = c.getresponse()
+    r.read()
+    assert r.status == 200, r.status
+    i += 1
+    time.sleep(0.002)
+print(i, flush=True)
+"""
+
+
+def test_requests_made_all_through_the_agents_start_each_pair_with_their_own_response(live, cert, tmp_path):
+    """A keep-alive connection busy while a second agent starts and places its
+    probes: a request half seen then (its write side live first) paired every
+    later request with the previous one's response.  Each transaction on the
+    stream, either side, has its own response or none."""
+    with rw.Nginx(tmp_path, cert) as server:
+        m = marker()
+        client = subprocess.Popen([sys.executable, "-c", LOOPING_CLIENT, str(server.port), m],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            time.sleep(0.3)  # busy before the agent starts
+            port = free_port()
+            with agent(["run"], port, tmp_path / "agent.log", ready_path="/readyz") as proc:
+                reader = StreamReader(port, path="/devtools/api/events?after=0", keep=keep)
+                try:
+                    txs = reader.transactions(m, count=40, timeout=WAIT)
+                finally:
+                    reader.close()
+                client.stdin.close()
+                made = int(client.stdout.readline())
+                assert client.wait(timeout=10) == 0
+                sides = by_direction(txs)
+                for side in ("egress-internal", "ingress"):
+                    answered = [tx for tx in sides.get(side, []) if (tx.get("response") or {}).get("body")]
+                    assert len(answered) >= 10, (side, len(answered), made, proc.output())
+                    for tx in answered:
+                        uri = tx["request"]["url"].split(f":{server.port}", 1)[1]
+                        assert body_of(tx["response"]) == json_body(uri), (side, uri, body_of(tx["response"]))
+        finally:
+            if client.poll() is None:
+                client.stdin.close()
+                client.wait(timeout=10)
+
+
 # ------------------------------------------------------------ agent's state
 
 
