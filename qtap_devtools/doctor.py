@@ -282,6 +282,9 @@ def _running_agent(url: str) -> Check:
     capture = stats.get("capture") or {}
     if capture.get("cpu_priority"):
         detail += f"CPU priority {capture['cpu_priority']}, now {capture.get('cpu_priority_now', '?')}; "
+    arming = capture.get("probe_arming")
+    if arming and arming != "per file":  # an older kernel: a call made while probes are placed can be half seen
+        detail += f"probe arming {arming}; "
     if not lost:
         return Check("running agent", True, detail + "nothing dropped", required=False)
     return Check("running agent", False, detail + "; ".join(lost),
