@@ -241,3 +241,65 @@ def test_a_files_probes_are_armed_together_after_the_last_is_placed(monkeypatch,
     assert first is not second and first.error and "SSL_ctrl" in first.error
     probes = len(rec.log) // 2 - 1
     assert rec.log == [*[("probe", 1)] * probes, ("arm", 1), *[("probe", 2)] * probes, ("arm", 2)]
+
+
+@needs_libssl
+def test_a_file_no_process_maps_for_two_sweeps_is_detached_and_its_slot_reused(monkeypatch):
+    """The bound is on files in use: a container's libssl is let go once its
+    containers are gone; the host's library directories stay attached."""
+    from qtap_devtools.capture import overlay
+
+    keys = iter(range(1000))
+    monkeypatch.setattr(overlay, "real_key", lambda path, st: (9, next(keys)))  # each a new file
+    rec = Recorder()
+    detached: list[int] = []
+    a = Attacher(rec, mode="entry", arm_fn=rec.arm, detach_fn=lambda slot: detached.append(slot) or True)
+    host, image = a.consider(LIBSSL, pinned=True), a.consider(LIBSSL)
+    mapped = {1: [image]}  # pid -> what its maps name
+    monkeypatch.setattr(a, "_scan", lambda pid: (mapped.get(pid, []), None))
+    a.sweep([1])
+    a.sweep([1])
+    assert not detached  # mapped
+    mapped.clear()  # its container is gone
+    a.sweep([1])
+    assert not detached  # one sweep: a process may just be loading it again
+    a.sweep([1])
+    assert detached == [image.slot] and a.detached == 1
+    assert a.attachments == [host]  # the host's, mapped by nobody, stays
+    again = a.consider(LIBSSL)
+    assert again is not image and again.slot == image.slot  # attached again, in the slot let go
+
+
+@needs_libssl
+def test_probes_that_cannot_be_detached_stay_attached(monkeypatch):
+    from qtap_devtools.capture import overlay
+
+    monkeypatch.setattr(overlay, "real_key", lambda path, st: (9, 1))
+    a = Attacher(Recorder(), mode="entry", detach_fn=lambda slot: False)  # attached through bcc: no cookie
+    att = a.consider(LIBSSL)
+    monkeypatch.setattr(a, "_scan", lambda pid: ([], None))
+    for _ in range(5):
+        a.sweep([1])
+    assert a.attachments == [att] and a.detached == 0
+
+
+@needs_libssl
+def test_a_file_in_a_live_containers_library_directories_stays_attached_unmapped(monkeypatch):
+    """A container whose process has not loaded its libssl (a `sleep`) keeps
+    it attached, so a later `docker exec … curl` is seen from its first call."""
+    from qtap_devtools.capture import overlay
+
+    monkeypatch.setattr(overlay, "real_key", lambda path, st: (9, 1))
+    a = Attacher(Recorder(), mode="entry", detach_fn=lambda slot: True)
+    att = a.consider(LIBSSL)
+    root = (1, 2, "container root")
+    att.roots.add(root)  # as _scan records it when it reads a new root's library directories
+    alive = {1: root}
+    monkeypatch.setattr(a, "_scan", lambda pid: ([], alive.get(pid)))
+    for _ in range(4):
+        a.sweep([1])
+    assert a.attachments == [att]
+    alive.clear()  # the container is gone
+    a.sweep([1])
+    a.sweep([1])
+    assert a.attachments == [] and a.detached == 1

@@ -720,6 +720,62 @@ def test_a_library_loaded_long_after_exec_is_attached_by_the_sweep(tmp_path):
         cap.stop()
 
 
+def test_a_file_no_process_maps_any_more_is_detached_and_attached_again_when_used(tmp_path, nginx):
+    """A copy of libssl outside the library directories (as an image's own
+    is), used through LD_LIBRARY_PATH: attached while a process maps it,
+    detached once none has for two sweeps (its probes closed, its slot free),
+    and attached and captured again when a process loads it again."""
+    import shutil
+
+    copy = tmp_path / "libssl.so.3"
+    shutil.copy(LIBSSL, copy)
+    sink = Collector()
+    cap = Capture(sink, max_chunk=MAX_CHUNK, seed_existing=False, sweep_seconds=0.3)
+    cap.start()
+
+    def holder() -> subprocess.Popen:  # keeps the copy mapped until its stdin closes
+        child = subprocess.Popen([sys.executable, "-c", f"import ctypes, sys\nctypes.CDLL({str(copy)!r})\n"
+                                  "print('loaded', flush=True)\nsys.stdin.read()\n"],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert child.stdout.readline().strip() == "loaded"
+        return child
+
+    def mine() -> list[Attachment]:
+        return [a for a in cap.attachments if a.path.endswith(str(copy))]  # /proc/PID/root/…: PID may be gone
+
+    def until(cond, what: str) -> None:
+        deadline = time.monotonic() + 30
+        while not cond():
+            assert time.monotonic() < deadline, f"{what}: {[a.path for a in cap.attachments]} {cap.stats()}"
+            time.sleep(0.05)
+
+    def captured_through_the_copy(m: str) -> None:
+        curl = subprocess.run(["curl", "-sk", "--http1.1", "-o", "/dev/null", nginx.url(f"/small?m={m}")],
+                              env={**os.environ, "LD_LIBRARY_PATH": str(tmp_path)}, timeout=20)
+        assert curl.returncode == 0
+        sink.wait_for(lambda rs: any(m.encode() in c.data for c in rs if type(c) is DataChunk
+                                     and c.source == "openssl" and c.direction == "egress"), what=m)
+
+    held = [holder()]
+    try:
+        until(mine, "the copy was never attached")
+        captured_through_the_copy("one")
+        linked = cap.stats()["probes_linked"]
+        held.pop().stdin.close()
+        until(lambda: not mine(), "the copy was never detached")
+        stats = cap.stats()
+        assert stats["attachments_detached"] == 1 and stats["probes_linked"] < linked, stats
+        held.append(holder())
+        until(mine, "the copy was not attached again")
+        assert cap.stats()["probes_linked"] == linked
+        captured_through_the_copy("two")
+    finally:
+        for child in held:
+            child.stdin.close()
+            child.wait(10)
+        cap.stop()
+
+
 def _tcp_child(script: str) -> tuple[subprocess.Popen, socket.socket]:
     """A child connected to a socket of ours (returned with it) that runs
     ``script`` with its end as ``s``: what it sends and reads is what the

@@ -46,10 +46,12 @@ AttachMode = Literal["auto", "entry"]
 # attach_uprobe(addr=) maps it through PT_LOAD to the file offset).
 Where = str | int
 
-# Distinct TLS library files attached, at most: each holds its probes' file
-# descriptors for the agent's life (a file is attached once however many
-# containers map it; see overlay.py).
+# Distinct TLS library files attached at once, at most (a file is attached
+# once however many containers map it; see overlay.py).
 MAX_ATTACHMENTS = 100  # ~8 probes each, under bcc's own quota of 1,000 open probes
+# A file no process has mapped for this many sweeps in a row is detached
+# (Attacher.sweep), unless it is pinned.
+UNMAPPED_SWEEPS = 2
 LIB_DIRS = ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/usr/lib", "/lib", "/usr/local/lib")
 _LIB_NAME = re.compile(r"^lib(ssl|gnutls)\.so(\.\d+)*$")
 
@@ -157,6 +159,14 @@ class Attachment:
     # e.g. {"SSL_write": "tuned js@0x359d6/jle@0x359e5", "SSL_read_ex": "entry"}
     sites: dict[str, str] = field(default_factory=dict)
     error: str | None = None
+    slot: int = 0  # its probes' attach cookie (probes/tls_common.h, armed)
+    # In the host's library directories or named on the command line: kept
+    # attached with no process mapping it, so a new one is seen from its first call.
+    pinned: bool = False
+    # The container roots whose library directories hold it (Attacher._root):
+    # it stays attached while one of them has a process, mapped or not, so a
+    # `docker exec … curl` is seen from its first call.
+    roots: set[tuple] = field(default_factory=set)
 
     @property
     def ok(self) -> bool:
@@ -216,8 +226,9 @@ class Attacher:
     ``attach_fn(path, where, fn_name, ret, slot)`` does the kernel work (a
     uprobe or uretprobe; ``where`` is a symbol or an ELF virtual address),
     ``arm_fn(slot)`` lets the probes of the file in ``slot`` act once every one
-    of them is placed (probes/tls_common.h, ``armed``); injected so this logic
-    is testable.  Slots run from 1 and are never reused.
+    of them is placed (probes/tls_common.h, ``armed``), and
+    ``detach_fn(slot)`` removes them (False: it cannot); injected so this
+    logic is testable.  Slots run from 1; a detached file's slot is reused.
     """
 
     def __init__(
@@ -227,11 +238,16 @@ class Attacher:
         mode: AttachMode = "auto",
         plans: Callable[[str], dict[str, tuned.Plan]] = tuned.analyze,
         arm_fn: Callable[[int], None] = lambda slot: None,
+        detach_fn: Callable[[int], bool] = lambda slot: False,
     ) -> None:
         if mode not in ("auto", "entry"):
             raise ValueError(f"attach mode {mode!r}: must be 'auto' or 'entry'")
         self._attach_fn = attach_fn
         self._arm_fn = arm_fn
+        self._detach_fn = detach_fn
+        self._free_slots: list[int] = []
+        self._unmapped: dict[tuple[int, ...], int] = {}  # key -> sweeps in a row no process mapped it
+        self.detached = 0
         self._exclude_pid = exclude_pid
         self._mode = mode
         self._plans = plans
@@ -255,7 +271,7 @@ class Attacher:
     def attachments(self) -> list[Attachment]:
         return list(self._published)
 
-    def consider(self, path: str) -> Attachment | None:
+    def consider(self, path: str, pinned: bool = False) -> Attachment | None:
         """Attach to ``path`` if it is a TLS library not attached yet."""
         try:
             st = os.lstat(path)
@@ -280,11 +296,11 @@ class Attacher:
         except OSError:
             return None
         try:
-            return self._consider_new(path, f"/proc/self/fd/{fd}", overlay.real_key(path, os.fstat(fd)))
+            return self._consider_new(path, f"/proc/self/fd/{fd}", overlay.real_key(path, os.fstat(fd)), pinned)
         finally:
             os.close(fd)
 
-    def _consider_new(self, path: str, held: str, key: tuple[int, ...]) -> Attachment | None:
+    def _consider_new(self, path: str, held: str, key: tuple[int, ...], pinned: bool) -> Attachment | None:
         with self._lock:
             if key in self._by_inode or key in self._not_tls:
                 return self._by_inode.get(key)
@@ -301,8 +317,10 @@ class Attacher:
                     log.warning("%d TLS library files attached, the most kept: %s and any more are not captured "
                                 "(counted in attachments_over_limit)", MAX_ATTACHMENTS, path)
                 return None
-            slot = len(self._by_inode) + 1  # attachments are never removed
+            # Slots in use and free are 1..n: with none free, n + 1 is new.
+            slot = self._free_slots.pop() if self._free_slots else len(self._by_inode) + 1
             att = self._attach(path, held, key, lib, slot)
+            att.pinned = pinned
             self._arm_fn(slot)  # after its last probe: a call is seen on both sides or not at all
             self._by_inode[key] = att
             self._published = tuple(self._by_inode.values())
@@ -310,7 +328,7 @@ class Attacher:
 
     def _attach(self, path: str, held: str, key: tuple[int, ...], lib: Library, slot: int) -> Attachment:
         """Attach ``lib``'s probes to the file open at ``held`` (``path``, as shown)."""
-        att = Attachment(path=path, dev=key[0], ino=key[1], library=lib)
+        att = Attachment(path=path, dev=key[0], ino=key[1], library=lib, slot=slot)
         present = exported_symbols(held, {p.symbol for p in PROBES[lib]})
         errors: list[str] = []
         tuned_ok = self._attach_tuned(path, held, att, present, slot) \
@@ -377,50 +395,94 @@ class Attacher:
         return done
 
     def scan_pid(self, pid: int) -> list[Attachment]:
+        return self._scan(pid)[0]
+
+    def _scan(self, pid: int) -> tuple[list[Attachment], tuple | None]:
+        """``pid``'s TLS libraries, attached, and its root's key."""
         if pid == self._exclude_pid:
-            return []
+            return [], None
         out = []
-        root_files = self._new_root_candidates(pid)
-        for path in dict.fromkeys([*(root_files or ()), *mapped_files(pid)]):
+        root, new_root = self._root(pid)
+        if new_root:
+            # At exec only the binary and the loader are mapped: a short-lived
+            # first process (``docker run … curl``) would be gone before its
+            # libssl showed in its maps.  So a root's library directories are
+            # read the first time one of its processes is seen.
+            for path in library_dir_candidates(f"/proc/{pid}/root{d}" for d in LIB_DIRS):
+                att = self.consider(path)
+                if att is not None:
+                    out.append(att)
+                    with self._lock:
+                        att.roots.add(root)
+        for path in mapped_files(pid):
             att = self.consider(path)
             if att is not None:
                 out.append(att)
-        if root_files is not None:
+        if new_root:
             self.roots_read += 1  # after its files are attached: what a test can wait for
-        return out
+        return out, root
 
-    def _new_root_candidates(self, pid: int) -> list[str] | None:
-        """The library directories of ``pid``'s root the first time a process
-        of that root (a container) is seen; None after.  At exec only the
-        binary and the loader are mapped: a short-lived first process
-        (``docker run … curl``) would be gone before its libssl showed in its
-        maps."""
-        root = f"/proc/{pid}/root"
+    def _root(self, pid: int) -> tuple[tuple | None, bool]:
+        """The key of ``pid``'s root (None if unreadable), and whether it is
+        the first time it is seen."""
         try:
-            st = os.stat(root)
+            st = os.stat(f"/proc/{pid}/root")
             # With the root mount's line: a removed container's overlay device
             # and upper directory inode are both reused by the next one, but
             # its mount line names its own layers.
             with open(f"/proc/{pid}/mountinfo") as f:
                 line = f.readline()
         except OSError:
-            return None
+            return None, False
         key = (st.st_dev, st.st_ino, line)
         with self._lock:
             if key in self._roots:
-                return None
+                return key, False
             if len(self._roots) >= self._not_tls_max:
                 self.roots_forgotten += len(self._roots)
                 self._roots.clear()  # bounded; a root read again costs a listdir, no attachment
             self._roots.add(key)
-        return library_dir_candidates(root + d for d in LIB_DIRS)
+        return key, True
 
     def scan_all(self, extra_paths: Iterable[str] = ()) -> list[Attachment]:
         for path in [*library_dir_candidates(), *extra_paths]:
-            self.consider(path)
+            self.consider(path, pinned=True)
         for pid in all_pids():
             self.scan_pid(pid)
         return self.attachments
+
+    def sweep(self, pids: Iterable[int]) -> None:
+        """Scan every process in ``pids`` (all of them): a library loaded long
+        after exec is attached; a file that for UNMAPPED_SWEEPS sweeps in a row
+        no process has mapped and no live container holds (its containers
+        gone) is detached, so that MAX_ATTACHMENTS bounds the files in use, not
+        every file ever seen.  A process that maps it again has it attached
+        again (its first calls may be missed, as for any file new to the agent)."""
+        mapped: set[int] = set()
+        live_roots: set[tuple] = set()
+        for pid in pids:
+            try:
+                atts, root = self._scan(pid)
+            except Exception:  # a process that went away mid-read, an odd file
+                log.debug("sweep: scanning pid %d failed", pid, exc_info=True)
+                continue
+            mapped.update(id(a) for a in atts)
+            if root is not None:
+                live_roots.add(root)
+        with self._lock:
+            for key, att in list(self._by_inode.items()):
+                att.roots &= live_roots
+                if att.pinned or id(att) in mapped or att.roots:
+                    self._unmapped.pop(key, None)
+                    continue
+                n = self._unmapped[key] = self._unmapped.get(key, 0) + 1
+                if n < UNMAPPED_SWEEPS or not self._detach_fn(att.slot):
+                    continue  # (detach_fn False: probes attached without a cookie stay)
+                del self._by_inode[key], self._unmapped[key]
+                self._free_slots.append(att.slot)
+                self.detached += 1
+                log.info("detached %s: no process has mapped it for %d sweeps", att.path, n)
+            self._published = tuple(self._by_inode.values())
 
 
 class ExecWatcher:
@@ -464,11 +526,7 @@ class ExecWatcher:
 
     def _sweep(self) -> None:
         self.sweeps += 1
-        for pid in all_pids():
-            try:
-                self._attacher.scan_pid(pid)
-            except Exception:  # a process that went away mid-read, an odd file
-                log.debug("sweep: scanning pid %d failed", pid, exc_info=True)
+        self._attacher.sweep(all_pids())
         self._next_sweep = time.monotonic() + self._sweep_seconds
 
     def _run(self) -> None:

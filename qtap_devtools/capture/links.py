@@ -65,14 +65,15 @@ def _fail(what: str, cls: type[OSError] = OSError) -> OSError:
 
 
 class Links:
-    """The uprobes this process attached itself; close them all with :meth:`close`."""
+    """The uprobes this process attached itself, by cookie: remove one
+    cookie's with :meth:`close_cookie`, all with :meth:`close`."""
 
     def __init__(self) -> None:
-        self._fds: list[int] = []
+        self._fds: dict[int, list[int]] = {}  # cookie -> its links' descriptors
         self._pmu: tuple[int, int] | None = None
 
     def __len__(self) -> int:
-        return len(self._fds)
+        return sum(len(fds) for fds in self._fds.values())
 
     def attach(self, prog_fd: int, path: bytes, offset: int, ret: bool, cookie: int) -> None:
         """Run ``prog_fd`` at file ``offset`` of ``path`` (its return with
@@ -95,12 +96,15 @@ class Links:
         os.close(perf_fd)  # the link holds the perf event: one descriptor per probe
         if error is not None:
             raise error
-        self._fds.append(link_fd)
+        self._fds.setdefault(cookie, []).append(link_fd)
 
-    def close(self) -> None:
-        fds, self._fds = self._fds, []
-        for fd in fds:
+    def close_cookie(self, cookie: int) -> None:
+        for fd in self._fds.pop(cookie, ()):
             try:
                 os.close(fd)
             except OSError:
                 pass
+
+    def close(self) -> None:
+        for cookie in list(self._fds):
+            self.close_cookie(cookie)

@@ -317,7 +317,8 @@ class Capture:
         bpf = self._bpf = self._load()
         armed = bpf[b"armed"]
         armed[armed.Key(0)] = armed.Leaf(1)  # probes attached without a cookie
-        self._attacher = Attacher(self._place, exclude_pid=self.exclude_pid, mode=self.attach_mode, arm_fn=self._arm)
+        self._attacher = Attacher(self._place, exclude_pid=self.exclude_pid, mode=self.attach_mode,
+                                  arm_fn=self._arm, detach_fn=self._detach)
         self._attacher.scan_all(self.extra_binaries)
         self._watcher = ExecWatcher(self._attacher, sweep_seconds=self.sweep_seconds)
         events = bpf[b"events"]
@@ -354,6 +355,16 @@ class Capture:
         """Every probe of the attachment in ``slot`` is placed: its calls count from now."""
         armed = self._bpf[b"armed"]
         armed[armed.Key(slot)] = armed.Leaf(1)
+
+    def _detach(self, slot: int) -> bool:
+        """Remove the probes of the attachment in ``slot``; False if they were
+        attached through bcc (no cookie), which cannot remove one file's."""
+        if self.probe_arming != "per file":
+            return False
+        armed = self._bpf[b"armed"]
+        armed[armed.Key(slot)] = armed.Leaf(0)  # before the slot is reused by another file
+        self._links.close_cookie(slot)
+        return True
 
     def stop(self, detach: bool = True) -> None:
         """Stop reading; with ``detach``, also remove every probe.
@@ -669,6 +680,8 @@ class Capture:
             "attachments_tuned": sum(1 for a in atts if a.mode == "tuned"),
             "attachments_over_limit": self._attacher.over_limit if self._attacher else 0,
             "probe_arming": self.probe_arming,
+            "attachments_detached": self._attacher.detached if self._attacher else 0,  # no process mapped them
+            "probes_linked": len(self._links),
             "roots_read": self._attacher.roots_read if self._attacher else 0,  # each container's, once
             "roots_forgotten": self._attacher.roots_forgotten if self._attacher else 0,
             "not_tls_uncached": self._attacher.not_tls_uncached if self._attacher else 0,
