@@ -218,6 +218,7 @@ class Store:
                 "connections": self.open_connections.evicted,
                 "endpoints": self.endpoints.evicted,
                 "process_request_counts": self.process_counts_dropped,
+                "route_memo": _routes_cleared[0],  # path -> route, remembered to save time only
             },
         }
 
@@ -268,6 +269,7 @@ class _Endpoint:
 
 _ROUTES: dict[str, str] = {}  # path -> route: most traffic repeats a few paths
 _ROUTES_MAX = 4096
+_routes_cleared = [0]  # paths let go by the clear below (each costs one more _route_of)
 
 
 def _route(path: str) -> str:
@@ -275,6 +277,7 @@ def _route(path: str) -> str:
     route = _ROUTES.get(path)
     if route is None:
         if len(_ROUTES) >= _ROUTES_MAX:
+            _routes_cleared[0] += len(_ROUTES)
             _ROUTES.clear()  # unique paths (ids in query strings): start over, stay bounded
         route = _ROUTES[path] = _route_of(path)
     return route

@@ -214,3 +214,16 @@ def test_vanished_pid_and_garbage_stat_are_none(fake_proc):
     d.mkdir()
     (d / "stat").write_text("garbage")
     assert read_process(73, str(fake_proc)) is None
+
+
+def test_parsed_passwd_files_are_bounded_and_what_is_let_go_is_counted(tmp_path, monkeypatch):
+    from qtap_devtools.enrich import procfs
+
+    monkeypatch.setattr(procfs, "PASSWD_CACHE_SIZE", 2)
+    monkeypatch.setattr(procfs, "_passwd_cache", type(procfs._passwd_cache)())
+    monkeypatch.setattr(procfs, "passwd_evicted", 0)
+    for i in range(5):
+        f = tmp_path / f"passwd{i}"
+        f.write_text(f"user{i}:x:{1000 + i}:1000::/:/bin/sh\n")
+        assert procfs._passwd(str(f)) == {1000 + i: f"user{i}"}
+    assert len(procfs._passwd_cache) == 2 and procfs.passwd_evicted == 3

@@ -112,3 +112,15 @@ def test_event_types_counted_by_name_are_bounded():
         st.on_event(Envelope.from_wire(f"custom.{i}", b'{"data": {}, "ts": "2025-12-12T16:58:10.452Z"}'))
     assert len(st.by_type) == store_mod.MAX_EVENT_TYPES + 1 and st.by_type["other"] == 10
     assert sum(st.by_type.values()) == store_mod.MAX_EVENT_TYPES + 10
+
+
+def test_the_path_to_route_memo_is_bounded_and_counts_what_it_lets_go(monkeypatch):
+    from qtap_devtools import store as store_mod
+
+    store = Store()
+    before = store.stats()["evicted"]["route_memo"]
+    for i in range(store_mod._ROUTES_MAX + 10):  # unique paths: ids in the query string
+        store.on_event(summary_tx(i, "GET", f"/search?q={i}", 200, 1))
+    assert len(store_mod._ROUTES) <= store_mod._ROUTES_MAX
+    assert store.stats()["evicted"]["route_memo"] - before >= 10
+    assert [e["path"] for e in store.endpoint_list()] == ["/search"]

@@ -25,6 +25,7 @@ from qtap_devtools.enrich.cgroup import container_of, parse_cgroup, parse_cgroup
 from qtap_devtools.enrich.docker_meta import DockerMetadata, container_from_inspect
 from qtap_devtools.enrich.kube import KubePodWatcher, make_api_client, pod_from_labels
 from qtap_devtools.enrich.model import ContainerInfo, PodInfo, ProcessInfo
+from qtap_devtools.enrich import procfs
 from qtap_devtools.enrich.procfs import list_pids, read_process, read_start_time_ns
 
 __all__ = [
@@ -281,6 +282,7 @@ class Enricher:
                 "evictions": self.process_evictions,
                 "reads": self.process_reads,
                 "fresh_marks_cleared": self.fresh_marks_cleared,
+                "passwd_files_evicted": procfs.passwd_evicted,
             },
             "docker": self.docker.stats() if self.docker is not None else {"state": "disabled"},
             "kubernetes": self.kube.stats() if self.kube is not None else {"state": self._kube_state},

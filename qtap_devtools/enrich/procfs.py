@@ -27,6 +27,7 @@ PASSWD_CACHE_SIZE = 64
 MAX_PASSWD_BYTES = 256 * 1024  # read of a passwd file, at most (a container chooses its size)
 
 _passwd_cache: OrderedDict[tuple[int, int, int, int], dict[int, str]] = OrderedDict()
+passwd_evicted = 0  # parsed passwd files let go (read again when seen again)
 # Processes are read on the event loop and on the ring reader's thread (at exec).
 _passwd_lock = threading.Lock()
 
@@ -200,10 +201,12 @@ def _passwd(path: str) -> dict[int, str]:
         fields = line.split(":")
         if len(fields) >= 3 and fields[2].isdigit():
             users.setdefault(int(fields[2]), fields[0])
+    global passwd_evicted
     with _passwd_lock:
         _passwd_cache[key] = users
         if len(_passwd_cache) > PASSWD_CACHE_SIZE:
             _passwd_cache.popitem(last=False)
+            passwd_evicted += 1
     return users
 
 
