@@ -101,6 +101,7 @@ class KubeApiStandIn:
         self._compacted = 0  # watches from before this version get 410
         self._generation = 0  # bumped by compact(): open watches end with 410
         self._closing = False
+        self._snapshots: dict[int, list] = {}  # resourceVersion -> the pods a paged list answers from
         self.requests: list[tuple[str, dict[str, str]]] = []  # ("list"|"watch", query)
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self._server.daemon_threads = True
@@ -180,14 +181,22 @@ class KubeApiStandIn:
     def _matching(self, pod: dict[str, Any], node: str | None) -> bool:
         return node is None or pod.get("spec", {}).get("nodeName") == node
 
-    def pod_list(self, node: str | None) -> dict[str, Any]:
+    def pod_list(self, node: str | None, limit: int = 0, token: str | None = None) -> dict[str, Any]:
+        """A PodList, or with ``limit`` one page of it: like the real server,
+        every page is of the snapshot the first one was taken from, and all
+        but the last carry a ``continue`` token."""
         with self._cond:
-            return {
-                "kind": "PodList",
-                "apiVersion": "v1",
-                "metadata": {"resourceVersion": str(self._rv)},
-                "items": [copy.deepcopy(p) for p in self._pods.values() if self._matching(p, node)],
-            }
+            if token:
+                rv, start = (int(x) for x in token.split(":"))
+                items = self._snapshots[rv]
+            else:
+                rv, start = self._rv, 0
+                items = self._snapshots[rv] = [copy.deepcopy(p) for p in self._pods.values() if self._matching(p, node)]
+            end = start + limit if limit else len(items)
+            metadata: dict[str, Any] = {"resourceVersion": str(rv)}
+            if end < len(items):
+                metadata["continue"] = f"{rv}:{end}"
+            return {"kind": "PodList", "apiVersion": "v1", "metadata": metadata, "items": items[start:end]}
 
     def watch_events(self, node: str | None, since: int | None, timeout: float):
         """Yield watch events (dicts) until the timeout, a compaction, or stop.
@@ -258,7 +267,7 @@ class _Handler(BaseHTTPRequestHandler):
             node = value
         if query.get("watch") not in ("true", "1"):
             stand_in.requests.append(("list", query))
-            self._json(200, stand_in.pod_list(node))
+            self._json(200, stand_in.pod_list(node, int(query.get("limit") or 0), query.get("continue")))
             return
         rv = query.get("resourceVersion")
         since = int(rv) if rv and rv != "0" else None

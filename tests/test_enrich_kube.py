@@ -368,3 +368,30 @@ def test_a_watch_line_past_its_bound_breaks_the_watch_instead_of_growing(monkeyp
 
     with pytest.raises(RuntimeError, match="longer than"):
         list(kube._lines(Endless()))
+
+
+def test_the_pod_list_is_read_in_pages(stand_in, monkeypatch):
+    """Without --node-name the list is every pod of the cluster: read in pages
+    (limit/continue), each of the first page's snapshot, and indexed whole."""
+    from qtap_devtools.enrich import kube
+
+    monkeypatch.setattr(kube, "LIST_PAGE_PODS", 4)
+    ids = [f"{i:064x}" for i in range(10)]
+    for i, cid in enumerate(ids):
+        stand_in.add_pod(make_pod(f"p-{i}", uid=f"uid-p-{i}", node=f"node-{i % 3}",
+                                  containers={"app": (cid, "app:1")}))
+    api_client, source = make_api_client(stand_in.url)
+    w = KubePodWatcher(api_client, None, backoff_initial=0.05, backoff_max=0.2, source=source)
+    w.start()
+    try:
+        assert w.wait_synced(10), w.stats()
+        assert all(w.pod_for(cid) is not None for cid in ids)
+        pages = [q for kind, q in stand_in.requests if kind == "list"]
+        assert [q["limit"] for q in pages] == ["4"] * len(pages) and len(pages) >= 3
+        assert "continue" not in pages[0] and all("continue" in q for q in pages[1:])
+        assert w.stats()["lists"] == 1
+        # The watch goes on from the list's version: a pod added now is seen.
+        stand_in.add_pod(later_pod())
+        until(lambda: w.pod_for(LATER_ID))
+    finally:
+        w.stop()

@@ -37,6 +37,7 @@ POD_UID_LABEL = "io.kubernetes.pod.uid"
 CONTAINER_NAME_LABEL = "io.kubernetes.container.name"
 
 _RUNTIME_OF_SCHEME = {"containerd": "containerd", "docker": "docker", "cri-o": "cri-o"}
+LIST_PAGE_PODS = 500  # pods per list response (an expired continue token is a 410: listed again)
 
 
 def pod_from_labels(labels: Mapping[str, str]) -> PodInfo | None:
@@ -249,32 +250,41 @@ class KubePodWatcher:
         return {"field_selector": f"spec.nodeName={self.node_name}"} if self.node_name else {}
 
     def _list(self) -> None:
-        resp = self._api.list_pod_for_all_namespaces(
-            _preload_content=False, _request_timeout=(5, 60), **self._selector()
-        )
-        try:
-            body = json.loads(resp.data)
-        finally:
-            resp.release_conn()
-        self.lists += 1
+        # In pages (the API's limit/continue): without --node-name every pod of
+        # the cluster is listed, and one response would hold them all at once.
         fresh: OrderedDict[str, _Entry] = OrderedDict()
         by_pod: OrderedDict[str, set[str]] = OrderedDict()
-        for pod in body.get("items") or ():
-            ids = set()
-            for cid, pod_info, container in containers_of_pod(pod):
-                fresh[cid] = _Entry(pod_info, container)
-                ids.add(cid)
-            by_pod[_pod_key(pod)] = ids
-        evicted = max(0, len(fresh) - self._cache_size) + max(0, len(by_pod) - self._cache_size)
-        while len(fresh) > self._cache_size:
-            fresh.popitem(last=False)
-        while len(by_pod) > self._cache_size:
-            by_pod.popitem(last=False)
+        evicted = 0
+        token: str | None = None
+        while True:
+            page = {"_continue": token} if token else {}
+            resp = self._api.list_pod_for_all_namespaces(
+                limit=LIST_PAGE_PODS, _preload_content=False, _request_timeout=(5, 60), **page, **self._selector()
+            )
+            try:
+                body = json.loads(resp.data)
+            finally:
+                resp.release_conn()
+            for pod in body.get("items") or ():
+                ids = set()
+                for cid, pod_info, container in containers_of_pod(pod):
+                    fresh[cid] = _Entry(pod_info, container)
+                    ids.add(cid)
+                by_pod[_pod_key(pod)] = ids
+            for index in (fresh, by_pod):
+                while len(index) > self._cache_size:
+                    index.popitem(last=False)
+                    evicted += 1
+            metadata = body.get("metadata") or {}
+            token = metadata.get("continue")
+            if not token:  # the last page: its version is the whole list's
+                break
+        self.lists += 1
         with self._lock:
             self._by_container = fresh
             self._by_pod = by_pod
             self.evictions += evicted
-            self._resource_version = (body.get("metadata") or {}).get("resourceVersion")
+            self._resource_version = metadata.get("resourceVersion")
         if self.state != "connected":
             if self._warned:
                 log.info("kubernetes: connected again")
