@@ -128,6 +128,7 @@ struct data_rec {
 #define DATA_HDR_SIZE 48
 #define DATA_SHEDDING 1        /* a gap before this record may be bytes the probes left out */
 
+
 /* ---- shared maps ---- */
 
 BPF_RINGBUF_OUTPUT(events, RING_PAGES);
@@ -366,7 +367,7 @@ struct iovec_ { u64 base; u64 len; };
  * across iterations and the paths through one iteration rejoin.  Keeping
  * these in registers made the verifier explore combinations of iterations
  * (quadratic in MAX_SPLIT; > 1M instructions with iovecs). */
-struct emit_state { u64 ubuf; u64 len; u64 off; u64 done; };
+struct emit_state { u64 ubuf; u64 len; u64 off; u64 done; u64 end; u64 lost0; };
 BPF_PERCPU_ARRAY(emit_states, struct emit_state, 1);
 
 static __always_inline void emit_buf(struct data_rec *r, struct emit_state *st, u64 *lostp,
@@ -397,19 +398,60 @@ static __always_inline void emit_buf(struct data_rec *r, struct emit_state *st, 
         __sync_fetch_and_add(lostp, 1);   /* beyond MAX_SPLIT records: the offset skips it */
 }
 
+static __always_inline void data_header(struct data_rec *r, s32 fd, u8 dir, u8 src, u64 tls_ref, u16 flags,
+                                        u64 start_ns)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    r->h.kind = REC_DATA;
+    r->h.pid = id >> 32;
+    r->h.tid = (u32)id;
+    r->h.fd = fd;
+    r->h.ts_ns = start_ns ? start_ns : bpf_ktime_get_ns();
+    r->direction = dir;
+    r->source = src;
+    r->flags = flags;
+    r->tls_ref = tls_ref;
+}
+
+/* A call moved bytes up to stream offset `end` that were not all emitted
+ * (past MAX_SPLIT records or MAX_IOV iovecs, or sent with sendfile): the
+ * record's header alone, with no bytes, at `end` says so at once.  Otherwise
+ * user space saw the hole only at the stream's next record, and a keep-alive
+ * connection's last response, cut so, waited for it and was called
+ * incomplete at close.  (Shed calls have none: it would cost as much as the
+ * data saved.) */
+static __always_inline void emit_end(struct data_rec *r, u64 end)
+{
+    r->offset = end;
+    r->len = 0;
+    if (events.ringbuf_output(r, DATA_HDR_SIZE, 0) != 0)
+        count_lost(1);
+}
+
 /* Bytes a socket moved that we cannot copy (sendfile): the stream offset
- * moves on, nothing is emitted. */
-static __always_inline void skip_data(s32 fd, u8 dir, u64 total)
+ * moves on, and a record with no bytes says where it is now. */
+static __always_inline void skip_data(s32 fd, u8 dir, u64 total, u64 start_ns)
 {
     struct off_key ok = {};
     ok.tgid = bpf_get_current_pid_tgid() >> 32;
     ok.fd = fd;
     ok.direction = dir;
+    u64 end = total;
     u64 *offp = offsets.lookup(&ok);
-    if (offp)
-        *offp += total;
-    else
+    if (offp) {
+        end = *offp + total;
+        *offp = end;
+    } else {
         offsets.update(&ok, &total);
+    }
+    struct data_rec *r = scratch_get();
+    if (!r) {
+        count_lost(1);
+        return;
+    }
+    data_header(r, fd, dir, SRC_SOCKET, 0, 0, start_ns);
+    emit_end(r, end);
+    scratch_put();
 }
 
 /* `start_ns`: when the call that moved the bytes began, for writes; 0 for
@@ -448,24 +490,17 @@ static __always_inline void emit_data(void *ctx, s32 fd, u8 dir, u8 src,
         first_buf = v0.base;
     }
     u16 flags = 0;
+    u64 whole = total;
     total = shed_limit(total, first_buf, &flags);   /* the offset above already moved past it all */
     if (total == 0)
-        return;
+        return;   /* shed (overload): no end record, which would cost as much as the data saved */
 
     struct data_rec *r = scratch_get();
     if (!r) {
         count_lost(1);
         return;
     }
-    r->h.kind = REC_DATA;
-    r->h.pid = id >> 32;
-    r->h.tid = (u32)id;
-    r->h.fd = fd;
-    r->h.ts_ns = start_ns ? start_ns : bpf_ktime_get_ns();
-    r->direction = dir;
-    r->source = src;
-    r->flags = flags;
-    r->tls_ref = tls_ref;
+    data_header(r, fd, dir, src, tls_ref, flags, start_ns);
 
     int zero = 0;
     struct emit_state *st = emit_states.lookup(&zero);
@@ -475,11 +510,19 @@ static __always_inline void emit_data(void *ctx, s32 fd, u8 dir, u8 src,
         scratch_put();
         return;
     }
+    /* Records this call could not emit show as a count that moved (another
+     * program on this CPU may move it too: an extra end record is harmless).
+     * Both kept in map memory, out of the verifier's sight across the loops
+     * (see emit_state). */
+    st->end = base_off + whole;
+    st->lost0 = *(volatile u64 *)lostp;
     if (!iov) {
         st->ubuf = buf;
         st->len = total;
         st->off = base_off;
         emit_buf(r, st, lostp, w);
+        if (*(volatile u64 *)lostp != *(volatile u64 *)&st->lost0)
+            emit_end(r, *(volatile u64 *)&st->end);
         scratch_put();
         return;
     }
@@ -503,6 +546,8 @@ static __always_inline void emit_data(void *ctx, s32 fd, u8 dir, u8 src,
     }
     if (*(volatile u64 *)&st->done < total)
         __sync_fetch_and_add(lostp, 1);   /* more iovecs than MAX_IOV */
+    if (*(volatile u64 *)lostp != *(volatile u64 *)&st->lost0)
+        emit_end(r, *(volatile u64 *)&st->end);
     scratch_put();
 }
 

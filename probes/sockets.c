@@ -307,7 +307,7 @@ static __always_inline void data_exit(void *ctx, long ret)
     if (ret <= 0)
         return;
     if (a.skip) {
-        skip_data(a.fd, a.dir, ret);
+        skip_data(a.fd, a.dir, ret, a.start_ns);
         return;
     }
     emit_data(ctx, a.fd, a.dir, SRC_SOCKET, 0, a.buf, a.iov, a.iovcnt, ret, a.start_ns);

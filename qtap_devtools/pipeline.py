@@ -371,7 +371,7 @@ class Pipeline:
         # facts here, the protocol below): most chunks change nothing.
         changed = conn is None
         if conn is None:
-            if r.pid == self.own_pid:
+            if r.pid == self.own_pid or not r.data:  # (an end record of a stream never seen)
                 return
             conn = self._new_conn(key, r.pid, r.fd, r.ts_ns, "unknown", None, None)
             early = self.pending_addr.pop(key, None) if r.fd >= 0 else None
@@ -404,10 +404,20 @@ class Pipeline:
                     info.tls_version = hello.version
             self._maybe_updated(conn, r.ts_ns)
             return
+        # Bytes moved but not captured count too (past the per-call record
+        # limit, shed, sent with sendfile): the offsets say how many.
+        expected = conn.assembler.position(r.direction)
+        moved = len(r.data) + (r.offset - expected if expected is not None and r.offset > expected else 0)
         if r.direction == "egress":
-            info.bytes_sent += len(r.data)
+            info.bytes_sent += moved
         else:
-            info.bytes_received += len(r.data)
+            info.bytes_received += moved
+        if not r.data:
+            # Where a call ended whose bytes were not all emitted
+            # (probes/common.h, emit_end): a message cut so ends now.
+            for ex in conn.assembler.on_data(r.direction, r.data, r.ts_ns, r.offset, r.shedding):
+                self._transaction(conn, ex)
+            return
         # "other" too: an HTTP/2 server sends its SETTINGS before it reads the
         # client's preface, and those bytes are not HTTP/1.
         if conn.assembler.protocol in ("unknown", "other") and len(r.data) >= 4 \

@@ -799,6 +799,27 @@ def _go(proc: subprocess.Popen) -> None:
     proc.stdin.flush()
 
 
+def test_a_call_past_the_records_per_call_limit_ends_with_a_record_of_where_it_ended(capture):
+    """One write of 2 MiB + 10 (a blocking socket moves it in one call): the
+    probes emit 64 records of 16 KiB and count the rest lost, and a record
+    with no bytes says where the call ended, so the cut shows at once."""
+    size = (2 << 20) + 10
+    writer, peer = _tcp_child(f"step(); s.sendall(b'z' * {size})\nstep()\n")
+    with peer:
+        _drain(peer)
+        _go(writer)
+        sink = capture.sink
+        ended = sink.wait_for(lambda rs: [c for c in chunks(rs, writer.pid, direction="egress", source="socket")
+                                          if not c.data], what="the record of where the write ended")
+        _go(writer)
+        writer.wait(10)
+    mine = chunks(sink.snapshot(), writer.pid, fd=ended[0].fd, direction="egress", source="socket")
+    kept = [c for c in mine if c.data]
+    assert [c.offset for c in ended] == [size]
+    assert len(kept) == 64 and sum(len(c.data) for c in kept) == 64 * MAX_CHUNK
+    assert ended[0].ts_ns == kept[0].ts_ns  # stamped as the write's records: when the call began
+
+
 def test_a_ring_smaller_than_the_traffic_wraps_without_corrupting_records():
     """8 MiB through a 1 MiB ring: the reader walks records across the wrap
     (a record that wraps is joined from the end and the start of the data
@@ -956,6 +977,10 @@ def test_bytes_sent_with_sendfile_move_the_stream_offset_past_them(capture, tmp_
         assert len(heads[0].data) == head_len  # the file itself went out with sendfile
         assert heads[1].offset == head_len + LARGE_SIZE  # found where it is
         assert sum(len(c.data) for c in mine) < 4096  # nothing of the 2 MiB body was copied
+        # Each sendfile call says at once where the stream is now: the file's
+        # last bytes are not known to be sent only when the next response comes.
+        ends = [c.offset for c in mine if not c.data]
+        assert ends and ends == sorted(ends) and ends[-1] == head_len + LARGE_SIZE, ends
 
 
 def test_bytes_moved_with_splice_move_the_stream_offset_both_ways(capture):
@@ -990,5 +1015,9 @@ def test_bytes_moved_with_splice_move_the_stream_offset_both_ways(capture):
         return (out, inn) if any(c.data == b"HEAD-B" for c in out) and any(c.data == b"TAIL" for c in inn) else None
 
     out, inn = capture.sink.wait_for(got, what="the records after both splices")
-    assert [(c.offset, c.data) for c in out] == [(0, b"HEAD-A"), (5006, b"HEAD-B")]
-    assert [(c.offset, c.data) for c in inn] == [(7000, b"TAIL")]
+    assert [(c.offset, c.data) for c in out if c.data] == [(0, b"HEAD-A"), (5006, b"HEAD-B")]
+    assert [(c.offset, c.data) for c in inn if c.data] == [(7000, b"TAIL")]
+    # and each splice call says where its stream is now, with a record of no bytes
+    for records, last in ((out, 5006), (inn, 7000)):
+        ends = [c.offset for c in records if not c.data]
+        assert ends and ends == sorted(ends) and ends[-1] == last, ends

@@ -1178,14 +1178,16 @@ def test_a_file_nginx_sends_with_sendfile_keeps_the_next_response_in_place(live,
     _, reader, _ = live
     m = marker()
     with rw.Nginx(tmp_path, None, sendfile=True) as server:
-        uris = [f"/large?m={m}", f"/json?m={m}"]
+        uris = [f"/large?m={m}", f"/json?m={m}", f"/large?m={m}&last=1"]
         c = curl(*[server.url(u) for u in uris])
-        assert len(c.ports) == 2 and c.port  # one connection for both
-        txs = reader.transactions(m, count=4, timeout=WAIT)
+        assert len(c.ports) == 3 and c.port  # one connection for all
+        txs = reader.transactions(m, count=6, timeout=WAIT)
         served = [tx for tx in txs if tx["direction"] == "ingress"]
         assert [tx["request"]["url"] for tx in served] == [server.url(u) for u in uris], served
-        large, small = served
-        assert large["response"]["status"] == 200 and large["response"]["body_size"] == rw.LARGE_SIZE
-        assert large["response"]["body_truncated"] and large.get("incomplete")
+        large, small, last = served
+        for tx in (large, last):  # the last one too: nothing after it on the connection showed where it ended
+            assert tx["response"]["status"] == 200 and tx["response"]["body_size"] == rw.LARGE_SIZE
+            assert tx["response"]["body_truncated"] and tx.get("incomplete") and not tx.get("error"), tx
+            assert tx["metadata"]["bytes_sent"] > rw.LARGE_SIZE  # the file's bytes went out
         assert small["response"]["status"] == 200 and body_of(small["response"]) == json_body(uris[1])
         assert not small.get("incomplete")

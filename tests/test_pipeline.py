@@ -450,3 +450,36 @@ def test_a_stream_joined_mid_response_pairs_again_from_its_next_request():
         rec.SocketClose(100, 5, 8_000),
     ])
     assert pairs(events) == [("2", "2"), ("3", "3")]
+
+
+def test_an_end_record_ends_a_response_whose_tail_was_not_captured_at_once():
+    # One 2 MB write: the probes emit at most 64 records of a call (1 MiB) and
+    # then a record with no bytes where the call ended (probes/common.h,
+    # emit_end).  The response ends there, cut, with its real size; before,
+    # the hole showed only at the connection's next record, and the last
+    # response of a keep-alive connection was called incomplete at its close.
+    size = 2_000_000
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size
+    kept = head + b"x" * ((1 << 20) - len(head))
+    out: list = []
+    p = Pipeline(Config(), out.append, {100: CURL}.get, own_pid=1, own_port=10001)
+    p.on_records([
+        rec.SocketConnect(100, 5, 1_000, EP_S),
+        rec.SocketAddress(100, 5, EP_C, EP_S, 1_100),
+        rec.DataChunk(100, 100, 5, 2_000, "egress", "socket", 0, req(1)),
+        rec.DataChunk(100, 100, 5, 3_000, "ingress", "socket", 0, kept),
+        rec.DataChunk(100, 100, 5, 3_000, "ingress", "socket", len(head) + size, b""),
+    ])
+    done = [e for e in out if e.type == "request.http_transaction"]  # the connection is still open
+    assert len(done) == 1
+    full = tx_json(done[0])
+    assert full["response"]["status"] == 200 and full["response"]["body_truncated"] is True
+    assert full["response"]["body_size"] == size and not full.get("error")
+    p.close_all()
+    closed = [e for e in out if e.type == "connection.closed"][0].payload()["data"]
+    assert closed["bytesReceived"] == len(head) + size
+
+
+def test_an_end_record_of_a_stream_never_seen_opens_no_connection():
+    events, _ = run([rec.DataChunk(100, 100, 7, 3_000, "egress", "socket", 4096, b"")])
+    assert events == []

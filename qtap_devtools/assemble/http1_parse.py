@@ -671,8 +671,9 @@ class MessageReader:
             msg.incomplete = True
             msg.truncated = True
             msg.keep_body = False  # what follows the hole is not contiguous with what we kept
+            msg.body_wire_size += lost  # moved, if not captured: the message's real sizes
+            msg.wire_bytes += lost
             if state != CLOSE:
-                msg.body_wire_size += lost
                 self.remaining -= lost
                 if not self.remaining:
                     if state == LENGTH:
