@@ -262,9 +262,11 @@ class Pipeline:
             # Without /proc there is no user, cgroup or container to name: counted.
             self.counters["processes_gone_before_read"] += 1
             info = _minimal_process(r.pid, self.parents.get(r.pid, 0), r.filename, r.comm, self.wall(r.ts_ns))
+            self.remember_process(info)
         elif not info.exe:  # it exited while /proc was being read: the kernel's filename stands in
             info = dataclasses.replace(info, exe=r.filename, binary=os.path.basename(r.filename) or info.binary,
                                        cmdline=info.cmdline or r.filename)
+            self.remember_process(info)  # the enricher's answer for its transactions, not the copy without
         self._remember(info)
         self.emit(ProcessStarted(info, ts_ns=self.wall(r.ts_ns)))
 

@@ -256,6 +256,23 @@ def test_process_read_half_way_through_its_exit_takes_the_kernels_filename():
     assert (started["path"], started["binary"]) == ("/usr/bin/dash", "dash")
 
 
+def test_the_kernels_filename_stands_in_for_the_processs_later_events_too():
+    # The enricher cached the half-read process; its transactions and its
+    # process.stopped named no binary, though process.started did.
+    half = ProcessInfo(pid=100, ppid=1, exe="", binary="curl", cmdline="", uid=0, user="root", hostname="box",
+                       start_time_ns=1)
+    cache = {100: half}
+    out = []
+    p = Pipeline(Config(), out.append, cache.get, own_pid=1, own_port=10001,
+                 remember_process=lambda info: cache.__setitem__(info.pid, info))
+    p.on_records([rec.ProcessExec(100, 500, "/usr/bin/curl", "curl"), *client_tls_exchange(),
+                  rec.ProcessExit(100, 7_000_000, 0)])
+    tx = next(e for e in out if e.type == "request.http_transaction")
+    assert tx_json(tx)["metadata"]["process_exe"] == "/usr/bin/curl"
+    stopped = next(e for e in out if e.type == "process.stopped").payload()
+    assert stopped["path"] == "/usr/bin/curl"
+
+
 def test_direction_classification():
     assert classify("127.0.0.1") == "egress-internal"
     assert classify("10.1.2.3") == "egress-internal"
