@@ -19,10 +19,10 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from qtap_devtools import ids
-from qtap_devtools.events import HTTP_TRANSACTION, Envelope, SystemDisconnected, SystemDropped
+from qtap_devtools.events import HTTP_TRANSACTION, PROCESS_STARTED, Envelope, SystemDisconnected, SystemDropped
 from qtap_devtools.filters import EventFilter
 
 log = logging.getLogger(__name__)
@@ -268,6 +268,10 @@ class Broadcaster:
         self.subscribers.add(sub)
         self.subscribed_total += 1
         return sub
+
+    def started_pids(self) -> set[Any]:
+        """The pids whose process.started the history holds."""
+        return {item.envelope.inner.get("pid") for item in self.history if item.envelope.type == PROCESS_STARTED}
 
     def unsubscribe(self, sub: Subscriber) -> None:
         self.subscribers.discard(sub)

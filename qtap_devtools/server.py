@@ -189,7 +189,10 @@ def create_app(rt: Runtime) -> Starlette:
         first: list[Envelope] = [rt.greeting(flt)]
         replay = rt.replay_events
         if replay is None and snapshot and not resume_after:  # fresh, or all history ("after=0"): who runs now
-            first += [e for e in store.snapshot_processes() if flt.matches(e)]
+            # With all history, not those whose process.started it holds: it
+            # would name them twice.
+            told = bc.started_pids() if resume_after == 0 else set()
+            first += [e for e in store.snapshot_processes() if e.inner.get("pid") not in told and flt.matches(e)]
         sub = bc.subscribe(flt, first, resume_after)
 
         async def frames():

@@ -464,6 +464,21 @@ def test_new_client_gets_a_process_snapshot_after_the_greeting():
         assert after["data"]["data"]["pid"] == 104 and after["id"] == f"{app.bc.instance}-5"
 
 
+def test_all_history_names_each_running_process_once():
+    """after=0: the snapshot leaves out the processes whose process.started
+    the history replays (the page opens so: each was listed twice)."""
+    with InProcess(not_ready=None) as app:
+        app.call(app.rt.store.on_event, proc_env(100))  # known to the store, its start no longer in the history
+        app.publish(proc_env(101), proc_env(103))
+        with SSE(app.port, "/devtools/api/events?after=0") as sse:
+            assert sse.event()["event"] == "system.connected"
+            got = [sse.event() for _ in range(3)]
+            app.publish(proc_env(104))
+            got.append(sse.event())
+    assert [(e["data"]["data"]["pid"], e["id"] is None) for e in got] == [
+        (100, True), (101, False), (103, False), (104, False)]
+
+
 @pytest.mark.parametrize("query", ["snapshot=false", "snapshot=0", "snapshot=no"])
 def test_snapshot_false_suppresses_the_snapshot(query):
     with InProcess(not_ready=None) as app:
