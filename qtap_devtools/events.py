@@ -513,13 +513,14 @@ class HttpMessage:
     content_encoding: str | None = None
     body_truncated: bool = False
     body_decode_error: str | None = None
+    trailers: Mapping[str, Any] | None = None  # a chunked body's trailer fields
 
     # __init__ written out, as in assemble/model.py: generated, it would run interpreted.
     def __init__(
         self,
         headers: Mapping[str, Any], body: bytes, body_size: int, content_type: str | None = None,
         content_encoding: str | None = None, body_truncated: bool = False,
-        body_decode_error: str | None = None,
+        body_decode_error: str | None = None, trailers: Mapping[str, Any] | None = None,
     ) -> None:
         self.headers = headers
         self.body = body
@@ -528,6 +529,7 @@ class HttpMessage:
         self.content_encoding = content_encoding
         self.body_truncated = body_truncated
         self.body_decode_error = body_decode_error
+        self.trailers = trailers
 
     def json_into(self, out: dict) -> dict:
         """Add this message's fields to ``out`` (a request or response object)."""
@@ -542,6 +544,8 @@ class HttpMessage:
             out["content_encoding"] = self.content_encoding
         if self.body_decode_error:
             out["body_decode_error"] = self.body_decode_error
+        if self.trailers:
+            out["trailers"] = dict(self.trailers)
         return out
 
 

@@ -560,7 +560,9 @@ class Pipeline:
         resp_lower: dict = {}
         resp_headers = combined_headers(resp.headers, resp_lower) if resp is not None else {}
         start = ex.start_ns
-        end = ex.end_ns or ex.request_end_ns or start
+        # The later of the two ends: a server may answer before it has read the
+        # whole request (a refused upload), whose end then closes the exchange.
+        end = max(ex.end_ns or 0, ex.request_end_ns or 0) or start
         timing = {}
         if ex.request_end_ns:
             timing["send_ms"] = round((ex.request_end_ns - start) / 1e6, 3)
@@ -587,6 +589,7 @@ class Pipeline:
                 content_encoding=req.content_encoding,
                 body_truncated=req.body_truncated,
                 body_decode_error=req.body_decode_error,
+                trailers=combined_headers(req.trailers, {}) if req.trailers else None,
             ),
             status=resp.status if resp is not None else None,
             reason=resp.reason if resp is not None else None,
@@ -598,6 +601,7 @@ class Pipeline:
                 content_encoding=resp.content_encoding,
                 body_truncated=resp.body_truncated,
                 body_decode_error=resp.body_decode_error,
+                trailers=combined_headers(resp.trailers, {}) if resp.trailers else None,
             ),
             start_ns=self.wall(start),
             duration_ms=round(max(0, end - start) / 1e6, 3),

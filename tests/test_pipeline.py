@@ -500,3 +500,34 @@ def test_an_end_record_ends_a_response_whose_tail_was_not_captured_at_once():
 def test_an_end_record_of_a_stream_never_seen_opens_no_connection():
     events, _ = run([rec.DataChunk(100, 100, 7, 3_000, "egress", "socket", 4096, b"")])
     assert events == []
+
+
+def test_a_chunked_bodys_trailer_fields_are_in_the_transaction():
+    chunked = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n"
+               b"5\r\nhello\r\n0\r\nX-Checksum: 5d41402a\r\nX-Checksum: again\r\n\r\n")
+    events, _ = run([
+        rec.SocketConnect(100, 5, 1_000, EP_S),
+        rec.DataChunk(100, 100, 5, 2_000, "egress", "socket", 0, req(1)),
+        rec.DataChunk(100, 100, 5, 3_000, "ingress", "socket", 0, chunked),
+        rec.SocketClose(100, 5, 4_000),
+    ])
+    full = tx_json(next(e for e in events if e.type == "request.http_transaction"))
+    assert full["response"]["trailers"] == {"X-Checksum": "5d41402a, again"}  # combined as headers are
+    assert base64.b64decode(full["response"]["body"]) == b"hello"
+    assert "trailers" not in full["request"]  # none: no key
+
+
+def test_a_response_sent_before_the_request_ended_lasts_until_the_request_ends():
+    # A server refusing an upload answers before reading its body; the
+    # exchange ends with the request's last byte, not with the response.
+    head = b"POST /upload HTTP/1.1\r\nHost: api.local\r\nContent-Length: 10\r\n\r\n"
+    refused = b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n"
+    events, _ = run([
+        rec.SocketAccept(200, 9, 1_000, EP_C, EP_S),
+        rec.DataChunk(200, 200, 9, 2_000, "ingress", "socket", 0, head),
+        rec.DataChunk(200, 200, 9, 3_000, "egress", "socket", 0, refused),
+        rec.DataChunk(200, 200, 9, 9_000, "ingress", "socket", len(head), b"0123456789"),
+        rec.SocketClose(200, 9, 10_000),
+    ])
+    full = tx_json(next(e for e in events if e.type == "request.http_transaction"))
+    assert full["duration_us"] == 7 and full["timing"]["send_ms"] == 0.007

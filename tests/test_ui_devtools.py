@@ -158,6 +158,16 @@ def test_rows_appear_and_a_row_shows_headers_and_pretty_json(page, rich):
     assert '"id": 123' in response.locator('[data-testid="json-view"]').inner_text()
 
 
+def test_a_chunked_responses_trailers_are_shown_after_its_headers(page, rich):
+    opened(page, rich)
+    select_row(page, "/api/products")
+    headers = detail_tab(page, "headers")
+    trailers = headers.locator('[data-testid="response-trailers"]')
+    assert "Response Trailers (1)" in trailers.inner_text() and "sha256=9f86d081" in trailers.inner_text()
+    select_row(page, "/api/cart")  # none: no section
+    assert detail_tab(page, "headers").locator('[data-testid="response-trailers"]').count() == 0
+
+
 def test_json_folds_and_other_bodies_have_their_viewers(page, rich):
     opened(page, rich)
     select_row(page, "/api/cart")

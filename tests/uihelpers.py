@@ -301,7 +301,8 @@ def _conn(cid: str, proc: ProcessInfo, host: str, ip: str, port: int = 443, tls:
 def _tx(conn: Connection, method: str, path: str, status: int | None, *, offset_ms: int, duration: float,
         req_headers: dict | None = None, req_body: bytes = b"", req_type: str | None = None,
         resp_headers: dict | None = None, resp_body: bytes = b"", resp_type: str | None = "application/json",
-        reason: str = "", truncated_of: int | None = None, error: str | None = None) -> HttpTransaction:
+        reason: str = "", truncated_of: int | None = None, error: str | None = None,
+        resp_trailers: dict | None = None) -> HttpTransaction:
     host = conn.http_host or ""
     headers = {"Host": host, "User-Agent": "node-fetch/1.0", "Accept": "*/*", **(req_headers or {})}
     if req_type:
@@ -311,7 +312,7 @@ def _tx(conn: Connection, method: str, path: str, status: int | None, *, offset_
         response = HttpMessage(
             headers={"Content-Type": resp_type, **(resp_headers or {})} if resp_type else dict(resp_headers or {}),
             body=resp_body, body_size=truncated_of or len(resp_body), content_type=resp_type,
-            body_truncated=truncated_of is not None,
+            body_truncated=truncated_of is not None, trailers=resp_trailers,
         )
     send = min(1.0, duration / 10)
     receive = duration / 5
@@ -368,7 +369,8 @@ def rich_session() -> list:
             resp_body=bytes(range(256)) * 2, reason="OK"),
         _tx(shop, "GET", "/api/products?page=2", 200, offset_ms=38800, duration=212.0,
             resp_body=b'{"products":[' + b",".join(b'{"id":%d,"name":"Item %d"}' % (i, i) for i in range(60)) + b"]}",
-            truncated_of=1_048_576 * 3, reason="OK"),
+            truncated_of=1_048_576 * 3, reason="OK", resp_headers={"Transfer-Encoding": "chunked"},
+            resp_trailers={"X-Checksum": "sha256=9f86d081"}),
         _tx(shop, "DELETE", "/api/cart/items/B-7", 204, offset_ms=39000, duration=17.2, resp_type=None, reason="No Content"),
         _tx(plain, "GET", "/health", 200, offset_ms=39100, duration=4.2, resp_type="text/plain", resp_body=b"ok\n",
             reason="OK"),

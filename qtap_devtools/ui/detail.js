@@ -108,6 +108,11 @@ export class DetailPane {
       section(`Response Headers (${headerList(resp && resp.headers).length})`, "response-headers", headerTable(resp && resp.headers, "No response headers")),
       section(`Request Headers (${headerList(req.headers).length})`, "request-headers", headerTable(req.headers, "No request headers")),
     );
+    // A chunked body's trailer fields, after it (RFC 9112 §7.1.2): only where there are some.
+    for (const [msg, name, key] of [[resp, "Response Trailers", "response-trailers"], [req, "Request Trailers", "request-trailers"]]) {
+      const n = headerList(msg && msg.trailers).length;
+      if (n) panel.append(section(`${name} (${n})`, key, headerTable(msg.trailers, "")));
+    }
   }
 
   payload(panel, row, tx) {
