@@ -89,6 +89,7 @@ class _Conn:
     last_l7: str = "unknown"
     last_tls: tuple = ()
     fed: bool = False  # has the assembler seen any bytes yet
+    lent: bool = False  # an fd-less TLS stream that knows its socket (_lend)
     accepted: bool = False  # seeded from /proc with a listening local port
 
 
@@ -121,6 +122,11 @@ class Pipeline:
         self.parents: OrderedDict[int, int] = OrderedDict()
         # (pid, socket fd) -> key of the fd-less TLS stream that borrowed it.
         self.borrowers: OrderedDict[tuple[int, int], tuple] = OrderedDict()
+        # (pid, tid) -> the TLS socket that thread last read ciphertext from,
+        # and the fd-less TLS stream whose plaintext it wrote last, whose
+        # ciphertext its next socket write carries (_match_socket).
+        self.cipher_read: OrderedDict[tuple[int, int], tuple] = OrderedDict()
+        self.plain_written: OrderedDict[tuple[int, int], tuple] = OrderedDict()
         self.counters = {
             "records": 0,
             "transactions": 0,
@@ -381,6 +387,8 @@ class Pipeline:
                 self._apply_address(conn, early)
             elif r.fd < 0:
                 self._borrow_socket(conn, key)
+        if r.fd < 0 and not conn.lent:
+            self._match_socket(conn, key, r)
         info = conn.info
         tls_source = r.source != "socket"
         if tls_source:
@@ -397,6 +405,8 @@ class Pipeline:
         elif info.is_tls or (conn.assembler.protocol == "unknown" and looks_like_tls(r.data)):
             # Ciphertext on the socket: read the handshake, never parse it as HTTP.
             info.is_tls = True
+            if not info.tls_introspected:
+                self._cipher_moved(key, r)
             reader = conn.hello.setdefault(r.direction, HelloReader())
             hello = reader.feed(r.data)
             if hello is not None:
@@ -468,29 +478,68 @@ class Pipeline:
             self._transaction(conn, ex)
 
     def _borrow_socket(self, conn: _Conn, key: tuple) -> None:
-        """A TLS library on memory buffers (node) shows no fd; its ciphertext
-        goes out on a socket we do see.  If the process has exactly one TLS
-        socket whose plaintext is still unaccounted for, that is this stream's
-        socket: take its addresses and role, and let it stand for the TLS
-        stream in connection events.  With several candidates we cannot know,
-        and leave the addresses unknown rather than guess."""
+        """A TLS library on memory buffers (node, Python's asyncio) shows no
+        fd; its ciphertext goes out on a socket we do see.  If the process has
+        exactly one TLS socket whose plaintext is still unaccounted for, that
+        is this stream's socket.  With several, the thread that moves the
+        plaintext names it (:meth:`_match_socket`)."""
         pid = conn.info.pid
         candidates = [c for k, c in self.conns.items()
                       if k[0] == pid and k[1] != "tls" and c.info.is_tls and not c.info.tls_introspected]
-        if len(candidates) != 1:
-            return
-        sock = candidates[0]
-        sock.info.tls_introspected = True  # now accounted for
-        self.borrowers[(pid, sock.info.fd)] = key
-        while len(self.borrowers) > MAX_CONNECTIONS:
-            self.borrowers.popitem(last=False)
+        if len(candidates) == 1:
+            self._lend(conn, key, candidates[0])
+
+    def _match_socket(self, conn: _Conn, key: tuple, r: rec.DataChunk) -> None:
+        """Which socket an fd-less TLS stream rides on, from the thread that
+        moves its plaintext: such a library is driven by one thread at a time,
+        which reads ciphertext from the socket, then the plaintext out of the
+        library (so: the socket it last read), and writes plaintext into the
+        library, then its ciphertext to the socket (so: the socket it writes
+        next, :meth:`_cipher_moved`)."""
+        thread = (r.pid, r.tid)
+        if r.direction == "ingress":
+            sock = self.conns.get(self.cipher_read.get(thread, ()))
+            if sock is not None and sock.info.is_tls and not sock.info.tls_introspected:
+                self._lend(conn, key, sock, r.ts_ns)
+        else:
+            self.plain_written[thread] = key
+            self.plain_written.move_to_end(thread)
+            self._bound(self.plain_written)
+
+    def _cipher_moved(self, key: tuple, r: rec.DataChunk) -> None:
+        thread = (r.pid, r.tid)
+        if r.direction == "egress":
+            tls_key = self.plain_written.pop(thread, None)
+            tls = self.conns.get(tls_key) if tls_key is not None else None
+            if tls is not None and not tls.lent:
+                self._lend(tls, tls_key, self.conns[key], r.ts_ns)  # type: ignore[arg-type]
+        else:
+            self.cipher_read[thread] = key
+            self.cipher_read.move_to_end(thread)
+            self._bound(self.cipher_read)
+
+    def _bound(self, table: OrderedDict) -> None:
+        while len(table) > MAX_CONNECTIONS:
+            table.popitem(last=False)
             self.counters["state_evicted"] += 1
+
+    def _lend(self, conn: _Conn, key: tuple, sock: _Conn, ts: int = 0) -> None:
+        """``sock`` carries the TLS stream ``conn``: take its addresses (and,
+        before any byte was parsed, its role), and let it stand for the
+        stream in connection events."""
+        conn.lent = True
+        sock.info.tls_introspected = True  # now accounted for
+        self.borrowers[(conn.info.pid, sock.info.fd)] = key
+        self._bound(self.borrowers)
         info = conn.info
         info.local, info.remote = sock.info.local, sock.info.remote
         info.direction, info.tls_version = sock.info.direction, sock.info.tls_version
         info.sni = info.sni or sock.info.sni
-        conn.role = sock.role
-        conn.assembler = self._assembler(sock.role)
+        if not conn.fed:
+            conn.role = sock.role
+            conn.assembler = self._assembler(sock.role)
+        if conn.announced:  # its first plaintext went before its socket was known
+            self.emit(ConnectionUpdated(info, ts_ns=self.wall(ts)))
 
 
     # ------------------------------------------------------------ time

@@ -494,6 +494,50 @@ def test_node_https_get(live, nginx):
                resp_headers=nginx_headers(got["body"].encode()), resp_body=got["body"].encode())
 
 
+ASYNCIO_POOL_CLIENT = """
+import asyncio, json, ssl, sys
+port, m = int(sys.argv[1]), sys.argv[2]
+ctx = ssl._create_unverified_context()
+
+async def one(n):
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
+    local = writer.get_extra_info("sockname")[1]
+    for i in range(3):
+        writer.write(f"GET /json?m={m}&c={n}&i={i} HTTP/1.1\\r\\nHost: 127.0.0.1:{port}\\r\\n\\r\\n".encode())
+        await writer.drain()
+        head = await reader.readuntil(b"\\r\\n\\r\\n")
+        length = int(next(l for l in head.split(b"\\r\\n") if l.lower().startswith(b"content-length:")).split(b":")[1])
+        await reader.readexactly(length)
+        await asyncio.sleep(0.01)
+    writer.close()
+    return n, local
+
+async def main():
+    print(json.dumps(dict(await asyncio.gather(*(one(n) for n in range(3))))))
+
+asyncio.run(main())
+"""
+
+
+def test_asyncio_tls_connections_of_one_process_each_have_their_own_addresses(live, nginx):
+    """asyncio's TLS runs on memory buffers (no fd in the TLS calls): with
+    three connections open at once, each transaction still names its own
+    socket, found by the thread that moves its bytes."""
+    _, reader, _ = live
+    m = marker()
+    out = subprocess.run([sys.executable, "-c", ASYNCIO_POOL_CLIENT, str(nginx.port), m], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    local_port = {int(n): port for n, port in json.loads(out.stdout).items()}
+    txs = [tx for tx in reader.transactions(m, count=18, timeout=WAIT) if tx["direction"] != "ingress"]
+    assert len(txs) == 9, [tx["request"]["url"] for tx in txs]
+    for tx in txs:
+        n = int(re.search(r"&c=(\d)", tx["request"]["url"]).group(1))
+        assert tx["direction"] == "egress-internal", tx["direction"]
+        assert tx["metadata"]["local_address"] == {"ip": LOOP, "port": local_port[n]}, (n, tx["metadata"])
+        assert tx["metadata"]["remote_address"] == {"ip": LOOP, "port": nginx.port}
+
+
 def test_wget_over_gnutls(live, nginx):
     _, reader, _ = live
     m = marker()

@@ -531,3 +531,54 @@ def test_a_response_sent_before_the_request_ended_lasts_until_the_request_ends()
     ])
     full = tx_json(next(e for e in events if e.type == "request.http_transaction"))
     assert full["duration_us"] == 7 and full["timing"]["send_ms"] == 0.007
+
+
+def test_fdless_tls_streams_of_one_process_find_their_sockets_by_the_thread_that_moves_them():
+    # asyncio or node with a pool: several TLS sockets, several SSL objects on
+    # memory buffers.  The thread writes plaintext into one, then its
+    # ciphertext to that one's socket; it reads ciphertext from a socket, then
+    # the plaintext out of that one's SSL.  (Each transaction was labelled
+    # egress-external with no addresses.)
+    hello = b"\x16\x03\x01\x00\x05\x01\x00\x00\x01\x00"
+    app = b"\x17\x03\x03\x00\x20" + b"\xaa" * 32
+    a, b = 0xa000, 0xb000
+    records = []
+    for fd, port in ((5, 41005), (6, 41006)):
+        records += [rec.SocketConnect(100, fd, 1_000 + fd, EP_S),
+                    rec.SocketAddress(100, fd, rec.Endpoint("127.0.0.1", port), EP_S, 1_010 + fd),
+                    rec.DataChunk(100, 100, fd, 1_020 + fd, "egress", "socket", 0, hello)]
+    records += [
+        rec.DataChunk(100, 100, -1, 2_000, "egress", "openssl", 0, req(1), tls_ref=a),
+        rec.DataChunk(100, 100, 6, 2_010, "egress", "socket", len(hello), app),  # a's ciphertext: fd 6
+        rec.DataChunk(100, 100, -1, 2_100, "egress", "openssl", 0, req(2), tls_ref=b),
+        rec.DataChunk(100, 100, 5, 2_110, "egress", "socket", len(hello), app),  # b's: fd 5
+        rec.DataChunk(100, 100, 5, 3_000, "ingress", "socket", 0, app),
+        rec.DataChunk(100, 100, -1, 3_010, "ingress", "openssl", 0, resp(2), tls_ref=b),
+        rec.DataChunk(100, 100, 6, 3_100, "ingress", "socket", 0, app),
+        rec.DataChunk(100, 100, -1, 3_110, "ingress", "openssl", 0, resp(1), tls_ref=a),
+    ]
+    events, p = run(records)
+    txs = {tx_json(e)["request"]["url"].rsplit("/", 1)[1]: tx_json(e) for e in events
+           if e.type == "request.http_transaction"}
+    assert txs["1"]["metadata"]["local_address"]["port"] == 41006
+    assert txs["2"]["metadata"]["local_address"]["port"] == 41005
+    assert {tx["direction"] for tx in txs.values()} == {"egress-internal"}
+    updated = [e.payload()["data"] for e in events if e.type == "connection.updated"]
+    assert any(u["source"]["address"] == {"ip": "127.0.0.1", "port": 41006} for u in updated)
+
+
+def test_an_fdless_tls_streams_first_read_names_the_socket_its_thread_read():
+    hello = b"\x16\x03\x01\x00\x05\x01\x00\x00\x01\x00"
+    app = b"\x17\x03\x03\x00\x20" + b"\xaa" * 32
+    records = []
+    for fd, port in ((5, 41005), (6, 41006)):
+        records += [rec.SocketAccept(100, fd, 1_000 + fd, rec.Endpoint("127.0.0.1", port), EP_S),
+                    rec.DataChunk(100, 100, fd, 1_020 + fd, "ingress", "socket", 0, hello)]
+    records += [
+        rec.DataChunk(100, 100, 6, 2_000, "ingress", "socket", len(hello), app),
+        rec.DataChunk(100, 100, -1, 2_010, "ingress", "openssl", 0, req(7), tls_ref=0xc000),  # a server's
+        rec.DataChunk(100, 100, -1, 2_100, "egress", "openssl", 0, resp(7), tls_ref=0xc000),
+    ]
+    events, _ = run(records)
+    tx = tx_json(next(e for e in events if e.type == "request.http_transaction"))
+    assert tx["direction"] == "ingress" and tx["metadata"]["remote_address"]["port"] == 41006
