@@ -65,8 +65,8 @@ def _fail(what: str, cls: type[OSError] = OSError) -> OSError:
 
 
 class Links:
-    """The uprobes this process attached itself, by cookie: remove one
-    cookie's with :meth:`close_cookie`, all with :meth:`close`."""
+    """The uprobes this process attached itself, by cookie: take one
+    cookie's away with :meth:`take`, close all with :meth:`close`."""
 
     def __init__(self) -> None:
         self._fds: dict[int, list[int]] = {}  # cookie -> its links' descriptors
@@ -98,13 +98,21 @@ class Links:
             raise error
         self._fds.setdefault(cookie, []).append(link_fd)
 
-    def close_cookie(self, cookie: int) -> None:
-        for fd in self._fds.pop(cookie, ()):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+    def take(self, cookie: int) -> list[int]:
+        """The descriptors of ``cookie``'s probes, theirs to close now
+        (:func:`close_all`)."""
+        return self._fds.pop(cookie, [])
 
     def close(self) -> None:
         for cookie in list(self._fds):
-            self.close_cookie(cookie)
+            close_all(self.take(cookie))
+
+
+def close_all(fds: list[int]) -> None:
+    """Close probes' links: each close removes its probe before it returns,
+    which waits for the kernel's RCU grace periods (~0.2 s a probe here)."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 from . import procnet
 from .budget import ByteBudget
 from .attach import MAX_ATTACHMENTS, TUNED_FUNCTIONS, AttachMode, Attacher, Attachment, ExecWatcher, Where
-from .links import LinkUnsupported, Links
+from .links import LinkUnsupported, Links, close_all
 from .records import (
     Batch,
     ProcessExec,
@@ -362,8 +362,10 @@ class Capture:
         if self.probe_arming != "per file":
             return False
         armed = self._bpf[b"armed"]
-        armed[armed.Key(slot)] = armed.Leaf(0)  # before the slot is reused by another file
-        self._links.close_cookie(slot)
+        armed[armed.Key(slot)] = armed.Leaf(0)  # they act no more, and the slot may be reused
+        # Closed off the attaching thread: removing a probe waits ~0.2 s, and
+        # new processes' scans must not wait behind it.
+        threading.Thread(target=close_all, args=(self._links.take(slot),), name="qtap-detach", daemon=True).start()
         return True
 
     def stop(self, detach: bool = True) -> None:
