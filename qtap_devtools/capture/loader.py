@@ -315,8 +315,7 @@ class Capture:
 
     def start(self) -> None:
         bpf = self._bpf = self._load()
-        armed = bpf[b"armed"]
-        armed[armed.Key(0)] = armed.Leaf(1)  # probes attached without a cookie
+        self._set_armed(0, True)  # probes attached without a cookie
         self._attacher = Attacher(self._place, exclude_pid=self.exclude_pid, mode=self.attach_mode,
                                   arm_fn=self._arm, detach_fn=self._detach)
         self._attacher.scan_all(self.extra_binaries)
@@ -353,16 +352,18 @@ class Capture:
 
     def _arm(self, slot: int) -> None:
         """Every probe of the attachment in ``slot`` is placed: its calls count from now."""
+        self._set_armed(slot, True)
+
+    def _set_armed(self, slot: int, on: bool) -> None:
         armed = self._bpf[b"armed"]
-        armed[armed.Key(slot)] = armed.Leaf(1)
+        armed[armed.Key(slot)] = armed.Leaf(int(on))
 
     def _detach(self, slot: int) -> bool:
         """Remove the probes of the attachment in ``slot``; False if they were
         attached through bcc (no cookie), which cannot remove one file's."""
         if self.probe_arming != "per file":
             return False
-        armed = self._bpf[b"armed"]
-        armed[armed.Key(slot)] = armed.Leaf(0)  # they act no more, and the slot may be reused
+        self._set_armed(slot, False)  # they act no more, and the slot may be reused
         # Closed off the attaching thread: removing a probe waits ~0.2 s, and
         # new processes' scans must not wait behind it.
         threading.Thread(target=close_all, args=(self._links.take(slot),), name="qtap-detach", daemon=True).start()
