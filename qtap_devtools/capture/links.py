@@ -5,10 +5,11 @@
 bcc 0.26 attaches a program to a perf event with an ioctl, which carries no
 cookie; the probes use theirs to tell which library file a site belongs to
 (``armed`` in probes/tls_common.h).  The link holds its perf event, and its
-descriptor is held until :meth:`Links.close`: the kernel removes the probe
-when it closes, at exit too.  A kernel without links for perf events (before
-5.15) refuses ``BPF_LINK_CREATE``: the caller then attaches through bcc,
-without a cookie.
+descriptor is held until :meth:`Links.close`: a close in a system call removes
+the probe before it returns, whereas closed by a process's exit it is removed
+by a kernel worker seconds later (so ``agent.detach_in_background`` closes
+them itself).  A kernel without links for perf events (before 5.15) refuses
+``BPF_LINK_CREATE``: the caller then attaches through bcc, without a cookie.
 """
 
 from __future__ import annotations
