@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   bpfcc-tools python3-bpfcc libbpfcc linux-headers-amd64
   python3-venv python3-dev gcc libc6-dev ca-certificates curl wget jq openssl
-  nginx-light wrk docker.io chromium
+  nginx-light wrk docker.io chromium openssh-server
 )
 
 missing=()
@@ -26,10 +26,16 @@ if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q
   apt-get install -y -q --no-install-recommends "${missing[@]}"
-  # nginx-light's package starts a default server on port 80; the tests run their own.
-  if command -v systemctl >/dev/null && systemctl is-active --quiet nginx 2>/dev/null; then
-    systemctl disable --now nginx >/dev/null 2>&1 || true
-  fi
+  # nginx-light's package starts a server on port 80, openssh-server one on
+  # port 22 of every address; the tests run their own, on loopback.  Only a
+  # service installed just now is stopped: one the machine already had is its own.
+  for pair in nginx-light:nginx openssh-server:ssh; do
+    pkg=${pair%%:*} service=${pair#*:}
+    [[ " ${missing[*]} " == *" $pkg "* ]] || continue
+    if command -v systemctl >/dev/null && systemctl is-active --quiet "$service" 2>/dev/null; then
+      systemctl disable --now "$service" >/dev/null 2>&1 || true
+    fi
+  done
 fi
 
 # A venv made from Debian's python so bcc's Python bindings (a Debian package) import.

@@ -95,8 +95,14 @@ class Console:
     errors: list[str] = field(default_factory=list)
 
     def attach(self, page) -> None:
-        page.on("console", lambda m: self.errors.append(f"console.{m.type}: {m.text}") if m.type == "error" else None)
+        page.on("console", lambda m: self.errors.append(self._line(m)) if m.type == "error" else None)
         page.on("pageerror", lambda exc: self.errors.append(f"pageerror: {exc}"))
+
+    @staticmethod
+    def _line(m) -> str:
+        # A failed load's text does not say which: its location does.
+        url = (m.location or {}).get("url")
+        return f"console.{m.type}: {m.text}" + (f" ({url})" if url else "")
 
 
 @pytest.fixture
