@@ -712,6 +712,7 @@ class HttpTransaction(Event):
             "request_body_size": self.request.body_size,
             "response_body_size": response.body_size if response else 0,
             "process_pid": c.pid,
+            "container_id": container.short_id if container else None,
             "pod_name": pod.name if pod else None,
             "error": self.error,
         }

@@ -163,7 +163,7 @@ def _facts(env: Envelope) -> dict[str, Any]:
         return {
             "pid": s.get("process_pid"),
             "exe": s.get("process_exe"),
-            "container": s.get("container_name"),
+            "container": _cname({"name": s.get("container_name"), "id": s.get("container_id")}),
             "host": s.get("request_host") or d.get("endpointId"),
             "method": s.get("request_method"),
             "status": s.get("response_status"),

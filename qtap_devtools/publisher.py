@@ -14,11 +14,13 @@ behind one slow lookup does not wait once per event).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import deque
 from typing import Any, Callable
 
+from qtap_devtools.enrich.model import ContainerInfo
 from qtap_devtools.events import Envelope, Event
 
 log = logging.getLogger(__name__)
@@ -110,8 +112,12 @@ class Publisher:
     async def _enriched(self, event: Event, deadline: float) -> Envelope:
         info = process_of(event)
         wait = max(0.0, deadline - time.monotonic())
-        fresh = await self.enricher.process_enriched(info.pid, timeout=wait)
-        if fresh is not None and fresh.container is not None:
-            set_process(event, fresh)
-            self.remember(fresh)
+        fresh = await self.enricher.process_enriched(info.pid, timeout=wait) or info
+        if fresh.container is None:
+            # The wait is over: the id at least (the cgroup's), so the event does
+            # not pass for a host process; later events carry the name.
+            fresh = dataclasses.replace(fresh, container=ContainerInfo(id=info.container_id,
+                                                                       runtime=fresh.runtime or "unknown"))
+        set_process(event, fresh)
+        self.remember(fresh)
         return event.envelope()

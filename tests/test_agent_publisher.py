@@ -51,6 +51,9 @@ def test_queued_events_share_one_wait_for_a_slow_lookup():
     # first wait nothing more (10 x 50 ms would hold the stream half a second).
     assert all(w == 0 for w in waits[1:]), waits
     assert len(published) == 10
+    # Not named in time, but still in their container: the id is the cgroup's.
+    assert {(p.envelope.body["data"]["container"]["id"], p.envelope.body["data"]["container"]["name"])
+            for p in published} == {("ab" * 6, None)}
 
 
 def test_an_event_whose_container_arrives_in_time_carries_it():

@@ -223,3 +223,15 @@ def test_a_published_transaction_keeps_only_its_frame_and_reads_back_the_same():
     proc = env(2)
     bc.publish(proc)
     assert proc._body is not None
+
+
+def test_container_filter_matches_a_name_or_an_id_on_every_event_type():
+    from tests import samples
+
+    cid = samples.CONTAINER.id
+    events = [e.envelope() for e in samples.session_events()]
+    for query in (samples.CONTAINER.name, cid[:12], cid[:8].upper()):
+        f = EventFilter.from_query({"container": query})
+        matched = {e.type for e in events if f.matches(e)}
+        assert {"request.http_transaction", "connection.opened", "process.started"} <= matched, (query, matched)
+    assert not any(EventFilter.from_query({"container": "not-that-one"}).matches(e) for e in events)

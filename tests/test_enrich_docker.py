@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 import time
 import uuid
 
@@ -217,7 +218,7 @@ def test_pod_from_the_api_server_stand_in(live, nginx, standin):
 
 def wait_docker_state(proc, want: str) -> str:
     state = ""
-    for _ in range(200):  # the agent reconnects with back-off (<= 10 s)
+    for _ in range(200):  # the agent reconnects with back-off (<= 1 s)
         state = get(proc.url + "/devtools/api/stats")[1]["capture"]["enrich"]["docker"]["state"]
         if state.startswith(want):
             break
@@ -255,3 +256,56 @@ def test_daemon_stopped_and_restarted_while_the_agent_runs(private_docker_daemon
         finally:
             reader.close()
         assert "Traceback" not in proc.output()
+
+
+def test_containers_started_together_are_all_named_from_their_first_event(live, nginx):
+    """Ten one-shot containers at once: each create event names its container
+    before its curl runs, so no transaction waits on an inspect, and none
+    passes for a host process."""
+    proc, reader, _ = live
+    m = uuid.uuid4().hex[:10]
+    names = [f"burst-{i}" for i in range(10)]
+    try:
+        threads = [threading.Thread(target=curl_in_container, args=(name, nginx.url(f"/json?m={m}&c={name}")))
+                   for name in names]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(90)
+        tx = [t for t in reader.transactions(m, count=20) if t["direction"] != "ingress"]
+        assert len(tx) == len(names)
+        # A curl that ended before the agent's reader could read its /proc
+        # entry (10 containers starting on 2 cores) has no cgroup to name a
+        # container by: allowed only as counted, and never for most of them.
+        gone = [t for t in tx if t["metadata"]["user"] is None]
+        assert len(gone) <= capture_stat(proc, "processes_gone_before_read") and len(gone) <= 2, \
+            json.dumps([t["metadata"] for t in gone], indent=1)
+        got = sorted((t["request"]["url"].rsplit("c=", 1)[1], t["metadata"]["container_name"],
+                      t["metadata"]["container_id"]) for t in tx if t not in gone)
+        assert got == sorted((n, n, dockerenv.container_id(n)[:12]) for n in names
+                             if not any(t["request"]["url"].endswith(f"c={n}") for t in gone))
+    finally:
+        for name in names:
+            dockerenv.docker("rm", "-f", name, check=False)
+
+
+def test_a_renamed_container_is_named_anew_on_its_process_next_transaction(live, nginx):
+    """One curl process, two requests a second: renamed after its first, the
+    same process's later transactions carry the new name."""
+    _, reader, _ = live
+    m = uuid.uuid4().hex[:10]
+    urls = [nginx.url(f"/json?m={m}&i={i}") for i in range(8)]
+    for name in ("before-rename", "after-rename"):
+        dockerenv.docker("rm", "-f", name, check=False)
+    try:
+        dockerenv.run("before-rename", "curl", "-sk", "--rate", "2/s", *urls, detach=True)
+        first = [t for t in reader.transactions(f"{m}&i=0", count=2) if t["direction"] != "ingress"]
+        assert first[0]["metadata"]["container_name"] == "before-rename"
+        dockerenv.docker("rename", "before-rename", "after-rename")
+        last = [t for t in reader.transactions(f"{m}&i=7", count=2) if t["direction"] != "ingress"]
+        assert last[0]["metadata"]["container_name"] == "after-rename"
+        assert last[0]["_event"]["summary"]["container_name"] == "after-rename"
+        assert last[0]["_event"]["summary"]["process_pid"] == first[0]["_event"]["summary"]["process_pid"]
+    finally:
+        for name in ("before-rename", "after-rename"):
+            dockerenv.docker("rm", "-f", name, check=False)

@@ -188,3 +188,82 @@ def test_an_event_of_the_wrong_shape_is_ignored(event):
     meta._connected = True
     meta._on_event(event)
     assert meta._queue.empty() and not meta._inflight and not meta._destroyed
+
+
+def _event(action: str, cid: str, **attrs) -> dict:
+    return {"Type": "container", "Action": action, "Actor": {"ID": cid, "Attributes": attrs}}
+
+
+def test_a_create_event_names_the_container_at_once_and_start_asks_nothing_more():
+    """No daemon needed: what the event says is cached before any inspect;
+    the start that follows does not throw it away for a second inspect."""
+    from qtap_devtools.enrich.docker_meta import DockerMetadata
+
+    meta = DockerMetadata("unix:///nonexistent.sock")
+    meta._connected = True
+    cid = "cd" * 32
+    meta._on_event(_event("create", cid, name="web-1", image="nginx:1.25", app="shop", exitCode="0"))
+    info = meta.lookup_nowait(cid)
+    assert (info.name, info.image, dict(info.labels), info.runtime) == ("web-1", "nginx:1.25", {"app": "shop"}, "docker")
+    assert meta._queue.qsize() == 1  # one inspect, for the hostname
+    meta._on_event(_event("start", cid, name="web-1", image="nginx:1.25", app="shop"))
+    assert meta._queue.qsize() == 1 and meta.lookup_nowait(cid) is info
+
+
+def test_a_rename_replaces_the_name_even_while_an_older_inspect_is_in_flight():
+    from qtap_devtools.enrich.docker_meta import DockerMetadata
+
+    meta = DockerMetadata("unix:///nonexistent.sock")
+    meta._connected = True
+    cid = "ef" * 32
+    meta._on_event(_event("create", cid, name="old", image="img"))
+    assert cid in meta._inflight
+    meta._on_event(_event("rename", cid, name="new", image="img", oldName="/old"))
+    assert meta.lookup_nowait(cid).name == "new" and "oldName" not in meta.lookup_nowait(cid).labels
+    assert cid in meta._stale  # the inspect asked before the rename is asked again, not cached
+
+
+def test_a_renamed_container_is_renamed_on_its_process_next_lookup(tmp_path):
+    """The enricher's cached process follows Docker's cache (no /proc read)."""
+    from qtap_devtools.enrich.docker_meta import DockerMetadata
+    from qtap_devtools.enrich.model import ContainerInfo, ProcessInfo
+
+    e = Enricher(docker=True, proc_root=str(tmp_path))
+    meta: DockerMetadata = e.docker
+    meta._connected = True
+    cid = "ab" * 32
+    meta._on_event(_event("create", cid, name="old", image="img"))
+    proc = ProcessInfo(pid=7, ppid=1, exe="/usr/bin/curl", binary="curl", cmdline="curl", uid=0, user="root",
+                       hostname="h", start_time_ns=1, container_id=cid, runtime="docker")
+    e.remember(proc)
+    first = e._attach(proc)
+    assert first.container.name == "old"
+    meta._on_event(_event("rename", cid, name="new", image="img"))
+    assert e._attach(first).container.name == "new"
+    assert e._attach(first).container == ContainerInfo(id=cid, runtime="docker", name="new", image="img")
+
+
+def test_a_pods_new_labels_replace_the_old_on_the_next_lookup(tmp_path):
+    from qtap_devtools.enrich.model import ContainerInfo, ProcessInfo
+
+    cid = "12" * 32
+    pods = {cid: PodInfo(name="api-0", namespace="prod", labels={"tier": "v1"})}
+
+    class Watcher:  # stands in for KubePodWatcher (no API server here)
+        def pod_for(self, container_id):
+            return pods.get(container_id)
+
+        def container_for(self, container_id):
+            return ContainerInfo(id=container_id, runtime="containerd", name="api")
+
+    e = Enricher(docker=False, proc_root=str(tmp_path))
+    e.kube = Watcher()
+    proc = ProcessInfo(pid=8, ppid=1, exe="/app", binary="app", cmdline="app", uid=0, user="root",
+                       hostname="h", start_time_ns=1, container_id=cid, runtime="containerd")
+    first = e._attach(proc)
+    assert first.pod.labels == {"tier": "v1"}
+    pods[cid] = PodInfo(name="api-0", namespace="prod", labels={"tier": "v2"})
+    second = e._attach(first)
+    assert second.pod.labels == {"tier": "v2"}
+    del pods[cid]  # deleted while its process runs: the process is still in it
+    assert e._attach(second).pod.labels == {"tier": "v2"}

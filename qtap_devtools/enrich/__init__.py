@@ -181,7 +181,9 @@ class Enricher:
         if info.container is not None and info.container.name is not None:
             return info
         await self.docker.lookup(info.container_id, timeout)
-        enriched = self._attach(info)
+        # The wait is over: what is known now, the bare id at least (the
+        # event must not pass for a host process); later events carry the rest.
+        enriched = self._attach(info, waited=True)
         if enriched is info:
             return info
         self._store((info.pid, info.start_time_ns), enriched)
@@ -228,20 +230,23 @@ class Enricher:
 
     # ------------------------------------------------------ containers, pods
 
-    def container(self, container_id: str, runtime: str | None = None) -> ContainerInfo | None:
+    def container(self, container_id: str, runtime: str | None = None, waited: bool = False) -> ContainerInfo | None:
         """Docker's metadata, else what the pod's status says, else the bare
-        id — but None while Docker may still answer, so a caller can tell
-        "not yet" (worth a short wait) from "nothing more to know"."""
+        id — but None while Docker may still answer (unless the caller has
+        ``waited`` for it), so a caller can tell "not yet" (worth a short
+        wait) from "nothing more to know".  Docker is waited for before the
+        pod's status is used: the two name a container differently, and which
+        one an event got must not depend on timing."""
         if self.docker is not None:
             found = self.docker.lookup_nowait(container_id)
             if found is not None:
                 return found
+            if not waited and self.docker.may_answer(container_id):
+                return None
         if self.kube is not None:
             found = self.kube.container_for(container_id)
             if found is not None:
                 return found
-        if self.docker is not None and self.docker.may_answer(container_id):
-            return None
         return ContainerInfo(id=container_id, runtime=runtime or "unknown")
 
     def pod(self, container: ContainerInfo) -> PodInfo | None:
@@ -251,20 +256,25 @@ class Enricher:
                 return found
         return pod_from_labels(container.labels)
 
-    def _attach(self, info: ProcessInfo) -> ProcessInfo:
-        """``info`` with container and pod filled where they are known now."""
+    def _attach(self, info: ProcessInfo, waited: bool = False) -> ProcessInfo:
+        """``info`` with container and pod as they are known now: filled in
+        as lookups answer, and replaced when they change (a ``docker rename``,
+        a pod's new labels) — a few dictionary reads per call."""
         cid = info.container_id
         if cid is None:
             return info
         current = info.container
-        if current is not None and current.name is not None and (info.pod is not None or self.kube is None):
-            return info  # complete; the common case
-        container = self.container(cid, info.runtime)
+        container = self.container(cid, info.runtime, waited)
         if container is None:
-            return info
-        if current is not None and container.name is None:
-            container = current
-        pod = info.pod or self.pod(container)
+            return info  # Docker may still answer: the caller may wait for it
+        if container.name is None and current is not None and current.name is not None:
+            container = current  # a bare id never replaces what we knew
+        if container is current and self.kube is None:
+            return info  # unchanged (its labels' pod was read when it was attached); the common case
+        # The watcher's pod when it has one (its labels may have changed);
+        # else what we had, else the kubelet's labels.  A pod deleted while
+        # its process still runs keeps its name: the process is still in it.
+        pod = (self.kube.pod_for(cid) if self.kube is not None else None) or info.pod or self.pod(container)
         hostname = info.hostname
         if container.hostname and hostname != container.hostname and _is_default_host(info):
             hostname = container.hostname

@@ -2,10 +2,14 @@
 
 Never on the capture path.  Lookups read a bounded cache; a miss schedules an
 ``inspect`` on a background thread.  A second thread follows the daemon's
-event stream so containers started later are fetched as they start and
-destroyed ones leave the cache.  Without a daemon (no socket, refused, no
-permission) one warning is logged, lookups answer None at once, and the
-event thread retries with backoff until the daemon is back.
+event stream: a container's ``create`` event carries its name, image and
+labels, which go into the cache at once (its process has not run yet, so its
+first event is named without waiting for an ``inspect``, however many
+containers start together); ``rename`` and ``update`` replace them; destroyed
+containers leave the cache.  An ``inspect`` still follows, for the hostname.
+Without a daemon (no socket, refused, no permission) one warning is logged,
+lookups answer None at once, and the event thread retries every second at
+most until the daemon is back.
 
 The daemon is found at ``base_url`` (default ``unix:///var/run/docker.sock``);
 ``DOCKER_HOST`` is not read here: configuration comes from the CLI.
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import queue
 import threading
@@ -41,8 +46,10 @@ class DockerMetadata:
         negative_ttl: float = 30.0,
         fetch_queue_size: int = 1024,
         request_timeout: float = 5.0,
-        backoff_initial: float = 0.5,
-        backoff_max: float = 10.0,
+        backoff_initial: float = 0.25,
+        # A container started while the daemon restarts is named only if we
+        # are back before it ends: retrying a Unix socket each second costs nothing.
+        backoff_max: float = 1.0,
     ):
         self.base_url = base_url or DEFAULT_URL
         self._cache_size = cache_size
@@ -58,6 +65,9 @@ class DockerMetadata:
         self._lock = threading.Lock()
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=fetch_queue_size)
         self._inflight: dict[str, concurrent.futures.Future[ContainerInfo | None]] = {}
+        # In-flight ids renamed or updated meanwhile: their answer may predate
+        # the change, so it is not cached and the id is asked again.
+        self._stale: set[str] = set()
         self._request_timeout = request_timeout
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
@@ -277,10 +287,21 @@ class DockerMetadata:
                     self._destroyed.popitem(last=False)
                     self.destroyed_evicted += 1
         elif action in ("create", "start", "rename", "update"):
+            told = container_from_event(cid, actor)
             with self._lock:
                 self._negative.pop(cid, None)
-                self._cache.pop(cid, None)  # refetch: the name or labels may differ
-            self._schedule(cid)
+                known = self._cache.get(cid)
+                if action == "start" and known is not None:
+                    return  # named at create (or before a restart): nothing of ours changed
+                if told is not None:
+                    if known is not None and known.hostname:  # the event does not say it
+                        told = dataclasses.replace(told, hostname=known.hostname)
+                    self._put(cid, told)
+                else:
+                    self._cache.pop(cid, None)
+                if action in ("rename", "update") and cid in self._inflight:
+                    self._stale.add(cid)
+            self._schedule(cid)  # the hostname, and the labels exactly
 
     # ---------------------------------------------------- the fetch thread
 
@@ -312,12 +333,16 @@ class DockerMetadata:
                 self.fetch_errors += 1
                 log.debug("docker: inspect %.12s failed: %s", cid, exc)
             with self._lock:
+                if cid in self._stale:  # renamed while we asked: ask again
+                    self._stale.discard(cid)
+                    try:
+                        self._queue.put_nowait(cid)
+                        continue  # the same future waits for the new answer
+                    except queue.Full:
+                        self.fetch_dropped += 1
+                        info = None
                 if info is not None and cid not in self._destroyed:
-                    self._cache[cid] = info
-                    self._cache.move_to_end(cid)
-                    while len(self._cache) > self._cache_size:
-                        self._cache.popitem(last=False)
-                        self.evictions += 1
+                    self._put(cid, info)
                 future = self._inflight.pop(cid, None)
             if future is not None:
                 future.set_result(info)
@@ -326,6 +351,14 @@ class DockerMetadata:
             pending, self._inflight = self._inflight, {}
         for future in pending.values():
             future.set_result(None)
+
+    def _put(self, cid: str, info: ContainerInfo) -> None:
+        """Cache ``info`` (under the lock), the oldest going past the bound."""
+        self._cache[cid] = info
+        self._cache.move_to_end(cid)
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+            self.evictions += 1
 
 
 def container_from_inspect(data: Mapping[str, Any]) -> ContainerInfo:
@@ -340,6 +373,25 @@ def container_from_inspect(data: Mapping[str, Any]) -> ContainerInfo:
         labels=dict(config.get("Labels") or {}),
         hostname=config.get("Hostname") or None,
     )
+
+
+# Event attributes that are not the container's labels.
+_NOT_LABELS = frozenset({"name", "image", "oldName", "exitCode", "signal", "execID", "execDuration"})
+
+
+def container_from_event(cid: str, actor: Any) -> ContainerInfo | None:
+    """What a container event's ``Actor.Attributes`` say (its labels, with
+    ``name`` and ``image``), or None where they do not name it.  The
+    daemon's answer is untrusted: values that are not strings are left out."""
+    attrs = actor.get("Attributes") if isinstance(actor, Mapping) else None
+    if not isinstance(attrs, Mapping):
+        return None
+    name, image = attrs.get("name"), attrs.get("image")
+    if not isinstance(name, str) or not name:
+        return None
+    labels = {k: v for k, v in attrs.items() if isinstance(k, str) and isinstance(v, str) and k not in _NOT_LABELS}
+    return ContainerInfo(id=cid, runtime="docker", name=name.lstrip("/"),
+                         image=image if isinstance(image, str) and image else None, labels=labels)
 
 
 def _reason(exc: BaseException, url: str) -> str:
