@@ -83,7 +83,11 @@ class Backlog:
             schedule = not self._scheduled
             self._scheduled = True
         if schedule:
-            self._loop.call_soon_threadsafe(self._drain)
+            try:
+                self._loop.call_soon_threadsafe(self._drain)
+            except RuntimeError:  # the loop is closed: the agent stopped while capture was starting
+                with self._cond:
+                    self._closed = True
 
     def _drain(self) -> None:
         """On the loop: consume one slice, then yield to other callbacks."""

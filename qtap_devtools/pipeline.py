@@ -392,6 +392,11 @@ class Pipeline:
         info = conn.info
         tls_source = r.source != "socket"
         if tls_source:
+            if not info.tls_introspected and conn.assembler.upgraded:
+                # TLS begun inside a tunnel this connection's plaintext set up
+                # (HTTPS through an HTTP proxy: CONNECT, then a handshake): the
+                # library's plaintext is a new HTTP stream, from its offset 0.
+                conn.assembler = self._assembler(conn.role)
             if not info.is_tls or not info.tls_introspected:
                 info.is_tls = True
                 info.tls_introspected = True
@@ -602,6 +607,9 @@ class Pipeline:
         parts = _absolute_form(target)
         if parts is not None:  # absolute-form (proxies)
             scheme, authority, path = parts
+        elif req.method == "CONNECT" and not target.startswith("/"):
+            # authority-form (RFC 9110 §7.1): the tunnel's far end, not a path
+            authority, path = target, ""
         else:
             authority = host or info.sni or _addr_text(info.remote if info.direction != "ingress" else info.local)
             path = target

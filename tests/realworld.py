@@ -274,6 +274,57 @@ class PlainHttpServer(_Server):
         return self
 
 
+_CONNECT_PROXY = """
+import socket, sys, threading
+
+def pipe(a, b):
+    try:
+        while (data := a.recv(65536)):
+            b.sendall(data)
+    except OSError:
+        pass
+    finally:
+        try:
+            b.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+def handle(c):
+    head = b""
+    while b"\\r\\n\\r\\n" not in head:
+        head += c.recv(4096)
+    host, port = head.split(b" ")[1].decode().rsplit(":", 1)
+    if host not in ("localhost", "127.0.0.1"):  # loopback only
+        c.sendall(b"HTTP/1.1 403 Forbidden\\r\\nContent-Length: 0\\r\\n\\r\\n")
+        return c.close()
+    upstream = socket.create_connection(("127.0.0.1", int(port)))
+    c.sendall(b"HTTP/1.1 200 Connection established\\r\\n\\r\\n")
+    threading.Thread(target=pipe, args=(upstream, c), daemon=True).start()
+    pipe(c, upstream)
+
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen(16)
+while True:
+    conn, _ = s.accept()
+    threading.Thread(target=handle, args=(conn,), daemon=True).start()
+"""
+
+
+class ConnectProxy(_Server):
+    """An HTTP proxy that tunnels ``CONNECT`` to loopback ports (``curl -x``)."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+
+    def __enter__(self) -> "ConnectProxy":
+        self.proc = subprocess.Popen([sys.executable, "-c", _CONNECT_PROXY, str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port, proc=self.proc)
+        return self
+
+
 def have(*tools: str) -> bool:
     return all(shutil.which(t) for t in tools)
 

@@ -161,3 +161,15 @@ def test_a_batch_cut_into_slices_releases_its_bytes_exactly_once():
 
     got, stats = asyncio.run(go())
     assert len(got) == 375 and stats["backlog_bytes"] == 0 and stats["backlog_records"] == 0
+
+
+def test_a_batch_for_a_closed_loop_is_let_go_without_an_error():
+    """Ctrl-C while the probes were still being placed: the loop was closed
+    and the ring reader's next batch raised from call_soon_threadsafe, which
+    the reader logged as an error with its traceback."""
+    loop = asyncio.new_event_loop()
+    backlog = Backlog(loop, lambda part: None)
+    loop.close()
+    backlog.put([1, 2])  # raises nothing
+    backlog.put([3])  # and nothing is queued for a loop that will never run
+    assert len(backlog._batches) == 1

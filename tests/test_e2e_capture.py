@@ -55,12 +55,14 @@ def exe(tool: str) -> str:
 
 def keep(event_type: str, data: dict) -> bool:
     """What the tests may ask about: every process and connection event, and
-    the transactions with a test marker (``m=``) or about the agent's port.
-    Anything else (another engineer's benchmark) is not stored."""
+    the transactions with a test marker (``m=``), about the agent's port, or
+    opening a proxy's tunnel.  Anything else (another engineer's benchmark)
+    is not stored."""
     if event_type != "request.http_transaction":
         return True
-    url = data["data"]["data"]["summary"].get("request_url") or ""
-    return "m=" in url or f":{AGENT_PORT}/" in url
+    summary = data["data"]["data"]["summary"]
+    url = summary.get("request_url") or ""
+    return "m=" in url or f":{AGENT_PORT}/" in url or summary.get("request_method") == "CONNECT"
 
 
 def reader_for(port: int) -> StreamReader:
@@ -349,6 +351,30 @@ def test_curl_get_over_tls_both_sides(live, nginx):
                tls_version=c.tls_version, endpoint="localhost",
                req_headers=curl_headers(f"localhost:{nginx.port}"), resp_headers=nginx_headers(body),
                resp_body=body)
+
+
+def test_https_through_an_http_proxy_is_the_connect_then_the_request_in_its_tunnel(live, nginx):
+    """``curl -x http://proxy https://…`` (any HTTPS_PROXY user): CONNECT in
+    plaintext, then TLS inside the tunnel on the same socket.  The request in
+    the tunnel was lost, and the CONNECT's URL was the proxy's and the
+    target's glued together."""
+    _, reader, _ = live
+    m = marker()
+    uri = f"/json?m={m}"
+    url = nginx.url(uri, host="localhost")
+    with rw.ConnectProxy() as proxy:
+        c = curl("-x", f"http://127.0.0.1:{proxy.port}", url)
+    assert c.stdout == json_body(uri)
+    (tx,), _ = both_sides(reader, m)
+    assert (tx["request"]["url"], tx["response"]["status"], tx["metadata"]["tls_library"]) == (url, 200, "openssl")
+    assert tx["metadata"]["remote_address"] == {"ip": LOOP, "port": proxy.port}  # its socket goes to the proxy
+    conn_id = tx["_event"]["connectionId"]
+    tunnel = reader.find(lambda t, d: t == "request.http_transaction" and d["data"]["data"]["connectionId"] == conn_id
+                         and d["data"]["data"]["summary"]["request_method"] == "CONNECT")
+    assert tunnel, reader.health()
+    summary = tunnel[0][1]["data"]["data"]["summary"]
+    assert (summary["request_url"], summary["request_host"], summary["response_status"]) == (
+        f"http://localhost:{nginx.port}", f"localhost:{nginx.port}", 200)
 
 
 def test_the_clients_transaction_lasts_at_least_as_long_as_the_servers(live, nginx, nginx_plain):

@@ -582,3 +582,28 @@ def test_an_fdless_tls_streams_first_read_names_the_socket_its_thread_read():
     events, _ = run(records)
     tx = tx_json(next(e for e in events if e.type == "request.http_transaction"))
     assert tx["direction"] == "ingress" and tx["metadata"]["remote_address"]["port"] == 41006
+
+
+def test_https_through_an_http_proxy_is_the_connect_then_the_tunnelled_exchange():
+    """curl -x http://proxy https://api.local/...: CONNECT in plaintext on the
+    socket, then the TLS handshake through the tunnel, then the library's
+    plaintext on the same fd, from its own offset 0."""
+    connect = b"CONNECT api.local:443 HTTP/1.1\r\nHost: api.local:443\r\nUser-Agent: curl/7.88.1\r\n\r\n"
+    established = b"HTTP/1.1 200 Connection established\r\n\r\n"
+    hello = bytes.fromhex("16030100") + b"\x30" + b"\x01" + b"\x00" * 47
+    events, _ = run([
+        rec.SocketConnect(100, 5, 1_000, EP_S),
+        rec.DataChunk(100, 100, 5, 2_000, "egress", "socket", 0, connect),
+        rec.DataChunk(100, 100, 5, 3_000, "ingress", "socket", 0, established),
+        rec.DataChunk(100, 100, 5, 4_000, "egress", "socket", len(connect), hello),
+        rec.DataChunk(100, 100, 5, 5_000, "egress", "openssl", 0, REQ, tls_ref=0xabc),
+        rec.DataChunk(100, 100, 5, 5_100, "egress", "socket", len(connect) + len(hello), b"\x17\x03\x03\x00\x10" + b"\xaa" * 16),
+        rec.DataChunk(100, 100, 5, 6_000, "ingress", "openssl", 0, RESP, tls_ref=0xabc),
+        rec.SocketClose(100, 5, 9_000),
+    ])
+    tx = [tx_json(e) for e in events if e.type == "request.http_transaction"]
+    assert [(t["request"]["method"], t["request"]["url"], t["response"]["status"]) for t in tx] == [
+        ("CONNECT", "http://api.local:443", 200),
+        ("POST", "https://api.local/v1/users", 201),
+    ]
+    assert tx[1]["request"]["body"] == base64.b64encode(b'{"user": "john"}').decode()
