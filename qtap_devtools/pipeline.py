@@ -90,6 +90,7 @@ class _Conn:
     last_tls: tuple = ()
     fed: bool = False  # has the assembler seen any bytes yet
     lent: bool = False  # an fd-less TLS stream that knows its socket (_lend)
+    carried: bool = False  # a socket whose events its TLS stream makes now (_lend)
     accepted: bool = False  # seeded from /proc with a listening local port
 
 
@@ -147,7 +148,12 @@ class Pipeline:
             "processes_gone_before_read": 0,
             # Records whose handling raised (a bug): logged, counted, the rest go on.
             "record_errors": 0,
+            # TLS connections that closed with no plaintext from a TLS library
+            # the agent reads (Go, BoringSSL, NSS, rustls, a static OpenSSL, or
+            # none exchanged): the programs are named once each in the log.
+            "tls_connections_unread": 0,
         }
+        self.unread_exes: set[str] = set()
 
     # ------------------------------------------------------------ helpers
 
@@ -214,6 +220,10 @@ class Pipeline:
             self.emit(ConnectionOpened(conn.info, ts_ns=conn.info.opened_ns))
 
     def _maybe_updated(self, conn: _Conn, ts: int) -> None:
+        if not conn.announced and not conn.lent and conn.info.fd < 0:
+            # An fd-less TLS stream waits to be one connection with its socket
+            # (_lend); on_tick announces it alone if no socket comes.
+            return
         info = conn.info
         tls = (info.tls_version, tuple(info.tls_libraries), info.sni, info.tls_introspected)
         if info.l7_protocol != conn.last_l7 or tls != conn.last_tls:
@@ -397,7 +407,7 @@ class Pipeline:
                 # (HTTPS through an HTTP proxy: CONNECT, then a handshake): the
                 # library's plaintext is a new HTTP stream, from its offset 0.
                 conn.assembler = self._assembler(conn.role)
-            if not info.is_tls or not info.tls_introspected:
+            if not info.tls_introspected or r.source not in info.tls_libraries:
                 info.is_tls = True
                 info.tls_introspected = True
                 if r.source not in info.tls_libraries:
@@ -537,6 +547,28 @@ class Pipeline:
         self.borrowers[(conn.info.pid, sock.info.fd)] = key
         self._bound(self.borrowers)
         info = conn.info
+        if not conn.announced:
+            # One connection, not two: the stream takes the socket's identity
+            # (its id, addresses and opening, announced already), and the
+            # socket's own events stop.
+            shared = sock.info
+            shared.is_tls = True
+            shared.tls_libraries.extend(lib for lib in info.tls_libraries if lib not in shared.tls_libraries)
+            shared.sni = shared.sni or info.sni
+            shared.http_host = shared.http_host or info.http_host
+            shared.bytes_sent += info.bytes_sent
+            shared.bytes_received += info.bytes_received
+            shared.transactions += info.transactions
+            if info.l7_protocol != "unknown":
+                shared.l7_protocol = info.l7_protocol
+            conn.info = shared
+            conn.announced, conn.last_l7, conn.last_tls = sock.announced, sock.last_l7, sock.last_tls
+            sock.carried = True
+            if not conn.fed:
+                conn.role = sock.role
+                conn.assembler = self._assembler(sock.role)
+            self._maybe_updated(conn, ts or conn.opened_mono)
+            return
         info.local, info.remote = sock.info.local, sock.info.remote
         info.direction, info.tls_version = sock.info.direction, sock.info.tls_version
         info.sni = info.sni or sock.info.sni
@@ -571,15 +603,30 @@ class Pipeline:
     # ------------------------------------------------------------ output
 
     def _finish(self, conn: _Conn, ts: int) -> None:
+        if conn.carried:
+            return  # its TLS stream reports the connection (and ends with it, on_close)
         if not conn.announced and self._never_established(conn):
             # A connect that was refused or abandoned: no connection to report.
             self.counters["connects_not_established"] += 1
             return
         for ex in conn.assembler.on_close(ts):
             self._transaction(conn, ex)
+        info = conn.info
+        if info.is_tls and not info.tls_introspected:
+            self._unread(conn)
         self._announce(conn)
         conn.info.closed_ns = self.wall(ts)
         self.emit(ConnectionClosed(conn.info, ts_ns=conn.info.closed_ns))
+
+    def _unread(self, conn: _Conn) -> None:
+        self.counters["tls_connections_unread"] += 1
+        process = conn.info.process
+        exe = process.exe if process is not None else f"pid {conn.info.pid}"
+        if exe not in self.unread_exes and len(self.unread_exes) < 256:
+            self.unread_exes.add(exe)
+            log.info("%s: a TLS connection closed with no plaintext seen (%s): its TLS library is not one "
+                     "the agent reads (Go, BoringSSL, NSS, rustls, a static OpenSSL…), or nothing was sent; "
+                     "counted in capture.tls_connections_unread", exe, conn.info.resolve_endpoint() or "?")
 
     @staticmethod
     def _never_established(conn: _Conn) -> bool:
@@ -594,6 +641,7 @@ class Pipeline:
         if req is None:
             self.counters["unpaired_close"] += 1
             return
+        self._announce(conn)  # a connection is opened before its first transaction
         info = conn.info
         info.transactions += 1
         info.process = self._process(info.pid) or info.process

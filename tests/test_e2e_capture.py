@@ -562,6 +562,20 @@ def test_asyncio_tls_connections_of_one_process_each_have_their_own_addresses(li
         assert tx["direction"] == "egress-internal", tx["direction"]
         assert tx["metadata"]["local_address"] == {"ip": LOOP, "port": local_port[n]}, (n, tx["metadata"])
         assert tx["metadata"]["remote_address"] == {"ip": LOOP, "port": nginx.port}
+    # One connection per socket, not the socket and the TLS stream on it twice
+    # (the socket's own showed as "unknown", 0 bytes, no probe).
+    pid = txs[0]["_event"]["summary"]["process_pid"]
+    for n, port in local_port.items():
+        opened = reader.find(lambda t, d: t == "connection.opened" and d["data"]["data"]["pid"] == pid
+                             and (d["data"]["data"]["source"]["address"] or {}).get("port") == port, timeout=1)
+        assert {d["data"]["data"]["meta"]["connectionId"] for _, d in opened} == {
+            tx["_event"]["connectionId"] for tx in txs if f"&c={n}&" in tx["request"]["url"]}, (n, opened)
+        cid = opened[0][1]["data"]["data"]["meta"]["connectionId"]
+        (_, closed), = reader.find(lambda t, d: t == "connection.closed"
+                                   and d["data"]["data"]["meta"]["connectionId"] == cid, timeout=WAIT)
+        closed = closed["data"]["data"]
+        assert (closed["l7Protocol"], closed["meta"]["tlsProbeTypesDetected"], closed["transactions"]) == (
+            "http1", ["openssl"], 3)
 
 
 def test_wget_over_gnutls(live, nginx):

@@ -326,14 +326,19 @@ def node_style_stream(ssl_ptr, path, t0, sock_fd=9, port=40001):
 def test_fdless_tls_stream_closes_with_the_socket_it_borrowed():
     events, _ = run(node_style_stream(0xfeed, b"/first", 1_000) + [rec.SocketClose(100, 9, 9_000)],
                     capture_own_port=True)
-    tls_events = [e for e in events if e.type == "connection.closed"]
-    # The socket's own record and the TLS stream riding on it both close at
-    # the socket's close, not at process exit (close_all would also close it,
-    # so check the order: both closes precede nothing else and carry its time).
-    assert len(tls_events) == 2
-    assert {e.ts_ns for e in tls_events} == {tls_events[0].ts_ns}
+    # One connection, not the socket and the stream riding on it: opened at
+    # connect, it closes at the socket's close (not at process exit), and its
+    # events say what the stream found.
+    opened = [e for e in events if e.type == "connection.opened"]
+    closed = [e for e in events if e.type == "connection.closed"]
     tx = [e for e in events if e.type == "request.http_transaction"]
-    assert len(tx) == 1 and tx[0].payload()["data"]["summary"]["request_path"] == "/first"
+    assert len(opened) == len(closed) == len(tx) == 1
+    assert opened[0].connection is closed[0].connection is tx[0].connection
+    assert closed[0].ts_ns == 9_000 + events[0].connection.opened_ns - 1_000  # the socket's close, in wall time
+    assert tx[0].payload()["data"]["summary"]["request_path"] == "/first"
+    conn = closed[0].payload()["data"]
+    assert (conn["l7Protocol"], conn["meta"]["tlsProbeTypesDetected"], conn["destination"]["address"]["port"]) == (
+        "http1", ["openssl"], 8443)
     assert tx[0].connection.remote.port == 8443 and tx[0].connection.direction == "egress-internal"
 
 
@@ -607,3 +612,18 @@ def test_https_through_an_http_proxy_is_the_connect_then_the_tunnelled_exchange(
         ("POST", "https://api.local/v1/users", 201),
     ]
     assert tx[1]["request"]["body"] == base64.b64encode(b'{"user": "john"}').decode()
+
+
+def test_a_tls_connection_whose_plaintext_never_came_is_counted_and_its_program_named_once(caplog):
+    """Chromium (BoringSSL), Go, NSS: the agent sees the handshake on the socket
+    and no plaintext.  Silent before: the connection looked like any other."""
+    hello = bytes.fromhex("16030100") + b"\x30" + b"\x01" + b"\x00" * 47
+    records = []
+    for fd in (5, 6):
+        records += [rec.SocketConnect(100, fd, 1_000, EP_S),
+                    rec.DataChunk(100, 100, fd, 1_500, "egress", "socket", 0, hello),
+                    rec.SocketClose(100, fd, 9_000)]
+    with caplog.at_level("INFO", logger="qtap_devtools.pipeline"):
+        _, p = run(records + client_tls_exchange(fd=7))
+    assert p.counters["tls_connections_unread"] == 2
+    assert [r.getMessage().split(":")[0] for r in caplog.records if "no plaintext" in r.getMessage()] == ["/usr/bin/curl"]
