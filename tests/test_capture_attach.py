@@ -246,14 +246,16 @@ def test_a_files_probes_are_armed_together_after_the_last_is_placed(monkeypatch,
 @needs_libssl
 def test_a_file_no_process_maps_for_two_sweeps_is_detached_and_its_slot_reused(monkeypatch):
     """The bound is on files in use: a container's libssl is let go once its
-    containers are gone; the host's library directories stay attached."""
+    containers are gone (past the idle files kept, none here); the host's
+    library directories stay attached."""
     from qtap_devtools.capture import overlay
 
     keys = iter(range(1000))
     monkeypatch.setattr(overlay, "real_key", lambda path, st: (9, next(keys)))  # each a new file
     rec = Recorder()
     detached: list[int] = []
-    a = Attacher(rec, mode="entry", arm_fn=rec.arm, detach_fn=lambda slot: detached.append(slot) or True)
+    a = Attacher(rec, mode="entry", arm_fn=rec.arm, detach_fn=lambda slot: detached.append(slot) or True,
+                 keep_idle=0)
     host, image = a.consider(LIBSSL, pinned=True), a.consider(LIBSSL)
     mapped = {1: [image]}  # pid -> what its maps name
     monkeypatch.setattr(a, "_scan", lambda pid: (mapped.get(pid, []), None))
@@ -275,7 +277,7 @@ def test_probes_that_cannot_be_detached_stay_attached(monkeypatch):
     from qtap_devtools.capture import overlay
 
     monkeypatch.setattr(overlay, "real_key", lambda path, st: (9, 1))
-    a = Attacher(Recorder(), mode="entry", detach_fn=lambda slot: False)  # attached through bcc: no cookie
+    a = Attacher(Recorder(), mode="entry", detach_fn=lambda slot: False, keep_idle=0)  # through bcc: no cookie
     att = a.consider(LIBSSL)
     monkeypatch.setattr(a, "_scan", lambda pid: ([], None))
     for _ in range(5):
@@ -290,7 +292,7 @@ def test_a_file_in_a_live_containers_library_directories_stays_attached_unmapped
     from qtap_devtools.capture import overlay
 
     monkeypatch.setattr(overlay, "real_key", lambda path, st: (9, 1))
-    a = Attacher(Recorder(), mode="entry", detach_fn=lambda slot: True)
+    a = Attacher(Recorder(), mode="entry", detach_fn=lambda slot: True, keep_idle=0)
     att = a.consider(LIBSSL)
     root = (1, 2, "container root")
     att.roots.add(root)  # as _scan records it when it reads a new root's library directories
@@ -303,3 +305,32 @@ def test_a_file_in_a_live_containers_library_directories_stays_attached_unmapped
     a.sweep([1])
     a.sweep([1])
     assert a.attachments == [] and a.detached == 1
+
+
+@needs_libssl
+def test_the_most_recently_used_idle_files_stay_attached_and_a_new_file_takes_the_oldest_ones_room(monkeypatch):
+    """A cron job's vendored libssl, used a minute apart: kept attached while
+    unmapped (its next run is seen from its first call), within KEEP_IDLE; a
+    new file past MAX_ATTACHMENTS detaches the least recently used idle one
+    rather than going uncaptured."""
+    from qtap_devtools.capture import attach, overlay
+
+    keys = iter(range(1000))
+    monkeypatch.setattr(overlay, "real_key", lambda path, st: (9, next(keys)))
+    detached: list[int] = []
+    a = Attacher(Recorder(), mode="entry", detach_fn=lambda slot: detached.append(slot) or True, keep_idle=1)
+    old, recent = a.consider(LIBSSL), a.consider(LIBSSL)
+    mapped = {1: [old, recent]}
+    monkeypatch.setattr(a, "_scan", lambda pid: (mapped.get(pid, []), None))
+    a.sweep([1])
+    mapped[1] = [recent]  # the old one's process ended first
+    a.sweep([1])
+    mapped.clear()
+    for _ in range(4):
+        a.sweep([1])
+    assert detached == [old.slot] and a.attachments == [recent]  # one idle file kept: the last used
+
+    monkeypatch.setattr(attach, "MAX_ATTACHMENTS", 1)
+    new = a.consider(LIBSSL)
+    assert new is not None and detached == [old.slot, recent.slot] and a.attachments == [new]
+    assert a.over_limit == 0

@@ -730,7 +730,7 @@ def test_a_file_no_process_maps_any_more_is_detached_and_attached_again_when_use
     copy = tmp_path / "libssl.so.3"
     shutil.copy(LIBSSL, copy)
     sink = Collector()
-    cap = Capture(sink, max_chunk=MAX_CHUNK, seed_existing=False, sweep_seconds=0.3)
+    cap = Capture(sink, max_chunk=MAX_CHUNK, seed_existing=False, sweep_seconds=0.3, keep_idle=0)
     cap.start()
 
     def holder() -> subprocess.Popen:  # keeps the copy mapped until its stdin closes

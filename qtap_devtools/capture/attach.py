@@ -49,9 +49,14 @@ Where = str | int
 # Distinct TLS library files attached at once, at most (a file is attached
 # once however many containers map it; see overlay.py).
 MAX_ATTACHMENTS = 100  # ~8 probes each, under bcc's own quota of 1,000 open probes
-# A file no process has mapped for this many sweeps in a row is detached
-# (Attacher.sweep), unless it is pinned.
+# A file no process has mapped for this many sweeps in a row is idle
+# (Attacher.sweep), unless it is pinned or in a live container's root.
 UNMAPPED_SWEEPS = 2
+# Idle files kept attached, the most recently used: the next run of a cron job
+# or a script whose libssl is not in the host's directories (a vendored copy, a
+# node under ~/.nvm) is seen from its first call.  Past this, and when a new
+# file needs the room, the least recently used idle file is detached.
+KEEP_IDLE = 32
 LIB_DIRS = ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/usr/lib", "/lib", "/usr/local/lib")
 _LIB_NAME = re.compile(r"^lib(ssl|gnutls)\.so(\.\d+)*$")
 
@@ -167,6 +172,7 @@ class Attachment:
     # it stays attached while one of them has a process, mapped or not, so a
     # `docker exec … curl` is seen from its first call.
     roots: set[tuple] = field(default_factory=set)
+    last_used: int = 0  # the sweep that last found it mapped (or its attach)
 
     @property
     def ok(self) -> bool:
@@ -239,6 +245,7 @@ class Attacher:
         plans: Callable[[str], dict[str, tuned.Plan]] = tuned.analyze,
         arm_fn: Callable[[int], None] = lambda slot: None,
         detach_fn: Callable[[int], bool] = lambda slot: False,
+        keep_idle: int = KEEP_IDLE,
     ) -> None:
         if mode not in ("auto", "entry"):
             raise ValueError(f"attach mode {mode!r}: must be 'auto' or 'entry'")
@@ -247,6 +254,8 @@ class Attacher:
         self._detach_fn = detach_fn
         self._free_slots: list[int] = []
         self._unmapped: dict[tuple[int, ...], int] = {}  # key -> sweeps in a row no process mapped it
+        self._keep_idle = keep_idle
+        self._sweeps = 0
         self.detached = 0
         self._exclude_pid = exclude_pid
         self._mode = mode
@@ -311,7 +320,7 @@ class Attacher:
                 else:
                     self.not_tls_uncached += 1  # judged again when seen again: a read, no attachment
                 return None
-            if len(self._by_inode) >= MAX_ATTACHMENTS:
+            if len(self._by_inode) >= MAX_ATTACHMENTS and not self._make_room():
                 self.over_limit += 1
                 if self.over_limit == 1:
                     log.warning("%d TLS library files attached, the most kept: %s and any more are not captured "
@@ -321,6 +330,7 @@ class Attacher:
             slot = self._free_slots.pop() if self._free_slots else len(self._by_inode) + 1
             att = self._attach(path, held, key, lib, slot)
             att.pinned = pinned
+            att.last_used = self._sweeps
             self._arm_fn(slot)  # after its last probe: a call is seen on both sides or not at all
             self._by_inode[key] = att
             self._published = tuple(self._by_inode.values())
@@ -453,11 +463,13 @@ class Attacher:
 
     def sweep(self, pids: Iterable[int]) -> None:
         """Scan every process in ``pids`` (all of them): a library loaded long
-        after exec is attached; a file that for UNMAPPED_SWEEPS sweeps in a row
-        no process has mapped and no live container holds (its containers
-        gone) is detached, so that MAX_ATTACHMENTS bounds the files in use, not
-        every file ever seen.  A process that maps it again has it attached
-        again (its first calls may be missed, as for any file new to the agent)."""
+        after exec is attached.  A file that for UNMAPPED_SWEEPS sweeps in a
+        row no process has mapped and no live container holds (its containers
+        gone) is idle; the KEEP_IDLE most recently used idle files stay
+        attached, older ones are detached, so that MAX_ATTACHMENTS bounds the
+        files in use, not every file ever seen.  A process that maps a
+        detached file again has it attached again (its first calls may be
+        missed, as for any file new to the agent)."""
         mapped: set[int] = set()
         live_roots: set[tuple] = set()
         for pid in pids:
@@ -470,19 +482,38 @@ class Attacher:
             if root is not None:
                 live_roots.add(root)
         with self._lock:
-            for key, att in list(self._by_inode.items()):
+            self._sweeps += 1
+            for key, att in self._by_inode.items():
                 att.roots &= live_roots
                 if att.pinned or id(att) in mapped or att.roots:
                     self._unmapped.pop(key, None)
-                    continue
-                n = self._unmapped[key] = self._unmapped.get(key, 0) + 1
-                if n < UNMAPPED_SWEEPS or not self._detach_fn(att.slot):
-                    continue  # (detach_fn False: probes attached without a cookie stay)
-                del self._by_inode[key], self._unmapped[key]
-                self._free_slots.append(att.slot)
-                self.detached += 1
-                log.info("detached %s: no process has mapped it for %d sweeps", att.path, n)
+                    att.last_used = self._sweeps
+                else:
+                    self._unmapped[key] = self._unmapped.get(key, 0) + 1
+            idle = self._idle(UNMAPPED_SWEEPS)
+            for key in idle[:max(0, len(idle) - self._keep_idle)]:
+                self._let_go(key, f"no process has mapped it for {self._unmapped[key]} sweeps")
             self._published = tuple(self._by_inode.values())
+
+    def _idle(self, sweeps: int) -> list[tuple[int, ...]]:
+        """Files unmapped for at least ``sweeps`` sweeps, least recently used first."""
+        keys = [key for key, n in self._unmapped.items() if n >= sweeps]
+        return sorted(keys, key=lambda key: self._by_inode[key].last_used)
+
+    def _make_room(self) -> bool:
+        """Detach the least recently used file no process maps now, for a new one."""
+        return any(self._let_go(key, "a new file needed its room") for key in self._idle(1))
+
+    def _let_go(self, key: tuple[int, ...], why: str) -> bool:
+        att = self._by_inode[key]
+        if not self._detach_fn(att.slot):
+            return False  # probes attached without a cookie stay
+        del self._by_inode[key], self._unmapped[key]
+        self._free_slots.append(att.slot)
+        self.detached += 1
+        self._published = tuple(self._by_inode.values())
+        log.info("detached %s: %s", att.path, why)
+        return True
 
 
 class ExecWatcher:

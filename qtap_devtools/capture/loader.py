@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 from . import procnet
 from .budget import ByteBudget
-from .attach import MAX_ATTACHMENTS, TUNED_FUNCTIONS, AttachMode, Attacher, Attachment, ExecWatcher, Where
+from .attach import KEEP_IDLE, MAX_ATTACHMENTS, TUNED_FUNCTIONS, AttachMode, Attacher, Attachment, ExecWatcher, Where
 from .links import LinkUnsupported, Links, close_all
 from .records import (
     Batch,
@@ -215,6 +215,7 @@ class Capture:
         wake_records: int = WAKE_RECORDS,
         wake_bytes: int = 256 * 1024,
         sweep_seconds: float = 10.0,
+        keep_idle: int = KEEP_IDLE,
         shed_head_bytes: int = SHED_HEAD_BYTES,
         pressure: Callable[[], float] | None = None,
         on_load: Callable[[float], None] | None = None,
@@ -264,6 +265,7 @@ class Capture:
         self.poll_timeout_ms = max(1, min(poll_timeout_ms, DRAIN_MS))
         self.attach_mode = attach_mode
         self.sweep_seconds = sweep_seconds  # every process re-scanned for TLS libraries this often
+        self.keep_idle = keep_idle  # unmapped library files kept attached (attach.KEEP_IDLE)
         self.wake_records = wake_records
         self.wake_bytes = wake_bytes
         if shed_head_bytes < 0:
@@ -317,7 +319,7 @@ class Capture:
         bpf = self._bpf = self._load()
         self._set_armed(0, True)  # probes attached without a cookie
         self._attacher = Attacher(self._place, exclude_pid=self.exclude_pid, mode=self.attach_mode,
-                                  arm_fn=self._arm, detach_fn=self._detach)
+                                  arm_fn=self._arm, detach_fn=self._detach, keep_idle=self.keep_idle)
         self._attacher.scan_all(self.extra_binaries)
         self._watcher = ExecWatcher(self._attacher, sweep_seconds=self.sweep_seconds)
         events = bpf[b"events"]
