@@ -13,8 +13,12 @@ as an exception wherever the field is read.
 
 from __future__ import annotations
 
+import gzip
 import logging
+import os
+import stat
 import threading
+import zlib
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,12 +57,15 @@ class CaptureWriter:
 
     def __init__(self, path: Path, max_pending_bytes: int = 64 << 20) -> None:
         self.path = path
+        torn = _ends_inside_a_frame(path)
         self._fh: BinaryIO = open(path, "ab", buffering=0)
         self.max_pending_bytes = max_pending_bytes
         self.written = 0
         self.errors = 0  # frames a write failed for (a full disk)
         self.dropped = 0  # frames not saved because the file fell behind
-        self._torn = False  # the file ends inside a frame a failed write cut
+        # The file ends inside a frame (a failed write cut it, or an earlier
+        # run was killed mid-write): the next frame starts after a blank line.
+        self._torn = torn
         self._queue: deque[bytes] = deque()
         self._pending = 0  # bytes queued or being written
         self._closing = False
@@ -130,22 +137,52 @@ class CaptureWriter:
         self.written += 1
 
 
+def _ends_inside_a_frame(path: Path) -> bool:
+    """Whether ``path`` is a regular file, not empty, that does not end with
+    a frame's blank line.  (A pipe is not read: it is a stream of our own.)"""
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+            return False
+        with open(path, "rb") as fh:
+            fh.seek(max(0, st.st_size - 2))
+            tail = fh.read(2)
+    except OSError:
+        return False
+    return not tail.endswith(b"\n\n") and tail != b"\n"
+
+
+GZIP_MAGIC = b"\x1f\x8b"
+
+
 def read_events(path: Path) -> Iterator[Envelope | BadRecord]:
     """Envelopes in file order, with a :class:`BadRecord` for each bad one.
+    A gzip file (``--output >(gzip > f)``) is read through gzip.
 
     Raises OSError only if the file cannot be opened.
     """
-    with open(path, "rb") as fh:
-        yield from parse_stream(fh)
+    with open(path, "rb") as raw:
+        fh: BinaryIO = raw
+        if raw.peek(2)[:2] == GZIP_MAGIC:
+            fh = gzip.GzipFile(fileobj=raw)  # type: ignore[assignment]
+        try:
+            yield from parse_stream(fh)
+        except (OSError, EOFError, zlib.error) as exc:  # a gzip file cut short or damaged
+            yield BadRecord(0, f"the gzip stream ends early or is damaged ({exc}); what came before it is kept")
 
 
 def _bounded_lines(fh: BinaryIO) -> Iterator[bytes]:
     """The file's lines, none read whole past MAX_LINE: a longer one comes as
-    its first MAX_LINE + 1 bytes, and the rest of it is skipped."""
+    its first MAX_LINE + 1 bytes, and the rest of it is skipped.  A UTF-8
+    byte-order mark (an editor's) before the first line is dropped."""
+    first = True
     while True:
         line = fh.readline(MAX_LINE + 1)
         if not line:
             return
+        if first:
+            first = False
+            line = line.removeprefix(b"\xef\xbb\xbf")
         if len(line) > MAX_LINE and not line.endswith(b"\n"):
             while True:
                 rest = fh.readline(1 << 20)
@@ -183,8 +220,9 @@ def parse_stream(lines: Iterator[bytes] | BinaryIO) -> Iterator[Envelope | BadRe
             event_type, data, size = None, [], 0
             continue
         line = raw.rstrip(b"\r\n")
-        if not raw.endswith(b"\n") and line:
-            # The last line of a file cut mid-write.
+        if not raw.endswith(b"\n") and line and not line.startswith((b"id:", b"retry:", b":")):
+            # The last line of a file cut mid-write (an event's id is not
+            # needed to read it: a frame cut there is whole).
             yield BadRecord(lineno, "truncated record at end of file")
             event_type, data, size = None, [], 0
             continue

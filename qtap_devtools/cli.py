@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 import sys
+import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -260,6 +261,51 @@ def _writable(path: Path) -> None:
         raise ConfigError(f"--output {path}: cannot write: {exc.strerror or exc}") from None
 
 
+def _har_output(path: Path, source: Path) -> None:
+    """``har --output`` must be writable, and not the capture it converts;
+    checked without creating it (a failed conversion leaves nothing behind)."""
+    label = f"--output {path}"
+    if path.is_dir():
+        raise ConfigError(f"{label}: is a directory, expected a file")
+    try:
+        same = path.exists() and os.path.samefile(path, source)
+    except OSError:
+        same = False
+    if same:
+        raise ConfigError(f"{label}: is the capture file being converted; choose another name")
+    if not path.parent.is_dir():
+        raise ConfigError(f"{label}: cannot write: No such file or directory")
+    if not os.access(path if path.exists() else path.parent, os.W_OK):
+        raise ConfigError(f"{label}: cannot write: Permission denied")
+
+
+def _write_whole(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path``: a regular file through a temporary file
+    renamed over it, so a failure (a full disk) leaves nothing half-written;
+    anything else (/dev/stdout, a pipe) directly."""
+    try:
+        if path.exists() and not path.is_file():
+            path.write_bytes(data)
+            return
+        if path.exists():
+            mode = path.stat().st_mode & 0o7777
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            os.fchmod(fd, mode)  # as open() would have made it, not mkstemp's 0600
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError as exc:  # the disk filled meanwhile
+        raise ConfigError(f"--output {path}: cannot write: {exc.strerror or exc}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
@@ -308,18 +354,15 @@ def _har(args: argparse.Namespace) -> int:
 
     _readable(args.file)
     if args.output:
-        _writable(args.output)  # before the conversion, not after it
+        _har_output(args.output, args.file)  # before the conversion, not after it
     events, bad, left_out = replay.load(args.file)
-    doc = har.from_envelopes(events)
+    note = (f"only the first {len(events)} events of {args.file} (the replay limits); {left_out} more left out"
+            if left_out else None)
+    doc = har.from_envelopes(events, note)
     data = orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n"
     if args.output:
-        try:
-            args.output.write_bytes(data)
-        except OSError as exc:  # the disk filled meanwhile
-            raise ConfigError(f"--output {args.output}: cannot write: {exc.strerror or exc}") from None
+        _write_whole(args.output, data)
     notes = [f"{bad} bad record{'s' if bad > 1 else ''} skipped"] if bad else []
-    if left_out:
-        notes.append(f"{left_out} events past the replay limits left out")
     if "comment" in doc["log"]:
         notes.append(doc["log"]["comment"])
     if args.output or notes:

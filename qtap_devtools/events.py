@@ -575,6 +575,7 @@ class HttpTransaction(Event):
     informational: tuple[int, ...] = ()
     user_agent: str | None = None  # the request's, when the maker has it at hand; None: look it up
     ts_ns: int = field(default_factory=now_ns)
+    response_version: str | None = None
 
     # __init__ written out, as in assemble/model.py: generated, it would run interpreted.
     def __init__(
@@ -585,6 +586,7 @@ class HttpTransaction(Event):
         bytes_received: int, timing: Mapping[str, float] | None = None, error: str | None = None,
         partial: bool = False, incomplete: bool = False, upgraded: bool = False, shed: bool = False,
         informational: tuple[int, ...] = (), user_agent: str | None = None, ts_ns: int | None = None,
+        response_version: str | None = None,
     ) -> None:
         self.request_id = request_id
         self.connection = connection
@@ -610,6 +612,7 @@ class HttpTransaction(Event):
         self.informational = informational
         self.user_agent = user_agent
         self.ts_ns = now_ns() if ts_ns is None else ts_ns
+        self.response_version = response_version  # the status line's: a server may answer 1.0 to 1.1
 
     @property
     def type(self) -> str:
@@ -617,7 +620,8 @@ class HttpTransaction(Event):
 
     @property
     def url(self) -> str:
-        return f"{self.scheme}://{self.authority}{self.path}"
+        # OPTIONS *: the target URI has an empty path (RFC 9112 §3.2.4).
+        return f"{self.scheme}://{self.authority}{self.path if self.path != '*' else ''}"
 
     def transaction_json(self) -> dict:
         """The full transaction: the base64 ``data`` field of the event."""
@@ -648,7 +652,7 @@ class HttpTransaction(Event):
         req = self.request
         request = {
             "method": self.method,
-            "url": f"{self.scheme}://{self.authority}{self.path}",
+            "url": self.url,
             "scheme": self.scheme,
             "path": self.path,
             "authority": self.authority,
@@ -670,7 +674,7 @@ class HttpTransaction(Event):
             "timing": dict(self.timing),
         }
         if self.response is not None:
-            response = {"status": self.status, "reason": self.reason}
+            response = {"status": self.status, "reason": self.reason, "http_version": self.response_version}
             self.response.json_into(response)
             out["response"] = response
         # Flags only when set (most transactions have none).

@@ -721,6 +721,7 @@ class Pipeline:
             informational=tuple(ex.informational),
             user_agent=_text(req_lower.get("user-agent")),
             ts_ns=self.wall(end),
+            response_version=resp.version if resp is not None else None,
         ))
 
 

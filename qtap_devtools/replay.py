@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import platform
 import socket
@@ -94,13 +95,25 @@ def load(
     return events, bad, left_out
 
 
+def replay_instance(path: Path) -> str:
+    """``replay-`` and a digest of the file's identity (where it is, its size, when it changed)."""
+    try:
+        st = path.stat()
+        identity = f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}"
+    except OSError:
+        identity = str(path)
+    return "replay-" + hashlib.blake2b(identity.encode("utf-8", "replace"), digest_size=5).hexdigest()
+
+
 def build_runtime(config: Config, path: Path) -> Runtime:
     store = Store(transactions=max(config.history_size, 10_000))
     events, bad, left_out = load(path, store.on_event)
-    # Replay ids are the record's index in the file: stable across restarts of
-    # the same replay, so a page resumes where it was.
+    # Replay ids are the record's index in the file, tagged with the file:
+    # stable across restarts of the same replay, so a page resumes where it
+    # was; another file on the same port is another instance, so a page
+    # resuming from the last one's ids is given all of this one.
     broadcaster = Broadcaster(client_queue_size=config.client_queue_size, history_size=config.history_size,
-                              instance="replay")
+                              instance=replay_instance(path))
     broadcaster.add_listener(store.on_published)
     capture_state = {
         "state": "replay",

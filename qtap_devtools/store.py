@@ -8,7 +8,7 @@ fills it exactly as live capture does.
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 from qtap_devtools import events as ev
@@ -16,6 +16,9 @@ from qtap_devtools.events import Envelope
 
 # Distinct event types counted by name (the agent has a handful); past it, as "other".
 MAX_EVENT_TYPES = 64
+# Nesting of /process-tree: orjson refuses past 255 levels, and a tree that
+# deep is a loop of parents or a crafted file, not a process tree.
+MAX_TREE_DEPTH = 64
 OTHER_TYPES = "other"
 
 if TYPE_CHECKING:
@@ -126,7 +129,7 @@ class Store:
         if t == ev.HTTP_TRANSACTION:  # nearly every event: first
             d = env.inner
             rid = d.get("requestId")
-            if not rid:
+            if not rid or rid in self.transactions.entries:  # (a capture file may hold one twice: counted once)
                 return
             self.transactions.put(rid, env)
             s = d.get("summary") or {}
@@ -184,12 +187,48 @@ class Store:
         return out
 
     def process_tree(self) -> list[dict]:
-        nodes = {pid: {"pid": pid, "name": d.get("binary"), "path": d.get("path"), "children": []}
-                 for pid, d in self.processes.items()}
+        """Processes nested under their parents.  A chain deeper than
+        MAX_TREE_DEPTH goes on as a new root, and a loop of parents (pids
+        reused, or a crafted capture file) is cut: the JSON stays finite and
+        shallow enough to encode, whatever the parent links say."""
+        procs: dict[int, dict] = dict(self.processes.items())
+        kids: dict[int, list[int]] = {}
+        tops: deque[int] = deque()
+        for pid, d in procs.items():
+            ppid = d.get("ppid")
+            if ppid in procs and ppid != pid:
+                kids.setdefault(ppid, []).append(pid)
+            else:
+                tops.append(pid)
+
+        def node(pid: int) -> dict:
+            d = procs[pid]
+            return {"pid": pid, "name": d.get("binary"), "path": d.get("path"), "children": []}
+
         roots: list[dict] = []
-        for pid, d in self.processes.items():
-            parent = nodes.get(d.get("ppid"))
-            (parent["children"] if parent is not None and parent is not nodes[pid] else roots).append(nodes[pid])
+        placed: set[int] = set()
+        while len(placed) < len(procs):
+            if not tops:  # only loops are left: no parentless process leads to them
+                tops.append(next(pid for pid in procs if pid not in placed))
+            top = tops.popleft()
+            if top in placed:
+                continue
+            root = node(top)
+            placed.add(top)
+            roots.append(root)
+            stack = [(root, top, 1)]
+            while stack:
+                parent, pid, depth = stack.pop()
+                for child in kids.get(pid, ()):
+                    if child in placed:
+                        continue
+                    if depth >= MAX_TREE_DEPTH:
+                        tops.append(child)
+                        continue
+                    n = node(child)
+                    placed.add(child)
+                    parent["children"].append(n)
+                    stack.append((n, child, depth + 1))
         return roots
 
     def connection_list(self, state: str = "all") -> list[dict]:

@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   bpfcc-tools python3-bpfcc libbpfcc linux-headers-amd64
   python3-venv python3-dev gcc libc6-dev ca-certificates curl wget jq openssl
-  nginx-light wrk docker.io chromium openssh-server
+  nginx-light wrk docker.io chromium openssh-server nodejs
 )
 
 missing=()

@@ -73,6 +73,44 @@ def test_writer_appends_exact_frames_and_flushes(tmp_path):
     w.close()
 
 
+def test_a_run_appending_to_a_file_cut_mid_frame_loses_none_of_its_own_events(tmp_path):
+    """An earlier run killed mid-write left half a frame: the new run's first
+    event was glued onto it and lost with it."""
+    events = samples.session_events()
+    path = tmp_path / "out.txt"
+    whole = events[0].envelope().frame
+    path.write_bytes(whole + events[1].envelope().frame[:40])  # the earlier run, killed
+    w = capfile.CaptureWriter(path)
+    for e in events[2:4]:
+        w.write(e.envelope().frame)
+    w.close()
+    got = list(capfile.read_events(path))
+    assert [r.type for r in got if isinstance(r, Envelope)] == [events[0].type, events[2].type, events[3].type]
+    assert sum(isinstance(r, capfile.BadRecord) for r in got) == 1  # the cut frame, alone
+
+
+def test_a_byte_order_mark_and_a_last_id_line_without_its_newline_lose_nothing(tmp_path):
+    frames = [e.envelope().frame for e in samples.session_events()[:2]]
+    path = tmp_path / "edited.txt"
+    path.write_bytes(b"\xef\xbb\xbf" + frames[0] + frames[1][:-1] + b"id: 7")  # saved by an editor, cut after the id
+    got = list(capfile.read_events(path))
+    assert [type(r) for r in got] == [Envelope, Envelope]
+
+
+def test_a_gzip_capture_is_read_through_gzip_and_a_cut_one_keeps_what_came_before(tmp_path):
+    import gzip
+
+    data = b"".join(e.envelope().frame for e in samples.session_events())
+    path = tmp_path / "c.txt.gz"
+    path.write_bytes(gzip.compress(data))
+    assert [r.type for r in capfile.read_events(path)] == [e.type for e in samples.session_events()]
+    cut = tmp_path / "cut.txt.gz"
+    cut.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    got = list(capfile.read_events(cut))
+    assert isinstance(got[0], Envelope) and isinstance(got[-1], capfile.BadRecord)
+    assert "gzip" in got[-1].reason
+
+
 # --------------------------------------------------------------------------
 # Valid JSON, wrong shape: a bad record too (the store, filters and HAR read these fields)
 
@@ -172,10 +210,11 @@ def test_har_leaves_out_only_the_transactions_it_cannot_convert_and_says_so(tmp_
         fh.write(tx_record("odd-location", {"request": {}, "response": {"status": 301, "headers": {"location": 7}}}))
     events, _, _ = replay.load(path)
     doc = har.from_envelopes(events)
-    assert [e["response"]["status"] for e in doc["log"]["entries"]] == [200, 404, 500, 302, 301]
-    assert [e["response"]["redirectURL"] for e in doc["log"]["entries"][3:]] == ["", ""]
-    assert doc["log"]["comment"].startswith("3 transactions left out, not convertible (first: bad-body: a body is "
-                                            "not valid base64")
+    entries = doc["log"]["entries"]  # in the order they started: the hand-made ones first
+    assert [e["response"]["status"] for e in entries] == [302, 301, 200, 404, 500]
+    assert [e["response"]["redirectURL"] for e in entries[:2]] == ["", ""]
+    assert doc["log"]["comment"].startswith("3 transactions left out, not convertible (first: bad-body: "
+                                            "request.body is not valid base64")
 
 
 class _Trickle:

@@ -198,6 +198,22 @@ def test_har_output_it_cannot_write_is_refused_before_converting(tmp_path):
                                 "cannot write: No such file or directory")
 
 
+def test_har_refuses_to_write_over_the_capture_it_converts(tmp_path):
+    capture = tmp_path / "same.txt"
+    capture.write_bytes(EXAMPLE.read_bytes())
+    r = cli("har", str(capture), "-o", str(capture))
+    assert r.returncode == 2 and "is the capture file being converted" in r.stderr
+    assert capture.read_bytes() == EXAMPLE.read_bytes()
+
+
+def test_a_failed_har_conversion_leaves_no_output_file_behind(tmp_path):
+    garbage = tmp_path / "garbage"
+    garbage.write_bytes(b"garbage\n" * 10)
+    r = cli("har", str(garbage), "-o", str(tmp_path / "new.har"))
+    assert r.returncode == 1 and not (tmp_path / "new.har").exists()
+    assert os.listdir(tmp_path) == ["garbage"]  # no temporary file either
+
+
 def test_har_of_one_transaction_says_one_entry(tmp_path):
     one = tmp_path / "one.txt"
     frames = EXAMPLE.read_bytes().split(b"\n\n")

@@ -256,11 +256,19 @@ def test_greeting_names_version_host_kernel_capture_state_and_filters(server):
 
 
 def test_replay_resumes_after_the_last_event_id_header(server):
-    # The capture holds 9 events, numbered replay-1 … replay-9 in file order.
-    with SSE(server.port, headers={"Last-Event-ID": "replay-7"}) as sse:
+    # The capture holds 9 events, numbered <instance>-1 … -9 in file order;
+    # the instance names the file, so another file's ids resume from its start.
+    with SSE(server.port) as sse:
+        instance = sse.event()["data"]["data"]["instance"]
+    assert instance.startswith("replay-") and instance != "replay"
+    with SSE(server.port, headers={"Last-Event-ID": f"{instance}-7"}) as sse:
         assert sse.event()["event"] == "system.connected"
         got = [sse.event() for _ in range(2)]
-    assert [(e["event"], e["id"]) for e in got] == [("connection.closed", "replay-8"), ("process.stopped", "replay-9")]
+    assert [(e["event"], e["id"]) for e in got] == [("connection.closed", f"{instance}-8"),
+                                                    ("process.stopped", f"{instance}-9")]
+    with SSE(server.port, headers={"Last-Event-ID": "replay-0123456789-7"}) as sse:  # another file's
+        assert sse.event()["event"] == "system.connected"
+        assert sse.event()["id"] == f"{instance}-1"
 
 
 def test_unprivileged_agent_is_not_ready_and_its_greeting_says_why(tmp_path):

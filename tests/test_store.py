@@ -124,3 +124,43 @@ def test_the_path_to_route_memo_is_bounded_and_counts_what_it_lets_go(monkeypatc
     assert len(store_mod._ROUTES) <= store_mod._ROUTES_MAX
     assert store.stats()["evicted"]["route_memo"] - before >= 10
     assert [e["path"] for e in store.endpoint_list()] == ["/search"]
+
+
+def started(pid: int, ppid: int) -> Envelope:
+    return Envelope.of(ev.PROCESS_STARTED, {"pid": pid, "ppid": ppid, "binary": f"p{pid}"},
+                       1_700_000_000_000_000_000)
+
+
+def depth(nodes: list[dict]) -> int:
+    return 1 + max((depth(n["children"]) for n in nodes), default=0) if nodes else 0
+
+
+def test_a_deep_chain_and_a_loop_of_parents_give_a_finite_shallow_tree():
+    """130 nested processes made /process-tree a 500 (orjson's nesting limit),
+    and a loop of parents (pids reused; a crafted capture) would never end."""
+    import orjson
+
+    from qtap_devtools.store import MAX_TREE_DEPTH
+
+    store = Store()
+    for pid in range(2, 132):
+        store.on_event(started(pid, pid - 1))  # 2 <- 3 <- ... <- 131; 2's parent unknown
+    store.on_event(started(500, 501))
+    store.on_event(started(501, 500))  # a loop
+    tree = store.process_tree()
+    orjson.dumps(tree)  # encodes
+    assert depth(tree) == MAX_TREE_DEPTH
+
+    def pids(nodes):
+        return [p for n in nodes for p in [n["pid"], *pids(n["children"])]]
+
+    assert sorted(pids(tree)) == [*range(2, 132), 500, 501]  # each process once, none lost
+
+
+def test_a_transaction_a_file_holds_twice_is_counted_once():
+    store = Store()
+    for _ in range(2):
+        for i in range(3):
+            store.on_event(tx(i, 10))
+    assert len(store.recent_transactions()) == 3
+    assert store.process_events[1] == 3

@@ -870,6 +870,32 @@ def test_reconnect_shows_state_and_never_duplicates_rows(page, tmp_path):
         server.stop()
 
 
+def test_another_capture_file_on_the_same_port_replaces_the_last_ones_rows(page, tmp_path):
+    """Replay ids were the record's index whatever the file: a page reconnecting
+    to another file resumed after the last one's index, skipped the new file
+    and kept showing the old one's rows as if current."""
+    port = free_port()
+    first = samples.write_capture(tmp_path / "first.txt", rich_session())
+    other = samples.transaction(samples.connection(), "d4u9other00000000000", method="GET", path="/only/in/other")
+    second = samples.write_capture(tmp_path / "second.txt", [other])
+    server = start_replay(tmp_path, first, port, "first.log")
+    try:
+        open_devtools(page, server.url)
+        wait_rows(page, RICH_TRANSACTIONS)
+    finally:
+        server.stop()
+    page.wait_for_selector('[data-testid="status-connection"][data-state="reconnecting"]')
+    server = start_replay(tmp_path, second, port, "second.log")
+    try:
+        wait_connected(page, timeout=20_000)
+        page.wait_for_function("() => document.querySelector('[data-testid=summary-requests]')"
+                               ".getAttribute('data-total') === '1'")
+        assert "/only/in/other" in " ".join(rows(page))
+        assert "second.txt" in page.inner_text('[data-testid="status-capture"]')
+    finally:
+        server.stop()
+
+
 def test_screenshot_of_rows_and_an_open_detail_pane(page, tmp_path):
     events = screenshot_session()
     n = sum(1 for e in events if e.type == "request.http_transaction")

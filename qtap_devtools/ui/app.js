@@ -682,7 +682,9 @@ function updatePausedNote() {
   note.textContent = `Paused${n ? ` · ${n} new` : ""}`;
 }
 
-$("clear").addEventListener("click", () => {
+$("clear").addEventListener("click", () => clearRequests());
+
+function clearRequests() {
   state.rows = [];
   state.rowBytes = 0;
   state.rowsLetGo = 0;
@@ -695,7 +697,7 @@ $("clear").addEventListener("click", () => {
   table.clear();
   refreshNetwork();
   updatePausedNote();
-});
+}
 
 $("export-har").addEventListener("click", () => {
   const doc = harDocument(state.shown, state.agent && state.agent.version);
@@ -759,8 +761,18 @@ function setConnection(stateName, text, title) {
 }
 
 function onConnected(data) {
+  const before = state.agent && state.agent.instance;
   state.agent = data;
   const mode = data.mode || "live";
+  if (before && data.instance && before !== data.instance && String(before).startsWith("replay-")) {
+    // Another capture file on the same address: what the last one showed
+    // is not this one's (a live agent restarted keeps the page's history).
+    clearRequests();
+    state.processes.clear();
+    state.connections.clear();
+    renderOtherViews();
+    toast(`Now showing ${basename((data.capture || {}).file || "another source")}: the previous file's requests were cleared`);
+  }
   setConnection("connected", "Connected", `Agent ${data.agent || "qtap-devtools"} ${data.version || ""} on ${data.hostname || "?"} (kernel ${data.kernel || "?"})`);
   const info = $("agent-info");
   clear(info).append(

@@ -133,6 +133,60 @@ function queryString(url) {
   }
 }
 
+function headerValues(headers, name) {
+  return headerList(headers).filter(([key]) => key.toLowerCase() === name).map(([, value]) => value);
+}
+
+function requestCookies(headers) {
+  const out = [];
+  for (const line of headerValues(headers, "cookie")) {
+    for (const pair of line.split(";")) {
+      const eq = pair.indexOf("=");
+      const name = pair.slice(0, eq).trim();
+      if (eq > 0 && name) out.push({ name, value: pair.slice(eq + 1) });
+    }
+  }
+  return out;
+}
+
+function responseCookies(headers) {
+  const out = [];
+  for (const line of headerValues(headers, "set-cookie")) {
+    const [first, ...attrs] = line.split(";");
+    const eq = first.indexOf("=");
+    const name = first.slice(0, eq).trim();
+    if (eq <= 0 || !name) continue;
+    const cookie = { name, value: first.slice(eq + 1) };
+    for (const attr of attrs) {
+      const at = attr.indexOf("=");
+      const key = (at < 0 ? attr : attr.slice(0, at)).trim().toLowerCase();
+      const val = at < 0 ? "" : attr.slice(at + 1);
+      if (key === "path" || key === "domain" || key === "expires") cookie[key] = val;
+      else if (key === "httponly") cookie.httpOnly = true;
+      else if (key === "secure") cookie.secure = true;
+    }
+    out.push(cookie);
+  }
+  return out;
+}
+
+function bodyComment(side, size) {
+  const notes = [];
+  if (side.body_truncated) notes.push(`cut: the first ${size} bytes were kept (--max-body-bytes, or not all captured)`);
+  if (side.body_decode_error) notes.push(`not decoded: ${side.body_decode_error}`);
+  return notes.join("; ") || null;
+}
+
+function ms(value) {
+  return value === null || value === undefined || !Number.isFinite(Number(value)) ? null : Math.max(0, Number(value));
+}
+
+// Qtap's own files: the event is stamped at the transaction's end.
+function startOf(ts, duration) {
+  const end = Date.parse(ts);
+  return Number.isFinite(end) ? new Date(end - duration).toISOString() : ts || "";
+}
+
 export function harEntry(row) {
   const tx = transactionOf(row) || {};
   const req = tx.request || {};
@@ -140,63 +194,78 @@ export function harEntry(row) {
   const meta = tx.metadata || {};
   const timing = tx.timing || {};
   const url = req.url || row.url;
-  const duration = Number(tx.duration_ms ?? row.duration ?? 0);
+  const duration = tx.duration_us != null ? Number(tx.duration_us) / 1000 : Number(tx.duration_ms ?? row.duration ?? 0);
+  let [send, wait, receive] = [ms(timing.send_ms), ms(timing.wait_ms), ms(timing.receive_ms)];
+  if (send === null && wait === null && receive === null) [send, wait, receive] = [0, duration, 0];
+  [send, wait, receive] = [send ?? 0, wait ?? 0, receive ?? 0];
+  const version = req.http_version || "HTTP/1.1";
   const reqBody = harContent(req.body);
   const request = {
     method: req.method || row.method || "",
     url,
-    httpVersion: req.http_version || "HTTP/1.1",
-    cookies: [],
+    httpVersion: version,
+    cookies: requestCookies(req.headers),
     headers: harHeaders(req.headers),
     queryString: queryString(url),
     headersSize: -1,
     bodySize: req.body_size ?? reqBody.size,
   };
   if (reqBody.size) {
-    request.postData = { mimeType: req.content_type || "", text: reqBody.text };
-    if (reqBody.encoding) request.postData.encoding = reqBody.encoding;
+    const mime = req.content_type || "";
+    request.postData = { mimeType: mime, text: reqBody.text };
+    if (reqBody.encoding) request.postData._encoding = reqBody.encoding;
+    else if (mime.split(";")[0].trim().toLowerCase() === "application/x-www-form-urlencoded") {
+      request.postData.params = [...new URLSearchParams(reqBody.text)].map(([name, value]) => ({ name, value }));
+    }
+    const note = bodyComment(req, reqBody.size);
+    if (note) request.postData.comment = note;
   }
   const respBody = harContent(resp.body);
   const content = { size: respBody.size, mimeType: resp.content_type || "", text: respBody.text };
   if (respBody.encoding) content.encoding = respBody.encoding;
+  const note = bodyComment(resp, respBody.size);
+  if (note) content.comment = note;
   const entry = {
-    startedDateTime: tx.started_at || row.ts,
-    time: duration,
+    startedDateTime: tx.started_at || startOf(row.ts, duration),
+    // HAR: the sum of the timings.
+    time: Math.round((send + wait + receive) * 1000) / 1000,
     request,
     response: {
       status: resp.status || 0,
       statusText: resp.reason || "",
-      httpVersion: req.http_version || "HTTP/1.1",
-      cookies: [],
+      httpVersion: resp.http_version || version,
+      cookies: responseCookies(resp.headers),
       headers: harHeaders(resp.headers),
       content,
       redirectURL: findHeader(resp.headers, "location") || "",
       headersSize: -1,
-      bodySize: tx.response ? (resp.body_size ?? -1) : -1,
+      bodySize: tx.response ? (resp.body_size ?? respBody.size) : -1,
     },
     cache: {},
-    timings: {
-      send: Number(timing.send_ms ?? 0),
-      wait: Number(timing.wait_ms ?? duration),
-      receive: Number(timing.receive_ms ?? 0),
-    },
+    timings: { send, wait, receive },
     connection: meta.connection_id || row.connectionId || "",
     _process: { pid: meta.process_id ?? String(row.pid ?? ""), exe: meta.process_exe ?? row.exe },
     _requestId: row.id,
   };
-  if (meta.remote_address && meta.remote_address.ip) entry.serverIPAddress = meta.remote_address.ip;
+  // The server's address: the peer, unless this side is the server.
+  const server = tx.direction === "ingress" ? meta.local_address : meta.remote_address;
+  if (server && server.ip) entry.serverIPAddress = server.ip;
   if (meta.container_name) entry._container = meta.container_name;
   if (tx.error || row.error) entry._error = tx.error || row.error;
+  const flags = ["partial", "incomplete", "shed"].filter((f) => tx[f]);
+  if (flags.length || tx.error) entry.comment = [...flags, ...(tx.error ? [String(tx.error)] : [])].join("; ");
   return entry;
 }
 
 export function harDocument(rows, version) {
+  const entries = rows.map(harEntry);
+  entries.sort((a, b) => (Date.parse(a.startedDateTime) || 0) - (Date.parse(b.startedDateTime) || 0));
   return {
     log: {
       version: "1.2",
       creator: { name: "qtap-devtools", version: version || "" },
       pages: [],
-      entries: rows.map(harEntry),
+      entries,
     },
   };
 }
