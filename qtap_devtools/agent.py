@@ -72,6 +72,7 @@ class Agent:
             mode="live",
             greeting=self._greeting,
             capture_stats=self.capture_stats,
+            capture_state=self.capture_state,
             not_ready="capture is starting",
             token=token,
         )
@@ -183,7 +184,9 @@ class Agent:
             if pid == os.getpid():
                 continue
             info = self.enricher.process(pid)
-            if info is not None:
+            # Kernel threads (kworker, rcu_…) have no binary and no command
+            # line: they make no HTTP, and listed they were most of the view.
+            if info is not None and (info.exe or info.cmdline):
                 self.pipeline.processes[pid] = info
                 self.publisher.emit(ProcessStarted(info, ts_ns=time.time_ns()))
 

@@ -141,6 +141,7 @@ def build_runtime(config: Config, path: Path) -> Runtime:
         mode="replay",
         greeting=greeting,
         capture_stats=lambda: dict(capture_state),
+        capture_state=lambda: dict(capture_state),
         not_ready=None,
         replay_events=events,
     )

@@ -51,6 +51,7 @@ class Runtime:
     mode: str  # "live" | "replay"
     greeting: Callable[[EventFilter], Envelope]
     capture_stats: Callable[[], dict] = dict
+    capture_state: Callable[[], dict] = dict  # what system.connected's "capture" says, now
     not_ready: str | None = "capture is starting"
     replay_events: list[Envelope] | None = None
     token: str | None = None
@@ -292,6 +293,7 @@ def create_app(rt: Runtime) -> Starlette:
             **store.stats(),
             "broadcast": bc.stats(),
             "capture": rt.capture_stats(),
+            "capture_state": rt.capture_state(),
             "mode": rt.mode,
             "uptime_seconds": round((ev.now_ns() - rt.started_ns) / 1e9, 1),
             "version": __version__,

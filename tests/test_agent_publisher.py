@@ -80,3 +80,13 @@ def test_an_event_whose_container_arrives_in_time_carries_it():
     (item,) = asyncio.run(go())
     assert item.envelope.body["data"]["container"]["name"] == "my-app"
     assert publisher_mod.ENRICH_WAIT_SECONDS == 0.05
+
+
+def test_the_process_snapshot_leaves_kernel_threads_out():
+    agent = Agent(Config(docker=False))
+    kworker = dataclasses.replace(IN_CONTAINER, pid=77, exe="", binary="kworker/0:1", cmdline="", container_id=None)
+    curl = dataclasses.replace(IN_CONTAINER, pid=78, container_id=None)
+    agent.enricher.list_pids = lambda: [77, 78]
+    agent.enricher.process = {77: kworker, 78: curl}.get
+    agent._snapshot_processes()
+    assert [item.body["data"]["pid"] for item in agent.publisher.pending] == [78]

@@ -946,3 +946,81 @@ def test_a_body_cut_under_load_is_explained_not_shown_as_a_gap(page, tmp_path):
             warn.all_inner_texts())
         select_row(page, "/gappy")
         page.locator('[data-testid="notice-warn"]', has_text="capture gap").wait_for()
+
+
+def test_a_capture_still_starting_is_asked_again_until_it_runs(page, rich):
+    """The greeting came while the probes were compiling: the strip said
+    "Capture: starting" for as long as the page stayed open."""
+    running = {"state": "running", "attached": [{"path": "/usr/lib/x86_64-linux-gnu/libssl.so.3",
+                                                 "library": "openssl", "mode": "tuned"}]}
+    page.route("**/devtools/api/stats*", lambda route: route.fulfill(
+        status=200, content_type="application/json", body=json.dumps({"capture_state": running})))
+    with event_feed(page) as feed:
+        open_fed(page, rich.url, feed, capture={"state": "starting"})
+        page.wait_for_selector('[data-testid="status-capture"][data-state="running"]')
+        assert page.inner_text('[data-testid="status-capture"]') == "Capture: running · 1 probe"
+        feed.end_stream()  # the agent goes away: the strip no longer claims it runs
+        page.wait_for_selector('[data-testid="status-capture"][data-state="unknown"]')
+
+
+def test_http2_connections_are_counted_where_their_requests_are_missing(page, rich):
+    h2 = dataclasses_replace(_conn("d4u5h2g7p3qk26l9aaa0", CURL, "h2.example.com", "192.0.2.20"), l7_protocol="http2")
+    with event_feed(page) as feed:
+        open_fed(page, rich.url, feed)
+        note = page.locator('[data-testid="summary-undecoded"]')
+        assert note.is_hidden()
+        feed.send(ConnectionUpdated(h2), ConnectionUpdated(h2))  # one connection, told twice
+        page.wait_for_selector('[data-testid="summary-undecoded"][data-count="1"]')
+        assert note.inner_text() == "1 HTTP/2 connection not decoded"
+
+
+def test_side_filter_keeps_one_end_of_a_loopback_request(page, rich):
+    client = _conn("d4u5sdg7p3qk26l9aaa0", CURL, "127.0.0.1", "127.0.0.1")
+    server = dataclasses_replace(_conn("d4u5sdg7p3qk26l9aaa1", NODE, "127.0.0.1", "127.0.0.1"), direction="ingress")
+    with event_feed(page) as feed:
+        open_fed(page, rich.url, feed)
+        feed.send(_tx(client, "GET", "/both/ends", 200, offset_ms=1000, duration=2.0),
+                  _tx(server, "GET", "/both/ends", 200, offset_ms=1000, duration=1.0))
+        wait_rows(page, 2)
+        set_filter(page, "side:server")
+        wait_shown(page, 1)
+        assert "node" in " ".join(rows(page))
+        set_filter(page, "-side:server")
+        page.wait_for_function("() => document.querySelector('[data-testid=requests-table]').innerText.includes('curl')")
+        assert shown_count(page) == 1 and "node" not in " ".join(rows(page))
+
+
+def test_the_response_tab_says_why_a_body_is_cut_and_decodes_its_charset(page, rich):
+    conn = _conn("d4u5rtg7p3qk26l9aaa0", CURL, "files.example.com", "192.0.2.30")
+    big = _tx(conn, "GET", "/big.bin", 200, offset_ms=1000, duration=50.0, resp_type="application/octet-stream",
+              resp_body=b"\x00" * 1000, truncated_of=1_064_700, resp_headers={"Content-Length": "2097152"})
+    big.partial = True
+    sent = _tx(conn, "GET", "/sendfile.txt", 200, offset_ms=1100, duration=5.0, resp_type="text/plain",
+               resp_body=b"", truncated_of=2_097_152)
+    sent.incomplete = True
+    latin = _tx(conn, "GET", "/latin1", 200, offset_ms=1200, duration=1.0, resp_type="text/html; charset=iso-8859-1",
+                resp_body="<p>Caf\u00e9 cr\u00e8me</p>".encode("latin-1"))
+    ws = _tx(conn, "GET", "/socket", 101, offset_ms=1300, duration=1.0, resp_type=None,
+             resp_headers={"Upgrade": "websocket", "Connection": "Upgrade"})
+    ws.upgraded = True
+    with event_feed(page) as feed:
+        open_fed(page, rich.url, feed)
+        feed.send(big, sent, latin, ws)
+        wait_rows(page, 4)
+
+        select_row(page, "/big.bin")
+        tab = detail_tab(page, "response")
+        assert "Truncated: 1.0 kB of 2.1 MB (its Content-Length) captured: the agent keeps the first " \
+               "--max-body-bytes of a body." in tab.inner_text()
+        assert "sent when its body passed the size limit" in detail_tab(page, "headers").inner_text()
+
+        select_row(page, "/sendfile.txt")
+        assert "none of its bytes were copied: sent with sendfile, or lost in a capture gap" in \
+            detail_tab(page, "response").inner_text()
+
+        select_row(page, "/latin1")
+        tab = detail_tab(page, "response")
+        assert "decoded from iso-8859-1" in tab.inner_text() and "Caf\u00e9 cr\u00e8me" in tab.inner_text()
+
+        select_row(page, "/socket")
+        assert "switched to websocket" in detail_tab(page, "response").inner_text()

@@ -46,6 +46,7 @@ const state = {
   connections: new Map(), // connectionId -> connection entry
   view: "network",
   agent: null,
+  http2Connections: 0,
   eventTimes: [],
   dropped: 0,
   range: { min: 0, max: 0 },
@@ -111,15 +112,15 @@ function rowFromEvent(body) {
 // ------------------------------------------------------------------ filters
 
 // Free text: words must all match (URL, host, process, container).  `-word`
-// excludes; `method:`, `status:`, `host:`, `pid:`, `container:`, `process:`
-// match one field, like Chrome's filter box.
+// excludes; `method:`, `status:`, `host:`, `pid:`, `container:`, `process:`,
+// `side:` (client or server) match one field, like Chrome's filter box.
 function parseTerms(text) {
   const terms = [];
   for (const raw of text.trim().toLowerCase().split(/\s+/)) {
     if (!raw) continue;
     const negate = raw.startsWith("-") && raw.length > 1;
     const word = negate ? raw.slice(1) : raw;
-    const m = /^(method|status|host|pid|container|process|path|type|pod):(.+)$/.exec(word);
+    const m = /^(method|status|host|pid|container|process|path|type|pod|side|direction):(.+)$/.exec(word);
     terms.push(m ? { negate, field: m[1], value: m[2] } : { negate, field: null, value: word });
   }
   return terms;
@@ -136,6 +137,9 @@ function fieldText(row, field) {
     case "process": return row.exe.toLowerCase();
     case "path": return (row.path || "").toLowerCase();
     case "type": return row.mime;
+    // Both ends of a loopback request are captured: side:client or side:server keeps one.
+    case "side": return row.direction === "ingress" ? "server" : "client";
+    case "direction": return row.direction;
     default: return row.hay;
   }
 }
@@ -451,6 +455,10 @@ function onConnection(type, body) {
   const localSide = ingress ? dst : src;
   const remoteSide = ingress ? src : dst;
   const libs = meta.tlsProbeTypesDetected || [];
+  if (d.l7Protocol === "http2" && c.l7 !== "http2") {
+    state.http2Connections += 1;
+    renderUndecoded();
+  }
   Object.assign(c, {
     json: d,
     endpoint: meta.endpointId || "",
@@ -472,6 +480,16 @@ function onConnection(type, body) {
   c.hay = [c.endpoint, c.proc, c.container, c.remote, c.local, c.l7, c.tls, c.direction];
   connectionTable.refresh(c);
   otherDirty = true;
+}
+
+// HTTP/2 is recognised, not decoded: its requests would otherwise just be missing.
+function renderUndecoded() {
+  const el = $("summary-undecoded");
+  const n = state.http2Connections;
+  el.hidden = !n;
+  el.dataset.count = String(n);
+  el.textContent = `${n} HTTP/2 connection${n === 1 ? "" : "s"} not decoded`;
+  el.title = "HTTP/2 is recognised, not decoded: those connections are in the Connections view, their requests are not shown here. (curl --http1.1 and most clients' options make them HTTP/1.1.)";
 }
 
 function trimMap(map, cap) {
@@ -770,6 +788,8 @@ function onConnected(data) {
     clearRequests();
     state.processes.clear();
     state.connections.clear();
+    state.http2Connections = 0;
+    renderUndecoded();
     renderOtherViews();
     toast(`Now showing ${basename((data.capture || {}).file || "another source")}: the previous file's requests were cleared`);
   }
@@ -781,7 +801,24 @@ function onConnected(data) {
     h("span", { class: "muted" }, data.version ? `v${data.version}` : ""),
   );
   info.title = `kernel ${data.kernel || "?"}`;
-  const cap = data.capture || {};
+  renderCapture(data.capture || {});
+}
+
+// The greeting says how capture stood when this page connected; while it was
+// still starting, ask again until it is not (a new stream is not needed for it).
+let captureTimer = 0;
+
+async function refreshCapture() {
+  try {
+    const resp = await fetch(`${API}/stats${TOKEN ? `?token=${encodeURIComponent(TOKEN)}` : ""}`, { cache: "no-store" });
+    if (resp.ok) renderCapture((await resp.json()).capture_state || {});
+  } catch {
+    // Unreachable: the stream's reconnect says so.
+  }
+}
+
+function renderCapture(cap) {
+  clearTimeout(captureTimer);
   const el = $("status-capture");
   const capState = cap.state || "unknown";
   el.dataset.state = capState;
@@ -799,6 +836,7 @@ function onConnected(data) {
   if (cap.maxCaptureMiBPerSecond) details.push(`bodies cut past ${cap.maxCaptureMiBPerSecond} MiB/s of plaintext (--max-capture-rate)`);
   if (cap.badRecords) details.push(`${cap.badRecords} bad records in the file`);
   el.title = details.join("\n");
+  if (capState === "starting" && source) captureTimer = setTimeout(refreshCapture, 1000);
 }
 
 function onDropped(data) {
@@ -869,6 +907,7 @@ function connect() {
     es.close();
     source = null;
     setConnection("reconnecting", "Reconnecting…", `Retrying in ${(retryMs / 1000).toFixed(1)} s`);
+    renderCapture({ state: "unknown", error: "the agent is not reachable: what it captures is not known until the page reconnects" });
     retryTimer = setTimeout(connect, retryMs);
     retryMs = Math.min(retryMs * 2, 5000);
   });

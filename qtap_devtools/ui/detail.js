@@ -133,7 +133,7 @@ export class DetailPane {
     }
     const ctype = req.content_type || findHeader(req.headers, "content-type") || "";
     const label = mimeOf(ctype) === "application/x-www-form-urlencoded" ? "Form Data" : "Request Payload";
-    panel.append(section(label, "request-body", bodyView(bytes, ctype, req, "request")));
+    panel.append(section(label, "request-body", bodyView(bytes, ctype, req, "request", tx)));
   }
 
   response(panel, row, tx) {
@@ -144,11 +144,14 @@ export class DetailPane {
     }
     const bytes = base64Bytes(resp.body);
     if (!bytes.length && !resp.body_size) {
-      panel.append(h("div", { class: "empty-note" }, "This response has no body."));
+      const upgrade = findHeader(resp.headers, "upgrade");
+      panel.append(h("div", { class: "empty-note" }, resp.status === 101 || tx.upgraded
+        ? `The connection switched to ${upgrade || "another protocol"}: what it carries next (WebSocket frames, a tunnel) is not decoded.`
+        : "This response has no body."));
       return;
     }
     const ctype = resp.content_type || findHeader(resp.headers, "content-type") || "";
-    panel.append(h("div", { testid: "response-body" }, bodyView(bytes, ctype, resp, "response")));
+    panel.append(h("div", { testid: "response-body" }, bodyView(bytes, ctype, resp, "response", tx)));
   }
 
   timing(panel, row, tx) {
@@ -235,7 +238,12 @@ function notice(kind, text) {
 
 function problems(panel, row, tx) {
   if (tx.error) panel.append(notice("error", `Error: ${tx.error}`));
-  if (tx.partial) panel.append(notice("warn", "Partial: sent before the response finished (its body passed the size limit, or the stream the time limit)."));
+  if (tx.partial) {
+    const cut = tx.response && tx.response.body_truncated;
+    panel.append(notice("warn", cut
+      ? "Partial: sent when its body passed the size limit (--max-body-bytes), before the response finished; the rest was followed, not kept."
+      : "Partial: sent when the response had been streaming for the time limit, before it finished (a stream: server-sent events, a long download)."));
+  }
   if (tx.shed) panel.append(notice("warn", "Body cut: the agent was behind or over its capture rate limit (--max-capture-rate), and kept only message heads for a while (stats: capture.shed_calls)."));
   else if (tx.incomplete) panel.append(notice("warn", "Incomplete: some of this transaction's bytes were not captured (a capture gap)."));
 }
@@ -272,12 +280,24 @@ function fieldTable(pairs) {
 }
 
 // A body, shown the way its type and bytes allow.
-function bodyView(bytes, contentType, msg, side) {
+// Why a body is not all here, in the words of what happened.
+function cutReason(msg, tx, kept) {
+  if (!kept && tx.incomplete) return "none of its bytes were copied: sent with sendfile, or lost in a capture gap";
+  if (tx.shed) return "cut while the agent was behind or over its capture rate (--max-capture-rate)";
+  if (tx.incomplete) return "some of its bytes were not captured (a capture gap)";
+  return "the agent keeps the first --max-body-bytes of a body";
+}
+
+function bodyView(bytes, contentType, msg, side, tx = {}) {
   const wrap = h("div", { class: "body-view" });
   const mime = mimeOf(contentType);
   const size = msg.body_size ?? bytes.length;
   if (msg.body_truncated || (msg.body_captured != null && msg.body_captured < size)) {
-    wrap.append(notice("warn", `Truncated: ${formatBytes(bytes.length)} of ${formatBytes(size)} captured (the agent's --max-body-bytes limit).`));
+    // A partial transaction went out before its body ended: its Content-Length says the whole.
+    const declared = Number(findHeader(msg.headers, "content-length"));
+    const whole = Number.isFinite(declared) && declared > size ? declared : size;
+    const of = whole > size ? `${formatBytes(whole)} (its Content-Length)` : formatBytes(whole);
+    wrap.append(notice("warn", `Truncated: ${formatBytes(bytes.length)} of ${of} captured: ${cutReason(msg, tx, bytes.length)}.`));
   }
   if (msg.body_decode_error) wrap.append(notice("warn", `Could not decode ${msg.content_encoding || "the body"}: ${msg.body_decode_error}; showing the bytes as captured.`));
   const info = [mime || "no content type", formatBytes(bytes.length)];
@@ -296,7 +316,16 @@ function bodyView(bytes, contentType, msg, side) {
     wrap.append(h("div", { class: "body-info" }, h("span", null, info.join(" · "), dims)), h("div", { class: "image-box" }, img));
     return wrap;
   }
-  const text = textOf(bytes);
+  let text = textOf(bytes);
+  const charset = (/;\s*charset="?([\w.:-]+)/i.exec(contentType) || [])[1];
+  if (text === null && charset && !/^utf-?8$/i.test(charset)) {
+    try {
+      text = new TextDecoder(charset, { fatal: true }).decode(bytes); // ISO-8859-1, Shift_JIS…
+      info.push(`decoded from ${charset}`);
+    } catch {
+      text = null; // an unknown label, or bytes that are not that charset
+    }
+  }
   if (text === null) {
     wrap.append(h("div", { class: "body-info" }, `${info.join(" · ")} · binary`), hexView(bytes));
     return wrap;

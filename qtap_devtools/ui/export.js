@@ -70,11 +70,15 @@ function shellQuote(text) {
   return `${out}'`;
 }
 
-function bytesQuote(bytes) {
-  let out = "$'";
+// A printf format that writes exactly ``bytes``, in any POSIX shell: a NUL
+// cannot be in a shell argument ($'\x00' ends bash's), but printf's octal
+// escapes can write it, and dash's printf knows no \x.
+function printfBytes(bytes) {
+  let out = "printf '";
   for (const b of bytes) {
-    if (b >= 0x20 && b < 0x7f && b !== 0x27 && b !== 0x5c) out += String.fromCharCode(b);
-    else out += `\\x${b.toString(16).padStart(2, "0")}`;
+    if (b >= 0x20 && b < 0x7f && b !== 0x27 && b !== 0x5c && b !== 0x25) out += String.fromCharCode(b);
+    else if (b === 0x25) out += "%%";
+    else out += `\\${b.toString(8).padStart(3, "0")}`;
   }
   return `${out}'`;
 }
@@ -95,19 +99,26 @@ export function curlCommand(row) {
     const lower = name.toLowerCase();
     if (CURL_SKIP.has(lower)) continue;
     if (lower === "host" && url.includes(`://${value}/`)) continue;
-    if (lower === "accept-encoding") {
-      compressed = true;
+    if (lower === "accept-encoding" && /gzip|deflate|br|zstd/i.test(value)) {
+      compressed = true; // curl asks for what it can decode, and decodes it
       continue;
     }
     parts.push(`-H ${shellQuote(`${name}: ${value}`)}`);
   }
+  let pipe = "";
   if (hasBody) {
     const text = textOf(body);
-    parts.push(text === null ? `--data-binary ${bytesQuote(body)}` : `--data-raw ${shellQuote(text)}`);
+    // eslint-disable-next-line no-control-regex
+    if (text === null || /[\u0000-\u001f\u007f]/.test(text)) {
+      pipe = `${printfBytes(body)} | `; // binary, or text with control bytes: the exact bytes on stdin
+      parts.push("--data-binary @-");
+    } else {
+      parts.push(`--data-raw ${shellQuote(text)}`);
+    }
   }
   if (compressed) parts.push("--compressed");
   if (req.http_version === "HTTP/1.0") parts.push("--http1.0");
-  return parts.join(" \\\n  ");
+  return pipe + parts.join(" \\\n  ");
 }
 
 // ------------------------------------------------------------------ HAR 1.2

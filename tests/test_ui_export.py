@@ -1,0 +1,58 @@
+"""The page's Copy as cURL (ui/export.js), run for real: the command it
+builds, pasted into sh (dash) and bash, must send the captured bytes again."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import json
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+EXPORT_JS = Path(__file__).resolve().parent.parent / "qtap_devtools" / "ui" / "export.js"
+
+
+def curl_command(tx: dict) -> str:
+    row = {"data": base64.b64encode(json.dumps(tx).encode()).decode()}
+    script = f"import('{EXPORT_JS}').then((m) => process.stdout.write(m.curlCommand(JSON.parse(process.argv[1]))))"
+    return subprocess.run(["node", "-e", script, json.dumps(row)], capture_output=True, text=True, timeout=30,
+                          check=True).stdout
+
+
+@pytest.fixture
+def echo():
+    got: list[tuple[dict, bytes]] = []
+
+    class Echo(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server's name)
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            got.append((dict(self.headers), body))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", got
+    server.shutdown()
+
+
+@pytest.mark.parametrize("shell", ["sh", "bash"])
+@pytest.mark.parametrize("body", [bytes(range(256)), b"line one\r\nline 'two' 100% \\done\x00"])
+def test_a_binary_body_is_sent_back_byte_for_byte(echo, shell, body):
+    """A NUL ended bash's $'...' argument (241 of 1,188 bytes of a PNG upload
+    reached curl), and sh did not know $'...' at all."""
+    url, got = echo
+    tx = {"request": {"method": "POST", "url": f"{url}/upload", "body": base64.b64encode(body).decode(),
+                      "headers": {"Content-Type": "application/octet-stream", "Accept-Encoding": "identity"}}}
+    command = curl_command(tx)
+    subprocess.run([shell, "-c", command], check=True, capture_output=True, timeout=30)
+    (headers, received), = got
+    assert received == body
+    # Accept-Encoding: identity is sent as it was, not turned into --compressed.
+    assert headers.get("Accept-Encoding") == "identity" and "--compressed" not in command
