@@ -139,12 +139,17 @@ BPF_PERCPU_ARRAY(scratch, struct data_rec, 1);
 BPF_PERCPU_ARRAY(scratch_busy, u32, 1);
 
 /* (tgid, fd) -> SOCK_* flags.  Filled at connect/accept, seeded from Python,
- * cleared at close. */
+ * cleared at close.  LRU: a process that exits with sockets open never closes
+ * them through close(), and a plain hash filled with those stopped every new
+ * socket from being marked, so plaintext capture ended for good. */
 struct sock_key { u32 tgid; s32 fd; };
 #define SOCK_KNOWN 1
 #define SOCK_TLS 2
 #define SOCK_EXCLUDED 4
-BPF_HASH(sock_fds, struct sock_key, u32, 65536);
+#ifndef MAX_SOCKETS
+#define MAX_SOCKETS 65536
+#endif
+BPF_TABLE("lru_hash", struct sock_key, u32, sock_fds, MAX_SOCKETS);
 
 /* Stream offsets: (tgid, fd, tls_ref when fd unknown, direction, is_tls). */
 struct off_key { u32 tgid; s32 fd; u64 tls_ref; u32 direction; u32 is_tls; };
@@ -183,7 +188,17 @@ static __always_inline struct tls_call *tls_call_slot(int create)
     return tls_calls.task_storage_get(current_task(), 0, create ? BPF_LOCAL_STORAGE_GET_F_CREATE : 0);
 }
 
-BPF_TABLE("lru_hash", u64, s32, tls_fd, 65536);     /* SSL* or session -> fd */
+/* (tgid, SSL* or gnutls session) -> fd.  Per process: the workers a master
+ * forked (nginx, gunicorn) each hold their own objects at the same addresses,
+ * and one worker's fd or SSL_free must not stand for another's. */
+struct tls_key { u32 tgid; u32 _pad; u64 ref; };
+BPF_TABLE("lru_hash", struct tls_key, s32, tls_fd, 65536);
+
+static __always_inline struct tls_key tls_key_of(u64 ref)
+{
+    struct tls_key k = { .tgid = bpf_get_current_pid_tgid() >> 32, ._pad = 0, .ref = ref };
+    return k;
+}
 
 /* Overload shedding.  While user space is behind it sets shed_cap[0] to a
  * byte count: a call whose bytes start like an HTTP/1 message (a status line

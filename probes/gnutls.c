@@ -26,7 +26,8 @@ int gnutls_set_int2_enter(struct pt_regs *ctx)
     /* gnutls_transport_set_int2(session, recv_fd, send_fd) */
     u64 ref = PT_REGS_PARM1(ctx);
     s32 fd = PT_REGS_PARM3(ctx);
-    tls_fd.update(&ref, &fd);
+    struct tls_key tk = tls_key_of(ref);
+    tls_fd.update(&tk, &fd);
     return 0;
 }
 

@@ -92,7 +92,8 @@ int ssl_set_fd_enter(struct pt_regs *ctx)
 {
     u64 ref = PT_REGS_PARM1(ctx);
     s32 fd = PT_REGS_PARM2(ctx);
-    tls_fd.update(&ref, &fd);
+    struct tls_key tk = tls_key_of(ref);
+    tls_fd.update(&tk, &fd);
     return 0;
 }
 

@@ -261,9 +261,10 @@ static __always_inline void data_enter(s32 fd, u8 dir, u64 buf, u64 iov, u64 iov
     if (t && t->active) {
         /* Every TLS call's syscalls land here with what is already known:
          * write in place, and only what changed. */
-        s32 *known = tls_fd.lookup(&t->tls_ref);
+        struct tls_key tk = { .tgid = k.tgid, ._pad = 0, .ref = t->tls_ref };
+        s32 *known = tls_fd.lookup(&tk);
         if (!known)
-            tls_fd.update(&t->tls_ref, &fd);
+            tls_fd.update(&tk, &fd);
         else if (*known != fd)
             *known = fd;
         if (!(*flags & SOCK_TLS))

@@ -74,7 +74,8 @@ static __always_inline void tls_exit(void *ctx, long ret, int need_len_ptr)
     if (n > c.num)
         n = c.num;             /* never read past the caller's buffer */
     s32 fd = -1;
-    s32 *fdp = tls_fd.lookup(&c.tls_ref);
+    struct tls_key tk = tls_key_of(c.tls_ref);
+    s32 *fdp = tls_fd.lookup(&tk);
     if (fdp)
         fd = *fdp;
     emit_data(ctx, fd, c.dir, c.source, c.tls_ref, c.buf, 0, 0, n, c.start_ns);
@@ -83,8 +84,9 @@ static __always_inline void tls_exit(void *ctx, long ret, int need_len_ptr)
 /* The TLS object is gone: forget its fd and any fd-less stream offsets. */
 static __always_inline void tls_forget(u64 ref)
 {
-    tls_fd.delete(&ref);
-    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct tls_key tk = tls_key_of(ref);
+    tls_fd.delete(&tk);
+    u32 tgid = tk.tgid;
     struct off_key ok = { .tgid = tgid, .fd = -1, .tls_ref = ref, .is_tls = 1 };
     ok.direction = 0;
     offsets.delete(&ok);
@@ -103,7 +105,8 @@ static __always_inline void emit_sni(void *ctx, u64 ref, const void *host, u32 m
     }
     struct sni_rec *r = (struct sni_rec *)s;
     s32 fd = -1;
-    s32 *fdp = tls_fd.lookup(&ref);
+    struct tls_key tk = tls_key_of(ref);
+    s32 *fdp = tls_fd.lookup(&tk);
     if (fdp)
         fd = *fdp;
     fill_hdr(&r->h, REC_SNI, fd);

@@ -73,7 +73,11 @@ async def serve(
         log.info("%s received; shutting down", signame)
         stopping.set()
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    # SIGHUP: the terminal or SSH session that ran the agent closed.  Stopped
+    # as for Ctrl-C (clients told, probes removed at once), not killed by the
+    # default action; under nohup it stays ignored.
+    hangup = [signal.SIGHUP] if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN else []
+    for sig in (signal.SIGINT, signal.SIGTERM, *hangup):
         loop.add_signal_handler(sig, request_stop, sig.name)
 
     # Bound here, not by uvicorn: uvicorn reports a port in use by exiting the

@@ -94,7 +94,7 @@ class _Server:
 
 
 class Nginx(_Server):
-    """nginx, 1 worker, TLS (or plain with ``tls=False``), keep-alive.
+    """nginx, 1 worker (or ``workers``), TLS (or plain with ``tls=False``), keep-alive.
 
     Locations: ``/small`` fixed body, ``/json`` JSON echoing method/uri/args,
     ``/gzip`` a gzip-compressed text file, ``/large`` a 2 MiB file,
@@ -104,8 +104,9 @@ class Nginx(_Server):
     """
 
     def __init__(self, directory: Path, cert: Cert | None, port: int | None = None, ipv6: bool = False,
-                 sendfile: bool = False, http2: bool = False) -> None:
+                 sendfile: bool = False, http2: bool = False, workers: int = 1) -> None:
         self.dir = directory / "nginx"
+        self.workers = workers  # forked from one master: their SSL objects share addresses
         self.http2 = http2  # offered in ALPN (TLS only)
         self.sendfile = sendfile  # Debian's own nginx.conf has it on: files go out with sendfile(2)
         self.cert = cert
@@ -130,7 +131,7 @@ class Nginx(_Server):
         t = self.dir / "tmp"
         conf = textwrap.dedent(f"""\
             user root;
-            worker_processes 1;
+            worker_processes {self.workers};
             daemon off;
             master_process on;
             pid {self.dir}/nginx.pid;

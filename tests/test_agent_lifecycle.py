@@ -30,7 +30,7 @@ def processes_with(text: str) -> list[int]:
     return found
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_live_agent_says_goodbye_and_exits_within_two_seconds(tmp_path, sig):
     port = free_port()
     listen = f"127.0.0.1:{port}"

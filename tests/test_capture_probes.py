@@ -343,6 +343,34 @@ def test_node_https_get_is_captured_through_the_node_binary(tls_capture, nginx):
     assert_contiguous(tls)
 
 
+LEAK_SOCKETS = """
+import socket, sys, os
+server = socket.socket(); server.bind(("127.0.0.1", 0)); server.listen(1024)
+kept = []
+for _ in range(int(sys.argv[1])):
+    client = socket.create_connection(server.getsockname())
+    kept += [client, server.accept()[0]]
+os._exit(0)  # with every socket open: none goes through close()
+"""
+
+
+def test_sockets_left_open_at_exit_do_not_stop_plaintext_capture(plain_server):
+    """The socket table was a plain hash cleared only by close(): filled by
+    processes that exited with sockets open, it marked no new socket, and
+    plaintext capture ended for good.  A small table shows it quickly."""
+    sink = Collector()
+    cap = Capture(sink, max_chunk=MAX_CHUNK, seed_existing=False, max_sockets=256)
+    cap.start()
+    try:
+        leak = subprocess.run([sys.executable, "-c", LEAK_SOCKETS, "300"], timeout=60)  # 600 sockets
+        assert leak.returncode == 0
+        curl = run(["curl", "-s", plain_server.url("/hello.txt?after=leak")])
+        sink.wait_for(lambda rs: any(type(r) is DataChunk and r.pid == curl.pid and r.source == "socket"
+                                     and b"after=leak" in r.data for r in rs), what="curl's plaintext request")
+    finally:
+        cap.stop()
+
+
 def test_sni_from_curl_resolve(capture, nginx):
     sink = capture.sink
     host = "sni.example.test"

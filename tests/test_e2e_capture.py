@@ -578,6 +578,44 @@ def test_asyncio_tls_connections_of_one_process_each_have_their_own_addresses(li
             "http1", ["openssl"], 3)
 
 
+KEEPALIVE_CLIENTS = """
+import http.client, ssl, sys, threading
+port, m, clients, n = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+ctx = ssl._create_unverified_context()
+
+def client(c):
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx)
+    for i in range(n):
+        conn.request("GET", f"/json?m={m}&c={c}&i={i}")
+        conn.getresponse().read()
+
+threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+for t in threads: t.start()
+for t in threads: t.join()
+"""
+
+
+def test_a_multi_worker_servers_transactions_each_pair_their_own_request_and_response(live, cert, tmp_path):
+    """nginx with several workers (Debian's default: one per core): forked from
+    one master, the workers hold their SSL objects at the same addresses, and
+    one worker's fd (and its SSL_free) stood for another's: ~20 % of the
+    server's transactions paired a request with another one's response."""
+    _, reader, _ = live
+    m = marker()
+    clients, n = 8, 40
+    with rw.Nginx(tmp_path, cert, workers=4) as server:
+        out = subprocess.run([sys.executable, "-c", KEEPALIVE_CLIENTS, str(server.port), m, str(clients), str(n)],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        txs = reader.transactions(m, count=2 * clients * n, timeout=WAIT)
+    sides = by_direction(txs)
+    for side in ("egress-internal", "ingress"):
+        got = sides.get(side, [])
+        wrong = [(t["request"]["url"], body_of(t["response"] or {})[:80]) for t in got
+                 if t["response"] is None or json.loads(body_of(t["response"]))["uri"] != t["request"]["path"]]
+        assert len(got) == clients * n and wrong == [], (side, len(got), wrong[:5])
+
+
 def test_wget_over_gnutls(live, nginx):
     _, reader, _ = live
     m = marker()

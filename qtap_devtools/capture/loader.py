@@ -216,6 +216,7 @@ class Capture:
         wake_bytes: int = 256 * 1024,
         sweep_seconds: float = 10.0,
         keep_idle: int = KEEP_IDLE,
+        max_sockets: int = 65536,
         shed_head_bytes: int = SHED_HEAD_BYTES,
         pressure: Callable[[], float] | None = None,
         on_load: Callable[[float], None] | None = None,
@@ -266,6 +267,7 @@ class Capture:
         self.attach_mode = attach_mode
         self.sweep_seconds = sweep_seconds  # every process re-scanned for TLS libraries this often
         self.keep_idle = keep_idle  # unmapped library files kept attached (attach.KEEP_IDLE)
+        self.max_sockets = max_sockets  # sockets the probes track at once, the least recently used let go
         self.wake_records = wake_records
         self.wake_bytes = wake_bytes
         if shed_head_bytes < 0:
@@ -431,6 +433,7 @@ class Capture:
             f"-DWAKE_RECORDS={self.wake_records}",
             f"-DWAKE_BYTES={self.wake_bytes}",
             f"-DMAX_ARMED={MAX_ATTACHMENTS + 1}",
+            f"-DMAX_SOCKETS={self.max_sockets}",
             "-Wno-macro-redefined",
         ]
         text = probe_source(pdir)
