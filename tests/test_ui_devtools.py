@@ -985,6 +985,11 @@ def test_side_filter_keeps_one_end_of_a_loopback_request(page, rich):
         set_filter(page, "side:server")
         wait_shown(page, 1)
         assert "node" in " ".join(rows(page))
+        select_row(page, "/both/ends")  # the server's own side: its address is the local one
+        general = detail_tab(page, "headers").locator('[data-testid="general"]').inner_text()
+        assert "Server Address\n10.0.0.5:40312" in general and "Client Address\n127.0.0.1:443" in general
+        assert "ingress (this process is the server)" in general
+        page.keyboard.press("Escape")  # the full table again, with its Process column
         set_filter(page, "-side:server")
         page.wait_for_function("() => document.querySelector('[data-testid=requests-table]').innerText.includes('curl')")
         assert shown_count(page) == 1 and "node" not in " ".join(rows(page))

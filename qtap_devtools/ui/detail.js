@@ -100,9 +100,13 @@ export class DetailPane {
         ["Request URL", req.url || row.url],
         ["Request Method", req.method || row.method],
         ["Status Code", status],
-        ["Remote Address", addressText(meta.remote_address)],
+        // Chrome's Remote Address is the server's: on the server's own side, that is the local one.
+        tx.direction === "ingress"
+          ? ["Server Address", addressText(meta.local_address)]
+          : ["Remote Address", addressText(meta.remote_address)],
+        tx.direction === "ingress" ? ["Client Address", addressText(meta.remote_address)] : null,
         ["Protocol", [req.http_version, req.scheme === "https" || row.scheme === "https" ? meta.tls_version || "TLS" : null].filter(Boolean).join(" over ")],
-        ["Direction", tx.direction],
+        ["Direction", DIRECTION_TEXT[tx.direction] || tx.direction],
         ["Process", row.exe ? `${row.exe} (pid ${row.pid})` : ""],
       ])),
       section(`Response Headers (${headerList(resp && resp.headers).length})`, "response-headers", headerTable(resp && resp.headers, "No response headers")),
@@ -255,9 +259,15 @@ function section(title, testid, content) {
   return d;
 }
 
+const DIRECTION_TEXT = {
+  "ingress": "ingress (this process is the server)",
+  "egress-internal": "egress-internal (a client, to a private or loopback address)",
+  "egress-external": "egress-external (a client, to a public address)",
+};
+
 function kvTable(pairs) {
   const t = h("div", { class: "kv" });
-  for (const [k, v] of pairs) {
+  for (const [k, v] of pairs.filter(Boolean)) {
     if (v === null || v === undefined || v === "") continue;
     t.append(h("div", { class: "k", testid: "field-name" }, k), h("div", { class: "v", testid: "field-value" }, v instanceof Node ? v : String(v)));
   }
