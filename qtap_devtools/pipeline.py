@@ -220,9 +220,10 @@ class Pipeline:
             self.emit(ConnectionOpened(conn.info, ts_ns=conn.info.opened_ns))
 
     def _maybe_updated(self, conn: _Conn, ts: int) -> None:
-        if not conn.announced and not conn.lent and conn.info.fd < 0:
-            # An fd-less TLS stream waits to be one connection with its socket
-            # (_lend); on_tick announces it alone if no socket comes.
+        if conn.carried or (not conn.announced and not conn.lent and conn.info.fd < 0):
+            # A socket's events are its TLS stream's once lent; an fd-less TLS
+            # stream waits to be one connection with its socket (_lend), and
+            # on_tick announces it alone if no socket comes.
             return
         info = conn.info
         tls = (info.tls_version, tuple(info.tls_libraries), info.sni, info.tls_introspected)
@@ -563,7 +564,7 @@ class Pipeline:
                 shared.l7_protocol = info.l7_protocol
             conn.info = shared
             conn.announced, conn.last_l7, conn.last_tls = sock.announced, sock.last_l7, sock.last_tls
-            sock.carried = True
+            sock.carried = sock.announced = True  # announced by the stream, if not already
             if not conn.fed:
                 conn.role = sock.role
                 conn.assembler = self._assembler(sock.role)

@@ -627,3 +627,26 @@ def test_a_tls_connection_whose_plaintext_never_came_is_counted_and_its_program_
         _, p = run(records + client_tls_exchange(fd=7))
     assert p.counters["tls_connections_unread"] == 2
     assert [r.getMessage().split(":")[0] for r in caplog.records if "no plaintext" in r.getMessage()] == ["/usr/bin/curl"]
+
+
+def test_a_socket_lent_before_its_addresses_came_is_still_one_connection():
+    """The stream found its socket before the socket's addresses arrived (and
+    before the grace that announces a connection without them): the socket
+    must not be announced on its own later, as a second connection."""
+    hello = bytes.fromhex("16030100") + b"\x30" + b"\x01" + b"\x00" * 47
+    records = [
+        rec.SocketConnect(100, 9, 1_000, EP_S),
+        rec.DataChunk(100, 100, 9, 1_100, "egress", "socket", 0, hello),
+        rec.DataChunk(100, 100, -1, 1_200, "egress", "openssl", 0, REQ, tls_ref=0xbeef),
+        rec.DataChunk(100, 100, 9, 1_300, "egress", "socket", len(hello), b"\x17\x03\x03\x00\x10" + b"\xaa" * 16),
+        rec.DataChunk(100, 100, -1, 1_400, "ingress", "openssl", 0, RESP, tls_ref=0xbeef),
+    ]
+    out = []
+    p = Pipeline(Config(), out.append, {100: CURL}.get, own_pid=1, own_port=10001)
+    p.on_records(records)
+    p.on_tick(10_000_000_000)  # long past the grace
+    p.on_records([rec.SocketClose(100, 9, 10_000_000_100)])
+    opened = [e for e in out if e.type == "connection.opened"]
+    closed = [e for e in out if e.type == "connection.closed"]
+    assert len(opened) == len(closed) == 1 and opened[0].connection is closed[0].connection
+    assert [e.type for e in out].count("request.http_transaction") == 1
