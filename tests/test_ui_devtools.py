@@ -838,6 +838,18 @@ def test_ten_thousand_rows_stay_responsive(page, tmp_path):
         assert page.console.errors == []
 
 
+def shown_then_stopped(page, tmp_path, capture, port: int) -> None:
+    """The page shows a replay of ``capture`` (the rich session), then the
+    replay stops and the page says it is reconnecting."""
+    server = start_replay(tmp_path, capture, port, "first.log")
+    try:
+        open_devtools(page, server.url)
+        wait_rows(page, RICH_TRANSACTIONS)
+    finally:
+        server.stop()
+    page.wait_for_selector('[data-testid="status-connection"][data-state="reconnecting"]')
+
+
 def test_reconnect_shows_state_and_never_duplicates_rows(page, tmp_path):
     port = free_port()
     events = rich_session()
@@ -846,13 +858,7 @@ def test_reconnect_shows_state_and_never_duplicates_rows(page, tmp_path):
                                 ts_offset_ms=40_000)
     second = samples.write_capture(tmp_path / "second.txt", [*events, later])
 
-    server = start_replay(tmp_path, first, port, "first.log")
-    try:
-        open_devtools(page, server.url)
-        wait_rows(page, RICH_TRANSACTIONS)
-    finally:
-        server.stop()
-    page.wait_for_selector('[data-testid="status-connection"][data-state="reconnecting"]')
+    shown_then_stopped(page, tmp_path, first, port)
     assert "Reconnecting" in page.inner_text('[data-testid="status-connection"]')
 
     # The same port again, with one event more: the page resumes after the
@@ -878,13 +884,7 @@ def test_another_capture_file_on_the_same_port_replaces_the_last_ones_rows(page,
     first = samples.write_capture(tmp_path / "first.txt", rich_session())
     other = samples.transaction(samples.connection(), "d4u9other00000000000", method="GET", path="/only/in/other")
     second = samples.write_capture(tmp_path / "second.txt", [other])
-    server = start_replay(tmp_path, first, port, "first.log")
-    try:
-        open_devtools(page, server.url)
-        wait_rows(page, RICH_TRANSACTIONS)
-    finally:
-        server.stop()
-    page.wait_for_selector('[data-testid="status-connection"][data-state="reconnecting"]')
+    shown_then_stopped(page, tmp_path, first, port)
     server = start_replay(tmp_path, second, port, "second.log")
     try:
         wait_connected(page, timeout=20_000)

@@ -291,7 +291,7 @@ function fieldTable(pairs) {
 
 // A body, shown the way its type and bytes allow.
 // Why a body is not all here, in the words of what happened.
-function cutReason(msg, tx, kept) {
+function cutReason(tx, kept) {
   if (!kept && tx.incomplete) return "none of its bytes were copied: sent with sendfile, or lost in a capture gap";
   if (tx.shed) return "cut while the agent was behind or over its capture rate (--max-capture-rate)";
   if (tx.incomplete) return "some of its bytes were not captured (a capture gap)";
@@ -307,7 +307,7 @@ function bodyView(bytes, contentType, msg, side, tx = {}) {
     const declared = Number(findHeader(msg.headers, "content-length"));
     const whole = Number.isFinite(declared) && declared > size ? declared : size;
     const of = whole > size ? `${formatBytes(whole)} (its Content-Length)` : formatBytes(whole);
-    wrap.append(notice("warn", `Truncated: ${formatBytes(bytes.length)} of ${of} captured: ${cutReason(msg, tx, bytes.length)}.`));
+    wrap.append(notice("warn", `Truncated: ${formatBytes(bytes.length)} of ${of} captured: ${cutReason(tx, bytes.length)}.`));
   }
   if (msg.body_decode_error) wrap.append(notice("warn", `Could not decode ${msg.content_encoding || "the body"}: ${msg.body_decode_error}; showing the bytes as captured.`));
   const info = [mime || "no content type", formatBytes(bytes.length)];
