@@ -52,6 +52,7 @@ enum rec_kind {
     REC_CLOSE = 7,
     REC_DATA = 8,
     REC_SNI = 9,
+    REC_CGROUP = 10,
 };
 
 enum direction { DIR_EGRESS = 0, DIR_INGRESS = 1 };
@@ -73,6 +74,10 @@ struct addr {                  /* 20 bytes; ip is IPv6 or v4-mapped IPv6 */
 
 struct exec_rec {
     struct rec_hdr h;
+    u64 cgroup_id;             /* of its cgroup v2 (unified) cgroup: names its
+                                * container even when it is gone before /proc is read */
+    u32 uid;
+    u32 _pad;
     char comm[16];
     char filename[256];
 };
@@ -81,6 +86,12 @@ struct fork_rec {
     struct rec_hdr h;          /* pid = parent tgid */
     u32 child_pid;
     u32 _pad;
+};
+
+struct cgroup_rec {            /* a cgroup v2 directory was made */
+    struct rec_hdr h;
+    u64 id;                    /* = bpf_get_current_cgroup_id() of its members */
+    char path[256];            /* from the hierarchy's root */
 };
 
 struct exit_rec {

@@ -18,6 +18,11 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     }
     struct exec_rec *r = (struct exec_rec *)s;
     fill_hdr(&r->h, REC_EXEC, -1);
+    /* At exec the container's process is already in its cgroup (runc joins
+     * it before it execs the container's command). */
+    r->cgroup_id = bpf_get_current_cgroup_id();
+    r->uid = (u32)bpf_get_current_uid_gid();
+    r->_pad = 0;
     bpf_get_current_comm(r->comm, sizeof(r->comm));
     u32 loc = args->data_loc_filename;
     bpf_probe_read_kernel_str(r->filename, sizeof(r->filename),

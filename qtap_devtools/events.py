@@ -210,8 +210,9 @@ def sse_frame(type_: str, json_line: bytes) -> bytes:
 
 
 def user_json(info: ProcessInfo) -> dict | None:
-    """None when /proc was gone before it could be read (uid -1): no user, not a fake one."""
-    return {"id": info.uid, "name": info.user} if info.uid >= 0 else None
+    """None when no uid is known; the name is None when only the kernel's uid
+    is (the process was gone before its passwd could be read)."""
+    return {"id": info.uid, "name": info.user or None} if info.uid >= 0 else None
 
 
 def container_json(c: ContainerInfo | None, *, labels: bool = True) -> dict | None:
@@ -642,7 +643,7 @@ class HttpTransaction(Event):
             "container_id": container.short_id if container else None,
             "pod_name": pod.name if pod else None,
             "pod_namespace": pod.namespace if pod else None,
-            "user": p.user if p and p.uid >= 0 else None,
+            "user": (p.user or None) if p else None,
             "hostname": p.hostname if p else None,
             "tls_version": c.tls_version,
             "tls_library": c.tls_libraries[0] if c.tls_libraries else None,

@@ -30,6 +30,7 @@ from qtap_devtools.assemble.model import HttpExchange, combined_headers
 from qtap_devtools.assemble.tls_hello import HelloReader, looks_like_tls
 from qtap_devtools.capture import records as rec
 from qtap_devtools.config import Config
+from qtap_devtools.enrich.cgroup import CgroupIndex
 from qtap_devtools.enrich.model import ProcessInfo
 from qtap_devtools.events import (
     Address,
@@ -105,8 +106,10 @@ class Pipeline:
         remember_process: Callable[[ProcessInfo], None] = lambda info: None,
         own_pid: int | None = None,
         own_port: int | None = None,
+        cgroups: CgroupIndex | None = None,
     ) -> None:
         self.config = config
+        self.cgroups = cgroups if cgroups is not None else CgroupIndex()
         self.emit = emit
         self.process_info = process_info
         self.forget_process = forget_process  # an exec replaces what the cache knew
@@ -144,8 +147,13 @@ class Pipeline:
             "state_evicted": 0,
             # Processes that exited before the agent read their /proc entry
             # (the agent behind, or a very short-lived process): shown with what
-            # the kernel said, without user or container.
+            # the kernel said: its container from its cgroup id, no user name.
             "processes_gone_before_read": 0,
+            # Processes whose container /proc did not say (gone, or gone midway
+            # through the read) and the kernel's cgroup id did.
+            "containers_from_cgroup_id": 0,
+            # Cgroup ids let go from their bounded index (CgroupIndex.MAX_IDS).
+            "cgroup_ids_evicted": 0,
             # Records whose handling raised (a bug): logged, counted, the rest go on.
             "record_errors": 0,
             # TLS connections that closed with no plaintext from a TLS library
@@ -259,6 +267,9 @@ class Pipeline:
                     self.on_fork(r)
                 elif kind is rec.ProcessExit:
                     self.on_exit(r)
+                elif kind is rec.CgroupCreated:
+                    self.cgroups.created(r.id, r.path)
+                    self.counters["cgroup_ids_evicted"] = self.cgroups.evicted
             except Exception:  # a bug shown by one record must not lose the rest of the batch
                 self._record_failed()
 
@@ -275,14 +286,21 @@ class Pipeline:
         if r.process is not None:  # read at exec, by the ring reader: the process may be gone now
             self.remember_process(r.process)
         info = self.process_info(r.pid) or r.process  # the latter where nothing cached it
+        known = info
         if info is None:  # gone already: describe it from what the kernel said
-            # Without /proc there is no user, cgroup or container to name: counted.
             self.counters["processes_gone_before_read"] += 1
-            info = _minimal_process(r.pid, self.parents.get(r.pid, 0), r.filename, r.comm, self.wall(r.ts_ns))
-            self.remember_process(info)
+            info = _minimal_process(r.pid, self.parents.get(r.pid, 0), r.filename, r.comm, r.uid,
+                                    self.wall(r.ts_ns))
         elif not info.exe:  # it exited while /proc was being read: the kernel's filename stands in
             info = dataclasses.replace(info, exe=r.filename, binary=os.path.basename(r.filename) or info.binary,
                                        cmdline=info.cmdline or r.filename)
+        if info.container_id is None:  # /proc did not say (or was gone before the cgroup was read)
+            found = self.cgroups.container(r.cgroup_id)
+            self.counters["cgroup_ids_evicted"] = self.cgroups.evicted
+            if found is not None:
+                self.counters["containers_from_cgroup_id"] += 1
+                info = dataclasses.replace(info, runtime=found[0], container_id=found[1])
+        if info is not known:
             self.remember_process(info)  # the enricher's answer for its transactions, not the copy without
         self._remember(info)
         self.emit(ProcessStarted(info, ts_ns=self.wall(r.ts_ns)))
@@ -759,8 +777,9 @@ def _absolute_form(target: str) -> tuple[str, str, str] | None:
     return parts.scheme, parts.netloc, parts.path + (f"?{parts.query}" if parts.query else "")
 
 
-def _minimal_process(pid: int, ppid: int, filename: str, comm: str, ts: int) -> ProcessInfo:
+def _minimal_process(pid: int, ppid: int, filename: str, comm: str, uid: int, ts: int) -> ProcessInfo:
+    # No user name: a container's passwd is read through /proc/<pid>/root.
     return ProcessInfo(
         pid=pid, ppid=ppid, exe=filename, binary=os.path.basename(filename) or comm, cmdline=filename,
-        uid=-1, user="", hostname=os.uname().nodename, start_time_ns=ts,
+        uid=uid, user="", hostname=os.uname().nodename, start_time_ns=ts,
     )

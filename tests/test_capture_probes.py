@@ -31,6 +31,7 @@ from qtap_devtools.capture import (
     SocketClose,
     SocketConnect,
     TlsServerName,
+    CgroupCreated,
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -550,6 +551,35 @@ def test_short_lived_process_exec_fork_exit(capture):
     exit_ = next(r for r in rs if type(r) is ProcessExit and r.pid == child)
     assert exit_.exit_code == 0
     assert exit_.ts_ns >= exec_.ts_ns >= forks[0].ts_ns
+
+
+def test_a_cgroup_made_and_a_process_exec_in_it_carry_the_same_id(capture):
+    """The mkdir record's id is the directory's inode number and the id an exec
+    in that cgroup carries: how a container's process gone before /proc was
+    read is still named (CgroupIndex)."""
+    from qtap_devtools.enrich.cgroup import cgroup2_mount
+    root = cgroup2_mount()
+    assert root is not None, "no cgroup v2 hierarchy mounted"
+    made = Path(root) / f"qtap-test-{os.getpid()}"
+    made.mkdir()
+    try:
+        sink = capture.sink
+        inode = made.stat().st_ino
+        created = sink.wait_for(lambda rs: [r for r in rs if type(r) is CgroupCreated and r.path.endswith(made.name)],
+                                what="the cgroup's mkdir record")
+        assert (created[0].id, created[0].path) == (inode, "/" + str(made.relative_to(root)))
+        sh = run(["sh", "-c", f"echo $$ > {made}/cgroup.procs && exec /bin/true"])
+        assert sh.returncode == 0
+        execs = sink.wait_for(lambda rs: [r for r in rs if type(r) is ProcessExec and r.pid == sh.pid
+                                          and r.filename == "/bin/true"], what="true's exec")
+        assert (execs[0].cgroup_id, execs[0].uid) == (inode, os.getuid())
+    finally:
+        for _ in range(50):  # the cgroup empties once true's exit is reaped
+            try:
+                made.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
 
 
 def test_exit_code_of_sh_exit_3(capture):

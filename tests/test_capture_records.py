@@ -9,7 +9,9 @@ from pathlib import Path
 from qtap_devtools.capture import records
 from qtap_devtools.capture.elf import exported_symbols
 from qtap_devtools.capture.procnet import _endpoint
-from qtap_devtools.capture.records import DataChunk, Endpoint, ProcessExit, SocketAccept, TlsServerName
+from qtap_devtools.capture.records import (
+    CgroupCreated, DataChunk, Endpoint, ProcessExec, ProcessExit, SocketAccept, TlsServerName,
+)
 
 PROBES = Path(__file__).resolve().parents[1] / "probes"
 V4 = b"\0" * 10 + b"\xff\xff" + bytes([127, 0, 0, 1])
@@ -42,6 +44,16 @@ def test_exit_without_exit_group_has_no_code():
     assert records.parse(hdr(records.EXIT) + struct.pack("<iI", -1, 0)) == ProcessExit(10, 123, None)
 
 
+def test_exec_record_carries_the_cgroup_id_and_uid():
+    raw = hdr(records.EXEC, fd=-1) + struct.pack("<QII16s256s", 4242, 1000, 0, b"curl", b"/usr/bin/curl")
+    assert records.parse(raw) == ProcessExec(10, 123, "/usr/bin/curl", "curl", None, 4242, 1000)
+
+
+def test_cgroup_record():
+    raw = hdr(records.CGROUP, fd=-1) + struct.pack("<Q256s", 77, b"/docker/" + b"a" * 64)
+    assert records.parse(raw) == CgroupCreated(77, "/docker/" + "a" * 64, 123)
+
+
 def test_sni_record():
     raw = hdr(records.SNI, fd=-1) + struct.pack("<QII256s", 0x55, 11, 0, b"example.com")
     assert records.parse(raw) == TlsServerName(10, None, 0x55, "example.com", 123)
@@ -60,7 +72,7 @@ def test_python_sizes_match_common_h():
     assert {k: int(v) for k, v in kinds.items()} == {
         "EXEC": records.EXEC, "FORK": records.FORK, "EXIT": records.EXIT, "CONNECT": records.CONNECT,
         "ACCEPT": records.ACCEPT, "ADDRESS": records.ADDRESS, "CLOSE": records.CLOSE,
-        "DATA": records.DATA, "SNI": records.SNI,
+        "DATA": records.DATA, "SNI": records.SNI, "CGROUP": records.CGROUP,
     }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from qtap_devtools.enrich.cgroup import container_of, parse_cgroup, parse_cgroup_path
+from qtap_devtools.enrich.cgroup import CgroupIndex, cgroup2_mount, container_of, parse_cgroup, parse_cgroup_path
 
 A = "f1244ec10b889b3b7d1aaed41f7c03d70ff2f293504b57d41bbe1416f1e28314"
 B = "9ec39b91f3d70e1beff50a308f77067065ea6be0d91a3378375056cd4422cf3d"
@@ -123,3 +123,54 @@ def test_container_of_reads_the_file_and_survives_a_vanished_pid(tmp_path):
     (tmp_path / "4242" / "cgroup").write_text(f"0::/system.slice/docker-{A}.scope\n")
     assert container_of(4242, str(tmp_path)) == ("docker", A)
     assert container_of(4243, str(tmp_path)) is None
+
+
+def test_cgroup_index_names_a_container_from_its_mkdir_record(tmp_path):
+    index = CgroupIndex(root=str(tmp_path))  # an empty hierarchy: only the records say anything
+    index.created(901, f"/system.slice/docker-{A}.scope")
+    index.created(902, "/user.slice/user-0.slice/session-3.scope")
+    assert index.container(901) == ("docker", A)
+    assert index.container(902) is None
+    assert index.container(0) is None and index.container(1) is None  # unknown; the root
+    assert index.walks == 0  # both were known from their records
+
+
+def test_cgroup_index_finds_a_cgroup_made_before_it_started_by_its_inode(tmp_path):
+    """A directory's inode number is its cgroup id: the hierarchy (here a plain
+    directory tree standing in for the cgroup2 mount) is searched on a miss."""
+    made = tmp_path / "kubepods" / "burstable" / "pod1234" / A
+    made.mkdir(parents=True)
+    host = tmp_path / "system.slice" / "ssh.service"
+    host.mkdir(parents=True)
+    now = [0.0]
+    index = CgroupIndex(root=str(tmp_path), clock=lambda: now[0])
+    assert index.container(made.stat().st_ino) == ("unknown", A)
+    assert index.container(host.stat().st_ino) is None
+    assert index.walks == 1  # the second answer came from the first search
+    later = tmp_path / "docker" / B
+    later.mkdir(parents=True)
+    assert index.container(later.stat().st_ino) is None  # searched at most once a second
+    now[0] += CgroupIndex.WALK_INTERVAL
+    index._ids.clear()
+    assert index.container(later.stat().st_ino) == ("docker", B)
+
+
+def test_cgroup_index_is_bounded_and_counts_what_it_lets_go(tmp_path, monkeypatch):
+    monkeypatch.setattr(CgroupIndex, "MAX_IDS", 3)
+    index = CgroupIndex(root=str(tmp_path))
+    for i in range(5):
+        index.created(100 + i, f"/docker/{i:064x}")
+    assert index.evicted == 2
+    assert len(index._ids) == 3 and index.container(104) == ("docker", f"{4:064x}")
+
+
+def test_cgroup2_mount_is_read_from_mountinfo(tmp_path):
+    info = tmp_path / "mountinfo"
+    info.write_text(
+        "30 25 0:26 / /sys/fs/cgroup/memory rw,relatime shared:9 - cgroup cgroup rw,memory\n"
+        "35 25 0:31 / /sys/fs/cgroup/unified rw,nosuid shared:13 - cgroup2 cgroup2 rw,nsdelegate\n"
+    )
+    assert cgroup2_mount(str(info)) == "/sys/fs/cgroup/unified"
+    info.write_text("30 25 0:26 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n")
+    assert cgroup2_mount(str(info)) is None
+    assert cgroup2_mount(str(tmp_path / "absent")) is None

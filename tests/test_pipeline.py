@@ -13,6 +13,7 @@ import json
 from qtap_devtools.capture import records as rec
 from qtap_devtools.config import Config
 from qtap_devtools.enrich import Enricher
+from qtap_devtools.enrich.cgroup import CgroupIndex
 from qtap_devtools.enrich.model import ProcessInfo
 from qtap_devtools.pipeline import Pipeline, classify
 
@@ -223,6 +224,32 @@ def test_short_lived_process_gone_before_proc_read_still_gets_both_events():
     assert out[0].payload()["binary"] == "true"
     assert "user" not in out[0].payload()  # not known: absent, not uid -1 and ""
     assert p.counters["processes_gone_before_read"] == 1  # no user or container to name: counted
+
+
+def test_a_containers_process_gone_before_proc_read_is_named_by_its_cgroup_id(tmp_path):
+    """`docker run --rm … curl`: the curl can exit before /proc is read.  Its
+    cgroup's mkdir record and its exec record's cgroup id name the container,
+    and the enricher's cache carries the id to its transactions."""
+    cid = "ab" * 32
+    enricher = Enricher(docker=False, proc_root=str(tmp_path))
+    out = []
+    p = Pipeline(Config(), out.append, enricher.process, forget_process=enricher.forget,
+                 remember_process=enricher.remember, own_pid=1, cgroups=CgroupIndex(root=str(tmp_path)))
+    p.on_records([rec.CgroupCreated(4321, f"/docker/{cid}", 900),
+                  rec.ProcessExec(558, 1_000, "/usr/bin/curl", "curl", None, 4321, 0)])
+    assert (out[0].process.container_id, out[0].process.runtime) == (cid, "docker")  # the publisher names it
+    assert out[0].payload()["user"] == {"id": 0, "name": None}  # the kernel's uid; its passwd was not read
+    assert enricher.process(558).container_id == cid
+    assert (p.counters["processes_gone_before_read"], p.counters["containers_from_cgroup_id"]) == (1, 1)
+
+
+def test_a_host_process_gone_before_proc_read_stays_a_host_process(tmp_path):
+    out = []
+    p = Pipeline(Config(), out.append, lambda pid: None, own_pid=1, cgroups=CgroupIndex(root=str(tmp_path)))
+    p.on_records([rec.CgroupCreated(77, "/user.slice/user-0.slice/session-9.scope", 900),
+                  rec.ProcessExec(559, 1_000, "/bin/true", "true", None, 77, 1000)])
+    assert out[0].process.container_id is None
+    assert p.counters["containers_from_cgroup_id"] == 0
 
 
 def test_process_read_at_exec_by_the_ring_reader_is_described_after_it_is_gone(tmp_path):

@@ -3,6 +3,7 @@
 from .attach import Attachment
 from .loader import Capture, CaptureError, ensure_tracefs
 from .records import (
+    CgroupCreated,
     DataChunk,
     Endpoint,
     ProcessExec,
@@ -17,7 +18,7 @@ from .records import (
 )
 
 __all__ = [
-    "Attachment", "Capture", "CaptureError", "ensure_tracefs", "DataChunk", "Endpoint",
+    "Attachment", "Capture", "CgroupCreated", "CaptureError", "ensure_tracefs", "DataChunk", "Endpoint",
     "ProcessExec", "ProcessExit", "ProcessFork", "Record", "SocketAccept", "SocketAddress",
     "SocketClose", "SocketConnect", "TlsServerName",
 ]

@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TRACEFS = Path("/sys/kernel/tracing")
-PROBE_FILES = ("process.c", "sockets.c", "openssl.c", "gnutls.c")
+PROBE_FILES = ("process.c", "cgroups.c", "sockets.c", "openssl.c", "gnutls.c")
 SOCK_KNOWN = 1  # common.h
 # The reader drains the ring at least this often: data records are written
 # without a wake-up, so this bounds how long an idle stream's tail waits.

@@ -21,7 +21,7 @@ Direction = Literal["egress", "ingress"]
 Source = Literal["socket", "openssl", "gnutls"]
 
 # enum rec_kind in common.h
-EXEC, FORK, EXIT, CONNECT, ACCEPT, ADDRESS, CLOSE, DATA, SNI = range(1, 10)
+EXEC, FORK, EXIT, CONNECT, ACCEPT, ADDRESS, CLOSE, DATA, SNI, CGROUP = range(1, 11)
 
 DIRECTIONS: tuple[Direction, Direction] = ("egress", "ingress")
 SOURCES: tuple[Source, Source, Source] = ("socket", "openssl", "gnutls")
@@ -31,7 +31,8 @@ AF_INET6 = 10
 
 _HDR = struct.Struct("<IIIiQ")  # 24 bytes
 _ADDR = "H H 16s"  # family, port (host order), ip (v6 or v4-mapped)
-_EXEC = struct.Struct("<24x16s256s")
+_EXEC = struct.Struct("<24xQI4x16s256s")
+_CGROUP = struct.Struct("<24xQ256s")
 _FORK = struct.Struct("<24xII")
 _EXIT = struct.Struct("<24xiI")
 _CONNECT = struct.Struct("<24x" + _ADDR + "i")
@@ -64,6 +65,15 @@ class ProcessExec:
     # the reader before delivery (not frozen for that alone).  A short-lived
     # process is often gone by the time the event loop gets to the record.
     process: Optional[ProcessInfo] = None
+    cgroup_id: int = 0  # its cgroup v2 cgroup's (0: none known)
+    uid: int = -1
+
+
+@dataclass(frozen=True, slots=True)
+class CgroupCreated:
+    id: int  # what bpf_get_current_cgroup_id() says of the cgroup's members
+    path: str  # from the cgroup v2 hierarchy's root, e.g. /docker/<id>
+    ts_ns: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +171,7 @@ class Batch(list):
 
 Record = Union[
     ProcessExec, ProcessFork, ProcessExit, SocketConnect, SocketAccept,
-    SocketAddress, SocketClose, DataChunk, TlsServerName,
+    SocketAddress, SocketClose, DataChunk, TlsServerName, CgroupCreated,
 ]
 
 
@@ -189,8 +199,8 @@ def parse(raw: bytes) -> Record:
             raw[DATA_HDR_SIZE : DATA_HDR_SIZE + length], tls_ref, bool(flags & DATA_SHEDDING),
         )
     if kind == EXEC:
-        comm, filename = _EXEC.unpack_from(raw)
-        return ProcessExec(pid, ts, _cstr(filename), _cstr(comm))
+        cgroup_id, uid, comm, filename = _EXEC.unpack_from(raw)
+        return ProcessExec(pid, ts, _cstr(filename), _cstr(comm), None, cgroup_id, uid)
     if kind == FORK:
         child, _ = _FORK.unpack_from(raw)
         return ProcessFork(pid, child, ts)
@@ -211,6 +221,9 @@ def parse(raw: bytes) -> Record:
     if kind == SNI:
         ref, length, _, host = _SNI.unpack_from(raw)
         return TlsServerName(pid, fd if fd >= 0 else None, ref, host[:length].decode("ascii", "replace"), ts)
+    if kind == CGROUP:
+        cgroup_id, path = _CGROUP.unpack_from(raw)
+        return CgroupCreated(cgroup_id, _cstr(path), ts)
     raise ValueError(f"unknown record kind {kind} ({len(raw)} bytes)")
 
 
