@@ -713,6 +713,56 @@ def test_keyboard_moves_opens_and_closes(page, rich):
     page.wait_for_selector('[data-testid="detail"]', state="hidden")
 
 
+def test_a_header_click_sorts_up_then_down_then_back_to_arrival_order(page, rich):
+    """As in the browser's DevTools: sort by a column's value (sizes as
+    numbers, not as "3.1 MB" < "762 B"), empty cells last either way."""
+    opened(page, rich)
+    page.set_viewport_size({"width": 1600, "height": 1000})  # every row in the DOM
+    next_frame(page)
+    arrival = [r.split(" | ")[4] for r in rows(page)]
+    assert len(arrival) == RICH_TRANSACTIONS
+    size = {t.path: t.payload()["data"]["summary"].get("response_body_size") for t in RICH_TXS}
+    known = [p for p in arrival if size[p] is not None]
+    empty = [p for p in arrival if size[p] is None]
+    header = page.locator('[data-testid="requests-table"] [data-testid="col-size"]')
+
+    def shown():
+        next_frame(page)
+        return [r.split(" | ")[4] for r in rows(page)]
+
+    header.click()
+    assert shown() == sorted(known, key=lambda p: size[p]) + empty
+    assert header.get_attribute("aria-sort") == "ascending"
+    assert shown()[len(known) - 1] == "/api/products?page=2"  # 3 MiB: largest, though "3.1 MB" sorts first as text
+    header.click()
+    assert shown() == sorted(known, key=lambda p: -size[p]) + empty  # stable: equal sizes keep arrival order
+    assert header.get_attribute("aria-sort") == "descending"
+    # The detail pane's narrower column set keeps the sort where it has the column.
+    page.locator('[data-testid="requests-table"] [data-testid="col-duration"]').click()
+    select_row(page, "/v1/users")
+    compact = page.locator('[data-testid="requests-table"] [data-testid="col-duration"]')
+    assert compact.get_attribute("aria-sort") == "ascending"
+    page.click('[data-testid="detail-close"]')
+    page.wait_for_selector('[data-testid="detail"]', state="hidden")
+    header = page.locator('[data-testid="requests-table"] [data-testid="col-duration"]')
+    header.click()
+    header.click()
+    assert header.get_attribute("aria-sort") == "none"
+    assert shown() == arrival
+
+
+def test_processes_sort_by_pid_as_numbers(page, rich):
+    opened(page, rich)
+    page.click('[data-testid="view-processes"]')
+    page.locator('[data-testid="process-row"]').first.wait_for()
+    page.click('[data-testid="processes-table"] [data-testid="col-pid"]')
+    next_frame(page)
+    pids = page.evaluate("""() => [...document.querySelectorAll('[data-testid=process-row]')]
+        .sort((a, b) => Number(a.getAttribute('aria-rowindex')) - Number(b.getAttribute('aria-rowindex')))
+        .map(r => Number(r.children[0].textContent))""")
+    assert pids == sorted(pids) and len(pids) == 3
+
+
 def test_processes_and_connections_views(page, rich):
     opened(page, rich)
     page.click('[data-testid="view-processes"]')

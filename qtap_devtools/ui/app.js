@@ -178,7 +178,7 @@ function textMatches(values) {
 // ------------------------------------------------------------------ network table
 
 const WATERFALL_COL = {
-  key: "waterfall", label: "Waterfall", width: 200, cls: "c-waterfall",
+  key: "waterfall", label: "Waterfall", width: 200, cls: "c-waterfall", sort: (r) => r.start,
   render(row, cell) {
     const { min, max } = state.range;
     const span = Math.max(max - min, 1);
@@ -191,7 +191,7 @@ const WATERFALL_COL = {
 };
 
 const statusCol = {
-  key: "status", label: "Status", width: 64, cls: "c-status",
+  key: "status", label: "Status", width: 64, cls: "c-status", sort: (r) => r.status || null,
   render(row, cell) {
     const text = row.status ? String(row.status) : row.error ? "(failed)" : "(pending)";
     cell.append(h("span", { class: `st ${statusClass(row.status)}` }, text));
@@ -200,14 +200,14 @@ const statusCol = {
 };
 
 const FULL_COLUMNS = [
-  { key: "time", label: "Time", width: 104, cls: "c-time mono", value: (r) => formatClock(r.start) },
+  { key: "time", label: "Time", width: 104, cls: "c-time mono", value: (r) => formatClock(r.start), sort: (r) => r.start },
   { key: "method", label: "Method", width: 74, cls: "c-method", value: (r) => r.method },
   statusCol,
   { key: "host", label: "Host", width: 170, value: (r) => r.host },
   { key: "path", label: "Path", width: 220, flex: true, cls: "c-path", value: (r) => r.path },
   { key: "type", label: "Type", width: 130, value: (r) => r.mime },
-  { key: "size", label: "Size", width: 72, cls: "num", value: (r) => formatBytes(r.size) },
-  { key: "duration", label: "Duration", width: 76, cls: "num", value: (r) => formatMs(r.duration) },
+  { key: "size", label: "Size", width: 72, cls: "num", value: (r) => formatBytes(r.size), sort: (r) => r.size },
+  { key: "duration", label: "Duration", width: 76, cls: "num", value: (r) => formatMs(r.duration), sort: (r) => r.duration },
   { key: "process", label: "Process", width: 160, value: (r) => r.proc },
   { key: "container", label: "Container", width: 120, value: (r) => r.container || r.pod },
   WATERFALL_COL,
@@ -218,7 +218,7 @@ const COMPACT_COLUMNS = [
   statusCol,
   { key: "host", label: "Host", width: 140, value: (r) => r.host },
   { key: "path", label: "Path", width: 160, flex: true, cls: "c-path", value: (r) => r.path },
-  { key: "duration", label: "Duration", width: 72, cls: "num", value: (r) => formatMs(r.duration) },
+  { key: "duration", label: "Duration", width: 72, cls: "num", value: (r) => formatMs(r.duration), sort: (r) => r.duration },
 ];
 
 function makeRequestTable(columns) {
@@ -246,6 +246,7 @@ function setTableColumns(columns) {
   const hadFocus = document.activeElement === table.el;
   const next = makeRequestTable(columns);
   table.el.replaceWith(next.el);
+  next.setSort(table.sortKey, table.sortDir); // a column the other set lacks: unsorted
   table = next;
   table.selected = selected;
   table.setRows(state.shown);
@@ -361,8 +362,8 @@ const processTable = new VirtualTable({
   onOpen: (p) => { setFilterText(`pid:${p.pid}`); switchView("network"); },
   emptyText: () => (state.processes.size ? "No processes match the filter." : "No process events yet."),
   columns: [
-    { key: "pid", label: "PID", width: 70, cls: "num mono", value: (p) => String(p.pid) },
-    { key: "state", label: "State", width: 96, render: (p, cell) => {
+    { key: "pid", label: "PID", width: 70, cls: "num mono", value: (p) => String(p.pid), sort: (p) => p.pid },
+    { key: "state", label: "State", width: 96, sort: (p) => (p.stopped ? 1 : 0), render: (p, cell) => {
       cell.append(h("span", { class: `pill ${p.stopped ? "closed" : "open"}` }, p.stopped ? `exited${p.exitCode != null ? ` (${p.exitCode})` : ""}` : "running"));
     } },
     { key: "binary", label: "Binary", width: 130, value: (p) => p.binary },
@@ -370,8 +371,8 @@ const processTable = new VirtualTable({
     { key: "user", label: "User", width: 90, value: (p) => p.user },
     { key: "container", label: "Container", width: 140, value: (p) => p.container },
     { key: "pod", label: "Pod", width: 140, value: (p) => p.pod },
-    { key: "requests", label: "Requests", width: 80, cls: "num", value: (p) => String(p.requests || 0) },
-    { key: "started", label: "Started", width: 170, cls: "mono", value: (p) => formatDateTime(p.createdMs) },
+    { key: "requests", label: "Requests", width: 80, cls: "num", value: (p) => String(p.requests || 0), sort: (p) => p.requests || 0 },
+    { key: "started", label: "Started", width: 170, cls: "mono", value: (p) => formatDateTime(p.createdMs), sort: (p) => p.createdMs },
   ],
 });
 $("processes-view").append(processTable.el);
@@ -418,7 +419,7 @@ const connectionTable = new VirtualTable({
   onOpen: (c) => { setFilterText(c.endpoint || ""); switchView("network"); },
   emptyText: () => (state.connections.size ? "No connections match the filter." : "No connection events yet."),
   columns: [
-    { key: "state", label: "State", width: 74, render: (c, cell) => {
+    { key: "state", label: "State", width: 74, sort: (c) => (c.closed ? 1 : 0), render: (c, cell) => {
       cell.append(h("span", { class: `pill ${c.closed ? "closed" : "open"}` }, c.closed ? "closed" : "open"));
     } },
     { key: "process", label: "Process", width: 150, value: (c) => c.proc },
@@ -428,11 +429,11 @@ const connectionTable = new VirtualTable({
     { key: "direction", label: "Direction", width: 112, value: (c) => c.direction },
     { key: "proto", label: "Protocol", width: 70, value: (c) => c.l7 },
     { key: "tls", label: "TLS", width: 130, value: (c) => c.tls },
-    { key: "sent", label: "Sent", width: 72, cls: "num", value: (c) => formatBytes(c.sent) },
-    { key: "received", label: "Received", width: 76, cls: "num", value: (c) => formatBytes(c.received) },
-    { key: "tx", label: "Requests", width: 70, cls: "num", value: (c) => String(c.transactions ?? "") },
-    { key: "opened", label: "Opened", width: 104, cls: "mono", value: (c) => formatClock(c.openedMs) },
-    { key: "duration", label: "Duration", width: 76, cls: "num", value: (c) => (c.closed ? formatMs(c.durationMs) : "") },
+    { key: "sent", label: "Sent", width: 72, cls: "num", value: (c) => formatBytes(c.sent), sort: (c) => c.sent },
+    { key: "received", label: "Received", width: 76, cls: "num", value: (c) => formatBytes(c.received), sort: (c) => c.received },
+    { key: "tx", label: "Requests", width: 70, cls: "num", value: (c) => String(c.transactions ?? ""), sort: (c) => c.transactions },
+    { key: "opened", label: "Opened", width: 104, cls: "mono", value: (c) => formatClock(c.openedMs), sort: (c) => c.openedMs },
+    { key: "duration", label: "Duration", width: 76, cls: "num", value: (c) => (c.closed ? formatMs(c.durationMs) : ""), sort: (c) => (c.closed ? c.durationMs : null) },
     { key: "container", label: "Container", width: 120, value: (c) => c.container },
   ],
 });

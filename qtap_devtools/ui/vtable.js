@@ -2,10 +2,23 @@
 // the DOM, so 10,000 rows scroll as smoothly as 10.  Rows are plain objects;
 // columns say how to turn one into a cell.  Used by the Network, Processes and
 // Connections views.
+//
+// A click on a column's header sorts by it (ascending, descending, then the
+// rows' own order again), as in the browser's own DevTools.  A column's
+// `sort(row)` gives the key (a number or a string); without one its shown
+// text is compared, with numbers inside it compared as numbers.
 
 import { h, clear } from "./dom.js";
 
 const OVERSCAN = 8;
+const collator = new Intl.Collator(undefined, { numeric: true, sensitivity: "base" });
+
+const isEmpty = (k) => k == null || k === "" || Number.isNaN(k);
+
+function compareKeys(a, b) {
+  if (typeof a === "number" && typeof b === "number") return a - b;
+  return collator.compare(String(a), String(b));
+}
 
 export class VirtualTable {
   constructor({ columns, rowHeight = 22, testid, rowTestid = "row", rowKey, rowClass, onSelect, onOpen, onClose, onContextMenu, emptyText }) {
@@ -19,7 +32,10 @@ export class VirtualTable {
     this.onClose = onClose || (() => {});
     this.onContextMenu = onContextMenu;
     this.emptyText = emptyText || (() => "No rows");
-    this.rows = [];
+    this.rows = []; // as shown: the caller's rows, sorted when a column is
+    this.source = []; // the caller's rows, in their own order
+    this.sortKey = null; // the column key sorted by, or null
+    this.sortDir = 1; // 1 ascending, -1 descending
     this.selected = null;
     this.rendered = new Map(); // row -> element currently in the DOM
     this.pending = false;
@@ -57,8 +73,46 @@ export class VirtualTable {
       const grip = h("span", { class: "vt-grip", "aria-hidden": "true" });
       grip.addEventListener("pointerdown", (e) => this.startResize(e, i));
       const numeric = (col.cls || "").split(" ").includes("num") ? "num" : "";
-      this.head.append(h("div", { class: `vt-th ${numeric}`, role: "columnheader", title: col.title || col.label }, col.label, grip));
+      const th = h("div", { class: `vt-th ${numeric}`, role: "columnheader", title: `${col.title || col.label} (click to sort)`,
+                            testid: `col-${col.key}`, "aria-sort": "none" }, col.label, grip);
+      th.addEventListener("click", (e) => { if (e.target !== grip) this.cycleSort(col.key); });
+      this.head.append(th);
     });
+  }
+
+  // Header clicks: ascending, descending, unsorted.
+  cycleSort(key) {
+    if (this.sortKey !== key) this.setSort(key, 1);
+    else if (this.sortDir === 1) this.setSort(key, -1);
+    else this.setSort(null, 1);
+  }
+
+  setSort(key, dir = 1) {
+    this.sortKey = this.columns.some((c) => c.key === key) ? key : null;
+    this.sortDir = dir;
+    this.columns.forEach((col, i) => {
+      const on = col.key === this.sortKey;
+      const th = this.head.children[i];
+      th.setAttribute("aria-sort", on ? (dir === 1 ? "ascending" : "descending") : "none");
+      th.classList.toggle("sorted", on);
+      th.classList.toggle("desc", on && dir === -1);
+    });
+    this.setRows(this.source);
+    if (this.selected) this.reveal(this.indexOf(this.selected));
+  }
+
+  sorted(rows) {
+    const col = this.columns.find((c) => c.key === this.sortKey);
+    if (!col) return rows;
+    const keyOf = col.sort || col.value || (() => null);
+    const dir = this.sortDir;
+    // Keys once per row, then a stable sort: equal keys keep the rows' order.
+    const keyed = rows.map((row, i) => ({ row, i, k: keyOf(row) }));
+    keyed.sort((a, b) => {
+      const empty = isEmpty(a.k) - isEmpty(b.k); // empty cells last, either way
+      return empty || (isEmpty(a.k) ? 0 : compareKeys(a.k, b.k) * dir) || a.i - b.i;
+    });
+    return keyed.map((x) => x.row);
   }
 
   applyWidths() {
@@ -97,8 +151,11 @@ export class VirtualTable {
   // dropped from the start since the last call: the view shifts by as much, so
   // the row the user is reading stays where it is.
   setRows(rows, { removedFromTop = 0 } = {}) {
-    const follow = this.isAtBottom();
-    this.rows = rows;
+    // Sorted, new rows land anywhere: the view stays where the user put it.
+    const follow = !this.sortKey && this.isAtBottom();
+    this.source = rows;
+    this.rows = this.sortKey ? this.sorted(rows) : rows;
+    if (this.sortKey) removedFromTop = 0;
     this.canvas.style.height = `${rows.length * this.rowHeight}px`;
     this.el.setAttribute("aria-rowcount", String(rows.length));
     if (follow) {
@@ -238,6 +295,10 @@ export class VirtualTable {
 
   clear() {
     this.rows = [];
+    this.source = []; // as shown: the caller's rows, sorted when a column is
+    this.source = []; // the caller's rows, in their own order
+    this.sortKey = null; // the column key sorted by, or null
+    this.sortDir = 1; // 1 ascending, -1 descending
     this.selected = null;
     clear(this.canvas);
     this.rendered.clear();
