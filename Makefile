@@ -14,7 +14,7 @@ doctor: setup
 	$(PY) -m qtap_devtools doctor
 
 test: setup
-	$(PY) -m pytest -ra $(PYTEST_ARGS)
+	$(PY) -m pytest -ra --durations=10 $(PYTEST_ARGS)
 
 test-fast: setup
 	$(PY) -m pytest -ra -m "not kernel and not docker and not browser" $(PYTEST_ARGS)
