@@ -18,7 +18,12 @@ from qtap_devtools import __version__
 from qtap_devtools.capfile import NotACaptureFile
 from qtap_devtools.config import Config, ConfigError, Listen
 
-TUNNEL = "ssh -L 10001:localhost:10001 host"
+def tunnel(port: int) -> str:
+    """How to reach an agent on ``port`` from another machine."""
+    return f"ssh -L {port}:localhost:{port} host"
+
+
+TUNNEL = tunnel(10001)
 
 MAIN_EXAMPLES = """\
 examples:
@@ -47,19 +52,22 @@ REPLAY_EXAMPLES = """\
 examples:
   qtap-devtools replay traffic-capture.txt
   qtap-devtools replay traffic-capture.txt --speed 1 --listen 127.0.0.1:10002
-  curl -sN http://localhost:10001/devtools/api/events | grep "^data:" | sed 's/^data: //' | jq .
+  curl -sN http://localhost:10002/devtools/api/events | grep "^data:" | sed 's/^data: //' | jq .
+  # (for curl the stream ends after the file's last event; the page stays connected)
 """
 
 HAR_EXAMPLES = """\
 examples:
   qtap-devtools har traffic-capture.txt -o traffic.har
   qtap-devtools har traffic-capture.txt | jq '.log.entries[].request.url'
+  curl -sN http://localhost:10002/devtools/api/events | qtap-devtools har - -o replayed.har
 """
 
 DOCTOR_EXAMPLES = """\
 examples:
   sudo qtap-devtools doctor
   sudo qtap-devtools doctor --agent http://127.0.0.1:10002   # drop counters of the agent serving there
+  QTAP_TOKEN=… sudo -E qtap-devtools doctor                # an agent started with --token
 """
 
 
@@ -186,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="1 = as recorded, 2 = twice as fast, 0 = all at once (default 0)")
 
     hp = sub.add_parser("har", help="convert a capture file to HAR 1.2", epilog=HAR_EXAMPLES, formatter_class=fmt)
-    hp.add_argument("file", type=Path, help="a capture file (run --output FILE, or the event stream saved by curl)")
+    hp.add_argument("file", type=Path,
+                    help="a capture file (run --output FILE, or the event stream saved by curl); - reads standard input")
     hp.add_argument("--output", "-o", type=Path, metavar="FILE", help="write here instead of stdout")
     hp.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
 
@@ -195,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     dp.add_argument("--agent", default="http://127.0.0.1:10001", metavar="URL", type=_agent_url,
                     help="also report the drop counters of the agent serving here (default %(default)s)")
+    dp.add_argument("--token", default=os.environ.get("QTAP_TOKEN"),
+                    help="the token of an agent started with --token (default: $QTAP_TOKEN)")
     return parser
 
 
@@ -210,10 +221,12 @@ def _capture_rate(args: argparse.Namespace) -> float:
 
 
 def _config(args: argparse.Namespace) -> Config:
+    if args.token is not None and not args.token.strip():
+        raise ConfigError("--token: must not be empty (an empty token would let anyone in)")
     if not args.listen.is_loopback and not args.token:
         raise ConfigError(
             f"refusing to listen on {args.listen.host}: the stream carries every captured header, body and "
-            f"token, so it stays on loopback. From another machine use an SSH tunnel: {TUNNEL} "
+            f"token, so it stays on loopback. From another machine use an SSH tunnel: {tunnel(args.listen.port)} "
             "(or pass --token to require a token)"
         )
     extra = {}
@@ -313,14 +326,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        # A long-running agent's log has times; a one-shot conversion's
+        # messages read like the rest of its output.
+        format=("qtap-devtools: %(message)s" if args.command == "har"
+                else "%(asctime)s %(levelname)s %(name)s: %(message)s"),
         stream=sys.stderr,
     )
     try:
         if args.command == "doctor":
             from qtap_devtools import doctor
 
-            return doctor.run(agent_url=args.agent)
+            return doctor.run(agent_url=args.agent, token=args.token)
         if args.command == "har":
             return _har(args)
         config = _config(args)
@@ -352,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
 def _har(args: argparse.Namespace) -> int:
     from qtap_devtools import har, replay
 
+    if str(args.file) == "-":  # a pipe: `zcat old.txt.gz | qtap-devtools har -`
+        args.file = Path("/dev/stdin")
     _readable(args.file)
     if args.output:
         _har_output(args.output, args.file)  # before the conversion, not after it

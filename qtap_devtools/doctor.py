@@ -265,15 +265,24 @@ DROP_COUNTERS = (
 )
 
 
-def _running_agent(url: str) -> Check:
+def _running_agent(url: str, token: str | None = None) -> Check:
     """The drop counters of an agent already serving at ``url``, if one is."""
+    import urllib.error
     import urllib.request
 
     import orjson
 
+    req = urllib.request.Request(url.rstrip("/") + "/devtools/api/stats",
+                                 headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
-        with urllib.request.urlopen(url.rstrip("/") + "/devtools/api/stats", timeout=3) as resp:
+        with urllib.request.urlopen(req, timeout=3) as resp:
             stats = orjson.loads(resp.read())
+    except urllib.error.HTTPError as exc:  # it answers, but not with its stats
+        if exc.code == 401:
+            why = "its token was wrong" if token else "it was started with --token"
+            return Check("running agent", False, f"the agent at {url} refused the request ({why})",
+                         "pass its token: --token TOKEN or QTAP_TOKEN=TOKEN", required=False)
+        return Check("running agent", False, f"the agent at {url} answered HTTP {exc.code}", required=False)
     except Exception:
         return Check("running agent", True, f"none answers at {url}", required=False)
     counts = [(int((stats.get(section) or {}).get(key) or 0), what) for section, key, what in DROP_COUNTERS]
@@ -293,14 +302,14 @@ def _running_agent(url: str) -> Check:
 
 
 def run(cache_dir: Path | None = None, print_fn: Callable[[str], None] = print,
-        agent_url: str = "http://127.0.0.1:10001") -> int:
+        agent_url: str = "http://127.0.0.1:10001", token: str | None = None) -> int:
     checks: list[tuple[str, Callable[[], Check]]] = [
         ("root", _root), ("bpf", _bpf_syscall), ("btf", _btf), ("tracefs", _tracefs),
         ("tracepoints", _tracepoints), ("uprobes", _uprobes), ("kprobes", _kprobes), ("bcc", _bcc),
         ("compiled parts", _compiled),
         ("kernel headers", lambda: _headers(cache_dir)), ("trial probe", lambda: _trial_load(cache_dir)),
         ("tls libraries", _tls_libraries), ("capture probes", _capture_probes), ("docker", _docker),
-        ("running agent", lambda: _running_agent(agent_url)),
+        ("running agent", lambda: _running_agent(agent_url, token)),
     ]
     print_fn(f"qtap-devtools doctor — kernel {platform.release()} on {platform.machine()}")
     failed = []

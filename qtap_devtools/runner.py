@@ -89,8 +89,12 @@ async def serve(
             exc = serve_task.exception()
             raise OSError(f"cannot serve on {cfg.listen.url()}: {exc or 'the server stopped at start'}")
         await asyncio.sleep(0.02)
-    print(f"qtap-devtools: serving {rt.mode} events on {cfg.listen.url()}/devtools/api/events "
-          f"(DevTools page: {cfg.listen.url()}/devtools)", flush=True)
+    if rt.token:  # the page sets a cookie from ?token= once; curl sends a header
+        page = f"{cfg.listen.url()}/devtools?token=<token, percent-encoded>"
+        stream = f"{cfg.listen.url()}/devtools/api/events (with Authorization: Bearer <token>)"
+    else:
+        page, stream = f"{cfg.listen.url()}/devtools", f"{cfg.listen.url()}/devtools/api/events"
+    print(f"qtap-devtools: serving {rt.mode} events on {stream} (DevTools page: {page})", flush=True)
 
     stop_wait = asyncio.create_task(stopping.wait())
     if on_started is not None:

@@ -39,6 +39,7 @@ from qtap_devtools.store import Store
 log = logging.getLogger(__name__)
 
 API = "/devtools/api"
+REPLAY_BATCH_BYTES = 256 << 10  # a capture file's events go out this many bytes a write (the live stream's batch too)
 
 
 @dataclass
@@ -195,20 +196,35 @@ def create_app(rt: Runtime) -> Starlette:
             told = bc.started_pids() if resume_after == 0 else set()
             first += [e for e in store.snapshot_processes() if e.inner.get("pid") not in told and flt.matches(e)]
         sub = bc.subscribe(flt, first, resume_after)
+        # A capture file's stream ends after its last event, as `cat` would, so
+        # `curl … | grep | jq` prints and exits; the page's EventSource (which
+        # asks for text/event-stream) would only reconnect, so its stays open.
+        ends = replay is not None and "text/event-stream" not in request.headers.get("accept", "")
 
         async def frames():
             try:
                 while (frame := await sub.next_batch()) is not None:
                     yield frame
+                    # Between writes the loop runs once: a client that went away
+                    # is seen (uvicorn stops writing) before the next batch,
+                    # instead of asyncio logging every write to its dead socket.
+                    await asyncio.sleep(0)
                     if replay is not None and frame.startswith(b"event: system.connected"):
                         async for f in _replay_frames(replay, flt, resume_after):
                             yield f
+                            await asyncio.sleep(0)
+                        if ends:
+                            return
             finally:
                 bc.unsubscribe(sub)
 
         async def _replay_frames(items: list[Envelope], flt: EventFilter, after: int | None):
+            """The file's events after ``after``, joined up to REPLAY_BATCH_BYTES
+            a write (one event a write at the recorded pace)."""
             speed = cfg.replay_speed
             prev = None
+            out: list[bytes] = []
+            size = 0
             for index, env in enumerate(items, 1):
                 if bc.closed:
                     return
@@ -217,11 +233,19 @@ def create_app(rt: Runtime) -> Starlette:
                 if not flt.matches(env):
                     continue
                 if speed > 0 and prev is not None and env.ts_ns > prev:
+                    if out:
+                        yield b"".join(out)
+                        out, size = [], 0
                     await asyncio.sleep(replay_pause(env.ts_ns - prev, speed, cfg.replay_max_gap))
                 prev = env.ts_ns or prev
-                yield env.frame[:-1] + b"id: %s-%d\n\n" % (bc.instance.encode(), index)
-                if index % 256 == 0:
-                    await asyncio.sleep(0)  # let shutdown and other clients in
+                frame = env.frame[:-1] + b"id: %s-%d\n\n" % (bc.instance.encode(), index)
+                out.append(frame)
+                size += len(frame)
+                if size >= REPLAY_BATCH_BYTES:
+                    yield b"".join(out)
+                    out, size = [], 0
+            if out:
+                yield b"".join(out)
 
         # sse-starlette separates lines with "\r\n" by default; our frames use
         # "\n", so the keep-alive comment does too (one line ending per stream).
@@ -314,7 +338,7 @@ def create_app(rt: Runtime) -> Starlette:
         items = [
             {"path": r.path, "method": "GET", "description": (r.endpoint.__doc__ or "").strip()}
             for r in routes
-            if isinstance(r, Route)
+            if isinstance(r, Route) and r.endpoint is not devtools_redirect  # listed with the page
         ]
         return JSONResponse({"total": len(items), "items": items})
 
@@ -349,6 +373,8 @@ def create_app(rt: Runtime) -> Starlette:
         healthz: "Liveness",
         readyz: "Readiness: 200 once capture runs, 503 with the reason before",
         metrics: "Prometheus metrics",
+        api_index: "This list",
+        index: "The DevTools page (/devtools and / redirect here)",
     }
     for fn, doc in docs.items():
         fn.__doc__ = doc

@@ -214,6 +214,18 @@ def test_a_failed_har_conversion_leaves_no_output_file_behind(tmp_path):
     assert os.listdir(tmp_path) == ["garbage"]  # no temporary file either
 
 
+def test_har_reads_standard_input_and_an_empty_file_says_so_in_one_plain_line(tmp_path):
+    data = EXAMPLE.read_bytes()
+    r = subprocess.run([sys.executable, "-m", "qtap_devtools", "har", "-"], cwd=ROOT, input=data,
+                       capture_output=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    from_file = cli("har", str(EXAMPLE))
+    assert r.stdout.decode() == from_file.stdout and from_file.stdout.count('"request"') >= 1
+    (tmp_path / "empty.txt").write_text("")
+    r = cli("har", str(tmp_path / "empty.txt"))
+    assert r.returncode == 0 and r.stderr.startswith("qtap-devtools: ") and "no events" in r.stderr, r.stderr
+
+
 def test_har_of_one_transaction_says_one_entry(tmp_path):
     one = tmp_path / "one.txt"
     frames = EXAMPLE.read_bytes().split(b"\n\n")
@@ -226,6 +238,13 @@ def test_har_of_one_transaction_says_one_entry(tmp_path):
 def test_doctor_refuses_an_agent_address_that_is_not_a_url(url):
     r = cli("doctor", "--agent", url)
     assert r.returncode == 2 and "expected the agent's URL" in r.stderr
+
+
+def test_an_empty_token_is_refused_and_a_refused_address_names_its_own_tunnel():
+    r = cli("replay", str(EXAMPLE), "--listen", "127.0.0.1:0", "--token", "")
+    assert r.returncode == 2 and "--token: must not be empty" in r.stderr
+    r = cli("replay", str(EXAMPLE), "--listen", "0.0.0.0:11051")
+    assert r.returncode == 2 and "ssh -L 11051:localhost:11051 host" in r.stderr, r.stderr
 
 
 def test_replay_max_gap_is_checked_and_passed_on():

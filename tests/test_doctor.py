@@ -149,6 +149,23 @@ def test_running_agent_line_reports_a_real_agent_with_nothing_dropped(tmp_path):
     assert check.ok and check.detail.startswith(f"replay agent at {proc.url}") and "nothing dropped" in check.detail
 
 
+def test_an_agent_started_with_a_token_is_not_reported_absent(tmp_path):
+    from tests import samples
+    from tests.agentproc import agent, free_port
+
+    capture = samples.write_capture(tmp_path / "c.txt")
+    port = free_port()
+    with agent(["replay", str(capture), "--token", "s3cr/t"], port, tmp_path / "a.log") as proc:
+        without = doctor._running_agent(proc.url)
+        wrong = doctor._running_agent(proc.url, "nope")
+        right = doctor._running_agent(proc.url, "s3cr/t")
+        # The start-up line says how to reach it with the token.
+        assert "/devtools?token=<token, percent-encoded>" in proc.output()
+    assert not without.ok and "started with --token" in without.detail and "QTAP_TOKEN" in without.fix
+    assert not wrong.ok and "token was wrong" in wrong.detail
+    assert right.ok and "nothing dropped" in right.detail
+
+
 def test_running_agent_line_names_every_drop_counter(monkeypatch):
     """The agent's stats are stood in for (a loss cannot be forced on a replay
     agent): each counter in DROP_COUNTERS is named with its count."""

@@ -126,6 +126,7 @@ def test_rest_processes_connections_endpoints_and_index(server):
                                                              ("GET", "/v1/crash")}
     index = get(server.url + "/devtools/api")[1]
     assert any(i["path"] == "/devtools/api/events" for i in index["items"])
+    assert all(i["description"] for i in index["items"]), index  # every entry says what it is
     status, text = get(server.url + "/metrics")
     assert status == 200 and 'qtap_devtools_events_total{type="request.http_transaction"} 3' in text
 
@@ -211,6 +212,53 @@ def test_har_command_converts_a_capture(tmp_path):
     assert doc["log"]["entries"][0]["request"]["postData"]["text"] == '{"user": "john"}'
 
 
+def test_a_replays_stream_ends_after_the_files_last_event_for_curl(tmp_path):
+    """`curl -sN … | grep | jq` on a capture file prints and exits, as `cat`
+    would; the grep in the middle would otherwise hold the file's last events
+    in its buffer for ever."""
+    events = samples.session_events()
+    capture = samples.write_capture(tmp_path / "c.txt", events)
+    port = free_port()
+    with agent(["replay", str(capture)], port, tmp_path / "a.log"):
+        script = (f"curl -sN http://localhost:{port}/devtools/api/events | grep 'request.http_transaction' -A1 "
+                  "| grep '^data:' | sed 's/^data: //' | jq -c '.data.data.summary.response_status'")
+        out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30)
+        statuses = [e.payload()["data"]["summary"]["response_status"] for e in events
+                    if e.type == "request.http_transaction"]
+        assert out.returncode == 0 and out.stdout.split() == [str(s) for s in statuses] and statuses
+        whole = subprocess.run(["curl", "-sN", f"http://localhost:{port}/devtools/api/events"],
+                               capture_output=True, text=True, timeout=30).stdout
+        ids = [line[4:] for line in whole.splitlines() if line.startswith("id: ")]
+        assert len(ids) == len(events)
+        # Resumed after its last id, it ends at once, with nothing more.
+        rest = subprocess.run(["curl", "-sN", "-H", f"Last-Event-ID: {ids[-1]}",
+                               f"http://localhost:{port}/devtools/api/events"],
+                              capture_output=True, text=True, timeout=30)
+        assert rest.returncode == 0 and "id: " not in rest.stdout and "system.connected" in rest.stdout
+
+
+def test_a_client_gone_in_the_middle_of_the_history_costs_no_log_lines(tmp_path):
+    """`curl …?after=0 | head -c 3000`: the agent stops writing to the closed
+    socket instead of asyncio logging one warning a write."""
+    from tests.uihelpers import bulk_transactions
+
+    capture = samples.write_capture(tmp_path / "c.txt", bulk_transactions(3000))
+    port = free_port()
+    with agent(["replay", str(capture)], port, tmp_path / "a.log") as proc:
+        for _ in range(3):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock.sendall(b"GET /devtools/api/events?after=0 HTTP/1.1\r\nHost: localhost\r\n"
+                         b"Accept: text/event-stream\r\n\r\n")
+            got = b""
+            while len(got) < 3000:
+                got += sock.recv(3000)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")  # a reset, as a killed curl's
+            sock.close()
+        time.sleep(1)
+        assert get(proc.url + "/healthz")[0] == 200
+        assert "raised exception" not in proc.output(), proc.output()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_shutdown_says_goodbye_to_every_client_and_exits_promptly(tmp_path, sig):
     capture = samples.write_capture(tmp_path / "c.txt")
@@ -219,7 +267,8 @@ def test_shutdown_says_goodbye_to_every_client_and_exits_promptly(tmp_path, sig)
     streams = []
     for _ in range(3):
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        conn.request("GET", "/devtools/api/events")
+        # As EventSource asks: a replay's stream then stays open after the file.
+        conn.request("GET", "/devtools/api/events", headers={"Accept": "text/event-stream"})
         streams.append(conn.getresponse())
     for resp in streams:
         resp.readline()  # the stream is live
