@@ -183,6 +183,11 @@ def create_app(rt: Runtime) -> Starlette:
     @guarded
     async def stream(request: Request) -> Response:
         flt = _only(request, "snapshot", "after")
+        if request.method == "HEAD":
+            # The headers a GET would get, and no stream: uvicorn never reads
+            # from a HEAD whose response streams, so a subscriber made for it
+            # would outlive its client (a `curl -I` leaked one, queue and all).
+            return Response(headers={"Cache-Control": "no-store", "Content-Type": "text/event-stream; charset=utf-8"})
         snapshot = _flag(request, "snapshot", True)
         resume = request.headers.get("last-event-id") or request.query_params.get("after")
         resume_after = parse_event_id(resume, bc.instance) if resume else None

@@ -259,6 +259,22 @@ def test_a_client_gone_in_the_middle_of_the_history_costs_no_log_lines(tmp_path)
         assert "raised exception" not in proc.output(), proc.output()
 
 
+def test_head_on_the_stream_opens_no_subscriber(tmp_path):
+    """`curl -I …/events`: the headers, and no client left behind holding a queue."""
+    capture = samples.write_capture(tmp_path / "c.txt")
+    port = free_port()
+    with agent(["replay", str(capture)], port, tmp_path / "a.log") as proc:
+        for _ in range(3):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("HEAD", "/devtools/api/events")
+            resp = conn.getresponse()
+            assert resp.status == 200 and resp.getheader("content-type").startswith("text/event-stream")
+            assert resp.read() == b""
+            conn.close()
+        status, health = get(proc.url + "/healthz")
+        assert status == 200 and health["clients"] == 0 and health["clientsTotal"] == 0
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_shutdown_says_goodbye_to_every_client_and_exits_promptly(tmp_path, sig):
     capture = samples.write_capture(tmp_path / "c.txt")
