@@ -33,6 +33,9 @@ _CLOSE = object()
 # a second they came ~1,000 times a second with a few events each.  An event
 # after a quiet spell still goes out at once; only the next one waits.
 SEND_PACE_SECONDS = 0.005
+# system.dropped's reasons.
+QUEUE_OVERFLOWED = "client fell behind; its queue overflowed"
+HISTORY_EVICTED = "resumed past the history the agent still holds (older events were evicted)"
 
 
 class Published:
@@ -85,8 +88,8 @@ class Published:
 def parse_event_id(text: str, instance: str) -> int | None:
     """The sequence number to resume after, or 0 for "all you have" when the
     id comes from another instance (the agent restarted); None if malformed."""
-    inst, _, seq = text.rpartition("-")
-    if not (seq.isascii() and seq.isdigit()) or len(text) > 100:  # "²".isdigit(), but int() refuses it
+    inst, sep, seq = text.rpartition("-")
+    if not (seq.isascii() and seq.isdigit()) or len(text) > 100 or (sep and not inst):  # "-5"  # "²".isdigit(), but int() refuses it
         return None
     return int(seq) if inst in ("", instance) else 0
 
@@ -106,6 +109,7 @@ class Subscriber:
     pace: float = SEND_PACE_SECONDS
     _wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     _sent_at: float = 0.0  # monotonic time the last batch was taken
+    gap_reason: str = QUEUE_OVERFLOWED  # why the events in `missed` are missing
 
     def offer(self, item: Published) -> None:
         size = item.size
@@ -121,14 +125,16 @@ class Subscriber:
     def notify_gap(self, missed: int) -> None:
         """Events this subscriber should have had are gone (history evicted
         past a resume point): tell it, in stream order."""
+        self.gap_reason = HISTORY_EVICTED
         self.missed += missed
         self.total_missed += missed
 
     def _mark_gap(self) -> None:
         # The notice goes where the missing events would have been.
         if self.missed:
-            self.queue.append(_Gap(self.missed, self.total_missed))
+            self.queue.append(_Gap(self.missed, self.total_missed, self.gap_reason))
             self.missed = 0
+            self.gap_reason = QUEUE_OVERFLOWED
 
     def close(self, final: Envelope | None) -> None:
         # The goodbye may exceed maxsize: a client must learn why its stream ends.
@@ -166,7 +172,8 @@ class Subscriber:
                     break
                 queue.popleft()
                 if isinstance(item, _Gap):
-                    frame = SystemDropped(missed=item.missed, total_missed=item.total).envelope().frame
+                    frame = SystemDropped(missed=item.missed, total_missed=item.total,
+                                          reason=item.reason).envelope().frame
                     out.append(frame)
                     size += len(frame)
                 else:
@@ -185,6 +192,7 @@ class Subscriber:
 class _Gap:
     missed: int
     total: int
+    reason: str
 
 
 class Broadcaster:

@@ -293,11 +293,12 @@ class SystemConnected(Event):
 
 @dataclass(slots=True)
 class SystemDropped(Event):
-    """Sent to one client whose queue overflowed: what it missed, not why."""
+    """Sent to one client: how many events it missed, and why."""
 
     missed: int
     total_missed: int
     ts_ns: int = field(default_factory=now_ns)
+    reason: str = "client fell behind; its queue overflowed"
 
     @property
     def type(self) -> str:
@@ -307,7 +308,7 @@ class SystemDropped(Event):
         return {
             "missed": self.missed,
             "totalMissed": self.total_missed,
-            "reason": "client fell behind; its queue overflowed",
+            "reason": self.reason,
         }
 
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import re
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from importlib import resources
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, TypeVar
 from urllib.parse import parse_qsl, quote, unquote
 
 import orjson
@@ -39,6 +40,7 @@ from qtap_devtools.store import Store
 log = logging.getLogger(__name__)
 
 API = "/devtools/api"
+T = TypeVar("T")
 REPLAY_BATCH_BYTES = 256 << 10  # a capture file's events go out this many bytes a write (the live stream's batch too)
 
 
@@ -90,9 +92,10 @@ class HostGuard:
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         host = headers.get(b"host", b"").decode("latin-1").lower()
-        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        name, port = (host.rsplit(":", 1) if ":" in host and not host.endswith("]") else (host, ""))
         any_host = bool(self.runtime.token) and not self.runtime.config.listen.is_loopback
-        if name not in self.allowed and not any_host:
+        # Any port (a tunnel may arrive on another), but a port, not "11070@evil.com".
+        if (name not in self.allowed or not (port == "" or port.isascii() and port.isdigit())) and not any_host:
             resp = error(403, "FORBIDDEN_HOST", f"Host {host!r} is not this agent (DNS-rebinding guard)")
             return await resp(scope, receive, send)
         token = self.runtime.token
@@ -135,8 +138,17 @@ def _only(request: Request, *extra: str) -> EventFilter:
     return EventFilter.from_query(request.query_params)
 
 
+def _one(request: Request, name: str) -> str | None:
+    """The parameter's one value, or None; given twice is an error, not the
+    last one silently winning."""
+    values = request.query_params.getlist(name)
+    if len(values) > 1:
+        raise FilterError(f"{name}: give one value, not {len(values)}")
+    return values[0] if values else None
+
+
 def _flag(request: Request, name: str, default: bool) -> bool:
-    raw = request.query_params.get(name)
+    raw = _one(request, name)
     if raw is None:
         return default
     value = raw.strip().lower()
@@ -145,17 +157,25 @@ def _flag(request: Request, name: str, default: bool) -> bool:
     return value in ("true", "1", "yes")
 
 
+_DIGITS = re.compile(r"[0-9]{1,12}")  # ASCII digits only: int() also takes "1_0", " 1" and other scripts' digits
+
+
 def _int(request: Request, name: str, default: int, lo: int, hi: int) -> int:
-    raw = request.query_params.get(name)
+    raw = _one(request, name)
     if raw is None:
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise FilterError(f"{name}: expected an integer from {lo} to {hi}") from None
-    if not lo <= value <= hi:
+    if not _DIGITS.fullmatch(raw) or not lo <= int(raw) <= hi:
         raise FilterError(f"{name}: expected an integer from {lo} to {hi}")
-    return value
+    return int(raw)
+
+
+async def _off_loop(fn: Callable[[], T]) -> T:
+    """Run a REST answer's work (parsing and filtering every held transaction,
+    rendering a HAR of megabytes) on a worker thread: on the event loop it held
+    up the stream, capture and /healthz for as long as it took (a second for a
+    full history's HAR).  The GIL still serialises the two, but the loop gets
+    its turn every switch interval instead of waiting for the whole answer."""
+    return await asyncio.to_thread(fn)
 
 
 def create_app(rt: Runtime) -> Starlette:
@@ -274,18 +294,32 @@ def create_app(rt: Runtime) -> Starlette:
 
     @guarded
     async def transactions(request: Request) -> Response:
-        flt = _only(request, "limit", "offset")
+        flt = _only(request, "limit", "offset", "before")
         limit = _int(request, "limit", 100, 1, 10_000)
         offset = _int(request, "offset", 0, 0, 10_000_000)
-        rows = [e for e in map(Envelope.parsed, store.recent_transactions()) if flt.matches(e)]
-        rows.reverse()  # newest first
-        page = rows[offset : offset + limit]
-        return JSONResponse({
-            "transactions": [{**e.inner, "ts": e.body.get("ts")} for e in page],
-            "total": len(rows),
-            "limit": limit,
-            "offset": offset,
-        })
+        before = _one(request, "before")
+        held = store.recent_transactions()  # taken here, read off the loop
+
+        def page() -> dict:
+            rows = [e for e in map(Envelope.parsed, held) if flt.matches(e)]
+            rows.reverse()  # newest first
+            start = offset
+            if before is not None:  # a cursor: new arrivals do not shift the pages after it
+                at = next((i for i, e in enumerate(rows) if e.inner.get("requestId") == before), None)
+                if at is None:
+                    raise FilterError(f"before={before!r}: no such transaction held (evicted, or not matching)")
+                start += at + 1
+            chosen = rows[start : start + limit]
+            return {
+                "transactions": [{**e.inner, "ts": e.body.get("ts")} for e in chosen],
+                "total": len(rows),
+                "limit": limit,
+                "offset": offset,
+                # Where the next page starts: ?before=<this> (absent on the last page).
+                **({"next_before": chosen[-1].inner.get("requestId")} if start + limit < len(rows) and chosen else {}),
+            }
+
+        return JSONResponse(await _off_loop(page))
 
     @no_parameters
     async def transaction(request: Request) -> Response:
@@ -331,8 +365,13 @@ def create_app(rt: Runtime) -> Starlette:
     @guarded
     async def har_export(request: Request) -> Response:
         flt = _only(request)
-        doc = har.from_envelopes(e for e in map(Envelope.parsed, store.recent_transactions()) if flt.matches(e))
-        return JSONResponse(doc, headers={"Content-Disposition": 'attachment; filename="qtap-devtools.har"'})
+        held = store.recent_transactions()
+
+        def export() -> JSONResponse:  # rendered off the loop too: megabytes of JSON
+            doc = har.from_envelopes(e for e in map(Envelope.parsed, held) if flt.matches(e))
+            return JSONResponse(doc, headers={"Content-Disposition": 'attachment; filename="qtap-devtools.har"'})
+
+        return await _off_loop(export)
 
     @no_parameters
     async def metrics(request: Request) -> Response:

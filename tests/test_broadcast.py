@@ -47,6 +47,7 @@ def test_overflow_is_counted_and_reported_as_system_dropped():
         got = await drain(slow, 11)
         assert [d["data"]["pid"] for t, d in got[:10]] == list(range(10))
         assert got[10][0] == "system.dropped" and got[10][1]["data"]["missed"] == 15
+        assert got[10][1]["data"]["reason"] == "client fell behind; its queue overflowed"
         bc.publish(env(99))
         assert (await drain(slow, 1))[0][1]["data"]["pid"] == 99
 
@@ -81,6 +82,7 @@ def test_event_ids_from_another_agent_run_resume_from_the_start():
     assert parse_event_id("old-17", "abc") == 0  # restarted: everything it has is new
     assert parse_event_id("17", "abc") == 17
     assert parse_event_id("x-y", "abc") is None
+    assert parse_event_id("-5", "abc") is None  # not "after 5"
     assert parse_event_id("abc-\u00b2", "abc") is None  # a digit to str.isdigit, not to int()
 
 
@@ -150,6 +152,7 @@ def test_resuming_past_the_kept_history_is_told_what_it_missed():
         sub = bc.subscribe(EventFilter(), resume_after=3)
         got = await drain(sub, 6)
         assert got[0][0] == "system.dropped" and got[0][1]["data"]["missed"] == 12
+        assert "evicted" in got[0][1]["data"]["reason"]  # not "its queue overflowed": it did not
         assert [d["data"]["pid"] for _, d in got[1:]] == [15, 16, 17, 18, 19]
     asyncio.run(go())
 

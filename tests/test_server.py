@@ -37,7 +37,8 @@ def server(tmp_path_factory):
         yield proc
 
 
-@pytest.mark.parametrize("host", ["evil.example.com", "evil.example.com:10001", "192.168.1.10", "localhost.evil.com"])
+@pytest.mark.parametrize("host", ["evil.example.com", "evil.example.com:10001", "192.168.1.10", "localhost.evil.com",
+                                  "localhost:11070@evil.com", "localhost:evil"])
 def test_foreign_host_header_is_refused(server, host):
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
     conn.putrequest("GET", "/devtools/api/stats", skip_host=True)
@@ -77,7 +78,8 @@ def test_errors_are_json(server):
 
 
 @pytest.mark.parametrize("query", ["status=abc", "pid=x", "type=bogus", "limit=-1", "limit=99999999",
-                                   "q=" + "x" * 300])
+                                   "q=" + "x" * 300, "limit=1&limit=2", "limit=1_0", "limit=%201", "limit=%D9%A3",
+                                   "offset=1&offset=2", "before=nope"])
 def test_bad_query_parameters_get_400_with_reason(server, query):
     status, body = get(server.url + "/devtools/api/transactions?" + query)
     assert status == 400 and body["error"]["code"] == "INVALID_REQUEST"
@@ -108,6 +110,24 @@ def test_a_misspelt_or_unknown_parameter_is_a_400_naming_it(server, path, query,
 def test_bad_filter_on_the_stream_is_a_400_not_a_stream(server):
     status, body = get(server.url + "/devtools/api/events?status=99x")
     assert status == 400 and "status" in body["error"]["message"]
+
+
+def test_transactions_page_with_a_cursor_that_new_arrivals_do_not_shift(tmp_path):
+    from tests.uihelpers import bulk_transactions
+
+    capture = samples.write_capture(tmp_path / "c.txt", bulk_transactions(25))
+    with agent(["replay", str(capture)], free_port(), tmp_path / "a.log") as proc:
+        url = proc.url + "/devtools/api/transactions?limit=10"
+        pages, before = [], None
+        while True:
+            status, body = get(url + (f"&before={before}" if before else ""))
+            assert status == 200 and body["total"] == 25
+            pages.append([t["summary"]["request_path"] for t in body["transactions"]])
+            before = body.get("next_before")
+            if before is None:
+                break
+        assert [len(p) for p in pages] == [10, 10, 5]
+        assert sum(pages, []) == [f"/v1/items/{i}" for i in reversed(range(25))]  # newest first, each once
 
 
 def test_server_side_filter_on_transactions(server):
