@@ -478,6 +478,36 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+# Capture stats (see /devtools/api/stats) that are levels, not running counts:
+# everything else there only grows, so it is a Prometheus counter (`_total`).
+CAPTURE_GAUGES = {
+    "pending_events": "Events made and waiting to be published (enrichment waits)",
+    "attachments": "TLS library files attached now",
+    "attachments_tuned": "TLS library files attached with tuned probes now",
+    "probes_linked": "Probes placed now",
+    "byte_budget_per_second": "Plaintext taken in per second before shedding (--max-capture-rate), bytes",
+    "backlog_records": "Records read from the ring and waiting for the pipeline",
+    "backlog_bytes": "Bytes of records waiting for the pipeline",
+    "backlog_limit_records": "Records the backlog holds at most",
+    "backlog_limit_bytes": "Bytes the backlog holds at most",
+    "shedding": "1 while overload shedding cuts bodies",
+}
+CAPTURE_COUNTER_HELP = {
+    "records": "Capture records handled by the pipeline",
+    "transactions": "HTTP transactions assembled",
+    "lost_records": "Records the kernel could not put in the ring (full)",
+    "shed_calls": "TLS/socket calls whose bytes were cut while shedding",
+    "shed_bytes": "Bytes left out while shedding",
+    "shed_episodes": "Times overload shedding started",
+    "processes_gone_before_read": "Processes gone before their /proc entry was read",
+    "containers_from_cgroup_id": "Processes whose container was named from the kernel's cgroup id",
+    "tls_connections_unread": "TLS connections whose plaintext no attached library gave",
+    "record_errors": "Records whose handling failed (a bug; logged)",
+    "file_events_dropped": "Events the --output file fell too far behind to take",
+    "file_write_errors": "Events the --output file lacks: failed writes",
+}
+
+
 def _metrics(rt: Runtime) -> str:
     lines: list[str] = []
 
@@ -488,15 +518,30 @@ def _metrics(rt: Runtime) -> str:
             lines.append(f"qtap_devtools_{name}{labels} {value}")
 
     st = rt.store
+    metric("build_info", "gauge", "The agent's version and mode (always 1)",
+           [(f'{{version="{_label(__version__)}",mode="{_label(rt.mode)}"}}', 1)])
+    metric("uptime_seconds", "gauge", "Seconds since the agent started", [("", round((ev.now_ns() - rt.started_ns) / 1e9, 1))])
     metric("events_total", "counter", "Events published, by type",
            [(f'{{type="{_label(t)}"}}', n) for t, n in sorted(st.by_type.items())])
+    metric("history_evicted_total", "counter", "Transactions let go from the REST history (its bounds)",
+           [("", st.transactions.evicted)])
     bcs = rt.broadcaster.stats()
     metric("sse_clients", "gauge", "Connected SSE clients", [("", bcs["subscribers"])])
     metric("sse_dropped_events_total", "counter", "Events slow SSE clients missed", [("", bcs["subscriberDrops"])])
     cap = rt.capture_stats()
     for key, value in sorted(cap.items()):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            metric(f"capture_{key}", "counter" if key.endswith("total") or key.startswith("lost") else "gauge",
-                   f"Capture counter {key}", [("", value)])
+        if not isinstance(value, (int, float)) or isinstance(value, bool) and key not in CAPTURE_GAUGES:
+            continue
+        if key in CAPTURE_GAUGES:
+            metric(f"capture_{key}", "gauge", CAPTURE_GAUGES[key], [("", int(value))])
+        else:
+            name = key if key.endswith("_total") else f"{key}_total"
+            help_ = CAPTURE_COUNTER_HELP.get(key, f"capture.{key} in /devtools/api/stats")
+            metric(f"capture_{name}", "counter", help_, [("", value)])
+    docker = (cap.get("enrich") or {}).get("docker") or {}
+    if "lookups_too_slow" in docker:
+        metric("docker_lookups_too_slow_total", "counter",
+               "Docker lookups an event stopped waiting for (50 ms): it went out without the name",
+               [("", docker["lookups_too_slow"])])
     metric("ready", "gauge", "1 once capture runs", [("", 0 if rt.not_ready else 1)])
     return "\n".join(lines) + "\n"

@@ -678,6 +678,28 @@ def test_plaintext_host_names_the_endpoint_when_http1_is_detected(live, nginx_pl
     assert [e["meta"]["endpointId"] for e in updates] == ["plain.example.test"] * len(updates)
 
 
+def test_metrics_parse_as_prometheus_text_with_counters_typed_as_counters(live, nginx):
+    """Every running count in /stats is a `_total` counter in /metrics with the
+    same value (read right after), levels are gauges, and each has real help."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    proc, reader, _ = live
+    curl(nginx.url(f"/json?m={marker()}"))
+    status, text = get(proc.url + "/metrics")
+    status_stats, stats = get(proc.url + "/devtools/api/stats")
+    assert status == 200 and status_stats == 200
+    families = {f.name: f for f in text_string_to_metric_families(text)}  # raises on a malformed line
+    counters = {n for n, f in families.items() if f.type == "counter"}
+    for key in ("records", "transactions", "lost_records", "shed_calls", "processes_gone_before_read"):
+        assert f"qtap_devtools_capture_{key}" in counters, key  # the parser strips _total from a counter's name
+        assert families[f"qtap_devtools_capture_{key}"].documentation != f"Capture counter {key}"
+    assert families["qtap_devtools_capture_attachments"].type == "gauge"
+    assert families["qtap_devtools_capture_pending_events"].type == "gauge"
+    assert families["qtap_devtools_build_info"].samples[0].labels["mode"] == "live"
+    attached = families["qtap_devtools_capture_attachments"].samples[0].value
+    assert attached == stats["capture"]["attachments"] >= 1
+
+
 def test_http2_is_shown_on_both_sides_and_counted_not_decoded(live, cert, tmp_path):
     """HTTP/1.x only is decoded; an HTTP/2 connection is shown for what it is,
     by the client (curl --http2) and by the server (nginx), and counted."""
