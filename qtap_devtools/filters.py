@@ -14,13 +14,14 @@ from typing import Any, Mapping
 
 from qtap_devtools.events import EVENT_TYPES, Envelope
 
-_STATUS = re.compile(r"^(?:([1-5])xx|([1-5]\d\d)|(>=|<=|>|<)(\d{3}))$")  # a status is 100-599
+_STATUS = re.compile(r"^(?:([1-5])xx|([1-5]\d\d)|(>=|<=|>|<)([1-5]\d\d))$")  # a status is 100-599
 MAX_VALUES = 32
 MAX_VALUE_LEN = 256
 
 
 # The query parameters a filter reads (a route may take others besides).
-FILTER_KEYS = ("type", "pid", "exe", "container", "host", "method", "status", "q")
+FILTER_KEYS = ("type", "pid", "exe", "container", "host", "method", "status", "q", "side")
+SIDES = ("client", "server")
 
 
 class FilterError(ValueError):
@@ -37,6 +38,9 @@ class EventFilter:
     methods: frozenset[str] = frozenset()
     status: tuple[str, ...] = ()
     text: str | None = None
+    # Both ends of a request between two local processes are captured: the
+    # client's side (it connected) or the server's (it accepted).
+    side: str | None = None
     _status_preds: tuple = field(default=(), repr=False, compare=False)
 
     @classmethod
@@ -70,6 +74,10 @@ class EventFilter:
                 raise FilterError(f"{key}: give one value")
             return v[0].lower() if v else None
 
+        side = one("side")
+        if side is not None and side not in SIDES:
+            raise FilterError(f"side={side!r}: expected client or server")
+
         return cls(
             types=tuple(types),
             pids=pids,
@@ -79,13 +87,15 @@ class EventFilter:
             methods=frozenset(v.upper() for v in values("method")),
             status=tuple(statuses),
             text=one("q"),
+            side=side,
             _status_preds=tuple(preds),
         )
 
     @property
     def active(self) -> bool:
         return bool(
-            self.types or self.pids or self.exe or self.container or self.host or self.methods or self.status or self.text
+            self.types or self.pids or self.exe or self.container or self.host or self.methods or self.status
+            or self.text or self.side
         )
 
     def describe(self) -> dict:
@@ -94,7 +104,7 @@ class EventFilter:
             out["type"] = list(self.types)
         if self.pids:
             out["pid"] = sorted(self.pids)
-        for key in ("exe", "container", "host", "text"):
+        for key in ("exe", "container", "host", "text", "side"):
             if getattr(self, key):
                 out[key] = getattr(self, key)
         if self.methods:
@@ -109,9 +119,12 @@ class EventFilter:
             return True
         if self.types and not any(t == x or t.startswith(x) for x in self.types):
             return False
-        if not (self.pids or self.exe or self.container or self.host or self.methods or self.status or self.text):
+        if not (self.pids or self.exe or self.container or self.host or self.methods or self.status or self.text
+                or self.side):
             return True
         facts = _facts(env)
+        if self.side and facts.get("side") != self.side:  # process events have no side
+            return False
         if self.pids and facts.get("pid") not in self.pids:
             return False
         if self.exe and self.exe not in (facts.get("exe") or "").lower():
@@ -128,7 +141,7 @@ class EventFilter:
             status = facts.get("status")
             if self._status_preds and not (isinstance(status, int) and any(p(status) for p in self._status_preds)):
                 return False
-        if self.text and self.text not in " ".join(str(v) for v in facts.values() if v).lower():
+        if self.text and self.text not in " ".join(str(v) for k, v in facts.items() if v and k != "side").lower():
             return False
         return True
 
@@ -168,6 +181,7 @@ def _facts(env: Envelope) -> dict[str, Any]:
             "method": s.get("request_method"),
             "status": s.get("response_status"),
             "url": s.get("request_url"),
+            "side": "server" if s.get("direction") == "ingress" else "client",
         }
     if t.startswith("connection."):
         local = d.get("destination") if d.get("direction") == "ingress" else d.get("source")
@@ -177,6 +191,7 @@ def _facts(env: Envelope) -> dict[str, Any]:
             "exe": local.get("exe"),
             "container": _cname(local.get("container") or {}),
             "host": (d.get("meta") or {}).get("endpointId"),
+            "side": "server" if d.get("direction") == "ingress" else "client",
         }
     return {}
 

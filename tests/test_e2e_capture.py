@@ -678,6 +678,23 @@ def test_plaintext_host_names_the_endpoint_when_http1_is_detected(live, nginx_pl
     assert [e["meta"]["endpointId"] for e in updates] == ["plain.example.test"] * len(updates)
 
 
+def test_side_keeps_one_end_of_a_loopback_request_on_rest_and_stream(live, nginx):
+    """curl → nginx on this machine is two transactions; side=client is curl's,
+    side=server is nginx's (the page's side: keyword, for curl users)."""
+    proc, reader, _ = live
+    m = marker()
+    curl(nginx.url(f"/json?m={m}"))
+    both_sides(reader, m)
+    exes = {}
+    for side in ("client", "server"):
+        status, body = get(proc.url + f"/devtools/api/transactions?q={m}&side={side}")
+        assert status == 200
+        exes[side] = [os.path.basename(t["summary"]["process_exe"]) for t in body["transactions"]]
+    assert exes == {"client": ["curl"], "server": ["nginx"]}
+    status, body = get(proc.url + "/devtools/api/transactions?side=both")
+    assert status == 400 and "client or server" in body["error"]["message"]
+
+
 def test_metrics_parse_as_prometheus_text_with_counters_typed_as_counters(live, nginx):
     """Every running count in /stats is a `_total` counter in /metrics with the
     same value (read right after), levels are gauges, and each has real help."""
