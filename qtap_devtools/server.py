@@ -284,7 +284,8 @@ def create_app(rt: Runtime) -> Starlette:
 
     @no_parameters
     async def healthz(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "clients": len(bc.subscribers), "clientsTotal": bc.subscribed_total})
+        return JSONResponse({"status": "ok", "clients": len(bc.subscribers), "clientsTotal": bc.subscribed_total,
+                             "version": __version__, "uptime_seconds": round((ev.now_ns() - rt.started_ns) / 1e9, 1)})
 
     @no_parameters
     async def readyz(request: Request) -> Response:
@@ -364,11 +365,13 @@ def create_app(rt: Runtime) -> Starlette:
 
     @guarded
     async def har_export(request: Request) -> Response:
-        flt = _only(request)
+        flt = _only(request, "limit")
+        limit = _int(request, "limit", 10_000_000, 1, 10_000_000)
         held = store.recent_transactions()
 
         def export() -> JSONResponse:  # rendered off the loop too: megabytes of JSON
-            doc = har.from_envelopes(e for e in map(Envelope.parsed, held) if flt.matches(e))
+            chosen = [e for e in map(Envelope.parsed, held) if flt.matches(e)][-limit:]  # the newest
+            doc = har.from_envelopes(chosen)
             return JSONResponse(doc, headers={"Content-Disposition": 'attachment; filename="qtap-devtools.har"'})
 
         return await _off_loop(export)
@@ -413,7 +416,7 @@ def create_app(rt: Runtime) -> Starlette:
         connections: "Open and recently closed connections (state=all|open|closed)",
         endpoints: "Endpoint index: host, method and route with counts and latency",
         stats: "Counters: events by type, drops, capture state",
-        har_export: "Recent transactions as HAR 1.2 (same filters as the stream)",
+        har_export: "Recent transactions as HAR 1.2 (same filters as the stream; limit: the newest N)",
         healthz: "Liveness",
         readyz: "Readiness: 200 once capture runs, 503 with the reason before",
         metrics: "Prometheus metrics",

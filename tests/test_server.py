@@ -90,7 +90,7 @@ def test_bad_query_parameters_get_400_with_reason(server, query):
 @pytest.mark.parametrize("path, query, says", [
     ("/devtools/api/transactions", "stauts=4xx", "'stauts'"),
     ("/devtools/api/events", "typ=request.http_transaction", "'typ'"),
-    ("/devtools/api/har", "limit=5", "'limit'"),
+    ("/devtools/api/har", "limt=5", "'limt'"),
     ("/devtools/api/connections", "stat=open", "'stat'"),
     ("/devtools/api/events", "snapshot=maybe", "snapshot: expected true or false"),
     ("/devtools/api/transactions", "status=600", "status='600'"),
@@ -129,6 +129,8 @@ def test_transactions_page_with_a_cursor_that_new_arrivals_do_not_shift(tmp_path
                 break
         assert [len(p) for p in pages] == [10, 10, 5]
         assert sum(pages, []) == [f"/v1/items/{i}" for i in reversed(range(25))]  # newest first, each once
+        status, doc = get(proc.url + "/devtools/api/har?limit=3")
+        assert status == 200 and [e["request"]["url"].rsplit("/", 1)[1] for e in doc["log"]["entries"]] == ["22", "23", "24"]
 
 
 def test_server_side_filter_on_transactions(server):
