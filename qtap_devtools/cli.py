@@ -18,6 +18,7 @@ from qtap_devtools import __version__
 from qtap_devtools.capfile import NotACaptureFile
 from qtap_devtools.config import Config, ConfigError, Listen
 
+
 def tunnel(port: int) -> str:
     """How to reach an agent on ``port`` from another machine."""
     return f"ssh -L {port}:localhost:{port} host"
