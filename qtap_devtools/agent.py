@@ -213,11 +213,6 @@ class Agent:
         # little and mostly walk the records and events waiting their turn:
         # collect less often (the defaults are 700, 10, 10).
         gc.set_threshold(*GC_THRESHOLDS)
-        for a in self.capture.attachments:
-            if a.ok:
-                print(f"qtap-devtools: attached to {a.path} ({a.library}, {a.mode} probes)", flush=True)
-            else:
-                print(f"qtap-devtools: could not attach to {a.path} ({a.library}): {a.error}", flush=True)
         self._tasks.append(asyncio.create_task(self._ticker()))
         self.runtime.not_ready = None
         slower = compiled.running_note(os.environ)

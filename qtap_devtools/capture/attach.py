@@ -364,10 +364,10 @@ class Attacher:
         att.mode = "tuned" if data and n_tuned == len(data) else "mixed" if n_tuned else "entry"
         if errors:
             att.error = "; ".join(errors)
-            log.warning("attach %s (%s): %s", path, lib, att.error)
+            log.warning("could not attach to %s (%s): %s", path, lib, att.error)
         else:
-            log.info("attached %s (%s, %s): %s", path, lib, att.mode,
-                     ", ".join(f"{s} {att.sites[s]}" for s in data))
+            log.info("attached to %s (%s, %s probes)", path, lib, att.mode)
+            log.debug("%s: %s", path, ", ".join(f"{s} {att.sites[s]}" for s in data))
         return att
 
     def _attach_tuned(self, path: str, held: str, att: Attachment, present: set[str], slot: int) -> set[str]:
