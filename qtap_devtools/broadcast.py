@@ -89,7 +89,8 @@ def parse_event_id(text: str, instance: str) -> int | None:
     """The sequence number to resume after, or 0 for "all you have" when the
     id comes from another instance (the agent restarted); None if malformed."""
     inst, sep, seq = text.rpartition("-")
-    if not (seq.isascii() and seq.isdigit()) or len(text) > 100 or (sep and not inst):  # "-5"  # "²".isdigit(), but int() refuses it
+    # "²".isdigit(), but int() refuses it; "-5" is not "after 5".
+    if not (seq.isascii() and seq.isdigit()) or len(text) > 100 or (sep and not inst):
         return None
     return int(seq) if inst in ("", instance) else 0
 
