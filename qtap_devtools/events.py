@@ -658,7 +658,7 @@ class HttpTransaction(Event):
             "scheme": self.scheme,
             "path": self.path,
             "authority": self.authority,
-            "protocol": "http1",
+            "protocol": "http2" if self.http_version == "HTTP/2" else "http1",
             "http_version": self.http_version,
             "user_agent": self.user_agent if self.user_agent is not None else header(req.headers, "user-agent"),
         }
@@ -704,7 +704,7 @@ class HttpTransaction(Event):
             "request_method": self.method,
             "request_host": self.authority,
             "request_scheme": self.scheme,
-            "request_protocol": "http1",
+            "request_protocol": "http2" if self.http_version == "HTTP/2" else "http1",
             "response_status": self.status,
             "duration_ms": round(self.duration_ms),
             "container_name": container.name if container else None,

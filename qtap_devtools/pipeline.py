@@ -3,7 +3,7 @@
 :class:`Pipeline` is fed batches of typed capture records (in the event loop's
 thread) and produces typed events in order.  It tracks one :class:`_Conn` per
 (pid, fd) — or per (pid, TLS session) when a TLS library works on memory
-buffers and no fd is known — runs a sans-IO HTTP/1 assembler per connection,
+buffers and no fd is known — runs a sans-IO HTTP/1 or HTTP/2 assembler per connection,
 and reads the TLS handshake's clear bytes for SNI and version.  It never raises
 on captured bytes: what cannot be parsed marks the connection ``other``.
 
@@ -25,7 +25,8 @@ from typing import Callable
 from urllib.parse import urlsplit
 
 from qtap_devtools import ids
-from qtap_devtools.assemble.http1 import ConnectionAssembler, Role
+from qtap_devtools.assemble.http1 import ConnectionAssembler, Direction, Role
+from qtap_devtools.assemble.http2 import PREFACE as HTTP2_PREFACE, Http2Assembler
 from qtap_devtools.assemble.model import HttpExchange, combined_headers
 from qtap_devtools.assemble.tls_hello import HelloReader, looks_like_tls
 from qtap_devtools.capture import records as rec
@@ -50,7 +51,6 @@ log = logging.getLogger(__name__)
 MAX_CONNECTIONS = 65_536
 MAX_PENDING_SNI = 4096
 OPEN_GRACE_NS = 100_000_000  # wait this long for a connection's addresses before announcing it
-HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n"
 _REQUEST_START = re.compile(rb"^[A-Z]{3,12} \S+ HTTP/1\.[01]\r?\n")
 _HOST_FIELD = re.compile(rb"\nhost:[ \t]*([^\r\n]+)", re.I)
 _REQUEST_DIRECTION = {"client": "egress", "server": "ingress"}
@@ -93,6 +93,9 @@ class _Conn:
     lent: bool = False  # an fd-less TLS stream that knows its socket (_lend)
     carried: bool = False  # a socket whose events its TLS stream makes now (_lend)
     accepted: bool = False  # seeded from /proc with a listening local port
+    # Set, in place of ``assembler``, once the client's HTTP/2 preface is seen
+    # (kept apart so the HTTP/1 path stays typed for mypyc).
+    h2: Http2Assembler | None = None
 
 
 class Pipeline:
@@ -138,9 +141,13 @@ class Pipeline:
             "unpaired_close": 0,
             "own_traffic_skipped": 0,
             "connects_not_established": 0,
-            # HTTP/2 is recognised but not decoded (HTTP/1.x only): each such
-            # connection is shown, and counted here, its requests are not.
-            "http2_connections_not_decoded": 0,
+            # HTTP/2 connections seen from their preface, whose streams are decoded.
+            "http2_connections": 0,
+            # ... of which decoding stopped (a capture gap, a malformed frame or
+            # header block): their open streams went out incomplete, the rest unread.
+            "http2_connections_undecodable": 0,
+            # Streams past the open-stream limit of one connection, not shown.
+            "http2_streams_not_tracked": 0,
             # Oldest entries let go from the side tables (processes, parents, a
             # TLS stream's borrowed socket, an SNI or address waiting for its
             # socket), each bounded: only a flood of short-lived ones reaches this.
@@ -397,7 +404,7 @@ class Pipeline:
     def on_data(self, r: rec.DataChunk) -> None:
         key = (r.pid, r.fd) if r.fd >= 0 else (r.pid, "tls", r.tls_ref)
         conn = self.conns.get(key)
-        if conn is not None and r.fd < 0 and r.offset == 0 and conn.assembler.position(r.direction):
+        if conn is not None and r.fd < 0 and r.offset == 0 and self._position(conn, r.direction):
             # A TLS stream known only by its SSL* starts again at offset 0:
             # the kernel forgot its offsets at SSL_free and malloc handed the
             # address to a new session.  The old stream is over.
@@ -436,7 +443,7 @@ class Pipeline:
             if sni and not info.sni:
                 info.sni = sni
                 changed = True
-        elif info.is_tls or (conn.assembler.protocol == "unknown" and looks_like_tls(r.data)):
+        elif info.is_tls or (conn.h2 is None and conn.assembler.protocol == "unknown" and looks_like_tls(r.data)):
             # Ciphertext on the socket: read the handshake, never parse it as HTTP.
             info.is_tls = True
             if not info.tls_introspected:
@@ -452,27 +459,31 @@ class Pipeline:
             return
         # Bytes moved but not captured count too (past the per-call record
         # limit, shed, sent with sendfile): the offsets say how many.
-        expected = conn.assembler.position(r.direction)
+        expected = self._position(conn, r.direction)
         moved = len(r.data) + (r.offset - expected if expected is not None and r.offset > expected else 0)
         if r.direction == "egress":
             info.bytes_sent += moved
         else:
             info.bytes_received += moved
+        h2 = conn.h2
+        if h2 is None and conn.assembler.protocol in ("unknown", "other") and r.data.startswith(HTTP2_PREFACE):
+            # "other" too: an HTTP/2 server sends its SETTINGS before it reads the
+            # client's preface, and those bytes are not HTTP/1.
+            h2 = self._to_http2(conn, r)
+        if h2 is not None:
+            for ex in h2.on_data(r.direction, r.data, r.ts_ns, r.offset, r.shedding):
+                self._transaction(conn, ex)
+            if h2.failure is not None and not h2.counted:
+                h2.counted = True
+                self.counters["http2_connections_undecodable"] += 1
+                log.debug("HTTP/2 decoding stopped on %s: %s", info.resolve_endpoint() or key, h2.failure)
+            self._maybe_updated(conn, r.ts_ns)
+            return
         if not r.data:
             # Where a call ended whose bytes were not all emitted
             # (probes/common.h, emit_end): a message cut so ends now.
             for ex in conn.assembler.on_data(r.direction, r.data, r.ts_ns, r.offset, r.shedding):
                 self._transaction(conn, ex)
-            return
-        # "other" too: an HTTP/2 server sends its SETTINGS before it reads the
-        # client's preface, and those bytes are not HTTP/1.
-        if conn.assembler.protocol in ("unknown", "other") and len(r.data) >= 4 \
-                and r.data.startswith(HTTP2_PREFACE[: len(r.data)]):
-            if r.data.startswith(HTTP2_PREFACE) and info.l7_protocol != "http2":
-                info.l7_protocol = "http2"
-                self.counters["http2_connections_not_decoded"] += 1
-        if info.l7_protocol == "http2":
-            self._maybe_updated(conn, r.ts_ns)
             return
         if conn.role == "unknown":
             if _REQUEST_START.match(r.data, 0, 8192):
@@ -498,7 +509,7 @@ class Pipeline:
         proto = conn.assembler.protocol
         if proto != "unknown":
             info.l7_protocol = proto
-            if not info.http_host and r.direction == _REQUEST_DIRECTION.get(conn.role):
+            if proto == "http1" and not info.http_host and r.direction == _REQUEST_DIRECTION.get(conn.role):
                 # The Host names the endpoint from the first request on, so the
                 # connection.updated that says http1 already carries it (without
                 # SNI it would otherwise say the IP until the response completes).
@@ -510,6 +521,32 @@ class Pipeline:
             self._maybe_updated(conn, r.ts_ns)
         for ex in exchanges:
             self._transaction(conn, ex)
+
+    def _to_http2(self, conn: _Conn, r: rec.DataChunk) -> Http2Assembler:
+        """The client's preface in ``r``: the connection is HTTP/2 from here.
+        Its client is whoever sent the preface; the other direction goes on
+        from where it is (a server's SETTINGS may have been read already)."""
+        client: Direction = "egress" if r.direction == "egress" else "ingress"
+        other: Direction = "ingress" if client == "egress" else "egress"
+        if conn.role == "unknown":
+            conn.role = "client" if r.direction == "egress" else "server"
+            if conn.role == "server":
+                conn.info.direction = "ingress"
+        conn.info.l7_protocol = "http2"
+        conn.fed = True
+        h2 = conn.h2 = Http2Assembler(
+            client_direction=client,
+            offsets={client: r.offset, other: conn.assembler.position(other)},
+            max_body_bytes=self.config.max_body_bytes,
+            stream_limit_ns=int(self.config.stream_limit_seconds * 1e9),
+        )
+        self.counters["http2_connections"] += 1
+        return h2
+
+    @staticmethod
+    def _position(conn: _Conn, direction: str) -> int | None:
+        h2 = conn.h2
+        return conn.assembler.position(direction) if h2 is None else h2.position(direction)  # type: ignore[arg-type]
 
     def _borrow_socket(self, conn: _Conn, key: tuple) -> None:
         """A TLS library on memory buffers (node, Python's asyncio) shows no
@@ -608,7 +645,8 @@ class Pipeline:
                     and not self._never_established(conn):
                 self._announce(conn)
             try:
-                for ex in conn.assembler.on_tick(mono_now):
+                h2 = conn.h2
+                for ex in conn.assembler.on_tick(mono_now) if h2 is None else h2.on_tick(mono_now):
                     self._transaction(conn, ex)
             except Exception:  # as for a record: one connection's bug must not stop the others
                 self._record_failed()
@@ -628,8 +666,11 @@ class Pipeline:
             # A connect that was refused or abandoned: no connection to report.
             self.counters["connects_not_established"] += 1
             return
-        for ex in conn.assembler.on_close(ts):
+        h2 = conn.h2
+        for ex in conn.assembler.on_close(ts) if h2 is None else h2.on_close(ts):
             self._transaction(conn, ex)
+        if h2 is not None and h2.streams_dropped:
+            self.counters["http2_streams_not_tracked"] += h2.streams_dropped
         info = conn.info
         if info.is_tls and not info.tls_introspected:
             self._unread(conn)
@@ -666,7 +707,8 @@ class Pipeline:
         info.process = self._process(info.pid) or info.process
         req_lower: dict = {}
         req_headers = combined_headers(req.headers, req_lower)
-        host = _text(req_lower.get("host"))
+        # HTTP/2 names the host in its :authority pseudo-header (RFC 9113 §8.3.1).
+        host = _text(req_lower.get("host") or req_lower.get(":authority"))
         if host and not info.http_host:
             info.http_host = _host_name(host)
         scheme = "https" if info.is_tls else "http"

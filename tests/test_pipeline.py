@@ -135,21 +135,71 @@ def test_garbage_marks_connection_other_and_raises_nothing():
     assert events[-1].payload()["data"]["l7Protocol"] == "other"
 
 
-def test_http2_is_shown_as_an_http2_connection_and_counted_as_not_decoded():
-    # HTTP/1.x only: an HTTP/2 connection's requests are not decoded, and the
-    # stats say how many such connections there were rather than nothing at all.
-    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-    settings = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+def h2_exchange(path: str = "/v2/users", body: bytes = b'{"id": 9}') -> tuple[bytes, bytes, bytes]:
+    """A real HTTP/2 exchange between the h2 library's client and server:
+    (client's preface + request, server's SETTINGS, server's answer)."""
+    import h2.config
+    import h2.connection
+
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    server.initiate_connection()
+    settings = server.data_to_send()
+    client.initiate_connection()
+    client.send_headers(1, [(":method", "GET"), (":scheme", "https"), (":authority", "api.local"),
+                            (":path", path), ("user-agent", "curl/7.88.1")], end_stream=True)
+    request = client.data_to_send()
+    server.receive_data(request)
+    server.send_headers(1, [(":status", "200"), ("content-type", "application/json")])
+    server.send_data(1, body, end_stream=True)
+    return request, settings, server.data_to_send()
+
+
+def test_http2_requests_are_decoded_into_transactions():
+    request, settings, answer = h2_exchange()
     events, p = run([
         rec.SocketConnect(100, 5, 1_000, EP_S),
-        rec.DataChunk(100, 100, 5, 2_000, "egress", "openssl", 0, preface + settings, tls_ref=0xabc),
-        rec.DataChunk(100, 100, 5, 3_000, "ingress", "openssl", 0, settings, tls_ref=0xabc),
-        rec.DataChunk(100, 100, 5, 4_000, "egress", "openssl", len(preface) + 9, preface + settings, tls_ref=0xabc),
+        rec.SocketAddress(100, 5, EP_C, EP_S, 1_100),
+        rec.DataChunk(100, 100, 5, 2_000, "egress", "openssl", 0, request, tls_ref=0xabc),
+        rec.DataChunk(100, 100, 5, 3_000, "ingress", "openssl", 0, settings + answer, tls_ref=0xabc),
         rec.SocketClose(100, 5, 9_000),
     ])
-    assert "request.http_transaction" not in types(events)
+    [t] = [e for e in events if e.type == "request.http_transaction"]
+    tx = tx_json(t)
+    assert t.url == "https://api.local/v2/users" and tx["request"]["http_version"] == "HTTP/2"
+    assert tx["request"]["headers"][":authority"] == "api.local"
+    assert tx["response"]["status"] == 200 and t.response.body == b'{"id": 9}'
     assert events[-1].payload()["data"]["l7Protocol"] == "http2"
-    assert p.counters["http2_connections_not_decoded"] == 1
+    assert p.counters["http2_connections"] == 1 and p.counters["http2_connections_undecodable"] == 0
+
+
+def test_http2_on_the_servers_side_whose_settings_go_out_before_the_preface_comes_in():
+    request, settings, answer = h2_exchange("/srv")
+    events, p = run([
+        rec.SocketAccept(200, 7, 1_000, EP_C, EP_S),
+        rec.DataChunk(200, 200, 7, 2_000, "egress", "openssl", 0, settings, tls_ref=0xdef),
+        rec.DataChunk(200, 200, 7, 3_000, "ingress", "openssl", 0, request, tls_ref=0xdef),
+        rec.DataChunk(200, 200, 7, 4_000, "egress", "openssl", len(settings), answer, tls_ref=0xdef),
+        rec.SocketClose(200, 7, 9_000),
+    ])
+    [t] = [e for e in events if e.type == "request.http_transaction"]
+    assert t.url == "https://api.local/srv" and t.status == 200
+    assert events[-1].payload()["data"]["l7Protocol"] == "http2"
+    assert p.counters["http2_connections"] == 1
+
+
+def test_http2_a_capture_gap_over_frames_is_counted_and_its_streams_marked():
+    request, settings, answer = h2_exchange()
+    events, p = run([
+        rec.SocketConnect(100, 5, 1_000, EP_S),
+        rec.DataChunk(100, 100, 5, 2_000, "egress", "openssl", 0, request, tls_ref=0xabc),
+        rec.DataChunk(100, 100, 5, 3_000, "ingress", "openssl", len(settings) + 20, answer[20:], tls_ref=0xabc),
+        rec.SocketClose(100, 5, 9_000),
+    ])
+    [t] = [e for e in events if e.type == "request.http_transaction"]
+    assert t.incomplete
+    assert t.error.startswith("HTTP/2 decoding stopped") and t.status is None
+    assert p.counters["http2_connections_undecodable"] == 1
 
 
 def test_own_port_and_own_pid_are_not_captured():
@@ -179,19 +229,6 @@ def test_process_lifecycle_with_exit_code():
     events, _ = run([rec.ProcessExec(100, 1_000, "/usr/bin/curl", "curl"), rec.ProcessExit(100, 2_000, 7)])
     assert types(events) == ["process.started", "process.stopped"]
     assert events[1].payload()["exitCode"] == 7 and events[1].payload()["path"] == "/usr/bin/curl"
-
-
-def test_http2_on_the_servers_side_whose_settings_go_out_before_the_preface_comes_in():
-    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-    settings = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
-    events, p = run([
-        rec.SocketAccept(200, 7, 1_000, EP_C, EP_S),
-        rec.DataChunk(200, 200, 7, 2_000, "egress", "openssl", 0, settings, tls_ref=0xdef),
-        rec.DataChunk(200, 200, 7, 3_000, "ingress", "openssl", 0, preface + settings, tls_ref=0xdef),
-        rec.SocketClose(200, 7, 9_000),
-    ])
-    assert events[-1].payload()["data"]["l7Protocol"] == "http2"
-    assert p.counters["http2_connections_not_decoded"] == 1
 
 
 def test_an_absolute_target_urlsplit_refuses_stands_as_captured():

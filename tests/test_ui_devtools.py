@@ -1013,15 +1013,24 @@ def test_a_capture_still_starting_is_asked_again_until_it_runs(page, rich):
         page.wait_for_selector('[data-testid="status-capture"][data-state="unknown"]')
 
 
-def test_http2_connections_are_counted_where_their_requests_are_missing(page, rich):
-    h2 = dataclasses_replace(_conn("d4u5h2g7p3qk26l9aaa0", CURL, "h2.example.com", "192.0.2.20"), l7_protocol="http2")
+def test_an_http2_request_says_its_protocol_and_copies_as_an_http2_curl(page, rich):
+    conn = dataclasses_replace(_conn("d4u5h2g7p3qk26l9aaa0", CURL, "h2.example.com", "192.0.2.20"),
+                               l7_protocol="http2", tls_version="TLS 1.3")
+    tx = dataclasses_replace(
+        _tx(conn, "GET", "/v2/feed", 200, offset_ms=50, duration=3.0),
+        http_version="HTTP/2",
+        request=HttpMessage(headers={":method": "GET", ":scheme": "https", ":authority": "h2.example.com",
+                                     ":path": "/v2/feed", "user-agent": "curl/7.88.1"}, body=b"", body_size=0))
     with event_feed(page) as feed:
         open_fed(page, rich.url, feed)
-        note = page.locator('[data-testid="summary-undecoded"]')
-        assert note.is_hidden()
-        feed.send(ConnectionUpdated(h2), ConnectionUpdated(h2))  # one connection, told twice
-        page.wait_for_selector('[data-testid="summary-undecoded"][data-count="1"]')
-        assert note.inner_text() == "1 HTTP/2 connection not decoded"
+        feed.send(ConnectionUpdated(conn), tx)
+        select_row(page, "/v2/feed")
+        general = fields(page.locator('[data-testid="general"]'))
+        assert general["Protocol"] == "HTTP/2 over TLS 1.3"
+        request_headers = page.inner_text('[data-testid="request-headers"]')
+        assert ":authority" in request_headers and "h2.example.com" in request_headers
+        command = copy_as_curl(page)
+        assert "--http2" in command and "':" not in command and "user-agent: curl/7.88.1" in command
 
 
 def test_side_filter_keeps_one_end_of_a_loopback_request(page, rich):

@@ -56,3 +56,19 @@ def test_a_binary_body_is_sent_back_byte_for_byte(echo, shell, body):
     assert received == body
     # Accept-Encoding: identity is sent as it was, not turned into --compressed.
     assert headers.get("Accept-Encoding") == "identity" and "--compressed" not in command
+
+
+def test_an_http2_request_is_sent_again_without_its_pseudo_headers(echo):
+    """HTTP/2 carries method, path and host as pseudo-headers (":method"…);
+    curl writes its own, and one passed with -H would go out as a bogus field."""
+    url, got = echo
+    tx = {"request": {"method": "POST", "url": f"{url}/h2", "http_version": "HTTP/2",
+                      "body": base64.b64encode(b'{"a":1}').decode(),
+                      "headers": {":method": "POST", ":scheme": "https", ":authority": "api.example.test",
+                                  ":path": "/h2", "x-trace": "t-1"}}}
+    command = curl_command(tx)
+    assert "--http2" in command and "':" not in command
+    subprocess.run(["sh", "-c", command], check=True, capture_output=True, timeout=30)
+    (headers, received), = got
+    assert received == b'{"a":1}' and headers.get("x-trace") == "t-1"
+    assert not [name for name in headers if name.startswith(":")]

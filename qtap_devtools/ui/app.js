@@ -46,7 +46,6 @@ const state = {
   connections: new Map(), // connectionId -> connection entry
   view: "network",
   agent: null,
-  http2Connections: 0,
   eventTimes: [],
   dropped: 0,
   range: { min: 0, max: 0 },
@@ -456,10 +455,6 @@ function onConnection(type, body) {
   const localSide = ingress ? dst : src;
   const remoteSide = ingress ? src : dst;
   const libs = meta.tlsProbeTypesDetected || [];
-  if (d.l7Protocol === "http2" && c.l7 !== "http2") {
-    state.http2Connections += 1;
-    renderUndecoded();
-  }
   Object.assign(c, {
     json: d,
     endpoint: meta.endpointId || "",
@@ -481,16 +476,6 @@ function onConnection(type, body) {
   c.hay = [c.endpoint, c.proc, c.container, c.remote, c.local, c.l7, c.tls, c.direction];
   connectionTable.refresh(c);
   otherDirty = true;
-}
-
-// HTTP/2 is recognised, not decoded: its requests would otherwise just be missing.
-function renderUndecoded() {
-  const el = $("summary-undecoded");
-  const n = state.http2Connections;
-  el.hidden = !n;
-  el.dataset.count = String(n);
-  el.textContent = `${n} HTTP/2 connection${n === 1 ? "" : "s"} not decoded`;
-  el.title = "HTTP/2 is recognised, not decoded: those connections are in the Connections view, their requests are not shown here. (curl --http1.1 and most clients' options make them HTTP/1.1.)";
 }
 
 function trimMap(map, cap) {
@@ -789,8 +774,6 @@ function onConnected(data) {
     clearRequests();
     state.processes.clear();
     state.connections.clear();
-    state.http2Connections = 0;
-    renderUndecoded();
     renderOtherViews();
     toast(`Now showing ${basename((data.capture || {}).file || "another source")}: the previous file's requests were cleared`);
   }

@@ -97,7 +97,7 @@ export function curlCommand(row) {
   let compressed = false;
   for (const [name, value] of headerList(req.headers)) {
     const lower = name.toLowerCase();
-    if (CURL_SKIP.has(lower)) continue;
+    if (CURL_SKIP.has(lower) || lower.startsWith(":")) continue; // HTTP/2 pseudo-headers: curl writes its own
     if (lower === "host" && url.includes(`://${value}/`)) continue;
     if (lower === "accept-encoding" && /gzip|deflate|br|zstd/i.test(value)) {
       compressed = true; // curl asks for what it can decode, and decodes it
@@ -118,6 +118,7 @@ export function curlCommand(row) {
   }
   if (compressed) parts.push("--compressed");
   if (req.http_version === "HTTP/1.0") parts.push("--http1.0");
+  else if (req.http_version === "HTTP/2") parts.push("--http2");
   return pipe + parts.join(" \\\n  ");
 }
 

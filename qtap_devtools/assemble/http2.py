@@ -1,0 +1,560 @@
+"""HTTP/2 reassembly for one connection (RFC 9113): frames in, ``HttpExchange`` values out.
+
+Sans-IO like the HTTP/1 assembler, with the same interface, so the pipeline
+swaps one for the other when a connection's client sends the preface. Each
+stream is one exchange: the client's HEADERS (its pseudo-headers give the
+method, path and authority), DATA and trailers, then the server's 1xx, final
+HEADERS, DATA and trailers; it is emitted when both ends have closed it, or
+reset it, or the connection ended.
+
+Header blocks are HPACK-compressed against a table each end builds as it
+goes (RFC 7541), so every block of a direction must be decoded, in order,
+from the connection's first. A capture gap that a DATA frame's payload cannot
+absorb (the lost bytes held a frame header, or a header block) leaves the
+frames or the table unknowable: decoding stops there for good (``failure``
+says why), every open stream is emitted marked incomplete, and the rest of the
+connection's bytes are counted, not read. So is a connection joined after its
+preface: the pipeline only hands a connection here when it saw the preface.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Literal
+
+from hpack import Decoder
+from hpack.exceptions import HPACKError
+
+from .body import decode_body
+from .model import Headers, HttpExchange, HttpRequest, HttpResponse
+
+Direction = Literal["egress", "ingress"]
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # RFC 9113 §3.4
+
+DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
+END_STREAM, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x4, 0x8, 0x20
+
+MAX_CONTROL_FRAME = 1 << 20  # a non-DATA frame is held whole until its end; past this, decoding stops
+MAX_HEADER_BLOCK = 256 * 1024  # a header block across its CONTINUATIONs, compressed
+MAX_HEADER_LIST = 1 << 20  # the same decoded (hpack's own limit, which it raises past)
+# An encoder may grow its table to what the other end's SETTINGS allow (4 KiB
+# unless raised). Those SETTINGS can predate the preface we saw (a server's
+# first write), so the decoder accepts any size up to this, not just 4 KiB.
+MAX_TABLE_SIZE = 1 << 16
+EARLY_ANSWER_WAIT_NS = 1_000_000_000  # for the rest of a request its server no longer wanted
+MAX_STREAMS = 1024  # open streams per connection (servers allow ~100-250 at once)
+VERSION = "HTTP/2"
+
+_FRAME_HEAD = struct.Struct(">HBBBI")  # length (24 bits as 16 + 8), type, flags, stream id
+
+# RST_STREAM / GOAWAY error codes (RFC 9113 §7), named as a user would search for them.
+ERROR_CODES = (
+    "NO_ERROR", "PROTOCOL_ERROR", "INTERNAL_ERROR", "FLOW_CONTROL_ERROR", "SETTINGS_TIMEOUT",
+    "STREAM_CLOSED", "FRAME_SIZE_ERROR", "REFUSED_STREAM", "CANCEL", "COMPRESSION_ERROR",
+    "CONNECT_ERROR", "ENHANCE_YOUR_CALM", "INADEQUATE_SECURITY", "HTTP_1_1_REQUIRED",
+)
+
+CLOSED_BEFORE_RESPONSE = "connection closed before response"
+CLOSED_IN_RESPONSE = "connection closed before the response ended"
+UNDECODABLE = "HTTP/2 decoding stopped"
+
+
+def error_name(code: int) -> str:
+    return ERROR_CODES[code] if 0 <= code < len(ERROR_CODES) else f"0x{code:x}"
+
+
+class _Half:
+    """One end's message on a stream: head, body, trailers, and what it cost on the wire."""
+
+    __slots__ = ("headers", "body", "wire_size", "truncated", "trailers", "done", "start_ns", "end_ns", "bytes")
+
+    def __init__(self) -> None:
+        self.headers: list[tuple[str, str]] | None = None
+        self.body = bytearray()
+        self.wire_size = 0  # DATA payload bytes, padding excluded
+        self.truncated = False
+        self.trailers: list[tuple[str, str]] = []
+        self.done = False
+        self.start_ns: int | None = None
+        self.end_ns: int | None = None
+        self.bytes = 0  # frame bytes, 9-byte headers included
+
+
+class _Stream:
+    __slots__ = ("sid", "request", "response", "informational", "response_start_ns", "error",
+                 "incomplete", "shed", "partial", "emitted", "answered_early")
+
+    def __init__(self, sid: int) -> None:
+        self.sid = sid
+        self.request = _Half()
+        self.response = _Half()
+        self.informational: list[int] = []
+        self.response_start_ns: int | None = None  # the first response HEADERS, 1xx included
+        self.error: str | None = None
+        self.incomplete = False
+        self.shed = False
+        self.partial = False
+        self.emitted = False
+        self.answered_early = False  # reset with NO_ERROR after a whole response
+
+
+class _Reader:
+    """Frame boundaries in one direction, and the HPACK table its sender keeps."""
+
+    __slots__ = ("client", "preface_left", "head", "ftype", "flags", "sid", "left", "pad_left",
+                 "data_left", "need_pad", "payload", "block", "block_sid", "block_kind",
+                 "block_end_stream", "block_promised", "decoder")
+
+    def __init__(self, client: bool) -> None:
+        self.client = client  # the client's bytes (requests), else the server's
+        self.preface_left = len(PREFACE) if client else 0
+        self.head = bytearray()  # a frame header still arriving
+        self.ftype = -1  # the frame being read, -1 between frames
+        self.flags = 0
+        self.sid = 0
+        self.left = 0  # payload bytes of the frame still to come
+        self.need_pad = False  # a padded DATA frame's pad-length byte is next
+        self.pad_left = 0
+        self.data_left = 0
+        self.payload = bytearray()  # a non-DATA frame's payload, held to its end
+        self.block: bytearray | None = None  # a header block awaiting its CONTINUATIONs
+        self.block_sid = 0
+        self.block_kind = HEADERS
+        self.block_end_stream = False
+        self.block_promised = 0
+        self.decoder = Decoder()
+        self.decoder.max_header_list_size = MAX_HEADER_LIST
+        self.decoder.max_allowed_table_size = MAX_TABLE_SIZE
+
+
+class Http2Assembler:
+    """``direction`` is from the observed process, as for HTTP/1: "egress" it wrote.
+
+    ``client_direction`` is the direction that carries the client's bytes (the
+    one the preface came in); ``offsets`` the stream offset each direction's
+    bytes start from here (a server's SETTINGS may have gone out before the
+    preface was seen, and were read as not HTTP/1).
+    """
+
+    protocol = "http2"
+    upgraded = False
+
+    def __init__(self, *, client_direction: Direction, offsets: dict[str, int | None],
+                 max_body_bytes: int = 1 << 20, stream_limit_ns: int = 10_000_000_000) -> None:
+        self.max_body_bytes = max_body_bytes
+        self.stream_limit_ns = stream_limit_ns
+        server_direction: Direction = "ingress" if client_direction == "egress" else "egress"
+        self._readers = {client_direction: _Reader(True), server_direction: _Reader(False)}
+        self._next_offset: dict[str, int | None] = dict(offsets)
+        self._streams: dict[int, _Stream] = {}
+        self._out: list[HttpExchange] = []
+        self._discarded = 0
+        self._closed = False
+        self.failure: str | None = None  # why decoding stopped, if it did
+        self.streams_dropped = 0  # past MAX_STREAMS open at once
+        self.counted = False  # the failure has been counted (by the pipeline)
+
+    @property
+    def discarded_bytes(self) -> int:
+        return self._discarded
+
+    def position(self, direction: Direction) -> int | None:
+        return self._next_offset[direction]
+
+    # ---- the sans-IO interface
+
+    def on_data(self, direction: Direction, data: bytes, ts_ns: int, offset: int | None = None,
+                shed: bool = False) -> list[HttpExchange]:
+        out = self._out = []
+        if self._closed or self.failure is not None:
+            self._discarded += len(data)
+            self._advance(direction, data, offset)
+            return out
+        expected = self._next_offset[direction]
+        if offset is not None:
+            if expected is not None and offset < expected:
+                overlap = expected - offset  # a range seen before
+                if overlap >= len(data):
+                    self._discarded += len(data)
+                    return out
+                self._discarded += overlap
+                data = data[overlap:]
+                offset = expected
+            elif offset > (expected or 0):
+                self._gap(self._readers[direction], offset - (expected or 0), shed)
+            self._next_offset[direction] = offset + len(data)
+        else:
+            self._next_offset[direction] = (expected or 0) + len(data)
+        if data and self.failure is None:
+            self._feed(self._readers[direction], data, ts_ns)
+        elif data:
+            self._discarded += len(data)
+        if self.failure is None:
+            self._check_stream_limits(ts_ns)
+        return out
+
+    def on_tick(self, now_ns: int) -> list[HttpExchange]:
+        out = self._out = []
+        if not self._closed and self.failure is None:
+            self._check_stream_limits(now_ns)
+        return out
+
+    def on_close(self, ts_ns: int) -> list[HttpExchange]:
+        out = self._out = []
+        if self._closed:
+            return out
+        self._closed = True
+        for st in list(self._streams.values()):
+            if st.request.headers is None:
+                continue  # a server's push promise never started, or a stream never readable
+            if st.error is None and self.failure is not None:
+                st.error = f"{UNDECODABLE}: {self.failure}"
+            elif st.error is None:
+                st.error = CLOSED_BEFORE_RESPONSE if st.response.headers is None else CLOSED_IN_RESPONSE
+            st.response.end_ns = st.response.end_ns or ts_ns
+            self._emit(st)
+        self._streams.clear()
+        return out
+
+    def _advance(self, direction: Direction, data: bytes, offset: int | None) -> None:
+        end = (offset if offset is not None else (self._next_offset[direction] or 0)) + len(data)
+        self._next_offset[direction] = max(end, self._next_offset[direction] or 0)
+
+    # ---- failure and gaps
+
+    def _fail(self, reason: str, incomplete: bool = True) -> None:
+        """Decoding stops for good: every open stream goes out as it stands."""
+        self.failure = reason
+        for st in list(self._streams.values()):
+            if st.request.headers is None:
+                continue
+            st.incomplete = st.incomplete or incomplete
+            st.error = st.error or f"{UNDECODABLE}: {reason}"
+            self._emit(st)
+        self._streams.clear()
+
+    def _gap(self, r: _Reader, lost: int, shed: bool) -> None:
+        """``lost`` bytes of ``r``'s direction were not captured.  Inside a DATA
+        frame's payload only the body is cut; anywhere else the frames (or the
+        HPACK table) can no longer be followed."""
+        if r.ftype == DATA and not r.need_pad and lost <= r.data_left:
+            st = self._streams.get(r.sid)
+            if st is not None:
+                half = st.request if r.client else st.response
+                half.truncated = True
+                half.wire_size += lost
+                st.incomplete = True
+                st.shed = st.shed or shed
+            r.data_left -= lost
+            r.left -= lost
+            if r.left == 0:
+                self._end_frame(r, 0)
+            return
+        self._fail("capture gap" + (" (bytes left out while the agent was behind)" if shed else ""))
+
+    # ---- frames
+
+    def _feed(self, r: _Reader, data: bytes, ts: int) -> None:
+        pos, n = 0, len(data)
+        while pos < n and self.failure is None:
+            if r.preface_left:
+                take = min(r.preface_left, n - pos)
+                start = len(PREFACE) - r.preface_left
+                if data[pos:pos + take] != PREFACE[start:start + take]:
+                    self._fail("the client's preface is not HTTP/2's", incomplete=False)
+                    break
+                r.preface_left -= take
+                pos += take
+            elif r.ftype < 0:
+                take = min(9 - len(r.head), n - pos)
+                r.head += data[pos:pos + take]
+                pos += take
+                if len(r.head) == 9:
+                    self._begin_frame(r, ts)
+            elif r.ftype == DATA:
+                pos = self._data(r, data, pos, ts)
+            else:
+                take = min(r.left, n - pos)
+                r.payload += data[pos:pos + take]
+                r.left -= take
+                pos += take
+                if r.left == 0:
+                    self._end_frame(r, ts)
+        if self.failure is not None:
+            self._discarded += n - pos
+
+    def _begin_frame(self, r: _Reader, ts: int) -> None:
+        hi, lo, ftype, flags, sid = _FRAME_HEAD.unpack(r.head)
+        r.head.clear()
+        length = (hi << 8) | lo
+        sid &= 0x7FFFFFFF
+        r.ftype, r.flags, r.sid, r.left = ftype, flags, sid, length
+        if r.block is not None and (ftype != CONTINUATION or sid != r.block_sid):
+            self._fail("a header block was interrupted", incomplete=False)
+            return
+        if ftype != DATA and length > MAX_CONTROL_FRAME:
+            self._fail(f"a {length}-byte control frame", incomplete=False)
+            return
+        if sid:
+            st = self._streams.get(sid)
+            if st is None and ftype == HEADERS and r.client:
+                st = self._open(sid)
+            if st is not None and ftype in (DATA, HEADERS, CONTINUATION):
+                # The message's own frames: control frames on a stream (window
+                # updates, a reset) reach each end at different points of it.
+                (st.request if r.client else st.response).bytes += 9 + length
+        if ftype == DATA:
+            r.need_pad = bool(flags & PADDED)
+            r.data_left = length
+            r.pad_left = 0
+        if length == 0:
+            self._end_frame(r, ts)
+
+    def _open(self, sid: int) -> _Stream | None:
+        if len(self._streams) >= MAX_STREAMS:
+            self.streams_dropped += 1
+            return None
+        st = self._streams[sid] = _Stream(sid)
+        return st
+
+    def _data(self, r: _Reader, data: bytes, pos: int, ts: int) -> int:
+        n = len(data)
+        if r.need_pad:
+            r.need_pad = False
+            r.pad_left = data[pos]
+            r.left -= 1
+            r.data_left = r.left - r.pad_left
+            pos += 1
+            if r.data_left < 0:
+                self._fail("padding longer than its frame", incomplete=False)
+                return n
+        if r.data_left:
+            take = min(r.data_left, n - pos)
+            st = self._streams.get(r.sid)
+            if st is not None and take:
+                self._body(st, st.request if r.client else st.response, data[pos:pos + take], ts)
+            r.data_left -= take
+            r.left -= take
+            pos += take
+        if not r.data_left and r.left:
+            take = min(r.left, n - pos)  # the padding
+            r.left -= take
+            pos += take
+        if r.left == 0:
+            self._end_frame(r, ts)
+        return pos
+
+    def _body(self, st: _Stream, half: _Half, chunk: bytes, ts: int) -> None:
+        if half.start_ns is None:
+            half.start_ns = ts
+        half.wire_size += len(chunk)
+        room = self.max_body_bytes - len(half.body)
+        if room > 0:
+            half.body += chunk[:room]
+        if len(chunk) > room:
+            half.truncated = True
+
+    def _end_frame(self, r: _Reader, ts: int) -> None:
+        ftype, flags, sid, payload = r.ftype, r.flags, r.sid, r.payload
+        r.ftype = -1
+        r.payload = bytearray()
+        if ftype == DATA:
+            if flags & END_STREAM:
+                self._end_half(r, sid, ts)
+        elif ftype in (HEADERS, PUSH_PROMISE):
+            self._header_frame(r, ftype, flags, sid, bytes(payload), ts)
+        elif ftype == CONTINUATION:
+            if r.block is None:
+                self._fail("a CONTINUATION without a header block", incomplete=False)
+                return
+            r.block += payload
+            if len(r.block) > MAX_HEADER_BLOCK:
+                self._fail(f"a header block over {MAX_HEADER_BLOCK} bytes", incomplete=False)
+            elif flags & END_HEADERS:
+                self._block_done(r, ts)
+        elif ftype == RST_STREAM and len(payload) == 4:
+            st = self._streams.get(sid)
+            if st is not None:
+                code = int.from_bytes(payload, "big")
+                if code == 0 and st.response.done and not r.client:
+                    # How a server that answered before reading the whole
+                    # request says it needs no more of it (RFC 9113 §8.1): not
+                    # an error. What the client had already sent is still on
+                    # its way; the exchange waits a little for it.
+                    st.answered_early = True
+                else:
+                    who = "client" if r.client else "server"
+                    st.error = st.error or f"stream reset by the {who} ({error_name(code)})"
+                    st.response.end_ns = st.response.end_ns or ts
+                    self._emit(st)
+
+    def _header_frame(self, r: _Reader, ftype: int, flags: int, sid: int, payload: bytes, ts: int) -> None:
+        pos, end = 0, len(payload)
+        if flags & PADDED:
+            if not payload:
+                self._fail("a padded frame without its pad length", incomplete=False)
+                return
+            end -= payload[0]
+            pos = 1
+        promised = 0
+        if ftype == PUSH_PROMISE:
+            if end - pos < 4:
+                self._fail("a PUSH_PROMISE too short", incomplete=False)
+                return
+            promised = int.from_bytes(payload[pos:pos + 4], "big") & 0x7FFFFFFF
+            pos += 4
+        elif flags & PRIORITY_FLAG:
+            pos += 5
+        if end < pos:
+            self._fail("padding longer than its frame", incomplete=False)
+            return
+        r.block = bytearray(payload[pos:end])
+        r.block_sid = sid
+        r.block_kind = ftype
+        r.block_end_stream = bool(flags & END_STREAM) and ftype == HEADERS
+        r.block_promised = promised
+        if flags & END_HEADERS:
+            self._block_done(r, ts)
+
+    def _block_done(self, r: _Reader, ts: int) -> None:
+        block, r.block = r.block, None
+        try:
+            decoded = r.decoder.decode(bytes(block or b""), raw=True)
+        except (HPACKError, ValueError, IndexError) as exc:
+            self._fail(f"HPACK: {type(exc).__name__}", incomplete=False)
+            return
+        headers = [(bytes(k).decode("latin-1"), bytes(v).decode("latin-1")) for k, v in decoded]
+        if r.block_kind == PUSH_PROMISE:
+            # The server promises a response to a request it makes up: the
+            # request is whole as promised, its response comes on the new stream.
+            st = self._open(r.block_promised)
+            if st is not None:
+                st.request.headers = headers
+                st.request.start_ns = st.request.end_ns = ts
+                st.request.done = True
+            return
+        st = self._streams.get(r.block_sid)
+        if st is None:
+            return  # a stream not tracked (over MAX_STREAMS, or a server's for a request we never saw)
+        half = st.request if r.client else st.response
+        if not r.client:
+            if st.response_start_ns is None:
+                st.response_start_ns = ts
+            status = _status(headers)
+            if half.headers is None and status is not None and 100 <= status < 200 and status != 101:
+                st.informational.append(status)  # 1xx: more HEADERS follow (RFC 9113 §8.1)
+                return
+        if half.headers is None:
+            half.headers = headers
+            if half.start_ns is None:
+                half.start_ns = ts
+        else:
+            half.trailers = headers
+        if r.block_end_stream:
+            self._end_half(r, r.block_sid, ts)
+
+    def _end_half(self, r: _Reader, sid: int, ts: int) -> None:
+        st = self._streams.get(sid)
+        if st is None:
+            return
+        half = st.request if r.client else st.response
+        half.done = True
+        half.end_ns = ts
+        if st.request.done and st.response.done:
+            self._emit(st)
+
+    # ---- streaming responses
+
+    def _check_stream_limits(self, now: int) -> None:
+        for st in list(self._streams.values()):
+            resp = st.response
+            if st.answered_early and now - (resp.end_ns or now) >= EARLY_ANSWER_WAIT_NS:
+                self._emit(st)
+                continue
+            if resp.headers is None or resp.done or st.request.headers is None:
+                continue
+            start = st.response_start_ns or now
+            if resp.truncated or now - start >= self.stream_limit_ns:
+                # Emit what we have (like HTTP/1's long or large responses); the
+                # stream's later frames are still followed, for the table's sake.
+                st.partial = True
+                self._emit(st)
+
+    # ---- output
+
+    def _emit(self, st: _Stream) -> None:
+        if st.emitted:
+            return
+        st.emitted = True
+        self._streams.pop(st.sid, None)
+        req_half, resp_half = st.request, st.response
+        if req_half.headers is None:
+            return  # headers never decoded: nothing to show
+        request = _request(req_half, self.max_body_bytes)
+        response = _response(resp_half, self.max_body_bytes, whole=not st.partial) \
+            if resp_half.headers is not None else None
+        start = req_half.start_ns or 0
+        end = resp_half.end_ns or req_half.end_ns or start
+        self._out.append(HttpExchange(
+            request=request,
+            response=response,
+            start_ns=start,
+            request_end_ns=req_half.end_ns,
+            response_start_ns=st.response_start_ns,
+            end_ns=end,
+            error=st.error,
+            partial=st.partial,
+            incomplete=st.incomplete,
+            shed=st.shed,
+            informational=tuple(st.informational),
+            request_bytes=req_half.bytes,
+            response_bytes=resp_half.bytes,
+        ))
+
+
+def _status(headers: list[tuple[str, str]]) -> int | None:
+    for name, value in headers:
+        if name == ":status":
+            return int(value) if value.isascii() and value.isdigit() and len(value) == 3 else None
+    return None
+
+
+def _pseudo(headers: list[tuple[str, str]], name: str) -> str | None:
+    for key, value in headers:
+        if key == name:
+            return value
+        if not key.startswith(":"):
+            break  # pseudo-headers come first (RFC 9113 §8.3)
+    return None
+
+
+def _content_encoding(headers: Headers) -> str | None:
+    values = [v for k, v in headers if k == "content-encoding"]
+    return ", ".join(values) if values else None
+
+
+def _request(half: _Half, limit: int) -> HttpRequest:
+    headers = tuple(half.headers or ())
+    method = _pseudo(list(headers), ":method") or ""
+    # CONNECT names its far end in :authority and has no :path (RFC 9113 §8.5).
+    target = _pseudo(list(headers), ":path") or (_pseudo(list(headers), ":authority") or "" if method == "CONNECT" else "")
+    coding = _content_encoding(headers)
+    body, cut, error = decode_body(bytes(half.body), coding, limit, complete=not half.truncated)
+    return HttpRequest(
+        method=method, target=target, version=VERSION, headers=headers, body=body,
+        body_wire_size=half.wire_size, content_encoding=coding, body_truncated=half.truncated or cut,
+        body_decode_error=error, trailers=tuple(half.trailers),
+    )
+
+
+def _response(half: _Half, limit: int, whole: bool = True) -> HttpResponse:
+    headers = tuple(half.headers or ())
+    status = _status(list(headers))
+    coding = _content_encoding(headers)
+    body, cut, error = decode_body(bytes(half.body), coding, limit, complete=whole and not half.truncated)
+    return HttpResponse(
+        status=status if status is not None else 0, reason="", version=VERSION, headers=headers, body=body,
+        body_wire_size=half.wire_size, content_encoding=coding, body_truncated=half.truncated or cut,
+        body_decode_error=error, trailers=tuple(half.trailers),
+    )

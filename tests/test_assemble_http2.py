@@ -1,0 +1,380 @@
+"""HTTP/2 reassembly: frames written by an independent implementation (the
+``h2`` library, client and server talking to each other) in, exchanges out."""
+
+from __future__ import annotations
+
+import gzip
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.settings
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from qtap_devtools.assemble.http2 import PREFACE, UNDECODABLE, Http2Assembler
+from qtap_devtools.assemble.model import HttpExchange
+
+AUTHORITY = "api.example.test"
+
+
+def request_headers(path: str = "/", method: str = "GET", extra: tuple = ()) -> list[tuple[str, str]]:
+    return [(":method", method), (":scheme", "https"), (":authority", AUTHORITY), (":path", path), *extra]
+
+
+class Wire:
+    """A real h2 client and server joined back to back; every byte either
+    writes is also fed to the assembler, as the capture would from the
+    client's process (egress: what the client wrote)."""
+
+    def __init__(self, client_direction: str = "egress", **kw) -> None:
+        self.client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        self.c2s = client_direction
+        self.s2c = "ingress" if client_direction == "egress" else "egress"
+        self.asm = Http2Assembler(client_direction=client_direction,  # type: ignore[arg-type]
+                                  offsets={"egress": 0, "ingress": 0}, **kw)
+        self.offsets = {"egress": 0, "ingress": 0}
+        self.ts = 1000
+        self.out: list[HttpExchange] = []
+        self.split = 0  # feed in pieces of this many bytes (0: whole writes)
+        self.client.initiate_connection()
+        self.flush()
+        self.server.initiate_connection()
+        self.flush()
+
+    def feed(self, direction: str, data: bytes, lose: int = 0) -> None:
+        self.offsets[direction] += lose
+        step = self.split or len(data) or 1
+        for i in range(0, max(len(data), 1), step):
+            piece = data[i:i + step]
+            self.ts += 1
+            self.out += self.asm.on_data(direction, piece, self.ts, self.offsets[direction])  # type: ignore[arg-type]
+            self.offsets[direction] += len(piece)
+
+    def flush(self, *, lose_c2s: int = 0, lose_s2c: int = 0) -> None:
+        """Deliver what each side has written to the other, until both are quiet."""
+        while True:
+            c, s = self.client.data_to_send(), self.server.data_to_send()
+            if not c and not s:
+                return
+            if c:
+                self.feed(self.c2s, c[lose_c2s:], lose=min(lose_c2s, len(c)))
+                self.server.receive_data(c)
+                lose_c2s = 0
+            if s:
+                self.feed(self.s2c, s[lose_s2c:], lose=min(lose_s2c, len(s)))
+                self.client.receive_data(s)
+                lose_s2c = 0
+
+    def request(self, path: str = "/", method: str = "GET", body: bytes = b"", extra: tuple = (),
+                end: bool = True) -> int:
+        sid = self.client.get_next_available_stream_id()
+        self.client.send_headers(sid, request_headers(path, method, extra), end_stream=not body and end)
+        for i in range(0, len(body), 16384):
+            self.client.send_data(sid, body[i:i + 16384], end_stream=end and i + 16384 >= len(body))
+        self.flush()
+        return sid
+
+    def respond(self, sid: int, status: int = 200, body: bytes = b"", headers: tuple = (),
+                trailers: tuple = ()) -> None:
+        self.server.send_headers(sid, [(":status", str(status)), *headers],
+                                 end_stream=not body and not trailers)
+        if body:
+            for i in range(0, len(body), 16384):
+                last = i + 16384 >= len(body)
+                self.server.send_data(sid, body[i:i + 16384], end_stream=last and not trailers)
+                self.flush()
+        if trailers:
+            self.server.send_headers(sid, list(trailers), end_stream=True)
+        self.flush()
+
+    def close(self) -> list[HttpExchange]:
+        self.ts += 1
+        got = self.asm.on_close(self.ts)
+        self.out += got
+        return got
+
+
+def header(msg, name: str) -> str | None:
+    return dict(msg.headers).get(name)
+
+
+# ---- streams
+
+
+def test_a_request_and_its_response_are_one_exchange():
+    w = Wire()
+    sid = w.request("/users?id=7", extra=(("user-agent", "curl/7.88.1"),))
+    w.respond(sid, 200, b'{"id":7}', headers=(("content-type", "application/json"),))
+    [ex] = w.out
+    req, resp = ex.request, ex.response
+    assert (req.method, req.target, req.version) == ("GET", "/users?id=7", "HTTP/2")
+    assert header(req, ":authority") == AUTHORITY and header(req, "user-agent") == "curl/7.88.1"
+    assert (resp.status, resp.version, resp.body) == (200, "HTTP/2", b'{"id":7}')
+    assert header(resp, "content-type") == "application/json"
+    assert resp.body_wire_size == 8 and not resp.body_truncated and ex.error is None
+    assert ex.start_ns <= ex.request_end_ns <= ex.response_start_ns <= ex.end_ns
+    assert ex.request_bytes > 9 and ex.response_bytes > 9 + 8
+    assert not ex.incomplete and w.asm.failure is None
+
+
+def test_concurrent_streams_answered_out_of_order_pair_by_stream():
+    w = Wire()
+    sids = [w.request(f"/item/{n}") for n in range(3)]
+    for n, sid in reversed(list(enumerate(sids))):
+        w.respond(sid, 200 + n, f"item {n}".encode())
+    assert [(ex.request.target, ex.response.status, ex.response.body) for ex in w.out] == [
+        ("/item/2", 202, b"item 2"), ("/item/1", 201, b"item 1"), ("/item/0", 200, b"item 0")]
+
+
+def test_the_hpack_table_is_followed_across_requests():
+    # The second request's repeated fields are sent as references into the
+    # table the first one filled: decoded only if every block was followed.
+    w = Wire()
+    extra = (("authorization", "Bearer abc"), ("x-trace", "t-1"))
+    for n in range(3):
+        sid = w.request(f"/r/{n}", extra=extra)
+        w.respond(sid, 200, b"ok", headers=(("x-served-by", "node-4"),))
+    assert [header(ex.request, "authorization") for ex in w.out] == ["Bearer abc"] * 3
+    assert [header(ex.response, "x-served-by") for ex in w.out] == ["node-4"] * 3
+    assert [ex.request.target for ex in w.out] == ["/r/0", "/r/1", "/r/2"]
+
+
+def test_a_posted_body_in_several_frames_with_trailers():
+    w = Wire()
+    body = bytes(range(256)) * 200  # 51,200 bytes: four DATA frames
+    sid = w.request("/upload", "POST", body, extra=(("content-type", "application/octet-stream"),))
+    w.respond(sid, 201, b"stored", trailers=(("grpc-status", "0"),))
+    [ex] = w.out
+    assert ex.request.method == "POST" and ex.request.body == body and ex.request.body_wire_size == len(body)
+    assert ex.response.status == 201 and ex.response.trailers == (("grpc-status", "0"),)
+
+
+def test_padded_frames_are_read_without_their_padding():
+    w = Wire()
+    sid = w.client.get_next_available_stream_id()
+    w.client.send_headers(sid, request_headers("/padded", "PUT"))
+    w.client.send_data(sid, b"payload", end_stream=True, pad_length=40)
+    w.flush()
+    w.respond(sid, 204)
+    [ex] = w.out
+    assert ex.request.body == b"payload" and ex.request.body_wire_size == 7
+
+
+def test_a_header_block_split_into_continuation_frames():
+    w = Wire()
+    big = "c" * 40_000  # over the 16 KiB frame size: HEADERS + CONTINUATIONs
+    sid = w.request("/big", extra=(("cookie", big),))
+    w.respond(sid, 200, b"ok")
+    [ex] = w.out
+    assert header(ex.request, "cookie") == big
+
+
+def test_informational_responses_come_before_the_final_one():
+    w = Wire()
+    sid = w.request("/hints")
+    w.server.send_headers(sid, [(":status", "103"), ("link", "</s.css>; rel=preload")])
+    w.flush()
+    w.respond(sid, 200, b"page")
+    [ex] = w.out
+    assert ex.informational == (103,) and ex.response.status == 200 and ex.response.body == b"page"
+    assert header(ex.response, "link") is None
+
+
+def test_a_gzipped_response_is_decoded():
+    w = Wire()
+    sid = w.request("/z")
+    w.respond(sid, 200, gzip.compress(b"hello " * 100), headers=(("content-encoding", "gzip"),))
+    [ex] = w.out
+    assert ex.response.body == b"hello " * 100 and ex.response.content_encoding == "gzip"
+
+
+def test_a_stream_reset_by_the_client_is_emitted_with_why():
+    w = Wire()
+    sid = w.request("/slow")
+    w.client.reset_stream(sid, error_code=8)
+    w.flush()
+    [ex] = w.out
+    assert ex.response is None and ex.error == "stream reset by the client (CANCEL)"
+
+
+def test_a_server_push_is_its_own_exchange():
+    w = Wire()
+    sid = w.request("/index.html")
+    pushed = 2
+    w.server.push_stream(sid, pushed, request_headers("/style.css"))
+    w.respond(pushed, 200, b"body{}", headers=(("content-type", "text/css"),))
+    w.respond(sid, 200, b"<html>")
+    assert [(ex.request.target, ex.response.body) for ex in w.out] == [("/style.css", b"body{}"),
+                                                                      ("/index.html", b"<html>")]
+
+
+def test_an_unanswered_request_goes_out_at_close():
+    w = Wire()
+    w.request("/never")
+    assert w.out == []
+    [ex] = w.close()
+    assert ex.response is None and ex.error == "connection closed before response"
+
+
+def test_a_large_response_goes_out_early_as_partial_at_the_body_limit():
+    w = Wire(max_body_bytes=20_000)
+    sid = w.request("/download")
+    w.server.send_headers(sid, [(":status", "200")])
+    w.server.send_data(sid, b"x" * 16_000)
+    w.flush()
+    assert w.out == []
+    w.server.send_data(sid, b"y" * 16_000)
+    w.flush()
+    [ex] = w.out
+    assert ex.partial and ex.response.body_truncated and len(ex.response.body) == 20_000
+    w.server.send_data(sid, b"z", end_stream=True)
+    sid2 = w.request("/next")  # the connection is still followed
+    w.respond(sid2, 200, b"n")
+    assert [ex.request.target for ex in w.out] == ["/download", "/next"]
+
+
+def test_the_server_side_view_reads_the_same():
+    # Captured in the server's process: the client's bytes are what it read.
+    w = Wire(client_direction="ingress")
+    sid = w.request("/srv", "POST", b"in")
+    w.respond(sid, 200, b"out")
+    [ex] = w.out
+    assert (ex.request.target, ex.request.body, ex.response.body) == ("/srv", b"in", b"out")
+
+
+@pytest.mark.parametrize("split", [1, 7, 4096])
+def test_any_split_of_the_bytes_gives_the_same_exchanges(split):
+    def run(split: int) -> list:
+        w = Wire()
+        w.split = split
+        for n in range(2):
+            sid = w.request(f"/s/{n}", "POST", b"q" * 300)
+            w.respond(sid, 200, b"r" * 20_000)
+        return [(ex.request.target, ex.request.body, ex.response.status, ex.response.body) for ex in w.out]
+    assert run(split) == run(0)
+
+
+# ---- capture gaps
+
+
+def test_a_gap_over_a_frame_header_stops_decoding():
+    w = Wire()
+    sid = w.request("/a")
+    w.server.send_headers(sid, [(":status", "200")])
+    w.flush()
+    w.server.send_data(sid, b"x" * 10_000, end_stream=True)
+    w.flush(lose_s2c=9 + 100)  # the frame header and 100 bytes: not bridgeable
+    [ex] = w.out
+    assert ex.incomplete and ex.error.startswith(UNDECODABLE)
+    assert w.asm.failure == "capture gap"
+
+
+def test_a_gap_within_a_body_is_bridged_and_marked():
+    w = Wire()
+    sid = w.request("/a")
+    w.server.send_headers(sid, [(":status", "200")])
+    w.server.send_data(sid, b"x" * 10_000)
+    w.flush()
+    # Lose 500 bytes from the middle of the next frame's payload.
+    w.server.send_data(sid, b"y" * 10_000, end_stream=True)
+    data = w.server.data_to_send()
+    w.feed(w.s2c, data[:1_000])
+    w.feed(w.s2c, data[1_500:], lose=500)
+    w.client.receive_data(data)
+    [ex] = w.out
+    assert ex.incomplete and ex.response.body_truncated and ex.error is None
+    assert ex.response.body_wire_size == 20_000 and len(ex.response.body) == 19_500
+    sid2 = w.request("/b")
+    w.respond(sid2, 200, b"fine")
+    assert w.out[-1].response.body == b"fine" and not w.out[-1].incomplete
+
+
+def test_a_gap_over_a_header_block_stops_decoding_and_says_so():
+    w = Wire()
+    sid = w.request("/open")
+    w.request("/lost-headers")
+    w.client.data_to_send()  # (nothing pending)
+    sid3 = w.client.get_next_available_stream_id()
+    w.client.send_headers(sid3, request_headers("/gone"), end_stream=True)
+    data = w.client.data_to_send()
+    w.feed(w.c2s, b"", lose=len(data))
+    w.server.receive_data(data)
+    w.respond(sid, 200, b"late")
+    assert w.asm.failure == "capture gap"
+    assert sorted(ex.request.target for ex in w.out) == ["/lost-headers", "/open"]
+    assert all(ex.incomplete and ex.error.startswith(UNDECODABLE) for ex in w.out)
+    assert w.asm.discarded_bytes > 0
+    assert w.close() == []
+
+
+# ---- untrusted bytes
+
+
+def test_a_preface_followed_by_garbage_stops_decoding_without_raising():
+    asm = Http2Assembler(client_direction="egress", offsets={"egress": 0, "ingress": 0})
+    out = asm.on_data("egress", PREFACE + b"\xff" * 64, 1, 0)
+    assert out == [] and asm.failure is not None
+    assert asm.on_data("egress", b"more", 2, len(PREFACE) + 64) == []
+
+
+def test_a_header_block_hpack_cannot_decode_stops_decoding():
+    asm = Http2Assembler(client_direction="egress", offsets={"egress": 0, "ingress": 0})
+    # HEADERS, END_HEADERS|END_STREAM, stream 1: an index past both tables.
+    frame = b"\x00\x00\x01\x01\x05\x00\x00\x00\x01" + b"\xff"
+    asm.on_data("egress", PREFACE + frame, 1, 0)
+    assert asm.failure is not None and asm.failure.startswith("HPACK")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=64), max_size=12), st.binary(max_size=200))
+def test_any_bytes_after_the_preface_never_raise(chunks, server):
+    asm = Http2Assembler(client_direction="egress", offsets={"egress": 0, "ingress": 0})
+    off = {"egress": 0, "ingress": 0}
+    for n, data in enumerate([PREFACE, *chunks]):
+        asm.on_data("egress", data, n, off["egress"])
+        off["egress"] += len(data)
+        asm.on_data("ingress", server[: n * 16], n, 0)
+    asm.on_tick(10**12)
+    asm.on_close(10**12)
+
+
+def test_a_server_that_answers_early_and_resets_with_no_error_is_not_an_error():
+    # RFC 9113 §8.1: a whole response, then RST_STREAM(NO_ERROR) for the rest
+    # of the request; what the client had sent still arrives and belongs to it.
+    w = Wire(client_direction="ingress")  # the server's view
+    sid = w.client.get_next_available_stream_id()
+    w.client.send_headers(sid, request_headers("/upload", "POST"))
+    w.flush()
+    w.server.send_headers(sid, [(":status", "413")])
+    w.server.send_data(sid, b"too big", end_stream=True)
+    w.server.reset_stream(sid, error_code=0)
+    w.flush()
+    assert w.out == []  # waiting for what the client already sent
+    data = b"\x00\x00\x04\x00\x01" + sid.to_bytes(4, "big") + b"body"  # DATA, END_STREAM
+    w.feed(w.c2s, data)
+    [ex] = w.out
+    assert ex.error is None and ex.response.status == 413 and ex.request.body == b"body"
+
+
+def test_an_early_answer_whose_request_never_ends_goes_out_after_a_wait():
+    w = Wire()
+    sid = w.client.get_next_available_stream_id()
+    w.client.send_headers(sid, request_headers("/upload", "POST"))
+    w.flush()
+    w.server.send_headers(sid, [(":status", "200")], end_stream=True)
+    w.server.reset_stream(sid, error_code=0)
+    w.flush()
+    assert w.asm.on_tick(w.ts + 10) == []
+    [ex] = w.asm.on_tick(w.ts + 2_000_000_000)
+    assert ex.error is None and ex.response.status == 200
+
+
+def test_a_stream_refused_by_the_server_says_so():
+    w = Wire()
+    sid = w.request("/busy")
+    w.server.reset_stream(sid, error_code=7)
+    w.flush()
+    [ex] = w.out
+    assert ex.response is None and ex.error == "stream reset by the server (REFUSED_STREAM)"
