@@ -473,7 +473,7 @@ class Pipeline:
         if h2 is not None:
             for ex in h2.on_data(r.direction, r.data, r.ts_ns, r.offset, r.shedding):
                 self._transaction(conn, ex)
-            if h2.failure is not None and not h2.counted:
+            if h2.failure and not h2.counted:
                 h2.counted = True
                 self.counters["http2_connections_undecodable"] += 1
                 log.debug("HTTP/2 decoding stopped on %s: %s", info.resolve_endpoint() or key, h2.failure)

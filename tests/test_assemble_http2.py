@@ -116,7 +116,7 @@ def test_a_request_and_its_response_are_one_exchange():
     assert resp.body_wire_size == 8 and not resp.body_truncated and ex.error is None
     assert ex.start_ns <= ex.request_end_ns <= ex.response_start_ns <= ex.end_ns
     assert ex.request_bytes > 9 and ex.response_bytes > 9 + 8
-    assert not ex.incomplete and w.asm.failure is None
+    assert not ex.incomplete and w.asm.failure == ""
 
 
 def test_concurrent_streams_answered_out_of_order_pair_by_stream():
@@ -315,7 +315,7 @@ def test_a_gap_over_a_header_block_stops_decoding_and_says_so():
 def test_a_preface_followed_by_garbage_stops_decoding_without_raising():
     asm = Http2Assembler(client_direction="egress", offsets={"egress": 0, "ingress": 0})
     out = asm.on_data("egress", PREFACE + b"\xff" * 64, 1, 0)
-    assert out == [] and asm.failure is not None
+    assert out == [] and asm.failure
     assert asm.on_data("egress", b"more", 2, len(PREFACE) + 64) == []
 
 
@@ -324,7 +324,7 @@ def test_a_header_block_hpack_cannot_decode_stops_decoding():
     # HEADERS, END_HEADERS|END_STREAM, stream 1: an index past both tables.
     frame = b"\x00\x00\x01\x01\x05\x00\x00\x00\x01" + b"\xff"
     asm.on_data("egress", PREFACE + frame, 1, 0)
-    assert asm.failure is not None and asm.failure.startswith("HPACK")
+    assert asm.failure.startswith("HPACK")
 
 
 @settings(max_examples=300, deadline=None)
@@ -378,3 +378,14 @@ def test_a_stream_refused_by_the_server_says_so():
     w.flush()
     [ex] = w.out
     assert ex.response is None and ex.error == "stream reset by the server (REFUSED_STREAM)"
+
+
+def test_a_response_still_streaming_past_the_time_limit_goes_out_on_the_tick():
+    w = Wire(stream_limit_ns=5_000)
+    sid = w.request("/events")
+    w.server.send_headers(sid, [(":status", "200"), ("content-type", "text/event-stream")])
+    w.server.send_data(sid, b"data: 1\n\n")
+    w.flush()
+    assert w.asm.on_tick(w.ts + 1) == []
+    [ex] = w.asm.on_tick(w.ts + 10_000)
+    assert ex.partial and ex.response.body == b"data: 1\n\n" and ex.error is None

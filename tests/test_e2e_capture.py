@@ -774,6 +774,32 @@ def test_http2_requests_are_decoded_on_both_sides(live, cert, tmp_path):
     assert h2_connections() == before + 4  # two connections, each seen from both ends
 
 
+def test_http2_parallel_streams_and_a_large_download_on_one_connection(live, cert, tmp_path):
+    """curl --parallel multiplexes its transfers as concurrent streams of one
+    connection; a 2 MiB download goes out at the body limit, marked partial,
+    and the streams around it are still decoded."""
+    _, reader, _ = live
+    with rw.Nginx(tmp_path, cert, http2=True) as h2:
+        m = marker()
+        uris = [f"/json?m={m}&n={n}" for n in range(8)]
+        urls = [h2.url(u, host="localhost") for u in uris]
+        c = curl("--http2", "--parallel", "-o", "/dev/null", *urls[:4],
+                 "-o", "/dev/null", h2.url(f"/large?m={m}", host="localhost"),
+                 *[arg for u in urls[4:] for arg in ("-o", "/dev/null", u)])
+        clients, servers = both_sides(reader, m, n=9)
+        for side in (clients, servers):
+            by_path = {tx["request"]["path"]: tx for tx in side}
+            assert sorted(by_path) == sorted([*uris, f"/large?m={m}"]), sorted(by_path)
+            for uri in uris:
+                assert body_of(by_path[uri]["response"]) == json_body(uri), uri
+                assert by_path[uri]["request"]["protocol"] == "http2" and "error" not in by_path[uri]
+            large = by_path[f"/large?m={m}"]
+            assert large["partial"] and large["response"]["body_truncated"], large["direction"]
+            assert body_of(large["response"]) == bytes(i % 251 for i in range(1 << 20))
+            assert {tx["metadata"]["connection_id"] for tx in side} == {side[0]["metadata"]["connection_id"]}
+        assert len(set(c.ports)) == 1, c.ports
+
+
 @pytest.mark.parametrize("tls", [True, False], ids=["tls", "plaintext"])
 def test_ipv6_loopback_request_with_its_addresses(live, nginx, nginx_plain, tls):
     _, reader, _ = live

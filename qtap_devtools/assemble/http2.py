@@ -151,7 +151,9 @@ class Http2Assembler:
         self._out: list[HttpExchange] = []
         self._discarded = 0
         self._closed = False
-        self.failure: str | None = None  # why decoding stopped, if it did
+        # Why decoding stopped; "" while it goes on (a str, not Optional: mypyc
+        # would keep a None narrowed across the calls that set it).
+        self.failure = ""
         self.streams_dropped = 0  # past MAX_STREAMS open at once
         self.counted = False  # the failure has been counted (by the pipeline)
 
@@ -167,7 +169,7 @@ class Http2Assembler:
     def on_data(self, direction: Direction, data: bytes, ts_ns: int, offset: int | None = None,
                 shed: bool = False) -> list[HttpExchange]:
         out = self._out = []
-        if self._closed or self.failure is not None:
+        if self._closed or self.failure:
             self._discarded += len(data)
             self._advance(direction, data, offset)
             return out
@@ -186,17 +188,15 @@ class Http2Assembler:
             self._next_offset[direction] = offset + len(data)
         else:
             self._next_offset[direction] = (expected or 0) + len(data)
-        if data and self.failure is None:
+        if data and not self.failure:
             self._feed(self._readers[direction], data, ts_ns)
         elif data:
             self._discarded += len(data)
-        if self.failure is None:
-            self._check_stream_limits(ts_ns)
         return out
 
     def on_tick(self, now_ns: int) -> list[HttpExchange]:
         out = self._out = []
-        if not self._closed and self.failure is None:
+        if not self._closed and not self.failure:
             self._check_stream_limits(now_ns)
         return out
 
@@ -208,7 +208,7 @@ class Http2Assembler:
         for st in list(self._streams.values()):
             if st.request.headers is None:
                 continue  # a server's push promise never started, or a stream never readable
-            if st.error is None and self.failure is not None:
+            if st.error is None and self.failure:
                 st.error = f"{UNDECODABLE}: {self.failure}"
             elif st.error is None:
                 st.error = CLOSED_BEFORE_RESPONSE if st.response.headers is None else CLOSED_IN_RESPONSE
@@ -257,7 +257,7 @@ class Http2Assembler:
 
     def _feed(self, r: _Reader, data: bytes, ts: int) -> None:
         pos, n = 0, len(data)
-        while pos < n and self.failure is None:
+        while pos < n and not self.failure:
             if r.preface_left:
                 take = min(r.preface_left, n - pos)
                 start = len(PREFACE) - r.preface_left
@@ -281,7 +281,7 @@ class Http2Assembler:
                 pos += take
                 if r.left == 0:
                     self._end_frame(r, ts)
-        if self.failure is not None:
+        if self.failure:
             self._discarded += n - pos
 
     def _begin_frame(self, r: _Reader, ts: int) -> None:
@@ -354,6 +354,11 @@ class Http2Assembler:
             half.body += chunk[:room]
         if len(chunk) > room:
             half.truncated = True
+            if half is st.response and st.request.headers is not None:
+                # Past the body limit: out now with what it has (as HTTP/1's
+                # large responses); its later frames are still read, not kept.
+                st.partial = True
+                self._emit(st)
 
     def _end_frame(self, r: _Reader, ts: int) -> None:
         ftype, flags, sid, payload = r.ftype, r.flags, r.sid, r.payload
@@ -467,17 +472,15 @@ class Http2Assembler:
     # ---- streaming responses
 
     def _check_stream_limits(self, now: int) -> None:
+        """On the periodic tick (not per chunk: a connection may carry
+        hundreds of streams): responses streaming past the time limit go out
+        as they stand, and early answers stop waiting for their request."""
         for st in list(self._streams.values()):
             resp = st.response
             if st.answered_early and now - (resp.end_ns or now) >= EARLY_ANSWER_WAIT_NS:
                 self._emit(st)
-                continue
-            if resp.headers is None or resp.done or st.request.headers is None:
-                continue
-            start = st.response_start_ns or now
-            if resp.truncated or now - start >= self.stream_limit_ns:
-                # Emit what we have (like HTTP/1's long or large responses); the
-                # stream's later frames are still followed, for the table's sake.
+            elif resp.headers is not None and not resp.done and st.request.headers is not None \
+                    and now - (st.response_start_ns or now) >= self.stream_limit_ns:
                 st.partial = True
                 self._emit(st)
 
