@@ -389,3 +389,18 @@ def test_a_response_still_streaming_past_the_time_limit_goes_out_on_the_tick():
     assert w.asm.on_tick(w.ts + 1) == []
     [ex] = w.asm.on_tick(w.ts + 10_000)
     assert ex.partial and ex.response.body == b"data: 1\n\n" and ex.error is None
+
+
+def test_bodies_held_across_a_connections_streams_are_bounded():
+    # Eight bodies' worth at most across open streams: the ninth and tenth
+    # uploads are cut (and say so), and what is freed is held again later.
+    w = Wire(max_body_bytes=1000)
+    sids = [w.request(f"/u/{n}", "POST", b"b" * 900, end=False) for n in range(10)]
+    for sid in sids:
+        w.client.end_stream(sid)
+        w.respond(sid, 200, b"ok")
+    bodies = [(len(ex.request.body), ex.request.body_truncated) for ex in w.out]
+    assert bodies == [(900, False)] * 8 + [(800, True), (0, True)]
+    sid = w.request("/after", "POST", b"a" * 900)
+    w.respond(sid, 200, b"ok")
+    assert w.out[-1].request.body == b"a" * 900 and not w.out[-1].request.body_truncated

@@ -522,6 +522,72 @@ def test_node_https_get(live, nginx):
                resp_headers=nginx_headers(got["body"].encode()), resp_body=got["body"].encode())
 
 
+NODE_H2_SERVER = """
+const http2 = require('http2'), fs = require('fs');
+const server = http2.createSecureServer({key: fs.readFileSync(process.argv[1]), cert: fs.readFileSync(process.argv[2])});
+server.on('stream', (stream, headers) => {
+  let body = '';
+  stream.on('data', d => body += d);
+  stream.on('end', () => {
+    stream.respond({':status': headers[':method'] === 'POST' ? 201 : 200, 'content-type': 'application/json'});
+    stream.end(JSON.stringify({method: headers[':method'], path: headers[':path'], body}));
+  });
+});
+server.listen(0, '127.0.0.1', () => console.log(server.address().port));
+"""
+
+NODE_H2_CLIENT = """
+const http2 = require('http2');
+const session = http2.connect(process.argv[1], {rejectUnauthorized: false});
+const m = process.argv[2];
+function call(method, path, body) {
+  return new Promise(done => {
+    const req = session.request({':method': method, ':path': path, 'x-marker': m, 'content-type': 'application/json'});
+    let out = '';
+    req.on('data', d => out += d);
+    req.on('end', () => done(out));
+    req.end(body);
+  });
+}
+session.on('connect', () => {
+  Promise.all([call('GET', '/items?m=' + m), call('POST', '/items?m=' + m, JSON.stringify({name: 'n', m}))])
+    .then(bodies => { console.log(JSON.stringify({bodies, port: session.socket.localPort})); session.close(); });
+});
+"""
+
+
+def test_node_http2_client_and_server_both_sides(live, cert):
+    """node's own http2 (nghttp2, its bundled OpenSSL on memory buffers) at
+    both ends: two concurrent streams, a GET and a POST with its body."""
+    _, reader, _ = live
+    server = subprocess.Popen(["node", "-e", NODE_H2_SERVER, str(cert.key), str(cert.cert)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(server.stdout.readline())
+        m = marker()
+        out = subprocess.run(["node", "-e", NODE_H2_CLIENT, f"https://127.0.0.1:{port}", m], capture_output=True,
+                             timeout=30, check=True, text=True)
+        got = json.loads(out.stdout)
+        payload = json.dumps({"name": "n", "m": m}, separators=(",", ":")).encode()
+        clients, servers = both_sides(reader, m, n=2)
+        for side, direction in ((clients, "egress-internal"), (servers, "ingress")):
+            by_method = {tx["request"]["method"]: tx for tx in side}
+            assert sorted(by_method) == ["GET", "POST"], sorted(by_method)
+            for method, status, body in (("GET", 200, b""), ("POST", 201, payload)):
+                tx = by_method[method]
+                assert_tx(tx, method=method, url=f"https://127.0.0.1:{port}/items?m={m}", status=status,
+                          exe=exe("node"), direction=direction, protocol="http2", req_body=body,
+                          req_headers={"x-marker": m, ":authority": f"127.0.0.1:{port}"},
+                          resp_headers={"content-type": "application/json"},
+                          resp_body=lambda b, method=method: json.loads(b)["method"] == method)
+            assert {tx["metadata"]["local_address"]["port"] for tx in side} == \
+                {got["port"] if direction != "ingress" else port}
+        assert sorted(json.loads(b)["method"] for b in got["bodies"]) == ["GET", "POST"]
+    finally:
+        server.kill()
+        server.wait()
+
+
 ASYNCIO_POOL_CLIENT = """
 import asyncio, json, ssl, sys
 port, m = int(sys.argv[1]), sys.argv[2]

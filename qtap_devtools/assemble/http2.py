@@ -44,6 +44,9 @@ MAX_HEADER_LIST = 1 << 20  # the same decoded (hpack's own limit, which it raise
 MAX_TABLE_SIZE = 1 << 16
 EARLY_ANSWER_WAIT_NS = 1_000_000_000  # for the rest of a request its server no longer wanted
 MAX_STREAMS = 1024  # open streams per connection (servers allow ~100-250 at once)
+# Bodies held at once across a connection's open streams, in units of the
+# per-body limit: past it, bodies are cut (and marked so) until streams end.
+CONNECTION_BODIES = 8
 VERSION = "HTTP/2"
 
 _FRAME_HEAD = struct.Struct(">HBBBI")  # length (24 bits as 16 + 8), type, flags, stream id
@@ -150,6 +153,7 @@ class Http2Assembler:
         self._streams: dict[int, _Stream] = {}
         self._out: list[HttpExchange] = []
         self._discarded = 0
+        self._held = 0  # body bytes kept by open streams (CONNECTION_BODIES)
         self._closed = False
         # Why decoding stopped; "" while it goes on (a str, not Optional: mypyc
         # would keep a None narrowed across the calls that set it).
@@ -349,8 +353,10 @@ class Http2Assembler:
         if half.start_ns is None:
             half.start_ns = ts
         half.wire_size += len(chunk)
-        room = self.max_body_bytes - len(half.body)
+        room = min(self.max_body_bytes - len(half.body),
+                   self.max_body_bytes * CONNECTION_BODIES - self._held)
         if room > 0:
+            self._held += min(room, len(chunk))
             half.body += chunk[:room]
         if len(chunk) > room:
             half.truncated = True
@@ -492,6 +498,7 @@ class Http2Assembler:
         st.emitted = True
         self._streams.pop(st.sid, None)
         req_half, resp_half = st.request, st.response
+        self._held -= len(req_half.body) + len(resp_half.body)
         if req_half.headers is None:
             return  # headers never decoded: nothing to show
         request = _request(req_half, self.max_body_bytes)
