@@ -22,10 +22,8 @@ from __future__ import annotations
 import struct
 from typing import Literal
 
-from hpack import Decoder
-from hpack.exceptions import HPACKError
-
 from .body import decode_body
+from .hpack_decode import HpackDecoder, HpackError
 from .model import Headers, HttpExchange, HttpRequest, HttpResponse
 
 Direction = Literal["egress", "ingress"]
@@ -37,7 +35,7 @@ END_STREAM, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x4, 0x8, 0x20
 
 MAX_CONTROL_FRAME = 1 << 20  # a non-DATA frame is held whole until its end; past this, decoding stops
 MAX_HEADER_BLOCK = 256 * 1024  # a header block across its CONTINUATIONs, compressed
-MAX_HEADER_LIST = 1 << 20  # the same decoded (hpack's own limit, which it raises past)
+MAX_HEADER_LIST = 1 << 20  # the same decoded
 # An encoder may grow its table to what the other end's SETTINGS allow (4 KiB
 # unless raised). Those SETTINGS can predate the preface we saw (a server's
 # first write), so the decoder accepts any size up to this, not just 4 KiB.
@@ -126,9 +124,7 @@ class _Reader:
         self.block_kind = HEADERS
         self.block_end_stream = False
         self.block_promised = 0
-        self.decoder = Decoder()
-        self.decoder.max_header_list_size = MAX_HEADER_LIST
-        self.decoder.max_allowed_table_size = MAX_TABLE_SIZE
+        self.decoder = HpackDecoder(MAX_TABLE_SIZE, MAX_HEADER_LIST)
 
 
 class Http2Assembler:
@@ -431,11 +427,10 @@ class Http2Assembler:
     def _block_done(self, r: _Reader, ts: int) -> None:
         block, r.block = r.block, None
         try:
-            decoded = r.decoder.decode(bytes(block or b""), raw=True)
-        except (HPACKError, ValueError, IndexError) as exc:
-            self._fail(f"HPACK: {type(exc).__name__}", incomplete=False)
+            headers = r.decoder.decode(bytes(block or b""))
+        except HpackError as exc:
+            self._fail(f"HPACK: {exc}", incomplete=False)
             return
-        headers = [(bytes(k).decode("latin-1"), bytes(v).decode("latin-1")) for k, v in decoded]
         if r.block_kind == PUSH_PROMISE:
             # The server promises a response to a request it makes up: the
             # request is whole as promised, its response comes on the new stream.
