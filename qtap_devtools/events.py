@@ -713,6 +713,7 @@ class HttpTransaction(Event):
             # Additions for tables and filters that should not need to decode `data`.
             "request_path": self.path,
             "request_url": self.url,
+            "request_http_version": self.http_version,
             "duration_us": round(self.duration_ms * 1000),  # duration_ms is whole ms: 0 for most on loopback
             "response_content_type": response.content_type if response else None,
             "request_body_size": self.request.body_size,

@@ -964,17 +964,17 @@ def test_screenshot_of_rows_and_an_open_detail_pane(page, tmp_path):
         page.wait_for_selector('[data-testid="detail"]', state="hidden")
         headers = page.locator('[data-testid="requests-table"] [role="columnheader"]')
         page.wait_for_function(
-            "() => document.querySelectorAll('[data-testid=requests-table] [role=columnheader]').length === 11")
+            "() => document.querySelectorAll('[data-testid=requests-table] [role=columnheader]').length === 12")
         next_frame(page)
         page.mouse.move(0, 0)
         table_path = screenshot(page, "devtools-table.png")
         assert headers.all_inner_texts() == ["Time", "Method", "Status", "Host", "Path", "Type", "Size", "Duration",
-                                             "Process", "Container", "Waterfall"]
+                                             "Process", "Container", "Protocol", "Waterfall"]
         width = page.viewport_size["width"]
         for i in range(headers.count()):
             box = headers.nth(i).bounding_box()
             assert box["width"] > 20 and box["x"] + box["width"] <= width, headers.nth(i).inner_text()
-        assert row_locator(page).filter(has_text="/api/cart").first.locator('[role="gridcell"]').count() == 11
+        assert row_locator(page).filter(has_text="/api/cart").first.locator('[role="gridcell"]').count() == 12
     assert path.stat().st_size > 20_000 and table_path.stat().st_size > 20_000
     assert shown_count(page) == n
 
@@ -1024,6 +1024,8 @@ def test_an_http2_request_says_its_protocol_and_copies_as_an_http2_curl(page, ri
     with event_feed(page) as feed:
         open_fed(page, rich.url, feed)
         feed.send(ConnectionUpdated(conn), tx)
+        page.wait_for_selector('[data-testid="request-row"]')
+        assert "h2" in rows(page)[0].split(" | ")  # the Protocol column, as Chrome spells it
         select_row(page, "/v2/feed")
         general = fields(page.locator('[data-testid="general"]'))
         assert general["Protocol"] == "HTTP/2 over TLS 1.3"

@@ -74,6 +74,8 @@ function rowFromEvent(body) {
     scheme: s.request_scheme || "",
     path: s.request_path,
     url: s.request_url,
+    // Chrome's spelling in its Protocol column (h2, http/1.1).
+    protocol: s.request_http_version === "HTTP/2" ? "h2" : (s.request_http_version || "").toLowerCase(),
     status: s.response_status || 0,
     ctype: s.response_content_type || "",
     size: s.response_body_size,
@@ -202,13 +204,14 @@ const FULL_COLUMNS = [
   { key: "time", label: "Time", width: 104, cls: "c-time mono", value: (r) => formatClock(r.start), sort: (r) => r.start },
   { key: "method", label: "Method", width: 74, cls: "c-method", value: (r) => r.method },
   statusCol,
-  { key: "host", label: "Host", width: 170, value: (r) => r.host },
+  { key: "host", label: "Host", width: 156, value: (r) => r.host },
   { key: "path", label: "Path", width: 220, flex: true, cls: "c-path", value: (r) => r.path },
-  { key: "type", label: "Type", width: 130, value: (r) => r.mime },
+  { key: "type", label: "Type", width: 120, value: (r) => r.mime },
   { key: "size", label: "Size", width: 72, cls: "num", value: (r) => formatBytes(r.size), sort: (r) => r.size },
   { key: "duration", label: "Duration", width: 76, cls: "num", value: (r) => formatMs(r.duration), sort: (r) => r.duration },
   { key: "process", label: "Process", width: 160, value: (r) => r.proc },
   { key: "container", label: "Container", width: 120, value: (r) => r.container || r.pod },
+  { key: "protocol", label: "Protocol", width: 68, value: (r) => r.protocol },
   WATERFALL_COL,
 ];
 
