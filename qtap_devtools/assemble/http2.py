@@ -13,8 +13,8 @@ from the connection's first. A capture gap that a DATA frame's payload cannot
 absorb (the lost bytes held a frame header, or a header block) leaves the
 frames or the table unknowable: decoding stops there for good (``failure``
 says why), every open stream is emitted marked incomplete, and the rest of the
-connection's bytes are counted, not read. So is a connection joined after its
-preface: the pipeline only hands a connection here when it saw the preface.
+connection's bytes are counted, not read. A connection joined after its
+preface is not decoded at all: the pipeline hands one here only from its preface.
 """
 
 from __future__ import annotations
@@ -103,8 +103,7 @@ class _Stream:
 class _Reader:
     """Frame boundaries in one direction, and the HPACK table its sender keeps."""
 
-    __slots__ = ("client", "preface_left", "head", "ftype", "flags", "sid", "left", "pad_left",
-                 "data_left", "need_pad", "payload", "block", "block_sid", "block_kind",
+    __slots__ = ("client", "preface_left", "head", "ftype", "flags", "sid", "left", "data_left", "need_pad", "payload", "block", "block_sid", "block_kind",
                  "block_end_stream", "block_promised", "decoder")
 
     def __init__(self, client: bool) -> None:
@@ -116,8 +115,7 @@ class _Reader:
         self.sid = 0
         self.left = 0  # payload bytes of the frame still to come
         self.need_pad = False  # a padded DATA frame's pad-length byte is next
-        self.pad_left = 0
-        self.data_left = 0
+        self.data_left = 0  # of ``left``, the body's (the rest is padding)
         self.payload = bytearray()  # a non-DATA frame's payload, held to its end
         self.block: bytearray | None = None  # a header block awaiting its CONTINUATIONs
         self.block_sid = 0
@@ -307,7 +305,6 @@ class Http2Assembler:
         if ftype == DATA:
             r.need_pad = bool(flags & PADDED)
             r.data_left = length
-            r.pad_left = 0
         if length == 0:
             self._end_frame(r, ts)
 
@@ -322,9 +319,8 @@ class Http2Assembler:
         n = len(data)
         if r.need_pad:
             r.need_pad = False
-            r.pad_left = data[pos]
             r.left -= 1
-            r.data_left = r.left - r.pad_left
+            r.data_left = r.left - data[pos]  # the pad length
             pos += 1
             if r.data_left < 0:
                 self._fail("padding longer than its frame", incomplete=False)
