@@ -404,3 +404,19 @@ def test_bodies_held_across_a_connections_streams_are_bounded():
     sid = w.request("/after", "POST", b"a" * 900)
     w.respond(sid, 200, b"ok")
     assert w.out[-1].request.body == b"a" * 900 and not w.out[-1].request.body_truncated
+
+
+def test_request_trailers_after_an_early_answer_went_out_make_no_new_exchange():
+    w = Wire()
+    sid = w.client.get_next_available_stream_id()
+    w.client.send_headers(sid, request_headers("/stream-up", "POST"))
+    w.client.send_data(sid, b"part")
+    w.flush()
+    w.server.send_headers(sid, [(":status", "200")], end_stream=True)
+    w.server.reset_stream(sid, error_code=0)
+    w.flush()
+    [ex] = w.asm.on_tick(w.ts + 2_000_000_000)
+    assert ex.request.body == b"part"
+    # The client's trailers arrive after the exchange went out.
+    w.feed(w.c2s, b"\x00\x00\x01\x01\x05" + sid.to_bytes(4, "big") + b"\x88")  # HEADERS: :status 200 (static 8)
+    assert w.close() == []

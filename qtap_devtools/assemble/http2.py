@@ -148,6 +148,7 @@ class Http2Assembler:
         self._out: list[HttpExchange] = []
         self._discarded = 0
         self._held = 0  # body bytes kept by open streams (CONNECTION_BODIES)
+        self._last_client_sid = 0
         self._closed = False
         # Why decoding stopped; "" while it goes on (a str, not Optional: mypyc
         # would keep a None narrowed across the calls that set it).
@@ -182,7 +183,7 @@ class Http2Assembler:
                 data = data[overlap:]
                 offset = expected
             elif offset > (expected or 0):
-                self._gap(self._readers[direction], offset - (expected or 0), shed)
+                self._gap(self._readers[direction], offset - (expected or 0), shed, ts_ns)
             self._next_offset[direction] = offset + len(data)
         else:
             self._next_offset[direction] = (expected or 0) + len(data)
@@ -232,7 +233,7 @@ class Http2Assembler:
             self._emit(st)
         self._streams.clear()
 
-    def _gap(self, r: _Reader, lost: int, shed: bool) -> None:
+    def _gap(self, r: _Reader, lost: int, shed: bool, ts: int) -> None:
         """``lost`` bytes of ``r``'s direction were not captured.  Inside a DATA
         frame's payload only the body is cut; anywhere else the frames (or the
         HPACK table) can no longer be followed."""
@@ -247,7 +248,7 @@ class Http2Assembler:
             r.data_left -= lost
             r.left -= lost
             if r.left == 0:
-                self._end_frame(r, 0)
+                self._end_frame(r, ts)
             return
         self._fail("capture gap" + (" (bytes left out while the agent was behind)" if shed else ""))
 
@@ -296,7 +297,10 @@ class Http2Assembler:
             return
         if sid:
             st = self._streams.get(sid)
-            if st is None and ftype == HEADERS and r.client:
+            if st is None and ftype == HEADERS and r.client and sid > self._last_client_sid:
+                # A new stream: the client's ids only grow (RFC 9113 §5.1.1), so
+                # a HEADERS on a lower one is trailers for a stream already out.
+                self._last_client_sid = sid
                 st = self._open(sid)
             if st is not None and ftype in (DATA, HEADERS, CONTINUATION):
                 # The message's own frames: control frames on a stream (window
