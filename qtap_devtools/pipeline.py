@@ -476,7 +476,11 @@ class Pipeline:
             if h2.failure and not h2.counted:
                 h2.counted = True
                 self.counters["http2_connections_undecodable"] += 1
-                log.debug("HTTP/2 decoding stopped on %s: %s", info.resolve_endpoint() or key, h2.failure)
+                # Said at INFO for the first few (a user wondering where requests
+                # went finds why); the counter says how many in all.
+                level = logging.INFO if self.counters["http2_connections_undecodable"] <= 20 else logging.DEBUG
+                log.log(level, "HTTP/2 decoding stopped on %s: %s (its later requests are not shown; counted in "
+                        "capture.http2_connections_undecodable)", info.resolve_endpoint() or key, h2.failure)
             self._maybe_updated(conn, r.ts_ns)
             return
         if not r.data:

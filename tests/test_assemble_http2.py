@@ -420,3 +420,38 @@ def test_request_trailers_after_an_early_answer_went_out_make_no_new_exchange():
     # The client's trailers arrive after the exchange went out.
     w.feed(w.c2s, b"\x00\x00\x01\x01\x05" + sid.to_bytes(4, "big") + b"\x88")  # HEADERS: :status 200 (static 8)
     assert w.close() == []
+
+
+def test_cookie_crumbs_are_one_cookie_joined_with_semicolons():
+    w = Wire()
+    sid = w.request("/c", extra=(("cookie", "a=1"), ("accept", "*/*"), ("cookie", "b=2")))
+    w.respond(sid, 200)
+    [ex] = w.out
+    assert [(k, v) for k, v in ex.request.headers if k in ("cookie", "accept")] == [("cookie", "a=1; b=2"),
+                                                                                  ("accept", "*/*")]
+
+
+def test_a_table_grown_to_what_a_node_server_allows_is_followed():
+    # node's http2 server announces a 1 MiB table; the h2 library's encoder
+    # (httpx) resizes to it at once.
+    w = Wire()
+    w.server.update_settings({h2.settings.SettingCodes.HEADER_TABLE_SIZE: 1 << 20})
+    w.flush()
+    for n in range(3):
+        sid = w.request(f"/t/{n}", extra=(("x-big", "v" * 5000),))
+        w.respond(sid, 200)
+    assert [ex.request.target for ex in w.out] == ["/t/0", "/t/1", "/t/2"] and w.asm.failure == ""
+    assert header(w.out[2].request, "x-big") == "v" * 5000
+
+
+def test_an_unfinished_upload_answered_early_is_marked_cut():
+    w = Wire()
+    sid = w.client.get_next_available_stream_id()
+    w.client.send_headers(sid, request_headers("/upload", "POST"))
+    w.client.send_data(sid, b"first part")
+    w.flush()
+    w.server.send_headers(sid, [(":status", "201")], end_stream=True)
+    w.flush()
+    [ex] = w.close()
+    assert ex.request.body == b"first part" and ex.request.body_truncated
+    assert ex.response.status == 201 and ex.error == "connection closed before the request ended"

@@ -37,9 +37,10 @@ MAX_CONTROL_FRAME = 1 << 20  # a non-DATA frame is held whole until its end; pas
 MAX_HEADER_BLOCK = 256 * 1024  # a header block across its CONTINUATIONs, compressed
 MAX_HEADER_LIST = 1 << 20  # the same decoded
 # An encoder may grow its table to what the other end's SETTINGS allow (4 KiB
-# unless raised). Those SETTINGS can predate the preface we saw (a server's
-# first write), so the decoder accepts any size up to this, not just 4 KiB.
-MAX_TABLE_SIZE = 1 << 16
+# unless raised; node's server announces 1 MiB, and the h2 library's encoder
+# then uses it at once). Those SETTINGS can predate the preface we saw (a
+# server's first write), so the decoder accepts any size up to this.
+MAX_TABLE_SIZE = 1 << 20
 EARLY_ANSWER_WAIT_NS = 1_000_000_000  # for the rest of a request its server no longer wanted
 MAX_STREAMS = 1024  # open streams per connection (servers allow ~100-250 at once)
 # Bodies held at once across a connection's open streams, in units of the
@@ -58,6 +59,7 @@ ERROR_CODES = (
 
 CLOSED_BEFORE_RESPONSE = "connection closed before response"
 CLOSED_IN_RESPONSE = "connection closed before the response ended"
+CLOSED_IN_REQUEST = "connection closed before the request ended"
 UNDECODABLE = "HTTP/2 decoding stopped"
 
 
@@ -209,6 +211,8 @@ class Http2Assembler:
                 continue  # a server's push promise never started, or a stream never readable
             if st.error is None and self.failure:
                 st.error = f"{UNDECODABLE}: {self.failure}"
+            elif st.error is None and st.response.done:
+                st.error = CLOSED_IN_REQUEST
             elif st.error is None:
                 st.error = CLOSED_BEFORE_RESPONSE if st.response.headers is None else CLOSED_IN_RESPONSE
             st.response.end_ns = st.response.end_ns or ts_ns
@@ -496,6 +500,8 @@ class Http2Assembler:
         self._held -= len(req_half.body) + len(resp_half.body)
         if req_half.headers is None:
             return  # headers never decoded: nothing to show
+        if not req_half.done:
+            req_half.truncated = True  # the request never ended: its body, if any, is cut
         request = _request(req_half, self.max_body_bytes)
         response = _response(resp_half, self.max_body_bytes, whole=not st.partial) \
             if resp_half.headers is not None else None
@@ -539,8 +545,25 @@ def _content_encoding(headers: Headers) -> str | None:
     return ", ".join(values) if values else None
 
 
+def _cookies_joined(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """HTTP/2 may send a cookie as separate fields, one per pair ("crumbs");
+    they are one ``cookie`` joined with "; " (RFC 9113 §8.2.3), not with the
+    ", " other repeated fields take."""
+    crumbs = [v for k, v in headers if k == "cookie"]
+    if len(crumbs) < 2:
+        return headers
+    out: list[tuple[str, str]] = []
+    for k, v in headers:
+        if k != "cookie":
+            out.append((k, v))
+        elif crumbs:
+            out.append(("cookie", "; ".join(crumbs)))
+            crumbs = []
+    return out
+
+
 def _request(half: _Half, limit: int) -> HttpRequest:
-    headers = tuple(half.headers or ())
+    headers = tuple(_cookies_joined(half.headers or []))
     method = _pseudo(list(headers), ":method") or ""
     # CONNECT names its far end in :authority and has no :path (RFC 9113 §8.5).
     target = _pseudo(list(headers), ":path") or (_pseudo(list(headers), ":authority") or "" if method == "CONNECT" else "")
