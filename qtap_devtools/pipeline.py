@@ -146,6 +146,9 @@ class Pipeline:
             # ... of which decoding stopped (a capture gap, a malformed frame or
             # header block): their open streams went out incomplete, the rest unread.
             "http2_connections_undecodable": 0,
+            # Capture gaps (shedding, a full ring) HTTP/2 decoding read past by
+            # finding the next frame: the streams they touched are incomplete.
+            "http2_gaps_read_past": 0,
             # Streams past the open-stream limit of one connection, not shown.
             "http2_streams_not_tracked": 0,
             # Oldest entries let go from the side tables (processes, parents, a
@@ -473,6 +476,9 @@ class Pipeline:
         if h2 is not None:
             for ex in h2.on_data(r.direction, r.data, r.ts_ns, r.offset, r.shedding):
                 self._transaction(conn, ex)
+            if h2.resyncs > h2.resyncs_counted:
+                self.counters["http2_gaps_read_past"] += h2.resyncs - h2.resyncs_counted
+                h2.resyncs_counted = h2.resyncs
             if h2.failure and not h2.counted:
                 h2.counted = True
                 self.counters["http2_connections_undecodable"] += 1

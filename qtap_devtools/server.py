@@ -507,6 +507,7 @@ CAPTURE_COUNTER_HELP = {
     "tls_connections_unread": "TLS connections whose plaintext no attached library gave",
     "http2_connections": "HTTP/2 connections seen from their preface (their streams are decoded)",
     "http2_connections_undecodable": "HTTP/2 connections whose decoding stopped (a capture gap, bad frames)",
+    "http2_gaps_read_past": "Capture gaps HTTP/2 decoding read past at the next frame",
     "http2_streams_not_tracked": "HTTP/2 streams past one connection's open-stream limit, not shown",
     "record_errors": "Records whose handling failed (a bug; logged)",
     "file_events_dropped": "Events the --output file fell too far behind to take",

@@ -23,6 +23,8 @@ class HpackError(ValueError):
     """The block is not valid HPACK, or refers to a table state we do not have."""
 
 
+UNKNOWN = "\x00unknown"  # a name or value lost with the table entries a capture gap took
+
 STATIC: list[tuple[str, str]] = [(bytes(n).decode("latin-1"), bytes(v).decode("latin-1"))
                                  for n, v in HeaderTable.STATIC_TABLE]
 STATIC_LEN = len(STATIC)  # 61
@@ -115,11 +117,25 @@ class HpackDecoder:
         self.table_size = 4096  # SETTINGS_HEADER_TABLE_SIZE's initial value
         self._entries: list[tuple[str, str]] = []  # oldest first
         self._used = 0
+        # After a capture gap the table's older entries are unknown: only those
+        # added since are (the newest come first in the index, so theirs stay
+        # right). A reference past them decodes as UNKNOWN, not as an error.
+        self.partial = False
+        self.unknown = 0  # fields of the last block decoded as UNKNOWN
+
+    def lost(self) -> None:
+        """Blocks of this direction may have been lost (a capture gap)."""
+        self._entries = []
+        self._used = 0
+        self.partial = True
 
     def _get(self, index: int) -> tuple[str, str]:
         if 0 < index <= STATIC_LEN:
             return STATIC[index - 1]
         pos = len(self._entries) - 1 - (index - STATIC_LEN - 1)
+        if index > 0 and pos < 0 and self.partial:
+            self.unknown += 1
+            return UNKNOWN, UNKNOWN
         if index <= 0 or pos < 0:
             raise HpackError(f"index {index} is in neither table")
         return self._entries[pos]
@@ -147,6 +163,7 @@ class HpackDecoder:
         out: list[tuple[str, str]] = []
         pos, end = 0, len(block)
         listed = 0
+        self.unknown = 0
         while pos < end:
             first = block[pos]
             if first & 0x80:  # indexed field (§6.1)
@@ -154,7 +171,10 @@ class HpackDecoder:
                 name, value = self._get(index)
             elif first & 0x40:  # literal, added to the table (§6.2.1)
                 name, value, pos = self._literal(block, pos, 6)
-                self._add(name, value)
+                if name == UNKNOWN:
+                    self.lost()  # an entry of unknown size: evictions can no longer be followed
+                else:
+                    self._add(name, value)
             elif first & 0x20:  # table size update (§6.3)
                 size, pos = _integer(block, pos, 5)
                 self._resize(size)

@@ -23,7 +23,7 @@ import struct
 from typing import Literal
 
 from .body import decode_body
-from .hpack_decode import HpackDecoder, HpackError
+from .hpack_decode import UNKNOWN, HpackDecoder, HpackError
 from .model import Headers, HttpExchange, HttpRequest, HttpResponse
 
 Direction = Literal["egress", "ingress"]
@@ -47,6 +47,12 @@ MAX_STREAMS = 1024  # open streams per connection (servers allow ~100-250 at onc
 # per-body limit: past it, bodies are cut (and marked so) until streams end.
 CONNECTION_BODIES = 8
 VERSION = "HTTP/2"
+DEFAULT_MAX_FRAME = 1 << 14  # SETTINGS_MAX_FRAME_SIZE unless an end raises it
+SETTINGS_MAX_FRAME_SIZE = 0x5
+# Flags each frame type may carry (RFC 9113 §6): what a frame header found
+# after a capture gap must fit.
+_FLAGS = (0x09, 0x2D, 0x00, 0x00, 0x01, 0x0C, 0x01, 0x00, 0x00, 0x04)
+_FIXED_LENGTH = {PRIORITY: 5, RST_STREAM: 4, PING: 8, WINDOW_UPDATE: 4}
 
 _FRAME_HEAD = struct.Struct(">HBBBI")  # length (24 bits as 16 + 8), type, flags, stream id
 
@@ -106,7 +112,7 @@ class _Reader:
     """Frame boundaries in one direction, and the HPACK table its sender keeps."""
 
     __slots__ = ("client", "preface_left", "head", "ftype", "flags", "sid", "left", "data_left", "need_pad", "payload", "block", "block_sid", "block_kind",
-                 "block_end_stream", "block_promised", "decoder")
+                 "block_end_stream", "block_promised", "decoder", "hunting", "hunt", "hunted")
 
     def __init__(self, client: bool) -> None:
         self.client = client  # the client's bytes (requests), else the server's
@@ -125,6 +131,9 @@ class _Reader:
         self.block_end_stream = False
         self.block_promised = 0
         self.decoder = HpackDecoder(MAX_TABLE_SIZE, MAX_HEADER_LIST)
+        self.hunting = False  # after a gap: looking for the next frame header
+        self.hunt = bytearray()  # the last bytes looked at (a header may straddle two calls)
+        self.hunted = 0
 
 
 class Http2Assembler:
@@ -151,6 +160,9 @@ class Http2Assembler:
         self._discarded = 0
         self._held = 0  # body bytes kept by open streams (CONNECTION_BODIES)
         self._last_client_sid = 0
+        self._max_frame = DEFAULT_MAX_FRAME
+        self.resyncs = 0  # capture gaps read past by finding the next frame
+        self.resyncs_counted = 0  # (by the pipeline)
         self._closed = False
         # Why decoding stopped; "" while it goes on (a str, not Optional: mypyc
         # would keep a None narrowed across the calls that set it).
@@ -254,13 +266,34 @@ class Http2Assembler:
             if r.left == 0:
                 self._end_frame(r, ts)
             return
-        self._fail("capture gap" + (" (bytes left out while the agent was behind)" if shed else ""))
+        # The frames in the hole are unknown: every stream this direction was
+        # still sending may have lost bytes, a header block may be gone (so
+        # the table's older entries are unknown), and reading resumes at the
+        # next frame header found in what follows.
+        for st in self._streams.values():
+            half = st.request if r.client else st.response
+            if not half.done:
+                st.incomplete = True
+                st.shed = st.shed or shed
+                if half.headers is not None:
+                    half.truncated = True
+        r.decoder.lost()
+        r.preface_left = 0
+        r.ftype, r.left, r.data_left, r.need_pad = -1, 0, 0, False
+        r.head.clear()
+        r.payload = bytearray()
+        r.block = None
+        r.hunting, r.hunt, r.hunted = True, bytearray(), 0
+        self.resyncs += 1
 
     # ---- frames
 
     def _feed(self, r: _Reader, data: bytes, ts: int) -> None:
         pos, n = 0, len(data)
         while pos < n and not self.failure:
+            if r.hunting:
+                self._hunt(r, data[pos:], ts)
+                return
             if r.preface_left:
                 take = min(r.preface_left, n - pos)
                 start = len(PREFACE) - r.preface_left
@@ -286,6 +319,67 @@ class Http2Assembler:
                     self._end_frame(r, ts)
         if self.failure:
             self._discarded += n - pos
+
+    def _hunt(self, r: _Reader, data: bytes, ts: int) -> None:
+        """Look for the first frame header after a gap: one whose length, type,
+        flags and stream fit, and whose frames chain on to the end of the bytes
+        seen, exactly or through at least one more header that fits. In a
+        body's bytes such a run is vanishingly unlikely; without one within a
+        few frames' length, decoding stops."""
+        buf = r.hunt
+        buf += data
+        r.hunted += len(data)
+        start = self._frame_start(buf, r.client)
+        if start < 0:
+            # Not decided yet: keep a frame's length, where a header that
+            # the next bytes may confirm could begin.
+            keep = self._max_frame + 9
+            if len(buf) > keep:
+                self._discarded += len(buf) - keep
+                del buf[:len(buf) - keep]
+            if r.hunted > 4 * self._max_frame + 65536:
+                self._fail("no frame found after a capture gap")
+            return
+        r.hunting = False
+        rest = bytes(buf[start:])
+        self._discarded += start
+        r.hunt = bytearray()
+        self._feed(r, rest, ts)
+
+    def _frame_start(self, buf: bytearray, client: bool) -> int:
+        end = len(buf)
+        quick = self._max_frame <= DEFAULT_MAX_FRAME
+        for p in range(0, end - 8):
+            if quick and (buf[p] or buf[p + 1] > 0x40):
+                continue  # a length over 16 KiB, the usual bound: most bytes stop here
+            if not self._plausible(buf, p, False, client):
+                continue
+            q, headers = p + 9 + ((buf[p] << 16) | (buf[p + 1] << 8) | buf[p + 2]), 1
+            while q + 9 <= end and self._plausible(buf, q, True, client):
+                q += 9 + ((buf[q] << 16) | (buf[q + 1] << 8) | buf[q + 2])
+                headers += 1
+            if q == end or (q > end and headers >= 2):
+                return p
+        return -1
+
+    def _plausible(self, buf: bytearray, p: int, chained: bool, client: bool) -> bool:
+        length = (buf[p] << 16) | (buf[p + 1] << 8) | buf[p + 2]
+        ftype, flags = buf[p + 3], buf[p + 4]
+        if length > self._max_frame or ftype > (CONTINUATION if chained else WINDOW_UPDATE) \
+                or flags & ~_FLAGS[ftype] or buf[p + 5] & 0x80 or (client and ftype == PUSH_PROMISE):
+            return False
+        sid = int.from_bytes(buf[p + 5:p + 9], "big")
+        if ftype in (SETTINGS, PING, GOAWAY):
+            return sid == 0 and (length % 6 == 0 if ftype == SETTINGS else length >= 8)
+        fixed = _FIXED_LENGTH.get(ftype, -1)
+        if fixed >= 0 and length != fixed:
+            return False
+        if ftype == WINDOW_UPDATE:
+            return sid <= self._last_client_sid + 1000
+        if not 0 < sid <= self._last_client_sid + 1000:
+            return False
+        # Streams a client opens are odd; a server's even ones are pushes it promised.
+        return bool(sid & 1) or (not client and sid in self._streams)
 
     def _begin_frame(self, r: _Reader, ts: int) -> None:
         hi, lo, ftype, flags, sid = _FRAME_HEAD.unpack(r.head)
@@ -384,6 +478,13 @@ class Http2Assembler:
                 self._fail(f"a header block over {MAX_HEADER_BLOCK} bytes", incomplete=False)
             elif flags & END_HEADERS:
                 self._block_done(r, ts)
+        elif ftype == SETTINGS and not flags & 0x1 and len(payload) % 6 == 0:
+            for i in range(0, len(payload), 6):
+                if int.from_bytes(payload[i:i + 2], "big") == SETTINGS_MAX_FRAME_SIZE:
+                    # What one end accepts, the other may send: frames after a
+                    # gap are looked for up to the largest either allows.
+                    value = int.from_bytes(payload[i + 2:i + 6], "big")
+                    self._max_frame = max(self._max_frame, min(value, 1 << 24))
         elif ftype == RST_STREAM and len(payload) == 4:
             st = self._streams.get(sid)
             if st is not None:
@@ -435,11 +536,17 @@ class Http2Assembler:
         except HpackError as exc:
             self._fail(f"HPACK: {exc}", incomplete=False)
             return
+        lost_fields = r.decoder.unknown
+        if lost_fields:
+            # Fields that referred to table entries a capture gap took: left
+            # out, and the exchange marked incomplete below.
+            headers = [(k, v) for k, v in headers if k != UNKNOWN and v != UNKNOWN]
         if r.block_kind == PUSH_PROMISE:
             # The server promises a response to a request it makes up: the
             # request is whole as promised, its response comes on the new stream.
             st = self._open(r.block_promised)
             if st is not None:
+                st.incomplete = lost_fields > 0
                 st.request.headers = headers
                 st.request.start_ns = st.request.end_ns = ts
                 st.request.done = True
@@ -447,6 +554,8 @@ class Http2Assembler:
         st = self._streams.get(r.block_sid)
         if st is None:
             return  # a stream not tracked (over MAX_STREAMS, or a server's for a request we never saw)
+        if lost_fields:
+            st.incomplete = True
         half = st.request if r.client else st.response
         if not r.client:
             if st.response_start_ns is None:
@@ -502,6 +611,8 @@ class Http2Assembler:
             return  # headers never decoded: nothing to show
         if not req_half.done:
             req_half.truncated = True  # the request never ended: its body, if any, is cut
+        if resp_half.done and resp_half.headers is None and st.error is None:
+            st.error = "response headers not captured (capture gap)"
         request = _request(req_half, self.max_body_bytes)
         response = _response(resp_half, self.max_body_bytes, whole=not st.partial) \
             if resp_half.headers is not None else None
