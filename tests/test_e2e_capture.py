@@ -1219,6 +1219,36 @@ def test_past_max_capture_rate_heads_still_come_with_bodies_cut_and_marked(live,
             reader.close()
 
 
+def test_http2_past_max_capture_rate_later_streams_still_come(live, cert, tmp_path):
+    """--max-capture-rate 1 on one HTTP/2 connection: the 2 MiB downloads spend
+    the budget and their calls are left out whole, frame headers with them;
+    decoding reads past each hole, so the small requests after them are all
+    there, on both sides, with their bodies."""
+    port = free_port()
+    with agent(["run", "--max-capture-rate", "1"], port, tmp_path / "agent.log", ready_path="/readyz"), \
+            rw.Nginx(tmp_path, cert, http2=True) as h2:
+        reader = reader_for(port)
+        try:
+            m = marker()
+            small = [f"/json?m={m}&n={n}" for n in range(3)]
+            urls = [h2.url(f"/large?m={m}&i={i}", host="localhost") for i in range(3)] + \
+                [h2.url(u, host="localhost") for u in small]
+            c = curl("--http2", *[arg for u in urls for arg in ("-o", "/dev/null", u)])
+            assert len(set(c.ports)) == 1, c.ports
+            clients, servers = both_sides(reader, m, n=6)
+            for side in (clients, servers):
+                by_path = {tx["request"]["path"]: tx for tx in side}
+                for uri in small:
+                    assert body_of(by_path[uri]["response"]) == json_body(uri), (side[0]["direction"], uri)
+                    assert by_path[uri]["response"]["status"] == 200
+            status, stats = get(f"http://127.0.0.1:{port}/devtools/api/stats")
+            cap = stats["capture"]
+            assert status == 200 and cap["shed_calls"] >= 1, cap
+            assert cap["http2_gaps_read_past"] >= 1 and cap["http2_connections_undecodable"] == 0, cap
+        finally:
+            reader.close()
+
+
 def test_attach_mode_entry_is_shown_and_still_captures(live, nginx, tmp_path):
     port = free_port()
     with agent(["run", "--attach-mode", "entry"], port, tmp_path / "agent.log", ready_path="/readyz"):
