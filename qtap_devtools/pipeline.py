@@ -517,6 +517,10 @@ class Pipeline:
         conn.fed = True
         exchanges = conn.assembler.on_data(r.direction, r.data, r.ts_ns, r.offset, r.shedding)
         proto = conn.assembler.protocol
+        if proto == "other" and _h2_settings(r.data):
+            # An HTTP/2 server's first write, before it has read the client's
+            # preface: not "other" yet (the preface, next, makes it http2).
+            proto = "unknown"
         if proto != "unknown":
             info.l7_protocol = proto
             if proto == "http1" and not info.http_host and r.direction == _REQUEST_DIRECTION.get(conn.role):
@@ -794,6 +798,12 @@ class Pipeline:
             ts_ns=self.wall(end),
             response_version=resp.version if resp is not None else None,
         ))
+
+
+def _h2_settings(data: bytes) -> bool:
+    """Whether ``data`` starts with an HTTP/2 SETTINGS frame (RFC 9113 §6.5)."""
+    return len(data) >= 9 and data[3] == 4 and data[4] <= 1 and data[5:9] == b"\0\0\0\0" \
+        and ((data[0] << 16) | (data[1] << 8) | data[2]) % 6 == 0
 
 
 def _text(value: str | list[str] | None) -> str | None:

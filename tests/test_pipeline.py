@@ -185,6 +185,9 @@ def test_http2_on_the_servers_side_whose_settings_go_out_before_the_preface_come
     [t] = [e for e in events if e.type == "request.http_transaction"]
     assert t.url == "https://api.local/srv" and t.status == 200
     assert events[-1].payload()["data"]["l7Protocol"] == "http2"
+    # Its SETTINGS, out first, did not make it "other" on the way.
+    said = [e.payload()["data"]["l7Protocol"] for e in events if e.type.startswith("connection.")]
+    assert "other" not in said, said
     assert p.counters["http2_connections"] == 1
 
 
