@@ -198,13 +198,15 @@ def test_a_gzipped_response_is_decoded():
     assert ex.response.body == b"hello " * 100 and ex.response.content_encoding == "gzip"
 
 
-def test_a_stream_reset_by_the_client_is_emitted_with_why():
+@pytest.mark.parametrize("who, code, says", [("client", 8, "stream reset by the client (CANCEL)"),
+                                             ("server", 7, "stream reset by the server (REFUSED_STREAM)")])
+def test_a_reset_stream_is_emitted_with_who_and_why(who, code, says):
     w = Wire()
     sid = w.request("/slow")
-    w.client.reset_stream(sid, error_code=8)
+    (w.client if who == "client" else w.server).reset_stream(sid, error_code=code)
     w.flush()
     [ex] = w.out
-    assert ex.response is None and ex.error == "stream reset by the client (CANCEL)"
+    assert ex.response is None and ex.error == says
 
 
 def test_a_server_push_is_its_own_exchange():
@@ -386,15 +388,6 @@ def test_an_early_answer_whose_request_never_ends_goes_out_after_a_wait():
     assert w.asm.on_tick(w.ts + 10) == []
     [ex] = w.asm.on_tick(w.ts + 2_000_000_000)
     assert ex.error is None and ex.response.status == 200
-
-
-def test_a_stream_refused_by_the_server_says_so():
-    w = Wire()
-    sid = w.request("/busy")
-    w.server.reset_stream(sid, error_code=7)
-    w.flush()
-    [ex] = w.out
-    assert ex.response is None and ex.error == "stream reset by the server (REFUSED_STREAM)"
 
 
 def test_a_response_still_streaming_past_the_time_limit_goes_out_on_the_tick():
