@@ -182,6 +182,11 @@ class Pipeline:
         # The enricher's answer first: it improves as container metadata arrives.
         info = self.process_info(pid)
         if info is not None:
+            known = self.processes.get(pid)
+            if not info.exe and known is not None and known.exe:
+                # A process killed and not yet reaped: its /proc entry is there
+                # but no longer names its executable. What we knew still does.
+                return known
             self._remember(info)
             return info
         return self.processes.get(pid)  # gone from /proc: what we knew of it

@@ -716,3 +716,21 @@ def test_a_socket_lent_before_its_addresses_came_is_still_one_connection():
     closed = [e for e in out if e.type == "connection.closed"]
     assert len(opened) == len(closed) == 1 and opened[0].connection is closed[0].connection
     assert [e.type for e in out].count("request.http_transaction") == 1
+
+
+def test_a_killed_process_read_again_keeps_the_executable_it_had():
+    # Killed and not yet reaped, /proc/PID still answers but no longer names
+    # the executable: the connection still says whose it was.
+    answers = {100: CURL}
+    out = []
+    p = Pipeline(Config(), out.append, answers.get, own_pid=1, own_port=10001)
+    records = client_tls_exchange()
+    p.on_records(records[:3])
+    answers[100] = ProcessInfo(pid=100, ppid=1, exe="", binary="", cmdline="", uid=0, user="root",
+                               hostname="box", start_time_ns=1)
+    p.on_records(records[3:])
+    p.close_all()
+    closed = [e for e in out if e.type == "connection.closed"]
+    assert closed and closed[0].payload()["data"]["source"]["exe"] == "/usr/bin/curl"
+    [t] = [e for e in out if e.type == "request.http_transaction"]
+    assert t.payload()["data"]["summary"]["process_exe"] == "/usr/bin/curl"
