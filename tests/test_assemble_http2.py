@@ -416,13 +416,19 @@ def test_bodies_held_across_a_connections_streams_are_bounded():
     assert w.out[-1].request.body == b"a" * 900 and not w.out[-1].request.body_truncated
 
 
+def _answered_early(w: Wire, path: str, part: bytes, status: int) -> int:
+    """A POST whose body has not ended, answered whole by the server: its stream id."""
+    sid = w.client.get_next_available_stream_id()
+    w.client.send_headers(sid, request_headers(path, "POST"))
+    w.client.send_data(sid, part)
+    w.flush()
+    w.server.send_headers(sid, [(":status", str(status))], end_stream=True)
+    return sid
+
+
 def test_request_trailers_after_an_early_answer_went_out_make_no_new_exchange():
     w = Wire()
-    sid = w.client.get_next_available_stream_id()
-    w.client.send_headers(sid, request_headers("/stream-up", "POST"))
-    w.client.send_data(sid, b"part")
-    w.flush()
-    w.server.send_headers(sid, [(":status", "200")], end_stream=True)
+    sid = _answered_early(w, "/stream-up", b"part", 200)
     w.server.reset_stream(sid, error_code=0)
     w.flush()
     [ex] = w.asm.on_tick(w.ts + 2_000_000_000)
@@ -456,11 +462,7 @@ def test_a_table_grown_to_what_a_node_server_allows_is_followed():
 
 def test_an_unfinished_upload_answered_early_is_marked_cut():
     w = Wire()
-    sid = w.client.get_next_available_stream_id()
-    w.client.send_headers(sid, request_headers("/upload", "POST"))
-    w.client.send_data(sid, b"first part")
-    w.flush()
-    w.server.send_headers(sid, [(":status", "201")], end_stream=True)
+    _answered_early(w, "/upload", b"first part", 201)
     w.flush()
     [ex] = w.close()
     assert ex.request.body == b"first part" and ex.request.body_truncated
