@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -1387,11 +1388,16 @@ def test_a_refused_connect_opens_no_connection(live, nginx_plain):
     """The issue: connection.opened "when a connect/accept completes".  curl's
     connect is non-blocking; here it is refused, so nothing completed."""
     _, reader, _ = live
-    closed = rw.free_port()  # bound and released: nothing listens there
-    out = subprocess.run([*CURL, f"http://{LOOP}:{closed}/?m={marker()}"], capture_output=True, timeout=30)
-    assert out.returncode == 7, out.stderr  # "Failed to connect"
-    barrier(reader, nginx_plain)
-    assert not events_for_port(reader, closed)
+    # Held bound, never listening, for the whole test: a connect to it is
+    # refused, and the kernel cannot hand the port to another socket as its
+    # ephemeral source port (a released port could be, and was, in CI).
+    with socket.socket() as holder:
+        holder.bind((LOOP, 0))
+        closed = holder.getsockname()[1]
+        out = subprocess.run([*CURL, f"http://{LOOP}:{closed}/?m={marker()}"], capture_output=True, timeout=30)
+        assert out.returncode == 7, out.stderr  # "Failed to connect"
+        barrier(reader, nginx_plain)
+        assert not events_for_port(reader, closed)
 
 
 UDP_ECHO = """
