@@ -938,17 +938,24 @@ def test_a_short_lived_process_is_described_even_while_the_event_loop_is_busy(li
                             if not open(f"/proc/{pid}/task/{t}/comm").read().startswith("qtap-")]
             for tid in loop_threads:
                 os.sched_setaffinity(tid, {cpu})
+            # It takes the CPU only once the agent is idle: a loop thread
+            # preempted while it runs Python keeps the GIL, and then the
+            # reader's thread cannot run either (the agent busy with this very
+            # process's exec did that once in CI).  A loop that is busy, not
+            # preempted, hands the GIL over every few milliseconds.
             hold = textwrap.dedent(f"""
                 import os, time
                 os.sched_setaffinity(0, {{{cpu}}})
+                time.sleep(0.5)
                 os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+                print("holding", flush=True)
                 end = time.monotonic() + 0.8
                 while time.monotonic() < end:
                     pass
             """)
-            hog = subprocess.Popen([PY, "-c", hold])
+            hog = subprocess.Popen([PY, "-c", hold], stdout=subprocess.PIPE, text=True)
             try:
-                time.sleep(0.1)  # it holds the CPU now
+                assert hog.stdout.readline() == "holding\n"  # it holds the CPU now
                 m = marker()
                 proc = subprocess.Popen([PY, "-c", "import time; time.sleep(0.1)", m])
                 assert proc.wait(timeout=30) == 0
