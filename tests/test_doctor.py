@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -159,7 +160,11 @@ def test_an_agent_started_with_a_token_is_not_reported_absent(tmp_path):
         without = doctor._running_agent(proc.url)
         wrong = doctor._running_agent(proc.url, "nope")
         right = doctor._running_agent(proc.url, "s3cr/t")
-        # The start-up line says how to reach it with the token.
+        # The start-up line says how to reach it with the token.  It is printed
+        # once uvicorn says it started, which can be just after it first answers.
+        deadline = time.monotonic() + 10
+        while "serving" not in proc.output() and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert "/devtools?token=<token, percent-encoded>" in proc.output()
     assert not without.ok and "started with --token" in without.detail and "QTAP_TOKEN" in without.fix
     assert not wrong.ok and "token was wrong" in wrong.detail

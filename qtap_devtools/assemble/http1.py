@@ -29,6 +29,7 @@ from typing import Literal
 from .body import decode_body
 from .http1_parse import CHUNKED, DEAD, HEAD, PAUSED, Message, MessageReader
 from .model import HttpExchange, HttpRequest, HttpResponse
+from .offsets import place
 
 Role = Literal["client", "server", "unknown"]
 Direction = Literal["egress", "ingress"]
@@ -136,21 +137,10 @@ class ConnectionAssembler:
         if self._closed:
             self._overlap_discarded += len(data)
             return out
-        expected = self._next_offset[direction]
-        if offset is not None:
-            if offset > (expected or 0):
-                self._gap(reader, offset - (expected or 0), ts_ns, shed)
-            elif expected is not None and offset < expected:
-                overlap = expected - offset  # a retransmitted or re-read range
-                if overlap >= len(data):
-                    self._overlap_discarded += len(data)
-                    return out
-                self._overlap_discarded += overlap
-                data = data[overlap:]
-                offset = expected
-            self._next_offset[direction] = offset + len(data)
-        else:
-            self._next_offset[direction] = (expected or 0) + len(data)
+        data, gap, seen = place(self._next_offset, direction, data, offset)
+        self._overlap_discarded += seen
+        if gap:
+            self._gap(reader, gap, ts_ns, shed)
         if data:
             reader.feed(data, ts_ns)
             self._check_stream_limits(ts_ns)

@@ -25,6 +25,7 @@ from typing import Literal
 from .body import decode_body
 from .hpack_decode import UNKNOWN, HpackDecoder, HpackError
 from .model import Headers, HttpExchange, HttpRequest, HttpResponse
+from .offsets import place
 
 Direction = Literal["egress", "ingress"]
 
@@ -186,21 +187,10 @@ class Http2Assembler:
             self._discarded += len(data)
             self._advance(direction, data, offset)
             return out
-        expected = self._next_offset[direction]
-        if offset is not None:
-            if expected is not None and offset < expected:
-                overlap = expected - offset  # a range seen before
-                if overlap >= len(data):
-                    self._discarded += len(data)
-                    return out
-                self._discarded += overlap
-                data = data[overlap:]
-                offset = expected
-            elif offset > (expected or 0):
-                self._gap(self._readers[direction], offset - (expected or 0), shed, ts_ns)
-            self._next_offset[direction] = offset + len(data)
-        else:
-            self._next_offset[direction] = (expected or 0) + len(data)
+        data, gap, seen = place(self._next_offset, direction, data, offset)
+        self._discarded += seen
+        if gap:
+            self._gap(self._readers[direction], gap, shed, ts_ns)
         if data and not self.failure:
             self._feed(self._readers[direction], data, ts_ns)
         elif data:
