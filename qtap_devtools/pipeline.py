@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 from qtap_devtools import ids
 from qtap_devtools.assemble.http1 import ConnectionAssembler, Direction, Role
-from qtap_devtools.assemble.http2 import PREFACE as HTTP2_PREFACE, Http2Assembler
+from qtap_devtools.assemble.http2 import PREFACE as HTTP2_PREFACE, Http2Assembler, joined_sender
 from qtap_devtools.assemble.model import HttpExchange, combined_headers
 from qtap_devtools.assemble.tls_hello import HelloReader, looks_like_tls
 from qtap_devtools.capture import records as rec
@@ -54,6 +54,7 @@ OPEN_GRACE_NS = 100_000_000  # wait this long for a connection's addresses befor
 _REQUEST_START = re.compile(rb"^[A-Z]{3,12} \S+ HTTP/1\.[01]\r?\n")
 _HOST_FIELD = re.compile(rb"\nhost:[ \t]*([^\r\n]+)", re.I)
 _REQUEST_DIRECTION = {"client": "egress", "server": "ingress"}
+_OTHER: dict[str, Direction] = {"egress": "ingress", "ingress": "egress"}
 
 
 def _host_name(host: str) -> str:
@@ -141,8 +142,12 @@ class Pipeline:
             "unpaired_close": 0,
             "own_traffic_skipped": 0,
             "connects_not_established": 0,
-            # HTTP/2 connections seen from their preface, whose streams are decoded.
+            # HTTP/2 connections decoded, from their preface or joined mid-connection.
             "http2_connections": 0,
+            # ... of which joined mid-connection (their start not seen): streams
+            # open then are not shown, later ones are (incomplete where a field
+            # referred to what came before).
+            "http2_connections_joined": 0,
             # ... of which decoding stopped (a capture gap, a malformed frame or
             # header block): their open streams went out incomplete, the rest unread.
             "http2_connections_undecodable": 0,
@@ -474,10 +479,20 @@ class Pipeline:
         else:
             info.bytes_received += moved
         h2 = conn.h2
-        if h2 is None and conn.assembler.protocol in ("unknown", "other") and r.data.startswith(HTTP2_PREFACE):
+        if h2 is None and conn.assembler.protocol in ("unknown", "other") and r.data:
             # "other" too: an HTTP/2 server sends its SETTINGS before it reads the
             # client's preface, and those bytes are not HTTP/1.
-            h2 = self._to_http2(conn, r)
+            if r.data.startswith(HTTP2_PREFACE):
+                h2 = self._to_http2(conn, r, r.direction)
+            elif r.offset > 0:
+                # Its start not seen (open before the agent, or before its TLS
+                # library was attached): HTTP/2 if these bytes are frames, and
+                # a header block in them says which end sent them.
+                sender = joined_sender(r.data)
+                if sender and (conn.role == "unknown" or
+                               (sender == "client") == (r.direction == _REQUEST_DIRECTION[conn.role])):
+                    h2 = self._to_http2(conn, r, r.direction if sender == "client" else _OTHER[r.direction],
+                                        joined=True)
         if h2 is not None:
             for ex in h2.on_data(r.direction, r.data, r.ts_ns, r.offset, r.shedding):
                 self._transaction(conn, ex)
@@ -541,25 +556,30 @@ class Pipeline:
         for ex in exchanges:
             self._transaction(conn, ex)
 
-    def _to_http2(self, conn: _Conn, r: rec.DataChunk) -> Http2Assembler:
-        """The client's preface in ``r``: the connection is HTTP/2 from here.
-        Its client is whoever sent the preface; the other direction goes on
-        from where it is (a server's SETTINGS may have been read already)."""
-        client: Direction = "egress" if r.direction == "egress" else "ingress"
-        other: Direction = "ingress" if client == "egress" else "egress"
+    def _to_http2(self, conn: _Conn, r: rec.DataChunk, client: str, joined: bool = False) -> Http2Assembler:
+        """The connection is HTTP/2 from ``r`` on: ``r`` holds the client's
+        preface, or (``joined``) frames from the middle of the connection.
+        ``client`` is the direction of the client's bytes.  The other
+        direction goes on from where it is (a server's SETTINGS may have been
+        read already)."""
+        here: Direction = "egress" if r.direction == "egress" else "ingress"
+        other: Direction = _OTHER[here]
         if conn.role == "unknown":
-            conn.role = "client" if r.direction == "egress" else "server"
+            conn.role = "client" if client == "egress" else "server"
             if conn.role == "server":
                 conn.info.direction = "ingress"
         conn.info.l7_protocol = "http2"
         conn.fed = True
         h2 = conn.h2 = Http2Assembler(
-            client_direction=client,
-            offsets={client: r.offset, other: conn.assembler.position(other)},
+            client_direction="egress" if client == "egress" else "ingress",
+            offsets={here: r.offset, other: conn.assembler.position(other)},
             max_body_bytes=self.config.max_body_bytes,
             stream_limit_ns=int(self.config.stream_limit_seconds * 1e9),
+            joined=joined,
         )
         self.counters["http2_connections"] += 1
+        if joined:
+            self.counters["http2_connections_joined"] += 1
         return h2
 
     @staticmethod

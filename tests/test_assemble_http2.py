@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import random
 
 import h2.config
 import h2.connection
@@ -13,7 +14,7 @@ import h2.settings
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from qtap_devtools.assemble.http2 import PREFACE, UNDECODABLE, Http2Assembler
+from qtap_devtools.assemble.http2 import PREFACE, UNDECODABLE, Http2Assembler, joined_sender
 from qtap_devtools.assemble.model import HttpExchange
 
 AUTHORITY = "api.example.test"
@@ -521,3 +522,90 @@ def test_the_gap_property_has_something_to_check():
         off[direction] += len(data)
     assert [ex.request.target for ex in out] == [f"/s/{i}" for i in range(5)]
     assert not any(ex.incomplete for ex in out)
+
+
+# ---- joined mid-connection
+
+
+def joined(w: Wire) -> Http2Assembler:
+    """From here on the wire is read by an assembler that saw none of it
+    before (the agent started, or the TLS library was attached, just now)."""
+    w.out.clear()
+    w.asm = Http2Assembler(client_direction=w.c2s, offsets={"egress": None, "ingress": None},  # type: ignore[arg-type]
+                           joined=True)
+    return w.asm
+
+
+@pytest.mark.parametrize("split", [0, 7])
+def test_joined_mid_connection_later_streams_come_out(split):
+    w = Wire()
+    for n in range(3):
+        sid = w.request(f"/before/{n}", extra=(("user-agent", "ua/1"),))
+        w.respond(sid, 200, b"x", headers=(("content-type", "text/plain"),))
+    joined(w)
+    w.split = split
+    sid = w.request("/after", method="POST", body=b"payload", extra=(("user-agent", "ua/1"), ("x-new", "fresh")))
+    w.respond(sid, 201, b"after body", headers=(("content-type", "text/plain"), ("x-id", "42")))
+    [ex] = w.out
+    req, resp = ex.request, ex.response
+    # Static-table and literal fields decode; the body is whole.
+    assert (req.method, req.target, req.body, resp.status, resp.body) == ("POST", "/after", b"payload", 201,
+                                                                         b"after body")
+    assert header(req, "x-new") == "fresh" and header(resp, "x-id") == "42"
+    # Fields indexed before the join are unknown: left out, and the exchange says so.
+    assert header(req, "user-agent") is None and header(req, ":authority") is None
+    assert header(resp, "content-type") is None and ex.incomplete
+    assert w.asm.failure == "" and w.asm.resyncs == 0
+    # What was indexed after the join is known from then on.
+    sid = w.request("/after", extra=(("x-new", "fresh"),))
+    w.respond(sid, 200, b"")
+    assert header(w.out[-1].request, "x-new") == "fresh" and w.out[-1].request.target == "/after"
+
+
+def test_joined_a_stream_already_open_is_not_shown_and_breaks_nothing():
+    w = Wire()
+    early = w.request("/slow")
+    joined(w)
+    later = w.request("/quick")
+    w.respond(early, 200, b"slow answer")
+    w.respond(later, 200, b"quick answer")
+    assert [(ex.request.target, ex.response.body) for ex in w.out] == [("/quick", b"quick answer")]
+    assert w.asm.failure == ""
+    assert w.close() == []
+
+
+def test_joined_a_real_gap_after_the_join_is_still_one():
+    w = Wire()
+    w.respond(w.request("/warm"), 200, b"x")
+    joined(w)
+    w.respond(w.request("/a"), 200, b"a")
+    sid = w.request("/b")
+    w.server.send_headers(sid, [(":status", "200")], end_stream=False)
+    w.flush(lose_s2c=5)  # the response's HEADERS frame header is lost
+    w.server.send_data(sid, b"b", end_stream=True)
+    w.flush()
+    assert w.asm.resyncs == 1
+    assert [ex.request.target for ex in w.out] == ["/a", "/b"] and w.out[1].incomplete
+
+
+def _writes(w: Wire, fn) -> tuple[bytes, bytes]:
+    """What the client and the server write for ``fn()``, not delivered."""
+    fn()
+    return w.client.data_to_send(), w.server.data_to_send()
+
+
+def test_joined_sender_tells_a_request_from_a_response_and_refuses_the_rest():
+    w = Wire()
+    w.respond(w.request("/warm", extra=(("user-agent", "ua"),)), 200, b"x")
+    sid = w.client.get_next_available_stream_id()
+    c, _ = _writes(w, lambda: w.client.send_headers(sid, request_headers("/next"), end_stream=True))
+    assert joined_sender(c) == "client"
+    w.server.receive_data(c)
+    _, s = _writes(w, lambda: (w.server.send_headers(sid, [(":status", "404")]),
+                               w.server.send_data(sid, b"nope", end_stream=True)))
+    assert joined_sender(s) == "server"
+    assert joined_sender(s[9 + int.from_bytes(s[:3], "big"):]) == ""  # DATA alone: no telling
+    noise = random.Random(7).randbytes(4096)
+    for other in (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"HTTP/1.1 200 OK\r\n\r\n", noise, b"\x00" * 64,
+                  c + b"\x00\x00", b""):
+        assert joined_sender(other) == "", other[:20]

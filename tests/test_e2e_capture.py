@@ -589,6 +589,62 @@ def test_node_http2_client_and_server_both_sides(live, cert):
         server.wait()
 
 
+NODE_H2_TICKER = """
+const http2 = require('http2');
+const session = http2.connect(process.argv[1], {rejectUnauthorized: false});
+const m = process.argv[2];
+let n = 0;
+function tick() {
+  const req = session.request({':path': '/tick?m=' + m + '&n=' + n++, 'x-marker': m});
+  req.on('data', () => {});
+  req.on('end', () => { if (n === 1) console.log('warm'); setTimeout(tick, 100); });
+  req.end();
+}
+session.on('connect', tick);
+"""
+
+
+def test_http2_connection_open_before_the_agent_is_joined(cert, tmp_path):
+    """A long-lived HTTP/2 session (a gRPC channel, a connection pool) was
+    open before the agent started: its preface and table-building requests
+    were never seen.  Its later requests come out on both ends, as http2,
+    marked incomplete (the x-marker and :authority fields were indexed before
+    the agent came, so they are unknown), paths and bodies whole."""
+    server = subprocess.Popen(["node", "-e", NODE_H2_SERVER, str(cert.key), str(cert.cert)],
+                              stdout=subprocess.PIPE, text=True)
+    client = None
+    try:
+        port = int(server.stdout.readline())
+        m = marker()
+        client = subprocess.Popen(["node", "-e", NODE_H2_TICKER, f"https://127.0.0.1:{port}", m],
+                                  stdout=subprocess.PIPE, text=True)
+        assert client.stdout.readline() == "warm\n"
+        aport = free_port()
+        with agent(["run"], aport, tmp_path / "agent.log", ready_path="/readyz") as proc:
+            reader = reader_for(aport)
+            try:
+                txs = reader.transactions(f"/tick?m={m}&", count=6, timeout=WAIT)
+                sides = by_direction(txs)
+                assert set(sides) == {"egress-internal", "ingress"} and all(len(v) >= 2 for v in sides.values()), (
+                    f"{[(t['direction'], t['request']['url']) for t in txs]}; {reader.health()}")
+                for tx in txs:
+                    n = int(tx["request"]["path"].rsplit("&n=", 1)[1])
+                    assert n > 0, "the warm-up request went out before the agent started"
+                    assert_tx(tx, method="GET", url=f"https://127.0.0.1:{port}/tick?m={m}&n={n}", status=200,
+                              exe=exe("node"), direction=tx["direction"], protocol="http2",
+                              resp_body=lambda b, n=n: json.loads(b)["path"] == f"/tick?m={m}&n={n}")
+                    assert tx.get("incomplete") is True and "x-marker" not in tx["request"]["headers"], tx
+                _, stats = get(proc.url + "/devtools/api/stats")
+                assert stats["capture"]["http2_connections_joined"] >= 2, stats["capture"]
+            finally:
+                reader.close()
+    finally:
+        for proc in (client, server):
+            if proc is not None:
+                proc.kill()
+                proc.wait()
+
+
 ASYNCIO_POOL_CLIENT = """
 import asyncio, json, ssl, sys
 port, m = int(sys.argv[1]), sys.argv[2]

@@ -204,6 +204,81 @@ def test_http2_a_capture_gap_over_frames_is_read_past_counted_and_its_streams_ma
     assert p.counters["http2_gaps_read_past"] == 1 and p.counters["http2_connections_undecodable"] == 0
 
 
+def h2_after_warm_up(path: str) -> tuple[int, int, bytes, bytes]:
+    """An HTTP/2 connection's second exchange, as seen by an agent that missed
+    the first: (client bytes before it, server bytes before it, its request,
+    its answer)."""
+    import h2.config
+    import h2.connection
+
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    client.initiate_connection()
+    server.initiate_connection()
+    sent, answered = client.data_to_send(), server.data_to_send()
+    client.receive_data(answered)
+    server.receive_data(sent)
+    client.send_headers(1, [(":method", "GET"), (":scheme", "https"), (":authority", "api.local"),
+                            (":path", "/warm")], end_stream=True)
+    server.receive_data(c := client.data_to_send())
+    sent += c
+    server.send_headers(1, [(":status", "200")], end_stream=True)
+    client.receive_data(s := server.data_to_send())
+    answered += s
+    sent += client.data_to_send()
+    client.send_headers(3, [(":method", "GET"), (":scheme", "https"), (":authority", "api.local"),
+                            (":path", path)], end_stream=True)
+    request = client.data_to_send()
+    server.receive_data(request)
+    answered += server.data_to_send()
+    server.send_headers(3, [(":status", "200"), ("content-type", "text/plain")])
+    server.send_data(3, b"joined", end_stream=True)
+    return len(sent), len(answered), request, server.data_to_send()
+
+
+def test_http2_joined_mid_connection_on_a_connection_seen_open():
+    """Its process's TLS library attached after the preface went out."""
+    before_c, before_s, request, answer = h2_after_warm_up("/later")
+    events, p = run([
+        rec.SocketConnect(100, 5, 1_000, EP_S),
+        rec.SocketAddress(100, 5, EP_C, EP_S, 1_100),
+        rec.DataChunk(100, 100, 5, 2_000, "egress", "openssl", before_c, request, tls_ref=0xabc),
+        rec.DataChunk(100, 100, 5, 3_000, "ingress", "openssl", before_s, answer, tls_ref=0xabc),
+        rec.SocketClose(100, 5, 9_000),
+    ])
+    [t] = [e for e in events if e.type == "request.http_transaction"]
+    # :authority was indexed by the warm-up: unknown here, so the host is the IP's.
+    assert (t.method, t.path, t.status, t.response.body) == ("GET", "/later", 200, b"joined")
+    assert t.incomplete and t.url == "https://127.0.0.1:8443/later"
+    assert events[-1].payload()["data"]["l7Protocol"] == "http2"
+    assert p.counters["http2_connections"] == p.counters["http2_connections_joined"] == 1
+    assert p.counters["http2_gaps_read_past"] == 0
+
+
+def test_http2_joined_mid_connection_whose_role_the_frames_tell():
+    """Open before the agent: no connect or accept seen, the server's side.
+    The request's header block names its sender, so nginx is the server."""
+    before_c, before_s, request, answer = h2_after_warm_up("/srv-later")
+    events, p = run([
+        rec.DataChunk(200, 200, 7, 2_000, "ingress", "openssl", before_c, request, tls_ref=0xdef),
+        rec.DataChunk(200, 200, 7, 3_000, "egress", "openssl", before_s, answer, tls_ref=0xdef),
+        rec.SocketClose(200, 7, 9_000),
+    ])
+    [t] = [e for e in events if e.type == "request.http_transaction"]
+    assert (t.path, t.status) == ("/srv-later", 200) and t.connection.direction == "ingress"
+    assert p.counters["http2_connections_joined"] == 1
+
+
+def test_bytes_from_the_middle_of_a_non_http_stream_are_not_taken_for_http2():
+    events, p = run([
+        rec.SocketConnect(100, 5, 1_000, EP_S),
+        rec.DataChunk(100, 100, 5, 2_000, "egress", "openssl", 500, bytes(range(256)) * 4, tls_ref=0xabc),
+        rec.SocketClose(100, 5, 9_000),
+    ])
+    assert p.counters["http2_connections"] == 0
+    assert events[-1].payload()["data"]["l7Protocol"] != "http2"
+
+
 def test_own_port_and_own_pid_are_not_captured():
     own = rec.Endpoint("127.0.0.1", 10001)
     events, p = run([

@@ -9,12 +9,20 @@ reset it, or the connection ended.
 
 Header blocks are HPACK-compressed against a table each end builds as it
 goes (RFC 7541), so every block of a direction must be decoded, in order,
-from the connection's first. A capture gap that a DATA frame's payload cannot
-absorb (the lost bytes held a frame header, or a header block) leaves the
-frames or the table unknowable: decoding stops there for good (``failure``
-says why), every open stream is emitted marked incomplete, and the rest of the
-connection's bytes are counted, not read. A connection joined after its
-preface is not decoded at all: the pipeline hands one here only from its preface.
+from the connection's first. A capture gap inside a DATA frame's payload cuts
+only that body. A gap anywhere else (the lost bytes held a frame header, or a
+header block) sends the reader looking for the next frame header (``_hunt``);
+the streams it touched are marked incomplete, and the table's older entries
+count as unknown from then on: a field that refers to one is left out, not
+guessed (``hpack_decode``). Decoding stops for good (``failure`` says why) only
+when no frame header turns up, or the frames break the protocol.
+
+A connection joined after its preface (the agent started, or the process's TLS
+library was attached, while it was open) is read as after a gap from its
+start (``joined``): the pipeline hands one here when a chunk from its middle
+begins with a chain of frames (:func:`joined_sender`). Streams already open
+then are not shown; later ones are, with any field that refers to a table
+entry made before the join left out and the exchange marked incomplete.
 """
 
 from __future__ import annotations
@@ -113,7 +121,7 @@ class _Reader:
     """Frame boundaries in one direction, and the HPACK table its sender keeps."""
 
     __slots__ = ("client", "preface_left", "head", "ftype", "flags", "sid", "left", "data_left", "need_pad", "payload", "block", "block_sid", "block_kind",
-                 "block_end_stream", "block_promised", "decoder", "hunting", "hunt", "hunted")
+                 "block_end_stream", "block_promised", "decoder", "hunting", "hunt", "hunted", "joining")
 
     def __init__(self, client: bool) -> None:
         self.client = client  # the client's bytes (requests), else the server's
@@ -135,6 +143,7 @@ class _Reader:
         self.hunting = False  # after a gap: looking for the next frame header
         self.hunt = bytearray()  # the last bytes looked at (a header may straddle two calls)
         self.hunted = 0
+        self.joining = False  # joined mid-connection, no frame found yet: what came before is no gap
 
 
 class Http2Assembler:
@@ -150,7 +159,8 @@ class Http2Assembler:
     upgraded = False
 
     def __init__(self, *, client_direction: Direction, offsets: dict[str, int | None],
-                 max_body_bytes: int = 1 << 20, stream_limit_ns: int = 10_000_000_000) -> None:
+                 max_body_bytes: int = 1 << 20, stream_limit_ns: int = 10_000_000_000,
+                 joined: bool = False) -> None:
         self.max_body_bytes = max_body_bytes
         self.stream_limit_ns = stream_limit_ns
         server_direction: Direction = "ingress" if client_direction == "egress" else "egress"
@@ -161,6 +171,9 @@ class Http2Assembler:
         self._discarded = 0
         self._held = 0  # body bytes kept by open streams (CONNECTION_BODIES)
         self._last_client_sid = 0
+        # Joined mid-connection, stream ids start anywhere: any is plausible
+        # until the client opens one here.
+        self._sid_known = not joined
         self._max_frame = DEFAULT_MAX_FRAME
         self.resyncs = 0  # capture gaps read past by finding the next frame
         self.resyncs_counted = 0  # (by the pipeline)
@@ -170,6 +183,12 @@ class Http2Assembler:
         self.failure = ""
         self.streams_dropped = 0  # past MAX_STREAMS open at once
         self.counted = False  # the failure has been counted (by the pipeline)
+        if joined:
+            for r in self._readers.values():
+                r.preface_left = 0
+                r.decoder.lost()  # the tables hold what came before: unknown
+                r.hunting = True  # to the first frame header (the pipeline's chunk starts with one)
+                r.joining = True
 
     @property
     def discarded_bytes(self) -> int:
@@ -190,7 +209,11 @@ class Http2Assembler:
         data, gap, seen = place(self._next_offset, direction, data, offset)
         self._discarded += seen
         if gap:
-            self._gap(self._readers[direction], gap, shed, ts_ns)
+            r = self._readers[direction]
+            if r.joining:  # before its first frame: nothing read yet lost anything
+                r.hunt = bytearray()  # (bytes either side of a hole never chain)
+            else:
+                self._gap(r, gap, shed, ts_ns)
         if data and not self.failure:
             self._feed(self._readers[direction], data, ts_ns)
         elif data:
@@ -330,7 +353,7 @@ class Http2Assembler:
             if r.hunted > 4 * self._max_frame + 65536:
                 self._fail("no frame found after a capture gap")
             return
-        r.hunting = False
+        r.hunting = r.joining = False
         rest = bytes(buf[start:])
         self._discarded += start
         r.hunt = bytearray()
@@ -353,23 +376,19 @@ class Http2Assembler:
         return -1
 
     def _plausible(self, buf: bytearray, p: int, chained: bool, client: bool) -> bool:
-        length = (buf[p] << 16) | (buf[p + 1] << 8) | buf[p + 2]
-        ftype, flags = buf[p + 3], buf[p + 4]
-        if length > self._max_frame or ftype > (CONTINUATION if chained else WINDOW_UPDATE) \
-                or flags & ~_FLAGS[ftype] or buf[p + 5] & 0x80 or (client and ftype == PUSH_PROMISE):
+        if not frame_fits(buf, p, chained, self._max_frame) or (client and buf[p + 3] == PUSH_PROMISE):
             return False
-        sid = int.from_bytes(buf[p + 5:p + 9], "big")
+        ftype = buf[p + 3]
         if ftype in (SETTINGS, PING, GOAWAY):
-            return sid == 0 and (length % 6 == 0 if ftype == SETTINGS else length >= 8)
-        fixed = _FIXED_LENGTH.get(ftype, -1)
-        if fixed >= 0 and length != fixed:
+            return True
+        sid = int.from_bytes(buf[p + 5:p + 9], "big")
+        if self._sid_known and sid > self._last_client_sid + 1000:
             return False
         if ftype == WINDOW_UPDATE:
-            return sid <= self._last_client_sid + 1000
-        if not 0 < sid <= self._last_client_sid + 1000:
-            return False
-        # Streams a client opens are odd; a server's even ones are pushes it promised.
-        return bool(sid & 1) or (not client and sid in self._streams)
+            return True
+        # Streams a client opens are odd; a server's even ones are pushes it
+        # promised (joined mid-connection, promised before we came: unknown).
+        return bool(sid & 1) or (not client and (sid in self._streams or not self._sid_known))
 
     def _begin_frame(self, r: _Reader, ts: int) -> None:
         hi, lo, ftype, flags, sid = _FRAME_HEAD.unpack(r.head)
@@ -389,6 +408,7 @@ class Http2Assembler:
                 # A new stream: the client's ids only grow (RFC 9113 §5.1.1), so
                 # a HEADERS on a lower one is trailers for a stream already out.
                 self._last_client_sid = sid
+                self._sid_known = True
                 st = self._open(sid)
             if st is not None and ftype in (DATA, HEADERS, CONTINUATION):
                 # The message's own frames: control frames on a stream (window
@@ -623,6 +643,75 @@ class Http2Assembler:
             request_bytes=req_half.bytes,
             response_bytes=resp_half.bytes,
         ))
+
+
+def frame_fits(buf: bytes | bytearray, p: int, chained: bool, max_frame: int = DEFAULT_MAX_FRAME) -> bool:
+    """Whether the 9 bytes at ``p`` can be a frame header (RFC 9113 §4.1, §6):
+    its length, type, flags, reserved bit, and stream 0 exactly for the frames
+    that belong to the connection.  ``chained``: it follows another frame, so
+    it may be a CONTINUATION (never the first after a hole)."""
+    length = (buf[p] << 16) | (buf[p + 1] << 8) | buf[p + 2]
+    ftype, flags = buf[p + 3], buf[p + 4]
+    if length > max_frame or ftype > (CONTINUATION if chained else WINDOW_UPDATE) \
+            or flags & ~_FLAGS[ftype] or buf[p + 5] & 0x80:
+        return False
+    zero = buf[p + 5] == 0 and buf[p + 6] == 0 and buf[p + 7] == 0 and buf[p + 8] == 0
+    if ftype in (SETTINGS, PING, GOAWAY):
+        return zero and (length % 6 == 0 if ftype == SETTINGS else length >= 8)
+    fixed = _FIXED_LENGTH.get(ftype, -1)
+    if fixed >= 0 and length != fixed:
+        return False
+    return ftype == WINDOW_UPDATE or not zero
+
+
+# What the first field of a header block says of its sender: the static
+# table's pseudo-headers (RFC 7541 Appendix A) are 1-7 for a request's
+# (:authority, :method, :path, :scheme) and 8-14 for a response's :status.
+# Pseudo-headers come first (RFC 9113 §8.3), so a request's first field names
+# one of the former, a response's the latter, in every encoder we know.
+_REQUEST_FIELDS = range(1, 8)
+_RESPONSE_FIELDS = range(8, 15)
+
+
+def joined_sender(data: bytes) -> str:
+    """For bytes from the middle of a connection: "client" or "server" when
+    they begin with HTTP/2 frames (chained to their end, or through three
+    headers) and hold a header block whose first field says who sent it;
+    "" otherwise (not HTTP/2 as far as these bytes show, or no telling)."""
+    n, p, frames, sender = len(data), 0, 0, ""
+    while p + 9 <= n:
+        if not frame_fits(data, p, frames > 0):
+            return ""
+        length = (data[p] << 16) | (data[p + 1] << 8) | data[p + 2]
+        if data[p + 3] == HEADERS and not sender:
+            sender = _block_sender(data, p + 9, min(n, p + 9 + length), data[p + 4])
+        p += 9 + length
+        frames += 1
+    return sender if frames and (p == n or frames >= 3) else ""
+
+
+def _block_sender(data: bytes, pos: int, end: int, flags: int) -> str:
+    if flags & PADDED:
+        pos += 1
+    if flags & PRIORITY_FLAG:
+        pos += 5
+    while pos < end and data[pos] & 0xE0 == 0x20:  # table size updates come first
+        pos += 1
+        if data[pos - 1] & 0x1F == 0x1F:  # a multi-byte size
+            while pos < end and data[pos] & 0x80:
+                pos += 1
+            pos += 1
+    if pos >= end:
+        return ""
+    b = data[pos]
+    # Indexed (1xxxxxxx), or a literal naming a static entry: with indexing
+    # (01xxxxxx), without (0000xxxx) or never indexed (0001xxxx).
+    index = b & 0x7F if b & 0x80 else b & 0x3F if b & 0x40 else b & 0x0F
+    if index in _REQUEST_FIELDS:
+        return "client"
+    if index in _RESPONSE_FIELDS:
+        return "server"
+    return ""
 
 
 def _status(headers: list[tuple[str, str]]) -> int | None:
