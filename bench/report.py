@@ -8,6 +8,7 @@ slow drift of the machine between repetitions cancels.  "Added" figures
 
 from __future__ import annotations
 
+import shlex
 import statistics
 from typing import Any, Callable
 
@@ -205,10 +206,11 @@ def _f(v: Any, fmt: str = "{:.2f}") -> str:
     return fmt.format(v)
 
 
-def tables(summary: dict, reps: int, seconds: float) -> str:
+def tables(summary: dict, reps: int, seconds: float, agent_args: list[str] | None = None) -> str:
     rows = summary["setups"]
     lines = [f"qtap-devtools bench: nginx 1 worker TLS keep-alive, wrk -t1, loopback; "
-             f"median of {reps} rep(s) x {seconds:g}s; shares are of untraced in the same rep", ""]
+             f"median of {reps} rep(s) x {seconds:g}s; shares are of untraced in the same rep"
+             + (f"; the agent run with {shlex.join(agent_args)}" if agent_args else ""), ""]
     head = (f"{'setup':<38} {'W1 req/s':>9} {'share':>6} {'W2 MB/s':>8} {'share':>6} "
             f"{'r10k req/s':>10} {'CPU µs/req':>10} {'added':>6} {'procs':>6} {'added':>6} "
             f"{'p50 µs':>7} {'p99 µs':>7} {'+p99':>6}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -34,6 +35,7 @@ examples:
   make bench ARGS="--reps 5 --seconds 8"
   make bench ARGS="--only agent_tuned"         # untraced always runs: shares need it
   make bench ARGS="--only floor_tuned,agent_tuned --probe-stats"   # the probes' own BPF run time
+  make bench ARGS="--only agent_tuned --agent-args='--ring-mib 16'"  # the agent with other options
   .venv/bin/python -m bench.run --quick        # a few hundred requests per run (smoke test)
   .venv/bin/python -m bench.run | tail -1 | jq .
 """
@@ -53,7 +55,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--probe-stats", action="store_true",
                    help="turn on kernel.bpf_stats_enabled and report the BPF run time of each setup's probes "
                         "per request (costs ~1 µs/request, so the CPU columns include it)")
+    p.add_argument("--agent-args", metavar="'OPTION ...'", default="",
+                   help="more `qtap-devtools run` options for both agent setups (e.g. '--ring-mib 16')")
     args = p.parse_args(argv)
+    try:
+        args.agent_args = shlex.split(args.agent_args)
+    except ValueError as exc:
+        p.error(f"--agent-args: {exc}")
     if args.quick:
         args.reps, args.seconds = 1, 1
     args.setups = list(SETUP_ORDER)
@@ -139,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     workloads = [W1, W2, RATE10K]
     if args.quick:
         workloads = [paced(w, QUICK_DELAY_MS[w.name]) for w in workloads]
-    factories = all_setups()
+    factories = all_setups(args.agent_args)
     runs: list[dict] = []
     started = time.monotonic()
     stats = BpfRunStats() if args.probe_stats else contextlib.nullcontext()
@@ -178,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     head = summary["headline"]
     doc = {
         "config": {"reps": args.reps, "seconds": args.seconds, "quick": args.quick, "setups": args.setups,
-                   "probe_stats": args.probe_stats,
+                   "probe_stats": args.probe_stats, "agent_args": args.agent_args,
                    "cpus": os.cpu_count(), "kernel": os.uname().release,
                    "elapsed_s": round(time.monotonic() - started, 1)},
         "headline": head,
@@ -189,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.output.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
     progress(f"done in {time.monotonic() - started:.0f}s; wrote {args.output}")
-    print(report.tables(summary, args.reps, args.seconds))
+    print(report.tables(summary, args.reps, args.seconds, args.agent_args))
     print(report.targets_text(head))
     print(orjson.dumps(head).decode(), flush=True)
     return 0

@@ -411,6 +411,7 @@ class Agent(Setup):
         status = _status(self.proc.pid)
         return {
             "attach": self.attach,
+            "ring_mib": int(stats.get("capture", {}).get("ring_bytes", 0) or 0) >> 20,
             "stream_client": got_client, "expected_client": want_client,
             "stream_server": got_server, "expected_server": want_server,
             "completeness_client": got_client / want_client if want_client else None,
@@ -433,14 +434,15 @@ class Agent(Setup):
         }
 
 
-def all_setups() -> dict[str, Callable[[], Setup]]:
+def all_setups(agent_args: list[str] | None = None) -> dict[str, Callable[[], Setup]]:
+    """``agent_args``: extra ``run`` options for both agent setups (``--agent-args``)."""
     return {
         "untraced": lambda: Untraced(),
         "floor_entry": lambda: Floor("entry"),
         "floor_tuned": lambda: Floor("tuned"),
         "sslsniff": lambda: Sslsniff(),
-        "agent_tuned": lambda: Agent("tuned"),
-        "agent_entry": lambda: Agent("entry"),
+        "agent_tuned": lambda: Agent("tuned", agent_args),
+        "agent_entry": lambda: Agent("entry", agent_args),
     }
 
 

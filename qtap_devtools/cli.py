@@ -164,8 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also append the stream to FILE (same bytes as the SSE stream; replayable)")
     run.add_argument("--max-body-bytes", type=_size, default=1 << 20, metavar="N",
                      help="bodies kept per message, beyond which they are marked truncated (default 1m)")
-    run.add_argument("--ring-mib", type=_int_in(1, 1024, power_of_two=True), default=32, metavar="MIB",
-                     help="BPF ring buffer size, a power of two from 1 to 1024 (default 32)")
+    run.add_argument("--ring-mib", type=_int_in(1, 1024, power_of_two=True), default=Config.ring_mib, metavar="MIB",
+                     help="BPF ring buffer size, a power of two from 1 to 1024 (default %(default)s; bigger "
+                          "absorbs longer bursts, and all of it stays resident)")
     run.add_argument("--attach-mode", choices=["auto", "entry"], default="auto",
                      help="auto: cheap probe sites where provable; entry: classic entry/return probes")
     run.add_argument("--cpu-priority", choices=["auto", "idle", "low", "normal"], default="auto",

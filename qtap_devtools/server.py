@@ -489,6 +489,8 @@ CAPTURE_GAUGES = {
     "attachments_tuned": "TLS library files attached with tuned probes now",
     "probes_linked": "Probes placed now",
     "byte_budget_per_second": "Plaintext taken in per second before shedding (--max-capture-rate), bytes",
+    "ring_bytes": "Size of the kernel ring buffer (--ring-mib), bytes",
+    "ring_pending_bytes": "Bytes in the kernel ring not yet read by the agent",
     "backlog_records": "Records read from the ring and waiting for the pipeline",
     "backlog_bytes": "Bytes of records waiting for the pipeline",
     "backlog_limit_records": "Records the backlog holds at most",

@@ -29,7 +29,8 @@ def test_quick_bench_prints_every_headline_key(tmp_path):
     out = tmp_path / "results.json"
     stats_before = STATS.read_text()
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--quick", "--probe-stats", "--output", str(out)],
+        [sys.executable, "-m", "bench.run", "--quick", "--probe-stats", "--output", str(out),
+         "--agent-args", "--ring-mib 8"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -47,6 +48,10 @@ def test_quick_bench_prints_every_headline_key(tmp_path):
     assert {r["setup"] for r in results["runs"]} == {
         "untraced", "floor_entry", "floor_tuned", "sslsniff", "agent_tuned", "agent_entry"}
     assert not [r for r in results["runs"] if "error" in r]
+    # --agent-args reached both agents (the default ring is 32 MiB).
+    assert results["config"]["agent_args"] == ["--ring-mib", "8"]
+    assert {r["ring_mib"] for r in results["runs"] if r["setup"].startswith("agent_")} == {8}
+    assert "the agent run with --ring-mib 8" in proc.stdout
     # --probe-stats: the programs each setup holds ran, and were timed, on every request.
     for setup in ("floor_tuned", "agent_tuned", "agent_entry"):
         cell = results["setups"][setup]["rate10k"]

@@ -1005,6 +1005,7 @@ def test_past_its_byte_budget_capture_keeps_heads_until_the_budget_refills():
         assert stats["shed_episodes"] == stats["shed_episodes_over_budget"] == 1
         assert stats["byte_budget_per_second"] == budget and stats["lost_records"] == 0
         assert stats["data_bytes_read"] >= sum(len(c.data) for c in cs)
+        assert stats["ring_bytes"] == cap.ring_mib << 20 and 0 <= stats["ring_pending_bytes"] < stats["ring_bytes"]
     finally:
         cap.stop()
 

@@ -697,6 +697,8 @@ class Capture:
             "exec_reads": self.exec_reads,  # processes read from /proc at exec, on the reader's thread
             "exec_reads_deferred": self.exec_reads_deferred,  # past EXEC_READS_PER_BATCH or EXEC_READ_SECONDS
             "data_bytes_read": self.data_bytes_read,
+            "ring_bytes": self.ring_mib << 20,
+            "ring_pending_bytes": self._ring.pending_bytes() if self._ring else 0,
             "byte_budget_per_second": int(self.byte_budget),
             "shedding": self.shedding,
             "shed_cause": self.shed_cause,
