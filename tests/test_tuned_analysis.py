@@ -10,12 +10,15 @@ from __future__ import annotations
 import json
 import os
 import struct
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from capstone import CS_ARCH_X86, CS_MODE_64, Cs
 
+from qtap_devtools.capture import plans
 from qtap_devtools.capture.tuned import (WRAPPERS, SitePlan, Unrecognised, analyze, emulated, plan_function,
                                          share_callee_returns)
 
@@ -364,3 +367,48 @@ def test_truncated_libssl_is_unrecognised(tmp_path):
 def test_missing_file_is_unrecognised(tmp_path):
     plans = analyze(str(tmp_path / "nope.so"))
     assert all(isinstance(p, Unrecognised) and "cannot read" in p.reason for p in plans.values())
+
+
+# ---------------------------------------------------------------------------
+# The agent's side: the analysis in a child process (plans.py)
+
+
+def test_the_child_gives_the_agent_the_plans_the_analysis_makes_here():
+    if not os.path.exists(LIBSSL):
+        pytest.skip(f"{LIBSSL} not installed")
+    here = analyze(LIBSSL)
+    assert any(isinstance(p, SitePlan) for p in here.values())
+    assert plans.analyze(LIBSSL) == here
+    fd = os.open(LIBSSL, os.O_RDONLY | os.O_CLOEXEC)  # how the attacher holds a file it considers
+    try:
+        assert plans.analyze(f"/proc/self/fd/{fd}") == here
+    finally:
+        os.close(fd)
+    assert plans.analyze(LIBSSL, ("SSL_write",)) == analyze(LIBSSL, ("SSL_write",))  # its own return site
+
+
+def test_a_child_that_fails_or_hangs_leaves_every_wrapper_to_entry_probes(monkeypatch):
+    got = plans.analyze(LIBSSL, timeout=0.001)
+    assert set(got) == set(WRAPPERS) and all(isinstance(p, Unrecognised) for p in got.values())
+    assert "timed out" in got["SSL_write"].reason
+    monkeypatch.setattr(plans.sys, "executable", "/bin/false")  # a child that dies (a capstone crash)
+    got = plans.analyze(LIBSSL)
+    assert all(isinstance(p, Unrecognised) and "exited 1" in p.reason for p in got.values()), got
+
+
+@pytest.mark.parametrize("text", [b"", b"[]", b'{"SSL_write": 1}', b'{"SSL_write": {"plan": "site", "symbol": "SSL_write"}}',
+                                  b'{"SSL_write": {"plan": "other"}}'])
+def test_plans_read_back_from_a_child_are_checked(text):
+    with pytest.raises(ValueError):
+        plans.plans_from_json(text, ("SSL_write",))
+
+
+def test_plans_survive_the_trip_through_json(debian_plans):
+    assert plans.plans_from_json(plans.plans_json(debian_plans), tuple(debian_plans)) == debian_plans
+
+
+def test_the_agent_does_not_load_capstone():
+    code = "import sys, qtap_devtools.agent, qtap_devtools.cli; print(sorted(m for m in sys.modules if 'capstone' in m))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.strip() == "[]"

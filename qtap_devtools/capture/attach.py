@@ -6,7 +6,8 @@ once per ``(st_dev, st_ino)`` and record why an attachment failed.
 
 Attach modes (``Capture(attach_mode=...)``):
 - ``"entry"``: a uprobe at each function's symbol plus a uretprobe, everywhere.
-- ``"auto"``: for OpenSSL files, ``tuned.analyze()`` finds sites inside the
+- ``"auto"``: for OpenSSL files, ``tuned.analyze()`` (run in a child process:
+  ``plans.analyze``) finds sites inside the
   SSL_read/SSL_write wrappers whose instructions the kernel emulates (about
   +1 µs a call instead of +18.5 µs here); a wrapper it cannot prove falls back
   to ``"entry"`` on its own.  ``Attachment.sites`` says what each wrapper got.
@@ -32,11 +33,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from . import overlay, tuned
+from . import overlay, plans as tuned_plans
 from .. import rootfs
 from .elf import exported_symbols
 from ..threads import service_thread
-from .tuned import SitePlan
+from .plans import SitePlan
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +243,7 @@ class Attacher:
         attach_fn: Callable[[str, Where, str, bool, int], None],
         exclude_pid: int = 0,
         mode: AttachMode = "auto",
-        plans: Callable[[str], dict[str, tuned.Plan]] = tuned.analyze,
+        plans: Callable[[str], dict[str, tuned_plans.Plan]] = tuned_plans.analyze,
         arm_fn: Callable[[int], None] = lambda slot: None,
         detach_fn: Callable[[int], bool] = lambda slot: False,
         keep_idle: int = KEEP_IDLE,
@@ -379,14 +380,14 @@ class Attacher:
             plans = self._plans(held)
         except Exception as exc:  # the analysis is total; this is a bug, keep capturing
             log.exception("tuned analysis of %s", path)
-            plans = {s: tuned.Unrecognised(s, f"analysis raised {exc!r}") for s in wrappers}
+            plans = {s: tuned_plans.Unrecognised(s, f"analysis raised {exc!r}") for s in wrappers}
         done: set[str] = set()
         shared: set[Site] = set()  # a callee uretprobe serves every wrapper that calls it
         for symbol in wrappers:
             plan = plans.get(symbol)
             sites = tuned_sites(plan) if isinstance(plan, SitePlan) else None
             if not isinstance(sites, tuple):
-                why = plan.reason if isinstance(plan, tuned.Unrecognised) else sites or "no plan"
+                why = plan.reason if isinstance(plan, tuned_plans.Unrecognised) else sites or "no plan"
                 log.info("%s %s: entry probes (%s)", path, symbol, why)
                 continue
             try:

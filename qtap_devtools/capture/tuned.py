@@ -18,93 +18,20 @@ an exception.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, replace
+import sys
+from dataclasses import replace
 from typing import Literal, Protocol
 
 from capstone import CS_AC_WRITE, CS_ARCH_X86, CS_GRP_CALL, CS_GRP_INT, CS_GRP_IRET, CS_GRP_JUMP
 from capstone import CS_GRP_RET, CS_MODE_64, Cs, CsError, CsInsn
 from capstone import x86 as X
 
-WRAPPERS = ("SSL_write", "SSL_read", "SSL_write_ex", "SSL_read_ex")
+from .plans import WRAPPERS, CountSource, Plan, SitePlan, Unrecognised, plans_json
 
 # A wrapper is a few dozen bytes; node's inlined ones are ~0x200.  Anything far
 # larger is not the shape we recognise, and bounds the work on hostile input.
 MAX_FUNCTION_BYTES = 16 * 1024
 MAX_INSNS = 4096
-
-CountSource = tuple[Literal["stack"], int] | tuple[Literal["arg_ptr"], str] | tuple[Literal["result"], str]
-
-
-@dataclass(frozen=True)
-class SitePlan:
-    """Where to probe one wrapper cheaply, and what the BPF side reads there.
-
-    Offsets are file offsets (what the kernel's uprobe API takes); the ``*_vaddr``
-    twins are ELF virtual addresses (what bcc 0.26's ``attach_uprobe(addr=)``
-    takes: it converts a virtual address to a file offset through PT_LOAD).
-
-    At the entry site the arguments are in rdi, rsi, rdx (and rcx for ``_ex``)
-    exactly as at the call; rsp is ``entry_rsp_delta`` below its value at the call.
-
-    ``return_kind`` says how the return is observed:
-      * ``"uprobe"``: a plain uprobe at ``return_offset``, inside the wrapper,
-        right after the internal call; ``result_reg`` holds the internal
-        function's result (>0 is success) and rsp is as at the entry site.
-      * ``"uretprobe"``: a uretprobe attached at ``return_offset``, the start of a
-        function (the wrapper, or the internal function it calls) whose first
-        instruction the kernel emulates, so installing the return hook is cheap.
-        When that is the internal function, it also returns into other callers
-        (the other wrapper, *_early_data): act only when the entry site stashed.
-
-    ``count_source`` says where the byte count is at the return:
-      * ``("stack", off)``: a size_t at ``sp + off`` (valid when result > 0);
-      * ``("arg_ptr", "rcx")``: a size_t at the pointer that was rcx at the entry
-        site (stash it there per thread);
-      * ``("result", "eax")``: the return value itself is the count.
-    """
-
-    symbol: str
-    entry_offset: int
-    entry_rsp_delta: int
-    return_offset: int
-    result_reg: str
-    count_source: CountSource
-    reason: str
-    return_kind: Literal["uprobe", "uretprobe"] = "uprobe"
-    entry_vaddr: int = 0
-    return_vaddr: int = 0
-    symbol_vaddr: int = 0  # the wrapper's start: a uretprobe there is on the wrapper itself
-    return_rsp_delta: int = 0  # rsp at the call (and so at the return), relative to the symbol's start
-    entry_insn: str = ""  # mnemonics at the two sites, for humans: "js", "jle", "call", "push"
-    return_insn: str = ""
-    callee_vaddr: int = 0  # the internal function the wrapper hands buf/num to (0: none found)
-
-    @property
-    def return_on_callee(self) -> bool:
-        """The return is a uretprobe on the internal function, not on the wrapper."""
-        return self.return_kind == "uretprobe" and self.return_vaddr != self.symbol_vaddr
-
-    @property
-    def count_slot(self) -> int | None:
-        """For a ``("stack", off)`` count: its offset from rsp *at the entry site*."""
-        if self.count_source[0] != "stack":
-            return None
-        return self.return_rsp_delta - self.entry_rsp_delta + self.count_source[1]
-
-    def describe(self) -> str:
-        """``"js@0x359d6/jle@0x359e5"``, or ``"call@0x35a54/uretprobe@0x355e0"``."""
-        ret = self.return_insn if self.return_kind == "uprobe" else "uretprobe"
-        return f"{self.entry_insn}@{self.entry_vaddr:#x}/{ret}@{self.return_vaddr:#x}"
-
-
-@dataclass(frozen=True)
-class Unrecognised:
-    symbol: str
-    reason: str
-
-
-Plan = SitePlan | Unrecognised
-
 
 class Image(Protocol):
     """Bytes of a loaded image by virtual address, and where they live in the file."""
@@ -571,3 +498,18 @@ def analyze(path: str, symbols: tuple[str, ...] = WRAPPERS, share: bool = True) 
         except (CsError, ValueError, IndexError) as exc:  # odd bytes capstone half-decodes
             plans[s] = Unrecognised(s, f"analysis failed: {exc}")
     return share_callee_returns(plans) if share else plans
+
+
+def main(argv: list[str]) -> int:
+    """``python -m qtap_devtools.capture.tuned FILE [SYMBOL ...]``: the plans as JSON on stdout
+    (how the agent runs the analysis: ``plans.analyze``)."""
+    if not argv:
+        print("usage: python -m qtap_devtools.capture.tuned FILE [SYMBOL ...]", file=sys.stderr)
+        return 2
+    plans = analyze(argv[0], tuple(argv[1:]) or WRAPPERS)
+    sys.stdout.buffer.write(plans_json(plans) + b"\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
