@@ -160,9 +160,8 @@ def _verifier_last_line(text: str) -> str:
 
 
 # Loaded by bcc to compile the probes and not run again once they are loaded
-# (attaching later needs only libbcc): ~80 MiB of resident code pages.  And
-# capstone's tables (~6 MiB), used once per TLS library file for tuned attach.
-COMPILER_LIBRARIES = re.compile(r"/lib(LLVM|clang-cpp|clang|z3|capstone)[-.][^/]*$")
+# (attaching later needs only libbcc): ~80 MiB of resident code pages.
+COMPILER_LIBRARIES = re.compile(r"/lib(LLVM|clang-cpp|clang|z3)[-.][^/]*$")
 MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages now; they fault back in if ever used
 
 
