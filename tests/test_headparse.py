@@ -9,7 +9,11 @@ exception with the same words.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -106,6 +110,10 @@ def test_arbitrary_bytes_agree(head, is_request):
     (b"HTTP/1.1 200 OK\r\nContent-Length: 9999999999999999999\r", False),
     (b"HTTP/1.1 200 OK\r\nX: a\rb\r\n", False),
     (b"HTTP/1.1 200 OK\r\n\r\nX: after an empty line", False),
+    # A head that ends in a line end holds an empty line: the C took it whole.
+    (b"HTTP/1.1 200\r\n", False),
+    (b"GET / HTTP/1.1\r\nContent-Length: 5\r\n", True),
+    (b"GET / HTTP/1.1\r\nContent-Length: 5\r\n\r", True),
 ])
 def test_edge_cases_agree(head, is_request):
     same(head, is_request)
@@ -134,13 +142,64 @@ def test_combined_headers_agree(pairs, as_list, want_lower):
 def test_combined_headers_hands_odd_input_to_python():
     from qtap_devtools.assemble import model
 
-    for headers in ([["Host", "a"]], [("Host", b"raw")], [(1, "x")]):
+    for headers in ([["Host", "a"]], [("Host", b"raw")], [(1, "x")], iter([("é", "x")]), iter([("a", 1)])):
+        if not isinstance(headers, list):  # a one-shot iterator: each side gets its own
+            headers = ItemsOnce(list(headers))
         try:
-            expected = ("ok", model.combined_headers_py(headers))
+            expected = ("ok", model.combined_headers_py(headers.fresh() if isinstance(headers, ItemsOnce) else headers))
         except Exception as exc:  # noqa: BLE001
             expected = ("raised", type(exc))
         try:
-            got = ("ok", fast.combined_headers(headers))
+            got = ("ok", fast.combined_headers(headers.fresh() if isinstance(headers, ItemsOnce) else headers))
         except Exception as exc:  # noqa: BLE001
             got = ("raised", type(exc))
         assert got == expected
+
+
+class ItemsOnce:
+    """Pairs that can be iterated once per ``fresh()``: the C drained an
+    iterator, then handed the fallback what was left of it (nothing)."""
+
+    def __init__(self, items: list) -> None:
+        self.items = items
+
+    def fresh(self):
+        return iter(list(self.items))
+
+
+FRAMING_HEADS = [
+    (b"POST / HTTP/1.1\r\nTRANSFER-ENCODING: chunked", True),
+    (b"GET / HTTP/1.1\r\nCONNECTION: close", True),
+    (b"HTTP/1.1 200 OK\r\nCONTENT-ENCODING: gzip", False),
+    (b"HTTP/1.1 101 Switching\r\nUPGRADE: websocket\r\nCONNECTION: UPGRADE", False),
+    (b"HTTP/1.1 200 OK\r\nCONTENT-LENGTH: 12", False),
+]
+
+
+def test_framing_names_match_in_ascii_whatever_the_locale(tmp_path):
+    """In a Turkish locale "I" is not "i" to strncasecmp: TRANSFER-ENCODING was
+    no framing header to the C there, and a chunked body went unread.  The
+    agent runs with the locale it is started with."""
+    locale_dir = tmp_path / "locale"
+    locale_dir.mkdir()
+    made = subprocess.run(["localedef", "-i", "tr_TR", "-f", "UTF-8", str(locale_dir / "tr_TR.UTF-8")],
+                          capture_output=True, text=True)
+    assert (locale_dir / "tr_TR.UTF-8").exists(), made.stderr  # the `locales` package (make setup) has its source
+    code = """
+import json, locale, sys
+assert locale.setlocale(locale.LC_CTYPE).startswith("tr_TR"), locale.setlocale(locale.LC_CTYPE)
+from qtap_devtools.assemble import http1_parse as hp
+heads = json.loads(sys.argv[1])
+def fields(h):
+    return [h.transfer_encoding, h.chunked, h.close, h.content_encoding, h.upgrade, h.content_length]
+print(json.dumps([[fields(hp._headparse.parse_head(h.encode("latin-1"), r)), fields(hp.parse_head_py(h.encode("latin-1"), r))]
+                  for h, r in heads]))
+"""
+    heads = json.dumps([[h.decode("latin-1"), r] for h, r in FRAMING_HEADS])
+    out = subprocess.run([sys.executable, "-c", code, heads], capture_output=True, text=True,
+                         env={**os.environ, "LOCPATH": str(locale_dir), "LC_ALL": "tr_TR.UTF-8"},
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, out.stderr
+    for (head, _), (c, py) in zip(FRAMING_HEADS, json.loads(out.stdout)):
+        assert c == py, head
+    assert json.loads(out.stdout)[0][0][1] is True  # chunked, seen by both

@@ -142,3 +142,43 @@ def test_c_and_python_take_the_same_records(items, skip, busy_last, batch):
         assert c_bytes == sum(len(r.data) for r in py_out if type(r) is rec.DataChunk)
         if py_n < batch:
             break
+
+
+def walk_both(ring: FakeRing, monkeypatch) -> list[tuple]:
+    """(taken, records, consumer, parse errors) from the C walk and from the Python one."""
+    got = []
+    for c in (True, False):
+        r = ring.clone()
+        if not c:
+            monkeypatch.setattr(ringbuf, "_ringread", None)
+        elif ringbuf._ringread is None:
+            continue
+        out: list = []
+        taken, _ = r.read_records(rec.RecordReader().parse_at, out, [], 10)
+        got.append((taken, [fields(x) for x in out], r.consumer(), r.parse_errors))
+    return got
+
+
+def test_a_record_longer_than_the_ring_is_counted_not_copied(monkeypatch):
+    """A length no kernel writes: the C walk once copied past the ring's end
+    (a crash, or bytes of whatever memory lay beyond) where Python sliced short."""
+    ring = FakeRing()
+    ring.prod = SIZE - 8  # the record wraps
+    struct.pack_into("<Q", ring._consumer, 0, ring.prod)
+    ring.write(data_record(3, b"x" * 40))
+    struct.pack_into("<I", ring._data, PAGE + SIZE - 8, SIZE + 200)  # the length, now a lie
+    ring.prod = SIZE - 8 + ((SIZE + 200 + HDR + 7) & ~7)
+    struct.pack_into("<Q", ring._data, 0, ring.prod)
+    for result in walk_both(ring, monkeypatch):
+        assert result == (1, [], ring.prod, 1)
+
+
+def test_a_consumer_position_off_the_record_grid_lets_the_ring_go(monkeypatch):
+    """Records start 8-aligned; a consumer page someone else wrote does not say
+    where: what the ring holds is let go, counted, and reading goes on from the producer."""
+    ring = FakeRing()
+    ring.prod = SIZE - 8
+    ring.write(data_record(3, b"hello"))
+    struct.pack_into("<Q", ring._consumer, 0, SIZE - 4)  # within 8 bytes of the end, and off the grid
+    for result in walk_both(ring, monkeypatch):
+        assert result == (0, [], ring.prod, 1)

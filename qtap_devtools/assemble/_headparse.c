@@ -17,7 +17,6 @@
  */
 #include "../_capi.h"
 #include <string.h>
-#include <strings.h>
 
 static PyObject *head_type;   /* http1_parse.Head */
 static PyObject *framing_fn;  /* http1_parse._framing_header(msg, lkey, value) */
@@ -49,14 +48,26 @@ static PyObject *version_of(const char *p, Py_ssize_t n) {
     return NULL;
 }
 
+/* Whether p[0:n] is `lower` in any ASCII case.  Not strncasecmp: it follows
+ * the locale, and in a Turkish one "I" is not "i" (TRANSFER-ENCODING was no
+ * framing header there), where Python's str.lower() never changes. */
+static int ascii_ieq(const char *p, const char *lower, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        char c = p[i];
+        if ((c >= 'A' && c <= 'Z' ? c + 32 : c) != lower[i])
+            return 0;
+    }
+    return 1;
+}
+
 /* The lower-case framing name for a header name, or NULL for other headers. */
 static PyObject *framing_key(const char *p, Py_ssize_t n) {
     switch (n) {
-    case 14: return strncasecmp(p, "content-length", 14) == 0 ? lk_cl : NULL;
-    case 17: return strncasecmp(p, "transfer-encoding", 17) == 0 ? lk_te : NULL;
-    case 10: return strncasecmp(p, "connection", 10) == 0 ? lk_conn : NULL;
-    case 7: return strncasecmp(p, "upgrade", 7) == 0 ? lk_up : NULL;
-    case 16: return strncasecmp(p, "content-encoding", 16) == 0 ? lk_ce : NULL;
+    case 14: return ascii_ieq(p, "content-length", 14) ? lk_cl : NULL;
+    case 17: return ascii_ieq(p, "transfer-encoding", 17) ? lk_te : NULL;
+    case 10: return ascii_ieq(p, "connection", 10) ? lk_conn : NULL;
+    case 7: return ascii_ieq(p, "upgrade", 7) ? lk_up : NULL;
+    case 16: return ascii_ieq(p, "content-encoding", 16) ? lk_ce : NULL;
     }
     return NULL;
 }
@@ -70,8 +81,8 @@ static int parse_fast(const char *buf, Py_ssize_t n, int is_request, PyObject **
     *out = NULL;
     if (n > 0 && buf[n - 1] == '\r')
         n--;
-    if (n == 0)
-        return 0;
+    if (n == 0 || buf[n - 1] == '\n')
+        return 0; /* a head ending in a line end holds an empty line: Python's to refuse */
     /* Lines end in CRLF; a bare LF or a lone CR is for the Python parser. */
     const char *first_end = NULL;
     for (const char *q = buf; (q = memchr(q, '\r', buf + n - q)) != NULL; q++)
@@ -245,22 +256,18 @@ static PyObject *ascii_lower(PyObject *name) {
     return low;
 }
 
-/* 1: combined into *out; 0: not str pairs with ASCII names, let Python do it; -1: error. */
-static int combine_fast(PyObject *headers, PyObject *by_lower, PyObject **out) {
+/* 1: combined into *out; 0: not str pairs with ASCII names, let Python do it; -1: error.
+ * `seq` is a list or tuple (PySequence_Fast). */
+static int combine_fast(PyObject *seq, PyObject *by_lower, PyObject **out) {
     *out = NULL;
-    PyObject *seq = PySequence_Fast(headers, "headers must be a sequence");
-    if (seq == NULL)
-        return -1;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
     PyObject **items = PySequence_Fast_ITEMS(seq);
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *pair = items[i];
         if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) != 2 ||
             !PyUnicode_CheckExact(PyTuple_GET_ITEM(pair, 0)) || !PyUnicode_IS_ASCII(PyTuple_GET_ITEM(pair, 0)) ||
-            !PyUnicode_CheckExact(PyTuple_GET_ITEM(pair, 1))) {
-            Py_DECREF(seq);
+            !PyUnicode_CheckExact(PyTuple_GET_ITEM(pair, 1)))
             return 0;
-        }
     }
     PyObject *combined = PyDict_New(), *first_case = PyDict_New();
     if (combined == NULL || first_case == NULL)
@@ -309,13 +316,11 @@ static int combine_fast(PyObject *headers, PyObject *by_lower, PyObject **out) {
         }
     }
     Py_DECREF(first_case);
-    Py_DECREF(seq);
     *out = combined;
     return 1;
 fail:
     Py_XDECREF(combined);
     Py_XDECREF(first_case);
-    Py_DECREF(seq);
     return -1;
 }
 
@@ -327,17 +332,21 @@ static PyObject *combine(PyObject *self, PyObject *const *args, Py_ssize_t nargs
         return NULL;
     }
     PyObject *by_lower = nargs == 2 ? args[1] : Py_None;
-    PyObject *out;
-    int rc = combine_fast(args[0], by_lower, &out);
-    if (rc < 0)
+    /* Materialised once: a one-shot iterator drained here must not reach the
+     * fallback empty. */
+    PyObject *seq = PySequence_Fast(args[0], "headers must be a sequence");
+    if (seq == NULL)
         return NULL;
-    if (rc > 0)
-        return out;
-    if (combine_fallback == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "_headparse.configure_combine() was not called");
-        return NULL;
+    PyObject *out = NULL;
+    int rc = combine_fast(seq, by_lower, &out);
+    if (rc == 0) {
+        if (combine_fallback == NULL)
+            PyErr_SetString(PyExc_RuntimeError, "_headparse.configure_combine() was not called");
+        else
+            out = PyObject_CallFunctionObjArgs(combine_fallback, seq, by_lower, NULL);
     }
-    return PyObject_CallFunctionObjArgs(combine_fallback, args[0], by_lower, NULL);
+    Py_DECREF(seq);
+    return out;
 }
 
 static PyObject *configure_combine(PyObject *self, PyObject *fallback) {

@@ -114,6 +114,11 @@ static PyObject *ring_read(PyObject *self, PyObject *args) {
     uint64_t prod = __atomic_load_n((const uint64_t *)base, __ATOMIC_ACQUIRE);
     Py_ssize_t taken = 0, errors = 0, data_bytes = 0;
     while (cons < prod && taken < max_records) {
+        if (cons & 7) { /* records start 8-aligned: someone else wrote our consumer page */
+            errors++;
+            cons = prod; /* what is in the ring cannot be found: let it go, counted */
+            break;
+        }
         Py_ssize_t start = page + (Py_ssize_t)(cons & mask);
         uint32_t len = __atomic_load_n((const uint32_t *)(base + start), __ATOMIC_ACQUIRE);
         if (len & BUSY)
@@ -123,6 +128,10 @@ static PyObject *ring_read(PyObject *self, PyObject *args) {
         if (len & DISCARD)
             continue;
         taken++;
+        if (rsize > size - HDR) { /* longer than the ring: a corrupt length, never copied */
+            errors++;
+            continue;
+        }
         Py_ssize_t begin = start + HDR;
         PyObject *rec;
         int decoded = 0;

@@ -84,6 +84,10 @@ class RingReader:
         append, taken = out.append, 0
         try:
             while cons < prod and taken < max_records:
+                if cons & 7:  # records start 8-aligned: someone else wrote our consumer page
+                    self.parse_errors += 1
+                    cons = prod  # what is in the ring cannot be found: let it go, counted
+                    break
                 start = base + (cons & mask)
                 length = u32(data, start)[0]
                 if length & BUSY:
@@ -93,6 +97,8 @@ class RingReader:
                 if not length & DISCARD:
                     begin = start + HDR
                     try:
+                        if size > self.size - HDR:  # longer than the ring: a corrupt length
+                            raise ValueError(f"record of {size} bytes in a {self.size}-byte ring")
                         if begin + size <= data_end:
                             append(parse(data, begin, size))
                         else:  # wraps: its tail is at the start of the data area
