@@ -772,3 +772,23 @@ def test_a_head_fed_a_byte_at_a_time_is_searched_once_not_once_per_byte():
     assert len(reader.segments) == len(head) - 1  # one per capture, kept without rebuilding
     (ex,) = cap.ingress(head[-1:])
     assert ex.response.status == 200 and ex.response.headers[0] == ("X", "a" * 2000)
+
+
+def test_a_gzip_body_of_thousands_of_members_is_cut_not_decoded_for_ever():
+    """Each member copied the rest of the body: 52,000 empty ones in 1 MiB took 1.35 s."""
+    from qtap_devtools.assemble.body import MAX_GZIP_MEMBERS, decode_body
+
+    body, truncated, error = decode_body(gzip.compress(b"ab", mtime=0) * 52_000, "gzip", 1 << 20)
+    assert body == b"ab" * MAX_GZIP_MEMBERS and truncated and error is None
+    body, truncated, error = decode_body(gzip.compress(b"ab") + gzip.compress(b"cd"), "gzip", 1 << 20)
+    assert (body, truncated, error) == (b"abcd", False, None)  # a few members, as gzip(1) writes: whole
+
+
+def test_a_flood_of_100_continue_keeps_only_the_first():
+    from qtap_devtools.assemble.model import MAX_INFORMATIONAL
+
+    a = ConnectionAssembler(role="client")
+    a.on_data("egress", b"POST /up HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n", 1, 0)
+    out = a.on_data("ingress", b"HTTP/1.1 100 Continue\r\n\r\n" * 1000 + b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", 2, 0)
+    [ex] = out
+    assert ex.response.status == 200 and ex.informational == (100,) * MAX_INFORMATIONAL

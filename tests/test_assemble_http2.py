@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import os
 import random
+import struct
 
 import h2.config
 import h2.connection
@@ -609,3 +610,50 @@ def test_joined_sender_tells_a_request_from_a_response_and_refuses_the_rest():
     for other in (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"HTTP/1.1 200 OK\r\n\r\n", noise, b"\x00" * 64,
                   c + b"\x00\x00", b""):
         assert joined_sender(other) == "", other[:20]
+
+
+# ---------------------------------------------------------------------------
+# Crafted traffic (found by fuzzing): bounded, and nothing lost
+
+
+def raw_frame(ftype: int, flags: int, sid: int, payload: bytes = b"") -> bytes:
+    return struct.pack(">HBBBI", len(payload) >> 8, len(payload) & 255, ftype, flags, sid) + payload
+
+
+RAW_GET = b"\x82\x84\x87\x01\x0bexample.com"  # :method GET, :path /, :scheme https, :authority example.com
+
+
+def test_a_push_promise_naming_an_open_stream_does_not_replace_it():
+    a = Http2Assembler(client_direction="egress", offsets={"egress": 0, "ingress": 0})
+    out = a.on_data("egress", PREFACE + raw_frame(4, 0, 0) + raw_frame(1, 4, 1, b"\x83\x84\x87\x01\x0bexample.com")
+                    + raw_frame(0, 0, 1, b"x" * 1000), 1, 0)
+    out += a.on_data("ingress", raw_frame(4, 0, 0) + raw_frame(5, 4, 1, b"\0\0\0\1" + RAW_GET), 2, 0)
+    out += a.on_close(3)
+    assert [(e.request.method, e.request.body) for e in out] == [("POST", b"x" * 1000)]
+
+
+def test_a_flood_of_informational_responses_keeps_only_the_first():
+    from qtap_devtools.assemble.model import MAX_INFORMATIONAL
+
+    a = Http2Assembler(client_direction="egress", offsets={"egress": 0, "ingress": 0})
+    a.on_data("egress", PREFACE + raw_frame(4, 0, 0) + raw_frame(1, 5, 1, RAW_GET), 1, 0)
+    early = raw_frame(1, 4, 1, b"\x48\x03100") + raw_frame(1, 4, 1, b"\xbe") * 5000  # 100 Continue, then 5,000 more
+    [ex] = a.on_data("ingress", raw_frame(4, 0, 0) + early + raw_frame(1, 5, 1, b"\x88"), 2, 0)
+    assert ex.response.status == 200 and ex.informational == (100,) * MAX_INFORMATIONAL
+
+
+@pytest.mark.parametrize("read", [1, 7, 4096])
+def test_after_a_gap_the_next_frame_is_found_whatever_the_read_size(read):
+    """The hunt looks at each position once: it rescanned its whole buffer on
+    every read (quadratic: 140 kB after a gap in 16-byte reads took 3.8 s)."""
+    a = Http2Assembler(client_direction="egress", offsets={"egress": 0, "ingress": 0})
+    a.on_data("egress", PREFACE + raw_frame(4, 0, 0), 1, 0)
+    a.on_data("ingress", raw_frame(4, 0, 0), 2, 0)
+    sent = len(PREFACE) + 9
+    noise = bytes(random.Random(7).getrandbits(8) & 0x3F | 0x40 for _ in range(20_000))  # no frame header fits in it
+    after = noise + raw_frame(1, 5, 3, RAW_GET)
+    out = []
+    for p in range(0, len(after), read):  # a gap of 1,000 bytes, then the rest in reads of `read` bytes
+        out += a.on_data("egress", after[p:p + read], 3, sent + 1000 + p)
+    out += a.on_data("ingress", raw_frame(1, 5, 3, b"\x88"), 4, 9)
+    assert [(e.request.target, e.response.status) for e in out] == [("/", 200)] and a.failure == ""

@@ -28,7 +28,7 @@ from typing import Literal
 
 from .body import decode_body
 from .http1_parse import CHUNKED, DEAD, HEAD, PAUSED, Message, MessageReader
-from .model import HttpExchange, HttpRequest, HttpResponse
+from .model import MAX_INFORMATIONAL, HttpExchange, HttpRequest, HttpResponse
 from .offsets import place
 
 Role = Literal["client", "server", "unknown"]
@@ -310,7 +310,8 @@ class ConnectionAssembler:
             # 1xx (RFC 9110 §15.2): recorded on the request it precedes; no body.
             msg.exchange = None
             if paired is not None:
-                paired.informational.append(status)
+                if len(paired.informational) < MAX_INFORMATIONAL:
+                    paired.informational.append(status)
                 paired.interim_bytes += msg.wire_bytes
                 if paired.response_start_ns is None:
                     paired.response_start_ns = msg.start_ns

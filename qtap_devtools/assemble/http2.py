@@ -32,7 +32,7 @@ from typing import Literal
 
 from .body import decode_body
 from .hpack_decode import UNKNOWN, HpackDecoder, HpackError
-from .model import Headers, HttpExchange, HttpRequest, HttpResponse
+from .model import MAX_INFORMATIONAL, Headers, HttpExchange, HttpRequest, HttpResponse
 from .offsets import place
 
 Direction = Literal["egress", "ingress"]
@@ -121,7 +121,7 @@ class _Reader:
     """Frame boundaries in one direction, and the HPACK table its sender keeps."""
 
     __slots__ = ("client", "preface_left", "head", "ftype", "flags", "sid", "left", "data_left", "need_pad", "payload", "block", "block_sid", "block_kind",
-                 "block_end_stream", "block_promised", "decoder", "hunting", "hunt", "hunted", "joining")
+                 "block_end_stream", "block_promised", "decoder", "hunting", "hunt", "hunted", "hunt_from", "joining")
 
     def __init__(self, client: bool) -> None:
         self.client = client  # the client's bytes (requests), else the server's
@@ -143,6 +143,7 @@ class _Reader:
         self.hunting = False  # after a gap: looking for the next frame header
         self.hunt = bytearray()  # the last bytes looked at (a header may straddle two calls)
         self.hunted = 0
+        self.hunt_from = 0  # in hunt: positions before it cannot start a frame (each looked at once)
         self.joining = False  # joined mid-connection, no frame found yet: what came before is no gap
 
 
@@ -211,7 +212,7 @@ class Http2Assembler:
         if gap:
             r = self._readers[direction]
             if r.joining:  # before its first frame: nothing read yet lost anything
-                r.hunt = bytearray()  # (bytes either side of a hole never chain)
+                r.hunt, r.hunt_from = bytearray(), 0  # (bytes either side of a hole never chain)
             else:
                 self._gap(r, gap, shed, ts_ns)
         if data and not self.failure:
@@ -296,7 +297,7 @@ class Http2Assembler:
         r.head.clear()
         r.payload = bytearray()
         r.block = None
-        r.hunting, r.hunt, r.hunted = True, bytearray(), 0
+        r.hunting, r.hunt, r.hunted, r.hunt_from = True, bytearray(), 0, 0
         self.resyncs += 1
 
     # ---- frames
@@ -342,27 +343,37 @@ class Http2Assembler:
         buf = r.hunt
         buf += data
         r.hunted += len(data)
-        start = self._frame_start(buf, r.client)
+        start, r.hunt_from = self._frame_start(buf, r.client, r.hunt_from)
         if start < 0:
             # Not decided yet: keep a frame's length, where a header that
             # the next bytes may confirm could begin.
             keep = self._max_frame + 9
             if len(buf) > keep:
-                self._discarded += len(buf) - keep
-                del buf[:len(buf) - keep]
+                cut = len(buf) - keep
+                self._discarded += cut
+                del buf[:cut]
+                r.hunt_from = max(0, r.hunt_from - cut)
             if r.hunted > 4 * self._max_frame + 65536:
                 self._fail("no frame found after a capture gap")
             return
         r.hunting = r.joining = False
         rest = bytes(buf[start:])
         self._discarded += start
-        r.hunt = bytearray()
+        r.hunt, r.hunt_from = bytearray(), 0
         self._feed(r, rest, ts)
 
-    def _frame_start(self, buf: bytearray, client: bool) -> int:
+    def _frame_start(self, buf: bytearray, client: bool, begin: int) -> tuple[int, int]:
+        """(where a frame starts, or -1; where the next call need look from).
+
+        A position whose own header does not fit never will, however many
+        bytes follow; one that fits may be confirmed by bytes yet to come.  So
+        the next call starts at the first such undecided position, not at 0:
+        rescanning the whole buffer on every read made a gap's recovery
+        quadratic (2 MiB after a 16 MiB SETTINGS_MAX_FRAME_SIZE took 90 s)."""
         end = len(buf)
         quick = self._max_frame <= DEFAULT_MAX_FRAME
-        for p in range(0, end - 8):
+        undecided = -1
+        for p in range(begin, end - 8):
             if quick and (buf[p] or buf[p + 1] > 0x40):
                 continue  # a length over 16 KiB, the usual bound: most bytes stop here
             if not self._plausible(buf, p, False, client):
@@ -372,8 +383,10 @@ class Http2Assembler:
                 q += 9 + ((buf[q] << 16) | (buf[q + 1] << 8) | buf[q + 2])
                 headers += 1
             if q == end or (q > end and headers >= 2):
-                return p
-        return -1
+                return p, 0
+            if undecided < 0 and q + 9 > end:  # its chain ran into the end: more bytes may decide it
+                undecided = p
+        return -1, undecided if undecided >= 0 else max(begin, end - 8)
 
     def _plausible(self, buf: bytearray, p: int, chained: bool, client: bool) -> bool:
         if not frame_fits(buf, p, chained, self._max_frame) or (client and buf[p + 3] == PUSH_PROMISE):
@@ -554,7 +567,12 @@ class Http2Assembler:
         if r.block_kind == PUSH_PROMISE:
             # The server promises a response to a request it makes up: the
             # request is whole as promised, its response comes on the new stream.
-            st = self._open(r.block_promised)
+            # Promised ids are even and new (RFC 9113 §6.6): one naming a stream
+            # already open would replace it, and lose the client's request.
+            promised = r.block_promised
+            if promised == 0 or promised % 2 or promised in self._streams:
+                return
+            st = self._open(promised)
             if st is not None:
                 st.incomplete = lost_fields > 0
                 st.request.headers = headers
@@ -572,7 +590,8 @@ class Http2Assembler:
                 st.response_start_ns = ts
             status = _status(headers)
             if half.headers is None and status is not None and 100 <= status < 200 and status != 101:
-                st.informational.append(status)  # 1xx: more HEADERS follow (RFC 9113 §8.1)
+                if len(st.informational) < MAX_INFORMATIONAL:
+                    st.informational.append(status)  # 1xx: more HEADERS follow (RFC 9113 §8.1)
                 return
         if half.headers is None:
             half.headers = headers

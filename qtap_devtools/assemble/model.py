@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 Headers = tuple[tuple[str, str], ...]
+# 1xx responses kept per exchange (a server may send any number; the rest are not listed).
+MAX_INFORMATIONAL = 16
 
 
 @dataclass(slots=True)
