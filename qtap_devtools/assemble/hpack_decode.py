@@ -12,6 +12,8 @@ HTTP/1 parser gives them.
 
 from __future__ import annotations
 
+from collections import deque
+
 from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
 from hpack.table import HeaderTable
 
@@ -115,7 +117,9 @@ class HpackDecoder:
         self.max_allowed_table_size = max_allowed_table_size
         self.max_header_list_size = max_header_list_size
         self.table_size = 4096  # SETTINGS_HEADER_TABLE_SIZE's initial value
-        self._entries: list[tuple[str, str]] = []  # oldest first
+        # Oldest first; a deque: evicting from a list's front moved the whole table
+        # (a 1 MiB table of small entries decoded at ~2.7 µs a byte).
+        self._entries: deque[tuple[str, str]] = deque()
         self._used = 0
         # After a capture gap the table's older entries are unknown: only those
         # added since are (the newest come first in the index, so theirs stay
@@ -125,7 +129,7 @@ class HpackDecoder:
 
     def lost(self) -> None:
         """Blocks of this direction may have been lost (a capture gap)."""
-        self._entries = []
+        self._entries = deque()
         self._used = 0
         self.partial = True
 
@@ -144,7 +148,7 @@ class HpackDecoder:
         size = len(name) + len(value) + 32
         entries = self._entries
         while entries and self._used + size > self.table_size:
-            old_name, old_value = entries.pop(0)
+            old_name, old_value = entries.popleft()
             self._used -= len(old_name) + len(old_value) + 32
         if size <= self.table_size:
             entries.append((name, value))
@@ -156,7 +160,7 @@ class HpackDecoder:
         self.table_size = size
         entries = self._entries
         while entries and self._used > size:
-            old_name, old_value = entries.pop(0)
+            old_name, old_value = entries.popleft()
             self._used -= len(old_name) + len(old_value) + 32
 
     def decode(self, block: bytes) -> list[tuple[str, str]]:
