@@ -511,7 +511,7 @@ CAPTURE_COUNTER_HELP = {
     "http2_connections_joined": "HTTP/2 connections decoded from their middle (their start was not seen)",
     "http2_connections_undecodable": "HTTP/2 connections whose decoding stopped (a capture gap, bad frames)",
     "http2_gaps_read_past": "Capture gaps HTTP/2 decoding read past at the next frame",
-    "http2_streams_not_tracked": "HTTP/2 streams past one connection's open-stream limit, not shown",
+    "http2_streams_not_tracked": "HTTP/2 streams past one connection's limits (open streams, pushes, header bytes held), not shown",
     "record_errors": "Records whose handling failed (a bug; logged)",
     "file_events_dropped": "Events the --output file fell too far behind to take",
     "file_write_errors": "Events the --output file lacks: failed writes",

@@ -762,6 +762,8 @@ def test_a_head_fed_a_byte_at_a_time_is_searched_once_not_once_per_byte():
     # A slow client's 1-byte TLS records reach a server's SSL_read one byte at
     # a time: each byte must not cost a search of the whole head (quadratic:
     # a 16 KB header took ~10 s of CPU).  The reader remembers how far it searched.
+    from qtap_devtools.assemble.http1_parse import MAX_SEGMENTS
+
     cap = Capture()
     cap.egress(get("/a"))
     head = b"HTTP/1.1 200 OK\r\nX: " + b"a" * 2000 + b"\r\nContent-Length: 0\r\n\r\n"
@@ -769,7 +771,7 @@ def test_a_head_fed_a_byte_at_a_time_is_searched_once_not_once_per_byte():
     for i in range(len(head) - 1):
         assert not cap.ingress(head[i : i + 1])
         assert reader._scanned == i + 1
-    assert len(reader.segments) == len(head) - 1  # one per capture, kept without rebuilding
+    assert len(reader.segments) == min(len(head) - 1, MAX_SEGMENTS)  # one per capture, kept without rebuilding
     (ex,) = cap.ingress(head[-1:])
     assert ex.response.status == 200 and ex.response.headers[0] == ("X", "a" * 2000)
 
@@ -792,3 +794,37 @@ def test_a_flood_of_100_continue_keeps_only_the_first():
     out = a.on_data("ingress", b"HTTP/1.1 100 Continue\r\n\r\n" * 1000 + b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", 2, 0)
     [ex] = out
     assert ex.response.status == 200 and ex.informational == (100,) * MAX_INFORMATIONAL
+
+
+def test_bytes_trickled_after_an_unanswered_upgrade_keep_a_bounded_list_of_read_times():
+    """What waits behind an Upgrade request is held until the answer; 1 MB of
+    it a byte at a time kept a timestamp per read (~120 MB)."""
+    from qtap_devtools.assemble.http1_parse import MAX_SEGMENTS
+
+    cap = Capture()
+    cap.egress(get("/ws", "Upgrade: h2c\r\nConnection: Upgrade\r\n"))
+    waiting = get("/next") * 50  # (MAX_PENDING: more would not all be paired)
+    first_ts = cap.ts + 1
+    for i in range(len(waiting)):
+        cap.egress(waiting[i:i + 1])
+    reader = cap.asm._requests
+    assert len(waiting) > 2 * MAX_SEGMENTS and len(reader.segments) == MAX_SEGMENTS
+    got = cap.ingress(ok(b"no upgrade") + ok(b"b") * 50)
+    assert [x.request.target for x in got] == ["/ws"] + ["/next"] * 50
+    # A request never looks later than it was: past the cap, reads take an earlier time.
+    starts = [x.start_ns for x in got[1:]]
+    assert starts[0] == first_ts and starts == sorted(starts)
+    assert all(start <= first_ts + i * len(get("/next")) for i, start in enumerate(starts))
+
+
+def test_a_response_head_trickled_past_the_read_cap_never_looks_earlier_than_it_was():
+    from qtap_devtools.assemble.http1_parse import MAX_SEGMENTS
+
+    cap = Capture()
+    cap.egress(get("/a"))
+    head = b"HTTP/1.1 200 OK\r\nX: " + b"a" * (2 * MAX_SEGMENTS) + b"\r\nContent-Length: 1\r\n\r\nZ"
+    for i in range(len(head) - 3):  # all but its last line end, and the body
+        cap.ingress(head[i:i + 1])
+    assert len(cap.asm._responses.segments) == MAX_SEGMENTS
+    (ex,) = cap.ingress(head[-3:])
+    assert ex.response.status == 200 and ex.response.body == b"Z" and ex.end_ns == cap.ts

@@ -657,3 +657,66 @@ def test_after_a_gap_the_next_frame_is_found_whatever_the_read_size(read):
         out += a.on_data("egress", after[p:p + read], 3, sent + 1000 + p)
     out += a.on_data("ingress", raw_frame(1, 5, 3, b"\x88"), 4, 9)
     assert [(e.request.target, e.response.status) for e in out] == [("/", 200)] and a.failure == ""
+
+
+def test_unanswered_push_promises_are_capped_and_the_clients_streams_still_open():
+    """A server promising pushes it never answers filled the stream table
+    (1,024) and the client's next request was not shown."""
+    from qtap_devtools.assemble.http2 import MAX_PROMISED
+
+    a = Http2Assembler(client_direction="egress", offsets={"egress": 0, "ingress": 0})
+    sent = PREFACE + raw_frame(4, 0, 0) + raw_frame(1, 5, 1, RAW_GET)
+    out = a.on_data("egress", sent, 1, 0)
+    pushes = b"".join(raw_frame(5, 4, 1, struct.pack(">I", 2 * i) + RAW_GET) for i in range(1, 1101))
+    got = raw_frame(4, 0, 0) + pushes
+    out += a.on_data("ingress", got, 2, 0)
+    out += a.on_data("egress", raw_frame(1, 5, 3, RAW_GET), 3, len(sent))
+    out += a.on_data("ingress", raw_frame(1, 5, 3, b"\x88") + raw_frame(1, 5, 1, b"\x88"), 4, len(got))
+    assert [e.response.status for e in out] == [200, 200] and a.streams_dropped == 1100 - MAX_PROMISED
+    closed = a.on_close(5)
+    assert len(closed) == MAX_PROMISED and all(e.response is None for e in closed)
+
+
+def _big_header_block(encoder, fields: int) -> bytes:
+    # The first field adds a 4 KB value to the table; the rest refer to it in one byte each.
+    return encoder.encode(request_headers() + [("x-big", "v" * 4000)] * fields, huffman=False)
+
+
+def test_a_header_list_keeps_at_most_max_fields():
+    """One-byte references to a table entry each became a tuple: ~70x the block's size."""
+    import hpack
+
+    from qtap_devtools.assemble.hpack_decode import MAX_FIELDS
+
+    block = hpack.Encoder().encode(request_headers() + [("x", "")] * 20_000, huffman=False)
+    frames = raw_frame(1, 1, 1, block[:16000])
+    for i in range(16000, len(block), 16000):
+        frames += raw_frame(9, 4 if i + 16000 >= len(block) else 0, 1, block[i:i + 16000])
+    a = Http2Assembler(client_direction="egress", offsets={"egress": 0, "ingress": 0})
+    a.on_data("egress", PREFACE + raw_frame(4, 0, 0) + frames, 1, 0)
+    [ex] = a.on_data("ingress", raw_frame(4, 0, 0) + raw_frame(1, 5, 1, b"\x88"), 2, 0)
+    assert len(ex.request.headers) == MAX_FIELDS and ex.incomplete and ex.request.method == "GET"
+
+
+def test_header_lists_held_by_a_connections_open_streams_are_bounded():
+    import hpack
+
+    from qtap_devtools.assemble.http2 import MAX_HEADER_LIST, MAX_HELD_HEADERS
+
+    encoder = hpack.Encoder()
+    a = Http2Assembler(client_direction="egress", offsets={"egress": 0, "ingress": 0})
+    sent = PREFACE + raw_frame(4, 0, 0)
+    a.on_data("egress", sent, 1, 0)
+    fit = MAX_HELD_HEADERS // (MAX_HEADER_LIST - 40_000)  # requests of nearly 1 MiB each that fit at once
+    for sid in range(1, 2 * fit + 3, 2):  # one more than fits: left out, counted
+        frame = raw_frame(1, 5, sid, _big_header_block(encoder, 250))
+        a.on_data("egress", frame, 2, len(sent))
+        sent += frame
+    assert a.streams_dropped == 1 and a._held_headers <= MAX_HELD_HEADERS
+    got = raw_frame(4, 0, 0) + raw_frame(1, 5, 1, b"\x88")
+    [ex] = a.on_data("ingress", got, 3, 0)  # the first goes out, and its room is free again
+    assert ex.request.target == "/" and len(ex.request.headers) == 254
+    frame = raw_frame(1, 5, 2 * fit + 3, _big_header_block(encoder, 250))
+    a.on_data("egress", frame, 4, len(sent))
+    [ex] = a.on_data("ingress", raw_frame(1, 5, 2 * fit + 3, b"\x88"), 5, len(got))
+    assert ex.response.status == 200 and a.streams_dropped == 1

@@ -19,6 +19,12 @@ from hpack.table import HeaderTable
 
 # A malformed block is refused whole; these bound what a hostile one can make us hold.
 MAX_STRING = 1 << 20
+# Fields kept of one block. Each costs ~64 bytes of Python (a tuple and a list
+# slot) however few bytes encode it: one-byte references to a table entry, at
+# the 32 bytes a field counts against the list size, held 70 times their
+# block's size. Real lists have tens of fields (a browser's cookies split into
+# crumbs, a few hundred); the rest are decoded, for the table, and not kept.
+MAX_FIELDS = 4096
 
 
 class HpackError(ValueError):
@@ -126,6 +132,8 @@ class HpackDecoder:
         # right). A reference past them decodes as UNKNOWN, not as an error.
         self.partial = False
         self.unknown = 0  # fields of the last block decoded as UNKNOWN
+        self.listed = 0  # the last block's header list size (RFC 7541 §4.1: 32 bytes a field and its text)
+        self.left_out = 0  # fields of the last block past MAX_FIELDS, not kept
 
     def lost(self) -> None:
         """Blocks of this direction may have been lost (a capture gap)."""
@@ -168,6 +176,7 @@ class HpackDecoder:
         pos, end = 0, len(block)
         listed = 0
         self.unknown = 0
+        self.left_out = 0
         while pos < end:
             first = block[pos]
             if first & 0x80:  # indexed field (§6.1)
@@ -188,7 +197,11 @@ class HpackDecoder:
             listed += len(name) + len(value) + 32
             if listed > self.max_header_list_size:
                 raise HpackError(f"header list over {self.max_header_list_size} bytes")
-            out.append((name, value))
+            if len(out) < MAX_FIELDS:
+                out.append((name, value))
+            else:
+                self.left_out += 1
+        self.listed = listed
         return out
 
     def _literal(self, block: bytes, pos: int, prefix: int) -> tuple[str, str, int]:

@@ -19,6 +19,11 @@ from bisect import bisect_right
 from typing import Protocol
 
 MAX_HEAD = 64 * 1024  # header section, start line included
+# Reads whose timestamps a held buffer keeps apart. Past it (a head, or what
+# follows an unanswered Upgrade, trickled in tiny reads: 1 MB a byte at a
+# time held ~120 MB of them) reads share the last one's time, on the side
+# the stitcher allows (see ``feed``).
+MAX_SEGMENTS = 1024
 _NO_LATER = 1 << 63  # sorts after every timestamp: (pos, _NO_LATER) follows each segment starting at pos
 MAX_LINE = 8 * 1024  # chunk-size line; a partial line kept while resynchronising
 MAX_CONTENT_LENGTH_DIGITS = 18  # < 2**63: anything longer is not a length, it is an attack
@@ -301,7 +306,12 @@ class MessageReader:
             return
         self.last_ns = ts
         if self.buf:
-            self.segments.append((len(self.buf), ts))
+            segs = self.segments
+            if len(segs) < MAX_SEGMENTS:
+                segs.append((len(self.buf), ts))
+            elif self.kind == "response":
+                segs[-1] = (segs[-1][0], ts)  # the last segment's bytes look later: a response never earlier
+            # else the new bytes take the last segment's time: a request never looks later
             self.buf += data
             self._consume(self.buf, ts)
         else:

@@ -52,6 +52,12 @@ MAX_HEADER_LIST = 1 << 20  # the same decoded
 MAX_TABLE_SIZE = 1 << 20
 EARLY_ANSWER_WAIT_NS = 1_000_000_000  # for the rest of a request its server no longer wanted
 MAX_STREAMS = 1024  # open streams per connection (servers allow ~100-250 at once)
+# Of those, pushes promised and not yet ended: a server that promises and never
+# answers would otherwise fill the table, and hide the client's own streams.
+MAX_PROMISED = 128
+# Header lists held by a connection's open streams, as HPACK counts them (32
+# bytes a field and its text): each list is bounded, a thousand of them not.
+MAX_HELD_HEADERS = 4 * MAX_HEADER_LIST
 # Bodies held at once across a connection's open streams, in units of the
 # per-body limit: past it, bodies are cut (and marked so) until streams end.
 CONNECTION_BODIES = 8
@@ -101,7 +107,7 @@ class _Half:
 
 class _Stream:
     __slots__ = ("sid", "request", "response", "informational", "response_start_ns", "error",
-                 "incomplete", "shed", "partial", "emitted", "answered_early")
+                 "incomplete", "shed", "partial", "emitted", "answered_early", "header_bytes", "promised")
 
     def __init__(self, sid: int) -> None:
         self.sid = sid
@@ -115,6 +121,8 @@ class _Stream:
         self.partial = False
         self.emitted = False
         self.answered_early = False  # reset with NO_ERROR after a whole response
+        self.header_bytes = 0  # its header lists' size, counted in MAX_HELD_HEADERS
+        self.promised = False  # a server's push (MAX_PROMISED)
 
 
 class _Reader:
@@ -171,6 +179,8 @@ class Http2Assembler:
         self._out: list[HttpExchange] = []
         self._discarded = 0
         self._held = 0  # body bytes kept by open streams (CONNECTION_BODIES)
+        self._held_headers = 0  # header list bytes kept by open streams (MAX_HELD_HEADERS)
+        self._promised = 0  # open pushed streams (MAX_PROMISED)
         self._last_client_sid = 0
         # Joined mid-connection, stream ids start anywhere: any is plausible
         # until the client opens one here.
@@ -182,7 +192,7 @@ class Http2Assembler:
         # Why decoding stopped; "" while it goes on (a str, not Optional: mypyc
         # would keep a None narrowed across the calls that set it).
         self.failure = ""
-        self.streams_dropped = 0  # past MAX_STREAMS open at once
+        self.streams_dropped = 0  # past MAX_STREAMS, MAX_PROMISED or MAX_HELD_HEADERS
         self.counted = False  # the failure has been counted (by the pipeline)
         if joined:
             for r in self._readers.values():
@@ -559,7 +569,9 @@ class Http2Assembler:
         except HpackError as exc:
             self._fail(f"HPACK: {exc}", incomplete=False)
             return
-        lost_fields = r.decoder.unknown
+        decoder = r.decoder
+        lost_fields = decoder.unknown
+        cost = decoder.listed
         if lost_fields:
             # Fields that referred to table entries a capture gap took: left
             # out, and the exchange marked incomplete below.
@@ -572,9 +584,15 @@ class Http2Assembler:
             promised = r.block_promised
             if promised == 0 or promised % 2 or promised in self._streams:
                 return
+            if self._promised >= MAX_PROMISED or self._held_headers + cost > MAX_HELD_HEADERS:
+                self.streams_dropped += 1
+                return
             st = self._open(promised)
             if st is not None:
-                st.incomplete = lost_fields > 0
+                st.promised = True
+                self._promised += 1
+                self._hold_headers(st, cost)
+                st.incomplete = lost_fields > 0 or decoder.left_out > 0
                 st.request.headers = headers
                 st.request.start_ns = st.request.end_ns = ts
                 st.request.done = True
@@ -582,8 +600,6 @@ class Http2Assembler:
         st = self._streams.get(r.block_sid)
         if st is None:
             return  # a stream not tracked (over MAX_STREAMS, or a server's for a request we never saw)
-        if lost_fields:
-            st.incomplete = True
         half = st.request if r.client else st.response
         if not r.client:
             if st.response_start_ns is None:
@@ -593,6 +609,14 @@ class Http2Assembler:
                 if len(st.informational) < MAX_INFORMATIONAL:
                     st.informational.append(status)  # 1xx: more HEADERS follow (RFC 9113 §8.1)
                 return
+        if self._held_headers + cost > MAX_HELD_HEADERS:
+            # Too many header bytes held at once: this stream is not shown.
+            self.streams_dropped += 1
+            self._drop(st.sid)
+            return
+        self._hold_headers(st, cost)
+        if lost_fields or decoder.left_out:
+            st.incomplete = True
         if half.headers is None:
             half.headers = headers
             if half.start_ns is None:
@@ -601,6 +625,22 @@ class Http2Assembler:
             half.trailers = headers
         if r.block_end_stream:
             self._end_half(r, r.block_sid, ts)
+
+    def _hold_headers(self, st: _Stream, cost: int) -> None:
+        st.header_bytes += cost
+        self._held_headers += cost
+
+    def _drop(self, sid: int) -> None:
+        """A stream let go unseen (counted by the caller): what it held is free."""
+        st = self._streams.pop(sid, None)
+        if st is not None:
+            self._release(st)
+
+    def _release(self, st: _Stream) -> None:
+        self._held -= len(st.request.body) + len(st.response.body)
+        self._held_headers -= st.header_bytes
+        if st.promised:
+            self._promised -= 1
 
     def _end_half(self, r: _Reader, sid: int, ts: int) -> None:
         st = self._streams.get(sid)
@@ -634,8 +674,8 @@ class Http2Assembler:
             return
         st.emitted = True
         self._streams.pop(st.sid, None)
+        self._release(st)
         req_half, resp_half = st.request, st.response
-        self._held -= len(req_half.body) + len(resp_half.body)
         if req_half.headers is None:
             return  # headers never decoded: nothing to show
         if not req_half.done:
