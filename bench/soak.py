@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -35,6 +36,7 @@ EXAMPLES = """\
 examples:
   make bench-soak
   make bench-soak ARGS="--transactions 200000 --attach-mode entry"
+  make bench-soak ARGS="--agent-args='--ring-mib 16'"   # the agent with other options
 """
 
 
@@ -45,7 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk-seconds", type=int, default=10, help="wrk run length between reports (default 10)")
     p.add_argument("--attach-mode", choices=["tuned", "entry"], default="tuned",
                    help="tuned = the agent's --attach-mode auto (default)")
+    p.add_argument("--agent-args", metavar="'OPTION ...'", default="",
+                   help="more `qtap-devtools run` options for the agent (e.g. '--queue-size 2048')")
     args = p.parse_args(argv)
+    try:
+        agent_args = shlex.split(args.agent_args)
+    except ValueError as exc:
+        p.error(f"--agent-args: {exc}")
     if os.geteuid() != 0:
         print("bench.soak: needs root (the agent attaches uprobes)", file=sys.stderr)
         return 2
@@ -59,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         cert = make_cert(d / "cert")
         scripts = write_scripts(d, [W1])
         try:
-            with BenchNginx(d / "nginx", cert) as nginx, Agent(args.attach_mode) as agent:
+            with BenchNginx(d / "nginx", cert) as nginx, Agent(args.attach_mode, agent_args) as agent:
                 done, delivered, started = 0, 0, time.monotonic()
                 startup_hwm = _status(agent.proc.pid).get("VmHWM", 0)
                 agent.rss_max = 0  # from here on: under traffic
@@ -93,11 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     last = samples[-1]
     verdict = "PASS" if peak < TARGET_MB else "MISS"
     print(f"\n{verdict}  highest RSS under traffic {peak} MB; {last['rss_mb']} MB after {last['on_stream']:,} "
-          f"transactions on the stream ({last['requests']:,} requests; target < {TARGET_MB} MB; agent attach: {attach})")
+          f"transactions on the stream ({last['requests']:,} requests; target < {TARGET_MB} MB; agent attach: {attach}"
+          f"{'; agent options: ' + ' '.join(agent_args) if agent_args else ''})")
     print(f"      start-up peak (VmHWM, the probe compile, before any traffic): {startup_hwm / 1024:.1f} MB")
     print(orjson.dumps({"requests": last["requests"], "transactions": last["on_stream"], "peak_rss_mb": peak,
                         "final_rss_mb": last["rss_mb"], "startup_hwm_mb": round(startup_hwm / 1024, 1),
-                        "target_mb": TARGET_MB, "pass": peak < TARGET_MB, "samples": samples}).decode())
+                        "target_mb": TARGET_MB, "pass": peak < TARGET_MB, "agent_args": agent_args, "samples": samples}).decode())
     return 0
 
 

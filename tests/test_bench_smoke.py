@@ -59,3 +59,24 @@ def test_quick_bench_prints_every_headline_key(tmp_path):
     assert results["setups"]["untraced"]["rate10k"]["probe_bpf_runs_per_request"] == 0
     assert "agent --attach-mode auto: BPF run time per request" in proc.stdout
     assert STATS.read_text() == stats_before  # put back as it was
+
+
+def test_a_short_soak_reports_memory_with_the_agent_options_it_ran():
+    """``make bench-soak``'s harness, a few thousand transactions: it cannot rot."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.soak", "--transactions", "2000", "--chunk-seconds", "1",
+         "--agent-args", "--queue-size 512"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["transactions"] >= 2000 and result["requests"] * 2 >= result["transactions"]
+    assert result["agent_args"] == ["--queue-size", "512"] and "agent options: --queue-size 512" in proc.stdout
+    assert 50 < result["peak_rss_mb"] < 1000 and isinstance(result["pass"], bool)
+    assert result["samples"] and all(s["max_rss_mb"] > 0 for s in result["samples"])
+
+
+def test_soak_refuses_agent_options_it_cannot_split():
+    proc = subprocess.run([sys.executable, "-m", "bench.soak", "--agent-args", "'unclosed"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--agent-args: No closing quotation" in proc.stderr
