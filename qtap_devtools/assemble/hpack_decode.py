@@ -154,22 +154,23 @@ class HpackDecoder:
 
     def _add(self, name: str, value: str) -> None:
         size = len(name) + len(value) + 32
+        self._evict_to(self.table_size - size)
+        if size <= self.table_size:
+            self._entries.append((name, value))
+            self._used += size
+
+    def _evict_to(self, limit: int) -> None:
+        """Oldest entries out until the table uses at most ``limit`` (§4.4)."""
         entries = self._entries
-        while entries and self._used + size > self.table_size:
+        while entries and self._used > limit:
             old_name, old_value = entries.popleft()
             self._used -= len(old_name) + len(old_value) + 32
-        if size <= self.table_size:
-            entries.append((name, value))
-            self._used += size
 
     def _resize(self, size: int) -> None:
         if size > self.max_allowed_table_size:
             raise HpackError(f"table size {size} over the {self.max_allowed_table_size} allowed")
         self.table_size = size
-        entries = self._entries
-        while entries and self._used > size:
-            old_name, old_value = entries.popleft()
-            self._used -= len(old_name) + len(old_value) + 32
+        self._evict_to(size)
 
     def decode(self, block: bytes) -> list[tuple[str, str]]:
         out: list[tuple[str, str]] = []

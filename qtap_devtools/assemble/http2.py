@@ -584,7 +584,7 @@ class Http2Assembler:
             promised = r.block_promised
             if promised == 0 or promised % 2 or promised in self._streams:
                 return
-            if self._promised >= MAX_PROMISED or self._held_headers + cost > MAX_HELD_HEADERS:
+            if self._promised >= MAX_PROMISED or self._over_header_budget(cost):
                 self.streams_dropped += 1
                 return
             st = self._open(promised)
@@ -609,8 +609,7 @@ class Http2Assembler:
                 if len(st.informational) < MAX_INFORMATIONAL:
                     st.informational.append(status)  # 1xx: more HEADERS follow (RFC 9113 §8.1)
                 return
-        if self._held_headers + cost > MAX_HELD_HEADERS:
-            # Too many header bytes held at once: this stream is not shown.
+        if self._over_header_budget(cost):
             self.streams_dropped += 1
             self._drop(st.sid)
             return
@@ -625,6 +624,10 @@ class Http2Assembler:
             half.trailers = headers
         if r.block_end_stream:
             self._end_half(r, r.block_sid, ts)
+
+    def _over_header_budget(self, cost: int) -> bool:
+        """Too many header bytes held at once: the stream they are for is not shown."""
+        return self._held_headers + cost > MAX_HELD_HEADERS
 
     def _hold_headers(self, st: _Stream, cost: int) -> None:
         st.header_bytes += cost
