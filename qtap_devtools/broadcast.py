@@ -109,6 +109,9 @@ class Subscriber:
     delivered: int = 0
     pace: float = SEND_PACE_SECONDS
     _wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    # next_batch() waits on _wakeup: only then does offer() set it (Event.set is
+    # interpreted Python, and offer runs once per event per client).
+    _waiting: bool = False
     _sent_at: float = 0.0  # monotonic time the last batch was taken
     gap_reason: str = QUEUE_OVERFLOWED  # why the events in `missed` are missing
 
@@ -121,7 +124,9 @@ class Subscriber:
         self._mark_gap()
         self.queue.append(item)
         self.queued_bytes += size
-        self._wakeup.set()
+        if self._waiting:
+            self._waiting = False
+            self._wakeup.set()
 
     def notify_gap(self, missed: int) -> None:
         """Events this subscriber should have had are gone (history evicted
@@ -161,6 +166,7 @@ class Subscriber:
                     self._mark_gap()
                     break
                 self._wakeup.clear()
+                self._waiting = True
                 await self._wakeup.wait()
             wait = self._sent_at + self.pace - time.monotonic()
             if wait > 0 and self.queued_bytes < batch_bytes and queue[-1] is not _CLOSE:

@@ -32,6 +32,7 @@ PACKAGE = Path(__file__).resolve().parent
 C_PARTS = {"assemble/_headparse": "head parser", "capture/_ringread": "ring reader", "_b64": "base64 encoder"}
 MYPYC_MODULES = (
     "assemble/http1_parse", "assemble/http1", "assemble/http2", "assemble/offsets", "assemble/hpack_decode", "assemble/model",
+    "assemble/body",
     "pipeline", "publisher", "events", "store", "broadcast", "filters", "ids",
 )
 MYPYC_GROUP = "_native"  # mypyc's shared runtime for the group: qtap_devtools/_native__mypyc

@@ -162,6 +162,28 @@ def test_captured_text_naming_the_transaction_event_cannot_fool_the_recipes_grep
     assert orjson.loads(data_line[6:])["data"]["cmdline"] == "grep request.http_transaction -A1"
 
 
+
+SPLICE_BAIT = '"type":"http_transaction","data":""'
+
+
+@pytest.mark.parametrize("body", [b"", b'{"id": 123}', bytes(range(256)) * 400], ids=["empty", "small", "over-simd-size"])
+def test_transaction_frame_is_what_the_generic_envelope_makes(body):
+    # HttpTransaction.envelope splices the base64 into JSON serialized without
+    # it; captured text that spells the splice point, or the event type, in
+    # every field a user controls must not move it.
+    conn = samples.connection(host=SPLICE_BAIT)
+    tx = samples.transaction(conn, "r1", path="/" + SPLICE_BAIT + "request.http_transaction",
+                             host=SPLICE_BAIT, response_body=body)
+    tx.request.headers = {SPLICE_BAIT: SPLICE_BAIT, "x": "request.http_transaction"}
+    generic = ev.Envelope.of(tx.type, tx.payload(), tx.ts_ns)
+    spliced = tx.envelope()
+    assert spliced.frame == generic.frame
+    assert spliced.body == generic.body and spliced.type == generic.type and spliced.ts_ns == generic.ts_ns
+    decoded = ev.decode_transaction(orjson.loads(spliced.frame.split(b"\n")[1][6:]))
+    assert base64.b64decode(decoded["response"]["body"]) == body
+    assert decoded["request"]["headers"][SPLICE_BAIT] == SPLICE_BAIT
+
+
 # --------------------------------------------------------------------------
 # Every event type the seed shows, field by field: each leaf of the seed's
 # example must be in ours, at the same path, with the same value.  Ours may

@@ -138,6 +138,8 @@ class Enricher:
             # time; exec and exit call forget()): one /proc read per process per
             # second, not one per transaction.
             info = self._processes.get((pid, latest))
+            if info is not None and info.container_id is None:
+                return info  # a host process (most of them): nothing to attach, once per transaction
             if info is not None:
                 enriched = self._attach(info)
                 if enriched is not info:
