@@ -37,3 +37,19 @@ def test_any_bytes_like_object_and_nothing_else():
 def test_b64_is_the_same_on_both_sides_of_the_simd_threshold(n):
     data = bytes(i * 7 % 256 for i in range(n))
     assert events.b64(data) == base64.b64encode(data).decode()
+
+
+def test_this_machine_encodes_with_ssse3():
+    # CI runs on the same kind of x86-64: the property test above exercises the SIMD steps.
+    assert _b64.simd()
+
+
+def test_the_table_loop_alone_matches_binascii_too():
+    # QTAP_B64_SCALAR turns the SSSE3 steps off at import: the path a CPU without them takes.
+    import os
+    import subprocess
+    import sys
+    code = ("import binascii, random\nfrom qtap_devtools import _b64\nassert not _b64.simd()\n"
+            "rng = random.Random(7)\nfor n in [*range(64), 4096, 5001]:\n"
+            "    d = rng.randbytes(n)\n    assert _b64.encode(d) == binascii.b2a_base64(d, newline=False).decode(), n\n")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "QTAP_B64_SCALAR": "1"})

@@ -119,6 +119,25 @@ def test_edge_cases_agree(head, is_request):
     same(head, is_request)
 
 
+
+LINE_ENDS = st.lists(st.sampled_from([b"\n", b"\r", b"\r\n", b"\n\n", b"\n\r\n", b"a", b"GET / HTTP/1.1"]), max_size=40)
+
+
+@settings(max_examples=500, deadline=None)
+@given(LINE_ENDS.map(b"".join), st.integers(0, 60), st.integers(0, 80), st.booleans())
+def test_head_end_agrees(buf, start, limit, as_bytearray):
+    """Where a head ends: the C scan against the two finds it replaced, any start and limit."""
+    work = bytearray(buf) if as_bytearray else buf
+    assert fast.head_end(work, start, limit) == http1_parse.head_end_py(work, start, limit)
+
+
+def test_head_end_refuses_negative_bounds():
+    with pytest.raises(ValueError):
+        fast.head_end(b"a\n\n", -1, 3)
+    with pytest.raises(ValueError):
+        fast.head_end(b"a\n\n", 0, -1)
+
+
 NAMES = st.sampled_from(["Host", "host", "HOST", "Set-Cookie", "set-cookie", "SET-COOKIE", "X-A", "x-a", "Accept",
                          "Näme", "näme", "K"])
 PAIRS = st.lists(st.tuples(NAMES, st.sampled_from(["", "a", "b, c", "v=1; Path=/", "é"])), max_size=10)

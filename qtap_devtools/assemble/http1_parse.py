@@ -186,6 +186,14 @@ def _framing_header(msg: Head, lkey: str, value: str) -> None:
         msg.content_encoding = f"{msg.content_encoding}, {value}" if msg.content_encoding else value
 
 
+def head_end_py(buf: bytes | bytearray, start: int, limit: int) -> int:
+    """Where the head in ``buf[start:limit]`` ends: the index of the LF that
+    starts its blank line (LF LF, or LF CR LF), or -1 while there is none."""
+    lf = buf.find(b"\n\r\n", start, limit)
+    lf2 = buf.find(b"\n\n", start, lf + 2 if lf >= 0 else limit)
+    return lf2 if lf2 >= 0 and (lf < 0 or lf2 <= lf) else lf
+
+
 # The common case in C (``_headparse.c``): same Head, same errors (it hands
 # anything unusual to parse_head_py).  Built by ``make setup``; without it the
 # Python parser does everything, slower.
@@ -194,9 +202,11 @@ try:
 except ImportError:
     _headparse = None
     parse_head = parse_head_py
+    head_end = head_end_py
 else:
     _headparse.configure(Head, _framing_header, parse_head_py)
     parse_head = _headparse.parse_head
+    head_end = _headparse.head_end
 
 
 def request_framing(head: Head) -> int:
@@ -439,19 +449,15 @@ class MessageReader:
         scan = pos
         if pos == 0 and work is self.buf and self._scanned > 2:
             scan = self._scanned - 2  # searched before, and since then only bytes were added
-        lf = work.find(b"\n\r\n", scan, pos + MAX_HEAD)
-        lf2 = work.find(b"\n\n", scan, lf + 2 if lf >= 0 else pos + MAX_HEAD)
-        if lf2 >= 0 and (lf < 0 or lf2 <= lf):
-            stop, nxt = lf2, lf2 + 2
-        elif lf >= 0:
-            stop, nxt = lf, lf + 3
-        else:
+        stop = head_end(work, scan, pos + MAX_HEAD)
+        if stop < 0:
             if end - pos >= MAX_HEAD:
                 # Binary that happened to start with a token is "not HTTP", not an error.
                 looks_http = START_LINE_AT[self.kind].match(work, pos) is not None  # type: ignore[index]
                 self._malformed(f"header section exceeds {MAX_HEAD} bytes", not looks_http)
                 return end if self.state == DEAD else pos
             return -1
+        nxt = stop + (2 if work[stop + 1] == 10 else 3)  # past LF LF, or LF CR LF
         try:
             head = parse_head(work[pos:stop], self.kind == "request")
         except MalformedMessage as exc:
