@@ -19,23 +19,23 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Final, Iterable
 
 from qtap_devtools import ids
 from qtap_devtools.events import HTTP_TRANSACTION, PROCESS_STARTED, Envelope, SystemDisconnected, SystemDropped
 from qtap_devtools.filters import EventFilter
 
-log = logging.getLogger(__name__)
+log: Final = logging.getLogger(__name__)
 
-_CLOSE = object()
+_CLOSE: Final = object()
 # A busy stream is written at most this often per client.  Every write is a trip
 # through the ASGI stack and a syscall (~50 µs at rate10k), and at 20,000 events
 # a second they came ~1,000 times a second with a few events each.  An event
 # after a quiet spell still goes out at once; only the next one waits.
-SEND_PACE_SECONDS = 0.005
+SEND_PACE_SECONDS: Final = 0.005
 # system.dropped's reasons.
-QUEUE_OVERFLOWED = "client fell behind; its queue overflowed"
-HISTORY_EVICTED = "resumed past the history the agent still holds (older events were evicted)"
+QUEUE_OVERFLOWED: Final = "client fell behind; its queue overflowed"
+HISTORY_EVICTED: Final = "resumed past the history the agent still holds (older events were evicted)"
 
 
 class Published:

@@ -19,24 +19,24 @@ import binascii
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Mapping
+from typing import Any, Final, Mapping
 
 import orjson
 import pybase64
 
 from qtap_devtools.enrich.model import ContainerInfo, PodInfo, ProcessInfo
 
-SYSTEM_CONNECTED = "system.connected"
-SYSTEM_DROPPED = "system.dropped"
-SYSTEM_DISCONNECTED = "system.disconnected"
-PROCESS_STARTED = "process.started"
-PROCESS_STOPPED = "process.stopped"
-CONNECTION_OPENED = "connection.opened"
-CONNECTION_UPDATED = "connection.updated"
-CONNECTION_CLOSED = "connection.closed"
-HTTP_TRANSACTION = "request.http_transaction"
+SYSTEM_CONNECTED: Final = "system.connected"
+SYSTEM_DROPPED: Final = "system.dropped"
+SYSTEM_DISCONNECTED: Final = "system.disconnected"
+PROCESS_STARTED: Final = "process.started"
+PROCESS_STOPPED: Final = "process.stopped"
+CONNECTION_OPENED: Final = "connection.opened"
+CONNECTION_UPDATED: Final = "connection.updated"
+CONNECTION_CLOSED: Final = "connection.closed"
+HTTP_TRANSACTION: Final = "request.http_transaction"
 
-EVENT_TYPES = (
+EVENT_TYPES: Final = (
     SYSTEM_CONNECTED,
     SYSTEM_DROPPED,
     SYSTEM_DISCONNECTED,
@@ -87,10 +87,11 @@ def b64_py(data: bytes) -> str:
 
 
 try:
-    from qtap_devtools._b64 import encode as _small_b64  # type: ignore[import-not-found]
+    from qtap_devtools import _b64  # type: ignore[attr-defined]
 except ImportError:  # not built: correct, slower
-    _small_b64 = b64_py
-B64_SIMD_BYTES = 16384
+    _b64 = None
+_small_b64: Final = b64_py if _b64 is None else _b64.encode
+B64_SIMD_BYTES: Final = 16384
 
 
 def b64(data: bytes) -> str:
@@ -179,9 +180,9 @@ class Envelope:
         return inner if type(inner) is dict else data
 
 
-_TX_TYPE = HTTP_TRANSACTION.encode()
-_TX_TYPE_ESCAPED = HTTP_TRANSACTION.replace(".", "\\u002e").encode()
-_SPLICE_AT = b'"type":"http_transaction","data":""'  # see HttpTransaction.envelope
+_TX_TYPE: Final = HTTP_TRANSACTION.encode()
+_TX_TYPE_ESCAPED: Final = HTTP_TRANSACTION.replace(".", "\\u002e").encode()
+_SPLICE_AT: Final = b'"type":"http_transaction","data":""'  # see HttpTransaction.envelope
 
 
 def json_line(body: Mapping[str, Any]) -> bytes:

@@ -14,11 +14,12 @@ import hashlib
 import itertools
 import os
 import socket
+from typing import Final
 
-_ALPHABET = "0123456789abcdefghijklmnopqrstuv"
-_machine = hashlib.md5(socket.gethostname().encode()).digest()[:3]
-_pid = (os.getpid() & 0xFFFF).to_bytes(2, "big")
-_counter = itertools.count(int.from_bytes(os.urandom(3), "big"))
+_ALPHABET: Final = "0123456789abcdefghijklmnopqrstuv"
+_machine: Final = hashlib.md5(socket.gethostname().encode()).digest()[:3]
+_pid: Final = (os.getpid() & 0xFFFF).to_bytes(2, "big")
+_counter: Final = itertools.count(int.from_bytes(os.urandom(3), "big"))
 
 
 def encode(raw: bytes) -> str:
@@ -32,7 +33,7 @@ def encode(raw: bytes) -> str:
 # (~1.5 µs).  The first 14 characters encode time, machine and pid only (70 of
 # their 72 bits), so they are made once a second; the last 6 encode those 2 bits,
 # the counter and the 4 padding bits, through a 10-bit → 2-character table.
-_PAIRS = [_ALPHABET[i >> 5] + _ALPHABET[i & 31] for i in range(1024)]
+_PAIRS: Final = [_ALPHABET[i >> 5] + _ALPHABET[i & 31] for i in range(1024)]
 _second: tuple[int, str, int] = (-1, "", 0)
 
 

@@ -21,7 +21,7 @@ import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Final
 from urllib.parse import urlsplit
 
 from qtap_devtools import ids
@@ -46,15 +46,15 @@ from qtap_devtools.events import (
     ProcessStopped,
 )
 
-log = logging.getLogger(__name__)
+log: Final = logging.getLogger(__name__)
 
-MAX_CONNECTIONS = 65_536
-MAX_PENDING_SNI = 4096
-OPEN_GRACE_NS = 100_000_000  # wait this long for a connection's addresses before announcing it
-_REQUEST_START = re.compile(rb"^[A-Z]{3,12} \S+ HTTP/1\.[01]\r?\n")
-_HOST_FIELD = re.compile(rb"\nhost:[ \t]*([^\r\n]+)", re.I)
-_REQUEST_DIRECTION = {"client": "egress", "server": "ingress"}
-_OTHER: dict[str, Direction] = {"egress": "ingress", "ingress": "egress"}
+MAX_CONNECTIONS: Final = 65_536
+MAX_PENDING_SNI: Final = 4096
+OPEN_GRACE_NS: Final = 100_000_000  # wait this long for a connection's addresses before announcing it
+_REQUEST_START: Final = re.compile(rb"^[A-Z]{3,12} \S+ HTTP/1\.[01]\r?\n")
+_HOST_FIELD: Final = re.compile(rb"\nhost:[ \t]*([^\r\n]+)", re.I)
+_REQUEST_DIRECTION: Final = {"client": "egress", "server": "ingress"}
+_OTHER: Final[dict[str, Direction]] = {"egress": "ingress", "ingress": "egress"}
 
 
 def _host_name(host: str) -> str:

@@ -18,15 +18,15 @@ import dataclasses
 import logging
 import time
 from collections import deque
-from typing import Any, Callable
+from typing import Any, Callable, Final
 
 from qtap_devtools.enrich.model import ContainerInfo
 from qtap_devtools.events import Envelope, Event
 
-log = logging.getLogger(__name__)
+log: Final = logging.getLogger(__name__)
 
-MAX_PENDING_EVENTS = 100_000  # made but not yet published (enrichment waits)
-ENRICH_WAIT_SECONDS = 0.05
+MAX_PENDING_EVENTS: Final = 100_000  # made but not yet published (enrichment waits)
+ENRICH_WAIT_SECONDS: Final = 0.05
 
 
 def process_of(event: Event) -> Any:

@@ -9,17 +9,17 @@ fills it exactly as live capture does.
 from __future__ import annotations
 
 from collections import Counter, OrderedDict, deque
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Final, Iterable, Mapping
 
 from qtap_devtools import events as ev
 from qtap_devtools.events import Envelope
 
 # Distinct event types counted by name (the agent has a handful); past it, as "other".
-MAX_EVENT_TYPES = 64
+MAX_EVENT_TYPES: Final = 64
 # Nesting of /process-tree: orjson refuses past 255 levels, and a tree that
 # deep is a loop of parents or a crafted file, not a process tree.
-MAX_TREE_DEPTH = 64
-OTHER_TYPES = "other"
+MAX_TREE_DEPTH: Final = 64
+OTHER_TYPES: Final = "other"
 
 if TYPE_CHECKING:
     from qtap_devtools.broadcast import Published
@@ -306,9 +306,9 @@ class _Endpoint:
         return out
 
 
-_ROUTES: dict[str, str] = {}  # path -> route: most traffic repeats a few paths
-_ROUTES_MAX = 4096
-_routes_cleared = [0]  # paths let go by the clear below (each costs one more _route_of)
+_ROUTES: Final[dict[str, str]] = {}  # path -> route: most traffic repeats a few paths
+_ROUTES_MAX: Final = 4096
+_routes_cleared: Final = [0]  # paths let go by the clear below (each costs one more _route_of)
 
 
 def _route(path: str) -> str:

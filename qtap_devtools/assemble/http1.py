@@ -24,7 +24,7 @@ Every exchange a gap touched, paired or not, is marked ``incomplete``.
 from __future__ import annotations
 
 from collections import deque
-from typing import Literal
+from typing import Final, Literal
 
 from .body import decode_body
 from .http1_parse import CHUNKED, DEAD, HEAD, PAUSED, Message, MessageReader
@@ -34,12 +34,12 @@ from .offsets import place
 Role = Literal["client", "server", "unknown"]
 Direction = Literal["egress", "ingress"]
 
-MAX_PENDING = 64  # requests awaiting a response; a pipelining flood beyond is not paired
+MAX_PENDING: Final = 64  # requests awaiting a response; a pipelining flood beyond is not paired
 
-NO_RESPONSE_GAP = "response not captured (capture gap)"
-NO_REQUEST_GAP = "request not captured (capture gap)"
-NO_REQUEST = "response without a request"
-CLOSED_BEFORE_RESPONSE = "connection closed before response"
+NO_RESPONSE_GAP: Final = "response not captured (capture gap)"
+NO_REQUEST_GAP: Final = "request not captured (capture gap)"
+NO_REQUEST: Final = "response without a request"
+CLOSED_BEFORE_RESPONSE: Final = "connection closed before response"
 
 
 class _Exchange:

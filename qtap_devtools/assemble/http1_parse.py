@@ -16,31 +16,31 @@ from __future__ import annotations
 
 import re
 from bisect import bisect_right
-from typing import Protocol
+from typing import Final, Protocol
 
-MAX_HEAD = 64 * 1024  # header section, start line included
+MAX_HEAD: Final = 64 * 1024  # header section, start line included
 # Reads whose timestamps a held buffer keeps apart. Past it (a head, or what
 # follows an unanswered Upgrade, trickled in tiny reads: 1 MB a byte at a
 # time held ~120 MB of them) reads share the last one's time, on the side
 # the stitcher allows (see ``feed``).
-MAX_SEGMENTS = 1024
-_NO_LATER = 1 << 63  # sorts after every timestamp: (pos, _NO_LATER) follows each segment starting at pos
-MAX_LINE = 8 * 1024  # chunk-size line; a partial line kept while resynchronising
-MAX_CONTENT_LENGTH_DIGITS = 18  # < 2**63: anything longer is not a length, it is an attack
+MAX_SEGMENTS: Final = 1024
+_NO_LATER: Final = 1 << 63  # sorts after every timestamp: (pos, _NO_LATER) follows each segment starting at pos
+MAX_LINE: Final = 8 * 1024  # chunk-size line; a partial line kept while resynchronising
+MAX_CONTENT_LENGTH_DIGITS: Final = 18  # < 2**63: anything longer is not a length, it is an attack
 
-TOKEN = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-HEXDIGITS = b"0123456789abcdefABCDEF"
-DIGITS = b"0123456789"
-VERSIONS = {b"HTTP/1.1": "HTTP/1.1", b"HTTP/1.0": "HTTP/1.0"}
+TOKEN: Final = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+HEXDIGITS: Final = b"0123456789abcdefABCDEF"
+DIGITS: Final = b"0123456789"
+VERSIONS: Final = {b"HTTP/1.1": "HTTP/1.1", b"HTTP/1.0": "HTTP/1.0"}
 # Most requests start with one of these: plausible at once, without a token scan.
-COMMON_METHODS = (b"GET ", b"POST ", b"PUT ", b"DELETE ", b"HEAD ", b"PATCH ", b"OPTIONS ")
+COMMON_METHODS: Final = (b"GET ", b"POST ", b"PUT ", b"DELETE ", b"HEAD ", b"PATCH ", b"OPTIONS ")
 
 # Where a message may start after a gap or a mid-stream join: a whole start line at
 # a line start. Methods are restricted to upper case here (not in normal parsing) so
 # that body text is less likely to look like a request line.
 _REQUEST_LINE = rb"[A-Z][A-Z0-9_\-]{0,19} [^\s]+ HTTP/1\.[01]"
 _STATUS_LINE = rb"HTTP/1\.[01] [1-5][0-9][0-9](?:[ \t][^\r\n]*)?"
-START_LINE_AT = {
+START_LINE_AT: Final = {
     "request": re.compile(_REQUEST_LINE + rb"\r?\n"),
     "response": re.compile(_STATUS_LINE + rb"\r?\n"),
     None: re.compile(rb"(?:(" + _STATUS_LINE + rb")|" + _REQUEST_LINE + rb")\r?\n"),
@@ -49,13 +49,30 @@ START_LINE_AT = {
 # bytes.find (memchr speed) and tries the pattern only at the line holding it.
 # A regex search from every position was the agent's hottest loop when a capture
 # gap left it seeking through megabytes of body.
-START_MARK = b"HTTP/1."
+START_MARK: Final = b"HTTP/1."
+
+# Module constants are Final throughout the compiled modules: mypyc then
+# inlines them (or keeps them in C statics) instead of a dictionary lookup of
+# the module's globals at every use, several per message here.
 
 # Reader states.
-HEAD, LENGTH, CHUNK_SIZE, CHUNK_DATA, CHUNK_END, TRAILERS, CLOSE, SEEK, PAUSED, DEAD = range(10)
+HEAD: Final = 0
+LENGTH: Final = 1
+CHUNK_SIZE: Final = 2
+CHUNK_DATA: Final = 3
+CHUNK_END: Final = 4
+TRAILERS: Final = 5
+CLOSE: Final = 6
+SEEK: Final = 7
+PAUSED: Final = 8
+DEAD: Final = 9
 
 # Body framings.
-NO_BODY, BY_LENGTH, CHUNKED, UNTIL_CLOSE, TUNNEL = range(5)
+NO_BODY: Final = 0
+BY_LENGTH: Final = 1
+CHUNKED: Final = 2
+UNTIL_CLOSE: Final = 3
+TUNNEL: Final = 4
 
 
 class MalformedMessage(Exception):
@@ -153,7 +170,7 @@ def parse_head_py(head: bytes | bytearray, is_request: bool) -> Head:
     return msg
 
 
-_FRAMING_HEADERS = frozenset(("content-length", "transfer-encoding", "connection", "upgrade", "content-encoding"))
+_FRAMING_HEADERS: Final = frozenset(("content-length", "transfer-encoding", "connection", "upgrade", "content-encoding"))
 
 
 def _framing_header(msg: Head, lkey: str, value: str) -> None:
@@ -201,12 +218,10 @@ try:
     from qtap_devtools.assemble import _headparse  # type: ignore[attr-defined]
 except ImportError:
     _headparse = None
-    parse_head = parse_head_py
-    head_end = head_end_py
 else:
     _headparse.configure(Head, _framing_header, parse_head_py)
-    parse_head = _headparse.parse_head
-    head_end = _headparse.head_end
+parse_head: Final = parse_head_py if _headparse is None else _headparse.parse_head
+head_end: Final = head_end_py if _headparse is None else _headparse.head_end
 
 
 def request_framing(head: Head) -> int:

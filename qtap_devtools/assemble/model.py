@@ -14,11 +14,11 @@ classes, the pipeline went from 27 to 21 µs per transaction.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Final, Sequence
 
 Headers = tuple[tuple[str, str], ...]
 # 1xx responses kept per exchange (a server may send any number; the rest are not listed).
-MAX_INFORMATIONAL = 16
+MAX_INFORMATIONAL: Final = 16
 
 
 @dataclass(slots=True)
@@ -176,7 +176,7 @@ def combined_headers_py(headers: Sequence[tuple[str, str]], by_lower: dict | Non
 try:
     from qtap_devtools.assemble import _headparse  # type: ignore[attr-defined]
 except ImportError:
-    combined_headers = combined_headers_py
+    _headparse = None
 else:
     _headparse.configure_combine(combined_headers_py)
-    combined_headers = _headparse.combined_headers
+combined_headers: Final = combined_headers_py if _headparse is None else _headparse.combined_headers
