@@ -169,7 +169,7 @@ class Envelope:
         return cls(type_, body, sse_frame(type_, json_line(body)), ts_ns)
 
     @property
-    def inner(self) -> Mapping[str, Any]:
+    def inner(self) -> dict[str, Any]:
         """The payload under the seed's double nesting (``data.data``) or ``data``."""
         # dict, not the Mapping ABC: bodies are built here or by orjson, and
         # an ABC check costs microseconds on a path every filter walks.
@@ -539,7 +539,8 @@ class HttpMessage:
         """Add this message's fields to ``out`` (a request or response object)."""
         body = self.body
         out["content_type"] = self.content_type
-        out["headers"] = dict(self.headers)
+        headers = self.headers
+        out["headers"] = headers if type(headers) is dict else dict(headers)  # the pipeline's own dict: no copy
         out["body"] = b64(body)
         out["body_size"] = self.body_size
         out["body_captured"] = len(body)
@@ -675,7 +676,7 @@ class HttpTransaction(Event):
             "duration_us": round(self.duration_ms * 1000),
             "direction": c.direction,
             "started_at": rfc3339(self.start_ns),
-            "timing": dict(self.timing),
+            "timing": self.timing if type(self.timing) is dict else dict(self.timing),
         }
         if self.response is not None:
             response = {"status": self.status, "reason": self.reason, "http_version": self.response_version}

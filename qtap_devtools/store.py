@@ -9,7 +9,7 @@ fills it exactly as live capture does.
 from __future__ import annotations
 
 from collections import Counter, OrderedDict, deque
-from typing import TYPE_CHECKING, Any, Callable, Final, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Final, Iterable
 
 from qtap_devtools import events as ev
 from qtap_devtools.events import Envelope
@@ -132,7 +132,9 @@ class Store:
             if not rid or rid in self.transactions.entries:  # (a capture file may hold one twice: counted once)
                 return
             self.transactions.put(rid, env)
-            s = d.get("summary") or {}
+            s = d.get("summary")
+            if type(s) is not dict:  # a capture file's: anything
+                s = {}
             pid = s.get("process_pid")
             if isinstance(pid, int):
                 counts = self.process_events
@@ -164,7 +166,8 @@ class Store:
             else:
                 self.open_connections.put(cid, d)
 
-    def _index_endpoint(self, d: Mapping[str, Any], s: Mapping[str, Any]) -> None:
+    def _index_endpoint(self, d: dict[str, Any], s: dict[str, Any]) -> None:
+        # dicts, not Mappings: mypyc reads a dict's keys directly, a Mapping's by method calls
         host = s.get("request_host") or d.get("endpointId") or "?"
         key = (host, s.get("request_method"), _route(s.get("request_path") or "/"))
         entry = self.endpoints.get(key)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from qtap_devtools import events as ev
 from qtap_devtools.events import Envelope
 from qtap_devtools.store import Store
@@ -164,3 +166,11 @@ def test_a_transaction_a_file_holds_twice_is_counted_once():
             store.on_event(tx(i, 10))
     assert len(store.recent_transactions()) == 3
     assert store.process_events[1] == 3
+
+
+@pytest.mark.parametrize("summary", ["text", ["a"], 7, None])
+def test_a_files_transaction_whose_summary_is_not_an_object_is_kept(summary):
+    store = Store()
+    store.on_event(Envelope.of(ev.HTTP_TRANSACTION, {"data": {"requestId": "r1", "summary": summary}}, 0))
+    assert len(store.recent_transactions()) == 1
+    assert [e["host"] for e in store.endpoint_list()] == ["?"]
