@@ -770,11 +770,11 @@ class Pipeline:
         end = max(ex.end_ns or 0, ex.request_end_ns or 0) or start
         timing = {}
         if ex.request_end_ns:
-            timing["send_ms"] = round((ex.request_end_ns - start) / 1e6, 3)
+            timing["send_ms"] = _ms(ex.request_end_ns - start)
         if ex.response_start_ns and ex.request_end_ns:
-            timing["wait_ms"] = round(max(0, ex.response_start_ns - ex.request_end_ns) / 1e6, 3)
+            timing["wait_ms"] = _ms(ex.response_start_ns - ex.request_end_ns)
         if ex.response_start_ns and ex.end_ns:
-            timing["receive_ms"] = round(max(0, ex.end_ns - ex.response_start_ns) / 1e6, 3)
+            timing["receive_ms"] = _ms(ex.end_ns - ex.response_start_ns)
         client = conn.role != "server" and info.direction != "ingress"
         sent, received = (ex.request_bytes, ex.response_bytes) if client else (ex.response_bytes, ex.request_bytes)
         self.counters["transactions"] += 1
@@ -809,7 +809,7 @@ class Pipeline:
                 trailers=combined_headers(resp.trailers, {}) if resp.trailers else None,
             ),
             start_ns=self.wall(start),
-            duration_ms=round(max(0, end - start) / 1e6, 3),
+            duration_ms=_ms(end - start),
             bytes_sent=sent,
             bytes_received=received,
             timing=timing,
@@ -862,6 +862,13 @@ def _absolute_form(target: str) -> tuple[str, str, str] | None:
         slash = rest.find("/")
         return (scheme, rest, "") if slash < 0 else (scheme, rest[:slash], rest[slash:])
     return parts.scheme, parts.netloc, parts.path + (f"?{parts.query}" if parts.query else "")
+
+
+def _ms(ns: int) -> float:
+    """A duration in milliseconds to the microsecond, rounded half up, never
+    negative.  ``round(ns / 1e6, 3)`` was 4 calls of 0.4 µs per transaction
+    (float rounding goes through decimal conversion); this is integers."""
+    return (ns + 500) // 1000 / 1000 if ns > 0 else 0.0
 
 
 def _minimal_process(pid: int, ppid: int, filename: str, comm: str, uid: int, ts: int) -> ProcessInfo:

@@ -21,7 +21,7 @@ from collections import deque
 from typing import Any, Callable, Final
 
 from qtap_devtools.enrich.model import ContainerInfo
-from qtap_devtools.events import Envelope, Event
+from qtap_devtools.events import Envelope, Event, HttpTransaction
 
 log: Final = logging.getLogger(__name__)
 
@@ -31,6 +31,8 @@ ENRICH_WAIT_SECONDS: Final = 0.05
 
 def process_of(event: Event) -> Any:
     """The ProcessInfo an event is about (its own, or its connection's), or None."""
+    if isinstance(event, HttpTransaction):  # nearly every event: skip the getattr that raises and is caught
+        return event.connection.process
     proc = getattr(event, "process", None)
     if proc is not None:
         return proc

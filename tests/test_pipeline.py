@@ -10,6 +10,9 @@ from __future__ import annotations
 import base64
 import json
 
+import pytest
+
+from qtap_devtools import pipeline as pipeline_mod
 from qtap_devtools.capture import records as rec
 from qtap_devtools.config import Config
 from qtap_devtools.enrich import Enricher
@@ -809,3 +812,9 @@ def test_a_killed_process_read_again_keeps_the_executable_it_had():
     assert closed and closed[0].payload()["data"]["source"]["exe"] == "/usr/bin/curl"
     [t] = [e for e in out if e.type == "request.http_transaction"]
     assert t.payload()["data"]["summary"]["process_exe"] == "/usr/bin/curl"
+
+
+@pytest.mark.parametrize("ns,ms", [(0, 0.0), (-5_000, 0.0), (499, 0.0), (500, 0.001), (7_000, 0.007),
+                                   (4_500, 0.005), (41_250_400, 41.25), (1_999_999_999, 2000.0)])
+def test_durations_are_milliseconds_to_the_microsecond_rounded_half_up(ns, ms):
+    assert pipeline_mod._ms(ns) == ms
