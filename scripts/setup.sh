@@ -7,11 +7,11 @@ cd "$(dirname "$0")/.."
 # bcc comes from Debian (the PyPI "bcc" is an unrelated package); kernel headers
 # for bcc; a C compiler and Python's headers for the C head parser (and locales, to
 # test it in a Turkish locale, whose case rules differ); the real servers, clients
-# and browser the tests drive.
+# and browser the tests drive; valgrind, for bench.chain's instruction counts.
 APT_PACKAGES=(
   bpfcc-tools python3-bpfcc libbpfcc linux-headers-amd64
   python3-venv python3-dev gcc libc6-dev ca-certificates curl wget jq openssl
-  nginx-light wrk docker.io chromium openssh-server nodejs locales
+  nginx-light wrk docker.io chromium openssh-server nodejs locales valgrind
 )
 
 missing=()
