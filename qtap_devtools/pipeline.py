@@ -127,6 +127,11 @@ class Pipeline:
         # address record can arrive before the connect record it belongs to.
         self.pending_addr: OrderedDict[tuple, rec.SocketAddress] = OrderedDict()
         self.processes: OrderedDict[int, ProcessInfo] = OrderedDict()
+        # _process's answers while one batch of records is handled (a few
+        # milliseconds of traffic; the enricher's own answer is fresh for a
+        # second): a pid's thousand transactions ask once.  None between
+        # batches; a pid's answer is dropped at its exec or exit.
+        self._answered: dict[int, ProcessInfo | None] | None = None
         self.parents: OrderedDict[int, int] = OrderedDict()
         # (pid, socket fd) -> key of the fd-less TLS stream that borrowed it.
         self.borrowers: OrderedDict[tuple[int, int], tuple] = OrderedDict()
@@ -184,6 +189,15 @@ class Pipeline:
         return mono_ns + self.clock_offset if mono_ns else time.time_ns()
 
     def _process(self, pid: int) -> ProcessInfo | None:
+        answered = self._answered
+        if answered is None:
+            return self._ask_process(pid)
+        if pid in answered:
+            return answered[pid]
+        answer = answered[pid] = self._ask_process(pid)
+        return answer
+
+    def _ask_process(self, pid: int) -> ProcessInfo | None:
         # The enricher's answer first: it improves as container metadata arrives.
         info = self.process_info(pid)
         if info is not None:
@@ -266,6 +280,7 @@ class Pipeline:
 
     def on_records(self, batch: list) -> None:
         self.counters["records"] += len(batch)
+        self._answered = {}
         for r in batch:
             kind = type(r)
             try:
@@ -292,6 +307,7 @@ class Pipeline:
                     self.counters["cgroup_ids_evicted"] = self.cgroups.evicted
             except Exception:  # a bug shown by one record must not lose the rest of the batch
                 self._record_failed()
+        self._answered = None
 
     def _record_failed(self) -> None:
         n = self.counters["record_errors"] = self.counters["record_errors"] + 1
@@ -302,6 +318,8 @@ class Pipeline:
         if r.pid == self.own_pid:
             return
         self.processes.pop(r.pid, None)
+        if self._answered:
+            self._answered.pop(r.pid, None)
         self.forget_process(r.pid)
         if r.process is not None:  # read at exec, by the ring reader: the process may be gone now
             self.remember_process(r.process)
@@ -337,6 +355,8 @@ class Pipeline:
         if r.pid == self.own_pid:
             return
         info = self.processes.pop(r.pid, None)
+        if self._answered:
+            self._answered.pop(r.pid, None)
         self.forget_process(r.pid)
         for key in [k for k in self.conns if k[0] == r.pid]:
             self._finish(self.conns.pop(key), r.ts_ns)

@@ -818,3 +818,43 @@ def test_a_killed_process_read_again_keeps_the_executable_it_had():
                                    (4_500, 0.005), (41_250_400, 41.25), (1_999_999_999, 2000.0)])
 def test_durations_are_milliseconds_to_the_microsecond_rounded_half_up(ns, ms):
     assert pipeline_mod._ms(ns) == ms
+
+
+def keepalive_exchanges(n, pid=100, fd=5):
+    """``n`` request/response pairs on one TLS connection."""
+    out, sent, got = [rec.SocketConnect(pid, fd, 1_000, EP_S), rec.SocketAddress(pid, fd, EP_C, EP_S, 1_100)], 0, 0
+    for i in range(n):
+        out += [rec.DataChunk(pid, pid, fd, 2_000 + i * 10_000, "egress", "openssl", sent, REQ, tls_ref=0xabc),
+                rec.DataChunk(pid, pid, fd, 7_000 + i * 10_000, "ingress", "openssl", got, RESP, tls_ref=0xabc)]
+        sent, got = sent + len(REQ), got + len(RESP)
+    return out
+
+
+def test_a_batch_asks_the_enricher_about_a_process_once_and_the_next_batch_again():
+    asked = []
+
+    def process_info(pid):
+        asked.append(pid)
+        return {100: CURL}.get(pid)
+    out = []
+    p = Pipeline(Config(), out.append, process_info, own_pid=1, own_port=10001)
+    p.on_records(keepalive_exchanges(5))
+    assert types(out).count("request.http_transaction") == 5 and asked == [100]
+    p.on_records(keepalive_exchanges(1, fd=6))
+    assert asked == [100, 100]
+
+
+def test_an_exec_in_the_middle_of_a_batch_names_the_new_program_in_the_transactions_after_it():
+    current = {100: CURL}
+    python = ProcessInfo(pid=100, ppid=1, exe="/usr/bin/python3", binary="python3", cmdline="python3", uid=0,
+                         user="root", hostname="box", start_time_ns=1)
+    out = []
+    # The exec switches what /proc says as the pipeline reaches its record (it
+    # tells the enricher to forget the pid then).
+    # Rendered as emitted, as the publisher does (the connection object lives on).
+    p = Pipeline(Config(), lambda e: out.append(e.envelope()), lambda pid: current.get(pid), own_pid=1,
+                 own_port=10001, forget_process=lambda pid: current.update({100: python}))
+    exchanges = keepalive_exchanges(2)
+    p.on_records([*exchanges[:4], rec.ProcessExec(100, 9_000, "/usr/bin/python3", "python3"), *exchanges[4:]])
+    exes = [e.inner["summary"]["process_exe"] for e in out if e.type == "request.http_transaction"]
+    assert exes == ["/usr/bin/curl", "/usr/bin/python3"]
