@@ -697,15 +697,19 @@ class HttpTransaction(Event):
             out["informational"] = list(self.informational)
         return out
 
+    def encoded(self) -> str:
+        """The base64 of the transaction's JSON: the event's ``data.data``."""
+        return b64(orjson.dumps(self.transaction_json()))
+
     def payload(self) -> dict:
-        return self._payload(b64(orjson.dumps(self.transaction_json())))
+        return self._payload(self.encoded())
 
     def envelope(self) -> Envelope:
         """The same frame as ``Envelope.of`` makes of :meth:`payload`, spliced:
         the base64 transaction is most of it and needs no JSON escaping (nor
         json_line's grep guard: its alphabet has no dot), so the JSON around
         it is serialized alone and the base64 copied in once."""
-        encoded = b64(orjson.dumps(self.transaction_json()))
+        encoded = self.encoded()
         payload = self._payload("")
         body = {"data": payload, "ts": rfc3339(self.ts_ns)}
         line = json_line(body)

@@ -18,6 +18,9 @@ import re
 from bisect import bisect_right
 from typing import Final, Protocol
 
+# Module constants are Final throughout the compiled modules: mypyc then
+# inlines them (or keeps them in C statics) instead of a dictionary lookup of
+# the module's globals at every use, several per message here.
 MAX_HEAD: Final = 64 * 1024  # header section, start line included
 # Reads whose timestamps a held buffer keeps apart. Past it (a head, or what
 # follows an unanswered Upgrade, trickled in tiny reads: 1 MB a byte at a
@@ -50,10 +53,6 @@ START_LINE_AT: Final = {
 # A regex search from every position was the agent's hottest loop when a capture
 # gap left it seeking through megabytes of body.
 START_MARK: Final = b"HTTP/1."
-
-# Module constants are Final throughout the compiled modules: mypyc then
-# inlines them (or keeps them in C statics) instead of a dictionary lookup of
-# the module's globals at every use, several per message here.
 
 # Reader states.
 HEAD: Final = 0
