@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import base64
+import os
+import subprocess
+import sys
 
 import pytest
 from hypothesis import given, settings
@@ -46,9 +49,6 @@ def test_this_machine_encodes_with_ssse3():
 
 def test_the_table_loop_alone_matches_binascii_too():
     # QTAP_B64_SCALAR turns the SSSE3 steps off at import: the path a CPU without them takes.
-    import os
-    import subprocess
-    import sys
     code = ("import binascii, random\nfrom qtap_devtools import _b64\nassert not _b64.simd()\n"
             "rng = random.Random(7)\nfor n in [*range(64), 4096, 5001]:\n"
             "    d = rng.randbytes(n)\n    assert _b64.encode(d) == binascii.b2a_base64(d, newline=False).decode(), n\n")

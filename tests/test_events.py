@@ -162,7 +162,6 @@ def test_captured_text_naming_the_transaction_event_cannot_fool_the_recipes_grep
     assert orjson.loads(data_line[6:])["data"]["cmdline"] == "grep request.http_transaction -A1"
 
 
-
 SPLICE_BAIT = '"type":"http_transaction","data":""'
 
 
