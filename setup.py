@@ -10,7 +10,7 @@ FLAGS = ["-O2", "-Wall", "-Werror=implicit-function-declaration"]
 
 extensions = [
     Extension(f"qtap_devtools.{name.replace('/', '.')}", [f"qtap_devtools/{name}.c"],
-              depends=["qtap_devtools/_capi.h"], extra_compile_args=FLAGS)
+              depends=[f"qtap_devtools/{h}" for h in compiled["C_HEADERS"]], extra_compile_args=FLAGS)
     for name in compiled["C_PARTS"]
 ] + mypycify(
     # Type-check only what is compiled: the rest of the package imports

@@ -10,39 +10,7 @@
  */
 #include "_capi.h"
 
-#include <immintrin.h>
-
-static const char ALPHABET[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-static char pairs[4096][2];  /* 12 bits -> their two characters */
-static int have_ssse3;
-
-/* 12 bytes -> 16 characters per step, SSSE3 (W. Mula and D. Lemire, "Faster
- * Base64 Encoding and Decoding Using AVX2 Instructions", 2018, at 128 bits).
- * A transaction's JSON is ~2 KB: the table loop took ~4.5 instructions a
- * byte, this ~1.  Each step loads 16 bytes and uses 12, so it stops while 16
- * remain; the table loop does the rest.  Returns the input bytes consumed. */
-__attribute__((target("ssse3")))
-static Py_ssize_t encode_ssse3(const unsigned char *s, Py_ssize_t n, Py_UCS1 *d) {
-    /* each 3 input bytes spread over a 32-bit lane as bytes 1,0,2,1 */
-    const __m128i spread = _mm_setr_epi8(1, 0, 2, 1, 4, 3, 5, 4, 7, 6, 8, 7, 10, 9, 11, 10);
-    /* '+' and '/' offsets sit at 11/12 of the table, A-Z at 13 */
-    const __m128i offsets = _mm_setr_epi8('a' - 26, '0' - 52, '0' - 52, '0' - 52, '0' - 52, '0' - 52,
-                                          '0' - 52, '0' - 52, '0' - 52, '0' - 52, '0' - 52, '+' - 62,
-                                          '/' - 63, 'A', 0, 0);
-    Py_ssize_t i = 0;
-    for (; i + 16 <= n; i += 12, d += 16) {
-        __m128i in = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(s + i)), spread);
-        /* the four 6-bit indices of each lane into its four bytes */
-        __m128i hi = _mm_mulhi_epu16(_mm_and_si128(in, _mm_set1_epi32(0x0fc0fc00)), _mm_set1_epi32(0x04000040));
-        __m128i lo = _mm_mullo_epi16(_mm_and_si128(in, _mm_set1_epi32(0x003f03f0)), _mm_set1_epi32(0x01000010));
-        __m128i idx = _mm_or_si128(hi, lo);
-        /* index -> which offset: 0-25 -> 13, 26-51 -> 0, 52-61 -> 1-10, 62 -> 11, 63 -> 12 */
-        __m128i which = _mm_subs_epu8(idx, _mm_set1_epi8(51));
-        which = _mm_or_si128(which, _mm_and_si128(_mm_cmpgt_epi8(_mm_set1_epi8(26), idx), _mm_set1_epi8(13)));
-        _mm_storeu_si128((__m128i *)d, _mm_add_epi8(idx, _mm_shuffle_epi8(offsets, which)));
-    }
-    return i;
-}
+#include "_b64enc.h"
 
 static PyObject *encode(PyObject *Py_UNUSED(module), PyObject *arg) {
     Py_buffer view;
@@ -53,33 +21,18 @@ static PyObject *encode(PyObject *Py_UNUSED(module), PyObject *arg) {
         PyBuffer_Release(&view);
         return PyErr_NoMemory();
     }
-    PyObject *out = PyUnicode_New((n + 2) / 3 * 4, 127);
+    PyObject *out = PyUnicode_New(b64_size(n), 127);
     if (out == NULL) {
         PyBuffer_Release(&view);
         return NULL;
     }
-    const unsigned char *s = view.buf;
-    Py_UCS1 *d = PyUnicode_1BYTE_DATA(out);
-    Py_ssize_t i = have_ssse3 ? encode_ssse3(s, n, d) : 0;
-    d += i / 3 * 4;
-    for (; i + 3 <= n; i += 3, d += 4) {
-        unsigned v = (unsigned)s[i] << 16 | (unsigned)s[i + 1] << 8 | s[i + 2];
-        memcpy(d, pairs[v >> 12], 2);
-        memcpy(d + 2, pairs[v & 0xfff], 2);
-    }
-    if (i < n) {
-        unsigned v = (unsigned)s[i] << 16 | (i + 1 < n ? (unsigned)s[i + 1] << 8 : 0);
-        d[0] = ALPHABET[v >> 18];
-        d[1] = ALPHABET[v >> 12 & 63];
-        d[2] = i + 1 < n ? ALPHABET[v >> 6 & 63] : '=';
-        d[3] = '=';
-    }
+    b64_encode(view.buf, n, PyUnicode_1BYTE_DATA(out));
     PyBuffer_Release(&view);
     return out;
 }
 
 static PyObject *simd(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(arg)) {
-    return PyBool_FromLong(have_ssse3);
+    return PyBool_FromLong(b64_have_ssse3);
 }
 
 static PyMethodDef methods[] = {
@@ -91,11 +44,6 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_b64", NULL, -1, methods};
 
 PyMODINIT_FUNC PyInit__b64(void) {
-    __builtin_cpu_init();
-    have_ssse3 = getenv("QTAP_B64_SCALAR") == NULL && __builtin_cpu_supports("ssse3");
-    for (int j = 0; j < 4096; j++) {
-        pairs[j][0] = ALPHABET[j >> 6];
-        pairs[j][1] = ALPHABET[j & 63];
-    }
+    b64enc_init();
     return PyModule_Create(&module);
 }

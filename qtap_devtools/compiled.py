@@ -29,7 +29,9 @@ from pathlib import Path
 from typing import Mapping
 
 PACKAGE = Path(__file__).resolve().parent
-C_PARTS = {"assemble/_headparse": "head parser", "capture/_ringread": "ring reader", "_b64": "base64 encoder"}
+C_PARTS = {"assemble/_headparse": "head parser", "capture/_ringread": "ring reader", "_b64": "base64 encoder",
+           "_jsonw": "JSON writer"}
+C_HEADERS = ("_capi.h", "_b64enc.h")  # in the package's top directory, shared by the C parts
 MYPYC_MODULES = (
     "assemble/http1_parse", "assemble/http1", "assemble/http2", "assemble/offsets", "assemble/hpack_decode", "assemble/model",
     "assemble/body",
@@ -41,7 +43,7 @@ SUFFIX = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
 
 def _sources(name: str) -> list[Path]:
     if name in C_PARTS:
-        return [PACKAGE / f"{name}.c", PACKAGE / "_capi.h"]
+        return [PACKAGE / f"{name}.c", *(PACKAGE / h for h in C_HEADERS)]
     return [PACKAGE / f"{name}.py"]
 
 

@@ -93,6 +93,11 @@ except ImportError:  # not built: correct, slower
 _small_b64: Final = b64_py if _b64 is None else _b64.encode
 B64_SIMD_BYTES: Final = 16384
 
+try:  # orjson's output for what events hold, and a transaction's frame in one pass
+    from qtap_devtools import _jsonw  # type: ignore[attr-defined]
+except ImportError:  # not built: orjson's path
+    _jsonw = None
+
 
 def b64(data: bytes) -> str:
     # pybase64 (SIMD) releases the GIL on every call: worth it for a large
@@ -196,7 +201,8 @@ def json_line(body: Mapping[str, Any]) -> bytes:
     dot is written as the JSON escape ``\\u002e``: the same string to every
     JSON parser, invisible to grep.  Only ``event:`` lines carry the literal.
     """
-    return orjson.dumps(body).replace(_TX_TYPE, _TX_TYPE_ESCAPED)
+    line = None if _jsonw is None else _jsonw.line(body)
+    return orjson.dumps(body).replace(_TX_TYPE, _TX_TYPE_ESCAPED) if line is None else line
 
 
 def sse_frame(type_: str, json_line: bytes) -> bytes:
@@ -535,23 +541,131 @@ class HttpMessage:
         self.body_decode_error = body_decode_error
         self.trailers = trailers
 
-    def json_into(self, out: dict) -> dict:
-        """Add this message's fields to ``out`` (a request or response object)."""
-        body = self.body
-        out["content_type"] = self.content_type
-        headers = self.headers
-        out["headers"] = headers if type(headers) is dict else dict(headers)  # the pipeline's own dict: no copy
-        out["body"] = b64(body)
-        out["body_size"] = self.body_size
-        out["body_captured"] = len(body)
-        out["body_truncated"] = self.body_truncated
-        if self.content_encoding:
-            out["content_encoding"] = self.content_encoding
-        if self.body_decode_error:
-            out["body_decode_error"] = self.body_decode_error
-        if self.trailers:
-            out["trailers"] = dict(self.trailers)
-        return out
+    def values(self) -> list[Any]:
+        """This message's values in ``_MESSAGE_SLOTS`` order."""
+        headers, trailers = self.headers, self.trailers
+        return [
+            self.content_type,
+            headers if type(headers) is dict else dict(headers),  # the pipeline's own dict: no copy
+            self.body,
+            self.body_size,
+            len(self.body),
+            self.body_truncated,
+            self.content_encoding or None,
+            self.body_decode_error or None,
+            (trailers if type(trailers) is dict else dict(trailers)) if trailers else None,
+        ]
+
+
+# --------------------------------------------------------------------------
+# A transaction's JSON, slot by slot
+#
+# Each slot is a dotted key path, in the order the keys are written; "?" marks
+# a key written only when its value is not None, ":b64" a bytes value written
+# as base64.  transaction_json builds the dicts from a transaction's values;
+# _jsonw writes the same bytes straight from them (no dicts), for the frame.
+
+_MESSAGE_SLOTS: Final = ("content_type", "headers", "body:b64", "body_size", "body_captured", "body_truncated",
+                         "content_encoding?", "body_decode_error?", "trailers?")
+
+
+def _tx_layout(response: bool) -> tuple[str, ...]:
+    return (
+        *(f"metadata.{k}" for k in (
+            "process_id", "process_exe", "container_name", "container_image", "bytes_sent", "bytes_received",
+            "connection_id", "endpoint_id", "container_id", "pod_name", "pod_namespace", "user", "hostname",
+            "tls_version", "tls_library", "local_address", "remote_address")),
+        *(f"request.{k}" for k in (
+            "method", "url", "scheme", "path", "authority", "protocol", "http_version", "user_agent", *_MESSAGE_SLOTS)),
+        *((f"response.{k}" for k in ("status", "reason", "http_version", *_MESSAGE_SLOTS)) if response else ("response",)),
+        # Whole milliseconds, as the seed (typed clients read an integer); the precise figure is duration_us.
+        "duration_ms", "duration_us", "direction", "started_at", "timing",
+        # Flags only when set (most transactions have none).
+        "error?", "partial?", "incomplete?", "upgraded?", "shed?", "informational?",
+    )
+
+
+# A slot parsed: the path of objects it is in, its key, optional, base64.
+_Slot = tuple[tuple[str, ...], str, bool, bool]
+
+
+def _parse(layout: tuple[str, ...]) -> list[_Slot]:
+    out = []
+    for slot in layout:
+        optional = slot.endswith("?")
+        name = slot.rstrip("?")
+        base64 = name.endswith(":b64")
+        *path, key = name.removesuffix(":b64").split(".")
+        out.append((tuple(path), key, optional, base64))
+    return out
+
+
+LITERAL: Final = 0  # the template's slot kinds, as _jsonw.c names them
+VALUE: Final = 1
+OPTIONAL: Final = 2
+BASE64: Final = 3
+
+
+def _compile(slots: list[_Slot]) -> tuple[tuple[bytes, ...], bytes]:
+    """The JSON text before each value (with the kind of value), and after the last."""
+    prefixes: list[bytes] = []
+    kinds = bytearray()
+    at: tuple[str, ...] = ()  # the object path we are in
+    text, first = "{", True  # literal text not yet placed; at the first key of the object
+    for path, key, optional, base64 in slots:
+        common = 0
+        while common < min(len(at), len(path)) and at[common] == path[common]:
+            common += 1
+        if len(at) > common:
+            text += "}" * (len(at) - common)
+            first = False
+        for name in path[common:]:
+            text += ("" if first else ",") + orjson.dumps(name).decode() + ":{"
+            first = True
+        at = path
+        key_text = ("" if first else ",") + orjson.dumps(key).decode() + ":"
+        if optional:
+            # Skipped with its value: so it carries no structure, and is never
+            # first in its object (the next key's comma assumes a key before it).
+            assert not first and not base64, key
+            if text:
+                prefixes.append(text.encode())
+                kinds.append(LITERAL)
+            prefixes.append(key_text.encode())
+            kinds.append(OPTIONAL)
+            text = ""
+        else:
+            prefixes.append((text + key_text).encode())
+            kinds.append(BASE64 if base64 else VALUE)
+            text = ""
+        first = False
+    prefixes.append(("}" * len(at) + "}").encode())
+    kinds.append(LITERAL)
+    return tuple(prefixes), bytes(kinds)
+
+
+def _unflatten(slots: list[_Slot], values: list[Any]) -> dict:
+    out: dict[str, Any] = {}
+    for (path, key, optional, base64), value in zip(slots, values):
+        if optional and value is None:
+            continue
+        d = out
+        for name in path:
+            inner = d.get(name)
+            if inner is None:
+                inner = d[name] = {}
+            d = inner
+        d[key] = b64(value) if base64 else value
+    return out
+
+
+_TX_SLOTS: Final = _parse(_tx_layout(True))
+_TX_SLOTS_NO_RESPONSE: Final = _parse(_tx_layout(False))
+_TX_TEMPLATE: Final = _compile(_TX_SLOTS)
+_TX_TEMPLATE_NO_RESPONSE: Final = _compile(_TX_SLOTS_NO_RESPONSE)
+_TX_HEAD: Final = b"event: " + HTTP_TRANSACTION.encode() + b"\ndata: "
+_FRAME_BODY_BYTES: Final = 8192  # past this, bodies go the path whose base64 lets the GIL go (b64)
+_SPLICE: Final = "".join(["<splice", ">"])  # made at run time: no captured str is this object
 
 
 @dataclass(slots=True)
@@ -628,74 +742,67 @@ class HttpTransaction(Event):
         # OPTIONS *: the target URI has an empty path (RFC 9112 §3.2.4).
         return f"{self.scheme}://{self.authority}{self.path if self.path != '*' else ''}"
 
-    def transaction_json(self) -> dict:
-        """The full transaction: the base64 ``data`` field of the event."""
+    def values(self) -> list[Any]:
+        """The transaction JSON's values in ``_tx_layout(self.response is not None)`` order."""
         c = self.connection
         p = c.process
         container = p.container if p else None
         pod = p.pod if p else None
         local, remote = c.local, c.remote
-        metadata = {
-            "process_id": str(c.pid),
-            "process_exe": p.exe if p else None,
-            "container_name": container.name if container else None,
-            "container_image": container.image if container else None,
-            "bytes_sent": self.bytes_sent,
-            "bytes_received": self.bytes_received,
-            "connection_id": c.connection_id,
-            "endpoint_id": c.resolve_endpoint(),
-            "container_id": container.short_id if container else None,
-            "pod_name": pod.name if pod else None,
-            "pod_namespace": pod.namespace if pod else None,
-            "user": (p.user or None) if p else None,
-            "hostname": p.hostname if p else None,
-            "tls_version": c.tls_version,
-            "tls_library": c.tls_libraries[0] if c.tls_libraries else None,
-            "local_address": {"ip": local.ip, "port": local.port} if local else None,
-            "remote_address": {"ip": remote.ip, "port": remote.port} if remote else None,
-        }
         req = self.request
-        request = {
-            "method": self.method,
-            "url": self.url,
-            "scheme": self.scheme,
-            "path": self.path,
-            "authority": self.authority,
-            "protocol": "http2" if self.http_version == "HTTP/2" else "http1",
-            "http_version": self.http_version,
-            "user_agent": self.user_agent if self.user_agent is not None else header(req.headers, "user-agent"),
-        }
-        req.json_into(request)
-        out: dict[str, Any] = {
-            "metadata": metadata,
-            "request": request,
-            "response": None,
-            # Whole milliseconds, as the seed (typed clients read an integer);
-            # the precise figure is duration_us.
-            "duration_ms": round(self.duration_ms),
-            "duration_us": round(self.duration_ms * 1000),
-            "direction": c.direction,
-            "started_at": rfc3339(self.start_ns),
-            "timing": self.timing if type(self.timing) is dict else dict(self.timing),
-        }
-        if self.response is not None:
-            response = {"status": self.status, "reason": self.reason, "http_version": self.response_version}
-            self.response.json_into(response)
-            out["response"] = response
-        # Flags only when set (most transactions have none).
-        if self.error:
-            out["error"] = self.error
-        if self.partial:
-            out["partial"] = True
-        if self.incomplete:
-            out["incomplete"] = True
-        if self.upgraded:
-            out["upgraded"] = True
-        if self.shed:
-            out["shed"] = True
-        if self.informational:
-            out["informational"] = list(self.informational)
-        return out
+        values: list[Any] = [
+            str(c.pid),
+            p.exe if p else None,
+            container.name if container else None,
+            container.image if container else None,
+            self.bytes_sent,
+            self.bytes_received,
+            c.connection_id,
+            c.resolve_endpoint(),
+            container.short_id if container else None,
+            pod.name if pod else None,
+            pod.namespace if pod else None,
+            (p.user or None) if p else None,
+            p.hostname if p else None,
+            c.tls_version,
+            c.tls_libraries[0] if c.tls_libraries else None,
+            {"ip": local.ip, "port": local.port} if local else None,
+            {"ip": remote.ip, "port": remote.port} if remote else None,
+            self.method,
+            self.url,
+            self.scheme,
+            self.path,
+            self.authority,
+            "http2" if self.http_version == "HTTP/2" else "http1",
+            self.http_version,
+            self.user_agent if self.user_agent is not None else header(req.headers, "user-agent"),
+        ]
+        values += req.values()
+        response = self.response
+        if response is None:
+            values.append(None)
+        else:
+            values += (self.status, self.reason, self.response_version)
+            values += response.values()
+        timing = self.timing
+        values += (
+            round(self.duration_ms),
+            round(self.duration_ms * 1000),
+            c.direction,
+            rfc3339(self.start_ns),
+            timing if type(timing) is dict else dict(timing),
+            self.error or None,
+            True if self.partial else None,
+            True if self.incomplete else None,
+            True if self.upgraded else None,
+            True if self.shed else None,
+            list(self.informational) if self.informational else None,
+        )
+        return values
+
+    def transaction_json(self) -> dict:
+        """The full transaction: the base64 ``data`` field of the event."""
+        return _unflatten(_TX_SLOTS if self.response is not None else _TX_SLOTS_NO_RESPONSE, self.values())
 
     def encoded(self) -> str:
         """The base64 of the transaction's JSON: the event's ``data.data``."""
@@ -705,10 +812,25 @@ class HttpTransaction(Event):
         return self._payload(self.encoded())
 
     def envelope(self) -> Envelope:
-        """The same frame as ``Envelope.of`` makes of :meth:`payload`, spliced:
-        the base64 transaction is most of it and needs no JSON escaping (nor
-        json_line's grep guard: its alphabet has no dot), so the JSON around
-        it is serialized alone and the base64 copied in once."""
+        """The same frame as ``Envelope.of`` makes of :meth:`payload`, made in
+        one pass by ``_jsonw`` where it can (see _jsonw.c), else spliced."""
+        response = self.response
+        if _jsonw is not None and len(self.request.body) + (len(response.body) if response else 0) <= _FRAME_BODY_BYTES:
+            payload = self._payload(_SPLICE)
+            body = {"data": payload, "ts": rfc3339(self.ts_ns)}
+            prefixes, kinds = _TX_TEMPLATE if response is not None else _TX_TEMPLATE_NO_RESPONSE
+            made = _jsonw.tx_frame(_TX_HEAD, prefixes, kinds, self.values(), body, _SPLICE)
+            if made is not None:
+                frame, encoded = made
+                payload["data"]["data"] = encoded
+                return Envelope(HTTP_TRANSACTION, body, frame, self.ts_ns)
+        return self._spliced()
+
+    def _spliced(self) -> Envelope:
+        """The frame from orjson's output: the base64 transaction is most of
+        it and needs no JSON escaping (nor json_line's grep guard: its
+        alphabet has no dot), so the JSON around it is serialized alone and
+        the base64 copied in once."""
         encoded = self.encoded()
         payload = self._payload("")
         body = {"data": payload, "ts": rfc3339(self.ts_ns)}
