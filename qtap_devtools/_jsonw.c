@@ -113,6 +113,8 @@ static inline __attribute__((always_inline)) char *w_latin1(char *d, unsigned c)
 }
 
 static int w_str(buf_t *b, PyObject *s) {
+    if (PyUnicode_READY(s) < 0) /* a legacy str some extension made: its data, made now */
+        return -1;
     Py_ssize_t n = PyUnicode_GET_LENGTH(s);
     if (n > (PY_SSIZE_T_MAX - 18) / 6) {
         PyErr_NoMemory();

@@ -75,6 +75,19 @@ def test_declines_what_it_would_write_otherwise(value):
     assert _jsonw.line(value) is None
 
 
+def test_every_length_with_an_escape_or_a_wide_character_at_every_place():
+    # The writer copies 16 characters at a time and stops at the first that
+    # needs more than a copy; a string's last run may read past its end
+    # (masked off).  So: each length around those sizes, each place.
+    texts = ["a" * n for n in range(40)]
+    for n in range(1, 40):
+        for at in range(n):
+            for odd in ('"', "\\", "\n", "\x01", "\x7f", "é", "€", "😀"):
+                texts.append("a" * at + odd + "b" * (n - at - 1))
+    assert _jsonw.line(texts) == orjson_line(texts)
+    assert _jsonw.line({t: t for t in texts}) == orjson_line({t: t for t in texts})
+
+
 def test_declines_nesting_deeper_than_events_go():
     deep: list = []
     for _ in range(100):
