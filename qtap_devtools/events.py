@@ -187,7 +187,8 @@ class Envelope:
 
 _TX_TYPE: Final = HTTP_TRANSACTION.encode()
 _TX_TYPE_ESCAPED: Final = HTTP_TRANSACTION.replace(".", "\\u002e").encode()
-_SPLICE_AT: Final = b'"type":"http_transaction","data":""'  # see HttpTransaction.envelope
+_TX_HEAD: Final = b"event: " + _TX_TYPE + b"\ndata: "  # a transaction's frame up to its JSON
+_SPLICE_AT: Final = b'"type":"http_transaction","data":""'  # see HttpTransaction._spliced
 
 
 def json_line(body: Mapping[str, Any]) -> bytes:
@@ -663,7 +664,6 @@ _TX_SLOTS: Final = _parse(_tx_layout(True))
 _TX_SLOTS_NO_RESPONSE: Final = _parse(_tx_layout(False))
 _TX_TEMPLATE: Final = _compile(_TX_SLOTS)
 _TX_TEMPLATE_NO_RESPONSE: Final = _compile(_TX_SLOTS_NO_RESPONSE)
-_TX_HEAD: Final = b"event: " + HTTP_TRANSACTION.encode() + b"\ndata: "
 _FRAME_BODY_BYTES: Final = 8192  # past this, bodies go the path whose base64 lets the GIL go (b64)
 _SPLICE: Final = "".join(["<splice", ">"])  # made at run time: no captured str is this object
 
@@ -839,7 +839,7 @@ class HttpTransaction(Event):
         # quote is escaped, so this run of quotes cannot occur in one.
         at = line.index(_SPLICE_AT) + len(_SPLICE_AT) - 1
         payload["data"]["data"] = encoded
-        frame = b"".join((b"event: ", _TX_TYPE, b"\ndata: ", line[:at], encoded.encode("ascii"), line[at:], b"\n\n"))
+        frame = b"".join((_TX_HEAD, line[:at], encoded.encode("ascii"), line[at:], b"\n\n"))
         return Envelope(HTTP_TRANSACTION, body, frame, self.ts_ns)
 
     def _payload(self, encoded: str) -> dict:
