@@ -34,8 +34,8 @@ def container(tmp_path: Path):
             os._exit(0)
     try:
         deadline = time.monotonic() + 10
-        while os.readlink(f"/proc/{pid}/root") != "/" and time.monotonic() < deadline:
-            time.sleep(0.01)  # chrooted: its root link reads "/"
+        while os.readlink(f"/proc/{pid}/root") != str(root) and time.monotonic() < deadline:
+            time.sleep(0.01)  # until chrooted: its root link reads "/" before, its new root after
         yield pid, root
     finally:
         os.kill(pid, signal.SIGKILL)
