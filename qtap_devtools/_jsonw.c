@@ -5,8 +5,9 @@
  * The transaction's JSON was built as ~60 dict entries, serialized by orjson,
  * base64-encoded into a str, and that str serialized again inside the event.
  * Here the transaction's JSON is written from a flat list of values along a
- * template (events._TX_LAYOUT), base64-encoded straight into the frame, and
- * the event around it written from its dict.
+ * template (events._tx_layout), and the event around it from another list
+ * along its own template (events._EVENT_LAYOUT), the first's base64 encoded
+ * straight into the second's splice slot: no dicts are built at all.
  *
  * Exactness: this writes only what it writes the way orjson does (compact;
  * the same escapes; floats as repr, which orjson matches when repr has no
@@ -27,7 +28,7 @@
 #define UNSUPPORTED 1 /* returned up the walk: not written, take orjson's path */
 #define MAX_DEPTH 64  /* orjson's limit is 255; deeper than ours is a capture file's: its path */
 
-enum { LITERAL = 0, VALUE = 1, OPTIONAL = 2, BASE64 = 3 }; /* template slot kinds: events._compile */
+enum { LITERAL = 0, VALUE = 1, OPTIONAL = 2, BASE64 = 3, SPLICE = 4 }; /* template slot kinds: events._compile */
 
 typedef struct {
     char *p;
@@ -232,15 +233,6 @@ static int w_float(buf_t *b, PyObject *o) {
     return rc;
 }
 
-typedef struct {
-    buf_t *b;
-    PyObject *splice;         /* where the base64 goes, by identity; NULL: none */
-    const unsigned char *src; /* what goes there */
-    Py_ssize_t src_len;
-    PyObject *encoded; /* the base64 as a str, once written */
-    Py_ssize_t at;     /* where in the buffer */
-} walk_t;
-
 static int w_base64(buf_t *b, const unsigned char *s, Py_ssize_t n) {
     if (n > PY_SSIZE_T_MAX / 4 * 3 - 6) {
         PyErr_NoMemory();
@@ -256,10 +248,9 @@ static int w_base64(buf_t *b, const unsigned char *s, Py_ssize_t n) {
     return 0;
 }
 
-static int w_value(walk_t *w, PyObject *o, int depth);
+static int w_value(buf_t *b, PyObject *o, int depth);
 
-static int w_dict(walk_t *w, PyObject *o, int depth) {
-    buf_t *b = w->b;
+static int w_dict(buf_t *b, PyObject *o, int depth) {
     Py_ssize_t pos = 0;
     PyObject *k, *v;
     int rc, first = 1;
@@ -271,45 +262,28 @@ static int w_dict(walk_t *w, PyObject *o, int depth) {
         if (!first && put(b, ",", 1) < 0)
             return -1;
         first = 0;
-        if ((rc = w_str(b, k)) != 0 || (rc = put(b, ":", 1)) != 0 || (rc = w_value(w, v, depth)) != 0)
+        if ((rc = w_str(b, k)) != 0 || (rc = put(b, ":", 1)) != 0 || (rc = w_value(b, v, depth)) != 0)
             return rc;
     }
     return put(b, "}", 1);
 }
 
-static int w_items(walk_t *w, PyObject **items, Py_ssize_t n, int depth) {
-    buf_t *b = w->b;
+static int w_items(buf_t *b, PyObject **items, Py_ssize_t n, int depth) {
     int rc;
     if (put(b, "[", 1) < 0)
         return -1;
     for (Py_ssize_t i = 0; i < n; i++) {
         if (i && put(b, ",", 1) < 0)
             return -1;
-        if ((rc = w_value(w, items[i], depth)) != 0)
+        if ((rc = w_value(b, items[i], depth)) != 0)
             return rc;
     }
     return put(b, "]", 1);
 }
 
-/* The splice point: the base64 of w->src, kept as a str too. */
-static int w_splice(walk_t *w) {
-    buf_t *b = w->b;
-    if (w->encoded != NULL)
-        return UNSUPPORTED; /* twice: not a body we make */
-    Py_ssize_t at = w->at = b->len + 1;
-    if (w_base64(b, w->src, w->src_len) < 0)
-        return -1;
-    Py_ssize_t n = b->len - 1 - at;
-    if ((w->encoded = PyUnicode_New(n, 127)) == NULL)
-        return -1;
-    memcpy(PyUnicode_1BYTE_DATA(w->encoded), b->p + at, n);
-    return 0;
-}
-
-static int w_value(walk_t *w, PyObject *o, int depth) {
-    buf_t *b = w->b;
+static int w_value(buf_t *b, PyObject *o, int depth) {
     if (PyUnicode_CheckExact(o))
-        return o == w->splice ? w_splice(w) : w_str(b, o);
+        return w_str(b, o);
     if (o == Py_None)
         return put(b, "null", 4);
     if (PyLong_CheckExact(o))
@@ -323,11 +297,11 @@ static int w_value(walk_t *w, PyObject *o, int depth) {
     if (depth >= MAX_DEPTH)
         return UNSUPPORTED;
     if (PyDict_CheckExact(o))
-        return w_dict(w, o, depth + 1);
+        return w_dict(b, o, depth + 1);
     if (PyList_CheckExact(o))
-        return w_items(w, ((PyListObject *)o)->ob_item, PyList_GET_SIZE(o), depth + 1);
+        return w_items(b, ((PyListObject *)o)->ob_item, PyList_GET_SIZE(o), depth + 1);
     if (PyTuple_CheckExact(o))
-        return w_items(w, ((PyTupleObject *)o)->ob_item, PyTuple_GET_SIZE(o), depth + 1);
+        return w_items(b, ((PyTupleObject *)o)->ob_item, PyTuple_GET_SIZE(o), depth + 1);
     return UNSUPPORTED;
 }
 
@@ -389,20 +363,21 @@ static PyObject *answer(buf_t *b, int rc) {
 static PyObject *line(PyObject *Py_UNUSED(module), PyObject *o) {
     buf_t b;
     buf_init(&b);
-    walk_t w = {&b, NULL, NULL, 0, NULL, 0};
-    int rc = w_value(&w, o, 0);
+    int rc = w_value(&b, o, 0);
     if (rc == 0)
         rc = guard(&b, 0, b.len, b.len);
     return answer(&b, rc);
 }
 
-/* The template's slots in order; a value is taken for each but a LITERAL. */
-static int w_template(buf_t *b, PyObject *prefixes, PyObject *kinds, PyObject *values) {
+/* The template's slots in order; a value is taken for each but a LITERAL.  A
+ * SPLICE slot's value is not read: the base64 of src goes there, its first
+ * character at *at (one SPLICE at most, and only where src is given). */
+static int w_template(buf_t *b, PyObject *prefixes, PyObject *kinds, PyObject *values, const unsigned char *src,
+                      Py_ssize_t src_len, Py_ssize_t *at) {
     Py_ssize_t slots = PyTuple_GET_SIZE(prefixes);
     PyObject **items = PySequence_Fast_ITEMS(values);
     Py_ssize_t n = PySequence_Fast_GET_SIZE(values), taken = 0;
     const char *kind = PyBytes_AS_STRING(kinds);
-    walk_t w = {b, NULL, NULL, 0, NULL, 0};
     for (Py_ssize_t i = 0; i < slots; i++) {
         PyObject *prefix = PyTuple_GET_ITEM(prefixes, i), *v = NULL;
         int rc;
@@ -423,8 +398,15 @@ static int w_template(buf_t *b, PyObject *prefixes, PyObject *kinds, PyObject *v
             if (!PyBytes_CheckExact(v))
                 return UNSUPPORTED;
             rc = w_base64(b, (const unsigned char *)PyBytes_AS_STRING(v), PyBytes_GET_SIZE(v));
+        } else if (kind[i] == SPLICE) {
+            if (src == NULL || *at >= 0) {
+                PyErr_SetString(PyExc_ValueError, "a splice slot where none is expected, or a second one");
+                return -1;
+            }
+            *at = b->len + 1; /* past the opening quote */
+            rc = w_base64(b, src, src_len);
         } else {
-            rc = w_value(&w, v, 1);
+            rc = w_value(b, v, 1);
         }
         if (rc != 0)
             return rc;
@@ -436,56 +418,44 @@ static int w_template(buf_t *b, PyObject *prefixes, PyObject *kinds, PyObject *v
     return 0;
 }
 
+static int is_template(PyObject *prefixes, PyObject *kinds, PyObject *values) {
+    if (!PyTuple_Check(prefixes) || !PyBytes_Check(kinds) || PyBytes_GET_SIZE(kinds) != PyTuple_GET_SIZE(prefixes) ||
+        !(PyList_Check(values) || PyTuple_Check(values)))
+        return 0;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(prefixes); i++)
+        if (!PyBytes_Check(PyTuple_GET_ITEM(prefixes, i)))
+            return 0;
+    return 1;
+}
+
 static PyObject *tx_frame(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "tx_frame(head, prefixes, kinds, values, body, splice)");
+    if (nargs != 7 || !PyBytes_Check(args[0]) || !is_template(args[1], args[2], args[3]) ||
+        !is_template(args[4], args[5], args[6])) {
+        PyErr_SetString(PyExc_TypeError, "tx_frame(head: bytes, tx_prefixes, tx_kinds, tx_values, prefixes, kinds, "
+                                         "values): prefixes a tuple of bytes, kinds bytes of as many, values a list "
+                                         "or tuple");
         return NULL;
     }
-    PyObject *head = args[0], *prefixes = args[1], *kinds = args[2], *values = args[3], *body = args[4];
-    if (!PyBytes_Check(head) || !PyTuple_Check(prefixes) || !PyBytes_Check(kinds) ||
-        PyBytes_GET_SIZE(kinds) != PyTuple_GET_SIZE(prefixes) || !(PyList_Check(values) || PyTuple_Check(values)) ||
-        !PyUnicode_CheckExact(args[5])) {
-        PyErr_SetString(PyExc_TypeError, "tx_frame(head: bytes, prefixes: tuple[bytes], kinds: bytes of as many, "
-                                         "values: list | tuple, body, splice: str)");
-        return NULL;
-    }
-    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(prefixes); i++) {
-        if (!PyBytes_Check(PyTuple_GET_ITEM(prefixes, i))) {
-            PyErr_SetString(PyExc_TypeError, "tx_frame: a template prefix is not bytes");
-            return NULL;
-        }
-    }
+    PyObject *head = args[0];
     buf_t tx, frame;
     buf_init(&tx);
     buf_init(&frame);
-    walk_t w = {&frame, args[5], NULL, 0, NULL, 0};
-    int rc = w_template(&tx, prefixes, kinds, values);
-    if (rc == 0) {
-        w.src = (const unsigned char *)tx.p;
-        w.src_len = tx.len;
+    Py_ssize_t at = -1;
+    int rc = w_template(&tx, args[1], args[2], args[3], NULL, 0, NULL);
+    if (rc == 0)
         rc = put(&frame, PyBytes_AS_STRING(head), PyBytes_GET_SIZE(head));
+    if (rc == 0)
+        rc = w_template(&frame, args[4], args[5], args[6], (const unsigned char *)tx.p, tx.len, &at);
+    if (rc == 0 && at < 0) {
+        PyErr_SetString(PyExc_ValueError, "tx_frame: the event's template has no splice slot");
+        rc = -1;
     }
     if (rc == 0)
-        rc = w_value(&w, body, 0);
-    if (rc == 0 && w.encoded == NULL)
-        rc = UNSUPPORTED; /* no splice point in the body */
-    if (rc == 0)
-        rc = guard(&frame, PyBytes_GET_SIZE(head), w.at, w.at + PyUnicode_GET_LENGTH(w.encoded));
+        rc = guard(&frame, PyBytes_GET_SIZE(head), at, at + b64_size(tx.len));
     if (rc == 0)
         rc = put(&frame, "\n\n", 2);
     buf_free(&tx);
-    PyObject *out = NULL;
-    if (rc == 0) {
-        PyObject *bytes = PyBytes_FromStringAndSize(frame.p, frame.len);
-        if (bytes != NULL)
-            out = PyTuple_Pack(2, bytes, w.encoded);
-        Py_XDECREF(bytes);
-    } else if (rc == UNSUPPORTED) {
-        out = Py_NewRef(Py_None);
-    }
-    Py_XDECREF(w.encoded);
-    buf_free(&frame);
-    return out;
+    return answer(&frame, rc);
 }
 
 static PyMethodDef methods[] = {
@@ -493,10 +463,10 @@ static PyMethodDef methods[] = {
      "line(obj) -> bytes | None: orjson.dumps(obj) with json_line's grep guard, or None where this\n"
      "writer does not write as orjson would (take orjson's path)."},
     {"tx_frame", (PyCFunction)(void (*)(void))tx_frame, METH_FASTCALL,
-     "tx_frame(head, prefixes, kinds, values, body, splice) -> (frame, encoded) | None\n\n"
-     "The transaction's JSON from values along the template (prefixes, kinds), base64-encoded where\n"
-     "body holds the str splice; frame = head + the guarded JSON of body + two newlines, encoded =\n"
-     "that base64.  None where orjson's path must decide."},
+     "tx_frame(head, tx_prefixes, tx_kinds, tx_values, prefixes, kinds, values) -> bytes | None\n\n"
+     "The transaction's JSON from tx_values along its template, base64-encoded at the SPLICE slot of\n"
+     "the event's JSON, written from values along its template: head + that JSON (guarded) + two\n"
+     "newlines.  None where orjson's path must decide."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -123,15 +123,21 @@ class Envelope:
     body is let go (:meth:`release`) and parsed again from the frame on the
     rare later read (REST, HAR, a filtered resume): held for every event in
     history, the dicts cost more memory than the frames themselves.
+
+    A transaction's frame written in one pass comes with no body at all, only
+    ``values``: the event's values along ``_EVENT_LAYOUT``, which the store
+    reads by index and from which ``body`` is built if a filter asks.
     """
 
-    __slots__ = ("type", "frame", "ts_ns", "_body")
+    __slots__ = ("type", "frame", "ts_ns", "_body", "values")
 
-    def __init__(self, type_: str, body: Mapping[str, Any] | None, frame: bytes, ts_ns: int) -> None:
+    def __init__(self, type_: str, body: Mapping[str, Any] | None, frame: bytes, ts_ns: int,
+                 values: list[Any] | None = None) -> None:
         self.type = type_
         self.frame = frame  # "event: T\ndata: JSON\n\n", encoded once for all clients
         self.ts_ns = ts_ns
         self._body = body
+        self.values = values
 
     def __repr__(self) -> str:
         return f"Envelope(type={self.type!r}, ts_ns={self.ts_ns}, frame={len(self.frame)} bytes)"
@@ -140,13 +146,18 @@ class Envelope:
     def body(self) -> Mapping[str, Any]:
         body = self._body
         if body is None:
-            start = self.frame.index(b"\ndata: ") + 7
-            body = orjson.loads(memoryview(self.frame)[start:-2])
+            values = self.values
+            if values is not None:  # held until release(), as a body made with the frame is
+                body = self._body = _unflatten(_EVENT_SLOTS, _with_encoded(values, self.frame))
+            else:
+                start = self.frame.index(b"\ndata: ") + 7
+                body = orjson.loads(memoryview(self.frame)[start:-2])
         return body
 
     def release(self) -> None:
         """Forget the parsed body; ``body`` parses the frame again if asked."""
         self._body = None
+        self.values = None
 
     def parsed(self) -> "Envelope":
         """This event with its body parsed once and held, for a caller about to
@@ -189,6 +200,15 @@ _TX_TYPE: Final = HTTP_TRANSACTION.encode()
 _TX_TYPE_ESCAPED: Final = HTTP_TRANSACTION.replace(".", "\\u002e").encode()
 _TX_HEAD: Final = b"event: " + _TX_TYPE + b"\ndata: "  # a transaction's frame up to its JSON
 _SPLICE_AT: Final = b'"type":"http_transaction","data":""'  # see HttpTransaction._spliced
+
+
+def _with_encoded(values: list[Any], frame: bytes) -> list[Any]:
+    """An event's values with its base64 transaction, read back from its frame,
+    in the splice slot (see _SPLICE_AT for why it is found only where meant)."""
+    at = frame.index(_SPLICE_AT[:-1]) + len(_SPLICE_AT) - 1
+    out = list(values)
+    out[EV_ENCODED] = frame[at:frame.index(b'"', at)].decode("ascii")
+    return out
 
 
 def json_line(body: Mapping[str, Any]) -> bytes:
@@ -559,11 +579,12 @@ class HttpMessage:
 
 
 # --------------------------------------------------------------------------
-# A transaction's JSON, slot by slot
+# A transaction's JSON and its event's, slot by slot
 #
 # Each slot is a dotted key path, in the order the keys are written; "?" marks
 # a key written only when its value is not None, ":b64" a bytes value written
-# as base64.  transaction_json builds the dicts from a transaction's values;
+# as base64, ":splice" the place of the base64 transaction in the event.
+# transaction_json and the event's body build the dicts from the values;
 # _jsonw writes the same bytes straight from them (no dicts), for the frame.
 
 _MESSAGE_SLOTS: Final = ("content_type", "headers", "body:b64", "body_size", "body_captured", "body_truncated",
@@ -586,25 +607,49 @@ def _tx_layout(response: bool) -> tuple[str, ...]:
     )
 
 
-# A slot parsed: the path of objects it is in, its key, optional, base64.
-_Slot = tuple[tuple[str, ...], str, bool, bool]
+# The summary: what tables and filters read without decoding the transaction.
+_SUMMARY_KEYS: Final = (
+    "request_method", "request_host", "request_scheme", "request_protocol", "response_status", "duration_ms",
+    "container_name", "process_exe", "direction",
+    # Additions to the seed's.
+    "request_path", "request_url", "request_http_version", "duration_us", "response_content_type",
+    "request_body_size", "response_body_size", "process_pid", "container_id", "pod_name", "error",
+)
+_EVENT_LAYOUT: Final = (
+    # "data" right after "type": _spliced and _with_encoded find it by the pair.
+    *(f"data.data.{k}" for k in ("connectionId", "endpointId", "requestId", "type", "data:splice", "contentType")),
+    *(f"data.data.summary.{k}" for k in _SUMMARY_KEYS),
+    "ts",
+)
+# Where the store reads an event's values (Envelope.values).
+EV_ENDPOINT: Final = _EVENT_LAYOUT.index("data.data.endpointId")
+EV_REQUEST_ID: Final = _EVENT_LAYOUT.index("data.data.requestId")
+EV_ENCODED: Final = _EVENT_LAYOUT.index("data.data.data:splice")
+EV_METHOD: Final = _EVENT_LAYOUT.index("data.data.summary.request_method")
+EV_HOST: Final = _EVENT_LAYOUT.index("data.data.summary.request_host")
+EV_STATUS: Final = _EVENT_LAYOUT.index("data.data.summary.response_status")
+EV_PATH: Final = _EVENT_LAYOUT.index("data.data.summary.request_path")
+EV_DURATION_US: Final = _EVENT_LAYOUT.index("data.data.summary.duration_us")
+EV_PID: Final = _EVENT_LAYOUT.index("data.data.summary.process_pid")
+
+LITERAL: Final = 0  # the template's slot kinds, as _jsonw.c names them
+VALUE: Final = 1
+OPTIONAL: Final = 2
+BASE64: Final = 3
+SPLICE: Final = 4
+
+# A slot parsed: the path of objects it is in, its key, optional, its kind.
+_Slot = tuple[tuple[str, ...], str, bool, int]
 
 
 def _parse(layout: tuple[str, ...]) -> list[_Slot]:
     out = []
     for slot in layout:
         optional = slot.endswith("?")
-        name = slot.rstrip("?")
-        base64 = name.endswith(":b64")
-        *path, key = name.removesuffix(":b64").split(".")
-        out.append((tuple(path), key, optional, base64))
+        name, _, suffix = slot.rstrip("?").partition(":")
+        *path, key = name.split(".")
+        out.append((tuple(path), key, optional, {"": VALUE, "b64": BASE64, "splice": SPLICE}[suffix]))
     return out
-
-
-LITERAL: Final = 0  # the template's slot kinds, as _jsonw.c names them
-VALUE: Final = 1
-OPTIONAL: Final = 2
-BASE64: Final = 3
 
 
 def _compile(slots: list[_Slot]) -> tuple[tuple[bytes, ...], bytes]:
@@ -613,7 +658,7 @@ def _compile(slots: list[_Slot]) -> tuple[tuple[bytes, ...], bytes]:
     kinds = bytearray()
     at: tuple[str, ...] = ()  # the object path we are in
     text, first = "{", True  # literal text not yet placed; at the first key of the object
-    for path, key, optional, base64 in slots:
+    for path, key, optional, kind in slots:
         common = 0
         while common < min(len(at), len(path)) and at[common] == path[common]:
             common += 1
@@ -628,7 +673,7 @@ def _compile(slots: list[_Slot]) -> tuple[tuple[bytes, ...], bytes]:
         if optional:
             # Skipped with its value: so it carries no structure, and is never
             # first in its object (the next key's comma assumes a key before it).
-            assert not first and not base64, key
+            assert not first and kind == VALUE, key
             if text:
                 prefixes.append(text.encode())
                 kinds.append(LITERAL)
@@ -637,7 +682,7 @@ def _compile(slots: list[_Slot]) -> tuple[tuple[bytes, ...], bytes]:
             text = ""
         else:
             prefixes.append((text + key_text).encode())
-            kinds.append(BASE64 if base64 else VALUE)
+            kinds.append(kind)
             text = ""
         first = False
     prefixes.append(("}" * len(at) + "}").encode())
@@ -647,7 +692,7 @@ def _compile(slots: list[_Slot]) -> tuple[tuple[bytes, ...], bytes]:
 
 def _unflatten(slots: list[_Slot], values: list[Any]) -> dict:
     out: dict[str, Any] = {}
-    for (path, key, optional, base64), value in zip(slots, values):
+    for (path, key, optional, kind), value in zip(slots, values):
         if optional and value is None:
             continue
         d = out
@@ -656,7 +701,7 @@ def _unflatten(slots: list[_Slot], values: list[Any]) -> dict:
             if inner is None:
                 inner = d[name] = {}
             d = inner
-        d[key] = b64(value) if base64 else value
+        d[key] = b64(value) if kind == BASE64 else value
     return out
 
 
@@ -664,8 +709,11 @@ _TX_SLOTS: Final = _parse(_tx_layout(True))
 _TX_SLOTS_NO_RESPONSE: Final = _parse(_tx_layout(False))
 _TX_TEMPLATE: Final = _compile(_TX_SLOTS)
 _TX_TEMPLATE_NO_RESPONSE: Final = _compile(_TX_SLOTS_NO_RESPONSE)
+_EVENT_SLOTS: Final = _parse(_EVENT_LAYOUT)
+_EVENT_TEMPLATE: Final = _compile(_EVENT_SLOTS)
 _FRAME_BODY_BYTES: Final = 8192  # past this, bodies go the path whose base64 lets the GIL go (b64)
-_SPLICE: Final = "".join(["<splice", ">"])  # made at run time: no captured str is this object
+_TX_ENDPOINT: Final = _tx_layout(True).index("metadata.endpoint_id")  # the same in both layouts
+_TX_URL: Final = _tx_layout(True).index("request.url")
 
 
 @dataclass(slots=True)
@@ -809,21 +857,61 @@ class HttpTransaction(Event):
         return b64(orjson.dumps(self.transaction_json()))
 
     def payload(self) -> dict:
-        return self._payload(self.encoded())
+        return _unflatten(_EVENT_SLOTS, self.event_values(self.encoded()))["data"]
+
+    def event_values(self, encoded: str) -> list[Any]:
+        """The event's values in ``_EVENT_LAYOUT`` order, ``encoded`` the base64 transaction."""
+        return self._event_values(encoded, self.connection.resolve_endpoint(), self.url)
+
+    def _event_values(self, encoded: str, endpoint: str | None, url: str) -> list[Any]:
+        c = self.connection
+        p = c.process
+        container = p.container if p else None
+        pod = p.pod if p else None
+        response = self.response
+        return [
+            c.connection_id,
+            endpoint,
+            self.request_id,
+            "http_transaction",
+            encoded,
+            "application/json",
+            # the summary
+            self.method,
+            self.authority,
+            self.scheme,
+            "http2" if self.http_version == "HTTP/2" else "http1",
+            self.status,
+            round(self.duration_ms),
+            container.name if container else None,
+            p.exe if p else None,
+            c.direction,
+            self.path,
+            url,
+            self.http_version,
+            round(self.duration_ms * 1000),  # duration_ms is whole ms: 0 for most on loopback
+            response.content_type if response else None,
+            self.request.body_size,
+            response.body_size if response else 0,
+            c.pid,
+            container.short_id if container else None,
+            pod.name if pod else None,
+            self.error,
+            rfc3339(self.ts_ns),
+        ]
 
     def envelope(self) -> Envelope:
         """The same frame as ``Envelope.of`` makes of :meth:`payload`, made in
         one pass by ``_jsonw`` where it can (see _jsonw.c), else spliced."""
         response = self.response
         if _jsonw is not None and len(self.request.body) + (len(response.body) if response else 0) <= _FRAME_BODY_BYTES:
-            payload = self._payload(_SPLICE)
-            body = {"data": payload, "ts": rfc3339(self.ts_ns)}
+            values = self.values()
+            # The endpoint and URL as the transaction has them: made once.
+            event_values = self._event_values("", values[_TX_ENDPOINT], values[_TX_URL])
             prefixes, kinds = _TX_TEMPLATE if response is not None else _TX_TEMPLATE_NO_RESPONSE
-            made = _jsonw.tx_frame(_TX_HEAD, prefixes, kinds, self.values(), body, _SPLICE)
-            if made is not None:
-                frame, encoded = made
-                payload["data"]["data"] = encoded
-                return Envelope(HTTP_TRANSACTION, body, frame, self.ts_ns)
+            frame = _jsonw.tx_frame(_TX_HEAD, prefixes, kinds, values, *_EVENT_TEMPLATE, event_values)
+            if frame is not None:
+                return Envelope(HTTP_TRANSACTION, None, frame, self.ts_ns, event_values)
         return self._spliced()
 
     def _spliced(self) -> Envelope:
@@ -832,57 +920,13 @@ class HttpTransaction(Event):
         alphabet has no dot), so the JSON around it is serialized alone and
         the base64 copied in once."""
         encoded = self.encoded()
-        payload = self._payload("")
-        body = {"data": payload, "ts": rfc3339(self.ts_ns)}
-        line = json_line(body)
+        values = self.event_values("")
+        line = json_line(_unflatten(_EVENT_SLOTS, values))
         # Found once, and only where it is meant: inside a JSON string every
         # quote is escaped, so this run of quotes cannot occur in one.
         at = line.index(_SPLICE_AT) + len(_SPLICE_AT) - 1
-        payload["data"]["data"] = encoded
         frame = b"".join((_TX_HEAD, line[:at], encoded.encode("ascii"), line[at:], b"\n\n"))
-        return Envelope(HTTP_TRANSACTION, body, frame, self.ts_ns)
-
-    def _payload(self, encoded: str) -> dict:
-        """The event's data with ``encoded`` as the base64 transaction."""
-        c = self.connection
-        p = c.process
-        container = p.container if p else None
-        pod = p.pod if p else None
-        response = self.response
-        summary = {
-            "request_method": self.method,
-            "request_host": self.authority,
-            "request_scheme": self.scheme,
-            "request_protocol": "http2" if self.http_version == "HTTP/2" else "http1",
-            "response_status": self.status,
-            "duration_ms": round(self.duration_ms),
-            "container_name": container.name if container else None,
-            "process_exe": p.exe if p else None,
-            "direction": c.direction,
-            # Additions for tables and filters that should not need to decode `data`.
-            "request_path": self.path,
-            "request_url": self.url,
-            "request_http_version": self.http_version,
-            "duration_us": round(self.duration_ms * 1000),  # duration_ms is whole ms: 0 for most on loopback
-            "response_content_type": response.content_type if response else None,
-            "request_body_size": self.request.body_size,
-            "response_body_size": response.body_size if response else 0,
-            "process_pid": c.pid,
-            "container_id": container.short_id if container else None,
-            "pod_name": pod.name if pod else None,
-            "error": self.error,
-        }
-        return {
-            "data": {
-                "connectionId": c.connection_id,
-                "endpointId": c.resolve_endpoint(),
-                "requestId": self.request_id,
-                "type": "http_transaction",
-                "data": encoded,  # keep right after "type": envelope() splices at the pair
-                "contentType": "application/json",
-                "summary": summary,
-            }
-        }
+        return Envelope(HTTP_TRANSACTION, None, frame, self.ts_ns, values)
 
 
 def header(headers: Mapping[str, Any], name: str) -> str | None:

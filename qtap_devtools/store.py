@@ -127,21 +127,21 @@ class Store:
         else:  # a replayed file can name any number of types
             by_type[t if len(by_type) < MAX_EVENT_TYPES else OTHER_TYPES] += 1
         if t == ev.HTTP_TRANSACTION:  # nearly every event: first
-            d = env.inner
-            rid = d.get("requestId")
-            if not rid or rid in self.transactions.entries:  # (a capture file may hold one twice: counted once)
+            v = env.values
+            if v is not None:  # made here: its values, read without building its body
+                us = v[ev.EV_DURATION_US]
+                self._add_transaction(env, v[ev.EV_REQUEST_ID], v[ev.EV_PID], v[ev.EV_HOST] or v[ev.EV_ENDPOINT],
+                                      v[ev.EV_METHOD], v[ev.EV_PATH], v[ev.EV_STATUS], us / 1000)
                 return
-            self.transactions.put(rid, env)
+            d = env.inner
             s = d.get("summary")
             if type(s) is not dict:  # a capture file's: anything
                 s = {}
-            pid = s.get("process_pid")
-            if isinstance(pid, int):
-                counts = self.process_events
-                counts[pid] += 1
-                if len(counts) > self.processes.limit:
-                    self._prune_process_counts()
-            self._index_endpoint(d, s)
+            us = s.get("duration_us")
+            self._add_transaction(env, d.get("requestId"), s.get("process_pid"),
+                                  s.get("request_host") or d.get("endpointId"), s.get("request_method"),
+                                  s.get("request_path"), s.get("response_status"),
+                                  us / 1000 if type(us) is int else s.get("duration_ms") or 0)
         elif t == ev.PROCESS_STARTED:
             d = env.body.get("data") or {}
             pid = d.get("pid")
@@ -166,15 +166,23 @@ class Store:
             else:
                 self.open_connections.put(cid, d)
 
-    def _index_endpoint(self, d: dict[str, Any], s: dict[str, Any]) -> None:
-        # dicts, not Mappings: mypyc reads a dict's keys directly, a Mapping's by method calls
-        host = s.get("request_host") or d.get("endpointId") or "?"
-        key = (host, s.get("request_method"), _route(s.get("request_path") or "/"))
+    def _add_transaction(self, env: Envelope, rid: Any, pid: Any, host: Any, method: Any, path: Any, status: Any,
+                         ms: Any) -> None:
+        """Keep a transaction and count it (its process's, its endpoint's); the
+        facts are its summary's, any of them anything when a capture file's."""
+        if not rid or rid in self.transactions.entries:  # (a capture file may hold one twice: counted once)
+            return
+        self.transactions.put(rid, env)
+        if isinstance(pid, int):
+            counts = self.process_events
+            counts[pid] += 1
+            if len(counts) > self.processes.limit:
+                self._prune_process_counts()
+        key = (host or "?", method, _route(path or "/"))
         entry = self.endpoints.get(key)
         if entry is None:
             entry = _Endpoint(key)
-        us = s.get("duration_us")
-        entry.add(s.get("response_status"), us / 1000 if type(us) is int else s.get("duration_ms") or 0)
+        entry.add(status, ms)
         self.endpoints.put(key, entry)
 
     # ---- queries

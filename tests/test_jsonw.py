@@ -150,12 +150,10 @@ def test_a_usual_transaction_takes_the_one_pass_path():
         tx = samples.transaction(samples.connection(host=conn_host), "r1",
                                  path="/request.http_transaction/é", response_body=b"\x00\xff" * 200)
         tx.response.content_encoding, tx.informational, tx.partial = "gzip", (100,), True
-        payload = tx._payload(ev._SPLICE)
-        body = {"data": payload, "ts": ev.rfc3339(tx.ts_ns)}
-        made = _jsonw.tx_frame(ev._TX_HEAD, *ev._TX_TEMPLATE, tx.values(), body, ev._SPLICE)
-        assert made is not None
-        assert made[0] == tx._spliced().frame
-        assert b"request.http_transaction" not in made[0].split(b"\n")[1]
+        frame = _jsonw.tx_frame(ev._TX_HEAD, *ev._TX_TEMPLATE, tx.values(), *ev._EVENT_TEMPLATE, tx.event_values(""))
+        assert frame is not None
+        assert frame == tx._spliced().frame
+        assert b"request.http_transaction" not in frame.split(b"\n")[1]
 
 
 def test_transaction_json_keeps_its_key_order():
@@ -173,20 +171,24 @@ def test_transaction_json_keeps_its_key_order():
 
 
 def test_a_template_and_its_values_must_agree():
-    prefixes, kinds = ev._TX_TEMPLATE
     tx = samples.transaction(samples.connection(), "r1")
-    body = {"data": ev._SPLICE}
+    inner, outer = (*ev._TX_TEMPLATE, tx.values()), (*ev._EVENT_TEMPLATE, tx.event_values(""))
     with pytest.raises(ValueError, match="given only"):
-        _jsonw.tx_frame(ev._TX_HEAD, prefixes, kinds, tx.values()[:-1], body, ev._SPLICE)
+        _jsonw.tx_frame(ev._TX_HEAD, *inner[:2], tx.values()[:-1], *outer)
     with pytest.raises(ValueError, match="too many"):
-        _jsonw.tx_frame(ev._TX_HEAD, prefixes, kinds, [*tx.values(), 1], body, ev._SPLICE)
+        _jsonw.tx_frame(ev._TX_HEAD, *inner, *outer[:2], [*outer[2], 1])
     with pytest.raises(TypeError):
-        _jsonw.tx_frame(ev._TX_HEAD, prefixes, kinds[:-1], tx.values(), body, ev._SPLICE)
+        _jsonw.tx_frame(ev._TX_HEAD, inner[0], inner[1][:-1], inner[2], *outer)
     with pytest.raises(TypeError):
-        _jsonw.tx_frame(ev._TX_HEAD, prefixes, kinds, tx.values(), body)
-    # No splice point, or two: not a frame it makes.
-    assert _jsonw.tx_frame(ev._TX_HEAD, prefixes, kinds, tx.values(), {"data": ""}, ev._SPLICE) is None
-    assert _jsonw.tx_frame(ev._TX_HEAD, prefixes, kinds, tx.values(), [ev._SPLICE, ev._SPLICE], ev._SPLICE) is None
+        _jsonw.tx_frame(ev._TX_HEAD, *inner, *outer[:2])
+    # The event's template has its one splice slot; the transaction's none.
+    no_splice = ev._compile(ev._parse(("a", "b")))
+    with pytest.raises(ValueError, match="no splice slot"):
+        _jsonw.tx_frame(ev._TX_HEAD, *inner, *no_splice, [1, 2])
+    with pytest.raises(ValueError, match="second one"):
+        _jsonw.tx_frame(ev._TX_HEAD, *inner, *ev._compile(ev._parse(("a:splice", "b:splice"))), [1, 2])
+    with pytest.raises(ValueError, match="none is expected"):
+        _jsonw.tx_frame(ev._TX_HEAD, *ev._compile(ev._parse(("a:splice",))), [1], *outer)
 
 
 def test_an_optional_slot_cannot_open_an_object():
@@ -195,13 +197,23 @@ def test_an_optional_slot_cannot_open_an_object():
 
 
 def test_the_template_writes_what_the_dicts_make():
+    splice_at = ev._compile(ev._parse(("x", "inner:splice", "y")))
     for layout in (("a", "b.c", "b.d?", "b.e.f", "g", "h?"), ev._tx_layout(True), ev._tx_layout(False)):
         slots = ev._parse(layout)
-        values = [i if not base64 else bytes([i]) for i, (_, _, _, base64) in enumerate(slots)]
+        values = [i if kind != ev.BASE64 else bytes([i]) for i, (_, _, _, kind) in enumerate(slots)]
         for skip in (False, True):
             given_values = [None if skip and optional else v for v, (_, _, optional, _) in zip(values, slots)]
-            frame = _jsonw.tx_frame(b"", *ev._compile(slots), given_values, ev._SPLICE, ev._SPLICE)
-            inner = orjson.loads(ev.pybase64.b64decode(frame[0][1:-3]))
-            assert inner == ev._unflatten(slots, given_values)
-            assert frame[1] == ev.b64(orjson.dumps(ev._unflatten(slots, given_values)))
+            frame = _jsonw.tx_frame(b"", *ev._compile(slots), given_values, *splice_at, [1, None, 2])
+            event = orjson.loads(frame[:-2])
+            assert event["x"] == 1 and event["y"] == 2 and list(event) == ["x", "inner", "y"]
+            assert event["inner"] == ev.b64(orjson.dumps(ev._unflatten(slots, given_values)))
 
+
+def test_an_events_body_is_built_from_its_values_as_its_frame_says():
+    tx = samples.transaction(samples.connection(host=SPLICE_BAIT), "r1", path="/" + SPLICE_BAIT)
+    env = tx.envelope()
+    assert env.values is not None and env._body is None  # nothing built until asked
+    assert env.body == orjson.loads(env.frame.split(b"\n")[1][6:])
+    assert env.body is env.body  # built once
+    env.release()
+    assert env.values is None and env.body == orjson.loads(env.frame.split(b"\n")[1][6:])

@@ -7,6 +7,7 @@ import pytest
 from qtap_devtools import events as ev
 from qtap_devtools.events import Envelope
 from qtap_devtools.store import Store
+from tests import samples
 
 
 def tx(i: int, body: int) -> Envelope:
@@ -60,6 +61,26 @@ def test_the_endpoint_index_counts_by_route_with_statuses_errors_and_latency():
                      "max_ms": 30, "statuses": {"200": 2, "404": 1, "None": 1}, "avg_ms": 11.75}
     assert posts == {"host": "api.test", "method": "POST", "path": "/users", "count": 3, "errors": 0,
                      "max_ms": 7, "statuses": {"201": 3}, "avg_ms": 3.167}
+
+
+def test_a_transaction_made_here_is_read_from_its_values_as_its_parsed_frame_would_be():
+    # The agent's own transactions come with their values and no body; a
+    # capture file's come parsed.  Both must leave the same state.
+    made, parsed = Store(), Store()
+    conns = [samples.connection(host=h) for h in ("api.stripe.com", "")]
+    conns[1].sni = conns[1].http_host = None
+    for i in range(30):
+        t = samples.transaction(conns[i % 2], f"r{i}", method=("GET", "POST")[i % 3 == 0], path=f"/users/{i % 4}",
+                                host=("api.test", "")[i % 5 == 0])
+        t.status, t.duration_ms = (200, 404, None)[i % 3], i * 0.37
+        env = t.envelope()
+        assert env.values is not None and env._body is None
+        made.on_event(env)
+        parsed.on_event(Envelope.from_wire(env.type, env.frame.split(b"\n")[1][6:]))
+        assert env._body is None  # the store read the values, built no body
+    assert made.endpoint_list() == parsed.endpoint_list() and len(made.endpoint_list()) > 2
+    assert made.stats() == parsed.stats() and made.process_list() == parsed.process_list()
+    assert [e.frame for e in made.recent_transactions()] == [e.frame for e in parsed.recent_transactions()]
 
 
 def proc(pid: int, created: str, stopped: bool = False) -> Envelope:
