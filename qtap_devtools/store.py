@@ -27,18 +27,23 @@ if TYPE_CHECKING:
 
 class BoundedDict:
     """Insertion-ordered map that evicts its oldest entry beyond ``limit``
-    entries or, when ``size`` is given, beyond ``max_bytes`` of summed sizes.
+    entries or, when ``max_bytes`` is given, beyond that many bytes of summed
+    :meth:`_size`.
 
     Holds an OrderedDict rather than being one: mypyc compiles this module,
     and a compiled class cannot extend OrderedDict."""
 
-    def __init__(self, limit: int, max_bytes: int = 0, size: Callable[[Any], int] | None = None) -> None:
+    def __init__(self, limit: int, max_bytes: int = 0) -> None:
         self.entries: OrderedDict = OrderedDict()
         self.limit = limit
         self.max_bytes = max_bytes
-        self.size = size
         self.used_bytes = 0
         self.evicted = 0
+
+    def _size(self, value: Any) -> int:
+        """An entry's bytes, for ``max_bytes`` (a native method: a size
+        callable cost two generic calls per transaction)."""
+        return 0
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -53,23 +58,23 @@ class BoundedDict:
         return self.entries.items()
 
     def put(self, key: Any, value: Any) -> None:
-        entries, size = self.entries, self.size
+        entries, sized = self.entries, self.max_bytes > 0
         if key in entries:
-            if size is not None:
-                self.used_bytes -= size(entries[key])
+            if sized:
+                self.used_bytes -= self._size(entries[key])
             entries.move_to_end(key)
-        if size is not None:
-            self.used_bytes += size(value)
+        if sized:
+            self.used_bytes += self._size(value)
         entries[key] = value
-        if len(entries) > self.limit or (size is not None and self.used_bytes > self.max_bytes):
+        if len(entries) > self.limit or (sized and self.used_bytes > self.max_bytes):
             self._evict()
 
     def _evict(self) -> None:
-        entries, size = self.entries, self.size
-        while len(entries) > self.limit or (size is not None and len(entries) > 1 and self.used_bytes > self.max_bytes):
+        entries, sized = self.entries, self.max_bytes > 0
+        while len(entries) > self.limit or (sized and len(entries) > 1 and self.used_bytes > self.max_bytes):
             _, gone = entries.popitem(last=False)
-            if size is not None:
-                self.used_bytes -= size(gone)
+            if sized:
+                self.used_bytes -= self._size(gone)
             self.evicted += 1
 
     def pop(self, key: Any, default: Any = None) -> Any:
@@ -77,9 +82,17 @@ class BoundedDict:
         if key not in entries:
             return default
         value = entries.pop(key)
-        if self.size is not None:
-            self.used_bytes -= self.size(value)
+        if self.max_bytes > 0:
+            self.used_bytes -= self._size(value)
         return value
+
+
+class _Frames(BoundedDict):
+    """Envelopes, sized by their frames."""
+
+    def _size(self, value: Any) -> int:
+        env: Envelope = value  # checked once, then read natively
+        return len(env.frame)
 
 
 class Store:
@@ -95,8 +108,7 @@ class Store:
     ) -> None:
         # Bodies up to 1 MiB each: a count alone would let 10,000 of them
         # hold gigabytes.  A published transaction keeps only its frame.
-        self.transactions: BoundedDict = BoundedDict(transactions, transaction_bytes,
-                                                     lambda env: len(env.frame))
+        self.transactions: BoundedDict = _Frames(transactions, transaction_bytes)
         self.processes: BoundedDict = BoundedDict(processes)
         self.open_connections: BoundedDict = BoundedDict(connections)
         self.closed_connections: BoundedDict = BoundedDict(closed_connections)

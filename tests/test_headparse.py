@@ -158,6 +158,20 @@ def test_combined_headers_agree(pairs, as_list, want_lower):
     assert model.combined_headers is fast.combined_headers
 
 
+def test_combined_headers_agree_on_many_fields_and_on_common_names_in_any_case():
+    from qtap_devtools.assemble import model
+
+    names = ["Content-Type", "CONTENT-TYPE", "content-type", "X-Forwarded-For", "Set-Cookie", "set-cookie", "Hosts",
+             "Hos", "Date", "X-Request-Id", *(f"X-{i}" for i in range(70))]
+    for count in (2, 10, 64, 65, 80):  # the C combines up to 64 fields; past that, Python does
+        headers = [(names[(i * 7) % len(names)], f"v{i}") for i in range(count)]
+        lower_py, lower_c = {}, {}
+        expected = model.combined_headers_py(headers, lower_py)
+        got = fast.combined_headers(headers, lower_c)
+        assert got == expected and list(got) == list(expected)
+        assert lower_c == lower_py and list(lower_c) == list(lower_py)
+
+
 def test_combined_headers_hands_odd_input_to_python():
     from qtap_devtools.assemble import model
 

@@ -256,12 +256,44 @@ static PyObject *ascii_lower(PyObject *name) {
     return low;
 }
 
-/* 1: combined into *out; 0: not str pairs with ASCII names, let Python do it; -1: error.
- * `seq` is a list or tuple (PySequence_Fast). */
+/* Lower-case names most messages carry, made once: a name is matched against
+ * these before a new str is made for its lower-case form. */
+static const char *const COMMON_NAMES[] = {
+    "host", "user-agent", "accept", "accept-encoding", "accept-language", "content-type", "content-length",
+    "content-encoding", "transfer-encoding", "connection", "keep-alive", "date", "server", "cache-control",
+    "etag", "last-modified", "expires", "vary", "location", "set-cookie", "cookie", "authorization", "referer",
+    "origin", "x-request-id", "x-forwarded-for", "accept-ranges", "age", "pragma", "upgrade",
+};
+#define N_COMMON ((int)(sizeof COMMON_NAMES / sizeof COMMON_NAMES[0]))
+static PyObject *common_lower[N_COMMON];
+static Py_ssize_t common_len[N_COMMON];
+/* More fields than this: combined the dicts' way (in Python), not by n² compares. */
+#define COMBINE_MAX 64
+
+/* The lower-case form of an ASCII name (a new reference). */
+static PyObject *lower_name(PyObject *name) {
+    Py_ssize_t n = PyUnicode_GET_LENGTH(name);
+    const char *p = (const char *)PyUnicode_1BYTE_DATA(name);
+    for (int i = 0; i < N_COMMON; i++)
+        if (common_len[i] == n && ascii_ieq(p, COMMON_NAMES[i], n))
+            return Py_NewRef(common_lower[i]);
+    return ascii_lower(name);
+}
+
+static int same_ascii(PyObject *a, PyObject *b) {
+    Py_ssize_t n = PyUnicode_GET_LENGTH(a);
+    return a == b || (n == PyUnicode_GET_LENGTH(b) && memcmp(PyUnicode_1BYTE_DATA(a), PyUnicode_1BYTE_DATA(b), n) == 0);
+}
+
+/* 1: combined into *out; 0: not str pairs with ASCII names (or very many), let
+ * Python do it; -1: error.  `seq` is a list or tuple (PySequence_Fast), and
+ * holds the names used as keys alive throughout. */
 static int combine_fast(PyObject *seq, PyObject *by_lower, PyObject **out) {
     *out = NULL;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
     PyObject **items = PySequence_Fast_ITEMS(seq);
+    if (n > COMBINE_MAX)
+        return 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *pair = items[i];
         if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) != 2 ||
@@ -269,59 +301,59 @@ static int combine_fast(PyObject *seq, PyObject *by_lower, PyObject **out) {
             !PyUnicode_CheckExact(PyTuple_GET_ITEM(pair, 1)))
             return 0;
     }
-    PyObject *combined = PyDict_New(), *first_case = PyDict_New();
-    if (combined == NULL || first_case == NULL)
-        goto fail;
+    /* Each distinct name in first-seen order: its lower-case form and its
+     * value so far (both owned), and the case it was first sent in. */
+    PyObject *low[COMBINE_MAX], *key[COMBINE_MAX], *val[COMBINE_MAX], *combined = NULL;
+    Py_ssize_t u = 0;
+    int rc = -1;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *name = PyTuple_GET_ITEM(items[i], 0), *value = PyTuple_GET_ITEM(items[i], 1);
-        PyObject *low = ascii_lower(name);
-        if (low == NULL)
-            goto fail;
-        PyObject *key = PyDict_SetDefault(first_case, low, name); /* borrowed */
-        if (key == NULL) {
-            Py_DECREF(low);
-            goto fail;
+        PyObject *l = lower_name(name);
+        if (l == NULL)
+            goto done;
+        Py_ssize_t j = 0;
+        while (j < u && !same_ascii(low[j], l))
+            j++;
+        if (j == u) {
+            low[u] = l;
+            key[u] = name;
+            val[u++] = Py_NewRef(value);
+            continue;
         }
-        PyObject *seen = PyDict_GetItemWithError(combined, key); /* borrowed */
-        int rc;
-        if (seen == NULL) {
-            rc = PyErr_Occurred() ? -1 : PyDict_SetItem(combined, key, value);
-        } else if (PyUnicode_CompareWithASCIIString(low, "set-cookie") == 0) {
+        Py_DECREF(l);
+        PyObject *seen = val[j], *next;
+        if (PyUnicode_CompareWithASCIIString(low[j], "set-cookie") == 0) {
             /* Its values may hold commas: repeats stay a list (a new one, as [*seen, value]). */
-            PyObject *list = PyList_Check(seen) ? PyList_GetSlice(seen, 0, PyList_GET_SIZE(seen)) : PyList_New(0);
-            rc = list == NULL || (!PyList_Check(seen) && PyList_Append(list, seen) < 0) ||
-                         PyList_Append(list, value) < 0 || PyDict_SetItem(combined, key, list) < 0
-                     ? -1
-                     : 0;
-            Py_XDECREF(list);
+            next = PyList_Check(seen) ? PyList_GetSlice(seen, 0, PyList_GET_SIZE(seen)) : PyList_New(0);
+            if (next != NULL && ((!PyList_Check(seen) && PyList_Append(next, seen) < 0) ||
+                                 PyList_Append(next, value) < 0))
+                Py_CLEAR(next);
         } else {
-            PyObject *joined = PyUnicode_FromFormat("%S, %U", seen, value);
-            rc = joined == NULL ? -1 : PyDict_SetItem(combined, key, joined);
-            Py_XDECREF(joined);
+            next = PyUnicode_FromFormat("%S, %U", seen, value);
         }
-        Py_DECREF(low);
-        if (rc < 0)
-            goto fail;
+        if (next == NULL)
+            goto done;
+        Py_SETREF(val[j], next);
     }
-    if (by_lower != NULL && by_lower != Py_None) {
-        Py_ssize_t pos = 0;
-        PyObject *low, *key;
-        while (PyDict_Next(first_case, &pos, &low, &key)) {
-            PyObject *value = PyDict_GetItemWithError(combined, key);
-            if (value == NULL || PyObject_SetItem(by_lower, low, value) < 0) {
-                if (!PyErr_Occurred())
-                    PyErr_SetObject(PyExc_KeyError, key);
-                goto fail;
-            }
-        }
-    }
-    Py_DECREF(first_case);
+    if ((combined = PyDict_New()) == NULL)
+        goto done;
+    for (Py_ssize_t j = 0; j < u; j++)
+        if (PyDict_SetItem(combined, key[j], val[j]) < 0)
+            goto done;
+    if (by_lower != NULL && by_lower != Py_None)
+        for (Py_ssize_t j = 0; j < u; j++)
+            if (PyObject_SetItem(by_lower, low[j], val[j]) < 0)
+                goto done;
     *out = combined;
-    return 1;
-fail:
+    combined = NULL;
+    rc = 1;
+done:
+    for (Py_ssize_t j = 0; j < u; j++) {
+        Py_DECREF(low[j]);
+        Py_DECREF(val[j]);
+    }
     Py_XDECREF(combined);
-    Py_XDECREF(first_case);
-    return -1;
+    return rc;
 }
 
 static PyObject *combine_fallback; /* model._combined_headers_py */
@@ -437,5 +469,9 @@ PyMODINIT_FUNC PyInit__headparse(void) {
     INTERN(a_headers, "headers");
     INTERN(a_content_length, "content_length");
     INTERN(empty_str, "");
+    for (int i = 0; i < N_COMMON; i++) {
+        INTERN(common_lower[i], COMMON_NAMES[i]);
+        common_len[i] = (Py_ssize_t)strlen(COMMON_NAMES[i]);
+    }
     return PyModule_Create(&module);
 }
