@@ -435,86 +435,88 @@ class Pipeline:
             self.counters["state_evicted"] += 1
 
     def on_data(self, r: rec.DataChunk) -> None:
-        key = (r.pid, r.fd) if r.fd >= 0 else (r.pid, "tls", r.tls_ref)
+        # Its fields read once: DataChunk is a plain class, each read a lookup.
+        pid, fd, data, direction, ts, offset, source = r.pid, r.fd, r.data, r.direction, r.ts_ns, r.offset, r.source
+        key = (pid, fd) if fd >= 0 else (pid, "tls", r.tls_ref)
         conn = self.conns.get(key)
-        if conn is not None and r.fd < 0 and r.offset == 0 and self._position(conn, r.direction):
+        if conn is not None and fd < 0 and offset == 0 and self._position(conn, direction):
             # A TLS stream known only by its SSL* starts again at offset 0:
             # the kernel forgot its offsets at SSL_free and malloc handed the
             # address to a new session.  The old stream is over.
             del self.conns[key]
-            self._finish(conn, r.ts_ns)
+            self._finish(conn, ts)
             conn = None
         # Whether this call may change what connection.updated reports (TLS
         # facts here, the protocol below): most chunks change nothing.
         changed = conn is None
         if conn is None:
-            if r.pid == self.own_pid or not r.data:  # (an end record of a stream never seen)
+            if pid == self.own_pid or not data:  # (an end record of a stream never seen)
                 return
-            conn = self._new_conn(key, r.pid, r.fd, r.ts_ns, "unknown", None, None)
-            early = self.pending_addr.pop(key, None) if r.fd >= 0 else None
+            conn = self._new_conn(key, pid, fd, ts, "unknown", None, None)
+            early = self.pending_addr.pop(key, None) if fd >= 0 else None
             if early is not None:
                 self._apply_address(conn, early)
-            elif r.fd < 0:
+            elif fd < 0:
                 self._borrow_socket(conn, key)
-        if r.fd < 0 and not conn.lent:
+        if fd < 0 and not conn.lent:
             self._match_socket(conn, key, r)
         info = conn.info
-        tls_source = r.source != "socket"
+        tls_source = source != "socket"
         if tls_source:
             if not info.tls_introspected and conn.assembler.upgraded:
                 # TLS begun inside a tunnel this connection's plaintext set up
                 # (HTTPS through an HTTP proxy: CONNECT, then a handshake): the
                 # library's plaintext is a new HTTP stream, from its offset 0.
                 conn.assembler = self._assembler(conn.role)
-            if not info.tls_introspected or r.source not in info.tls_libraries:
+            if not info.tls_introspected or source not in info.tls_libraries:
                 info.is_tls = True
                 info.tls_introspected = True
-                if r.source not in info.tls_libraries:
-                    info.tls_libraries.append(r.source)
+                if source not in info.tls_libraries:
+                    info.tls_libraries.append(source)
                 changed = True
-            sni = self.pending_sni.pop((r.pid, r.tls_ref), None) if self.pending_sni else None
+            sni = self.pending_sni.pop((pid, r.tls_ref), None) if self.pending_sni else None
             if sni and not info.sni:
                 info.sni = sni
                 changed = True
-        elif info.is_tls or (conn.h2 is None and conn.assembler.protocol == "unknown" and looks_like_tls(r.data)):
+        elif info.is_tls or (conn.h2 is None and conn.assembler.protocol == "unknown" and looks_like_tls(data)):
             # Ciphertext on the socket: read the handshake, never parse it as HTTP.
             info.is_tls = True
             if not info.tls_introspected:
                 self._cipher_moved(key, r)
-            reader = conn.hello.setdefault(r.direction, HelloReader())
-            hello = reader.feed(r.data)
+            reader = conn.hello.setdefault(direction, HelloReader())
+            hello = reader.feed(data)
             if hello is not None:
                 if hello.server_name and not info.sni:
                     info.sni = hello.server_name
                 if hello.version:
                     info.tls_version = hello.version
-            self._maybe_updated(conn, r.ts_ns)
+            self._maybe_updated(conn, ts)
             return
         # Bytes moved but not captured count too (past the per-call record
         # limit, shed, sent with sendfile): the offsets say how many.
-        expected = self._position(conn, r.direction)
-        moved = len(r.data) + (r.offset - expected if expected is not None and r.offset > expected else 0)
-        if r.direction == "egress":
+        expected = self._position(conn, direction)
+        moved = len(data) + (offset - expected if expected is not None and offset > expected else 0)
+        if direction == "egress":
             info.bytes_sent += moved
         else:
             info.bytes_received += moved
         h2 = conn.h2
-        if h2 is None and conn.assembler.protocol in ("unknown", "other") and r.data:
+        if h2 is None and conn.assembler.protocol in ("unknown", "other") and data:
             # "other" too: an HTTP/2 server sends its SETTINGS before it reads the
             # client's preface, and those bytes are not HTTP/1.
-            if r.data.startswith(HTTP2_PREFACE):
-                h2 = self._to_http2(conn, r, r.direction)
-            elif r.offset > 0:
+            if data.startswith(HTTP2_PREFACE):
+                h2 = self._to_http2(conn, r, direction)
+            elif offset > 0:
                 # Its start not seen (open before the agent, or before its TLS
                 # library was attached): HTTP/2 if these bytes are frames, and
                 # a header block in them says which end sent them.
-                sender = joined_sender(r.data)
+                sender = joined_sender(data)
                 if sender and (conn.role == "unknown" or
-                               (sender == "client") == (r.direction == _REQUEST_DIRECTION[conn.role])):
-                    h2 = self._to_http2(conn, r, r.direction if sender == "client" else _OTHER[r.direction],
+                               (sender == "client") == (direction == _REQUEST_DIRECTION[conn.role])):
+                    h2 = self._to_http2(conn, r, direction if sender == "client" else _OTHER[direction],
                                         joined=True)
         if h2 is not None:
-            for ex in h2.on_data(r.direction, r.data, r.ts_ns, r.offset, r.shedding):
+            for ex in h2.on_data(direction, data, ts, offset, r.shedding):
                 self._transaction(conn, ex)
             if h2.resyncs > h2.resyncs_counted:
                 self.counters["http2_gaps_read_past"] += h2.resyncs - h2.resyncs_counted
@@ -527,52 +529,52 @@ class Pipeline:
                 level = logging.INFO if self.counters["http2_connections_undecodable"] <= 20 else logging.DEBUG
                 log.log(level, "HTTP/2 decoding stopped on %s: %s (its later requests are not shown; counted in "
                         "capture.http2_connections_undecodable)", info.resolve_endpoint() or key, h2.failure)
-            self._maybe_updated(conn, r.ts_ns)
+            self._maybe_updated(conn, ts)
             return
-        if not r.data:
+        if not data:
             # Where a call ended whose bytes were not all emitted
             # (probes/common.h, emit_end): a message cut so ends now.
-            for ex in conn.assembler.on_data(r.direction, r.data, r.ts_ns, r.offset, r.shedding):
+            for ex in conn.assembler.on_data(direction, data, ts, offset, r.shedding):
                 self._transaction(conn, ex)
             return
         if conn.role == "unknown":
-            if _REQUEST_START.match(r.data, 0, 8192):
+            if _REQUEST_START.match(data, 0, 8192):
                 # A stream we did not see open (the process started it before
                 # us, or its TLS library works on memory buffers), or one we
                 # joined mid-message: a call that begins with a request says
                 # whoever made it is the client.  Pairing from here is sound
                 # for non-pipelined peers: no response to an earlier request
                 # can still be in flight once the next request has been sent.
-                conn.role = "client" if r.direction == "egress" else "server"
+                conn.role = "client" if direction == "egress" else "server"
                 conn.assembler = self._assembler(conn.role)
                 if conn.role == "server":
                     info.direction = "ingress"
-        elif not conn.fed and tls_source and r.direction != _REQUEST_DIRECTION[conn.role] \
-                and r.data.startswith(b"HTTP/"):
+        elif not conn.fed and tls_source and direction != _REQUEST_DIRECTION[conn.role] \
+                and data.startswith(b"HTTP/"):
             # A response first, on a connection seen open: its TLS library was
             # attached after the request went out (a new process, a file
             # attached at its exec).  Joined mid-stream, as above.
             conn.role = "unknown"
             conn.assembler = self._assembler("unknown")
         conn.fed = True
-        exchanges = conn.assembler.on_data(r.direction, r.data, r.ts_ns, r.offset, r.shedding)
+        exchanges = conn.assembler.on_data(direction, data, ts, offset, r.shedding)
         proto = conn.assembler.protocol
-        if proto == "other" and _h2_settings(r.data):
+        if proto == "other" and _h2_settings(data):
             # An HTTP/2 server's first write, before it has read the client's
             # preface: not "other" yet (the preface, next, makes it http2).
             proto = "unknown"
         if proto != "unknown":
             info.l7_protocol = proto
-            if proto == "http1" and not info.http_host and r.direction == _REQUEST_DIRECTION.get(conn.role):
+            if proto == "http1" and not info.http_host and direction == _REQUEST_DIRECTION.get(conn.role):
                 # The Host names the endpoint from the first request on, so the
                 # connection.updated that says http1 already carries it (without
                 # SNI it would otherwise say the IP until the response completes).
-                head_end = r.data.find(b"\r\n\r\n", 0, 8192)
-                found = _HOST_FIELD.search(r.data, 0, head_end if head_end >= 0 else 8192)
+                head_end = data.find(b"\r\n\r\n", 0, 8192)
+                found = _HOST_FIELD.search(data, 0, head_end if head_end >= 0 else 8192)
                 if found:
                     info.http_host = _host_name(found.group(1).decode("latin-1"))
         if changed or not conn.last_tls or info.l7_protocol != conn.last_l7:
-            self._maybe_updated(conn, r.ts_ns)
+            self._maybe_updated(conn, ts)
         for ex in exchanges:
             self._transaction(conn, ex)
 
