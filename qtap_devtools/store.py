@@ -191,11 +191,14 @@ class Store:
             if len(counts) > self.processes.limit:
                 self._prune_process_counts()
         key = (host or "?", method, _route(path or "/"))
-        entry = self.endpoints.get(key)
+        endpoints = self.endpoints
+        entry: _Endpoint | None = endpoints.get(key)  # typed: add() is then a native call
         if entry is None:
             entry = _Endpoint(key)
+            endpoints.put(key, entry)
+        else:
+            endpoints.entries.move_to_end(key)  # the most recently used is evicted last
         entry.add(status, ms)
-        self.endpoints.put(key, entry)
 
     # ---- queries
 

@@ -344,8 +344,9 @@ class MessageReader:
         pos = self._run(work, 0, ts)
         end = len(work)
         if pos >= end or self.state == DEAD:
-            self.buf = bytearray()
-            self.segments = []
+            if work is self.buf:  # else the buffer is empty already, and the next feed sets the segments
+                self.buf = bytearray()
+                self.segments = []
         else:
             if work is self.buf:
                 del self.buf[:pos]
