@@ -3,7 +3,9 @@
 The store listens to every published envelope and keeps live processes, open and
 recently closed connections, and recent transactions, each bounded with a count
 of what it evicted.  Because it reads only envelopes, a replayed capture file
-fills it exactly as live capture does.
+fills it exactly as live capture does (a transaction the agent made is read
+from its values, one from a file from its parsed body: a test holds the two
+to the same result).
 """
 
 from __future__ import annotations
