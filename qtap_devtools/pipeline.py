@@ -435,7 +435,7 @@ class Pipeline:
             self.counters["state_evicted"] += 1
 
     def on_data(self, r: rec.DataChunk) -> None:
-        # Its fields read once: DataChunk is a plain class, each read a lookup.
+        # Its fields, read once.
         pid, fd, data, direction, ts, offset, source = r.pid, r.fd, r.data, r.direction, r.ts_ns, r.offset, r.source
         key = (pid, fd) if fd >= 0 else (pid, "tls", r.tls_ref)
         conn = self.conns.get(key)

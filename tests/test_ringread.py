@@ -11,6 +11,8 @@ ring); this one reaches the corners on purpose.
 
 from __future__ import annotations
 
+import dataclasses
+
 import mmap
 import os
 import struct
@@ -77,7 +79,7 @@ def close_record(pid: int) -> bytes:
 
 
 def fields(r):
-    return (type(r).__name__, {k: getattr(r, k) for k in r.__slots__})
+    return (type(r).__name__, {f.name: getattr(r, f.name) for f in dataclasses.fields(r)})
 
 
 def test_the_python_walk_gives_the_same_by_products(monkeypatch):

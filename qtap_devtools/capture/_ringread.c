@@ -19,15 +19,13 @@
 #define DISCARD (1u << 30)
 #define HDR 8
 
-static PyObject *chunk_type;  /* records.DataChunk */
+static PyObject *chunk_type;  /* chunk.DataChunk */
 static PyObject *directions;  /* tuple of str */
 static PyObject *sources;     /* tuple of str */
 static unsigned data_kind;    /* rec_kind DATA */
 static Py_ssize_t data_hdr;   /* DATA_HDR_SIZE: rec_hdr + data_rec header */
 static unsigned shedding_flag;
-
-static PyObject *a_pid, *a_tid, *a_fd, *a_ts_ns, *a_direction, *a_source, *a_offset, *a_data, *a_tls_ref,
-    *a_shedding;
+static PyObject *a_data; /* "data" */
 
 /* The 48-byte header, as records._DATA_FULL unpacks it ("<IIIiQQIBBHQ"). */
 struct data_hdr {
@@ -53,23 +51,23 @@ static PyObject *data_chunk(const char *p, Py_ssize_t size, Py_ssize_t *payload)
         PyErr_SetString(PyExc_ValueError, "data record with an unknown direction or source");
         return NULL;
     }
-    PyTypeObject *tp = (PyTypeObject *)chunk_type;
-    PyObject *c = tp->tp_alloc(tp, 0);
+    /* Made by calling the class, as Python would: it is compiled (chunk.py),
+     * and a native object is only sound once its own constructor has run. */
+    PyObject *args[10] = {
+        PyLong_FromUnsignedLong(h.pid), PyLong_FromUnsignedLong(h.tid), PyLong_FromLong(h.fd),
+        PyLong_FromUnsignedLongLong(h.ts), PyTuple_GET_ITEM(directions, h.direction),
+        PyTuple_GET_ITEM(sources, h.source), PyLong_FromUnsignedLongLong(h.offset),
+        PyBytes_FromStringAndSize(p + data_hdr, h.length), PyLong_FromUnsignedLongLong(h.tls_ref),
+        (h.flags & shedding_flag) ? Py_True : Py_False,
+    };
+    PyObject *c = NULL;
+    if (args[0] && args[1] && args[2] && args[3] && args[6] && args[7] && args[8])
+        c = PyObject_Vectorcall(chunk_type, args, 10, NULL);
+    for (int i = 0; i < 10; i++)
+        if (i != 4 && i != 5 && i != 9)  /* the new references (the others are borrowed) */
+            Py_XDECREF(args[i]);
     if (c == NULL)
         return NULL;
-    if (set_new(c, a_pid, PyLong_FromUnsignedLong(h.pid)) < 0 ||
-        set_new(c, a_tid, PyLong_FromUnsignedLong(h.tid)) < 0 ||
-        set_new(c, a_fd, PyLong_FromLong(h.fd)) < 0 ||
-        set_new(c, a_ts_ns, PyLong_FromUnsignedLongLong(h.ts)) < 0 ||
-        PyObject_SetAttr(c, a_direction, PyTuple_GET_ITEM(directions, h.direction)) < 0 ||
-        PyObject_SetAttr(c, a_source, PyTuple_GET_ITEM(sources, h.source)) < 0 ||
-        set_new(c, a_offset, PyLong_FromUnsignedLongLong(h.offset)) < 0 ||
-        set_new(c, a_data, PyBytes_FromStringAndSize(p + data_hdr, h.length)) < 0 ||
-        set_new(c, a_tls_ref, PyLong_FromUnsignedLongLong(h.tls_ref)) < 0 ||
-        PyObject_SetAttr(c, a_shedding, (h.flags & shedding_flag) ? Py_True : Py_False) < 0) {
-        Py_DECREF(c);
-        return NULL;
-    }
     *payload += h.length;
     return c;
 }
@@ -215,15 +213,6 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_ringread", NULL, -1, methods};
 
 PyMODINIT_FUNC PyInit__ringread(void) {
-    INTERN(a_pid, "pid");
-    INTERN(a_tid, "tid");
-    INTERN(a_fd, "fd");
-    INTERN(a_ts_ns, "ts_ns");
-    INTERN(a_direction, "direction");
-    INTERN(a_source, "source");
-    INTERN(a_offset, "offset");
     INTERN(a_data, "data");
-    INTERN(a_tls_ref, "tls_ref");
-    INTERN(a_shedding, "shedding");
     return PyModule_Create(&module);
 }

@@ -1,7 +1,8 @@
 """Typed capture records: the Python mirror of ``probes/common.h``.
 
 Each ring-buffer record starts with ``struct rec_hdr`` (kind, pid, tid, fd,
-ts_ns).  ``parse(raw)`` turns one record into one of the classes below; it
+ts_ns).  ``parse(raw)`` turns one record into one of the classes below (or a
+``chunk.DataChunk``, compiled, for data records); it
 raises ``ValueError`` only for a record shorter than its kind's layout, which
 means probes and this file disagree (a programming error, not bad input).
 """
@@ -14,11 +15,11 @@ import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Optional, Union
 
+from qtap_devtools.capture.chunk import DataChunk, Direction, Source
+
 if TYPE_CHECKING:
     from qtap_devtools.enrich.model import ProcessInfo
 
-Direction = Literal["egress", "ingress"]
-Source = Literal["socket", "openssl", "gnutls"]
 
 # enum rec_kind in common.h
 EXEC, FORK, EXIT, CONNECT, ACCEPT, ADDRESS, CLOSE, DATA, SNI, CGROUP = range(1, 11)
@@ -127,26 +128,6 @@ class SocketClose:
     pid: int
     fd: int
     ts_ns: int
-
-
-@dataclass(slots=True)  # not frozen: a frozen __init__ costs 0.5 µs per record, the hottest object here
-class DataChunk:
-    pid: int
-    tid: int
-    fd: int  # -1 when the TLS library's fd is not known (e.g. node's memory BIO)
-    ts_ns: int
-    direction: Direction
-    source: Source
-    offset: int  # of data[0] within (pid, fd, direction, tls-or-not)
-    data: bytes
-    tls_ref: int = 0  # SSL* / gnutls session; 0 for socket data
-    # Written while the probes were shedding (probes/common.h): a gap before it
-    # may be bytes they left out on purpose, not lost ones.
-    shedding: bool = False
-
-    @property
-    def end(self) -> int:
-        return self.offset + len(self.data)
 
 
 @dataclass(frozen=True, slots=True)
