@@ -11,7 +11,7 @@ to the same result).
 from __future__ import annotations
 
 from collections import Counter, OrderedDict, deque
-from typing import TYPE_CHECKING, Any, Callable, Final, Iterable
+from typing import TYPE_CHECKING, Any, Final, Iterable
 
 from qtap_devtools import events as ev
 from qtap_devtools.events import Envelope

@@ -20,7 +20,6 @@ from qtap_devtools.capture.chunk import DataChunk, Direction, Source
 if TYPE_CHECKING:
     from qtap_devtools.enrich.model import ProcessInfo
 
-
 # enum rec_kind in common.h
 EXEC, FORK, EXIT, CONNECT, ACCEPT, ADDRESS, CLOSE, DATA, SNI, CGROUP = range(1, 11)
 
