@@ -20,6 +20,7 @@
 #define HDR 8
 
 static PyObject *chunk_type;  /* chunk.DataChunk */
+static PyObject *chunk_make;  /* chunk.make: DataChunk(...) */
 static PyObject *directions;  /* tuple of str */
 static PyObject *sources;     /* tuple of str */
 static unsigned data_kind;    /* rec_kind DATA */
@@ -51,8 +52,8 @@ static PyObject *data_chunk(const char *p, Py_ssize_t size, Py_ssize_t *payload)
         PyErr_SetString(PyExc_ValueError, "data record with an unknown direction or source");
         return NULL;
     }
-    /* Made by calling the class, as Python would: it is compiled (chunk.py),
-     * and a native object is only sound once its own constructor has run. */
+    /* Made by chunk.make, as Python would make it: the class is compiled, and a
+     * native object is only sound once its own constructor has run. */
     PyObject *args[10] = {
         PyLong_FromUnsignedLong(h.pid), PyLong_FromUnsignedLong(h.tid), PyLong_FromLong(h.fd),
         PyLong_FromUnsignedLongLong(h.ts), PyTuple_GET_ITEM(directions, h.direction),
@@ -62,7 +63,7 @@ static PyObject *data_chunk(const char *p, Py_ssize_t size, Py_ssize_t *payload)
     };
     PyObject *c = NULL;
     if (args[0] && args[1] && args[2] && args[3] && args[6] && args[7] && args[8])
-        c = PyObject_Vectorcall(chunk_type, args, 10, NULL);
+        c = PyObject_Vectorcall(chunk_make, args, 10, NULL);
     for (int i = 0; i < 10; i++)
         if (i != 4 && i != 5 && i != 9)  /* the new references (the others are borrowed) */
             Py_XDECREF(args[i]);
@@ -183,17 +184,19 @@ done:
 }
 
 static PyObject *configure(PyObject *self, PyObject *args) {
-    PyObject *type, *dirs, *srcs;
+    PyObject *type, *make, *dirs, *srcs;
     unsigned kind, flag;
     Py_ssize_t hdr;
-    if (!PyArg_ParseTuple(args, "OO!O!InI:configure", &type, &PyTuple_Type, &dirs, &PyTuple_Type, &srcs, &kind,
-                          &hdr, &flag))
+    if (!PyArg_ParseTuple(args, "OOO!O!InI:configure", &type, &make, &PyTuple_Type, &dirs, &PyTuple_Type, &srcs,
+                          &kind, &hdr, &flag))
         return NULL;
-    if (!PyType_Check(type) || hdr != (Py_ssize_t)sizeof(struct data_hdr)) {
-        PyErr_SetString(PyExc_ValueError, "configure: DataChunk must be a class and the header 48 bytes");
+    if (!PyType_Check(type) || !PyCallable_Check(make) || hdr != (Py_ssize_t)sizeof(struct data_hdr)) {
+        PyErr_SetString(PyExc_ValueError, "configure: DataChunk must be a class, make a callable and the header "
+                                          "48 bytes");
         return NULL;
     }
     Py_XSETREF(chunk_type, Py_NewRef(type));
+    Py_XSETREF(chunk_make, Py_NewRef(make));
     Py_XSETREF(directions, Py_NewRef(dirs));
     Py_XSETREF(sources, Py_NewRef(srcs));
     data_kind = kind;
@@ -206,7 +209,7 @@ static PyMethodDef methods[] = {
     {"read", ring_read, METH_VARARGS,
      "read(data, consumer, size, page, parse_at, out, max_records, others) -> (taken, errors, data_bytes)"},
     {"configure", configure, METH_VARARGS,
-     "configure(DataChunk, DIRECTIONS, SOURCES, DATA, DATA_HDR_SIZE, DATA_SHEDDING)"},
+     "configure(DataChunk, make, DIRECTIONS, SOURCES, DATA, DATA_HDR_SIZE, DATA_SHEDDING)"},
     {NULL, NULL, 0, NULL},
 };
 

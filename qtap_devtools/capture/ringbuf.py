@@ -22,7 +22,7 @@ import select
 import struct
 from typing import Callable, TypeVar
 
-from qtap_devtools.capture import records
+from qtap_devtools.capture import chunk, records
 
 # The same walk in C, with data records decoded there (``_ringread.c``); built
 # by ``make setup``.  Without it, read_records is read with RecordReader.parse_at.
@@ -31,7 +31,7 @@ try:
 except ImportError:
     _ringread = None
 else:
-    _ringread.configure(records.DataChunk, records.DIRECTIONS, records.SOURCES, records.DATA,
+    _ringread.configure(chunk.DataChunk, chunk.make, records.DIRECTIONS, records.SOURCES, records.DATA,
                         records.DATA_HDR_SIZE, records.DATA_SHEDDING)
 
 BUSY = 1 << 31
