@@ -199,13 +199,20 @@ class Envelope:
 _TX_TYPE: Final = HTTP_TRANSACTION.encode()
 _TX_TYPE_ESCAPED: Final = HTTP_TRANSACTION.replace(".", "\\u002e").encode()
 _TX_HEAD: Final = b"event: " + _TX_TYPE + b"\ndata: "  # a transaction's frame up to its JSON
-_SPLICE_AT: Final = b'"type":"http_transaction","data":""'  # see HttpTransaction._spliced
+_SPLICE_AT: Final = b'"type":"http_transaction","data":"'
+
+
+def _base64_at(text: bytes) -> int:
+    """Where the base64 transaction starts in an event's JSON (empty there, or
+    written): found once, and only where it is meant, because inside a JSON
+    string every quote is escaped, so this run of quotes cannot occur in one."""
+    return text.index(_SPLICE_AT) + len(_SPLICE_AT)
 
 
 def _with_encoded(values: list[Any], frame: bytes) -> list[Any]:
     """An event's values with its base64 transaction, read back from its frame,
-    in the splice slot (see _SPLICE_AT for why it is found only where meant)."""
-    at = frame.index(_SPLICE_AT[:-1]) + len(_SPLICE_AT) - 1
+    in the splice slot."""
+    at = _base64_at(frame)
     out = list(values)
     out[EV_ENCODED] = frame[at:frame.index(b'"', at)].decode("ascii")
     return out
@@ -616,7 +623,7 @@ _SUMMARY_KEYS: Final = (
     "request_body_size", "response_body_size", "process_pid", "container_id", "pod_name", "error",
 )
 _EVENT_LAYOUT: Final = (
-    # "data" right after "type": _spliced and _with_encoded find it by the pair.
+    # "data" right after "type": _base64_at finds it by the pair.
     *(f"data.data.{k}" for k in ("connectionId", "endpointId", "requestId", "type", "data:splice", "contentType")),
     *(f"data.data.summary.{k}" for k in _SUMMARY_KEYS),
     "ts",
@@ -922,9 +929,7 @@ class HttpTransaction(Event):
         encoded = self.encoded()
         values = self.event_values("")
         line = json_line(_unflatten(_EVENT_SLOTS, values))
-        # Found once, and only where it is meant: inside a JSON string every
-        # quote is escaped, so this run of quotes cannot occur in one.
-        at = line.index(_SPLICE_AT) + len(_SPLICE_AT) - 1
+        at = _base64_at(line)
         frame = b"".join((_TX_HEAD, line[:at], encoded.encode("ascii"), line[at:], b"\n\n"))
         return Envelope(HTTP_TRANSACTION, None, frame, self.ts_ns, values)
 
