@@ -35,7 +35,7 @@ C_HEADERS = ("_capi.h", "_b64enc.h")  # in the package's top directory, shared b
 MYPYC_MODULES = (
     "assemble/http1_parse", "assemble/http1", "assemble/http2", "assemble/offsets", "assemble/hpack_decode", "assemble/model",
     "assemble/body",
-    "pipeline", "publisher", "events", "store", "broadcast", "filters", "ids", "capture/chunk",
+    "pipeline", "publisher", "events", "store", "broadcast", "filters", "ids", "capture/chunk", "enrich/model",
 )
 MYPYC_GROUP = "_native"  # mypyc's shared runtime for the group: qtap_devtools/_native__mypyc
 SUFFIX = sysconfig.get_config_var("EXT_SUFFIX") or ".so"

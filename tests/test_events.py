@@ -153,9 +153,7 @@ def test_new_id_is_the_xid_of_its_bytes():
 
 def test_captured_text_naming_the_transaction_event_cannot_fool_the_recipes_grep():
     # The recipe's own grep is a process on the stream, its cmdline naming the event type.
-    grep = ev.ProcessStarted(
-        samples.PYTHON.__class__(**{**{f: getattr(samples.PYTHON, f) for f in samples.PYTHON.__slots__},
-                                    "cmdline": 'grep request.http_transaction -A1'}))
+    grep = ev.ProcessStarted(dataclasses.replace(samples.PYTHON, cmdline="grep request.http_transaction -A1"))
     frame = grep.envelope().frame
     data_line = frame.split(b"\n")[1]
     assert b"request.http_transaction" not in data_line
