@@ -56,7 +56,8 @@ TOKENISH = st.sampled_from(["Host", "Content-Length", "content-length", "CONNECT
                             "x(y)", "Accept"])
 VALUES = st.sampled_from(["5", " 12 ", "0", "007", "5, 5", "5,6", "-1", "1e3", "", "²", "9" * 18, "9" * 19,
                           "close", "keep-alive, Upgrade", "Close", "chunked", "gzip, chunked", "gzip",
-                          "websocket", "a\tb", " text with spaces ", "é", "\t", "x\t", "\t x \t", "5\t"])
+                          "websocket", "a\tb", " text with spaces ", "é", "\t", "x\t", "\t x \t", "5\t",
+                          "keep-alive", "CLOSE", "closer", "close\x0b", "\x0cclose", "clos\xe9"])
 STARTS_REQ = st.sampled_from(["GET / HTTP/1.1", "POST /a?b=c HTTP/1.0", "GET  / HTTP/1.1", "GET / HTTP/1.2",
                               "G\x01T / HTTP/1.1", " GET / HTTP/1.1", "GET / HTTP/1.1 x", "GET /", "",
                               "PRI * HTTP/2.0", "M-SEARCH * HTTP/1.1", "GET /é HTTP/1.1"])
@@ -236,3 +237,21 @@ print(json.dumps([[fields(hp._headparse.parse_head(h.encode("latin-1"), r)), fie
     for (head, _), (c, py) in zip(FRAMING_HEADS, json.loads(out.stdout)):
         assert c == py, head
     assert json.loads(out.stdout)[0][0][1] is True  # chunked, seen by both
+
+
+STARTS = st.lists(st.sampled_from([b"GET ", b"HTTP/", b"HTTP", b"H", b"M-SEARCH", b" ", b"\x16\x03\x01", b"a" * 23,
+                                   b"a" * 24, b"PRI", b"\r\n", b"(", b"\xe9"]), max_size=6).map(b"".join)
+
+
+@settings(max_examples=800, deadline=None)
+@given(STARTS, st.integers(0, 40), st.integers(0, 50), st.booleans(), st.booleans())
+def test_plausible_start_agrees(buf, pos, end, is_request, as_bytearray):
+    """Whether a message could start here: the C check against the Python it
+    replaced, any position and end, in or past the buffer."""
+    work = bytearray(buf) if as_bytearray else buf
+    assert fast.plausible_start(work, pos, end, is_request) is http1_parse.plausible_start_py(work, pos, end, is_request)
+
+
+def test_plausible_start_refuses_negative_bounds():
+    with pytest.raises(ValueError):
+        fast.plausible_start(b"GET ", -1, 4, True)

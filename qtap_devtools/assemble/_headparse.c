@@ -24,7 +24,7 @@ static PyObject *fallback_fn; /* http1_parse.parse_head_py(head, is_request) */
 
 static PyObject *v11, *v10;   /* "HTTP/1.1", "HTTP/1.0" */
 static PyObject *lk_cl, *lk_te, *lk_conn, *lk_up, *lk_ce;
-static PyObject *a_method, *a_target, *a_version, *a_status, *a_reason, *a_headers, *a_content_length;
+static PyObject *a_method, *a_target, *a_version, *a_status, *a_reason, *a_headers, *a_content_length, *a_close;
 static PyObject *empty_str;
 
 static unsigned char is_token[256];
@@ -182,6 +182,15 @@ static int parse_fast(const char *buf, Py_ssize_t n, int is_request, PyObject **
                 p = nl ? nl + 2 : end;
                 continue;
             }
+        }
+        if (lkey == lk_conn && ve > v && all_token(v, ve - v)) {
+            /* The usual Connection: one token (keep-alive, close), where
+             * Python's strip() and lower() change nothing but ASCII case. */
+            Py_DECREF(text);
+            if (ve - v == 5 && ascii_ieq(v, "close", 5) && set(msg, a_close, Py_True) < 0)
+                goto fail;
+            p = nl ? nl + 2 : end;
+            continue;
         }
         if (lkey != NULL) {
             if (lkey == lk_cl)
@@ -436,7 +445,57 @@ static PyObject *head_end(PyObject *self, PyObject *const *args, Py_ssize_t narg
     return PyLong_FromSsize_t(found);
 }
 
+/* plausible_start(buf, pos, end, is_request) -> bool: http1_parse.plausible_start_py.
+ * Whether a message could start at buf[pos]: a response with "HTTP/" (or
+ * the start of it, when fewer bytes are in), a request with a token of at
+ * most 23 bytes before a space.  Called for every message, where the
+ * method calls on a bytes|bytearray cost ~1,200 instructions. */
+static PyObject *plausible_start(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "plausible_start(buf, pos, end, is_request)");
+        return NULL;
+    }
+    Py_ssize_t pos = PyLong_AsSsize_t(args[1]), end = PyLong_AsSsize_t(args[2]);
+    if ((pos == -1 || end == -1) && PyErr_Occurred())
+        return NULL;
+    if (pos < 0 || end < 0) {  /* slices would count these from the end */
+        PyErr_SetString(PyExc_ValueError, "plausible_start: pos and end must not be negative");
+        return NULL;
+    }
+    int is_request = PyObject_IsTrue(args[3]);
+    if (is_request < 0)
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const char *b = view.buf;
+    Py_ssize_t len = view.len, have = pos < len ? len - pos : 0;
+    int ok;
+    if (!is_request) {
+        /* The whole prefix, or as much of it as there is. */
+        Py_ssize_t n = have < 5 ? have : 5;
+        ok = memcmp(b + pos, "HTTP/", (size_t)n) == 0;
+    } else {
+        /* A token up to a space within 24 bytes (the buffer's end bounds the
+         * search, `end` the token when no space is found). */
+        Py_ssize_t window = have < 24 ? have : 24;
+        const char *sp = window > 0 ? memchr(b + pos, ' ', (size_t)window) : NULL;
+        Py_ssize_t stop = sp ? sp - b : (end < pos + 24 ? end : pos + 24);
+        if (stop > len)
+            stop = len;
+        Py_ssize_t n = stop > pos ? stop - pos : 0;
+        if (sp == NULL && n >= 24)
+            ok = 0;
+        else
+            ok = all_token(b + pos, n);
+    }
+    PyBuffer_Release(&view);
+    return PyBool_FromLong(ok);
+}
+
 static PyMethodDef methods[] = {
+    {"plausible_start", (PyCFunction)(void (*)(void))plausible_start, METH_FASTCALL,
+     "Whether a message could start at buf[pos] (http1_parse.plausible_start_py)."},
     {"head_end", (PyCFunction)(void (*)(void))head_end, METH_FASTCALL,
      "head_end(buf, start, limit) -> int: http1_parse.head_end_py."},
     {"parse_head", (PyCFunction)(void (*)(void))parse_head, METH_FASTCALL,
@@ -468,6 +527,7 @@ PyMODINIT_FUNC PyInit__headparse(void) {
     INTERN(a_reason, "reason");
     INTERN(a_headers, "headers");
     INTERN(a_content_length, "content_length");
+    INTERN(a_close, "close");
     INTERN(empty_str, "");
     for (int i = 0; i < N_COMMON; i++) {
         INTERN(common_lower[i], COMMON_NAMES[i]);

@@ -205,6 +205,22 @@ def _framing_header(msg: Head, lkey: str, value: str) -> None:
         msg.content_encoding = f"{msg.content_encoding}, {value}" if msg.content_encoding else value
 
 
+def plausible_start_py(work: bytes | bytearray, pos: int, end: int, is_request: bool) -> bool:
+    """Whether a message could start at ``work[pos]``: non-HTTP is refused at
+    once (a TLS record has no newline to wait for)."""
+    if not is_request:
+        if work.startswith(b"HTTP/", pos):
+            return True
+        return b"HTTP/".startswith(work[pos : pos + 5])
+    if work.startswith(COMMON_METHODS, pos):  # the usual case: one call, no copy
+        return True
+    space = work.find(b" ", pos, pos + 24)
+    token = work[pos : space if space >= 0 else min(end, pos + 24)]
+    if space < 0 and len(token) >= 24:
+        return False
+    return not token.translate(None, TOKEN)
+
+
 def head_end_py(buf: bytes | bytearray, start: int, limit: int) -> int:
     """Where the head in ``buf[start:limit]`` ends: the index of the LF that
     starts its blank line (LF LF, or LF CR LF), or -1 while there is none."""
@@ -224,6 +240,7 @@ else:
     _headparse.configure(Head, _framing_header, parse_head_py)
 parse_head: Final = parse_head_py if _headparse is None else _headparse.parse_head
 head_end: Final = head_end_py if _headparse is None else _headparse.head_end
+plausible_start: Final = plausible_start_py if _headparse is None else _headparse.plausible_start
 
 
 def request_framing(head: Head) -> int:
@@ -456,7 +473,7 @@ class MessageReader:
             self.discarded += 1
         if pos >= end:
             return end
-        if not self._plausible_start(work, pos, end):
+        if not plausible_start(work, pos, end, self.kind == "request"):
             self._malformed("not an HTTP/1 message start", True)
             return end if self.state == DEAD else pos
         scan = pos
@@ -505,20 +522,6 @@ class MessageReader:
         else:
             self.state = CLOSE
         return nxt
-
-    def _plausible_start(self, work: bytes | bytearray, pos: int, end: int) -> bool:
-        """Reject non-HTTP at once (a TLS record has no newline to wait for)."""
-        if self.kind == "response":
-            if work.startswith(b"HTTP/", pos):
-                return True
-            return b"HTTP/".startswith(work[pos : pos + 5])
-        if work.startswith(COMMON_METHODS, pos):  # the usual case: one call, no copy
-            return True
-        space = work.find(b" ", pos, pos + 24)
-        token = work[pos : space if space >= 0 else min(end, pos + 24)]
-        if space < 0 and len(token) >= 24:
-            return False
-        return not token.translate(None, TOKEN)
 
     def _body(self, chunk: memoryview) -> None:
         msg = self.msg
