@@ -34,16 +34,29 @@ def encode(raw: bytes) -> str:
 # their 72 bits), so they are made once a second; the last 6 encode those 2 bits,
 # the counter and the 4 padding bits, through a 10-bit → 2-character table.
 _PAIRS: Final = [_ALPHABET[i >> 5] + _ALPHABET[i & 31] for i in range(1024)]
-_second: tuple[int, str, int] = (-1, "", 0)
+
+
+class _Second:
+    """The current second's 14-character prefix and its 2 leftover bits."""
+
+    def __init__(self) -> None:
+        self.seconds = -1
+        self.prefix = ""
+        self.low_bits = 0
+
+
+_second: Final = _Second()  # a native object: its fields read without a module-dict lookup
 
 
 def new_id(unix_seconds: float) -> str:
-    global _second
     seconds = int(unix_seconds)
     count = next(_counter) & 0xFFFFFF  # itertools.count: atomic under the GIL
-    cached = _second
-    if cached[0] != seconds:
+    second = _second
+    if second.seconds != seconds:
+        # Two threads may both redo this in a new second: the same values.
         prefix = seconds.to_bytes(4, "big") + _machine + _pid
-        cached = _second = (seconds, encode(prefix + b"\0\0\0")[:14], prefix[-1] & 3)
-    tail = ((cached[2] << 24 | count) << 4)  # 30 bits
-    return cached[1] + _PAIRS[tail >> 20] + _PAIRS[(tail >> 10) & 1023] + _PAIRS[tail & 1023]
+        second.prefix = encode(prefix + b"\0\0\0")[:14]
+        second.low_bits = prefix[-1] & 3
+        second.seconds = seconds
+    tail = ((second.low_bits << 24 | count) << 4)  # 30 bits
+    return f"{second.prefix}{_PAIRS[tail >> 20]}{_PAIRS[(tail >> 10) & 1023]}{_PAIRS[tail & 1023]}"
