@@ -594,6 +594,8 @@ class HttpMessage:
 # transaction_json and the event's body build the dicts from the values;
 # _jsonw writes the same bytes straight from them (no dicts), for the frame.
 
+# HttpTransaction(user_agent=) left out: the request's headers are looked up.
+_LOOK_UP: Final = "\0look it up"
 _MESSAGE_SLOTS: Final = ("content_type", "headers", "body:b64", "body_size", "body_captured", "body_truncated",
                          "content_encoding?", "body_decode_error?", "trailers?")
 
@@ -747,7 +749,7 @@ class HttpTransaction(Event):
     upgraded: bool = False
     shed: bool = False  # a body cut on purpose: the agent was behind or over its capture rate
     informational: tuple[int, ...] = ()
-    user_agent: str | None = None  # the request's, when the maker has it at hand; None: look it up
+    user_agent: str | None = None  # the request's User-Agent; None: it has none
     ts_ns: int = field(default_factory=now_ns)
     response_version: str | None = None
 
@@ -759,7 +761,7 @@ class HttpTransaction(Event):
         response: HttpMessage | None, start_ns: int, duration_ms: float, bytes_sent: int,
         bytes_received: int, timing: Mapping[str, float] | None = None, error: str | None = None,
         partial: bool = False, incomplete: bool = False, upgraded: bool = False, shed: bool = False,
-        informational: tuple[int, ...] = (), user_agent: str | None = None, ts_ns: int | None = None,
+        informational: tuple[int, ...] = (), user_agent: str | None = _LOOK_UP, ts_ns: int | None = None,
         response_version: str | None = None,
     ) -> None:
         self.request_id = request_id
@@ -784,7 +786,8 @@ class HttpTransaction(Event):
         self.upgraded = upgraded
         self.shed = shed
         self.informational = informational
-        self.user_agent = user_agent
+        # The pipeline has it at hand (None when there is none); other makers leave it out.
+        self.user_agent = header(request.headers, "user-agent") if user_agent is _LOOK_UP else user_agent
         self.ts_ns = now_ns() if ts_ns is None else ts_ns
         self.response_version = response_version  # the status line's: a server may answer 1.0 to 1.1
 
@@ -830,17 +833,18 @@ class HttpTransaction(Event):
             self.authority,
             "http2" if self.http_version == "HTTP/2" else "http1",
             self.http_version,
-            self.user_agent if self.user_agent is not None else header(req.headers, "user-agent"),
+            self.user_agent,
         ]
-        values += req.values()
+        # extend, not +=: mypyc makes += on a list a generic in-place concat.
+        values.extend(req.values())
         response = self.response
         if response is None:
             values.append(None)
         else:
-            values += (self.status, self.reason, self.response_version)
-            values += response.values()
+            values.extend((self.status, self.reason, self.response_version))
+            values.extend(response.values())
         timing = self.timing
-        values += (
+        values.extend((
             round(self.duration_ms),
             round(self.duration_ms * 1000),
             c.direction,
@@ -852,7 +856,7 @@ class HttpTransaction(Event):
             True if self.upgraded else None,
             True if self.shed else None,
             list(self.informational) if self.informational else None,
-        )
+        ))
         return values
 
     def transaction_json(self) -> dict:
