@@ -137,6 +137,22 @@ def test_event_types_counted_by_name_are_bounded():
     assert sum(st.by_type.values()) == store_mod.MAX_EVENT_TYPES + 10
 
 
+def test_endpoints_are_evicted_least_recently_used_whether_counted_in_runs_or_interleaved():
+    """A run of transactions to one endpoint skips the index's lookup: the order
+    it keeps, and so which endpoint goes first, must be what lookups make."""
+    store = Store(endpoints=3)
+    paths = ["/a", "/a", "/b", "/a", "/c", "/c", "/b", "/b", "/d"]  # least recent at the end: /a
+    for i, path in enumerate(paths):
+        store.on_event(summary_tx(i, "GET", path, 200, 1))
+    kept = {e["path"]: e["count"] for e in store.endpoint_list()}
+    assert kept == {"/c": 2, "/b": 3, "/d": 1}
+    assert store.stats()["evicted"]["endpoints"] == 1
+    store.on_event(summary_tx(99, "POST", "/d", 200, 1))  # same path, another method: another endpoint
+    store.on_event(summary_tx(100, "GET", "/d", 200, 1))
+    kept = {(e["method"], e["path"]): e["count"] for e in store.endpoint_list()}
+    assert kept == {("GET", "/b"): 3, ("GET", "/d"): 2, ("POST", "/d"): 1}
+
+
 def test_the_path_to_route_memo_is_bounded_and_counts_what_it_lets_go(monkeypatch):
     from qtap_devtools import store as store_mod
 
