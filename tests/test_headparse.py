@@ -255,3 +255,13 @@ def test_plausible_start_agrees(buf, pos, end, is_request, as_bytearray):
 def test_plausible_start_refuses_negative_bounds():
     with pytest.raises(ValueError):
         fast.plausible_start(b"GET ", -1, 4, True)
+
+
+def test_common_header_names_as_sent_or_lower_case_are_made_once():
+    """Their str (and its hash) is reused; any other spelling is its own, and equal."""
+    one = fast.parse_head(b"GET / HTTP/1.1\r\nHost: a\r\ncontent-type: b\r\nHOST: c\r\nX-Mine: d", True)
+    two = fast.parse_head(b"GET / HTTP/1.1\r\nHost: e\r\ncontent-type: f\r\nHOST: g\r\nX-Mine: h", True)
+    (h1, _), (c1, _), (u1, _), (x1, _) = one.headers
+    (h2, _), (c2, _), (u2, _), (x2, _) = two.headers
+    assert h1 is h2 and c1 is c2
+    assert (u1, x1) == (u2, x2) == ("HOST", "X-Mine") and u1 is not u2

@@ -72,6 +72,40 @@ static PyObject *framing_key(const char *p, Py_ssize_t n) {
     return NULL;
 }
 
+/* Lower-case names most messages carry, made once: a name is matched against
+ * these before a new str is made for its lower-case form. */
+static const char *const COMMON_NAMES[] = {
+    "host", "user-agent", "accept", "accept-encoding", "accept-language", "content-type", "content-length",
+    "content-encoding", "transfer-encoding", "connection", "keep-alive", "date", "server", "cache-control",
+    "etag", "last-modified", "expires", "vary", "location", "set-cookie", "cookie", "authorization", "referer",
+    "origin", "x-request-id", "x-forwarded-for", "accept-ranges", "age", "pragma", "upgrade",
+};
+#define N_COMMON ((int)(sizeof COMMON_NAMES / sizeof COMMON_NAMES[0]))
+/* The same names as most clients and servers send them. */
+static const char *const COMMON_SENT[N_COMMON] = {
+    "Host", "User-Agent", "Accept", "Accept-Encoding", "Accept-Language", "Content-Type", "Content-Length",
+    "Content-Encoding", "Transfer-Encoding", "Connection", "Keep-Alive", "Date", "Server", "Cache-Control",
+    "ETag", "Last-Modified", "Expires", "Vary", "Location", "Set-Cookie", "Cookie", "Authorization", "Referer",
+    "Origin", "X-Request-Id", "X-Forwarded-For", "Accept-Ranges", "Age", "Pragma", "Upgrade",
+};
+static PyObject *common_lower[N_COMMON], *common_sent[N_COMMON];
+static Py_ssize_t common_len[N_COMMON];
+
+/* A header name as a str (a new reference): a common one spelled as sent or in
+ * lower case is the str made once, whose hash is then known too (~200
+ * instructions a name, made, hashed and freed); any other is decoded. */
+static PyObject *name_str(const char *p, Py_ssize_t n) {
+    for (int i = 0; i < N_COMMON; i++) {
+        if (common_len[i] != n)
+            continue;
+        if (memcmp(p, COMMON_SENT[i], n) == 0)
+            return Py_NewRef(common_sent[i]);
+        if (memcmp(p, COMMON_NAMES[i], n) == 0)
+            return Py_NewRef(common_lower[i]);
+    }
+    return PyUnicode_DecodeASCII(p, n, NULL);
+}
+
 static int set(PyObject *o, PyObject *name, PyObject *value) {
     return PyObject_SetAttr(o, name, value);
 }
@@ -157,7 +191,7 @@ static int parse_fast(const char *buf, Py_ssize_t n, int is_request, PyObject **
             v++;
         while (ve > v && (ve[-1] == ' ' || ve[-1] == '\t'))
             ve--;
-        PyObject *key = PyUnicode_DecodeASCII(p, colon - p, NULL);
+        PyObject *key = name_str(p, colon - p);
         PyObject *text = key ? PyUnicode_DecodeLatin1(v, ve - v, NULL) : NULL;
         PyObject *pair = text ? PyTuple_Pack(2, key, text) : NULL;
         Py_XDECREF(key);
@@ -265,17 +299,6 @@ static PyObject *ascii_lower(PyObject *name) {
     return low;
 }
 
-/* Lower-case names most messages carry, made once: a name is matched against
- * these before a new str is made for its lower-case form. */
-static const char *const COMMON_NAMES[] = {
-    "host", "user-agent", "accept", "accept-encoding", "accept-language", "content-type", "content-length",
-    "content-encoding", "transfer-encoding", "connection", "keep-alive", "date", "server", "cache-control",
-    "etag", "last-modified", "expires", "vary", "location", "set-cookie", "cookie", "authorization", "referer",
-    "origin", "x-request-id", "x-forwarded-for", "accept-ranges", "age", "pragma", "upgrade",
-};
-#define N_COMMON ((int)(sizeof COMMON_NAMES / sizeof COMMON_NAMES[0]))
-static PyObject *common_lower[N_COMMON];
-static Py_ssize_t common_len[N_COMMON];
 /* More fields than this: combined the dicts' way (in Python), not by n² compares. */
 #define COMBINE_MAX 64
 
@@ -531,7 +554,12 @@ PyMODINIT_FUNC PyInit__headparse(void) {
     INTERN(empty_str, "");
     for (int i = 0; i < N_COMMON; i++) {
         INTERN(common_lower[i], COMMON_NAMES[i]);
+        INTERN(common_sent[i], COMMON_SENT[i]);
         common_len[i] = (Py_ssize_t)strlen(COMMON_NAMES[i]);
+        if ((Py_ssize_t)strlen(COMMON_SENT[i]) != common_len[i] || !ascii_ieq(COMMON_SENT[i], COMMON_NAMES[i], common_len[i])) {
+            PyErr_Format(PyExc_SystemError, "_headparse: COMMON_SENT[%d] is not COMMON_NAMES[%d]", i, i);
+            return NULL;
+        }
     }
     return PyModule_Create(&module);
 }
