@@ -418,13 +418,30 @@ static int w_template(buf_t *b, PyObject *prefixes, PyObject *kinds, PyObject *v
     return 0;
 }
 
+/* Templates found well-formed, held so their addresses stay theirs: the
+ * agent's few are module constants, and checking each slot of both for every
+ * transaction cost ~600 instructions. */
+#define KNOWN_TEMPLATES 8
+static PyObject *known_prefixes[KNOWN_TEMPLATES], *known_kinds[KNOWN_TEMPLATES];
+
 static int is_template(PyObject *prefixes, PyObject *kinds, PyObject *values) {
-    if (!PyTuple_Check(prefixes) || !PyBytes_Check(kinds) || PyBytes_GET_SIZE(kinds) != PyTuple_GET_SIZE(prefixes) ||
-        !(PyList_Check(values) || PyTuple_Check(values)))
+    if (!(PyList_Check(values) || PyTuple_Check(values)))
+        return 0;
+    for (int k = 0; k < KNOWN_TEMPLATES && known_prefixes[k] != NULL; k++)
+        if (known_prefixes[k] == prefixes && known_kinds[k] == kinds)
+            return 1;
+    if (!PyTuple_Check(prefixes) || !PyBytes_Check(kinds) || PyBytes_GET_SIZE(kinds) != PyTuple_GET_SIZE(prefixes))
         return 0;
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(prefixes); i++)
         if (!PyBytes_Check(PyTuple_GET_ITEM(prefixes, i)))
             return 0;
+    /* Immutable (a tuple of bytes, bytes): once well-formed, always. */
+    for (int k = 0; k < KNOWN_TEMPLATES; k++)
+        if (known_prefixes[k] == NULL) {
+            known_prefixes[k] = Py_NewRef(prefixes);
+            known_kinds[k] = Py_NewRef(kinds);
+            break;
+        }
     return 1;
 }
 
