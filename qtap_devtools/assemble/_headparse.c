@@ -18,13 +18,13 @@
 #include "../_capi.h"
 #include <string.h>
 
-static PyObject *head_type;   /* http1_parse.Head */
+static PyObject *new_head_fn; /* http1_parse.new_head(is_request, method, ..., close) */
 static PyObject *framing_fn;  /* http1_parse._framing_header(msg, lkey, value) */
 static PyObject *fallback_fn; /* http1_parse.parse_head_py(head, is_request) */
 
 static PyObject *v11, *v10;   /* "HTTP/1.1", "HTTP/1.0" */
 static PyObject *lk_cl, *lk_te, *lk_conn, *lk_up, *lk_ce;
-static PyObject *a_method, *a_target, *a_version, *a_status, *a_reason, *a_headers, *a_content_length, *a_close;
+static PyObject *a_content_length, *a_close; /* Head's, set after it is made */
 static PyObject *empty_str;
 
 static unsigned char is_token[256];
@@ -110,6 +110,41 @@ static int set(PyObject *o, PyObject *name, PyObject *value) {
     return PyObject_SetAttr(o, name, value);
 }
 
+/* What parse_fast has read so far.  The Head is made from it by one call to
+ * http1_parse.new_head (five attribute sets on the compiled class cost ~750
+ * instructions, the call about half), once the head is read or, before that,
+ * when a rarer header goes to _framing_header, which needs the Head. */
+typedef struct {
+    int is_request;
+    PyObject *method, *target, *reason; /* owned */
+    PyObject *version;                  /* borrowed: v11 or v10 */
+    long status;
+    PyObject *headers;                  /* owned */
+    long long content_length;           /* -1: none */
+    int close;
+} head_parts;
+
+static void parts_clear(head_parts *h) {
+    Py_CLEAR(h->method);
+    Py_CLEAR(h->target);
+    Py_CLEAR(h->reason);
+    Py_CLEAR(h->headers);
+}
+
+static PyObject *make_head(const head_parts *h) {
+    PyObject *status = PyLong_FromLong(h->status);
+    PyObject *length = h->content_length < 0 ? Py_NewRef(Py_None) : PyLong_FromLongLong(h->content_length);
+    PyObject *msg = NULL;
+    if (status != NULL && length != NULL) {
+        PyObject *args[9] = {h->is_request ? Py_True : Py_False, h->method, h->target, h->version, status,
+                             h->reason, h->headers, length, h->close ? Py_True : Py_False};
+        msg = PyObject_Vectorcall(new_head_fn, args, 9, NULL);
+    }
+    Py_XDECREF(status);
+    Py_XDECREF(length);
+    return msg;
+}
+
 /* 1: parsed into *out; 0: not the common case, let Python decide; -1: error set. */
 static int parse_fast(const char *buf, Py_ssize_t n, int is_request, PyObject **out) {
     *out = NULL;
@@ -132,51 +167,47 @@ static int parse_fast(const char *buf, Py_ssize_t n, int is_request, PyObject **
     const char *line_end = first_end ? first_end : end;
     Py_ssize_t line_len = line_end - buf;
 
-    /* Through the constructor, not tp_alloc: compiled by mypyc, Head's
-     * instances carry native state only its constructor sets up. */
-    PyObject *msg = PyObject_CallOneArg(head_type, is_request ? Py_True : Py_False);
-    if (msg == NULL)
-        return -1;
-    PyObject *headers = NULL;
-
+    head_parts h = {is_request, NULL, NULL, NULL, NULL, 0, NULL, -1, 0};
+    PyObject *msg = NULL; /* made when needed: see head_parts */
     if (is_request) {
         const char *sp1 = memchr(buf, ' ', line_len);
         if (sp1 == NULL)
-            goto decline;
+            return 0;
         const char *sp2 = memchr(sp1 + 1, ' ', line_end - sp1 - 1);
         if (sp2 == NULL || memchr(sp2 + 1, ' ', line_end - sp2 - 1) != NULL)
-            goto decline;
+            return 0;
         Py_ssize_t mlen = sp1 - buf, tlen = sp2 - sp1 - 1;
-        PyObject *version = version_of(sp2 + 1, line_end - sp2 - 1);
-        if (mlen == 0 || !all_token(buf, mlen) || tlen == 0 || version == NULL)
-            goto decline;
-        if (set_new(msg, a_method, PyUnicode_DecodeASCII(buf, mlen, NULL)) < 0 ||
-            set_new(msg, a_target, PyUnicode_DecodeLatin1(sp1 + 1, tlen, NULL)) < 0 ||
-            set(msg, a_version, version) < 0)
+        h.version = version_of(sp2 + 1, line_end - sp2 - 1);
+        if (mlen == 0 || !all_token(buf, mlen) || tlen == 0 || h.version == NULL)
+            return 0;
+        h.method = PyUnicode_DecodeASCII(buf, mlen, NULL);
+        h.target = PyUnicode_DecodeLatin1(sp1 + 1, tlen, NULL);
+        h.reason = Py_NewRef(empty_str);
+        if (h.method == NULL || h.target == NULL)
             goto fail;
     } else {
         const char *sp = memchr(buf, ' ', line_len);
         if (sp == NULL)
-            goto decline;
-        PyObject *version = version_of(buf, sp - buf);
+            return 0;
+        h.version = version_of(buf, sp - buf);
         const char *rest = sp + 1;
         Py_ssize_t rest_len = line_end - rest;
-        if (version == NULL || rest_len < 3)
-            goto decline;
+        if (h.version == NULL || rest_len < 3)
+            return 0;
         for (int i = 0; i < 3; i++)
             if (rest[i] < '0' || rest[i] > '9')
-                goto decline;
+                return 0;
         if (rest_len > 3 && rest[3] != ' ')
-            goto decline;
-        long status = (rest[0] - '0') * 100 + (rest[1] - '0') * 10 + (rest[2] - '0');
-        PyObject *reason = rest_len > 4 ? PyUnicode_DecodeLatin1(rest + 4, rest_len - 4, NULL) : Py_NewRef(empty_str);
-        if (set_new(msg, a_reason, reason) < 0 || set_new(msg, a_status, PyLong_FromLong(status)) < 0 ||
-            set(msg, a_version, version) < 0)
+            return 0;
+        h.status = (rest[0] - '0') * 100 + (rest[1] - '0') * 10 + (rest[2] - '0');
+        h.method = Py_NewRef(empty_str);
+        h.target = Py_NewRef(empty_str);
+        h.reason = rest_len > 4 ? PyUnicode_DecodeLatin1(rest + 4, rest_len - 4, NULL) : Py_NewRef(empty_str);
+        if (h.reason == NULL)
             goto fail;
     }
-    /* The other fields keep the defaults Head's constructor gave them. */
-    headers = PyList_New(0);
-    if (headers == NULL || set(msg, a_headers, headers) < 0)
+    h.headers = PyList_New(0);
+    if (h.headers == NULL)
         goto fail;
 
     int have_length = 0;
@@ -195,13 +226,14 @@ static int parse_fast(const char *buf, Py_ssize_t n, int is_request, PyObject **
         PyObject *text = key ? PyUnicode_DecodeLatin1(v, ve - v, NULL) : NULL;
         PyObject *pair = text ? PyTuple_Pack(2, key, text) : NULL;
         Py_XDECREF(key);
-        if (pair == NULL || PyList_Append(headers, pair) < 0) {
+        if (pair == NULL || PyList_Append(h.headers, pair) < 0) {
             Py_XDECREF(pair);
             Py_XDECREF(text);
             goto fail;
         }
         Py_DECREF(pair);
         PyObject *lkey = framing_key(p, colon - p);
+        p = nl ? nl + 2 : end;
         if (lkey == lk_cl && !have_length && ve - v >= 1 && ve - v <= MAX_CONTENT_LENGTH_DIGITS) {
             /* The usual Content-Length: digits only, the first one seen. */
             long long value = 0;
@@ -211,9 +243,10 @@ static int parse_fast(const char *buf, Py_ssize_t n, int is_request, PyObject **
             if (d == ve) {
                 have_length = 1;
                 Py_DECREF(text);
-                if (set_new(msg, a_content_length, PyLong_FromLongLong(value)) < 0)
+                if (msg == NULL)
+                    h.content_length = value;
+                else if (set_new(msg, a_content_length, PyLong_FromLongLong(value)) < 0)
                     goto fail;
-                p = nl ? nl + 2 : end;
                 continue;
             }
         }
@@ -221,14 +254,21 @@ static int parse_fast(const char *buf, Py_ssize_t n, int is_request, PyObject **
             /* The usual Connection: one token (keep-alive, close), where
              * Python's strip() and lower() change nothing but ASCII case. */
             Py_DECREF(text);
-            if (ve - v == 5 && ascii_ieq(v, "close", 5) && set(msg, a_close, Py_True) < 0)
-                goto fail;
-            p = nl ? nl + 2 : end;
+            if (ve - v == 5 && ascii_ieq(v, "close", 5)) {
+                if (msg == NULL)
+                    h.close = 1;
+                else if (set(msg, a_close, Py_True) < 0)
+                    goto fail;
+            }
             continue;
         }
         if (lkey != NULL) {
             if (lkey == lk_cl)
                 have_length = 1;
+            if (msg == NULL && (msg = make_head(&h)) == NULL) {
+                Py_DECREF(text);
+                goto fail;
+            }
             PyObject *r = PyObject_CallFunctionObjArgs(framing_fn, msg, lkey, text, NULL);
             Py_DECREF(text);
             if (r == NULL) {
@@ -240,19 +280,20 @@ static int parse_fast(const char *buf, Py_ssize_t n, int is_request, PyObject **
         } else {
             Py_DECREF(text);
         }
-        p = nl ? nl + 2 : end;
     }
-    Py_DECREF(headers);
+    if (msg == NULL && (msg = make_head(&h)) == NULL)
+        goto fail;
+    parts_clear(&h);
     *out = msg;
     return 1;
 
 decline:
-    Py_XDECREF(headers);
-    Py_DECREF(msg);
+    parts_clear(&h);
+    Py_XDECREF(msg);
     return 0;
 fail:
-    Py_XDECREF(headers);
-    Py_DECREF(msg);
+    parts_clear(&h);
+    Py_XDECREF(msg);
     return -1;
 }
 
@@ -261,7 +302,7 @@ static PyObject *parse_head(PyObject *self, PyObject *const *args, Py_ssize_t na
         PyErr_SetString(PyExc_TypeError, "parse_head(head, is_request)");
         return NULL;
     }
-    if (head_type == NULL) {
+    if (new_head_fn == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "_headparse.configure() was not called");
         return NULL;
     }
@@ -419,14 +460,14 @@ static PyObject *configure_combine(PyObject *self, PyObject *fallback) {
 }
 
 static PyObject *configure(PyObject *self, PyObject *args) {
-    PyObject *head, *framing, *fallback;
-    if (!PyArg_ParseTuple(args, "OOO:configure", &head, &framing, &fallback))
+    PyObject *new_head, *framing, *fallback;
+    if (!PyArg_ParseTuple(args, "OOO:configure", &new_head, &framing, &fallback))
         return NULL;
-    if (!PyType_Check(head)) {
-        PyErr_SetString(PyExc_TypeError, "configure: Head must be a class");
+    if (!PyCallable_Check(new_head)) {
+        PyErr_SetString(PyExc_TypeError, "configure: new_head must be callable");
         return NULL;
     }
-    Py_XSETREF(head_type, Py_NewRef(head));
+    Py_XSETREF(new_head_fn, Py_NewRef(new_head));
     Py_XSETREF(framing_fn, Py_NewRef(framing));
     Py_XSETREF(fallback_fn, Py_NewRef(fallback));
     Py_RETURN_NONE;
@@ -523,7 +564,7 @@ static PyMethodDef methods[] = {
      "head_end(buf, start, limit) -> int: http1_parse.head_end_py."},
     {"parse_head", (PyCFunction)(void (*)(void))parse_head, METH_FASTCALL,
      "parse_head(head, is_request) -> Head: the common case in C, the rest by the Python parser."},
-    {"configure", configure, METH_VARARGS, "configure(Head, _framing_header, parse_head_py)"},
+    {"configure", configure, METH_VARARGS, "configure(new_head, _framing_header, parse_head_py)"},
     {"combined_headers", (PyCFunction)(void (*)(void))combine, METH_FASTCALL,
      "combined_headers(headers, by_lower=None): model.combined_headers for str pairs with ASCII names."},
     {"configure_combine", configure_combine, METH_O, "configure_combine(combined_headers_py)"},
@@ -543,12 +584,6 @@ PyMODINIT_FUNC PyInit__headparse(void) {
     INTERN(lk_conn, "connection");
     INTERN(lk_up, "upgrade");
     INTERN(lk_ce, "content-encoding");
-    INTERN(a_method, "method");
-    INTERN(a_target, "target");
-    INTERN(a_version, "version");
-    INTERN(a_status, "status");
-    INTERN(a_reason, "reason");
-    INTERN(a_headers, "headers");
     INTERN(a_content_length, "content_length");
     INTERN(a_close, "close");
     INTERN(empty_str, "");

@@ -109,6 +109,21 @@ class Head:
         self.content_encoding: str | None = None
 
 
+def new_head(is_request: bool, method: str, target: str, version: str, status: int, reason: str,
+             headers: list[tuple[str, str]], content_length: int | None, close: bool) -> Head:
+    """A Head as ``_headparse`` reads one: made by one call from C, not set field by field."""
+    head = Head(is_request)
+    head.method = method
+    head.target = target
+    head.version = version
+    head.status = status
+    head.reason = reason
+    head.headers = headers
+    head.content_length = content_length
+    head.close = close
+    return head
+
+
 def split_head(head: bytes) -> list[bytes]:
     """Lines of a header section; CRLF is the rule, bare LF is tolerated (RFC 9112 §2.2)."""
     if head.endswith(b"\r"):
@@ -237,7 +252,7 @@ try:
 except ImportError:
     _headparse = None
 else:
-    _headparse.configure(Head, _framing_header, parse_head_py)
+    _headparse.configure(new_head, _framing_header, parse_head_py)
 parse_head: Final = parse_head_py if _headparse is None else _headparse.parse_head
 head_end: Final = head_end_py if _headparse is None else _headparse.head_end
 plausible_start: Final = plausible_start_py if _headparse is None else _headparse.plausible_start
