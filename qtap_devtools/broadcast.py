@@ -79,6 +79,16 @@ class Published:
             return (frame,)
         return (memoryview(frame)[:-1], self.id_line, b"\n")
 
+    def add_parts(self, out: list) -> None:
+        """``parts()`` appended to ``out``: no tuple, and a native call."""
+        frame = self.envelope.frame
+        if not self.id_line:
+            out.append(frame)
+            return
+        out.append(memoryview(frame)[:-1])
+        out.append(self.id_line)
+        out.append(b"\n")
+
     @property
     def frame(self) -> bytes:
         """The whole SSE frame, id line included, exactly as the stream sends it."""
@@ -178,16 +188,17 @@ class Subscriber:
                 if item is _CLOSE:
                     break
                 queue.popleft()
-                if isinstance(item, _Gap):
-                    frame = SystemDropped(missed=item.missed, total_missed=item.total,
-                                          reason=item.reason).envelope().frame
-                    out.append(frame)
-                    size += len(frame)
-                else:
-                    out += item.parts()
+                if isinstance(item, Published):  # narrowed: read natively, not by name
+                    item.add_parts(out)
                     self.queued_bytes -= item.size
                     size += item.size
                     self.delivered += 1
+                else:
+                    gap: _Gap = item
+                    frame = SystemDropped(missed=gap.missed, total_missed=gap.total,
+                                          reason=gap.reason).envelope().frame
+                    out.append(frame)
+                    size += len(frame)
             if out:
                 self._sent_at = time.monotonic()
                 return b"".join(out)
