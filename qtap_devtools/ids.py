@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import itertools
 import os
 import socket
 from typing import Final
@@ -19,7 +18,6 @@ from typing import Final
 _ALPHABET: Final = "0123456789abcdefghijklmnopqrstuv"
 _machine: Final = hashlib.md5(socket.gethostname().encode()).digest()[:3]
 _pid: Final = (os.getpid() & 0xFFFF).to_bytes(2, "big")
-_counter: Final = itertools.count(int.from_bytes(os.urandom(3), "big"))
 
 
 def encode(raw: bytes) -> str:
@@ -37,12 +35,13 @@ _PAIRS: Final = [_ALPHABET[i >> 5] + _ALPHABET[i & 31] for i in range(1024)]
 
 
 class _Second:
-    """The current second's 14-character prefix and its 2 leftover bits."""
+    """The current second's 14-character prefix and its 2 leftover bits, and the counter."""
 
     def __init__(self) -> None:
         self.seconds = -1
         self.prefix = ""
         self.low_bits = 0
+        self.count = int.from_bytes(os.urandom(3), "big")
 
 
 _second: Final = _Second()  # a native object: its fields read without a module-dict lookup
@@ -50,8 +49,10 @@ _second: Final = _Second()  # a native object: its fields read without a module-
 
 def new_id(unix_seconds: float) -> str:
     seconds = int(unix_seconds)
-    count = next(_counter) & 0xFFFFFF  # itertools.count: atomic under the GIL
     second = _second
+    # The pipeline makes ids on the event loop's thread; and compiled, nothing
+    # between this read and write lets the GIL go, so no two ids share a count.
+    count = second.count = (second.count + 1) & 0xFFFFFF
     if second.seconds != seconds:
         # Two threads may both redo this in a new second: the same values.
         prefix = seconds.to_bytes(4, "big") + _machine + _pid

@@ -151,6 +151,11 @@ def test_new_id_is_the_xid_of_its_bytes():
         assert ids.encode(raw) == made
 
 
+def test_new_ids_made_in_one_second_are_distinct():
+    made = [ids.new_id(1_764_590_000.5) for _ in range(2000)]
+    assert len(set(made)) == len(made)
+
+
 def test_captured_text_naming_the_transaction_event_cannot_fool_the_recipes_grep():
     # The recipe's own grep is a process on the stream, its cmdline naming the event type.
     grep = ev.ProcessStarted(dataclasses.replace(samples.PYTHON, cmdline="grep request.http_transaction -A1"))
