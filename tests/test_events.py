@@ -9,6 +9,8 @@ from pathlib import Path
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from qtap_devtools import events as ev
 from qtap_devtools import ids
@@ -289,3 +291,18 @@ def test_system_connected_names_agent_host_kernel_capture_and_filters():
                                  "capture": {"state": "failed", "error": "not root"},
                                  "filters": {"status": ["4xx"]}},
                         "ts": "2025-12-12T16:58:10.452Z"}
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.floats(allow_nan=False, allow_infinity=False) | st.sampled_from([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 2.0 ** 52 + 1,
+                                                                          -(2.0 ** 53), 4503599627370495.5]))
+def test_round_even_is_round(x):
+    assert ev.round_even(x) == round(x)
+
+
+@pytest.mark.parametrize("x", [float("nan"), float("inf"), float("-inf")])
+def test_round_even_refuses_what_round_refuses(x):
+    with pytest.raises(Exception) as builtin:
+        round(x)
+    with pytest.raises(builtin.type):
+        ev.round_even(x)
