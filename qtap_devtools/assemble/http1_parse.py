@@ -419,7 +419,7 @@ class MessageReader:
 
     def _run(self, work: bytes | bytearray, pos: int, ts: int) -> int:
         end = len(work)
-        view = memoryview(work)
+        view: memoryview | None = None  # made for a body: most requests have none
         try:
             while pos < end:
                 state = self.state
@@ -431,6 +431,8 @@ class MessageReader:
                     pos = nxt
                 elif state == LENGTH or state == CHUNK_DATA:
                     take = min(self.remaining, end - pos)
+                    if view is None:
+                        view = memoryview(work)
                     self._body(view[pos : pos + take])
                     pos += take
                     self.remaining -= take
@@ -440,6 +442,8 @@ class MessageReader:
                         else:
                             self.state = CHUNK_END
                 elif state == CLOSE:
+                    if view is None:
+                        view = memoryview(work)
                     self._body(view[pos:end])
                     pos = end
                 elif state == CHUNK_SIZE:
@@ -478,12 +482,16 @@ class MessageReader:
                     self.discarded += end - pos
                     return end
         finally:
-            view.release()
+            if view is not None:
+                view.release()
         return pos
 
     def _head(self, work: bytes | bytearray, pos: int, end: int, start_ns: int, ts: int) -> int:
         # RFC 9112 §2.2: empty lines before a request line are ignored.
-        while pos < end and (work[pos] == 13 or work[pos] == 10):
+        while pos < end:
+            byte: int = work[pos]  # typed: one generic read, compared natively
+            if byte != 13 and byte != 10:
+                break
             pos += 1
             self.discarded += 1
         if pos >= end:
@@ -502,7 +510,8 @@ class MessageReader:
                 self._malformed(f"header section exceeds {MAX_HEAD} bytes", not looks_http)
                 return end if self.state == DEAD else pos
             return -1
-        nxt = stop + (2 if work[stop + 1] == 10 else 3)  # past LF LF, or LF CR LF
+        after: int = work[stop + 1]
+        nxt = stop + (2 if after == 10 else 3)  # past LF LF, or LF CR LF
         try:
             head = parse_head(work[pos:stop], self.kind == "request")
         except MalformedMessage as exc:
