@@ -569,14 +569,8 @@ class HttpMessage:
         self.body_decode_error = body_decode_error
         self.trailers = trailers
 
-    def values(self) -> list[Any]:
-        """This message's values in ``_MESSAGE_SLOTS`` order."""
-        out: list[Any] = []
-        self.add_values(out)
-        return out
-
     def add_values(self, out: list[Any]) -> None:
-        """``values()`` appended to ``out`` (the transaction's list: no list made and copied)."""
+        """This message's values in ``_MESSAGE_SLOTS`` order, appended to the transaction's."""
         headers, trailers = self.headers, self.trailers
         out.append(self.content_type)
         out.append(headers if type(headers) is dict else dict(headers))  # the pipeline's own dict: no copy
