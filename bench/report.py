@@ -232,7 +232,7 @@ def tables(summary: dict, reps: int, seconds: float, agent_args: list[str] | Non
             f"{'' if base else _f(r.get('p99_added_us'), '{:+.0f}'):>6}"
         )
     extra = ["  CPU µs/req: system-wide busy time (/proc/stat) over the run per request; procs: the same summed "
-             "over nginx, wrk, the setup's process and this harness only (whose SSE client reads every event); "
+             "over nginx, wrk, the setup's process and this harness only (with its SSE client, a C child reading every event); "
              "own µs/req (agent table): the agent's process alone; client: this harness's SSE client reading the stream"]
     if summary["headline"].get("runs_with_foreign_tracers"):
         extra.append(f"  warning: {summary['headline']['runs_with_foreign_tracers']} run(s) had other BPF users on "

@@ -92,9 +92,9 @@ def measure(setup: Setup, nginx: BenchNginx, w: Workload, script: Path, seconds:
     holders = [*setup.pids(), os.getpid()]  # the floor's programs are this process's
     bpf0 = bpf_run_time(holders) if probe_stats else (0, 0)
     wrk = Wrk(nginx, w, script, seconds)
-    procs = ProcessCpu([*servers, *setup.pids()])
+    procs = ProcessCpu([*servers, *setup.pids(), *setup.client_pids()])
     own0 = cpu_seconds(setup.pids())
-    harness0 = time.process_time()  # this process: the agent's SSE client, all threads
+    harness0 = time.process_time() + cpu_seconds(setup.client_pids())  # with the agent's SSE client
     j0 = busy_jiffies()
     wrk.start()
     res = wrk.wait()
@@ -106,7 +106,7 @@ def measure(setup: Setup, nginx: BenchNginx, w: Workload, script: Path, seconds:
         extra["probe_bpf_runs_per_request"] = (bpf1[1] - bpf0[1]) / max(1, res.requests)
     proc_s = procs.seconds()
     own_s = cpu_seconds(setup.pids()) - own0
-    harness_s = time.process_time() - harness0
+    harness_s = time.process_time() + cpu_seconds(setup.client_pids()) - harness0
     # The agent may finish a run's events after wrk stops: its CPU counts up to
     # the last transaction it delivered.
     busy_end = extra.pop("busy_end", j1)

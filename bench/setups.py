@@ -66,6 +66,11 @@ class Setup:
         """Processes this setup runs besides the harness (their CPU is part of its cost)."""
         return []
 
+    def client_pids(self) -> list[int]:
+        """The harness's own children reading what the setup reports (their CPU
+        counts as the harness's)."""
+        return []
+
     def begin(self, workload: Workload) -> None:
         pass
 
@@ -323,6 +328,9 @@ class Agent(Setup):
 
     def pids(self) -> list[int]:
         return [self.proc.pid]
+
+    def client_pids(self) -> list[int]:
+        return [self.reader.pid] if self.reader is not None else []
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
