@@ -221,10 +221,46 @@ static int w_int(buf_t *b, PyObject *o) {
     return UNSUPPORTED;
 }
 
+/* A float that is exactly the double nearest k / 1000 for an integer k (an
+ * event's milliseconds, rounded to the microsecond) printed without the
+ * general algorithm: k / 1000 rounds to it, and no decimal with fewer digits
+ * does (any other multiple of 0.001 lies more than an ulp away below 1e9), so
+ * k's digits with the dot three places in, trailing zeros dropped, are its
+ * shortest repr.  0 when it is not such a float. */
+static int w_millis(buf_t *b, double v) {
+    double a = fabs(v);
+    if (!(a < 1e9))
+        return 0;
+    double scaled = a * 1000.0;
+    long long k = (long long)scaled;
+    if ((double)k != scaled || (double)k / 1000.0 != a)
+        return 0;
+    char t[32], *e = t + sizeof t, *d = e; /* written backwards */
+    int frac = (int)(k % 1000), places = 3;
+    for (; places && frac % 10 == 0; places--)
+        frac /= 10;
+    if (places == 0)
+        *--d = '0';
+    for (; places; places--, frac /= 10)
+        *--d = (char)('0' + frac % 10);
+    *--d = '.';
+    long long whole = k / 1000;
+    do {
+        *--d = (char)('0' + whole % 10);
+        whole /= 10;
+    } while (whole);
+    if (signbit(v))
+        *--d = '-';
+    return put(b, d, e - d) < 0 ? -1 : 1;
+}
+
 static int w_float(buf_t *b, PyObject *o) {
     double v = PyFloat_AS_DOUBLE(o);
     if (!isfinite(v))
         return put(b, "null", 4);
+    int done = w_millis(b, v);
+    if (done)
+        return done < 0 ? -1 : 0;
     char *r = PyOS_double_to_string(v, 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
     if (r == NULL)
         return -1;

@@ -7,6 +7,8 @@ must write what transactions actually hold, or it would be a slower no-op.
 
 from __future__ import annotations
 
+import math
+
 import orjson
 import pytest
 from hypothesis import given, settings
@@ -67,6 +69,22 @@ def test_writes_what_orjson_writes_or_declines(value):
 @given(plain)
 def test_writes_everything_an_event_holds(value):
     assert _jsonw.line(value) == orjson_line(value)
+
+
+# Milliseconds rounded to the microsecond take a shortcut (k / 1000 printed
+# from k's digits); near it: one ulp either side, and the bound.
+millis = st.integers(-(10**12), 10**12).map(lambda k: k / 1000)
+near_millis = st.tuples(millis, st.sampled_from([-1, 1])).map(lambda t: math.nextafter(t[0], t[1] * math.inf))
+
+
+@settings(max_examples=3000)
+@given(millis | near_millis | st.sampled_from([0.0, -0.0, 1e9, -1e9, 999999999.999, 0.001, -0.001, 0.1, 1e-3 + 1e-19]))
+def test_milliseconds_are_written_as_repr_writes_them(value):
+    written = _jsonw.line([value])
+    if "e" in repr(value):  # 5e-324, one ulp from 0.0
+        assert written is None
+    else:
+        assert written == orjson_line([value]) == f"[{value!r}]".encode()
 
 
 @pytest.mark.parametrize("value", [1e16, 1e-5, 2**64, -(2**63) - 1, "\ud800", {1: 2}, {Text("k"): 1}, Table(a=1),
