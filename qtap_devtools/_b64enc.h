@@ -9,16 +9,50 @@
 
 static const char B64_ALPHABET[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 static char b64_pairs[4096][2]; /* 12 bits -> their two characters */
-static int b64_have_ssse3;
+/* The widest steps this CPU has: 0 the table loop only, 1 SSSE3, 2 AVX-512 VBMI. */
+enum { B64_SCALAR, B64_SSSE3, B64_AVX512VBMI };
+static int b64_level;
+static const char *const B64_LEVEL_NAMES[] = {"", "ssse3", "avx512vbmi"};
 
-/* QTAP_B64_SCALAR, or a CPU without SSSE3: the table loop only. */
+/* QTAP_B64_SIMD=none or =ssse3 caps the steps used: the paths other CPUs take, for tests. */
 static void b64enc_init(void) {
     __builtin_cpu_init();
-    b64_have_ssse3 = getenv("QTAP_B64_SCALAR") == NULL && __builtin_cpu_supports("ssse3");
+    const char *cap = getenv("QTAP_B64_SIMD");
+    int most = cap == NULL || !*cap ? B64_AVX512VBMI : strcmp(cap, "ssse3") == 0 ? B64_SSSE3 : B64_SCALAR;
+    b64_level = B64_SCALAR;
+    if (most >= B64_SSSE3 && __builtin_cpu_supports("ssse3"))
+        b64_level = B64_SSSE3;
+    if (most >= B64_AVX512VBMI && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vbmi"))
+        b64_level = B64_AVX512VBMI;
     for (int j = 0; j < 4096; j++) {
         b64_pairs[j][0] = B64_ALPHABET[j >> 6];
         b64_pairs[j][1] = B64_ALPHABET[j & 63];
     }
+}
+
+/* 48 bytes -> 64 characters per step, AVX-512 VBMI (W. Mula and D. Lemire,
+ * "Base64 encoding and decoding at almost the speed of a memory copy", 2019):
+ * a byte permute spreads each 3 bytes over a 32-bit lane as bytes 1,0,2,1,
+ * a multishift pulls each 6-bit index into a byte, and a byte permute of the
+ * 64-character alphabet by those indices (their low 6 bits) is the text.
+ * ~0.1 instructions a byte against SSSE3's ~1.  Each step loads 64 bytes and
+ * uses 48, so it stops while 64 remain.  Returns the input bytes consumed. */
+__attribute__((target("avx512f,avx512bw,avx512vbmi")))
+static Py_ssize_t b64_encode_avx512vbmi(const unsigned char *s, Py_ssize_t n, unsigned char *d) {
+    const __m512i spread = _mm512_setr_epi32(
+        0x01020001, 0x04050304, 0x07080607, 0x0a0b090a, 0x0d0e0c0d, 0x10110f10, 0x13141213, 0x16171516,
+        0x191a1819, 0x1c1d1b1c, 0x1f201e1f, 0x22232122, 0x25262425, 0x28292728, 0x2b2c2a2b, 0x2e2f2d2e);
+    /* per 64-bit lane, the bit offsets of its eight 6-bit indices (in the order they are written) */
+    const __m512i shifts = _mm512_set1_epi64(0x3036242a1016040a);
+    const __m512i alphabet = _mm512_loadu_si512((const void *)B64_ALPHABET);
+    Py_ssize_t i = 0;
+    for (; i + 64 <= n; i += 48, d += 64) {
+        __m512i in = _mm512_permutexvar_epi8(spread, _mm512_loadu_si512((const void *)(s + i)));
+        __m512i idx = _mm512_multishift_epi64_epi8(shifts, in);
+        _mm512_storeu_si512((void *)d, _mm512_permutexvar_epi8(idx, alphabet));
+    }
+    return i;
 }
 
 /* 12 bytes -> 16 characters per step, SSSE3 (W. Mula and D. Lemire, "Faster
@@ -53,8 +87,16 @@ static Py_ssize_t b64_encode_ssse3(const unsigned char *s, Py_ssize_t n, unsigne
 static inline Py_ssize_t b64_size(Py_ssize_t n) { return (n + 2) / 3 * 4; }
 
 static void b64_encode(const unsigned char *s, Py_ssize_t n, unsigned char *d) {
-    Py_ssize_t i = b64_have_ssse3 ? b64_encode_ssse3(s, n, d) : 0;
-    d += i / 3 * 4;
+    Py_ssize_t i = 0;
+    if (b64_level >= B64_AVX512VBMI) { /* whole 3-byte groups: its output ends on a character boundary */
+        i = b64_encode_avx512vbmi(s, n, d);
+        d += i / 3 * 4;
+    }
+    if (b64_level >= B64_SSSE3) {
+        Py_ssize_t k = b64_encode_ssse3(s + i, n - i, d);
+        i += k;
+        d += k / 3 * 4;
+    }
     for (; i + 3 <= n; i += 3, d += 4) {
         unsigned v = (unsigned)s[i] << 16 | (unsigned)s[i + 1] << 8 | s[i + 2];
         memcpy(d, b64_pairs[v >> 12], 2);

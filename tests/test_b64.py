@@ -42,14 +42,37 @@ def test_b64_is_the_same_on_both_sides_of_the_simd_threshold(n):
     assert events.b64(data) == base64.b64encode(data).decode()
 
 
-def test_this_machine_encodes_with_ssse3():
-    # CI runs on the same kind of x86-64: the property test above exercises the SIMD steps.
-    assert _b64.simd()
+def _cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    return set()
 
 
-def test_the_table_loop_alone_matches_binascii_too():
-    # QTAP_B64_SCALAR turns the SSSE3 steps off at import: the path a CPU without them takes.
-    code = ("import binascii, random\nfrom qtap_devtools import _b64\nassert not _b64.simd()\n"
-            "rng = random.Random(7)\nfor n in [*range(64), 4096, 5001]:\n"
-            "    d = rng.randbytes(n)\n    assert _b64.encode(d) == binascii.b2a_base64(d, newline=False).decode(), n\n")
-    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "QTAP_B64_SCALAR": "1"})
+def test_it_uses_the_widest_steps_this_cpu_has():
+    # CI runs on the same kind of x86-64: the tests above exercise those steps.
+    flags = _cpu_flags()
+    widest = ("avx512vbmi" if {"avx512f", "avx512bw", "avx512vbmi"} <= flags
+              else "ssse3" if "ssse3" in flags else "")
+    assert _b64.simd() == widest
+
+
+# Every length to 300 crosses each path's step boundaries (64 bytes a step
+# for AVX-512, 16 for SSSE3) and its hand-over to the next.
+_EVERY_LENGTH = ("import binascii, random\nfrom qtap_devtools import _b64\nassert _b64.simd() == {level!r}, _b64.simd()\n"
+                 "rng = random.Random(7)\nfor n in [*range(300), 4096, 5001, 1 << 20]:\n"
+                 "    d = rng.randbytes(n)\n"
+                 "    assert _b64.encode(d) == binascii.b2a_base64(d, newline=False).decode(), n\n")
+
+
+@pytest.mark.parametrize("cap", [None, "ssse3", "none"])
+def test_each_path_matches_binascii_at_every_length(cap):
+    # QTAP_B64_SIMD caps the steps at import: the paths CPUs without the wider ones take.
+    level = {"ssse3": "ssse3", "none": ""}.get(cap, _b64.simd())
+    if level == "ssse3" and "ssse3" not in _cpu_flags():
+        pytest.fail("this CPU has no SSSE3: the path cannot run here")
+    env = {k: v for k, v in os.environ.items() if k != "QTAP_B64_SIMD"}
+    if cap:
+        env["QTAP_B64_SIMD"] = cap
+    subprocess.run([sys.executable, "-c", _EVERY_LENGTH.format(level=level)], check=True, env=env)
