@@ -19,7 +19,7 @@ import binascii
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Final, Mapping
+from typing import Any, Callable, Final, Mapping
 
 import orjson
 import pybase64
@@ -90,7 +90,7 @@ try:
     from qtap_devtools import _b64  # type: ignore[attr-defined]
 except ImportError:  # not built: correct, slower
     _b64 = None
-_small_b64: Final = b64_py if _b64 is None else _b64.encode
+_small_b64: Final[Callable[[bytes], str]] = b64_py if _b64 is None else _b64.encode  # typed: see http1_parse.head_end
 B64_SIMD_BYTES: Final = 16384
 
 try:  # orjson's output for what events hold, and a transaction's frame in one pass
@@ -718,6 +718,10 @@ _TX_TEMPLATE: Final = _compile(_TX_SLOTS)
 _TX_TEMPLATE_NO_RESPONSE: Final = _compile(_TX_SLOTS_NO_RESPONSE)
 _EVENT_SLOTS: Final = _parse(_EVENT_LAYOUT)
 _EVENT_TEMPLATE: Final = _compile(_EVENT_SLOTS)
+_EVENT_PREFIXES: Final = _EVENT_TEMPLATE[0]  # passed as themselves: a starred call builds a tuple each time
+_EVENT_KINDS: Final = _EVENT_TEMPLATE[1]
+# Bound once: a module's attribute is a dictionary lookup at every call.
+_tx_frame: Final[Callable[..., bytes | None] | None] = None if _jsonw is None else _jsonw.tx_frame
 _FRAME_BODY_BYTES: Final = 8192  # past this, bodies go the path whose base64 lets the GIL go (b64)
 _TX_ENDPOINT: Final = _tx_layout(True).index("metadata.endpoint_id")  # the same in both layouts
 _TX_URL: Final = _tx_layout(True).index("request.url")
@@ -913,12 +917,13 @@ class HttpTransaction(Event):
         """The same frame as ``Envelope.of`` makes of :meth:`payload`, made in
         one pass by ``_jsonw`` where it can (see _jsonw.c), else spliced."""
         response = self.response
-        if _jsonw is not None and len(self.request.body) + (len(response.body) if response else 0) <= _FRAME_BODY_BYTES:
+        tx_frame = _tx_frame
+        if tx_frame is not None and len(self.request.body) + (len(response.body) if response else 0) <= _FRAME_BODY_BYTES:
             values = self.values()
             # The endpoint and URL as the transaction has them: made once.
             event_values = self._event_values("", values[_TX_ENDPOINT], values[_TX_URL])
             prefixes, kinds = _TX_TEMPLATE if response is not None else _TX_TEMPLATE_NO_RESPONSE
-            frame = _jsonw.tx_frame(_TX_HEAD, prefixes, kinds, values, *_EVENT_TEMPLATE, event_values)
+            frame = tx_frame(_TX_HEAD, prefixes, kinds, values, _EVENT_PREFIXES, _EVENT_KINDS, event_values)
             if frame is not None:
                 return Envelope(HTTP_TRANSACTION, None, frame, self.ts_ns, event_values)
         return self._spliced()

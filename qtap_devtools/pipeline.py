@@ -875,7 +875,8 @@ def _absolute_form(target: str) -> tuple[str, str, str] | None:
     """(scheme, authority, path and query) if ``target`` is an absolute URL (a
     proxy's request), else None.  One urlsplit refuses (``http://[x/``) is
     cut at its first slash, so the URL shown is the target as captured."""
-    if not target.startswith(("http://", "https://")):
+    # Two one-string checks: mypyc makes each a native call, the tuple a generic one (~400 instructions).
+    if not (target.startswith("http://") or target.startswith("https://")):
         return None
     try:
         parts = urlsplit(target)

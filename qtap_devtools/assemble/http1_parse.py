@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from bisect import bisect_right
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Callable, Final
 
 if TYPE_CHECKING:
     from .http1 import ConnectionAssembler
@@ -253,9 +253,15 @@ except ImportError:
     _headparse = None
 else:
     _headparse.configure(new_head, _framing_header, parse_head_py)
-parse_head: Final = parse_head_py if _headparse is None else _headparse.parse_head
-head_end: Final = head_end_py if _headparse is None else _headparse.head_end
-plausible_start: Final = plausible_start_py if _headparse is None else _headparse.plausible_start
+# Typed as what they return: chosen from an untyped module, they would be Any,
+# and compiled code would treat every result generically (a head's end offset
+# added and compared through the number protocol).
+parse_head: Final[Callable[[bytes | bytearray, bool], Head]] = (
+    parse_head_py if _headparse is None else _headparse.parse_head)
+head_end: Final[Callable[[bytes | bytearray, int, int], int]] = (
+    head_end_py if _headparse is None else _headparse.head_end)
+plausible_start: Final[Callable[[bytes | bytearray, int, int, bool], bool]] = (
+    plausible_start_py if _headparse is None else _headparse.plausible_start)
 
 
 def request_framing(head: Head) -> int:
@@ -464,7 +470,9 @@ class MessageReader:
                         self._bad_body("missing CRLF after chunk data")
                         continue
                     pos += used
-                    self.msg.wire_bytes += used  # type: ignore[union-attr]
+                    msg = self.msg
+                    assert msg is not None  # narrowed: a native field, not a generic attribute
+                    msg.wire_bytes += used
                     self.state = CHUNK_SIZE
                 elif state == TRAILERS:
                     nxt = self._trailer(work, pos, end, ts)
@@ -549,21 +557,24 @@ class MessageReader:
 
     def _body(self, chunk: memoryview) -> None:
         msg = self.msg
+        # Narrowed from Message | None: mypyc reads and writes a union's
+        # attributes generically (~170 instructions each), a Message's natively.
+        assert msg is not None
         size = len(chunk)
-        msg.body_wire_size += size  # type: ignore[union-attr]
-        msg.wire_bytes += size  # type: ignore[union-attr]
-        msg.end_ns = self.last_ns  # type: ignore[union-attr]
-        if not msg.keep_body:  # type: ignore[union-attr]
+        msg.body_wire_size += size
+        msg.wire_bytes += size
+        msg.end_ns = self.last_ns
+        if not msg.keep_body:
             self.discarded += size
             return
-        room = self.max_body - len(msg.body)  # type: ignore[union-attr]
+        room = self.max_body - len(msg.body)
         if size <= room:
-            msg.body += chunk  # type: ignore[union-attr]
+            msg.body += chunk
             return
         # Past the limit: keep the prefix, follow framing for the rest without storing it.
-        msg.body += chunk[:room]  # type: ignore[union-attr]
-        msg.truncated = msg.over_limit = True  # type: ignore[union-attr]
-        msg.keep_body = False  # type: ignore[union-attr]
+        msg.body += chunk[:room]
+        msg.truncated = msg.over_limit = True
+        msg.keep_body = False
         self.discarded += size - room
 
     def _chunk_size(self, work: bytes | bytearray, pos: int, end: int) -> int:
@@ -578,7 +589,9 @@ class MessageReader:
         if not size_text or len(size_text) > 16 or size_text.translate(None, HEXDIGITS):
             self._bad_body(f"bad chunk size {bytes(line[:40])!r}")
             return pos
-        self.msg.wire_bytes += lf + 1 - pos  # type: ignore[union-attr]
+        msg = self.msg
+        assert msg is not None
+        msg.wire_bytes += lf + 1 - pos
         size = int(size_text, 16)
         if size:
             self.remaining = size
@@ -596,7 +609,8 @@ class MessageReader:
                 return pos
             return -1
         msg = self.msg
-        msg.wire_bytes += lf + 1 - pos  # type: ignore[union-attr]
+        assert msg is not None
+        msg.wire_bytes += lf + 1 - pos
         line = bytes(work[pos:lf])
         if line.endswith(b"\r"):
             line = line[:-1]
@@ -609,7 +623,7 @@ class MessageReader:
             return lf + 1
         name, sep, value = line.partition(b":")
         if sep and name and not name.translate(None, TOKEN):
-            msg.trailers.append((name.decode("ascii"), value.strip(b" \t").decode("latin-1")))  # type: ignore[union-attr]
+            msg.trailers.append((name.decode("ascii"), value.strip(b" \t").decode("latin-1")))
         return lf + 1
 
     def _seek(self, work: bytes | bytearray, pos: int, end: int) -> int:
@@ -643,15 +657,16 @@ class MessageReader:
 
     def _finish(self, ts: int) -> None:
         msg = self.msg
+        assert msg is not None
         self.msg = None
-        msg.end_ns = ts  # type: ignore[union-attr]
-        head = msg.head  # type: ignore[union-attr]
+        msg.end_ns = ts
+        head = msg.head
         if head.is_request and (head.upgrade or head.method == "CONNECT"):
             # What follows may not be HTTP: wait for the response to say (RFC 9110 §7.8).
             self.state = PAUSED
         else:
             self.state = HEAD
-        self.owner.on_end(self, msg)  # type: ignore[arg-type]
+        self.owner.on_end(self, msg)
 
     def _bad_body(self, reason: str) -> None:
         msg = self.msg

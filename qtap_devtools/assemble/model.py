@@ -14,7 +14,7 @@ classes, the pipeline went from 27 to 21 µs per transaction.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final, Sequence
+from typing import Callable, Final, Sequence
 
 Headers = tuple[tuple[str, str], ...]
 # 1xx responses kept per exchange (a server may send any number; the rest are not listed).
@@ -179,4 +179,5 @@ except ImportError:
     _headparse = None
 else:
     _headparse.configure_combine(combined_headers_py)
-combined_headers: Final = combined_headers_py if _headparse is None else _headparse.combined_headers
+combined_headers: Final[Callable[..., dict[str, str | list[str]]]] = (  # typed: see http1_parse.head_end
+    combined_headers_py if _headparse is None else _headparse.combined_headers)
