@@ -30,6 +30,7 @@ from qtap_devtools.assemble.http2 import PREFACE as HTTP2_PREFACE, Http2Assemble
 from qtap_devtools.assemble.model import HttpExchange, combined_headers
 from qtap_devtools.assemble.tls_hello import HelloReader, looks_like_tls
 from qtap_devtools.capture import records as rec
+from qtap_devtools.capture.chunk import DataChunk  # compiled: compared as its type object, not looked up in rec
 from qtap_devtools.config import Config
 from qtap_devtools.enrich.cgroup import CgroupIndex
 from qtap_devtools.enrich.model import ProcessInfo
@@ -284,7 +285,7 @@ class Pipeline:
         for r in batch:
             kind = type(r)
             try:
-                if kind is rec.DataChunk:  # nearly every record
+                if kind is DataChunk:  # nearly every record
                     self.on_data(r)
                 elif kind is rec.SocketAddress:
                     self.on_address(r)

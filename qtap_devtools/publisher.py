@@ -20,7 +20,7 @@ import time
 from collections import deque
 from typing import Any, Callable, Final
 
-from qtap_devtools.enrich.model import ContainerInfo
+from qtap_devtools.enrich.model import ContainerInfo, ProcessInfo
 from qtap_devtools.events import Envelope, Event, HttpTransaction
 
 log: Final = logging.getLogger(__name__)
@@ -29,8 +29,9 @@ MAX_PENDING_EVENTS: Final = 100_000  # made but not yet published (enrichment wa
 ENRICH_WAIT_SECONDS: Final = 0.05
 
 
-def process_of(event: Event) -> Any:
-    """The ProcessInfo an event is about (its own, or its connection's), or None."""
+def process_of(event: Event) -> ProcessInfo | None:
+    """The ProcessInfo an event is about (its own, or its connection's), or None.
+    (Typed: compiled, its caller reads the fields natively.)"""
     if isinstance(event, HttpTransaction):  # nearly every event: skip the getattr that raises and is caught
         return event.connection.process
     proc = getattr(event, "process", None)
@@ -113,6 +114,7 @@ class Publisher:
 
     async def _enriched(self, event: Event, deadline: float) -> Envelope:
         info = process_of(event)
+        assert info is not None and info.container_id is not None  # queued here only so (emit)
         wait = max(0.0, deadline - time.monotonic())
         fresh = await self.enricher.process_enriched(info.pid, timeout=wait) or info
         if fresh.container is None:

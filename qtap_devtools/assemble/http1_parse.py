@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 # inlines them (or keeps them in C statics) instead of a dictionary lookup of
 # the module's globals at every use, several per message here.
 MAX_HEAD: Final = 64 * 1024  # header section, start line included
+_memoryview: Final = memoryview  # a builtin is looked up at every use from compiled code; a Final is not
 # Reads whose timestamps a held buffer keeps apart. Past it (a head, or what
 # follows an unanswered Upgrade, trickled in tiny reads: 1 MB a byte at a
 # time held ~120 MB of them) reads share the last one's time, on the side
@@ -438,7 +439,7 @@ class MessageReader:
                 elif state == LENGTH or state == CHUNK_DATA:
                     take = min(self.remaining, end - pos)
                     if view is None:
-                        view = memoryview(work)
+                        view = _memoryview(work)
                     self._body(view[pos : pos + take])
                     pos += take
                     self.remaining -= take
@@ -449,7 +450,7 @@ class MessageReader:
                             self.state = CHUNK_END
                 elif state == CLOSE:
                     if view is None:
-                        view = memoryview(work)
+                        view = _memoryview(work)
                     self._body(view[pos:end])
                     pos = end
                 elif state == CHUNK_SIZE:
