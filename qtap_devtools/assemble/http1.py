@@ -502,7 +502,8 @@ class ConnectionAssembler:
 
 def _request(msg: Message, limit: int) -> HttpRequest:
     head = msg.head
-    body, cut, error = decode_body(bytes(msg.body), head.content_encoding, limit, complete=not msg.truncated)
+    raw = msg.body  # most requests have none: b"" without a generic call of bytes()
+    body, cut, error = decode_body(bytes(raw) if raw else b"", head.content_encoding, limit, complete=not msg.truncated)
     return HttpRequest(
         method=head.method,
         target=head.target,
@@ -521,7 +522,8 @@ def _request(msg: Message, limit: int) -> HttpRequest:
 def _response(msg: Message, limit: int, whole: bool = True) -> HttpResponse:
     """``whole``: not emitted early as partial (a body still arriving is not cut short)."""
     head = msg.head
-    body, cut, error = decode_body(bytes(msg.body), head.content_encoding, limit,
+    raw = msg.body
+    body, cut, error = decode_body(bytes(raw) if raw else b"", head.content_encoding, limit,
                                    complete=whole and not msg.truncated)
     return HttpResponse(
         status=head.status,

@@ -491,7 +491,9 @@ class MessageReader:
                     self.discarded += end - pos
                     return end
         finally:
-            if view is not None:
+            # A view of the stream's own buffer must be gone before _consume
+            # resizes it; one of a record's bytes (most) goes with this frame.
+            if view is not None and work is self.buf:
                 view.release()
         return pos
 
