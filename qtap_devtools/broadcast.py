@@ -14,7 +14,6 @@ without losing what it had not received.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 from collections import deque
@@ -231,9 +230,10 @@ class Broadcaster:
         self.history_bytes = history_bytes
         self._history_used = 0
         self.history_evicted = 0
-        self.subscribers: set[Subscriber] = set()
-        self._seq = itertools.count(1)
-        self.published = 0
+        # A list: compiled code walks it natively (a set is walked by the generic
+        # iterator protocol, at every publish); a client's is removed at most once.
+        self.subscribers: list[Subscriber] = []
+        self.published = 0  # also the last event's sequence number
         self.subscribed_total = 0  # streams ever opened: tells a new one from a replaced one
         self.dropped_total = 0  # events lost by slow subscribers, summed over them
         self.closed = False
@@ -245,8 +245,8 @@ class Broadcaster:
         self._listeners.append(fn)
 
     def publish(self, envelope: Envelope) -> Published:
-        item = Published.make(self._instance_bytes, next(self._seq), envelope)
-        self.published += 1
+        self.published += 1  # a native int, not next() of an itertools.count: a generic call
+        item = Published.make(self._instance_bytes, self.published, envelope)
         self._remember(item)
         for fn in self._listeners:
             fn(item)
@@ -294,7 +294,7 @@ class Broadcaster:
                     sub.offer(item)
         if self.closed:
             sub.close(None)
-        self.subscribers.add(sub)
+        self.subscribers.append(sub)
         self.subscribed_total += 1
         return sub
 
@@ -303,7 +303,8 @@ class Broadcaster:
         return {item.envelope.inner.get("pid") for item in self.history if item.envelope.type == PROCESS_STARTED}
 
     def unsubscribe(self, sub: Subscriber) -> None:
-        self.subscribers.discard(sub)
+        if sub in self.subscribers:
+            self.subscribers.remove(sub)
 
     def close(self, reason: str) -> None:
         """Say goodbye to every subscriber and end their streams."""
