@@ -74,15 +74,14 @@ class Published:
         # last real event, not from a greeting.
         return Published(0, envelope, b"")
 
-    def parts(self) -> tuple:
+    def parts(self) -> list:
         """The SSE frame as pieces to join at write time (no copy before then)."""
-        frame = self.envelope.frame
-        if not self.id_line:
-            return (frame,)
-        return (_memoryview(frame)[:-1], self.id_line, b"\n")
+        out: list = []
+        self.add_parts(out)
+        return out
 
     def add_parts(self, out: list) -> None:
-        """``parts()`` appended to ``out``: no tuple, and a native call."""
+        """``parts()`` appended to ``out`` (a subscriber's batch): no list of its own."""
         frame = self.envelope.frame
         if not self.id_line:
             out.append(frame)
