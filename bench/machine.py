@@ -3,7 +3,8 @@
 The bench shares its machine.  Another process holding BPF programs (a test
 suite's agent, another bcc tool) puts its uprobes on the very libssl our
 "untraced" nginx uses, and any busy neighbour inflates the system-wide
-/proc/stat figure.  So every run records the foreign tracers it saw, and a
+/proc/stat figure.  So every run records the foreign tracers it saw
+(``links.tracers``), and a
 second CPU figure summed over the processes that take part (nginx, wrk, the
 setup's own process, this harness), immune to neighbours.
 """
@@ -15,23 +16,6 @@ import resource
 from pathlib import Path
 
 from bench.workload import CLK_TCK
-
-
-def foreign_tracers(mine: set[int]) -> list[str]:
-    """``"pid comm"`` of processes not in ``mine`` that hold a BPF program fd."""
-    out = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) in mine:
-            continue
-        try:
-            for fd in (proc / "fd").iterdir():
-                if os.readlink(fd) == "anon_inode:bpf-prog":
-                    comm = (proc / "comm").read_text().strip()
-                    out.append(f"{proc.name} {comm}")
-                    break
-        except OSError:
-            continue
-    return out
 
 
 def _ticks(pid: int) -> int:

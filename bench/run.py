@@ -22,10 +22,11 @@ from pathlib import Path
 import orjson
 
 from bench import report
-from bench.machine import BPF_STATS, BpfRunStats, ProcessCpu, bpf_run_time, cpu_seconds, foreign_tracers
+from bench.machine import BPF_STATS, BpfRunStats, ProcessCpu, bpf_run_time, cpu_seconds
 from bench.setups import SETUP_ORDER, Run, Setup, SetupUnavailable, all_setups
 from bench.workload import (RATE10K, W1, W2, BenchNginx, Workload, Wrk, busy_jiffies, jiffies_to_us, paced,
                             write_scripts)
+from qtap_devtools.capture.links import tracers
 
 RESULTS = Path(__file__).with_name("results.json")
 
@@ -84,7 +85,7 @@ def measure(setup: Setup, nginx: BenchNginx, w: Workload, script: Path, seconds:
             probe_stats: bool = False) -> dict:
     offset = nginx.log_offset()
     servers = [nginx.proc.pid, nginx.worker_pid]
-    foreign = foreign_tracers({os.getpid(), *servers, *setup.pids()})
+    foreign = tracers({os.getpid(), *servers, *setup.pids()})
     if foreign:
         progress(f"warning: other BPF users on this machine during {w.name}: {', '.join(foreign)} "
                  "(their probes may fire in nginx and wrk too)")

@@ -24,9 +24,9 @@ from typing import Callable
 
 import orjson
 
-from bench.machine import foreign_tracers
 from bench.sse import SseCounter
 from bench.workload import BenchNginx, Workload, WrkResult, busy_jiffies
+from qtap_devtools.capture.links import tracers
 from tests.realworld import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,13 +105,27 @@ class Floor(Setup):
     def __enter__(self) -> "Floor":
         from bcc import BPF
 
+        from qtap_devtools.capture.links import Links
+
+        # Placed as the agent places its own (links.py): a perf event per
+        # probe, removed by closing it.  bcc's own attach needs tracefs to
+        # detach (unmounted on a fresh machine: its cleanup failed midway and
+        # left probes behind) and, in Debian's bcc 0.26, registers the probe
+        # with a stray reference-counter offset, which makes the kernel refuse
+        # the agent's probes on the same instruction in later setups.
         self.bpf = BPF(src_file=str(FLOOR_C).encode())
-        lib, fn = self.libssl.encode(), b"count_hit"
+        self.links = Links()
+        prog = self.bpf.load_func(b"count_hit", BPF.KPROBE).fd
+
+        def place(ret: bool, sym: str = "", addr: int | None = None) -> None:
+            module, offset = BPF._check_path_symbol(self.libssl.encode(), sym.encode(), addr, -1)
+            self.links.attach(prog, module, offset, ret, cookie=0)
+
         try:
             if self.mode == "entry":
                 for sym in FLOOR_SYMBOLS:
-                    self.bpf.attach_uprobe(name=lib, sym=sym.encode(), fn_name=fn)
-                    self.bpf.attach_uretprobe(name=lib, sym=sym.encode(), fn_name=fn)
+                    place(False, sym=sym)
+                    place(True, sym=sym)
             else:
                 from qtap_devtools.capture.tuned import SitePlan, analyze
 
@@ -119,18 +133,16 @@ class Floor(Setup):
                 for sym, plan in plans.items():
                     if not isinstance(plan, SitePlan):
                         raise SetupUnavailable(f"no tuned sites in {self.libssl} for {sym}: {plan.reason}")
-                    self.bpf.attach_uprobe(name=lib, addr=plan.entry_vaddr, fn_name=fn)
-                    if plan.return_kind == "uprobe":
-                        self.bpf.attach_uprobe(name=lib, addr=plan.return_vaddr, fn_name=fn)
-                    else:
-                        self.bpf.attach_uretprobe(name=lib, addr=plan.return_vaddr, fn_name=fn)
+                    place(False, addr=plan.entry_vaddr)
+                    place(plan.return_kind != "uprobe", addr=plan.return_vaddr)
         except BaseException:
-            self.bpf.cleanup()
+            self.__exit__()
             raise
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.bpf is not None:
+            self.links.close()
             self.bpf.cleanup()
             self.bpf = None
         # This process compiled with bcc too: while it holds LLVM's pages, the
@@ -293,7 +305,7 @@ class Agent(Setup):
         return f"http://127.0.0.1:{self.port}"
 
     def __enter__(self) -> "Agent":
-        self.tracers_before = set(foreign_tracers({os.getpid()}))
+        self.tracers_before = set(tracers({os.getpid()}))
         self.tmp = tempfile.TemporaryDirectory(prefix="bench-agent-")
         self.log_path = Path(self.tmp.name) / "agent.log"
         self.log = open(self.log_path, "wb")
@@ -319,6 +331,10 @@ class Agent(Setup):
                 raise SetupUnavailable("agent not ready after 120 s")
             time.sleep(0.2)
         self.attach = self._attach_description()
+        if self.attach == "unknown":
+            refused = [line for line in self.output().splitlines() if "could not attach to" in line and "libssl" in line]
+            self.__exit__()
+            raise SetupUnavailable(f"the agent did not attach to libssl: {refused[0] if refused else 'no word of it'}")
         self.reader = SseCounter(self.port)
         self.rss_max = 0
         self._stop = threading.Event()
@@ -364,7 +380,7 @@ class Agent(Setup):
         # The agent exits at once and leaves its probes to a child that detaches
         # them (seconds): the next setup's measurement must not run beside them.
         deadline = time.monotonic() + 30
-        while set(foreign_tracers({os.getpid()})) - self.tracers_before and time.monotonic() < deadline:
+        while set(tracers({os.getpid()})) - self.tracers_before and time.monotonic() < deadline:
             time.sleep(0.2)
         self.log.close()
         self.tmp.cleanup()

@@ -244,6 +244,41 @@ def test_a_files_probes_are_armed_together_after_the_last_is_placed(monkeypatch,
 
 
 @needs_libssl
+def test_probes_the_kernel_refused_are_placed_at_a_later_sweep_returns_first():
+    """Another program's uprobe on SSL_write (bcc's tools register theirs so
+    that the kernel refuses ours) blocks its two probes until it stops.  The
+    sweep tries them again, the return before the entry (the file is armed:
+    an entry alone would stash a call no return empties)."""
+    rec = Recorder(fail_at={"SSL_write"})
+    a = Attacher(rec, mode="entry", arm_fn=rec.arm)
+    att = a.consider(LIBSSL)
+    assert not att.ok and att.error == "SSL_write and SSL_write return: Failed to attach BPF to uprobe"
+    assert "SSL_write" not in att.sites and att.sites["SSL_read"] == "entry"
+    a.sweep([])
+    assert not att.ok and a.retried == 0  # still refused: nothing placed, nothing counted
+    rec.fail_at = set()
+    before = len(rec.calls)
+    a.sweep([])
+    assert att.ok and att.error is None and a.retried == 1
+    assert rec.calls[before:] == [("SSL_write", "ssl_return", True), ("SSL_write", "ssl_write_enter", False)]
+    assert att.sites["SSL_write"] == "entry" and att.mode == "entry"
+    a.sweep([])
+    assert rec.calls[before + 2:] == [] and a.retried == 1  # placed once
+
+
+@needs_libssl
+def test_a_symbol_the_file_lacks_is_not_tried_again():
+    """A required symbol missing is the file's, for good: no sweep asks again."""
+    rec = Recorder()
+    a = Attacher(rec, mode="entry")
+    att = a.consider(LIBSSL)
+    att.unexported.append("SSL_made_up")
+    before = len(rec.calls)
+    a.sweep([])
+    assert att.error == "SSL_made_up not exported" and rec.calls[before:] == []
+
+
+@needs_libssl
 def test_a_file_no_process_maps_for_two_sweeps_is_detached_and_its_slot_reused(monkeypatch):
     """The bound is on files in use: a container's libssl is let go once its
     containers are gone (past the idle files kept, none here); the host's

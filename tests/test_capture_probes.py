@@ -834,6 +834,68 @@ def test_a_file_no_process_maps_any_more_is_detached_and_attached_again_when_use
         cap.stop()
 
 
+# A uprobe held as another program holds it: registered with a
+# reference-counter offset, as bcc 0.26's Python tools register theirs (with
+# whatever was on the stack: 6 was seen here).  No program on it: the kernel
+# registers the probe at perf_event_open.  Held until stdin closes.
+_FOREIGN_UPROBE = """
+import ctypes as ct, os, sys
+from bcc import BPF
+from qtap_devtools.capture import links
+path = sys.argv[1].encode()
+_, offset = BPF._check_path_symbol(path, sys.argv[2].encode(), None, -1)
+pmu, _ = links._pmu()
+buf = ct.create_string_buffer(path)
+attr = links._PerfEventAttr(type=pmu, size=ct.sizeof(links._PerfEventAttr), config=6 << 32, sample_period=1,
+                            wakeup_events=1, uprobe_path=ct.addressof(buf), probe_offset=offset)
+fd = links._libc.syscall(links._SYS_PERF_EVENT_OPEN, ct.byref(attr), -1, 0, -1, 0)
+print("held" if fd >= 0 else os.strerror(ct.get_errno()), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_probe_another_program_holds_is_named_and_ours_placed_once_it_stops(tmp_path, nginx):
+    """With bcc's sslsniff running, the kernel refused the agent's probes on
+    SSL_write with a bare EINVAL, and the file stayed half attached until the
+    agent restarted.  Now the error names what may hold it, and a sweep
+    places them once it is gone."""
+    import shutil
+
+    copy = tmp_path / "libssl.so.3"
+    shutil.copy(LIBSSL, copy)
+    foreign = subprocess.Popen([sys.executable, "-c", _FOREIGN_UPROBE, str(copy), "SSL_write"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                               cwd=Path(__file__).resolve().parent.parent)
+    sink = Collector()
+    cap = Capture(sink, max_chunk=MAX_CHUNK, seed_existing=False, sweep_seconds=0.3, attach_mode="entry",
+                  extra_binaries=[str(copy)])
+    try:
+        assert foreign.stdout.readline().strip() == "held"
+        cap.start()
+        att = next(a for a in cap.attachments if a.path == str(copy))
+        assert not att.ok and "SSL_write" not in att.sites and att.sites["SSL_read"] == "entry"
+        assert att.error.startswith("SSL_write and SSL_write return: perf_event_open of a uprobe at file offset 0x")
+        assert "ref_ctr_offset mismatch" in att.error and f"{foreign.pid} python" in att.error, att.error
+        assert cap.stats()["attachments_failed"] == 1
+        foreign.stdin.close()
+        foreign.wait(10)
+        deadline = time.monotonic() + 30
+        while not att.ok:
+            assert time.monotonic() < deadline, att.error
+            time.sleep(0.05)
+        assert att.sites["SSL_write"] == "entry" and cap.stats()["attachments_retried"] == 1
+        curl = subprocess.Popen(["curl", "-sk", "--http1.1", "-o", "/dev/null", nginx.url("/small?m=placed")],
+                                env={**os.environ, "LD_LIBRARY_PATH": str(tmp_path)})
+        assert curl.wait(20) == 0
+        sink.wait_for(lambda rs: stream(rs, curl.pid, source="openssl").startswith(b"GET /small?m=placed"),
+                      what="the request written through the probes placed late")
+    finally:
+        if foreign.poll() is None:
+            foreign.kill()
+            foreign.wait()
+        cap.stop()
+
+
 def _tcp_child(script: str) -> tuple[subprocess.Popen, socket.socket]:
     """A child connected to a socket of ours (returned with it) that runs
     ``script`` with its end as ``s``: what it sends and reads is what the

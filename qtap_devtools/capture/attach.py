@@ -164,7 +164,10 @@ class Attachment:
     # data wrapper -> "entry" or "tuned <entry insn>@<vaddr>/<return>@<vaddr>",
     # e.g. {"SSL_write": "tuned js@0x359d6/jle@0x359e5", "SSL_read_ex": "entry"}
     sites: dict[str, str] = field(default_factory=dict)
-    error: str | None = None
+    unexported: list[str] = field(default_factory=list)  # required symbols the file lacks: for good
+    # Probes the kernel refused, with why: tried again at every sweep (another
+    # program's probe on the same instruction can block one until it stops).
+    refused: dict[Site, str] = field(default_factory=dict)
     slot: int = 0  # its probes' attach cookie (probes/tls_common.h, armed)
     # In the host's library directories or named on the command line: kept
     # attached with no process mapping it, so a new one is seen from its first call.
@@ -174,6 +177,15 @@ class Attachment:
     # `docker exec … curl` is seen from its first call.
     roots: set[tuple] = field(default_factory=set)
     last_used: int = 0  # the sweep that last found it mapped (or its attach)
+
+    @property
+    def error(self) -> str | None:
+        parts = [f"{sym} not exported" for sym in self.unexported]
+        refused: dict[str, list[str]] = {}  # why -> the probes refused so (an entry and its return, often)
+        for site, why in self.refused.items():
+            refused.setdefault(why, []).append(f"{site.where}{' return' if site.ret else ''}")
+        parts += [f"{' and '.join(probes)}: {why}" for why, probes in refused.items()]
+        return "; ".join(parts) or None
 
     @property
     def ok(self) -> bool:
@@ -276,6 +288,7 @@ class Attacher:
         self.roots_read = 0
         self.roots_forgotten = 0  # container roots let go (the bound), read again if seen again
         self.not_tls_uncached = 0  # files judged not TLS past the bound of what is remembered
+        self.retried = 0  # files whose refused probes were all placed at a later sweep
 
     @property
     def attachments(self) -> list[Attachment]:
@@ -341,7 +354,6 @@ class Attacher:
         """Attach ``lib``'s probes to the file open at ``held`` (``path``, as shown)."""
         att = Attachment(path=path, dev=key[0], ino=key[1], library=lib, slot=slot)
         present = exported_symbols(held, {p.symbol for p in PROBES[lib]})
-        errors: list[str] = []
         tuned_ok = self._attach_tuned(path, held, att, present, slot) \
             if lib == "openssl" and self._mode == "auto" else set()
         for probe in PROBES[lib]:
@@ -349,27 +361,57 @@ class Attacher:
                 continue
             if probe.symbol not in present:
                 if probe.required:
-                    errors.append(f"{probe.symbol} not exported")
+                    att.unexported.append(probe.symbol)
                 continue
-            try:
-                self._attach_fn(held, probe.symbol, probe.fn_name, probe.ret, slot)
-            except Exception as exc:  # bcc raises bare Exception
-                errors.append(f"{probe.symbol}{' return' if probe.ret else ''}: {exc}")
-                continue
-            name = probe.symbol + (":return" if probe.ret else "")
-            att.symbols.append(name)
-            if probe.symbol in DATA_SYMBOLS[lib]:
-                att.sites.setdefault(probe.symbol, "entry")
-        data = [s for s in DATA_SYMBOLS[lib] if s in att.sites]
+            self._place_entry(held, att, Site(probe.symbol, probe.fn_name, probe.ret))
+        self._settle(att)
+        if att.ok:
+            log.info("attached to %s (%s, %s probes)", path, lib, att.mode)
+            log.debug("%s: %s", path, ", ".join(f"{s} {att.sites[s]}" for s in DATA_SYMBOLS[lib] if s in att.sites))
+        else:
+            log.warning("could not attach to %s (%s): %s", path, lib, att.error)
+        return att
+
+    def _place_entry(self, held: str, att: Attachment, site: Site) -> bool:
+        """One probe at a symbol; a refusal is kept in ``att.refused``."""
+        try:
+            self._attach_fn(held, site.where, site.fn_name, site.ret, att.slot)
+        except Exception as exc:  # bcc raises bare Exception
+            att.refused[site] = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            return False
+        att.refused.pop(site, None)
+        att.symbols.append(f"{site.where}{':return' if site.ret else ''}")
+        if site.where in DATA_SYMBOLS[att.library]:
+            att.sites.setdefault(str(site.where), "entry")
+        return True
+
+    @staticmethod
+    def _settle(att: Attachment) -> None:
+        data = [s for s in DATA_SYMBOLS[att.library] if s in att.sites]
         n_tuned = sum(1 for s in data if att.sites[s].startswith("tuned"))
         att.mode = "tuned" if data and n_tuned == len(data) else "mixed" if n_tuned else "entry"
-        if errors:
-            att.error = "; ".join(errors)
-            log.warning("could not attach to %s (%s): %s", path, lib, att.error)
-        else:
-            log.info("attached to %s (%s, %s probes)", path, lib, att.mode)
-            log.debug("%s: %s", path, ", ".join(f"{s} {att.sites[s]}" for s in data))
-        return att
+
+    def _retry_refused(self, key: tuple[int, ...], att: Attachment) -> None:
+        """Place the probes the kernel refused before (under the lock), if
+        ``att.path`` still opens the file ``key`` names.  Return probes go first: the file's slot is armed already, and
+        an entry probe alone would leave a half-seen call behind."""
+        try:
+            fd = rootfs.open_regular(att.path)
+        except OSError:
+            return  # its process is gone; the next sweep may reach it another way
+        try:
+            if overlay.real_key(att.path, os.fstat(fd)) != key:
+                return
+            for site in sorted(att.refused, key=lambda s: not s.ret):
+                self._place_entry(f"/proc/self/fd/{fd}", att, site)
+        finally:
+            os.close(fd)
+        self._settle(att)
+        if not att.refused:
+            self.retried += 1
+            if att.ok:
+                log.info("attached to %s (%s, %s probes), once refused probes were placed", att.path, att.library,
+                         att.mode)
 
     def _attach_tuned(self, path: str, held: str, att: Attachment, present: set[str], slot: int) -> set[str]:
         """Attach the proven sites of each OpenSSL data wrapper; the wrappers done."""
@@ -484,6 +526,9 @@ class Attacher:
                 live_roots.add(root)
         with self._lock:
             self._sweeps += 1
+            for key, att in self._by_inode.items():
+                if att.refused:
+                    self._retry_refused(key, att)
             for key, att in self._by_inode.items():
                 att.roots &= live_roots
                 if att.pinned or id(att) in mapped or att.roots:

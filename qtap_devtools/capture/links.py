@@ -15,6 +15,7 @@ them itself).  A kernel without links for perf events (before 5.15) refuses
 from __future__ import annotations
 
 import ctypes as ct
+import errno
 import os
 
 _SYS_PERF_EVENT_OPEN = 298  # x86-64
@@ -65,6 +66,46 @@ def _fail(what: str, cls: type[OSError] = OSError) -> OSError:
     return cls(err, f"{what}: {os.strerror(err)}")
 
 
+_TRACER_FDS = frozenset({"anon_inode:bpf-prog", "anon_inode:bpf_link", "anon_inode:[perf_event]"})
+
+
+def tracers(exclude: set[int]) -> list[str]:
+    """``"pid comm"`` of the processes, not in ``exclude``, that hold a BPF
+    program, a BPF link or a perf event: whatever can hold a uprobe."""
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) in exclude:
+            continue
+        try:
+            for fd in os.listdir(f"/proc/{name}/fd"):
+                if os.readlink(f"/proc/{name}/fd/{fd}") in _TRACER_FDS:
+                    with open(f"/proc/{name}/comm") as f:
+                        out.append(f"{name} {f.read().strip()}")
+                    break
+        except OSError:  # gone, or a descriptor closed while we read
+            continue
+    return out
+
+
+def _uprobe_refused(offset: int) -> OSError:
+    err = ct.get_errno()
+    # (``path`` is a /proc/self/fd/N link: the caller names the file.)
+    what = f"perf_event_open of a uprobe at file offset {offset:#x}: {os.strerror(err)}"
+    if err != errno.EINVAL:
+        return OSError(err, what)
+    # The kernel keeps one uprobe per instruction, shared by every program
+    # probing it, and refuses a second whose reference-counter offset differs
+    # (its log: "ref_ctr_offset mismatch").  bcc 0.26's Python bindings, as
+    # Debian 12 ships them, pass none to a C function that takes one, so
+    # theirs is whatever was on the stack: sslsniff-bpfcc and its kin hold
+    # SSL_write and SSL_read that way.
+    held = ", ".join(tracers({os.getpid()})) or "no other process"
+    return OSError(err, f"{what}: most likely another program probes this instruction, registered differently "
+                        f"(Debian 12's bcc tools, such as sslsniff-bpfcc, do; the kernel log says 'ref_ctr_offset "
+                        f"mismatch'); probes may be held by: {held}; the agent tries again at every sweep, "
+                        "so it attaches once that program stops")
+
+
 class Links:
     """The uprobes this process attached itself, by cookie: take one
     cookie's away with :meth:`take`, close all with :meth:`close`."""
@@ -90,7 +131,7 @@ class Links:
         # pid -1, cpu 0: every process that maps the file (as bcc does).
         perf_fd = _libc.syscall(_SYS_PERF_EVENT_OPEN, ct.byref(attr), -1, 0, -1, _PERF_FLAG_FD_CLOEXEC)
         if perf_fd < 0:
-            raise _fail(f"perf_event_open (uprobe {path.decode(errors='replace')}+{offset:#x})")
+            raise _uprobe_refused(offset)
         link = _LinkCreateAttr(prog_fd=prog_fd, target_fd=perf_fd, attach_type=_BPF_PERF_EVENT, bpf_cookie=cookie)
         link_fd = _libc.syscall(_SYS_BPF, _BPF_LINK_CREATE, ct.byref(link), ct.sizeof(link))
         error = _fail("BPF_LINK_CREATE for a perf event", LinkUnsupported) if link_fd < 0 else None

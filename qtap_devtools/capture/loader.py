@@ -684,6 +684,8 @@ class Capture:
             "address_tracking_evicted": self.address_tracking_evicted,
             "attachments": len(atts),
             "attachments_failed": sum(1 for a in atts if a.error),
+            # whose probes the kernel once refused, all placed at a later sweep
+            "attachments_retried": self._attacher.retried if self._attacher else 0,
             "attachments_tuned": sum(1 for a in atts if a.mode == "tuned"),
             "attachments_over_limit": self._attacher.over_limit if self._attacher else 0,
             "probe_arming": self.probe_arming,
