@@ -487,6 +487,7 @@ CAPTURE_GAUGES = {
     "pending_events": "Events made and waiting to be published (enrichment waits)",
     "attachments": "TLS library files attached now",
     "attachments_tuned": "TLS library files attached with tuned probes now",
+    "attachments_failed": "TLS library files some of whose probes are not placed now (refused ones are retried)",
     "probes_linked": "Probes placed now",
     "byte_budget_per_second": "Plaintext taken in per second before shedding (--max-capture-rate), bytes",
     "ring_bytes": "Size of the kernel ring buffer (--ring-mib), bytes",
