@@ -364,7 +364,7 @@ class Attacher:
                     att.unexported.append(probe.symbol)
                 continue
             self._place_entry(held, att, Site(probe.symbol, probe.fn_name, probe.ret))
-        self._settle(att)
+        self._set_mode(att)
         if att.ok:
             log.info("attached to %s (%s, %s probes)", path, lib, att.mode)
             log.debug("%s: %s", path, ", ".join(f"{s} {att.sites[s]}" for s in DATA_SYMBOLS[lib] if s in att.sites))
@@ -372,33 +372,36 @@ class Attacher:
             log.warning("could not attach to %s (%s): %s", path, lib, att.error)
         return att
 
-    def _place_entry(self, held: str, att: Attachment, site: Site) -> bool:
-        """One probe at a symbol; a refusal is kept in ``att.refused``."""
+    def _place_entry(self, held: str, att: Attachment, site: Site) -> None:
+        """One probe at a symbol; a refusal is kept in ``att.refused``.  Its
+        dicts are replaced, not changed: after a retry, other threads may be
+        reading them (``system.connected``, ``/stats``)."""
         try:
             self._attach_fn(held, site.where, site.fn_name, site.ret, att.slot)
         except Exception as exc:  # bcc raises bare Exception
-            att.refused[site] = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            return False
-        att.refused.pop(site, None)
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            att.refused = {**att.refused, site: why}
+            return
+        att.refused = {s: why for s, why in att.refused.items() if s != site}
         att.symbols.append(f"{site.where}{':return' if site.ret else ''}")
-        if site.where in DATA_SYMBOLS[att.library]:
-            att.sites.setdefault(str(site.where), "entry")
-        return True
+        if site.where in DATA_SYMBOLS[att.library] and site.where not in att.sites:
+            att.sites = {**att.sites, str(site.where): "entry"}
 
     @staticmethod
-    def _settle(att: Attachment) -> None:
+    def _set_mode(att: Attachment) -> None:
         data = [s for s in DATA_SYMBOLS[att.library] if s in att.sites]
         n_tuned = sum(1 for s in data if att.sites[s].startswith("tuned"))
         att.mode = "tuned" if data and n_tuned == len(data) else "mixed" if n_tuned else "entry"
 
     def _retry_refused(self, key: tuple[int, ...], att: Attachment) -> None:
         """Place the probes the kernel refused before (under the lock), if
-        ``att.path`` still opens the file ``key`` names.  Return probes go first: the file's slot is armed already, and
-        an entry probe alone would leave a half-seen call behind."""
+        ``att.path`` still opens the file ``key`` names.  Return probes go
+        first: the file's slot is armed already, and an entry probe alone
+        would leave a half-seen call behind."""
         try:
             fd = rootfs.open_regular(att.path)
         except OSError:
-            return  # its process is gone; the next sweep may reach it another way
+            return  # its process is gone: tried again while the file stays attached
         try:
             if overlay.real_key(att.path, os.fstat(fd)) != key:
                 return
@@ -406,7 +409,7 @@ class Attacher:
                 self._place_entry(f"/proc/self/fd/{fd}", att, site)
         finally:
             os.close(fd)
-        self._settle(att)
+        self._set_mode(att)
         if not att.refused:
             self.retried += 1
             if att.ok:
