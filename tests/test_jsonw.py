@@ -36,7 +36,10 @@ class Table(dict):
 
 # Text in every plane, the controls, the escapes, lone surrogates and the guarded words.
 texts = st.one_of(st.text(), st.text(st.characters(min_codepoint=0, max_codepoint=0x7f)),
-                  st.sampled_from(["request.http_transaction", '"\\/\b\f\n\r\t\x00\x1f\x7f', "\u2028é€😀"]))
+                  st.sampled_from(["request.http_transaction", '"\\/\b\f\n\r\t\x00\x1f\x7f', "\u2028é€😀"]),
+                  # the guarded words among dots, cut and back to back (the writer finds them by their dot)
+                  st.lists(st.sampled_from(["request.http_transaction", "request", ".", "http_transaction", "..",
+                                            "request.", ".http_transaction", "e"]), max_size=8).map("".join))
 # Only what the writer writes: no surrogates, no exponent floats, 64-bit ints.
 plain_texts = texts.filter(lambda s: not any(0xD800 <= ord(c) <= 0xDFFF for c in s))
 plain_floats = st.floats(allow_nan=False, allow_infinity=False).filter(lambda x: "e" not in repr(x))
