@@ -49,6 +49,10 @@ def same(head: bytes, is_request: bool) -> None:
     assert got == expected, head
     # bytearray (the reader's buffer) and memoryview-free bytes agree too
     assert outcome(fast.parse_head, bytearray(head), is_request) == expected
+    # read in place, between what came before it and what follows (the reader's call)
+    around = b"\r\nHTTP/1.1 200 OK\r\n\r\n" + head + b"\r\n\r\nGET / HTTP/1.1\r\n"
+    for buf in (around, bytearray(around)):
+        assert outcome(lambda h, r: fast.parse_head_at(buf, 21, 21 + len(head), r), buf, is_request) == expected
 
 
 TOKENISH = st.sampled_from(["Host", "Content-Length", "content-length", "CONNECTION", "Transfer-Encoding",
@@ -265,3 +269,12 @@ def test_common_header_names_as_sent_or_lower_case_are_made_once():
     (h2, _), (c2, _), (u2, _), (x2, _) = two.headers
     assert h1 is h2 and c1 is c2
     assert (u1, x1) == (u2, x2) == ("HOST", "X-Mine") and u1 is not u2
+
+
+def test_a_head_read_in_place_is_bounded_by_its_buffer():
+    for start, stop in ((-1, 3), (3, 2), (0, 99)):
+        with pytest.raises(ValueError, match=r"parse_head_at: \[.*\] is not within a buffer of 20 bytes"):
+            fast.parse_head_at(b"GET / HTTP/1.1\r\nA: b", start, stop, True)
+    assert http1_parse.parse_head_at is fast.parse_head_at
+    assert outcome(lambda h, r: http1_parse.parse_head_at_py(b"xx" + h + b"yy", 2, 2 + len(h), r),
+                   b"GET / HTTP/1.1\r\nA: b", True) == outcome(parse_head_py, b"GET / HTTP/1.1\r\nA: b", True)

@@ -322,6 +322,49 @@ static PyObject *parse_head(PyObject *self, PyObject *const *args, Py_ssize_t na
     return PyObject_CallFunctionObjArgs(fallback_fn, args[0], args[1], NULL);
 }
 
+/* parse_head(buf[start:stop], is_request) without the slice: the reader's
+ * buffer is bytes or a bytearray, whose slicing compiled code does through
+ * the generic protocol and a copy (~300 instructions a message).  Only what
+ * the fast parser declines is copied out, for the Python parser. */
+static PyObject *parse_head_at(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "parse_head_at(buf, start, stop, is_request)");
+        return NULL;
+    }
+    if (new_head_fn == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "_headparse.configure() was not called");
+        return NULL;
+    }
+    Py_ssize_t start = PyLong_AsSsize_t(args[1]), stop = PyLong_AsSsize_t(args[2]);
+    if ((start == -1 || stop == -1) && PyErr_Occurred())
+        return NULL;
+    int is_request = PyObject_IsTrue(args[3]);
+    if (is_request < 0)
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (start < 0 || stop < start || stop > view.len) {
+        PyBuffer_Release(&view);
+        PyErr_Format(PyExc_ValueError, "parse_head_at: [%zd:%zd] is not within a buffer of %zd bytes", start, stop,
+                     view.len);
+        return NULL;
+    }
+    PyObject *msg;
+    int rc = parse_fast((const char *)view.buf + start, stop - start, is_request, &msg);
+    PyObject *head = rc == 0 ? PyBytes_FromStringAndSize((const char *)view.buf + start, stop - start) : NULL;
+    PyBuffer_Release(&view);
+    if (rc < 0)
+        return NULL;
+    if (rc > 0)
+        return msg;
+    if (head == NULL)
+        return NULL;
+    msg = PyObject_CallFunctionObjArgs(fallback_fn, head, args[3], NULL);
+    Py_DECREF(head);
+    return msg;
+}
+
 /* The lower-case form of an ASCII name: the same object when it has no capitals. */
 static PyObject *ascii_lower(PyObject *name) {
     Py_ssize_t n = PyUnicode_GET_LENGTH(name);
@@ -564,6 +607,8 @@ static PyMethodDef methods[] = {
      "head_end(buf, start, limit) -> int: http1_parse.head_end_py."},
     {"parse_head", (PyCFunction)(void (*)(void))parse_head, METH_FASTCALL,
      "parse_head(head, is_request) -> Head: the common case in C, the rest by the Python parser."},
+    {"parse_head_at", (PyCFunction)(void (*)(void))parse_head_at, METH_FASTCALL,
+     "parse_head_at(buf, start, stop, is_request) -> Head: parse_head(buf[start:stop], is_request), no slice."},
     {"configure", configure, METH_VARARGS, "configure(new_head, _framing_header, parse_head_py)"},
     {"combined_headers", (PyCFunction)(void (*)(void))combine, METH_FASTCALL,
      "combined_headers(headers, by_lower=None): model.combined_headers for str pairs with ASCII names."},

@@ -23,7 +23,6 @@ Every exchange a gap touched, paired or not, is marked ``incomplete``.
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Final, Literal
 
 from .body import decode_body
@@ -93,7 +92,10 @@ class ConnectionAssembler:
         self._out: list[HttpExchange] = []
         self._next_offset: dict[str, int | None] = {"egress": None, "ingress": None}
         self._overlap_discarded = 0
-        self._pending: deque[_Exchange] = deque()  # requests awaiting their final response
+        # Requests awaiting their final response, oldest first: a list (at
+        # most MAX_PENDING; nearly always one), whose append and pop(0) are
+        # native calls where a deque's are method lookups.
+        self._pending: list[_Exchange] = []
         self._req_synced = True
         self._resp_synced = True
         self._min_lost = 0  # responses known to precede the next one, since the last sync point
@@ -159,7 +161,7 @@ class ConnectionAssembler:
         self._closed = True
         for reader in (self._requests, self._responses) if self._requests else self._readers.values():
             reader.close(ts_ns)  # type: ignore[union-attr]
-        pending, self._pending = self._pending, deque()
+        pending, self._pending = self._pending, []
         for ex in pending:
             if not ex.emitted:
                 ex.request_done = True
@@ -213,7 +215,7 @@ class ConnectionAssembler:
 
     def _stop_pairing(self) -> None:
         self._dead = True
-        pending, self._pending = self._pending, deque()
+        pending, self._pending = self._pending, []
         for ex in pending:
             self._give_up(ex, NO_RESPONSE_GAP)
 
@@ -227,11 +229,11 @@ class ConnectionAssembler:
     def _trim_pending(self) -> None:
         while len(self._pending) > MAX_PENDING:
             if self._resp_synced:
-                self._give_up(self._pending.popleft(), "response not awaited: too many pipelined requests")
+                self._give_up(self._pending.pop(0), "response not awaited: too many pipelined requests")
                 self._orphans += 1
             elif self._min_lost:
                 # The first response since the sync point has happened: move the point past it.
-                self._give_up(self._pending.popleft(), NO_RESPONSE_GAP)
+                self._give_up(self._pending.pop(0), NO_RESPONSE_GAP)
                 self._min_lost -= 1
             else:
                 self._stop_pairing()
@@ -253,7 +255,7 @@ class ConnectionAssembler:
                 # Unsolicited, or fed out of order: either way the counts no longer line up.
                 self._stop_pairing()
             return None
-        return self._pending[0] if interim else self._pending.popleft()
+        return self._pending[0] if interim else self._pending.pop(0)
 
     def _repair(self, msg: Message, interim: bool) -> _Exchange | None:
         """After a response-direction gap: pair again only if one position fits."""
@@ -268,10 +270,10 @@ class ConnectionAssembler:
         unparsed = waiting is not None and waiting <= start
         if candidates and not unparsed and self._min_lost == candidates - 1:
             for _ in range(self._min_lost):
-                self._give_up(self._pending.popleft(), NO_RESPONSE_GAP)
+                self._give_up(self._pending.pop(0), NO_RESPONSE_GAP)
             self._resp_synced = True
             self._min_lost = 0
-            ex = self._pending[0] if interim else self._pending.popleft()
+            ex = self._pending[0] if interim else self._pending.pop(0)
             ex.incomplete = True  # paired across a gap: correct, but say so
             return ex
         if not interim:
@@ -416,7 +418,7 @@ class ConnectionAssembler:
             return
         error = f"malformed response: {reason}"
         if self._resp_synced and not self._dead and not self._orphans and self._pending:
-            ex = self._pending.popleft()
+            ex = self._pending.pop(0)
             ex.error = error
             ex.response_done = True
             if ex.request_done:

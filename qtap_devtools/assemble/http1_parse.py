@@ -259,6 +259,15 @@ else:
 # added and compared through the number protocol).
 parse_head: Final[Callable[[bytes | bytearray, bool], Head]] = (
     parse_head_py if _headparse is None else _headparse.parse_head)
+
+
+def parse_head_at_py(buf: bytes | bytearray, start: int, stop: int, is_request: bool) -> Head:
+    """``parse_head(buf[start:stop], is_request)``: the C one reads the buffer in place."""
+    return parse_head_py(buf[start:stop], is_request)
+
+
+parse_head_at: Final[Callable[[bytes | bytearray, int, int, bool], Head]] = (
+    parse_head_at_py if _headparse is None else _headparse.parse_head_at)
 head_end: Final[Callable[[bytes | bytearray, int, int], int]] = (
     head_end_py if _headparse is None else _headparse.head_end)
 plausible_start: Final[Callable[[bytes | bytearray, int, int, bool], bool]] = (
@@ -524,7 +533,7 @@ class MessageReader:
         after: int = work[stop + 1]
         nxt = stop + (2 if after == 10 else 3)  # past LF LF, or LF CR LF
         try:
-            head = parse_head(work[pos:stop], self.kind == "request")
+            head = parse_head_at(work, pos, stop, self.kind == "request")
         except MalformedMessage as exc:
             self._malformed(str(exc), isinstance(exc, NotHttp1))
             if self.state == DEAD:
