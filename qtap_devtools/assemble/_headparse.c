@@ -297,54 +297,26 @@ fail:
     return -1;
 }
 
-static PyObject *parse_head(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "parse_head(head, is_request)");
-        return NULL;
-    }
+/* parse_head(buf[start:stop], is_request), the whole buffer when ``whole``.
+ * In place: the reader's buffer is bytes or a bytearray, whose slicing
+ * compiled code does through the generic protocol and a copy (~300
+ * instructions a message).  Only what the fast parser declines is copied
+ * out, for the Python parser. */
+static PyObject *parse_span(PyObject *buf, Py_ssize_t start, Py_ssize_t stop, int whole, PyObject *is_request_obj) {
     if (new_head_fn == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "_headparse.configure() was not called");
         return NULL;
     }
-    int is_request = PyObject_IsTrue(args[1]);
+    int is_request = PyObject_IsTrue(is_request_obj);
     if (is_request < 0)
         return NULL;
     Py_buffer view;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+    if (PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE) < 0)
         return NULL;
-    PyObject *msg;
-    int rc = parse_fast(view.buf, view.len, is_request, &msg);
-    PyBuffer_Release(&view);
-    if (rc < 0)
-        return NULL;
-    if (rc > 0)
-        return msg;
-    return PyObject_CallFunctionObjArgs(fallback_fn, args[0], args[1], NULL);
-}
-
-/* parse_head(buf[start:stop], is_request) without the slice: the reader's
- * buffer is bytes or a bytearray, whose slicing compiled code does through
- * the generic protocol and a copy (~300 instructions a message).  Only what
- * the fast parser declines is copied out, for the Python parser. */
-static PyObject *parse_head_at(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "parse_head_at(buf, start, stop, is_request)");
-        return NULL;
-    }
-    if (new_head_fn == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "_headparse.configure() was not called");
-        return NULL;
-    }
-    Py_ssize_t start = PyLong_AsSsize_t(args[1]), stop = PyLong_AsSsize_t(args[2]);
-    if ((start == -1 || stop == -1) && PyErr_Occurred())
-        return NULL;
-    int is_request = PyObject_IsTrue(args[3]);
-    if (is_request < 0)
-        return NULL;
-    Py_buffer view;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
-        return NULL;
-    if (start < 0 || stop < start || stop > view.len) {
+    if (whole) {
+        start = 0;
+        stop = view.len;
+    } else if (start < 0 || stop < start || stop > view.len) {
         PyBuffer_Release(&view);
         PyErr_Format(PyExc_ValueError, "parse_head_at: [%zd:%zd] is not within a buffer of %zd bytes", start, stop,
                      view.len);
@@ -352,7 +324,9 @@ static PyObject *parse_head_at(PyObject *self, PyObject *const *args, Py_ssize_t
     }
     PyObject *msg;
     int rc = parse_fast((const char *)view.buf + start, stop - start, is_request, &msg);
-    PyObject *head = rc == 0 ? PyBytes_FromStringAndSize((const char *)view.buf + start, stop - start) : NULL;
+    PyObject *head = rc != 0 ? NULL
+                     : whole ? Py_NewRef(buf)
+                             : PyBytes_FromStringAndSize((const char *)view.buf + start, stop - start);
     PyBuffer_Release(&view);
     if (rc < 0)
         return NULL;
@@ -360,9 +334,28 @@ static PyObject *parse_head_at(PyObject *self, PyObject *const *args, Py_ssize_t
         return msg;
     if (head == NULL)
         return NULL;
-    msg = PyObject_CallFunctionObjArgs(fallback_fn, head, args[3], NULL);
+    msg = PyObject_CallFunctionObjArgs(fallback_fn, head, is_request_obj, NULL);
     Py_DECREF(head);
     return msg;
+}
+
+static PyObject *parse_head(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "parse_head(head, is_request)");
+        return NULL;
+    }
+    return parse_span(args[0], 0, 0, 1, args[1]);
+}
+
+static PyObject *parse_head_at(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "parse_head_at(buf, start, stop, is_request)");
+        return NULL;
+    }
+    Py_ssize_t start = PyLong_AsSsize_t(args[1]), stop = PyLong_AsSsize_t(args[2]);
+    if ((start == -1 || stop == -1) && PyErr_Occurred())
+        return NULL;
+    return parse_span(args[0], start, stop, 0, args[3]);
 }
 
 /* The lower-case form of an ASCII name: the same object when it has no capitals. */

@@ -89,7 +89,7 @@ def tracers(exclude: set[int]) -> list[str]:
 
 def _uprobe_refused(offset: int) -> OSError:
     err = ct.get_errno()
-    # (``path`` is a /proc/self/fd/N link: the caller names the file.)
+    # No path: what the agent opened is a /proc/self/fd link; its caller names the file.
     what = f"perf_event_open of a uprobe at file offset {offset:#x}: {os.strerror(err)}"
     if err != errno.EINVAL:
         return OSError(err, what)
