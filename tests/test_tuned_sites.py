@@ -92,7 +92,7 @@ def test_tuned_sites_read_the_plaintext_curl_and_python_exchange(s_server):
         pid, direction, ret, length, count, ex, _ = _HDR.unpack_from(raw)
         events.append((pid, direction, ret, count, ex, raw[_HDR.size : _HDR.size + length]))
 
-    bpf["events"].open_ring_buffer(on_event)
+    bpf[b"events"].open_ring_buffer(on_event)
     try:
         attach(bpf, plans)
         server, url = s_server
