@@ -35,6 +35,11 @@ _memoryview: Final = memoryview
 # a second they came ~1,000 times a second with a few events each.  An event
 # after a quiet spell still goes out at once; only the next one waits.
 SEND_PACE_SECONDS: Final = 0.005
+# At most this much of a client's queue goes out in one write.  More than one
+# turn of a saturated event loop adds (a slice of the record backlog makes
+# ~1 MiB of frames): at 256 KiB a client that read everything still lost
+# events to its queue at W1, after the agent had done all the work for them.
+SEND_BATCH_BYTES: Final = 4 << 20
 # system.dropped's reasons.
 QUEUE_OVERFLOWED: Final = "client fell behind; its queue overflowed"
 HISTORY_EVICTED: Final = "resumed past the history the agent still holds (older events were evicted)"
@@ -164,7 +169,7 @@ class Subscriber:
         self.queue.append(_CLOSE)
         self._wakeup.set()
 
-    async def next_batch(self, batch_bytes: int = 256 << 10) -> bytes | None:
+    async def next_batch(self, batch_bytes: int = SEND_BATCH_BYTES) -> bytes | None:
         """The SSE frames queued now, joined (waiting for the first), with
         drop notices in stream order; None once the stream is closed.
 

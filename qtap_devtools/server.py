@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 API = "/devtools/api"
 T = TypeVar("T")
-REPLAY_BATCH_BYTES = 256 << 10  # a capture file's events go out this many bytes a write (the live stream's batch too)
+REPLAY_BATCH_BYTES = 256 << 10  # a capture file's events go out this many bytes a write
 
 
 @dataclass

@@ -181,6 +181,28 @@ def test_queued_events_go_out_together_as_whole_frames():
     assert [d["data"]["pid"] for _, d in events] == list(range(50))  # one write, every frame whole
 
 
+def test_a_turn_of_a_saturated_loop_goes_out_in_one_write_and_a_larger_queue_in_several():
+    """A slice of the record backlog makes ~1 MiB of frames per turn of the
+    event loop; a client got 256 KiB a write and lost the rest to its queue
+    (W1) after the agent had done all the work for them.  Now a write takes
+    up to SEND_BATCH_BYTES, and a queue beyond that is split into whole frames."""
+    from qtap_devtools.broadcast import SEND_BATCH_BYTES
+
+    async def go():
+        bc = Broadcaster(client_queue_size=10_000, client_queue_bytes=64 << 20)
+        sub = bc.subscribe(EventFilter())
+        n = (SEND_BATCH_BYTES + (2 << 20)) // 10_000  # ~6 MiB of 10 kB events
+        for i in range(n):
+            bc.publish(big(i, 10_000))
+        first = await sub.next_batch()
+        assert SEND_BATCH_BYTES - 20_000 < len(first) <= SEND_BATCH_BYTES + 20_000
+        assert len(first) > 1 << 20  # more than a loop turn adds
+        second = await sub.next_batch()
+        pids = [d["data"]["pid"] for _, d in (parse(f) for f in split(first) + split(second))]
+        assert pids == list(range(n)) and sub.total_missed == 0
+    asyncio.run(go())
+
+
 def test_a_busy_stream_is_written_in_paced_batches_and_a_quiet_one_at_once():
     async def go():
         bc = Broadcaster()
