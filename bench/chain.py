@@ -80,6 +80,9 @@ async def run(requests: int, prepared: int) -> dict:
         start = time.process_time()
         for at in range(0, len(batch), BATCH):
             pipeline.on_records(batch[at:at + BATCH])
+            # The loop's turn after each batch, as the agent's backlog gives it
+            # after each slice: the subscriber takes what was published.
+            await asyncio.sleep(0)
             while len(agent.publisher):
                 await asyncio.sleep(0)
         tx = pipeline.counters["transactions"]

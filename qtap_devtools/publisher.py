@@ -8,7 +8,9 @@ an event whose process is in a container whose metadata is not cached yet: it
 waits, at most ``wait_seconds`` from when it was made, so the first event of a
 new container carries its name.  Order is kept: events behind a waiting one
 wait with it (their own deadlines run from when they were made, so a queue
-behind one slow lookup does not wait once per event).
+behind one slow lookup does not wait once per event).  With nothing waiting,
+an event is published as it is emitted: a queue and a task's turn would only
+hand it over later in the same thread.
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ class Publisher:
         self.dropped = 0
         self._wake = asyncio.Event()
         self._sleeping = False  # run() waits on _wake: only then does emit() need to set it
+        self._busy = False  # run() has taken an event from the queue and not yet published it
 
     def __len__(self) -> int:
         return len(self.pending)
@@ -90,6 +93,13 @@ class Publisher:
             if docker is not None:
                 docker.prefetch(info.container_id)
             pending.append((event, time.monotonic() + self.wait_seconds))
+        elif not pending and not self._busy:  # nothing before it: published now, in order
+            env = event.envelope()
+            try:
+                self.publish(env)
+            except Exception:  # a bug in one event must not stop the pipeline
+                log.exception("could not publish an event")
+            return
         else:
             pending.append(event.envelope())
         if self._sleeping:
@@ -104,6 +114,7 @@ class Publisher:
                 self._sleeping = True
                 await self._wake.wait()
             item = pending.popleft()
+            self._busy = True  # while it waits for its container, events emitted queue behind it
             try:
                 if isinstance(item, Envelope):
                     self.publish(item)
@@ -111,6 +122,8 @@ class Publisher:
                     self.publish(await self._enriched(item[0], item[1]))
             except Exception:  # a bug in one event must not stop the stream
                 log.exception("could not publish an event")
+            finally:
+                self._busy = False
 
     async def _enriched(self, event: Event, deadline: float) -> Envelope:
         info = process_of(event)

@@ -88,5 +88,30 @@ def test_the_process_snapshot_leaves_kernel_threads_out():
     curl = dataclasses.replace(IN_CONTAINER, pid=78, container_id=None)
     agent.enricher.list_pids = lambda: [77, 78]
     agent.enricher.process = {77: kworker, 78: curl}.get
+    published = []
+    agent.broadcaster.add_listener(published.append)
     agent._snapshot_processes()
-    assert [item.body["data"]["pid"] for item in agent.publisher.pending] == [78]
+    assert [p.envelope.body["data"]["pid"] for p in published] == [78]
+
+
+def test_an_event_made_while_another_waits_for_its_container_is_published_after_it():
+    host_process = dataclasses.replace(IN_CONTAINER, pid=43, container_id=None)
+
+    async def go():
+        agent = Agent(Config(docker=False))
+        slow = SlowDocker()
+        agent.publisher.enricher = slow
+        published = []
+        agent.broadcaster.add_listener(published.append)
+        agent.publisher.emit(ProcessStarted(host_process))  # nothing before it: published at once
+        agent.publisher.emit(ProcessStarted(IN_CONTAINER))  # waits for its container's name
+        task = asyncio.create_task(agent.publisher.run())
+        while not slow.waits:  # taken from the queue: the queue is empty while it waits
+            await asyncio.sleep(0.001)
+        agent.publisher.emit(ProcessStarted(dataclasses.replace(host_process, pid=44)))
+        while len(published) < 3:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        return [p.envelope.body["data"]["pid"] for p in published]
+
+    assert asyncio.run(go()) == [43, 4242, 44]
