@@ -278,3 +278,66 @@ def test_a_head_read_in_place_is_bounded_by_its_buffer():
     assert http1_parse.parse_head_at is fast.parse_head_at
     assert outcome(lambda h, r: http1_parse.parse_head_at_py(b"xx" + h + b"yy", 2, 2 + len(h), r),
                    b"GET / HTTP/1.1\r\nA: b", True) == outcome(parse_head_py, b"GET / HTTP/1.1\r\nA: b", True)
+
+
+def read_outcome(fn, buf, pos, end, scan, is_request):
+    found = fn(buf, pos, end, scan, is_request)
+    if found is None:
+        return None
+    head, nxt = found
+    return outcome(lambda h, r: head, b"", is_request), nxt
+
+
+@st.composite
+def streams(draw, starts):
+    """A head among what comes before and after it in a reader's buffer, cut anywhere."""
+    before = draw(st.sampled_from([b"", b"\r\n", b"\n", b"x", b"GET / HTTP/1.1\r\n\r\n"]))
+    head = draw(heads(starts))
+    ending = draw(st.sampled_from([b"\r\n\r\n", b"\n\n", b"\n\r\n", b"\r\n", b""]))
+    buf = before + head + ending + draw(st.sampled_from([b"", b"body", b"GET / HTTP/1.1\r\n\r\n"]))
+    pos = draw(st.sampled_from([0, len(before), min(len(buf), len(before) + 1)]))
+    end = draw(st.integers(pos, len(buf)))
+    scan = draw(st.integers(pos, max(pos, end)))
+    return buf, pos, end, scan
+
+
+@settings(max_examples=800, deadline=None)
+@given(st.one_of(streams(STARTS_REQ).map(lambda s: (*s, True)), streams(STARTS_RESP).map(lambda s: (*s, False))),
+       st.booleans())
+def test_read_head_answers_as_the_python_or_declines(case, as_bytearray):
+    """The reader's one-call step: where the C answers, it is the Python's
+    answer (the same Head, the same next offset), or it declines (the reader
+    then goes step by step, through the parsers tested above)."""
+    buf, pos, end, scan, is_request = case
+    work = bytearray(buf) if as_bytearray else buf
+    got = read_outcome(fast.read_head, work, pos, end, scan, is_request)
+    expected = read_outcome(http1_parse.read_head_py, buf, pos, end, scan, is_request)
+    assert got is None or got == expected, (buf, pos, end, scan)
+
+
+@pytest.mark.parametrize("buf,pos,end,scan,is_request,expected", [
+    (b"GET / HTTP/1.1\r\nHost: a\r\n\r\nbody", 0, 31, 0, True, 27),
+    (b"xxHTTP/1.1 200 OK\r\nContent-Length: 4\r\n\n", 2, 39, 2, False, 39),
+    (b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", 0, 27, 20, True, 27),  # searched before up to 20
+    (b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", 0, 26, 0, True, None),  # not all here
+    (b"\r\nGET / HTTP/1.1\r\n\r\n", 0, 20, 0, True, None),  # a blank line first: step by step
+    (b"\x16\x03\x01\x02\x00\r\n\r\n", 0, 9, 0, True, None),  # not HTTP
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n", 0, 58, 0, False, None),  # malformed
+])
+def test_read_head_takes_the_common_case_and_declines_the_rest(buf, pos, end, scan, is_request, expected):
+    for fn in (fast.read_head, http1_parse.read_head_py):
+        found = fn(buf, pos, end, scan, is_request)
+        assert (found[1] if found else None) == expected, fn
+    assert http1_parse.read_head is fast.read_head
+
+
+def test_read_head_refuses_bad_bounds():
+    for pos, end, scan in ((-1, 4, 0), (2, 4, 1), (0, -1, 0)):
+        with pytest.raises(ValueError):
+            fast.read_head(b"GET / HTTP/1.1\r\n\r\n", pos, end, scan, True)
+
+
+def test_a_head_over_the_limit_is_left_to_the_reader():
+    big = b"GET / HTTP/1.1\r\nX: " + b"a" * http1_parse.MAX_HEAD + b"\r\n\r\n"
+    assert fast.read_head(big, 0, len(big), 0, True) is None
+    assert http1_parse.read_head_py(big, 0, len(big), 0, True) is None

@@ -19,6 +19,7 @@
 #include <string.h>
 
 static PyObject *new_head_fn; /* http1_parse.new_head(is_request, method, ..., close) */
+static Py_ssize_t max_head = -1; /* http1_parse.MAX_HEAD, from configure() */
 static PyObject *framing_fn;  /* http1_parse._framing_header(msg, lkey, value) */
 static PyObject *fallback_fn; /* http1_parse.parse_head_py(head, is_request) */
 
@@ -497,8 +498,13 @@ static PyObject *configure_combine(PyObject *self, PyObject *fallback) {
 
 static PyObject *configure(PyObject *self, PyObject *args) {
     PyObject *new_head, *framing, *fallback;
-    if (!PyArg_ParseTuple(args, "OOO:configure", &new_head, &framing, &fallback))
+    Py_ssize_t max;
+    if (!PyArg_ParseTuple(args, "OOOn:configure", &new_head, &framing, &fallback, &max))
         return NULL;
+    if (max <= 0) {
+        PyErr_SetString(PyExc_ValueError, "configure: max_head must be positive");
+        return NULL;
+    }
     if (!PyCallable_Check(new_head)) {
         PyErr_SetString(PyExc_TypeError, "configure: new_head must be callable");
         return NULL;
@@ -506,7 +512,23 @@ static PyObject *configure(PyObject *self, PyObject *args) {
     Py_XSETREF(new_head_fn, Py_NewRef(new_head));
     Py_XSETREF(framing_fn, Py_NewRef(framing));
     Py_XSETREF(fallback_fn, Py_NewRef(fallback));
+    max_head = max;
     Py_RETURN_NONE;
+}
+
+/* Where the head in b[start:limit] ends (the LF starting its blank line), or -1. */
+static Py_ssize_t head_end_in(const char *b, Py_ssize_t len, Py_ssize_t start, Py_ssize_t limit) {
+    if (limit > len)
+        limit = len;
+    for (Py_ssize_t p = start; p + 2 <= limit; p++) {
+        const char *nl = memchr(b + p, '\n', (size_t)(limit - 1 - p)); /* an LF with a byte after it */
+        if (nl == NULL)
+            break;
+        p = nl - b;
+        if (b[p + 1] == '\n' || (b[p + 1] == '\r' && p + 3 <= limit && b[p + 2] == '\n'))
+            return p;
+    }
+    return -1;
 }
 
 /* head_end(buf, start, limit) -> int: http1_parse.head_end_py in one pass.
@@ -527,22 +549,30 @@ static PyObject *head_end(PyObject *self, PyObject *const *args, Py_ssize_t narg
     Py_buffer view;
     if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
         return NULL;
-    const char *b = view.buf;
-    if (limit > view.len)
-        limit = view.len;
-    Py_ssize_t found = -1;
-    for (Py_ssize_t p = start; p + 2 <= limit; p++) {
-        const char *nl = memchr(b + p, '\n', (size_t)(limit - 1 - p)); /* an LF with a byte after it */
-        if (nl == NULL)
-            break;
-        p = nl - b;
-        if (b[p + 1] == '\n' || (b[p + 1] == '\r' && p + 3 <= limit && b[p + 2] == '\n')) {
-            found = p;
-            break;
-        }
-    }
+    Py_ssize_t found = head_end_in(view.buf, view.len, start, limit);
     PyBuffer_Release(&view);
     return PyLong_FromSsize_t(found);
+}
+
+/* plausible_start's answer for b[:len]. */
+static int plausible_in(const char *b, Py_ssize_t len, Py_ssize_t pos, Py_ssize_t end, int is_request) {
+    Py_ssize_t have = pos < len ? len - pos : 0;
+    if (!is_request) {
+        /* The whole prefix, or as much of it as there is. */
+        Py_ssize_t n = have < 5 ? have : 5;
+        return memcmp(b + pos, "HTTP/", (size_t)n) == 0;
+    }
+    /* A token up to a space within 24 bytes (the buffer's end bounds the
+     * search, `end` the token when no space is found). */
+    Py_ssize_t window = have < 24 ? have : 24;
+    const char *sp = window > 0 ? memchr(b + pos, ' ', (size_t)window) : NULL;
+    Py_ssize_t stop = sp ? sp - b : (end < pos + 24 ? end : pos + 24);
+    if (stop > len)
+        stop = len;
+    Py_ssize_t n = stop > pos ? stop - pos : 0;
+    if (sp == NULL && n >= 24)
+        return 0;
+    return all_token(b + pos, n);
 }
 
 /* plausible_start(buf, pos, end, is_request) -> bool: http1_parse.plausible_start_py.
@@ -568,29 +598,75 @@ static PyObject *plausible_start(PyObject *self, PyObject *const *args, Py_ssize
     Py_buffer view;
     if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
         return NULL;
-    const char *b = view.buf;
-    Py_ssize_t len = view.len, have = pos < len ? len - pos : 0;
-    int ok;
-    if (!is_request) {
-        /* The whole prefix, or as much of it as there is. */
-        Py_ssize_t n = have < 5 ? have : 5;
-        ok = memcmp(b + pos, "HTTP/", (size_t)n) == 0;
-    } else {
-        /* A token up to a space within 24 bytes (the buffer's end bounds the
-         * search, `end` the token when no space is found). */
-        Py_ssize_t window = have < 24 ? have : 24;
-        const char *sp = window > 0 ? memchr(b + pos, ' ', (size_t)window) : NULL;
-        Py_ssize_t stop = sp ? sp - b : (end < pos + 24 ? end : pos + 24);
-        if (stop > len)
-            stop = len;
-        Py_ssize_t n = stop > pos ? stop - pos : 0;
-        if (sp == NULL && n >= 24)
-            ok = 0;
-        else
-            ok = all_token(b + pos, n);
-    }
+    int ok = plausible_in(view.buf, view.len, pos, end, is_request);
     PyBuffer_Release(&view);
     return PyBool_FromLong(ok);
+}
+
+/* read_head(buf, pos, end, scan, is_request) -> (Head, next) | None.
+ * The reader's usual step in one call (http1_parse.read_head_py): a message
+ * starting at buf[pos] (no blank lines before it), plausible, its whole head
+ * in buf[:end] within MAX_HEAD, searched for its end from `scan`, parsed by
+ * the fast parser; `next` is where what follows it starts.  None for
+ * anything else, for the reader's step-by-step path (which words every
+ * error).  Three calls and two generic byte reads a message were ~1,500
+ * instructions a transaction, most of it boxing offsets. */
+static PyObject *read_head(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "read_head(buf, pos, end, scan, is_request)");
+        return NULL;
+    }
+    if (new_head_fn == NULL || max_head < 0) {
+        PyErr_SetString(PyExc_RuntimeError, "_headparse.configure() was not called");
+        return NULL;
+    }
+    Py_ssize_t pos = PyLong_AsSsize_t(args[1]), end = PyLong_AsSsize_t(args[2]), scan = PyLong_AsSsize_t(args[3]);
+    if ((pos == -1 || end == -1 || scan == -1) && PyErr_Occurred())
+        return NULL;
+    if (pos < 0 || end < 0 || scan < pos) {
+        PyErr_SetString(PyExc_ValueError, "read_head: needs 0 <= pos <= scan and 0 <= end");
+        return NULL;
+    }
+    int is_request = PyObject_IsTrue(args[4]);
+    if (is_request < 0)
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const char *b = view.buf;
+    if (end > view.len)
+        end = view.len;
+    PyObject *head = NULL;
+    int rc = 0;
+    Py_ssize_t next = -1;
+    if (pos < end && b[pos] != '\r' && b[pos] != '\n' && plausible_in(b, end, pos, end, is_request)) {
+        Py_ssize_t stop = head_end_in(b, end, scan, pos + max_head);
+        if (stop >= 0) {
+            next = stop + (b[stop + 1] == '\n' ? 2 : 3);
+            rc = parse_fast(b + pos, stop - pos, is_request, &head);
+        }
+    }
+    PyBuffer_Release(&view);
+    if (rc < 0) {
+        /* A framing header the Python check refused: the step-by-step path
+         * reads it again and words it. */
+        if (!PyErr_ExceptionMatches(PyExc_Exception))
+            return NULL;
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    if (rc == 0)
+        Py_RETURN_NONE;
+    PyObject *n = PyLong_FromSsize_t(next);
+    PyObject *out = n != NULL ? PyTuple_New(2) : NULL;
+    if (out == NULL) {
+        Py_XDECREF(n);
+        Py_DECREF(head);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(out, 0, head);
+    PyTuple_SET_ITEM(out, 1, n);
+    return out;
 }
 
 static PyMethodDef methods[] = {
@@ -602,7 +678,9 @@ static PyMethodDef methods[] = {
      "parse_head(head, is_request) -> Head: the common case in C, the rest by the Python parser."},
     {"parse_head_at", (PyCFunction)(void (*)(void))parse_head_at, METH_FASTCALL,
      "parse_head_at(buf, start, stop, is_request) -> Head: parse_head(buf[start:stop], is_request), no slice."},
-    {"configure", configure, METH_VARARGS, "configure(new_head, _framing_header, parse_head_py)"},
+    {"read_head", (PyCFunction)(void (*)(void))read_head, METH_FASTCALL,
+     "read_head(buf, pos, end, scan, is_request) -> (Head, next) | None: http1_parse.read_head_py."},
+    {"configure", configure, METH_VARARGS, "configure(new_head, _framing_header, parse_head_py, max_head)"},
     {"combined_headers", (PyCFunction)(void (*)(void))combine, METH_FASTCALL,
      "combined_headers(headers, by_lower=None): model.combined_headers for str pairs with ASCII names."},
     {"configure_combine", configure_combine, METH_O, "configure_combine(combined_headers_py)"},

@@ -253,7 +253,7 @@ try:
 except ImportError:
     _headparse = None
 else:
-    _headparse.configure(new_head, _framing_header, parse_head_py)
+    _headparse.configure(new_head, _framing_header, parse_head_py, MAX_HEAD)
 # Typed as what they return: chosen from an untyped module, they would be Any,
 # and compiled code would treat every result generically (a head's end offset
 # added and compared through the number protocol).
@@ -268,6 +268,29 @@ def parse_head_at_py(buf: bytes | bytearray, start: int, stop: int, is_request: 
 
 parse_head_at: Final[Callable[[bytes | bytearray, int, int, bool], Head]] = (
     parse_head_at_py if _headparse is None else _headparse.parse_head_at)
+
+
+def read_head_py(buf: bytes | bytearray, pos: int, end: int, scan: int, is_request: bool) -> tuple[Head, int] | None:
+    """The reader's usual step at once: the head starting at ``buf[pos]`` and
+    where what follows it starts, when nothing about it is unusual (a blank
+    line before it, implausible, not all here, too long, malformed: None, and
+    the reader goes step by step).  ``scan``: where to search for its end
+    (searched before up to there).  The C one declines more (what its fast
+    parser does not take) and is the same where it answers."""
+    if pos >= end or buf[pos] in (10, 13) or not plausible_start_py(buf[:end], pos, end, is_request):
+        return None
+    stop = head_end_py(buf, scan, min(end, pos + MAX_HEAD))
+    if stop < 0:
+        return None
+    try:
+        head = parse_head_py(buf[pos:stop], is_request)
+    except MalformedMessage:
+        return None
+    return head, stop + (2 if buf[stop + 1] == 10 else 3)
+
+
+read_head: Final[Callable[[bytes | bytearray, int, int, int, bool], tuple[Head, int] | None]] = (
+    read_head_py if _headparse is None else _headparse.read_head)
 head_end: Final[Callable[[bytes | bytearray, int, int], int]] = (
     head_end_py if _headparse is None else _headparse.head_end)
 plausible_start: Final[Callable[[bytes | bytearray, int, int, bool], bool]] = (
@@ -507,6 +530,14 @@ class MessageReader:
         return pos
 
     def _head(self, work: bytes | bytearray, pos: int, end: int, start_ns: int, ts: int) -> int:
+        scan = pos
+        if pos == 0 and work is self.buf and self._scanned > 2:
+            scan = self._scanned - 2  # searched before, and since then only bytes were added
+        is_request = self.kind == "request"
+        found = read_head(work, pos, end, scan, is_request)
+        if found is not None:
+            return self._started(found[0], pos, found[1], start_ns, ts)
+        # Step by step: blank lines first, then every way a head can be unusual.
         # RFC 9112 §2.2: empty lines before a request line are ignored.
         while pos < end:
             byte: int = work[pos]  # typed: one generic read, compared natively
@@ -516,12 +547,11 @@ class MessageReader:
             self.discarded += 1
         if pos >= end:
             return end
-        if not plausible_start(work, pos, end, self.kind == "request"):
+        if not plausible_start(work, pos, end, is_request):
             self._malformed("not an HTTP/1 message start", True)
             return end if self.state == DEAD else pos
-        scan = pos
-        if pos == 0 and work is self.buf and self._scanned > 2:
-            scan = self._scanned - 2  # searched before, and since then only bytes were added
+        if scan < pos:  # past blank lines
+            scan = pos
         stop = head_end(work, scan, pos + MAX_HEAD)
         if stop < 0:
             if end - pos >= MAX_HEAD:
@@ -533,7 +563,7 @@ class MessageReader:
         after: int = work[stop + 1]
         nxt = stop + (2 if after == 10 else 3)  # past LF LF, or LF CR LF
         try:
-            head = parse_head_at(work, pos, stop, self.kind == "request")
+            head = parse_head_at(work, pos, stop, is_request)
         except MalformedMessage as exc:
             self._malformed(str(exc), isinstance(exc, NotHttp1))
             if self.state == DEAD:
@@ -541,6 +571,11 @@ class MessageReader:
             self.discarded += nxt - pos
             self.line_start = True
             return nxt
+        return self._started(head, pos, nxt, start_ns, ts)
+
+    def _started(self, head: Head, pos: int, nxt: int, start_ns: int, ts: int) -> int:
+        """A message whose head is ``work[pos:nxt]`` begins: the owner is told,
+        and its body framing chosen."""
         self.at_stream_start = False
         msg = Message(head, start_ns, nxt - pos)
         msg.end_ns = ts
