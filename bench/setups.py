@@ -289,7 +289,10 @@ DROP_COUNTERS = (("capture", "lost_records"), ("capture", "pending_dropped_total
 class Agent(Setup):
     """``python -m qtap_devtools run --attach-mode MODE`` with one SSE client reading everything."""
 
-    def __init__(self, mode: str, extra_args: list[str] | None = None) -> None:
+    def __init__(self, mode: str, extra_args: list[str] | None = None, checkout: Path | None = None) -> None:
+        """``checkout``: run that checkout's agent, with its own virtual
+        environment (``bench.ab``), instead of this one's."""
+        self.checkout = checkout
         self.mode = mode
         self.cli_mode = "auto" if mode == "tuned" else "entry"
         self.name = f"agent_{mode}"
@@ -309,10 +312,12 @@ class Agent(Setup):
         self.tmp = tempfile.TemporaryDirectory(prefix="bench-agent-")
         self.log_path = Path(self.tmp.name) / "agent.log"
         self.log = open(self.log_path, "wb")
+        python, cwd = (sys.executable, ROOT) if self.checkout is None else (
+            str(self.checkout / ".venv" / "bin" / "python"), self.checkout)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "qtap_devtools", "run", "--listen", f"127.0.0.1:{self.port}",
+            [python, "-m", "qtap_devtools", "run", "--listen", f"127.0.0.1:{self.port}",
              "--attach-mode", self.cli_mode, "--no-docker", *self.extra],
-            cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cwd=cwd, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 120
         while True:

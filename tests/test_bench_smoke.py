@@ -80,3 +80,22 @@ def test_soak_refuses_agent_options_it_cannot_split():
     proc = subprocess.run([sys.executable, "-m", "bench.soak", "--agent-args", "'unclosed"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--agent-args: No closing quotation" in proc.stderr
+
+
+def test_two_checkouts_agents_trace_the_same_run_side_by_side():
+    """``bench.ab``'s harness (this checkout against itself, a trickle): both
+    agents put every transaction on their streams and each one's CPU is read."""
+    proc = subprocess.run([sys.executable, "-m", "bench.ab", ".", "--quick", "--runs", "2", "--seconds", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = [line for line in proc.stdout.splitlines() if line.startswith("run ")]
+    assert [r.split(" (")[1].split(" started")[0] for r in runs] == ["this", "other"]  # the order alternates
+    for line in runs:
+        assert "on the stream: this 1.000, other 1.000" in line, proc.stdout
+    assert proc.stdout.splitlines()[-1].startswith("median difference (this - other): ")
+
+
+def test_a_checkout_that_is_not_set_up_is_refused_with_a_reason(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bench.ab", str(tmp_path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "is not a set-up checkout" in proc.stderr and "make setup" in proc.stderr
