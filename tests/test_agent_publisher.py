@@ -30,13 +30,20 @@ class SlowDocker:
         return IN_CONTAINER
 
 
+def agent_publishing_to_a_list(enricher=None) -> tuple[Agent, list]:
+    """An agent (no capture) whose publisher asks ``enricher``, and the list its events are published to."""
+    agent = Agent(Config(docker=False))
+    if enricher is not None:
+        agent.publisher.enricher = enricher
+    published: list = []
+    agent.broadcaster.add_listener(published.append)
+    return agent, published
+
+
 def test_queued_events_share_one_wait_for_a_slow_lookup():
     async def go():
-        agent = Agent(Config(docker=False))
         slow = SlowDocker()
-        agent.publisher.enricher = slow
-        published = []
-        agent.broadcaster.add_listener(published.append)
+        agent, published = agent_publishing_to_a_list(slow)
         for _ in range(10):
             agent.publisher.emit(ProcessStarted(IN_CONTAINER))
         task = asyncio.create_task(agent.publisher.run())
@@ -66,10 +73,7 @@ def test_an_event_whose_container_arrives_in_time_carries_it():
             return named
 
     async def go():
-        agent = Agent(Config(docker=False))
-        agent.publisher.enricher = Docker()
-        published = []
-        agent.broadcaster.add_listener(published.append)
+        agent, published = agent_publishing_to_a_list(Docker())
         agent.publisher.emit(ProcessStarted(IN_CONTAINER))
         task = asyncio.create_task(agent.publisher.run())
         while not published:
@@ -83,13 +87,11 @@ def test_an_event_whose_container_arrives_in_time_carries_it():
 
 
 def test_the_process_snapshot_leaves_kernel_threads_out():
-    agent = Agent(Config(docker=False))
+    agent, published = agent_publishing_to_a_list()
     kworker = dataclasses.replace(IN_CONTAINER, pid=77, exe="", binary="kworker/0:1", cmdline="", container_id=None)
     curl = dataclasses.replace(IN_CONTAINER, pid=78, container_id=None)
     agent.enricher.list_pids = lambda: [77, 78]
     agent.enricher.process = {77: kworker, 78: curl}.get
-    published = []
-    agent.broadcaster.add_listener(published.append)
     agent._snapshot_processes()
     assert [p.envelope.body["data"]["pid"] for p in published] == [78]
 
@@ -98,11 +100,8 @@ def test_an_event_made_while_another_waits_for_its_container_is_published_after_
     host_process = dataclasses.replace(IN_CONTAINER, pid=43, container_id=None)
 
     async def go():
-        agent = Agent(Config(docker=False))
         slow = SlowDocker()
-        agent.publisher.enricher = slow
-        published = []
-        agent.broadcaster.add_listener(published.append)
+        agent, published = agent_publishing_to_a_list(slow)
         agent.publisher.emit(ProcessStarted(host_process))  # nothing before it: published at once
         agent.publisher.emit(ProcessStarted(IN_CONTAINER))  # waits for its container's name
         task = asyncio.create_task(agent.publisher.run())
