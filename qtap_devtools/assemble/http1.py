@@ -139,10 +139,15 @@ class ConnectionAssembler:
         if self._closed:
             self._overlap_discarded += len(data)
             return out
-        data, gap, seen = place(self._next_offset, direction, data, offset)
-        self._overlap_discarded += seen
-        if gap:
-            self._gap(reader, gap, ts_ns, shed)
+        next_offset = self._next_offset
+        expected = next_offset[direction]
+        if offset is not None and expected is not None and offset == expected:
+            next_offset[direction] = offset + len(data)  # in order, as nearly every chunk is
+        else:
+            data, gap, seen = place(next_offset, direction, data, offset)
+            self._overlap_discarded += seen
+            if gap:
+                self._gap(reader, gap, ts_ns, shed)
         if data:
             reader.feed(data, ts_ns)
             self._check_stream_limits(ts_ns)
