@@ -473,6 +473,16 @@ def test_leading_empty_lines_before_a_request_are_ignored():
     assert ex.request.target == "/x"
 
 
+def test_empty_lines_before_a_head_that_arrives_in_pieces_are_counted_once():
+    cap = Capture()
+    cap.egress(b"\r\n\r\nGET /x HTTP/1.1\r\nHo")
+    for piece in (b"st: ", b"example.test\r", b"\n\r\n"):
+        cap.egress(piece)
+    (ex,) = cap.ingress(ok(b""))
+    assert ex.request.target == "/x"
+    assert cap.asm.discarded_bytes == 4
+
+
 def test_combined_headers_joins_repeats_in_order_except_set_cookie():
     headers = (("Accept", "a"), ("accept", "b"), ("Set-Cookie", "x=1, y"), ("Host", "h"), ("ACCEPT", "c"))
     # First-seen case is kept for display; matching is case-insensitive.

@@ -539,6 +539,7 @@ class MessageReader:
             return self._started(found[0], pos, found[1], start_ns, ts)
         # Step by step: blank lines first, then every way a head can be unusual.
         # RFC 9112 §2.2: empty lines before a request line are ignored.
+        start = pos
         while pos < end:
             byte: int = work[pos]  # typed: one generic read, compared natively
             if byte != 13 and byte != 10:
@@ -559,7 +560,10 @@ class MessageReader:
                 looks_http = START_LINE_AT[self.kind].match(work, pos) is not None  # type: ignore[index]
                 self._malformed(f"header section exceeds {MAX_HEAD} bytes", not looks_http)
                 return end if self.state == DEAD else pos
-            return -1
+            # The rest of the head is still to come.  Blank lines skipped now
+            # are consumed (the next call finds none and waits): left in the
+            # buffer, they were counted again at every feed until the head ended.
+            return -1 if pos == start else pos
         after: int = work[stop + 1]
         nxt = stop + (2 if after == 10 else 3)  # past LF LF, or LF CR LF
         try:
