@@ -1440,11 +1440,20 @@ def barrier(reader: StreamReader, server) -> None:
     assert c.port
 
 
-def events_for_port(reader: StreamReader, port: int) -> list[tuple[str, dict]]:
+def events_for_port(reader: StreamReader, port: int, other: int | None = None) -> list[tuple[str, dict]]:
+    """Connection events with ``port`` at either end (and ``other`` at the other
+    end, when given: the stream holds every connection of the module, and any
+    TCP one may have had the same number as its ephemeral port)."""
+    out = []
     with reader.lock:
-        return [(t, d["data"]["data"]) for t, d in reader.events if t.startswith("connection.")
-                and port in (d["data"]["data"]["source"].get("address", {}).get("port"),
-                             d["data"]["data"]["destination"].get("address", {}).get("port"))]
+        for t, d in reader.events:
+            if not t.startswith("connection."):
+                continue
+            c = d["data"]["data"]
+            ends = (c["source"].get("address", {}).get("port"), c["destination"].get("address", {}).get("port"))
+            if port in ends and (other is None or sorted(ends) == sorted((port, other))):
+                out.append((t, c))
+    return out
 
 
 def test_a_refused_connect_opens_no_connection(live, nginx_plain):
@@ -1495,7 +1504,7 @@ def test_a_connected_udp_socket_is_not_reported_as_tcp(live, nginx_plain):
     finally:
         server.kill()
         server.wait()
-    wrong = [(t, c["socketProtocol"], c["meta"]["connectionId"]) for t, c in events_for_port(reader, port)
+    wrong = [(t, c["socketProtocol"], c["meta"]["connectionId"]) for t, c in events_for_port(reader, port, got["port"])
              if c["socketProtocol"] != "udp"]
     assert not wrong, wrong
 
