@@ -185,7 +185,10 @@ struct tls_call {
     u8 dir;
     u8 source;
     u8 active;                 /* 0: no call in flight (the slot lives as long as the thread) */
-    u8 _pad[5];
+    u8 _pad;
+    s32 fd;                    /* the connection's fd as known at entry or seen by this
+                                * call's syscalls; -1 unknown.  Carried here so the
+                                * syscalls and the return need no tls_fd lookup of their own */
 };
 BPF_TASK_STORAGE(tls_calls, struct tls_call);
 

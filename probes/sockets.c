@@ -259,14 +259,17 @@ static __always_inline void data_enter(s32 fd, u8 dir, u64 buf, u64 iov, u64 iov
         return;
     struct tls_call *t = tls_call_slot(0);
     if (t && t->active) {
-        /* Every TLS call's syscalls land here with what is already known:
-         * write in place, and only what changed. */
-        struct tls_key tk = { .tgid = k.tgid, ._pad = 0, .ref = t->tls_ref };
-        s32 *known = tls_fd.lookup(&tk);
-        if (!known)
-            tls_fd.update(&tk, &fd);
-        else if (*known != fd)
-            *known = fd;
+        /* Every TLS call's syscalls land here, nearly always with the fd its
+         * entry already found for the object: only a new one goes to the map. */
+        if (t->fd != fd) {
+            struct tls_key tk = { .tgid = k.tgid, ._pad = 0, .ref = t->tls_ref };
+            s32 *known = tls_fd.lookup(&tk);
+            if (!known)
+                tls_fd.update(&tk, &fd);
+            else if (*known != fd)
+                *known = fd;
+            t->fd = fd;
+        }
         if (!(*flags & SOCK_TLS))
             *flags |= SOCK_TLS;
         return;

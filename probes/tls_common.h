@@ -38,6 +38,9 @@ static __always_inline void tls_enter(void *ctx, u64 ref, u64 buf, u64 num, u64 
     c->start_ns = dir == DIR_EGRESS ? bpf_ktime_get_ns() : 0;
     c->dir = dir;
     c->source = src;
+    struct tls_key tk = tls_key_of(ref);
+    s32 *fdp = tls_fd.lookup(&tk);
+    c->fd = fdp ? *fdp : -1;
     c->active = 1;
 }
 
@@ -73,12 +76,7 @@ static __always_inline void tls_exit(void *ctx, long ret, int need_len_ptr)
     }
     if (n > c.num)
         n = c.num;             /* never read past the caller's buffer */
-    s32 fd = -1;
-    struct tls_key tk = tls_key_of(c.tls_ref);
-    s32 *fdp = tls_fd.lookup(&tk);
-    if (fdp)
-        fd = *fdp;
-    emit_data(ctx, fd, c.dir, c.source, c.tls_ref, c.buf, 0, 0, n, c.start_ns);
+    emit_data(ctx, c.fd, c.dir, c.source, c.tls_ref, c.buf, 0, 0, n, c.start_ns);
 }
 
 /* The TLS object is gone: forget its fd and any fd-less stream offsets. */
