@@ -207,6 +207,11 @@ def parse_stream(lines: Iterator[bytes] | BinaryIO) -> Iterator[Envelope | BadRe
         try:
             env = Envelope.from_wire(event_type or "message", payload)
         except orjson.JSONDecodeError as exc:
+            try:
+                payload.decode()
+            except UnicodeDecodeError as bad:  # orjson says "surrogates not allowed" for any invalid UTF-8
+                return BadRecord(start, f"bad JSON in {event_type or 'event'}: not valid UTF-8 "
+                                        f"(byte 0x{payload[bad.start]:02x} at offset {bad.start} of its data)")
             return BadRecord(start, f"bad JSON in {event_type or 'event'}: {exc}")
         except ValueError as exc:  # JSON, but not an event (its shape, its timestamp)
             return BadRecord(start, f"{event_type or 'event'}: {exc}")

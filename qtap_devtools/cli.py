@@ -119,8 +119,12 @@ def _listen(text: str) -> Listen:
 
 
 def _agent_url(text: str) -> str:
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(text)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # e.g. "http://[::1": an unclosed IPv6 bracket
+        ok = False
+    if not ok:
         raise argparse.ArgumentTypeError(f"{text!r}: expected the agent's URL, e.g. http://127.0.0.1:10001")
     return text
 
@@ -248,9 +252,9 @@ def _config(args: argparse.Namespace) -> Config:
             node_name=args.node_name or os.environ.get("NODE_NAME"),
         )
     elif args.command == "replay":
-        if args.speed < 0:
+        if not args.speed >= 0:  # (not <: nan is neither)
             raise ConfigError("--speed must be 0 or more")
-        if args.max_gap <= 0:
+        if not args.max_gap > 0:
             raise ConfigError("--max-gap must be more than 0")
         extra = dict(replay_speed=args.speed, replay_max_gap=args.max_gap)
     return Config(listen=args.listen, log_level=args.log_level, client_queue_size=args.queue_size, **extra)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Final, Mapping
 
 from qtap_devtools.events import EVENT_TYPES, Envelope
 
@@ -20,6 +20,7 @@ MAX_VALUE_LEN = 256
 
 
 # The query parameters a filter reads (a route may take others besides).
+MAX_PID: Final = (1 << 31) - 1  # pid_t
 FILTER_KEYS = ("type", "pid", "exe", "container", "host", "method", "status", "q", "side")
 SIDES = ("client", "server")
 
@@ -56,10 +57,13 @@ class EventFilter:
         for t in types:
             if not any(e == t or e.startswith(t + ".") or e.startswith(t) for e in EVENT_TYPES):
                 raise FilterError(f"type={t!r} matches no event type; known: {', '.join(EVENT_TYPES)}")
-        try:
-            pids = frozenset(int(v) for v in values("pid"))
-        except ValueError:
-            raise FilterError("pid: expected process ids, e.g. pid=1234 or pid=1234,5678") from None
+        pid_values = values("pid")
+        # A pid is a pid_t: ASCII digits only (int() also takes "+5", "1_0",
+        # other scripts' digits) and within its range, which a JSON writer
+        # that stops at 64 bits must never be handed more than.
+        if not all(v.isascii() and v.isdigit() and 0 < int(v) <= MAX_PID for v in pid_values):
+            raise FilterError(f"pid: expected process ids from 1 to {MAX_PID}, e.g. pid=1234 or pid=1234,5678")
+        pids = frozenset(int(v) for v in pid_values)
         preds = []
         statuses = values("status")
         for s in statuses:

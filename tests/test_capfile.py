@@ -36,6 +36,16 @@ def test_corrupt_and_truncated_records_are_reported_and_skipped(tmp_path):
     assert "bad JSON" in bad[0].reason and "truncated" in bad[2].reason
 
 
+def test_a_record_that_is_not_utf8_says_so(tmp_path):
+    path = tmp_path / "c.txt"
+    data = b'{"data": {"pid": 1, "exe": "\xff"}}'
+    path.write_bytes(b"event: process.started\ndata: " + data + b"\n\n")
+    (bad,) = capfile.read_events(path)
+    assert isinstance(bad, capfile.BadRecord)
+    at = data.index(b"\xff")
+    assert bad.reason == f"bad JSON in process.started: not valid UTF-8 (byte 0xff at offset {at} of its data)"
+
+
 def test_an_overlong_line_or_event_is_one_bad_record_and_never_read_whole(tmp_path, monkeypatch):
     monkeypatch.setattr(capfile, "MAX_LINE", 1000)
     good = samples.session_events()[0].envelope().frame

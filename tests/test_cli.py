@@ -234,7 +234,7 @@ def test_har_of_one_transaction_says_one_entry(tmp_path):
     assert r.returncode == 0 and r.stderr.strip() == f"1 entry written to {tmp_path / 'one.har'}"
 
 
-@pytest.mark.parametrize("url", ["garbage", "127.0.0.1:10001", "ftp://x"])
+@pytest.mark.parametrize("url", ["garbage", "127.0.0.1:10001", "ftp://x", "http://[::1"])
 def test_doctor_refuses_an_agent_address_that_is_not_a_url(url):
     r = cli("doctor", "--agent", url)
     assert r.returncode == 2 and "expected the agent's URL" in r.stderr
@@ -252,3 +252,7 @@ def test_replay_max_gap_is_checked_and_passed_on():
     assert cli_mod._config(args).replay_max_gap == 2.5
     r = cli("replay", str(EXAMPLE), "--max-gap", "0")
     assert r.returncode == 2 and "--max-gap must be more than 0" in r.stderr
+    r = cli("replay", str(EXAMPLE), "--max-gap", "nan")
+    assert r.returncode == 2 and "--max-gap must be more than 0" in r.stderr
+    r = cli("replay", str(EXAMPLE), "--speed", "nan")
+    assert r.returncode == 2 and "--speed must be 0 or more" in r.stderr

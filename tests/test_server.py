@@ -80,7 +80,8 @@ def test_errors_are_json(server):
 @pytest.mark.parametrize("query", ["status=abc", "pid=x", "type=bogus", "limit=-1", "limit=99999999",
                                    "q=" + "x" * 300, "limit=1&limit=2", "limit=1_0", "limit=%201", "limit=%D9%A3",
                                    "offset=1&offset=2", "before=nope", "status=%3E%3D999", "status=%3C000",
-                                   "side=left"])
+                                   "side=left", "pid=99999999999999999999999", "pid=-1", "pid=0", "pid=%2B5",
+                                   "pid=1_0", "pid=%D9%A3", "pid=2147483648"])
 def test_bad_query_parameters_get_400_with_reason(server, query):
     status, body = get(server.url + "/devtools/api/transactions?" + query)
     assert status == 400 and body["error"]["code"] == "INVALID_REQUEST"
