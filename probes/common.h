@@ -118,6 +118,14 @@ struct address_rec {
     struct addr remote;
 };
 
+struct close_rec {             /* a known socket's close */
+    struct rec_hdr h;
+    u64 offsets[4];            /* where each of its streams ended: [is_tls * 2 + direction] */
+    u32 known;                 /* bit i: offsets[i] was tracked */
+    u16 flags;                 /* DATA_SHEDDING: shed_cap was set at the close */
+    u16 _pad;
+};
+
 struct sni_rec {
     struct rec_hdr h;
     u64 tls_ref;               /* SSL* / gnutls_session_t */

@@ -225,17 +225,29 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close)
         return 0;
     u32 f = *flags;
     sock_fds.delete(&k);
+    /* Where each stream ended goes with the close: bytes moved after the last
+     * record (shed, or lost) are then a known hole at the end, and a response
+     * whose tail was shed still completes, rather than look cut by the close. */
+    struct close_rec r = {};
     struct off_key ok = { .tgid = k.tgid, .fd = k.fd };
 #pragma unroll
     for (int i = 0; i < 4; i++) {
         ok.direction = i & 1;
         ok.is_tls = i >> 1;
-        offsets.delete(&ok);
+        u64 *off = offsets.lookup(&ok);
+        if (off) {
+            r.offsets[i] = *off;
+            r.known |= 1 << i;
+            offsets.delete(&ok);
+        }
     }
     if (f & SOCK_EXCLUDED)
         return 0;
-    struct rec_hdr r = {};
-    fill_hdr(&r, REC_CLOSE, k.fd);
+    fill_hdr(&r.h, REC_CLOSE, k.fd);
+    int zero = 0;
+    u64 *cap = shed_cap.lookup(&zero);
+    if (cap && *cap)
+        r.flags = DATA_SHEDDING;
     emit_small(args, &r, sizeof(r));
     return 0;
 }

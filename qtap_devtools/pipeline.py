@@ -30,7 +30,7 @@ from qtap_devtools.assemble.http2 import PREFACE as HTTP2_PREFACE, Http2Assemble
 from qtap_devtools.assemble.model import HttpExchange, combined_headers
 from qtap_devtools.assemble.tls_hello import HelloReader, looks_like_tls
 from qtap_devtools.capture import records as rec
-from qtap_devtools.capture.chunk import DataChunk  # compiled: compared as its type object, not looked up in rec
+from qtap_devtools.capture.chunk import DataChunk, Source  # compiled: compared as its type object, not looked up in rec
 from qtap_devtools.config import Config
 from qtap_devtools.enrich.cgroup import CgroupIndex
 from qtap_devtools.enrich.model import ProcessInfo
@@ -95,6 +95,7 @@ class _Conn:
     lent: bool = False  # an fd-less TLS stream that knows its socket (_lend)
     carried: bool = False  # a socket whose events its TLS stream makes now (_lend)
     accepted: bool = False  # seeded from /proc with a listening local port
+    shed: bool = False  # the last record fed was written while the capture shed bodies
     # Set, in place of ``assembler``, once the client's HTTP/2 preface is seen
     # (kept apart so the HTTP/1 path stays typed for mypyc).
     h2: Http2Assembler | None = None
@@ -412,6 +413,8 @@ class Pipeline:
 
     def on_close(self, r: rec.SocketClose) -> None:
         self.pending_addr.pop((r.pid, r.fd), None)
+        if r.ends:
+            self._read_to_ends(r)
         conn = self.conns.pop((r.pid, r.fd), None)
         if conn is not None:
             self._finish(conn, r.ts_ns)
@@ -421,6 +424,27 @@ class Pipeline:
             tls = self.conns.pop(borrower, None)
             if tls is not None:
                 self._finish(tls, r.ts_ns)
+
+    def _read_to_ends(self, r: rec.SocketClose) -> None:
+        """The bytes a stream moved after its last record (shed, or lost) are
+        a hole at its end, fed as one before the close ends its messages: a
+        response whose tail the capture shed then completes, marked shed, where
+        it had looked cut short by the close.  (HTTP/1; HTTP/2 frames in a
+        hole cannot be told apart.)"""
+        conn = self.conns.get((r.pid, r.fd))
+        if conn is None or conn.h2 is not None or not conn.fed:
+            return
+        info = conn.info
+        tls = info.tls_introspected and bool(info.tls_libraries)
+        source: Source = "socket"
+        if tls:
+            source = "gnutls" if info.tls_libraries[-1] == "gnutls" else "openssl"
+        shed = r.shedding or conn.shed
+        for i, direction in enumerate(rec.DIRECTIONS):
+            end = r.ends[(2 if tls else 0) + i] if len(r.ends) == 4 else None
+            pos = conn.assembler.position(direction)
+            if end is not None and pos is not None and end > pos:
+                self.on_data(DataChunk(r.pid, r.pid, r.fd, r.ts_ns, direction, source, end, b"", 0, shed))
 
     def on_sni(self, r: rec.TlsServerName) -> None:
         conn = self.conns.get((r.pid, r.fd)) if r.fd is not None and r.fd >= 0 else None
@@ -558,6 +582,7 @@ class Pipeline:
             conn.role = "unknown"
             conn.assembler = self._assembler("unknown")
         conn.fed = True
+        conn.shed = r.shedding
         exchanges = conn.assembler.on_data(direction, data, ts, offset, r.shedding)
         proto = conn.assembler.protocol
         if proto == "other" and _h2_settings(data):

@@ -59,6 +59,13 @@ def test_sni_record():
     assert records.parse(raw) == TlsServerName(10, None, 0x55, "example.com", 123)
 
 
+def test_close_record_carries_where_its_streams_ended():
+    raw = hdr(records.CLOSE) + struct.pack("<4QIHH", 10, 0, 7_000_000, 300, 0b1101, 1, 0)
+    rec = records.parse(raw)
+    assert rec == records.SocketClose(10, 5, 123, (10, None, 7_000_000, 300), True)
+    assert len(raw) == 64  # sizeof(struct close_rec)
+
+
 def test_proc_net_tcp_addresses():
     assert _endpoint("0100007F:1F90") == Endpoint("127.0.0.1", 8080)
     assert _endpoint("00000000000000000000000001000000:01BB") == Endpoint("::1", 443)

@@ -1283,6 +1283,32 @@ def test_past_max_capture_rate_heads_still_come_with_bodies_cut_and_marked(live,
             reader.close()
 
 
+def test_a_download_shed_to_its_end_is_whole_in_size_from_where_the_close_says_it_ended(live, nginx, tmp_path):
+    """--max-capture-rate 1: a first 2 MiB download spends the budget, so the
+    8 MB one after it keeps only its head, and no record comes after that (its
+    calls are left out whole).  The close says where each stream ended: both
+    ends' responses are whole in size and marked shed, not cut short by the
+    close (they were, with "connection closed before the response completed")."""
+    size = 8_000_000
+    (nginx.dir / "html" / "huge.bin").write_bytes((bytes(range(251)) * (size // 251 + 1))[:size])
+    port = free_port()
+    with agent(["run", "--max-capture-rate", "1"], port, tmp_path / "agent.log", ready_path="/readyz"):
+        reader = reader_for(port)
+        try:
+            m = marker()
+            curl("-o", "/dev/null", nginx.url(f"/large?m={m}"))
+            curl("-o", "/dev/null", nginx.url(f"/huge.bin?m={m}"))
+            every = reader.transactions(m, count=4, timeout=WAIT)
+            txs = [t for t in every if t["request"]["path"].startswith("/huge.bin")]
+            assert len(txs) == 2, [(t["direction"], t["request"]["path"], t.get("error")) for t in every]
+            for tx in txs:
+                facts = {k: tx.get(k) for k in ("direction", "shed", "partial", "error")} | tx["response"]
+                assert tx["response"]["status"] == 200 and tx["response"]["body_size"] == size, facts
+                assert tx.get("shed") is True and "error" not in tx, facts
+        finally:
+            reader.close()
+
+
 def test_http2_past_max_capture_rate_later_streams_still_come(live, cert, tmp_path):
     """--max-capture-rate 1 on one HTTP/2 connection: the 2 MiB downloads spend
     the budget and their calls are left out whole, frame headers with them;

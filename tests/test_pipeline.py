@@ -551,6 +551,44 @@ def test_a_body_cut_while_the_capture_was_shedding_says_so_in_the_transaction():
     assert "shed" not in whole and whole["response"]["status"] == 204
 
 
+@pytest.mark.parametrize("source, tls_end", [("openssl", True), ("socket", False)])
+@pytest.mark.parametrize("shedding_at_close", [True, False])
+def test_a_tail_shed_before_the_close_completes_the_response_from_where_the_streams_ended(
+        source, tls_end, shedding_at_close):
+    # The last records of a download were cut whole (no record at all): the
+    # close says where the streams ended, so the hole is the body's tail.
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 8000000\r\n\r\n"
+    get = b"GET /big HTTP/1.1\r\nHost: api.local\r\n\r\n"
+    ends = (None, None, len(get), len(head) + 8_000_000) if tls_end else (len(get), len(head) + 8_000_000, None, None)
+    events, p = run([
+        rec.SocketConnect(100, 5, 1_000, EP_S),
+        rec.SocketAddress(100, 5, EP_C, EP_S, 1_100),
+        rec.DataChunk(100, 100, 5, 2_000, "egress", source, 0, get, tls_ref=0xabc if tls_end else 0),
+        rec.DataChunk(100, 100, 5, 3_000, "ingress", source, 0, head + b"x" * 16000,
+                      tls_ref=0xabc if tls_end else 0, shedding=not shedding_at_close),
+        rec.SocketClose(100, 5, 9_000, ends, shedding_at_close),
+    ])
+    (tx,) = [tx_json(e) for e in events if e.type == "request.http_transaction"]
+    assert tx["shed"] is True and "error" not in tx and tx["response"]["status"] == 200
+    assert tx["response"]["body_size"] == 8_000_000 and tx["response"]["body_truncated"] is True
+    (closed,) = [e.payload()["data"] for e in events if e.type == "connection.closed"]
+    assert closed["bytesReceived"] == len(head) + 8_000_000
+
+
+def test_a_close_without_its_streams_ends_still_says_the_response_was_cut():
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 8000000\r\n\r\n"
+    get = b"GET /big HTTP/1.1\r\nHost: api.local\r\n\r\n"
+    events, _ = run([
+        rec.SocketConnect(100, 5, 1_000, EP_S),
+        rec.SocketAddress(100, 5, EP_C, EP_S, 1_100),
+        rec.DataChunk(100, 100, 5, 2_000, "egress", "openssl", 0, get, tls_ref=0xabc),
+        rec.DataChunk(100, 100, 5, 3_000, "ingress", "openssl", 0, head + b"x" * 16000, tls_ref=0xabc),
+        rec.SocketClose(100, 5, 9_000, (None, None, len(get), len(head) + 16000)),  # nothing after: no hole
+    ])
+    (tx,) = [tx_json(e) for e in events if e.type == "request.http_transaction"]
+    assert tx["incomplete"] is True and "closed" in tx["error"] and tx["response"]["body_size"] == 16000
+
+
 def test_the_side_tables_are_bounded_and_count_what_they_let_go():
     import dataclasses
 

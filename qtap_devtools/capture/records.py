@@ -39,6 +39,7 @@ _CONNECT = struct.Struct("<24x" + _ADDR + "i")
 _ACCEPT = struct.Struct("<24x" + _ADDR + _ADDR)
 _ADDRESS = _ACCEPT
 _SNI = struct.Struct("<24xQII256s")
+_CLOSE = struct.Struct("<24x4QIHH")  # struct close_rec: offsets[4], known, flags
 _DATA = struct.Struct("<24xQIBBHQ")
 DATA_HDR_SIZE = 48
 DATA_SHEDDING = 1  # data_rec.flags (common.h)
@@ -127,6 +128,10 @@ class SocketClose:
     pid: int
     fd: int
     ts_ns: int
+    # Where the socket's streams ended, by (is_tls, direction): (plaintext
+    # egress, ingress, TLS plaintext egress, ingress); None where untracked.
+    ends: tuple[int | None, ...] = ()
+    shedding: bool = False  # the capture was shedding bodies at the close
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,7 +202,9 @@ def parse(raw: bytes) -> Record:
         lfam, lport, lip, rfam, rport, rip = _ADDRESS.unpack_from(raw)
         return SocketAddress(pid, fd, endpoint(lip, lport), endpoint(rip, rport), ts)
     if kind == CLOSE:
-        return SocketClose(pid, fd, ts)
+        *offsets, known, flags, _ = _CLOSE.unpack_from(raw)
+        ends = tuple(off if known >> i & 1 else None for i, off in enumerate(offsets))
+        return SocketClose(pid, fd, ts, ends, bool(flags & DATA_SHEDDING))
     if kind == SNI:
         ref, length, _, host = _SNI.unpack_from(raw)
         return TlsServerName(pid, fd if fd >= 0 else None, ref, host[:length].decode("ascii", "replace"), ts)
