@@ -151,7 +151,11 @@ struct data_rec {
 /* ---- shared maps ---- */
 
 BPF_RINGBUF_OUTPUT(events, RING_PAGES);
-BPF_PERCPU_ARRAY(lost, u64, 1);
+/* [0] records lost: the ring full, no scratch, or a call's bytes past what one
+ * call may emit (MAX_SPLIT records, MAX_IOV iovecs).  [1] those calls alone,
+ * also in [0] (a moved [0] is what makes the call's end record): user space
+ * tells the ring's losses from the per-call limit by the difference. */
+BPF_PERCPU_ARRAY(lost, u64, 2);
 /* Scratch for building a record; [0] is the record, busy guards against a
  * preempted uprobe program (they run with migration, not preemption, off). */
 BPF_PERCPU_ARRAY(scratch, struct data_rec, 1);
@@ -274,6 +278,14 @@ static __always_inline void count_lost(u64 n)
     u64 *v = lost.lookup(&zero);
     if (v)
         *v += n;
+}
+
+static __always_inline void count_call_cut(void)
+{
+    int one = 1;
+    u64 *v = lost.lookup(&one);
+    if (v)
+        *v += 1;
 }
 
 static __always_inline int excluded_self(u32 tgid)
@@ -431,8 +443,10 @@ static __always_inline void emit_buf(struct data_rec *r, struct emit_state *st, 
         if (err != 0)
             __sync_fetch_and_add(lostp, 1);
     }
-    if ((u64)MAX_SPLIT * MAX_CHUNK < *(volatile u64 *)&st->len)
+    if ((u64)MAX_SPLIT * MAX_CHUNK < *(volatile u64 *)&st->len) {
         __sync_fetch_and_add(lostp, 1);   /* beyond MAX_SPLIT records: the offset skips it */
+        count_call_cut();
+    }
 }
 
 static __always_inline void data_header(struct data_rec *r, s32 fd, u8 dir, u8 src, u64 tls_ref, u16 flags,
@@ -581,8 +595,10 @@ static __always_inline void emit_data(void *ctx, s32 fd, u8 dir, u8 src,
         emit_buf(r, st, lostp, w);
         st->done = d + n;
     }
-    if (*(volatile u64 *)&st->done < total)
+    if (*(volatile u64 *)&st->done < total) {
         __sync_fetch_and_add(lostp, 1);   /* more iovecs than MAX_IOV */
+        count_call_cut();
+    }
     if (*(volatile u64 *)lostp != *(volatile u64 *)&st->lost0)
         emit_end(r, *(volatile u64 *)&st->end);
     scratch_put();

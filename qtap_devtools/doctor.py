@@ -257,6 +257,8 @@ def _tls_libraries() -> Check:
 # Every place an event can be lost on its way to a client, as /devtools/api/stats names it.
 DROP_COUNTERS = (
     ("capture", "lost_records", "records the kernel could not fit in the ring buffer"),
+    ("capture", "calls_over_record_limit", "read/write calls over 1 MiB (or 16 iovecs) whose bytes past that were "
+                                           "not copied"),
     ("capture", "pending_dropped_total", "events dropped before publishing"),
     ("capture", "shed_calls", "calls whose body was cut while capture was behind or over --max-capture-rate (heads kept)"),
     ("broadcast", "subscriberDrops", "events slow clients missed (each told by system.dropped)"),

@@ -502,6 +502,7 @@ CAPTURE_COUNTER_HELP = {
     "records": "Capture records handled by the pipeline",
     "transactions": "HTTP transactions assembled",
     "lost_records": "Records the kernel could not put in the ring (full)",
+    "calls_over_record_limit": "Calls over 1 MiB (or 16 iovecs) whose bytes past that were not copied",
     "shed_calls": "TLS/socket calls whose bytes were cut while shedding",
     "shed_bytes": "Bytes left out while shedding",
     "shed_episodes": "Times overload shedding started",

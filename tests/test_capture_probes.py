@@ -921,9 +921,11 @@ def _go(proc: subprocess.Popen) -> None:
 
 def test_a_call_past_the_records_per_call_limit_ends_with_a_record_of_where_it_ended(capture):
     """One write of 2 MiB + 10 (a blocking socket moves it in one call): the
-    probes emit 64 records of 16 KiB and count the rest lost, and a record
-    with no bytes says where the call ended, so the cut shows at once."""
+    probes emit 64 records of 16 KiB and count the call as cut (not as records
+    the ring lost), and a record with no bytes says where the call ended, so
+    the cut shows at once."""
     size = (2 << 20) + 10
+    before = capture.stats()
     writer, peer = _tcp_child(f"step(); s.sendall(b'z' * {size})\nstep()\n")
     with peer:
         _drain(peer)
@@ -938,6 +940,9 @@ def test_a_call_past_the_records_per_call_limit_ends_with_a_record_of_where_it_e
     assert [c.offset for c in ended] == [size]
     assert len(kept) == 64 and sum(len(c.data) for c in kept) == 64 * MAX_CHUNK
     assert ended[0].ts_ns == kept[0].ts_ns  # stamped as the write's records: when the call began
+    after = capture.stats()
+    assert after["calls_over_record_limit"] - before["calls_over_record_limit"] == 1
+    assert after["lost_records"] == before["lost_records"]
 
 
 def test_a_ring_smaller_than_the_traffic_wraps_without_corrupting_records():

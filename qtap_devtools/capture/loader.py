@@ -664,17 +664,30 @@ class Capture:
     def attachments(self) -> list[Attachment]:
         return self._attacher.attachments if self._attacher else []
 
-    def lost_records(self) -> int:
+    def _lost_counts(self) -> tuple[int, int]:
+        """(records lost, calls cut at the per-call limit), summed over CPUs; the
+        first includes the second (probes/common.h, ``lost``)."""
         if self._bpf is None:
-            return 0
+            return 0, 0
         table = self._bpf[b"lost"]
-        return int(sum(table.getvalue(table.Key(0))))  # per-CPU values
+        return int(sum(table.getvalue(table.Key(0)))), int(sum(table.getvalue(table.Key(1))))
+
+    def lost_records(self) -> int:
+        """Records the kernel could not hand over: the ring full, or no scratch."""
+        lost, cut = self._lost_counts()
+        return max(0, lost - cut)  # per-CPU counts read one after the other
+
+    def calls_over_record_limit(self) -> int:
+        """Calls whose bytes past what one call may emit (64 records of 16 KiB,
+        or 16 iovecs) were left out, by design: a hole the reassembler reads past."""
+        return self._lost_counts()[1]
 
     def stats(self) -> dict[str, object]:
         atts = self.attachments
         shed_calls, shed_bytes = self.shed_counts()
         return {
             "lost_records": self.lost_records(),
+            "calls_over_record_limit": self.calls_over_record_limit(),
             "records_read": self._records_read,
             "batches": self._batches,
             "parse_errors": self._ring.parse_errors if self._ring else 0,
