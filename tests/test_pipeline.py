@@ -551,40 +551,43 @@ def test_a_body_cut_while_the_capture_was_shedding_says_so_in_the_transaction():
     assert "shed" not in whole and whole["response"]["status"] == 204
 
 
-@pytest.mark.parametrize("source, tls_end", [("openssl", True), ("socket", False)])
-@pytest.mark.parametrize("shedding_at_close", [True, False])
-def test_a_tail_shed_before_the_close_completes_the_response_from_where_the_streams_ended(
-        source, tls_end, shedding_at_close):
-    # The last records of a download were cut whole (no record at all): the
-    # close says where the streams ended, so the hole is the body's tail.
-    head = b"HTTP/1.1 200 OK\r\nContent-Length: 8000000\r\n\r\n"
-    get = b"GET /big HTTP/1.1\r\nHost: api.local\r\n\r\n"
-    ends = (None, None, len(get), len(head) + 8_000_000) if tls_end else (len(get), len(head) + 8_000_000, None, None)
-    events, p = run([
+BIG_HEAD = b"HTTP/1.1 200 OK\r\nContent-Length: 8000000\r\n\r\n"
+BIG_GET = b"GET /big HTTP/1.1\r\nHost: api.local\r\n\r\n"
+
+
+def big_download(close: rec.SocketClose, source="openssl", shedding=False):
+    """An 8 MB response of which only the head and 16,000 bytes have records."""
+    ref = 0xabc if source != "socket" else 0
+    return [
         rec.SocketConnect(100, 5, 1_000, EP_S),
         rec.SocketAddress(100, 5, EP_C, EP_S, 1_100),
-        rec.DataChunk(100, 100, 5, 2_000, "egress", source, 0, get, tls_ref=0xabc if tls_end else 0),
-        rec.DataChunk(100, 100, 5, 3_000, "ingress", source, 0, head + b"x" * 16000,
-                      tls_ref=0xabc if tls_end else 0, shedding=not shedding_at_close),
-        rec.SocketClose(100, 5, 9_000, ends, shedding_at_close),
-    ])
+        rec.DataChunk(100, 100, 5, 2_000, "egress", source, 0, BIG_GET, tls_ref=ref),
+        rec.DataChunk(100, 100, 5, 3_000, "ingress", source, 0, BIG_HEAD + b"x" * 16000, tls_ref=ref,
+                      shedding=shedding),
+        close,
+    ]
+
+
+@pytest.mark.parametrize("source", ["openssl", "socket"])
+@pytest.mark.parametrize("shedding_at_close", [True, False])
+def test_a_tail_shed_before_the_close_completes_the_response_from_where_the_streams_ended(
+        source, shedding_at_close):
+    # The last records of a download were cut whole (no record at all): the
+    # close says where the streams ended, so the hole is the body's tail.
+    ends = (len(BIG_GET), len(BIG_HEAD) + 8_000_000)
+    ends = (None, None, *ends) if source != "socket" else (*ends, None, None)
+    events, p = run(big_download(rec.SocketClose(100, 5, 9_000, ends, shedding_at_close), source,
+                                 shedding=not shedding_at_close))
     (tx,) = [tx_json(e) for e in events if e.type == "request.http_transaction"]
     assert tx["shed"] is True and "error" not in tx and tx["response"]["status"] == 200
     assert tx["response"]["body_size"] == 8_000_000 and tx["response"]["body_truncated"] is True
     (closed,) = [e.payload()["data"] for e in events if e.type == "connection.closed"]
-    assert closed["bytesReceived"] == len(head) + 8_000_000
+    assert closed["bytesReceived"] == len(BIG_HEAD) + 8_000_000
 
 
-def test_a_close_without_its_streams_ends_still_says_the_response_was_cut():
-    head = b"HTTP/1.1 200 OK\r\nContent-Length: 8000000\r\n\r\n"
-    get = b"GET /big HTTP/1.1\r\nHost: api.local\r\n\r\n"
-    events, _ = run([
-        rec.SocketConnect(100, 5, 1_000, EP_S),
-        rec.SocketAddress(100, 5, EP_C, EP_S, 1_100),
-        rec.DataChunk(100, 100, 5, 2_000, "egress", "openssl", 0, get, tls_ref=0xabc),
-        rec.DataChunk(100, 100, 5, 3_000, "ingress", "openssl", 0, head + b"x" * 16000, tls_ref=0xabc),
-        rec.SocketClose(100, 5, 9_000, (None, None, len(get), len(head) + 16000)),  # nothing after: no hole
-    ])
+def test_a_close_with_nothing_after_the_last_record_still_says_the_response_was_cut():
+    ends = (None, None, len(BIG_GET), len(BIG_HEAD) + 16000)  # the peer really stopped there
+    events, _ = run(big_download(rec.SocketClose(100, 5, 9_000, ends)))
     (tx,) = [tx_json(e) for e in events if e.type == "request.http_transaction"]
     assert tx["incomplete"] is True and "closed" in tx["error"] and tx["response"]["body_size"] == 16000
 
