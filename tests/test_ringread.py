@@ -75,7 +75,8 @@ def data_record(pid: int, payload: bytes, *, direction: int = 0, source: int = 1
 
 
 def close_record(pid: int) -> bytes:
-    return struct.pack("<IIIiQ", rec.CLOSE, pid, pid, 3, 99)
+    # struct close_rec: the header, where each stream ended (here: the first one, at 7), known bits, flags
+    return struct.pack("<IIIiQ", rec.CLOSE, pid, pid, 3, 99) + struct.pack("<4QIHH", 7, 0, 0, 0, 1, 0, 0)
 
 
 def fields(r):
