@@ -17,10 +17,10 @@ from qtap_devtools.events import EVENT_TYPES, Envelope
 _STATUS = re.compile(r"^(?:([1-5])xx|([1-5]\d\d)|(>=|<=|>|<)([1-5]\d\d))$")  # a status is 100-599
 MAX_VALUES = 32
 MAX_VALUE_LEN = 256
+MAX_PID: Final = (1 << 31) - 1  # pid_t
 
 
 # The query parameters a filter reads (a route may take others besides).
-MAX_PID: Final = (1 << 31) - 1  # pid_t
 FILTER_KEYS = ("type", "pid", "exe", "container", "host", "method", "status", "q", "side")
 SIDES = ("client", "server")
 
