@@ -169,6 +169,8 @@ struct sock_key { u32 tgid; s32 fd; };
 #define SOCK_KNOWN 1
 #define SOCK_TLS 2
 #define SOCK_EXCLUDED 4
+#define SOCK_FRESH 8           /* its connect/accept was seen and no data yet reported:
+                                * its TLS handshake, if any, is still to come */
 #ifndef MAX_SOCKETS
 #define MAX_SOCKETS 65536
 #endif
@@ -197,7 +199,9 @@ struct tls_call {
     u8 dir;
     u8 source;
     u8 active;                 /* 0: no call in flight (the slot lives as long as the thread) */
-    u8 _pad;
+    u8 hello_left;             /* syscalls this call may still report as ciphertext: the
+                                * first TLS call on a SOCK_FRESH socket, whose handshake
+                                * they carry (sockets.c, data_enter) */
     s32 fd;                    /* the connection's fd as known at entry or seen by this
                                 * call's syscalls; -1 unknown.  Carried here so the
                                 * syscalls and the return need no tls_fd lookup of their own */

@@ -5,6 +5,8 @@
 #define TCP_ESTABLISHED_ 1
 #define TCP_SYN_SENT_ 2
 #define TCP_SYN_RECV_ 3
+/* How many of a TLS call's syscalls may carry its socket's hellos (data_enter). */
+#define HELLO_SYSCALLS 6
 
 /* tcp: the kernel moved a TCP socket to SYN_SENT inside this connect() call.
  * Only then is it a TCP connection attempt: a connect() on a UDP socket (DNS
@@ -63,7 +65,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_connect)
         return 0;
     long ret = args->ret;
     if (c->tcp && (ret == 0 || ret == -EINPROGRESS_)) {
-        u32 flags = SOCK_KNOWN;
+        u32 flags = SOCK_KNOWN | SOCK_FRESH;
         if (port_excluded(c->remote.port))
             flags |= SOCK_EXCLUDED;
         mark_socket(id >> 32, c->fd, flags);
@@ -182,7 +184,7 @@ static __always_inline void accept_exit(void *ctx, long ret)
             accepted_local.delete(&pk);
         }
     }
-    u32 flags = SOCK_KNOWN;
+    u32 flags = SOCK_KNOWN | SOCK_FRESH;
     if (port_excluded(r.local.port))
         flags |= SOCK_EXCLUDED;
     mark_socket(id >> 32, ret, flags);
@@ -281,15 +283,30 @@ static __always_inline void data_enter(s32 fd, u8 dir, u64 buf, u64 iov, u64 iov
             else if (*known != fd)
                 *known = fd;
             t->fd = fd;
+            t->hello_left = 0;
         }
-        if (!(*flags & SOCK_TLS))
-            *flags |= SOCK_TLS;
+        if (!(*flags & SOCK_TLS)) {
+            /* The first TLS call on this socket.  Were none of its bytes seen
+             * before (SOCK_FRESH), its handshake is in this call: a client
+             * that never calls SSL_connect (openssl s_client) makes it inside
+             * its first SSL_write.  The hellos are where the version is read,
+             * so the call's first few syscalls are still reported, as
+             * ciphertext.  A few: the ClientHello is one write, the
+             * ServerHello a read of a record header and one of its body. */
+            if (*flags & SOCK_FRESH)
+                t->hello_left = HELLO_SYSCALLS;
+            *flags = (*flags | SOCK_TLS) & ~SOCK_FRESH;
+        }
+        if (!t->hello_left || (*flags & SOCK_EXCLUDED))
+            return;
+        t->hello_left--;
+    } else if (*flags & (SOCK_TLS | SOCK_EXCLUDED)) {
         return;
     }
-    if (*flags & (SOCK_TLS | SOCK_EXCLUDED))
-        return;
     if (excluded_self(k.tgid))
         return;
+    if (*flags & SOCK_FRESH)
+        *flags &= ~SOCK_FRESH;
     if (msg) {
         /* struct user_msghdr: msg_name, msg_namelen, msg_iov, msg_iovlen */
         u64 hdr[4] = {};

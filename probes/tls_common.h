@@ -41,6 +41,7 @@ static __always_inline void tls_enter(void *ctx, u64 ref, u64 buf, u64 num, u64 
     struct tls_key tk = tls_key_of(ref);
     s32 *fdp = tls_fd.lookup(&tk);
     c->fd = fdp ? *fdp : -1;
+    c->hello_left = 0;
     c->active = 1;
 }
 

@@ -356,6 +356,32 @@ def test_curl_get_over_tls_both_sides(live, nginx):
                resp_body=body)
 
 
+def test_a_handshake_made_inside_the_first_ssl_write_still_gives_the_tls_version(live, nginx):
+    """``openssl s_client`` never calls SSL_connect: its handshake runs inside
+    its first SSL_write, whose socket syscalls are that call's.  The hello in
+    them still names the version (it was null on the client side)."""
+    _, reader, _ = live
+    m = marker()
+    request = f"GET /json?m={m} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    out = subprocess.run(["openssl", "s_client", "-connect", f"{LOOP}:{nginx.port}", "-servername", "localhost",
+                          "-brief", "-ign_eof"], input=request.encode(), capture_output=True, timeout=30, check=True)
+    assert json_body(f"/json?m={m}") in out.stdout, out.stdout[-500:]
+    version = re.search(r"Protocol version: (TLSv1\.[0-3])", out.stderr.decode(errors="replace"))
+    assert version, out.stderr
+    want = tls_name(version.group(1))
+    cl, sv = both_sides(reader, m)
+    for tx in (cl[0], sv[0]):
+        assert tx["metadata"]["tls_library"] == "openssl", tx["metadata"]
+        assert tx["metadata"]["tls_version"] == want, (tx["direction"], tx["metadata"]["tls_version"], want)
+    assert cl[0]["metadata"]["process_exe"] == exe("openssl"), cl[0]["metadata"]
+    # Its ciphertext stayed out of the HTTP: one exchange, and it is the one sent.
+    assert cl[0]["request"]["url"] == f"https://localhost/json?m={m}", cl[0]["request"]["url"]
+    closed = assert_connection(reader, cl[0], direction="egress-internal", client=(LOOP, cl[0]["metadata"][
+        "local_address"]["port"]), server=(LOOP, nginx.port), exe=exe("openssl"), tls="openssl", tls_version=want,
+        endpoint_on_updates=False)
+    assert closed[-1]["tlsVersion"] == want, closed[-1]
+
+
 def test_https_through_an_http_proxy_is_the_connect_then_the_request_in_its_tunnel(live, nginx):
     """``curl -x http://proxy https://…`` (any HTTPS_PROXY user): CONNECT in
     plaintext, then TLS inside the tunnel on the same socket.  The request in
@@ -760,8 +786,12 @@ def test_wget_over_gnutls(live, nginx):
     se = assert_connection(reader, sv[0], direction="ingress", client=(LOOP, peer["port"]),
                            server=(LOOP, nginx.port), exe=exe("nginx"), tls="openssl")
     assert_same_connection(ce, se)
-    assert_tx_metadata(cl[0], local=(LOOP, peer["port"]), remote=(LOOP, nginx.port), tls="gnutls", tls_version=None)
-    assert_tx_metadata(sv[0], local=(LOOP, nginx.port), remote=(LOOP, peer["port"]), tls="openssl", tls_version=None)
+    # Each end reads the version from the hellos on its own socket.
+    version = cl[0]["metadata"]["tls_version"]
+    assert version in ("TLS 1.2", "TLS 1.3"), version
+    assert_tx_metadata(cl[0], local=(LOOP, peer["port"]), remote=(LOOP, nginx.port), tls="gnutls", tls_version=version)
+    assert_tx_metadata(sv[0], local=(LOOP, nginx.port), remote=(LOOP, peer["port"]), tls="openssl",
+                       tls_version=version)
 
 
 # -------------------------------------------------------------------- plaintext
