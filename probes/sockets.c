@@ -34,10 +34,21 @@ static __always_inline int port_excluded(u16 port)
     return EXCLUDE_PORT != 0 && port == EXCLUDE_PORT;
 }
 
+/* A new connection on fd: its streams begin at 0.  Offsets an earlier socket
+ * with the same number left are dropped: one whose close was not seen (its
+ * accept began before the probes, so it was never known) would otherwise
+ * have the new connection's first bytes look like a gap after its own. */
 static __always_inline void mark_socket(u32 tgid, s32 fd, u32 flags)
 {
     struct sock_key k = { .tgid = tgid, .fd = fd };
     sock_fds.update(&k, &flags);
+    struct off_key ok = { .tgid = tgid, .fd = fd };
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        ok.direction = i & 1;
+        ok.is_tls = i >> 1;
+        offsets.delete(&ok);
+    }
 }
 
 /* ---- connect ---- */
@@ -163,10 +174,17 @@ static __always_inline void accept_exit(void *ctx, long ret)
     u64 id = bpf_get_current_pid_tgid();
     u32 tid = id;
     struct accept_args *a = accept_stash.lookup(&tid);
-    if (!a)
+    u64 peer = 0;
+    if (a) {
+        peer = a->peer;
+        accept_stash.delete(&tid);
+    } else if (ret < 0 || excluded_self(id >> 32)) {
         return;
-    u64 peer = a->peer;
-    accept_stash.delete(&tid);
+    }
+    /* No stash: the call began before the probes were placed (a server
+     * waiting in a blocking accept() when the agent started).  The new socket
+     * is still marked and reported, with no peer: user space reads its
+     * addresses from /proc, as for an accept(fd, NULL, NULL). */
     if (ret < 0)
         return;
     struct accept_rec r = {};

@@ -1214,6 +1214,59 @@ def test_connection_opened_before_the_agent_is_still_captured(live, cert, tmp_pa
                 client.wait(timeout=10)
 
 
+BLOCKING_ACCEPT_SERVER = """
+import socket, ssl, sys
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(sys.argv[1], sys.argv[2])
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+s.listen()
+print(s.getsockname()[1], flush=True)
+while True:
+    c, _ = s.accept()  # waiting here, in the kernel, when the agent starts
+    with ctx.wrap_socket(c, server_side=True) as t:
+        head = b""
+        while b"\\r\\n\\r\\n" not in head:
+            head += t.recv(65536)
+        path = head.split(b" ")[1]
+        t.sendall(b"HTTP/1.1 200 OK\\r\\nContent-Length: %d\\r\\nConnection: close\\r\\n\\r\\n%s" % (len(path), path))
+"""
+
+
+def test_a_server_waiting_in_accept_when_the_agent_starts_has_each_connection_whole(live, cert, tmp_path):
+    """A single-threaded server blocked in accept() as the agent starts: that
+    accept returns with no probe having seen it begin.  Its connection still
+    has its addresses and TLS version, and the next connection, which reuses
+    its fd, is whole (its response was a "capture gap": the first connection's
+    close went unseen, and its stream offsets carried over)."""
+    server = subprocess.Popen([sys.executable, "-c", BLOCKING_ACCEPT_SERVER, str(cert.cert), str(cert.key)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        server_port = int(server.stdout.readline())
+        port = free_port()
+        with agent(["run"], port, tmp_path / "agent.log", ready_path="/readyz") as proc:
+            reader = reader_for(port)
+            try:
+                m = marker()
+                ports = [curl(f"https://{LOOP}:{server_port}/x?m={m}&n={n}").port for n in range(3)]
+                txs = reader.transactions(m, count=6, timeout=WAIT)
+                servers = sorted((t for t in txs if t["direction"] == "ingress"), key=lambda t: t["request"]["url"])
+                assert len(servers) == 3, f"{[(t['direction'], t['request']['url']) for t in txs]}\n{proc.output()}"
+                for n, (tx, client_port) in enumerate(zip(servers, ports)):
+                    path = f"/x?m={m}&n={n}"
+                    assert tx.get("error") is None, (n, tx.get("error"))
+                    assert tx["response"]["status"] == 200, (n, tx["response"])
+                    assert body_of(tx["response"]) == path.encode(), (n, tx["response"])
+                    assert_tx_metadata(tx, local=(LOOP, server_port), remote=(LOOP, client_port), tls="openssl",
+                                       tls_version=None)
+                    assert tx["metadata"]["tls_version"] in ("TLS 1.2", "TLS 1.3"), (n, tx["metadata"])
+            finally:
+                reader.close()
+    finally:
+        server.kill()
+        server.wait(timeout=10)
+
+
 LOOPING_CLIENT = """
 import http.client, select, ssl, sys, time
 c = http.client.HTTPSConnection("127.0.0.1", int(sys.argv[1]), context=ssl._create_unverified_context())
