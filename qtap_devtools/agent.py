@@ -45,6 +45,11 @@ TICK_SECONDS = 0.1
 TRIM_SECONDS = 30.0  # freed heap handed back to the kernel this often
 GC_THRESHOLDS = (10_000, 50, 50)
 SHED_LAG_SECONDS = 0.5  # records waiting this long = fully behind (see Capture's shedding)
+# At the stop (the whole of which runner.py keeps to about two seconds): records
+# already read get this long to become events before the clients' goodbye, and
+# the --output file this long to take what is queued for it.
+STOP_FINISH_SECONDS = 0.3
+WRITER_CLOSE_SECONDS = 0.5
 
 
 class Agent:
@@ -60,6 +65,7 @@ class Agent:
             docker=config.docker, docker_url=config.docker_url, kube_api=config.kube_api, node_name=config.node_name
         )
         self.capture = None
+        self.probes_loading = False  # _start_capture got as far as loading probes
         self.backlog: Backlog | None = None  # set when capture starts
         self.capture_error: str | None = None
         self.publisher = Publisher(self.broadcaster.publish, self.enricher, self._remember_process)
@@ -137,6 +143,7 @@ class Agent:
             return
 
         self.backlog = Backlog(loop, self.pipeline.on_records)
+        self.probes_loading = True  # from here the process may hold probes, started or not
         try:
             cap = Capture(
                 on_records=self.backlog.put,
@@ -240,7 +247,10 @@ class Agent:
                 t.cancel()
             self.enricher.stop()
             if self.writer is not None:
-                self.writer.close(timeout=0.5)  # what a stalled file has not taken by then is lost
+                unwritten = self.writer.close(timeout=WRITER_CLOSE_SECONDS)
+                if unwritten:
+                    print(f"qtap-devtools: {unwritten:,} events queued for {self.writer.path} were not written: "
+                          f"it took them too slowly to finish within {WRITER_CLOSE_SECONDS} s of the stop", flush=True)
 
 
 def _in_daemon_thread(loop: asyncio.AbstractEventLoop, name: str, fn: Callable[..., Any], *args: Any) -> Awaitable:

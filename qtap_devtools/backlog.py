@@ -52,6 +52,7 @@ class Backlog:
         self._scheduled = False
         self._closed = False
         self.reader_waits = 0  # times the reader found it full and waited
+        self.discarded = 0  # records left unprocessed at the stop (finish)
         # Called on the reader's thread every 10 ms it waits for room: the
         # capture's overload check must run while it is held here (at W2's
         # rate the ring fills in tens of milliseconds).
@@ -80,6 +81,7 @@ class Backlog:
                     if self.while_waiting is not None and self._full():
                         self.while_waiting()
             if self._closed:
+                self.discarded += len(batch)
                 return
             self._batches.append((batch, size))
             self._since.append(time.monotonic())
@@ -97,7 +99,7 @@ class Backlog:
     def _drain(self) -> None:
         """On the loop: consume one slice, then yield to other callbacks."""
         with self._cond:
-            if not self._batches:
+            if not self._batches or self._closed:  # closed: finish() had the last word
                 self._scheduled = False
                 return
             batch, size = self._batches[0]
@@ -133,15 +135,36 @@ class Backlog:
             self._loop.call_soon(self._drain)
 
     def close(self) -> None:
-        """Release a waiting reader; later batches are dropped."""
+        """Release a waiting reader; later batches are dropped (counted: ``discarded``)."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
 
+    def finish(self, seconds: float) -> int:
+        """At the stop, on the loop, after :meth:`close`: consume what is queued
+        for at most ``seconds``, so the last events reach the clients before
+        their goodbye; the rest is dropped.  Returns the records not consumed,
+        also counted in ``discarded``."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            with self._cond:
+                if not self._batches:
+                    break
+                batch, _ = self._batches.popleft()
+                self._since.popleft()
+            self._consume(batch)
+        with self._cond:
+            left = sum(len(b) for b, _ in self._batches)
+            self._batches.clear()
+            self._since.clear()
+            self._queued = self._queued_bytes = 0
+            self.discarded += left
+        return left
+
     def stats(self) -> dict:
         return {"backlog_records": self._queued, "backlog_bytes": self._queued_bytes,
                 "backlog_limit_records": self.max_records, "backlog_limit_bytes": self.max_bytes,
-                "backlog_reader_waits": self.reader_waits}
+                "backlog_reader_waits": self.reader_waits, "backlog_discarded_at_stop": self.discarded}
 
 
 def _payload_bytes(batch: list) -> int:

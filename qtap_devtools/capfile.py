@@ -31,6 +31,7 @@ from qtap_devtools.threads import service_thread
 
 log = logging.getLogger(__name__)
 
+CLOSE_JOIN_SECONDS = 0.2
 MAX_LINE = 64 << 20  # one event's JSON; larger is a corrupt file, not an event
 
 
@@ -94,15 +95,21 @@ class CaptureWriter:
         with self._cond:
             return self._cond.wait_for(lambda: not self._pending, timeout)
 
-    def close(self, timeout: float = 2.0) -> None:
-        """Write what is queued, waiting at most ``timeout``, and close the file."""
+    def close(self, timeout: float = 2.0) -> int:
+        """Write what is queued, waiting at most ``timeout``, and close the file.
+        Returns how many queued events were not written by then (also counted
+        in ``dropped``): a pipe whose reader stalled must not hold up the exit."""
         self.flush(timeout)
         with self._cond:
             self._closing = True
+            unwritten = len(self._queue)
+            self._queue.clear()
+            self.dropped += unwritten
             self._cond.notify_all()
-        self._thread.join(timeout)
+        self._thread.join(CLOSE_JOIN_SECONDS if unwritten else timeout)  # a write in progress may never return
         if not self._thread.is_alive():
             self._fh.close()
+        return unwritten
 
     def _run(self) -> None:
         service_thread("qtap-file")  # an idle writer would fall behind under load

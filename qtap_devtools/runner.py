@@ -114,10 +114,23 @@ async def serve(
     deadline = loop.time() + DRAIN_SECONDS
     while rt.broadcaster.subscribers and loop.time() < deadline:
         await asyncio.sleep(0.02)
+    stuck = len(rt.broadcaster.subscribers)
+    if stuck:
+        # Clients that stopped reading: their streams' writes never finish.
+        # Cancelled (by uvicorn, or at asyncio.run's end), each logged a
+        # traceback; their connections cut, each stream ends as a client's
+        # going away does.
+        for connection in list(server.server_state.connections):
+            connection.transport.abort()
+        while rt.broadcaster.subscribers and loop.time() < deadline + 0.2:
+            await asyncio.sleep(0.01)
     server.should_exit = True
     with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
         await asyncio.wait_for(serve_task, timeout=1.0)
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.remove_signal_handler(sig)
     stop_wait.cancel()
+    if stuck:
+        print(f"qtap-devtools: {stuck} client(s) had stopped reading; their streams were ended without their "
+              "goodbye", flush=True)
     return 0

@@ -80,6 +80,41 @@ def test_close_releases_a_waiting_reader():
     assert asyncio.run(go()) is False
 
 
+def test_at_the_stop_what_is_queued_is_consumed_and_nothing_after_it():
+    """The stop: close, then finish what is queued (its events must reach the
+    clients before their goodbye); a batch put after the close, and a drain
+    the loop had scheduled, consume nothing more, and the drop is counted."""
+    async def go():
+        loop = asyncio.get_running_loop()
+        got: list[int] = []
+        backlog = Backlog(loop, got.extend, slice_records=2)
+        backlog.put([1, 2, 3])  # a drain is now scheduled on the loop
+        backlog.close()
+        backlog.put([4, 5])  # the reader's last batch, after the close
+        assert backlog.finish(1.0) == 0
+        at_finish = list(got)
+        for _ in range(5):
+            await asyncio.sleep(0)  # the scheduled drain runs: nothing left for it
+        return at_finish, got, backlog.stats()
+
+    at_finish, got, stats = asyncio.run(go())
+    assert at_finish == got == [1, 2, 3]
+    assert stats["backlog_discarded_at_stop"] == 2 and stats["backlog_records"] == 0
+
+
+def test_at_the_stop_what_there_is_no_time_for_is_counted():
+    async def go():
+        backlog = Backlog(asyncio.get_running_loop(), lambda part: None)
+        backlog._drain = lambda: None
+        backlog.put([1, 2, 3])
+        backlog.put([4])
+        backlog.close()
+        return backlog.finish(0.0), backlog.stats()
+
+    left, stats = asyncio.run(go())
+    assert left == 4 and stats["backlog_discarded_at_stop"] == 4 and stats["backlog_records"] == 0
+
+
 class Chunk:
     def __init__(self, n: int) -> None:
         self.data = b"x" * n
