@@ -232,6 +232,12 @@ class Agent:
             self.backlog.close()  # a reader waiting for room must not hold up the stop
             # The process exits next: its probes go with it (see Capture.stop).
             self.capture.stop(detach=False)
+            # What was read is processed now, before the clients' goodbye (run
+            # later, its events reached the file and REST but no client).
+            left = self.backlog.finish(STOP_FINISH_SECONDS)
+            if left:
+                print(f"qtap-devtools: {left:,} captured records were not processed before the stop "
+                      f"(it allows {STOP_FINISH_SECONDS} s)", flush=True)
         self.pipeline.close_all()
         # Let the publisher flush what the close produced, briefly.
         for _ in range(20):
@@ -372,7 +378,9 @@ def main(config: Config, token: str | None = None) -> int:
     try:
         return asyncio.run(go())
     finally:
-        if agent is not None and agent.capture is not None:
+        # Also when stopped while capture was starting: its thread may have
+        # placed probes already (and places more until the process exits).
+        if agent is not None and (agent.capture is not None or agent.probes_loading):
             detach_in_background()
 
 

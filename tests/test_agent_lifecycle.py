@@ -105,6 +105,27 @@ def test_a_signal_while_the_probes_compile_stops_the_agent_without_waiting_for_t
     assert "capture running" not in out  # it stopped before capture was up, not after
 
 
+def test_a_signal_while_the_probes_are_placed_exits_within_two_seconds(tmp_path):
+    """Stopped once the first library has its probes, while the start-up thread
+    places more: the process exits within the bound, not after the kernel has
+    removed what was placed (~6 s); a child that outlives it takes that wait."""
+    port = free_port()
+    listen = f"127.0.0.1:{port}"
+    proc = AgentProcess(["run", "--no-docker", "--listen", listen], port, tmp_path / "agent.log").start("/healthz")
+    deadline = time.monotonic() + 60
+    while "attached to" not in proc.output():
+        assert time.monotonic() < deadline, proc.output()
+        time.sleep(0.01)
+    proc.proc.send_signal(signal.SIGTERM)
+    rc = proc.proc.wait(timeout=2)
+    assert rc == 0, proc.output()
+    assert "capture running" not in proc.output()
+    deadline = time.monotonic() + 60
+    while processes_with(listen):
+        assert time.monotonic() < deadline, "the detaching child never exited"
+        time.sleep(0.2)
+
+
 def agent_threads(pid: int) -> dict[int, str]:
     out = {}
     for t in os.listdir(f"/proc/{pid}/task"):
