@@ -40,6 +40,12 @@ SEND_PACE_SECONDS: Final = 0.005
 # ~1 MiB of frames): at 256 KiB a client that read everything still lost
 # events to its queue at W1, after the agent had done all the work for them.
 SEND_BATCH_BYTES: Final = 4 << 20
+# What all clients' queues may hold together, each its share of it (and at most
+# its own limit): a client that stops reading (a paused `curl | less`) holds
+# the frames it has not taken, and each one stuck at a different moment held
+# its own ~68 MB, without bound in their number.  Frames shared by several
+# queues are counted in each, so the memory is at most this.
+ALL_CLIENTS_BYTES: Final = 256 << 20
 # system.dropped's reasons.
 QUEUE_OVERFLOWED: Final = "client fell behind; its queue overflowed"
 HISTORY_EVICTED: Final = "resumed past the history the agent still holds (older events were evicted)"
@@ -133,10 +139,12 @@ class Subscriber:
     _waiting: bool = False
     _sent_at: float = 0.0  # monotonic time the last batch was taken
     gap_reason: str = QUEUE_OVERFLOWED  # why the events in `missed` are missing
+    closed: bool = False  # its goodbye is queued
 
     def offer(self, item: Published) -> None:
         size = item.size
-        if len(self.queue) >= self.maxsize or (self.queue and self.queued_bytes + size > self.max_bytes):
+        if (len(self.queue) >= self.maxsize or (self.queue and self.queued_bytes + size > self.max_bytes)
+                or self.closed):  # (after its goodbye: it cannot be told, but it is counted)
             self.missed += 1
             self.total_missed += 1
             return
@@ -146,6 +154,27 @@ class Subscriber:
         if self._waiting:
             self._waiting = False
             self._wakeup.set()
+
+    def limit_bytes(self, max_bytes: int) -> int:
+        """A new bound (its share shrank): the oldest queued events past it
+        are dropped, counted, and told where they were.  Returns how many."""
+        self.max_bytes = max_bytes
+        if self.queued_bytes <= max_bytes:
+            return 0
+        queue = self.queue
+        kept: list[object] = []
+        dropped = 0
+        for item in queue:
+            if self.queued_bytes > max_bytes and isinstance(item, Published) and item.seq:
+                self.queued_bytes -= item.size
+                dropped += 1
+            else:
+                kept.append(item)
+        if dropped:
+            self.total_missed += dropped
+            kept.insert(0, _Gap(dropped, self.total_missed, QUEUE_OVERFLOWED))
+            queue[:] = kept  # in place: next_batch may hold this list across an await
+        return dropped
 
     def notify_gap(self, missed: int) -> None:
         """Events this subscriber should have had are gone (history evicted
@@ -167,6 +196,7 @@ class Subscriber:
         if final is not None:
             self.queue.append(Published.unnumbered(final))
         self.queue.append(_CLOSE)
+        self.closed = True
         self._wakeup.set()
 
     async def next_batch(self, batch_bytes: int = SEND_BATCH_BYTES) -> bytes | None:
@@ -227,14 +257,15 @@ class _Gap:
 
 class Broadcaster:
     def __init__(self, *, client_queue_size: int = 4096, history_size: int = 10_000,
-                 client_queue_bytes: int = 64 << 20, history_bytes: int = 64 << 20,
-                 instance: str | None = None) -> None:
+                 client_queue_bytes: int = 64 << 20, all_clients_bytes: int = ALL_CLIENTS_BYTES,
+                 history_bytes: int = 64 << 20, instance: str | None = None) -> None:
         # The instance tags event ids: the full time-ordered id (not a prefix),
         # so two agents started within the same second never share it.
         self.instance = instance or ids.new_id(time.time())
         self._instance_bytes = self.instance.encode()
         self.client_queue_size = client_queue_size
         self.client_queue_bytes = client_queue_bytes
+        self.all_clients_bytes = all_clients_bytes
         self.history: deque[Published] = deque()
         self.history_size = history_size
         self.history_bytes = history_bytes
@@ -289,7 +320,7 @@ class Broadcaster:
         """A new subscriber whose queue starts with ``first`` (unbounded by the
         queue size: the greeting and snapshot must arrive whole), then history
         after ``resume_after`` when the client is resuming."""
-        sub = Subscriber(event_filter, self.client_queue_size, self.client_queue_bytes)
+        sub = Subscriber(event_filter, self.client_queue_size, self._share(len(self.subscribers) + 1))
         for env in first:
             sub.queue.append(Published.unnumbered(env))
         if resume_after is not None:
@@ -306,7 +337,18 @@ class Broadcaster:
             sub.close(None)
         self.subscribers.append(sub)
         self.subscribed_total += 1
+        self._reshare()
         return sub
+
+    def _share(self, clients: int) -> int:
+        """Each client's queue bound in bytes: its own limit, or its share of
+        the limit for all of them, whichever is less."""
+        return min(self.client_queue_bytes, self.all_clients_bytes // max(1, clients))
+
+    def _reshare(self) -> None:
+        each = self._share(len(self.subscribers))
+        for sub in self.subscribers:
+            self.dropped_total += sub.limit_bytes(each)
 
     def started_pids(self) -> set[Any]:
         """The pids whose process.started the history holds."""
@@ -315,6 +357,7 @@ class Broadcaster:
     def unsubscribe(self, sub: Subscriber) -> None:
         if sub in self.subscribers:
             self.subscribers.remove(sub)
+            self._reshare()
 
     def close(self, reason: str) -> None:
         """Say goodbye to every subscriber and end their streams."""
@@ -334,5 +377,6 @@ class Broadcaster:
             "historyBytesLimit": self.history_bytes,
             "historyEvicted": self.history_evicted,
             "clientQueueSize": self.client_queue_size,
-            "clientQueueBytes": self.client_queue_bytes,
+            "clientQueueBytes": self._share(len(self.subscribers)),
+            "allClientsQueueBytes": self.all_clients_bytes,
         }

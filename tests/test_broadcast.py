@@ -134,6 +134,48 @@ def test_a_client_queue_is_bounded_in_bytes_too():
     asyncio.run(go())
 
 
+def test_all_clients_together_are_bounded_in_bytes_each_to_its_share():
+    """Clients that stop reading at different moments each hold different
+    frames: together they keep at most all_clients_bytes."""
+    async def go():
+        bc = Broadcaster(client_queue_size=1000, client_queue_bytes=1_000_000, all_clients_bytes=1_000_000)
+        stuck = []
+        for n in range(4):  # one more stops reading every 10 events
+            stuck.append(bc.subscribe(EventFilter()))
+            for i in range(10):
+                bc.publish(big(10 * n + i, 100_000))
+        assert bc.stats()["clientQueueBytes"] == 250_000 and bc.stats()["allClientsQueueBytes"] == 1_000_000
+        # Each keeps at most its share, the oldest dropped first as the share shrank.
+        assert all(s.queued_bytes <= 250_000 for s in stuck), [s.queued_bytes for s in stuck]
+        assert all(s.total_missed for s in stuck) and bc.stats()["subscriberDrops"] == sum(s.total_missed for s in stuck)
+        # One goes: the others' share grows back, and the stream after a drop says so.
+        bc.unsubscribe(stuck.pop())
+        assert bc.stats()["clientQueueBytes"] == 333_333
+        bc.publish(env(99))
+        got = await drain(stuck[0], len(stuck[0].queue))
+        # Every event it was offered (all 41) is either in its stream or counted
+        # in a system.dropped there, in order.
+        pids = [d["data"]["pid"] for t, d in got if t == "process.started"]
+        missed = [d["data"]["missed"] for t, d in got if t == "system.dropped"]
+        assert len(pids) + sum(missed) == 41 and sum(missed) == stuck[0].total_missed
+        assert pids == sorted(pids) and pids[-1] == 99 and got[0][0] == "system.dropped"
+    asyncio.run(go())
+
+
+def test_an_event_published_after_a_clients_goodbye_is_counted_as_missed():
+    async def go():
+        bc = Broadcaster()
+        sub = bc.subscribe(EventFilter())
+        bc.close("agent shutting down")
+        bc.publish(env(1))  # e.g. the stop's last records, processed too late
+        assert sub.total_missed == 1 and bc.stats()["subscriberDrops"] == 1
+        frames = []
+        while (chunk := await sub.next_batch()) is not None:
+            frames += [parse(f) for f in split(chunk)]
+        assert [t for t, _ in frames] == ["system.disconnected"]
+    asyncio.run(go())
+
+
 def test_history_is_bounded_in_bytes_and_counts_evictions():
     bc = Broadcaster(history_size=1000, history_bytes=10 * 50_000)
     for i in range(30):
