@@ -727,6 +727,20 @@ _TX_ENDPOINT: Final = _tx_layout(True).index("metadata.endpoint_id")  # the same
 _TX_URL: Final = _tx_layout(True).index("request.url")
 
 
+def percent_encoded(path: str) -> str:
+    """A target with bytes past ASCII (not allowed on the wire, but sent, e.g.
+    raw UTF-8): the URL percent-encodes them as a browser does, so it is the
+    one requested and Copy-as-cURL or a HAR replay sends the same bytes.  The
+    heads are read as Latin-1, one character per byte."""
+    out = []
+    for c in path:
+        if c < "\x80":
+            out.append(c)
+        else:
+            out.extend(f"%{b:02X}" for b in c.encode("latin-1" if c <= "\xff" else "utf-8"))
+    return "".join(out)
+
+
 @dataclass(slots=True)
 class HttpTransaction(Event):
     request_id: str
@@ -800,7 +814,10 @@ class HttpTransaction(Event):
     @property
     def url(self) -> str:
         # OPTIONS *: the target URI has an empty path (RFC 9112 §3.2.4).
-        return f"{self.scheme}://{self.authority}{self.path if self.path != '*' else ''}"
+        path = self.path
+        if not path.isascii():
+            path = percent_encoded(path)
+        return f"{self.scheme}://{self.authority}{path if path != '*' else ''}"
 
     def values(self) -> list[Any]:
         """The transaction JSON's values in ``_tx_layout(self.response is not None)`` order."""

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime
+import email.utils
 import re
 from typing import Any, Iterable, Mapping
 from urllib.parse import parse_qsl, urlsplit
@@ -81,6 +83,17 @@ def _request_cookies(headers: Mapping[str, Any]) -> list[dict]:
     return out
 
 
+def _http_date(text: str) -> str | None:
+    """A cookie's Expires (an HTTP date, RFC 6265's loose reading aside) in ISO 8601, or None."""
+    try:
+        when = email.utils.parsedate_to_datetime(text.strip())
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:  # "-0000" or no zone: HTTP dates are GMT
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return when.isoformat().replace("+00:00", "Z")
+
+
 def _response_cookies(headers: Mapping[str, Any]) -> list[dict]:
     out = []
     for line in _values(headers, "set-cookie"):
@@ -92,8 +105,13 @@ def _response_cookies(headers: Mapping[str, Any]) -> list[dict]:
         for attr in attrs:
             key, _, val = attr.strip().partition("=")
             key = key.lower()
-            if key in ("path", "domain", "expires"):
+            if key in ("path", "domain"):
                 cookie[key] = val
+            elif key == "expires":
+                # HAR 1.2 wants ISO 8601; an unreadable date is left out.
+                when = _http_date(val)
+                if when is not None:
+                    cookie["expires"] = when
             elif key == "httponly":
                 cookie["httpOnly"] = True
             elif key == "secure":

@@ -211,6 +211,23 @@ def test_a_reset_stream_is_emitted_with_who_and_why(who, code, says):
     assert ex.response is None and ex.error == says
 
 
+def test_a_body_cut_by_a_reset_is_marked_truncated_and_a_whole_one_is_not():
+    w = Wire()
+    sid = w.request("/cut")
+    w.server.send_headers(sid, [(":status", "200"), ("content-length", "1000")])
+    w.server.send_data(sid, b"x" * 100)
+    w.flush()
+    w.server.reset_stream(sid, error_code=2)
+    w.flush()
+    [ex] = w.out
+    assert ex.error == "stream reset by the server (INTERNAL_ERROR)"
+    assert ex.response.body == b"x" * 100 and ex.response.body_truncated
+    assert not ex.request.body_truncated  # it had ended (END_STREAM on its headers)
+    sid = w.request("/whole")
+    w.respond(sid, 200, b"y" * 100)
+    assert not w.out[-1].response.body_truncated
+
+
 def test_a_server_push_is_its_own_exchange():
     w = Wire()
     sid = w.request("/index.html")

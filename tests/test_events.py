@@ -306,3 +306,14 @@ def test_round_even_refuses_what_round_refuses(x):
         round(x)
     with pytest.raises(builtin.type):
         ev.round_even(x)
+
+
+def test_a_target_with_raw_bytes_past_ascii_is_percent_encoded_in_the_url_as_a_browser_would():
+    # GET /café?q=ü sent as raw UTF-8; heads are read as Latin-1, a character a byte.
+    raw = "/café/ü?q=✓".encode()
+    tx = samples.transaction(samples.connection(), "d4u4jhg7p3qk26l91ie0", method="GET", path=raw.decode("latin-1"))
+    assert tx.url == "https://api.example.com/caf%C3%A9/%C3%BC?q=%E2%9C%93"
+    assert json.loads(base64.b64decode(tx.envelope().inner["data"]))["request"]["url"] == tx.url
+    assert samples.transaction(samples.connection(), "d4u4jhg7p3qk26l91ie1", path="/plain?a=b").url == \
+        "https://api.example.com/plain?a=b"
+    assert ev.percent_encoded("/x\u20ac") == "/x%E2%82%AC"  # past Latin-1 (an HTTP/2 peer's own text)

@@ -164,10 +164,12 @@ def parse_head_py(head: bytes | bytearray, is_request: bool) -> Head:
     headers = msg.headers
     for line in lines[1:]:
         if line[:1] in (b" ", b"\t"):
-            # obs-fold (RFC 9112 §5.2): a server must reject it in a request;
-            # a user agent replaces it with a space in a response and uses the
-            # message, so we show the response as its client read it.
-            if is_request or not headers:
+            # obs-fold (RFC 9112 §5.2): replaced with a space, as a user agent
+            # reads a response and as a server may read a request (or refuse
+            # it, with a 400 the transaction then shows).  Which the server
+            # did cannot be told here: rejected, a request it answered was
+            # lost and the exchange after it marked a capture gap.
+            if not headers:
                 raise MalformedMessage("obsolete line folding in header section")
             key, text = headers[-1]
             more = line.strip(b" \t").decode("latin-1")
@@ -832,4 +834,6 @@ class MessageReader:
         else:
             what = "request" if self.kind == "request" else "response"
             msg.incomplete = True
+            if state != TRAILERS:  # cut inside its body: say so, as a cut compressed body does
+                msg.truncated = True
             self.owner.on_cut(self, msg, f"connection closed before the {what} completed", False)

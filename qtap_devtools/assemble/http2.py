@@ -81,6 +81,14 @@ ERROR_CODES = (
 CLOSED_BEFORE_RESPONSE = "connection closed before response"
 CLOSED_IN_RESPONSE = "connection closed before the response ended"
 CLOSED_IN_REQUEST = "connection closed before the request ended"
+
+
+def _cut_short(st: "_Stream") -> None:
+    """The stream ends here (reset, or its connection closed): a side whose
+    headers came and whose END_STREAM did not has its body cut short."""
+    for half in (st.request, st.response):
+        if half.headers is not None and not half.done:
+            half.truncated = True
 UNDECODABLE = "HTTP/2 decoding stopped"
 
 
@@ -251,6 +259,7 @@ class Http2Assembler:
                 st.error = CLOSED_IN_REQUEST
             elif st.error is None:
                 st.error = CLOSED_BEFORE_RESPONSE if st.response.headers is None else CLOSED_IN_RESPONSE
+            _cut_short(st)
             st.response.end_ns = st.response.end_ns or ts_ns
             self._emit(st)
         self._streams.clear()
@@ -531,6 +540,7 @@ class Http2Assembler:
                 else:
                     who = "client" if r.client else "server"
                     st.error = st.error or f"stream reset by the {who} ({error_name(code)})"
+                    _cut_short(st)
                     st.response.end_ns = st.response.end_ns or ts
                     self._emit(st)
 
