@@ -265,6 +265,8 @@ def _readable(path: Path) -> None:
         raise ConfigError(f"{path}: no such file")
     if path.is_dir():
         raise ConfigError(f"{path}: is a directory, expected a capture file")
+    if path.is_char_device() or path.is_block_device():  # /dev/zero: a line that never ends
+        raise ConfigError(f"{path}: is a device, expected a capture file")
     if not os.access(path, os.R_OK):
         raise ConfigError(f"{path}: not readable")
 
@@ -274,6 +276,14 @@ def _writable(path: Path) -> None:
     try:
         if path.is_dir():
             raise ConfigError(f"--output {path}: is a directory, expected a file")
+        if path.is_fifo():
+            # Opened (and closed) here, its reader would see the end of it.
+            # The agent opens it once, and that waits for a reader, as tee would.
+            if not os.access(path, os.W_OK):
+                raise ConfigError(f"--output {path}: cannot write: Permission denied")
+            print(f"qtap-devtools: --output {path} is a FIFO: waiting for a reader to open it (Ctrl-C to stop)",
+                  flush=True)
+            return
         with open(path, "ab"):  # creates it, as the agent would; appends nothing
             pass
     except OSError as exc:  # includes a parent directory we may not search

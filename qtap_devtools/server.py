@@ -95,7 +95,7 @@ class HostGuard:
         name, port = (host.rsplit(":", 1) if ":" in host and not host.endswith("]") else (host, ""))
         any_host = bool(self.runtime.token) and not self.runtime.config.listen.is_loopback
         # Any port (a tunnel may arrive on another), but a port, not "11070@evil.com".
-        if (name not in self.allowed or not (port == "" or port.isascii() and port.isdigit())) and not any_host:
+        if (name not in self.allowed or not _port_ok(port)) and not any_host:
             resp = error(403, "FORBIDDEN_HOST", f"Host {host!r} is not this agent (DNS-rebinding guard)")
             return await resp(scope, receive, send)
         token = self.runtime.token
@@ -136,6 +136,11 @@ def _only(request: Request, *extra: str) -> EventFilter:
     """The request's event filter, once it names only parameters this route reads."""
     _accepts(request, *FILTER_KEYS, *extra)
     return EventFilter.from_query(request.query_params)
+
+
+def _port_ok(port: str) -> bool:
+    """No port, or a TCP port number (not "11070@evil.com", not 99999999999)."""
+    return port == "" or (port.isascii() and port.isdigit() and len(port) <= 5 and int(port) <= 65535)
 
 
 def _one(request: Request, name: str) -> str | None:
@@ -209,7 +214,7 @@ def create_app(rt: Runtime) -> Starlette:
             # would outlive its client (a `curl -I` leaked one, queue and all).
             return Response(headers={"Cache-Control": "no-store", "Content-Type": "text/event-stream; charset=utf-8"})
         snapshot = _flag(request, "snapshot", True)
-        resume = request.headers.get("last-event-id") or request.query_params.get("after")
+        resume = request.headers.get("last-event-id") or _one(request, "after")
         resume_after = parse_event_id(resume, bc.instance) if resume else None
         if resume and resume_after is None:
             raise FilterError("Last-Event-ID / after: expected an event id as sent in `id:` lines")
@@ -342,7 +347,7 @@ def create_app(rt: Runtime) -> Starlette:
     @guarded
     async def connections(request: Request) -> Response:
         _accepts(request, "state")
-        state = request.query_params.get("state", "all")
+        state = _one(request, "state") or "all"
         if state not in ("all", "open", "closed"):
             raise FilterError("state: expected all, open or closed")
         return JSONResponse({"connections": store.connection_list(state)})

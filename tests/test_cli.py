@@ -256,3 +256,17 @@ def test_replay_max_gap_is_checked_and_passed_on():
     assert r.returncode == 2 and "--max-gap must be more than 0" in r.stderr
     r = cli("replay", str(EXAMPLE), "--speed", "nan")
     assert r.returncode == 2 and "--speed must be 0 or more" in r.stderr
+
+
+def test_output_to_a_fifo_is_not_opened_before_the_agent_and_says_it_waits_for_a_reader(tmp_path, capsys):
+    """Opened and closed to check it, a FIFO's reader (`cat fifo`) saw its end
+    before the agent wrote a byte; with no reader, the open hung without a word."""
+    import threading
+
+    fifo = tmp_path / "out.fifo"
+    os.mkfifo(fifo)
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (cli_mod._writable(fifo), done.set()), daemon=True)
+    t.start()
+    assert done.wait(5), "checking --output opened the FIFO and waited for a reader"
+    assert "is a FIFO: waiting for a reader to open it" in capsys.readouterr().out

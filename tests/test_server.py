@@ -38,7 +38,8 @@ def server(tmp_path_factory):
 
 
 @pytest.mark.parametrize("host", ["evil.example.com", "evil.example.com:10001", "192.168.1.10", "localhost.evil.com",
-                                  "localhost:11070@evil.com", "localhost:evil"])
+                                  "localhost:11070@evil.com", "localhost:evil", "localhost:99999999999999999999",
+                                  "localhost:65536", "127.0.0.1:000000080"])
 def test_foreign_host_header_is_refused(server, host):
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
     conn.putrequest("GET", "/devtools/api/stats", skip_host=True)
@@ -94,6 +95,8 @@ def test_bad_query_parameters_get_400_with_reason(server, query):
     ("/devtools/api/har", "limt=5", "'limt'"),
     ("/devtools/api/connections", "stat=open", "'stat'"),
     ("/devtools/api/events", "snapshot=maybe", "snapshot: expected true or false"),
+    ("/devtools/api/events", "after=1&after=2", "after: give one value, not 2"),
+    ("/devtools/api/connections", "state=open&state=closed", "state: give one value, not 2"),
     ("/devtools/api/transactions", "status=600", "status='600'"),
     *[(path, "x=1", "'x'") for path in ("/devtools/api/endpoints", "/devtools/api/processes",
                                         "/devtools/api/process-tree", "/devtools/api/stats",
@@ -193,7 +196,7 @@ def test_bad_flags_are_one_line_and_exit_2(args):
 
 
 def test_missing_or_unreadable_capture_is_one_line_exit_2(tmp_path):
-    for path in (tmp_path / "missing.txt", tmp_path):
+    for path in (tmp_path / "missing.txt", tmp_path, "/dev/zero"):  # (zero: a line that never ends)
         r = cli("replay", str(path))
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     r = cli("har", str(tmp_path / "missing.txt"))
@@ -322,6 +325,39 @@ def test_shutdown_says_goodbye_to_every_client_and_exits_promptly(tmp_path, sig)
         assert rest.rstrip().split("\n")[-2].startswith("event: system.disconnected") or \
             "system.disconnected" in rest.rstrip().split("\n\n")[-1]
     assert time.monotonic() - t0 < 2
+
+
+def test_clients_that_stopped_reading_are_ended_at_the_stop_with_one_line_not_a_traceback_each(tmp_path):
+    """A client that stops reading (a paused `curl | less`) holds its stream's
+    write open: at the stop uvicorn cancels it.  That was an "Exception in ASGI
+    application" traceback per client."""
+    big = b"x" * 200_000
+    txs = [samples.transaction(samples.connection(), f"d4u4jhg7p3qk26l9{i:04d}", response_body=big)
+           for i in range(100)]  # 20 MB of bodies, 27 MB of frames: more than any socket holds
+    capture = samples.write_capture(tmp_path / "big.txt", txs)
+    port = free_port()
+    proc = AgentProcess(["replay", str(capture), "--listen", f"127.0.0.1:{port}"], port, tmp_path / "a.log").start()
+    stuck = []
+    try:
+        for _ in range(10):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(("127.0.0.1", port))
+            s.sendall(f"GET /devtools/api/events HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                      "Accept: text/event-stream\r\n\r\n".encode())
+            stuck.append(s)  # and never read
+        deadline = time.monotonic() + 10
+        while get(proc.url + "/healthz")[1]["clients"] < 10 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.proc.send_signal(signal.SIGTERM)
+        assert proc.proc.wait(timeout=5) == 0, proc.output()
+    finally:
+        for s in stuck:
+            s.close()
+    out = proc.output()
+    assert "Traceback" not in out and "Exception in ASGI application" not in out, out[-3000:]
+    # Cut at the end of the drain, each stuck stream ended as a client's leaving does (counted in one line).
+    assert "ASGI callable returned without completing response" not in out, out[-3000:]
 
 
 # --------------------------------------------------------------------------
