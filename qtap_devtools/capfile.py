@@ -18,6 +18,7 @@ import logging
 import os
 import stat
 import threading
+import time
 import zlib
 from collections import deque
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from qtap_devtools.threads import service_thread
 log = logging.getLogger(__name__)
 
 CLOSE_JOIN_SECONDS = 0.2
+EPISODE_LOG_SECONDS = 60.0  # a file's trouble starting is said at most this often
 MAX_LINE = 64 << 20  # one event's JSON; larger is a corrupt file, not an event
 
 
@@ -67,6 +69,8 @@ class CaptureWriter:
         # The file ends inside a frame (a failed write cut it, or an earlier
         # run was killed mid-write): the next frame starts after a blank line.
         self._torn = torn
+        self._failing = _Episode(path)  # writes fail (a full disk)
+        self._behind = _Episode(path)  # the queue is full (a slow disk or pipe)
         self._queue: deque[bytes] = deque()
         self._pending = 0  # bytes queued or being written
         self._closing = False
@@ -82,10 +86,10 @@ class CaptureWriter:
                 return
             if self._pending and self._pending + len(frame) > self.max_pending_bytes:
                 self.dropped += 1
-                if self.dropped == 1:
-                    log.error("capture file %s: writing fell %d MiB behind; events not saved are counted "
-                              "(file_events_dropped)", self.path, self.max_pending_bytes >> 20)
+                self._behind.fail(f"writing fell {self.max_pending_bytes >> 20} MiB behind; events not saved "
+                                  "are counted (file_events_dropped)", self.dropped)
                 return
+            self._behind.recover(self.dropped)
             self._queue.append(frame)
             self._pending += len(frame)
             self._cond.notify()
@@ -137,11 +141,44 @@ class CaptureWriter:
             self.errors += 1
             if done:
                 self._torn = True
-            if self.errors == 1:
-                log.error("capture file %s: %s; events not saved are counted (file_write_errors)", self.path, exc)
+            self._failing.fail(f"{exc}; events not saved are counted (file_write_errors)", self.errors)
             return
         self._torn = False
         self.written += 1
+        self._failing.recover(self.errors)
+
+
+class _Episode:
+    """Says when a trouble with the file starts and when it ends, with how
+    many events it cost: a full disk that frees up again is otherwise silent
+    from its first error on.  At most one start a minute is said (a nearly full
+    disk can fail and succeed by turns); an end only after a start was said."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.on = False
+        self._said_at = -EPISODE_LOG_SECONDS
+        self._said = False  # this episode's start was logged
+        self._count_before = 0
+
+    def fail(self, why: str, count: int) -> None:
+        if self.on:
+            return
+        self.on, self._count_before = True, count - 1
+        now = time.monotonic()
+        self._said = now - self._said_at >= EPISODE_LOG_SECONDS
+        if self._said:
+            self._said_at = now
+            log.error("capture file %s: %s", self.path, why)
+
+    def recover(self, count: int) -> None:
+        if not self.on:
+            return
+        self.on = False
+        if self._said:
+            lost = count - self._count_before
+            log.warning("capture file %s: writing again; %d event%s not saved", self.path, lost,
+                        "" if lost == 1 else "s")
 
 
 def _ends_inside_a_frame(path: Path) -> bool:

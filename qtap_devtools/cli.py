@@ -269,6 +269,9 @@ def _readable(path: Path) -> None:
         raise ConfigError(f"{path}: is a device, expected a capture file")
     if not os.access(path, os.R_OK):
         raise ConfigError(f"{path}: not readable")
+    if path.is_fifo() and str(path) != "/dev/stdin":  # (a piped stdin is already open)
+        print(f"qtap-devtools: {path} is a FIFO: waiting for a writer to open it (Ctrl-C to stop)",
+              file=sys.stderr, flush=True)
 
 
 def _writable(path: Path) -> None:

@@ -245,7 +245,7 @@ class _Trickle:
         pass
 
 
-def test_writer_finishes_short_writes_and_counts_what_it_could_not_write(tmp_path):
+def test_writer_finishes_short_writes_and_counts_what_it_could_not_write(tmp_path, caplog):
     frames = [e.envelope().frame for e in samples.session_events()[:4]]
     w = capfile.CaptureWriter(tmp_path / "out.txt")
     w._fh = _Trickle(room=len(frames[0]) + 10)
@@ -257,6 +257,11 @@ def test_writer_finishes_short_writes_and_counts_what_it_could_not_write(tmp_pat
     w.write(frames[3])
     assert w.flush(timeout=10)
     assert (w.written, w.errors) == (2, 2)
+    # Said once when it starts, and when it ends, with what it cost.
+    said = [r.getMessage() for r in caplog.records if r.name == "qtap_devtools.capfile"]
+    assert said == [f"capture file {tmp_path / 'out.txt'}: [Errno 28] No space left on device; events not saved "
+                    "are counted (file_write_errors)",
+                    f"capture file {tmp_path / 'out.txt'}: writing again; 2 events not saved"]
     # The cut frame reads back as one bad record, and the events either side of it whole.
     path = tmp_path / "cut.txt"
     path.write_bytes(bytes(w._fh.data))

@@ -8,6 +8,7 @@ import shlex
 import subprocess
 import sys
 
+import orjson
 import pytest
 
 from qtap_devtools import capfile
@@ -270,3 +271,20 @@ def test_output_to_a_fifo_is_not_opened_before_the_agent_and_says_it_waits_for_a
     t.start()
     assert done.wait(5), "checking --output opened the FIFO and waited for a reader"
     assert "is a FIFO: waiting for a reader to open it" in capsys.readouterr().out
+
+
+def test_har_of_a_fifo_says_it_waits_for_a_writer_then_converts_what_it_is_sent(tmp_path):
+    """Before, `har` (or `replay`) of a FIFO nobody writes to waited without a word."""
+    fifo, out = tmp_path / "in.fifo", tmp_path / "out.har"
+    os.mkfifo(fifo)
+    p = subprocess.Popen([sys.executable, "-m", "qtap_devtools", "har", str(fifo), "-o", str(out)], cwd=ROOT,
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        said = p.stderr.readline()
+        assert said == f"qtap-devtools: {fifo} is a FIFO: waiting for a writer to open it (Ctrl-C to stop)\n"
+        fifo.write_bytes(EXAMPLE.read_bytes())
+        assert p.wait(30) == 0, p.stderr.read()
+    finally:
+        p.kill()
+        p.communicate()
+    assert orjson.loads(out.read_bytes())["log"]["entries"]
