@@ -111,6 +111,35 @@ def test_fixed_modes_ignore_the_load(worker_for, mode, policy, nice):
     assert w.cpu.switches == 0
 
 
+def slice_ns(tid: int) -> int | None:
+    for line in open(f"/proc/self/task/{tid}/sched"):
+        if line.startswith("se.slice"):
+            return int(line.split()[-1])
+    return None  # (not shown while SCHED_IDLE)
+
+
+def test_every_mode_asks_for_long_slices_which_threads_started_after_and_a_switch_to_normal_keep(worker_for):
+    w = worker_for("normal")
+    assert w.cpu.long_slices and slice_ns(w.tid) == pr.SLICE_NS
+    assert slice_ns(threading.get_native_id()) != pr.SLICE_NS  # the test's own thread is left alone
+    w = worker_for("auto")
+    w.cpu.update(1.0, now=0.0)  # behind: normal
+    assert w.policy() == os.SCHED_OTHER and slice_ns(w.tid) == pr.SLICE_NS
+
+    got = []
+
+    def starts_one() -> None:  # as the agent's main thread starts its helpers
+        CpuPriority("normal", threads=lambda: []).apply()
+        child = threading.Thread(target=lambda: got.append(slice_ns(threading.get_native_id())))
+        child.start()
+        child.join(5)
+
+    t = threading.Thread(target=starts_one)
+    t.start()
+    t.join(5)
+    assert got == [pr.SLICE_NS]
+
+
 def test_an_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="one of auto, idle, low, normal"):
         CpuPriority("fast")
