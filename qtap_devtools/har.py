@@ -153,6 +153,8 @@ def _location(headers: Mapping[str, Any]) -> str:
 
 def entry(ts: str, tx: Mapping[str, Any]) -> dict:
     req = _obj(tx.get("request"), "request")
+    if not req.get("method"):  # JSON, but not a transaction: no entry of empty strings
+        raise ValueError("not a transaction: it has no request.method")
     resp = _obj(tx.get("response"), "response")
     meta = _obj(tx.get("metadata"), "metadata")
     timing = _obj(tx.get("timing"), "timing")

@@ -258,6 +258,9 @@ def test_a_large_response_goes_out_early_as_partial_at_the_body_limit():
     w.flush()
     [ex] = w.out
     assert ex.partial and ex.response.body_truncated and len(ex.response.body) == 20_000
+    # It ends at the data that went past the limit, not at its request's end
+    # (a duration of 0, shorter than its own wait).
+    assert ex.end_ns == w.ts and ex.end_ns > ex.response_start_ns > ex.request_end_ns
     w.server.send_data(sid, b"z", end_stream=True)
     sid2 = w.request("/next")  # the connection is still followed
     w.respond(sid2, 200, b"n")
@@ -418,6 +421,7 @@ def test_a_response_still_streaming_past_the_time_limit_goes_out_on_the_tick():
     assert w.asm.on_tick(w.ts + 1) == []
     [ex] = w.asm.on_tick(w.ts + 10_000)
     assert ex.partial and ex.response.body == b"data: 1\n\n" and ex.error is None
+    assert ex.end_ns == w.ts >= ex.response_start_ns > ex.request_end_ns  # its latest data
 
 
 def test_bodies_held_across_a_connections_streams_are_bounded():

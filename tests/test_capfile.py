@@ -212,18 +212,20 @@ def test_har_leaves_out_only_the_transactions_it_cannot_convert_and_says_so(tmp_
 
     path = samples.write_capture(tmp_path / "c.txt")
     with open(path, "ab") as fh:
-        fh.write(tx_record("bad-body", {"request": {"body": "!!not base64!!"}}))
-        fh.write(tx_record("bad-duration", {"request": {}, "duration_ms": "abc"}))
+        get = {"method": "GET"}
+        fh.write(tx_record("bad-body", {"request": {**get, "body": "!!not base64!!"}}))
+        fh.write(tx_record("bad-duration", {"request": get, "duration_ms": "abc"}))
         fh.write(tx_record("a-list", [1]))
+        fh.write(tx_record("not-a-tx", {"not": "a transaction"}))  # was an entry of empty strings
         # Converted: a Location header whose value list is empty, or not text.
-        fh.write(tx_record("no-location", {"request": {}, "response": {"status": 302, "headers": {"Location": []}}}))
-        fh.write(tx_record("odd-location", {"request": {}, "response": {"status": 301, "headers": {"location": 7}}}))
+        fh.write(tx_record("no-location", {"request": get, "response": {"status": 302, "headers": {"Location": []}}}))
+        fh.write(tx_record("odd-location", {"request": get, "response": {"status": 301, "headers": {"location": 7}}}))
     events, _, _ = replay.load(path)
     doc = har.from_envelopes(events)
     entries = doc["log"]["entries"]  # in the order they started: the hand-made ones first
     assert [e["response"]["status"] for e in entries] == [302, 301, 200, 404, 500]
     assert [e["response"]["redirectURL"] for e in entries[:2]] == ["", ""]
-    assert doc["log"]["comment"].startswith("3 transactions left out, not convertible (first: bad-body: "
+    assert doc["log"]["comment"].startswith("4 transactions left out, not convertible (first: bad-body: "
                                             "request.body is not valid base64")
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import base64
 import json
-from dataclasses import replace as dataclasses_replace
 import re
+import signal
 import time
+from dataclasses import replace as dataclasses_replace
 from datetime import datetime, timezone
 
 import pytest
@@ -889,16 +890,31 @@ def test_ten_thousand_rows_stay_responsive(page, tmp_path):
         assert page.console.errors == []
 
 
-def shown_then_stopped(page, tmp_path, capture, port: int) -> None:
+def shown_then_stopped(page, tmp_path, capture, port: int, sig: int = signal.SIGTERM) -> None:
     """The page shows a replay of ``capture`` (the rich session), then the
-    replay stops and the page says it is reconnecting."""
+    replay stops (``sig``)."""
     server = start_replay(tmp_path, capture, port, "first.log")
     try:
         open_devtools(page, server.url)
         wait_rows(page, RICH_TRANSACTIONS)
     finally:
-        server.stop()
-    page.wait_for_selector('[data-testid="status-connection"][data-state="reconnecting"]')
+        server.stop(sig)
+
+
+def test_a_stopped_agent_shows_disconnected_with_its_reason_and_a_vanished_one_reconnecting(page, tmp_path):
+    """The page heard the goodbye, then its retries failed: it said
+    "Reconnecting…" within 50 ms, and the reason was never seen."""
+    capture = samples.write_capture(tmp_path / "first.txt", rich_session())
+    shown_then_stopped(page, tmp_path, capture, free_port())
+    conn = '[data-testid="status-connection"]'
+    page.wait_for_timeout(1500)  # a retry or two have failed by now
+    assert page.get_attribute(conn, "data-state") == "disconnected"
+    assert page.inner_text(conn) == "Disconnected"
+    assert page.get_attribute(conn, "title").startswith("The agent said: agent shutting down; retrying in ")
+    # Gone without a word (killed): reconnecting.
+    shown_then_stopped(page, tmp_path, capture, free_port(), signal.SIGKILL)
+    page.wait_for_selector(f'{conn}[data-state="reconnecting"]')
+    assert "Reconnecting" in page.inner_text(conn)
 
 
 def test_reconnect_shows_state_and_never_duplicates_rows(page, tmp_path):
@@ -910,7 +926,7 @@ def test_reconnect_shows_state_and_never_duplicates_rows(page, tmp_path):
     second = samples.write_capture(tmp_path / "second.txt", [*events, later])
 
     shown_then_stopped(page, tmp_path, first, port)
-    assert "Reconnecting" in page.inner_text('[data-testid="status-connection"]')
+    page.wait_for_selector('[data-testid="status-connection"][data-state="disconnected"]')
 
     # The same port again, with one event more: the page resumes after the
     # last event it saw, and would drop repeats by requestId anyway.

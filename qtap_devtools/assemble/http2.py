@@ -99,7 +99,8 @@ def error_name(code: int) -> str:
 class _Half:
     """One end's message on a stream: head, body, trailers, and what it cost on the wire."""
 
-    __slots__ = ("headers", "body", "wire_size", "truncated", "trailers", "done", "start_ns", "end_ns", "bytes")
+    __slots__ = ("headers", "body", "wire_size", "truncated", "trailers", "done", "start_ns", "end_ns", "last_ns",
+                 "bytes")
 
     def __init__(self) -> None:
         self.headers: list[tuple[str, str]] | None = None
@@ -109,7 +110,8 @@ class _Half:
         self.trailers: list[tuple[str, str]] = []
         self.done = False
         self.start_ns: int | None = None
-        self.end_ns: int | None = None
+        self.end_ns: int | None = None  # END_STREAM's (or the close's, the reset's)
+        self.last_ns: int | None = None  # the latest DATA's: the end of one sent out before it ended
         self.bytes = 0  # frame bytes, 9-byte headers included
 
 
@@ -488,6 +490,7 @@ class Http2Assembler:
     def _body(self, st: _Stream, half: _Half, chunk: bytes, ts: int) -> None:
         if half.start_ns is None:
             half.start_ns = ts
+        half.last_ns = ts
         half.wire_size += len(chunk)
         room = min(self.max_body_bytes - len(half.body),
                    self.max_body_bytes * CONNECTION_BODIES - self._held)
@@ -699,7 +702,7 @@ class Http2Assembler:
         response = _response(resp_half, self.max_body_bytes, whole=not st.partial) \
             if resp_half.headers is not None else None
         start = req_half.start_ns or 0
-        end = resp_half.end_ns or req_half.end_ns or start
+        end = resp_half.end_ns or resp_half.last_ns or st.response_start_ns or req_half.end_ns or start
         self._out.append(HttpExchange(
             request=request,
             response=response,

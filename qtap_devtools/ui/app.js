@@ -861,6 +861,7 @@ let source = null;
 let lastEventId = null;
 let retryMs = 500;
 let retryTimer = 0;
+let goodbye = null; // the last system.disconnected's reason, until the stream is back
 
 const STREAM_TYPES = [
   "system.connected", "system.dropped", "system.disconnected",
@@ -893,8 +894,15 @@ function connect() {
     // `after=` carries the last event id, as Last-Event-ID would.
     es.close();
     source = null;
-    setConnection("reconnecting", "Reconnecting…", `Retrying in ${(retryMs / 1000).toFixed(1)} s`);
-    renderCapture({ state: "unknown", error: "the agent is not reachable: what it captures is not known until the page reconnects" });
+    const retry = `retrying in ${(retryMs / 1000).toFixed(1)} s`;
+    if (goodbye) {
+      // It said why it went (stopped): keep saying so while we retry.
+      setConnection("disconnected", "Disconnected", `The agent said: ${goodbye}; ${retry}`);
+      renderCapture({ state: "unknown", error: `the agent stopped (${goodbye}): the page reconnects when it is back` });
+    } else {
+      setConnection("reconnecting", "Reconnecting…", `Retrying in ${(retryMs / 1000).toFixed(1)} s`);
+      renderCapture({ state: "unknown", error: "the agent is not reachable: what it captures is not known until the page reconnects" });
+    }
     retryTimer = setTimeout(connect, retryMs);
     retryMs = Math.min(retryMs * 2, 5000);
   });
@@ -911,12 +919,13 @@ function onEvent(type, e) {
   }
   if (type === "system.connected") {
     retryMs = 500;
+    goodbye = null;
     onConnected((body && body.data) || {});
   } else if (type === "system.dropped") {
     onDropped((body && body.data) || {});
   } else if (type === "system.disconnected") {
-    const reason = (body && body.data && body.data.reason) || "";
-    setConnection("disconnected", "Disconnected", reason);
+    goodbye = (body && body.data && body.data.reason) || "the stream ended";
+    setConnection("disconnected", "Disconnected", `The agent said: ${goodbye}`);
   } else {
     enqueue(type, body);
   }
