@@ -1108,3 +1108,29 @@ def test_the_response_tab_says_why_a_body_is_cut_and_decodes_its_charset(page, r
 
         select_row(page, "/socket")
         assert "switched to websocket" in detail_tab(page, "response").inner_text()
+
+
+def test_laptop_and_narrow_windows_show_every_column_and_control(page, tmp_path):
+    """The columns' fixed widths added up to 1,434 px: at 1280 the Waterfall
+    was cut ("Waterf") and the newest bars off-screen; at 800 the detail
+    pane's "Copy response" and the footer's end were out of sight."""
+    def inside(locator, width: int) -> bool:
+        box = locator.bounding_box()
+        return box is not None and box["width"] > 0 and box["x"] >= 0 and box["x"] + box["width"] <= width
+
+    with replay_server(tmp_path) as agent:
+        page.set_viewport_size({"width": 1280, "height": 800})
+        open_devtools(page, agent.url)
+        wait_rows(page, RICH_TRANSACTIONS)
+        headers = page.locator('[data-testid="requests-table"] [role="columnheader"]')
+        assert headers.count() == 12
+        for i in range(12):
+            assert inside(headers.nth(i), 1280), headers.nth(i).inner_text()
+        assert page.evaluate("() => { const t = document.querySelector('[data-testid=requests-table]');"
+                             " return t.scrollWidth <= t.clientWidth; }")
+        for width in (800, 640):
+            page.set_viewport_size({"width": width, "height": 800})
+            select_row(page, "/api/cart")
+            for testid in ("copy-curl", "copy-response", "tab-source", "status-connection"):
+                assert inside(page.locator(f'[data-testid="{testid}"]'), width), (width, testid)
+            page.keyboard.press("Escape")

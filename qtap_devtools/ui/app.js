@@ -179,7 +179,7 @@ function textMatches(values) {
 // ------------------------------------------------------------------ network table
 
 const WATERFALL_COL = {
-  key: "waterfall", label: "Waterfall", width: 200, cls: "c-waterfall", sort: (r) => r.start,
+  key: "waterfall", label: "Waterfall", width: 200, min: 120, flex: true, cls: "c-waterfall", sort: (r) => r.start,
   render(row, cell) {
     const { min, max } = state.range;
     const span = Math.max(max - min, 1);
@@ -204,13 +204,13 @@ const FULL_COLUMNS = [
   { key: "time", label: "Time", width: 104, cls: "c-time mono", value: (r) => formatClock(r.start), sort: (r) => r.start },
   { key: "method", label: "Method", width: 74, cls: "c-method", value: (r) => r.method },
   statusCol,
-  { key: "host", label: "Host", width: 156, value: (r) => r.host },
-  { key: "path", label: "Path", width: 220, flex: true, cls: "c-path", value: (r) => r.path },
-  { key: "type", label: "Type", width: 120, value: (r) => r.mime },
+  { key: "host", label: "Host", width: 156, min: 96, flex: true, value: (r) => r.host },
+  { key: "path", label: "Path", width: 220, min: 140, flex: true, cls: "c-path", value: (r) => r.path },
+  { key: "type", label: "Type", width: 120, min: 80, flex: true, value: (r) => r.mime },
   { key: "size", label: "Size", width: 72, cls: "num", value: (r) => formatBytes(r.size), sort: (r) => r.size },
   { key: "duration", label: "Duration", width: 76, cls: "num", value: (r) => formatMs(r.duration), sort: (r) => r.duration },
-  { key: "process", label: "Process", width: 160, value: (r) => r.proc },
-  { key: "container", label: "Container", width: 120, value: (r) => r.container || r.pod },
+  { key: "process", label: "Process", width: 160, min: 96, flex: true, value: (r) => r.proc },
+  { key: "container", label: "Container", width: 120, min: 80, flex: true, value: (r) => r.container || r.pod },
   { key: "protocol", label: "Protocol", width: 68, value: (r) => r.protocol },
   WATERFALL_COL,
 ];

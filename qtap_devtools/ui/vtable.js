@@ -7,6 +7,10 @@
 // rows' own order again), as in the browser's own DevTools.  A column's
 // `sort(row)` gives the key (a number or a string); without one its shown
 // text is compared, with numbers inside it compared as numbers.
+//
+// A column is `width` px wide, or with `flex` it shares the room left over in
+// proportion to its `width`, down to `min` px (its `width` without one): the
+// table fits a 1280 px window before it scrolls sideways.
 
 import { h, clear } from "./dom.js";
 
@@ -116,8 +120,9 @@ export class VirtualTable {
   }
 
   applyWidths() {
-    const tpl = this.columns.map((c) => (c.flex ? `minmax(${c.width}px, 1fr)` : `${c.width}px`)).join(" ");
-    const min = this.columns.reduce((sum, c) => sum + c.width, 0);
+    const least = (c) => (c.flex ? c.min || c.width : c.width);
+    const tpl = this.columns.map((c) => (c.flex ? `minmax(${least(c)}px, ${c.width / 100}fr)` : `${c.width}px`)).join(" ");
+    const min = this.columns.reduce((sum, c) => sum + least(c), 0);
     this.el.style.setProperty("--vt-cols", tpl);
     this.el.style.setProperty("--vt-min", `${min}px`);
   }
