@@ -267,6 +267,27 @@ def test_text_filter_and_4xx_toggle_hide_exactly_the_right_rows(page, rich):
     assert page.get_attribute('[data-testid="summary-requests"]', "data-total") == str(RICH_TRANSACTIONS)
 
 
+def test_the_filter_box_takes_the_apis_status_and_list_syntax(page, rich):
+    """status:>=400, status:4xx,5xx and method:post,put showed "No requests
+    match" where the API's ?status= and ?method= took them."""
+    opened(page, rich)
+    status = lambda t: t.status or 0  # noqa: E731
+    for text, pred in [("status:>=400", lambda t: status(t) >= 400),
+                       ("status:4xx,5xx", lambda t: 400 <= status(t) < 600),
+                       ("status:<300", lambda t: 0 < status(t) < 300),
+                       ("status:404,>=500", lambda t: status(t) == 404 or status(t) >= 500),
+                       ("method:post,put", lambda t: t.method in ("POST", "PUT")),
+                       ("-method:get,post", lambda t: t.method not in ("GET", "POST"))]:
+        want = paths_where(pred)
+        assert want, text  # (each picks some rows, and not all of them)
+        assert len(want) < RICH_TRANSACTIONS, text
+        set_filter(page, "")  # (the last filter may show as many rows)
+        wait_shown(page, RICH_TRANSACTIONS)
+        set_filter(page, text)
+        wait_shown(page, len(want))
+        assert shown_paths(page) == want, text
+
+
 def test_method_and_errors_only_toggles_hide_exactly_the_right_rows(page, rich):
     opened(page, rich)
 

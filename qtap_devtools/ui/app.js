@@ -115,6 +115,8 @@ function rowFromEvent(body) {
 // Free text: words must all match (URL, host, process, container).  `-word`
 // excludes; `method:`, `status:`, `host:`, `pid:`, `container:`, `process:`,
 // `side:` (client or server) match one field, like Chrome's filter box.
+// `status:` takes what the API's status= takes (404, 4xx, >=400, <300) and,
+// as `method:`, `pid:`, `side:` and `direction:`, a list: status:4xx,5xx.
 function parseTerms(text) {
   const terms = [];
   for (const raw of text.trim().toLowerCase().split(/\s+/)) {
@@ -146,6 +148,19 @@ function fieldText(row, field) {
 }
 
 const COMMON_METHODS = new Set(["GET", "POST", "PUT", "PATCH", "DELETE"]);
+const LISTS = new Set(["status", "pid", "method", "side", "direction"]);
+
+function oneOf(field, text, value) {
+  if (field === "method" || field === "side" || field === "direction") return text.includes(value);
+  // status:404 is exact; status:4xx (or 4x) is a class; >=400, <300 compare.
+  const cmp = field === "status" && /^(>=|<=|>|<)(\d+)$/.exec(value);
+  if (cmp) {
+    if (!text) return false; // no response: no status to compare
+    const a = Number(text), b = Number(cmp[2]);
+    return { ">=": a >= b, "<=": a <= b, ">": a > b, "<": a < b }[cmp[1]];
+  }
+  return /x$/.test(value) ? text.startsWith(value.replace(/x+$/, "")) : text === value;
+}
 
 function matches(row) {
   const f = state.filter;
@@ -158,9 +173,8 @@ function matches(row) {
   for (const t of f.terms) {
     const text = fieldText(row, t.field);
     let hit;
-    if (t.field === "status" || t.field === "pid") {
-      // status:404 is exact; status:4xx (or 4x) is a class.
-      hit = /x$/.test(t.value) ? text.startsWith(t.value.replace(/x+$/, "")) : text === t.value;
+    if (LISTS.has(t.field)) {
+      hit = t.value.split(",").some((v) => v && oneOf(t.field, text, v));
     } else {
       hit = text.includes(t.value);
     }
