@@ -51,7 +51,10 @@ def load(
     seen = False
 
     def tell(record: capfile.BadRecord) -> None:
-        log.warning("%s:%d: skipped: %s", path, record.line, record.reason)
+        if record.line:
+            log.warning("%s:%d: skipped: %s", path, record.line, record.reason)
+        else:  # the file as a whole (a gzip stream cut short): no line to name
+            log.warning("%s: %s", path, record.reason)
 
     for record in capfile.read_events(path):
         if isinstance(record, capfile.BadRecord):

@@ -96,7 +96,9 @@ class HostGuard:
         any_host = bool(self.runtime.token) and not self.runtime.config.listen.is_loopback
         # Any port (a tunnel may arrive on another), but a port, not "11070@evil.com".
         if (name not in self.allowed or not _port_ok(port)) and not any_host:
-            resp = error(403, "FORBIDDEN_HOST", f"Host {host!r} is not this agent (DNS-rebinding guard)")
+            resp = error(403, "FORBIDDEN_HOST", f"Host {host!r} is not this agent (DNS-rebinding guard): open "
+                         "it as localhost or 127.0.0.1 (an SSH tunnel's local end works), or bind beyond loopback "
+                         "with --listen and --token")
             return await resp(scope, receive, send)
         token = self.runtime.token
         if token and scope["path"] != "/healthz" and not _token_ok(scope, headers, token):
@@ -413,7 +415,8 @@ def create_app(rt: Runtime) -> Starlette:
         return resp
 
     docs = {
-        stream: "Server-Sent Events: the live event stream (filters: type, pid, exe, container, host, method, status, q; snapshot=false)",
+        stream: f"Server-Sent Events: the live event stream (filters: {', '.join(FILTER_KEYS)}; snapshot=false; "
+                "after=<event id> resumes after it, after=0 replays the history)",
         transactions: "Recent HTTP transactions, newest first (limit, offset, and the stream's filters)",
         transaction: "One transaction with its full request and response",
         processes: "Live processes",

@@ -107,7 +107,7 @@ def test_a_byte_order_mark_and_a_last_id_line_without_its_newline_lose_nothing(t
     assert [type(r) for r in got] == [Envelope, Envelope]
 
 
-def test_a_gzip_capture_is_read_through_gzip_and_a_cut_one_keeps_what_came_before(tmp_path):
+def test_a_gzip_capture_is_read_through_gzip_and_a_cut_one_keeps_what_came_before(tmp_path, caplog):
     import gzip
 
     data = b"".join(e.envelope().frame for e in samples.session_events())
@@ -119,6 +119,10 @@ def test_a_gzip_capture_is_read_through_gzip_and_a_cut_one_keeps_what_came_befor
     got = list(capfile.read_events(cut))
     assert isinstance(got[0], Envelope) and isinstance(got[-1], capfile.BadRecord)
     assert "gzip" in got[-1].reason
+    with caplog.at_level("WARNING", logger="qtap_devtools.replay"):
+        replay.load(cut)
+    said = [r.getMessage() for r in caplog.records if "gzip" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(f"{cut}: the gzip stream ends early")  # not "{cut}:0:"
 
 
 # --------------------------------------------------------------------------

@@ -379,7 +379,7 @@ function textView(text) {
   const shown = text.length > TEXT_LIMIT ? text.slice(0, TEXT_LIMIT) : text;
   const pre = h("pre", { class: "text-view", testid: "text-view" }, shown);
   if (shown.length < text.length) {
-    return h("div", null, notice("info", `Showing the first ${formatBytes(TEXT_LIMIT)} characters of ${formatBytes(text.length)}.`), pre);
+    return h("div", null, notice("info", `Showing the first ${TEXT_LIMIT.toLocaleString("en-US")} characters of ${text.length.toLocaleString("en-US")}.`), pre);
   }
   return pre;
 }
