@@ -71,6 +71,8 @@ class Agent:
         self.publisher = Publisher(self.broadcaster.publish, self.enricher, self._remember_process)
         self.pipeline = Pipeline(config, self.publisher.emit, self.enricher.process, forget_process=self.enricher.forget,
                                  remember_process=self.enricher.remember)
+        if not config.capture_own_port:  # its own API through a forwarder is left out too (server.OwnMarker)
+            self.pipeline.own_marker = self.broadcaster.instance
         self.runtime = Runtime(
             config=config,
             broadcaster=self.broadcaster,
@@ -169,6 +171,7 @@ class Agent:
             self.capture_error = str(exc)
             return
         self.capture = cap
+        self.pipeline.on_own_socket = cap.exclude_socket
 
     async def _ticker(self) -> None:
         from qtap_devtools.capture.loader import trim_heap

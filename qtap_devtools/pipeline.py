@@ -50,6 +50,7 @@ from qtap_devtools.events import (
 log: Final = logging.getLogger(__name__)
 
 MAX_CONNECTIONS: Final = 65_536
+OWN_MARKER: Final = "x-qtap-devtools"  # the response header naming the agent that sent it (lower case)
 MAX_PENDING_SNI: Final = 4096
 OPEN_GRACE_NS: Final = 100_000_000  # wait this long for a connection's addresses before announcing it
 _REQUEST_START: Final = re.compile(rb"^[A-Z]{3,12} \S+ HTTP/1\.[01]\r?\n")
@@ -96,6 +97,7 @@ class _Conn:
     carried: bool = False  # a socket whose events its TLS stream makes now (_lend)
     accepted: bool = False  # seeded from /proc with a listening local port
     shed: bool = False  # the last record fed was written while the capture shed bodies
+    own: bool = False  # carries this agent's own API, through a forwarder (OWN_MARKER)
     # Set, in place of ``assembler``, once the client's HTTP/2 preface is seen
     # (kept apart so the HTTP/1 path stays typed for mypyc).
     h2: Http2Assembler | None = None
@@ -122,6 +124,13 @@ class Pipeline:
         self.remember_process = remember_process  # what the ring reader read at exec
         self.own_pid = own_pid if own_pid is not None else os.getpid()
         self.own_port = None if config.capture_own_port else (own_port or config.listen.port)
+        # This agent's responses carry OWN_MARKER with this value (server.py):
+        # a connection whose response does is the agent's own API reached
+        # through a forwarder or tunnel on this machine (its own port is left
+        # out already).  Its transactions are not shown, and ``on_own_socket``
+        # stops the probes reading it.  None with --capture-own-port.
+        self.own_marker: str | None = None
+        self.on_own_socket: Callable[[int, int], None] = lambda pid, fd: None
         self.clock_offset = mono_to_wall_offset()
         self.conns: OrderedDict[tuple, _Conn] = OrderedDict()
         self.pending_sni: OrderedDict[tuple[int, int], str] = OrderedDict()
@@ -264,7 +273,7 @@ class Pipeline:
             self.emit(ConnectionOpened(conn.info, ts_ns=conn.info.opened_ns))
 
     def _maybe_updated(self, conn: _Conn, ts: int) -> None:
-        if conn.carried or (not conn.announced and not conn.lent and conn.info.fd < 0):
+        if conn.carried or conn.own or (not conn.announced and not conn.lent and conn.info.fd < 0):
             # A socket's events are its TLS stream's once lent; an fd-less TLS
             # stream waits to be one connection with its socket (_lend), and
             # on_tick announces it alone if no socket comes.
@@ -761,6 +770,8 @@ class Pipeline:
         info = conn.info
         if info.is_tls and not info.tls_introspected:
             self._unread(conn)
+        if conn.own and not conn.announced:
+            return  # the agent's own API: closed as it was opened, unseen
         self._announce(conn)
         conn.info.closed_ns = self.wall(ts)
         self.emit(ConnectionClosed(conn.info, ts_ns=conn.info.closed_ns))
@@ -783,10 +794,23 @@ class Pipeline:
         info = conn.info
         return conn.role == "client" and info.local is None and not conn.fed and not info.is_tls
 
+    def _own_connection(self, conn: _Conn) -> None:
+        self.counters["own_traffic_skipped"] += 1
+        if not conn.own:
+            conn.own = True
+            if conn.info.fd >= 0:
+                self.on_own_socket(conn.info.pid, conn.info.fd)
+
     def _transaction(self, conn: _Conn, ex: HttpExchange) -> None:
         req = ex.request
         if req is None:
             self.counters["unpaired_close"] += 1
+            return
+        resp = ex.response
+        resp_lower: dict = {}
+        resp_headers = combined_headers(resp.headers, resp_lower) if resp is not None else {}
+        if conn.own or (self.own_marker is not None and resp_lower.get(OWN_MARKER) == self.own_marker):
+            self._own_connection(conn)
             return
         self._announce(conn)  # a connection is opened before its first transaction
         info = conn.info
@@ -809,9 +833,6 @@ class Pipeline:
         else:
             authority = host or info.sni or _addr_text(info.remote if info.direction != "ingress" else info.local)
             path = target
-        resp = ex.response
-        resp_lower: dict = {}
-        resp_headers = combined_headers(resp.headers, resp_lower) if resp is not None else {}
         start = ex.start_ns
         # The later of the two ends: a server may answer before it has read the
         # whole request (a refused upload), whose end then closes the exchange.

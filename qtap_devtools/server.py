@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from qtap_devtools import __version__, har
 from qtap_devtools import events as ev
@@ -70,6 +70,34 @@ class JSONResponse(Response):
 
 def error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+
+OWN_HEADER = b"x-qtap-devtools"  # pipeline.OWN_MARKER
+
+
+class OwnMarker:
+    """Names this agent in every response (``X-Qtap-Devtools: <instance>``).
+
+    Its own port is left out of capture, but the page opened through a
+    forwarder on this machine (``ssh -L`` to itself, socat, a TLS proxy) came
+    back in as traffic: every page load's stream captured again, history and
+    all.  The pipeline knows a connection whose responses carry this
+    agent's name, shows none of it and stops reading it."""
+
+    def __init__(self, app: ASGIApp, runtime: Runtime) -> None:
+        self.app = app
+        self.header = (OWN_HEADER, runtime.broadcaster.instance.encode())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def marked(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, marked)
 
 
 class HostGuard:
@@ -472,7 +500,7 @@ def create_app(rt: Runtime) -> Starlette:
 
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(HostGuard, runtime=rt)],
+        middleware=[Middleware(OwnMarker, runtime=rt), Middleware(HostGuard, runtime=rt)],
         exception_handlers={404: not_found, HTTPException: http_error, 500: internal},
     )
     return app
@@ -509,6 +537,7 @@ CAPTURE_GAUGES = {
 CAPTURE_COUNTER_HELP = {
     "records": "Capture records handled by the pipeline",
     "transactions": "HTTP transactions assembled",
+    "own_traffic_skipped": "The agent's own API traffic left out (its port; its responses through a forwarder)",
     "lost_records": "Records the kernel could not put in the ring (full)",
     "calls_over_record_limit": "Calls over 1 MiB (or 16 iovecs) whose bytes past that were not copied",
     "shed_calls": "TLS/socket calls whose bytes were cut while shedding",

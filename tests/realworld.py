@@ -275,7 +275,8 @@ class PlainHttpServer(_Server):
         return self
 
 
-_CONNECT_PROXY = """
+# Both ends of a TCP relay, and a loopback server handing each connection to ``handle``.
+_RELAY = """
 import socket, sys, threading
 
 def pipe(a, b):
@@ -290,6 +291,21 @@ def pipe(a, b):
         except OSError:
             pass
 
+def relay(c, upstream):
+    threading.Thread(target=pipe, args=(upstream, c), daemon=True).start()
+    pipe(c, upstream)
+"""
+_SERVE = """
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen(16)
+while True:
+    conn, _ = s.accept()
+    threading.Thread(target=handle, args=(conn,), daemon=True).start()
+"""
+
+_CONNECT_PROXY = _RELAY + """
 def handle(c):
     head = b""
     while b"\\r\\n\\r\\n" not in head:
@@ -300,17 +316,8 @@ def handle(c):
         return c.close()
     upstream = socket.create_connection(("127.0.0.1", int(port)))
     c.sendall(b"HTTP/1.1 200 Connection established\\r\\n\\r\\n")
-    threading.Thread(target=pipe, args=(upstream, c), daemon=True).start()
-    pipe(c, upstream)
-
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("127.0.0.1", int(sys.argv[1])))
-s.listen(16)
-while True:
-    conn, _ = s.accept()
-    threading.Thread(target=handle, args=(conn,), daemon=True).start()
-"""
+    relay(c, upstream)
+""" + _SERVE
 
 
 class ConnectProxy(_Server):
@@ -321,6 +328,27 @@ class ConnectProxy(_Server):
 
     def __enter__(self) -> "ConnectProxy":
         self.proc = subprocess.Popen([sys.executable, "-c", _CONNECT_PROXY, str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port, proc=self.proc)
+        return self
+
+
+_FORWARDER = _RELAY + """
+def handle(c):
+    relay(c, socket.create_connection(("127.0.0.1", int(sys.argv[2]))))
+""" + _SERVE
+
+
+class Forwarder(_Server):
+    """A TCP forwarder from a port of its own to ``upstream`` on loopback, as
+    ``ssh -L`` or socat would be."""
+
+    def __init__(self, upstream: int, port: int | None = None) -> None:
+        self.upstream = upstream
+        self.port = port or free_port()
+
+    def __enter__(self) -> "Forwarder":
+        self.proc = subprocess.Popen([sys.executable, "-c", _FORWARDER, str(self.port), str(self.upstream)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_port(self.port, proc=self.proc)
         return self

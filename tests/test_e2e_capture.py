@@ -1632,6 +1632,55 @@ def test_capture_file_replays_what_was_served(live):
     assert not bad[:-1]  # the last record may still be in flight
 
 
+def test_the_agents_own_api_through_a_forwarder_is_neither_shown_nor_read(live, nginx_plain):
+    """Its own port is left out, but the page opened through a forwarder on
+    this machine (``ssh -L`` to itself, socat, a proxy) came back in as
+    traffic: its requests shown twice (client and forwarder), and every page
+    load's stream, history and all, captured again."""
+    import http.client
+
+    _, reader, _ = live
+    m = marker()
+    curl(nginx_plain.url(f"/large?m={m}-big"))  # the history then holds a few MB at least
+
+    def stats() -> dict:
+        status, body = get(f"http://{LOOP}:{AGENT_PORT}/devtools/api/stats")
+        assert status == 200, body
+        return body["capture"]
+
+    before = stats()
+    with rw.Forwarder(AGENT_PORT) as fwd:
+        c = http.client.HTTPConnection(LOOP, fwd.port, timeout=10)
+        c.request("GET", f"/devtools/api/stats?m={m}")  # a 400 (no such parameter): m= is what the reader keeps
+        first = c.getresponse()
+        assert first.status == 400 and first.read()
+        # Both ends of it (this client's socket, the forwarder's) known as the agent's own ...
+        deadline = time.monotonic() + WAIT
+        while stats()["own_traffic_skipped"] < before["own_traffic_skipped"] + 2:
+            assert time.monotonic() < deadline, stats()
+            time.sleep(0.1)
+        # ... so the stream's history on the same connection is not read at all.
+        read_before = stats()["data_bytes_read"]
+        c.request("GET", "/devtools/api/events?after=0")
+        resp, got = c.getresponse(), 0
+        assert resp.status == 200
+        c.sock.settimeout(2)  # the history is sent at once; then only new events trickle
+        try:
+            while got < 4 << 20 and (piece := resp.read1(1 << 16)):
+                got += len(piece)
+        except TimeoutError:
+            pass
+        c.close()
+        assert got > 1 << 20, got
+        barrier(reader, nginx_plain)
+        read = stats()["data_bytes_read"] - read_before
+    assert read < got / 4, (read, got)  # the barrier's, the stats polls' and whatever else ran meanwhile
+    with reader.lock:
+        shown = [body for t, body in reader.events if t == "request.http_transaction"
+                 and f":{fwd.port}/" in body["data"]["data"]["summary"]["request_url"]]
+    assert not shown, shown[:2]
+
+
 def test_nothing_on_the_stream_is_about_the_agents_own_port(live, nginx_plain):
     """Runs last in the module: by now the stream carried every test's events,
     and the recipes, this reader and /healthz polls all talked to :10001."""

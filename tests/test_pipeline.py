@@ -294,6 +294,37 @@ def test_own_port_and_own_pid_are_not_captured():
     assert p.counters["own_traffic_skipped"] >= 1
 
 
+def test_the_agents_own_api_through_a_forwarder_is_left_out_and_its_socket_no_longer_read():
+    """Through a forwarder on this machine (not its own port) the page's own
+    requests and event stream came back in as traffic."""
+    ours = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Qtap-Devtools: inst-1\r\n\r\n{}"
+    theirs = ours.replace(b"inst-1", b"inst-2")  # another agent's: shown
+    get = b"GET /devtools/api/stats HTTP/1.1\r\nHost: localhost:18002\r\n\r\n"
+    out: list = []
+    p = Pipeline(Config(), out.append, {100: CURL, 200: NGINX}.get, own_pid=1, own_port=10001)
+    p.own_marker = "inst-1"
+    stopped: list = []
+    p.on_own_socket = lambda pid, fd: stopped.append((pid, fd))
+    fwd = rec.Endpoint("127.0.0.1", 18002)
+    p.on_records([
+        rec.SocketConnect(100, 5, 1_000, fwd),
+        rec.DataChunk(100, 100, 5, 2_000, "egress", "socket", 0, get),
+        rec.DataChunk(100, 100, 5, 3_000, "ingress", "socket", 0, ours),
+        rec.DataChunk(100, 100, 5, 4_000, "egress", "socket", len(get), get),  # later ones too
+        rec.DataChunk(100, 100, 5, 5_000, "ingress", "socket", len(ours), ours),
+        rec.SocketConnect(100, 6, 1_000, fwd),
+        rec.DataChunk(100, 100, 6, 2_000, "egress", "socket", 0, get),
+        rec.DataChunk(100, 100, 6, 3_000, "ingress", "socket", 0, theirs),
+    ])
+    p.close_all()
+    shown = [e for e in out if e.type == "request.http_transaction"]
+    assert [e.connection.fd for e in shown] == [6]
+    # Opened as its first request showed HTTP, before its answer said whose it is: closed as it was opened.
+    assert [e.type for e in out if e.type.startswith("connection.") and e.connection.fd == 5] == [
+        "connection.opened", "connection.updated", "connection.closed"]
+    assert stopped == [(100, 5)] and p.counters["own_traffic_skipped"] == 2
+
+
 def test_request_without_response_at_close_is_a_transaction_with_error():
     events, _ = run([
         rec.SocketConnect(100, 5, 1_000, EP_S),

@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 TRACEFS = Path("/sys/kernel/tracing")
 PROBE_FILES = ("process.c", "cgroups.c", "sockets.c", "openssl.c", "gnutls.c")
 SOCK_KNOWN = 1  # common.h
+SOCK_EXCLUDED = 4  # common.h
 # The reader drains the ring at least this often: data records are written
 # without a wake-up, so this bounds how long an idle stream's tail waits.
 DRAIN_MS = 50
@@ -484,6 +485,24 @@ class Capture:
         if records:
             self._deliver(list(records))
         return records
+
+    def exclude_socket(self, pid: int, fd: int) -> None:
+        """Stop reading a plain socket (the agent's own API through a
+        forwarder, pipeline.OWN_MARKER): its syscalls are skipped from now on,
+        as the agent's own port is.  (A TLS library's calls on it still report:
+        the pipeline drops them.)  On the event loop's thread; rare."""
+        if self._bpf is None:
+            return
+        table = self._bpf[b"sock_fds"]
+        key = table.Key(pid, fd)
+        try:
+            flags = table[key].value
+        except KeyError:
+            return  # gone (closed) or never known: nothing to stop
+        try:
+            table[key] = table.Leaf(flags | SOCK_EXCLUDED)
+        except Exception:  # a map update refused: its traffic is still left out of the stream
+            pass
 
     def _track_addresses(self, batch: list[Record]) -> None:
         for rec in batch:
