@@ -51,6 +51,12 @@ log: Final = logging.getLogger(__name__)
 
 MAX_CONNECTIONS: Final = 65_536
 OWN_MARKER: Final = "x-qtap-devtools"  # the response header naming the agent that sent it (lower case)
+# A connection seen open whose TLS library's first plaintext does not start a
+# request (or HTTP/2) may be HTTP whose library was attached after it was in
+# use (a new binary, attached at its exec: its first plaintext falls anywhere
+# in a message), or another protocol (SMTP, a database).  This much of it is
+# searched for the next request before it is taken for the latter.
+JOIN_SEEK_BYTES: Final = 256 << 10
 MAX_PENDING_SNI: Final = 4096
 OPEN_GRACE_NS: Final = 100_000_000  # wait this long for a connection's addresses before announcing it
 _REQUEST_START: Final = re.compile(rb"^[A-Z]{3,12} \S+ HTTP/1\.[01]\r?\n")
@@ -98,6 +104,10 @@ class _Conn:
     accepted: bool = False  # seeded from /proc with a listening local port
     shed: bool = False  # the last record fed was written while the capture shed bodies
     own: bool = False  # carries this agent's own API, through a forwarder (OWN_MARKER)
+    # Bytes a stream joined at its TLS library's first plaintext may still be
+    # searched for an HTTP message before it is taken for another protocol
+    # (JOIN_SEEK_BYTES); -1: no limit.
+    seek_left: int = -1
     # Set, in place of ``assembler``, once the client's HTTP/2 preface is seen
     # (kept apart so the HTTP/1 path stays typed for mypyc).
     h2: Http2Assembler | None = None
@@ -365,12 +375,15 @@ class Pipeline:
     def on_exit(self, r: rec.ProcessExit) -> None:
         if r.pid == self.own_pid:
             return
+        # Its open connections end first, while what we knew of it is still
+        # known: a killed process's /proc no longer names its executable, and
+        # its last transactions said exe "".
+        for key in [k for k in self.conns if k[0] == r.pid]:
+            self._finish(self.conns.pop(key), r.ts_ns)
         info = self.processes.pop(r.pid, None)
         if self._answered:
             self._answered.pop(r.pid, None)
         self.forget_process(r.pid)
-        for key in [k for k in self.conns if k[0] == r.pid]:
-            self._finish(self.conns.pop(key), r.ts_ns)
         if info is not None:
             self.emit(ProcessStopped(info, exit_code=r.exit_code, ts_ns=self.wall(r.ts_ns)))
 
@@ -581,19 +594,31 @@ class Pipeline:
                 # can still be in flight once the next request has been sent.
                 conn.role = "client" if direction == "egress" else "server"
                 conn.assembler = self._assembler(conn.role)
+                conn.seek_left = -1
                 if conn.role == "server":
                     info.direction = "ingress"
-        elif not conn.fed and tls_source and direction != _REQUEST_DIRECTION[conn.role] \
-                and data.startswith(b"HTTP/"):
-            # A response first, on a connection seen open: its TLS library was
-            # attached after the request went out (a new process, a file
-            # attached at its exec).  Joined mid-stream, as above.
+        elif not conn.fed and tls_source and not (direction == _REQUEST_DIRECTION[conn.role]
+                                                  and _REQUEST_START.match(data, 0, 8192)) \
+                and not _h2_settings(data):
+            # Not a request first, on a connection seen open: a response (its
+            # TLS library was attached after the request went out: a new
+            # process, a file attached at its exec), or anything in a message
+            # (a body's tail: Node's keep-alive loop was lost whole as
+            # "other"), or another protocol.  Joined mid-stream, as above;
+            # what is not a response is searched for HTTP only so far.
             conn.role = "unknown"
             conn.assembler = self._assembler("unknown")
+            if not data.startswith(b"HTTP/"):
+                conn.seek_left = JOIN_SEEK_BYTES
         conn.fed = True
         conn.shed = r.shedding
         exchanges = conn.assembler.on_data(direction, data, ts, offset, r.shedding)
         proto = conn.assembler.protocol
+        if conn.seek_left >= 0 and proto == "unknown":
+            conn.seek_left -= len(data)
+            if conn.seek_left < 0:  # no HTTP in all that: another protocol, read no further
+                conn.assembler.not_http()
+                proto = "other"
         if proto == "other" and _h2_settings(data):
             # An HTTP/2 server's first write, before it has read the client's
             # preface: not "other" yet (the preface, next, makes it http2).

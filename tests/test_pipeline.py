@@ -342,6 +342,73 @@ def test_process_lifecycle_with_exit_code():
     assert events[1].payload()["exitCode"] == 7 and events[1].payload()["path"] == "/usr/bin/curl"
 
 
+def test_a_killed_clients_last_transaction_keeps_its_executable():
+    """A killed process's /proc no longer names its executable; its open
+    connections, ended by its exit, said exe "" (3 of 5 killed curls)."""
+    import dataclasses
+
+    forgotten: set[int] = set()
+    zombie = dataclasses.replace(CURL, exe="", user="")
+    out: list = []
+    p = Pipeline(Config(), out.append, lambda pid: zombie if pid in forgotten else CURL,
+                 forget_process=forgotten.add, own_pid=1, own_port=10001)
+    p.on_records([
+        rec.ProcessExec(100, 500, "/usr/bin/curl", "curl"),
+        *client_tls_exchange()[:3],  # the request, and no answer yet
+        rec.ProcessExit(100, 9_000_000, -9),
+    ])
+    [tx] = [e for e in out if e.type == "request.http_transaction"]
+    assert tx_json(tx)["metadata"]["process_exe"] == "/usr/bin/curl"
+    [closed] = [e for e in out if e.type == "connection.closed"]
+    assert closed.connection.process.exe == "/usr/bin/curl"
+    assert types(out)[-1] == "process.stopped"
+
+
+def test_a_tls_library_attached_mid_response_joins_at_the_next_request():
+    """Node (its own OpenSSL) attached ~0.3 s after its keep-alive loop began:
+    the first plaintext was the tail of a response body, and the connection
+    was "other" for good, every later request lost."""
+    tail = b'ms": 20}'
+    out: list = []
+    p = Pipeline(Config(), out.append, {100: CURL}.get, own_pid=1, own_port=10001)
+    p.on_records([
+        rec.SocketConnect(100, 5, 1_000, EP_S),
+        rec.SocketAddress(100, 5, EP_C, EP_S, 1_100),
+        rec.DataChunk(100, 100, 5, 2_000, "egress", "socket", 0, b"\x16\x03\x01\x00\x05hello"),
+        rec.DataChunk(100, 100, 5, 3_000, "ingress", "openssl", 0, tail, tls_ref=0xabc),
+        rec.DataChunk(100, 100, 5, 4_000, "egress", "openssl", 0, REQ, tls_ref=0xabc),
+        rec.DataChunk(100, 100, 5, 5_000, "ingress", "openssl", len(tail), RESP, tls_ref=0xabc),
+    ])
+    p.close_all()
+    [tx] = [e for e in out if e.type == "request.http_transaction"]
+    assert (tx.method, tx.path, tx.status) == ("POST", "/v1/users", 201)
+    assert tx.connection.direction == "egress-internal" and tx.connection.l7_protocol == "http1"
+
+
+def test_another_protocol_over_tls_is_searched_for_http_only_so_far():
+    """SMTP over TLS: its greeting first, like a body's tail after a late
+    attach.  Searched for HTTP JOIN_SEEK_BYTES deep, then no longer parsed
+    (a chunk that begins a request would still be seen)."""
+    out: list = []
+    p = Pipeline(Config(), out.append, {100: CURL}.get, own_pid=1, own_port=10001)
+    line = b"250-mail.example offers a few extensions to you today\r\n" * 64
+    chunks, at = [], 0
+    for i in range(pipeline_mod.JOIN_SEEK_BYTES // len(line) + 2):
+        chunks.append(rec.DataChunk(100, 100, 5, 3_000 + i, "ingress", "openssl", at, line, tls_ref=0xabc))
+        at += len(line)
+    p.on_records([
+        rec.SocketConnect(100, 5, 1_000, EP_S),
+        rec.SocketAddress(100, 5, EP_C, EP_S, 1_100),
+        rec.DataChunk(100, 100, 5, 2_000, "egress", "socket", 0, b"\x16\x03\x01\x00\x05hello"),
+        *chunks,
+    ])
+    conn = p.conns[(100, 5)]
+    assert conn.assembler.protocol == "other" and conn.info.l7_protocol == "other"
+    assert conn.assembler.discarded_bytes < pipeline_mod.JOIN_SEEK_BYTES + 2 * len(line)  # (not buffered on)
+    p.close_all()
+    assert not [e for e in out if e.type == "request.http_transaction"]
+
+
 def test_an_absolute_target_urlsplit_refuses_stands_as_captured():
     req = b"GET http://[x/ HTTP/1.1\r\nHost: api.local\r\n\r\n"
     records = client_tls_exchange()

@@ -402,12 +402,17 @@ class ConnectionAssembler:
             ex.request_done = True
             self._emit(ex)
 
+    def not_http(self) -> None:
+        """Not HTTP at all (its start says so, or the owner looked long enough):
+        no more is read."""
+        self.protocol = "other"
+        for r in self._readers.values():
+            r.stop()
+        self._dead = True
+
     def on_malformed(self, reader: MessageReader, reason: str, not_http: bool) -> None:
         if not_http and self.protocol == "unknown":
-            self.protocol = "other"
-            for r in self._readers.values():
-                r.stop()
-            self._dead = True
+            self.not_http()
             return
         self.protocol = "http1"
         if reader is self._requests:
