@@ -808,7 +808,8 @@ class Pipeline:
         if exe not in self.unread_exes and len(self.unread_exes) < 256:
             self.unread_exes.add(exe)
             log.info("%s: a TLS connection closed with no plaintext seen (%s): its TLS library is not one "
-                     "the agent reads (Go, BoringSSL, NSS, rustls, a static OpenSSL…), or nothing was sent; "
+                     "the agent reads (Go, BoringSSL, NSS, rustls, a static OpenSSL…), it was attached after "
+                     "the connection's last call (a new binary, attached at its exec), or nothing was sent; "
                      "counted in capture.tls_connections_unread", exe, conn.info.resolve_endpoint() or "?")
 
     @staticmethod
