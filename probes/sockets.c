@@ -274,6 +274,28 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close)
 
 /* ---- data ---- */
 
+/* A TLS object's fd is learned only when its calls make syscalls on a known
+ * socket, which can be late: a connection open before the agent (its socket
+ * seeded from /proc after the calls began), or plaintext the library had
+ * already buffered.  Its records so far were counted by the object alone;
+ * from now they count by fd.  Carry the counts over so the stream's offsets
+ * go on where they were (the pipeline then continues that stream as the
+ * socket's connection), instead of starting again at 0. */
+static __always_inline void tls_offsets_to_fd(u32 tgid, u64 ref, s32 fd)
+{
+#pragma unroll
+    for (u32 dir = 0; dir < 2; dir++) {
+        struct off_key from = { .tgid = tgid, .fd = -1, .tls_ref = ref, .direction = dir, .is_tls = 1 };
+        u64 *n = offsets.lookup(&from);
+        if (!n)
+            continue;
+        u64 at = *n;
+        struct off_key to = { .tgid = tgid, .fd = fd, .tls_ref = 0, .direction = dir, .is_tls = 1 };
+        offsets.update(&to, &at);
+        offsets.delete(&from);
+    }
+}
+
 /* Called at every data syscall entry.  Inside a TLS library call the fd is
  * the TLS connection's: remember it and mark the socket TLS so its
  * ciphertext is never reported as plaintext. */
@@ -296,9 +318,10 @@ static __always_inline void data_enter(s32 fd, u8 dir, u64 buf, u64 iov, u64 iov
         if (t->fd != fd) {
             struct tls_key tk = { .tgid = k.tgid, ._pad = 0, .ref = t->tls_ref };
             s32 *known = tls_fd.lookup(&tk);
-            if (!known)
+            if (!known) {
                 tls_fd.update(&tk, &fd);
-            else if (*known != fd)
+                tls_offsets_to_fd(k.tgid, t->tls_ref, fd);
+            } else if (*known != fd)
                 *known = fd;
             t->fd = fd;
             t->hello_left = 0;

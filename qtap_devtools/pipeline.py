@@ -201,6 +201,10 @@ class Pipeline:
             # the agent reads (Go, BoringSSL, NSS, rustls, a static OpenSSL, or
             # none exchanged): the programs are named once each in the log.
             "tls_connections_unread": 0,
+            # TLS streams whose fd was learned after their first plaintext
+            # (open before the agent; plaintext their library had buffered),
+            # then continued as their socket's connection (_fd_found).
+            "tls_fd_found_late": 0,
         }
         self.unread_exes: set[str] = set()
 
@@ -486,6 +490,8 @@ class Pipeline:
         pid, fd, data, direction, ts, offset, source = r.pid, r.fd, r.data, r.direction, r.ts_ns, r.offset, r.source
         key = (pid, fd) if fd >= 0 else (pid, "tls", r.tls_ref)
         conn = self.conns.get(key)
+        if fd >= 0 and source != "socket" and (conn is None or not conn.info.tls_introspected):
+            conn = self._fd_found(key, r) or conn
         if conn is not None and fd < 0 and offset == 0 and self._position(conn, direction):
             # A TLS stream known only by its SSL* starts again at offset 0:
             # the kernel forgot its offsets at SSL_free and malloc handed the
@@ -680,6 +686,37 @@ class Pipeline:
                       if k[0] == pid and k[1] != "tls" and c.info.is_tls and not c.info.tls_introspected]
         if len(candidates) == 1:
             self._lend(conn, key, candidates[0])
+
+    def _fd_found(self, key: tuple, r: rec.DataChunk) -> _Conn | None:
+        """A TLS stream begun with no fd names one now: its socket was not
+        known when its calls began (open before the agent, seeded from /proc
+        after), or its library had the plaintext buffered.  The kernel carried
+        its offsets over (probes/sockets.c, tls_offsets_to_fd), so it goes on
+        as that socket's connection: one connection, not one without
+        addresses and another from here on."""
+        tls_key = (r.pid, "tls", r.tls_ref)
+        tls = self.conns.pop(tls_key, None)
+        if tls is None:
+            return None
+        sock = self.conns.get(key)
+        if sock is not None:
+            if not tls.lent:
+                self._lend(tls, tls_key, sock, r.ts_ns)
+            if not sock.carried:
+                # Each was announced on its own (the stream alone, after its
+                # grace): the stream has the addresses now, the socket's id ends.
+                sock.info.tls_introspected = True  # its bytes were the stream's, not unread
+                self._finish(sock, r.ts_ns)
+        else:
+            early = self.pending_addr.pop(key, None)
+            if early is not None:
+                self._apply_address(tls, early)
+        if self.borrowers.get(key) == tls_key:
+            del self.borrowers[key]
+        tls.info.fd = r.fd
+        self.conns[key] = tls
+        self.counters["tls_fd_found_late"] += 1
+        return tls
 
     def _match_socket(self, conn: _Conn, key: tuple, r: rec.DataChunk) -> None:
         """Which socket an fd-less TLS stream rides on, from the thread that

@@ -546,6 +546,7 @@ CAPTURE_COUNTER_HELP = {
     "processes_gone_before_read": "Processes gone before their /proc entry was read",
     "containers_from_cgroup_id": "Processes whose container was named from the kernel's cgroup id",
     "tls_connections_unread": "TLS connections whose plaintext no attached library gave",
+    "tls_fd_found_late": "TLS streams whose socket was learned after their first plaintext, then joined to it",
     "http2_connections": "HTTP/2 connections decoded (from their preface, or joined mid-connection)",
     "http2_connections_joined": "HTTP/2 connections decoded from their middle (their start was not seen)",
     "http2_connections_undecodable": "HTTP/2 connections whose decoding stopped (a capture gap, bad frames)",

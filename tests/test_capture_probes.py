@@ -427,6 +427,58 @@ def test_python_ssl_ex_calls_are_captured_with_their_fd_and_a_lone_request_is_de
         client.wait()
 
 
+STEPPED_TLS_CLIENT = """
+import http.client, ssl, sys
+c = http.client.HTTPSConnection("127.0.0.1", int(sys.argv[1]), context=ssl._create_unverified_context())
+for i, line in enumerate(sys.stdin):
+    c.request("GET", f"/small?step={i}"); c.getresponse().read()
+    print(i, flush=True)
+"""
+
+
+def test_a_tls_stream_whose_socket_is_learned_late_keeps_its_offsets(nginx):
+    """A TLS connection open before the capture, its socket not yet known (as
+    in the moment before /proc is read): its calls learn no fd and are counted
+    by their SSL* alone.  Once the socket is known, the next call names its fd
+    and its offsets go on from where the fd-less ones stopped (the pipeline
+    then joins the two as one connection: test_pipeline)."""
+    client = subprocess.Popen([sys.executable, "-c", STEPPED_TLS_CLIENT, str(nginx.port)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def step(n: int) -> None:
+        client.stdin.write("go\n")
+        client.stdin.flush()
+        assert client.stdout.readline().strip() == str(n)
+
+    sink = Collector()
+    cap = Capture(sink, max_chunk=MAX_CHUNK, seed_existing=False)
+    try:
+        step(0)  # before the capture
+        cap.start()
+        step(1)  # the socket unknown: no fd
+        sink.wait_for(lambda rs: b"step=1" in stream(rs, client.pid, fd=-1, direction="egress", source="openssl"),
+                      what="the fd-less request")
+        seeded = [r for r in cap.seed_existing_sockets() if r.pid == client.pid]
+        assert len(seeded) == 1 and seeded[0].remote.port == nginx.port
+        fd = seeded[0].fd
+        step(2)
+        sink.wait_for(lambda rs: chunks(rs, client.pid, fd=fd, direction="ingress", source="openssl"),
+                      what="the response read with the fd")
+        rs = sink.snapshot()
+        for direction in ("egress", "ingress"):
+            before = chunks(rs, client.pid, fd=-1, direction=direction, source="openssl")
+            after = chunks(rs, client.pid, fd=fd, direction=direction, source="openssl")
+            assert before and after, direction
+            assert {c.tls_ref for c in before} == {c.tls_ref for c in after}
+            # One stream: the fd's first offset is where the fd-less ones ended.
+            assert min(c.offset for c in after) == max(c.end for c in before), direction
+        assert stream(rs, client.pid, fd=fd, direction="egress", source="openssl").startswith(b"GET /small?step=2 ")
+    finally:
+        cap.stop()
+        client.kill()
+        client.wait()
+
+
 # ---------------------------------------------------------------- plaintext
 
 

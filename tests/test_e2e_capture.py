@@ -1154,6 +1154,51 @@ for line in sys.stdin:
 """
 
 
+BUSY_CLIENT = """
+import http.client, ssl, sys, time
+c = http.client.HTTPSConnection("127.0.0.1", int(sys.argv[1]), context=ssl._create_unverified_context())
+i = 0
+while True:
+    c.request("GET", f"/json?m={sys.argv[2]}&i={i}"); c.getresponse().read()
+    print(c.sock.getsockname()[1], flush=True)
+    i += 1
+    time.sleep(0.02)
+"""
+
+
+def test_a_connection_busy_while_the_agent_starts_is_one_connection_with_its_addresses(cert, tmp_path):
+    """A keep-alive TLS connection in use all through the agent's start: its
+    probes go live while requests fly.  Each side is one connection with its
+    addresses from the first transaction on, not one without addresses that
+    another takes over (a TLS call before its socket was known had no fd)."""
+    with rw.Nginx(tmp_path, cert) as server:
+        m = marker()
+        client = subprocess.Popen([sys.executable, "-c", BUSY_CLIENT, str(server.port), m],
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            client_port = int(client.stdout.readline())
+            port = free_port()
+            with agent(["run"], port, tmp_path / "agent.log", ready_path="/readyz") as proc:
+                # All of it: the first transactions came before this reader.
+                reader = StreamReader(port, "/devtools/api/events?after=0", keep=keep)
+                try:
+                    txs = reader.transactions(m, count=40, timeout=WAIT)
+                    assert len(txs) >= 40, f"{len(txs)} transactions\n" + proc.output()
+                finally:
+                    reader.close()
+        finally:
+            client.kill()
+            client.wait()
+    sides = by_direction(txs)
+    assert set(sides) == {"egress-internal", "ingress"}, sorted(sides)
+    for direction, mine in sides.items():
+        local, remote = ((LOOP, client_port), (LOOP, server.port)) if direction != "ingress" else \
+            ((LOOP, server.port), (LOOP, client_port))
+        for tx in mine:
+            assert_tx_metadata(tx, local=local, remote=remote, tls="openssl", tls_version=None)
+        assert len({tx["metadata"]["connection_id"] for tx in mine}) == 1, direction
+
+
 @pytest.mark.parametrize("tls", [False, True], ids=["plaintext", "tls"])
 def test_connection_opened_before_the_agent_is_still_captured(live, cert, tmp_path, tls):
     """One HTTP/1.1 keep-alive connection to nginx, opened and used before a

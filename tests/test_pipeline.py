@@ -611,6 +611,64 @@ def test_socket_seeded_on_a_listening_port_is_the_server_side():
     assert tx[0].payload()["data"]["summary"]["response_status"] == 204
 
 
+def _seeded_client_whose_fd_comes_late(gap_ns: int) -> list:
+    """A keep-alive client connection open before the agent: its socket is
+    seeded from /proc, and its TLS stream's first call learns no fd (no syscall
+    on a socket the kernel knew), its next does; the kernel carried the
+    stream's offsets over to the fd (probes/sockets.c)."""
+    get1 = b"GET /one HTTP/1.1\r\nHost: api.local\r\n\r\n"
+    get2 = b"GET /two HTTP/1.1\r\nHost: api.local\r\n\r\n"
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    t = 1_000 + gap_ns
+    return [
+        rec.SocketAddress(100, 5, EP_C, EP_S, 1_000, "seed"),
+        rec.DataChunk(100, 100, -1, 2_000, "egress", "openssl", 0, get1, tls_ref=0xabc),
+        rec.DataChunk(100, 100, 5, t + 3_000, "ingress", "openssl", 0, ok, tls_ref=0xabc),
+        rec.DataChunk(100, 100, 5, t + 4_000, "egress", "openssl", len(get1), get2, tls_ref=0xabc),
+        rec.DataChunk(100, 100, 5, t + 5_000, "ingress", "openssl", len(ok), ok, tls_ref=0xabc),
+        rec.SocketClose(100, 5, t + 6_000),
+    ]
+
+
+def test_a_tls_stream_whose_fd_comes_late_goes_on_as_its_sockets_connection():
+    events, p = run(_seeded_client_whose_fd_comes_late(0))
+    tx = [e for e in events if e.type == "request.http_transaction"]
+    assert [e.payload()["data"]["summary"]["request_path"] for e in tx] == ["/one", "/two"]
+    # One connection, with the socket's addresses, for both; not one with none and another.
+    opened = [e for e in events if e.type == "connection.opened"]
+    closed = [e for e in events if e.type == "connection.closed"]
+    assert len(opened) == len(closed) == 1
+    assert all(e.connection is opened[0].connection for e in tx + closed)
+    assert tx[0].connection.remote.port == 8443 and tx[0].connection.local.port == 40000
+    assert tx[0].connection.direction == "egress-internal"
+    assert closed[0].payload()["data"]["meta"]["tlsProbeTypesDetected"] == ["openssl"]
+    assert p.counters["tls_fd_found_late"] == 1 and p.counters["tls_connections_unread"] == 0
+
+
+def test_a_tls_stream_announced_alone_before_its_fd_came_takes_the_sockets_addresses():
+    """Its fd came after its grace: it had been announced alone, without
+    addresses.  It is updated with them and carries on; the socket's own
+    connection (no transactions of its own) ends there."""
+    records = _seeded_client_whose_fd_comes_late(2 * pipeline_mod.OPEN_GRACE_NS)
+    out = []
+    p = Pipeline(Config(), out.append, {100: CURL}.get, own_pid=1, own_port=10001)
+    p.on_records(records[:2])
+    p.on_tick(2_000 + pipeline_mod.OPEN_GRACE_NS + 1)
+    p.on_records(records[2:])
+    p.close_all()
+    tx = [e for e in out if e.type == "request.http_transaction"]
+    assert [e.payload()["data"]["summary"]["request_path"] for e in tx] == ["/one", "/two"]
+    stream = tx[0].connection
+    assert tx[1].connection is stream and stream.remote.port == 8443 and stream.direction == "egress-internal"
+    updated = [e for e in out if e.type == "connection.updated" and e.connection is stream]
+    assert updated and updated[-1].payload()["data"]["destination"]["address"]["port"] == 8443
+    closed = [e.connection for e in out if e.type == "connection.closed"]
+    assert len(closed) == 2 and stream in closed
+    socket_only = next(c for c in closed if c is not stream)
+    assert socket_only.transactions == 0 and socket_only.local.port == 40000
+    assert p.counters["tls_connections_unread"] == 0
+
+
 def test_plaintext_host_names_the_endpoint_on_the_http1_update():
     req = b"GET /x HTTP/1.1\r\nHost: plain.example.test:8080\r\nAccept: */*\r\n\r\n"
     events, _ = run([

@@ -320,14 +320,19 @@ class Capture:
     def start(self) -> None:
         bpf = self._bpf = self._load()
         self._set_armed(0, True)  # probes attached without a cookie
+        if self.seed_existing:
+            # Before any TLS probe is placed: a TLS call on a socket the kernel
+            # does not know yet learns no fd, and its plaintext would start a
+            # connection of its own, with no addresses.  (The socket
+            # tracepoints are live from the load: a socket opened from now on
+            # the kernel learns itself.)
+            self.seed_existing_sockets()
         self._attacher = Attacher(self._place, exclude_pid=self.exclude_pid, mode=self.attach_mode,
                                   arm_fn=self._arm, detach_fn=self._detach, keep_idle=self.keep_idle)
         self._attacher.scan_all(self.extra_binaries)
         self._watcher = ExecWatcher(self._attacher, sweep_seconds=self.sweep_seconds)
         events = bpf[b"events"]
         self._ring = RingReader(events.map_fd, int(events.max_entries))  # bytes, for a ring
-        if self.seed_existing:
-            self.seed_existing_sockets()
         self.compiler_pages_released = release_compiler_pages()
         self._stop.clear()
         self._thread = threading.Thread(target=self._poll_loop, name="qtap-ring", daemon=True)
@@ -476,6 +481,11 @@ class Capture:
         records = []
         for s in found:
             key = table.Key(s.pid, s.fd)
+            try:
+                table[key]
+                continue  # connected since the load: the kernel knows it, and its connect record is on the way
+            except KeyError:
+                pass
             try:
                 table[key] = table.Leaf(SOCK_KNOWN)
             except Exception:  # map full: those sockets stay uncaptured
