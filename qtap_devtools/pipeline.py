@@ -559,10 +559,13 @@ class Pipeline:
             # client's preface, and those bytes are not HTTP/1.
             if data.startswith(HTTP2_PREFACE):
                 h2 = self._to_http2(conn, r, direction)
-            elif offset > 0:
+            elif offset > 0 or (tls_source and not conn.fed):
                 # Its start not seen (open before the agent, or before its TLS
-                # library was attached): HTTP/2 if these bytes are frames, and
-                # a header block in them says which end sent them.
+                # library was attached, whose offsets count from its first call
+                # seen, so 0): HTTP/2 if these bytes are frames, and a header
+                # block in them says which end sent them.  (From a true start
+                # the first plaintext is the preface, or a server's SETTINGS:
+                # no header block.)
                 sender = joined_sender(data)
                 if sender and (conn.role == "unknown" or
                                (sender == "client") == (direction == _REQUEST_DIRECTION[conn.role])):

@@ -258,6 +258,24 @@ def test_http2_joined_mid_connection_on_a_connection_seen_open():
     assert p.counters["http2_gaps_read_past"] == 0
 
 
+def test_http2_joined_at_a_late_attached_librarys_first_plaintext():
+    """Its TLS library attached after the connection was in use (a new binary,
+    attached at its exec): the kernel counts its offsets from its first call
+    seen, so its first frames come at offset 0, and they are not a preface."""
+    _, _, request, answer = h2_after_warm_up("/late")
+    events, p = run([
+        rec.SocketConnect(100, 5, 1_000, EP_S),
+        rec.SocketAddress(100, 5, EP_C, EP_S, 1_100),
+        rec.DataChunk(100, 100, 5, 2_000, "egress", "openssl", 0, request, tls_ref=0xabc),
+        rec.DataChunk(100, 100, 5, 3_000, "ingress", "openssl", 0, answer, tls_ref=0xabc),
+        rec.SocketClose(100, 5, 9_000),
+    ])
+    [t] = [e for e in events if e.type == "request.http_transaction"]
+    assert (t.method, t.path, t.status, t.response.body) == ("GET", "/late", 200, b"joined")
+    assert events[-1].payload()["data"]["l7Protocol"] == "http2"
+    assert p.counters["http2_connections_joined"] == 1
+
+
 def test_http2_joined_mid_connection_whose_role_the_frames_tell():
     """Open before the agent: no connect or accept seen, the server's side.
     The request's header block names its sender, so nginx is the server."""

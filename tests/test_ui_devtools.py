@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from qtap_devtools.events import ConnectionUpdated, HttpMessage, SystemDropped
+from qtap_devtools.events import ConnectionClosed, ConnectionOpened, ConnectionUpdated, HttpMessage, SystemDropped
 from qtap_devtools.ids import new_id
 from tests import samples
 from tests.agentproc import free_port, get
@@ -798,6 +798,41 @@ def test_processes_and_connections_views(page, rich):
     text = page.inner_text('[data-testid="connections-table"]')
     assert conns.count() == 5
     assert "closed" in text and "TLS 1.3 (openssl)" in text and "151.101.1.57:443" in text
+
+
+def test_a_connection_opens_its_own_requests_not_its_endpoints(page, tmp_path):
+    """Two connections of one process to one host: clicking one shows its
+    requests only (conn:<id>), as does a request's "Filter connection"; the
+    badge counts the open one, its tooltip of how many."""
+    first = _conn("d4connfirst000000000", NODE, "api.shop.test", "10.1.2.3")
+    second = _conn("d4connsecond00000000", NODE, "api.shop.test", "10.1.2.3")
+    events = [
+        ConnectionOpened(first, ts_ns=samples.TS), ConnectionOpened(second, ts_ns=samples.TS + 1_000_000),
+        _tx(first, "GET", "/a/1", 200, offset_ms=100, duration=5.0),
+        _tx(second, "GET", "/b/1", 200, offset_ms=200, duration=5.0),
+        _tx(first, "GET", "/a/2", 200, offset_ms=300, duration=5.0),
+        ConnectionClosed(second, ts_ns=samples.TS + 400_000_000),
+    ]
+    with replay_server(tmp_path, events) as agent:
+        open_devtools(page, agent.url)
+        wait_rows(page, 3)
+        badge = page.locator('[data-testid="connection-count"]')
+        assert badge.inner_text() == "1" and badge.get_attribute("title") == "1 open of 2 seen"
+        page.click('[data-testid="view-connections"]')
+        conns = page.locator('[data-testid="connection-row"]')
+        conns.first.wait_for()
+        assert conns.count() == 2
+        page.click(f'[data-testid="connection-row"][data-key="{first.connection_id}"]')
+        wait_shown(page, 2)
+        assert page.input_value('[data-testid="filter-text"]') == f"conn:{first.connection_id}"
+        assert ["/a/1" in r or "/a/2" in r for r in rows(page)] == [True, True]
+        # From a request of the other connection, by its menu.
+        page.fill('[data-testid="filter-text"]', "")
+        wait_shown(page, 3)
+        row_locator(page).filter(has_text="/b/1").click(button="right")
+        page.click('[data-testid="menu-filter-conn"]')
+        wait_shown(page, 1)
+        assert "/b/1" in rows(page)[0]
 
 
 def test_row_cap_drops_the_oldest_and_clear_empties(page, rich):

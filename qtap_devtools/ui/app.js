@@ -114,7 +114,8 @@ function rowFromEvent(body) {
 
 // Free text: words must all match (URL, host, process, container).  `-word`
 // excludes; `method:`, `status:`, `host:`, `pid:`, `container:`, `process:`,
-// `side:` (client or server) match one field, like Chrome's filter box.
+// `side:` (client or server), `conn:` (a connection's id) match one field,
+// like Chrome's filter box.
 // `status:` takes what the API's status= takes (404, 4xx, >=400, <300) and,
 // as `method:`, `pid:`, `side:` and `direction:`, a list: status:4xx,5xx.
 function parseTerms(text) {
@@ -123,7 +124,7 @@ function parseTerms(text) {
     if (!raw) continue;
     const negate = raw.startsWith("-") && raw.length > 1;
     const word = negate ? raw.slice(1) : raw;
-    const m = /^(method|status|host|pid|container|process|path|type|pod|side|direction):(.+)$/.exec(word);
+    const m = /^(method|status|host|pid|container|process|path|type|pod|side|direction|conn):(.+)$/.exec(word);
     terms.push(m ? { negate, field: m[1], value: m[2] } : { negate, field: null, value: word });
   }
   return terms;
@@ -143,6 +144,7 @@ function fieldText(row, field) {
     // Both ends of a loopback request are captured: side:client or side:server keeps one.
     case "side": return row.direction === "ingress" ? "server" : "client";
     case "direction": return row.direction;
+    case "conn": return row.connectionId;
     default: return row.hay;
   }
 }
@@ -351,6 +353,7 @@ function showMenu(row, e) {
     h("hr"),
     item(`Filter host: ${row.host}`, "menu-filter-host", () => setFilterText(`host:${row.host}`)),
     row.pid != null ? item(`Filter process: ${row.proc}`, "menu-filter-pid", () => setFilterText(`pid:${row.pid}`)) : null,
+    row.connectionId ? item("Filter connection", "menu-filter-conn", () => setFilterText(`conn:${row.connectionId}`)) : null,
   );
   menu.hidden = false;
   const { innerWidth, innerHeight } = window;
@@ -432,7 +435,8 @@ const connectionTable = new VirtualTable({
   rowTestid: "connection-row",
   rowKey: (c) => c.id,
   rowClass: (c) => (c.closed ? "stopped" : ""),
-  onOpen: (c) => { setFilterText(c.endpoint || ""); switchView("network"); },
+  // Its own requests, not every connection's to the same endpoint.
+  onOpen: (c) => { setFilterText(`conn:${c.id}`); switchView("network"); },
   emptyText: () => (state.connections.size ? "No connections match the filter." : "No connection events yet."),
   columns: [
     { key: "state", label: "State", width: 74, sort: (c) => (c.closed ? 1 : 0), render: (c, cell) => {
@@ -490,7 +494,7 @@ function onConnection(type, body) {
     closed: type === "connection.closed" || Boolean(d.closedAt),
     durationMs: d.durationMs,
   });
-  c.hay = [c.endpoint, c.proc, c.container, c.remote, c.local, c.l7, c.tls, c.direction];
+  c.hay = [c.endpoint, c.proc, c.container, c.remote, c.local, c.l7, c.tls, c.direction, c.id];
   connectionTable.refresh(c);
   otherDirty = true;
 }
@@ -510,8 +514,12 @@ function renderOtherViews() {
   connectionTable.setRows(conns);
   const running = [...state.processes.values()].filter((p) => !p.stopped).length;
   const open = [...state.connections.values()].filter((c) => !c.closed).length;
-  $("process-count").textContent = state.processes.size ? String(running) : "";
-  $("connection-count").textContent = state.connections.size ? String(open) : "";
+  // The badges count what is live; their titles say of how many.
+  const procCount = $("process-count"), connCount = $("connection-count");
+  procCount.textContent = state.processes.size ? String(running) : "";
+  procCount.title = `${running} running of ${state.processes.size} seen`;
+  connCount.textContent = state.connections.size ? String(open) : "";
+  connCount.title = `${open} open of ${state.connections.size} seen`;
 }
 
 // ------------------------------------------------------------------ ingest
