@@ -30,12 +30,12 @@ from qtap_devtools.capfile import CaptureWriter
 from qtap_devtools.config import Config
 from qtap_devtools.enrich import Enricher
 from qtap_devtools.enrich.model import ProcessInfo
-from qtap_devtools.events import ProcessStarted, SystemConnected
+from qtap_devtools.events import ProcessStarted, SystemConnected, SystemDisconnected
 from qtap_devtools.filters import EventFilter
 from qtap_devtools.pipeline import Pipeline
 from qtap_devtools.priority import CpuPriority
 from qtap_devtools.publisher import Publisher
-from qtap_devtools.runner import serve
+from qtap_devtools.runner import STOP_REASON, serve
 from qtap_devtools.server import Runtime
 from qtap_devtools.store import Store
 
@@ -86,6 +86,11 @@ class Agent:
         )
         self._tasks: list[asyncio.Task] = []
         self.priority = CpuPriority("normal")  # main() sets the process's, before any thread starts
+        if self.writer is not None:
+            # Each run's events in the file begin with its greeting, as a
+            # stream saved with curl does: a file several runs appended to says
+            # where each began, with which agent, version and host.
+            self.writer.write(self._greeting(EventFilter()).frame)
 
     # ------------------------------------------------------------ events out
 
@@ -256,6 +261,8 @@ class Agent:
                 t.cancel()
             self.enricher.stop()
             if self.writer is not None:
+                # ... and end with its goodbye, as a stopped agent says to a client.
+                self.writer.write(SystemDisconnected(reason=STOP_REASON).envelope().frame)
                 unwritten = self.writer.close(timeout=WRITER_CLOSE_SECONDS)
                 if unwritten:
                     print(f"qtap-devtools: {unwritten:,} events queued for {self.writer.path} were not written: "

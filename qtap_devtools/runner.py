@@ -24,6 +24,7 @@ from qtap_devtools.server import Runtime, create_app
 log = logging.getLogger(__name__)
 
 DRAIN_SECONDS = 0.8  # for clients to read their goodbye before uvicorn closes sockets
+STOP_REASON = "agent shutting down"  # the goodbye: to each client, and in the --output file
 
 
 def listen_socket(listen: Listen) -> socket.socket:
@@ -110,7 +111,7 @@ async def serve(
     if on_stopping is not None:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(on_stopping(), timeout=0.5)
-    rt.broadcaster.close("agent shutting down")
+    rt.broadcaster.close(STOP_REASON)
     deadline = loop.time() + DRAIN_SECONDS
     while rt.broadcaster.subscribers and loop.time() < deadline:
         await asyncio.sleep(0.02)

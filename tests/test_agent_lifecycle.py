@@ -160,3 +160,26 @@ def test_every_agent_thread_runs_at_the_cpu_priority_asked(tmp_path, flag, polic
         assert f"CPU priority {said}" in proc.output()
     finally:
         proc.stop()
+
+
+def test_each_run_appended_to_an_output_file_begins_with_its_greeting_and_ends_with_its_goodbye(tmp_path):
+    """Two runs append to one --output file: each run's part starts with the
+    agent's system.connected (its instance, version, host), as a stream saved
+    with curl does, and a stopped run's ends with its system.disconnected."""
+    from qtap_devtools import capfile
+
+    out = tmp_path / "capture.txt"
+    for _ in range(2):
+        port = free_port()
+        proc = AgentProcess(["run", "--no-docker", "--listen", f"127.0.0.1:{port}", "--output", str(out)], port,
+                            tmp_path / "agent.log").start("/healthz")
+        proc.proc.send_signal(signal.SIGTERM)
+        assert proc.proc.wait(timeout=10) == 0, proc.output()
+    events = [e for e in capfile.read_events(out) if not isinstance(e, capfile.BadRecord)]
+    system = [(e.type, e.inner) for e in events if e.type.startswith("system.")]
+    assert [t for t, _ in system] == ["system.connected", "system.disconnected"] * 2, system
+    first, second = system[0][1], system[2][1]
+    assert first["instance"] != second["instance"] and first["mode"] == "live"
+    assert first["version"] and first["hostname"] == socket.gethostname()
+    assert system[1][1]["reason"] == "agent shutting down"
+    assert events[0].type == "system.connected"  # nothing of a run before its greeting
