@@ -223,6 +223,10 @@ static __always_inline struct tls_call *tls_call_slot(int create)
  * and one worker's fd or SSL_free must not stand for another's. */
 struct tls_key { u32 tgid; u32 _pad; u64 ref; };
 BPF_TABLE("lru_hash", struct tls_key, s32, tls_fd, 65536);
+/* A tls_fd value user space writes for an object not to read any more: the
+ * agent's own API through a TLS forwarder on this machine (loader.py,
+ * exclude_socket).  Its calls stash nothing, so no record is made of them. */
+#define FD_EXCLUDED -2
 
 static __always_inline struct tls_key tls_key_of(u64 ref)
 {

@@ -26,6 +26,10 @@ static __always_inline void tls_enter(void *ctx, u64 ref, u64 buf, u64 num, u64 
 {
     if (excluded_self(bpf_get_current_pid_tgid() >> 32) || !tls_armed(ctx))
         return;
+    struct tls_key tk = tls_key_of(ref);
+    s32 *fdp = tls_fd.lookup(&tk);
+    if (fdp && *fdp == FD_EXCLUDED)
+        return;
     struct tls_call *c = tls_call_slot(1);
     if (!c) {
         count_lost(1);         /* no slot (memory, or a nested program held the lock): this call is missed */
@@ -38,8 +42,6 @@ static __always_inline void tls_enter(void *ctx, u64 ref, u64 buf, u64 num, u64 
     c->start_ns = dir == DIR_EGRESS ? bpf_ktime_get_ns() : 0;
     c->dir = dir;
     c->source = src;
-    struct tls_key tk = tls_key_of(ref);
-    s32 *fdp = tls_fd.lookup(&tk);
     c->fd = fdp ? *fdp : -1;
     c->hello_left = 0;
     c->active = 1;

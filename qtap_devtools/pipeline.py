@@ -104,6 +104,7 @@ class _Conn:
     accepted: bool = False  # seeded from /proc with a listening local port
     shed: bool = False  # the last record fed was written while the capture shed bodies
     own: bool = False  # carries this agent's own API, through a forwarder (OWN_MARKER)
+    tls_ref: int = 0  # its TLS library's object (SSL*), once its plaintext came
     # Bytes a stream joined at its TLS library's first plaintext may still be
     # searched for an HTTP message before it is taken for another protocol
     # (JOIN_SEEK_BYTES); -1: no limit.
@@ -140,7 +141,7 @@ class Pipeline:
         # out already).  Its transactions are not shown, and ``on_own_socket``
         # stops the probes reading it.  None with --capture-own-port.
         self.own_marker: str | None = None
-        self.on_own_socket: Callable[[int, int], None] = lambda pid, fd: None
+        self.on_own_socket: Callable[[int, int, int], None] = lambda pid, fd, tls_ref: None
         self.clock_offset = mono_to_wall_offset()
         self.conns: OrderedDict[tuple, _Conn] = OrderedDict()
         self.pending_sni: OrderedDict[tuple[int, int], str] = OrderedDict()
@@ -516,6 +517,7 @@ class Pipeline:
         info = conn.info
         tls_source = source != "socket"
         if tls_source:
+            conn.tls_ref = r.tls_ref
             if not info.tls_introspected and conn.assembler.upgraded:
                 # TLS begun inside a tunnel this connection's plaintext set up
                 # (HTTPS through an HTTP proxy: CONNECT, then a handshake): the
@@ -864,8 +866,8 @@ class Pipeline:
         self.counters["own_traffic_skipped"] += 1
         if not conn.own:
             conn.own = True
-            if conn.info.fd >= 0:
-                self.on_own_socket(conn.info.pid, conn.info.fd)
+            if conn.info.fd >= 0 or conn.tls_ref:
+                self.on_own_socket(conn.info.pid, conn.info.fd, conn.tls_ref)
 
     def _transaction(self, conn: _Conn, ex: HttpExchange) -> None:
         req = ex.request

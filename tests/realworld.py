@@ -100,11 +100,13 @@ class Nginx(_Server):
     ``/gzip`` a gzip-compressed text file, ``/large`` a 2 MiB file,
     ``/missing`` 404, ``/error`` 500, ``/peer`` JSON with the client's
     address and port as nginx saw them (``{"addr", "port", "method", "args"}``).
-    ``ipv6=True`` also listens on ``[::1]`` at the same port.
+    ``ipv6=True`` also listens on ``[::1]`` at the same port.  ``proxy_to``: ``/devtools/``
+    is a reverse proxy to that loopback port (a TLS front for the agent's page).
     """
 
     def __init__(self, directory: Path, cert: Cert | None, port: int | None = None, ipv6: bool = False,
-                 sendfile: bool = False, http2: bool = False, workers: int = 1) -> None:
+                 sendfile: bool = False, http2: bool = False, workers: int = 1, proxy_to: int | None = None) -> None:
+        self.proxy_to = proxy_to
         self.dir = directory / "nginx"
         self.workers = workers  # forked from one master: their SSL objects share addresses
         self.http2 = http2  # offered in ALPN (TLS only)
@@ -129,6 +131,11 @@ class Nginx(_Server):
             if self.cert else ""
         )
         t = self.dir / "tmp"
+        proxy = (
+            f"location /devtools/ {{ proxy_pass http://127.0.0.1:{self.proxy_to}; proxy_http_version 1.1; "
+            f"proxy_buffering off; proxy_set_header Host 127.0.0.1:{self.proxy_to}; }}"
+            if self.proxy_to else ""
+        )
         conf = textwrap.dedent(f"""\
             user root;
             worker_processes {self.workers};
@@ -160,6 +167,7 @@ class Nginx(_Server):
                 }}
                 location = /large {{ try_files /large.bin =404; }}
                 location = /error {{ return 500; }}
+                {proxy}
                 location = /peer {{
                   default_type application/json;
                   return 200 '{{"addr":"$remote_addr","port":$remote_port,"method":"$request_method","args":"$args"}}';

@@ -1716,12 +1716,15 @@ def test_capture_file_replays_what_was_served(live):
     assert not bad[:-1]  # the last record may still be in flight
 
 
-def test_the_agents_own_api_through_a_forwarder_is_neither_shown_nor_read(live, nginx_plain):
+@pytest.mark.parametrize("front", ["tcp", "tls"])
+def test_the_agents_own_api_through_a_forwarder_is_neither_shown_nor_read(live, nginx_plain, cert, tmp_path, front):
     """Its own port is left out, but the page opened through a forwarder on
-    this machine (``ssh -L`` to itself, socat, a proxy) came back in as
-    traffic: its requests shown twice (client and forwarder), and every page
-    load's stream, history and all, captured again."""
+    this machine (``ssh -L`` to itself, socat, a proxy; or nginx as a TLS
+    front) came back in as traffic: its requests shown twice (client and
+    forwarder), and every page load's stream, history and all, captured
+    again (through TLS, as the front's and the client's plaintext both)."""
     import http.client
+    import ssl
 
     _, reader, _ = live
     m = marker()
@@ -1733,12 +1736,16 @@ def test_the_agents_own_api_through_a_forwarder_is_neither_shown_nor_read(live, 
         return body["capture"]
 
     before = stats()
-    with rw.Forwarder(AGENT_PORT) as fwd:
-        c = http.client.HTTPConnection(LOOP, fwd.port, timeout=10)
+    fwd = rw.Forwarder(AGENT_PORT) if front == "tcp" else rw.Nginx(tmp_path, cert, proxy_to=AGENT_PORT)
+    with fwd:
+        if front == "tcp":
+            c = http.client.HTTPConnection(LOOP, fwd.port, timeout=10)
+        else:
+            c = http.client.HTTPSConnection(LOOP, fwd.port, timeout=10, context=ssl._create_unverified_context())
         c.request("GET", f"/devtools/api/stats?m={m}")  # a 400 (no such parameter): m= is what the reader keeps
         first = c.getresponse()
         assert first.status == 400 and first.read()
-        # Both ends of it (this client's socket, the forwarder's) known as the agent's own ...
+        # Both ends of it (this client's connection, the forwarder's) known as the agent's own ...
         deadline = time.monotonic() + WAIT
         while stats()["own_traffic_skipped"] < before["own_traffic_skipped"] + 2:
             assert time.monotonic() < deadline, stats()

@@ -322,7 +322,7 @@ def test_the_agents_own_api_through_a_forwarder_is_left_out_and_its_socket_no_lo
     p = Pipeline(Config(), out.append, {100: CURL, 200: NGINX}.get, own_pid=1, own_port=10001)
     p.own_marker = "inst-1"
     stopped: list = []
-    p.on_own_socket = lambda pid, fd: stopped.append((pid, fd))
+    p.on_own_socket = lambda pid, fd, tls_ref: stopped.append((pid, fd, tls_ref))
     fwd = rec.Endpoint("127.0.0.1", 18002)
     p.on_records([
         rec.SocketConnect(100, 5, 1_000, fwd),
@@ -333,6 +333,10 @@ def test_the_agents_own_api_through_a_forwarder_is_left_out_and_its_socket_no_lo
         rec.SocketConnect(100, 6, 1_000, fwd),
         rec.DataChunk(100, 100, 6, 2_000, "egress", "socket", 0, get),
         rec.DataChunk(100, 100, 6, 3_000, "ingress", "socket", 0, theirs),
+        # Through a TLS forwarder: its TLS object is no longer read either.
+        rec.SocketConnect(100, 7, 1_000, fwd),
+        rec.DataChunk(100, 100, 7, 2_000, "egress", "openssl", 0, get, tls_ref=0xabc),
+        rec.DataChunk(100, 100, 7, 3_000, "ingress", "openssl", 0, ours, tls_ref=0xabc),
     ])
     p.close_all()
     shown = [e for e in out if e.type == "request.http_transaction"]
@@ -340,7 +344,7 @@ def test_the_agents_own_api_through_a_forwarder_is_left_out_and_its_socket_no_lo
     # Opened as its first request showed HTTP, before its answer said whose it is: closed as it was opened.
     assert [e.type for e in out if e.type.startswith("connection.") and e.connection.fd == 5] == [
         "connection.opened", "connection.updated", "connection.closed"]
-    assert stopped == [(100, 5)] and p.counters["own_traffic_skipped"] == 2
+    assert stopped == [(100, 5, 0), (100, 7, 0xabc)] and p.counters["own_traffic_skipped"] == 3
 
 
 def test_request_without_response_at_close_is_a_transaction_with_error():

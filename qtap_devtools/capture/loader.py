@@ -56,6 +56,7 @@ TRACEFS = Path("/sys/kernel/tracing")
 PROBE_FILES = ("process.c", "cgroups.c", "sockets.c", "openssl.c", "gnutls.c")
 SOCK_KNOWN = 1  # common.h
 SOCK_EXCLUDED = 4  # common.h
+FD_EXCLUDED = -2  # common.h: a tls_fd value
 # The reader drains the ring at least this often: data records are written
 # without a wake-up, so this bounds how long an idle stream's tail waits.
 DRAIN_MS = 50
@@ -496,12 +497,22 @@ class Capture:
             self._deliver(list(records))
         return records
 
-    def exclude_socket(self, pid: int, fd: int) -> None:
-        """Stop reading a plain socket (the agent's own API through a
-        forwarder, pipeline.OWN_MARKER): its syscalls are skipped from now on,
-        as the agent's own port is.  (A TLS library's calls on it still report:
-        the pipeline drops them.)  On the event loop's thread; rare."""
+    def exclude_socket(self, pid: int, fd: int, tls_ref: int = 0) -> None:
+        """Stop reading a connection (the agent's own API through a forwarder,
+        pipeline.OWN_MARKER): a plain socket's syscalls are skipped from now
+        on, as the agent's own port is, and so are a TLS object's calls (a
+        TLS forwarder: its plaintext is the agent's own stream again, which
+        would come back as records as large as the stream).  On the event
+        loop's thread; rare."""
         if self._bpf is None:
+            return
+        if tls_ref:
+            table = self._bpf[b"tls_fd"]
+            try:
+                table[table.Key(pid, 0, tls_ref)] = table.Leaf(FD_EXCLUDED)
+            except Exception:  # a map update refused: its traffic is still left out of the stream
+                pass
+        if fd < 0:
             return
         table = self._bpf[b"sock_fds"]
         key = table.Key(pid, fd)
