@@ -49,6 +49,7 @@ ALL_CLIENTS_BYTES: Final = 256 << 20
 # system.dropped's reasons.
 QUEUE_OVERFLOWED: Final = "client fell behind; its queue overflowed"
 HISTORY_EVICTED: Final = "resumed past the history the agent still holds (older events were evicted)"
+HISTORY_CUT: Final = "the history asked for is larger than this client's share of memory: its oldest events are left out"
 
 
 class Published:
@@ -140,10 +141,28 @@ class Subscriber:
     _sent_at: float = 0.0  # monotonic time the last batch was taken
     gap_reason: str = QUEUE_OVERFLOWED  # why the events in `missed` are missing
     closed: bool = False  # its goodbye is queued
+    # Items queued at subscribe (greeting, snapshot, the history asked for)
+    # not yet taken: they do not count against ``maxsize``, which bounds how
+    # far a client falls behind live events, not how much history it asked for.
+    preloaded: int = 0
+
+    def preload(self, items: list[Published], gap: int, reason: str) -> None:
+        """Queue the history asked for, past the count bound, after a notice
+        of the ``gap`` events before it that are not sent."""
+        if gap:
+            self.gap_reason = reason
+            self.missed += gap
+            self.total_missed += gap
+            self._mark_gap()
+        for item in items:
+            self.queue.append(item)
+            self.queued_bytes += item.size
+        self.preloaded = len(self.queue)
 
     def offer(self, item: Published) -> None:
         size = item.size
-        if (len(self.queue) >= self.maxsize or (self.queue and self.queued_bytes + size > self.max_bytes)
+        if (len(self.queue) - self.preloaded >= self.maxsize
+                or (self.queue and self.queued_bytes + size > self.max_bytes)
                 or self.closed):  # (after its goodbye: it cannot be told, but it is counted)
             self.missed += 1
             self.total_missed += 1
@@ -175,13 +194,6 @@ class Subscriber:
             kept.insert(0, _Gap(dropped, self.total_missed, QUEUE_OVERFLOWED))
             queue[:] = kept  # in place: next_batch may hold this list across an await
         return dropped
-
-    def notify_gap(self, missed: int) -> None:
-        """Events this subscriber should have had are gone (history evicted
-        past a resume point): tell it, in stream order."""
-        self.gap_reason = HISTORY_EVICTED
-        self.missed += missed
-        self.total_missed += missed
 
     def _mark_gap(self) -> None:
         # The notice goes where the missing events would have been.
@@ -241,6 +253,8 @@ class Subscriber:
                     size += len(frame)
             if taken:
                 self.queue = queue[taken:] if taken < n else []
+                if self.preloaded:
+                    self.preloaded = max(0, self.preloaded - taken)
             if out:
                 self._sent_at = time.monotonic()
                 return b"".join(out)
@@ -323,16 +337,29 @@ class Broadcaster:
         sub = Subscriber(event_filter, self.client_queue_size, self._share(len(self.subscribers) + 1))
         for env in first:
             sub.queue.append(Published.unnumbered(env))
+        items: list[Published] = []
+        gap, reason = 0, HISTORY_EVICTED
         if resume_after is not None:
             oldest = self.history[0].seq if self.history else self.published + 1
             if resume_after + 1 < oldest:
                 # What came between is no longer kept: say so rather than
                 # resume as if nothing was missed (filtered or not, it is
                 # counted: the client cannot know which it would have had).
-                sub.notify_gap(oldest - resume_after - 1)
-            for item in self.history:
-                if item.seq > resume_after and event_filter.matches(item.envelope):
-                    sub.offer(item)
+                gap = oldest - resume_after - 1
+            items = [item for item in self.history if item.seq > resume_after and event_filter.matches(item.envelope)]
+            # All of it, whatever the queue's count bound (the page asks for
+            # the whole history as it opens); within the client's share of
+            # memory, its newest part if it is more.
+            size = sum(item.size for item in items)
+            cut = 0
+            while cut < len(items) - 1 and size > sub.max_bytes:
+                size -= items[cut].size
+                cut += 1
+            if cut:
+                gap, reason = gap + cut, HISTORY_CUT
+                items = items[cut:]
+                self.dropped_total += cut
+        sub.preload(items, gap, reason)
         if self.closed:
             sub.close(None)
         self.subscribers.append(sub)

@@ -34,6 +34,7 @@ from qtap_devtools.capture.chunk import DataChunk, Source  # compiled: compared 
 from qtap_devtools.config import Config
 from qtap_devtools.enrich.cgroup import CgroupIndex
 from qtap_devtools.enrich.model import ProcessInfo
+from qtap_devtools.enrich.procfs import host_user_name
 from qtap_devtools.events import (
     Address,
     Connection,
@@ -364,6 +365,11 @@ class Pipeline:
             if found is not None:
                 self.counters["containers_from_cgroup_id"] += 1
                 info = dataclasses.replace(info, runtime=found[0], container_id=found[1])
+        if known is None and info.container_id is None and not info.user and info.uid >= 0:
+            # Gone before /proc was read, and in no container as its cgroup
+            # says: the host's passwd names its user (a container's could not
+            # be read any more).
+            info = dataclasses.replace(info, user=host_user_name(info.uid))
         if info is not known:
             self.remember_process(info)  # the enricher's answer for its transactions, not the copy without
         self._remember(info)
@@ -433,9 +439,14 @@ class Pipeline:
 
     def _apply_address(self, conn: _Conn, r: rec.SocketAddress) -> None:
         info = conn.info
+        late = conn.announced and info.remote is None
         info.local = Address(r.local.ip, r.local.port)
         info.remote = Address(r.remote.ip, r.remote.port)
         info.direction = "ingress" if conn.role == "server" or conn.accepted else classify(r.remote.ip)
+        if late and not conn.own:
+            # Announced before its addresses came (a TLS stream on it went
+            # first): say them now, not only at its close.
+            self.emit(ConnectionUpdated(info, ts_ns=self.wall(r.ts_ns)))
         self._announce(conn)
 
     def on_close(self, r: rec.SocketClose) -> None:

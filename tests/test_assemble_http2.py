@@ -399,6 +399,49 @@ def test_a_server_that_answers_early_and_resets_with_no_error_is_not_an_error():
     assert ex.error is None and ex.response.status == 413 and ex.request.body == b"body"
 
 
+def test_an_upload_whose_end_was_lost_goes_out_once_answered_with_its_declared_size():
+    """A 10 MB upload shed while the agent was behind: its last frames (the
+    END_STREAM) are in a gap.  Answered, it goes out a moment later, cut and
+    sized as declared, not at the connection's close as one the close cut
+    short ("connection closed before the request ended")."""
+    w = Wire()
+    sid = w.client.get_next_available_stream_id()
+    body = b"u" * 40_000
+    w.client.send_headers(sid, request_headers("/upload", "POST", (("content-length", str(len(body))),)))
+    w.flush()
+    w.client.send_data(sid, body[:16_000])
+    w.flush()
+    w.client.send_data(sid, body[16_000:32_000])
+    w.client.send_data(sid, body[32_000:], end_stream=True)
+    w.flush(lose_c2s=10**9)  # every byte of those frames shed
+    w.respond(sid, 200, b"got it")
+    assert w.out == []
+    [ex] = w.asm.on_tick(w.ts + 2_000_000_000)
+    assert ex.error is None and ex.incomplete and ex.response.status == 200 and ex.response.body == b"got it"
+    assert ex.request.body_truncated and ex.request.body_wire_size == 40_000 and len(ex.request.body) == 16_000
+
+
+def test_a_response_that_ends_short_of_its_content_length_is_cut_and_says_so():
+    w = Wire()
+    sid = w.request("/rst")
+    # A server that declares 100,000 bytes and ends the stream after 30,000
+    # (node's stream.close): its bytes written as they went, not by a checker.
+    w.server.send_headers(sid, [(":status", "200"), ("content-length", "100000")])
+    w.flush()
+    frame = struct.pack(">I", 30_000)[1:] + bytes([0, 1]) + struct.pack(">I", sid) + b"r" * 30_000
+    w.feed(w.s2c, frame)
+    [ex] = w.out
+    assert ex.response.body_truncated and ex.response.body_wire_size == 30_000
+    assert ex.error == "the response ended after 30000 of its 100000 bytes (content-length)"
+    # HEAD and 304 carry a length and no body: whole.
+    sid = w.request("/head", "HEAD")
+    w.respond(sid, 200, headers=(("content-length", "100000"),))
+    sid = w.request("/cached")
+    w.respond(sid, 304, headers=(("content-length", "100000"),))
+    assert [(x.response.status, x.response.body_truncated, x.error) for x in w.out[1:]] == [
+        (200, False, None), (304, False, None)]
+
+
 def test_an_early_answer_whose_request_never_ends_goes_out_after_a_wait():
     w = Wire()
     sid = w.client.get_next_available_stream_id()

@@ -199,6 +199,44 @@ def test_resuming_past_the_kept_history_is_told_what_it_missed():
     asyncio.run(go())
 
 
+def test_the_whole_history_is_sent_whatever_the_queue_count_bound_and_live_events_after_it():
+    """The page opens with after=0: 10,000 events of history through a queue
+    bound of 4,096 lost the newest 5,924, reported as the client falling
+    behind before it had read anything."""
+    async def go():
+        bc = Broadcaster(client_queue_size=100, history_size=1000)
+        for i in range(1000):
+            bc.publish(env(i))
+        sub = bc.subscribe(EventFilter(), resume_after=0)
+        for i in range(1000, 1050):  # live ones while the history is still queued: within the bound
+            bc.publish(env(i))
+        got = await drain(sub, 1050)
+        assert [d["data"]["pid"] for _, d in got] == list(range(1050))
+        assert sub.total_missed == 0 and bc.dropped_total == 0
+        # Once it is read, the bound is on live events again.
+        for i in range(1050, 1200):
+            bc.publish(env(i))
+        assert sub.total_missed == 50 and bc.dropped_total == 50
+    asyncio.run(go())
+
+
+def test_history_past_a_clients_memory_share_sends_its_newest_part_and_says_so():
+    async def go():
+        bc = Broadcaster(history_size=1000, client_queue_bytes=10 * 50_000)
+        for i in range(30):
+            bc.publish(big(i, 50_000))
+        sub = bc.subscribe(EventFilter(), resume_after=0)
+        got = [parse(f) for f in split(await asyncio.wait_for(sub.next_batch(), 1))]
+        kind, first = got[0]
+        assert kind == "system.dropped" and "share of memory" in first["data"]["reason"]
+        cut = first["data"]["missed"]
+        assert 20 <= cut < 30 and bc.dropped_total == cut  # counted where an operator sees drops
+        while len(got) < 1 + 30 - cut:
+            got += [parse(f) for f in split(await asyncio.wait_for(sub.next_batch(), 1))]
+        assert [d["data"]["pid"] for _, d in got[1:]] == list(range(cut, 30))
+    asyncio.run(go())
+
+
 def test_listeners_get_the_frame_the_stream_sends():
     """--output writes what curl -sN would: the numbered frame, id line included."""
     bc = Broadcaster()

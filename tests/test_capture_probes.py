@@ -1079,6 +1079,45 @@ def test_while_shedding_calls_keep_their_message_head_and_bodies_are_cut():
         cap.stop()
 
 
+def test_while_shedding_an_http2_call_that_starts_with_headers_keeps_its_head():
+    """HTTP/2: a call that begins with a frame other than DATA (a response's
+    HEADERS, ahead of its first DATA) keeps its head, so the status and
+    headers survive; one that begins with DATA keeps nothing.  (Before, every
+    HTTP/2 call was cut whole: a download begun while shedding lost its status.)"""
+    from qtap_devtools.capture.loader import SHED_HEAD_BYTES
+
+    def frame(ftype: int, payload: bytes, flags: int = 0, sid: int = 1) -> bytes:
+        return len(payload).to_bytes(3, "big") + bytes([ftype, flags]) + sid.to_bytes(4, "big") + payload
+
+    headers_first = frame(1, b"\x88" + b"\x40" * 40, flags=4) + frame(0, b"d" * 16000)
+    data_first = frame(0, b"e" * 16000) + frame(0, b"f" * 4000, flags=1)
+    level = [1.0]
+    got = Collector()
+    cap = Capture(got, max_chunk=MAX_CHUNK, seed_existing=False, pressure=lambda: level[0])
+    cap.start()
+    try:
+        deadline = time.monotonic() + 5
+        while not cap.shedding and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert cap.shedding, "shedding did not start under full pressure"
+        # Then a call under the cap, kept whole: one ring, so once its record
+        # is read, any the calls before it made are too.
+        writer, peer = _tcp_child(f"step(); s.sendall({headers_first!r}); s.sendall({data_first!r}); "
+                                  "s.sendall(b'end')\nstep()\n")
+        with peer:
+            _drain(peer)
+            _go(writer)
+            got.wait_for(lambda rs: any(c.data == b"end" for c in chunks(rs, writer.pid, direction="egress")),
+                         what="the last call's record")
+            _go(writer)
+            writer.wait(10)
+        cs = sorted(chunks(got.snapshot(), writer.pid, direction="egress"), key=lambda c: c.offset)
+        end = len(headers_first) + len(data_first)
+        assert [(c.offset, c.data) for c in cs] == [(0, headers_first[:SHED_HEAD_BYTES]), (end, b"end")]
+    finally:
+        cap.stop()
+
+
 def test_past_its_byte_budget_capture_keeps_heads_until_the_budget_refills():
     """--max-capture-rate: once more plaintext came in than the budget holds,
     the probes shed exactly as when behind (cause "over budget"); once a

@@ -630,6 +630,57 @@ session.on('connect', tick);
 """
 
 
+NODE_H1_SERVER = """
+const https = require('https'), fs = require('fs');
+https.createServer({key: fs.readFileSync(process.argv[1]), cert: fs.readFileSync(process.argv[2])}, (req, res) => {
+  const body = JSON.stringify({url: req.url, port: req.socket.remotePort});
+  res.writeHead(200, {'content-type': 'application/json', 'content-length': Buffer.byteLength(body)});
+  res.end(body);
+}).listen(0, '127.0.0.1', function () { console.log(this.address().port); });
+"""
+
+
+def test_a_node_servers_connections_have_their_addresses_from_the_first_request(live, cert):
+    """node accepts with no address buffer, so the kernel's accept record has
+    no 4-tuple and the agent asks the socket: on the server's side each new
+    connection's transactions carry its addresses (about two in three had
+    none, their connection.opened neither, until its close)."""
+    _, reader, _ = live
+    server = subprocess.Popen(["node", "-e", NODE_H1_SERVER, str(cert.key), str(cert.cert)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(server.stdout.readline())
+        m = marker()
+        script = textwrap.dedent(f"""
+            const https = require('https');
+            const ports = [];
+            function one(i) {{
+              if (i === 6) {{ console.log(JSON.stringify(ports)); return; }}
+              https.get('https://127.0.0.1:{port}/n?m={m}&i=' + i, {{agent: false, rejectUnauthorized: false}}, r => {{
+                let b = ''; r.on('data', d => b += d);
+                r.on('end', () => {{ ports.push(JSON.parse(b).port); one(i + 1); }});
+              }});
+            }}
+            one(0);
+        """)
+        out = subprocess.run(["node", "-e", script], capture_output=True, timeout=30, check=True, text=True)
+        ports = json.loads(out.stdout)
+        assert len(set(ports)) == 6, ports  # six connections
+        txs = reader.transactions(m, count=12, timeout=WAIT)
+        served = [tx for tx in txs if tx["direction"] == "ingress"]
+        assert len(served) == 6, [(tx["direction"], tx["request"]["url"]) for tx in txs]
+        for tx in served:
+            i = int(tx["request"]["url"].rsplit("=", 1)[1])
+            assert_tx_metadata(tx, local=(LOOP, port), remote=(LOOP, ports[i]), tls="openssl", tls_version=None)
+            opened = [c for t, c in reader.connection_events(tx["_event"]["connectionId"]) if t == "connection.opened"]
+            said = [c for t, c in reader.connection_events(tx["_event"]["connectionId"])
+                    if c["source"].get("address")]
+            assert opened and said, reader.connection_events(tx["_event"]["connectionId"])
+    finally:
+        server.kill()
+        server.wait()
+
+
 def test_http2_connection_open_before_the_agent_is_joined(cert, tmp_path):
     """A long-lived HTTP/2 session (a gRPC channel, a connection pool) was
     open before the agent started: its preface and table-building requests

@@ -484,9 +484,12 @@ def test_a_host_process_gone_before_proc_read_stays_a_host_process(tmp_path):
     out = []
     p = Pipeline(Config(), out.append, lambda pid: None, own_pid=1, cgroups=CgroupIndex(root=str(tmp_path)))
     p.on_records([rec.CgroupCreated(77, "/user.slice/user-0.slice/session-9.scope", 900),
-                  rec.ProcessExec(559, 1_000, "/bin/true", "true", None, 77, 1000)])
+                  rec.ProcessExec(559, 1_000, "/bin/true", "true", None, 77, 0)])
     assert out[0].process.container_id is None
     assert p.counters["containers_from_cgroup_id"] == 0
+    # In no container: the host's passwd names its user (38% of a fork storm's
+    # curls had none), where a container's could not be read any more.
+    assert out[0].payload()["user"] == {"id": 0, "name": "root"}
 
 
 def test_process_read_at_exec_by_the_ring_reader_is_described_after_it_is_gone(tmp_path):
@@ -604,6 +607,41 @@ def test_fdless_tls_stream_closes_with_the_socket_it_borrowed():
     assert (conn["l7Protocol"], conn["meta"]["tlsProbeTypesDetected"], conn["destination"]["address"]["port"]) == (
         "http1", ["openssl"], 8443)
     assert tx[0].connection.remote.port == 8443 and tx[0].connection.direction == "egress-internal"
+
+
+def test_a_node_server_connection_whose_address_comes_after_its_first_request_says_it_then():
+    """node accepts with no address buffer: the kernel gives no 4-tuple, /proc
+    is asked, and its answer can come after the TLS stream on the socket went
+    out (opened without addresses).  A connection.updated then carries them;
+    before, they showed only at its close, and its transactions had none."""
+    hello = b"\x16\x03\x01\x00\x05\x01\x00\x00\x01\x00"
+    get = b"GET /n HTTP/1.1\r\nHost: api.local\r\n\r\n"
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    out: list = []
+    seen: list = []  # each as the stream had it when it went out (the agent makes its JSON at emit)
+
+    def emit(e) -> None:
+        out.append(e)
+        seen.append((e.type, e.payload()["data"]))
+
+    p = Pipeline(Config(), emit, {200: NGINX}.get, own_pid=1, own_port=10001)
+    p.on_records([
+        rec.SocketAccept(200, 9, 1_000, None, None),
+        rec.DataChunk(200, 200, 9, 2_000, "ingress", "socket", 0, hello),
+        rec.DataChunk(200, 200, -1, 3_000, "ingress", "openssl", 0, get, tls_ref=0xbee),
+        rec.DataChunk(200, 200, -1, 4_000, "egress", "openssl", 0, ok, tls_ref=0xbee),
+        rec.SocketAddress(200, 9, EP_S, EP_C, 5_000, "proc"),
+        rec.DataChunk(200, 200, -1, 6_000, "ingress", "openssl", len(get), get, tls_ref=0xbee),
+        rec.DataChunk(200, 200, -1, 7_000, "egress", "openssl", len(ok), ok, tls_ref=0xbee),
+    ])
+    conns = [d for t, d in seen if t.startswith("connection.")]
+    txs = [tx_json(e) for e in out if e.type == "request.http_transaction"]
+    assert conns[0]["source"].get("address") is None  # opened before its addresses were known
+    later = [d for t, d in seen if t == "connection.updated" and d["source"].get("address")]
+    assert later and later[0]["source"]["address"] == {"ip": "127.0.0.1", "port": 40000}
+    assert later[0]["meta"]["connectionId"] == conns[0]["meta"]["connectionId"]
+    assert txs[-1]["metadata"]["remote_address"] == {"ip": "127.0.0.1", "port": 40000}
+    assert txs[-1]["metadata"]["connection_id"] == conns[0]["meta"]["connectionId"]
 
 
 def test_a_reused_ssl_address_starts_a_new_stream_not_a_replay():

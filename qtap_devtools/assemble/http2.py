@@ -100,7 +100,7 @@ class _Half:
     """One end's message on a stream: head, body, trailers, and what it cost on the wire."""
 
     __slots__ = ("headers", "body", "wire_size", "truncated", "trailers", "done", "start_ns", "end_ns", "last_ns",
-                 "bytes")
+                 "bytes", "gapped")
 
     def __init__(self) -> None:
         self.headers: list[tuple[str, str]] | None = None
@@ -113,6 +113,7 @@ class _Half:
         self.end_ns: int | None = None  # END_STREAM's (or the close's, the reset's)
         self.last_ns: int | None = None  # the latest DATA's: the end of one sent out before it ended
         self.bytes = 0  # frame bytes, 9-byte headers included
+        self.gapped = False  # bytes of its frames were in a capture gap: its size on the wire is not known
 
 
 class _Stream:
@@ -311,7 +312,7 @@ class Http2Assembler:
                 st.incomplete = True
                 st.shed = st.shed or shed
                 if half.headers is not None:
-                    half.truncated = True
+                    half.truncated = half.gapped = True
         r.decoder.lost()
         r.preface_left = 0
         r.ftype, r.left, r.data_left, r.need_pad = -1, 0, 0, False
@@ -667,6 +668,12 @@ class Http2Assembler:
         half.end_ns = ts
         if st.request.done and st.response.done:
             self._emit(st)
+        elif st.response.done and st.request.truncated:
+            # Answered, while the request's end may have been in bytes not
+            # captured (shed, a full ring): it goes out shortly, as one its
+            # server answered early, not at the connection's close as one the
+            # close cut short.
+            st.answered_early = True
 
     # ---- streaming responses
 
@@ -698,6 +705,15 @@ class Http2Assembler:
             req_half.truncated = True  # the request never ended: its body, if any, is cut
         if resp_half.done and resp_half.headers is None and st.error is None:
             st.error = "response headers not captured (capture gap)"
+        if resp_half.done and not resp_half.truncated and resp_half.headers is not None \
+                and _pseudo(req_half.headers, ":method") != "HEAD":
+            # Ended short of its declared length: the peer is told by a reset
+            # (PROTOCOL_ERROR) and the body is cut, not whole.
+            declared = _content_length(resp_half.headers)
+            if declared is not None and resp_half.wire_size < declared and _status(resp_half.headers) not in (204, 304):
+                resp_half.truncated = True
+                st.error = st.error or (f"the response ended after {resp_half.wire_size} of its "
+                                        f"{declared} bytes (content-length)")
         request = _request(req_half, self.max_body_bytes)
         response = _response(resp_half, self.max_body_bytes, whole=not st.partial) \
             if resp_half.headers is not None else None
@@ -805,6 +821,20 @@ def _pseudo(headers: list[tuple[str, str]], name: str) -> str | None:
     return None
 
 
+def _content_length(headers: list[tuple[str, str]]) -> int | None:
+    for name, value in headers:
+        if name == "content-length":
+            return int(value) if value.isascii() and value.isdigit() and len(value) < 19 else None
+    return None
+
+
+def _wire_size(half: _Half) -> int:
+    """The body's size on the wire: what was seen, or, with frames lost in
+    a capture gap, what its content-length declared if more."""
+    declared = _content_length(half.headers or []) if half.gapped else None
+    return declared if declared is not None and declared > half.wire_size else half.wire_size
+
+
 def _content_encoding(headers: Headers) -> str | None:
     values = [v for k, v in headers if k == "content-encoding"]
     return ", ".join(values) if values else None
@@ -836,7 +866,7 @@ def _request(half: _Half, limit: int) -> HttpRequest:
     body, cut, error = decode_body(bytes(half.body), coding, limit, complete=not half.truncated)
     return HttpRequest(
         method=method, target=target, version=VERSION, headers=headers, body=body,
-        body_wire_size=half.wire_size, content_encoding=coding, body_truncated=half.truncated or cut,
+        body_wire_size=_wire_size(half), content_encoding=coding, body_truncated=half.truncated or cut,
         body_decode_error=error, trailers=tuple(half.trailers),
     )
 
@@ -848,6 +878,6 @@ def _response(half: _Half, limit: int, whole: bool = True) -> HttpResponse:
     body, cut, error = decode_body(bytes(half.body), coding, limit, complete=whole and not half.truncated)
     return HttpResponse(
         status=status if status is not None else 0, reason="", version=VERSION, headers=headers, body=body,
-        body_wire_size=half.wire_size, content_encoding=coding, body_truncated=half.truncated or cut,
+        body_wire_size=_wire_size(half), content_encoding=coding, body_truncated=half.truncated or cut,
         body_decode_error=error, trailers=tuple(half.trailers),
     )

@@ -20,7 +20,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import errno
 import logging
+import os
 import queue
 import threading
 import time
@@ -75,6 +77,7 @@ class DockerMetadata:
         self._threads: list[threading.Thread] = []
         self._api: Any = None  # APIClient for inspects, set while connected
         self._stream: Any = None
+        self._events_api: Any = None  # the APIClient the event stream came from
         self._connected = False
         self._warned = False
         self.state = "starting"
@@ -221,15 +224,40 @@ class DockerMetadata:
             # connect attempt tells which.
 
     def _connect(self) -> Any:
+        path = self.base_url.removeprefix("unix://")
+        if path != self.base_url and not os.path.exists(path):
+            # No daemon (the usual case on a host without Docker): said without
+            # trying, since a failed attempt's socket lingers until the garbage
+            # collector comes (the SDK's exceptions hold it in a cycle).
+            raise FileNotFoundError(errno.ENOENT, "no socket", path)
         import docker
+        from docker.constants import MINIMUM_DOCKER_API_VERSION
 
-        api = docker.APIClient(base_url=self.base_url, version="auto", timeout=self._request_timeout)
-        stream = api.events(decode=True, filters={"type": "container"})
-        self._stream = stream
-        # A second client for inspects: the event stream holds its connection.
-        self._api = docker.APIClient(
-            base_url=self.base_url, version=api.api_version, timeout=self._request_timeout
-        )
+        # Each client is made with a version, so it asks nothing until used
+        # and one that fails is closed here.  (version="auto" asks in its
+        # constructor, and a failed one kept its socket until the garbage
+        # collector came: a socket a second while the daemon is away.)
+        clients: list[Any] = []
+
+        def client(version: str) -> Any:
+            made = docker.APIClient(base_url=self.base_url, version=version, timeout=self._request_timeout)
+            clients.append(made)
+            return made
+
+        try:
+            version = client(MINIMUM_DOCKER_API_VERSION).version(api_version=False)["ApiVersion"]
+            api = client(version)
+            stream = api.events(decode=True, filters={"type": "container"})
+            inspect = client(version)  # a second client: the event stream holds its connection
+        except Exception:
+            for made in clients:
+                made.close()
+            raise
+        clients[0].close()
+        self._stream, self._events_api = stream, api
+        old, self._api = self._api, inspect
+        if old is not None:
+            old.close()
         self._connected = True
         self.connects += 1
         if self._warned:
@@ -264,11 +292,13 @@ class DockerMetadata:
 
     def _close_stream(self) -> None:
         stream, self._stream = self._stream, None
-        if stream is not None:
-            try:
-                stream.close()
-            except Exception:  # already closed by the daemon going away
-                pass
+        api, self._events_api = self._events_api, None
+        for closing in (stream, api):
+            if closing is not None:
+                try:
+                    closing.close()
+                except Exception:  # already closed by the daemon going away
+                    pass
 
     def _on_event(self, event: Mapping[str, Any]) -> None:
         if event.get("Type", "container") != "container":

@@ -165,6 +165,12 @@ def _read_uid(base: str) -> int | None:
     return None
 
 
+def host_user_name(uid: int) -> str:
+    """A uid's name on the host (init's passwd, then ours): for a process gone
+    before /proc was read, known to be in no container."""
+    return _user_name("/proc/1", uid)
+
+
 def _user_name(base: str, uid: int | None) -> str:
     """The name in the process's own ``/etc/passwd`` (a container's uid 1000 is
     not the host's), then the host's, then the number."""
