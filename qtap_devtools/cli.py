@@ -77,6 +77,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+MAX_BODY_BYTES = 256 << 20
+
+
 def _size(text: str) -> int:
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
     t = text.strip().lower().rstrip("ib")
@@ -86,6 +89,15 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 1048576, 64k, 1m)") from None
     if value < 0:
         raise argparse.ArgumentTypeError("size must not be negative")
+    return value
+
+
+def _body_bytes(text: str) -> int:
+    """--max-body-bytes: a size, at most MAX_BODY_BYTES (each body kept is
+    held in memory, and sent base64-encoded twice)."""
+    value = _size(text)
+    if value > MAX_BODY_BYTES:
+        raise argparse.ArgumentTypeError(f"at most {MAX_BODY_BYTES >> 20}m (each body kept is held in memory)")
     return value
 
 
@@ -166,8 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(run)
     run.add_argument("--output", "-o", type=Path, metavar="FILE",
                      help="also append the stream to FILE (same bytes as the SSE stream; replayable)")
-    run.add_argument("--max-body-bytes", type=_size, default=1 << 20, metavar="N",
-                     help="bodies kept per message, beyond which they are marked truncated (default 1m)")
+    run.add_argument("--max-body-bytes", type=_body_bytes, default=1 << 20, metavar="N",
+                     help="bodies kept per message, beyond which they are marked truncated (default 1m, at most 256m)")
     run.add_argument("--ring-mib", type=_int_in(1, 1024, power_of_two=True), default=Config.ring_mib, metavar="MIB",
                      help="BPF ring buffer size, a power of two from 1 to 1024 (default %(default)s; bigger "
                           "absorbs longer bursts, and all of it stays resident)")

@@ -179,6 +179,8 @@ def _one(request: Request, name: str) -> str | None:
     values = request.query_params.getlist(name)
     if len(values) > 1:
         raise FilterError(f"{name}: give one value, not {len(values)}")
+    if values and not values[0].strip():
+        raise FilterError(f"{name}= is empty: give a value, or leave {name} out")
     return values[0] if values else None
 
 

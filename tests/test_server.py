@@ -98,6 +98,10 @@ def test_bad_query_parameters_get_400_with_reason(server, query):
     ("/devtools/api/events", "snapshot=maybe", "snapshot: expected true or false"),
     ("/devtools/api/events", "after=1&after=2", "after: give one value, not 2"),
     ("/devtools/api/connections", "state=open&state=closed", "state: give one value, not 2"),
+    # Present but empty: an error, not the parameter silently left out.
+    ("/devtools/api/events", "after=", "after= is empty"),
+    ("/devtools/api/connections", "state=", "state= is empty"),
+    ("/devtools/api/transactions", "before=", "before= is empty"),
     ("/devtools/api/transactions", "status=600", "status='600'"),
     *[(path, "x=1", "'x'") for path in ("/devtools/api/endpoints", "/devtools/api/processes",
                                         "/devtools/api/process-tree", "/devtools/api/stats",
@@ -188,7 +192,8 @@ def test_non_loopback_listen_is_refused_with_tunnel_advice(tmp_path):
 
 
 @pytest.mark.parametrize("args", [["run", "--bogus"], ["replay"], ["run", "--listen", "x:y"],
-                                  ["run", "--max-body-bytes", "lots"], ["frobnicate"], ["run", "--ring-mib", "3"],
+                                  ["run", "--max-body-bytes", "lots"], ["run", "--max-body-bytes", "99999999999999"],
+                                  ["frobnicate"], ["run", "--ring-mib", "3"],
                                   ["run", "--ring-mib", "-8"], ["run", "--ring-mib", "4096"],
                                   ["run", "--queue-size", "-1"], ["replay", "f", "--queue-size", "x"]])
 def test_bad_flags_are_one_line_and_exit_2(args):
