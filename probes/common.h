@@ -171,6 +171,8 @@ struct sock_key { u32 tgid; s32 fd; };
 #define SOCK_EXCLUDED 4
 #define SOCK_FRESH 8           /* its connect/accept was seen and no data yet reported:
                                 * its TLS handshake, if any, is still to come */
+#define SOCK_NEED_ADDR 16      /* accepted with no peer address (accept(fd, NULL, NULL)): its
+                                * 4-tuple is read at its first receive (sockets.c) */
 #ifndef MAX_SOCKETS
 #define MAX_SOCKETS 65536
 #endif

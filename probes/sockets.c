@@ -26,7 +26,7 @@ BPF_TABLE("lru_hash", struct peer_key, struct addr, accepted_local, 16384);
 /* A data syscall on a known plaintext socket, from its entry to its exit.
  * Per thread, in task storage like tls_calls: every read/write-family exit
  * of every process looks here. */
-struct data_args { s32 fd; u8 dir; u8 skip; u8 active; u8 _p; u64 buf; u64 iov; u64 iovcnt; u64 start_ns; };
+struct data_args { s32 fd; u8 dir; u8 skip; u8 active; u8 want_addr; u64 buf; u64 iov; u64 iovcnt; u64 start_ns; };
 BPF_TASK_STORAGE(data_stash, struct data_args);
 
 static __always_inline int port_excluded(u16 port)
@@ -205,6 +205,8 @@ static __always_inline void accept_exit(void *ctx, long ret)
     u32 flags = SOCK_KNOWN | SOCK_FRESH;
     if (port_excluded(r.local.port))
         flags |= SOCK_EXCLUDED;
+    else if (!r.local.family || !r.remote.family)
+        flags |= SOCK_NEED_ADDR;
     mark_socket(id >> 32, ret, flags);
     if (!(flags & SOCK_EXCLUDED))
         emit_small(ctx, &r, sizeof(r));
@@ -296,6 +298,39 @@ static __always_inline void tls_offsets_to_fd(u32 tgid, u64 ref, s32 fd)
     }
 }
 
+/* A socket accepted with no peer address (SOCK_NEED_ADDR): this syscall on
+ * it may reach tcp_recvmsg, whose tcp_rcv_space_adjust tracepoint names the
+ * socket's 4-tuple, in this task, before the syscall returns. */
+static __always_inline void want_address(s32 fd)
+{
+    struct data_args *d = data_stash.task_storage_get(current_task(), 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+    if (d) {
+        d->fd = fd;
+        d->want_addr = 1;
+    }
+}
+
+TRACEPOINT_PROBE(tcp, tcp_rcv_space_adjust)
+{
+    struct data_args *d = data_stash.task_storage_get(current_task(), 0, 0);
+    if (!d || !d->want_addr)
+        return 0;
+    d->want_addr = 0;
+    u64 id = bpf_get_current_pid_tgid();
+    struct sock_key k = { .tgid = id >> 32, .fd = d->fd };
+    u32 *flags = sock_fds.lookup(&k);
+    if (!flags || !(*flags & SOCK_NEED_ADDR))
+        return 0;
+    *flags &= ~SOCK_NEED_ADDR;
+    struct address_rec r = {};
+    tp_addr(&r.local, args->family, args->saddr, args->saddr_v6, args->sport);
+    tp_addr(&r.remote, args->family, args->daddr, args->daddr_v6, args->dport);
+    fill_hdr(&r.h, REC_ADDRESS, k.fd);
+    r.h.tid = 0;
+    emit_small(args, &r, sizeof(r));
+    return 0;
+}
+
 /* Called at every data syscall entry.  Inside a TLS library call the fd is
  * the TLS connection's: remember it and mark the socket TLS so its
  * ciphertext is never reported as plaintext. */
@@ -311,6 +346,8 @@ static __always_inline void data_enter(s32 fd, u8 dir, u64 buf, u64 iov, u64 iov
     u32 *flags = sock_fds.lookup(&k);
     if (!flags)
         return;
+    if (*flags & SOCK_NEED_ADDR)
+        want_address(fd);
     struct tls_call *t = tls_call_slot(0);
     if (t && t->active) {
         /* Every TLS call's syscalls land here, nearly always with the fd its
@@ -374,7 +411,10 @@ static __always_inline void data_enter(s32 fd, u8 dir, u64 buf, u64 iov, u64 iov
 static __always_inline void data_exit(void *ctx, long ret)
 {
     struct data_args *d = data_stash.task_storage_get(current_task(), 0, 0);
-    if (!d || !d->active)
+    if (!d)
+        return;
+    d->want_addr = 0;  /* its receive, if any, has run: a later tracepoint is another socket's */
+    if (!d->active)
         return;
     struct data_args a = *d;
     d->active = 0;

@@ -588,6 +588,53 @@ def test_connection_opened_before_capture_is_seeded_and_captured(tmp_path):
 # ---------------------------------------------------------------- processes
 
 
+NULL_ACCEPT_SERVER = """
+import ctypes, socket, sys
+libc = ctypes.CDLL(None, use_errno=True)
+s = socket.socket(socket.AF_INET6 if sys.argv[1] == "6" else socket.AF_INET)
+s.bind(("::1" if sys.argv[1] == "6" else "127.0.0.1", 0))
+s.listen()
+print(s.getsockname()[1], flush=True)
+fd = libc.accept(s.fileno(), None, None)  # no address buffer, as node and Go accept
+c = socket.socket(fileno=fd)
+print(fd, c.recv(100).decode(), flush=True)
+c.sendall(b"pong")
+c.close()
+"""
+
+
+@pytest.mark.parametrize("family", ["4", "6"])
+def test_a_socket_accepted_with_no_address_buffer_gets_its_address_from_the_kernel(capture, family):
+    """accept(fd, NULL, NULL) gives the accept record no peer; the socket's
+    first receive names its 4-tuple (tcp_rcv_space_adjust), in the kernel,
+    however short the connection (asking /proc after it closed finds nothing)."""
+    sink = capture.sink
+    server = subprocess.Popen([sys.executable, "-c", NULL_ACCEPT_SERVER, family], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(server.stdout.readline())
+        host = "::1" if family == "6" else "127.0.0.1"
+        with socket.create_connection((host, port)) as client:
+            client.sendall(b"ping")
+            assert client.recv(100) == b"pong"
+            local = client.getsockname()
+        fd, said = server.stdout.readline().split()
+        assert said == "ping"
+        fd = int(fd)
+
+        def kernel_address(rs):
+            return [r for r in rs if type(r) is SocketAddress and r.pid == server.pid and r.fd == fd
+                    and r.origin == "kernel"]
+
+        [address] = sink.wait_for(kernel_address, what="the address record from the first receive")
+        accept = [r for r in sink.snapshot() if type(r) is SocketAccept and r.pid == server.pid and r.fd == fd]
+        assert accept and accept[0].remote is None  # the kernel had no peer from accept itself
+        assert (address.local.ip, address.local.port) == (host, port)
+        assert (address.remote.ip, address.remote.port) == (host, local[1])
+    finally:
+        server.kill()
+        server.wait()
+
+
 def test_short_lived_process_exec_fork_exit(capture):
     sink = capture.sink
     sh = run(["sh", "-c", "/bin/true; echo done"])
