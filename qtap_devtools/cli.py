@@ -363,6 +363,11 @@ def main(argv: list[str] | None = None) -> int:
                 else "%(asctime)s %(levelname)s %(name)s: %(message)s"),
         stream=sys.stderr,
     )
+    if logging.getLogger().level > logging.DEBUG:
+        # The Docker and Kubernetes clients' HTTP library warns at each retry
+        # of each attempt (three lines a second while the API is down); the
+        # agent says once that it is unavailable, and when it is back.
+        logging.getLogger("urllib3").setLevel(logging.ERROR)
     try:
         if args.command == "doctor":
             from qtap_devtools import doctor

@@ -296,6 +296,12 @@ def _running_agent(url: str, token: str | None = None) -> Check:
     arming = capture.get("probe_arming")
     if arming and arming != "per file":  # an older kernel: a call made while probes are placed can be half seen
         detail += f"probe arming {arming}; "
+    enrich = capture.get("enrich") if isinstance(capture.get("enrich"), dict) else {}
+    for name, what in (("kubernetes", "pod names come only from kubelet container labels"),
+                       ("docker", "container names are missing")):
+        state = (enrich.get(name) or {}).get("state") if isinstance(enrich.get(name), dict) else None
+        if isinstance(state, str) and state.startswith("unavailable"):
+            detail += f"{name} {state} ({what}); "
     if not lost:
         return Check("running agent", True, detail + "nothing dropped", required=False)
     return Check("running agent", False, detail + "; ".join(lost),

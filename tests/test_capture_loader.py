@@ -99,3 +99,35 @@ def test_the_ring_reader_outlives_an_iteration_that_raises():
     t.start()
     t.join(10)
     assert not t.is_alive() and len(calls) == 2 and cap.reader_errors == 1
+
+
+def test_what_other_threads_write_while_the_probes_compile_is_not_lost(capfd):
+    """The compiler's output is caught by redirecting fd 2 for a few seconds,
+    which is every thread's: a warning another thread logged meanwhile (the
+    Kubernetes API unreachable) went with it.  It is written out after; what
+    a failed load printed is kept for its explanation, as before."""
+    import os
+    import threading
+
+    def compile_while_another_thread_logs() -> str:
+        t = threading.Thread(target=lambda: os.write(2, b"kubernetes: connection refused\n"))
+        t.start()
+        t.join()
+        os.write(2, b"")
+        return "loaded"
+
+    result, text = loader._capture_fd2(compile_while_another_thread_logs)
+    assert result == "loaded" and text == "kubernetes: connection refused\n"
+    assert capfd.readouterr().err == "kubernetes: connection refused\n"
+
+    def failing() -> None:
+        os.write(2, b"error: use of undeclared identifier 'x'\n")
+        raise BccError("Failed to compile BPF module <text>")
+
+    try:
+        loader._capture_fd2(failing)
+    except BccError as exc:
+        assert exc.stderr_text == "error: use of undeclared identifier 'x'\n"
+    else:
+        raise AssertionError("the failure was swallowed")
+    assert capfd.readouterr().err == ""

@@ -178,7 +178,9 @@ def test_running_agent_line_names_every_drop_counter(monkeypatch):
 
     stats = b'{"mode": "live", "uptime_seconds": 3.5, "capture": {"lost_records": 1200, "pending_dropped_total": 0,' \
             b' "cpu_priority": "auto (SCHED_IDLE while keeping up, normal when behind)", "cpu_priority_now": "normal",' \
-            b' "probe_arming": "none (BPF_LINK_CREATE for a perf event: Invalid argument)"},' \
+            b' "probe_arming": "none (BPF_LINK_CREATE for a perf event: Invalid argument)",' \
+            b' "enrich": {"kubernetes": {"state": "unavailable: [Errno 111] Connection refused"},' \
+            b' "docker": {"state": "connected"}}},' \
             b' "broadcast": {"subscriberDrops": 7}}'
     monkeypatch.setattr("urllib.request.urlopen", lambda url, timeout: io.BytesIO(stats))
     check = doctor._running_agent("http://127.0.0.1:10001")
@@ -188,6 +190,8 @@ def test_running_agent_line_names_every_drop_counter(monkeypatch):
     assert "--ring-mib" in check.line()
     assert "CPU priority auto (SCHED_IDLE while keeping up, normal when behind), now normal" in check.detail
     assert "probe arming none (BPF_LINK_CREATE" in check.detail
+    assert "kubernetes unavailable: [Errno 111] Connection refused (pod names come only from" in check.detail
+    assert "docker" not in check.detail
 
 
 def test_no_running_agent_is_fine(monkeypatch):

@@ -19,6 +19,7 @@ delivered within about that long.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import logging
 import os
@@ -131,7 +132,11 @@ def ensure_tracefs() -> None:
 
 
 def _capture_fd2(fn: Callable[[], object]) -> tuple[object, str]:
-    """Run ``fn`` with fd 2 redirected to a temp file: bcc prints verifier logs there."""
+    """Run ``fn`` with fd 2 redirected to a temp file: bcc prints verifier logs
+    there.  Every thread's fd 2 is redirected, though: what the others wrote
+    meanwhile (the log of the seconds the probes compile: Docker or
+    Kubernetes unavailable, say) is written out after, unless ``fn`` failed
+    (then the text explains the failure, and the error says so)."""
     import tempfile
 
     with tempfile.TemporaryFile() as tmp:
@@ -148,10 +153,15 @@ def _capture_fd2(fn: Callable[[], object]) -> tuple[object, str]:
             os.dup2(saved, 2)
             os.close(saved)
         tmp.seek(0)
-        text = tmp.read().decode("utf-8", "replace")
+        raw = tmp.read()
+    text = raw.decode("utf-8", "replace")
     if error is not None:
         error.stderr_text = text  # type: ignore[attr-defined]
         raise error
+    with contextlib.suppress(OSError):  # stderr closed: nowhere to say it
+        view = memoryview(raw)
+        while view:
+            view = view[os.write(2, view):]
     return result, text
 
 
