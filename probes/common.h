@@ -240,9 +240,10 @@ static __always_inline struct tls_key tls_key_of(u64 ref)
  * byte count: a call whose bytes start like an HTTP/1 message (a status line
  * or an upper-case method and a space) or with an HTTP/2 frame that is not
  * DATA (HEADERS, with SETTINGS, WINDOW_UPDATE… ahead of it) keeps at most
- * that many, its head; any other call keeps none.  The stream offset still advances by the whole
- * call, so user space reads what was left out as a gap in a body and keeps
- * framing.  0: no shedding.  shed_stats: [0] calls cut, [1] bytes not copied. */
+ * that many, its head; any other call keeps none.  The stream offset still
+ * advances by the whole call, so user space reads what was left out as a gap
+ * in a body and keeps framing.  0: no shedding.  shed_stats: [0] calls cut,
+ * [1] bytes not copied. */
 BPF_ARRAY(shed_cap, u64, 1);
 BPF_PERCPU_ARRAY(shed_stats, u64, 2);
 

@@ -1076,6 +1076,19 @@ def test_a_ring_smaller_than_the_traffic_wraps_without_corrupting_records():
         cap.stop()
 
 
+def shedding_capture(got: Collector, level: list[float]) -> Capture:
+    """A capture whose pressure is ``level[0]`` (1.0 to start), shedding once returned."""
+    cap = Capture(got, max_chunk=MAX_CHUNK, seed_existing=False, pressure=lambda: level[0])
+    cap.start()
+    deadline = time.monotonic() + 5
+    while not cap.shedding and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if not cap.shedding:
+        cap.stop()
+        raise AssertionError("shedding did not start under full pressure")
+    return cap
+
+
 def test_while_shedding_calls_keep_their_message_head_and_bodies_are_cut():
     """Behind (pressure past SHED_ON), a call that starts a message keeps its
     first shed_head_bytes, a body-only call keeps nothing, offsets still move
@@ -1085,13 +1098,8 @@ def test_while_shedding_calls_keep_their_message_head_and_bodies_are_cut():
 
     level = [1.0]
     got = Collector()
-    cap = Capture(got, max_chunk=MAX_CHUNK, seed_existing=False, pressure=lambda: level[0])
-    cap.start()
+    cap = shedding_capture(got, level)
     try:
-        deadline = time.monotonic() + 5
-        while not cap.shedding and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert cap.shedding, "shedding did not start under full pressure"
         head = b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 80000\r\n\r\n"
         first = head + b"a" * (20000 - len(head))
         writer, peer = _tcp_child(
@@ -1140,13 +1148,8 @@ def test_while_shedding_an_http2_call_that_starts_with_headers_keeps_its_head():
     data_first = frame(0, b"e" * 16000) + frame(0, b"f" * 4000, flags=1)
     level = [1.0]
     got = Collector()
-    cap = Capture(got, max_chunk=MAX_CHUNK, seed_existing=False, pressure=lambda: level[0])
-    cap.start()
+    cap = shedding_capture(got, level)
     try:
-        deadline = time.monotonic() + 5
-        while not cap.shedding and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert cap.shedding, "shedding did not start under full pressure"
         # Then a call under the cap, kept whole: one ring, so once its record
         # is read, any the calls before it made are too.
         writer, peer = _tcp_child(f"step(); s.sendall({headers_first!r}); s.sendall({data_first!r}); "

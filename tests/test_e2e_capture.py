@@ -14,6 +14,7 @@ states only what differs: the client, the server and the expected values.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -549,6 +550,18 @@ def test_node_https_get(live, nginx):
                resp_headers=nginx_headers(got["body"].encode()), resp_body=got["body"].encode())
 
 
+@contextlib.contextmanager
+def node_server(script: str, cert):
+    """A node server running ``script`` with the key and certificate as its
+    arguments; yields the port it prints."""
+    server = subprocess.Popen(["node", "-e", script, str(cert.key), str(cert.cert)], stdout=subprocess.PIPE, text=True)
+    try:
+        yield int(server.stdout.readline())
+    finally:
+        server.kill()
+        server.wait()
+
+
 NODE_H2_SERVER = """
 const http2 = require('http2'), fs = require('fs');
 const server = http2.createSecureServer({key: fs.readFileSync(process.argv[1]), cert: fs.readFileSync(process.argv[2])});
@@ -587,10 +600,7 @@ def test_node_http2_client_and_server_both_sides(live, cert):
     """node's own http2 (nghttp2, its bundled OpenSSL on memory buffers) at
     both ends: two concurrent streams, a GET and a POST with its body."""
     _, reader, _ = live
-    server = subprocess.Popen(["node", "-e", NODE_H2_SERVER, str(cert.key), str(cert.cert)],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        port = int(server.stdout.readline())
+    with node_server(NODE_H2_SERVER, cert) as port:
         m = marker()
         out = subprocess.run(["node", "-e", NODE_H2_CLIENT, f"https://127.0.0.1:{port}", m], capture_output=True,
                              timeout=30, check=True, text=True)
@@ -610,9 +620,6 @@ def test_node_http2_client_and_server_both_sides(live, cert):
             assert {tx["metadata"]["local_address"]["port"] for tx in side} == \
                 {got["port"] if direction != "ingress" else port}
         assert sorted(json.loads(b)["method"] for b in got["bodies"]) == ["GET", "POST"]
-    finally:
-        server.kill()
-        server.wait()
 
 
 NODE_H2_TICKER = """
@@ -646,10 +653,7 @@ def test_a_node_servers_connections_have_their_addresses_from_the_first_request(
     connection's transactions carry its addresses (about two in three had
     none, their connection.opened neither, until its close)."""
     _, reader, _ = live
-    server = subprocess.Popen(["node", "-e", NODE_H1_SERVER, str(cert.key), str(cert.cert)],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        port = int(server.stdout.readline())
+    with node_server(NODE_H1_SERVER, cert) as port:
         m = marker()
         script = textwrap.dedent(f"""
             const https = require('https');
@@ -676,9 +680,6 @@ def test_a_node_servers_connections_have_their_addresses_from_the_first_request(
             said = [c for t, c in reader.connection_events(tx["_event"]["connectionId"])
                     if c["source"].get("address")]
             assert opened and said, reader.connection_events(tx["_event"]["connectionId"])
-    finally:
-        server.kill()
-        server.wait()
 
 
 def test_http2_connection_open_before_the_agent_is_joined(cert, tmp_path):
