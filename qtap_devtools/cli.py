@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import os
 import socket
@@ -122,6 +123,15 @@ def _listen(text: str) -> Listen:
         listen = Listen.parse(text)
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    try:
+        ipaddress.ip_address(listen.host)
+    except ValueError:  # a name: one that names nothing is said so, not called "not loopback"
+        try:
+            socket.getaddrinfo(listen.host, listen.port, proto=socket.IPPROTO_TCP)
+        except OSError as exc:
+            raise argparse.ArgumentTypeError(
+                f"--listen {text!r}: cannot resolve {listen.host!r} ({exc.strerror or exc}); "
+                f"give an address, e.g. 127.0.0.1:{listen.port or 10001}") from None
     if listen.port == 0:
         # "Any free port", chosen now: the agent leaves its own port out of the
         # capture and names it in its Host check and start-up line, so it must

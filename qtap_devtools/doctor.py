@@ -285,8 +285,8 @@ def _running_agent(url: str, token: str | None = None) -> Check:
             return Check("running agent", False, f"the agent at {url} refused the request ({why})",
                          "pass its token: --token TOKEN or QTAP_TOKEN=TOKEN", required=False)
         return Check("running agent", False, f"the agent at {url} answered HTTP {exc.code}", required=False)
-    except Exception:
-        return Check("running agent", True, f"none answers at {url}", required=False)
+    except (OSError, ValueError) as exc:  # URLError is an OSError; a page that is not JSON, a ValueError
+        return _no_agent(url, exc)
     counts = [(int((stats.get(section) or {}).get(key) or 0), what) for section, key, what in DROP_COUNTERS]
     lost = [f"{n:,} {what}" for n, what in counts if n]
     detail = f"{stats.get('mode', '?')} agent at {url}, up {stats.get('uptime_seconds', '?')} s; "
@@ -306,6 +306,28 @@ def _running_agent(url: str, token: str | None = None) -> Check:
         return Check("running agent", True, detail + "nothing dropped", required=False)
     return Check("running agent", False, detail + "; ".join(lost),
                  "a bigger --ring-mib for kernel losses; fewer or faster clients for client drops",
+                 required=False)
+
+
+def _no_agent(url: str, exc: BaseException) -> Check:
+    """No agent's stats at ``url``: nothing listening is fine (none runs);
+    anything else answering, or a front whose certificate is not trusted, is
+    said as it is, not as "none answers"."""
+    import ssl
+    import urllib.error
+
+    reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+    if isinstance(reason, ConnectionRefusedError):
+        return Check("running agent", True, f"none answers at {url}", required=False)
+    if isinstance(reason, ssl.SSLCertVerificationError):
+        return Check("running agent", False, f"cannot check the agent at {url}: its TLS certificate is not trusted "
+                     f"({reason.verify_message or reason})",
+                     "ask the agent itself, on its own address (e.g. --agent http://127.0.0.1:10001), or trust the "
+                     "front's CA (SSL_CERT_FILE=ca.pem)", required=False)
+    if isinstance(reason, (TimeoutError, OSError)):
+        return Check("running agent", False, f"cannot reach {url}: {getattr(reason, 'strerror', None) or reason}",
+                     required=False)
+    return Check("running agent", False, f"what answers at {url} is not a qtap-devtools agent ({exc})",
                  required=False)
 
 

@@ -49,6 +49,8 @@ class EventFilter:
         def values(key: str) -> list[str]:
             raw = params.getlist(key) if hasattr(params, "getlist") else [params[key]] if key in params else []
             out = [v.strip() for item in raw for v in item.split(",") if v.strip()]
+            if raw and not out:  # "?type=": a filter meant and mistyped, not every event
+                raise FilterError(f"{key}= is empty: give a value, or leave {key} out")
             if len(out) > MAX_VALUES or any(len(v) > MAX_VALUE_LEN for v in out):
                 raise FilterError(f"{key}: at most {MAX_VALUES} values of at most {MAX_VALUE_LEN} characters")
             return out

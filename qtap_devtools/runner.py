@@ -132,6 +132,7 @@ async def serve(
         loop.remove_signal_handler(sig)
     stop_wait.cancel()
     if stuck:
-        print(f"qtap-devtools: {stuck} client(s) had stopped reading; their streams were ended without their "
+        print(f"qtap-devtools: {stuck} client(s) had not read their stream to its end within {DRAIN_SECONDS} s "
+              "(stopped reading, or reading slowly); their streams were cut without their "
               "goodbye", flush=True)
     return 0

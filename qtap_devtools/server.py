@@ -250,8 +250,14 @@ def create_app(rt: Runtime) -> Starlette:
         resume_after = parse_event_id(resume, bc.instance) if resume else None
         if resume and resume_after is None:
             raise FilterError("Last-Event-ID / after: expected an event id as sent in `id:` lines")
-        first: list[Envelope] = [rt.greeting(flt)]
         replay = rt.replay_events
+        last = bc.published if replay is None else len(replay)
+        if resume_after is not None and resume_after > last:
+            # Never sent by this agent: resumed after it, the stream would
+            # wait for an event that may never come, and show nothing meanwhile.
+            raise FilterError(f"Last-Event-ID / after: event {resume_after} has not been sent; "
+                              f"the last is {last} (after=0 for all the history)")
+        first: list[Envelope] = [rt.greeting(flt)]
         if replay is None and snapshot and not resume_after:  # fresh, or all history ("after=0"): who runs now
             # With all history, not those whose process.started it holds: it
             # would name them twice.

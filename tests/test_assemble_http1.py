@@ -490,6 +490,12 @@ def test_combined_headers_joins_repeats_in_order_except_set_cookie():
     assert combined_headers(headers) == {"Accept": "a, b, c", "Set-Cookie": "x=1, y", "Host": "h"}
 
 
+def test_repeated_cookie_fields_are_one_cookie_joined_with_semicolons():
+    # ", " would make "b=2, c=3" one cookie b whose value holds a comma.
+    headers = (("Cookie", "a=1"), ("Set-Cookie", "s=1"), ("cookie", "b=2; c=3"), ("Set-Cookie", "t=2"))
+    assert combined_headers(headers) == {"Cookie": "a=1; b=2; c=3", "Set-Cookie": ["s=1", "t=2"]}
+
+
 def test_server_role_reads_requests_from_ingress():
     cap = Capture(role="server")
     cap.ingress(get("/served"))

@@ -246,6 +246,10 @@ def test_an_empty_token_is_refused_and_a_refused_address_names_its_own_tunnel():
     assert r.returncode == 2 and "--token: must not be empty" in r.stderr
     r = cli("replay", str(EXAMPLE), "--listen", "0.0.0.0:11051")
     assert r.returncode == 2 and "ssh -L 11051:localhost:11051 host" in r.stderr, r.stderr
+    # A name that resolves to nothing is said so, not refused as "not loopback".
+    r = cli("replay", str(EXAMPLE), "--listen", "nonexistent.invalid:11051")
+    assert r.returncode == 2 and "cannot resolve 'nonexistent.invalid'" in r.stderr, r.stderr
+    assert "e.g. 127.0.0.1:11051" in r.stderr
 
 
 def test_replay_max_gap_is_checked_and_passed_on():
@@ -288,3 +292,29 @@ def test_har_of_a_fifo_says_it_waits_for_a_writer_then_converts_what_it_is_sent(
         p.kill()
         p.communicate()
     assert orjson.loads(out.read_bytes())["log"]["entries"]
+
+
+def test_a_client_reading_nothing_at_the_stop_is_cut_and_said_not_waited_for(tmp_path):
+    """Ctrl-C while a client has stopped reading (a paused `curl | less`):
+    its stream's writes never finish.  The agent stops all the same, within
+    its drain time, and says which streams ended without their goodbye."""
+    import signal
+    import socket
+    import time
+
+    from tests import samples
+
+    conn = samples.connection("d4u4jhg7p3qk26l91icg", "api.example.com")
+    # ~40 MB of stream: more than the two sockets' buffers hold.
+    big = [samples.transaction(conn, f"d4u4jhg7p3qk26l91k{i:02d}", response_body=os.urandom(1 << 20))
+           for i in range(24)]
+    capture = samples.write_capture(tmp_path / "big.txt", [samples.session_events()[0], *big])
+    port = free_port()
+    with agent(["replay", str(capture)], port, tmp_path / "a.log") as proc:
+        with socket.create_connection(("127.0.0.1", port)) as reader:
+            reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+            reader.sendall(b"GET /devtools/api/events HTTP/1.1\r\nHost: localhost\r\n"
+                           b"Accept: text/event-stream\r\n\r\n")
+            time.sleep(1.5)  # the stream fills the buffers; nothing is read
+            assert proc.stop(signal.SIGINT, timeout=15) == 0  # hung, it raises
+    assert "1 client(s) had not read their stream to its end within 0.8 s" in proc.output(), proc.output()

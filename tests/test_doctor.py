@@ -201,6 +201,47 @@ def test_no_running_agent_is_fine(monkeypatch):
     assert check.ok and check.detail.startswith("none answers")
 
 
+def test_a_front_with_an_untrusted_certificate_or_another_server_is_said_as_it_is(tmp_path):
+    """`doctor --agent https://…` at the agent's TLS front (a self-signed
+    certificate): before, "none answers at …" as if no agent ran."""
+    import http.server
+    import ssl
+    import threading
+
+    from tests.realworld import make_cert
+
+    cert = make_cert(tmp_path)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert.cert, cert.key)
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"<html>not an agent</html>")
+
+        def log_message(self, *args):
+            pass
+
+    for tls in (True, False):
+        httpd = http.server.HTTPServer(("127.0.0.1", 0), Page)
+        if tls:
+            httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        try:
+            url = f"{'https' if tls else 'http'}://127.0.0.1:{httpd.server_address[1]}"
+            check = doctor._running_agent(url)
+        finally:
+            httpd.shutdown()
+            httpd.server_close()
+        assert not check.ok and not check.required, check
+        if tls:
+            assert f"cannot check the agent at {url}: its TLS certificate is not trusted (self" in check.detail
+            assert "--agent http://127.0.0.1:10001" in check.line()
+        else:
+            assert check.detail.startswith(f"what answers at {url} is not a qtap-devtools agent"), check
+
+
 def test_unbuilt_or_stale_compiled_parts_are_a_warning_with_the_fix(monkeypatch):
     from qtap_devtools import compiled
 

@@ -102,6 +102,9 @@ def test_bad_query_parameters_get_400_with_reason(server, query):
     ("/devtools/api/events", "after=", "after= is empty"),
     ("/devtools/api/connections", "state=", "state= is empty"),
     ("/devtools/api/transactions", "before=", "before= is empty"),
+    ("/devtools/api/events", "type=", "type= is empty"),
+    ("/devtools/api/events", "exe=%20,", "exe= is empty"),
+    ("/devtools/api/transactions", "status=", "status= is empty"),
     ("/devtools/api/transactions", "status=600", "status='600'"),
     *[(path, "x=1", "'x'") for path in ("/devtools/api/endpoints", "/devtools/api/processes",
                                         "/devtools/api/process-tree", "/devtools/api/stats",
@@ -695,6 +698,15 @@ def test_last_event_id_header_resumes_after_that_event():
 
         status, body = get(app.url + "/devtools/api/events", headers={"Last-Event-ID": "not-an-id"})
         assert status == 400 and "Last-Event-ID" in body["error"]["message"]
+        # Past the last event sent (a typo, a digit too many): a 400, not a
+        # stream that waits silently for an event that may never come.
+        for bad in (f"{inst}-7", "99999999999999999999999999"):
+            status, body = get(f"{app.url}/devtools/api/events?after={bad}")
+            assert status == 400 and "has not been sent; the last is 6" in body["error"]["message"], body
+        with SSE(app.port, "/devtools/api/events?after=6") as sse:  # the last one: live events from now
+            assert sse.event()["event"] == "system.connected"
+            app.publish(proc_env(7))
+            assert sse.event()["data"]["data"]["pid"] == 7
 
 
 def _raw_get(port: int, path: str, host: str, headers: dict | None = None) -> tuple[int, dict, bytes]:

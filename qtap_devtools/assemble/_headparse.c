@@ -439,7 +439,10 @@ static int combine_fast(PyObject *seq, PyObject *by_lower, PyObject **out) {
                                  PyList_Append(next, value) < 0))
                 Py_CLEAR(next);
         } else {
-            next = PyUnicode_FromFormat("%S, %U", seen, value);
+            /* Cookie pairs are separated by "; " (RFC 6265 §4.2.1): joined
+             * with ", " two cookies would read as one whose value has a comma. */
+            int cookie = PyUnicode_CompareWithASCIIString(low[j], "cookie") == 0;
+            next = PyUnicode_FromFormat(cookie ? "%S; %U" : "%S, %U", seen, value);
         }
         if (next == NULL)
             goto done;

@@ -148,7 +148,8 @@ def combined_headers_py(headers: Sequence[tuple[str, str]], by_lower: dict | Non
     Names match case-insensitively and keep the case they were first sent in
     (what a user sees in DevTools). ``Set-Cookie`` is the exception the RFC
     names (§5.3, RFC 6265 §3): its values may contain commas, so repeats stay a
-    list.
+    list.  Repeated ``Cookie`` fields are joined with "; ", the separator of
+    its pairs (RFC 6265 §4.2.1), as HTTP/2's cookie crumbs are (RFC 9113 §8.2.3).
 
     ``by_lower``, when given, is filled with lower-case name → combined value
     (the same objects), so callers look fields up without another pass.
@@ -163,6 +164,8 @@ def combined_headers_py(headers: Sequence[tuple[str, str]], by_lower: dict | Non
             combined[key] = value
         elif low == "set-cookie":
             combined[key] = [*seen, value] if isinstance(seen, list) else [seen, value]
+        elif low == "cookie":
+            combined[key] = f"{seen}; {value}"
         else:
             combined[key] = f"{seen}, {value}"
     if by_lower is not None:
