@@ -733,32 +733,29 @@ def test_http2_client_from_a_tls_binary_attached_while_it_runs_is_joined(live, c
     copy = tmp_path / "bin" / "node-copy"
     copy.parent.mkdir()
     shutil.copy2(exe("node"), copy)
-    server = subprocess.Popen(["node", "-e", NODE_H2_SERVER, str(cert.key), str(cert.cert)],
-                              stdout=subprocess.PIPE, text=True)
     client = None
     try:
-        port = int(server.stdout.readline())
-        m = marker()
-        client = subprocess.Popen([str(copy), "-e", NODE_H2_TICKER, f"https://127.0.0.1:{port}", m],
-                                  stdout=subprocess.PIPE, text=True)
+        with node_server(NODE_H2_SERVER, cert) as port:
+            m = marker()
+            client = subprocess.Popen([str(copy), "-e", NODE_H2_TICKER, f"https://127.0.0.1:{port}", m],
+                                      stdout=subprocess.PIPE, text=True)
 
-        def mine(t: str, d: dict) -> bool:
-            s = d["data"]["data"].get("summary") or {} if t == "request.http_transaction" else {}
-            return s.get("direction") == "egress-internal" and f"/tick?m={m}&" in (s.get("request_url") or "")
+            def mine(t: str, d: dict) -> bool:
+                s = d["data"]["data"].get("summary") or {} if t == "request.http_transaction" else {}
+                return s.get("direction") == "egress-internal" and f"/tick?m={m}&" in (s.get("request_url") or "")
 
-        got = reader.find(mine, count=3, timeout=WAIT)
-        assert len(got) >= 3, f"{len(got)} of the node copy's requests captured; {reader.health()}"
-        for _, d in got:
-            tx = tx_of(d)
-            n = tx["request"]["path"].rsplit("&n=", 1)[1]
-            assert_tx(tx, method="GET", url=f"https://127.0.0.1:{port}/tick?m={m}&n={n}", status=200, exe=str(copy),
-                      direction="egress-internal", protocol="http2",
-                      resp_body=lambda b, n=n: json.loads(b)["path"] == f"/tick?m={m}&n={n}")
+            got = reader.find(mine, count=3, timeout=WAIT)
+            assert len(got) >= 3, f"{len(got)} of the node copy's requests captured; {reader.health()}"
+            for _, d in got:
+                tx = tx_of(d)
+                n = tx["request"]["path"].rsplit("&n=", 1)[1]
+                assert_tx(tx, method="GET", url=f"https://127.0.0.1:{port}/tick?m={m}&n={n}", status=200,
+                          exe=str(copy), direction="egress-internal", protocol="http2",
+                          resp_body=lambda b, n=n: json.loads(b)["path"] == f"/tick?m={m}&n={n}")
     finally:
-        for proc in (client, server):
-            if proc is not None:
-                proc.kill()
-                proc.wait()
+        if client is not None:
+            client.kill()
+            client.wait()
         copy.unlink()  # 100 MB
 
 
