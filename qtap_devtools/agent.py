@@ -30,7 +30,7 @@ from qtap_devtools.capfile import CaptureWriter
 from qtap_devtools.config import Config
 from qtap_devtools.enrich import Enricher
 from qtap_devtools.enrich.model import ProcessInfo
-from qtap_devtools.events import ProcessStarted, SystemConnected, SystemDisconnected
+from qtap_devtools.events import SystemConnected, SystemDisconnected
 from qtap_devtools.filters import EventFilter
 from qtap_devtools.pipeline import Pipeline
 from qtap_devtools.priority import CpuPriority
@@ -203,7 +203,7 @@ class Agent:
             # line: they make no HTTP, and listed they were most of the view.
             if info is not None and (info.exe or info.cmdline):
                 self.pipeline.processes[pid] = info
-                self.publisher.emit(ProcessStarted(info, ts_ns=time.time_ns()))
+                self.pipeline.announce_process(info, time.time_ns())
 
     async def on_started(self) -> None:
         loop = asyncio.get_running_loop()

@@ -135,7 +135,7 @@ class EventFilter:
             return False
         if self.exe and self.exe not in (facts.get("exe") or "").lower():
             return False
-        if self.container and self.container not in (facts.get("container") or "").lower():
+        if self.container and not _container_matches(self.container, facts):
             return False
         if self.host and self.host not in (facts.get("host") or "").lower():
             return False
@@ -147,7 +147,8 @@ class EventFilter:
             status = facts.get("status")
             if self._status_preds and not (isinstance(status, int) and any(p(status) for p in self._status_preds)):
                 return False
-        if self.text and self.text not in " ".join(str(v) for k, v in facts.items() if v and k != "side").lower():
+        if self.text and self.text not in " ".join(str(v) for k, v in facts.items()
+                                                  if v and k != "side" and k != "_container").lower():
             return False
         return True
 
@@ -175,7 +176,8 @@ def _facts(env: Envelope) -> dict[str, Any]:
     if t.startswith("process."):
         d = env.body.get("data") or {}
         c = d.get("container") or {}
-        return {"pid": d.get("pid"), "exe": d.get("path") or d.get("binary"), "container": _cname(c)}
+        return {"pid": d.get("pid"), "exe": d.get("path") or d.get("binary"), "container": _cname(c),
+                "_container": c}
     d = env.inner
     if t == "request.http_transaction":
         s = d.get("summary") or {}
@@ -183,6 +185,7 @@ def _facts(env: Envelope) -> dict[str, Any]:
             "pid": s.get("process_pid"),
             "exe": s.get("process_exe"),
             "container": _cname({"name": s.get("container_name"), "id": s.get("container_id")}),
+            "_container": {"name": s.get("container_name"), "id": s.get("container_id")},
             "host": s.get("request_host") or d.get("endpointId"),
             "method": s.get("request_method"),
             "status": s.get("response_status"),
@@ -196,6 +199,7 @@ def _facts(env: Envelope) -> dict[str, Any]:
             "pid": d.get("pid") or local.get("pid"),
             "exe": local.get("exe"),
             "container": _cname(local.get("container") or {}),
+            "_container": local.get("container") or {},
             "host": (d.get("meta") or {}).get("endpointId"),
             "side": "server" if d.get("direction") == "ingress" else "client",
         }
@@ -204,3 +208,19 @@ def _facts(env: Envelope) -> dict[str, Any]:
 
 def _cname(c: Mapping[str, Any]) -> str:
     return " ".join(str(c.get(k) or "") for k in ("name", "id"))
+
+
+def _container_matches(want: str, facts: Mapping[str, Any]) -> bool:
+    """Part of the container's name, or its id as docker takes one: a prefix
+    of the full id (12 characters, 64, or any length between).  Not a part of
+    "name id" joined, which matched across the two ("c 9355") and never the
+    full id (a transaction's summary has only the short one)."""
+    c = facts.get("_container")
+    if not isinstance(c, Mapping):
+        return False
+    name, short, full = (str(c.get(k) or "").lower() for k in ("name", "id", "fullId"))
+    if want in name:
+        return True
+    if full:
+        return full.startswith(want)
+    return bool(short) and (short.startswith(want) or (len(want) > len(short) and want.startswith(short)))

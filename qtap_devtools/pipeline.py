@@ -156,6 +156,9 @@ class Pipeline:
         # batches; a pid's answer is dropped at its exec or exit.
         self._answered: dict[int, ProcessInfo | None] | None = None
         self.parents: OrderedDict[int, int] = OrderedDict()
+        # The pids whose process.started went out (at exec, in the start's
+        # snapshot, or at a forked child's first connection), oldest first.
+        self.announced: OrderedDict[int, None] = OrderedDict()
         # (pid, socket fd) -> key of the fd-less TLS stream that borrowed it.
         self.borrowers: OrderedDict[tuple[int, int], tuple] = OrderedDict()
         # (pid, tid) -> the TLS socket that thread last read ciphertext from,
@@ -285,7 +288,12 @@ class Pipeline:
     def _announce(self, conn: _Conn) -> None:
         if not conn.announced:
             conn.announced = True
-            conn.info.process = self._process(conn.info.pid) or conn.info.process
+            process = conn.info.process = self._process(conn.info.pid) or conn.info.process
+            if process is not None and process.pid not in self.announced:
+                # Forked, not exec'd (a pre-forking server's worker, a
+                # multiprocessing child): no exec announced it.  Said with its
+                # first connection, or it would show only at its exit.
+                self.announce_process(process, conn.info.opened_ns)
             self.emit(ConnectionOpened(conn.info, ts_ns=conn.info.opened_ns))
 
     def _maybe_updated(self, conn: _Conn, ts: int) -> None:
@@ -373,7 +381,17 @@ class Pipeline:
         if info is not known:
             self.remember_process(info)  # the enricher's answer for its transactions, not the copy without
         self._remember(info)
-        self.emit(ProcessStarted(info, ts_ns=self.wall(r.ts_ns)))
+        self.announce_process(info, self.wall(r.ts_ns))
+
+    def announce_process(self, info: ProcessInfo, ts_ns: int) -> None:
+        """process.started for ``info``, remembered as said (bounded)."""
+        announced = self.announced
+        announced[info.pid] = None
+        announced.move_to_end(info.pid)
+        if len(announced) > MAX_CONNECTIONS:
+            announced.popitem(last=False)
+            self.counters["state_evicted"] += 1
+        self.emit(ProcessStarted(info, ts_ns=ts_ns))
 
     def on_fork(self, r: rec.ProcessFork) -> None:
         # Announced at exec, or lazily at its first connection; the parent is
@@ -392,6 +410,7 @@ class Pipeline:
         for key in [k for k in self.conns if k[0] == r.pid]:
             self._finish(self.conns.pop(key), r.ts_ns)
         info = self.processes.pop(r.pid, None)
+        self.announced.pop(r.pid, None)
         if self._answered:
             self._answered.pop(r.pid, None)
         self.forget_process(r.pid)

@@ -335,8 +335,11 @@ def test_container_filter_matches_a_name_or_an_id_on_every_event_type():
 
     cid = samples.CONTAINER.id
     events = [e.envelope() for e in samples.session_events()]
-    for query in (samples.CONTAINER.name, cid[:12], cid[:8].upper()):
+    # The full id too (a transaction's summary has only the short one), as docker takes ids: any prefix.
+    for query in (samples.CONTAINER.name, "y-ap", cid[:12], cid[:8].upper(), cid, cid[:20]):
         f = EventFilter.from_query({"container": query})
         matched = {e.type for e in events if f.matches(e)}
         assert {"request.http_transaction", "connection.opened", "process.started"} <= matched, (query, matched)
-    assert not any(EventFilter.from_query({"container": "not-that-one"}).matches(e) for e in events)
+    # Not across the name and the id ("app 1781"), nor the middle of an id, nor another container's.
+    for query in ("not-that-one", "app 1781", cid[2:12]):
+        assert not any(EventFilter.from_query({"container": query}).matches(e) for e in events), query

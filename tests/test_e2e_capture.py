@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -1094,6 +1095,47 @@ def test_process_started_has_path_cmdline_and_user(live):
     assert data["user"] == {"id": os.getuid(), "name": "root"}, data["user"]
     stopped = reader.find(lambda t, d: t == "process.stopped" and d["data"]["pid"] == proc.pid, timeout=WAIT)
     assert stopped and stopped[0][1]["data"]["exitCode"] == 0, stopped
+
+
+FORKED_CLIENT = """
+import os, ssl, sys, time, urllib.request
+r, w = os.pipe()
+child = os.fork()
+if child == 0:  # no exec: nothing but its first connection can say it exists
+    os.close(r)
+    urllib.request.urlopen(sys.argv[1], context=ssl._create_unverified_context(), timeout=10).read()
+    os.write(w, b"x")
+    time.sleep(float(sys.argv[2]))
+    os._exit(0)
+os.close(w)
+os.read(r, 1)
+print(child, flush=True)
+os.waitpid(child, 0)
+"""
+
+
+def test_a_forked_child_without_exec_is_announced_at_its_first_connection(live, nginx):
+    """A pre-forking server's workers, a multiprocessing child: it was listed
+    (and in the stream) only at its exit, as a process.stopped."""
+    _, reader, _ = live
+    m = marker()
+    proc = subprocess.Popen([sys.executable, "-c", FORKED_CLIENT, nginx.url(f"/json?m={m}"), "60"],
+                            stdout=subprocess.PIPE, text=True)
+    child = None
+    try:
+        child = int(proc.stdout.readline())
+        txs = reader.transactions(m, count=2, timeout=WAIT)
+        assert [tx["metadata"]["process_id"] for tx in txs if tx["direction"] != "ingress"] == [str(child)], txs
+        started = reader.find(lambda t, d: t == "process.started" and d["data"]["pid"] == child, timeout=WAIT)
+        assert started, f"no process.started for the forked child {child}; {reader.health()}"
+        data = started[0][1]["data"]
+        assert data["ppid"] == proc.pid and data["cmdline"].startswith(sys.executable) and m in data["cmdline"], data
+        status, listed = get(f"{live[0].url}/devtools/api/processes")  # the child is still running
+        assert status == 200 and child in [p["pid"] for p in listed["processes"]], "not listed while it runs"
+    finally:
+        if child is not None:
+            os.kill(child, signal.SIGKILL)
+        proc.wait(timeout=30)
 
 
 def test_a_short_lived_process_is_described_even_while_the_event_loop_is_busy(live, tmp_path):

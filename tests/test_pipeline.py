@@ -8,6 +8,7 @@ every branch of connection tracking is exercised deterministically.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 
 import pytest
@@ -30,9 +31,15 @@ REQ = b"POST /v1/users HTTP/1.1\r\nHost: api.local\r\nContent-Type: application/
 RESP = b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{\"id\": 123}"
 
 
+def at_start(p: Pipeline, *pids: int) -> Pipeline:
+    """``pids`` as if running when the agent started: its snapshot said them."""
+    p.announced.update(dict.fromkeys(pids))
+    return p
+
+
 def run(records, **cfg):
     out = []
-    p = Pipeline(Config(**cfg), out.append, {100: CURL, 200: NGINX}.get, own_pid=1, own_port=10001)
+    p = at_start(Pipeline(Config(**cfg), out.append, {100: CURL, 200: NGINX}.get, own_pid=1, own_port=10001), 100, 200)
     p.on_records(records)
     p.close_all()
     return out, p
@@ -624,7 +631,7 @@ def test_a_node_server_connection_whose_address_comes_after_its_first_request_sa
         out.append(e)
         seen.append((e.type, e.payload()["data"]))
 
-    p = Pipeline(Config(), emit, {200: NGINX}.get, own_pid=1, own_port=10001)
+    p = at_start(Pipeline(Config(), emit, {200: NGINX}.get, own_pid=1, own_port=10001), 200)
     p.on_records([
         rec.SocketAccept(200, 9, 1_000, None, None),
         rec.DataChunk(200, 200, 9, 2_000, "ingress", "socket", 0, hello),
@@ -1115,3 +1122,27 @@ def test_an_exec_in_the_middle_of_a_batch_names_the_new_program_in_the_transacti
     p.on_records([*exchanges[:4], rec.ProcessExec(100, 9_000, "/usr/bin/python3", "python3"), *exchanges[4:]])
     exes = [e.inner["summary"]["process_exe"] for e in out if e.type == "request.http_transaction"]
     assert exes == ["/usr/bin/curl", "/usr/bin/python3"]
+
+
+def test_a_forked_child_is_announced_with_its_first_connection_once():
+    """A pre-forking server's worker or a multiprocessing child never execs:
+    before, it had no process.started and showed only at its exit."""
+    child = dataclasses.replace(CURL, pid=101, ppid=100)
+    out: list = []
+    p = at_start(Pipeline(Config(), out.append, {100: CURL, 101: child}.get, own_pid=1, own_port=10001), 100)
+    p.on_records([
+        rec.ProcessFork(100, 101, 500),
+        rec.SocketConnect(101, 5, 600, EP_S), rec.SocketClose(101, 5, 700),  # refused: says nothing yet
+        *client_tls_exchange(pid=101),
+        *client_tls_exchange(pid=101, fd=6),
+        rec.ProcessExit(101, 9_000_000, 0),
+    ])
+    said = [t for t in types(out) if t != "connection.updated"]
+    assert said == ["process.started", "connection.opened", "request.http_transaction", "connection.closed",
+                    "connection.opened", "request.http_transaction", "connection.closed", "process.stopped"]
+    assert out[0].payload()["pid"] == 101 and out[0].payload()["ppid"] == 100
+    assert out[0].ts_ns == out[1].ts_ns  # when it was first seen on the network
+    # The pid used again by another fork: announced again.
+    before = len(out)
+    p.on_records([rec.ProcessFork(100, 101, 10_000_000), *client_tls_exchange(pid=101)])
+    assert types(out)[before:before + 2] == ["process.started", "connection.opened"]
