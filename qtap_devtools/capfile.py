@@ -58,7 +58,9 @@ class CaptureWriter:
     unbuffered, so a crash loses only what was still queued.
     """
 
-    def __init__(self, path: Path, max_pending_bytes: int = 64 << 20) -> None:
+    # Two of the largest events (cli.MAX_BODY_BYTES: ~57 MiB each), a
+    # transaction's two ends, queue together.
+    def __init__(self, path: Path, max_pending_bytes: int = 128 << 20) -> None:
         self.path = path
         torn = _ends_inside_a_frame(path)
         self._fh: BinaryIO = open(path, "ab", buffering=0)

@@ -78,7 +78,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-MAX_BODY_BYTES = 256 << 20
+# A transaction with two bodies this size is ~57 MiB of event (each body is
+# base64-encoded twice): within the 64 MiB a capture file's line, a client's
+# queue and the history each hold.  Larger, the agent's own capture file
+# could not be replayed (capfile.MAX_LINE).
+MAX_BODY_BYTES = 16 << 20
 
 
 def _size(text: str) -> int:
@@ -94,11 +98,12 @@ def _size(text: str) -> int:
 
 
 def _body_bytes(text: str) -> int:
-    """--max-body-bytes: a size, at most MAX_BODY_BYTES (each body kept is
-    held in memory, and sent base64-encoded twice)."""
+    """--max-body-bytes: a size, at most MAX_BODY_BYTES."""
     value = _size(text)
     if value > MAX_BODY_BYTES:
-        raise argparse.ArgumentTypeError(f"at most {MAX_BODY_BYTES >> 20}m (each body kept is held in memory)")
+        raise argparse.ArgumentTypeError(
+            f"at most {MAX_BODY_BYTES >> 20}m: a transaction with two such bodies is ~57 MiB of event (each "
+            "body base64-encoded twice), what a capture file's line and a client's queue hold")
     return value
 
 
@@ -189,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", "-o", type=Path, metavar="FILE",
                      help="also append the stream to FILE (same bytes as the SSE stream; replayable)")
     run.add_argument("--max-body-bytes", type=_body_bytes, default=1 << 20, metavar="N",
-                     help="bodies kept per message, beyond which they are marked truncated (default 1m, at most 256m)")
+                     help="bodies kept per message, beyond which they are marked truncated (default 1m, at most 16m)")
     run.add_argument("--ring-mib", type=_int_in(1, 1024, power_of_two=True), default=Config.ring_mib, metavar="MIB",
                      help="BPF ring buffer size, a power of two from 1 to 1024 (default %(default)s; bigger "
                           "absorbs longer bursts, and all of it stays resident)")

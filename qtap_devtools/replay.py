@@ -25,7 +25,10 @@ MAX_REPLAY_EVENTS = 2_000_000  # beyond this a file is served in part, and says 
 MAX_REPLAY_BYTES = 1 << 30
 REPLAYED_TYPES_SKIPPED = ("system.",)  # the file's own greetings and goodbyes
 MAX_BAD_LOGGED = 10  # a file of garbage is one summary line past these
-GIVE_UP_BAD = 1000  # bad records before the first event: not a capture file, stop reading
+# Bad records before the first event past which it is not a capture file: a
+# binary or a log is refused after a few megabytes, not read whole; a capture
+# behind a long log prefix (stderr in the same file) is still read.
+GIVE_UP_BAD = 100_000
 
 
 def load(

@@ -205,6 +205,36 @@ def test_a_file_of_no_events_is_not_a_capture_file(tmp_path):
     assert replay.load(empty) == ([], 0, 0)  # empty is a capture of nothing, not an error
 
 
+def test_events_after_a_long_prefix_of_other_lines_are_read(tmp_path):
+    """stderr in the same file: 1,000 log lines before the first event made
+    the whole capture "not a capture file"."""
+    path = tmp_path / "logged.txt"
+    log = b"".join(b"2026-12-05 INFO log line %d\n" % i for i in range(5000))
+    path.write_bytes(log + samples.write_capture(tmp_path / "c.txt").read_bytes())
+    events, bad, _ = replay.load(path)
+    assert bad == 5000 and [e.type for e in events] == [e.type for e in samples.session_events()]
+
+
+def test_the_largest_transaction_the_agent_keeps_is_one_line_a_replay_reads(tmp_path):
+    """--max-body-bytes at its most on both sides: the agent's own capture
+    file must replay it (at 256m, a 36 MiB body made a line replay refused)."""
+    import os
+
+    from qtap_devtools.cli import MAX_BODY_BYTES
+
+    conn = samples.connection("d4u4jhg7p3qk26l91icg", "api.example.com")
+    big = samples.transaction(conn, "d4u4jhg7p3qk26l91id0", request_body=os.urandom(MAX_BODY_BYTES),
+                              response_body=os.urandom(MAX_BODY_BYTES))
+    frame = big.envelope().frame
+    assert len(frame) <= capfile.MAX_LINE
+    writer = capfile.CaptureWriter(tmp_path / "big.txt")
+    assert writer.max_pending_bytes >= 2 * len(frame)  # both ends of it queue together
+    writer.write(frame)
+    writer.close()
+    [event] = [e for e in capfile.read_events(tmp_path / "big.txt")]
+    assert isinstance(event, Envelope) and event.type == "request.http_transaction"
+
+
 def test_har_leaves_out_only_the_transactions_it_cannot_convert_and_says_so(tmp_path):
     import base64
 

@@ -196,6 +196,7 @@ def test_non_loopback_listen_is_refused_with_tunnel_advice(tmp_path):
 
 @pytest.mark.parametrize("args", [["run", "--bogus"], ["replay"], ["run", "--listen", "x:y"],
                                   ["run", "--max-body-bytes", "lots"], ["run", "--max-body-bytes", "99999999999999"],
+                                  ["run", "--max-body-bytes", "17m"],
                                   ["frobnicate"], ["run", "--ring-mib", "3"],
                                   ["run", "--ring-mib", "-8"], ["run", "--ring-mib", "4096"],
                                   ["run", "--queue-size", "-1"], ["replay", "f", "--queue-size", "x"]])
