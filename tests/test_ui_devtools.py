@@ -1190,3 +1190,41 @@ def test_laptop_and_narrow_windows_show_every_column_and_control(page, tmp_path)
             for testid in ("copy-curl", "copy-response", "tab-source", "status-connection"):
                 assert inside(page.locator(f'[data-testid="{testid}"]'), width), (width, testid)
             page.keyboard.press("Escape")
+
+
+def test_har_export_leaves_out_what_is_not_a_transaction_as_the_agents_export_does(page, tmp_path):
+    """A capture file's transaction whose data is not a transaction: the page
+    made it an entry of empty fields (status 0, a failed request to a HAR
+    viewer) where /devtools/api/har and `qtap-devtools har` leave it out and
+    say so."""
+    import orjson
+
+    from tests.agentproc import agent
+
+    conn = samples.connection("d4u4jhg7p3qk26l91icg", "api.example.com")
+
+    def broken(rid: str, data: str) -> bytes:
+        frame = samples.transaction(conn, rid, path=f"/broken/{rid}").envelope().frame
+        head, rest = frame.split(b"\ndata: ", 1)
+        body = orjson.loads(rest.split(b"\n", 1)[0])
+        body["data"]["data"]["data"] = data
+        return head + b"\ndata: " + orjson.dumps(body) + b"\n\n"
+
+    capture = samples.write_capture(tmp_path / "c.txt")
+    with open(capture, "ab") as fh:
+        fh.write(broken("d4u4jhg7p3qk26l91ie0", base64.b64encode(b'{"foo": 1}').decode()))
+        fh.write(broken("d4u4jhg7p3qk26l91ie1", "!!!not base64"))
+    port = free_port()
+    with agent(["replay", str(capture)], port, tmp_path / "replay.log") as proc:
+        open_devtools(page, proc.url)
+        wait_rows(page, 5)
+        with page.expect_download() as info:
+            page.click('[data-testid="export-har"]')
+        mine = json.loads(open(info.value.path()).read())["log"]
+        wait_toast(page, "Exported 3 requests as HAR (2 left out: not a transaction)")
+        _, theirs = get(f"{proc.url}/devtools/api/har")
+    assert [e["request"]["url"] for e in mine["entries"]] == [e["request"]["url"] for e in theirs["log"]["entries"]]
+    assert len(mine["entries"]) == 3 and all(e["response"]["status"] for e in mine["entries"])
+    assert mine["comment"] == ("2 transactions left out, not convertible (first: d4u4jhg7p3qk26l91ie0: not a "
+                               "transaction: it has no request.method)")
+    assert mine["comment"] in theirs["log"]["comment"], theirs["log"]["comment"]

@@ -736,7 +736,9 @@ $("export-har").addEventListener("click", () => {
   a.click();
   a.remove();
   setTimeout(() => URL.revokeObjectURL(a.href), 10000);
-  toast(`Exported ${doc.log.entries.length} request${doc.log.entries.length === 1 ? "" : "s"} as HAR`);
+  const n = doc.log.entries.length;
+  const left = state.shown.length - n;
+  toast(`Exported ${n} request${n === 1 ? "" : "s"} as HAR` + (left ? ` (${left} left out: not a transaction)` : ""));
 });
 
 function stamp() {

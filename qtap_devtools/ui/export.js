@@ -269,15 +269,40 @@ export function harEntry(row) {
   return entry;
 }
 
+// Why a row cannot be a HAR entry (a capture file's: its data is not a
+// transaction), in the words of the agent's own export (har.py); null if it can.
+function unconvertible(row) {
+  const tx = transactionOf(row);
+  if (tx === null || typeof tx !== "object" || Array.isArray(tx)) {
+    return `${row.id}: its data is not a base64-encoded JSON transaction`;
+  }
+  if (!tx.request || typeof tx.request !== "object" || !tx.request.method) {
+    return `${row.id}: not a transaction: it has no request.method`;
+  }
+  return null;
+}
+
 export function harDocument(rows, version) {
-  const entries = rows.map(harEntry);
+  // As /devtools/api/har and `qtap-devtools har`: a row that is not a
+  // transaction is left out and the log says so, not made an entry of
+  // empty fields (a failed request, to a HAR viewer).
+  const skipped = [];
+  const entries = [];
+  for (const row of rows) {
+    const why = unconvertible(row);
+    if (why) skipped.push(why);
+    else entries.push(harEntry(row));
+  }
   entries.sort((a, b) => (Date.parse(a.startedDateTime) || 0) - (Date.parse(b.startedDateTime) || 0));
-  return {
-    log: {
-      version: "1.2",
-      creator: { name: "qtap-devtools", version: version || "" },
-      pages: [],
-      entries,
-    },
+  const log = {
+    version: "1.2",
+    creator: { name: "qtap-devtools", version: version || "" },
+    pages: [],
+    entries,
   };
+  if (skipped.length) {
+    const n = skipped.length;
+    log.comment = `${n} transaction${n > 1 ? "s" : ""} left out, not convertible (first: ${skipped[0]})`;
+  }
+  return { log };
 }
