@@ -72,6 +72,8 @@ struct addr {                  /* 20 bytes; ip is IPv6 or v4-mapped IPv6 */
     u8 ip[16];
 };
 
+#define EXEC_ARGS 512          /* argv kept at exec, NUL-separated (process.c) */
+
 struct exec_rec {
     struct rec_hdr h;
     u64 cgroup_id;             /* of its cgroup v2 (unified) cgroup: names its
@@ -80,6 +82,13 @@ struct exec_rec {
     u32 _pad;
     char comm[16];
     char filename[256];
+    /* Its command line, read from the caller's argv as execve began: a
+     * process gone before /proc could be read (a fork storm's curls) keeps
+     * its arguments.  args_len bytes of args; args_cut: more did not fit. */
+    u16 args_len;
+    u8 args_cut;
+    u8 _pad2[5];
+    char args[EXEC_ARGS];
 };
 
 struct fork_rec {

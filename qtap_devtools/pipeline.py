@@ -363,10 +363,10 @@ class Pipeline:
         if info is None:  # gone already: describe it from what the kernel said
             self.counters["processes_gone_before_read"] += 1
             info = _minimal_process(r.pid, self.parents.get(r.pid, 0), r.filename, r.comm, r.uid,
-                                    self.wall(r.ts_ns))
+                                    self.wall(r.ts_ns), r.args)
         elif not info.exe:  # it exited while /proc was being read: the kernel's filename stands in
             info = dataclasses.replace(info, exe=r.filename, binary=os.path.basename(r.filename) or info.binary,
-                                       cmdline=info.cmdline or r.filename)
+                                       cmdline=info.cmdline or r.args or r.filename)
         if info.container_id is None:  # /proc did not say (or was gone before the cgroup was read)
             found = self.cgroups.container(r.cgroup_id)
             self.counters["cgroup_ids_evicted"] = self.cgroups.evicted
@@ -1039,9 +1039,11 @@ def _ms(ns: int) -> float:
     return (ns + 500) // 1000 / 1000 if ns > 0 else 0.0
 
 
-def _minimal_process(pid: int, ppid: int, filename: str, comm: str, uid: int, ts: int) -> ProcessInfo:
+def _minimal_process(pid: int, ppid: int, filename: str, comm: str, uid: int, ts: int,
+                     args: str = "") -> ProcessInfo:
     # No user name: a container's passwd is read through /proc/<pid>/root.
+    # The command line the kernel read from its execve's argv, if it could.
     return ProcessInfo(
-        pid=pid, ppid=ppid, exe=filename, binary=os.path.basename(filename) or comm, cmdline=filename,
+        pid=pid, ppid=ppid, exe=filename, binary=os.path.basename(filename) or comm, cmdline=args or filename,
         uid=uid, user="", hostname=os.uname().nodename, start_time_ns=ts,
     )

@@ -652,6 +652,30 @@ def test_short_lived_process_exec_fork_exit(capture):
     assert exit_.ts_ns >= exec_.ts_ns >= forks[0].ts_ns
 
 
+def test_an_exec_record_carries_the_command_line_read_from_argv(capture):
+    """A process gone before /proc was read (a fork storm's curls) was named
+    by its filename alone; the kernel now reads its argv as execve begins,
+    also when a thread other than the leader execs, and says when it cut."""
+    sink = capture.sink
+    m = f"m{os.getpid()}x{time.monotonic_ns()}"
+
+    def exec_of(pid: int) -> ProcessExec:
+        found = sink.wait_for(lambda rs: [r for r in rs if type(r) is ProcessExec and r.pid == pid],
+                              what=f"the exec of {pid}")
+        return found[0]
+
+    plain = run(["/bin/sh", "-c", "exit 0", "an argument with spaces", m])
+    assert exec_of(plain.pid).args == f"/bin/sh -c exit 0 an argument with spaces {m}"
+    long = run(["/bin/true", "a" * 300, m])  # one argument past what is read of one
+    assert exec_of(long.pid).args == "/bin/true " + "a" * 255 + "…"
+    threaded = run([sys.executable, "-c", "import os, sys, threading\n"
+                    "t = threading.Thread(target=os.execv, args=('/bin/true', ['/bin/true', sys.argv[1]]))\n"
+                    "t.start(); t.join()", m])
+    execs = sink.wait_for(lambda rs: [r for r in rs if type(r) is ProcessExec and r.pid == threaded.pid
+                                      and r.filename == "/bin/true"], what="the thread's exec")
+    assert execs[0].args == f"/bin/true {m}"
+
+
 def test_a_cgroup_made_and_a_process_exec_in_it_carry_the_same_id(capture):
     """The mkdir record's id is the directory's inode number and the id an exec
     in that cgroup carries: how a container's process gone before /proc was

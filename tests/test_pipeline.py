@@ -468,6 +468,15 @@ def test_short_lived_process_gone_before_proc_read_still_gets_both_events():
     assert out[0].payload()["binary"] == "true"
     assert "user" not in out[0].payload()  # not known: absent, not uid -1 and ""
     assert p.counters["processes_gone_before_read"] == 1  # no user or container to name: counted
+    assert out[0].payload()["cmdline"] == "/bin/true"  # the kernel read no argv: its filename
+
+
+def test_a_process_gone_before_proc_read_keeps_the_command_line_the_kernel_read():
+    out = []
+    p = Pipeline(Config(), out.append, lambda pid: None, own_pid=1)
+    args = "/usr/bin/curl -sk https://127.0.0.1:18443/json?tag=storm&i=7"
+    p.on_records([rec.ProcessExec(556, 1_000, "/usr/bin/curl", "curl", None, 0, 0, args)])
+    assert out[0].payload()["cmdline"] == args and out[0].payload()["path"] == "/usr/bin/curl"
 
 
 def test_a_containers_process_gone_before_proc_read_is_named_by_its_cgroup_id(tmp_path):

@@ -32,6 +32,7 @@ AF_INET6 = 10
 _HDR = struct.Struct("<IIIiQ")  # 24 bytes
 _ADDR = "H H 16s"  # family, port (host order), ip (v6 or v4-mapped)
 _EXEC = struct.Struct("<24xQI4x16s256s")
+_EXEC_ARGS = struct.Struct("<312xHB5x512s")  # args_len, args_cut, args (probes/common.h exec_rec)
 _CGROUP = struct.Struct("<24xQ256s")
 _FORK = struct.Struct("<24xII")
 _EXIT = struct.Struct("<24xiI")
@@ -68,6 +69,9 @@ class ProcessExec:
     process: Optional[ProcessInfo] = None
     cgroup_id: int = 0  # its cgroup v2 cgroup's (0: none known)
     uid: int = -1
+    # Its argv as execve began, as /proc/<pid>/cmdline reads ("" if not read;
+    # ending "…" where the kernel kept only its first ~500 bytes).
+    args: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +189,11 @@ def parse(raw: bytes) -> Record:
         )
     if kind == EXEC:
         cgroup_id, uid, comm, filename = _EXEC.unpack_from(raw)
-        return ProcessExec(pid, ts, _cstr(filename), _cstr(comm), None, cgroup_id, uid)
+        args = ""
+        if len(raw) >= _EXEC_ARGS.size:
+            length, cut, argv = _EXEC_ARGS.unpack_from(raw)
+            args = argv[:length].rstrip(b"\0").replace(b"\0", b" ").decode("utf-8", "replace") + ("…" if cut else "")
+        return ProcessExec(pid, ts, _cstr(filename), _cstr(comm), None, cgroup_id, uid, args)
     if kind == FORK:
         child, _ = _FORK.unpack_from(raw)
         return ProcessFork(pid, child, ts)
