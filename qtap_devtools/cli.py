@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import ipaddress
 import logging
+import math
 import os
 import socket
 import sys
@@ -279,10 +280,10 @@ def _config(args: argparse.Namespace) -> Config:
             node_name=args.node_name or os.environ.get("NODE_NAME"),
         )
     elif args.command == "replay":
-        if not args.speed >= 0:  # (not <: nan is neither)
-            raise ConfigError("--speed must be 0 or more")
-        if not args.max_gap > 0:
-            raise ConfigError("--max-gap must be more than 0")
+        if not 0 <= args.speed < math.inf:  # (not <: nan is neither)
+            raise ConfigError("--speed must be 0 (all at once) or a finite factor, e.g. 1 or 10")
+        if not 0 < args.max_gap < math.inf:
+            raise ConfigError("--max-gap must be more than 0 and finite")
         extra = dict(replay_speed=args.speed, replay_max_gap=args.max_gap)
     return Config(listen=args.listen, log_level=args.log_level, client_queue_size=args.queue_size, **extra)
 

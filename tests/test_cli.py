@@ -259,8 +259,11 @@ def test_replay_max_gap_is_checked_and_passed_on():
     assert r.returncode == 2 and "--max-gap must be more than 0" in r.stderr
     r = cli("replay", str(EXAMPLE), "--max-gap", "nan")
     assert r.returncode == 2 and "--max-gap must be more than 0" in r.stderr
-    r = cli("replay", str(EXAMPLE), "--speed", "nan")
-    assert r.returncode == 2 and "--speed must be 0 or more" in r.stderr
+    for speed in ("nan", "inf", "-1"):
+        r = cli("replay", str(EXAMPLE), "--speed", speed)
+        assert r.returncode == 2 and "--speed must be 0 (all at once) or a finite factor" in r.stderr, speed
+    r = cli("replay", str(EXAMPLE), "--max-gap", "inf")
+    assert r.returncode == 2 and "--max-gap must be more than 0 and finite" in r.stderr
 
 
 def test_output_to_a_fifo_is_not_opened_before_the_agent_and_says_it_waits_for_a_reader(tmp_path, capsys):
