@@ -56,7 +56,9 @@ enum rec_kind {
 };
 
 enum direction { DIR_EGRESS = 0, DIR_INGRESS = 1 };
-enum source { SRC_SOCKET = 0, SRC_OPENSSL = 1, SRC_GNUTLS = 2 };
+/* SRC_NODETLS: OpenSSL linked into node (the label Qtap gives it), told
+ * apart by its file's armed[] value, not by a program of its own. */
+enum source { SRC_SOCKET = 0, SRC_OPENSSL = 1, SRC_GNUTLS = 2, SRC_NODETLS = 3 };
 
 struct rec_hdr {               /* 24 bytes */
     u32 kind;

@@ -12,19 +12,24 @@
  * reverse), and a request would pair with the next one's response for the rest
  * of its connection.  So a site stashes nothing until user space has placed
  * every site of its file and set armed[<its attach cookie>]; slot 0 (no cookie:
- * a kernel without them, see capture/links.py) is armed from the start. */
+ * a kernel without them, see capture/links.py) is armed from the start.
+ * The value: 0 not yet, 1 armed, or armed and the source its records name
+ * (SRC_NODETLS: the same OpenSSL probes, on node's own copy). */
 BPF_ARRAY(armed, u8, MAX_ARMED);
 
-static __always_inline int tls_armed(void *ctx)
+static __always_inline u8 tls_armed(void *ctx)
 {
     u32 slot = bpf_get_attach_cookie(ctx);
     u8 *on = armed.lookup(&slot);
-    return on && *on;
+    return on ? *on : 0;
 }
 
 static __always_inline void tls_enter(void *ctx, u64 ref, u64 buf, u64 num, u64 len_ptr, u8 dir, u8 src)
 {
-    if (excluded_self(bpf_get_current_pid_tgid() >> 32) || !tls_armed(ctx))
+    if (excluded_self(bpf_get_current_pid_tgid() >> 32))
+        return;
+    u8 arm = tls_armed(ctx);
+    if (!arm)
         return;
     struct tls_key tk = tls_key_of(ref);
     s32 *fdp = tls_fd.lookup(&tk);
@@ -41,7 +46,7 @@ static __always_inline void tls_enter(void *ctx, u64 ref, u64 buf, u64 num, u64 
     c->len_ptr = len_ptr;
     c->start_ns = dir == DIR_EGRESS ? bpf_ktime_get_ns() : 0;
     c->dir = dir;
-    c->source = src;
+    c->source = arm > 1 ? arm : src;
     c->fd = fdp ? *fdp : -1;
     c->hello_left = 0;
     c->active = 1;

@@ -495,7 +495,8 @@ class Pipeline:
         tls = info.tls_introspected and bool(info.tls_libraries)
         source: Source = "socket"
         if tls:
-            source = "gnutls" if info.tls_libraries[-1] == "gnutls" else "openssl"
+            last = info.tls_libraries[-1]
+            source = "gnutls" if last == "gnutls" else "nodetls" if last == "nodetls" else "openssl"
         shed = r.shedding or conn.shed
         for i, direction in enumerate(rec.DIRECTIONS):
             end = r.ends[(2 if tls else 0) + i] if len(r.ends) == 4 else None

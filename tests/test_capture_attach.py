@@ -21,6 +21,7 @@ class Recorder:
     def __init__(self, fail_at: set[object] = frozenset()) -> None:
         self.calls: list[tuple[object, str, bool]] = []
         self.log: list[tuple] = []  # ("probe", slot) and ("arm", slot), in order
+        self.labels: list[str] = []  # what each arm says its records are
         self.fail_at = fail_at
 
     def __call__(self, path: str, where: object, fn_name: str, ret: bool, slot: int) -> None:
@@ -29,8 +30,9 @@ class Recorder:
         self.calls.append((where, fn_name, ret))
         self.log.append(("probe", slot))
 
-    def arm(self, slot: int) -> None:
+    def arm(self, slot: int, label: str = "openssl") -> None:
         self.log.append(("arm", slot))
+        self.labels.append(label)
 
 
 @needs_libssl
@@ -369,3 +371,18 @@ def test_the_most_recently_used_idle_files_stay_attached_and_a_new_file_takes_th
     new = a.consider(LIBSSL)
     assert new is not None and detached == [old.slot, recent.slot] and a.attachments == [new]
     assert a.over_limit == 0
+
+
+@needs_libssl
+def test_node_s_own_openssl_is_armed_as_nodetls_and_a_system_library_as_itself(tmp_path):
+    """Qtap's contract lists nodetls among tlsProbeTypesDetected: node's
+    statically linked OpenSSL gets the same probes, its records that name."""
+    import shutil
+
+    node = shutil.which("node")
+    assert node, "node is not installed (make setup installs it)"
+    rec = Recorder()
+    a = Attacher(rec, mode="entry", arm_fn=rec.arm)
+    assert a.consider(LIBSSL).label == "openssl"
+    assert a.consider(os.path.realpath(node)).label == "nodetls"
+    assert rec.labels == ["openssl", "nodetls"]

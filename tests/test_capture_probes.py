@@ -332,13 +332,15 @@ def test_node_https_get_is_captured_through_the_node_binary(tls_capture, nginx):
     finally:
         node.kill()
         node.wait()
-    sink.wait_for(lambda rs: b'"uri":"/json?from=node"' in stream(rs, node.pid, direction="ingress", source="openssl"),
+    # node's own OpenSSL: the openssl probes, its records "nodetls" (its file's armed value).
+    sink.wait_for(lambda rs: b'"uri":"/json?from=node"' in stream(rs, node.pid, direction="ingress", source="nodetls"),
                   what="node's decrypted response")
     rs = sink.snapshot()
-    assert b"GET /json?from=node HTTP/1.1" in stream(rs, node.pid, direction="egress", source="openssl")
+    assert b"GET /json?from=node HTTP/1.1" in stream(rs, node.pid, direction="egress", source="nodetls")
+    assert not chunks(rs, node.pid, source="openssl")
     # Node's OpenSSL talks to a memory BIO, so no syscall nests in SSL_*: the fd
     # is unknown (-1) and the stream is keyed by the SSL* instead.
-    tls = chunks(rs, node.pid, source="openssl")
+    tls = chunks(rs, node.pid, source="nodetls")
     assert {c.fd for c in tls} == {-1}
     assert len({c.tls_ref for c in tls}) == 1
     assert_contiguous(tls)

@@ -281,11 +281,14 @@ def assert_same_connection(client_events: list[dict], server_events: list[dict])
 
 
 def check_both(reader: StreamReader, m: str, *, method: str, url: str, status: int, client_exe: str,
-               server_exe: str, client_addr: tuple[str, int], server_addr: tuple[str, int], tls: str | None,
-               tls_version: str | None = None, endpoint: str | None = None, endpoint_on_updates: bool = True,
-               n: int = 1, protocol: str = "http1", same_bytes: bool = True, **tx_fields):
+               server_exe: str, client_addr: tuple[str, int], server_addr: tuple[str, int],
+               tls: str | tuple[str, str] | None, tls_version: str | None = None, endpoint: str | None = None,
+               endpoint_on_updates: bool = True, n: int = 1, protocol: str = "http1", same_bytes: bool = True,
+               **tx_fields):
     """A request seen from both ends: the client's egress-internal and the
-    server's ingress transaction, each with its own connection events."""
+    server's ingress transaction, each with its own connection events.
+    ``tls``: both ends' library, or (the client's, the server's)."""
+    client_tls, server_tls = tls if isinstance(tls, tuple) else (tls, tls)
     clients, servers = both_sides(reader, m, n)
     for tx in clients:
         assert_tx(tx, method=method, url=url if n == 1 else tx["request"]["url"], status=status,
@@ -294,16 +297,16 @@ def check_both(reader: StreamReader, m: str, *, method: str, url: str, status: i
         assert_tx(tx, method=method, url=url if n == 1 else tx["request"]["url"], status=status,
                   exe=server_exe, direction="ingress", protocol=protocol, **tx_fields)
     ce = assert_connection(reader, clients[0], direction="egress-internal", client=client_addr, server=server_addr,
-                           exe=client_exe, tls=tls, tls_version=tls_version, endpoint=endpoint,
+                           exe=client_exe, tls=client_tls, tls_version=tls_version, endpoint=endpoint,
                            endpoint_on_updates=endpoint_on_updates, transactions=n, protocol=protocol)
     se = assert_connection(reader, servers[0], direction="ingress", client=client_addr, server=server_addr,
-                           exe=server_exe, tls=tls, tls_version=tls_version, endpoint=endpoint,
+                           exe=server_exe, tls=server_tls, tls_version=tls_version, endpoint=endpoint,
                            endpoint_on_updates=endpoint_on_updates, transactions=n, protocol=protocol)
     if same_bytes:
         assert_same_connection(ce, se)
     for c, s in zip(clients, servers):
-        assert_tx_metadata(c, local=client_addr, remote=server_addr, tls=tls, tls_version=tls_version)
-        assert_tx_metadata(s, local=server_addr, remote=client_addr, tls=tls, tls_version=tls_version)
+        assert_tx_metadata(c, local=client_addr, remote=server_addr, tls=client_tls, tls_version=tls_version)
+        assert_tx_metadata(s, local=server_addr, remote=client_addr, tls=server_tls, tls_version=tls_version)
         # What one end sent in this exchange is what the other received.
         cm, sm = c["metadata"], s["metadata"]
         assert (cm["bytes_sent"], cm["bytes_received"]) == (sm["bytes_received"], sm["bytes_sent"]), (cm, sm)
@@ -544,9 +547,10 @@ def test_node_https_get(live, nginx):
     got = json.loads(out.stdout)
     peer = json.loads(got["body"])
     assert peer["port"] == got["port"] and peer["args"] == f"m={m}"
+    # node's own OpenSSL is "nodetls", as Qtap names it; nginx's the system's libssl.
     check_both(reader, m, method="GET", url=nginx.url(uri), status=200, client_exe=exe("node"),
                server_exe=exe("nginx"), client_addr=(LOOP, got["port"]), server_addr=(LOOP, nginx.port),
-               tls="openssl", tls_version=tls_name(got["tls"]),
+               tls=("nodetls", "openssl"), tls_version=tls_name(got["tls"]),
                req_headers={"Host": f"{LOOP}:{nginx.port}", "X-Marker": m},
                resp_headers=nginx_headers(got["body"].encode()), resp_body=got["body"].encode())
 
@@ -620,6 +624,7 @@ def test_node_http2_client_and_server_both_sides(live, cert):
                           resp_body=lambda b, method=method: json.loads(b)["method"] == method)
             assert {tx["metadata"]["local_address"]["port"] for tx in side} == \
                 {got["port"] if direction != "ingress" else port}
+            assert {tx["metadata"]["tls_library"] for tx in side} == {"nodetls"}
         assert sorted(json.loads(b)["method"] for b in got["bodies"]) == ["GET", "POST"]
 
 
@@ -676,7 +681,7 @@ def test_a_node_servers_connections_have_their_addresses_from_the_first_request(
         assert len(served) == 6, [(tx["direction"], tx["request"]["url"]) for tx in txs]
         for tx in served:
             i = int(tx["request"]["url"].rsplit("=", 1)[1])
-            assert_tx_metadata(tx, local=(LOOP, port), remote=(LOOP, ports[i]), tls="openssl", tls_version=None)
+            assert_tx_metadata(tx, local=(LOOP, port), remote=(LOOP, ports[i]), tls="nodetls", tls_version=None)
             opened = [c for t, c in reader.connection_events(tx["_event"]["connectionId"]) if t == "connection.opened"]
             said = [c for t, c in reader.connection_events(tx["_event"]["connectionId"])
                     if c["source"].get("address")]
@@ -1241,7 +1246,7 @@ def test_client_started_after_the_agent_from_a_tls_binary_it_never_saw(live, ngi
                   direction="egress-internal", req_headers={"Host": f"{LOOP}:{nginx.port}"},
                   resp_headers=nginx_headers(), resp_body=lambda b: json.loads(b)["args"] == f"m={m}&i={i}")
         conn = [c for k, c in reader.connection_events(tx["_event"]["connectionId"])]
-        assert conn and conn[-1]["meta"]["tlsProbeTypesDetected"] == ["openssl"], conn[-1:]
+        assert conn and conn[-1]["meta"]["tlsProbeTypesDetected"] == ["nodetls"], conn[-1:]  # a copy of node: its own OpenSSL
         assert all(c["source"]["exe"] == str(copy) for c in conn)
         started = reader.find(lambda t, d: t == "process.started" and d["data"]["pid"] == proc.pid, timeout=WAIT)
         assert started and started[0][1]["data"]["path"] == str(copy)

@@ -191,6 +191,15 @@ class Attachment:
     def ok(self) -> bool:
         return self.error is None
 
+    @property
+    def label(self) -> str:
+        """What its records call it: ``nodetls`` for the OpenSSL inside a node
+        binary (Qtap's name, in ``tlsProbeTypesDetected``), else its library."""
+        name = os.path.basename(self.path)
+        if self.library == "openssl" and not _LIB_NAME.match(name) and name.startswith("node"):
+            return "nodetls"
+        return self.library
+
 
 def library_of(path: str, held: str | None = None) -> Library | None:
     """Which TLS library family ``path`` provides, from its name or its
@@ -244,8 +253,9 @@ class Attacher:
 
     ``attach_fn(path, where, fn_name, ret, slot)`` does the kernel work (a
     uprobe or uretprobe; ``where`` is a symbol or an ELF virtual address),
-    ``arm_fn(slot)`` lets the probes of the file in ``slot`` act once every one
-    of them is placed (probes/tls_common.h, ``armed``), and
+    ``arm_fn(slot, label)`` lets the probes of the file in ``slot`` act once
+    every one of them is placed, their records naming ``label``
+    (probes/tls_common.h, ``armed``), and
     ``detach_fn(slot)`` removes them (False: it cannot); injected so this
     logic is testable.  Slots run from 1; a detached file's slot is reused.
     """
@@ -256,7 +266,7 @@ class Attacher:
         exclude_pid: int = 0,
         mode: AttachMode = "auto",
         plans: Callable[[str], dict[str, tuned_plans.Plan]] = tuned_plans.analyze,
-        arm_fn: Callable[[int], None] = lambda slot: None,
+        arm_fn: Callable[[int, str], None] = lambda slot, label: None,
         detach_fn: Callable[[int], bool] = lambda slot: False,
         keep_idle: int = KEEP_IDLE,
     ) -> None:
@@ -345,7 +355,7 @@ class Attacher:
             att = self._attach(path, held, key, lib, slot)
             att.pinned = pinned
             att.last_used = self._sweeps
-            self._arm_fn(slot)  # after its last probe: a call is seen on both sides or not at all
+            self._arm_fn(slot, att.label)  # after its last probe: a call is seen on both sides or not at all
             self._by_inode[key] = att
             self._published = tuple(self._by_inode.values())
             return att

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 Direction = Literal["egress", "ingress"]
-Source = Literal["socket", "openssl", "gnutls"]
+Source = Literal["socket", "openssl", "gnutls", "nodetls"]
 
 
 @dataclass(slots=True)  # for __eq__ and __repr__; __init__ written out: generated, it would run interpreted

@@ -37,6 +37,7 @@ from .attach import KEEP_IDLE, MAX_ATTACHMENTS, TUNED_FUNCTIONS, AttachMode, Att
 from .links import LinkUnsupported, Links, close_all
 from .records import (
     Batch,
+    SOURCES,
     ProcessExec,
     Record,
     SocketAccept,
@@ -374,13 +375,15 @@ class Capture:
         else:
             bpf.attach_uprobe(name=path.encode(), fn_name=fn_name.encode(), **at)
 
-    def _arm(self, slot: int) -> None:
-        """Every probe of the attachment in ``slot`` is placed: its calls count from now."""
-        self._set_armed(slot, True)
+    def _arm(self, slot: int, label: str = "openssl") -> None:
+        """Every probe of the attachment in ``slot`` is placed: its calls count
+        from now, their records naming ``label`` (a SOURCES name)."""
+        self._set_armed(slot, True, SOURCES.index(label) if label == "nodetls" else 1)
 
-    def _set_armed(self, slot: int, on: bool) -> None:
+    def _set_armed(self, slot: int, on: bool, value: int = 1) -> None:
+        # 1: armed, the source the probe's program names; more: that source (probes/tls_common.h).
         armed = self._bpf[b"armed"]
-        armed[armed.Key(slot)] = armed.Leaf(int(on))
+        armed[armed.Key(slot)] = armed.Leaf(value if on else 0)
 
     def _detach(self, slot: int) -> bool:
         """Remove the probes of the attachment in ``slot``; False if they were

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 EXEC, FORK, EXIT, CONNECT, ACCEPT, ADDRESS, CLOSE, DATA, SNI, CGROUP = range(1, 11)
 
 DIRECTIONS: tuple[Direction, Direction] = ("egress", "ingress")
-SOURCES: tuple[Source, Source, Source] = ("socket", "openssl", "gnutls")
+SOURCES: tuple[Source, Source, Source, Source] = ("socket", "openssl", "gnutls", "nodetls")
 
 AF_INET = 2
 AF_INET6 = 10
