@@ -453,7 +453,8 @@ def create_app(rt: Runtime) -> Starlette:
     docs = {
         stream: f"Server-Sent Events: the live event stream (filters: {', '.join(FILTER_KEYS)}; snapshot=false; "
                 "after=<event id> resumes after it, after=0 replays the history)",
-        transactions: "Recent HTTP transactions, newest first (limit, offset, and the stream's filters)",
+        transactions: "Recent HTTP transactions, newest first (limit, offset or before for the next page, "
+                      "and the stream's filters)",
         transaction: "One transaction with its full request and response",
         processes: "Live processes",
         process_tree: "Live processes as a tree",

@@ -125,6 +125,15 @@ def test_example_capture_is_clean_sse_wire_format():
     assert r.stdout.strip() == "3"
 
 
+def test_example_capture_is_what_its_script_makes_from_this_build():
+    """The example goes stale as events gain fields (it lacked
+    summary.container_id and duration_us, which the README documents)."""
+    made = subprocess.run([sys.executable, str(ROOT / "examples" / "make_traffic_capture.py")], capture_output=True,
+                          check=True, timeout=60).stdout
+    assert made == EXAMPLE.read_bytes(), ("examples/traffic-capture.txt is stale: regenerate it with "
+                                          "examples/make_traffic_capture.py")
+
+
 def test_example_capture_replays_with_its_transactions(tmp_path):
     port = free_port()
     with agent(["replay", str(EXAMPLE.relative_to(ROOT))], port, tmp_path / "replay.log") as proc:
