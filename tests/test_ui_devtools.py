@@ -286,6 +286,21 @@ def test_the_filter_box_takes_the_apis_status_and_list_syntax(page, rich):
         set_filter(page, text)
         wait_shown(page, len(want))
         assert shown_paths(page) == want, text
+    hint = page.locator('[data-testid="filter-hint"]')
+    assert hint.is_hidden()
+    # A value the field cannot take is said, as the API's 400 says it, not
+    # shown as "0 requests" and nothing more.
+    for text, says in [("status:abc", "status:abc — expected 404, 4xx, >=400 or <300"),
+                       ("host:x side:both", "side:both — expected client or server"),
+                       ("pid:12,x1", "pid:x1 — expected a process id")]:
+        set_filter(page, text)
+        page.wait_for_function("s => document.querySelector('[data-testid=filter-hint]').textContent.startsWith(s)",
+                               arg=says)
+        assert hint.is_visible()
+        assert page.get_attribute('[data-testid="filter-text"]', "aria-invalid") == "true"
+    set_filter(page, "status:4xx")
+    page.wait_for_function("() => document.querySelector('[data-testid=filter-hint]').hidden")
+    assert page.get_attribute('[data-testid="filter-text"]', "aria-invalid") == "false"
 
 
 def test_method_and_errors_only_toggles_hide_exactly_the_right_rows(page, rich):
@@ -509,6 +524,9 @@ def test_summary_bar_counts_requests_transferred_bytes_and_errors(page, rich):
         assert errors_el.inner_text() == f"{nerrors} error{'' if nerrors == 1 else 's'}"
 
     expect(RICH_TXS, RICH_TRANSACTIONS)
+    # What the page keeps is said before any is let go.
+    assert page.get_attribute('[data-testid="summary-requests"]', "title").startswith(
+        "The page keeps the newest 10000 rows or 256 MB of them (?cap= and ?capmb= change this); none let go")
     # The truncated 3 MiB body counts whole: it was transferred, if not captured.
     assert page.inner_text('[data-testid="summary-bytes"]') == "3.1 MB transferred"
     assert page.inner_text('[data-testid="summary-errors"]') == "4 errors"
@@ -739,6 +757,24 @@ def test_a_header_click_sorts_up_then_down_then_back_to_arrival_order(page, rich
     """As in the browser's DevTools: sort by a column's value (sizes as
     numbers, not as "3.1 MB" < "762 B"), empty cells last either way."""
     opened(page, rich)
+    # In a view that shows a few rows and follows the newest at the bottom, a
+    # sort shows its first rows; back in arrival order, the newest again.
+    page.set_viewport_size({"width": 1600, "height": 240})
+    table = page.locator('[data-testid="requests-table"]')
+    table.evaluate("el => { el.scrollTop = el.scrollHeight; }")
+    next_frame(page)
+    at = "el => [el.scrollTop, el.scrollHeight - el.clientHeight]"
+    top, end = table.evaluate(at)
+    assert end > 0 and top == end  # more rows than fit, at the bottom
+    header = page.locator('[data-testid="requests-table"] [data-testid="col-size"]')
+    header.click()
+    next_frame(page)
+    assert table.evaluate(at)[0] == 0
+    header.click()
+    header.click()
+    next_frame(page)
+    top, end = table.evaluate(at)
+    assert top == end  # unsorted: following the newest again
     page.set_viewport_size({"width": 1600, "height": 1000})  # every row in the DOM
     next_frame(page)
     arrival = [r.split(" | ")[4] for r in rows(page)]
@@ -771,6 +807,7 @@ def test_a_header_click_sorts_up_then_down_then_back_to_arrival_order(page, rich
     header.click()
     assert header.get_attribute("aria-sort") == "none"
     assert shown() == arrival
+
 
 
 def test_processes_sort_by_pid_as_numbers(page, rich):
@@ -965,7 +1002,7 @@ def test_a_stopped_agent_shows_disconnected_with_its_reason_and_a_vanished_one_r
     conn = '[data-testid="status-connection"]'
     page.wait_for_timeout(1500)  # a retry or two have failed by now
     assert page.get_attribute(conn, "data-state") == "disconnected"
-    assert page.inner_text(conn) == "Disconnected"
+    assert page.inner_text(conn) == "Disconnected: agent shutting down"  # the reason in view, not only on hover
     assert page.get_attribute(conn, "title").startswith("The agent said: agent shutting down; retrying in ")
     # Gone without a word (killed): reconnecting.
     shown_then_stopped(page, tmp_path, capture, free_port(), signal.SIGKILL)

@@ -130,6 +130,23 @@ function parseTerms(text) {
   return terms;
 }
 
+// What a field's value must look like (as the API's filters check theirs):
+// status:abc matched nothing and said nothing.
+const FIELD_VALUES = {
+  status: [/^(\d{3}|\dx{1,2}|(>=|<=|>|<)\d{1,3})$/, "404, 4xx, >=400 or <300"],
+  pid: [/^\d+$/, "a process id, e.g. pid:1234"],
+  side: [/^(client|server)$/, "client or server"],
+  direction: [/^(ingress|egress|egress-internal|egress-external)$/, "ingress, egress-internal or egress-external"],
+  method: [/^[a-z]+$/, "a method, e.g. get or post"],
+};
+
+function termProblem(t) {
+  const rule = FIELD_VALUES[t.field];
+  if (!rule) return null;
+  const bad = t.value.split(",").filter((v) => v && !rule[0].test(v));
+  return bad.length ? `${t.field}:${bad[0]} — expected ${rule[1]}` : null;
+}
+
 function fieldText(row, field) {
   switch (field) {
     case "method": return row.method.toLowerCase();
@@ -624,9 +641,10 @@ function refreshNetwork(removedFromTop = 0) {
   req.dataset.shown = String(shown);
   req.dataset.total = String(total);
   req.dataset.letGo = String(state.rowsLetGo);
+  const kept = `The page keeps the newest ${ROW_CAP} rows or ${BYTES_CAP / 1048576} MB of them`;
   req.title = state.rowsLetGo
-    ? `The page keeps the newest ${ROW_CAP} rows or ${BYTES_CAP / 1048576} MB of them: ${state.rowsLetGo} older let go (?cap= and ?capmb= change this)`
-    : "";
+    ? `${kept}: ${state.rowsLetGo} older let go (?cap= and ?capmb= change this)`
+    : `${kept} (?cap= and ?capmb= change this); none let go so far`;
   $("summary-bytes").textContent = `${formatBytes(bytes) || "0 B"} transferred`;
   $("summary-bytes").dataset.bytes = String(bytes);
   const err = $("summary-errors");
@@ -650,10 +668,7 @@ const filterInput = $("filter-text");
 let filterTimer = 0;
 filterInput.addEventListener("input", () => {
   clearTimeout(filterTimer);
-  filterTimer = setTimeout(() => {
-    state.filter.terms = parseTerms(filterInput.value);
-    refilter();
-  }, 80);
+  filterTimer = setTimeout(() => applyFilterText(filterInput.value), 80);
 });
 filterInput.addEventListener("keydown", (e) => {
   if (e.key === "Enter" || e.key === "ArrowDown") {
@@ -664,7 +679,18 @@ filterInput.addEventListener("keydown", (e) => {
 
 function setFilterText(text) {
   filterInput.value = text;
+  applyFilterText(text);
+}
+
+const filterHint = $("filter-hint");
+
+function applyFilterText(text) {
   state.filter.terms = parseTerms(text);
+  const problem = state.filter.terms.map(termProblem).find(Boolean) || "";
+  filterInput.setAttribute("aria-invalid", problem ? "true" : "false");
+  filterInput.closest(".filter-box").classList.toggle("invalid", !!problem);
+  filterHint.textContent = problem;
+  filterHint.hidden = !problem;
   refilter();
 }
 
@@ -921,7 +947,7 @@ function connect() {
     const retry = `retrying in ${(retryMs / 1000).toFixed(1)} s`;
     if (goodbye) {
       // It said why it went (stopped): keep saying so while we retry.
-      setConnection("disconnected", "Disconnected", `The agent said: ${goodbye}; ${retry}`);
+      setConnection("disconnected", `Disconnected: ${goodbye}`, `The agent said: ${goodbye}; ${retry}`);
       renderCapture({ state: "unknown", error: `the agent stopped (${goodbye}): the page reconnects when it is back` });
     } else {
       setConnection("reconnecting", "Reconnecting…", `Retrying in ${(retryMs / 1000).toFixed(1)} s`);
@@ -949,7 +975,7 @@ function onEvent(type, e) {
     onDropped((body && body.data) || {});
   } else if (type === "system.disconnected") {
     goodbye = (body && body.data && body.data.reason) || "the stream ended";
-    setConnection("disconnected", "Disconnected", `The agent said: ${goodbye}`);
+    setConnection("disconnected", `Disconnected: ${goodbye}`, `The agent said: ${goodbye}`);
   } else {
     enqueue(type, body);
   }

@@ -103,6 +103,9 @@ export class VirtualTable {
     });
     this.setRows(this.source);
     if (this.selected) this.reveal(this.indexOf(this.selected));
+    // Sorted: from its first rows (the view had followed the newest at the
+    // bottom, so the smallest looked missing); unsorted: following again.
+    else this.el.scrollTop = this.sortKey ? 0 : this.el.scrollHeight;
   }
 
   sorted(rows) {
