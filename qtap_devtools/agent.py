@@ -33,7 +33,7 @@ from qtap_devtools.enrich.model import ProcessInfo
 from qtap_devtools.events import SystemConnected, SystemDisconnected
 from qtap_devtools.filters import EventFilter
 from qtap_devtools.pipeline import Pipeline
-from qtap_devtools.priority import CpuPriority
+from qtap_devtools.priority import LIFT_FILL, STALL_US, WATCH_US, CpuPriority
 from qtap_devtools.publisher import Publisher
 from qtap_devtools.runner import STOP_REASON, serve
 from qtap_devtools.server import Runtime
@@ -169,8 +169,12 @@ class Agent:
                 # Idle while keeping up, an equal when behind (priority.py).
                 on_load=self.priority.update if self.priority.mode == "auto" else None,
                 read_process=self.enricher.read_now,
+                # The reader idle too, lifted by a watchdog when behind.
+                watch_ring=(LIFT_FILL, WATCH_US, STALL_US) if self.priority.mode == "auto" else None,
             )
             cap.start()
+            if cap.watchdog is not None and cap.reader_tid is not None:
+                self.priority.watch(cap.watchdog, cap.reader_tid)
             self.backlog.while_waiting = cap.check_load
         except CaptureError as exc:
             self.capture_error = str(exc)

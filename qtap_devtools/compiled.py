@@ -2,7 +2,8 @@
 
 Two kinds, both built by ``make setup`` (``setup.py``):
 - hand-written C parts, each with the Python it mirrors kept as the reference
-  (and a test comparing the two);
+  (and a test comparing the two), except the ring watchdog, which must run
+  without the GIL (without it the ring reader runs as an equal);
 - modules mypyc compiles from their own Python source: the hot path of every
   transaction (reassembly, the pipeline, the event model, the store, the
   fan-out and its filters).  Nothing is duplicated: the ``.py`` is the code.
@@ -30,7 +31,7 @@ from typing import Mapping
 
 PACKAGE = Path(__file__).resolve().parent
 C_PARTS = {"assemble/_headparse": "head parser", "capture/_ringread": "ring reader", "_b64": "base64 encoder",
-           "_jsonw": "JSON writer"}
+           "_jsonw": "JSON writer", "capture/_watchdog": "ring watchdog"}
 C_HEADERS = ("_capi.h", "_b64enc.h")  # in the package's top directory, shared by the C parts
 MYPYC_MODULES = (
     "assemble/http1_parse", "assemble/http1", "assemble/http2", "assemble/offsets", "assemble/hpack_decode", "assemble/model",

@@ -30,10 +30,19 @@ before, does the opposite: it makes the agent due first.)
 
 The load is the capture's (:meth:`Capture.load`): the fuller of the ring
 buffer and the hand-off queue, where 1.0 is 0.5 s behind; bodies start being
-shed at 0.5.  The helper threads (the ring reader, which measures it, the exec
-watcher, the Docker and Kubernetes lookups) always run as equals: they use
-little CPU and must answer promptly (``threads.service_thread``).  Only the
-rest, the event loop's thread above all, yields.
+shed at 0.5.  The ring reader measures it, so it must get a core when the
+traced programs take every one; yet at normal priority its wake-ups (every 64
+records) are what delays them most.  Counted with the ``sched_switch``
+tracepoint over 8 s of rate10k: the reader preempted nginx or wrk 480-610
+times, for 80-175 ms of waiting; idle, 76 times, 7-10 ms.  So in ``auto`` it
+runs idle too, watched by a thread that needs no GIL (``capture/_watchdog.c``,
+normal priority, a look every ``WATCH_US``): once ``LIFT_FILL`` of the ring is
+unread, or records have waited ``STALL_US`` with none read, it lifts the reader
+to normal, which then measures the load and decides for the rest as before;
+caught up, the reader is lowered and watched again.
+Without the watchdog built, the reader runs as an equal.  The other helper
+threads (the exec watcher, the Docker and Kubernetes lookups) always do: they
+use little CPU and must answer promptly (``threads.service_thread``).
 """
 
 from __future__ import annotations
@@ -53,6 +62,13 @@ MODES = ("auto", "idle", "low", "normal")
 BEHIND = 0.4  # Capture.load(): 0.2 s behind; shedding starts at 0.5 (loader.SHED_ON)
 CAUGHT_UP = 0.05
 HOLD_SECONDS = 0.25
+LIFT_FILL = 0.1  # of the ring unread: the watchdog lifts the reader (> CAUGHT_UP, where it is lowered)
+WATCH_US = 5_000  # the watchdog's period: 3 MiB of a 32 MiB ring fill in ~6 ms at W2's rate, ~200 at W1's
+# Records unread this long, none read, lift too: a trickle of traffic on a CPU
+# that other programs fill never reaches LIFT_FILL.  Longer than the reader ever
+# waits for a core at rate10k: 100 ms lifted it 1-3 times a run, and then the
+# traced p99, its CPU and the stream's delay were all worse than with none.
+STALL_US = 500_000
 SLICE_NS = 20_000_000  # the kernel takes 0.1-100 ms; its default here is 1.4
 _SCHED_SETATTR = {"x86_64": 314, "aarch64": 274}  # no wrapper in Python or glibc
 
@@ -101,6 +117,8 @@ class CpuPriority:
         self.mode = mode
         self.idle = False  # SCHED_IDLE now
         self.switches = 0  # times "auto" went from idle to normal
+        self.watchdog = None  # capture/_watchdog.c's, once watch() is called
+        self._reader: list[int] = []  # the ring reader's thread, which the watchdog lifts
         self.long_slices = False  # SLICE_NS taken (apply)
         self._since = 0.0
         self._threads = threads  # this process's thread ids (a test passes its own)
@@ -128,6 +146,17 @@ class CpuPriority:
             "normal": "normal",
         }[self.mode]
 
+    def watch(self, watchdog, reader_tid: int) -> None:
+        """Let ``watchdog`` lift the ring reader's thread, idle from now on
+        while the rest is (``auto`` only)."""
+        if self.mode != "auto":
+            return
+        with self._lock:
+            self.watchdog, self._reader = watchdog, [reader_tid]
+            if self.idle:
+                _set(True, self._reader)
+                watchdog.arm(self._reader)
+
     def update(self, load: float, now: float | None = None) -> None:
         if self.mode != "auto":
             return
@@ -137,14 +166,23 @@ class CpuPriority:
                 self._switch(False, now)
                 self.switches += 1
                 log.debug("falling behind (load %.2f): running at normal CPU priority", load)
-            elif not self.idle and load <= CAUGHT_UP and now - self._since >= HOLD_SECONDS:
-                self._switch(True, now)
+            elif load <= CAUGHT_UP:
+                if not self.idle and now - self._since >= HOLD_SECONDS:
+                    self._switch(True, now)
+                elif self.idle and self.watchdog is not None and not self.watchdog.armed:
+                    _set(True, self._reader)  # lifted to look, and all is well: back to idle
+                    self.watchdog.arm(self._reader)
 
     def _switch(self, idle: bool, now: float) -> None:
         _set(idle, [t for t in self._threads() if t not in SERVICE_TIDS])
+        if self.watchdog is not None:
+            self.watchdog.arm(self._reader if idle else ())  # nothing to lift while normal
         self.idle = idle
         self._since = now
 
     def stats(self) -> dict:
-        return {"cpu_priority": self.describe(), "cpu_priority_now": "idle" if self.idle else "normal",
-                "cpu_priority_switches": self.switches}
+        out = {"cpu_priority": self.describe(), "cpu_priority_now": "idle" if self.idle else "normal",
+               "cpu_priority_switches": self.switches}
+        if self.watchdog is not None:
+            out["cpu_priority_reader_lifts"] = self.watchdog.lifts
+        return out

@@ -1,9 +1,9 @@
 """The agent's helper threads: named where the OS shows them, and run as
 equals whatever the agent's CPU priority (``priority.py``).
 
-They do little CPU but must answer promptly: the ring reader measures how far
-behind the agent is, the exec watcher attaches to new processes, the Docker
-and Kubernetes threads fetch the metadata an event waits at most 50 ms for.
+They do little CPU but must answer promptly: the exec watcher attaches to new
+processes, the Docker and Kubernetes threads fetch the metadata an event waits
+at most 50 ms for (the ring reader too, where no watchdog lifts it: priority.py).
 Idle, under load they would not get a core in time.  Threads inherit the
 scheduling class of the thread that starts them, so each one says so itself,
 first thing (:func:`service_thread`).
@@ -28,12 +28,17 @@ def name_thread(name: str) -> None:
         pass
 
 
+def lift(tid: int = 0) -> None:
+    """Run thread ``tid`` (0: this one) as an equal if it is idle."""
+    try:
+        if os.sched_getscheduler(tid) == os.SCHED_IDLE:
+            os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+    except OSError:  # it ended, or a seccomp filter: it runs as it was
+        pass
+
+
 def service_thread(name: str) -> None:
     """Call first in a helper thread: names it, and runs it as an equal."""
     name_thread(name)
     SERVICE_TIDS.add(threading.get_native_id())
-    try:
-        if os.sched_getscheduler(0) == os.SCHED_IDLE:
-            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
-    except OSError:  # e.g. a seccomp filter: it runs as it was started
-        pass
+    lift()

@@ -8,6 +8,8 @@ import http.client
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -134,11 +136,12 @@ def agent_threads(pid: int) -> dict[int, str]:
     return out
 
 
-@pytest.mark.parametrize("flag, policy, nice, said", [
-    ([], os.SCHED_IDLE, 0, "auto (SCHED_IDLE while keeping up, normal when behind)"),
-    (["--cpu-priority", "low"], os.SCHED_OTHER, 19, "low (nice 19)"),
+@pytest.mark.parametrize("flag, policy, nice, said, helpers", [
+    # The ring reader idle too, lifted by the watchdog when behind (priority.py).
+    ([], os.SCHED_IDLE, 0, "auto (SCHED_IDLE while keeping up, normal when behind)", ["qtap-attach", "qtap-watchdog"]),
+    (["--cpu-priority", "low"], os.SCHED_OTHER, 19, "low (nice 19)", ["qtap-attach", "qtap-ring"]),
 ])
-def test_every_agent_thread_runs_at_the_cpu_priority_asked(tmp_path, flag, policy, nice, said):
+def test_every_agent_thread_runs_at_the_cpu_priority_asked(tmp_path, flag, policy, nice, said, helpers):
     port = free_port()
     proc = AgentProcess(["run", "--no-docker", "--listen", f"127.0.0.1:{port}", *flag], port,
                         tmp_path / "agent.log").start("/readyz")
@@ -146,19 +149,62 @@ def test_every_agent_thread_runs_at_the_cpu_priority_asked(tmp_path, flag, polic
         # Ready means capturing: the ring reader, bcc's and the server's threads all exist.
         threads = agent_threads(proc.proc.pid)
         assert len(threads) >= 3
-        service = [t for t, name in threads.items() if name.startswith("qtap-")]
-        assert sorted(threads[t] for t in service) == ["qtap-attach", "qtap-ring"], threads  # --no-docker
+        service = [t for t, name in threads.items() if name in helpers]
+        assert sorted(threads[t] for t in service) == helpers, threads  # --no-docker
+        assert "qtap-ring" in threads.values()
         rest = [t for t in threads if t not in service]
         assert {os.sched_getscheduler(t) for t in rest} == {policy}
         assert {os.getpriority(os.PRIO_PROCESS, t) for t in threads} == {nice}
-        # The ring reader measures how far behind the agent is, the exec
-        # watcher attaches to new processes: they must get a core when the
-        # traced programs take every one, so they run as equals.
+        # The exec watcher attaches to new processes, the watchdog (or, without
+        # it, the ring reader) notices the agent falling behind: they must get
+        # a core when the traced programs take every one, so they run as equals.
         assert {os.sched_getscheduler(t) for t in service} == {os.SCHED_OTHER}
         status, body = get(proc.url + "/devtools/api/stats")
         assert status == 200 and body["capture"]["cpu_priority"] == said
+        assert ("cpu_priority_reader_lifts" in body["capture"]) == (not flag)
         assert f"CPU priority {said}" in proc.output()
     finally:
+        proc.stop()
+
+
+def test_an_idle_agent_on_a_cpu_the_traced_programs_fill_is_lifted_by_its_watchdog_and_loses_nothing(tmp_path):
+    """--cpu-priority auto: every agent thread but its helpers idle, the ring
+    reader too.  Programs at normal priority spinning on every core leave an
+    idle thread no core, so the reader cannot notice that it falls behind: the
+    watchdog thread must, lift it, and then every transaction arrives.  A lone
+    request, far too little to fill the ring, arrives too (it lifts the reader
+    once it has waited unread, if nothing else gives the reader a core)."""
+    from tests import realworld as rw
+    from tests.stream import StreamReader
+
+    port, marker, requests = free_port(), f"lift-{os.getpid()}", 1000
+    # A 1 MiB ring: lifted at 100 KiB unread; the traffic writes ~1 MiB of records.
+    proc = AgentProcess(["run", "--no-docker", "--listen", f"127.0.0.1:{port}", "--ring-mib", "1"], port,
+                        tmp_path / "agent.log").start("/readyz")
+    spinners: list[subprocess.Popen] = []
+    try:
+        with rw.Nginx(tmp_path, rw.make_cert(tmp_path / "cert")) as nginx:
+            stream = StreamReader(port)
+            spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                        for _ in range(os.cpu_count() or 1)]
+            lone = subprocess.run(["curl", "-sk", "-o", "/dev/null", nginx.url(f"/small?{marker}-lone")], timeout=60)
+            assert lone.returncode == 0
+            assert len(stream.transactions(f"{marker}-lone", count=2, timeout=60)) == 2, stream.health()
+            urls = [nginx.url(f"/small?{marker}={i}") for i in range(requests)]
+            done = subprocess.run(["curl", "-sk", "-o", "/dev/null", *urls], timeout=120)
+            assert done.returncode == 0
+            for p in spinners:
+                p.kill()
+            got = stream.transactions(f"{marker}=", count=2 * requests, timeout=60)  # the client's and nginx's
+            capture = get(proc.url + "/devtools/api/stats")[1]["capture"]
+            assert capture["cpu_priority_reader_lifts"] >= 1, capture
+            assert len(got) == 2 * requests, f"{len(got)} of {2 * requests}; {stream.health()}; {capture}"
+            assert capture["lost_records"] == 0 and stream.missed == 0
+            stream.close()
+    finally:
+        for p in spinners:
+            p.kill()
+            p.wait()
         proc.stop()
 
 

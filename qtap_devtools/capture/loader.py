@@ -47,7 +47,7 @@ from .records import (
     RecordReader,
 )
 from .ringbuf import RingReader
-from ..threads import service_thread
+from ..threads import lift, name_thread, service_thread
 
 if TYPE_CHECKING:
     from ..enrich.model import ProcessInfo
@@ -237,6 +237,7 @@ class Capture:
         on_load: Callable[[float], None] | None = None,
         byte_budget: float = 0,
         read_process: Callable[[int], ProcessInfo | None] | None = None,
+        watch_ring: tuple[float, int, int] | None = None,
     ) -> None:
         """``attach_mode``: ``"auto"`` probes OpenSSL at the cheap sites
         ``tuned.analyze`` proves (entry probes where it cannot), ``"entry"``
@@ -259,9 +260,15 @@ class Capture:
 
         ``read_process(pid)`` is called on the reader's thread for each exec
         record and its answer set as the record's ``process``: the reader
-        runs at normal priority and sees the exec within milliseconds, when
-        a short-lived process (a container's only curl) still has its /proc
-        entry, and the event loop may be idle-priority and behind."""
+        sees the exec within milliseconds while a core is free (and idle or
+        not, before the ring holds a tenth of its size), when a short-lived
+        process (a container's only curl) still has its /proc entry, and the
+        event loop may be behind.
+
+        ``watch_ring=(fill, period_us, stall_us)`` starts a watchdog (``_watchdog.c``,
+        where built: :attr:`watchdog`) and lets the reader's thread run at
+        the priority the agent gives it, instead of always as an equal
+        (priority.py)."""
         if ring_mib <= 0 or ring_mib & (ring_mib - 1):
             raise CaptureError(f"ring_mib={ring_mib}: must be a power of two")
         if not 64 <= max_chunk <= 30000:
@@ -317,6 +324,8 @@ class Capture:
         self._others: list[Record] = []  # the batch's records that are not data
         self._records_read = 0
         self._read_process = read_process
+        self._watch_ring = watch_ring
+        self.watchdog = None
         self.exec_reads = 0
         self.exec_reads_deferred = 0  # left to the event loop (an exec storm)
         self.accept_addresses_asked = 0  # accepts with no peer, their socket asked at once (_address_accepts)
@@ -349,6 +358,8 @@ class Capture:
         self._watcher = ExecWatcher(self._attacher, sweep_seconds=self.sweep_seconds)
         events = bpf[b"events"]
         self._ring = RingReader(events.map_fd, int(events.max_entries))  # bytes, for a ring
+        if self._watch_ring is not None:
+            self.watchdog = self._ring.watch(*self._watch_ring)
         self.compiler_pages_released = release_compiler_pages()
         self._stop.clear()
         self._thread = threading.Thread(target=self._poll_loop, name="qtap-ring", daemon=True)
@@ -406,6 +417,8 @@ class Capture:
         self._stop.set()
         thread, self._thread = self._thread, None
         if thread is not None:
+            if self.watchdog is not None and thread.native_id is not None:
+                lift(thread.native_id)  # an idle reader may wait long for a core under load
             thread.join(timeout=5)
         if self._watcher is not None:
             self._watcher.stop()
@@ -578,8 +591,15 @@ class Capture:
 
     # ---- reading ----
 
+    @property
+    def reader_tid(self) -> int | None:
+        return self._thread.native_id if self._thread is not None else None
+
     def _poll_loop(self) -> None:
-        service_thread("qtap-ring")
+        if self.watchdog is None:
+            service_thread("qtap-ring")
+        else:  # idle when the rest is, lifted by the watchdog
+            name_thread("qtap-ring")
         ring, parse = self._ring, self._reader.parse_at
         timeout = self.poll_timeout_ms
         while not self._stop.is_set():

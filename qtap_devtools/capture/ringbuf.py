@@ -33,6 +33,12 @@ except ImportError:
 else:
     _ringread.configure(chunk.DataChunk, chunk.make, records.DIRECTIONS, records.SOURCES, records.DATA,
                         records.DATA_HDR_SIZE, records.DATA_SHEDDING)
+# A thread that lifts idle threads when the ring falls behind (``_watchdog.c``);
+# without it the reader runs as an equal (priority.py).
+try:
+    from qtap_devtools.capture import _watchdog
+except ImportError:
+    _watchdog = None
 
 BUSY = 1 << 31
 DISCARD = 1 << 30
@@ -58,6 +64,16 @@ class RingReader:
         self._epoll = select.epoll()
         self._epoll.register(map_fd, select.EPOLLIN)
         self.parse_errors = 0
+        self.watchdog = None
+
+    def watch(self, fill: float, period_us: int, stall_us: int):
+        """Start a :class:`_watchdog.Watchdog` that lifts the threads it is armed
+        with once ``fill`` of the ring is unread, or records have waited
+        ``stall_us`` with none read; None where it is not built."""
+        if _watchdog is not None and self.watchdog is None:
+            self.watchdog = _watchdog.Watchdog(self._data, self._consumer, max(1, int(fill * self.size)), period_us,
+                                               stall_us)
+        return self.watchdog
 
     def wait(self, timeout_ms: int) -> None:
         """Sleep until the kernel signals new records, or ``timeout_ms``."""
@@ -134,6 +150,8 @@ class RingReader:
         return taken, data_bytes
 
     def close(self) -> None:
+        if self.watchdog is not None:  # first: it holds the pages
+            self.watchdog.close()
         self._epoll.close()
         self._data.close()
         self._consumer.close()
