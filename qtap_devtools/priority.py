@@ -63,7 +63,11 @@ BEHIND = 0.4  # Capture.load(): 0.2 s behind; shedding starts at 0.5 (loader.SHE
 CAUGHT_UP = 0.05
 HOLD_SECONDS = 0.25
 LIFT_FILL = 0.1  # of the ring unread: the watchdog lifts the reader (> CAUGHT_UP, where it is lowered)
-WATCH_US = 5_000  # the watchdog's period: 3 MiB of a 32 MiB ring fill in ~6 ms at W2's rate, ~200 at W1's
+# The watchdog's period.  Its wake-ups delay the traced programs too: at 5 ms,
+# 262 preemptions of nginx or wrk in a rate10k run (32 ms of waiting), more
+# than the idle reader's 117 (24 ms).  At W2's rate (~600 MB/s) the 32 MiB ring
+# fills 7.5 MB more in a period and its slack: lifted before shedding's half.
+WATCH_US = 10_000
 # Records unread this long, none read, lift too: a trickle of traffic on a CPU
 # that other programs fill never reaches LIFT_FILL.  Longer than the reader ever
 # waits for a core at rate10k: 100 ms lifted it 1-3 times a run, and then the
