@@ -292,7 +292,10 @@ def _running_agent(url: str, token: str | None = None) -> Check:
     detail = f"{stats.get('mode', '?')} agent at {url}, up {stats.get('uptime_seconds', '?')} s; "
     capture = stats.get("capture") or {}
     if capture.get("cpu_priority"):
-        detail += f"CPU priority {capture['cpu_priority']}, now {capture.get('cpu_priority_now', '?')}; "
+        lifts = capture.get("cpu_priority_reader_lifts")
+        detail += (f"CPU priority {capture['cpu_priority']}, now {capture.get('cpu_priority_now', '?')}"
+                   + (f", the ring reader lifted {lifts:,} times by its watchdog" if isinstance(lifts, int) and lifts
+                      else "") + "; ")
     arming = capture.get("probe_arming")
     if arming and arming != "per file":  # an older kernel: a call made while probes are placed can be half seen
         detail += f"probe arming {arming}; "
