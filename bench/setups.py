@@ -400,10 +400,18 @@ class Agent(Setup):
     def shed_calls(stats: dict) -> int:
         return int(stats.get("capture", {}).get("shed_calls", 0) or 0)
 
+    @staticmethod
+    def priority_changes(stats: dict) -> tuple[int, int]:
+        """(times --cpu-priority auto went normal, times its watchdog lifted the ring reader)."""
+        capture = stats.get("capture", {})
+        return (int(capture.get("cpu_priority_switches", 0) or 0),
+                int(capture.get("cpu_priority_reader_lifts", 0) or 0))
+
     def begin(self, workload: Workload) -> None:
         stats = self.stats()
         self.stats0 = self.drops(stats)
         self.shed0 = self.shed_calls(stats)
+        self.priority0 = self.priority_changes(stats)
         self.missed0 = self.reader.missed
         self.rss_max = 0
 
@@ -450,6 +458,9 @@ class Agent(Setup):
             # Calls whose body the probes cut while the agent was behind: the
             # transaction is on the stream, its body is not (not a drop).
             "shed_calls": self.shed_calls(stats) - self.shed0,
+            # How the agent's CPU priority moved during the run (priority.py).
+            "priority_switches": self.priority_changes(stats)[0] - self.priority0[0],
+            "reader_lifts": self.priority_changes(stats)[1] - self.priority0[1],
             # Every missing transaction is either still to come (not settled) or
             # the agent says it dropped something.
             "drops_counted": missing == 0 or sum(drops.values()) > 0,
