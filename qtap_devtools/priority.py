@@ -39,8 +39,9 @@ runs idle too, watched by a thread that needs no GIL (``capture/_watchdog.c``,
 normal priority, a look every ``WATCH_US``): once ``LIFT_FILL`` of the ring is
 unread, or records have waited ``STALL_US`` with none read, it lifts the reader
 to normal, which then measures the load and decides for the rest as before;
-caught up, the reader is lowered and watched again.
-Without the watchdog built, the reader runs as an equal.  The other helper
+caught up, the reader is lowered and watched again.  So run, in one rate10k
+run each: the reader 117-152 preemptions (18-24 ms), the watchdog's own
+wake-ups 169 (19 ms).  Without the watchdog built, the reader runs as an equal.  The other helper
 threads (the exec watcher, the Docker and Kubernetes lookups) always do: they
 use little CPU and must answer promptly (``threads.service_thread``).
 """
