@@ -20,6 +20,7 @@ import pytest
 from qtap_devtools import priority as pr
 from qtap_devtools.capture import _watchdog  # a C part, built by make setup (test_compiled: every one is)
 from qtap_devtools.priority import CpuPriority
+from tests.test_priority import Worker
 
 PERIOD_US = 1000
 THRESHOLD = 1 << 20
@@ -50,26 +51,15 @@ class Ring:
         self.consumer.close()
 
 
-class Idle:
-    """A thread of this process that waits, set SCHED_IDLE."""
+class Idle(Worker):
+    """A thread of this process that waits, SCHED_IDLE."""
 
     def __init__(self) -> None:
-        self.done, ready = threading.Event(), threading.Event()
-        self.thread = threading.Thread(target=lambda: (ready.set(), self.done.wait(30)), daemon=True)
-        self.thread.start()
-        assert ready.wait(5)
-        self.tid = self.thread.native_id
-        self.lower()
+        super().__init__(CpuPriority("idle", threads=lambda: []))
+        assert self.policy() == os.SCHED_IDLE
 
     def lower(self) -> None:
         os.sched_setscheduler(self.tid, os.SCHED_IDLE, os.sched_param(0))
-
-    def policy(self) -> int:
-        return os.sched_getscheduler(self.tid)
-
-    def close(self) -> None:
-        self.done.set()
-        self.thread.join(5)
 
 
 @pytest.fixture
