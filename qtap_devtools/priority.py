@@ -39,9 +39,12 @@ runs idle too, watched by a thread that needs no GIL (``capture/_watchdog.c``,
 normal priority, a look every ``WATCH_US``): once ``LIFT_FILL`` of the ring is
 unread, or records have waited ``STALL_US`` with none read, it lifts the reader
 to normal, which then measures the load and decides for the rest as before;
-caught up, the reader is lowered and watched again.  So run, in one rate10k
-run each: the reader 117-152 preemptions (18-24 ms), the watchdog's own
-wake-ups 169 (19 ms).  Without the watchdog built, the reader runs as an equal.  The other helper
+caught up, the reader is lowered and watched again.  So run, in eight rate10k
+runs: the reader 102-184 preemptions (11-29 ms), the watchdog's own wake-ups
+132-219 (4-53 ms).  The event loop's thread, idle, still preempts them 146-209
+times (187-298 ms): EEVDF picks an eligible idle thread at a tick while they
+are runnable (100 times with ``idle``, never lifted); a 0.1 ms slice for idle
+threads made it worse.  Without the watchdog built, the reader runs as an equal.  The other helper
 threads (the exec watcher, the Docker and Kubernetes lookups) always do: they
 use little CPU and must answer promptly (``threads.service_thread``).
 """
