@@ -240,6 +240,7 @@ class Agent:
         print("qtap-devtools: capture running", flush=True)
 
     async def on_stopping(self) -> None:
+        self.priority.stopping()
         if self.capture is not None:
             self.backlog.close()  # a reader waiting for room must not hold up the stop
             # The process exits next: its probes go with it (see Capture.stop).

@@ -61,6 +61,44 @@ def test_live_agent_says_goodbye_and_exits_within_two_seconds(tmp_path, sig):
         time.sleep(0.2)
 
 
+@contextlib.contextmanager
+def every_core_busy():
+    """Programs at normal priority spinning on every core: an idle thread gets none."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
+    try:
+        yield
+    finally:
+        for p in spinners:
+            p.kill()
+            p.wait()
+
+
+def test_an_idle_agent_on_a_cpu_other_programs_fill_still_stops_within_two_seconds(tmp_path):
+    """--cpu-priority auto runs the agent idle; a stop must not wait for a
+    free core (it took 28 s before the stop lifted every thread)."""
+    port = free_port()
+    listen = f"127.0.0.1:{port}"
+    proc = AgentProcess(["run", "--no-docker", "--listen", listen], port, tmp_path / "agent.log").start("/readyz")
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/devtools/api/events?snapshot=false")
+    resp = conn.getresponse()
+    assert resp.readline().startswith(b"event: system.connected")
+    with every_core_busy():
+        time.sleep(1)  # the agent's threads idle behind the spinners
+        proc.proc.send_signal(signal.SIGINT)
+        try:
+            rc = proc.proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            proc.stop(signal.SIGKILL)
+            raise
+        assert rc == 0, proc.output()
+        assert b"event: system.disconnected" in resp.read()
+        deadline = time.monotonic() + 60  # its probes removed, under the same load
+        while processes_with(listen):
+            assert time.monotonic() < deadline, "the detaching child never exited"
+            time.sleep(0.2)
+
+
 def test_an_agent_that_exits_on_an_error_leaves_its_port_free(tmp_path):
     """`run | head -3`: once head has gone, the agent's next status line fails
     (a broken pipe) and it exits with an error, its server still up.  The
@@ -181,20 +219,15 @@ def test_an_idle_agent_on_a_cpu_the_traced_programs_fill_is_lifted_by_its_watchd
     # A 1 MiB ring: lifted at 100 KiB unread; the traffic writes ~1 MiB of records.
     proc = AgentProcess(["run", "--no-docker", "--listen", f"127.0.0.1:{port}", "--ring-mib", "1"], port,
                         tmp_path / "agent.log").start("/readyz")
-    spinners: list[subprocess.Popen] = []
     try:
-        with rw.Nginx(tmp_path, rw.make_cert(tmp_path / "cert")) as nginx:
+        with rw.Nginx(tmp_path, rw.make_cert(tmp_path / "cert")) as nginx, every_core_busy():
             stream = StreamReader(port)
-            spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
-                        for _ in range(os.cpu_count() or 1)]
             lone = subprocess.run(["curl", "-sk", "-o", "/dev/null", nginx.url(f"/small?{marker}-lone")], timeout=60)
             assert lone.returncode == 0
             assert len(stream.transactions(f"{marker}-lone", count=2, timeout=60)) == 2, stream.health()
             urls = [nginx.url(f"/small?{marker}={i}") for i in range(requests)]
             done = subprocess.run(["curl", "-sk", "-o", "/dev/null", *urls], timeout=120)
             assert done.returncode == 0
-            for p in spinners:
-                p.kill()
             got = stream.transactions(f"{marker}=", count=2 * requests, timeout=60)  # the client's and nginx's
             capture = get(proc.url + "/devtools/api/stats")[1]["capture"]
             assert capture["cpu_priority_reader_lifts"] >= 1, capture
@@ -202,9 +235,6 @@ def test_an_idle_agent_on_a_cpu_the_traced_programs_fill_is_lifted_by_its_watchd
             assert capture["lost_records"] == 0 and stream.missed == 0
             stream.close()
     finally:
-        for p in spinners:
-            p.kill()
-            p.wait()
         proc.stop()
 
 

@@ -143,3 +143,13 @@ def test_every_mode_asks_for_long_slices_which_threads_started_after_and_a_switc
 def test_an_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="one of auto, idle, low, normal"):
         CpuPriority("fast")
+
+
+@pytest.mark.parametrize("mode", ["auto", "idle"])
+def test_stopping_runs_every_thread_as_an_equal_for_good(worker_for, mode):
+    w = worker_for(mode)
+    assert w.policy() == os.SCHED_IDLE
+    w.cpu.stopping()
+    assert w.policy() == os.SCHED_OTHER and not w.cpu.idle
+    w.cpu.update(0.0, now=1e9)  # caught up long since: not lowered again
+    assert w.policy() == os.SCHED_OTHER

@@ -227,3 +227,13 @@ def test_only_auto_hands_the_reader_to_the_watchdog(ring, idle, mode):
     cpu = CpuPriority(mode, threads=lambda: [reader.tid])
     cpu.watch(ring.dog, reader.tid)
     assert not ring.dog.armed and cpu.watchdog is None and "cpu_priority_reader_lifts" not in cpu.stats()
+
+
+def test_stopping_disarms_the_watchdog(ring, idle):
+    loop, reader = idle(), idle()
+    cpu = CpuPriority("auto", threads=lambda: [loop.tid, reader.tid])
+    cpu.idle = True
+    cpu.watch(ring.dog, reader.tid)
+    assert ring.dog.armed
+    cpu.stopping()
+    assert not ring.dog.armed and (loop.policy(), reader.policy()) == (os.SCHED_OTHER, os.SCHED_OTHER)
