@@ -6,7 +6,8 @@ suite's agent, another bcc tool) puts its uprobes on the very libssl our
 /proc/stat figure.  So every run records the foreign tracers it saw
 (``links.tracers``), and a
 second CPU figure summed over the processes that take part (nginx, wrk, the
-setup's own process, this harness), immune to neighbours.
+setup's own process, this harness), immune to neighbours, and a third over
+nginx and wrk alone: what a setup's probes cost inside the traced programs.
 """
 
 from __future__ import annotations
@@ -33,15 +34,17 @@ def cpu_seconds(pids: list[int]) -> float:
 
 
 class ProcessCpu:
-    """CPU of ``pids`` (alive throughout), this process, and the children reaped meanwhile."""
+    """CPU of ``pids`` (alive throughout), this process unless ``harness`` is
+    False, and the children reaped meanwhile (wrk)."""
 
-    def __init__(self, pids: list[int]) -> None:
+    def __init__(self, pids: list[int], harness: bool = True) -> None:
         self.pids = pids
+        self.harness = harness
         self.start = self._now()
 
     def _now(self) -> float:
         kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-        ticks = sum(_ticks(p) for p in self.pids) + _ticks(os.getpid())
+        ticks = sum(_ticks(p) for p in self.pids) + (_ticks(os.getpid()) if self.harness else 0)
         return ticks / CLK_TCK + kids.ru_utime + kids.ru_stime
 
     def seconds(self) -> float:

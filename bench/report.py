@@ -65,6 +65,12 @@ def _share(t: dict, u: dict) -> float | None:
     return t[key] / u[key] if u[key] else None
 
 
+def _apps_added(t: dict, u: dict) -> float | None:
+    if t.get("apps_cpu_us_per_request") is None or u.get("apps_cpu_us_per_request") is None:
+        return None  # results.json from before the column
+    return t["apps_cpu_us_per_request"] - u["apps_cpu_us_per_request"]
+
+
 def summarize(runs: list[dict], setups: list[str], workloads: list[str]) -> dict:
     rows: dict[str, dict] = {}
     for s in setups:
@@ -86,6 +92,8 @@ def summarize(runs: list[dict], setups: list[str], workloads: list[str]) -> dict
                 "proc_cpu_us_per_request": _median([r["proc_cpu_us_per_request"] for r in mine]),
                 "proc_added_cpu_us": _paired(runs, s, w, lambda t, u: t["proc_cpu_us_per_request"]
                                              - u["proc_cpu_us_per_request"]),
+                "apps_cpu_us_per_request": _median([r.get("apps_cpu_us_per_request") for r in mine]),
+                "apps_added_cpu_us": _paired(runs, s, w, _apps_added),
                 "runs_with_foreign_tracers": sum(1 for r in mine if r["foreign_tracers"]),
                 "share": _paired(runs, s, w, _share),
                 "added_cpu_us": _paired(runs, s, w, lambda t, u: t["cpu_us_per_request"] - u["cpu_us_per_request"]),
@@ -161,6 +169,7 @@ def headline(rows: dict, runs: list[dict]) -> dict:
         "w2_floor_entry": get("floor_entry", "w2", "share"),
         "w2_sslsniff": get("sslsniff", "w2", "share"),
         "rate10k_added_cpu_us_procs": get("agent_tuned", "rate10k", "proc_added_cpu_us"),
+        "rate10k_apps_added_cpu_us": get("agent_tuned", "rate10k", "apps_added_cpu_us"),
         "rate10k_agent_cpu_us": get("agent_tuned", "rate10k", "own_cpu_us_per_request"),
         "rate10k_sse_client_cpu_us": get("agent_tuned", "rate10k", "harness_cpu_us_per_request"),
         "rate10k_entry_agent_cpu_us": get("agent_entry", "rate10k", "own_cpu_us_per_request"),
@@ -212,7 +221,7 @@ def tables(summary: dict, reps: int, seconds: float, agent_args: list[str] | Non
              f"median of {reps} rep(s) x {seconds:g}s; shares are of untraced in the same rep"
              + (f"; the agent run with {shlex.join(agent_args)}" if agent_args else ""), ""]
     head = (f"{'setup':<38} {'W1 req/s':>9} {'share':>6} {'W2 MB/s':>8} {'share':>6} "
-            f"{'r10k req/s':>10} {'CPU µs/req':>10} {'added':>6} {'procs':>6} {'added':>6} "
+            f"{'r10k req/s':>10} {'CPU µs/req':>10} {'added':>6} {'procs':>6} {'added':>6} {'apps':>6} {'added':>6} "
             f"{'p50 µs':>7} {'p99 µs':>7} {'+p99':>6}")
     lines += [head, "-" * len(head)]
     for s, row in rows.items():
@@ -228,11 +237,14 @@ def tables(summary: dict, reps: int, seconds: float, agent_args: list[str] | Non
             f"{'' if base else _f(r.get('added_cpu_us'), '{:+.1f}'):>6} "
             f"{_f(r.get('proc_cpu_us_per_request'), '{:.1f}'):>6} "
             f"{'' if base else _f(r.get('proc_added_cpu_us'), '{:+.1f}'):>6} "
+            f"{_f(r.get('apps_cpu_us_per_request'), '{:.1f}'):>6} "
+            f"{'' if base else _f(r.get('apps_added_cpu_us'), '{:+.1f}'):>6} "
             f"{_f(r.get('p50_us'), '{:.0f}'):>7} {_f(r.get('p99_us'), '{:.0f}'):>7} "
             f"{'' if base else _f(r.get('p99_added_us'), '{:+.0f}'):>6}"
         )
     extra = ["  CPU µs/req: system-wide busy time (/proc/stat) over the run per request; procs: the same summed "
              "over nginx, wrk, the setup's process and this harness only (with its SSE client, a C child reading every event); "
+             "apps: nginx and wrk alone, the traced programs, where the probes cost; "
              "own µs/req (agent table): the agent's process alone; client: this harness's SSE client reading the stream"]
     if summary["headline"].get("runs_with_foreign_tracers"):
         extra.append(f"  warning: {summary['headline']['runs_with_foreign_tracers']} run(s) had other BPF users on "

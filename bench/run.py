@@ -94,6 +94,7 @@ def measure(setup: Setup, nginx: BenchNginx, w: Workload, script: Path, seconds:
     bpf0 = bpf_run_time(holders) if probe_stats else (0, 0)
     wrk = Wrk(nginx, w, script, seconds)
     procs = ProcessCpu([*servers, *setup.pids(), *setup.client_pids()])
+    apps = ProcessCpu(servers, harness=False)  # nginx, and wrk once reaped
     own0 = cpu_seconds(setup.pids())
     harness0 = time.process_time() + cpu_seconds(setup.client_pids())  # with the agent's SSE client
     j0 = busy_jiffies()
@@ -106,6 +107,7 @@ def measure(setup: Setup, nginx: BenchNginx, w: Workload, script: Path, seconds:
         extra["probe_bpf_us_per_request"] = (bpf1[0] - bpf0[0]) / 1e3 / max(1, res.requests)
         extra["probe_bpf_runs_per_request"] = (bpf1[1] - bpf0[1]) / max(1, res.requests)
     proc_s = procs.seconds()
+    apps_s = apps.seconds()
     own_s = cpu_seconds(setup.pids()) - own0
     harness_s = time.process_time() + cpu_seconds(setup.client_pids()) - harness0
     # The agent may finish a run's events after wrk stops: its CPU counts up to
@@ -122,6 +124,9 @@ def measure(setup: Setup, nginx: BenchNginx, w: Workload, script: Path, seconds:
         "p99_us": res.p99_us,
         "cpu_us_per_request": jiffies_to_us(busy_end - j0) / max(1, res.requests),
         "proc_cpu_us_per_request": proc_s * 1e6 / max(1, res.requests),
+        # nginx and wrk alone: the traced programs, where a setup's probes
+        # (and its data copies, and the caches it shares with them) cost.
+        "apps_cpu_us_per_request": apps_s * 1e6 / max(1, res.requests),
         # The setup's own process alone (the agent: capture, reassembly, JSON,
         # SSE), without the probes' cost inside nginx and wrk or this harness's
         # SSE client reading every event.

@@ -47,6 +47,13 @@ are runnable (100 times with ``idle``, never lifted); a 0.1 ms slice for idle
 threads made it worse.  Without the watchdog built, the reader runs as an equal.  The other helper
 threads (the exec watcher, the Docker and Kubernetes lookups) always do: they
 use little CPU and must answer promptly (``threads.service_thread``).
+
+Tried and left out: a budget on ``auto``'s lifts (an equal at most a quarter
+of the last ~5 s, then idle again though behind).  Under W1's saturation it
+did yield, yet the traced programs ran no faster (0.35-0.36 of untraced
+against 0.32-0.38, two interleaved pairs): idle or not, the agent then takes
+the cores' gaps to keep up, and W1's share is set by the CPU each request
+costs all told, not by who goes first.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
 NUMBERS = (
     "w1_tuned", "w1_entry", "w1_floor_tuned", "w1_floor_entry", "w1_sslsniff", "w2_tuned", "w2_entry",
     "rate10k_added_cpu_us", "rate10k_completeness", "rate10k_p99_added_us", "sse_delay_p99_ms", "rss_mb",
-    "rate10k_agent_cpu_us", "rate10k_sse_client_cpu_us",
+    "rate10k_agent_cpu_us", "rate10k_sse_client_cpu_us", "rate10k_apps_added_cpu_us",
 )
 
 
@@ -57,6 +57,8 @@ def test_quick_bench_prints_every_headline_key(tmp_path):
         cell = results["setups"][setup]["rate10k"]
         assert cell["probe_bpf_runs_per_request"] >= 4 and cell["probe_bpf_us_per_request"] > 0, (setup, cell)
     assert results["setups"]["untraced"]["rate10k"]["probe_bpf_runs_per_request"] == 0
+    # nginx and wrk's own CPU is measured in every run (wrk's once it is reaped).
+    assert all(r["apps_cpu_us_per_request"] > 0 for r in results["runs"]), results["runs"]
     assert "agent --attach-mode auto: BPF run time per request" in proc.stdout
     assert STATS.read_text() == stats_before  # put back as it was
 
