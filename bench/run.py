@@ -125,7 +125,7 @@ def measure(setup: Setup, nginx: BenchNginx, w: Workload, script: Path, seconds:
         "cpu_us_per_request": jiffies_to_us(busy_end - j0) / max(1, res.requests),
         "proc_cpu_us_per_request": proc_s * 1e6 / max(1, res.requests),
         # nginx and wrk alone: the traced programs, where a setup's probes
-        # (and its data copies, and the caches it shares with them) cost.
+        # cost (their traps, their programs, the syscall tracepoints).
         "apps_cpu_us_per_request": apps_s * 1e6 / max(1, res.requests),
         # The setup's own process alone (the agent: capture, reassembly, JSON,
         # SSE), without the probes' cost inside nginx and wrk or this harness's

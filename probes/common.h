@@ -32,7 +32,7 @@
  * or WAKE_BYTES bytes (per CPU) one forces a wake-up.  The reader also drains
  * the ring on a short timer, so records left unsignalled wait at most that. */
 #ifndef WAKE_RECORDS
-#define WAKE_RECORDS 256       /* the loader passes its own (loader.WAKE_RECORDS) */
+#define WAKE_RECORDS 1024      /* the loader passes its own (loader.WAKE_RECORDS) */
 #endif
 #ifndef WAKE_BYTES
 #define WAKE_BYTES (256 * 1024)

@@ -11,7 +11,7 @@ Records arrive in batches (lists) on the polling thread, in ring order.  The
 callback must be quick; hand the batch to a queue if it is not.
 
 Wake-ups: the probes write data records without waking the reader and force
-a wake-up every few dozen records (probes/common.h, WAKE_RECORDS/WAKE_BYTES);
+a wake-up every thousand records or so (probes/common.h, WAKE_RECORDS/WAKE_BYTES);
 the poller also drains the ring every ``DRAIN_MS``, so a lone small request is
 delivered within about that long.
 """
@@ -62,7 +62,7 @@ FD_EXCLUDED = -2  # common.h: a tls_fd value
 # The reader drains the ring at least this often: data records are written
 # without a wake-up, so this bounds how long an idle stream's tail waits.
 DRAIN_MS = 50
-WAKE_RECORDS = 256  # a data record wakes the reader once this many were written on its CPU
+WAKE_RECORDS = 1024  # a data record wakes the reader once this many were written on its CPU
 BATCH_RECORDS = 4096  # records handed to on_records at a time, at most
 # Processes read from /proc at exec per batch, on the reader's thread (~70 µs
 # each), and the time they may take.  Past either, in an exec storm, the event
@@ -244,9 +244,13 @@ class Capture:
         uses function-entry uprobes + uretprobes everywhere.  ``wake_records``
         / ``wake_bytes``: a data record forces a reader wake-up once this many
         records / bytes were written on its CPU since the last one.
-        ``WAKE_RECORDS`` is measured (``make bench``, rate10k): 64 woke the
-        agent twice as often for a sixth more CPU; 512 and beyond made its
-        bursts long enough to raise the traced programs' p99 latency.
+        ``WAKE_RECORDS`` is measured at rate10k (tuned, one slow hour,
+        interleaved): 1,024 took the agent's own CPU from 38-43 µs a request
+        to 29-33 against 256 (woken ~70 times a second instead of ~200: fewer,
+        longer bursts), with the traced p99 the same (1,367-1,727 µs against
+        1,413-1,804) and the stream's delay p99 39-55 ms against 14-39; 4,096
+        saved ~1.5 µs more, the DRAIN_MS timer then setting the pace.  (64 had
+        woken it twice as often as 256 for a sixth more CPU.)
 
         Overload: when the ring's fill, or ``pressure()`` (how far behind the
         consumer is, 0..1), passes SHED_ON, the probes keep only the first
