@@ -65,12 +65,6 @@ def _share(t: dict, u: dict) -> float | None:
     return t[key] / u[key] if u[key] else None
 
 
-def _apps_added(t: dict, u: dict) -> float | None:
-    if t.get("apps_cpu_us_per_request") is None or u.get("apps_cpu_us_per_request") is None:
-        return None  # results.json from before the column
-    return t["apps_cpu_us_per_request"] - u["apps_cpu_us_per_request"]
-
-
 def summarize(runs: list[dict], setups: list[str], workloads: list[str]) -> dict:
     rows: dict[str, dict] = {}
     for s in setups:
@@ -92,8 +86,9 @@ def summarize(runs: list[dict], setups: list[str], workloads: list[str]) -> dict
                 "proc_cpu_us_per_request": _median([r["proc_cpu_us_per_request"] for r in mine]),
                 "proc_added_cpu_us": _paired(runs, s, w, lambda t, u: t["proc_cpu_us_per_request"]
                                              - u["proc_cpu_us_per_request"]),
-                "apps_cpu_us_per_request": _median([r.get("apps_cpu_us_per_request") for r in mine]),
-                "apps_added_cpu_us": _paired(runs, s, w, _apps_added),
+                "apps_cpu_us_per_request": _median([r["apps_cpu_us_per_request"] for r in mine]),
+                "apps_added_cpu_us": _paired(runs, s, w, lambda t, u: t["apps_cpu_us_per_request"]
+                                             - u["apps_cpu_us_per_request"]),
                 "runs_with_foreign_tracers": sum(1 for r in mine if r["foreign_tracers"]),
                 "share": _paired(runs, s, w, _share),
                 "added_cpu_us": _paired(runs, s, w, lambda t, u: t["cpu_us_per_request"] - u["cpu_us_per_request"]),

@@ -440,6 +440,7 @@ class Agent(Setup):
                 break
             time.sleep(0.2)
         stats = self.stats()
+        switches, lifts = self.priority_changes(stats)
         drops = {k: v - self.stats0[k] for k, v in self.drops(stats).items()}
         drops["sse_missed"] = reader.missed - self.missed0
         got_client, got_server = reader.count(w.path, client_pid), reader.count(w.path, server_pid)
@@ -459,8 +460,8 @@ class Agent(Setup):
             # transaction is on the stream, its body is not (not a drop).
             "shed_calls": self.shed_calls(stats) - self.shed0,
             # How the agent's CPU priority moved during the run (priority.py).
-            "priority_switches": self.priority_changes(stats)[0] - self.priority0[0],
-            "reader_lifts": self.priority_changes(stats)[1] - self.priority0[1],
+            "priority_switches": switches - self.priority0[0],
+            "reader_lifts": lifts - self.priority0[1],
             # Every missing transaction is either still to come (not settled) or
             # the agent says it dropped something.
             "drops_counted": missing == 0 or sum(drops.values()) > 0,
