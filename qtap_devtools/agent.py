@@ -21,6 +21,7 @@ import stat
 import sys
 import threading
 import time
+import traceback
 from typing import Any, Awaitable, Callable
 
 from qtap_devtools import __version__, compiled, kheaders
@@ -38,6 +39,7 @@ from qtap_devtools.publisher import Publisher
 from qtap_devtools.runner import STOP_REASON, serve
 from qtap_devtools.server import Runtime
 from qtap_devtools.store import Store
+from qtap_devtools.threads import BCC_COMPILE
 
 log = logging.getLogger(__name__)
 
@@ -390,13 +392,34 @@ def main(config: Config, token: str | None = None) -> int:
         agent.priority = priority
         return await agent.run()
 
+    rc = 1
     try:
-        return asyncio.run(go())
+        rc = asyncio.run(go())
+        return rc
     finally:
         # Also when stopped while capture was starting: its thread may have
         # placed probes already (and places more until the process exits).
         if agent is not None and (agent.capture is not None or agent.probes_loading):
             detach_in_background()
+        if BCC_COMPILE.close():
+            exit_now(rc)
+
+
+def exit_now(rc: int) -> None:
+    """Exit at once, without the interpreter's and the C++ libraries'
+    teardown: a thread is still inside bcc's compiler (threads.NativeSection).
+    What the teardown would have done that matters is done here: a traceback
+    on the way out, the log and the standard streams flushed."""
+    exc = sys.exc_info()[1]
+    if isinstance(exc, SystemExit):
+        rc = exc.code if isinstance(exc.code, int) else 1
+    elif exc is not None:
+        traceback.print_exc()
+    logging.shutdown()
+    with contextlib.suppress(OSError, ValueError):  # stdout may be a closed pipe
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(rc)
 
 
 def detach_in_background() -> None:

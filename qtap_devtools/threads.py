@@ -42,3 +42,39 @@ def service_thread(name: str) -> None:
     name_thread(name)
     SERVICE_TIDS.add(threading.get_native_id())
     lift()
+
+
+class NativeSection:
+    """Work a helper thread does inside a C++ library that the process's exit
+    must not run under.
+
+    bcc compiles the probes with LLVM on the start-up thread, and a stop may
+    come at any moment of it.  A normal exit runs the C++ libraries' static
+    destructors, and under a thread still compiling that crashed (SIGSEGV in
+    libLLVM or libbcc, about one stop in 50 sent ~1 s into the compile).
+    ``close()`` bars new entries and says whether a thread is inside: if so,
+    the exit skips those destructors (``agent.main``)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._inside = 0
+        self._closed = False
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the process is exiting")
+            self._inside += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._inside -= 1
+
+    def close(self) -> bool:
+        """No entries from now on; True when a thread is inside one now."""
+        with self._lock:
+            self._closed = True
+            return self._inside > 0
+
+
+BCC_COMPILE = NativeSection()  # bcc compiling and loading the probes (capture/loader.py)

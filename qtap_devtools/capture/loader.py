@@ -47,7 +47,7 @@ from .records import (
     RecordReader,
 )
 from .ringbuf import RingReader
-from ..threads import lift, name_thread, service_thread
+from ..threads import BCC_COMPILE, lift, name_thread, service_thread
 
 if TYPE_CHECKING:
     from ..enrich.model import ProcessInfo
@@ -478,11 +478,12 @@ class Capture:
         ]
         text = probe_source(pdir)
         try:
-            bpf, _ = _capture_fd2(lambda: BPF(text=text.encode(), cflags=cflags))
-            # Uprobe programs load lazily at attach; load them now so a verifier
-            # failure is reported at start, not on the first TLS library found.
-            for fn in _uprobe_functions():
-                _capture_fd2(lambda fn=fn: bpf.load_func(fn.encode(), BPF.KPROBE))
+            with BCC_COMPILE:
+                bpf, _ = _capture_fd2(lambda: BPF(text=text.encode(), cflags=cflags))
+                # Uprobe programs load lazily at attach; load them now so a verifier
+                # failure is reported at start, not on the first TLS library found.
+                for fn in _uprobe_functions():
+                    _capture_fd2(lambda fn=fn: bpf.load_func(fn.encode(), BPF.KPROBE))
         except Exception as exc:
             raise CaptureError(self._explain(exc)) from None
         return bpf
