@@ -15,6 +15,7 @@ import gc
 import logging
 import os
 import platform
+import select
 import signal
 import socket
 import stat
@@ -39,7 +40,7 @@ from qtap_devtools.publisher import Publisher
 from qtap_devtools.runner import STOP_REASON, serve
 from qtap_devtools.server import Runtime
 from qtap_devtools.store import Store
-from qtap_devtools.threads import BCC_COMPILE
+from qtap_devtools.threads import CAPTURE_START
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,11 @@ class Agent:
 
     # ------------------------------------------------------------ lifecycle
 
+    def _start_capture_guarded(self, loop: asyncio.AbstractEventLoop) -> None:
+        # A stop while this runs exits without the process's teardown (threads.NativeSection).
+        with CAPTURE_START:
+            self._start_capture(loop)
+
     def _start_capture(self, loop: asyncio.AbstractEventLoop) -> None:
         from qtap_devtools.capture.loader import SHED_HEAD_BYTES, Capture, CaptureError
 
@@ -216,7 +222,7 @@ class Agent:
         self._tasks.append(asyncio.create_task(self.publisher.run()))
         self.enricher.start()
         print("qtap-devtools: starting capture (compiling probes takes a few seconds)…", flush=True)
-        await _in_daemon_thread(loop, "capture-start", self._start_capture, loop)
+        await _in_daemon_thread(loop, "capture-start", self._start_capture_guarded, loop)
         if self.capture is None:
             # Said once, with the status lines (a log line as well said it twice
             # in a terminal); the API and page stay up, /readyz says why not ready.
@@ -378,8 +384,28 @@ def tune_malloc(threshold: int = MMAP_THRESHOLD) -> None:
         pass
 
 
+def own_stderr() -> None:
+    """Python's standard error, and the log on it, on a duplicate of fd 2.
+
+    While bcc compiles the probes, fd 2 points at a temporary file that
+    catches the compiler's messages (``loader._capture_fd2``).  What the
+    agent said meanwhile went there too, and came out only after the
+    compile: a stop during it was never heard of (its "SIGTERM received"
+    lost with the process)."""
+    old = sys.stderr
+    try:
+        new = open(os.dup(2), "w", buffering=1, encoding=old.encoding, errors="backslashreplace")
+    except (OSError, ValueError, AttributeError):  # no fd 2: nowhere to say anything anyway
+        return
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream is old:
+            handler.setStream(new)
+    sys.stderr = new
+
+
 def main(config: Config, token: str | None = None) -> int:
     agent: Agent | None = None
+    own_stderr()
     tune_malloc()
     # Before any thread starts (bcc's compile, the ring reader, the server's):
     # they inherit it.
@@ -398,16 +424,20 @@ def main(config: Config, token: str | None = None) -> int:
         return rc
     finally:
         # Also when stopped while capture was starting: its thread may have
-        # placed probes already (and places more until the process exits).
+        # placed probes already, and places none from here (bar_new).
         if agent is not None and (agent.capture is not None or agent.probes_loading):
+            from qtap_devtools.capture.links import bar_new
+
+            bar_new()
             detach_in_background()
-        if BCC_COMPILE.close():
+        if CAPTURE_START.close():
             exit_now(rc)
 
 
 def exit_now(rc: int) -> None:
     """Exit at once, without the interpreter's and the C++ libraries'
-    teardown: a thread is still inside bcc's compiler (threads.NativeSection).
+    teardown: the start-up thread is still compiling or placing the probes
+    (threads.NativeSection).
     What the teardown would have done that matters is done here: a traceback
     on the way out, the log and the standard streams flushed."""
     exc = sys.exc_info()[1]
@@ -420,6 +450,26 @@ def exit_now(rc: int) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
     os._exit(rc)
+
+
+def wait_for_exit(pid: int) -> None:
+    """Until every thread of process ``pid`` (our parent) has exited.
+
+    Our being reparented is too early a sign: it comes once no thread of the
+    parent is left that is not exiting, before the last one has dropped its
+    descriptors.  Probes we closed from then on were that thread's to remove,
+    one by one, and its exit took 4-5 s (a stop while the probes were being
+    placed, one in four)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:  # gone already (ESRCH), or a kernel without pidfds (before 5.3)
+        while os.getppid() == pid:
+            time.sleep(0.05)
+        return
+    try:
+        select.select([fd], [], [])  # readable once the whole thread group has exited
+    finally:
+        os.close(fd)
 
 
 def detach_in_background() -> None:
@@ -446,8 +496,7 @@ def detach_in_background() -> None:
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):  # a reader of our output must see EOF when we exit
             os.dup2(devnull, fd)
-        while os.getppid() == parent:
-            time.sleep(0.05)
+        wait_for_exit(parent)
         # Closed here, not by the exit: a probe attached through a BPF link
         # (capture/links.py) is removed when the link's last descriptor
         # closes, and from an exiting process the kernel defers that removal

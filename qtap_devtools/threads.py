@@ -45,15 +45,17 @@ def service_thread(name: str) -> None:
 
 
 class NativeSection:
-    """Work a helper thread does inside a C++ library that the process's exit
+    """Work a helper thread does in native libraries that the process's exit
     must not run under.
 
-    bcc compiles the probes with LLVM on the start-up thread, and a stop may
-    come at any moment of it.  A normal exit runs the C++ libraries' static
-    destructors, and under a thread still compiling that crashed (SIGSEGV in
-    libLLVM or libbcc, about one stop in 50 sent ~1 s into the compile).
-    ``close()`` bars new entries and says whether a thread is inside: if so,
-    the exit skips those destructors (``agent.main``)."""
+    The start-up thread compiles the probes with bcc (LLVM) and places them
+    (libbcc, libelf, the kernel), and a stop may come at any moment of it.  A
+    normal exit tears down what that thread is using: the C++ libraries'
+    static destructors, Python's objects and bcc's ``atexit`` cleanup.  Under
+    it the process crashed (SIGSEGV in libLLVM, libbcc or libc), about one
+    stop in 30-50 sent while compiling or placing.  ``close()`` bars new
+    entries and says whether a thread is inside: if so, the process exits
+    without that teardown (``agent.exit_now``)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -77,4 +79,4 @@ class NativeSection:
             return self._inside > 0
 
 
-BCC_COMPILE = NativeSection()  # bcc compiling and loading the probes (capture/loader.py)
+CAPTURE_START = NativeSection()  # compiling, loading and placing the probes (agent._start_capture)

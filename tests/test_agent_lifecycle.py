@@ -133,15 +133,18 @@ def test_a_signal_while_the_probes_compile_stops_the_agent_without_waiting_for_t
     port = free_port()
     proc = AgentProcess(["run", "--no-docker", "--listen", f"127.0.0.1:{port}"], port,
                         tmp_path / "agent.log").start("/healthz")  # serving; capture still starting
+    # bcc compiles with fd 2 pointed at a temporary file, to catch its messages
+    # (loader._capture_fd2): the stop comes in the middle of the compile.
     deadline = time.monotonic() + 30
-    while "starting capture" not in proc.output():
+    while not os.readlink(f"/proc/{proc.proc.pid}/fd/2").endswith("(deleted)"):
         assert time.monotonic() < deadline, proc.output()
         time.sleep(0.01)
+    time.sleep(0.5)
     proc.proc.send_signal(signal.SIGTERM)
     rc = proc.proc.wait(timeout=5)  # a hang bound: compiling alone takes seconds
     out = proc.output()
-    assert rc == 0, out
-    assert "SIGTERM received" in out or "shutting down" in out
+    assert rc == 0, out  # not a crash in the compiler's teardown (agent.exit_now)
+    assert "SIGTERM received; shutting down" in out  # said as it happened, not lost with the compile's fd 2
     assert "capture running" not in out  # it stopped before capture was up, not after
 
 

@@ -1,11 +1,14 @@
-"""The exit guard around bcc's compile (threads.NativeSection, agent.exit_now).
+"""What guards the agent's exit while capture is still starting
+(threads.NativeSection, agent.exit_now, links.bar_new).
 
-The crash it prevents (SIGSEGV in libLLVM when the process's exit ran under
-a thread still compiling) came about once in 50 stops and is covered live by
-test_agent_lifecycle's stop-while-compiling test; these pin the mechanism."""
+The crashes they prevent (SIGSEGV in libLLVM, libbcc or libc when the
+process's exit ran under the start-up thread) came about once in 30-50 stops
+and are covered live by test_agent_lifecycle's stop-while-compiling and
+stop-while-placing tests; these pin the mechanisms."""
 
 from __future__ import annotations
 
+import errno
 import subprocess
 import sys
 import textwrap
@@ -56,14 +59,14 @@ def test_an_entry_that_raises_still_leaves_the_section():
 EXIT_SCRIPT = textwrap.dedent("""
     import atexit, logging, sys, threading
     from qtap_devtools import agent
-    from qtap_devtools.threads import BCC_COMPILE
+    from qtap_devtools.threads import CAPTURE_START
 
     logging.basicConfig(stream=sys.stderr, format="%(message)s")
     atexit.register(lambda: print("teardown ran", flush=True))
     inside = threading.Event()
 
     def compile_forever():
-        with BCC_COMPILE:
+        with CAPTURE_START:
             inside.set()
             threading.Event().wait()
 
@@ -71,7 +74,7 @@ EXIT_SCRIPT = textwrap.dedent("""
     inside.wait()
     print("said before the exit")  # buffered: a pipe, no flush
     logging.getLogger("x").warning("logged before the exit")
-    assert BCC_COMPILE.close()
+    assert CAPTURE_START.close()
     try:
         {body}
     finally:
@@ -102,3 +105,18 @@ def test_exit_now_keeps_a_system_exit_status():
     done = run_exit("raise SystemExit(5)", 1)
     assert done.returncode == 5, done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_once_barred_no_probe_is_placed():
+    # A child process: the bar is for the rest of the process's life.
+    script = textwrap.dedent("""
+        from qtap_devtools.capture import links
+        links.bar_new()
+        try:
+            links.Links().attach(-1, b"/bin/true", 0, False, 0)
+        except OSError as exc:
+            print(exc.errno, exc.strerror)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    # ESHUTDOWN, before any system call: unbarred, prog fd -1 fails otherwise (EBADF/EINVAL).
+    assert done.stdout.split(" ", 1) == [str(errno.ESHUTDOWN), "the agent is stopping: no more probes are placed\n"], done

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes as ct
 import errno
 import os
+import threading
 
 _SYS_PERF_EVENT_OPEN = 298  # x86-64
 _SYS_BPF = 321
@@ -55,6 +56,24 @@ def _pmu() -> tuple[int, int]:
     with open(_RETPROBE_BIT) as f:
         fmt = f.read().strip()  # "config:0"
     return pmu, int(fmt.partition(":")[2])
+
+
+# One probe placed at a time, process-wide, so that an exit can wait for the
+# one being placed and bar the rest (bar_new).
+_placing = threading.Lock()
+_barred = False
+
+
+def bar_new() -> None:
+    """Wait for a probe being placed, and let none be placed after: the
+    process is exiting (``agent.main``, before it forks the child that takes
+    the probes over).  A probe placed after that fork would be the exiting
+    process's alone to remove, and its exit would wait for the kernel's RCU
+    grace periods (~0.2 s a probe here); more so one cut off between its
+    perf event and its link."""
+    global _barred
+    with _placing:
+        _barred = True
 
 
 class LinkUnsupported(OSError):
@@ -121,6 +140,12 @@ class Links:
         """Run ``prog_fd`` at file ``offset`` of ``path`` (its return with
         ``ret``), reading ``cookie``.  Raises OSError (LinkUnsupported: no
         cookies on this kernel, attach another way)."""
+        with _placing:
+            if _barred:
+                raise OSError(errno.ESHUTDOWN, "the agent is stopping: no more probes are placed")
+            self._attach(prog_fd, path, offset, ret, cookie)
+
+    def _attach(self, prog_fd: int, path: bytes, offset: int, ret: bool, cookie: int) -> None:
         if self._pmu is None:
             self._pmu = _pmu()
         pmu, ret_bit = self._pmu

@@ -47,7 +47,7 @@ from .records import (
     RecordReader,
 )
 from .ringbuf import RingReader
-from ..threads import BCC_COMPILE, lift, name_thread, service_thread
+from ..threads import lift, name_thread, service_thread
 
 if TYPE_CHECKING:
     from ..enrich.model import ProcessInfo
@@ -134,10 +134,11 @@ def ensure_tracefs() -> None:
 
 def _capture_fd2(fn: Callable[[], object]) -> tuple[object, str]:
     """Run ``fn`` with fd 2 redirected to a temp file: bcc prints verifier logs
-    there.  Every thread's fd 2 is redirected, though: what the others wrote
-    meanwhile (the log of the seconds the probes compile: Docker or
-    Kubernetes unavailable, say) is written out after, unless ``fn`` failed
-    (then the text explains the failure, and the error says so)."""
+    there.  Every thread's fd 2 is redirected, though: what other C code wrote
+    meanwhile is written out after, unless ``fn`` failed (then the text
+    explains the failure, and the error says so).  The agent's own log and
+    messages do not come here: they go to a duplicate of fd 2
+    (``agent.own_stderr``), so they are seen as they are said."""
     import tempfile
 
     with tempfile.TemporaryFile() as tmp:
@@ -478,12 +479,11 @@ class Capture:
         ]
         text = probe_source(pdir)
         try:
-            with BCC_COMPILE:
-                bpf, _ = _capture_fd2(lambda: BPF(text=text.encode(), cflags=cflags))
-                # Uprobe programs load lazily at attach; load them now so a verifier
-                # failure is reported at start, not on the first TLS library found.
-                for fn in _uprobe_functions():
-                    _capture_fd2(lambda fn=fn: bpf.load_func(fn.encode(), BPF.KPROBE))
+            bpf, _ = _capture_fd2(lambda: BPF(text=text.encode(), cflags=cflags))
+            # Uprobe programs load lazily at attach; load them now so a verifier
+            # failure is reported at start, not on the first TLS library found.
+            for fn in _uprobe_functions():
+                _capture_fd2(lambda fn=fn: bpf.load_func(fn.encode(), BPF.KPROBE))
         except Exception as exc:
             raise CaptureError(self._explain(exc)) from None
         return bpf
