@@ -120,3 +120,22 @@ def test_once_barred_no_probe_is_placed():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     # ESHUTDOWN, before any system call: unbarred, prog fd -1 fails otherwise (EBADF/EINVAL).
     assert done.stdout.split(" ", 1) == [str(errno.ESHUTDOWN), "the agent is stopping: no more probes are placed\n"], done
+
+
+def test_the_bar_waits_for_a_placement_only_so_long():
+    script = textwrap.dedent("""
+        import threading
+        from qtap_devtools.capture import links
+        links.BAR_WAIT_SECONDS = 0.2
+        stuck = threading.Event()
+        def placing_forever():
+            with links._placing:
+                stuck.set()
+                threading.Event().wait()
+        threading.Thread(target=placing_forever, daemon=True).start()
+        stuck.wait()
+        links.bar_new()  # a bar that waited for the stuck placement would hang: the timeout below
+        print(links._barred)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["True"], done

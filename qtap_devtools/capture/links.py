@@ -62,6 +62,7 @@ def _pmu() -> tuple[int, int]:
 # one being placed and bar the rest (bar_new).
 _placing = threading.Lock()
 _barred = False
+BAR_WAIT_SECONDS = 2.0
 
 
 def bar_new() -> None:
@@ -70,10 +71,13 @@ def bar_new() -> None:
     the probes over).  A probe placed after that fork would be the exiting
     process's alone to remove, and its exit would wait for the kernel's RCU
     grace periods (~0.2 s a probe here); more so one cut off between its
-    perf event and its link."""
+    perf event and its link.  The wait is bounded: a placement stuck in the
+    kernel (a process whose memory map is locked) must not hang the stop."""
     global _barred
-    with _placing:
-        _barred = True
+    held = _placing.acquire(timeout=BAR_WAIT_SECONDS)
+    _barred = True
+    if held:
+        _placing.release()
 
 
 class LinkUnsupported(OSError):
