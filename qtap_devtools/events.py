@@ -638,6 +638,7 @@ EV_STATUS: Final = _EVENT_LAYOUT.index("data.data.summary.response_status")
 EV_PATH: Final = _EVENT_LAYOUT.index("data.data.summary.request_path")
 EV_DURATION_US: Final = _EVENT_LAYOUT.index("data.data.summary.duration_us")
 EV_PID: Final = _EVENT_LAYOUT.index("data.data.summary.process_pid")
+EV_DIRECTION: Final = _EVENT_LAYOUT.index("data.data.summary.direction")
 
 LITERAL: Final = 0  # the template's slot kinds, as _jsonw.c names them
 VALUE: Final = 1

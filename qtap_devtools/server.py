@@ -34,7 +34,7 @@ from qtap_devtools import events as ev
 from qtap_devtools.broadcast import Broadcaster, parse_event_id
 from qtap_devtools.config import Config
 from qtap_devtools.events import Envelope
-from qtap_devtools.filters import FILTER_KEYS, EventFilter, FilterError
+from qtap_devtools.filters import FILTER_KEYS, SIDES, EventFilter, FilterError
 from qtap_devtools.store import Store
 
 log = logging.getLogger(__name__)
@@ -390,9 +390,13 @@ def create_app(rt: Runtime) -> Starlette:
             raise FilterError("state: expected all, open or closed")
         return JSONResponse({"connections": store.connection_list(state)})
 
-    @no_parameters
+    @guarded
     async def endpoints(request: Request) -> Response:
-        return JSONResponse({"endpoints": store.endpoint_list()})
+        _accepts(request, "side")
+        side = _one(request, "side")
+        if side is not None and side not in SIDES:
+            raise FilterError(f"side={side!r}: expected client or server")
+        return JSONResponse({"endpoints": store.endpoint_list(side)})
 
     @no_parameters
     async def stats(request: Request) -> Response:
@@ -459,7 +463,7 @@ def create_app(rt: Runtime) -> Starlette:
         processes: "Live processes",
         process_tree: "Live processes as a tree",
         connections: "Open and recently closed connections (state=all|open|closed)",
-        endpoints: "Endpoint index: host, method and route with counts and latency",
+        endpoints: "Endpoint index: side, host, method and route with counts and latency (?side=client|server)",
         stats: "Counters: events by type, drops, capture state",
         har_export: "Recent transactions as HAR 1.2 (same filters as the stream; limit: the newest N)",
         healthz: "Liveness",

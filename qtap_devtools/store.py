@@ -149,7 +149,8 @@ class Store:
             if v is not None:  # made here: its values, read without building its body
                 us = v[ev.EV_DURATION_US]
                 self._add_transaction(env, v[ev.EV_REQUEST_ID], v[ev.EV_PID], v[ev.EV_HOST] or v[ev.EV_ENDPOINT],
-                                      v[ev.EV_METHOD], v[ev.EV_PATH], v[ev.EV_STATUS], us / 1000)
+                                      v[ev.EV_METHOD], v[ev.EV_PATH], v[ev.EV_STATUS], us / 1000,
+                                      v[ev.EV_DIRECTION] == "ingress")
                 return
             d = env.inner
             s = d.get("summary")
@@ -159,7 +160,8 @@ class Store:
             self._add_transaction(env, d.get("requestId"), s.get("process_pid"),
                                   s.get("request_host") or d.get("endpointId"), s.get("request_method"),
                                   s.get("request_path"), s.get("response_status"),
-                                  us / 1000 if type(us) is int else s.get("duration_ms") or 0)
+                                  us / 1000 if type(us) is int else s.get("duration_ms") or 0,
+                                  s.get("direction") == "ingress")
         elif t == ev.PROCESS_STARTED:
             d = env.body.get("data") or {}
             pid = d.get("pid")
@@ -185,9 +187,12 @@ class Store:
                 self.open_connections.put(cid, d)
 
     def _add_transaction(self, env: Envelope, rid: Any, pid: Any, host: Any, method: Any, path: Any, status: Any,
-                         ms: Any) -> None:
+                         ms: Any, server: bool) -> None:
         """Keep a transaction and count it (its process's, its endpoint's); the
-        facts are its summary's, any of them anything when a capture file's."""
+        facts are its summary's, any of them anything when a capture file's.
+        ``server``: seen on the side that accepted the connection (ingress).  An
+        endpoint is counted per side: a request both of whose ends run here is
+        one request on each side, not two of one endpoint."""
         if not rid or rid in self.transactions.entries:  # (a capture file may hold one twice: counted once)
             return
         self.transactions.put(rid, env)
@@ -201,8 +206,9 @@ class Store:
         # The endpoint of the transaction before is the most recently used (it was
         # moved last), and traffic comes in runs to one endpoint: then no key is
         # built, hashed, looked up and moved (~1,700 instructions).
-        if entry is None or entry.path != route or entry.method != method or entry.host != host:
-            key = (host, method, route)
+        if entry is None or entry.path != route or entry.method != method or entry.host != host \
+                or entry.server != server:
+            key = (server, host, method, route)
             endpoints = self.endpoints
             entry = endpoints.get(key)
             if entry is None:
@@ -278,8 +284,9 @@ class Store:
             out += [{**d, "state": "closed"} for d in self.closed_connections.values()]
         return out
 
-    def endpoint_list(self) -> list[dict]:
-        out = [e.json() for e in self.endpoints.values()]
+    def endpoint_list(self, side: str | None = None) -> list[dict]:
+        """Busiest first; ``side``: "client" or "server" alone."""
+        out = [e.json() for e in self.endpoints.values() if side is None or e.server == (side == "server")]
         out.sort(key=lambda e: -e["count"])
         return out
 
@@ -310,7 +317,7 @@ class _Endpoint:
     transaction updates one (statuses are counted by number, named at read)."""
 
     def __init__(self, key: tuple) -> None:
-        self.host, self.method, self.path = key
+        self.server, self.host, self.method, self.path = key
         self.count = 0
         self.errors = 0
         self.statuses: dict[Any, int] = {}
@@ -331,6 +338,7 @@ class _Endpoint:
 
     def json(self) -> dict:
         return {
+            "side": "server" if self.server else "client",
             "host": self.host, "method": self.method, "path": self.path, "count": self.count,
             "errors": self.errors, "max_ms": round(self.max_ms, 3),
             "statuses": self._named_statuses(),

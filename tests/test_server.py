@@ -159,6 +159,11 @@ def test_rest_processes_connections_endpoints_and_index(server):
     endpoints = get(server.url + "/devtools/api/endpoints")[1]["endpoints"]
     assert {(e["method"], e["path"]) for e in endpoints} == {("POST", "/v1/users"), ("GET", "/v1/missing"),
                                                              ("GET", "/v1/crash")}
+    assert {e["side"] for e in endpoints} == {"client"}  # the capture's are all egress
+    assert get(server.url + "/devtools/api/endpoints?side=client")[1]["endpoints"] == endpoints
+    assert get(server.url + "/devtools/api/endpoints?side=server")[1]["endpoints"] == []
+    status, body = get(server.url + "/devtools/api/endpoints?side=both")
+    assert status == 400 and "side='both'" in body["error"]["message"], body
     index = get(server.url + "/devtools/api")[1]
     assert any(i["path"] == "/devtools/api/events" for i in index["items"])
     assert all(i["description"] for i in index["items"]), index  # every entry says what it is

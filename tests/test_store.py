@@ -35,9 +35,9 @@ def test_small_transactions_are_bounded_by_count():
     assert store.stats()["evicted"]["transactions"] == 7
 
 
-def summary_tx(i: int, method: str, path: str, status, ms) -> Envelope:
+def summary_tx(i: int, method: str, path: str, status, ms, direction: str = "egress-external") -> Envelope:
     summary = {"process_pid": 1, "request_host": "api.test", "request_method": method, "request_path": path,
-               "response_status": status, "duration_ms": ms}
+               "response_status": status, "duration_ms": ms, "direction": direction}
     return Envelope.of(ev.HTTP_TRANSACTION, {"data": {"requestId": f"r{i}", "summary": summary}}, 0)
 
 
@@ -57,9 +57,9 @@ def test_the_endpoint_index_counts_by_route_with_statuses_errors_and_latency():
     health = next(e for e in store.endpoint_list() if e["path"] == "/health")
     assert (health["count"], health["max_ms"], health["avg_ms"]) == (2, 0.044, 0.022)
     users, posts = sorted((e for e in store.endpoint_list() if e["path"] != "/health"), key=lambda e: e["method"])
-    assert users == {"host": "api.test", "method": "GET", "path": "/users/{id}", "count": 4, "errors": 3,
+    assert users == {"side": "client", "host": "api.test", "method": "GET", "path": "/users/{id}", "count": 4, "errors": 3,
                      "max_ms": 30, "statuses": {"200": 2, "404": 1, "None": 1}, "avg_ms": 11.75}
-    assert posts == {"host": "api.test", "method": "POST", "path": "/users", "count": 3, "errors": 0,
+    assert posts == {"side": "client", "host": "api.test", "method": "POST", "path": "/users", "count": 3, "errors": 0,
                      "max_ms": 7, "statuses": {"201": 3}, "avg_ms": 3.167}
 
 
@@ -69,6 +69,7 @@ def test_a_transaction_made_here_is_read_from_its_values_as_its_parsed_frame_wou
     made, parsed = Store(), Store()
     conns = [samples.connection(host=h) for h in ("api.stripe.com", "")]
     conns[1].sni = conns[1].http_host = None
+    conns[1].direction = "ingress"  # the server's end: its endpoints are counted apart
     for i in range(30):
         t = samples.transaction(conns[i % 2], f"r{i}", method=("GET", "POST")[i % 3 == 0], path=f"/users/{i % 4}",
                                 host=("api.test", "")[i % 5 == 0])
@@ -79,6 +80,7 @@ def test_a_transaction_made_here_is_read_from_its_values_as_its_parsed_frame_wou
         parsed.on_event(Envelope.from_wire(env.type, env.frame.split(b"\n")[1][6:]))
         assert env._body is None  # the store read the values, built no body
     assert made.endpoint_list() == parsed.endpoint_list() and len(made.endpoint_list()) > 2
+    assert {e["side"] for e in made.endpoint_list()} == {"client", "server"}
     assert made.stats() == parsed.stats() and made.process_list() == parsed.process_list()
     assert [e.frame for e in made.recent_transactions()] == [e.frame for e in parsed.recent_transactions()]
 
@@ -135,6 +137,19 @@ def test_event_types_counted_by_name_are_bounded():
         st.on_event(Envelope.from_wire(f"custom.{i}", b'{"data": {}, "ts": "2025-12-12T16:58:10.452Z"}'))
     assert len(st.by_type) == store_mod.MAX_EVENT_TYPES + 1 and st.by_type["other"] == 10
     assert sum(st.by_type.values()) == store_mod.MAX_EVENT_TYPES + 10
+
+
+def test_a_request_seen_at_both_its_ends_counts_once_on_each_side():
+    """Between two local processes a request is captured twice: by the client
+    (egress) and by the server (ingress).  One endpoint counting both said two
+    requests, with the two ends' latencies averaged."""
+    store = Store()
+    for i, (direction, ms) in enumerate([("egress-internal", 9), ("ingress", 3), ("egress-internal", 11)]):
+        store.on_event(summary_tx(i, "GET", "/users/1", 200, ms, direction))
+    sides = {e["side"]: (e["count"], e["max_ms"]) for e in store.endpoint_list()}
+    assert sides == {"client": (2, 11), "server": (1, 3)}
+    assert [(e["side"], e["count"]) for e in store.endpoint_list("server")] == [("server", 1)]
+    assert [(e["side"], e["count"]) for e in store.endpoint_list("client")] == [("client", 2)]
 
 
 def test_endpoints_are_evicted_least_recently_used_whether_counted_in_runs_or_interleaved():
