@@ -929,11 +929,19 @@ def test_plaintext_host_names_the_endpoint_when_http1_is_detected(live, nginx_pl
 
 def test_side_keeps_one_end_of_a_loopback_request_on_rest_and_stream(live, nginx):
     """curl → nginx on this machine is two transactions; side=client is curl's,
-    side=server is nginx's (the page's side: keyword, for curl users)."""
+    side=server is nginx's (the page's side: keyword, for curl users).  The
+    endpoint index counts the request once on each side, not twice."""
     proc, reader, _ = live
     m = marker()
-    curl(nginx.url(f"/json?m={m}"))
+    host = f"{m}.example.test"  # this request's alone in the index
+    curl("-H", f"Host: {host}", nginx.url(f"/json?m={m}"))
     both_sides(reader, m)
+    status, body = get(proc.url + "/devtools/api/endpoints")
+    assert status == 200
+    mine = sorted((e["side"], e["method"], e["path"], e["count"]) for e in body["endpoints"] if e["host"] == host)
+    assert mine == [("client", "GET", "/json", 1), ("server", "GET", "/json", 1)], body["endpoints"]
+    status, body = get(proc.url + "/devtools/api/endpoints?side=server")
+    assert [e["side"] for e in body["endpoints"] if e["host"] == host] == ["server"]
     exes = {}
     for side in ("client", "server"):
         status, body = get(proc.url + f"/devtools/api/transactions?q={m}&side={side}")
