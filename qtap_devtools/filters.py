@@ -29,6 +29,15 @@ class FilterError(ValueError):
     pass
 
 
+def checked_side(side: str | None) -> str | None:
+    """``side=``, any case, as "client" or "server" (None: not given)."""
+    if side is None:
+        return None
+    if side.lower() not in SIDES:
+        raise FilterError(f"side={side!r}: expected client or server")
+    return side.lower()
+
+
 @dataclass(frozen=True)
 class EventFilter:
     types: tuple[str, ...] = ()
@@ -80,9 +89,7 @@ class EventFilter:
                 raise FilterError(f"{key}: give one value")
             return v[0].lower() if v else None
 
-        side = one("side")
-        if side is not None and side not in SIDES:
-            raise FilterError(f"side={side!r}: expected client or server")
+        side = checked_side(one("side"))
 
         return cls(
             types=tuple(types),

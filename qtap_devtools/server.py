@@ -34,7 +34,7 @@ from qtap_devtools import events as ev
 from qtap_devtools.broadcast import Broadcaster, parse_event_id
 from qtap_devtools.config import Config
 from qtap_devtools.events import Envelope
-from qtap_devtools.filters import FILTER_KEYS, SIDES, EventFilter, FilterError
+from qtap_devtools.filters import FILTER_KEYS, EventFilter, FilterError, checked_side
 from qtap_devtools.store import Store
 
 log = logging.getLogger(__name__)
@@ -393,10 +393,7 @@ def create_app(rt: Runtime) -> Starlette:
     @guarded
     async def endpoints(request: Request) -> Response:
         _accepts(request, "side")
-        side = _one(request, "side")
-        if side is not None and side not in SIDES:
-            raise FilterError(f"side={side!r}: expected client or server")
-        return JSONResponse({"endpoints": store.endpoint_list(side)})
+        return JSONResponse({"endpoints": store.endpoint_list(checked_side(_one(request, "side")))})
 
     @no_parameters
     async def stats(request: Request) -> Response:

@@ -162,6 +162,7 @@ def test_rest_processes_connections_endpoints_and_index(server):
     assert {e["side"] for e in endpoints} == {"client"}  # the capture's are all egress
     assert get(server.url + "/devtools/api/endpoints?side=client")[1]["endpoints"] == endpoints
     assert get(server.url + "/devtools/api/endpoints?side=server")[1]["endpoints"] == []
+    assert get(server.url + "/devtools/api/endpoints?side=Client")[1]["endpoints"] == endpoints  # as the stream's
     status, body = get(server.url + "/devtools/api/endpoints?side=both")
     assert status == 400 and "side='both'" in body["error"]["message"], body
     index = get(server.url + "/devtools/api")[1]
