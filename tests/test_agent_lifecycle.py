@@ -194,6 +194,11 @@ def test_every_agent_thread_runs_at_the_cpu_priority_asked(tmp_path, flag, polic
         assert sorted(threads[t] for t in service) == helpers, threads  # --no-docker
         assert "qtap-ring" in threads.values()
         rest = [t for t in threads if t not in service]
+        # auto: idle while it keeps up; a start on a busy machine may find it
+        # behind and lifted for a moment (priority.HOLD_SECONDS), then lowered.
+        deadline = time.monotonic() + 10
+        while {os.sched_getscheduler(t) for t in rest} != {policy} and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert {os.sched_getscheduler(t) for t in rest} == {policy}
         assert {os.getpriority(os.PRIO_PROCESS, t) for t in threads} == {nice}
         # The exec watcher attaches to new processes, the watchdog (or, without
