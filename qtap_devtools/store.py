@@ -106,7 +106,7 @@ class Store:
         processes: int = 65_536,
         connections: int = 65_536,
         closed_connections: int = 4096,
-        endpoints: int = 4096,
+        endpoints: int = 4096,  # a side
     ) -> None:
         # Bodies up to 1 MiB each: a count alone would let 10,000 of them
         # hold gigabytes.  A published transaction keeps only its frame.
@@ -114,8 +114,13 @@ class Store:
         self.processes: BoundedDict = BoundedDict(processes)
         self.open_connections: BoundedDict = BoundedDict(connections)
         self.closed_connections: BoundedDict = BoundedDict(closed_connections)
-        self.endpoints: BoundedDict = BoundedDict(endpoints)
-        self._last_endpoint: _Endpoint | None = None  # the one the last transaction counted in
+        # An index a side (endpoints each): a request both of whose ends run
+        # here alternates them, and each side's last endpoint stays its most
+        # recently used.
+        self.client_endpoints: BoundedDict = BoundedDict(endpoints)
+        self.server_endpoints: BoundedDict = BoundedDict(endpoints)
+        self._last_client: _Endpoint | None = None  # the one each side's last transaction counted in
+        self._last_server: _Endpoint | None = None
         # Plain dicts, not Counters: Counter defines __delitem__ in Python, which
         # sends every item set through a slot wrapper (~900 instructions).
         self.by_type: dict[str, int] = {}
@@ -202,21 +207,23 @@ class Store:
             if len(counts) > self.processes.limit:
                 self._prune_process_counts()
         host, route = host or "?", _route(path or "/")
-        entry = self._last_endpoint
-        # The endpoint of the transaction before is the most recently used (it was
+        entry = self._last_server if server else self._last_client
+        # The side's last endpoint is its index's most recently used (it was
         # moved last), and traffic comes in runs to one endpoint: then no key is
         # built, hashed, looked up and moved (~1,700 instructions).
-        if entry is None or entry.path != route or entry.method != method or entry.host != host \
-                or entry.server != server:
-            key = (server, host, method, route)
-            endpoints = self.endpoints
+        if entry is None or entry.path != route or entry.method != method or entry.host != host:
+            key = (host, method, route)
+            endpoints = self.server_endpoints if server else self.client_endpoints
             entry = endpoints.get(key)
             if entry is None:
-                entry = _Endpoint(key)
+                entry = _Endpoint(key, server)
                 endpoints.put(key, entry)
             else:
                 endpoints.entries.move_to_end(key)  # the most recently used is evicted last
-            self._last_endpoint = entry
+            if server:
+                self._last_server = entry
+            else:
+                self._last_client = entry
         entry.add(status, ms)
 
     # ---- queries
@@ -286,7 +293,9 @@ class Store:
 
     def endpoint_list(self, side: str | None = None) -> list[dict]:
         """Busiest first; ``side``: "client" or "server" alone."""
-        out = [e.json() for e in self.endpoints.values() if side is None or e.server == (side == "server")]
+        sides = [self.client_endpoints] if side == "client" else [self.server_endpoints] if side == "server" \
+            else [self.client_endpoints, self.server_endpoints]
+        out = [e.json() for endpoints in sides for e in endpoints.values()]
         out.sort(key=lambda e: -e["count"])
         return out
 
@@ -301,7 +310,7 @@ class Store:
                 "transactions": self.transactions.evicted,
                 "processes": self.processes.evicted,
                 "connections": self.open_connections.evicted,
-                "endpoints": self.endpoints.evicted,
+                "endpoints": self.client_endpoints.evicted + self.server_endpoints.evicted,
                 "process_request_counts": self.process_counts_dropped,
                 "route_memo": _routes_cleared[0],  # path -> route, remembered to save time only
             },
@@ -316,8 +325,9 @@ class _Endpoint:
     """One (host, method, route)'s counts: a class, not a dict, because every
     transaction updates one (statuses are counted by number, named at read)."""
 
-    def __init__(self, key: tuple) -> None:
-        self.server, self.host, self.method, self.path = key
+    def __init__(self, key: tuple, server: bool) -> None:
+        self.host, self.method, self.path = key
+        self.server = server
         self.count = 0
         self.errors = 0
         self.statuses: dict[Any, int] = {}

@@ -168,6 +168,30 @@ def test_endpoints_are_evicted_least_recently_used_whether_counted_in_runs_or_in
     assert kept == {("GET", "/b"): 3, ("GET", "/d"): 2, ("POST", "/d"): 1}
 
 
+def test_endpoints_counted_in_runs_on_alternating_sides_are_kept_and_evicted_as_lookups_would():
+    """Each side has its index and remembers its last endpoint: a request seen
+    at both ends alternates them.  What is kept, its counts and what is let go
+    must be what a lookup for every transaction makes, whatever the limit."""
+    import random
+    from collections import OrderedDict
+
+    rng = random.Random(7)
+    for limit in (1, 2, 3):
+        for _ in range(40):
+            store, model, evicted = Store(endpoints=limit), {"client": OrderedDict(), "server": OrderedDict()}, 0
+            for i in range(rng.randrange(1, 30)):
+                direction, path = rng.choice(("ingress", "egress-internal")), rng.choice(("/a", "/b", "/c"))
+                store.on_event(summary_tx(i, "GET", path, 200, 1, direction))
+                index = model["server" if direction == "ingress" else "client"]
+                index[path] = index.pop(path, 0) + 1
+                if len(index) > limit:
+                    index.popitem(last=False)
+                    evicted += 1
+            got = {(e["side"], e["path"]): e["count"] for e in store.endpoint_list()}
+            assert got == {(side, path): n for side, index in model.items() for path, n in index.items()}
+            assert store.stats()["evicted"]["endpoints"] == evicted
+
+
 def test_the_path_to_route_memo_is_bounded_and_counts_what_it_lets_go(monkeypatch):
     from qtap_devtools import store as store_mod
 
