@@ -216,10 +216,12 @@ def test_every_agent_thread_runs_at_the_cpu_priority_asked(tmp_path, flag, polic
 def test_an_idle_agent_on_a_cpu_the_traced_programs_fill_is_lifted_by_its_watchdog_and_loses_nothing(tmp_path):
     """--cpu-priority auto: every agent thread but its helpers idle, the ring
     reader too.  Programs at normal priority spinning on every core leave an
-    idle thread no core, so the reader cannot notice that it falls behind: the
-    watchdog thread must, lift it, and then every transaction arrives.  A lone
-    request, far too little to fill the ring, arrives too (it lifts the reader
-    once it has waited unread, if nothing else gives the reader a core)."""
+    idle thread hardly a core, so the reader can rarely notice that it falls
+    behind: the watchdog thread lifts it (or, given a tick by the scheduler,
+    the reader finds itself behind and makes the whole agent an equal: one run
+    in five here), and then every transaction arrives.  A lone request, far too
+    little to fill the ring, arrives too (it lifts the reader once it has
+    waited unread, if nothing else gives the reader a core)."""
     from tests import realworld as rw
     from tests.stream import StreamReader
 
@@ -238,7 +240,8 @@ def test_an_idle_agent_on_a_cpu_the_traced_programs_fill_is_lifted_by_its_watchd
             assert done.returncode == 0
             got = stream.transactions(f"{marker}=", count=2 * requests, timeout=60)  # the client's and nginx's
             capture = get(proc.url + "/devtools/api/stats")[1]["capture"]
-            assert capture["cpu_priority_reader_lifts"] >= 1, capture
+            lifted = {k: v for k, v in capture.items() if k.startswith("cpu_priority")}
+            assert capture["cpu_priority_reader_lifts"] + capture["cpu_priority_switches"] >= 1, lifted
             assert len(got) == 2 * requests, f"{len(got)} of {2 * requests}; {stream.health()}; {capture}"
             assert capture["lost_records"] == 0 and stream.missed == 0
             stream.close()
