@@ -52,9 +52,13 @@ EVENT_TYPES: Final = (
 # Events come in bursts: at 20,000 a second about twenty share each
 # millisecond, so the last one's text is kept whole, and the second's prefix
 # is formatted once.  Tuples, replaced whole, so a reader on another thread
-# never sees half an update.
+# never sees half an update.  A transaction's two times (its start, its
+# event's) are mostly in different milliseconds, so the last text misses half
+# the time: a miss joins the second's prefix to a made suffix (divmod and a
+# formatted f-string were ~4 % of the agent's CPU at 10,000 requests a second).
 _last_second: tuple[int, str] = (-1, "")
 _last_ms: tuple[int, str] = (-1, "")
+_MS_SUFFIX: Final = tuple(f".{ms:03d}Z" for ms in range(1000))
 
 
 def rfc3339(ns: int) -> str:
@@ -64,11 +68,11 @@ def rfc3339(ns: int) -> str:
     hit = _last_ms
     if hit[0] == ms:
         return hit[1]
-    seconds, rem = divmod(ms, 1000)
+    seconds = ms // 1000
     cached = _last_second
     if cached[0] != seconds:
         cached = _last_second = (seconds, datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"))
-    text = f"{cached[1]}.{rem:03d}Z"
+    text = cached[1] + _MS_SUFFIX[ms - seconds * 1000]
     _last_ms = (ms, text)
     return text
 

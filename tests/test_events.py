@@ -129,6 +129,17 @@ def test_timestamps_are_rfc3339_utc_milliseconds(ns, text):
     assert ev.parse_rfc3339(text) == ns // 1_000_000 * 1_000_000
 
 
+@given(st.lists(st.integers(-(10**18), 4 * 10**18), min_size=1, max_size=20))
+def test_timestamps_match_datetime_in_any_order_of_milliseconds_and_seconds(times):
+    """The caches (the last millisecond's text, the last second's prefix) never
+    give one time's text for another, however the calls interleave."""
+    import datetime as dt
+    for ns in times + times[::-1]:
+        ms = ns // 1_000_000
+        want = (dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(milliseconds=ms))
+        assert ev.rfc3339(ns) == want.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+
+
 def test_ids_are_20_char_base32hex_unique_and_time_ordered():
     made = [ids.new_id(1_700_000_000 + i // 10) for i in range(1000)]
     assert len(set(made)) == 1000

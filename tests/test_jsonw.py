@@ -7,6 +7,7 @@ must write what transactions actually hold, or it would be a slower no-op.
 
 from __future__ import annotations
 
+import base64
 import math
 
 import orjson
@@ -228,6 +229,22 @@ def test_the_template_writes_what_the_dicts_make():
             event = orjson.loads(frame[:-2])
             assert event["x"] == 1 and event["y"] == 2 and list(event) == ["x", "inner", "y"]
             assert event["inner"] == ev.b64(orjson.dumps(ev._unflatten(slots, given_values)))
+
+
+def test_every_short_copy_length_is_written_whole():
+    """Copies of up to 32 bytes are made inline, by loads that may overlap
+    (_jsonw.c, copy): a key of every length puts its template text (``,"k…":``)
+    at every length around those steps, and so do the digits of numbers."""
+    keys = ["k" * n for n in range(1, 41)]
+    values = [10 ** (n % 19 + 1) - 1 if n % 2 else -(10 ** (n % 19)) for n in range(1, 41)]
+    values[:3] = ["", "é", [0, 1, -7, 2**64 - 1]]
+    slots = ev._parse(tuple(keys))
+    frame = _jsonw.tx_frame(b"head\n", *ev._compile(slots), values,
+                            *ev._compile(ev._parse(("x", "inner:splice"))), [2**63, None])
+    assert frame.startswith(b"head\n") and frame.endswith(b"\n\n")
+    event = orjson.loads(frame[5:-2])
+    assert event["x"] == 2**63
+    assert orjson.loads(base64.b64decode(event["inner"])) == dict(zip(keys, values))
 
 
 def test_an_events_body_is_built_from_its_values_as_its_frame_says():
