@@ -23,6 +23,7 @@ from typing import Any, Callable, Final, Iterable
 from qtap_devtools import ids
 from qtap_devtools.events import HTTP_TRANSACTION, PROCESS_STARTED, Envelope, SystemDisconnected, SystemDropped
 from qtap_devtools.filters import EventFilter
+from qtap_devtools.mypyc_attrs import mypyc_attr
 
 log: Final = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ HISTORY_EVICTED: Final = "resumed past the history the agent still holds (older 
 HISTORY_CUT: Final = "the history asked for is larger than this client's share of memory: its oldest events are left out"
 
 
+@mypyc_attr(acyclic=True)  # an Envelope and bytes: in no cycle (mypyc_attrs)
 class Published:
     """One event as published: its sequence number, envelope and ``id:`` line.
 

@@ -25,6 +25,7 @@ import orjson
 import pybase64
 
 from qtap_devtools.enrich.model import ContainerInfo, PodInfo, ProcessInfo
+from qtap_devtools.mypyc_attrs import mypyc_attr
 
 SYSTEM_CONNECTED: Final = "system.connected"
 SYSTEM_DROPPED: Final = "system.dropped"
@@ -124,6 +125,7 @@ def now_ns() -> int:
 # The wire form
 
 
+@mypyc_attr(acyclic=True)  # a frame, JSON-like body and values: in no cycle (mypyc_attrs)
 class Envelope:
     """An event ready to send: ``body`` is ``{"data": …, "ts": …}``.
 
@@ -549,6 +551,7 @@ class ConnectionClosed(ConnectionEvent):
         return CONNECTION_CLOSED
 
 
+@mypyc_attr(acyclic=True)  # headers, bytes, scalars
 @dataclass(slots=True)
 class HttpMessage:
     """One side of a transaction as the wire form shows it."""

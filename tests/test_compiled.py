@@ -67,6 +67,29 @@ def test_modules_load_from_where_asked():
         assert module.__file__.endswith(".py" if interpreted else compiled.SUFFIX), module.__file__
 
 
+def test_the_classes_declared_acyclic_are_not_tracked_by_the_cycle_collector():
+    """``@mypyc_attr(acyclic=True)`` took: the records, heads, messages and
+    envelopes made for every transaction are not linked into the collector's
+    lists (mypyc_attrs).  Run as Python the decorator does nothing."""
+    import gc
+
+    from qtap_devtools.assemble.http1_parse import Head, Message
+    from qtap_devtools.assemble.model import HttpExchange, HttpRequest, HttpResponse
+    from qtap_devtools.broadcast import Published
+    from qtap_devtools.capture.chunk import DataChunk
+    from qtap_devtools.events import Envelope, HttpMessage
+
+    if os.environ.get("QTAP_INTERPRETED") or compiled.missing():
+        pytest.skip("runs as Python")
+    request, response = HttpRequest("GET", "/", "HTTP/1.1", ()), HttpResponse(200, "OK", "HTTP/1.1", ())
+    envelope = Envelope("t", {"data": {}}, b"frame", 0, [1, "a", {"b": None}])
+    made = [DataChunk(1, 1, 3, 0, "egress", "openssl", 0, b"x"), Head(True), request, response,
+            HttpExchange(request, response, 0, None, None, 0), HttpMessage({"a": "b"}, b"", 0), envelope,
+            Published(1, envelope, b"id: x-1\n")]
+    assert [type(o).__name__ for o in made if gc.is_tracked(o)] == []
+    assert gc.is_tracked(Message(Head(True), 0, 0))  # its exchange may point back at it: tracked
+
+
 def test_the_python_runs_when_asked_or_when_the_compiled_runtime_is_missing(tmp_path, monkeypatch):
     assert compiled.run_source_instead({"QTAP_INTERPRETED": "1"})
     if not compiled.missing():

@@ -18,6 +18,8 @@ import re
 from bisect import bisect_right
 from typing import TYPE_CHECKING, Callable, Final
 
+from qtap_devtools.mypyc_attrs import mypyc_attr
+
 if TYPE_CHECKING:
     from .http1 import ConnectionAssembler
 
@@ -86,6 +88,7 @@ class NotHttp1(MalformedMessage):
     """The bytes do not even start like HTTP/1 (TLS records, HTTP/2 preface, binary)."""
 
 
+@mypyc_attr(acyclic=True)  # strs and lists of them: in no cycle (mypyc_attrs)
 class Head:
     """A parsed start line and header section, plus what framing needs from it."""
 

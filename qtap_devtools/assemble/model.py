@@ -16,11 +16,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Final, Sequence
 
+from qtap_devtools.mypyc_attrs import mypyc_attr
+
 Headers = tuple[tuple[str, str], ...]
 # 1xx responses kept per exchange (a server may send any number; the rest are not listed).
 MAX_INFORMATIONAL: Final = 16
 
 
+@mypyc_attr(acyclic=True)  # scalars, bytes, headers: in no cycle (mypyc_attrs)
 @dataclass(slots=True)
 class HttpRequest:
     method: str
@@ -57,6 +60,7 @@ class HttpRequest:
         return _first(self.headers, name)
 
 
+@mypyc_attr(acyclic=True)
 @dataclass(slots=True)
 class HttpResponse:
     status: int
@@ -93,6 +97,7 @@ class HttpResponse:
         return _first(self.headers, name)
 
 
+@mypyc_attr(acyclic=True)  # the two above and scalars
 @dataclass(slots=True)
 class HttpExchange:
     request: HttpRequest | None

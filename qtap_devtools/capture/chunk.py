@@ -8,10 +8,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from qtap_devtools.mypyc_attrs import mypyc_attr
+
 Direction = Literal["egress", "ingress"]
 Source = Literal["socket", "openssl", "gnutls", "nodetls"]
 
 
+@mypyc_attr(acyclic=True)  # ints, str, bytes: in no cycle (mypyc_attrs)
 @dataclass(slots=True)  # for __eq__ and __repr__; __init__ written out: generated, it would run interpreted
 class DataChunk:
     pid: int
