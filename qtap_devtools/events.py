@@ -293,6 +293,9 @@ def _drop_none(d: dict) -> dict:
 # Events
 
 
+# Events, and all of their kinds: made, framed and let go; nothing they hold
+# points back at one (mypyc_attrs).
+@mypyc_attr(acyclic=True)
 class Event:
     ts_ns: int
 
@@ -310,6 +313,7 @@ class Event:
         return Envelope.of(self.type, self.payload(), self.ts_ns)
 
 
+@mypyc_attr(acyclic=True)
 @dataclass(slots=True)
 class SystemConnected(Event):
     version: str
@@ -338,6 +342,7 @@ class SystemConnected(Event):
         }
 
 
+@mypyc_attr(acyclic=True)
 @dataclass(slots=True)
 class SystemDropped(Event):
     """Sent to one client: how many events it missed, and why."""
@@ -359,6 +364,7 @@ class SystemDropped(Event):
         }
 
 
+@mypyc_attr(acyclic=True)
 @dataclass(slots=True)
 class SystemDisconnected(Event):
     reason: str
@@ -372,6 +378,7 @@ class SystemDisconnected(Event):
         return {"reason": self.reason}
 
 
+@mypyc_attr(acyclic=True)
 @dataclass(slots=True)
 class ProcessStarted(Event):
     process: ProcessInfo
@@ -398,6 +405,7 @@ class ProcessStarted(Event):
         return _drop_none(out)
 
 
+@mypyc_attr(acyclic=True)
 @dataclass(slots=True)
 class ProcessStopped(ProcessStarted):
     exit_code: int | None = None
@@ -517,6 +525,7 @@ class Connection:
         return out
 
 
+@mypyc_attr(acyclic=True)
 @dataclass(slots=True)
 class ConnectionEvent(Event):
     connection: Connection
@@ -530,6 +539,7 @@ class ConnectionEvent(Event):
         return {"data": self.connection.json()}
 
 
+@mypyc_attr(acyclic=True)
 @dataclass(slots=True)
 class ConnectionOpened(ConnectionEvent):
     @property
@@ -537,6 +547,7 @@ class ConnectionOpened(ConnectionEvent):
         return CONNECTION_OPENED
 
 
+@mypyc_attr(acyclic=True)
 @dataclass(slots=True)
 class ConnectionUpdated(ConnectionEvent):
     @property
@@ -544,6 +555,7 @@ class ConnectionUpdated(ConnectionEvent):
         return CONNECTION_UPDATED
 
 
+@mypyc_attr(acyclic=True)
 @dataclass(slots=True)
 class ConnectionClosed(ConnectionEvent):
     @property
@@ -754,6 +766,7 @@ def percent_encoded(path: str) -> str:
     return "".join(out)
 
 
+@mypyc_attr(acyclic=True)
 @dataclass(slots=True)
 class HttpTransaction(Event):
     request_id: str
