@@ -293,9 +293,6 @@ def _drop_none(d: dict) -> dict:
 # Events
 
 
-# Events, and all of their kinds: made, framed and let go; nothing they hold
-# points back at one (mypyc_attrs).
-@mypyc_attr(acyclic=True)
 class Event:
     ts_ns: int
 
@@ -313,7 +310,6 @@ class Event:
         return Envelope.of(self.type, self.payload(), self.ts_ns)
 
 
-@mypyc_attr(acyclic=True)
 @dataclass(slots=True)
 class SystemConnected(Event):
     version: str
@@ -342,7 +338,6 @@ class SystemConnected(Event):
         }
 
 
-@mypyc_attr(acyclic=True)
 @dataclass(slots=True)
 class SystemDropped(Event):
     """Sent to one client: how many events it missed, and why."""
@@ -364,7 +359,6 @@ class SystemDropped(Event):
         }
 
 
-@mypyc_attr(acyclic=True)
 @dataclass(slots=True)
 class SystemDisconnected(Event):
     reason: str
@@ -378,7 +372,6 @@ class SystemDisconnected(Event):
         return {"reason": self.reason}
 
 
-@mypyc_attr(acyclic=True)
 @dataclass(slots=True)
 class ProcessStarted(Event):
     process: ProcessInfo
@@ -405,7 +398,6 @@ class ProcessStarted(Event):
         return _drop_none(out)
 
 
-@mypyc_attr(acyclic=True)
 @dataclass(slots=True)
 class ProcessStopped(ProcessStarted):
     exit_code: int | None = None
@@ -525,7 +517,6 @@ class Connection:
         return out
 
 
-@mypyc_attr(acyclic=True)
 @dataclass(slots=True)
 class ConnectionEvent(Event):
     connection: Connection
@@ -539,7 +530,6 @@ class ConnectionEvent(Event):
         return {"data": self.connection.json()}
 
 
-@mypyc_attr(acyclic=True)
 @dataclass(slots=True)
 class ConnectionOpened(ConnectionEvent):
     @property
@@ -547,7 +537,6 @@ class ConnectionOpened(ConnectionEvent):
         return CONNECTION_OPENED
 
 
-@mypyc_attr(acyclic=True)
 @dataclass(slots=True)
 class ConnectionUpdated(ConnectionEvent):
     @property
@@ -555,7 +544,6 @@ class ConnectionUpdated(ConnectionEvent):
         return CONNECTION_UPDATED
 
 
-@mypyc_attr(acyclic=True)
 @dataclass(slots=True)
 class ConnectionClosed(ConnectionEvent):
     @property
@@ -766,7 +754,6 @@ def percent_encoded(path: str) -> str:
     return "".join(out)
 
 
-@mypyc_attr(acyclic=True)
 @dataclass(slots=True)
 class HttpTransaction(Event):
     request_id: str
