@@ -131,8 +131,8 @@ def test_timestamps_are_rfc3339_utc_milliseconds(ns, text):
 
 @given(st.lists(st.integers(-(10**18), 4 * 10**18), min_size=1, max_size=20))
 def test_timestamps_match_datetime_in_any_order_of_milliseconds_and_seconds(times):
-    """The caches (the last millisecond's text, the last second's prefix) never
-    give one time's text for another, however the calls interleave."""
+    """The caches (the last two milliseconds' texts, the last second's prefix)
+    never give one time's text for another, however the calls interleave."""
     import datetime as dt
     for ns in times + times[::-1]:
         ms = ns // 1_000_000
