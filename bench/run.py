@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import os
 import shlex
+import signal
 import sys
 import tempfile
 import time
@@ -139,8 +140,18 @@ def measure(setup: Setup, nginx: BenchNginx, w: Workload, script: Path, seconds:
     }
 
 
+def _stop(signum: int, _frame: object) -> None:
+    # As Ctrl-C does: unwind, so the setup's agent, nginx, wrk and the
+    # temporary directory are all cleaned up (the default action for SIGTERM or
+    # a closed terminal's SIGHUP left nginx running on its port).
+    progress(f"stopped by {signal.Signals(signum).name}; cleaning up")
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _stop)
     if os.geteuid() != 0:
         print("bench: needs root (uprobes, bcc); run it with sudo or as root", file=sys.stderr)
         return 2

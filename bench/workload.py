@@ -202,7 +202,12 @@ class Wrk:
 
     def wait(self) -> WrkResult:
         assert self.proc is not None
-        out, err = self.proc.communicate(timeout=300)
+        try:
+            out, err = self.proc.communicate(timeout=300)
+        except BaseException:  # the bench stopped (Ctrl-C, SIGTERM) or wrk hung: no wrk left behind
+            self.proc.kill()
+            self.proc.wait()
+            raise
         line = next((ln for ln in out.splitlines() if ln.startswith("BENCH ")), None)
         if self.proc.returncode != 0 or line is None:
             raise RuntimeError(f"wrk failed ({self.proc.returncode}): {err.strip() or out.strip()}")

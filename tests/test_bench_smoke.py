@@ -7,8 +7,11 @@ object with every headline key, of the right type, and results.json is written.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -104,3 +107,62 @@ def test_a_checkout_that_is_not_set_up_is_refused_with_a_reason(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "bench.ab", str(tmp_path)], cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2 and "is not a set-up checkout" in proc.stderr and "make setup" in proc.stderr
+
+
+def _descendants(pid: int) -> set[int]:
+    found, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                kids = (task / "children").read_text().split()
+            except OSError:
+                continue
+            for k in map(int, kids):
+                if k not in found:
+                    found.add(k)
+                    todo.append(k)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_a_bench_stopped_by_sigterm_leaves_no_agent_nginx_or_wrk_behind():
+    """SIGTERM (or a closed terminal's SIGHUP) mid-measurement unwinds like Ctrl-C."""
+    proc = subprocess.Popen([sys.executable, "-m", "bench.run", "--quick", "--only", "agent_tuned",
+                             "--output", "/dev/null"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    lines = []
+    try:
+        # wrk runs once the agent is up: then every kind of child exists.
+        for line in proc.stderr:
+            lines.append(line)
+            if "agent_tuned: w1: starting the setup" in line:
+                break
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            kids = _descendants(proc.pid)
+            names = {Path(f"/proc/{k}/comm").read_text().strip() for k in kids if _alive(k)}
+            if "wrk" in names:
+                break
+            time.sleep(0.1)
+        assert {"wrk", "nginx"} <= names, (names, "".join(lines))
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.stderr.read()
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM, rest
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "stopped by SIGTERM; cleaning up" in rest
+    left = [k for k in kids if _alive(k)]
+    names = {k: Path(f"/proc/{k}/comm").read_text(errors="replace").strip() for k in left}
+    for k in left:
+        os.kill(k, signal.SIGKILL)  # not to leave them to the next test
+    assert not left, names
