@@ -26,6 +26,7 @@ from pathlib import Path
 
 from bench.machine import cpu_seconds
 from bench.setups import ROOT, Agent, Run, SetupUnavailable
+from bench.unwind import on_stop_signals
 from bench.workload import RATE10K, BenchNginx, Workload, Wrk, busy_jiffies, paced, write_scripts
 
 QUICK_DELAY_MS = 100  # --quick: a few hundred requests a run (the smoke test)
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("bench.ab: needs root (uprobes, bcc); run it with sudo or as root", file=sys.stderr)
         return 2
+    on_stop_signals("bench.ab")
     from qtap_devtools import kheaders
     from tests.realworld import make_cert
 

@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import os
 import shlex
-import signal
 import sys
 import tempfile
 import time
@@ -25,6 +24,7 @@ import orjson
 from bench import report
 from bench.machine import BPF_STATS, BpfRunStats, ProcessCpu, bpf_run_time, cpu_seconds
 from bench.setups import SETUP_ORDER, Run, Setup, SetupUnavailable, all_setups
+from bench.unwind import on_stop_signals
 from bench.workload import (RATE10K, W1, W2, BenchNginx, Workload, Wrk, busy_jiffies, jiffies_to_us, paced,
                             write_scripts)
 from qtap_devtools.capture.links import tracers
@@ -140,18 +140,9 @@ def measure(setup: Setup, nginx: BenchNginx, w: Workload, script: Path, seconds:
     }
 
 
-def _stop(signum: int, _frame: object) -> None:
-    # As Ctrl-C does: unwind, so the setup's agent, nginx, wrk and the
-    # temporary directory are all cleaned up (the default action for SIGTERM or
-    # a closed terminal's SIGHUP left nginx running on its port).
-    progress(f"stopped by {signal.Signals(signum).name}; cleaning up")
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _stop)
+    on_stop_signals("bench")
     if os.geteuid() != 0:
         print("bench: needs root (uprobes, bcc); run it with sudo or as root", file=sys.stderr)
         return 2

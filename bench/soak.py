@@ -28,6 +28,7 @@ from pathlib import Path
 import orjson
 
 from bench.setups import Agent, SetupUnavailable, _status
+from bench.unwind import on_stop_signals
 from bench.workload import W1, BenchNginx, Wrk, write_scripts
 
 TARGET_MB = 150
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("bench.soak: needs root (the agent attaches uprobes)", file=sys.stderr)
         return 2
+    on_stop_signals("bench.soak")
     from qtap_devtools import kheaders
     from tests.realworld import make_cert
 
