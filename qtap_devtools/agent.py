@@ -18,7 +18,6 @@ import platform
 import select
 import signal
 import socket
-import stat
 import sys
 import threading
 import time
@@ -472,6 +471,11 @@ def wait_for_exit(pid: int) -> None:
         os.close(fd)
 
 
+# What the detaching child keeps (readlink of its descriptors): programs,
+# maps, links and the perf events probes are attached through.
+BPF_OBJECTS = ("anon_inode:bpf", "anon_inode:[perf_event]")
+
+
 def detach_in_background() -> None:
     """Let the kernel remove our probes after we have exited.
 
@@ -479,23 +483,35 @@ def detach_in_background() -> None:
     tear down our ~20 probes when their last file descriptor closes, and the
     process is not gone until it has.  A child that inherits those descriptors
     and outlives us takes that wait, so the agent exits at once.  The child
-    keeps no socket: on an exit by error the server's listening socket is
-    still open, and the port must be free when we are gone."""
+    keeps nothing else, and has let go of it before we exit: on an exit by
+    error the server's listening socket is still open, and the port must be
+    free when we are gone; and a reader of our output (``--output >(gzip >
+    f)``, whose pipe we also inherit as the shell's descriptor) must see its
+    end then, not seconds later."""
     parent = os.getpid()
     with contextlib.suppress(OSError, ValueError):  # stdout may be a closed pipe: why we are exiting
         sys.stdout.flush()
         sys.stderr.flush()
+    ready_r, ready_w = os.pipe()
     if os.fork() != 0:
+        os.close(ready_w)
+        with contextlib.suppress(OSError):
+            select.select([ready_r], [], [], 1.0)  # its end of the pipe closes once it has let go
+        os.close(ready_r)
         return
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        os.close(ready_r)
         for name in os.listdir("/proc/self/fd"):
             with contextlib.suppress(OSError):
-                if stat.S_ISSOCK(os.fstat(int(name)).st_mode):
+                if int(name) != ready_w and not os.readlink(f"/proc/self/fd/{name}").startswith(BPF_OBJECTS):
                     os.close(int(name))
         devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):  # a reader of our output must see EOF when we exit
+        for fd in (0, 1, 2):
             os.dup2(devnull, fd)
+        if devnull > 2:
+            os.close(devnull)
+        os.close(ready_w)
         wait_for_exit(parent)
         # Closed here, not by the exit: a probe attached through a BPF link
         # (capture/links.py) is removed when the link's last descriptor

@@ -35,8 +35,8 @@ def get(url: str, headers: dict | None = None, timeout: float = 5):
 
 
 class AgentProcess:
-    def __init__(self, args: list[str], port: int, log: Path) -> None:
-        self.args, self.port, self.log_path = args, port, log
+    def __init__(self, args: list[str], port: int, log: Path, pass_fds: tuple[int, ...] = ()) -> None:
+        self.args, self.port, self.log_path, self.pass_fds = args, port, log, pass_fds
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -47,7 +47,7 @@ class AgentProcess:
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "qtap_devtools", *self.args],
-            cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, pass_fds=self.pass_fds,
         )
         end = time.monotonic() + timeout
         while time.monotonic() < end:

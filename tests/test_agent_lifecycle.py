@@ -61,6 +61,26 @@ def test_live_agent_says_goodbye_and_exits_within_two_seconds(tmp_path, sig):
         time.sleep(0.2)
 
 
+def test_a_pipe_given_as_output_is_at_its_end_when_the_agent_has_exited(tmp_path):
+    """``--output >(gzip > f)``: the shell hands the agent the pipe as a
+    descriptor of its own; the child left removing the probes must not hold
+    it, or gzip finishes seconds after the agent and ``f`` is still empty."""
+    r, w = os.pipe()
+    port = free_port()
+    proc = AgentProcess(["run", "--no-docker", "--listen", f"127.0.0.1:{port}", "--output", f"/dev/fd/{w}"], port,
+                        tmp_path / "agent.log", pass_fds=(w,)).start("/readyz")
+    os.close(w)
+    os.set_blocking(r, False)
+    data = b""
+    try:
+        assert proc.stop(signal.SIGINT) == 0, proc.output()
+        while chunk := os.read(r, 1 << 16):  # BlockingIOError: someone still holds the pipe open
+            data += chunk
+    finally:
+        os.close(r)
+    assert data.rstrip(b"\n").rsplit(b"\n\n", 1)[-1].startswith(b"event: system.disconnected"), data[-500:]
+
+
 @contextlib.contextmanager
 def every_core_busy():
     """Programs at normal priority spinning on every core: an idle thread gets none."""
