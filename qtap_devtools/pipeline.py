@@ -359,6 +359,14 @@ class Pipeline:
         if r.process is not None:  # read at exec, by the ring reader: the process may be gone now
             self.remember_process(r.process)
         info = self.process_info(r.pid) or r.process  # the latter where nothing cached it
+        if info is not None and _execd_again(info, r):
+            # /proc was read once the process had exec'd another program: that
+            # one's exec record follows.  This one is described as the kernel
+            # saw it, with what an exec does not change from /proc.
+            info = dataclasses.replace(
+                _minimal_process(r.pid, info.ppid, r.filename, r.comm, r.uid, info.start_time_ns, r.args),
+                user=info.user, hostname=info.hostname, container_id=info.container_id, container=info.container,
+                pod=info.pod, runtime=info.runtime)
         known = info
         if info is None:  # gone already: describe it from what the kernel said
             self.counters["processes_gone_before_read"] += 1
@@ -1038,6 +1046,16 @@ def _ms(ns: int) -> float:
     negative.  ``round(ns / 1e6, 3)`` was 4 calls of 0.4 µs per transaction
     (float rounding goes through decimal conversion); this is integers."""
     return (ns + 500) // 1000 / 1000 if ns > 0 else 0.0
+
+
+def _execd_again(info: ProcessInfo, r: rec.ProcessExec) -> bool:
+    """Whether ``info``, read from /proc after exec record ``r`` was written,
+    is of a later exec of the same process (``sh -c 'exec sleep 1'``: both
+    records were read as sleep).  Its command line then is not the one the
+    kernel read from this exec's argv; argv the kernel could not read whole
+    tells nothing.  (A program that rewrites its argv early, as nginx's master
+    does, is then described as it was exec'd: also true.)"""
+    return bool(r.args) and not r.args.endswith("…") and bool(info.cmdline) and info.cmdline != r.args
 
 
 def _minimal_process(pid: int, ppid: int, filename: str, comm: str, uid: int, ts: int,

@@ -1110,6 +1110,24 @@ def test_process_started_has_path_cmdline_and_user(live):
     assert stopped and stopped[0][1]["data"]["exitCode"] == 0, stopped
 
 
+def test_a_process_that_execs_again_is_started_once_per_program(live):
+    """``sh -c 'exec sleep …'``: one pid, two programs, each started with its
+    own name and command line (both had read as sleep), stopped once."""
+    _, reader, _ = live
+    m = marker()
+    proc = subprocess.Popen(["sh", "-c", f"exec sleep 0.2 # {m}"])
+    assert proc.wait(timeout=10) == 0
+    stopped = reader.find(lambda t, d: t == "process.stopped" and d["data"]["pid"] == proc.pid, timeout=WAIT)
+    assert stopped, f"no process.stopped for pid {proc.pid}; {reader.health()}"
+    with reader.lock:  # published in order: its starts came before its stop
+        events = list(reader.events)
+    started = [d["data"] for t, d in events if t == "process.started" and d["data"]["pid"] == proc.pid]
+    assert [(s["binary"], s["cmdline"]) for s in started] == [
+        (started[0]["binary"], f"sh -c exec sleep 0.2 # {m}"), ("sleep", "sleep 0.2")], started
+    assert started[0]["binary"] in ("sh", os.path.basename(os.path.realpath("/bin/sh"))), started
+    assert len([1 for t, d in events if t == "process.stopped" and d["data"]["pid"] == proc.pid]) == 1
+
+
 FORKED_CLIENT = """
 import os, ssl, sys, time, urllib.request
 r, w = os.pipe()

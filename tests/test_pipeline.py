@@ -479,6 +479,30 @@ def test_a_process_gone_before_proc_read_keeps_the_command_line_the_kernel_read(
     assert out[0].payload()["cmdline"] == args and out[0].payload()["path"] == "/usr/bin/curl"
 
 
+def test_each_exec_of_a_process_that_execs_again_is_started_as_its_own_program(tmp_path):
+    """``sh -c 'exec sleep 1'``: the reader read /proc for both exec records
+    after the second exec, so both read as sleep.  The first is told as the
+    kernel saw it (its argv), keeping what an exec does not change."""
+    later = ProcessInfo(pid=560, ppid=1, exe="/usr/bin/sleep", binary="sleep", cmdline="/usr/bin/sleep 1",
+                        uid=1000, user="app", hostname="box", start_time_ns=5, container_id="c" * 64,
+                        runtime="docker")
+    enricher = Enricher(docker=False, proc_root=str(tmp_path))
+    out = []
+    p = Pipeline(Config(), out.append, enricher.process, forget_process=enricher.forget,
+                 remember_process=enricher.remember, own_pid=1)
+    p.on_records([rec.ProcessExec(560, 1_000, "/bin/sh", "sh", later, 0, 1000, "/bin/sh -c exec /usr/bin/sleep 1"),
+                  rec.ProcessExec(560, 2_000, "/usr/bin/sleep", "sleep", later, 0, 1000, "/usr/bin/sleep 1")])
+    first, second = (e.payload() for e in out)
+    assert (first["binary"], first["path"], first["cmdline"]) == ("sh", "/bin/sh", "/bin/sh -c exec /usr/bin/sleep 1")
+    assert (first["user"]["name"], first["container"]["id"]) == ("app", "c" * 12)
+    assert (second["binary"], second["cmdline"]) == ("sleep", "/usr/bin/sleep 1")
+    assert enricher.process(560).cmdline == "/usr/bin/sleep 1"  # its transactions: the program it runs now
+    # Argv the kernel cut tells nothing: /proc's reading stands.
+    p.on_records([rec.ProcessExec(561, 3_000, "/bin/sh", "sh", dataclasses.replace(later, pid=561), 0, 1000,
+                                  "/bin/sh -c exec …")])
+    assert out[-1].payload()["binary"] == "sleep"
+
+
 def test_a_containers_process_gone_before_proc_read_is_named_by_its_cgroup_id(tmp_path):
     """`docker run --rm … curl`: the curl can exit before /proc is read.  Its
     cgroup's mkdir record and its exec record's cgroup id name the container,
