@@ -254,16 +254,23 @@ def _tls_libraries() -> Check:
                  "(plus libraries and binaries mapped by running processes, found at start)", required=False)
 
 
-# Every place an event can be lost on its way to a client, as /devtools/api/stats names it.
+# Every place an event can be lost on its way to a client, as /devtools/api/stats
+# names it, and what to do about it (None: a fixed limit, nothing to tune).
 DROP_COUNTERS = (
-    ("capture", "lost_records", "records the kernel could not fit in the ring buffer"),
+    ("capture", "lost_records", "records the kernel could not fit in the ring buffer",
+     "a bigger --ring-mib"),
     ("capture", "calls_over_record_limit", "read/write calls over 1 MiB (or 16 iovecs) whose bytes past that were "
-                                           "not copied"),
-    ("capture", "pending_dropped_total", "events dropped before publishing"),
-    ("capture", "shed_calls", "calls whose body was cut while capture was behind or over --max-capture-rate (heads kept)"),
-    ("broadcast", "subscriberDrops", "events slow clients missed (each told by system.dropped)"),
-    ("capture", "file_write_errors", "events the --output file lacks (writes failed: disk full?)"),
-    ("capture", "file_events_dropped", "events the --output file lacks (it fell 64 MiB behind: slow disk or pipe?)"),
+                                           "not copied", None),
+    ("capture", "pending_dropped_total", "events dropped before publishing",
+     "check that Docker answers promptly (--no-docker to do without container names)"),
+    ("capture", "shed_calls", "calls whose body was cut while capture was behind or over --max-capture-rate (heads kept)",
+     "a higher --max-capture-rate, if whole bodies matter more than the agent's CPU"),
+    ("broadcast", "subscriberDrops", "events slow clients missed (each told by system.dropped)",
+     "fewer or faster clients, or a bigger --queue-size"),
+    ("capture", "file_write_errors", "events the --output file lacks (writes failed: disk full?)",
+     "free space where --output writes, or another --output"),
+    ("capture", "file_events_dropped", "events the --output file lacks (it fell 64 MiB behind: slow disk or pipe?)",
+     "a faster disk for --output, or a reader of its pipe that keeps up"),
 )
 
 
@@ -287,8 +294,9 @@ def _running_agent(url: str, token: str | None = None) -> Check:
         return Check("running agent", False, f"the agent at {url} answered HTTP {exc.code}", required=False)
     except (OSError, ValueError) as exc:  # URLError is an OSError; a page that is not JSON, a ValueError
         return _no_agent(url, exc)
-    counts = [(int((stats.get(section) or {}).get(key) or 0), what) for section, key, what in DROP_COUNTERS]
-    lost = [f"{n:,} {what}" for n, what in counts if n]
+    counts = [(int((stats.get(section) or {}).get(key) or 0), what, fix) for section, key, what, fix in DROP_COUNTERS]
+    lost = [f"{n:,} {what}" for n, what, _ in counts if n]
+    fixes = "; ".join(dict.fromkeys(fix for n, _, fix in counts if n and fix))
     detail = f"{stats.get('mode', '?')} agent at {url}, up {stats.get('uptime_seconds', '?')} s; "
     capture = stats.get("capture") or {}
     if capture.get("cpu_priority"):
@@ -307,9 +315,7 @@ def _running_agent(url: str, token: str | None = None) -> Check:
             detail += f"{name} {state} ({what}); "
     if not lost:
         return Check("running agent", True, detail + "nothing dropped", required=False)
-    return Check("running agent", False, detail + "; ".join(lost),
-                 "a bigger --ring-mib for kernel losses; fewer or faster clients for client drops",
-                 required=False)
+    return Check("running agent", False, detail + "; ".join(lost), fixes, required=False)
 
 
 def _no_agent(url: str, exc: BaseException) -> Check:

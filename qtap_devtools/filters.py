@@ -76,7 +76,7 @@ class EventFilter:
             raise FilterError(f"pid: expected process ids from 1 to {MAX_PID}, e.g. pid=1234 or pid=1234,5678")
         pids = frozenset(int(v) for v in pid_values)
         preds = []
-        statuses = values("status")
+        statuses = [s.lower() for s in values("status")]  # 4XX as 4xx
         for s in statuses:
             m = _STATUS.match(s)
             if not m:

@@ -442,6 +442,28 @@ def test_a_response_that_ends_short_of_its_content_length_is_cut_and_says_so():
         (200, False, None), (304, False, None)]
 
 
+def test_an_upload_its_client_stops_once_refused_is_cut_and_says_so():
+    """curl at nginx's 413 ("HTTP error before end of send, stop sending"):
+    the request ends after what the window let through, short of its
+    content-length.  Before, its body read as whole."""
+    w = Wire()
+    sid = w.client.get_next_available_stream_id()
+    w.client.send_headers(sid, request_headers("/echo", "POST", (("content-length", "3000000"),)))
+    sent = 0
+    while (room := w.client.local_flow_control_window(sid)) > 0:
+        n = min(room, 16384)
+        w.client.send_data(sid, b"u" * n)
+        sent += n
+    w.flush()
+    w.respond(sid, 413, b"too large", headers=(("content-length", "9"),))
+    # An empty DATA with END_STREAM (fed as written: h2's own server would refuse it).
+    w.feed(w.c2s, bytes([0, 0, 0, 0, 1]) + struct.pack(">I", sid))
+    [ex] = w.out
+    assert ex.response.status == 413 and not ex.response.body_truncated
+    assert ex.request.body_truncated and ex.request.body_wire_size == sent == 65535
+    assert ex.error == "the request ended after 65535 of its 3000000 bytes (content-length)"
+
+
 def test_an_early_answer_whose_request_never_ends_goes_out_after_a_wait():
     w = Wire()
     sid = w.client.get_next_available_stream_id()

@@ -187,12 +187,23 @@ def test_running_agent_line_names_every_drop_counter(monkeypatch):
     assert not check.ok and not check.required
     assert "1,200 records the kernel could not fit in the ring buffer" in check.detail
     assert "7 events slow clients missed" in check.detail and "dropped before publishing" not in check.detail
-    assert "--ring-mib" in check.line()
+    assert check.line().endswith("— fix: a bigger --ring-mib; fewer or faster clients, or a bigger --queue-size")
     assert "CPU priority auto (SCHED_IDLE while keeping up, normal when behind), now normal, the ring reader " \
            "lifted 1,234 times by its watchdog;" in check.detail
     assert "probe arming none (BPF_LINK_CREATE" in check.detail
     assert "kubernetes unavailable: [Errno 111] Connection refused (pod names come only from" in check.detail
     assert "docker" not in check.detail
+
+
+def test_a_failing_output_file_is_given_its_own_fix(monkeypatch):
+    """`run --output /dev/full`: the fix is about the file, not the ring or clients."""
+    import io
+
+    stats = b'{"mode": "live", "uptime_seconds": 2, "capture": {"file_write_errors": 126}, "broadcast": {}}'
+    monkeypatch.setattr("urllib.request.urlopen", lambda url, timeout: io.BytesIO(stats))
+    line = doctor._running_agent("http://127.0.0.1:10001").line()
+    assert "126 events the --output file lacks (writes failed: disk full?)" in line
+    assert line.endswith("— fix: free space where --output writes, or another --output"), line
 
 
 def test_no_running_agent_is_fine(monkeypatch):

@@ -148,6 +148,8 @@ def test_transactions_page_with_a_cursor_that_new_arrivals_do_not_shift(tmp_path
 def test_server_side_filter_on_transactions(server):
     status, body = get(server.url + "/devtools/api/transactions?status=4xx,5xx")
     assert [t["summary"]["response_status"] for t in body["transactions"]] == [500, 404]
+    status, body = get(server.url + "/devtools/api/transactions?status=4XX")  # as method= and exe=: any case
+    assert status == 200 and [t["summary"]["response_status"] for t in body["transactions"]] == [404]
     status, body = get(server.url + "/devtools/api/transactions?method=POST")
     assert [t["summary"]["request_method"] for t in body["transactions"]] == ["POST"]
 

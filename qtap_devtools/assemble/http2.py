@@ -705,15 +705,13 @@ class Http2Assembler:
             req_half.truncated = True  # the request never ended: its body, if any, is cut
         if resp_half.done and resp_half.headers is None and st.error is None:
             st.error = "response headers not captured (capture gap)"
-        if resp_half.done and not resp_half.truncated and resp_half.headers is not None \
-                and _pseudo(req_half.headers, ":method") != "HEAD":
-            # Ended short of its declared length: the peer is told by a reset
-            # (PROTOCOL_ERROR) and the body is cut, not whole.
-            declared = _content_length(resp_half.headers)
-            if declared is not None and resp_half.wire_size < declared and _status(resp_half.headers) not in (204, 304):
-                resp_half.truncated = True
-                st.error = st.error or (f"the response ended after {resp_half.wire_size} of its "
-                                        f"{declared} bytes (content-length)")
+        # Ended short of its declared length: the peer is told by a reset
+        # (PROTOCOL_ERROR) and the body is cut, not whole.  A request so: an
+        # upload its client stopped sending once refused (curl, at a 413).
+        _check_length(st, req_half, "request")
+        if resp_half.headers is not None and _pseudo(req_half.headers, ":method") != "HEAD" \
+                and _status(resp_half.headers) not in (204, 304):
+            _check_length(st, resp_half, "response")
         request = _request(req_half, self.max_body_bytes)
         response = _response(resp_half, self.max_body_bytes, whole=not st.partial) \
             if resp_half.headers is not None else None
@@ -734,6 +732,15 @@ class Http2Assembler:
             request_bytes=req_half.bytes,
             response_bytes=resp_half.bytes,
         ))
+
+
+def _check_length(st: _Stream, half: _Half, what: str) -> None:
+    """A half that ended (END_STREAM) short of its content-length is cut."""
+    if half.done and not half.truncated and half.headers is not None:
+        declared = _content_length(half.headers)
+        if declared is not None and half.wire_size < declared:
+            half.truncated = True
+            st.error = st.error or f"the {what} ended after {half.wire_size} of its {declared} bytes (content-length)"
 
 
 def frame_fits(buf: bytes | bytearray, p: int, chained: bool, max_frame: int = DEFAULT_MAX_FRAME) -> bool:
