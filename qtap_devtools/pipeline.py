@@ -375,6 +375,8 @@ class Pipeline:
         elif not info.exe:  # it exited while /proc was being read: the kernel's filename stands in
             info = dataclasses.replace(info, exe=r.filename, binary=os.path.basename(r.filename) or info.binary,
                                        cmdline=info.cmdline or r.args or r.filename)
+        elif not info.cmdline:  # it exited between reading its exe and its command line (a pipeline's `tr`)
+            info = dataclasses.replace(info, cmdline=r.args or r.filename)
         if info.container_id is None:  # /proc did not say (or was gone before the cgroup was read)
             found = self.cgroups.container(r.cgroup_id)
             self.counters["cgroup_ids_evicted"] = self.cgroups.evicted

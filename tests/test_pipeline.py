@@ -532,6 +532,17 @@ def test_a_host_process_gone_before_proc_read_stays_a_host_process(tmp_path):
     assert out[0].payload()["user"] == {"id": 0, "name": "root"}
 
 
+def test_a_process_gone_between_its_exe_and_its_command_line_keeps_the_kernels_argv():
+    """A pipeline's `tr` exits while the reader reads /proc: its exe was read,
+    its cmdline came back empty.  The argv the kernel read at exec fills in."""
+    read = ProcessInfo(pid=562, ppid=1, exe="/usr/bin/tr", binary="tr", cmdline="", uid=0, user="root",
+                       hostname="box", start_time_ns=5)
+    out = []
+    p = Pipeline(Config(), out.append, lambda pid: None, own_pid=1)
+    p.on_records([rec.ProcessExec(562, 1_000, "/usr/bin/tr", "tr", read, 0, 0, "tr a b")])
+    assert (out[0].payload()["path"], out[0].payload()["cmdline"]) == ("/usr/bin/tr", "tr a b")
+
+
 def test_process_read_at_exec_by_the_ring_reader_is_described_after_it_is_gone(tmp_path):
     """The reader read /proc at exec (record.process); by the time the event
     loop gets the record the process has exited (an empty proc root here):
