@@ -479,6 +479,15 @@ def test_a_process_gone_before_proc_read_keeps_the_command_line_the_kernel_read(
     assert out[0].payload()["cmdline"] == args and out[0].payload()["path"] == "/usr/bin/curl"
 
 
+def enriched_pipeline(tmp_path, **kw) -> tuple[Pipeline, Enricher, list]:
+    """A pipeline whose process lookups go through a real Enricher reading ``tmp_path`` as /proc."""
+    enricher = Enricher(docker=False, proc_root=str(tmp_path))
+    out: list = []
+    p = Pipeline(Config(), out.append, enricher.process, forget_process=enricher.forget,
+                 remember_process=enricher.remember, own_pid=1, **kw)
+    return p, enricher, out
+
+
 def test_each_exec_of_a_process_that_execs_again_is_started_as_its_own_program(tmp_path):
     """``sh -c 'exec sleep 1'``: the reader read /proc for both exec records
     after the second exec, so both read as sleep.  The first is told as the
@@ -486,10 +495,7 @@ def test_each_exec_of_a_process_that_execs_again_is_started_as_its_own_program(t
     later = ProcessInfo(pid=560, ppid=1, exe="/usr/bin/sleep", binary="sleep", cmdline="/usr/bin/sleep 1",
                         uid=1000, user="app", hostname="box", start_time_ns=5, container_id="c" * 64,
                         runtime="docker")
-    enricher = Enricher(docker=False, proc_root=str(tmp_path))
-    out = []
-    p = Pipeline(Config(), out.append, enricher.process, forget_process=enricher.forget,
-                 remember_process=enricher.remember, own_pid=1)
+    p, enricher, out = enriched_pipeline(tmp_path)
     p.on_records([rec.ProcessExec(560, 1_000, "/bin/sh", "sh", later, 0, 1000, "/bin/sh -c exec /usr/bin/sleep 1"),
                   rec.ProcessExec(560, 2_000, "/usr/bin/sleep", "sleep", later, 0, 1000, "/usr/bin/sleep 1")])
     first, second = (e.payload() for e in out)
@@ -508,10 +514,7 @@ def test_a_containers_process_gone_before_proc_read_is_named_by_its_cgroup_id(tm
     cgroup's mkdir record and its exec record's cgroup id name the container,
     and the enricher's cache carries the id to its transactions."""
     cid = "ab" * 32
-    enricher = Enricher(docker=False, proc_root=str(tmp_path))
-    out = []
-    p = Pipeline(Config(), out.append, enricher.process, forget_process=enricher.forget,
-                 remember_process=enricher.remember, own_pid=1, cgroups=CgroupIndex(root=str(tmp_path)))
+    p, enricher, out = enriched_pipeline(tmp_path, cgroups=CgroupIndex(root=str(tmp_path)))
     p.on_records([rec.CgroupCreated(4321, f"/docker/{cid}", 900),
                   rec.ProcessExec(558, 1_000, "/usr/bin/curl", "curl", None, 4321, 0)])
     assert (out[0].process.container_id, out[0].process.runtime) == (cid, "docker")  # the publisher names it
@@ -551,10 +554,7 @@ def test_process_read_at_exec_by_the_ring_reader_is_described_after_it_is_gone(t
     read = ProcessInfo(pid=557, ppid=1, exe="/usr/bin/curl", binary="curl", cmdline="curl -sk https://x/?m=1",
                        uid=1000, user="app", hostname="box", start_time_ns=5, container_id="c" * 64,
                        runtime="docker")
-    enricher = Enricher(docker=False, proc_root=str(tmp_path))
-    out = []
-    p = Pipeline(Config(), out.append, enricher.process, forget_process=enricher.forget,
-                 remember_process=enricher.remember, own_pid=1)
+    p, enricher, out = enriched_pipeline(tmp_path)
     p.on_records([rec.ProcessExec(557, 1_000, "/usr/bin/curl", "curl", read)])
     started = out[0].payload()
     assert (started["cmdline"], started["user"]["name"]) == ("curl -sk https://x/?m=1", "app")
