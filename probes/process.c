@@ -28,15 +28,18 @@ static __always_inline int read_argv(const char *const *argv)
     a->len = 0;
     a->cut = 0;
     u32 off = 0;
+    int whole = 0;     /* argv's NULL was reached: anything else that ends the loop cut it */
     #pragma unroll
     for (int i = 0; i < ARGS_READ; i++) {
         const char *arg = NULL;
-        if (bpf_probe_read_user(&arg, sizeof(arg), &argv[i]) != 0 || !arg)
+        if (bpf_probe_read_user(&arg, sizeof(arg), &argv[i]) != 0)
             break;
-        if (off >= EXEC_ARGS / 2) {
-            a->cut = 1;
+        if (!arg) {
+            whole = 1;
             break;
         }
+        if (off >= EXEC_ARGS / 2)
+            break;
         long n = bpf_probe_read_user_str(&a->buf[off & (EXEC_ARGS / 2 - 1)], ARG_MAX_READ, arg);
         if (n <= 0)
             break;
@@ -44,6 +47,8 @@ static __always_inline int read_argv(const char *const *argv)
         if (n == ARG_MAX_READ)
             a->cut = 1;
     }
+    if (!whole)
+        a->cut = 1;
     if (off == 0)
         return 0;
     a->len = off > EXEC_ARGS ? EXEC_ARGS : off;

@@ -677,6 +677,8 @@ def test_an_exec_record_carries_the_command_line_read_from_argv(capture):
     assert exec_of(plain.pid).args == f"/bin/sh -c exit 0 an argument with spaces {m}"
     long = run(["/bin/true", "a" * 300, m])  # one argument past what is read of one
     assert exec_of(long.pid).args == "/bin/true " + "a" * 255 + "…"
+    many = run(["/bin/true", *[str(i) for i in range(40)], m])  # more arguments than are read
+    assert exec_of(many.pid).args == "/bin/true " + " ".join(str(i) for i in range(23)) + "…"
     threaded = run([sys.executable, "-c", "import os, sys, threading\n"
                     "t = threading.Thread(target=os.execv, args=('/bin/true', ['/bin/true', sys.argv[1]]))\n"
                     "t.start(); t.join()", m])
