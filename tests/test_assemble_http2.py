@@ -442,6 +442,52 @@ def test_a_response_that_ends_short_of_its_content_length_is_cut_and_says_so():
         (200, False, None), (304, False, None)]
 
 
+def test_a_response_whose_declared_length_came_is_whole_though_its_end_was_never_read():
+    """curl behind nginx's proxy: the body's 61 bytes come in one DATA frame
+    and the END_STREAM in an empty one after it, which curl, having its
+    content-length, does not read before it closes (or, on a reused
+    connection, resets the stream).  Whole, and ended when its last byte came;
+    it was shown as cut by the close, lasting until it."""
+    w = Wire()
+    body = b"h" * 61
+    sid = w.request("/api/hello")
+    w.server.send_headers(sid, [(":status", "200"), ("content-length", "61")])
+    w.server.send_data(sid, body)
+    w.flush()
+    last = w.ts
+    w.ts += 3_000_000_000  # a slow sibling held the connection open 3 s more
+    [ex] = w.close()
+    assert ex.error is None and not ex.incomplete
+    assert ex.response.body == body and not ex.response.body_truncated and ex.end_ns == last
+    # Reset by the client once it had the whole body: no error either.
+    w = Wire()
+    sid = w.request("/api/hello")
+    w.server.send_headers(sid, [(":status", "200"), ("content-length", "61")])
+    w.server.send_data(sid, body)
+    w.flush()
+    w.client.reset_stream(sid, error_code=5)  # STREAM_CLOSED
+    w.flush()
+    [ex] = w.out
+    assert ex.error is None and ex.response.body == body and not ex.response.body_truncated
+    # A server's reset is its own to say, whole body or not.
+    w = Wire()
+    sid = w.request("/api/hello")
+    w.server.send_headers(sid, [(":status", "200"), ("content-length", "61")])
+    w.server.send_data(sid, body)
+    w.server.reset_stream(sid, error_code=2)
+    w.flush()
+    [ex] = w.out
+    assert ex.error == "stream reset by the server (INTERNAL_ERROR)" and not ex.response.body_truncated
+    # Short of its length, a close still cuts it.
+    w = Wire()
+    sid = w.request("/api/hello")
+    w.server.send_headers(sid, [(":status", "200"), ("content-length", "61")])
+    w.server.send_data(sid, body[:60])
+    w.flush()
+    [ex] = w.close()
+    assert ex.response.body_truncated and ex.error == "connection closed before the response ended"
+
+
 def test_an_upload_its_client_stops_once_refused_is_cut_and_says_so():
     """curl at nginx's 413 ("HTTP error before end of send, stop sending"):
     the request ends after what the window let through, short of its

@@ -835,8 +835,9 @@ class MessageReader:
             msg.end_ns = self.last_ns
             self.owner.on_end(self, msg)
         else:
+            # Cut by the close: its bytes were never sent, not lost to the
+            # capture, so not ``incomplete`` (a gap); cut, with its error.
             what = "request" if self.kind == "request" else "response"
-            msg.incomplete = True
             if state != TRAILERS:  # cut inside its body: say so, as a cut compressed body does
                 msg.truncated = True
             self.owner.on_cut(self, msg, f"connection closed before the {what} completed", False)

@@ -83,12 +83,22 @@ CLOSED_IN_RESPONSE = "connection closed before the response ended"
 CLOSED_IN_REQUEST = "connection closed before the request ended"
 
 
-def _cut_short(st: "_Stream") -> None:
+def _cut_short(st: "_Stream") -> bool:
     """The stream ends here (reset, or its connection closed): a side whose
-    headers came and whose END_STREAM did not has its body cut short."""
+    headers came and whose END_STREAM did not has its body cut short, unless
+    all of its content-length came: a client that has its response's declared
+    bytes may close, or reset the stream, without reading the empty DATA
+    frame that ends it (curl, behind nginx's proxy).  Whether both sides are
+    whole."""
     for half in (st.request, st.response):
         if half.headers is not None and not half.done:
-            half.truncated = True
+            declared = _content_length(half.headers)
+            if declared is not None and half.wire_size == declared and not half.gapped:
+                half.done = True
+                half.end_ns = half.last_ns or half.start_ns
+            else:
+                half.truncated = True
+    return st.request.done and st.response.done
 UNDECODABLE = "HTTP/2 decoding stopped"
 
 
@@ -256,13 +266,14 @@ class Http2Assembler:
         for st in list(self._streams.values()):
             if st.request.headers is None:
                 continue  # a server's push promise never started, or a stream never readable
-            if st.error is None and self.failure:
+            if _cut_short(st):
+                pass  # whole by its lengths: only the frames that said so went unread
+            elif st.error is None and self.failure:
                 st.error = f"{UNDECODABLE}: {self.failure}"
             elif st.error is None and st.response.done:
                 st.error = CLOSED_IN_REQUEST
             elif st.error is None:
                 st.error = CLOSED_BEFORE_RESPONSE if st.response.headers is None else CLOSED_IN_RESPONSE
-            _cut_short(st)
             st.response.end_ns = st.response.end_ns or ts_ns
             self._emit(st)
         self._streams.clear()
@@ -542,9 +553,11 @@ class Http2Assembler:
                     # its way; the exchange waits a little for it.
                     st.answered_early = True
                 else:
-                    who = "client" if r.client else "server"
-                    st.error = st.error or f"stream reset by the {who} ({error_name(code)})"
-                    _cut_short(st)
+                    # A client that had both sides whole by their lengths may reset
+                    # the stream rather than read its end: not an error.
+                    if not _cut_short(st) or not r.client:
+                        who = "client" if r.client else "server"
+                        st.error = st.error or f"stream reset by the {who} ({error_name(code)})"
                     st.response.end_ns = st.response.end_ns or ts
                     self._emit(st)
 
