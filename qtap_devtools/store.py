@@ -255,7 +255,17 @@ class Store:
 
         def node(pid: int) -> dict:
             d = procs[pid]
-            return {"pid": pid, "name": d.get("binary"), "path": d.get("path"), "children": []}
+            out = {"pid": pid, "name": d.get("binary"), "path": d.get("path")}
+            # Which container (and pod) a process runs in, in brief: the
+            # tree's point is where each process sits (/processes has the rest).
+            c = d.get("container")
+            if isinstance(c, dict):
+                out["container"] = {k: c.get(k) for k in ("id", "name", "image")}
+            pod = d.get("pod")
+            if isinstance(pod, dict):
+                out["pod"] = {k: pod.get(k) for k in ("name", "namespace")}
+            out["children"] = []
+            return out
 
         roots: list[dict] = []
         placed: set[int] = set()

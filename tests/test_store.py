@@ -235,6 +235,21 @@ def test_a_deep_chain_and_a_loop_of_parents_give_a_finite_shallow_tree():
     assert sorted(pids(tree)) == [*range(2, 132), 500, 501]  # each process once, none lost
 
 
+def test_the_process_tree_says_which_container_and_pod_each_process_runs_in():
+    store = Store()
+    store.on_event(started(10, 1))
+    shim = {"pid": 11, "ppid": 10, "binary": "sleep",
+            "container": {"id": "d410d64684ac", "name": "qa-long", "image": "app:1", "labels": {"a": "b"},
+                          "fullId": "d410d64684ac" + "0" * 52, "runtime": "docker"},
+            "pod": {"name": "web-1", "namespace": "shop", "uid": "u", "labels": {}, "containerName": "web"}}
+    store.on_event(Envelope.of(ev.PROCESS_STARTED, shim, 1_700_000_000_000_000_000))
+    [host] = store.process_tree()
+    assert "container" not in host and "pod" not in host
+    [child] = host["children"]
+    assert child["container"] == {"id": "d410d64684ac", "name": "qa-long", "image": "app:1"}
+    assert child["pod"] == {"name": "web-1", "namespace": "shop"} and child["children"] == []
+
+
 def test_a_transaction_a_file_holds_twice_is_counted_once():
     store = Store()
     for _ in range(2):
