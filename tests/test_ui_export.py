@@ -72,3 +72,22 @@ def test_an_http2_request_is_sent_again_without_its_pseudo_headers(echo):
     (headers, received), = got
     assert received == b'{"a":1}' and headers.get("x-trace") == "t-1"
     assert not [name for name in headers if name.startswith(":")]
+
+
+@pytest.mark.parametrize("decode_error", [None, "gzip decoding failed: invalid header"])
+def test_a_body_the_agent_decoded_is_sent_without_its_content_encoding(echo, decode_error):
+    """The transaction keeps a gzip request body decoded (8 B of 28 on the
+    wire): sent with its Content-Encoding: gzip, the server got plain bytes
+    labelled gzip.  A body the agent could not decode is the bytes as sent,
+    and keeps the label."""
+    url, got = echo
+    body = b"x=1&y=22" if decode_error is None else b"\x1f\x8bnot really gzip"
+    tx = {"request": {"method": "POST", "url": f"{url}/coded", "body": base64.b64encode(body).decode(),
+                      "body_size": 28, "body_captured": len(body), "body_truncated": False,
+                      "content_encoding": "gzip", "body_decode_error": decode_error,
+                      "headers": {"Content-Type": "application/x-www-form-urlencoded", "Content-Encoding": "gzip",
+                                  "Content-Length": "28"}}}
+    subprocess.run(["sh", "-c", curl_command(tx)], check=True, capture_output=True, timeout=30)
+    (headers, received), = got
+    assert received == body and headers.get("Content-Length") == str(len(body))
+    assert headers.get("Content-Encoding") == (None if decode_error is None else "gzip")

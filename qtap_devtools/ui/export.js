@@ -94,10 +94,15 @@ export function curlCommand(row) {
   const body = base64Bytes(req.body);
   const hasBody = body.length > 0;
   if (method !== "GET" && !(method === "POST" && hasBody)) parts.push(`-X ${shellQuote(method)}`);
+  // The agent keeps a coded body decoded (content_encoding names what it
+  // undid): sent as captured, its Content-Encoding would label plain bytes gzip.
+  // One it could not decode is the bytes as sent, and keeps its label.
+  const decoded = Boolean(req.content_encoding) && !req.body_decode_error;
   let compressed = false;
   for (const [name, value] of headerList(req.headers)) {
     const lower = name.toLowerCase();
     if (CURL_SKIP.has(lower) || lower.startsWith(":")) continue; // HTTP/2 pseudo-headers: curl writes its own
+    if (lower === "content-encoding" && decoded) continue;
     if (lower === "host" && url.includes(`://${value}/`)) continue;
     if (lower === "accept-encoding" && /gzip|deflate|br|zstd/i.test(value)) {
       compressed = true; // curl asks for what it can decode, and decodes it
