@@ -17,8 +17,10 @@ EXPORT_JS = Path(__file__).resolve().parent.parent / "qtap_devtools" / "ui" / "e
 
 def curl_command(tx: dict) -> str:
     row = {"data": base64.b64encode(json.dumps(tx).encode()).decode()}
-    script = f"import('{EXPORT_JS}').then((m) => process.stdout.write(m.curlCommand(JSON.parse(process.argv[1]))))"
-    return subprocess.run(["node", "-e", script, json.dumps(row)], capture_output=True, text=True, timeout=30,
+    # The row on stdin: a megabyte body is past what one argument may hold.
+    script = (f"import('{EXPORT_JS}').then(async (m) => {{ let s = ''; for await (const c of process.stdin) s += c;"
+              " process.stdout.write(m.curlCommand(JSON.parse(s))); })")
+    return subprocess.run(["node", "-e", script], input=json.dumps(row), capture_output=True, text=True, timeout=30,
                           check=True).stdout
 
 
@@ -91,3 +93,31 @@ def test_a_body_the_agent_decoded_is_sent_without_its_content_encoding(echo, dec
     (headers, received), = got
     assert received == body and headers.get("Content-Length") == str(len(body))
     assert headers.get("Content-Encoding") == (None if decode_error is None else "gzip")
+
+
+@pytest.mark.parametrize("shell", ["sh", "bash"])
+def test_a_large_cut_body_goes_through_stdin_and_the_command_says_it_was_cut(echo, shell, tmp_path):
+    """1 MiB kept of a 4 MB POST, in one --data-raw argument: curl never ran
+    ("Argument list too long": Linux takes at most 128 KiB in one argument),
+    and nothing said the body sent again was not the whole."""
+    url, got = echo
+    # Plain text, no control bytes: what went as --data-raw.
+    body = b",".join(b'{"row":%d,"note":"it\'s 100%% text"}' % i for i in range(40_000))[:1 << 20]
+    tx = {"request": {"method": "POST", "url": f"{url}/big", "body": base64.b64encode(body).decode(),
+                      "body_size": 4_000_000, "body_captured": len(body), "body_truncated": True,
+                      "headers": {"Content-Type": "application/json", "Content-Length": "4000000"}}}
+    command = curl_command(tx)
+    assert command.startswith("# the body was cut at capture: 1048576 of 4000000 bytes")
+    # Pasted, as a user would: a script file (sh -c would pass it all as one argument).
+    script = tmp_path / "paste.sh"
+    script.write_text(command + "\n")
+    subprocess.run([shell, str(script)], check=True, capture_output=True, timeout=60)
+    (_, received), = got
+    assert received == body
+
+
+def test_a_whole_body_says_nothing_of_a_cut(echo):
+    url, _ = echo
+    tx = {"request": {"method": "POST", "url": f"{url}/small", "body": base64.b64encode(b"a=1").decode(),
+                      "body_size": 3, "body_captured": 3, "body_truncated": False, "headers": {}}}
+    assert curl_command(tx).startswith("curl ")

@@ -84,6 +84,24 @@ function printfBytes(bytes) {
 }
 
 const CURL_SKIP = new Set(["content-length", "connection", "transfer-encoding", "expect"]);
+// Linux refuses an exec whose one argument passes 128 KiB ("Argument list too
+// long"): a body past this goes through printf (a shell builtin, never exec'd).
+const ARG_BODY_LIMIT = 64 * 1024;
+
+// A leading comment when the capture cut the request's body: the command
+// sends only what was kept.
+function cutNote(req, kept) {
+  if (!req.body_truncated) return "";
+  // Numbers only: a capture file is untrusted, and a newline in this line would run.
+  const captured = Number(req.body_captured ?? kept) || 0;
+  // A request sent before its body ended: its Content-Length says the whole.
+  const declared = Number(findHeader(req.headers, "content-length"));
+  const size = Number(req.body_size ?? captured) || 0;
+  const whole = Number.isFinite(declared) && declared > size ? declared : size;
+  // A decoded body's size and the wire's are not the same bytes.
+  const of = req.content_encoding ? ` (decoded) of ${whole} bytes on the wire` : ` of ${whole} bytes`;
+  return `# the body was cut at capture: ${captured}${of}; this sends what was kept\n`;
+}
 
 export function curlCommand(row) {
   const tx = transactionOf(row) || {};
@@ -114,8 +132,9 @@ export function curlCommand(row) {
   if (hasBody) {
     const text = textOf(body);
     // eslint-disable-next-line no-control-regex
-    if (text === null || /[\u0000-\u001f\u007f]/.test(text)) {
-      pipe = `${printfBytes(body)} | `; // binary, or text with control bytes: the exact bytes on stdin
+    if (text === null || /[\u0000-\u001f\u007f]/.test(text) || body.length > ARG_BODY_LIMIT) {
+      // Binary, text with control bytes, or too big for one argument: the exact bytes on stdin.
+      pipe = `${printfBytes(body)} | `;
       parts.push("--data-binary @-");
     } else {
       parts.push(`--data-raw ${shellQuote(text)}`);
@@ -124,7 +143,7 @@ export function curlCommand(row) {
   if (compressed) parts.push("--compressed");
   if (req.http_version === "HTTP/1.0") parts.push("--http1.0");
   else if (req.http_version === "HTTP/2") parts.push("--http2");
-  return pipe + parts.join(" \\\n  ");
+  return cutNote(req, body.length) + pipe + parts.join(" \\\n  ");
 }
 
 // ------------------------------------------------------------------ HAR 1.2
