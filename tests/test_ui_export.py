@@ -29,10 +29,18 @@ def echo():
     got: list[tuple[dict, bytes]] = []
 
     class Echo(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # the connection stays open, as a real server's
+
         def do_POST(self):  # noqa: N802 (http.server's name)
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             got.append((dict(self.headers), body))
             self.send_response(204)
+            self.end_headers()
+
+        def do_HEAD(self):  # noqa: N802
+            got.append((dict(self.headers), b""))
+            self.send_response(200)
+            self.send_header("Content-Length", "5")  # the GET's body, not sent: a HEAD's answer has none
             self.end_headers()
 
         def log_message(self, *args):
@@ -121,3 +129,16 @@ def test_a_whole_body_says_nothing_of_a_cut(echo):
     tx = {"request": {"method": "POST", "url": f"{url}/small", "body": base64.b64encode(b"a=1").decode(),
                       "body_size": 3, "body_captured": 3, "body_truncated": False, "headers": {}}}
     assert curl_command(tx).startswith("curl ")
+
+
+def test_a_head_request_is_sent_as_curls_head_and_does_not_hang(echo):
+    """`curl URL -X 'HEAD'` waited for the 5 bytes the answer's
+    Content-Length promised, on a connection the server kept open."""
+    url, got = echo
+    tx = {"request": {"method": "HEAD", "url": f"{url}/file", "body": "", "headers": {"Accept": "*/*"}}}
+    command = curl_command(tx)
+    assert "-X" not in command and " -I" in command
+    done = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=10)
+    assert done.returncode == 0 and "Content-Length: 5" in done.stdout
+    (headers, _), = got
+    assert headers.get("Accept") == "*/*"

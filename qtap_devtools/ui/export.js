@@ -111,7 +111,10 @@ export function curlCommand(row) {
   const parts = [`curl ${shellQuote(url)}`];
   const body = base64Bytes(req.body);
   const hasBody = body.length > 0;
-  if (method !== "GET" && !(method === "POST" && hasBody)) parts.push(`-X ${shellQuote(method)}`);
+  // -X HEAD only renames the method: curl still waits for the body the
+  // answer's Content-Length promises (and hangs); -I is curl's own HEAD.
+  if (method === "HEAD") parts.push("-I");
+  else if (method !== "GET" && !(method === "POST" && hasBody)) parts.push(`-X ${shellQuote(method)}`);
   // The agent keeps a coded body decoded (content_encoding names what it
   // undid): sent as captured, its Content-Encoding would label plain bytes gzip.
   // One it could not decode is the bytes as sent, and keeps its label.
