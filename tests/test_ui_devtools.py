@@ -1203,6 +1203,44 @@ def test_the_response_tab_says_why_a_body_is_cut_and_decodes_its_charset(page, r
         assert "switched to websocket" in detail_tab(page, "response").inner_text()
 
 
+def test_a_decoded_gzip_body_is_not_called_truncated_and_a_cut_or_streaming_one_is(page, rich):
+    """A gzip request body captured whole (28 B on the wire, 8 B decoded)
+    said "Truncated: 8 B of 28 B captured": the page compared the decoded
+    size with the wire's, not the capture's body_truncated."""
+    conn = _conn("d4u5gzg7p3qk26l9aaa0", CURL, "gz.example.com", "192.0.2.40")
+    whole = _tx(conn, "POST", "/gz/whole", 200, offset_ms=1000, duration=3.0)
+    whole.request = HttpMessage(headers={"Content-Type": "text/plain", "Content-Encoding": "gzip"}, body=b"x=1&y=22",
+                                body_size=28, content_type="text/plain", content_encoding="gzip")
+    whole.response = HttpMessage(headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+                                 body=b'{"ok":true}', body_size=31, content_type="application/json",
+                                 content_encoding="gzip")
+    cut = _tx(conn, "GET", "/gz/cut", 200, offset_ms=1100, duration=3.0)
+    cut.response = HttpMessage(headers={"Content-Type": "text/plain", "Content-Encoding": "gzip"}, body=b"a" * 500,
+                               body_size=40, content_type="text/plain", content_encoding="gzip", body_truncated=True)
+    stream = _tx(conn, "GET", "/events", 200, offset_ms=1200, duration=30_000.0, resp_type="text/event-stream",
+                 resp_body=b"data: 1\n\n")
+    stream.partial = True  # sent at the time limit, the stream still going: its body is not all here
+    with event_feed(page) as feed:
+        open_fed(page, rich.url, feed)
+        feed.send(whole, cut, stream)
+        wait_rows(page, 3)
+
+        select_row(page, "/gz/whole")
+        for tab in ("payload", "response"):
+            panel = detail_tab(page, tab)
+            assert "decoded from gzip" in panel.inner_text(), tab
+            assert panel.locator('[data-testid="notice-warn"]').count() == 0, (tab, panel.inner_text())
+
+        select_row(page, "/gz/cut")
+        assert "Truncated: 500 B (decoded) of 40 B on the wire captured: the agent keeps the first " \
+               "--max-body-bytes of a body." in detail_tab(page, "response").inner_text()
+
+        select_row(page, "/events")
+        assert "Truncated: 9 B captured: sent before the response ended (a stream): the rest was followed, " \
+               "not kept." in detail_tab(page, "response").inner_text()
+        assert page.console.errors == []
+
+
 def test_laptop_and_narrow_windows_show_every_column_and_control(page, tmp_path):
     """The columns' fixed widths added up to 1,434 px: at 1280 the Waterfall
     was cut ("Waterf") and the newest bars off-screen; at 800 the detail

@@ -291,7 +291,8 @@ function fieldTable(pairs) {
 
 // A body, shown the way its type and bytes allow.
 // Why a body is not all here, in the words of what happened.
-function cutReason(tx, kept) {
+function cutReason(tx, msg, kept) {
+  if (!msg.body_truncated) return "sent before the response ended (a stream): the rest was followed, not kept";
   if (!kept && tx.incomplete) return "none of its bytes were copied: sent with sendfile, or lost in a capture gap";
   if (tx.shed) return "cut while the agent was behind or over its capture rate (--max-capture-rate)";
   if (tx.incomplete) return "some of its bytes were not captured (a capture gap)";
@@ -302,12 +303,18 @@ function bodyView(bytes, contentType, msg, side, tx = {}) {
   const wrap = h("div", { class: "body-view" });
   const mime = mimeOf(contentType);
   const size = msg.body_size ?? bytes.length;
-  if (msg.body_truncated || (msg.body_captured != null && msg.body_captured < size)) {
+  // The capture's own word, not fewer bytes kept than sent: a decoded gzip
+  // body is smaller than its wire size (body_size) and whole.  A partial
+  // transaction's response went out before its body ended.
+  const streaming = side === "response" && tx.partial && !msg.body_truncated;
+  if (msg.body_truncated || streaming) {
     // A partial transaction went out before its body ended: its Content-Length says the whole.
     const declared = Number(findHeader(msg.headers, "content-length"));
     const whole = Number.isFinite(declared) && declared > size ? declared : size;
-    const of = whole > size ? `${formatBytes(whole)} (its Content-Length)` : formatBytes(whole);
-    wrap.append(notice("warn", `Truncated: ${formatBytes(bytes.length)} of ${of} captured: ${cutReason(tx, bytes.length)}.`));
+    const coded = msg.content_encoding && !msg.body_decode_error; // kept decoded, counted on the wire
+    let of = whole > size ? ` of ${formatBytes(whole)} (its Content-Length)` : ` of ${formatBytes(whole)}${coded ? " on the wire" : ""}`;
+    if (streaming && !(whole > size)) of = ""; // so far: the whole is not known
+    wrap.append(notice("warn", `Truncated: ${formatBytes(bytes.length)}${coded ? " (decoded)" : ""}${of} captured: ${cutReason(tx, msg, bytes.length)}.`));
   }
   if (msg.body_decode_error) wrap.append(notice("warn", `Could not decode ${msg.content_encoding || "the body"}: ${msg.body_decode_error}; showing the bytes as captured.`));
   const info = [mime || "no content type", formatBytes(bytes.length)];
