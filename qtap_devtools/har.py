@@ -151,7 +151,8 @@ def _location(headers: Mapping[str, Any]) -> str:
     return values[0] if values else ""
 
 
-def entry(ts: str, tx: Mapping[str, Any]) -> dict:
+def entry(ts: str, tx: Mapping[str, Any], request_id: str | None = None) -> dict:
+    """One HAR entry; ``request_id`` (the event's requestId) names it in ``_requestId``, as the page's do."""
     req = _obj(tx.get("request"), "request")
     if not req.get("method"):  # JSON, but not a transaction: no entry of empty strings
         raise ValueError("not a transaction: it has no request.method")
@@ -227,6 +228,8 @@ def entry(ts: str, tx: Mapping[str, Any]) -> dict:
         "connection": _str(meta.get("connection_id"), "metadata.connection_id"),
         "_process": {"pid": meta.get("process_id"), "exe": meta.get("process_exe")},
     }
+    if request_id is not None:
+        out["_requestId"] = request_id
     # The server's address: the peer, unless this side is the server.
     server = meta.get("local_address") if tx.get("direction") == "ingress" else meta.get("remote_address")
     if isinstance(server, dict) and isinstance(server.get("ip"), str):
@@ -274,7 +277,7 @@ def from_envelopes(envelopes: Iterable[Envelope], note: str | None = None) -> di
             skipped.append(f"{rid}: its data is not a base64-encoded JSON transaction")
             continue
         try:
-            entries.append(entry(body.get("ts") or "", tx))
+            entries.append(entry(body.get("ts") or "", tx, rid if rid != "?" else None))
         except (ValueError, TypeError, AttributeError) as exc:  # a field of the wrong type
             skipped.append(f"{rid}: {exc}")
     entries.sort(key=_start_ns)

@@ -712,7 +712,8 @@ def test_har_export_holds_exactly_the_shown_rows(page, rich):
     assert [e["response"]["status"] for e in entries] == [200, 404, 500]
 
     # The page and the agent's /devtools/api/har describe every transaction
-    # alike, to the last field (a redirect's Location included).
+    # alike, to the last field (a redirect's Location included), and with the
+    # same keys: nothing is set aside (the page's _requestId was, unseen).
     set_filter(page, "")
     wait_shown(page, RICH_TRANSACTIONS)
     with page.expect_download() as info:
@@ -723,8 +724,8 @@ def test_har_export_holds_exactly_the_shown_rows(page, rich):
     assert [e["request"]["url"] for e in mine] == [e["request"]["url"] for e in theirs]
     assert len(mine) == RICH_TRANSACTIONS
     for page_entry, server_entry in zip(mine, theirs):
-        assert page_entry.pop("_requestId")  # the page's own addition
         assert page_entry == server_entry, page_entry["request"]["url"]
+    assert all(e["_requestId"] for e in theirs)
     login = next(e for e in mine if e["request"]["url"].endswith("/login"))
     assert login["response"]["status"] == 302 and login["response"]["redirectURL"] == "/account"
 
@@ -1299,6 +1300,7 @@ def test_har_export_leaves_out_what_is_not_a_transaction_as_the_agents_export_do
         wait_toast(page, "Exported 3 requests as HAR (2 left out: not a transaction)")
         _, theirs = get(f"{proc.url}/devtools/api/har")
     assert [e["request"]["url"] for e in mine["entries"]] == [e["request"]["url"] for e in theirs["log"]["entries"]]
+    assert mine["entries"] == theirs["log"]["entries"]  # the same entries, every key (README)
     assert len(mine["entries"]) == 3 and all(e["response"]["status"] for e in mine["entries"])
     assert mine["comment"] == ("2 transactions left out, not convertible (first: d4u4jhg7p3qk26l91ie0: not a "
                                "transaction: it has no request.method)")
