@@ -926,6 +926,57 @@ def test_a_reused_pid_starts_its_request_count_afresh(page, tmp_path):
         assert sorted((c[3], c[-2]) for c in cells) == [("python3.11 app.py", "3"), ("python3.11 other.py", "1")], cells
 
 
+def test_a_process_that_ended_while_the_agent_was_down_is_not_left_running(page, rich):
+    """The agent restarted (a greeting naming another run): processes that
+    ended meanwhile never got a process.stopped, and stayed "running" for
+    good.  The new run's snapshot, right after its greeting, says who runs."""
+    from qtap_devtools.events import ProcessStarted, ProcessStopped
+
+    worker = dataclasses_replace(CURL, pid=52002, cmdline="curl -s https://worker.example.org/")
+    seen_exit = dataclasses_replace(CURL, pid=52003, cmdline="curl -s https://once.example.org/")
+
+    def states() -> dict[str, str]:
+        procs = page.locator('[data-testid="process-row"]')
+        return {procs.nth(i).get_attribute("data-key").split("@")[0]: procs.nth(i).inner_text().split("\n")[1]
+                for i in range(procs.count())}
+
+    def restart(feed, instance: str, *snapshot) -> None:
+        feed.end_stream()
+        page.wait_for_selector('[data-testid="status-connection"][data-state="reconnecting"]')
+        feed.wait_connections(len(feed.queries) + 1)
+        feed.instance = instance
+        feed.send(dataclasses_replace(greeting(), instance=instance), *snapshot)
+        wait_connected(page)
+
+    badge = '[data-testid="process-count"]'
+    with event_feed(page, "run1") as feed:
+        page.goto(f"{rich.url}/devtools/")
+        feed.wait_connections(1)
+        feed.send(dataclasses_replace(greeting(), instance="run1"), ProcessStarted(NODE), ProcessStarted(CURL),
+                  ProcessStarted(worker), ProcessStarted(seen_exit), ProcessStopped(seen_exit, exit_code=0))
+        wait_connected(page)
+        page.click('[data-testid="view-processes"]')
+        page.wait_for_function("() => document.querySelectorAll('[data-testid=process-row]').length === 4")
+        assert states() == {"4312": "running", "52001": "running", "52002": "running", "52003": "exited (0)"}
+
+        # Back with node and the worker running, curl gone; then nothing more
+        # (a quiet machine): the page does not wait for another event to say so.
+        restart(feed, "run2", ProcessStarted(NODE), ProcessStarted(worker))
+        page.wait_for_selector(f'{badge}:text-is("2")')
+        assert states() == {"4312": "running", "52001": "exited", "52002": "running", "52003": "exited (0)"}
+        row = page.locator('[data-testid="process-row"][data-key^="52001@"] .pill')
+        assert "ended while the agent was down" in row.get_attribute("title")
+        assert page.get_attribute(badge, "title") == "2 running of 4 seen"
+
+        # Again, the worker gone too, and traffic right after the snapshot: it ends
+        # the snapshot at once (well before the page's wait for silence).
+        restart(feed, "run3", ProcessStarted(NODE), samples.transaction(samples.connection(), "d4u9run3000000000000"))
+        wait_rows(page, 1)
+        assert states()["52002"] == "exited" and states()["4312"] == "running"
+        assert page.inner_text(badge) == "1"
+        assert page.console.errors == []
+
+
 def test_pause_keeps_new_rows_until_resume(page, tmp_path):
     conn = samples.connection()
     events = [samples.transaction(conn, f"d4u9pause0000000000{i}", path=f"/tick/{i}", ts_offset_ms=36064 + i * 1500)

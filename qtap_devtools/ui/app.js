@@ -400,7 +400,8 @@ const processTable = new VirtualTable({
   columns: [
     { key: "pid", label: "PID", width: 70, cls: "num mono", value: (p) => String(p.pid), sort: (p) => p.pid },
     { key: "state", label: "State", width: 96, sort: (p) => (p.stopped ? 1 : 0), render: (p, cell) => {
-      cell.append(h("span", { class: `pill ${p.stopped ? "closed" : "open"}` }, p.stopped ? `exited${p.exitCode != null ? ` (${p.exitCode})` : ""}` : "running"));
+      cell.append(h("span", { class: `pill ${p.stopped ? "closed" : "open"}`, title: p.unseenExit ? "not running when the agent came back: it ended while the agent was down" : null },
+        p.stopped ? `exited${p.exitCode != null ? ` (${p.exitCode})` : ""}` : "running"));
     } },
     { key: "binary", label: "Binary", width: 130, value: (p) => p.binary },
     { key: "path", label: "Command", width: 260, flex: true, cls: "mono", value: (p) => p.cmdline || p.path },
@@ -435,6 +436,7 @@ function onProcess(type, body) {
     createdMs: Date.parse(d.createdAt) || 0,
     stopped: type === "process.stopped",
     exitCode: d.exitCode,
+    unseenExit: false,
   });
   if (type === "process.started" || !currentByPid.has(d.pid)) {
     currentByPid.delete(d.pid); // re-inserted as the newest
@@ -443,6 +445,35 @@ function onProcess(type, body) {
   }
   processTable.refresh(p);
   otherDirty = true;
+  return p;
+}
+
+// After an agent restart, a process that ended while it was down never gets
+// its process.stopped: it stayed "running" for good.  A new run greets, then
+// sends process.started for every process it finds running (its snapshot)
+// before anything else: one it does not name has ended.  Markers in the event
+// queue keep this in the stream's order, paused or not.
+const RECONCILE_START = "page.reconcile-start";
+const RECONCILE_END = "page.reconcile-end";
+let reconcileGen = 0;
+let unconfirmed = null; // { gen, keys }: processes shown running that the new run has not named yet
+
+function startReconcile(gen) {
+  const keys = new Set();
+  for (const p of state.processes.values()) if (!p.stopped) keys.add(p.key);
+  unconfirmed = { gen, keys };
+}
+
+function endReconcile() {
+  for (const key of unconfirmed.keys) {
+    const p = state.processes.get(key);
+    if (!p || p.stopped) continue;
+    p.stopped = true;
+    p.unseenExit = true; // its exit code is not known
+    processTable.refresh(p);
+    otherDirty = true;
+  }
+  unconfirmed = null;
 }
 
 // ------------------------------------------------------------------ connections view
@@ -582,7 +613,13 @@ function flush() {
 function apply(batch) {
   const added = [];
   for (const [type, body] of batch) {
-    if (type === "request.http_transaction") {
+    // The snapshot is over at the first event that is not part of it.
+    if (unconfirmed && type !== "process.started" && type !== RECONCILE_END) endReconcile();
+    if (type === RECONCILE_START) {
+      startReconcile(body.gen);
+    } else if (type === RECONCILE_END) {
+      if (unconfirmed && unconfirmed.gen === body.gen) endReconcile();
+    } else if (type === "request.http_transaction") {
       const id = body.data && body.data.data && body.data.data.requestId;
       if (id && state.byId.has(id)) continue; // already shown (a resumed or repeated stream)
       const row = rowFromEvent(body);
@@ -593,7 +630,8 @@ function apply(batch) {
       if (proc) proc.requests = (proc.requests || 0) + 1;
       added.push(row);
     } else if (type.startsWith("process.")) {
-      onProcess(type, body);
+      const p = onProcess(type, body);
+      if (unconfirmed) unconfirmed.keys.delete(p.key); // named by the new run: still running
     } else if (type.startsWith("connection.")) {
       onConnection(type, body);
     }
@@ -829,6 +867,12 @@ function onConnected(data) {
     state.connections.clear();
     renderOtherViews();
     toast(`Now showing ${basename((data.capture || {}).file || "another source")}: the previous file's requests were cleared`);
+  } else if (before && data.instance && before !== data.instance) {
+    // Another run of the agent: its snapshot follows this greeting.
+    const gen = ++reconcileGen;
+    enqueue(RECONCILE_START, { gen });
+    // An agent with nothing else to say ends the snapshot only by silence.
+    setTimeout(() => enqueue(RECONCILE_END, { gen }), 2000);
   }
   setConnection("connected", "Connected", `Agent ${data.agent || "qtap-devtools"} ${data.version || ""} on ${data.hostname || "?"} (kernel ${data.kernel || "?"})`);
   const info = $("agent-info");
