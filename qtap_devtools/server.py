@@ -342,18 +342,27 @@ def create_app(rt: Runtime) -> Starlette:
         limit = _int(request, "limit", 100, 1, 10_000)
         offset = _int(request, "offset", 0, 0, 10_000_000)
         before = _one(request, "before")
-        held = store.recent_transactions()  # taken here, read off the loop
+        held = list(store.transactions.items())  # (requestId, envelope), oldest first; taken here, read off the loop
+        # A held transaction's body is parsed again from its frame when read
+        # (megabytes of JSON for a full store: ~0.3-1.5 s of CPU holding the
+        # GIL, and ~100 MB of dicts, for every `?limit=10` a dashboard polls).
+        # Only a filter on what the event says needs every one parsed; without
+        # one (or on `type` alone) only the page's rows are.
+        parse_all = bool(set(flt.describe()) - {"type"})
 
         def page() -> dict:
-            rows = [e for e in map(Envelope.parsed, held) if flt.matches(e)]
+            if parse_all:
+                rows = [(rid, e) for rid, e in ((rid, e.parsed()) for rid, e in held) if flt.matches(e)]
+            else:
+                rows = [(rid, e) for rid, e in held if flt.matches(e)]
             rows.reverse()  # newest first
             start = offset
             if before is not None:  # a cursor: new arrivals do not shift the pages after it
-                at = next((i for i, e in enumerate(rows) if e.inner.get("requestId") == before), None)
+                at = next((i for i, (rid, _) in enumerate(rows) if rid == before), None)
                 if at is None:
                     raise FilterError(f"before={before!r}: no such transaction held (evicted, or not matching)")
                 start += at + 1
-            chosen = rows[start : start + limit]
+            chosen = [e.parsed() for _, e in rows[start : start + limit]]
             return {
                 "transactions": [{**e.inner, "ts": e.body.get("ts")} for e in chosen],
                 "total": len(rows),
@@ -414,7 +423,14 @@ def create_app(rt: Runtime) -> Starlette:
         held = store.recent_transactions()
 
         def export() -> JSONResponse:  # rendered off the loop too: megabytes of JSON
-            chosen = [e for e in map(Envelope.parsed, held) if flt.matches(e)][-limit:]  # the newest
+            chosen = []  # the newest: read from the newest back, only as far as the limit needs
+            for env in reversed(held):
+                if len(chosen) >= limit:
+                    break
+                env = env.parsed()
+                if flt.matches(env):
+                    chosen.append(env)
+            chosen.reverse()
             doc = har.from_envelopes(chosen)
             return JSONResponse(doc, headers={"Content-Disposition": 'attachment; filename="qtap-devtools.har"'})
 
