@@ -126,14 +126,19 @@ class EventFilter:
             out["status"] = list(self.status)
         return out
 
+    @property
+    def reads_content(self) -> bool:
+        """Whether :meth:`matches` reads what an event says, beyond its type."""
+        return bool(self.pids or self.exe or self.container or self.host or self.methods or self.status or self.text
+                    or self.side)
+
     def matches(self, env: Envelope) -> bool:
         t = env.type
         if t.startswith("system."):
             return True
         if self.types and not any(t == x or t.startswith(x) for x in self.types):
             return False
-        if not (self.pids or self.exe or self.container or self.host or self.methods or self.status or self.text
-                or self.side):
+        if not self.reads_content:
             return True
         facts = _facts(env)
         if self.side and facts.get("side") != self.side:  # process events have no side

@@ -348,7 +348,7 @@ def create_app(rt: Runtime) -> Starlette:
         # GIL, and ~100 MB of dicts, for every `?limit=10` a dashboard polls).
         # Only a filter on what the event says needs every one parsed; without
         # one (or on `type` alone) only the page's rows are.
-        parse_all = bool(set(flt.describe()) - {"type"})
+        parse_all = flt.reads_content
 
         def page() -> dict:
             if parse_all:
