@@ -603,6 +603,22 @@ def test_an_unfinished_upload_answered_early_is_marked_cut():
     assert ex.response.status == 201 and ex.error == "connection closed before the request ended"
 
 
+def test_a_request_that_never_ended_ends_at_its_last_byte_so_the_timing_has_every_phase():
+    """curl's upload refused by nginx's 413 over HTTP/2, its connection then
+    closed: the request never ended.  Its end had been left unknown, so the
+    transaction's timing had no send_ms or wait_ms (only receive_ms) and a
+    HAR's time, the sum of the phases, fell short of duration_us.  As over
+    HTTP/1, it ends with its last byte seen."""
+    w = Wire()
+    sid = _answered_early(w, "/upload", b"first part", 413)
+    last_request_byte = w.ts  # its HEADERS and DATA, written at once
+    w.flush()
+    [ex] = w.close()
+    assert ex.request.body_truncated and ex.response.status == 413
+    assert ex.request_end_ns == last_request_byte
+    assert ex.start_ns <= ex.request_end_ns <= ex.response_start_ns <= ex.end_ns
+
+
 def _session(n: int = 5) -> list[tuple[str, bytes]]:
     """A whole session's writes, in order: (direction, bytes)."""
     writes: list[tuple[str, bytes]] = []

@@ -716,6 +716,10 @@ class Http2Assembler:
             return  # headers never decoded: nothing to show
         if not req_half.done:
             req_half.truncated = True  # the request never ended: its body, if any, is cut
+            # ... and ends with its last byte seen, as over HTTP/1: left unknown,
+            # the transaction's timing had no send_ms or wait_ms.
+            if req_half.end_ns is None:
+                req_half.end_ns = req_half.last_ns or req_half.start_ns
         if resp_half.done and resp_half.headers is None and st.error is None:
             st.error = "response headers not captured (capture gap)"
         # Ended short of its declared length: the peer is told by a reset
