@@ -180,6 +180,7 @@ class Agent:
                 watch_ring=(LIFT_FILL, WATCH_US, STALL_US) if self.priority.mode == "auto" else None,
             )
             cap.start()
+            self.pipeline.tls_armed_mono = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
             if cap.watchdog is not None and cap.reader_tid is not None:
                 self.priority.watch(cap.watchdog, cap.reader_tid)
             self.backlog.while_waiting = cap.check_load

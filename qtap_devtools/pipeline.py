@@ -202,9 +202,10 @@ class Pipeline:
             "cgroup_ids_evicted": 0,
             # Records whose handling raised (a bug): logged, counted, the rest go on.
             "record_errors": 0,
-            # TLS connections that closed with no plaintext from a TLS library
-            # the agent reads (Go, BoringSSL, NSS, rustls, a static OpenSSL, or
-            # none exchanged): the programs are named once each in the log.
+            # TLS connections opened after the probes went live that closed with
+            # no plaintext from a TLS library the agent reads (Go, BoringSSL,
+            # NSS, rustls, a static OpenSSL, or none exchanged): the programs
+            # are named once each in the log.
             "tls_connections_unread": 0,
             # TLS streams whose fd was learned after their first plaintext
             # (open before the agent; plaintext their library had buffered),
@@ -212,6 +213,11 @@ class Pipeline:
             "tls_fd_found_late": 0,
         }
         self.unread_exes: set[str] = set()
+        # When the TLS probes placed at the start went live (monotonic ns; 0:
+        # not yet).  A TLS connection opened before then that closes with no
+        # plaintext seen says nothing about its library: its calls may all have
+        # come before the probes (nginx and curl, mid-request as the agent starts).
+        self.tls_armed_mono = 0
 
     # ------------------------------------------------------------ helpers
 
@@ -876,7 +882,7 @@ class Pipeline:
         if h2 is not None and h2.streams_dropped:
             self.counters["http2_streams_not_tracked"] += h2.streams_dropped
         info = conn.info
-        if info.is_tls and not info.tls_introspected:
+        if info.is_tls and not info.tls_introspected and conn.opened_mono >= self.tls_armed_mono > 0:
             self._unread(conn)
         if conn.own and not conn.announced:
             return  # the agent's own API: closed as it was opened, unseen

@@ -32,8 +32,10 @@ RESP = b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Lengt
 
 
 def at_start(p: Pipeline, *pids: int) -> Pipeline:
-    """``pids`` as if running when the agent started: its snapshot said them."""
+    """``pids`` as if running when the agent started: its snapshot said them.
+    The TLS probes went live at the first nanosecond, before any record."""
     p.announced.update(dict.fromkeys(pids))
+    p.tls_armed_mono = 1
     return p
 
 
@@ -1080,6 +1082,26 @@ def test_a_tls_connection_whose_plaintext_never_came_is_counted_and_its_program_
         _, p = run(records + client_tls_exchange(fd=7))
     assert p.counters["tls_connections_unread"] == 2
     assert [r.getMessage().split(":")[0] for r in caplog.records if "no plaintext" in r.getMessage()] == ["/usr/bin/curl"]
+
+
+def test_a_tls_connection_opened_before_the_probes_went_live_is_not_blamed_on_its_library(caplog):
+    """curl and nginx mid-request as the agent starts: their handshakes were
+    on the socket, their TLS calls came before the probes.  They were named in
+    the log as programs whose TLS library the agent cannot read."""
+    hello = bytes.fromhex("16030100") + b"\x30" + b"\x01" + b"\x00" * 47
+    out = []
+    p = at_start(Pipeline(Config(), out.append, {100: CURL, 200: NGINX}.get, own_pid=1, own_port=10001), 100, 200)
+    p.tls_armed_mono = 5_000
+    with caplog.at_level("INFO", logger="qtap_devtools.pipeline"):
+        p.on_records([rec.SocketConnect(100, 5, 1_000, EP_S),
+                      rec.DataChunk(100, 100, 5, 1_500, "egress", "socket", 0, hello),
+                      rec.SocketClose(100, 5, 9_000),
+                      rec.SocketConnect(100, 6, 6_000, EP_S),  # after: its silence is news
+                      rec.DataChunk(100, 100, 6, 6_500, "egress", "socket", 0, hello),
+                      rec.SocketClose(100, 6, 9_000)])
+        p.close_all()
+    assert p.counters["tls_connections_unread"] == 1
+    assert len([r for r in caplog.records if "no plaintext" in r.getMessage()]) == 1
 
 
 def test_a_socket_lent_before_its_addresses_came_is_still_one_connection():
