@@ -256,7 +256,44 @@ static __always_inline struct tls_key tls_key_of(u64 ref)
  * in a body and keeps framing.  0: no shedding.  shed_stats: [0] calls cut,
  * [1] bytes not copied. */
 BPF_ARRAY(shed_cap, u64, 1);
-BPF_PERCPU_ARRAY(shed_stats, u64, 2);
+BPF_PERCPU_ARRAY(shed_stats, u64, 3);   /* [2]: of [0], cut by the probes on their own (below) */
+
+/* The probes' own shedding, for when user space cannot set shed_cap in time.
+ * The reader sets it once the ring is half full, but at idle priority, on a
+ * machine whose cores the traced programs fill, it may not run for tens of
+ * milliseconds, in which a burst of large bodies (eight 5 MiB downloads at
+ * once) filled the 32 MiB ring: the kernel then lost whole records, heads and
+ * all, of transactions that had nothing to do with the burst.  So a call that
+ * would be cut also looks at the ring itself, and while SELF_SHED_FILL bytes
+ * wait unread it keeps SELF_SHED_HEAD, as if shed_cap said so.  0: off
+ * (--no-shed).  The loader passes both. */
+#ifndef SELF_SHED_FILL
+#define SELF_SHED_FILL 0
+#endif
+#ifndef SELF_SHED_HEAD
+#define SELF_SHED_HEAD 4096
+#endif
+
+/* The ring's unread bytes.  bcc 0.26 has no ringbuf_query() method, and the
+ * raw helper needs the map pointer, which only bcc's rewriting of a method
+ * call emits (events.ringbuf_output(...) becomes bpf_ringbuf_output(<the
+ * map>, ...)).  So a query is dressed as an output with a flag no output
+ * uses, and every bpf_ringbuf_output the rewriting emits goes through this
+ * switch, which the compiler folds away where the flags are constant. */
+#define RING_QUERY_FLAG 0x5157
+static __always_inline long ring_output_or_query(void *ring, void *data, u64 size, u64 flags)
+{
+    if (flags == RING_QUERY_FLAG)
+        return bpf_ringbuf_query(ring, BPF_RB_AVAIL_DATA);
+    return bpf_ringbuf_output(ring, data, size, flags);
+}
+#define bpf_ringbuf_output(ring, data, size, flags) ring_output_or_query((void *)(ring), (data), (size), (flags))
+
+static __always_inline u64 ring_unread(void)
+{
+    u8 unused = 0;
+    return (u64)events.ringbuf_output(&unused, 0, RING_QUERY_FLAG);
+}
 
 static __always_inline int starts_like_message(u64 ubuf)
 {
@@ -288,6 +325,12 @@ static __always_inline u64 shed_limit(u64 total, u64 first_buf, u16 *shedding)
     int zero = 0, one = 1;
     u64 *capp = shed_cap.lookup(&zero);
     u64 cap = capp ? *capp : 0;
+    int own = 0;
+    /* Only a call that would be cut asks the ring: small calls pay nothing. */
+    if (!cap && SELF_SHED_FILL && total > SELF_SHED_HEAD && ring_unread() >= SELF_SHED_FILL) {
+        cap = SELF_SHED_HEAD;
+        own = 1;
+    }
     *shedding = cap ? DATA_SHEDDING : 0;
     if (!cap || total <= cap)
         return total;
@@ -298,6 +341,12 @@ static __always_inline u64 shed_limit(u64 total, u64 first_buf, u16 *shedding)
     u64 *bytes = shed_stats.lookup(&one);
     if (bytes)
         *bytes += total - keep;
+    if (own) {
+        int two = 2;
+        u64 *by_probes = shed_stats.lookup(&two);
+        if (by_probes)
+            *by_probes += 1;
+    }
     return keep;
 }
 

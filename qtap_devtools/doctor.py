@@ -265,6 +265,9 @@ DROP_COUNTERS = (
      "check that Docker answers promptly (--no-docker to do without container names)"),
     ("capture", "shed_calls", "calls whose body was cut while capture was behind or over --max-capture-rate (heads kept)",
      "a higher --max-capture-rate, if whole bodies matter more than the agent's CPU"),
+    ("capture", "shed_calls_by_probes", "of those, cut by the probes on their own (the ring half full before the "
+                                        "agent's reader got a core)",
+     "--cpu-priority normal or a bigger --ring-mib, if the traced programs can spare it"),
     ("broadcast", "subscriberDrops", "events slow clients missed (each told by system.dropped)",
      "fewer or faster clients, or a bigger --queue-size"),
     ("capture", "file_write_errors", "events the --output file lacks (writes failed: disk full?)",

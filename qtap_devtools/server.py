@@ -568,6 +568,7 @@ CAPTURE_COUNTER_HELP = {
     "calls_over_record_limit": "Calls over 1 MiB (or 16 iovecs) whose bytes past that were not copied",
     "shed_calls": "TLS/socket calls whose bytes were cut while shedding",
     "shed_bytes": "Bytes left out while shedding",
+    "shed_calls_by_probes": "Of shed_calls, cut by the probes on their own (the ring half full before the reader could say so)",
     "shed_episodes": "Times overload shedding started",
     "processes_gone_before_read": "Processes gone before their /proc entry was read",
     "containers_from_cgroup_id": "Processes whose container was named from the kernel's cgroup id",

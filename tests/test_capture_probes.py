@@ -1171,6 +1171,58 @@ def test_while_shedding_calls_keep_their_message_head_and_bodies_are_cut():
         cap.stop()
 
 
+def test_with_the_reader_stalled_the_probes_shed_on_their_own_before_the_ring_overflows():
+    """A reader that gets no core (idle priority on a machine the traced
+    programs fill) cannot turn shedding on.  A burst of large writes then
+    filled the ring, and the kernel lost whole records, of any connection.
+    Now the probes look at the ring themselves: past half of it unread, a
+    body-only call keeps nothing, so the ring never overflows; nothing is lost
+    and the stream's offsets still say where every byte went."""
+    stall = threading.Event()
+    stalled = threading.Event()
+    got = Collector()
+
+    def consumer(batch):
+        stalled.set()
+        stall.wait(30)  # held until the burst is over
+        got(batch)
+
+    cap = Capture(consumer, max_chunk=MAX_CHUNK, seed_existing=False, ring_mib=1)
+    cap.start()
+    call, calls = 64 * 1024, 24  # 1.5 MiB of body into a 1 MiB ring
+    try:
+        writer, peer = _tcp_child(
+            "s.sendall(b'x')\n"
+            f"step(); [s.sendall(b'b' * {call}) for _ in range({calls})]; s.sendall(b'end')\n"
+            "step()\n")
+        with peer:
+            _drain(peer)
+            assert stalled.wait(10), "the first record never reached the consumer"
+            _go(writer)
+            assert writer.stdout.readline().strip() == "ready"  # the burst and "end" are written
+            assert not cap.shedding  # user space, stalled, never said to shed
+            stall.set()
+            end = 1 + call * calls
+            got.wait_for(lambda rs: any(c.offset == end for c in chunks(rs, writer.pid, direction="egress")),
+                         what="the write after the burst")
+            writer.stdin.write("\n")
+            writer.stdin.flush()
+            writer.wait(10)
+        cs = sorted(chunks(got.snapshot(), writer.pid, direction="egress"), key=lambda c: c.offset)
+        body = [c for c in cs if 1 <= c.offset < end]
+        kept = sum(len(c.data) for c in body)
+        assert (1 << 19) - call <= kept < 1 << 20, kept  # about half the ring, whole calls, then nothing
+        assert all(c.data == b"b" * len(c.data) for c in body)
+        assert [c.data for c in cs if c.offset >= end] == [b"end"]  # offsets still moved by whole calls
+        stats = cap.stats()
+        assert stats["lost_records"] == 0
+        assert stats["shed_calls_by_probes"] == stats["shed_calls"] >= calls - (1 << 20) // call
+        assert stats["shed_bytes"] == call * calls - kept
+    finally:
+        stall.set()
+        cap.stop()
+
+
 def test_while_shedding_an_http2_call_that_starts_with_headers_keeps_its_head():
     """HTTP/2: a call that begins with a frame other than DATA (a response's
     HEADERS, ahead of its first DATA) keeps its head, so the status and

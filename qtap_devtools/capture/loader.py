@@ -475,6 +475,10 @@ class Capture:
             f"-DWAKE_BYTES={self.wake_bytes}",
             f"-DMAX_ARMED={MAX_ATTACHMENTS + 1}",
             f"-DMAX_SOCKETS={self.max_sockets}",
+            # The probes shed on their own past SHED_ON, should the reader not
+            # get a core to say so in time (probes/common.h).
+            f"-DSELF_SHED_FILL={int(self.ring_mib * (1 << 20) * SHED_ON) if self.shed_head_bytes else 0}",
+            f"-DSELF_SHED_HEAD={self.shed_head_bytes or 4096}",
             "-Wno-macro-redefined",
         ]
         text = probe_source(pdir)
@@ -688,10 +692,15 @@ class Capture:
 
     def shed_counts(self) -> tuple[int, int]:
         """(calls cut, bytes not copied) since the start, from the probes."""
+        return self._shed_stats()[:2]
+
+    def _shed_stats(self) -> tuple[int, int, int]:
+        """shed_counts(), and of the calls those the probes cut on their own."""
         if self._bpf is None:
-            return 0, 0
+            return 0, 0, 0
         table = self._bpf[b"shed_stats"]
-        return (int(sum(table.getvalue(table.Key(0)))), int(sum(table.getvalue(table.Key(1)))))
+        calls, nbytes, by_probes = (int(sum(table.getvalue(table.Key(i)))) for i in range(3))
+        return calls, nbytes, by_probes
 
     def _flush(self, proc_fallback: bool = False) -> None:
         batch, others = self._batch, self._others
@@ -798,7 +807,7 @@ class Capture:
 
     def stats(self) -> dict[str, object]:
         atts = self.attachments
-        shed_calls, shed_bytes = self.shed_counts()
+        shed_calls, shed_bytes, shed_by_probes = self._shed_stats()
         # Calls whose bytes past what one call may emit (64 records of 16 KiB,
         # or 16 iovecs) were left out, by design: a hole the reassembler reads
         # past.  One read, so the two agree.
@@ -839,6 +848,9 @@ class Capture:
             "shed_episodes_over_budget": self.shed_episodes_over_budget,
             "shed_calls": shed_calls,
             "shed_bytes": shed_bytes,
+            # of shed_calls, cut by the probes on their own: the ring half full
+            # before the reader got a core to say so (probes/common.h)
+            "shed_calls_by_probes": shed_by_probes,
         }
 
 
