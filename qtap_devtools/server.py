@@ -12,6 +12,7 @@ import asyncio
 import hmac
 import logging
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from importlib import resources
@@ -36,6 +37,7 @@ from qtap_devtools.config import Config
 from qtap_devtools.events import Envelope
 from qtap_devtools.filters import FILTER_KEYS, EventFilter, FilterError, checked_side
 from qtap_devtools.store import Store
+from qtap_devtools.threads import name_thread
 
 log = logging.getLogger(__name__)
 
@@ -211,8 +213,17 @@ async def _off_loop(fn: Callable[[], T]) -> T:
     rendering a HAR of megabytes) on a worker thread: on the event loop it held
     up the stream, capture and /healthz for as long as it took (a second for a
     full history's HAR).  The GIL still serialises the two, but the loop gets
-    its turn every switch interval instead of waiting for the whole answer."""
-    return await asyncio.to_thread(fn)
+    its turn every switch interval instead of waiting for the whole answer.
+    Two workers: the GIL lets no more run at once, and named, as the agent's
+    other threads are, for ``top -H`` (asyncio's own pool names them python)."""
+    global _rest_pool
+    if _rest_pool is None:
+        _rest_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="qtap-rest", initializer=name_thread,
+                                        initargs=("qtap-rest",))
+    return await asyncio.get_running_loop().run_in_executor(_rest_pool, fn)
+
+
+_rest_pool: ThreadPoolExecutor | None = None
 
 
 def create_app(rt: Runtime) -> Starlette:

@@ -819,3 +819,17 @@ def test_a_paced_replay_shortens_quiet_spells_to_max_gap():
     assert replay_pause(2_000_000_000, 1.0, 5.0) == 2.0  # as recorded
     assert replay_pause(2_000_000_000, 4.0, 5.0) == 0.5  # four times as fast
     assert replay_pause(35_000_000_000, 1.0, 5.0) == 5.0  # the example's 35 s before its first request
+
+
+def test_rest_answers_are_worked_on_two_named_threads(server):
+    """REST answers render on worker threads (not the event loop).  They were
+    asyncio's own pool: up to 32 threads on a big machine, each named python
+    in ``top -H``, where the README says the agent's threads are ``qtap-*``."""
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: get(server.url + "/devtools/api/har")[0], range(16)))
+    assert answers == [200] * 16
+    pid = server.proc.pid
+    comms = [open(f"/proc/{pid}/task/{tid}/comm").read().strip() for tid in os.listdir(f"/proc/{pid}/task")
+             if tid != str(pid)]  # the main thread keeps the program's name
+    workers = [c for c in comms if not c.startswith("qtap-")]
+    assert workers == [] and 1 <= comms.count("qtap-rest") <= 2, comms

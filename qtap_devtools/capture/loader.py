@@ -680,7 +680,8 @@ class Capture:
             return
         again = self._shed_unlogged[cause]
         self._shed_logged[cause], self._shed_unlogged[cause] = now, 0
-        log.warning("%s: keeping message heads only for a while, bodies cut and marked \"shed\"%s", why,
+        log.warning("%s: until it catches up, calls past a message head are cut (marked \"shed\", counted in "
+                    "capture.shed_calls)%s", why,
                     f" (and {again} more times since this was last logged)" if again else "")
 
     def _set_shedding(self, on: bool) -> None:
