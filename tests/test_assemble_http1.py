@@ -9,6 +9,7 @@ import brotli
 import pytest
 
 from qtap_devtools.assemble import ConnectionAssembler, HttpExchange, combined_headers
+from qtap_devtools.assemble.model import SHED_END_UNSEEN
 
 
 class Capture:
@@ -858,3 +859,26 @@ def test_a_response_head_trickled_past_the_read_cap_never_looks_earlier_than_it_
     assert len(cap.asm._responses.segments) == MAX_SEGMENTS
     (ex,) = cap.ingress(head[-3:])
     assert ex.response.status == 200 and ex.response.body == b"Z" and ex.end_ns == cap.ts
+
+
+def test_a_chunked_response_whose_end_was_shed_says_so_at_the_close_not_that_it_failed():
+    """Shedding keeps nothing of a body-only call, so a chunked response's
+    last chunks and terminator may never be captured; its close is then all
+    that is seen.  It read "connection closed before the response completed",
+    a failure, for a response the client received whole."""
+    cap = Capture(role="server")
+    cap.ingress(get("/echo"))
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    body = chunked(b"a" * 3000, b"b" * 100000)
+    cap.egress(head + body[:3852])
+    cap.asm.on_data("egress", body[20000:20010], 10, len(head) + 20000, shed=True)
+    (ex,) = cap.asm.on_close(11)
+    assert ex.error == SHED_END_UNSEEN and ex.shed and ex.incomplete and ex.response.body_truncated
+
+
+def test_a_chunked_response_cut_by_the_close_without_shedding_still_says_the_connection_closed():
+    cap = Capture(role="server")
+    cap.ingress(get("/echo"))
+    cap.egress(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked(b"a" * 3000)[:1000])
+    (ex,) = cap.close()
+    assert ex.error == "connection closed before the response completed" and not ex.shed

@@ -868,3 +868,33 @@ def test_header_lists_held_by_a_connections_open_streams_are_bounded():
     a.on_data("egress", frame, 4, len(sent))
     [ex] = a.on_data("ingress", raw_frame(1, 5, 2 * fit + 3, b"\x88"), 5, len(got))
     assert ex.response.status == 200 and a.streams_dropped == 1
+
+
+def test_a_response_whose_end_was_shed_says_so_at_the_close_not_that_it_failed():
+    """While shedding, a body-only call keeps nothing: a download's last DATA
+    frames, END_STREAM among them, may never be captured, and the close is all
+    that is seen.  It read "connection closed before the response ended", a
+    failure, for streams the client had received whole."""
+    from qtap_devtools.assemble.model import SHED_END_UNSEEN
+
+    w = Wire()
+    sid = w.request("/big")
+    w.server.send_headers(sid, [(":status", "200")])  # no content-length: only END_STREAM ends it
+    w.server.send_data(sid, b"d" * 16_000)
+    w.flush()
+    w.server.send_data(sid, b"e" * 16_000, end_stream=True)
+    lost = len(w.server.data_to_send())
+    w.asm.on_data(w.s2c, b"", w.ts + 1, w.offsets[w.s2c] + lost, shed=True)  # the close's record: where it ended
+    [ex] = w.asm.on_close(w.ts + 2)
+    assert ex.error == SHED_END_UNSEEN and ex.shed and ex.incomplete and ex.response.body_truncated
+    assert ex.response.status == 200 and ex.response.body == b"d" * 16_000
+
+
+def test_a_response_the_close_cut_without_shedding_still_says_the_connection_closed():
+    w = Wire()
+    sid = w.request("/big")
+    w.server.send_headers(sid, [(":status", "200")])
+    w.server.send_data(sid, b"d" * 16_000)
+    w.flush()
+    [ex] = w.asm.on_close(w.ts + 1)
+    assert ex.error == "connection closed before the response ended" and not ex.shed

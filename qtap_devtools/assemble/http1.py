@@ -27,7 +27,7 @@ from typing import Final, Literal
 
 from .body import decode_body
 from .http1_parse import CHUNKED, DEAD, HEAD, PAUSED, Message, MessageReader
-from .model import MAX_INFORMATIONAL, HttpExchange, HttpRequest, HttpResponse
+from .model import MAX_INFORMATIONAL, SHED_END_UNSEEN, HttpExchange, HttpRequest, HttpResponse
 from .offsets import place
 
 Role = Literal["client", "server", "unknown"]
@@ -386,6 +386,9 @@ class ConnectionAssembler:
             return
         if msg.incomplete:
             ex.incomplete = True
+        if error and ex.shed and error.startswith("connection closed before"):  # its end shed, not a failure seen
+            ex.incomplete = True
+            error = SHED_END_UNSEEN
         if error and not ex.error:
             ex.error = error
         if reader is self._requests:

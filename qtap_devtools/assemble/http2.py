@@ -32,7 +32,7 @@ from typing import Literal
 
 from .body import decode_body
 from .hpack_decode import UNKNOWN, HpackDecoder, HpackError
-from .model import MAX_INFORMATIONAL, Headers, HttpExchange, HttpRequest, HttpResponse
+from .model import MAX_INFORMATIONAL, SHED_END_UNSEEN, Headers, HttpExchange, HttpRequest, HttpResponse
 from .offsets import place
 
 Direction = Literal["egress", "ingress"]
@@ -270,6 +270,8 @@ class Http2Assembler:
                 pass  # whole by its lengths: only the frames that said so went unread
             elif st.error is None and self.failure:
                 st.error = f"{UNDECODABLE}: {self.failure}"
+            elif st.error is None and st.shed:
+                st.error = SHED_END_UNSEEN
             elif st.error is None and st.response.done:
                 st.error = CLOSED_IN_REQUEST
             elif st.error is None:

@@ -21,6 +21,10 @@ from qtap_devtools.mypyc_attrs import mypyc_attr
 Headers = tuple[tuple[str, str], ...]
 # 1xx responses kept per exchange (a server may send any number; the rest are not listed).
 MAX_INFORMATIONAL: Final = 16
+# In place of "connection closed before …" for a message the capture shed:
+# whatever ended it was in bytes the probes left out (a body-only call keeps
+# nothing while shedding), so the close is all that was seen, not a failure.
+SHED_END_UNSEEN: Final = "its end was in bytes shed while the agent was behind (not captured)"
 
 
 @mypyc_attr(acyclic=True)  # scalars, bytes, headers: in no cycle (mypyc_attrs)
