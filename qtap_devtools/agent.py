@@ -25,6 +25,7 @@ import traceback
 from typing import Any, Awaitable, Callable
 
 from qtap_devtools import __version__, compiled, kheaders
+from qtap_devtools.agentlock import CaptureLock
 from qtap_devtools.backlog import Backlog
 from qtap_devtools.broadcast import Broadcaster
 from qtap_devtools.capfile import CaptureWriter
@@ -88,6 +89,7 @@ class Agent:
         )
         self._tasks: list[asyncio.Task] = []
         self.priority = CpuPriority("normal")  # main() sets the process's, before any thread starts
+        self.capture_lock = CaptureLock()  # held while capturing: another agent starting says so
         if self.writer is not None:
             # Each run's events in the file begin with its greeting, as a
             # stream saved with curl does: a file several runs appended to says
@@ -156,6 +158,11 @@ class Agent:
             self.capture_error = headers.detail
             return
 
+        other = self.capture_lock.claim(self.config.listen.url())
+        if other is not None:
+            log.warning("another qtap-devtools agent is capturing on this machine (%s): every TLS call now runs "
+                        "both agents' probes, their cost twice in the traced programs; stop one unless you mean "
+                        "to compare them", other)
         self.backlog = Backlog(loop, self.pipeline.on_records)
         self.probes_loading = True  # from here the process may hold probes, started or not
         try:

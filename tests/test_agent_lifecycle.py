@@ -290,3 +290,21 @@ def test_each_run_appended_to_an_output_file_begins_with_its_greeting_and_ends_w
     assert first["version"] and first["hostname"] == socket.gethostname()
     assert system[1][1]["reason"] == "agent shutting down"
     assert events[0].type == "system.connected"  # nothing of a run before its greeting
+
+
+def test_an_agent_started_while_another_captures_says_so(tmp_path):
+    """Two agents both work, but every TLS call then runs both agents' probes:
+    the second says so, naming the first (as the lock's holder wrote it)."""
+    from qtap_devtools.agentlock import CaptureLock
+
+    first = CaptureLock()  # in the place of a first agent: the same lock, held here
+    assert first.claim("http://127.0.0.1:1") is None, "another agent is running on this machine"
+    port = free_port()
+    try:
+        proc = AgentProcess(["run", "--no-docker", "--listen", f"127.0.0.1:{port}"], port,
+                            tmp_path / "agent.log").start("/readyz")
+        assert proc.stop(signal.SIGINT) == 0, proc.output()
+    finally:
+        first.release()
+    assert (f"another qtap-devtools agent is capturing on this machine (pid {os.getpid()} serving "
+            "http://127.0.0.1:1)") in proc.output()
