@@ -97,6 +97,24 @@ def test_lifts_the_threads_it_is_armed_with_once_the_ring_is_behind_and_only_onc
     assert a.policy() == os.SCHED_IDLE and ring.dog.lifts == 1
 
 
+def test_on_a_quiet_ring_it_looks_less_often_and_still_lifts_once_records_come(ring, idle):
+    """An agent on a machine with no TLS traffic: the watchdog's look every
+    period was most of its 80-130 wake-ups a second.  After a spell with
+    nothing written it goes quiet (looks a tenth as often), and the first
+    records written end that, and a ring behind still lifts."""
+    a = idle()
+    ring.dog.arm([a.tid])
+    ring.unread(0)
+    deadline = time.monotonic() + 10
+    while not ring.dog.quiet:
+        assert time.monotonic() < deadline, "a ring nothing was written to never made it quiet"
+        time.sleep(0.01)
+    assert ring.dog.armed and ring.dog.lifts == 0
+    ring.unread(THRESHOLD)  # a burst: the producer moved past the threshold
+    wait_lifted(ring)
+    assert a.policy() == os.SCHED_OTHER and not ring.dog.quiet
+
+
 def test_records_left_unread_for_the_stall_time_lift_but_a_reader_that_keeps_reading_is_left_be(idle):
     ring = Ring(stall_us=200_000)
     try:

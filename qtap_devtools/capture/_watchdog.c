@@ -12,7 +12,12 @@
  * falls behind even when the ring is far from full), it sets the threads it
  * was armed with to SCHED_OTHER and disarms.  Python lowers them
  * again, and re-arms it, when caught up (CpuPriority).  Its cost: one short
- * wake-up per period.
+ * wake-up per period.  An agent left running on a quiet machine paid that 80
+ * to 100 times a second for nothing, so after QUIET_CHECKS looks at a ring
+ * nothing was written to, it looks QUIET_FACTOR times less often, until
+ * something is.  The first records after a quiet spell may then wait a quiet
+ * period to be noticed; the ring cannot overflow meanwhile, since the probes
+ * shed large calls on their own once it is half full (probes/common.h).
  */
 #include "../_capi.h"
 #include <errno.h>
@@ -23,6 +28,8 @@
 #include <time.h>
 
 #define MAX_TIDS 256
+#define QUIET_CHECKS 100 /* 1 s at the agent's 10 ms */
+#define QUIET_FACTOR 10
 
 typedef struct {
     PyObject_HEAD
@@ -32,6 +39,7 @@ typedef struct {
     long period_ns;
     uint64_t stall_ns;   /* records unread, none consumed, this long: lift */
     uint64_t last_cons, waiting_since; /* the consumer position last seen, since when (0: none waiting) */
+    uint64_t last_prod, unchanged;     /* the producer position last seen, looks since it moved */
     pthread_t thread;
     int started;
     pthread_mutex_t mu; /* guards tids, stop; the condition wakes the thread for close() */
@@ -72,7 +80,7 @@ static void *watch(void *arg) {
     while (!w->stop) {
         struct timespec until;
         clock_gettime(CLOCK_MONOTONIC, &until);
-        until.tv_nsec += w->period_ns;
+        until.tv_nsec += w->unchanged >= QUIET_CHECKS ? w->period_ns * QUIET_FACTOR : w->period_ns;
         until.tv_sec += until.tv_nsec / 1000000000L;
         until.tv_nsec %= 1000000000L;
         while (!w->stop && pthread_cond_timedwait(&w->cv, &w->mu, &until) != ETIMEDOUT)
@@ -80,6 +88,13 @@ static void *watch(void *arg) {
         if (w->stop)
             break;
         w->checks++;
+        uint64_t prod = __atomic_load_n((const uint64_t *)w->data.buf, __ATOMIC_RELAXED);
+        if (prod != w->last_prod) {
+            w->last_prod = prod;
+            w->unchanged = 0;
+        } else if (w->unchanged < QUIET_CHECKS) {
+            w->unchanged++;
+        }
         if (w->armed && behind(w, &until)) {
             for (int i = 0; i < w->ntids; i++)
                 sched_setscheduler(w->tids[i], SCHED_OTHER, &none); /* ESRCH: it ended meanwhile */
@@ -142,6 +157,7 @@ static int wd_init(Watchdog *w, PyObject *args, PyObject *kw) {
     w->period_ns = period_us * 1000L;
     w->stall_ns = (uint64_t)stall_us * 1000u;
     w->last_cons = w->waiting_since = 0;
+    w->last_prod = w->unchanged = 0;
     w->stop = w->armed = w->ntids = 0;
     w->lifts = w->checks = 0;
     pthread_mutex_init(&w->mu, NULL);
@@ -199,9 +215,12 @@ static PyObject *wd_close(Watchdog *w, PyObject *unused) {
 
 static PyObject *wd_get(Watchdog *w, void *which) {
     pthread_mutex_lock(&w->mu);
-    uint64_t v = which == (void *)0 ? (uint64_t)w->armed : which == (void *)1 ? w->lifts : w->checks;
+    uint64_t v = which == (void *)0   ? (uint64_t)w->armed
+                 : which == (void *)1 ? w->lifts
+                 : which == (void *)2 ? w->checks
+                                      : (uint64_t)(w->unchanged >= QUIET_CHECKS);
     pthread_mutex_unlock(&w->mu);
-    return which == (void *)0 ? PyBool_FromLong((long)v) : PyLong_FromUnsignedLongLong(v);
+    return which == (void *)0 || which == (void *)3 ? PyBool_FromLong((long)v) : PyLong_FromUnsignedLongLong(v);
 }
 
 static void wd_dealloc(Watchdog *w) {
@@ -219,6 +238,7 @@ static PyGetSetDef wd_getset[] = {
     {"armed", (getter)wd_get, NULL, "armed and not yet lifted", (void *)0},
     {"lifts", (getter)wd_get, NULL, "times it lifted the threads", (void *)1},
     {"checks", (getter)wd_get, NULL, "times it looked at the ring", (void *)2},
+    {"quiet", (getter)wd_get, NULL, "nothing written to the ring for a while: it looks less often", (void *)3},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

@@ -341,7 +341,10 @@ class DockerMetadata:
 
         while not self._stop.is_set():
             try:
-                cid = self._queue.get(timeout=0.5)
+                # stop() queues _STOP, or finds the queue full and so this
+                # loop busy: the timeout is a backstop, not a poll (at 0.5 s it
+                # was two of an idle agent's wake-ups a second).
+                cid = self._queue.get(timeout=5.0)
             except queue.Empty:
                 continue
             if cid is _STOP:
