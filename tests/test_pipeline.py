@@ -993,6 +993,25 @@ def test_a_response_sent_before_the_request_ended_lasts_until_the_request_ends()
     assert full["duration_us"] == 7 and full["timing"]["send_ms"] == 0.007
 
 
+def test_the_timing_phases_add_up_to_the_duration_when_the_request_ends_after_the_response():
+    """A request whose end came after its response's (an upload answered
+    early and read on; its end shed and placed at the close): sending ran to
+    that end, receiving is what came after both.  The phases had overlapped,
+    so HAR's `time` (their sum) was longer than the exchange."""
+    head = b"POST /upload HTTP/1.1\r\nHost: api.local\r\nContent-Length: 10\r\n\r\n"
+    events, _ = run([
+        rec.SocketAccept(200, 9, 1_000, EP_C, EP_S),
+        rec.DataChunk(200, 200, 9, 2_000, "ingress", "socket", 0, head),
+        rec.DataChunk(200, 200, 9, 3_000, "egress", "socket", 0, b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n"),
+        rec.DataChunk(200, 200, 9, 6_000, "egress", "socket", 38, b"done"),
+        rec.DataChunk(200, 200, 9, 9_000, "ingress", "socket", len(head), b"0123456789"),
+        rec.SocketClose(200, 9, 10_000),
+    ])
+    full = tx_json(next(e for e in events if e.type == "request.http_transaction"))
+    assert full["duration_us"] == 7
+    assert full["timing"] == {"send_ms": 0.007, "wait_ms": 0.0, "receive_ms": 0.0}
+
+
 def test_fdless_tls_streams_of_one_process_find_their_sockets_by_the_thread_that_moves_them():
     # asyncio or node with a pool: several TLS sockets, several SSL objects on
     # memory buffers.  The thread writes plaintext into one, then its
