@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import Final, Literal
 
 from .body import decode_body
-from .http1_parse import CHUNKED, DEAD, HEAD, PAUSED, Message, MessageReader
+from .http1_parse import CHUNKED, CLOSED_IN_REQUEST, CLOSED_IN_RESPONSE, DEAD, HEAD, PAUSED, Message, MessageReader
 from .model import MAX_INFORMATIONAL, SHED_END_UNSEEN, HttpExchange, HttpRequest, HttpResponse
 from .offsets import place
 
@@ -386,7 +386,7 @@ class ConnectionAssembler:
             return
         if msg.incomplete:
             ex.incomplete = True
-        if error and ex.shed and error.startswith("connection closed before"):  # its end shed, not a failure seen
+        if ex.shed and (error == CLOSED_IN_RESPONSE or error == CLOSED_IN_REQUEST):  # its end shed, not a failure seen
             ex.incomplete = True
             error = SHED_END_UNSEEN
         if error and not ex.error:

@@ -35,6 +35,9 @@ _memoryview: Final = memoryview  # a builtin is looked up at every use from comp
 MAX_SEGMENTS: Final = 1024
 _NO_LATER: Final = 1 << 63  # sorts after every timestamp: (pos, _NO_LATER) follows each segment starting at pos
 MAX_LINE: Final = 8 * 1024  # chunk-size line; a partial line kept while resynchronising
+# A message the connection's close cut (its bytes were never sent).
+CLOSED_IN_REQUEST: Final = "connection closed before the request completed"
+CLOSED_IN_RESPONSE: Final = "connection closed before the response completed"
 MAX_CONTENT_LENGTH_DIGITS: Final = 18  # < 2**63: anything longer is not a length, it is an attack
 
 TOKEN: Final = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -837,7 +840,6 @@ class MessageReader:
         else:
             # Cut by the close: its bytes were never sent, not lost to the
             # capture, so not ``incomplete`` (a gap); cut, with its error.
-            what = "request" if self.kind == "request" else "response"
             if state != TRAILERS:  # cut inside its body: say so, as a cut compressed body does
                 msg.truncated = True
-            self.owner.on_cut(self, msg, f"connection closed before the {what} completed", False)
+            self.owner.on_cut(self, msg, CLOSED_IN_REQUEST if self.kind == "request" else CLOSED_IN_RESPONSE, False)
