@@ -327,7 +327,7 @@ static __always_inline u64 shed_limit(u64 total, u64 first_buf, u16 *shedding)
     u64 cap = capp ? *capp : 0;
     int own = 0;
     /* Only a call that would be cut asks the ring: small calls pay nothing. */
-    if (!cap && SELF_SHED_FILL && total > SELF_SHED_HEAD && ring_unread() >= SELF_SHED_FILL) {
+    if (!cap && SELF_SHED_FILL > 0 && total > SELF_SHED_HEAD && ring_unread() >= SELF_SHED_FILL) {
         cap = SELF_SHED_HEAD;
         own = 1;
     }

@@ -337,6 +337,7 @@ class Capture:
         self._batches = 0
         self._callback_errors = 0
         self.reader_errors = 0  # iterations of the ring reader's loop that raised
+        self.compile_messages = ""  # what the compiler printed (warnings), once started
         self._ring: RingReader | None = None
         self._proc_fallbacks = 0
         # (pid, fd) whose 4-tuple we have seen / still wait for; bounded.
@@ -483,7 +484,8 @@ class Capture:
         ]
         text = probe_source(pdir)
         try:
-            bpf, _ = _capture_fd2(lambda: BPF(text=text.encode(), cflags=cflags))
+            bpf, messages = _capture_fd2(lambda: BPF(text=text.encode(), cflags=cflags))
+            self.compile_messages = str(messages)  # written out too; a test wants none
             # Uprobe programs load lazily at attach; load them now so a verifier
             # failure is reported at start, not on the first TLS library found.
             for fn in _uprobe_functions():
