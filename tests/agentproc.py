@@ -34,6 +34,25 @@ def get(url: str, headers: dict | None = None, timeout: float = 5):
     return status, json.loads(body) if "json" in ctype else body.decode()
 
 
+def threads_of(pid: int) -> str:
+    """What each thread of ``pid`` is doing, for a failure's message: its
+    name, state, scheduling policy and where in the kernel it waits."""
+    lines = []
+    with contextlib.suppress(OSError):
+        for tid in sorted(os.listdir(f"/proc/{pid}/task"), key=int):
+            base = f"/proc/{pid}/task/{tid}"
+            with contextlib.suppress(OSError):
+                stat = open(f"{base}/stat").read()
+                comm, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+                policy = {0: "normal", 3: "batch", 5: "idle"}.get(int(rest[38]), rest[38])
+                stack: list[str] = []
+                with contextlib.suppress(OSError):  # root only, and not for every process
+                    stack = open(f"{base}/stack").read().split("\n")[:4]
+                lines.append(f"{tid} {comm} state={rest[0]} {policy} wchan={open(f'{base}/wchan').read()} "
+                             + " < ".join(ln.split()[-1] for ln in stack if ln))
+    return "\n".join(lines) or f"process {pid} gone"
+
+
 class AgentProcess:
     def __init__(self, args: list[str], port: int, log: Path, pass_fds: tuple[int, ...] = ()) -> None:
         self.args, self.port, self.log_path, self.pass_fds = args, port, log, pass_fds

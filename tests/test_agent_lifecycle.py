@@ -14,9 +14,10 @@ import time
 
 import pytest
 
-from tests.agentproc import AgentProcess, free_port, get
+from tests.agentproc import AgentProcess, free_port, get, threads_of
 
 pytestmark = pytest.mark.kernel
+STOP_UNDER_LOAD_SECONDS = 6
 
 
 def processes_with(text: str) -> list[int]:
@@ -32,6 +33,17 @@ def processes_with(text: str) -> list[int]:
     return found
 
 
+def stopped(proc: AgentProcess, seconds: float) -> int:
+    """The agent's exit status once it has exited, within ``seconds`` of a
+    signal; else a failure that says what its threads were doing."""
+    try:
+        return proc.proc.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        where = threads_of(proc.proc.pid)
+        proc.stop(signal.SIGKILL)
+        raise AssertionError(f"not stopped in {seconds} s; its threads:\n{where}\n{proc.output()[-3000:]}") from None
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_live_agent_says_goodbye_and_exits_within_two_seconds(tmp_path, sig):
     port = free_port()
@@ -45,7 +57,7 @@ def test_live_agent_says_goodbye_and_exits_within_two_seconds(tmp_path, sig):
         assert resp.readline().startswith(b"event: system.connected")
         streams.append(resp)
     proc.proc.send_signal(sig)
-    rc = proc.proc.wait(timeout=2)  # removing ~20 uprobes takes the kernel ~6 s: not on our exit path
+    rc = stopped(proc, 2)  # removing ~20 uprobes takes the kernel ~6 s: not on our exit path
     assert rc == 0, proc.output()
     for resp in streams:
         assert b"event: system.disconnected" in resp.read()
@@ -93,9 +105,13 @@ def every_core_busy():
             p.wait()
 
 
-def test_an_idle_agent_on_a_cpu_other_programs_fill_still_stops_within_two_seconds(tmp_path):
+def test_an_idle_agent_on_a_cpu_other_programs_fill_still_stops_within_seconds(tmp_path):
     """--cpu-priority auto runs the agent idle; a stop must not wait for a
-    free core (it took 28 s before the stop lifted every thread)."""
+    free core (it took 28 s before the stop lifted every thread).
+
+    Lifted, it shares the cores with the spinners: 0.3-0.5 s here, yet one
+    CI run in four took over 2 s (this machine is a VM, its cores shared with
+    others).  The bound is a failure bound for the 28 s, not a speed check."""
     port = free_port()
     listen = f"127.0.0.1:{port}"
     proc = AgentProcess(["run", "--no-docker", "--listen", listen], port, tmp_path / "agent.log").start("/readyz")
@@ -106,11 +122,7 @@ def test_an_idle_agent_on_a_cpu_other_programs_fill_still_stops_within_two_secon
     with every_core_busy():
         time.sleep(1)  # the agent's threads idle behind the spinners
         proc.proc.send_signal(signal.SIGINT)
-        try:
-            rc = proc.proc.wait(timeout=2)
-        except subprocess.TimeoutExpired:
-            proc.stop(signal.SIGKILL)
-            raise
+        rc = stopped(proc, STOP_UNDER_LOAD_SECONDS)
         assert rc == 0, proc.output()
         assert b"event: system.disconnected" in resp.read()
         deadline = time.monotonic() + 60  # its probes removed, under the same load
@@ -180,7 +192,7 @@ def test_a_signal_while_the_probes_are_placed_exits_within_two_seconds(tmp_path)
         assert time.monotonic() < deadline, proc.output()
         time.sleep(0.01)
     proc.proc.send_signal(signal.SIGTERM)
-    rc = proc.proc.wait(timeout=2)
+    rc = stopped(proc, 2)
     assert rc == 0, proc.output()
     assert "capture running" not in proc.output()
     deadline = time.monotonic() + 60
