@@ -542,6 +542,22 @@ def test_gap_inside_a_chunk_keeps_pairing():
     assert ex.incomplete and ex.response.body == b"0123456789"
 
 
+def test_gap_that_ends_with_a_chunk_and_its_crlf_keeps_the_message_and_the_next_exchange_whole():
+    """One call wrote a chunk whole, larger than a call's records carry (a node
+    server's res.write of 2 MiB): the hole is the rest of its data and the CRLF
+    after it.  The body goes on with the next chunk, its size counts the hole,
+    and the next exchange is not taken for one the gap touched."""
+    cap = Capture()
+    cap.egress(get("/big"))
+    cap.ingress(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n20\r\n0123456789")
+    (ex,) = cap.ingress(b"5\r\ntail\n\r\n0\r\n\r\n", lose=22 + 2)
+    assert ex.error is None and ex.incomplete and ex.response.body_truncated
+    assert ex.response.body_wire_size == 32 + 5 and ex.response.body == b"0123456789"
+    cap.egress(get("/after"))
+    (nxt,) = cap.ingress(ok(b"fine"))
+    assert nxt.request.target == "/after" and not nxt.incomplete and nxt.response.body == b"fine"
+
+
 def test_gap_across_responses_never_pairs_the_wrong_request():
     cap = Capture()
     cap.egress(get("/a") + get("/b") + get("/c"))  # pipelined

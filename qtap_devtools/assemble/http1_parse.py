@@ -795,6 +795,18 @@ class MessageReader:
             self.line_start = True  # the next data may well begin a message
             return True
         msg = self.msg
+        if msg is not None and state == CHUNK_DATA and lost == self.remaining + 2 and not self.buf:
+            # The hole ends with the chunk's data and its CRLF: one call wrote
+            # the chunk whole, past what a call's records carry (a node server's
+            # res.write of 2 MiB).  The next bytes are a chunk-size line.
+            msg.incomplete = True
+            msg.truncated = True
+            msg.keep_body = False
+            msg.body_wire_size += self.remaining
+            msg.wire_bytes += lost
+            self.remaining = 0
+            self.state = CHUNK_SIZE
+            return True
         if msg is not None and (
             state == CLOSE or ((state == LENGTH or state == CHUNK_DATA) and lost <= self.remaining and not self.buf)
         ):
