@@ -963,6 +963,12 @@ class Pipeline:
             timing["send_ms"] = _ms(ex.request_end_ns - start)
         if ex.response_start_ns and ex.request_end_ns:
             timing["wait_ms"] = _ms(ex.response_start_ns - ex.request_end_ns)
+        elif ex.request_end_ns and not ex.response_start_ns:
+            # No answer came (a client that gave up on a hung server, a
+            # server that died): it waited from its request's end to the
+            # exchange's.  Without this a 1 s hang said {"send_ms": 0.0}, and
+            # HAR's `time` 0 ms.
+            timing["wait_ms"] = _ms(end - ex.request_end_ns)
         if ex.response_start_ns and ex.end_ns:
             timing["receive_ms"] = _ms(end - max(ex.response_start_ns, ex.request_end_ns or 0))
         client = conn.role != "server" and info.direction != "ingress"

@@ -1012,6 +1012,22 @@ def test_the_timing_phases_add_up_to_the_duration_when_the_request_ends_after_th
     assert full["timing"] == {"send_ms": 0.007, "wait_ms": 0.0, "receive_ms": 0.0}
 
 
+def test_a_request_never_answered_waited_until_the_close():
+    """A client that gives up on a server that never answers (curl
+    --max-time 1): the second it waited is the transaction's wait, so the
+    phases add up to its duration.  Its timing was {"send_ms": 0.0} in a
+    1000 ms exchange, and HAR's `time`, their sum, said 0 ms for a hang."""
+    events, _ = run([
+        rec.SocketConnect(100, 5, 1_000, EP_S),
+        rec.DataChunk(100, 100, 5, 2_000, "egress", "openssl", 0, req(1), tls_ref=0xabc),
+        rec.SocketClose(100, 5, 1_000_002_000),
+    ])
+    full = tx_json(next(e for e in events if e.type == "request.http_transaction"))
+    assert full["error"] == "connection closed before response" and full["response"] is None
+    assert full["duration_us"] == 1_000_000
+    assert full["timing"] == {"send_ms": 0.0, "wait_ms": 1000.0}
+
+
 def test_fdless_tls_streams_of_one_process_find_their_sockets_by_the_thread_that_moves_them():
     # asyncio or node with a pool: several TLS sockets, several SSL objects on
     # memory buffers.  The thread writes plaintext into one, then its
