@@ -14,6 +14,7 @@ as an exception wherever the field is read.
 from __future__ import annotations
 
 import gzip
+import io
 import logging
 import os
 import stat
@@ -208,13 +209,42 @@ def read_events(path: Path) -> Iterator[Envelope | BadRecord]:
     Raises OSError only if the file cannot be opened.
     """
     with open(path, "rb") as raw:
-        fh: BinaryIO = raw
-        if raw.peek(2)[:2] == GZIP_MAGIC:
-            fh = gzip.GzipFile(fileobj=raw)  # type: ignore[assignment]
+        if raw.peek(2)[:2] != GZIP_MAGIC:
+            yield from parse_stream(raw)
+            return
+        # The gzip stream's damage ends the input, as the end of a plain file
+        # would: raised from inside readline, it lost the event the parser
+        # still held (waiting for its blank line) and the bytes of the line
+        # being read, so a cut file kept one event less than zcat shows.
+        src = _UntilDamaged(gzip.GzipFile(fileobj=raw))
+        yield from parse_stream(io.BufferedReader(src, 1 << 16))
+        if src.error is not None:
+            yield BadRecord(0, f"the gzip stream ends early or is damaged ({src.error}); what came before it is kept")
+
+
+class _UntilDamaged(io.RawIOBase):
+    """A gzip file's bytes, ending where its stream breaks off (cut short,
+    corrupt) with the error kept in ``error``, not raised."""
+
+    def __init__(self, fh: gzip.GzipFile) -> None:
+        self._fh = fh
+        self.error: Exception | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        if self.error is not None:
+            return 0
         try:
-            yield from parse_stream(fh)
-        except (OSError, EOFError, zlib.error) as exc:  # a gzip file cut short or damaged
-            yield BadRecord(0, f"the gzip stream ends early or is damaged ({exc}); what came before it is kept")
+            # read1: one decompression step, whose bytes are returned before
+            # the next step can fail (read(n) would drop them with the error).
+            data = self._fh.read1(len(buf))
+        except (OSError, EOFError, zlib.error) as exc:
+            self.error = exc
+            return 0
+        buf[: len(data)] = data
+        return len(data)
 
 
 def _bounded_lines(fh: BinaryIO) -> Iterator[bytes]:
