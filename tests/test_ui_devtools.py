@@ -1356,3 +1356,61 @@ def test_har_export_leaves_out_what_is_not_a_transaction_as_the_agents_export_do
     assert mine["comment"] == ("2 transactions left out, not convertible (first: d4u4jhg7p3qk26l91ie0: not a "
                                "transaction: it has no request.method)")
     assert mine["comment"] in theirs["log"]["comment"], theirs["log"]["comment"]
+
+
+def test_a_damaged_transaction_in_a_capture_file_costs_its_row_only(page, tmp_path):
+    """A capture file is untrusted: a transaction in Qtap's own shape (its
+    summary without our request_path/url/pid, so the page decodes it up
+    front) whose response body is not base64, or whose summary's method is a
+    number, threw inside the page's batch of events: that batch, here every
+    row of the file, was never shown (0 rows, and a page error)."""
+    import orjson
+
+    from tests.agentproc import agent
+
+    conn = samples.connection("d4u4jhg7p3qk26l91icg", "api.example.com")
+
+    def qtap_shaped(rid: str, body_b64=None, method=None) -> bytes:
+        frame = samples.transaction(conn, rid, path=f"/damaged/{rid}").envelope().frame
+        head, rest = frame.split(b"\ndata: ", 1)
+        body = orjson.loads(rest.split(b"\n", 1)[0])
+        inner = body["data"]["data"]
+        for key in ("request_path", "request_url", "process_pid"):  # as Qtap's summary has them: absent
+            inner["summary"].pop(key, None)
+        tx = orjson.loads(base64.b64decode(inner["data"]))
+        if body_b64 is not None:
+            tx["response"]["body"] = body_b64
+            tx["response"].pop("body_size", None)
+        if method is not None:
+            inner["summary"]["request_method"] = method
+        inner["data"] = base64.b64encode(orjson.dumps(tx)).decode()
+        return head + b"\ndata: " + orjson.dumps(body) + b"\n\n"
+
+    capture = tmp_path / "c.txt"
+    with open(capture, "wb") as fh:
+        fh.write(qtap_shaped("d4u4jhg7p3qk26l91ie0"))  # whole: shown
+        fh.write(qtap_shaped("d4u4jhg7p3qk26l91ie1", body_b64="%%%% not base64"))
+        fh.write(qtap_shaped("d4u4jhg7p3qk26l91ie2", method=7))
+        for event in samples.session_events():  # three transactions after them
+            fh.write(event.envelope().frame)
+    with agent(["replay", str(capture)], free_port(), tmp_path / "replay.log") as proc:
+        open_devtools(page, proc.url)
+        wait_rows(page, 6)
+        texts = rows(page)
+        select_row(page, "/damaged/d4u4jhg7p3qk26l91ie1")
+        detail_tab(page, "response")
+        said = page.inner_text('[data-testid="detail"]')
+        # The page's export leaves the one with the bad body out, as the agent's does.
+        with page.expect_download() as info:
+            page.click('[data-testid="export-har"]')
+        mine = json.loads(open(info.value.path()).read())["log"]
+        _, theirs = get(f"{proc.url}/devtools/api/har")
+    # The bad body costs the row nothing but its size; the number is shown as the method.
+    for rid in ("d4u4jhg7p3qk26l91ie0", "d4u4jhg7p3qk26l91ie1", "d4u4jhg7p3qk26l91ie2"):
+        assert any(f"/damaged/{rid}" in t for t in texts), (rid, texts)
+    assert sum("/damaged/" not in t for t in texts) == 3, texts  # the session's three
+    assert [e for e in page.console.errors if "pageerror" in e] == []
+    assert "This tab cannot show the transaction" in said, said  # not a blank pane and a page error
+    assert [e["_requestId"] for e in mine["entries"]] == [e["_requestId"] for e in theirs["log"]["entries"]]
+    assert "d4u4jhg7p3qk26l91ie1: response.body is not valid base64" in mine["comment"], mine["comment"]
+    assert "d4u4jhg7p3qk26l91ie1: response.body is not valid base64" in theirs["log"]["comment"]

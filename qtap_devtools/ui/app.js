@@ -34,6 +34,7 @@ const $ = (testid) => document.querySelector(`[data-testid="${testid}"]`);
 const state = {
   rows: [], // every transaction kept, oldest first, at most ROW_CAP and BYTES_CAP of their data
   rowBytes: 0,
+  badEvents: 0, // events the page could not read (a damaged capture file's), skipped
   rowsLetGo: 0, // oldest rows let go for the caps (not lost by the agent: see system.dropped)
   byId: new Map(), // requestId -> row
   shown: [], // rows passing the filter, oldest first
@@ -59,6 +60,13 @@ function dataBytes(body) {
   return 512 + (d && typeof d.data === "string" ? d.data.length : 0);
 }
 
+// A summary's text field as text: a capture file is untrusted, and a number
+// where a method or a path belongs must not stop its row (a string's methods
+// are called on these).
+function asText(value) {
+  return value == null ? "" : String(value);
+}
+
 function rowFromEvent(body) {
   const d = (body.data && body.data.data) || {};
   const s = d.summary || {};
@@ -69,21 +77,21 @@ function rowFromEvent(body) {
     bytes: dataBytes(body),
     ts: body.ts,
     tsMs,
-    method: (s.request_method || "").toUpperCase(),
+    method: asText(s.request_method).toUpperCase(),
     host: s.request_host || d.endpointId || "",
     scheme: s.request_scheme || "",
     path: s.request_path,
     url: s.request_url,
     // Chrome's spelling in its Protocol column (h2, http/1.1).
-    protocol: s.request_http_version === "HTTP/2" ? "h2" : (s.request_http_version || "").toLowerCase(),
+    protocol: s.request_http_version === "HTTP/2" ? "h2" : asText(s.request_http_version).toLowerCase(),
     status: s.response_status || 0,
-    ctype: s.response_content_type || "",
+    ctype: asText(s.response_content_type),
     size: s.response_body_size,
     reqSize: s.request_body_size,
     // duration_us where the agent sends it: duration_ms is whole milliseconds.
     duration: s.duration_us != null ? Number(s.duration_us) / 1000 : Number(s.duration_ms ?? 0),
     pid: s.process_pid,
-    exe: s.process_exe || "",
+    exe: asText(s.process_exe),
     container: s.container_name || "",
     pod: s.pod_name || "",
     error: s.error || "",
@@ -100,7 +108,13 @@ function rowFromEvent(body) {
     row.path = row.path ?? req.path ?? "";
     row.url = row.url ?? req.url ?? `${row.scheme || "http"}://${row.host}${row.path}`;
     row.pid = row.pid ?? (meta.process_id ? Number(meta.process_id) : null);
-    if (row.size == null && tx.response) row.size = tx.response.body_size ?? base64Bytes(tx.response.body).length;
+    if (row.size == null && tx.response) {
+      try {
+        row.size = tx.response.body_size ?? base64Bytes(tx.response.body).length;
+      } catch {
+        row.size = null; // a body that is not base64 (a damaged file's): the row without its size
+      }
+    }
   }
   row.mime = mimeOf(row.ctype);
   row.start = tsMs - row.duration;
@@ -613,27 +627,14 @@ function flush() {
 function apply(batch) {
   const added = [];
   for (const [type, body] of batch) {
-    // The snapshot is over at the first event that is not part of it.
-    if (unconfirmed && type !== "process.started" && type !== RECONCILE_END) endReconcile();
-    if (type === RECONCILE_START) {
-      startReconcile(body.gen);
-    } else if (type === RECONCILE_END) {
-      if (unconfirmed && unconfirmed.gen === body.gen) endReconcile();
-    } else if (type === "request.http_transaction") {
-      const id = body.data && body.data.data && body.data.data.requestId;
-      if (id && state.byId.has(id)) continue; // already shown (a resumed or repeated stream)
-      const row = rowFromEvent(body);
-      state.byId.set(row.id, row);
-      state.rows.push(row);
-      state.rowBytes += row.bytes;
-      const proc = row.pid != null ? currentByPid.get(row.pid) : undefined;
-      if (proc) proc.requests = (proc.requests || 0) + 1;
-      added.push(row);
-    } else if (type.startsWith("process.")) {
-      const p = onProcess(type, body);
-      if (unconfirmed) unconfirmed.keys.delete(p.key); // named by the new run: still running
-    } else if (type.startsWith("connection.")) {
-      onConnection(type, body);
+    // An event the page cannot read (a damaged capture file's: a body that is
+    // not base64, a number for a method) costs its own row, not its batch's:
+    // thrown from here, every event after it in the batch was lost unshown.
+    try {
+      applyOne(type, body, added);
+    } catch (err) {
+      state.badEvents += 1;
+      if (state.badEvents <= 10) console.warn(`qtap DevTools: skipped a ${type} event it could not read: ${err}`);
     }
   }
   let removed = 0;
@@ -655,6 +656,31 @@ function apply(batch) {
   for (const row of added) if (!row.dropped && matches(row)) state.shown.push(row);
   if (added.length || removed) refreshNetwork(removed);
   if (otherDirty) renderOtherViews();
+}
+
+function applyOne(type, body, added) {
+  // The snapshot is over at the first event that is not part of it.
+  if (unconfirmed && type !== "process.started" && type !== RECONCILE_END) endReconcile();
+  if (type === RECONCILE_START) {
+    startReconcile(body.gen);
+  } else if (type === RECONCILE_END) {
+    if (unconfirmed && unconfirmed.gen === body.gen) endReconcile();
+  } else if (type === "request.http_transaction") {
+    const id = body.data && body.data.data && body.data.data.requestId;
+    if (id && state.byId.has(id)) return; // already shown (a resumed or repeated stream)
+    const row = rowFromEvent(body);
+    state.byId.set(row.id, row);
+    state.rows.push(row);
+    state.rowBytes += row.bytes;
+    const proc = row.pid != null ? currentByPid.get(row.pid) : undefined;
+    if (proc) proc.requests = (proc.requests || 0) + 1;
+    added.push(row);
+  } else if (type.startsWith("process.")) {
+    const p = onProcess(type, body);
+    if (unconfirmed) unconfirmed.keys.delete(p.key); // named by the new run: still running
+  } else if (type.startsWith("connection.")) {
+    onConnection(type, body);
+  }
 }
 
 function refreshNetwork(removedFromTop = 0) {

@@ -85,7 +85,14 @@ export class DetailPane {
       timing: () => this.timing(panel, row, tx),
       source: () => this.source(panel, row, tx),
     }[this.tab];
-    render();
+    try {
+      render();
+    } catch (err) {
+      // A transaction of a damaged capture file (a body that is not base64):
+      // say so in the pane rather than leave it blank with an uncaught error.
+      this.body.append(notice("error", `This tab cannot show the transaction: ${err && err.message ? err.message : err}`));
+      return;
+    }
     this.body.append(panel);
   }
 

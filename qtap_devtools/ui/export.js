@@ -157,8 +157,13 @@ function harHeaders(headers) {
   return headerList(headers).map(([name, value]) => ({ name, value }));
 }
 
-function harContent(b64) {
-  const bytes = base64Bytes(b64);
+function harContent(b64, what) {
+  let bytes;
+  try {
+    bytes = base64Bytes(b64);
+  } catch {
+    throw new Error(`${what} is not valid base64`); // in har.py's words
+  }
   const text = textOf(bytes);
   if (text !== null || !bytes.length) return { text: text || "", encoding: null, size: bytes.length };
   return { text: b64, encoding: "base64", size: bytes.length };
@@ -238,7 +243,7 @@ export function harEntry(row) {
   if (send === null && wait === null && receive === null) [send, wait, receive] = [0, duration, 0];
   [send, wait, receive] = [send ?? 0, wait ?? 0, receive ?? 0];
   const version = req.http_version || "HTTP/1.1";
-  const reqBody = harContent(req.body);
+  const reqBody = harContent(req.body, "request.body");
   const request = {
     method: req.method || row.method || "",
     url,
@@ -259,7 +264,7 @@ export function harEntry(row) {
     const note = bodyComment(req, reqBody.size);
     if (note) request.postData.comment = note;
   }
-  const respBody = harContent(resp.body);
+  const respBody = harContent(resp.body, "response.body");
   const content = { size: respBody.size, mimeType: resp.content_type || "", text: respBody.text };
   if (respBody.encoding) content.encoding = respBody.encoding;
   const note = bodyComment(resp, respBody.size);
@@ -317,8 +322,17 @@ export function harDocument(rows, version) {
   const entries = [];
   for (const row of rows) {
     const why = unconvertible(row);
-    if (why) skipped.push(why);
-    else entries.push(harEntry(row));
+    if (why) {
+      skipped.push(why);
+      continue;
+    }
+    // A field har.py cannot convert either (a body that is not base64): left
+    // out and said, as there; thrown, it stopped the whole export.
+    try {
+      entries.push(harEntry(row));
+    } catch (err) {
+      skipped.push(`${row.id}: ${err && err.message ? err.message : err}`);
+    }
   }
   entries.sort((a, b) => (Date.parse(a.startedDateTime) || 0) - (Date.parse(b.startedDateTime) || 0));
   const log = {
