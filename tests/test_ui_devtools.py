@@ -1088,6 +1088,33 @@ def test_reconnect_shows_state_and_never_duplicates_rows(page, tmp_path):
         server.stop()
 
 
+def test_an_agent_back_with_a_token_the_page_lacks_is_said_to_refuse_it(page, tmp_path):
+    """The agent came back requiring --token: every retry got 401, and the
+    page said "Disconnected: agent shutting down" (the last goodbye) for as
+    long as it stayed open, though the agent ran and said why it refused."""
+    from tests.agentproc import AgentProcess
+
+    port = free_port()
+    capture = samples.write_capture(tmp_path / "first.txt", rich_session())
+    shown_then_stopped(page, tmp_path, capture, port)
+    conn = '[data-testid="status-connection"]'
+    page.wait_for_selector(f'{conn}[data-state="disconnected"]')
+    server = AgentProcess(["replay", str(capture), "--listen", f"127.0.0.1:{port}", "--token", "s3cret"], port,
+                          tmp_path / "token.log")
+    server.start(ready_path="/healthz")
+    try:
+        page.wait_for_function("() => document.querySelector('[data-testid=status-connection]')"
+                               ".textContent.includes('token')", timeout=20_000)
+        assert page.inner_text(conn).startswith("Refused: the agent asks for its token")
+        assert page.get_attribute(conn, "data-state") == "disconnected"
+        # With the token the same page's address works, as the message says.
+        page.goto(f"{server.url}/devtools/?token=s3cret")
+        wait_connected(page)
+        wait_rows(page, RICH_TRANSACTIONS)
+    finally:
+        server.stop()
+
+
 def test_another_capture_file_on_the_same_port_replaces_the_last_ones_rows(page, tmp_path):
     """Replay ids were the record's index whatever the file: a page reconnecting
     to another file resumed after the last one's index, skipped the new file

@@ -444,6 +444,14 @@ class EventFeed:
             def log_message(self, *args):  # quiet
                 pass
 
+            def do_HEAD(self):
+                # As the agent answers HEAD on its stream: the headers, no
+                # stream (the page asks so when its stream failed, to say why).
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Cache-Control", "no-store")
+                self.end_headers()
+
             def do_GET(self):
                 q: queue.Queue = queue.Queue()
                 with feed._lock:

@@ -982,6 +982,7 @@ let lastEventId = null;
 let retryMs = 500;
 let retryTimer = 0;
 let goodbye = null; // the last system.disconnected's reason, until the stream is back
+let refused = null; // why the agent, reachable, refuses the stream (401, 403), until it takes it
 
 const STREAM_TYPES = [
   "system.connected", "system.dropped", "system.disconnected",
@@ -1015,7 +1016,9 @@ function connect() {
     es.close();
     source = null;
     const retry = `retrying in ${(retryMs / 1000).toFixed(1)} s`;
-    if (goodbye) {
+    if (refused) {
+      showRefused(); // as the last retry found it, until this one's answer says otherwise
+    } else if (goodbye) {
       // It said why it went (stopped): keep saying so while we retry.
       setConnection("disconnected", `Disconnected: ${goodbye}`, `The agent said: ${goodbye}; ${retry}`);
       renderCapture({ state: "unknown", error: `the agent stopped (${goodbye}): the page reconnects when it is back` });
@@ -1025,7 +1028,33 @@ function connect() {
     }
     retryTimer = setTimeout(connect, retryMs);
     retryMs = Math.min(retryMs * 2, 5000);
+    // EventSource does not say why it failed.  An agent that is back but
+    // refuses the page (restarted with --token, or with another one) answers
+    // every retry 401, and the page said "Reconnecting…" (or the last
+    // goodbye) forever: ask the stream's status, as HEAD (no stream opened).
+    refusal().then((why) => {
+      if (source !== null) return; // retried meanwhile: that attempt asks for itself
+      refused = why;
+      if (why) showRefused();
+    });
   });
+}
+
+function showRefused() {
+  setConnection("disconnected", `Refused: ${refused}`, `${refused}; the page keeps retrying`);
+  renderCapture({ state: "unknown", error: `the agent refuses this page: ${refused}` });
+}
+
+async function refusal() {
+  let status;
+  try {
+    status = (await fetch(streamUrl(), { method: "HEAD", cache: "no-store" })).status;
+  } catch {
+    return null; // not reachable: the agent is down, or the tunnel
+  }
+  if (status === 401) return "the agent asks for its token (started with --token): open the page with ?token=…";
+  if (status === 403) return "the agent does not take this page's address (its Host check): open it as localhost or 127.0.0.1";
+  return null;
 }
 
 function onEvent(type, e) {
@@ -1040,6 +1069,7 @@ function onEvent(type, e) {
   if (type === "system.connected") {
     retryMs = 500;
     goodbye = null;
+    refused = null;
     onConnected((body && body.data) || {});
   } else if (type === "system.dropped") {
     onDropped((body && body.data) || {});
