@@ -13,7 +13,6 @@ as an exception wherever the field is read.
 
 from __future__ import annotations
 
-import gzip
 import io
 import logging
 import os
@@ -212,39 +211,169 @@ def read_events(path: Path) -> Iterator[Envelope | BadRecord]:
         if raw.peek(2)[:2] != GZIP_MAGIC:
             yield from parse_stream(raw)
             return
-        # The gzip stream's damage ends the input, as the end of a plain file
-        # would: raised from inside readline, it lost the event the parser
-        # still held (waiting for its blank line) and the bytes of the line
-        # being read, so a cut file kept one event less than zcat shows.
-        src = _UntilDamaged(gzip.GzipFile(fileobj=raw))
+        # Decompressed here, not by gzip.GzipFile: its error, raised inside
+        # readline, lost the event the parser still held and what the failing
+        # read had decoded (a member corrupt early in a file: the file refused
+        # whole), and it read nothing past the damage, where the next run's
+        # member (`--output >(gzip >> f.gz)`) may be whole.
+        src = _Gunzip(raw)
         yield from parse_stream(io.BufferedReader(src, 1 << 16))
-        if src.error is not None:
-            yield BadRecord(0, f"the gzip stream ends early or is damaged ({src.error}); what came before it is kept")
+        if src.damage:
+            again = f"; reading went on at the next gzip member {src.resumed} time{'s' if src.resumed > 1 else ''}" \
+                if src.resumed else ""
+            yield BadRecord(0, f"the gzip stream ends early or is damaged ({src.damage[0]}); what came before it is "
+                               f"kept{again}")
 
 
-class _UntilDamaged(io.RawIOBase):
-    """A gzip file's bytes, ending where its stream breaks off (cut short,
-    corrupt) with the error kept in ``error``, not raised."""
+GZIP_MEMBER = b"\x1f\x8b\x08"  # a gzip member's first bytes (magic, deflate)
+GZIP_STEP = 16 << 10  # compressed bytes decoded at a time
+# A member cut short and followed by the next run's member is not seen at the
+# boundary: its decoder reads on into the next member's bytes until they make
+# no sense, a few KiB later.  The next member's start is looked for in this
+# much of what was decoded last (and a start found must decode).
+GZIP_LOOKBACK = 4 << 20
+GZIP_TRIAL = 64 << 10
 
-    def __init__(self, fh: gzip.GzipFile) -> None:
-        self._fh = fh
-        self.error: Exception | None = None
+
+class _Gunzip(io.RawIOBase):
+    """The bytes of every gzip member of a file, past damage where it can:
+    of a member cut short (gzip killed before it flushed) or corrupt, all it
+    decodes to before the damage is kept (as zcat prints it); then reading
+    goes on at the next member found, after a blank line that ends the frame
+    the damage cut (it reads back as one bad record).  ``damage`` says what
+    was wrong, ``resumed`` how often reading went on past it."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self._raw = raw
+        self._in = bytearray()  # compressed bytes read and not yet decoded
+        self._at = 0  # the file offset of _in[0]
+        self._eof = False
+        self._z: Any = None  # the member's decompressor; None between members
+        self._out = bytearray()  # decoded, not yet read
+        self._done = False
+        self._tail = bytearray()  # the member's last compressed bytes decoded, at most GZIP_LOOKBACK
+        self._member_at = 0  # the file offset where the member began
+        self.damage: list[str] = []
+        self.resumed = 0
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buf: Any) -> int:
-        if self.error is not None:
-            return 0
+        while not self._out and not self._done:
+            self._step()
+        n = min(len(buf), len(self._out))
+        buf[:n] = self._out[:n]
+        del self._out[:n]
+        return n
+
+    def _fill(self) -> None:
+        while len(self._in) < GZIP_STEP and not self._eof:
+            more = self._raw.read(1 << 20)
+            if more:
+                self._in += more
+            else:
+                self._eof = True
+
+    def _consume(self, n: int) -> None:
+        if self._z is not None:
+            self._tail += self._in[:n]
+            if len(self._tail) > GZIP_LOOKBACK:
+                del self._tail[: len(self._tail) - GZIP_LOOKBACK]
+        del self._in[:n]
+        self._at += n
+
+    def _step(self) -> None:
+        self._fill()
+        if self._z is None:  # a member starts here, or the file ends
+            if not self._in:
+                self._done = True
+            elif not self._in.startswith(GZIP_MEMBER):
+                if any(self._in) or not self._eof:  # (zero padding at the end is no damage, as for gzip)
+                    self.damage.append(f"bytes that are not gzip at byte {self._at}")
+                    self._resync()
+                else:
+                    self._done = True
+            else:
+                self._z = zlib.decompressobj(wbits=31)
+                self._tail.clear()
+                self._member_at = self._at
+            return
+        if not self._in:
+            self._done = True
+            self.damage.append("Compressed file ended before the end-of-stream marker was reached")
+            return
+        chunk = bytes(self._in[:GZIP_STEP])
+        before = self._z.copy()
         try:
-            # read1: one decompression step, whose bytes are returned before
-            # the next step can fail (read(n) would drop them with the error).
-            data = self._fh.read1(len(buf))
-        except (OSError, EOFError, zlib.error) as exc:
-            self.error = exc
-            return 0
-        buf[: len(data)] = data
-        return len(data)
+            self._out += self._z.decompress(chunk)
+        except zlib.error as exc:
+            # Again from before this chunk, a byte at a time: everything
+            # up to the damaged byte is kept (its chunk's output was lost).
+            self._z, fed = before, 0
+            while fed < len(chunk):
+                try:
+                    self._out += self._z.decompress(chunk[fed : fed + 1])
+                except zlib.error:
+                    break
+                fed += 1
+            self._consume(fed + 1)
+            self._z = None
+            self.damage.append(f"{exc} at byte {self._at - 1}")
+            if not self._member_after_damage():
+                self._consume(max(0, len(self._in) - (len(GZIP_MEMBER) - 1)))  # searched already
+                self._resync()
+            return
+        if self._z.eof:  # the member ended: what follows it is the next one
+            self._consume(len(chunk) - len(self._z.unused_data))
+            self._z = None
+        else:
+            self._consume(len(chunk))
+
+    def _member_after_damage(self) -> bool:
+        """Whether a member that decodes starts after the damaged member's
+        start, in what its decoder went through last; if so, read on there."""
+        data = bytes(self._tail + self._in)
+        base = self._at - len(self._tail)  # the file offset of data[0]
+        at = max(0, self._member_at + 1 - base)
+        while (found := data.find(GZIP_MEMBER, at)) >= 0:
+            at = found + 1
+            if found + 10 > len(data) or data[found + 3] & 0xE0:  # a header's reserved flags are 0
+                continue
+            try:
+                zlib.decompressobj(wbits=31).decompress(data[found : found + GZIP_TRIAL])
+            except zlib.error:
+                continue
+            self._in = bytearray(data[found:])
+            self._at = base + found
+            self._tail.clear()
+            self.resumed += 1
+            self._out += b"\n\n"  # ends the frame the damage cut
+            return True
+        return False
+
+    def _resync(self) -> None:
+        """After damage: skip to the next gzip member in what is still to be read, if there is one."""
+        skip_first = self._in.startswith(GZIP_MEMBER)  # the damaged member's own start
+        while True:
+            found = self._in.find(GZIP_MEMBER, 1 if skip_first else 0)
+            if found >= 0:
+                self._consume(found)
+                self.resumed += 1
+                self._out += b"\n\n"  # ends the frame the damage cut
+                return
+            if self._eof:
+                self._consume(len(self._in))
+                self._done = True
+                return
+            keep = len(GZIP_MEMBER) - 1  # a member's start may straddle two reads
+            self._consume(max(0, len(self._in) - keep))
+            skip_first = False
+            more = self._raw.read(1 << 20)
+            if more:
+                self._in += more
+            else:
+                self._eof = True
 
 
 def _bounded_lines(fh: BinaryIO) -> Iterator[bytes]:

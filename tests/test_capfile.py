@@ -365,3 +365,63 @@ def test_a_cut_gzip_capture_keeps_every_event_a_cut_plain_one_keeps(tmp_path):
         got = list(capfile.read_events(cut))
         assert [r.frame for r in got if isinstance(r, Envelope)] == want, cut_at
         assert isinstance(got[-1], capfile.BadRecord) and "gzip" in got[-1].reason
+
+
+def test_a_run_appended_after_a_cut_gzip_member_is_read_and_a_corrupt_members_start_kept(tmp_path):
+    """`--output >(gzip >> f.gz)` appends one gzip member per run.  A run
+    whose gzip was killed leaves a cut member, and the next run's member
+    follows it: the file was refused whole ("not a capture file?", exit 1),
+    the cut member's readable start and every later run lost, because the
+    decompressor's error dropped what the failing read had decoded and
+    nothing looked past it."""
+    import gzip
+
+    def frames(prefix: str) -> bytes:
+        return b"".join(e.envelope().frame[:-1] + b"id: %s-%d\n\n" % (prefix.encode(), n)
+                        for n, e in enumerate(samples.session_events(), 1))
+
+    first, second = frames("run1"), frames("run2")
+    a, b = gzip.compress(first), gzip.compress(second)
+    whole = [r.frame for r in capfile.read_events(samples.write_capture(tmp_path / "plain.txt"))]
+    for cut_at in (len(a) // 3, len(a) // 2, len(a) - 9):  # inside the data, and inside the trailer
+        path = tmp_path / "runs.txt.gz"
+        path.write_bytes(a[:cut_at] + b)
+        got = list(capfile.read_events(path))
+        events = [r for r in got if isinstance(r, Envelope)]
+        plain = tmp_path / "cut.txt"
+        plain.write_bytes(zlib_prefix(a[:cut_at]))
+        kept = [r for r in capfile.read_events(plain) if isinstance(r, Envelope)]
+        # The cut member's events as zcat shows them, then every event of the next run.
+        assert [e.frame for e in events] == [e.frame for e in kept] + whole, cut_at
+        assert any(isinstance(r, capfile.BadRecord) and "gzip" in r.reason for r in got)
+    # A member corrupt in its middle: what it decoded before the damage is kept.
+    mid = len(a) // 2
+    path = tmp_path / "corrupt.txt.gz"
+    path.write_bytes(a[:mid] + bytes(x ^ 0x55 for x in a[mid : mid + 40]) + a[mid + 40 :] + b)
+    events = [r for r in capfile.read_events(path) if isinstance(r, Envelope)]
+    assert len(events) >= len(kept_prefix(a, mid)) + len(whole)
+    # And a replay serves it: the file is not refused.
+    got, bad, _ = replay.load(path)
+    assert len(got) >= len(whole) and bad >= 1
+
+
+def zlib_prefix(data: bytes) -> bytes:
+    """What zcat prints of a gzip member cut short (all it can decode)."""
+    import zlib
+
+    d, out = zlib.decompressobj(wbits=31), []
+    for i in range(len(data)):
+        try:
+            out.append(d.decompress(data[i : i + 1]))
+        except zlib.error:
+            break
+    return b"".join(out)
+
+
+def kept_prefix(packed: bytes, cut_at: int) -> list:
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".txt") as fh:
+        fh.write(zlib_prefix(packed[:cut_at]))
+        fh.flush()
+        return [r for r in capfile.read_events(Path(fh.name)) if isinstance(r, Envelope)]
