@@ -91,7 +91,6 @@ class CaptureWriter:
                 self._behind.fail(f"writing fell {self.max_pending_bytes >> 20} MiB behind; events not saved "
                                   "are counted (file_events_dropped)", self.dropped)
                 return
-            self._behind.recover(self.dropped)
             self._queue.append(frame)
             self._pending += len(frame)
             self._cond.notify()
@@ -128,6 +127,11 @@ class CaptureWriter:
             self._write(frame)
             with self._cond:
                 self._pending -= len(frame)
+                if not self._pending:
+                    # Caught up: only now is it "writing again".  (Said when a
+                    # smaller event merely fitted the full queue, a pipe that
+                    # had not taken a byte more was said to write again.)
+                    self._behind.recover(self.dropped)
                 self._cond.notify_all()
 
     def _write(self, frame: bytes) -> None:

@@ -425,3 +425,40 @@ def kept_prefix(packed: bytes, cut_at: int) -> list:
         fh.write(zlib_prefix(packed[:cut_at]))
         fh.flush()
         return [r for r in capfile.read_events(Path(fh.name)) if isinstance(r, Envelope)]
+
+
+def test_a_stalled_output_is_said_to_write_again_only_once_it_has_caught_up(tmp_path, caplog):
+    """After an event was dropped, any smaller one that still fitted the
+    queue logged "writing again" though the pipe had not taken a byte more
+    (a stalled `--output >(gzip > f)` said so, then fell behind again)."""
+    import os
+    import time
+
+    fifo = tmp_path / "out.fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # reads nothing until the test drains it
+    try:
+        frames = [e.envelope().frame for e in samples.session_events()]
+        w = capfile.CaptureWriter(fifo, max_pending_bytes=256 << 10)
+        big = frames[0] * (1 + (100 << 10) // len(frames[0]))
+        with caplog.at_level("WARNING", logger="qtap_devtools.capfile"):
+            for _ in range(6):
+                w.write(big)
+            assert w.dropped > 0
+            w.write(frames[1])  # small: it fits, but nothing has been written
+            time.sleep(0.2)
+            assert not any("writing again" in r.getMessage() for r in caplog.records)
+            end = time.monotonic() + 10
+            while not w.flush(timeout=0.05):  # the reader catches up
+                assert time.monotonic() < end
+                try:
+                    while os.read(reader, 1 << 20):
+                        pass
+                except BlockingIOError:
+                    pass
+            said = [r.getMessage() for r in caplog.records if "writing again" in r.getMessage()]
+            assert said == [f"capture file {fifo}: writing again; {w.dropped} event{'s' if w.dropped > 1 else ''} "
+                            "not saved"], said
+        w.close(timeout=1)
+    finally:
+        os.close(reader)
