@@ -321,6 +321,15 @@ def _writable(path: Path) -> None:
         raise ConfigError(f"--output {path}: cannot write: {exc.strerror or exc}") from None
 
 
+def _is_stdout(path: Path) -> bool:
+    """Whether ``path`` is the file or pipe standard output writes to."""
+    try:
+        st, out = os.stat(path), os.fstat(sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no stdout, or a stand-in without a descriptor
+        return False
+    return (st.st_dev, st.st_ino) == (out.st_dev, out.st_ino)
+
+
 def _har_output(path: Path, source: Path) -> None:
     """``har --output`` must be writable, and not the capture it converts;
     checked without creating it (a failed conversion leaves nothing behind)."""
@@ -400,6 +409,13 @@ def main(argv: list[str] | None = None) -> int:
             rt.token = args.token
             return asyncio.run(runner.serve(rt))
         if config.output is not None:
+            if _is_stdout(config.output):
+                # `--output /dev/stdout > cap.txt` (or `| gzip`): stdout is the
+                # capture.  The status lines, written there through another
+                # open of the file at its own offset, wrote over the capture's
+                # first bytes (its greeting; a line at the stop, its first
+                # events); in a pipe they were lines of junk among the frames.
+                sys.stdout = sys.stderr
             _writable(config.output)
         from qtap_devtools import agent
 

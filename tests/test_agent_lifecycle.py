@@ -320,3 +320,50 @@ def test_an_agent_started_while_another_captures_says_so(tmp_path):
         first.release()
     assert (f"another qtap-devtools agent is capturing on this machine (pid {os.getpid()} serving "
             "http://127.0.0.1:1)") in proc.output()
+
+
+@pytest.mark.parametrize("stdout_is", ["file", "pipe"])
+def test_output_to_stdout_keeps_the_status_lines_out_of_the_capture(tmp_path, stdout_is):
+    """`run --output /dev/stdout > cap.txt`: the status lines went to the
+    same file through stdout, another open of it at its own offset, and
+    wrote over the capture's first bytes (the greeting cut, and any line at
+    the stop over the first events).  They go to stderr when stdout is the
+    capture (`| gzip > f.gz`: a pipe, where they were junk among the frames)."""
+    import threading
+
+    from qtap_devtools import capfile
+    from qtap_devtools.events import Envelope
+
+    port = free_port()
+    cap, err = tmp_path / "cap.txt", tmp_path / "stderr.log"
+    with open(cap, "wb") as out, open(err, "wb") as errfh:
+        proc = subprocess.Popen([sys.executable, "-m", "qtap_devtools", "run", "--no-docker", "--listen",
+                                 f"127.0.0.1:{port}", "--output", "/dev/stdout"],
+                                stdout=out if stdout_is == "file" else subprocess.PIPE, stderr=errfh,
+                                stdin=subprocess.DEVNULL)
+        if stdout_is == "pipe":  # as `| cat > cap.txt` would
+            copier = threading.Thread(target=lambda: out.write(proc.stdout.read()), daemon=True)
+            copier.start()
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                assert proc.poll() is None and time.monotonic() < deadline, err.read_text()
+                with contextlib.suppress(OSError):
+                    if get(f"http://127.0.0.1:{port}/readyz", timeout=2)[0] == 200:
+                        break
+                time.sleep(0.1)
+            proc.send_signal(signal.SIGINT)
+            assert stopped_process(proc, 30) == 0
+            if stdout_is == "pipe":
+                copier.join(10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    records = list(capfile.read_events(cap))
+    assert [r for r in records if not isinstance(r, Envelope)] == [], cap.read_bytes()[:300]
+    assert records[0].type == "system.connected" and records[-1].type == "system.disconnected"
+    assert "capture running" in err.read_text()
+
+
+def stopped_process(proc: subprocess.Popen, seconds: float) -> int:
+    return proc.wait(timeout=seconds)
