@@ -27,7 +27,7 @@ from typing import Any, BinaryIO, Iterator, Mapping
 
 import orjson
 
-from qtap_devtools.events import Envelope
+from qtap_devtools.events import Envelope, SystemDropped
 from qtap_devtools.threads import service_thread
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ class CaptureWriter:
         self.written = 0
         self.errors = 0  # frames a write failed for (a full disk)
         self.dropped = 0  # frames not saved because the file fell behind
+        self._marked = 0  # of dropped + errors, how many a system.dropped in the file has said
         # The file ends inside a frame (a failed write cut it, or an earlier
         # run was killed mid-write): the next frame starts after a blank line.
         self._torn = torn
@@ -126,15 +127,32 @@ class CaptureWriter:
                 frame = self._queue.popleft()
             self._write(frame)
             with self._cond:
-                self._pending -= len(frame)
-                if not self._pending:
+                caught_up = self._pending == len(frame)
+                if caught_up:
                     # Caught up: only now is it "writing again".  (Said when a
                     # smaller event merely fitted the full queue, a pipe that
                     # had not taken a byte more was said to write again.)
                     self._behind.recover(self.dropped)
+            if caught_up:
+                self._mark_lost()  # before the frame counts as written: flush() waits for it
+            with self._cond:
+                self._pending -= len(frame)
                 self._cond.notify_all()
 
-    def _write(self, frame: bytes) -> None:
+    def _mark_lost(self) -> None:
+        """Say in the file how many events it does not have (dropped while
+        it was behind, or a write failed), as a system.dropped, as a slow
+        client's stream says it: counted only in the agent's stats, the file
+        read back later as if whole (replay and har tell it now)."""
+        lost = self.dropped + self.errors
+        if lost <= self._marked:
+            return
+        note = SystemDropped(missed=lost - self._marked, total_missed=lost,
+                             reason="the capture file could not take them (it fell behind, or writes to it failed)")
+        if self._write(note.envelope().frame, event=False):
+            self._marked = lost
+
+    def _write(self, frame: bytes, event: bool = True) -> bool:
         """A failed write is counted (``errors``) and logged once.  A frame cut
         by a failure is ended with a blank line before the next frame that can
         be written, so it reads back as one bad record and not as the ruin of
@@ -144,14 +162,17 @@ class CaptureWriter:
             while done < len(view):
                 done += self._fh.write(view[done:]) or 0
         except OSError as exc:
-            self.errors += 1
             if done:
                 self._torn = True
-            self._failing.fail(f"{exc}; events not saved are counted (file_write_errors)", self.errors)
-            return
+            if event:  # (a note of our own that fails is tried again at the next catch-up)
+                self.errors += 1
+                self._failing.fail(f"{exc}; events not saved are counted (file_write_errors)", self.errors)
+            return False
         self._torn = False
-        self.written += 1
-        self._failing.recover(self.errors)
+        if event:
+            self.written += 1
+            self._failing.recover(self.errors)
+        return True
 
 
 class _Episode:

@@ -441,10 +441,11 @@ def _har(args: argparse.Namespace) -> int:
     _readable(args.file)
     if args.output:
         _har_output(args.output, args.file)  # before the conversion, not after it
-    events, bad, left_out = replay.load(args.file)
-    note = (f"only the first {len(events)} events of {args.file} (the replay limits); {left_out} more left out"
-            if left_out else None)
-    doc = har.from_envelopes(events, note)
+    said: list[str] = []
+    events, bad, left_out = replay.load(args.file, notes=said)
+    if left_out:
+        said.append(f"only the first {len(events)} events of {args.file} (the replay limits); {left_out} more left out")
+    doc = har.from_envelopes(events, "; ".join(said) or None)
     data = orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n"
     if args.output:
         _write_whole(args.output, data)

@@ -12,7 +12,7 @@ from typing import Callable
 from qtap_devtools import __version__, capfile
 from qtap_devtools.broadcast import Broadcaster
 from qtap_devtools.config import Config
-from qtap_devtools.events import HTTP_TRANSACTION, Envelope, SystemConnected
+from qtap_devtools.events import HTTP_TRANSACTION, SYSTEM_DROPPED, Envelope, SystemConnected
 from qtap_devtools.filters import EventFilter
 from qtap_devtools.server import Runtime
 from qtap_devtools.store import Store
@@ -33,7 +33,7 @@ GIVE_UP_BAD = 100_000
 
 def load(
     path: Path, on_event: Callable[[Envelope], None] | None = None, *, max_events: int = MAX_REPLAY_EVENTS,
-    max_bytes: int = MAX_REPLAY_BYTES,
+    max_bytes: int = MAX_REPLAY_BYTES, notes: list[str] | None = None,
 ) -> tuple[list[Envelope], int, int]:
     """Events of a capture file, how many bad records it has, and how many
     events were left out (past ``max_events`` or ``max_bytes`` of frames).
@@ -42,6 +42,8 @@ def load(
     transaction's parsed JSON is let go (read again from the frame if asked),
     so a file of large bodies is held once, not twice.  Raises
     :class:`capfile.NotACaptureFile` when the file has bad records and no event.
+    What a reader of the file should be told (the stream it saved missed
+    events) is logged and, if given, appended to ``notes``.
     """
     events: list[Envelope] = []
     bad = 0
@@ -52,6 +54,11 @@ def load(
     # (a binary, a log) is refused in one line, not after a screen of them.
     untold: list[capfile.BadRecord] = []
     seen = False
+    # The stream the file holds missed events: its client fell behind, or
+    # the agent's --output did (system.dropped).  Skipped with the other
+    # system events, the file passed for all the traffic.
+    missed = 0
+    missed_why: str | None = None
 
     def tell(record: capfile.BadRecord) -> None:
         if record.line:
@@ -76,6 +83,12 @@ def load(
             for earlier in untold:
                 tell(earlier)
         if record.type.startswith(REPLAYED_TYPES_SKIPPED):
+            if record.type == SYSTEM_DROPPED:
+                count = record.body["data"].get("missed")
+                if isinstance(count, int) and not isinstance(count, bool) and count > 0:
+                    missed += count
+                    reason = record.body["data"].get("reason")
+                    missed_why = missed_why or (reason if isinstance(reason, str) else None)
             continue
         elif left_out or len(events) >= max_events or held + len(record.frame) > max_bytes:
             left_out += 1  # and every later one: what is served is the file's start, without gaps
@@ -95,6 +108,12 @@ def load(
             "or `curl -sN …/devtools/api/events > FILE`")
     if not seen and not bad:
         log.warning("%s: no events in this file (empty, or only comments)", path)
+    if missed:
+        note = (f"the stream saved in this file missed {missed} event{'s' if missed > 1 else ''}"
+                + (f" (system.dropped: {missed_why})" if missed_why else " (system.dropped)"))
+        log.warning("%s: %s", path, note)
+        if notes is not None:
+            notes.append(note)
     if left_out:
         log.warning("%s: served the first %d events (%d MiB of frames); %d more left out (limits: %d events, "
                     "%d MiB)", path, len(events), held >> 20, left_out, max_events, max_bytes >> 20)
@@ -113,7 +132,8 @@ def replay_instance(path: Path) -> str:
 
 def build_runtime(config: Config, path: Path) -> Runtime:
     store = Store(transactions=max(config.history_size, 10_000))
-    events, bad, left_out = load(path, store.on_event)
+    notes: list[str] = []
+    events, bad, left_out = load(path, store.on_event, notes=notes)
     # Replay ids are the record's index in the file, tagged with the file:
     # stable across restarts of the same replay, so a page resumes where it
     # was; another file on the same port is another instance, so a page
@@ -127,6 +147,7 @@ def build_runtime(config: Config, path: Path) -> Runtime:
         "events": len(events),
         "badRecords": bad,
         "leftOut": left_out,
+        **({"notes": notes} if notes else {}),
     }
 
     def greeting(flt: EventFilter) -> Envelope:

@@ -302,8 +302,10 @@ def test_writer_finishes_short_writes_and_counts_what_it_could_not_write(tmp_pat
     path = tmp_path / "cut.txt"
     path.write_bytes(bytes(w._fh.data))
     got = list(capfile.read_events(path))
-    assert [r.frame for r in got if isinstance(r, Envelope)] == [frames[0], frames[3]]
+    assert [r.frame for r in got if isinstance(r, Envelope) and r.type != "system.dropped"] == [frames[0], frames[3]]
     assert sum(isinstance(r, capfile.BadRecord) for r in got) == 1
+    # And the file says it lacks the two (once it could be written to again).
+    assert [r.body["data"]["missed"] for r in got if isinstance(r, Envelope) and r.type == "system.dropped"] == [2]
 
 
 def test_an_unwritable_output_file_is_counted_in_the_agents_stats(tmp_path):
@@ -462,3 +464,83 @@ def test_a_stalled_output_is_said_to_write_again_only_once_it_has_caught_up(tmp_
         w.close(timeout=1)
     finally:
         os.close(reader)
+
+
+def _dropped(missed: int, reason: str = "client fell behind; its queue overflowed") -> bytes:
+    from qtap_devtools.events import SystemDropped
+
+    return SystemDropped(missed=missed, total_missed=missed, reason=reason).envelope().frame
+
+
+def test_a_saved_stream_that_missed_events_says_so_when_replayed_or_converted(tmp_path, caplog):
+    """`curl -sN …/events > f` from a client that fell behind holds the
+    agent's system.dropped: replay and har skipped it with the other system
+    events, and showed the file as if it held all the traffic."""
+    import json
+    import subprocess
+    import sys
+
+    frames = [e.envelope().frame for e in samples.session_events()]
+    path = tmp_path / "slow.txt"
+    path.write_bytes(b"".join(frames[:3]) + _dropped(720) + b"".join(frames[3:]) + _dropped(5))
+    notes: list[str] = []
+    with caplog.at_level("WARNING", logger="qtap_devtools.replay"):
+        events, bad, _ = replay.load(path, notes=notes)
+    assert bad == 0 and len(events) == len(frames)
+    assert notes == ["the stream saved in this file missed 725 events (system.dropped: client fell behind; its "
+                     "queue overflowed)"]
+    assert any("missed 725 events" in r.getMessage() for r in caplog.records)
+    r = subprocess.run([sys.executable, "-m", "qtap_devtools", "har", str(path)], capture_output=True, text=True,
+                       timeout=60, cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 0, r.stderr
+    assert "missed 725 events" in json.loads(r.stdout)["log"]["comment"]
+    assert "missed 725 events" in r.stderr
+
+
+def test_events_the_output_file_could_not_take_are_marked_in_it_once_it_catches_up(tmp_path):
+    """The file's own drops were counted in the agent's stats only: the file
+    read back later as whole.  Once caught up, the writer says in it how
+    many events it left out, as a slow client's stream does."""
+    import os
+    import time
+
+    fifo = tmp_path / "out.fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    got = bytearray()
+    try:
+        frames = [e.envelope().frame for e in samples.session_events()]
+        w = capfile.CaptureWriter(fifo, max_pending_bytes=256 << 10)
+        big = frames[0] * (1 + (100 << 10) // len(frames[0]))
+        for _ in range(6):
+            w.write(big)
+        dropped = w.dropped
+        assert dropped > 0
+        end = time.monotonic() + 10
+        while not w.flush(timeout=0.05):
+            assert time.monotonic() < end
+            try:
+                while chunk := os.read(reader, 1 << 20):
+                    got += chunk
+            except BlockingIOError:
+                pass
+        w.write(frames[1])
+        assert w.flush(timeout=5)
+        w.close(timeout=1)
+        try:
+            while chunk := os.read(reader, 1 << 20):
+                got += chunk
+        except BlockingIOError:
+            pass
+    finally:
+        os.close(reader)
+    path = tmp_path / "read.txt"
+    path.write_bytes(bytes(got))
+    records = [r for r in capfile.read_events(path) if isinstance(r, Envelope)]
+    marks = [r for r in records if r.type == "system.dropped"]
+    assert [m.body["data"]["missed"] for m in marks] == [dropped]
+    assert "capture file" in marks[0].body["data"]["reason"]
+    assert records[-1].frame == frames[1]  # and writing went on after it
+    notes: list[str] = []
+    replay.load(path, notes=notes)
+    assert notes and f"missed {dropped} event" in notes[0]

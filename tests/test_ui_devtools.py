@@ -1115,6 +1115,20 @@ def test_an_agent_back_with_a_token_the_page_lacks_is_said_to_refuse_it(page, tm
         server.stop()
 
 
+def test_a_replayed_stream_that_missed_events_says_so_in_the_status_strip(page, tmp_path):
+    """A saved stream whose client fell behind (system.dropped in the file)
+    showed as a whole capture: the strip now says it is incomplete, and why."""
+    from qtap_devtools.events import SystemDropped
+
+    events = rich_session()
+    with replay_server(tmp_path, [*events[:4], SystemDropped(missed=42, total_missed=42), *events[4:]]) as proc:
+        open_devtools(page, proc.url)
+        wait_rows(page, RICH_TRANSACTIONS)
+        strip = page.locator('[data-testid="status-capture"]')
+        assert strip.inner_text().endswith("· incomplete"), strip.inner_text()
+        assert "missed 42 events" in strip.get_attribute("title")
+
+
 def test_another_capture_file_on_the_same_port_replaces_the_last_ones_rows(page, tmp_path):
     """Replay ids were the record's index whatever the file: a page reconnecting
     to another file resumed after the last one's index, skipped the new file

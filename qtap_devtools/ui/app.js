@@ -942,6 +942,11 @@ function renderCapture(cap) {
   if (cap.lostRecords) details.push(`${cap.lostRecords} kernel records lost`);
   if (cap.maxCaptureMiBPerSecond) details.push(`bodies cut past ${cap.maxCaptureMiBPerSecond} MiB/s of plaintext (--max-capture-rate)`);
   if (cap.badRecords) details.push(`${cap.badRecords} bad records in the file`);
+  // What the file's reader should know (the stream it saved missed events).
+  if (Array.isArray(cap.notes) && cap.notes.length) {
+    details.push(...cap.notes.map(String));
+    el.textContent = `${text} · incomplete`;
+  }
   el.title = details.join("\n");
   if (capState === "starting" && source) captureTimer = setTimeout(refreshCapture, 1000);
 }
