@@ -146,6 +146,12 @@ def _listen(text: str) -> Listen:
     return listen
 
 
+def _output_path(text: str) -> Path:
+    """--output: "-" is standard output, as `har -` reads standard input (it
+    made a file named "-"; "./-" still names one)."""
+    return Path("/dev/stdout") if text == "-" else Path(text)
+
+
 def _agent_url(text: str) -> str:
     try:
         parts = urlsplit(text)
@@ -192,8 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="capture and serve (the default; needs root)", epilog=RUN_EXAMPLES,
                          formatter_class=fmt)
     _common(run)
-    run.add_argument("--output", "-o", type=Path, metavar="FILE",
-                     help="also append the stream to FILE (same bytes as the SSE stream; replayable)")
+    run.add_argument("--output", "-o", type=_output_path, metavar="FILE",
+                     help="also append the stream to FILE (same bytes as the SSE stream; replayable); - for "
+                          "standard output (the status lines then go to stderr)")
     run.add_argument("--max-body-bytes", type=_body_bytes, default=1 << 20, metavar="N",
                      help="bodies kept per message, beyond which they are marked truncated (default 1m, at most 16m)")
     run.add_argument("--ring-mib", type=_int_in(1, 1024, power_of_two=True), default=Config.ring_mib, metavar="MIB",

@@ -330,3 +330,12 @@ def test_a_client_reading_nothing_at_the_stop_is_cut_and_said_not_waited_for(tmp
             time.sleep(1.5)  # the stream fills the buffers; nothing is read
             assert proc.stop(signal.SIGINT, timeout=15) == 0  # hung, it raises
     assert "1 client(s) had not read their stream to its end within 0.8 s" in proc.output(), proc.output()
+
+
+def test_output_dash_is_standard_output_as_har_dash_is_standard_input(tmp_path, monkeypatch):
+    """`run --output -` made a file named "-" in the working directory."""
+    monkeypatch.chdir(tmp_path)
+    args = cli_mod.build_parser().parse_args(["run", "--output", "-"])
+    assert str(cli_mod._config(args).output) == "/dev/stdout"  # and the status lines go to stderr (main)
+    args = cli_mod.build_parser().parse_args(["run", "--output", "./-"])  # a file named "-", asked for so
+    assert str(cli_mod._config(args).output) == "-"
