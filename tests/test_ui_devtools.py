@@ -1129,6 +1129,27 @@ def test_a_replayed_stream_that_missed_events_says_so_in_the_status_strip(page, 
         assert "missed 42 events" in strip.get_attribute("title")
 
 
+def test_a_huge_form_body_opens_with_its_fields_cut_as_a_text_view_is(page, tmp_path):
+    """`curl --data-binary @file` sends form-urlencoded by default: a 16 MB
+    upload opened in its Fields view, drawn whole (no limit, unlike Raw), and
+    the page froze 4-6 s at each open.  The fields are drawn up to the text
+    view's limit, and the pane says so."""
+    shop = _conn("d4u5a1g7p3qk26l9bbb0", NODE, "shop.example.com", "93.184.216.34")
+    body = b"blob=" + b"A" * (4 << 20) + b"&" + b"&".join(b"f%d=v" % i for i in range(50_000))
+    tx = _tx(shop, "POST", "/upload/form", 200, offset_ms=36000, duration=30.0, req_body=body,
+             req_type="application/x-www-form-urlencoded")
+    with replay_server(tmp_path, [tx]) as proc:
+        open_devtools(page, proc.url)
+        wait_rows(page, 1)
+        select_row(page, "/upload/form")
+        panel = detail_tab(page, "payload")
+        fields = panel.locator(".kv.fields")
+        drawn = fields.evaluate("el => [el.textContent.length, el.childElementCount]")
+        said = panel.inner_text()
+    assert drawn[0] <= 600_000 and drawn[1] <= 20_000, drawn  # not 4.3 M characters in 100,002 cells
+    assert "Showing the first" in said and "fields" in said, said[:300]
+
+
 def test_another_capture_file_on_the_same_port_replaces_the_last_ones_rows(page, tmp_path):
     """Replay ids were the record's index whatever the file: a page reconnecting
     to another file resumed after the last one's index, skipped the new file

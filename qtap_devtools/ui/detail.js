@@ -14,6 +14,7 @@ const TABS = [
 
 const TEXT_LIMIT = 512 * 1024; // characters drawn in a text view
 const HEX_LIMIT = 64 * 1024; // bytes drawn in a hex view
+const FIELD_LIMIT = 5000; // form fields or query parameters drawn
 const JSON_CHILD_LIMIT = 500; // children drawn per object before "show more"
 
 export class DetailPane {
@@ -291,9 +292,26 @@ function headerTable(headers, emptyText) {
 }
 
 function fieldTable(pairs) {
+  // Drawn up to what a text view draws (TEXT_LIMIT characters, and at most
+  // FIELD_LIMIT fields): a 16 MB form upload (curl --data-binary sends
+  // form-urlencoded by default) was drawn whole and froze the page for seconds.
   const t = h("div", { class: "kv fields" });
-  for (const [k, v] of pairs) t.append(h("div", { class: "k" }, k), h("div", { class: "v" }, v === "" ? h("span", { class: "muted" }, "(empty)") : v));
-  return t;
+  let budget = TEXT_LIMIT;
+  let shown = 0;
+  let cut = false;
+  for (const [k, v] of pairs) {
+    if (budget <= 0 || shown >= FIELD_LIMIT) break;
+    const key = k.length > budget ? k.slice(0, budget) : k;
+    const value = v.length > budget - key.length ? v.slice(0, Math.max(0, budget - key.length)) : v;
+    if (key.length < k.length || value.length < v.length) cut = true;
+    budget -= key.length + value.length;
+    t.append(h("div", { class: "k" }, key), h("div", { class: "v" }, v === "" ? h("span", { class: "muted" }, "(empty)") : value));
+    shown += 1;
+  }
+  if (shown === pairs.length && !cut) return t;
+  const total = pairs.length.toLocaleString("en-US");
+  return h("div", null, notice("info", `Showing the first ${shown.toLocaleString("en-US")} of ${total} fields, ` +
+    `${TEXT_LIMIT.toLocaleString("en-US")} characters at most: Raw shows the start of the body, Copy as cURL all of it.`), t);
 }
 
 // A body, shown the way its type and bytes allow.
