@@ -16,6 +16,7 @@ const TEXT_LIMIT = 512 * 1024; // characters drawn in a text view
 const HEX_LIMIT = 64 * 1024; // bytes drawn in a hex view
 const FIELD_LIMIT = 5000; // form fields or query parameters drawn
 const JSON_CHILD_LIMIT = 500; // children drawn per object before "show more"
+const JSON_STRING_LIMIT = 10_000; // characters of one string drawn before "more characters"
 
 export class DetailPane {
   constructor(el, { onClose, onCopyCurl, onCopyResponse, connectionOf }) {
@@ -453,11 +454,28 @@ export function jsonView(value) {
 function scalar(value) {
   if (value === null) return h("span", { class: "j-null" }, "null");
   switch (typeof value) {
-    case "string": return h("span", { class: "j-str" }, JSON.stringify(value));
+    case "string": return stringPart(JSON.stringify(value));
     case "number": return h("span", { class: "j-num" }, String(value));
     case "boolean": return h("span", { class: "j-bool" }, String(value));
     default: return h("span", null, String(value));
   }
+}
+
+// A string's start, and a button for more: a file carried in JSON as one
+// string (base64) was drawn whole, seconds of a frozen page for megabytes.
+function stringPart(text) {
+  if (text.length <= JSON_STRING_LIMIT) return h("span", { class: "j-str" }, text);
+  const str = h("span", { class: "j-str" }, text.slice(0, JSON_STRING_LIMIT));
+  let drawn = JSON_STRING_LIMIT;
+  const label = () => `… ${(text.length - drawn).toLocaleString("en-US")} more characters`;
+  const more = h("button", { class: "j-more-str", onclick: () => {
+    const next = Math.min(text.length, drawn + TEXT_LIMIT);
+    str.append(text.slice(drawn, next));
+    drawn = next;
+    if (drawn >= text.length) more.remove();
+    else more.textContent = label();
+  } }, label());
+  return h("span", null, str, more);
 }
 
 function keyPart(key) {
