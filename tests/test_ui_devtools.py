@@ -288,6 +288,12 @@ def test_the_filter_box_takes_the_apis_status_and_list_syntax(page, rich):
         assert shown_paths(page) == want, text
     hint = page.locator('[data-testid="filter-hint"]')
     assert hint.is_hidden()
+    # A field typed with no value yet filters nothing (it hid every row).
+    for text in ("status:", "method:", "-host:"):
+        set_filter(page, text)
+        wait_shown(page, RICH_TRANSACTIONS)
+    set_filter(page, "status: method:post,put")
+    wait_shown(page, len(paths_where(lambda t: t.method in ("POST", "PUT"))))
     # A value the field cannot take is said, as the API's 400 says it, not
     # shown as "0 requests" and nothing more.
     for text, says in [("status:abc", "status:abc — expected 404, 4xx, >=400 or <300"),
