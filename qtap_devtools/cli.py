@@ -227,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("replay", help="serve a capture file on the same endpoints (no root)",
                         epilog=REPLAY_EXAMPLES, formatter_class=fmt)
-    rp.add_argument("file", type=Path, help="a capture file (run --output FILE, or the event stream saved by curl)")
+    rp.add_argument("file", type=Path,
+                    help="a capture file (run --output FILE, or the event stream saved by curl); - reads standard input")
     _common(rp)
     rp.add_argument("--max-gap", type=float, default=5.0, metavar="SECONDS",
                     help="with --speed, a quiet spell longer than this is shortened to it (default 5)")
@@ -304,7 +305,9 @@ def _readable(path: Path) -> None:
         raise ConfigError(f"{path}: is a device, expected a capture file")
     if not os.access(path, os.R_OK):
         raise ConfigError(f"{path}: not readable")
-    if path.is_fifo() and str(path) != "/dev/stdin":  # (a piped stdin is already open)
+    # A pipe we hold open already (stdin, `<(zcat f.gz)`'s /dev/fd/63) has its
+    # writer: only a named FIFO waits for one.
+    if path.is_fifo() and not str(path).startswith(("/dev/stdin", "/dev/fd/", "/proc/self/fd/")):
         print(f"qtap-devtools: {path} is a FIFO: waiting for a writer to open it (Ctrl-C to stop)",
               file=sys.stderr, flush=True)
 
@@ -409,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
             return _har(args)
         config = _config(args)
         if args.command == "replay":
+            if str(args.file) == "-":  # read whole at start, as a file is: `zcat f.gz | qtap-devtools replay -`
+                args.file = Path("/dev/stdin")
             _readable(args.file)
             from qtap_devtools import replay, runner
 

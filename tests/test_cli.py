@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import subprocess
 import sys
+import time
 
 import orjson
 import pytest
@@ -154,6 +156,36 @@ def test_example_capture_replays_with_its_transactions(tmp_path):
     ]
     assert status == 200 and body["total"] == 3
     assert "skipped" not in proc.output()  # no record was reported bad
+
+
+def test_replay_reads_standard_input_and_a_pipe_it_holds_is_not_said_to_wait(tmp_path):
+    """`zcat f.gz | replay -` took "-" for a file name; `replay <(zcat f.gz)`
+    said it waited for a writer the shell had already started."""
+    port = free_port()
+    with open(EXAMPLE, "rb") as src, open(tmp_path / "replay.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "qtap_devtools", "replay", "-", "--listen", f"127.0.0.1:{port}"],
+                                cwd=ROOT, stdin=src, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                with contextlib.suppress(OSError):
+                    status, body = get(f"http://127.0.0.1:{port}/devtools/api/transactions")
+                    if status == 200:
+                        break
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "replay.log").read_text()
+                time.sleep(0.1)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+    assert body["total"] == 3
+    r, w = os.pipe()
+    os.write(w, EXAMPLE.read_bytes())
+    os.close(w)
+    with open(os.devnull, "wb") as out:
+        done = subprocess.run([sys.executable, "-m", "qtap_devtools", "har", f"/dev/fd/{r}"], cwd=ROOT, pass_fds=(r,),
+                              stdout=out, stderr=subprocess.PIPE, text=True, timeout=30)
+    os.close(r)
+    assert done.returncode == 0 and "waiting for a writer" not in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize("argv,shed", [([], True), (["--no-shed"], False)])
