@@ -386,3 +386,164 @@ def test_node_s_own_openssl_is_armed_as_nodetls_and_a_system_library_as_itself(t
     assert a.consider(LIBSSL).label == "openssl"
     assert a.consider(os.path.realpath(node)).label == "nodetls"
     assert rec.labels == ["openssl", "nodetls"]
+
+
+# ------------------------------------------- a new container's image layers, read at its create
+
+
+def _layer(root, files=("usr/lib/x86_64-linux-gnu/libssl.so.3",), content: bytes | None = None):
+    """An image layer as overlay2 keeps one on the host: a directory of the
+    files that layer adds.  The files are copies of this machine's libssl
+    (or ``content``)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for rel in files:
+        dest = root / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if content is None:
+            import shutil
+            shutil.copyfile(LIBSSL, dest)
+        else:
+            dest.write_bytes(content)
+    return str(root)
+
+
+def test_a_layers_tls_libraries_are_its_regular_files_in_the_library_directories(tmp_path):
+    from qtap_devtools.capture.attach import layer_candidates
+
+    layer = tmp_path / "diff"
+    _layer(layer, ["usr/lib/x86_64-linux-gnu/libssl.so.3", "usr/lib/x86_64-linux-gnu/libgnutls.so.30",
+                   "usr/lib/x86_64-linux-gnu/libcrypto.so.3", "usr/local/lib/libssl.so.1.1",
+                   "opt/app/lib/libssl.so.3"], content=b"x")
+    os.symlink("libssl.so.3", layer / "usr/lib/x86_64-linux-gnu/libssl.so")  # the file it names is listed
+    os.symlink("usr/lib", layer / "lib")  # merged /usr: read as /usr/lib, not twice
+    (tmp_path / "host").mkdir()
+    (tmp_path / "host" / "libssl.so.3").write_bytes(b"the host's")
+    os.symlink(tmp_path / "host", layer / "usr/lib/x86_64-linux-gnu/../../local/lib/ssl-escape")
+    os.mkdir(layer / "usr/lib/x86_64-linux-gnu/libgnutls.so.31")  # a directory of a library's name
+    found = layer_candidates(str(layer))
+    assert found == [f"{layer}/usr/lib/x86_64-linux-gnu/libgnutls.so.30", f"{layer}/usr/lib/x86_64-linux-gnu/libssl.so.3",
+                     f"{layer}/usr/local/lib/libssl.so.1.1"]
+
+    # A library directory that is a symlink (absolute: into the host) is not followed.
+    other = tmp_path / "other"
+    (other / "usr").mkdir(parents=True)
+    os.symlink(tmp_path / "host", other / "usr" / "lib")
+    assert layer_candidates(str(other)) == []
+    assert layer_candidates(str(tmp_path / "missing")) is None  # the layer itself unreadable
+    assert layer_candidates(str(tmp_path / "host" / "libssl.so.3")) is None  # not a directory
+
+
+@needs_libssl
+def test_a_containers_layers_are_read_once_for_all_containers_of_its_image(tmp_path, monkeypatch):
+    from qtap_devtools.capture import attach
+
+    monkeypatch.setattr(attach, "LAYER_CACHE", 2)
+    a = Attacher(Recorder(), mode="entry")
+    base, app = _layer(tmp_path / "base"), _layer(tmp_path / "app", ["lib/x86_64-linux-gnu/libgnutls.so.30"],
+                                                  content=b"not an ELF")
+    assert a.consider_layers([app, base]) == 2  # both attached (the second with its symbols missing)
+    assert a.attached_at_create == 2 and a.layers_read == 2 and len(a.attachments) == 2
+    assert {os.path.basename(x.path) for x in a.attachments} == {"libssl.so.3", "libgnutls.so.30"}
+    assert not any(x.pinned or x.roots for x in a.attachments)  # idle like any unmapped file (see the next test)
+    for _ in range(20):  # twenty containers of that image
+        assert a.consider_layers([app, base]) == 0
+    assert a.layers_read == 2 and a.layers_cached == 40
+    # Bounded: a third layer makes room by forgetting the least recently used one.
+    third = _layer(tmp_path / "third", [], content=b"")
+    a.consider_layers([third])  # app, the least recently used, forgotten
+    assert a.layers_read == 3
+    a.consider_layers([app])  # read again, its file known (no new attachment); base forgotten
+    a.consider_layers([third])  # still remembered
+    assert a.layers_read == 4 and a.attached_at_create == 2 and a.layers_cached == 41
+    # Failures are counted and skipped: a layer another mount namespace holds, too many layers.
+    a.consider_layers([str(tmp_path / "gone"), base])
+    assert a.layers_unreadable == 1
+    monkeypatch.setattr(attach, "MAX_LAYERS_PER_CONTAINER", 1)
+    a.consider_layers([base, third])
+    assert a.layers_over_limit == 1
+
+
+@needs_libssl
+def test_a_file_attached_at_create_that_no_process_maps_goes_idle_like_any_other(tmp_path, monkeypatch):
+    """Neither pinned nor held by a root: a container created and never
+    started does not keep its libssl attached (past the idle files kept)."""
+    a = Attacher(Recorder(), mode="entry", detach_fn=lambda slot: True, keep_idle=0)
+    a.consider_layers([_layer(tmp_path / "base")])
+    monkeypatch.setattr(a, "_scan", lambda pid: ([], None))
+    a.sweep([1])
+    assert len(a.attachments) == 1  # one sweep: its container may be starting
+    a.sweep([1])
+    assert a.attachments == [] and a.detached == 1
+
+
+@needs_libssl
+def test_a_file_attached_through_its_layer_is_the_same_file_through_the_containers_overlay(tmp_path):
+    """The uprobe sits on the real inode: overlay.real_key must name a layer's
+    file (a host path) and the same file seen through an overlay mount of
+    that layer (as the container's process maps it) alike, or the
+    container's first process would attach it a second time."""
+    import subprocess
+
+    from qtap_devtools.capture import overlay
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting an overlay needs root")
+    lower = _layer(tmp_path / "lower")
+    for d in ("upper", "work", "merged"):
+        (tmp_path / d).mkdir()
+    merged = tmp_path / "merged"
+    mount = subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                            f"lowerdir={lower},upperdir={tmp_path}/upper,workdir={tmp_path}/work", str(merged)],
+                           capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount an overlay here: {mount.stderr.strip()}")
+    try:
+        rel = "usr/lib/x86_64-linux-gnu/libssl.so.3"
+        in_layer, in_container = f"{lower}/{rel}", f"{merged}/{rel}"
+        assert os.stat(in_layer).st_dev != os.stat(in_container).st_dev  # two devices: the overlay's own
+        assert overlay.real_key(in_layer, os.stat(in_layer)) == overlay.real_key(in_container, os.stat(in_container))
+        a = Attacher(Recorder(), mode="entry")
+        assert a.consider_layers([lower]) == 1
+        assert a.consider(in_container) is a.attachments[0] and len(a.attachments) == 1
+    finally:
+        subprocess.run(["umount", str(merged)], check=False)
+
+
+def test_layer_jobs_wait_on_the_attach_thread_bounded():
+    """Docker's thread only queues a container's layers; the attach thread
+    reads them (the only thread that places probes).  Past the bound they
+    are dropped and counted: that container's libraries are found at its
+    first process, as without this."""
+    import threading
+
+    from qtap_devtools.capture.attach import ExecWatcher
+
+    release, began = threading.Event(), threading.Event()
+    done: list[tuple[str, ...]] = []
+    threads: set[str] = set()
+
+    class Stub:
+        def consider_layers(self, layers):
+            threads.add(threading.current_thread().name)
+            began.set()
+            release.wait(5)
+            done.append(tuple(layers))
+
+        def sweep(self, pids):
+            pass
+
+    w = ExecWatcher(Stub(), sweep_seconds=3600, max_layer_jobs=2)
+    try:
+        w.on_layers(["/a"])
+        assert began.wait(5)  # taken: the queue is empty again
+        for name in ("/b", "/c", "/d"):
+            w.on_layers([name])
+        assert w.layer_jobs_dropped == 1
+        release.set()
+        deadline = __import__("time").monotonic() + 5
+        while len(done) < 3 and __import__("time").monotonic() < deadline:
+            __import__("time").sleep(0.01)
+        assert done == [("/a",), ("/b",), ("/c",)] and threads == {"qtap-attach"}
+    finally:
+        release.set()
+        w.stop()

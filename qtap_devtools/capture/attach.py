@@ -29,6 +29,7 @@ import re
 import stat
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -59,6 +60,13 @@ UNMAPPED_SWEEPS = 2
 # file needs the room, the least recently used idle file is detached.
 KEEP_IDLE = 32
 LIB_DIRS = ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/usr/lib", "/lib", "/usr/local/lib")
+# Image layers read for one new container at most (Docker's own limit on an
+# image is 127 layers; a longer list is the daemon's answer gone wrong).
+MAX_LAYERS_PER_CONTAINER = 128
+# Layer directories remembered as read: twenty containers of one image read
+# its layers once.  Past this the oldest is forgotten (read again if seen again:
+# a few listdirs, no new attachment, since its files are known by inode).
+LAYER_CACHE = 1024
 _LIB_NAME = re.compile(r"^lib(ssl|gnutls)\.so(\.\d+)*$")
 
 
@@ -226,6 +234,44 @@ def library_dir_candidates(dirs: Iterable[str] = LIB_DIRS) -> list[str]:
     return out
 
 
+def layer_candidates(layer: str, dirs: Iterable[str] = LIB_DIRS) -> list[str] | None:
+    """TLS library files in the library directories ``dirs`` of one image
+    layer (a directory on the host: overlay2's ``<id>/diff``); None if the
+    layer itself cannot be read.
+
+    Only real directories and regular files count: a symlink in a layer
+    points into the container's merged root, not into this layer, so followed
+    here an absolute one would lead to the host's file of that name (and a
+    merged-/usr image's ``/lib`` is read as ``/usr/lib``, in ``dirs`` too).
+    A whiteout (a character device) is no file either."""
+    try:
+        if not stat.S_ISDIR(os.lstat(layer).st_mode):
+            return None
+    except OSError:
+        return None
+    out = []
+    for d in dirs:
+        path = layer.rstrip("/")
+        try:
+            for part in d.strip("/").split("/"):
+                path = os.path.join(path, part)
+                if not stat.S_ISDIR(os.lstat(path).st_mode):  # lstat: a symlink is not a directory
+                    raise NotADirectoryError(path)
+            names = sorted(os.listdir(path))
+        except OSError:
+            continue  # most layers lack most of these directories
+        for name in names:
+            if not _LIB_NAME.match(name):
+                continue
+            full = os.path.join(path, name)
+            try:
+                if stat.S_ISREG(os.lstat(full).st_mode):
+                    out.append(full)
+            except OSError:
+                continue
+    return out
+
+
 def mapped_files(pid: int) -> list[str]:
     """Executable file mappings of ``pid``, as paths openable from this namespace."""
     out = []
@@ -299,6 +345,14 @@ class Attacher:
         self.roots_forgotten = 0  # container roots let go (the bound), read again if seen again
         self.not_tls_uncached = 0  # files judged not TLS past the bound of what is remembered
         self.retried = 0  # files whose refused probes were all placed at a later sweep
+        # Image layers read at a container's create (consider_layers): layer
+        # directory -> None, oldest first; bounded by LAYER_CACHE.
+        self._layers: dict[tuple[str, int, int], None] = {}
+        self.layers_read = 0
+        self.layers_cached = 0  # layers not read again: read for an earlier container
+        self.layers_unreadable = 0  # not a directory we can read (another mount namespace, removed meanwhile)
+        self.layers_over_limit = 0  # past MAX_LAYERS_PER_CONTAINER, not read
+        self.attached_at_create = 0  # files first attached from a layer, before any process mapped them
 
     @property
     def attachments(self) -> list[Attachment]:
@@ -460,6 +514,55 @@ class Attacher:
             att.sites[symbol] = f"tuned {plan.describe()}"
         return done
 
+    def consider_layers(self, layers: Iterable[str]) -> int:
+        """Attach the TLS libraries in the library directories of a new
+        container's image layers (host paths, topmost first), before its first
+        process runs; the number of files newly attached.
+
+        Such a file is attached through its layer path, and is the same file
+        (overlay.real_key) when the container's process maps it through its
+        root: that process's scans find it attached, and its root holds it
+        then.  Until then it is neither pinned nor held by a root: a container
+        created and never started, or whose program never loads it, leaves it
+        idle after UNMAPPED_SWEEPS sweeps, as for any file no process maps."""
+        new, started = 0, time.monotonic()
+        for i, layer in enumerate(layers):
+            if i >= MAX_LAYERS_PER_CONTAINER:
+                self.layers_over_limit += 1
+                continue
+            try:
+                st = os.stat(layer)
+            except OSError:
+                self.layers_unreadable += 1
+                continue
+            # With its inode: a layer directory removed with its image and
+            # another made at the same path later is a new layer.
+            key = (layer, st.st_dev, st.st_ino)
+            if key in self._layers:
+                self._layers[key] = self._layers.pop(key)  # the most recently used last
+                self.layers_cached += 1
+                continue
+            found = layer_candidates(layer)
+            if found is None:
+                self.layers_unreadable += 1
+                continue
+            # OpenSSL's first: the more common, and its attach (the tuned
+            # analysis) the slower, so the one that most needs the head start.
+            for path in sorted(found, key=lambda p: not os.path.basename(p).startswith("libssl")):
+                known = {id(a) for a in self._published}
+                att = self.consider(path)
+                if att is not None and id(att) not in known:
+                    new += 1
+                    self.attached_at_create += 1
+            if len(self._layers) >= LAYER_CACHE:
+                del self._layers[next(iter(self._layers))]
+            self._layers[key] = None
+            self.layers_read += 1  # after its files are attached: what a test can wait for
+        if new:
+            log.info("a new container's image layers: %d files attached in %.0f ms, before its first process",
+                     new, (time.monotonic() - started) * 1e3)
+        return new
+
     def scan_pid(self, pid: int) -> list[Attachment]:
         return self._scan(pid)[0]
 
@@ -587,7 +690,8 @@ class ExecWatcher:
 
     DELAYS = (0.0, 0.05, 0.3, 1.0)
 
-    def __init__(self, attacher: Attacher, max_pending: int = 4096, sweep_seconds: float = 10.0) -> None:
+    def __init__(self, attacher: Attacher, max_pending: int = 4096, sweep_seconds: float = 10.0,
+                 max_layer_jobs: int = 64) -> None:
         self._attacher = attacher
         self._sweep_seconds = sweep_seconds
         self._next_sweep = time.monotonic() + sweep_seconds
@@ -596,6 +700,11 @@ class ExecWatcher:
         self._queue: list[tuple[float, int, int]] = []  # (due, pid, step)
         self._max_pending = max_pending
         self.dropped = 0
+        # New containers' image layers (on_layers), read before any pending
+        # scan: their first process is about to start.
+        self._layer_jobs: deque[tuple[str, ...]] = deque()
+        self._max_layer_jobs = max_layer_jobs
+        self.layer_jobs_dropped = 0  # that container's libraries are found at its first process, as before
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="qtap-attach", daemon=True)
         self._thread.start()
@@ -606,6 +715,17 @@ class ExecWatcher:
                 self.dropped += 1
                 return
             heapq.heappush(self._queue, (time.monotonic(), pid, 0))
+            self._cond.notify()
+
+    def on_layers(self, layers: Iterable[str]) -> None:
+        """A container was created with these image layers (host directories):
+        attach their TLS libraries on this watcher's thread, the one that
+        places probes.  Called from Docker's event thread; never blocks."""
+        with self._cond:
+            if len(self._layer_jobs) >= self._max_layer_jobs:
+                self.layer_jobs_dropped += 1
+                return
+            self._layer_jobs.append(tuple(layers))
             self._cond.notify()
 
     def stop(self) -> None:
@@ -623,7 +743,8 @@ class ExecWatcher:
         service_thread("qtap-attach")
         while True:
             with self._cond:
-                while not self._stop and (not self._queue or self._queue[0][0] > time.monotonic()):
+                while not self._stop and not self._layer_jobs \
+                        and (not self._queue or self._queue[0][0] > time.monotonic()):
                     now = time.monotonic()
                     if now >= self._next_sweep:
                         break
@@ -631,11 +752,18 @@ class ExecWatcher:
                     self._cond.wait(max(0.0, min(due, self._next_sweep) - now))
                 if self._stop:
                     return
-                sweep = not self._queue or self._queue[0][0] > time.monotonic()
-                if not sweep:
+                layers = self._layer_jobs.popleft() if self._layer_jobs else None
+                sweep = layers is None and (not self._queue or self._queue[0][0] > time.monotonic())
+                if layers is None and not sweep:
                     due, pid, step = heapq.heappop(self._queue)
                     if step + 1 < len(self.DELAYS):
                         heapq.heappush(self._queue, (due + self.DELAYS[step + 1], pid, step + 1))
+            if layers is not None:
+                try:
+                    self._attacher.consider_layers(layers)
+                except Exception:  # an odd layer must not stop the watcher; its first process is scanned
+                    log.exception("reading image layers %s", layers[:3])
+                continue
             if sweep:
                 self._sweep()
                 continue
