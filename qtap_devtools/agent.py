@@ -196,6 +196,10 @@ class Agent:
             return
         self.capture = cap
         self.pipeline.on_own_socket = cap.exclude_socket
+        if self.enricher.docker is not None:
+            # A created container's own libssl attached before it starts: else
+            # its first `docker run … curl` races the attach at its first process.
+            self.enricher.docker.on_layers = cap.on_container_layers
 
     async def _ticker(self) -> None:
         from qtap_devtools.capture.loader import trim_heap

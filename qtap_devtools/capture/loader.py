@@ -538,6 +538,14 @@ class Capture:
             self._deliver(list(records))
         return records
 
+    def on_container_layers(self, layers: list[str]) -> None:
+        """A new container's image layers (host directories, from Docker's
+        ``create``): their TLS libraries are attached on the attach thread,
+        before the container's first process runs.  Never blocks."""
+        watcher = self._watcher
+        if watcher is not None:
+            watcher.on_layers(layers)
+
     def exclude_socket(self, pid: int, fd: int, tls_ref: int = 0) -> None:
         """Stop reading a connection (the agent's own API through a forwarder,
         pipeline.OWN_MARKER): a plain socket's syscalls are skipped from now
@@ -839,6 +847,13 @@ class Capture:
             "roots_forgotten": self._attacher.roots_forgotten if self._attacher else 0,
             "not_tls_uncached": self._attacher.not_tls_uncached if self._attacher else 0,
             "exec_scans_dropped": self._watcher.dropped if self._watcher else 0,
+            # New containers' image layers, read at their create (Attacher.consider_layers)
+            "layers_read": self._attacher.layers_read if self._attacher else 0,
+            "layers_cached": self._attacher.layers_cached if self._attacher else 0,  # read for an earlier container
+            "layers_unreadable": self._attacher.layers_unreadable if self._attacher else 0,
+            "layers_over_limit": self._attacher.layers_over_limit if self._attacher else 0,
+            "layer_jobs_dropped": self._watcher.layer_jobs_dropped if self._watcher else 0,
+            "attached_at_create": self._attacher.attached_at_create if self._attacher else 0,
             "exec_reads": self.exec_reads,  # processes read from /proc at exec, on the reader's thread
             "exec_reads_deferred": self.exec_reads_deferred,  # past EXEC_READS_PER_BATCH or EXEC_READ_SECONDS
             "data_bytes_read": self.data_bytes_read,

@@ -6,7 +6,10 @@ event stream: a container's ``create`` event carries its name, image and
 labels, which go into the cache at once (its process has not run yet, so its
 first event is named without waiting for an ``inspect``, however many
 containers start together); ``rename`` and ``update`` replace them; destroyed
-containers leave the cache.  An ``inspect`` still follows, for the hostname.
+containers leave the cache.  An ``inspect`` still follows, for the hostname;
+after a ``create`` it also gives the image's layer directories (overlay2's
+``GraphDriver.Data.LowerDir``) to ``on_layers``, so that the capture attaches
+the image's own TLS libraries before the container's first process runs.
 Without a daemon (no socket, refused, no permission) one warning is logged,
 lookups answer None at once, and the event thread retries every second at
 most until the daemon is back.
@@ -27,7 +30,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from qtap_devtools.enrich.model import ContainerInfo
 from qtap_devtools.threads import service_thread
@@ -92,6 +95,13 @@ class DockerMetadata:
         self.connects = 0
         self.negative_evicted = 0  # ids not Docker's, let go (the bound): asked again when seen
         self.destroyed_evicted = 0
+        # Given a created container's image layers (host directories, topmost
+        # first), on the fetch thread; it must not block (the capture queues them).
+        self.on_layers: Callable[[list[str]], None] | None = None
+        self._want_layers: OrderedDict[str, None] = OrderedDict()  # created ids whose inspect is awaited
+        self._want_layers_size = fetch_queue_size
+        self.layers_given = 0  # containers whose image layers went to the capture at create
+        self.layers_not_overlay = 0  # no overlay2 layers in the inspect (another storage driver): found at start
 
     # ---------------------------------------------------------------- lookups
 
@@ -169,6 +179,8 @@ class DockerMetadata:
             "connects": self.connects,
             "negative_evicted": self.negative_evicted,
             "destroyed_evicted": self.destroyed_evicted,
+            "layers_given": self.layers_given,
+            "layers_not_overlay": self.layers_not_overlay,
         }
 
     # -------------------------------------------------------------- lifecycle
@@ -312,6 +324,7 @@ class DockerMetadata:
         if action == "destroy":
             with self._lock:
                 self._cache.pop(cid, None)
+                self._want_layers.pop(cid, None)  # removed before its inspect answered
                 self._destroyed[cid] = None
                 if len(self._destroyed) > self._negative_size:
                     self._destroyed.popitem(last=False)
@@ -331,6 +344,10 @@ class DockerMetadata:
                     self._cache.pop(cid, None)
                 if action in ("rename", "update") and cid in self._inflight:
                     self._stale.add(cid)
+                if action == "create" and self.on_layers is not None:
+                    self._want_layers[cid] = None
+                    if len(self._want_layers) > self._want_layers_size:  # their inspects never came (dropped)
+                        self._want_layers.popitem(last=False)
             self._schedule(cid)  # the hostname, and the labels exactly
 
     # ---------------------------------------------------- the fetch thread
@@ -354,7 +371,9 @@ class DockerMetadata:
             try:
                 if api is not None and self._connected:
                     self.fetches += 1
-                    info = container_from_inspect(api.inspect_container(cid))
+                    data = api.inspect_container(cid)
+                    self._give_layers(cid, data)  # first: the container may be starting now
+                    info = container_from_inspect(data)
             except docker.errors.NotFound:
                 self.not_docker += 1
                 with self._lock:
@@ -385,6 +404,26 @@ class DockerMetadata:
         for future in pending.values():
             future.set_result(None)
 
+    def _give_layers(self, cid: str, data: Mapping[str, Any]) -> None:
+        """A created container's image layers to ``on_layers``, once."""
+        on_layers = self.on_layers
+        with self._lock:
+            wanted = self._want_layers.pop(cid, False) is None
+        if not wanted or on_layers is None:
+            return
+        layers = image_layer_dirs(data)
+        if layers is None:
+            self.layers_not_overlay += 1  # its libraries are found at its first process, as before
+            return
+        if not layers:
+            return
+        log.debug("docker: %.12s created: its %d image layers to the capture", cid, len(layers))
+        try:
+            on_layers(layers)
+            self.layers_given += 1
+        except Exception:  # the capture's bug; names must keep coming
+            log.exception("docker: handing %.12s's image layers to the capture", cid)
+
     def _put(self, cid: str, info: ContainerInfo) -> None:
         """Cache ``info`` (under the lock), the oldest going past the bound."""
         self._cache[cid] = info
@@ -406,6 +445,29 @@ def container_from_inspect(data: Mapping[str, Any]) -> ContainerInfo:
         labels=dict(config.get("Labels") or {}),
         hostname=config.get("Hostname") or None,
     )
+
+
+def image_layer_dirs(data: Mapping[str, Any]) -> list[str] | None:
+    """The image layer directories of an inspected container (overlay2's
+    ``GraphDriver.Data.LowerDir``, on the host, topmost first); None for
+    another storage driver or an answer without them; empty for an image of
+    no layer (``FROM scratch`` and nothing added).
+
+    The container's own layers are left out: its upper directory is empty
+    until it runs, and its ``-init`` layer holds only what Docker mounts over
+    (``/etc/hosts``, ``/dev/console``); both are new for every container, and
+    would only crowd the capture's cache of layers read."""
+    driver = data.get("GraphDriver")
+    if not isinstance(driver, Mapping) or driver.get("Name") != "overlay2":
+        return None
+    layers = driver.get("Data")
+    lower = layers.get("LowerDir") if isinstance(layers, Mapping) else None
+    if not isinstance(lower, str):
+        return None
+    dirs = lower.split(":")
+    if not all(d.startswith("/") for d in dirs):  # not paths on the host: an answer we do not understand
+        return None
+    return [d for d in dirs if not d.rstrip("/").endswith("-init/diff")]
 
 
 # Event attributes that are not the container's labels.

@@ -1,0 +1,64 @@
+"""A created container's image layers, from its inspect to the capture: no
+daemon needed (the event and the inspect's answer are made up), so these
+run with the fast suite (test_enrich_docker_meta.py is all docker-marked)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def _event(action: str, cid: str, **attrs) -> dict:
+    return {"Type": "container", "Action": action, "Actor": {"ID": cid, "Attributes": attrs}}
+
+
+def _overlay2(lower: object) -> dict:
+    return {"Id": "ab" * 32, "GraphDriver": {"Name": "overlay2", "Data": {
+        "LowerDir": lower, "UpperDir": "/var/lib/docker/overlay2/c1/diff",
+        "MergedDir": "/var/lib/docker/overlay2/c1/merged", "WorkDir": "/var/lib/docker/overlay2/c1/work"}}}
+
+
+@pytest.mark.parametrize("data, layers", [
+    # The container's -init layer and its upper directory are its own, and hold no library.
+    (_overlay2("/var/lib/docker/overlay2/c1-init/diff:/var/lib/docker/overlay2/l2/diff:/var/lib/docker/overlay2/l1/diff"),
+     ["/var/lib/docker/overlay2/l2/diff", "/var/lib/docker/overlay2/l1/diff"]),
+    (_overlay2("/var/lib/docker/overlay2/c1-init/diff"), []),  # an image of no layer
+    ({"GraphDriver": {"Name": "btrfs", "Data": {"LowerDir": "/x"}}}, None),  # another storage driver
+    ({"GraphDriver": {"Name": "overlayfs", "Data": None}}, None),  # containerd's snapshotter: not said
+    ({}, None),
+    ({"GraphDriver": "overlay2"}, None),
+    (_overlay2(None), None),
+    (_overlay2(["/a"]), None),
+    (_overlay2("relative/diff:/b"), None),  # not host paths: not understood, nothing read
+])
+def test_a_created_containers_image_layers_are_read_from_its_inspect(data, layers):
+    from qtap_devtools.enrich.docker_meta import image_layer_dirs
+
+    assert image_layer_dirs(data) == layers
+
+
+def test_a_created_containers_layers_go_to_the_capture_once_and_other_drivers_are_counted():
+    """No daemon needed: the create event marks the id, its inspect (on the
+    fetch thread) hands the layers over; an inspect for any other reason
+    (a lookup, a rename) does not, nor does a second one."""
+    from qtap_devtools.enrich.docker_meta import DockerMetadata
+
+    meta = DockerMetadata("unix:///nonexistent.sock")
+    meta._connected = True
+    given: list[list[str]] = []
+    meta._on_event(_event("create", "ab" * 32, name="early", image="img"))  # before the capture is running
+    meta.on_layers = given.append
+    meta._give_layers("ab" * 32, _overlay2("/l/diff"))
+    assert given == []
+    cid = "cd" * 32
+    meta._on_event(_event("create", cid, name="web", image="img"))
+    meta._give_layers(cid, _overlay2("/l/diff"))
+    meta._give_layers(cid, _overlay2("/l/diff"))
+    assert given == [["/l/diff"]] and meta.stats()["layers_given"] == 1
+    other = "ef" * 32
+    meta._on_event(_event("create", other, name="on-btrfs", image="img"))
+    meta._give_layers(other, {"GraphDriver": {"Name": "btrfs"}})
+    assert given == [["/l/diff"]] and meta.stats()["layers_not_overlay"] == 1
+    gone = "12" * 32
+    meta._on_event(_event("create", gone, name="quick", image="img"))
+    meta._on_event(_event("destroy", gone))
+    assert gone not in meta._want_layers  # removed before its inspect: not kept waiting
