@@ -62,3 +62,19 @@ def test_a_created_containers_layers_go_to_the_capture_once_and_other_drivers_ar
     meta._on_event(_event("create", gone, name="quick", image="img"))
     meta._on_event(_event("destroy", gone))
     assert gone not in meta._want_layers  # removed before its inspect: not kept waiting
+
+
+def test_a_failure_handing_the_layers_over_costs_the_container_nothing():
+    from qtap_devtools.enrich.docker_meta import DockerMetadata
+
+    meta = DockerMetadata("unix:///nonexistent.sock")
+    meta._connected = True
+    cid = "cd" * 32
+
+    def broken(layers):
+        raise RuntimeError("a bug in the capture")
+
+    meta.on_layers = broken
+    meta._on_event(_event("create", cid, name="web", image="img"))
+    meta._give_layers(cid, _overlay2("/l/diff"))  # logged, not raised into the inspect's path
+    assert meta.stats()["layers_given"] == 0 and meta.lookup_nowait(cid).name == "web"

@@ -411,17 +411,19 @@ class DockerMetadata:
             wanted = self._want_layers.pop(cid, False) is None
         if not wanted or on_layers is None:
             return
-        layers = image_layer_dirs(data)
-        if layers is None:
-            self.layers_not_overlay += 1  # its libraries are found at its first process, as before
-            return
-        if not layers:
-            return
-        log.debug("docker: %.12s created: its %d image layers to the capture", cid, len(layers))
+        # Nothing here may fail the inspect it rides on: the container's name
+        # and hostname come from the same answer.
         try:
+            layers = image_layer_dirs(data)
+            if layers is None:
+                self.layers_not_overlay += 1  # its libraries are found at its first process, as before
+                return
+            if not layers:
+                return
+            log.debug("docker: %.12s created: its %d image layers to the capture", cid, len(layers))
             on_layers(layers)
             self.layers_given += 1
-        except Exception:  # the capture's bug; names must keep coming
+        except Exception:  # a bug of ours (the daemon's answer is checked); names must keep coming
             log.exception("docker: handing %.12s's image layers to the capture", cid)
 
     def _put(self, cid: str, info: ContainerInfo) -> None:
