@@ -717,6 +717,19 @@ def test_har_export_holds_exactly_the_shown_rows(page, rich):
         assert key in first
     assert [e["response"]["status"] for e in entries] == [200, 404, 500]
 
+    # Export clicked as the filter is typed, within its 80 ms pause, holds
+    # the rows the box says, not the last filter's.
+    set_filter(page, "")
+    wait_shown(page, RICH_TRANSACTIONS)
+    with page.expect_download() as info:
+        page.evaluate("""() => {
+            const box = document.querySelector('[data-testid=filter-text]');
+            box.value = 'api.example.com';
+            box.dispatchEvent(new Event('input'));
+            document.querySelector('[data-testid=export-har]').click();
+        }""")
+    assert len(json.loads(open(info.value.path()).read())["log"]["entries"]) == 3
+
     # The page and the agent's /devtools/api/har describe every transaction
     # alike, to the last field (a redirect's Location included), and with the
     # same keys: nothing is set aside (the page's _requestId was, unseen).

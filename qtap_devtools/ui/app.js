@@ -737,7 +737,10 @@ const filterInput = $("filter-text");
 let filterTimer = 0;
 filterInput.addEventListener("input", () => {
   clearTimeout(filterTimer);
-  filterTimer = setTimeout(() => applyFilterText(filterInput.value), 80);
+  filterTimer = setTimeout(() => {
+    filterTimer = 0;
+    applyFilterText(filterInput.value);
+  }, 80);
 });
 filterInput.addEventListener("keydown", (e) => {
   if (e.key === "Enter" || e.key === "ArrowDown") {
@@ -824,6 +827,13 @@ function clearRequests() {
 }
 
 $("export-har").addEventListener("click", () => {
+  if (filterTimer) {
+    // Typed within the filter's 80 ms pause: export what the box says, not
+    // the rows of the filter before it.
+    clearTimeout(filterTimer);
+    filterTimer = 0;
+    applyFilterText(filterInput.value);
+  }
   const doc = harDocument(state.shown, state.agent && state.agent.version);
   const blob = new Blob([JSON.stringify(doc, null, 2)], { type: "application/json" });
   const a = h("a", { href: URL.createObjectURL(blob), download: `qtap-devtools-${stamp()}.har` });
