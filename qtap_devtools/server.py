@@ -309,6 +309,10 @@ def create_app(rt: Runtime) -> Starlette:
                     return
                 if after is not None and index <= after:
                     continue
+                if prev is None and env.ts_ns:
+                    # The recording's start, matched or not: a filter's first
+                    # match comes when it came, not at once.
+                    prev = env.ts_ns
                 if not flt.matches(env):
                     continue
                 if speed > 0 and prev is not None and env.ts_ns > prev:

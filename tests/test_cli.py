@@ -188,6 +188,31 @@ def test_replay_reads_standard_input_and_a_pipe_it_holds_is_not_said_to_wait(tmp
     assert done.returncode == 0 and "waiting for a writer" not in done.stderr, done.stderr
 
 
+def test_a_paced_replay_with_a_filter_sends_the_first_match_when_it_came(tmp_path):
+    """--speed 1 paced only between matching events: a filter's first match,
+    1.5 s into the recording, came at once."""
+    import http.client
+
+    from tests import samples
+
+    conn = samples.connection()
+    capture = samples.write_capture(tmp_path / "paced.txt", [
+        samples.transaction(conn, "d4u9paced00000000000", path="/first", status=200, ts_offset_ms=36064),
+        samples.transaction(conn, "d4u9paced00000000001", path="/later", status=404, ts_offset_ms=37564),
+    ])
+    port = free_port()
+    with agent(["replay", str(capture), "--speed", "1"], port, tmp_path / "replay.log"):
+        client = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        asked = time.monotonic()
+        client.request("GET", "/devtools/api/events?status=404")
+        resp = client.getresponse()
+        while b"request.http_transaction" not in resp.readline():
+            pass
+        waited = time.monotonic() - asked
+        client.close()
+    assert waited >= 1.2, waited  # a lower bound: the recorded 1.5 s, not a speed check
+
+
 @pytest.mark.parametrize("argv,shed", [([], True), (["--no-shed"], False)])
 def test_shedding_is_on_unless_no_shed(argv, shed):
     args = cli_mod.build_parser().parse_args(["run", *argv])
