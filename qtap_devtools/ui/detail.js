@@ -249,6 +249,12 @@ function notice(kind, text) {
   return h("div", { class: `notice ${kind}`, testid: `notice-${kind}` }, text);
 }
 
+// What `incomplete` can mean (the transaction does not say which): the
+// probes' own limit named too, or a 2 MB upload in one write reads as a loss.
+const GAP_CAUSES = "some of its bytes were not captured: not copied by the probes (a single read or write over " +
+  "1 MiB copies its first 1 MiB; sendfile copies none), lost (the ring overflowed), or sent before the agent " +
+  "joined the connection";
+
 function problems(panel, row, tx) {
   if (tx.error) panel.append(notice("error", `Error: ${tx.error}`));
   if (tx.partial) {
@@ -258,7 +264,7 @@ function problems(panel, row, tx) {
       : "Partial: sent when the response had been streaming for the time limit, before it finished (a stream: server-sent events, a long download)."));
   }
   if (tx.shed) panel.append(notice("warn", "Body cut: the agent was behind or over its capture rate limit (--max-capture-rate), and kept only message heads for a while (stats: capture.shed_calls)."));
-  else if (tx.incomplete) panel.append(notice("warn", "Incomplete: some of this transaction's bytes were not captured (a capture gap)."));
+  else if (tx.incomplete) panel.append(notice("warn", `Incomplete: ${GAP_CAUSES}.`));
 }
 
 function section(title, testid, content) {
@@ -321,7 +327,7 @@ function cutReason(tx, msg, kept) {
   if (!msg.body_truncated) return "sent before the response ended (a stream): the rest was followed, not kept";
   if (!kept && tx.incomplete) return "none of its bytes were copied: sent with sendfile, or lost in a capture gap";
   if (tx.shed) return "cut while the agent was behind or over its capture rate (--max-capture-rate)";
-  if (tx.incomplete) return "some of its bytes were not captured (a capture gap)";
+  if (tx.incomplete) return GAP_CAUSES;
   return "the agent keeps the first --max-body-bytes of a body";
 }
 
