@@ -132,18 +132,16 @@ function rowFromEvent(body) {
 // like Chrome's filter box.
 // `status:` takes what the API's status= takes (404, 4xx, >=400, <300) and,
 // as `method:`, `pid:`, `side:` and `direction:`, a list: status:4xx,5xx.
-const FIELD_NAME = /^(method|status|host|pid|container|process|path|type|pod|side|direction|conn):$/;
-
 function parseTerms(text) {
   const terms = [];
   for (const raw of text.trim().toLowerCase().split(/\s+/)) {
     if (!raw) continue;
     const negate = raw.startsWith("-") && raw.length > 1;
     const word = negate ? raw.slice(1) : raw;
+    const m = /^(method|status|host|pid|container|process|path|type|pod|side|direction|conn):(.*)$/.exec(word);
     // `status:` with no value yet is being typed: it filters nothing (as a
     // word it matched no row, and the table went blank at each keystroke).
-    if (FIELD_NAME.test(word)) continue;
-    const m = /^(method|status|host|pid|container|process|path|type|pod|side|direction|conn):(.+)$/.exec(word);
+    if (m && !m[2]) continue;
     terms.push(m ? { negate, field: m[1], value: m[2] } : { negate, field: null, value: word });
   }
   return terms;
