@@ -12,6 +12,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -394,6 +395,140 @@ def test_a_child_that_fails_or_hangs_leaves_every_wrapper_to_entry_probes(monkey
     monkeypatch.setattr(plans.sys, "executable", "/bin/false")  # a child that dies (a capstone crash)
     got = plans.analyze(LIBSSL)
     assert all(isinstance(p, Unrecognised) and "exited 1" in p.reason for p in got.values()), got
+
+
+# ---------------------------------------------------------------------------
+# The agent's warm worker and its plans by file content (plans.Analyst)
+
+
+def copies(tmp_path: Path) -> tuple[str, str, str]:
+    """Two byte-identical copies of this machine's libssl, and one that differs
+    by a byte past its end (the same code: a rebuild a layer might carry)."""
+    if not os.path.exists(LIBSSL):
+        pytest.skip(f"{LIBSSL} not installed")
+    same, other, changed = tmp_path / "a.so", tmp_path / "b.so", tmp_path / "c.so"
+    data = Path(LIBSSL).read_bytes()
+    same.write_bytes(data)
+    other.write_bytes(data)
+    changed.write_bytes(data + b"\0")
+    return str(same), str(other), str(changed)
+
+
+def gone(pid: int) -> bool:
+    """Exited and reaped, or at least exited (a zombie its reaper has yet to take)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_one_warm_worker_analyses_file_after_file_and_bytes_seen_before_are_not_analysed_again(tmp_path):
+    same, other, changed = copies(tmp_path)
+    here = analyze(LIBSSL)
+    analyst = plans.Analyst()
+    try:
+        assert analyst.analyze(same) == here
+        fd = os.open(other, os.O_RDONLY | os.O_CLOEXEC)  # how the attacher holds a file
+        try:
+            assert analyst.analyze(f"/proc/self/fd/{fd}") == here  # another file, the same bytes
+        finally:
+            os.close(fd)
+        assert (analyst.analysed, analyst.reused) == (1, 1)
+        assert analyst.analyze(changed) == here  # other bytes: analysed, by the same worker
+        assert analyst.analyze(same, ("SSL_write",)) == analyze(LIBSSL, ("SSL_write",))  # other wrappers asked
+        assert (analyst.analysed, analyst.reused, analyst.failures, analyst.workers_started) == (3, 1, 0, 1)
+    finally:
+        analyst.close()
+
+
+def test_plans_kept_by_content_are_bounded_the_least_recently_used_going_first(tmp_path):
+    same, _, changed = copies(tmp_path)
+    analyst = plans.Analyst(cached_files=1)
+    try:
+        analyst.analyze(same)
+        analyst.analyze(changed)  # takes the one place
+        analyst.analyze(same)
+        assert (analyst.analysed, analyst.reused) == (3, 0)
+        analyst.analyze(same)
+        assert (analyst.analysed, analyst.reused) == (3, 1)
+    finally:
+        analyst.close()
+
+
+def test_an_idle_worker_is_let_go_at_a_sweep_and_another_started_when_a_file_comes(tmp_path):
+    same, _, changed = copies(tmp_path)
+    analyst = plans.Analyst(warm_seconds=3600)
+    try:
+        analyst.analyze(same)
+        worker = analyst._worker
+        analyst.tidy()
+        assert analyst._worker is worker and worker.poll() is None  # not idle long enough
+        analyst._warm_seconds = 0
+        analyst.tidy()
+        assert analyst._worker is None and worker.returncode == 0  # it exited on its own at the close, reaped
+        assert isinstance(analyst.analyze(changed)["SSL_read"], SitePlan)
+        assert analyst.workers_started == 2 and analyst.failures == 0
+    finally:
+        analyst.close()
+
+
+def test_a_worker_killed_from_outside_is_replaced_and_one_that_hangs_is_killed(tmp_path):
+    same, _, changed = copies(tmp_path)
+    analyst = plans.Analyst()
+    try:
+        analyst.analyze(same)
+        worker = analyst._worker
+        os.kill(worker.pid, 9)
+        while not gone(worker.pid):
+            time.sleep(0.01)
+        assert isinstance(analyst.analyze(changed)["SSL_read"], SitePlan)
+        assert analyst.workers_started == 2 and analyst.failures == 0
+    finally:
+        analyst.close()
+    hangs = plans.Analyst(timeout=0.2, command=[sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        got = hangs.analyze(same)
+        worker_gone = hangs._worker is None
+    finally:
+        hangs.close()
+    assert all(isinstance(p, Unrecognised) and "timed out" in p.reason for p in got.values()), got
+    assert worker_gone and hangs.failures == 1 and hangs.analysed == 0
+
+
+def test_a_failed_analysis_is_not_remembered(tmp_path):
+    same, _, _ = copies(tmp_path)
+    analyst = plans.Analyst(command=["/bin/false"])  # a worker that dies at once (a capstone crash)
+    try:
+        first = analyst.analyze(same)
+        assert all("exited 1" in p.reason for p in first.values()), first
+        analyst._command = plans.Analyst()._command
+        assert isinstance(analyst.analyze(same)["SSL_read"], SitePlan)
+        assert (analyst.failures, analyst.analysed, analyst.reused) == (1, 1, 0)
+    finally:
+        analyst.close()
+
+
+def test_the_worker_leaves_ctrl_c_to_the_agent_and_exits_with_it(tmp_path):
+    same, _, changed = copies(tmp_path)
+    analyst = plans.Analyst()
+    try:
+        analyst.analyze(same)
+        os.kill(analyst._worker.pid, 2)  # a terminal's Ctrl-C reaches the agent's whole process group
+        assert isinstance(analyst.analyze(changed)["SSL_read"], SitePlan)
+        assert analyst.workers_started == 1 and analyst.failures == 0
+    finally:
+        analyst.close()
+    # An agent that dies without closing it (kill -9): the worker sees its
+    # socket's end and exits.
+    script = ("import os, sys; from qtap_devtools.capture import plans; a = plans.Analyst(); "
+              f"a.analyze({same!r}); print(a._worker.pid, flush=True); os._exit(0)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    pid = int(out.stdout)
+    deadline = time.monotonic() + 30
+    while not gone(pid):
+        assert time.monotonic() < deadline, f"the worker {pid} outlived its agent"
+        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("text", [b"", b"[]", b'{"SSL_write": 1}', b'{"SSL_write": {"plan": "site", "symbol": "SSL_write"}}',

@@ -6,8 +6,8 @@ once per ``(st_dev, st_ino)`` and record why an attachment failed.
 
 Attach modes (``Capture(attach_mode=...)``):
 - ``"entry"``: a uprobe at each function's symbol plus a uretprobe, everywhere.
-- ``"auto"``: for OpenSSL files, ``tuned.analyze()`` (run in a child process:
-  ``plans.analyze``) finds sites inside the
+- ``"auto"``: for OpenSSL files, ``tuned.analyze()`` (run in a warm child
+  process: ``plans.Analyst``) finds sites inside the
   SSL_read/SSL_write wrappers whose instructions the kernel emulates (about
   +1 µs a call instead of +18.5 µs here); a wrapper it cannot prove falls back
   to ``"entry"`` on its own.  ``Attachment.sites`` says what each wrapper got.
@@ -304,6 +304,8 @@ class Attacher:
     (probes/tls_common.h, ``armed``), and
     ``detach_fn(slot)`` removes them (False: it cannot); injected so this
     logic is testable.  Slots run from 1; a detached file's slot is reused.
+    ``plans(path)`` is the tuned analysis (``plans.Analyst.analyze``) and
+    ``tidy()`` runs at every sweep (``plans.Analyst.tidy``).
     """
 
     def __init__(
@@ -315,6 +317,7 @@ class Attacher:
         arm_fn: Callable[[int, str], None] = lambda slot, label: None,
         detach_fn: Callable[[int], bool] = lambda slot: False,
         keep_idle: int = KEEP_IDLE,
+        tidy: Callable[[], None] = lambda: None,
     ) -> None:
         if mode not in ("auto", "entry"):
             raise ValueError(f"attach mode {mode!r}: must be 'auto' or 'entry'")
@@ -329,6 +332,7 @@ class Attacher:
         self._exclude_pid = exclude_pid
         self._mode = mode
         self._plans = plans
+        self._tidy = tidy
         # Held by the attaching threads across the slow work (ELF reads, the
         # tuned analysis, bcc's attaches), which it also serialises.  Readers
         # (the event loop, for every new SSE client and /stats) take
@@ -656,6 +660,7 @@ class Attacher:
             for key in idle[:max(0, len(idle) - self._keep_idle)]:
                 self._let_go(key, f"no process has mapped it for {self._unmapped[key]} sweeps")
             self._published = tuple(self._by_inode.values())
+        self._tidy()
 
     def _idle(self, sweeps: int) -> list[tuple[int, ...]]:
         """Files unmapped for at least ``sweeps`` sweeps, least recently used first."""

@@ -35,6 +35,7 @@ from . import procnet
 from .budget import ByteBudget
 from .attach import KEEP_IDLE, MAX_ATTACHMENTS, TUNED_FUNCTIONS, AttachMode, Attacher, Attachment, ExecWatcher, Where
 from .links import LinkUnsupported, Links, close_all
+from .plans import Analyst
 from .records import (
     Batch,
     SOURCES,
@@ -319,6 +320,7 @@ class Capture:
         self._bpf = None
         self.compiler_pages_released = 0
         self._attacher: Attacher | None = None
+        self._analyst: Analyst | None = None
         self._links = Links()  # the uprobes placed with a cookie (links.py)
         # "per file": a library's probes act once all are placed (probes/tls_common.h, armed)
         self.probe_arming = "per file"
@@ -358,7 +360,9 @@ class Capture:
             # tracepoints are live from the load: a socket opened from now on
             # the kernel learns itself.)
             self.seed_existing_sockets()
+        self._analyst = Analyst()
         self._attacher = Attacher(self._place, exclude_pid=self.exclude_pid, mode=self.attach_mode,
+                                  plans=self._analyst.analyze, tidy=self._analyst.tidy,
                                   arm_fn=self._arm, detach_fn=self._detach, keep_idle=self.keep_idle)
         self._attacher.scan_all(self.extra_binaries)
         self._watcher = ExecWatcher(self._attacher, sweep_seconds=self.sweep_seconds)
@@ -429,6 +433,8 @@ class Capture:
         if self._watcher is not None:
             self._watcher.stop()
             self._watcher = None
+        if self._analyst is not None:
+            self._analyst.close()
         if self._ring is not None and (thread is None or not thread.is_alive()):
             self._ring.close()  # a reader still inside it (join timed out) keeps it
         if self._bpf is not None:
@@ -854,6 +860,13 @@ class Capture:
             "layers_over_limit": self._attacher.layers_over_limit if self._attacher else 0,
             "layer_jobs_dropped": self._watcher.layer_jobs_dropped if self._watcher else 0,
             "attached_at_create": self._attacher.attached_at_create if self._attacher else 0,
+            # The tuned analysis (plans.Analyst): files analysed by its warm
+            # worker, plans reused for bytes analysed before, analyses failed
+            # (those files got entry probes), workers started
+            "tuned_analyses": self._analyst.analysed if self._analyst else 0,
+            "tuned_plans_reused": self._analyst.reused if self._analyst else 0,
+            "tuned_analysis_failures": self._analyst.failures if self._analyst else 0,
+            "tuned_workers_started": self._analyst.workers_started if self._analyst else 0,
             "exec_reads": self.exec_reads,  # processes read from /proc at exec, on the reader's thread
             "exec_reads_deferred": self.exec_reads_deferred,  # past EXEC_READS_PER_BATCH or EXEC_READ_SECONDS
             "data_bytes_read": self.data_bytes_read,

@@ -3,20 +3,31 @@
 The analysis (``tuned.py``) disassembles a TLS library with capstone: C code
 reading machine code from files a container controls, and ~5 MB of the
 agent's memory for good once imported (its Python constants for seventeen
-architectures), for a few milliseconds' work per file.  So the agent runs it
-in a short-lived child (``python -m qtap_devtools.capture.tuned FILE``) and
-reads the plans back as JSON: a file that crashes or hangs capstone costs
-that child, and the file gets entry probes.  The types live here, free of
+architectures), for a few milliseconds' work per file.  So the agent asks a
+child process (``python -m qtap_devtools.capture.tuned --serve FD``) and reads
+the plans back as JSON: a file that crashes or hangs capstone costs that
+child, and the file gets entry probes.  The types live here, free of
 capstone, for the agent and the child both.
+
+The child is kept warm (``Analyst``): Python's start and capstone's import are
+~100 ms of an analysis's ~110 here, and up to 400 ms while Docker starts a
+container, which is when a new container's libssl is attached, against the
+~130 ms from Docker's ``create`` to its first process.  And a file whose bytes
+were analysed before (one libssl build in many images) is not analysed again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import re
+import select
+import socket
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +37,15 @@ import orjson
 WRAPPERS = ("SSL_write", "SSL_read", "SSL_write_ex", "SSL_read_ex")
 # Python's start-up and capstone's import are most of it (~0.3 s here).
 ANALYSIS_TIMEOUT_SECONDS = 30.0
+# A worker with no file to analyse for this long is let go (~24 MB): the
+# agent's start and a burst of new containers are served warm, an idle agent
+# holds no worker.
+WARM_SECONDS = 300.0
+# Plans remembered by file content, the most recently used; a file larger than
+# MAX_HASHED_BYTES (node's binary, ~100 MB) is analysed each time instead.
+CACHED_FILES = 64
+MAX_HASHED_BYTES = 32 << 20
+MAX_REPLY_BYTES = 1 << 20
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 _HELD = re.compile(r"/proc/self/fd/(\d+)")
 
@@ -141,22 +161,157 @@ def plans_from_json(text: bytes, symbols: tuple[str, ...]) -> dict[str, Plan]:
     return plans
 
 
-def analyze(path: str, symbols: tuple[str, ...] = WRAPPERS, timeout: float = ANALYSIS_TIMEOUT_SECONDS) -> dict[str, Plan]:
-    """``tuned.analyze(path)``, run in a child process; every wrapper
-    ``Unrecognised`` (so: entry probes) if the child fails.  ``path`` may be
-    ``/proc/self/fd/N``: the child is given that descriptor."""
-    held = _HELD.fullmatch(path)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [_PACKAGE_ROOT, os.environ.get("PYTHONPATH")]))}
+def request_symbols(msg: bytes) -> tuple[str, ...]:
+    """The wrappers a worker is asked for (a JSON list of names); ValueError if not that."""
+    symbols = orjson.loads(msg)
+    if not isinstance(symbols, list) or not all(isinstance(s, str) for s in symbols):
+        raise ValueError("the request is not a list of symbol names")
+    return tuple(symbols)
+
+
+def failed(symbols: tuple[str, ...], why: str) -> dict[str, Plan]:
+    return {s: Unrecognised(s, f"analysis failed ({why})") for s in symbols}
+
+
+def content_key(path: str, symbols: tuple[str, ...]) -> bytes | None:
+    """What a file's plans depend on: its bytes and the wrappers asked for
+    (None: too large to hash for less than an analysis costs, or unreadable)."""
     try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "qtap_devtools.capture.tuned", path, *symbols],
-            stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, env=env,
-            pass_fds=(int(held.group(1)),) if held else (),
-        )
-        if proc.returncode != 0:
-            tail = proc.stderr.decode(errors="replace").strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
-            raise ValueError(f"exited {proc.returncode}: {tail[0][:200]}")
-        return plans_from_json(proc.stdout, symbols)
-    except (OSError, ValueError, subprocess.SubprocessError) as exc:
-        why = "timed out" if isinstance(exc, subprocess.TimeoutExpired) else str(exc)
-        return {s: Unrecognised(s, f"analysis failed ({why})") for s in symbols}
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size > MAX_HASHED_BYTES:
+                return None
+            digest = hashlib.file_digest(f, "sha256")
+    except OSError:
+        return None
+    digest.update(",".join(symbols).encode())
+    return digest.digest()
+
+
+class Analyst:
+    """The tuned analysis for the agent: one warm worker process, asked one
+    file at a time, and plans remembered by file content.  Thread-safe;
+    ``tidy`` (the attacher's sweep) lets an idle worker go, ``close`` at stop.
+
+    Counters: ``analysed`` (files a worker analysed), ``reused`` (plans
+    given again for bytes analysed before), ``failures`` (a worker that died,
+    hung or answered nonsense: that file gets entry probes), ``workers_started``.
+    """
+
+    def __init__(self, timeout: float = ANALYSIS_TIMEOUT_SECONDS, warm_seconds: float = WARM_SECONDS,
+                 cached_files: int = CACHED_FILES, command: list[str] | None = None) -> None:
+        self._timeout = timeout
+        self._warm_seconds = warm_seconds
+        self._cached_files = cached_files
+        self._command = command or [sys.executable, "-m", "qtap_devtools.capture.tuned", "--serve"]
+        self._lock = threading.Lock()
+        self._worker: subprocess.Popen | None = None
+        self._sock: socket.socket | None = None
+        self._last_used = 0.0
+        self._cache: dict[bytes, dict[str, Plan]] = {}  # oldest use first
+        self.analysed = 0
+        self.reused = 0
+        self.failures = 0
+        self.workers_started = 0
+
+    def analyze(self, path: str, symbols: tuple[str, ...] = WRAPPERS) -> dict[str, Plan]:
+        """``tuned.analyze(path)``, by the worker; every wrapper ``Unrecognised``
+        (so: entry probes) if it fails.  ``path`` may be ``/proc/self/fd/N``:
+        the worker is given that descriptor."""
+        key = content_key(path, symbols)
+        with self._lock:
+            if key is not None and key in self._cache:
+                self.reused += 1
+                plans = self._cache[key] = self._cache.pop(key)
+                return plans
+            try:
+                plans = self._ask(path, symbols)
+            except (OSError, ValueError) as exc:
+                self.failures += 1
+                self._let_go(kill=True)
+                return failed(symbols, str(exc))
+            self.analysed += 1
+            if key is not None and self._cached_files:
+                if len(self._cache) >= self._cached_files:
+                    del self._cache[next(iter(self._cache))]
+                self._cache[key] = plans
+            return plans
+
+    def _ask(self, path: str, symbols: tuple[str, ...]) -> dict[str, Plan]:
+        held = _HELD.fullmatch(path)
+        fd = int(held.group(1)) if held else os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            sock = self._warm()
+            try:
+                socket.send_fds(sock, [orjson.dumps(list(symbols))], [fd])
+                if not select.select([sock], [], [], self._timeout)[0]:
+                    raise ValueError("timed out")
+                reply = sock.recv(MAX_REPLY_BYTES)
+            except (BrokenPipeError, ConnectionResetError):
+                reply = b""  # it died with the request unread: why is its exit's to say
+        finally:
+            if not held:
+                os.close(fd)
+        if not reply:
+            raise ValueError(self._let_go() or "the worker closed its socket")
+        self._last_used = time.monotonic()
+        return plans_from_json(reply, symbols)
+
+    def _warm(self) -> socket.socket:
+        if self._sock is not None and self._worker is not None and self._worker.poll() is None:
+            return self._sock
+        self._let_go()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        env = {**os.environ,
+               "PYTHONPATH": os.pathsep.join(filter(None, [_PACKAGE_ROOT, os.environ.get("PYTHONPATH")]))}
+        try:
+            self._worker = subprocess.Popen([*self._command, str(theirs.fileno())], stdin=subprocess.DEVNULL,
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+                                            pass_fds=(theirs.fileno(),))
+        except OSError:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self._sock = ours
+        self.workers_started += 1
+        return ours
+
+    def _let_go(self, kill: bool = False) -> str:
+        """Close the worker's socket, so it exits, and reap it (``kill``: at
+        once, it may be busy with a file); how it ended, "" if there was none."""
+        sock, worker, self._sock, self._worker = self._sock, self._worker, None, None
+        if sock is not None:
+            sock.close()
+        if worker is None:
+            return ""
+        if kill:
+            worker.kill()
+        try:
+            worker.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+        assert worker.stderr is not None
+        with worker.stderr:
+            tail = worker.stderr.read(65536).decode(errors="replace").strip().splitlines()[-1:]
+        return f"exited {worker.returncode}" + (f": {tail[0][:200]}" if tail else "")
+
+    def tidy(self) -> None:
+        """Let a worker idle for ``warm_seconds`` go."""
+        with self._lock:
+            if self._worker is not None and time.monotonic() - self._last_used >= self._warm_seconds:
+                self._let_go()
+
+    def close(self) -> None:
+        with self._lock:
+            self._let_go()
+
+
+def analyze(path: str, symbols: tuple[str, ...] = WRAPPERS, timeout: float = ANALYSIS_TIMEOUT_SECONDS) -> dict[str, Plan]:
+    """One file's plans from a worker started for it alone (tools and tests;
+    the agent keeps an ``Analyst``)."""
+    analyst = Analyst(timeout=timeout, cached_files=0)
+    try:
+        return analyst.analyze(path, symbols)
+    finally:
+        analyst.close()

@@ -17,6 +17,9 @@ an exception.
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
 import struct
 import sys
 from dataclasses import replace
@@ -26,7 +29,7 @@ from capstone import CS_AC_WRITE, CS_ARCH_X86, CS_GRP_CALL, CS_GRP_INT, CS_GRP_I
 from capstone import CS_GRP_RET, CS_MODE_64, Cs, CsError, CsInsn
 from capstone import x86 as X
 
-from .plans import WRAPPERS, CountSource, Plan, SitePlan, Unrecognised, plans_json
+from .plans import WRAPPERS, CountSource, Plan, SitePlan, Unrecognised, plans_json, request_symbols
 
 # A wrapper is a few dozen bytes; node's inlined ones are ~0x200.  Anything far
 # larger is not the shape we recognise, and bounds the work on hostile input.
@@ -500,10 +503,39 @@ def analyze(path: str, symbols: tuple[str, ...] = WRAPPERS, share: bool = True) 
     return share_callee_returns(plans) if share else plans
 
 
+def serve(fd: int) -> int:
+    """``--serve FD``: the agent's warm worker (``plans.Analyst``).  Each
+    message on the SEQPACKET socket FD carries one file's descriptor and the
+    wrappers wanted; the answer is that file's plans, as ``main`` prints them.
+    It ends when the agent closes its end (or exits)."""
+    # A terminal's Ctrl-C reaches the whole process group; stopping is the
+    # agent's to decide, and it closes this socket when it does.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sock = socket.socket(fileno=fd)
+    while True:
+        try:
+            msg, fds, _, _ = socket.recv_fds(sock, 4096, 1)
+        except OSError:
+            return 0
+        if not msg and not fds:
+            return 0  # the agent is gone
+        try:
+            symbols = request_symbols(msg)
+            if len(fds) != 1:
+                raise ValueError(f"{len(fds)} descriptors with the request, not 1")
+            plans = analyze(f"/proc/self/fd/{fds[0]}", symbols)
+        finally:
+            for held in fds:
+                os.close(held)
+        sock.sendall(plans_json(plans))
+
+
 def main(argv: list[str]) -> int:
-    """``python -m qtap_devtools.capture.tuned FILE [SYMBOL ...]``: the plans as JSON on stdout
-    (how the agent runs the analysis: ``plans.analyze``)."""
-    if not argv:
+    """``python -m qtap_devtools.capture.tuned FILE [SYMBOL ...]``: the plans as JSON on stdout;
+    ``--serve FD``: the agent's warm worker (``serve``)."""
+    if len(argv) == 2 and argv[0] == "--serve" and argv[1].isdigit():
+        return serve(int(argv[1]))
+    if not argv or argv[0].startswith("-"):
         print("usage: python -m qtap_devtools.capture.tuned FILE [SYMBOL ...]", file=sys.stderr)
         return 2
     plans = analyze(argv[0], tuple(argv[1:]) or WRAPPERS)
