@@ -307,6 +307,10 @@ def _running_agent(url: str, token: str | None = None) -> Check:
         detail += (f"CPU priority {capture['cpu_priority']}, now {capture.get('cpu_priority_now', '?')}"
                    + (f", the ring reader lifted {lifts:,} times by its watchdog" if isinstance(lifts, int) and lifts
                       else "") + "; ")
+    failed = capture.get("tuned_analysis_failures")
+    if isinstance(failed, int) and failed:  # a worker that crashed or hung on a file: entry probes there
+        detail += (f"{failed:,} TLS library analyses failed (those files have entry probes, ~18 µs more a call; "
+                   "the agent's log names them); ")
     arming = capture.get("probe_arming")
     if arming and arming != "per file":  # an older kernel: a call made while probes are placed can be half seen
         detail += f"probe arming {arming}; "

@@ -179,6 +179,7 @@ def test_running_agent_line_names_every_drop_counter(monkeypatch):
     stats = b'{"mode": "live", "uptime_seconds": 3.5, "capture": {"lost_records": 1200, "pending_dropped_total": 0,' \
             b' "cpu_priority": "auto (SCHED_IDLE while keeping up, normal when behind)", "cpu_priority_now": "normal",' \
             b' "cpu_priority_reader_lifts": 1234, "probe_arming": "none (BPF_LINK_CREATE for a perf event: Invalid argument)",' \
+            b' "tuned_analysis_failures": 2,' \
             b' "enrich": {"kubernetes": {"state": "unavailable: [Errno 111] Connection refused"},' \
             b' "docker": {"state": "connected"}}},' \
             b' "broadcast": {"subscriberDrops": 7}}'
@@ -191,6 +192,7 @@ def test_running_agent_line_names_every_drop_counter(monkeypatch):
     assert "CPU priority auto (SCHED_IDLE while keeping up, normal when behind), now normal, the ring reader " \
            "lifted 1,234 times by its watchdog;" in check.detail
     assert "probe arming none (BPF_LINK_CREATE" in check.detail
+    assert "2 TLS library analyses failed (those files have entry probes" in check.detail
     assert "kubernetes unavailable: [Errno 111] Connection refused (pod names come only from" in check.detail
     assert "docker" not in check.detail
 

@@ -547,3 +547,21 @@ def test_the_agent_does_not_load_capstone():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parent.parent)
     assert out.stdout.strip() == "[]"
+
+
+def test_closing_does_not_wait_for_an_analysis_in_flight(tmp_path):
+    """The agent's stop closes the analyst while its attach thread may be
+    waiting on a worker that hangs on a hostile file: that analysis fails at once."""
+    import threading
+
+    same, _, _ = copies(tmp_path)
+    hangs = plans.Analyst(timeout=600, command=[sys.executable, "-c", "import time; time.sleep(600)"])
+    got: list = []
+    asking = threading.Thread(target=lambda: got.append(hangs.analyze(same)))
+    asking.start()
+    while hangs._worker is None:
+        time.sleep(0.01)
+    hangs.close()
+    asking.join(timeout=60)
+    assert not asking.is_alive(), "the analysis in flight still waits on its killed worker"
+    assert all(isinstance(p, Unrecognised) for p in got[0].values()) and hangs.failures == 1

@@ -563,8 +563,8 @@ class Attacher:
             self._layers[key] = None
             self.layers_read += 1  # after its files are attached: what a test can wait for
         if new:
-            log.info("a new container's image layers: %d files attached in %.0f ms, before its first process",
-                     new, (time.monotonic() - started) * 1e3)
+            log.info("a new container's image layers: %d files attached in %.0f ms", new,
+                     (time.monotonic() - started) * 1e3)
         return new
 
     def scan_pid(self, pid: int) -> list[Attachment]:

@@ -303,8 +303,13 @@ class Analyst:
                 self._let_go()
 
     def close(self) -> None:
+        """At the agent's stop, which must not wait: killed (it holds nothing),
+        first without the lock, which an analysis in flight holds (it fails at once)."""
+        worker = self._worker
+        if worker is not None:
+            worker.kill()
         with self._lock:
-            self._let_go()
+            self._let_go(kill=True)
 
 
 def analyze(path: str, symbols: tuple[str, ...] = WRAPPERS, timeout: float = ANALYSIS_TIMEOUT_SECONDS) -> dict[str, Plan]:
