@@ -35,11 +35,11 @@ from typing import Any, Literal
 import orjson
 
 WRAPPERS = ("SSL_write", "SSL_read", "SSL_write_ex", "SSL_read_ex")
-# Python's start-up and capstone's import are most of it (~0.3 s here).
+# A file's analysis takes a warm worker ~4 ms here; this bounds a hostile one.
 ANALYSIS_TIMEOUT_SECONDS = 30.0
-# A worker with no file to analyse for this long is let go (~24 MB): the
-# agent's start and a burst of new containers are served warm, an idle agent
-# holds no worker.
+# A worker with no file to analyse for this long is let go (~30 MB resident,
+# half of it shared code): the agent's start and the containers started in the
+# minutes after are served warm, an idle agent holds no worker.
 WARM_SECONDS = 300.0
 # Plans remembered by file content, the most recently used; a file larger than
 # MAX_HASHED_BYTES (node's binary, ~100 MB) is analysed each time instead.
