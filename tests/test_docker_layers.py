@@ -78,3 +78,75 @@ def test_a_failure_handing_the_layers_over_costs_the_container_nothing():
     meta._on_event(_event("create", cid, name="web", image="img"))
     meta._give_layers(cid, _overlay2("/l/diff"))  # logged, not raised into the inspect's path
     assert meta.stats()["layers_given"] == 0 and meta.lookup_nowait(cid).name == "web"
+
+
+def _image(upper: object, lower: object = None) -> dict:
+    data = {"UpperDir": upper, "MergedDir": "/var/lib/docker/overlay2/i1/merged"}
+    if lower is not None:
+        data["LowerDir"] = lower
+    return {"Id": "sha256:" + "ab" * 32, "GraphDriver": {"Name": "overlay2", "Data": data}}
+
+
+@pytest.mark.parametrize("data, layers", [
+    (_image("/var/lib/docker/overlay2/l3/diff", "/var/lib/docker/overlay2/l2/diff:/var/lib/docker/overlay2/l1/diff"),
+     ["/var/lib/docker/overlay2/l3/diff", "/var/lib/docker/overlay2/l2/diff", "/var/lib/docker/overlay2/l1/diff"]),
+    (_image("/var/lib/docker/overlay2/l1/diff"), ["/var/lib/docker/overlay2/l1/diff"]),  # one layer: no LowerDir
+    ({"GraphDriver": {"Name": "btrfs", "Data": {"UpperDir": "/x"}}}, None),
+    (_image(None, "/a"), None),
+    (_image("/a", ["/b"]), None),
+    (_image("relative", "/b"), None),
+    ({}, None),
+])
+def test_an_images_layers_are_read_from_its_inspect(data, layers):
+    from qtap_devtools.enrich.docker_meta import image_dirs
+
+    assert image_dirs(data) == layers
+
+
+class _ImageInspects:
+    """What the fetch thread asks the daemon's API for an image: made-up
+    answers (the daemon's own are checked in test_e2e_docker_layers.py)."""
+
+    def __init__(self, answer):
+        self.answer, self.asked = answer, []
+
+    def inspect_image(self, image):
+        self.asked.append(image)
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+def test_a_created_containers_layers_come_from_its_images_inspect_before_its_own():
+    """The image's inspect is answered while the container is being started;
+    the container's own inspect then hands nothing over again."""
+    from qtap_devtools.enrich.docker_meta import DockerMetadata
+
+    meta = DockerMetadata("unix:///nonexistent.sock")
+    meta._connected = True
+    given: list[list[str]] = []
+    meta.on_layers = given.append
+    cid = "cd" * 32
+    meta._on_event(_event("create", cid, name="web", image="curl:8"))
+    api = _ImageInspects(_image("/l/3/diff", "/l/2/diff"))
+    meta._layers_from_image(api, cid)
+    meta._give_layers(cid, _overlay2("/var/lib/docker/overlay2/c1-init/diff:/l/3/diff:/l/2/diff"))
+    assert api.asked == ["curl:8"] and given == [["/l/3/diff", "/l/2/diff"]]
+    assert meta.stats()["layers_given"] == 1 and meta.stats()["layers_from_image"] == 1
+
+
+@pytest.mark.parametrize("answer", [RuntimeError("404 Client Error: no such image"), {"GraphDriver": {"Name": "btrfs"}}])
+def test_an_image_inspect_that_fails_leaves_the_layers_to_the_containers_inspect(answer):
+    from qtap_devtools.enrich.docker_meta import DockerMetadata
+
+    meta = DockerMetadata("unix:///nonexistent.sock")
+    meta._connected = True
+    given: list[list[str]] = []
+    meta.on_layers = given.append
+    cid = "cd" * 32
+    meta._on_event(_event("create", cid, name="web", image="curl:8"))
+    meta._layers_from_image(_ImageInspects(answer), cid)
+    assert given == []
+    meta._give_layers(cid, _overlay2("/var/lib/docker/overlay2/c1-init/diff:/l/1/diff"))
+    assert given == [["/l/1/diff"]]
+    assert meta.stats()["layers_given"] == 1 and meta.stats()["layers_from_image"] == 0

@@ -4,9 +4,10 @@ image's own curl, captured on the client side.
 
 Why ``docker create`` … wait … ``docker start -a`` rather than ``docker run``:
 a warm daemon's ``docker run`` of curl is done ~140 ms after ``create``, and
-the attach races it.  It wins most of the time now (the tuned analysis is
-asked of a warm worker, and this image's libssl, a copy of the host's, is
-not analysed again), but a race it stays.  Waiting for the agent to say the
+the attach races it.  It wins most of the time now (the layers are read
+from the image's inspect, the tuned analysis is asked of a warm worker, and
+this image's libssl, a copy of the host's, is not analysed again), but a race
+it stays.  Waiting for the agent to say the
 layer's file is attached is what makes this test about the create-time attach
 and the file's identity, not about the race."""
 
@@ -74,6 +75,10 @@ def test_a_created_containers_own_libssl_is_attached_before_it_starts_and_its_fi
                 # and the worker that analysed the host's still warm.
                 assert now["tuned_plans_reused"] > before["tuned_plans_reused"], now
                 assert now["tuned_workers_started"] == 1 and now["tuned_analysis_failures"] == 0, now
+                # Read from the image's inspect, which the daemon answers while
+                # it is still starting a container (the container's waits).
+                docker_now, docker_before = now["enrich"]["docker"], before["enrich"]["docker"]
+                assert docker_now["layers_from_image"] == docker_before["layers_from_image"] + 1, docker_now
                 attached = now["attachments"]
                 dockerenv.docker("start", "-a", cid)
                 tx = [t for t in reader.transactions(m, count=2) if t["direction"] != "ingress"]

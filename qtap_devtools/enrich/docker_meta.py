@@ -6,10 +6,12 @@ event stream: a container's ``create`` event carries its name, image and
 labels, which go into the cache at once (its process has not run yet, so its
 first event is named without waiting for an ``inspect``, however many
 containers start together); ``rename`` and ``update`` replace them; destroyed
-containers leave the cache.  An ``inspect`` still follows, for the hostname;
-after a ``create`` it also gives the image's layer directories (overlay2's
-``GraphDriver.Data.LowerDir``) to ``on_layers``, so that the capture attaches
-the image's own TLS libraries before the container's first process runs.
+containers leave the cache.  An ``inspect`` still follows, for the hostname.
+After a ``create`` the image's layer directories (overlay2's) go to
+``on_layers``, so that the capture attaches the image's own TLS libraries
+before the container's first process runs: from an ``inspect`` of the image
+the event names, which the daemon answers at once, and else from the
+container's, which waits while that container is being started.
 Without a daemon (no socket, refused, no permission) one warning is logged,
 lookups answer None at once, and the event thread retries every second at
 most until the daemon is back.
@@ -98,9 +100,11 @@ class DockerMetadata:
         # Given a created container's image layers (host directories, topmost
         # first), on the fetch thread; it must not block (the capture queues them).
         self.on_layers: Callable[[list[str]], None] | None = None
-        self._want_layers: OrderedDict[str, None] = OrderedDict()  # created ids whose inspect is awaited
+        # created ids whose layers are awaited -> the image their create event named
+        self._want_layers: OrderedDict[str, str | None] = OrderedDict()
         self._want_layers_size = fetch_queue_size
         self.layers_given = 0  # containers whose image layers went to the capture at create
+        self.layers_from_image = 0  # of those, read from the image's inspect (the rest: the container's)
         self.layers_not_overlay = 0  # no overlay2 layers in the inspect (another storage driver): found at start
 
     # ---------------------------------------------------------------- lookups
@@ -180,6 +184,7 @@ class DockerMetadata:
             "negative_evicted": self.negative_evicted,
             "destroyed_evicted": self.destroyed_evicted,
             "layers_given": self.layers_given,
+            "layers_from_image": self.layers_from_image,
             "layers_not_overlay": self.layers_not_overlay,
         }
 
@@ -345,7 +350,8 @@ class DockerMetadata:
                 if action in ("rename", "update") and cid in self._inflight:
                     self._stale.add(cid)
                 if action == "create" and self.on_layers is not None:
-                    self._want_layers[cid] = None
+                    image = actor.get("Attributes", {}).get("image") if isinstance(actor, Mapping) else None
+                    self._want_layers[cid] = image if isinstance(image, str) and image else None
                     if len(self._want_layers) > self._want_layers_size:  # their inspects never came (dropped)
                         self._want_layers.popitem(last=False)
             self._schedule(cid)  # the hostname, and the labels exactly
@@ -371,6 +377,7 @@ class DockerMetadata:
             try:
                 if api is not None and self._connected:
                     self.fetches += 1
+                    self._layers_from_image(api, cid)
                     data = api.inspect_container(cid)
                     self._give_layers(cid, data)  # first: the container may be starting now
                     info = container_from_inspect(data)
@@ -404,27 +411,58 @@ class DockerMetadata:
         for future in pending.values():
             future.set_result(None)
 
-    def _give_layers(self, cid: str, data: Mapping[str, Any]) -> None:
-        """A created container's image layers to ``on_layers``, once."""
-        on_layers = self.on_layers
+    def _layers_from_image(self, api: Any, cid: str) -> None:
+        """A created container's image layers from an ``inspect`` of its image,
+        before the container's own: the daemon answers that at once, where the
+        container's waits while it is being started (180 ms measured here, by
+        when a short first process has run).  Any failure leaves them to the
+        container's inspect."""
         with self._lock:
-            wanted = self._want_layers.pop(cid, False) is None
-        if not wanted or on_layers is None:
+            image = self._want_layers.get(cid)
+        if image is None:
+            return
+        try:
+            layers = image_dirs(api.inspect_image(image))
+        except Exception as exc:  # gone, retagged, the daemon away: the container's inspect follows
+            log.debug("docker: inspect of image %s failed: %s", image, exc)
+            return
+        if layers and self._hand_layers(cid, layers):
+            self.layers_from_image += 1
+
+    def _give_layers(self, cid: str, data: Mapping[str, Any]) -> None:
+        """A created container's image layers, from its inspect, to ``on_layers``, once."""
+        if cid not in self._want_layers or self.on_layers is None:
             return
         # Nothing here may fail the inspect it rides on: the container's name
         # and hostname come from the same answer.
         try:
             layers = image_layer_dirs(data)
-            if layers is None:
-                self.layers_not_overlay += 1  # its libraries are found at its first process, as before
-                return
-            if not layers:
-                return
+        except Exception:  # a bug of ours (the daemon's answer is checked); names must keep coming
+            log.exception("docker: reading %.12s's image layers", cid)
+            return
+        if layers is None:
+            with self._lock:
+                self._want_layers.pop(cid, None)
+            self.layers_not_overlay += 1  # its libraries are found at its first process, as before
+            return
+        self._hand_layers(cid, layers)
+
+    def _hand_layers(self, cid: str, layers: list[str]) -> bool:
+        """``layers`` to ``on_layers`` if ``cid``'s are still wanted; whether they went."""
+        on_layers = self.on_layers
+        with self._lock:
+            wanted = cid in self._want_layers
+            self._want_layers.pop(cid, None)
+        if not wanted or on_layers is None or not layers:
+            return False
+        try:
             log.debug("docker: %.12s created: its %d image layers to the capture", cid, len(layers))
             on_layers(layers)
-            self.layers_given += 1
-        except Exception:  # a bug of ours (the daemon's answer is checked); names must keep coming
+        except Exception:  # a bug of ours; names must keep coming
             log.exception("docker: handing %.12s's image layers to the capture", cid)
+            return False
+        self.layers_given += 1
+        return True
 
     def _put(self, cid: str, info: ContainerInfo) -> None:
         """Cache ``info`` (under the lock), the oldest going past the bound."""
@@ -470,6 +508,23 @@ def image_layer_dirs(data: Mapping[str, Any]) -> list[str] | None:
     if not all(d.startswith("/") for d in dirs):  # not paths on the host: an answer we do not understand
         return None
     return [d for d in dirs if not d.rstrip("/").endswith("-init/diff")]
+
+
+def image_dirs(data: Mapping[str, Any]) -> list[str] | None:
+    """The layer directories of an inspected image (overlay2's: its top
+    layer's ``UpperDir``, then ``LowerDir``, on the host, topmost first); None
+    for another storage driver or an answer without them."""
+    driver = data.get("GraphDriver")
+    if not isinstance(driver, Mapping) or driver.get("Name") != "overlay2":
+        return None
+    layers = driver.get("Data")
+    if not isinstance(layers, Mapping):
+        return None
+    upper, lower = layers.get("UpperDir"), layers.get("LowerDir")
+    if not isinstance(upper, str) or not (lower is None or isinstance(lower, str)):
+        return None
+    dirs = [upper, *(lower.split(":") if lower else [])]
+    return dirs if all(d.startswith("/") for d in dirs) else None
 
 
 # Event attributes that are not the container's labels.
