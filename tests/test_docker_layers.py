@@ -117,17 +117,23 @@ class _ImageInspects:
         return self.answer
 
 
-def test_a_created_containers_layers_come_from_its_images_inspect_before_its_own():
-    """The image's inspect is answered while the container is being started;
-    the container's own inspect then hands nothing over again."""
+def _created(cid: str):
+    """A DockerMetadata (no daemon) told of ``cid``'s create, and the layers it hands the capture."""
     from qtap_devtools.enrich.docker_meta import DockerMetadata
 
     meta = DockerMetadata("unix:///nonexistent.sock")
     meta._connected = True
     given: list[list[str]] = []
     meta.on_layers = given.append
-    cid = "cd" * 32
     meta._on_event(_event("create", cid, name="web", image="curl:8"))
+    return meta, given
+
+
+def test_a_created_containers_layers_come_from_its_images_inspect_before_its_own():
+    """The image's inspect is answered while the container is being started;
+    the container's own inspect then hands nothing over again."""
+    cid = "cd" * 32
+    meta, given = _created(cid)
     api = _ImageInspects(_image("/l/3/diff", "/l/2/diff"))
     meta._layers_from_image(api, cid)
     meta._give_layers(cid, _overlay2("/var/lib/docker/overlay2/c1-init/diff:/l/3/diff:/l/2/diff"))
@@ -137,14 +143,8 @@ def test_a_created_containers_layers_come_from_its_images_inspect_before_its_own
 
 @pytest.mark.parametrize("answer", [RuntimeError("404 Client Error: no such image"), {"GraphDriver": {"Name": "btrfs"}}])
 def test_an_image_inspect_that_fails_leaves_the_layers_to_the_containers_inspect(answer):
-    from qtap_devtools.enrich.docker_meta import DockerMetadata
-
-    meta = DockerMetadata("unix:///nonexistent.sock")
-    meta._connected = True
-    given: list[list[str]] = []
-    meta.on_layers = given.append
     cid = "cd" * 32
-    meta._on_event(_event("create", cid, name="web", image="curl:8"))
+    meta, given = _created(cid)
     meta._layers_from_image(_ImageInspects(answer), cid)
     assert given == []
     meta._give_layers(cid, _overlay2("/var/lib/docker/overlay2/c1-init/diff:/l/1/diff"))

@@ -423,102 +423,94 @@ def gone(pid: int) -> bool:
         return True
 
 
-def test_one_warm_worker_analyses_file_after_file_and_bytes_seen_before_are_not_analysed_again(tmp_path):
+@pytest.fixture
+def analysts():
+    """``plans.Analyst(**kw)``, each closed (its worker killed) after the test."""
+    made: list[plans.Analyst] = []
+
+    def make(**kw) -> plans.Analyst:
+        made.append(plans.Analyst(**kw))
+        return made[-1]
+
+    yield make
+    for analyst in made:
+        analyst.close()
+
+
+def test_one_warm_worker_analyses_file_after_file_and_bytes_seen_before_are_not_analysed_again(tmp_path, analysts):
     same, other, changed = copies(tmp_path)
     here = analyze(LIBSSL)
-    analyst = plans.Analyst()
+    analyst = analysts()
+    assert analyst.analyze(same) == here
+    fd = os.open(other, os.O_RDONLY | os.O_CLOEXEC)  # how the attacher holds a file
     try:
-        assert analyst.analyze(same) == here
-        fd = os.open(other, os.O_RDONLY | os.O_CLOEXEC)  # how the attacher holds a file
-        try:
-            assert analyst.analyze(f"/proc/self/fd/{fd}") == here  # another file, the same bytes
-        finally:
-            os.close(fd)
-        assert (analyst.analysed, analyst.reused) == (1, 1)
-        assert analyst.analyze(changed) == here  # other bytes: analysed, by the same worker
-        assert analyst.analyze(same, ("SSL_write",)) == analyze(LIBSSL, ("SSL_write",))  # other wrappers asked
-        assert (analyst.analysed, analyst.reused, analyst.failures, analyst.workers_started) == (3, 1, 0, 1)
+        assert analyst.analyze(f"/proc/self/fd/{fd}") == here  # another file, the same bytes
     finally:
-        analyst.close()
+        os.close(fd)
+    assert (analyst.analysed, analyst.reused) == (1, 1)
+    assert analyst.analyze(changed) == here  # other bytes: analysed, by the same worker
+    assert analyst.analyze(same, ("SSL_write",)) == analyze(LIBSSL, ("SSL_write",))  # other wrappers asked
+    assert (analyst.analysed, analyst.reused, analyst.failures, analyst.workers_started) == (3, 1, 0, 1)
 
 
-def test_plans_kept_by_content_are_bounded_the_least_recently_used_going_first(tmp_path):
+def test_plans_kept_by_content_are_bounded_the_least_recently_used_going_first(tmp_path, analysts):
     same, _, changed = copies(tmp_path)
-    analyst = plans.Analyst(cached_files=1)
-    try:
-        analyst.analyze(same)
-        analyst.analyze(changed)  # takes the one place
-        analyst.analyze(same)
-        assert (analyst.analysed, analyst.reused) == (3, 0)
-        analyst.analyze(same)
-        assert (analyst.analysed, analyst.reused) == (3, 1)
-    finally:
-        analyst.close()
+    analyst = analysts(cached_files=1)
+    analyst.analyze(same)
+    analyst.analyze(changed)  # takes the one place
+    analyst.analyze(same)
+    assert (analyst.analysed, analyst.reused) == (3, 0)
+    analyst.analyze(same)
+    assert (analyst.analysed, analyst.reused) == (3, 1)
 
 
-def test_an_idle_worker_is_let_go_at_a_sweep_and_another_started_when_a_file_comes(tmp_path):
+def test_an_idle_worker_is_let_go_at_a_sweep_and_another_started_when_a_file_comes(tmp_path, analysts):
     same, _, changed = copies(tmp_path)
-    analyst = plans.Analyst(warm_seconds=3600)
-    try:
-        analyst.analyze(same)
-        worker = analyst._worker
-        analyst.tidy()
-        assert analyst._worker is worker and worker.poll() is None  # not idle long enough
-        analyst._warm_seconds = 0
-        analyst.tidy()
-        assert analyst._worker is None and worker.returncode == 0  # it exited on its own at the close, reaped
-        assert isinstance(analyst.analyze(changed)["SSL_read"], SitePlan)
-        assert analyst.workers_started == 2 and analyst.failures == 0
-    finally:
-        analyst.close()
+    analyst = analysts(warm_seconds=3600)
+    analyst.analyze(same)
+    worker = analyst._worker
+    analyst.tidy()
+    assert analyst._worker is worker and worker.poll() is None  # not idle long enough
+    analyst._warm_seconds = 0
+    analyst.tidy()
+    assert analyst._worker is None and worker.returncode == 0  # it exited on its own at the close, reaped
+    assert isinstance(analyst.analyze(changed)["SSL_read"], SitePlan)
+    assert analyst.workers_started == 2 and analyst.failures == 0
 
 
-def test_a_worker_killed_from_outside_is_replaced_and_one_that_hangs_is_killed(tmp_path):
+def test_a_worker_killed_from_outside_is_replaced_and_one_that_hangs_is_killed(tmp_path, analysts):
     same, _, changed = copies(tmp_path)
-    analyst = plans.Analyst()
-    try:
-        analyst.analyze(same)
-        worker = analyst._worker
-        os.kill(worker.pid, 9)
-        while not gone(worker.pid):
-            time.sleep(0.01)
-        assert isinstance(analyst.analyze(changed)["SSL_read"], SitePlan)
-        assert analyst.workers_started == 2 and analyst.failures == 0
-    finally:
-        analyst.close()
-    hangs = plans.Analyst(timeout=0.2, command=[sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        got = hangs.analyze(same)
-        worker_gone = hangs._worker is None
-    finally:
-        hangs.close()
+    analyst = analysts()
+    analyst.analyze(same)
+    worker = analyst._worker
+    os.kill(worker.pid, 9)
+    while not gone(worker.pid):
+        time.sleep(0.01)
+    assert isinstance(analyst.analyze(changed)["SSL_read"], SitePlan)
+    assert analyst.workers_started == 2 and analyst.failures == 0
+    hangs = analysts(timeout=0.2, command=[sys.executable, "-c", "import time; time.sleep(60)"])
+    got = hangs.analyze(same)
     assert all(isinstance(p, Unrecognised) and "timed out" in p.reason for p in got.values()), got
-    assert worker_gone and hangs.failures == 1 and hangs.analysed == 0
+    assert hangs._worker is None and hangs.failures == 1 and hangs.analysed == 0
 
 
-def test_a_failed_analysis_is_not_remembered(tmp_path):
+def test_a_failed_analysis_is_not_remembered(tmp_path, analysts):
     same, _, _ = copies(tmp_path)
-    analyst = plans.Analyst(command=["/bin/false"])  # a worker that dies at once (a capstone crash)
-    try:
-        first = analyst.analyze(same)
-        assert all("exited 1" in p.reason for p in first.values()), first
-        analyst._command = plans.Analyst()._command
-        assert isinstance(analyst.analyze(same)["SSL_read"], SitePlan)
-        assert (analyst.failures, analyst.analysed, analyst.reused) == (1, 1, 0)
-    finally:
-        analyst.close()
+    analyst = analysts(command=["/bin/false"])  # a worker that dies at once (a capstone crash)
+    first = analyst.analyze(same)
+    assert all("exited 1" in p.reason for p in first.values()), first
+    analyst._command = [sys.executable, "-m", "qtap_devtools.capture.tuned", "--serve"]  # a sound worker
+    assert isinstance(analyst.analyze(same)["SSL_read"], SitePlan)
+    assert (analyst.failures, analyst.analysed, analyst.reused) == (1, 1, 0)
 
 
-def test_the_worker_leaves_ctrl_c_to_the_agent_and_exits_with_it(tmp_path):
+def test_the_worker_leaves_ctrl_c_to_the_agent_and_exits_with_it(tmp_path, analysts):
     same, _, changed = copies(tmp_path)
-    analyst = plans.Analyst()
-    try:
-        analyst.analyze(same)
-        os.kill(analyst._worker.pid, 2)  # a terminal's Ctrl-C reaches the agent's whole process group
-        assert isinstance(analyst.analyze(changed)["SSL_read"], SitePlan)
-        assert analyst.workers_started == 1 and analyst.failures == 0
-    finally:
-        analyst.close()
+    analyst = analysts()
+    analyst.analyze(same)
+    os.kill(analyst._worker.pid, 2)  # a terminal's Ctrl-C reaches the agent's whole process group
+    assert isinstance(analyst.analyze(changed)["SSL_read"], SitePlan)
+    assert analyst.workers_started == 1 and analyst.failures == 0
     # An agent that dies without closing it (kill -9): the worker sees its
     # socket's end and exits.
     script = ("import os, sys; from qtap_devtools.capture import plans; a = plans.Analyst(); "
