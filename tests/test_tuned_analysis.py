@@ -494,6 +494,19 @@ def test_a_worker_killed_from_outside_is_replaced_and_one_that_hangs_is_killed(t
     assert hangs._worker is None and hangs.failures == 1 and hangs.analysed == 0
 
 
+def test_a_worker_that_died_is_reaped_at_the_next_sweep_not_left_a_zombie(tmp_path, analysts):
+    same, _, _ = copies(tmp_path)
+    analyst = analysts(warm_seconds=3600)
+    analyst.analyze(same)
+    worker = analyst._worker
+    os.kill(worker.pid, 9)  # the OOM killer, say
+    while not gone(worker.pid):
+        time.sleep(0.01)
+    analyst.tidy()  # far from idle: but a dead worker is reaped (else: a zombie for up to warm_seconds)
+    assert analyst._worker is None and worker.returncode == -9
+    assert not os.path.exists(f"/proc/{worker.pid}")
+
+
 def test_a_failed_analysis_is_not_remembered(tmp_path, analysts):
     same, _, _ = copies(tmp_path)
     analyst = analysts(command=["/bin/false"])  # a worker that dies at once (a capstone crash)

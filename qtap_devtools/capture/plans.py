@@ -297,9 +297,12 @@ class Analyst:
         return f"exited {worker.returncode}" + (f": {tail[0][:200]}" if tail else "")
 
     def tidy(self) -> None:
-        """Let a worker idle for ``warm_seconds`` go."""
+        """Let a worker idle for ``warm_seconds`` go, and reap one that died
+        meanwhile (killed from outside, the OOM killer): else it stays a
+        zombie until the next file or the idle timeout."""
         with self._lock:
-            if self._worker is not None and time.monotonic() - self._last_used >= self._warm_seconds:
+            if self._worker is not None and (self._worker.poll() is not None
+                                             or time.monotonic() - self._last_used >= self._warm_seconds):
                 self._let_go()
 
     def close(self) -> None:
