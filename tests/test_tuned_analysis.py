@@ -570,3 +570,14 @@ def test_closing_does_not_wait_for_an_analysis_in_flight(tmp_path):
     asking.join(timeout=60)
     assert not asking.is_alive(), "the analysis in flight still waits on its killed worker"
     assert all(isinstance(p, Unrecognised) for p in got[0].values()) and hangs.failures == 1
+
+
+def test_no_worker_is_started_once_closed(tmp_path):
+    """An attaching thread still at work after the agent's stop closed the
+    analyst gets entry probes, and no new worker (it would outlive the stop)."""
+    same, _, _ = copies(tmp_path)
+    analyst = plans.Analyst()
+    analyst.close()
+    got = analyst.analyze(same)
+    assert all(isinstance(p, Unrecognised) and "stopping" in p.reason for p in got.values()), got
+    assert analyst._worker is None and analyst.workers_started == 0

@@ -430,11 +430,14 @@ class Capture:
             if self.watchdog is not None and thread.native_id is not None:
                 lift(thread.native_id)  # an idle reader may wait long for a core under load
             thread.join(timeout=5)
+        if self._analyst is not None:
+            # Before the watcher's join: an analysis in flight (the attaching
+            # thread waits on it up to ANALYSIS_TIMEOUT_SECONDS) fails at once,
+            # and its thread is done before the probes are torn down below.
+            self._analyst.close()
         if self._watcher is not None:
             self._watcher.stop()
             self._watcher = None
-        if self._analyst is not None:
-            self._analyst.close()
         if self._ring is not None and (thread is None or not thread.is_alive()):
             self._ring.close()  # a reader still inside it (join timed out) keeps it
         if self._bpf is not None:

@@ -208,6 +208,7 @@ class Analyst:
         self._sock: socket.socket | None = None
         self._last_used = 0.0
         self._cache: dict[bytes, dict[str, Plan]] = {}  # oldest use first
+        self._closed = False  # the agent is stopping: no worker is started any more
         self.analysed = 0
         self.reused = 0
         self.failures = 0
@@ -219,6 +220,8 @@ class Analyst:
         the worker is given that descriptor."""
         key = content_key(path, symbols)
         with self._lock:
+            if self._closed:
+                return failed(symbols, "the agent is stopping")
             if key is not None and key in self._cache:
                 self.reused += 1
                 plans = self._cache[key] = self._cache.pop(key)
@@ -228,7 +231,7 @@ class Analyst:
             except (OSError, ValueError) as exc:
                 self.failures += 1
                 self._let_go(kill=True)
-                return failed(symbols, str(exc))
+                return failed(symbols, "the agent is stopping" if self._closed else str(exc))
             self.analysed += 1
             if key is not None and self._cached_files:
                 if len(self._cache) >= self._cached_files:
@@ -307,7 +310,9 @@ class Analyst:
 
     def close(self) -> None:
         """At the agent's stop, which must not wait: killed (it holds nothing),
-        first without the lock, which an analysis in flight holds (it fails at once)."""
+        first without the lock, which an analysis in flight holds (it fails at once).
+        No worker is started after it (an attaching thread may still be at work)."""
+        self._closed = True
         worker = self._worker
         if worker is not None:
             worker.kill()
