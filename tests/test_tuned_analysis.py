@@ -494,7 +494,7 @@ def test_a_worker_killed_from_outside_is_replaced_and_one_that_hangs_is_killed(t
     assert hangs._worker is None and hangs.failures == 1 and hangs.analysed == 0
 
 
-def test_a_worker_that_died_is_reaped_at_the_next_sweep_not_left_a_zombie(tmp_path, analysts):
+def test_a_worker_that_died_is_reaped_at_the_next_sweep_not_left_a_zombie(tmp_path, analysts, caplog):
     same, _, _ = copies(tmp_path)
     analyst = analysts(warm_seconds=3600)
     analyst.analyze(same)
@@ -505,6 +505,7 @@ def test_a_worker_that_died_is_reaped_at_the_next_sweep_not_left_a_zombie(tmp_pa
     analyst.tidy()  # far from idle: but a dead worker is reaped (else: a zombie for up to warm_seconds)
     assert analyst._worker is None and worker.returncode == -9
     assert not os.path.exists(f"/proc/{worker.pid}")
+    assert f"analysis worker (pid {worker.pid}) exited -9 between files" in caplog.text
 
 
 def test_a_failed_analysis_is_not_remembered(tmp_path, analysts):

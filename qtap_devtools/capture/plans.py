@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import os
 import re
 import select
@@ -47,6 +48,7 @@ CACHED_FILES = 64
 MAX_HASHED_BYTES = 32 << 20
 MAX_REPLY_BYTES = 1 << 20
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+log = logging.getLogger(__name__)
 _HELD = re.compile(r"/proc/self/fd/(\d+)")
 
 CountSource = tuple[Literal["stack"], int] | tuple[Literal["arg_ptr"], str] | tuple[Literal["result"], str]
@@ -262,6 +264,7 @@ class Analyst:
     def _warm(self) -> socket.socket:
         if self._sock is not None and self._worker is not None and self._worker.poll() is None:
             return self._sock
+        self._reap_dead()
         self._let_go()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = {**os.environ,
@@ -304,9 +307,16 @@ class Analyst:
         meanwhile (killed from outside, the OOM killer): else it stays a
         zombie until the next file or the idle timeout."""
         with self._lock:
-            if self._worker is not None and (self._worker.poll() is not None
-                                             or time.monotonic() - self._last_used >= self._warm_seconds):
+            self._reap_dead()
+            if self._worker is not None and time.monotonic() - self._last_used >= self._warm_seconds:
                 self._let_go()
+
+    def _reap_dead(self) -> None:
+        """Reap a worker that died between files (killed from outside, the OOM
+        killer), saying so: else it stays a zombie until the next file."""
+        if self._worker is not None and self._worker.poll() is not None:
+            log.warning("the TLS library analysis worker (pid %d) %s between files; the next file starts another",
+                        self._worker.pid, self._let_go())
 
     def close(self) -> None:
         """At the agent's stop, which must not wait: killed (it holds nothing),
