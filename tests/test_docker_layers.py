@@ -98,9 +98,9 @@ def _image(upper: object, lower: object = None) -> dict:
     ({}, None),
 ])
 def test_an_images_layers_are_read_from_its_inspect(data, layers):
-    from qtap_devtools.enrich.docker_meta import image_dirs
+    from qtap_devtools.enrich.docker_meta import layers_of_image
 
-    assert image_dirs(data) == layers
+    assert layers_of_image(data) == layers
 
 
 class _ImageInspects:
@@ -150,3 +150,21 @@ def test_an_image_inspect_that_fails_leaves_the_layers_to_the_containers_inspect
     meta._give_layers(cid, _overlay2("/var/lib/docker/overlay2/c1-init/diff:/l/1/diff"))
     assert given == [["/l/1/diff"]]
     assert meta.stats()["layers_given"] == 1 and meta.stats()["layers_from_image"] == 0
+
+
+@pytest.mark.parametrize("attributes", [["image", "x"], {"image": 7}, {"image": ""}, None])
+def test_a_create_event_that_names_no_image_leaves_the_layers_to_the_containers_inspect(attributes):
+    """The daemon's events are untrusted: an odd ``Attributes`` asks for no image."""
+    from qtap_devtools.enrich.docker_meta import DockerMetadata
+
+    meta = DockerMetadata("unix:///nonexistent.sock")
+    meta._connected = True
+    given: list[list[str]] = []
+    meta.on_layers = given.append
+    cid = "cd" * 32
+    meta._on_event({"Type": "container", "Action": "create", "Actor": {"ID": cid, "Attributes": attributes}})
+    api = _ImageInspects(_image("/l/9/diff"))
+    meta._layers_from_image(api, cid)
+    assert api.asked == [] and given == []
+    meta._give_layers(cid, _overlay2("/var/lib/docker/overlay2/c1-init/diff:/l/1/diff"))
+    assert given == [["/l/1/diff"]]

@@ -350,7 +350,8 @@ class DockerMetadata:
                 if action in ("rename", "update") and cid in self._inflight:
                     self._stale.add(cid)
                 if action == "create" and self.on_layers is not None:
-                    image = actor.get("Attributes", {}).get("image") if isinstance(actor, Mapping) else None
+                    attrs = actor.get("Attributes") if isinstance(actor, Mapping) else None
+                    image = attrs.get("image") if isinstance(attrs, Mapping) else None
                     self._want_layers[cid] = image if isinstance(image, str) and image else None
                     if len(self._want_layers) > self._want_layers_size:  # their inspects never came (dropped)
                         self._want_layers.popitem(last=False)
@@ -422,7 +423,7 @@ class DockerMetadata:
         if image is None:
             return
         try:
-            layers = image_dirs(api.inspect_image(image))
+            layers = layers_of_image(api.inspect_image(image))
         except Exception as exc:  # gone, retagged, the daemon away: the container's inspect follows
             log.debug("docker: inspect of image %s failed: %s", image, exc)
             return
@@ -451,8 +452,7 @@ class DockerMetadata:
         """``layers`` to ``on_layers`` if ``cid``'s are still wanted; whether they went."""
         on_layers = self.on_layers
         with self._lock:
-            wanted = cid in self._want_layers
-            self._want_layers.pop(cid, None)
+            wanted = self._want_layers.pop(cid, False) is not False  # its value: an image name or None
         if not wanted or on_layers is None or not layers:
             return False
         try:
@@ -510,7 +510,7 @@ def image_layer_dirs(data: Mapping[str, Any]) -> list[str] | None:
     return [d for d in dirs if not d.rstrip("/").endswith("-init/diff")]
 
 
-def image_dirs(data: Mapping[str, Any]) -> list[str] | None:
+def layers_of_image(data: Mapping[str, Any]) -> list[str] | None:
     """The layer directories of an inspected image (overlay2's: its top
     layer's ``UpperDir``, then ``LowerDir``, on the host, topmost first); None
     for another storage driver or an answer without them."""
