@@ -497,33 +497,38 @@ def image_layer_dirs(data: Mapping[str, Any]) -> list[str] | None:
     until it runs, and its ``-init`` layer holds only what Docker mounts over
     (``/etc/hosts``, ``/dev/console``); both are new for every container, and
     would only crowd the capture's cache of layers read."""
-    driver = data.get("GraphDriver")
-    if not isinstance(driver, Mapping) or driver.get("Name") != "overlay2":
-        return None
-    layers = driver.get("Data")
-    lower = layers.get("LowerDir") if isinstance(layers, Mapping) else None
+    layers = _overlay2_data(data)
+    lower = layers.get("LowerDir") if layers is not None else None
     if not isinstance(lower, str):
         return None
-    dirs = lower.split(":")
-    if not all(d.startswith("/") for d in dirs):  # not paths on the host: an answer we do not understand
-        return None
-    return [d for d in dirs if not d.rstrip("/").endswith("-init/diff")]
+    dirs = _on_host(lower.split(":"))
+    return None if dirs is None else [d for d in dirs if not d.rstrip("/").endswith("-init/diff")]
 
 
 def layers_of_image(data: Mapping[str, Any]) -> list[str] | None:
     """The layer directories of an inspected image (overlay2's: its top
     layer's ``UpperDir``, then ``LowerDir``, on the host, topmost first); None
     for another storage driver or an answer without them."""
-    driver = data.get("GraphDriver")
-    if not isinstance(driver, Mapping) or driver.get("Name") != "overlay2":
-        return None
-    layers = driver.get("Data")
-    if not isinstance(layers, Mapping):
+    layers = _overlay2_data(data)
+    if layers is None:
         return None
     upper, lower = layers.get("UpperDir"), layers.get("LowerDir")
     if not isinstance(upper, str) or not (lower is None or isinstance(lower, str)):
         return None
-    dirs = [upper, *(lower.split(":") if lower else [])]
+    return _on_host([upper, *(lower.split(":") if lower else [])])
+
+
+def _overlay2_data(data: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """An inspect answer's ``GraphDriver.Data``, if its driver is overlay2."""
+    driver = data.get("GraphDriver")
+    if not isinstance(driver, Mapping) or driver.get("Name") != "overlay2":
+        return None
+    layers = driver.get("Data")
+    return layers if isinstance(layers, Mapping) else None
+
+
+def _on_host(dirs: list[str]) -> list[str] | None:
+    """``dirs`` if every one is an absolute path on the host; None for an answer we do not understand."""
     return dirs if all(d.startswith("/") for d in dirs) else None
 
 
